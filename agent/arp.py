@@ -1,0 +1,106 @@
+"""Proxy and gratuitous ARP for away objects (RFC 5944 §4.6), crafted with Scapy.
+
+While an object is away, its home object agent answers ARP requests for the object's home
+address on the home LAN with its own MAC, so home-LAN traffic for the object reaches the HOA
+(which tunnels it). When the first binding is made the HOA broadcasts a gratuitous ARP so
+neighbours drop stale entries; when the object returns, its own router broadcasts one with
+its MAC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+from scapy.layers.l2 import ARP, Ether
+
+log = logging.getLogger(__name__)
+
+ETH_P_ARP = 0x0806
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+
+
+def interface_mac(ifname: str) -> str:
+    return Path(f"/sys/class/net/{ifname}/address").read_text().strip()
+
+
+def gratuitous_arp(ifname: str, address: str, mac: str | None = None) -> bytes:
+    """A gratuitous ARP request announcing ``address`` at ``mac`` (RFC 5944 §4.6)."""
+    mac = mac or interface_mac(ifname)
+    frame = Ether(src=mac, dst=BROADCAST) / ARP(
+        op=1, hwsrc=mac, psrc=address, hwdst="00:00:00:00:00:00", pdst=address
+    )
+    return bytes(frame)
+
+
+def send_frame(ifname: str, frame: bytes) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((ifname, 0))
+        s.send(frame)
+
+
+def announce(ifname: str, address: str, count: int = 2) -> None:
+    """Broadcast ``count`` gratuitous ARPs for ``address`` from ``ifname``'s MAC."""
+    frame = gratuitous_arp(ifname, address)
+    for _ in range(count):
+        send_frame(ifname, frame)
+    log.info("gratuitous ARP for %s on %s", address, ifname)
+
+
+class ProxyArp:
+    """Answers ARP requests for a changing set of addresses on one interface."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ifname: str) -> None:
+        self.ifname = ifname
+        self.mac = interface_mac(ifname)
+        self.addresses: set[str] = set()
+        self.answered = 0
+        self._loop = loop
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        self.sock.bind((ifname, ETH_P_ARP))
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def start(self, address: str) -> None:
+        """Proxy ``address`` and announce it (first binding of an away object)."""
+        if address not in self.addresses:
+            self.addresses.add(address)
+            announce(self.ifname, address)
+
+    def stop(self, address: str) -> None:
+        self.addresses.discard(address)
+
+    def _on_readable(self) -> None:
+        for _ in range(64):
+            try:
+                frame, (_if, _proto, pkttype, *_rest) = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("proxy ARP receive failed: %s", exc)
+                return
+            if pkttype == socket.PACKET_OUTGOING or not self.addresses:
+                continue
+            try:
+                pkt = Ether(frame)
+            except Exception:  # Scapy dissection of garbage: never fatal  # noqa: BLE001
+                continue
+            arp = pkt.getlayer(ARP)
+            if arp is None or arp.op != 1 or arp.pdst not in self.addresses:
+                continue
+            if arp.psrc == arp.pdst:
+                continue  # someone else's gratuitous ARP, not a question
+            reply = Ether(src=self.mac, dst=arp.hwsrc) / ARP(
+                op=2, hwsrc=self.mac, psrc=arp.pdst, hwdst=arp.hwsrc, pdst=arp.psrc
+            )
+            try:
+                self.sock.send(bytes(reply))
+                self.answered += 1
+            except OSError as exc:
+                log.warning("proxy ARP reply failed: %s", exc)

@@ -1,0 +1,205 @@
+"""Mobility bindings at the home object agent (patent Fig. 8) and the FOA's visitor list (Fig. 9).
+
+Pure data structures with an injectable clock, so expiry and the simultaneous-binding rules are
+unit-tested without a network. The daemon calls :meth:`BindingTable.expire` on a timer and
+reacts to the bindings it returns (stop proxy ARP, remove tunnels).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Binding:
+    """One mobility binding: where an away object can be reached now."""
+
+    home_address: str
+    care_of_address: str
+    care_of_name: str
+    gre_key: int
+    lifetime: int
+    registered_at: float
+    nai: str = ""
+    identification: int = 0
+    reverse_tunnel: bool = False
+
+    @property
+    def expires_at(self) -> float:
+        return self.registered_at + self.lifetime
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self.expires_at - now)
+
+    def as_dict(self, now: float | None = None) -> dict:
+        d = asdict(self)
+        if now is not None:
+            d["remaining"] = round(self.remaining(now), 3)
+        return d
+
+
+class TooManyBindings(Exception):
+    """Adding a binding would exceed the per-object cap (reply code 135)."""
+
+
+@dataclass
+class UpdateResult:
+    """What a registration changed: the binding now in force (None after deregistration)
+    and the bindings it replaced or removed."""
+
+    binding: Binding | None
+    removed: list[Binding] = field(default_factory=list)
+    first_away: bool = False  # the object had no binding before: start proxy ARP
+    now_home: bool = False  # the object has no binding left: stop proxy ARP
+
+
+class BindingTable:
+    """Bindings by home address; several per object only when registered with ``S``."""
+
+    def __init__(self, max_bindings: int = 4, clock: Clock = time.monotonic) -> None:
+        if max_bindings < 1:
+            raise ValueError("max_bindings must be >= 1")
+        self.max_bindings = max_bindings
+        self._clock = clock
+        self._by_home: dict[str, list[Binding]] = {}
+        self._keys = itertools.count(1)
+        #: Last Identification accepted per home address, for the replay check.
+        self.last_identification: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[Binding]:
+        for bindings in self._by_home.values():
+            yield from bindings
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._by_home.values())
+
+    def for_home(self, home_address: str) -> list[Binding]:
+        """Live bindings of one object (a copy)."""
+        return list(self._by_home.get(home_address, ()))
+
+    def register(
+        self,
+        home_address: str,
+        care_of_address: str,
+        care_of_name: str,
+        lifetime: int,
+        simultaneous: bool,
+        nai: str = "",
+        identification: int = 0,
+        reverse_tunnel: bool = False,
+    ) -> UpdateResult:
+        """Apply an accepted registration (RFC 5944 §3.6.1.2 semantics).
+
+        Lifetime 0 removes the binding for this care-of address (or all bindings if the
+        care-of address is the home address). Without ``S`` a new binding replaces all
+        others; with ``S`` it is added beside them, up to ``max_bindings``.
+        """
+        now = self._clock()
+        current = self._by_home.get(home_address, [])
+        was_away = bool(current)
+        if lifetime == 0:
+            if care_of_address == home_address:
+                removed, kept = current, []
+            else:
+                removed = [b for b in current if b.care_of_address == care_of_address]
+                kept = [b for b in current if b.care_of_address != care_of_address]
+            self._store(home_address, kept)
+            return UpdateResult(None, removed, False, was_away and not kept)
+        same = [b for b in current if b.care_of_address == care_of_address]
+        others = [b for b in current if b.care_of_address != care_of_address]
+        if simultaneous:
+            if not same and len(others) >= self.max_bindings:
+                raise TooManyBindings(home_address)
+            removed, kept = [], others
+        else:
+            removed, kept = others, []
+        key = same[0].gre_key if same else next(self._keys)
+        binding = Binding(
+            home_address, care_of_address, care_of_name, key, lifetime, now, nai,
+            identification, reverse_tunnel,
+        )
+        self._store(home_address, kept + [binding])
+        return UpdateResult(binding, removed, not was_away, False)
+
+    def expire(self) -> list[Binding]:
+        """Remove and return every binding whose lifetime has run out."""
+        now = self._clock()
+        gone: list[Binding] = []
+        for home in list(self._by_home):
+            live = [b for b in self._by_home[home] if b.expires_at > now]
+            gone += [b for b in self._by_home[home] if b.expires_at <= now]
+            self._store(home, live)
+        return gone
+
+    def away(self) -> set[str]:
+        """Home addresses that have at least one binding (the HOA proxies ARP for these)."""
+        return set(self._by_home)
+
+    def snapshot(self) -> list[dict]:
+        now = self._clock()
+        return [b.as_dict(now) for b in self]
+
+    def _store(self, home_address: str, bindings: list[Binding]) -> None:
+        if bindings:
+            self._by_home[home_address] = bindings
+        else:
+            self._by_home.pop(home_address, None)
+
+
+@dataclass
+class Visitor:
+    """An object registered through this FOA (patent Fig. 9)."""
+
+    home_address: str
+    home_agent: str
+    local_address: str
+    local_port: int
+    local_name: str
+    care_of_name: str
+    lifetime: int
+    registered_at: float
+    gre_key: int | None = None
+
+    def as_dict(self, now: float) -> dict:
+        d = asdict(self)
+        d["remaining"] = round(max(0.0, self.registered_at + self.lifetime - now), 3)
+        return d
+
+
+class VisitorList:
+    """The FOA's visitors by home address, with expiry."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._visitors: dict[str, Visitor] = {}
+
+    def __len__(self) -> int:
+        return len(self._visitors)
+
+    def get(self, home_address: str) -> Visitor | None:
+        return self._visitors.get(home_address)
+
+    def add(self, visitor: Visitor) -> None:
+        self._visitors[visitor.home_address] = visitor
+
+    def remove(self, home_address: str) -> Visitor | None:
+        return self._visitors.pop(home_address, None)
+
+    def expire(self) -> list[Visitor]:
+        now = self._clock()
+        gone = [v for v in self._visitors.values() if v.registered_at + v.lifetime <= now]
+        for v in gone:
+            del self._visitors[v.home_address]
+        return gone
+
+    def snapshot(self) -> list[dict]:
+        now = self._clock()
+        return [v.as_dict(now) for v in self._visitors.values()]
+
+    def snapshot_objects(self) -> list[Visitor]:
+        return list(self._visitors.values())

@@ -1,0 +1,228 @@
+"""Agent configuration: what a router's daemon is (roles, interfaces, credentials).
+
+The topology writes one JSON file per router into the run directory and starts
+``python -m agent --config FILE``. Keys are hex strings in JSON and ``bytes`` here. The three
+credential sets of the patent map onto RFC 5944 security associations:
+
+* object ↔ HOA: Mobile-Home key (patent: HOA credentials 130), per object at the HOA;
+* object ↔ FOA: Mobile-Foreign key (FOA credentials 126 / MO credentials list 154);
+* FOA ↔ HOA: Foreign-Home key (FOA credentials list 144 at the HOA).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ROLES = frozenset({"home", "foreign"})
+
+
+@dataclass
+class Interface:
+    """A router interface the agent advertises on."""
+
+    name: str
+    address: str
+    prefix: int = 24
+
+
+@dataclass
+class Credential:
+    """A security association: SPI (>= 256) and HMAC key."""
+
+    spi: int
+    key: bytes
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Credential":
+        try:
+            spi = int(data["spi"])
+            key = bytes.fromhex(data["key"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad credential {data!r}: {exc}") from None
+        if spi < 256 or not key:
+            raise ConfigError(f"credential SPI {spi} < 256 or empty key")
+        return cls(spi, key)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spi": self.spi, "key": self.key.hex()}
+
+
+@dataclass
+class HomeObject:
+    """An object this HOA serves: its home address, name and Mobile-Home credential."""
+
+    home_address: str
+    nai: str
+    mobile_home: Credential
+
+
+@dataclass
+class HomeConfig:
+    """The home object agent role."""
+
+    objects: list[HomeObject] = field(default_factory=list)
+    trusted_foas: list[Credential] = field(default_factory=list)
+    max_bindings: int = 4
+    max_lifetime: int = 300
+    replay_window: float = 7.0
+    #: The interface on the home LAN where the HOA answers ARP for away objects.
+    home_interface: str = ""
+
+
+@dataclass
+class ForeignConfig:
+    """The foreign object agent role."""
+
+    trusted_objects: list[Credential] = field(default_factory=list)
+    foreign_home: Credential | None = None
+    max_visitors: int = 64
+    max_lifetime: int = 300
+
+
+@dataclass
+class AgentConfig:
+    """Everything one daemon needs."""
+
+    name: str
+    run_dir: str
+    roles: list[str]
+    interfaces: list[Interface]
+    advertise_interval: float = 1.0
+    advertisement_lifetime: int = 9000
+    home: HomeConfig | None = None
+    foreign: ForeignConfig | None = None
+    log_level: str = "INFO"
+
+    @property
+    def addresses(self) -> set[str]:
+        return {i.address for i in self.interfaces}
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.run_dir) / f"{self.name}.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.run_dir) / f"{self.name}.log"
+
+    def validate(self) -> None:
+        unknown = set(self.roles) - ROLES
+        if unknown:
+            raise ConfigError(f"unknown roles {sorted(unknown)}")
+        if "home" in self.roles and self.home is None:
+            raise ConfigError("home role without a home section")
+        if "foreign" in self.roles and (self.foreign is None or self.foreign.foreign_home is None):
+            raise ConfigError("foreign role needs a foreign section with foreign_home")
+        if self.advertise_interval <= 0:
+            raise ConfigError("advertise_interval must be > 0")
+        if not self.interfaces:
+            raise ConfigError("an agent needs at least one interface")
+
+    # --- JSON ---------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        def conv(obj: Any) -> Any:
+            if isinstance(obj, bytes):
+                return obj.hex()
+            if isinstance(obj, dict):
+                return {k: conv(v) for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [conv(v) for v in obj]
+            return obj
+
+        return conv(asdict(self))
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "AgentConfig":
+        try:
+            home = None
+            if data.get("home"):
+                h = data["home"]
+                home = HomeConfig(
+                    objects=[
+                        HomeObject(o["home_address"], o["nai"], Credential.from_json(o["mobile_home"]))
+                        for o in h.get("objects", [])
+                    ],
+                    trusted_foas=[Credential.from_json(c) for c in h.get("trusted_foas", [])],
+                    max_bindings=int(h.get("max_bindings", 4)),
+                    max_lifetime=int(h.get("max_lifetime", 300)),
+                    replay_window=float(h.get("replay_window", 7.0)),
+                    home_interface=h.get("home_interface", ""),
+                )
+            foreign = None
+            if data.get("foreign"):
+                f = data["foreign"]
+                foreign = ForeignConfig(
+                    trusted_objects=[Credential.from_json(c) for c in f.get("trusted_objects", [])],
+                    foreign_home=Credential.from_json(f["foreign_home"]) if f.get("foreign_home") else None,
+                    max_visitors=int(f.get("max_visitors", 64)),
+                    max_lifetime=int(f.get("max_lifetime", 300)),
+                )
+            cfg = cls(
+                name=data["name"],
+                run_dir=data["run_dir"],
+                roles=list(data.get("roles", [])),
+                interfaces=[Interface(**i) for i in data["interfaces"]],
+                advertise_interval=float(data.get("advertise_interval", 1.0)),
+                advertisement_lifetime=int(data.get("advertisement_lifetime", 9000)),
+                home=home,
+                foreign=foreign,
+                log_level=data.get("log_level", "INFO"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad agent configuration: {exc!r}") from None
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: Path) -> "AgentConfig":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+@dataclass
+class ObjectConfig:
+    """A registration client: the mobile object's side of Fig. 11 (run by a router for now)."""
+
+    name: str
+    home_address: str
+    home_agent: str
+    nai: str
+    mobile_home: Credential
+    mobile_foreign: Credential
+    lifetime: int = 60
+    simultaneous: bool = False
+    reverse_tunnel: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ObjectConfig":
+        try:
+            return cls(
+                name=data["name"],
+                home_address=data["home_address"],
+                home_agent=data["home_agent"],
+                nai=data["nai"],
+                mobile_home=Credential.from_json(data["mobile_home"]),
+                mobile_foreign=Credential.from_json(data["mobile_foreign"]),
+                lifetime=int(data.get("lifetime", 60)),
+                simultaneous=bool(data.get("simultaneous", False)),
+                reverse_tunnel=bool(data.get("reverse_tunnel", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad object configuration: {exc!r}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mobile_home"] = self.mobile_home.to_json()
+        d["mobile_foreign"] = self.mobile_foreign.to_json()
+        return d

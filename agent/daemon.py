@@ -1,0 +1,351 @@
+"""The agent daemon: one asyncio process per router, roles switched on by configuration.
+
+It owns the sockets (raw ICMP for discovery, UDP 434 for registration, AF_PACKET for proxy
+ARP, a Unix control socket) and feeds what arrives to the pure role logic in
+:mod:`agent.home`, :mod:`agent.foreign` and :mod:`agent.mobile`. Every handler catches and
+logs its own failures: a malformed packet or a bug in one message must never stop the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from packets import (
+    AdvFlags,
+    AgentAdvertisement,
+    AgentSolicitation,
+    MalformedMessage,
+    RegistrationReply,
+    RegistrationRequest,
+    decode_registration,
+)
+from packets.auth import find_auth
+from packets.codes import MIP_PORT, ExtType
+
+from .arp import ProxyArp, announce
+from .config import AgentConfig, ObjectConfig
+from .control import ControlServer
+from .discovery import ALL_ROUTERS, ALL_SYSTEMS, DiscoverySocket, Heard
+from .errors import ControlError
+from .foreign import ForeignAgent
+from .home import HomeAgent
+from .mobile import RegistrationClient
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_PERIOD = 0.25
+PENDING_TIMEOUT = 5.0
+
+
+class _MipProtocol(asyncio.DatagramProtocol):
+    def __init__(self, daemon: "AgentDaemon") -> None:
+        self.daemon = daemon
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            self.daemon.on_registration(data, addr)
+        except Exception:  # noqa: BLE001 - one bad message must not stop the agent
+            log.exception("registration handler failed on a message from %s", addr[0])
+
+    def error_received(self, exc: Exception) -> None:
+        log.info("UDP 434 error: %s", exc)
+
+
+class AgentDaemon:
+    """Sockets, timers and control commands around the role logic."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.ifindex = {i.name: socket.if_nametoindex(i.name) for i in config.interfaces}
+        self.iface_by_index = {v: k for k, v in self.ifindex.items()}
+        self.heard: dict[str, dict[str, Any]] = {}
+        self.objects: dict[str, RegistrationClient] = {}
+        self.malformed = 0
+        self.sequence = 0
+        self.home: HomeAgent | None = None
+        self.foreign: ForeignAgent | None = None
+        self.proxy_arp: ProxyArp | None = None
+        self._mip: asyncio.DatagramTransport | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # --- set-up and tear-down ------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.discovery = DiscoverySocket(loop, self.on_discovery)
+        for idx in self.ifindex.values():
+            self.discovery.join(ALL_ROUTERS, idx)
+        if "home" in cfg.roles:
+            assert cfg.home is not None
+            home_if = cfg.home.home_interface or cfg.interfaces[0].name
+            address = next(i.address for i in cfg.interfaces if i.name == home_if)
+            self.home = HomeAgent(cfg.home, address)
+            self.proxy_arp = ProxyArp(loop, home_if)
+        if "foreign" in cfg.roles:
+            assert cfg.foreign is not None
+            self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses)
+        self._mip, _ = await loop.create_datagram_endpoint(
+            lambda: _MipProtocol(self), local_addr=("0.0.0.0", MIP_PORT), reuse_port=False
+        )
+        self.control = ControlServer(cfg.socket_path, self.handle_command)
+        await self.control.start()
+        self._tasks = [
+            asyncio.create_task(self._advertise_loop(), name="advertise"),
+            asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+        ]
+        log.info("agent %s up: roles=%s interfaces=%s pid=%d", cfg.name, cfg.roles,
+                 [f"{i.name}={i.address}" for i in cfg.interfaces], os.getpid())
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("agent %s stopping", self.config.name)
+        for client in list(self.objects.values()):
+            await client.stop(deregister=False)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.control.stop()
+        if self._mip:
+            self._mip.close()
+        self.discovery.close()
+        if self.proxy_arp:
+            self.proxy_arp.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- discovery -----------------------------------------------------------------------
+
+    @property
+    def is_agent(self) -> bool:
+        return self.home is not None or self.foreign is not None
+
+    def advertisement_for(self, ifname: str) -> AgentAdvertisement:
+        iface = next(i for i in self.config.interfaces if i.name == ifname)
+        flags = AdvFlags.G
+        lifetimes = []
+        coas: list[str] = []
+        if self.home is not None and ifname == self.proxy_arp.ifname:  # type: ignore[union-attr]
+            flags |= AdvFlags.H
+            lifetimes.append(self.home.config.max_lifetime)
+        if self.foreign is not None:
+            flags |= AdvFlags.F | AdvFlags.R | AdvFlags.T
+            coas = [iface.address]
+            lifetimes.append(self.foreign.config.max_lifetime)
+        self.sequence = self.sequence + 1 if self.sequence < 0xFFFF else 256
+        return AgentAdvertisement(
+            self.sequence, min(lifetimes) if lifetimes else 0, flags, coas,
+            [(iface.address, 0)], self.config.advertisement_lifetime,
+            prefix_lengths=[iface.prefix],
+        )
+
+    def advertise(self, ifname: str, dest: str = ALL_SYSTEMS) -> None:
+        if self.home is None and self.foreign is None:
+            return
+        if self.foreign is None and ifname != self.proxy_arp.ifname:  # type: ignore[union-attr]
+            return  # a pure HOA advertises on its home link only
+        self.discovery.send(self.advertisement_for(ifname).encode(), dest, self.ifindex[ifname])
+
+    async def _advertise_loop(self) -> None:
+        while True:
+            for ifname in self.ifindex:
+                self.advertise(ifname)
+            await asyncio.sleep(self.config.advertise_interval)
+
+    def on_discovery(self, heard: Heard) -> None:
+        if isinstance(heard.message, AgentSolicitation):
+            ifname = self.iface_by_index.get(heard.ifindex)
+            if ifname is not None and self.is_agent:
+                self.advertise(ifname)  # RFC 5944 §2.4: answer at once
+            return
+        adv = heard.message
+        self.heard[heard.source] = {
+            "address": heard.source, "interface": self.iface_by_index.get(heard.ifindex, "?"),
+            "sequence": adv.sequence, "flags": str(adv.flags).replace("AdvFlags.", ""),
+            "care_of_addresses": adv.care_of_addresses, "ttl": heard.ttl,
+            "heard_at": time.time(),
+        }
+        for client in self.objects.values():
+            client.on_advertisement(adv, heard.source, heard.ifindex)
+
+    def solicit(self) -> None:
+        payload = AgentSolicitation().encode()
+        for idx in self.ifindex.values():
+            self.discovery.send(payload, ALL_ROUTERS, idx)
+
+    # --- registration --------------------------------------------------------------------
+
+    def on_registration(self, data: bytes, addr: tuple) -> None:
+        try:
+            msg = decode_registration(data)
+        except MalformedMessage as exc:
+            self.malformed += 1
+            log.info("malformed registration message from %s:%d: %s", addr[0], addr[1], exc)
+            return
+        if isinstance(msg, RegistrationRequest):
+            self._on_request(msg, addr)
+        else:
+            self._on_reply(msg, addr)
+
+    def _send(self, data: bytes, addr: tuple) -> None:
+        assert self._mip is not None
+        self._mip.sendto(data, addr)
+
+    def _on_request(self, rrq: RegistrationRequest, addr: tuple) -> None:
+        from_object = find_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH) is not None
+        if self.foreign is not None and from_object and rrq.care_of_address in self.config.addresses:
+            relay = self.foreign.handle_request(rrq, addr[0], addr[1])
+            if relay.to_object is not None:
+                log.info("FOA: denied %s from %s: %s", rrq.home_address, addr[0], relay.code.name)
+                self._send(relay.to_object, addr)
+            if relay.to_home_agent is not None:
+                log.info("FOA: relaying registration of %s to HOA %s", rrq.home_address, rrq.home_agent)
+                self._send(relay.to_home_agent, (rrq.home_agent, MIP_PORT))
+            return
+        if self.home is not None and rrq.home_agent in self.config.addresses:
+            decision = self.home.handle(rrq)
+            self._send(decision.reply, addr)
+            log.info("HOA: %s for %s via %s (coa %s, lifetime %d)", decision.code.name,
+                     rrq.home_address, addr[0], rrq.care_of_address, rrq.lifetime)
+            update = decision.update
+            if update is not None and self.proxy_arp is not None:
+                if update.first_away:
+                    self.proxy_arp.start(rrq.home_address)
+                if update.now_home:
+                    self.proxy_arp.stop(rrq.home_address)
+            return
+        log.info("request for %s from %s is for no role of this agent; dropped",
+                 rrq.home_address, addr[0])
+
+    def _on_reply(self, rrp: RegistrationReply, addr: tuple) -> None:
+        if self.foreign is None:
+            log.info("reply from %s but this agent is no FOA; dropped", addr[0])
+            return
+        out = self.foreign.handle_reply(rrp)
+        if out is None:
+            log.info("unexpected or unauthenticated reply from %s for %s; dropped", addr[0], rrp.home_address)
+            return
+        pending, data = out
+        log.info("FOA: reply %s for %s relayed to %s", rrp.code, rrp.home_address, pending.object_address)
+        self._send(data, (pending.object_address, pending.object_port))
+
+    # --- timers --------------------------------------------------------------------------
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_PERIOD)
+            try:
+                self.housekeeping()
+            except Exception:  # noqa: BLE001
+                log.exception("housekeeping failed")
+
+    def housekeeping(self) -> None:
+        if self.home is not None:
+            for b in self.home.bindings.expire():
+                log.info("HOA: binding %s -> %s expired", b.home_address, b.care_of_address)
+            if self.proxy_arp is not None:
+                for address in self.proxy_arp.addresses - self.home.bindings.away():
+                    self.proxy_arp.stop(address)
+        if self.foreign is not None:
+            for v in self.foreign.visitors.expire():
+                log.info("FOA: visitor %s expired", v.home_address)
+            self.foreign.expire_pending(PENDING_TIMEOUT)
+
+    # --- control commands ----------------------------------------------------------------
+
+    async def handle_command(self, cmd: str, args: dict[str, Any]) -> Any:
+        handler = getattr(self, f"cmd_{cmd}", None)
+        if handler is None:
+            raise ControlError(f"unknown command {cmd!r}")
+        result = handler(**args)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    def cmd_ping(self) -> str:
+        return "pong"
+
+    def cmd_status(self) -> dict:
+        return {
+            "name": self.config.name, "roles": self.config.roles, "pid": os.getpid(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "interfaces": [i.__dict__ for i in self.config.interfaces],
+            "bindings": len(self.home.bindings) if self.home else None,
+            "visitors": len(self.foreign.visitors) if self.foreign else None,
+            "objects": sorted(self.objects),
+            "malformed": self.malformed + self.discovery.malformed,
+            "home_stats": {k: v for k, v in self.home.stats.items() if v} if self.home else None,
+            "foreign_stats": self.foreign.stats if self.foreign else None,
+            "proxy_arp": sorted(self.proxy_arp.addresses) if self.proxy_arp else None,
+            "proxy_arp_answered": self.proxy_arp.answered if self.proxy_arp else None,
+        }
+
+    def cmd_bindings(self) -> list[dict]:
+        return self.home.bindings.snapshot() if self.home else []
+
+    def cmd_visitors(self) -> list[dict]:
+        return self.foreign.visitors.snapshot() if self.foreign else []
+
+    def cmd_agents(self) -> list[dict]:
+        now = time.time()
+        return [dict(h, age=round(now - h["heard_at"], 3)) for h in self.heard.values()]
+
+    def cmd_objects(self) -> list[dict]:
+        return [c.status() for c in self.objects.values()]
+
+    def cmd_log(self, lines: int = 50) -> list[str]:
+        try:
+            text = self.config.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return text[-int(lines):]
+
+    async def cmd_object_start(self, config: dict) -> dict:
+        obj = ObjectConfig.from_json(config)
+        if obj.name in self.objects:
+            raise ControlError(f"object {obj.name} already runs here")
+        client = RegistrationClient(obj, self.solicit, self.config.advertise_interval)
+        self.objects[obj.name] = client
+        await client.start()
+        return client.status()
+
+    async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
+        client = self.objects.pop(name, None)
+        if client is None:
+            raise ControlError(f"no object {name!r} here")
+        await client.stop(deregister=deregister)
+        return client.status()
+
+    async def cmd_register(self, name: str, lifetime: int | None = None) -> dict:
+        client = self.objects.get(name)
+        if client is None:
+            raise ControlError(f"no object {name!r} here")
+        attempt = await client.register(lifetime)
+        return attempt.as_dict()
+
+    async def cmd_deregister(self, name: str) -> dict:
+        client = self.objects.get(name)
+        if client is None:
+            raise ControlError(f"no object {name!r} here")
+        return (await client.deregister()).as_dict()
+
+    def cmd_announce(self, address: str, interface: str) -> str:
+        announce(interface, address)
+        return "ok"
+
+    def cmd_stop(self) -> str:
+        self._stop.set()
+        return "stopping"

@@ -1,0 +1,157 @@
+"""The foreign object agent (patent Fig. 9, Fig. 11 left-hand side).
+
+Pure logic again: check an object's request, turn it into the relayed request for its HOA
+(cut before Mobile-Foreign auth, add the care-of-name NVSE, sign Foreign-Home), and turn the
+HOA's reply into the reply for the object (check Foreign-Home, cut it, sign Mobile-Foreign).
+The daemon keeps the pending table and the sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from packets import (
+    CareOfName,
+    ExtType,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    append_auth,
+    bytes_before,
+    verify_auth,
+)
+from packets.auth import find_auth
+from packets.extensions import NaiExtension, encode_extension
+
+from .bindings import Visitor, VisitorList
+from .config import ForeignConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """A request relayed to an HOA and not yet answered."""
+
+    request: RegistrationRequest
+    object_address: str
+    object_port: int
+    care_of_name: str
+    mf_spi: int
+    sent_at: float
+
+
+@dataclass
+class Relay:
+    """What to send where: ``denial`` for the object, or ``relay`` bytes for the HOA."""
+
+    code: ReplyCode
+    to_object: bytes | None = None
+    to_home_agent: bytes | None = None
+
+
+class ForeignAgent:
+    """Visitor list plus the relay rules of a foreign object agent."""
+
+    def __init__(
+        self,
+        config: ForeignConfig,
+        name: str,
+        care_of_addresses: set[str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert config.foreign_home is not None
+        self.config = config
+        self.name = name
+        self.care_of_addresses = care_of_addresses
+        self.clock = clock
+        self.visitors = VisitorList(clock)
+        self.pending: dict[tuple[str, int], Pending] = {}
+        self._object_keys = {c.spi: c.key for c in config.trusted_objects}
+        self.stats = {"relayed": 0, "denied": 0, "replies": 0, "bad_replies": 0}
+
+    def care_of_name_for(self, rrq: RegistrationRequest) -> str:
+        """``<object name>.<this FOA>``: unique on the foreign network because FOA names are.
+
+        Two different objects with the same name get ``-2``, ``-3``... appended.
+        """
+        nais = rrq.find(NaiExtension)
+        base = (nais[0].nai.split("@", 1)[0] if nais else rrq.home_address) + f".{self.name}"
+        taken = {v.care_of_name for v in self.visitors.snapshot_objects() if v.home_address != rrq.home_address}
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def deny(self, rrq: RegistrationRequest, code: ReplyCode) -> Relay:
+        self.stats["denied"] += 1
+        reply = RegistrationReply(code, rrq.home_address, rrq.home_agent, rrq.identification, 0)
+        return Relay(code, to_object=reply.encode())
+
+    def handle_request(self, rrq: RegistrationRequest, src: str, port: int) -> Relay:
+        """An object's request: check it, then relay it to its HOA."""
+        if not verify_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH, self._object_keys):
+            return self.deny(rrq, ReplyCode.FA_MN_FAILED_AUTH)
+        if rrq.lifetime > self.config.max_lifetime:
+            return self.deny(rrq, ReplyCode.FA_LIFETIME_TOO_LONG)
+        if rrq.care_of_address not in self.care_of_addresses:
+            return self.deny(rrq, ReplyCode.FA_INVALID_COA)
+        if self.visitors.get(rrq.home_address) is None and len(self.visitors) >= self.config.max_visitors:
+            return self.deny(rrq, ReplyCode.FA_INSUFFICIENT_RESOURCES)
+        mf = find_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH)
+        assert mf is not None  # verify_auth passed
+        coname = self.care_of_name_for(rrq)
+        fh = self.config.foreign_home
+        assert fh is not None
+        relayed = bytes_before(rrq, ExtType.MOBILE_FOREIGN_AUTH) + encode_extension(CareOfName(coname))
+        relayed = append_auth(relayed, ExtType.FOREIGN_HOME_AUTH, fh.spi, fh.key)
+        self.pending[(rrq.home_address, rrq.identification)] = Pending(
+            rrq, src, port, coname, mf[1].spi, self.clock()
+        )
+        self.stats["relayed"] += 1
+        return Relay(ReplyCode.ACCEPTED, to_home_agent=relayed)
+
+    def handle_reply(self, rrp: RegistrationReply) -> tuple[Pending, bytes] | None:
+        """The HOA's reply: check Foreign-Home, update visitors, build the object's reply."""
+        pending = self.pending.get((rrp.home_address, rrp.identification))
+        if pending is None:
+            self.stats["bad_replies"] += 1
+            return None
+        fh = self.config.foreign_home
+        assert fh is not None
+        fh_ok = verify_auth(rrp, ExtType.FOREIGN_HOME_AUTH, {fh.spi: fh.key})
+        if rrp.accepted and not fh_ok:
+            # An acceptance must come from the HOA; a denial grants nothing and an HOA that
+            # does not trust us cannot sign it, so denials are relayed (the object still checks
+            # the Mobile-Home authenticator).
+            self.stats["bad_replies"] += 1
+            log.warning("acceptance for %s fails Foreign-Home auth; dropped", rrp.home_address)
+            return None
+        del self.pending[(rrp.home_address, rrp.identification)]
+        self.stats["replies"] += 1
+        rrq = pending.request
+        if rrp.accepted and rrp.lifetime > 0:
+            self.visitors.add(Visitor(
+                rrq.home_address, rrq.home_agent, pending.object_address, pending.object_port,
+                (rrq.find(NaiExtension) or [NaiExtension(rrq.home_address)])[0].nai,
+                pending.care_of_name, rrp.lifetime, self.clock(),
+            ))
+        elif rrp.accepted:
+            self.visitors.remove(rrq.home_address)
+        has_fh = find_auth(rrp, ExtType.FOREIGN_HOME_AUTH) is not None
+        out = bytes_before(rrp, ExtType.FOREIGN_HOME_AUTH) if has_fh else rrp.raw
+        if rrp.accepted:  # the object learns its care-of-name (patent Fig. 7, 122)
+            out += encode_extension(CareOfName(pending.care_of_name))
+        key = self._object_keys[pending.mf_spi]
+        out = append_auth(out, ExtType.MOBILE_FOREIGN_AUTH, pending.mf_spi, key)
+        return pending, out
+
+    def expire_pending(self, timeout: float) -> list[Pending]:
+        """Forget relays the HOA never answered (the object retransmits on its own)."""
+        now = self.clock()
+        gone = [k for k, p in self.pending.items() if now - p.sent_at > timeout]
+        return [self.pending.pop(k) for k in gone]

@@ -1,0 +1,132 @@
+"""The home object agent (patent Fig. 8, Fig. 11 right-hand side).
+
+Pure decision logic: given a decoded Registration Request relayed by a foreign agent, decide
+the reply code, update the binding table and build the signed reply. The daemon does the I/O
+(sockets, proxy ARP) around it, so every RFC check is unit-tested without a network.
+
+Checks, in order (each failure leaves the binding table untouched):
+
+1. Foreign-Home authentication under a trusted FOA credential, else 132 (except an object
+   deregistering directly from home: lifetime 0, care-of address = home address);
+2. the home address is one this agent serves, else 136;
+3. Mobile-Home authentication under that object's key, else 131;
+4. the Identification passes the replay check, else 133;
+5. ``S`` registrations beyond the cap, else 135.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from packets import (
+    ExtType,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    append_auth,
+    replay_ok,
+    verify_auth,
+)
+from packets.extensions import CareOfName, NaiExtension
+
+from .bindings import BindingTable, TooManyBindings, UpdateResult
+from .config import Credential, HomeConfig, HomeObject
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HomeDecision:
+    """Outcome of one request: the code, the reply bytes, and what changed."""
+
+    code: ReplyCode
+    reply: bytes
+    update: UpdateResult | None = None
+
+
+class HomeAgent:
+    """Binding table plus the registration rules of a home object agent."""
+
+    def __init__(
+        self,
+        config: HomeConfig,
+        agent_address: str,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.address = agent_address
+        self.wall_clock = wall_clock
+        self.bindings = BindingTable(config.max_bindings, clock)
+        self.objects: dict[str, HomeObject] = {o.home_address: o for o in config.objects}
+        self._foa_keys = {c.spi: c.key for c in config.trusted_foas}
+        self.stats = {code.name: 0 for code in ReplyCode}
+
+    def add_object(self, obj: HomeObject) -> None:
+        self.objects[obj.home_address] = obj
+
+    def handle(self, rrq: RegistrationRequest, foa_credential: Credential | None = None) -> HomeDecision:
+        """Decide on a decoded request; ``foa_credential`` signs the reply for the FOA.
+
+        When the request came through an FOA, the reply carries a Foreign-Home authenticator
+        under the SPI the FOA used, so the FOA can check it came from this HOA.
+        """
+        code, update = self._decide(rrq)
+        self.stats[code.name] += 1
+        granted = 0
+        if update is not None and update.binding is not None:
+            granted = update.binding.lifetime
+        reply = RegistrationReply(
+            code, rrq.home_address, self.address, rrq.identification, granted
+        ).encode()
+        obj = self.objects.get(rrq.home_address)
+        if obj is not None:
+            reply = append_auth(reply, ExtType.MOBILE_HOME_AUTH, obj.mobile_home.spi, obj.mobile_home.key)
+        fh = self._fh_credential(rrq)
+        if fh is not None:
+            reply = append_auth(reply, ExtType.FOREIGN_HOME_AUTH, fh.spi, fh.key)
+        return HomeDecision(code, reply, update)
+
+    def _fh_credential(self, rrq: RegistrationRequest) -> Credential | None:
+        for ext in rrq.extensions:
+            if getattr(ext, "ext_type", None) == ExtType.FOREIGN_HOME_AUTH:
+                key = self._foa_keys.get(ext.spi)  # type: ignore[union-attr]
+                if key is not None:
+                    return Credential(ext.spi, key)  # type: ignore[union-attr]
+        return None
+
+    def _decide(self, rrq: RegistrationRequest) -> tuple[ReplyCode, UpdateResult | None]:
+        # An object back home deregisters directly (RFC 5944 §3.6.1.2): no FOA, no FH auth.
+        direct = rrq.lifetime == 0 and rrq.care_of_address == rrq.home_address
+        if not direct and not verify_auth(rrq, ExtType.FOREIGN_HOME_AUTH, self._foa_keys):
+            return ReplyCode.HA_FA_FAILED_AUTH, None
+        obj = self.objects.get(rrq.home_address)
+        if obj is None:
+            return ReplyCode.HA_UNKNOWN_HA_ADDRESS, None
+        if not verify_auth(rrq, ExtType.MOBILE_HOME_AUTH, {obj.mobile_home.spi: obj.mobile_home.key}):
+            return ReplyCode.HA_MN_FAILED_AUTH, None
+        last = self.bindings.last_identification.get(rrq.home_address)
+        if not replay_ok(rrq.identification, self.wall_clock(), last, self.config.replay_window):
+            return ReplyCode.HA_IDENTIFICATION_MISMATCH, None
+        names = rrq.find(CareOfName)
+        nais = rrq.find(NaiExtension)
+        lifetime = min(rrq.lifetime, self.config.max_lifetime)
+        try:
+            update = self.bindings.register(
+                rrq.home_address,
+                rrq.care_of_address,
+                names[-1].name if names else "",
+                lifetime,
+                bool(rrq.flags & RequestFlags.S),
+                nais[0].nai if nais else obj.nai,
+                rrq.identification,
+                bool(rrq.flags & RequestFlags.T),
+            )
+        except TooManyBindings:
+            return ReplyCode.HA_TOO_MANY_SIMULTANEOUS_BINDINGS, None
+        self.bindings.last_identification[rrq.home_address] = rrq.identification
+        return ReplyCode.ACCEPTED, update

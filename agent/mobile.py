@@ -1,0 +1,347 @@
+"""The mobile object's side of discovery and registration (patent Fig. 11, RFC 5944 §3.6).
+
+For now an object is a registration client run by the router that hosts it. It learns agents
+from advertisements (or solicits them), registers through a foreign object agent with its
+Mobile-Home and Mobile-Foreign credentials, renews before the lifetime runs out, notices
+movement when the advertising agent changes, tries another FOA when one refuses or does not
+answer, and deregisters directly with its HOA when it hears it at home.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from packets import (
+    AdvFlags,
+    AgentAdvertisement,
+    CareOfName,
+    ExtType,
+    MalformedMessage,
+    NaiExtension,
+    ObjectPart,
+    PartRole,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    append_auth,
+    new_identification,
+    verify_auth,
+)
+from packets.codes import MIP_PORT
+
+from .config import ObjectConfig
+
+log = logging.getLogger(__name__)
+
+_ACCEPTED = (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS)
+RETRANSMIT_TIMEOUT = 1.0
+RETRIES = 3
+
+
+@dataclass
+class AgentSeen:
+    """An agent heard on a link."""
+
+    address: str
+    advertisement: AgentAdvertisement
+    ifindex: int
+    heard_at: float
+
+    @property
+    def is_foreign(self) -> bool:
+        return bool(self.advertisement.flags & AdvFlags.F) and not self.advertisement.flags & AdvFlags.B
+
+    def as_dict(self, now: float) -> dict:
+        a = self.advertisement
+        return {
+            "address": self.address, "ifindex": self.ifindex, "age": round(now - self.heard_at, 3),
+            "flags": str(a.flags), "sequence": a.sequence, "care_of_addresses": a.care_of_addresses,
+            "registration_lifetime": a.registration_lifetime,
+        }
+
+
+@dataclass
+class Attempt:
+    """One registration exchange, kept for `moat show` and the benchmarks."""
+
+    agent: str
+    care_of_address: str
+    code: int | None
+    rtt: float | None
+    at: float
+    lifetime: int
+    care_of_name: str = ""
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _ReplyProtocol(asyncio.DatagramProtocol):
+    def __init__(self, client: "RegistrationClient") -> None:
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.client._on_reply(data, addr)
+
+
+@dataclass
+class Registration:
+    """The registration in force."""
+
+    agent: str
+    care_of_address: str
+    care_of_name: str
+    lifetime: int
+    registered_at: float
+
+
+class RegistrationClient:
+    """Registration state machine of one object."""
+
+    def __init__(
+        self,
+        config: ObjectConfig,
+        solicit: Callable[[], None],
+        advertise_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._solicit = solicit
+        self.interval = advertise_interval
+        self.clock = clock
+        self.agents: dict[str, AgentSeen] = {}
+        self.current: Registration | None = None
+        self.at_home = False
+        self.history: list[Attempt] = []
+        self.bad_replies = 0
+        self._last_ident: int | None = None
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._transport: asyncio.DatagramTransport | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _ReplyProtocol(self), local_addr=("0.0.0.0", 0)
+        )
+        self._task = asyncio.create_task(self._run(), name=f"object-{self.config.name}")
+        self._solicit()
+
+    async def stop(self, deregister: bool = True) -> None:
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if deregister and self.current is not None:
+            try:
+                await self.deregister()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s: deregistration on stop failed: %s", self.config.name, exc)
+        if self._transport:
+            self._transport.close()
+
+    # --- input from the daemon -----------------------------------------------------------
+
+    def on_advertisement(self, adv: AgentAdvertisement, source: str, ifindex: int) -> None:
+        previous = self.agents.get(source)
+        self.agents[source] = AgentSeen(source, adv, ifindex, self.clock())
+        if previous is not None and adv.sequence < previous.advertisement.sequence and adv.sequence < 256:
+            # RFC 5944 §2.4.1: the agent rebooted and lost its state; register again.
+            if self.current and self.current.agent == source:
+                log.info("%s: agent %s rebooted; re-registering", self.config.name, source)
+                self.current = None
+        self._wake.set()
+
+    # --- decisions -----------------------------------------------------------------------
+
+    def _fresh(self, seen: AgentSeen) -> bool:
+        return self.clock() - seen.heard_at <= 3 * self.interval
+
+    def _home_agent_heard(self) -> bool:
+        seen = self.agents.get(self.config.home_agent)
+        return bool(seen and self._fresh(seen) and seen.advertisement.flags & AdvFlags.H)
+
+    def candidates(self, exclude: set[str] = frozenset()) -> list[AgentSeen]:
+        """Fresh foreign agents, most recently heard first."""
+        fresh = [s for s in self.agents.values()
+                 if s.is_foreign and self._fresh(s) and s.address not in exclude
+                 and s.address != self.config.home_agent]
+        return sorted(fresh, key=lambda s: -s.heard_at)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("%s: registration step failed", self.config.name)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval / 2)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _step(self) -> None:
+        now = self.clock()
+        if self._home_agent_heard():
+            if not self.at_home:
+                self.at_home = True
+                if self.current is not None:
+                    await self.deregister()
+                log.info("%s: at home", self.config.name)
+            return
+        self.at_home = False
+        cur = self.current
+        if cur is not None:
+            seen = self.agents.get(cur.agent)
+            moved = seen is None or not self._fresh(seen)
+            renew = now >= cur.registered_at + cur.lifetime * 2 / 3
+            if moved and self.candidates():
+                log.info("%s: agent %s gone; movement detected", self.config.name, cur.agent)
+                self.current = None
+            elif not renew:
+                return
+        if not self.candidates():
+            self._solicit()
+            return
+        await self.register()
+
+    # --- registration --------------------------------------------------------------------
+
+    def build_request(self, agent: AgentSeen, lifetime: int | None = None) -> bytes:
+        cfg = self.config
+        coa = agent.advertisement.care_of_addresses[0] if agent.advertisement.care_of_addresses else agent.address
+        flags = RequestFlags.G
+        if cfg.simultaneous:
+            flags |= RequestFlags.S
+        if cfg.reverse_tunnel:
+            flags |= RequestFlags.T
+        self._last_ident = new_identification(last=self._last_ident)
+        rrq = RegistrationRequest(
+            cfg.home_address, cfg.home_agent, coa, self._last_ident,
+            cfg.lifetime if lifetime is None else lifetime, flags,
+            [NaiExtension(cfg.nai), ObjectPart(PartRole.PRIMARY, 0, "")],
+        )
+        data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, cfg.mobile_home.spi, cfg.mobile_home.key)
+        return append_auth(data, ExtType.MOBILE_FOREIGN_AUTH, cfg.mobile_foreign.spi, cfg.mobile_foreign.key)
+
+    async def register(self, lifetime: int | None = None) -> Attempt:
+        """Register through the best FOA; on refusal or silence, try the next (Fig. 11)."""
+        tried: set[str] = set()
+        last: Attempt | None = None
+        while True:
+            options = self.candidates(exclude=tried)
+            if not options:
+                break
+            agent = options[0]
+            tried.add(agent.address)
+            last = await self._exchange(agent, self.build_request(agent, lifetime), agent.address)
+            if last.code in _ACCEPTED:
+                if last.lifetime > 0:
+                    self.current = Registration(agent.address, last.care_of_address, last.care_of_name,
+                                                last.lifetime, last.at)
+                return last
+            log.info("%s: registration via %s failed (%s); trying another FOA",
+                     self.config.name, agent.address, last.error or last.code)
+        if last is None:
+            last = Attempt("", "", None, None, self.clock(), 0, error="no foreign agent heard")
+            self.history.append(last)
+        return last
+
+    async def deregister(self) -> Attempt:
+        """Lifetime 0. Away: through the current FOA; home: directly to the HOA."""
+        cfg = self.config
+        if self.at_home or self.current is None or self.current.agent not in self.agents:
+            self._last_ident = new_identification(last=self._last_ident)
+            rrq = RegistrationRequest(cfg.home_address, cfg.home_agent, cfg.home_address,
+                                      self._last_ident, 0, RequestFlags(0), [NaiExtension(cfg.nai)])
+            data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, cfg.mobile_home.spi, cfg.mobile_home.key)
+            attempt = await self._exchange(None, data, cfg.home_agent)
+        else:
+            agent = self.agents[self.current.agent]
+            attempt = await self._exchange(agent, self.build_request(agent, 0), agent.address)
+        if attempt.code in _ACCEPTED:
+            self.current = None
+        return attempt
+
+    async def _exchange(self, agent: AgentSeen | None, data: bytes, dest: str) -> Attempt:
+        assert self._transport is not None
+        ident = int.from_bytes(data[16:24], "big")
+        coa = RegistrationRequest.decode(data).care_of_address
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._waiting[ident] = fut
+        start = self.clock()
+        timeout = RETRANSMIT_TIMEOUT
+        attempt = Attempt(dest, coa, None, None, start, 0)
+        try:
+            for _ in range(RETRIES):
+                self._transport.sendto(data, (dest, MIP_PORT))
+                try:
+                    rrp: RegistrationReply = await asyncio.wait_for(asyncio.shield(fut), timeout)
+                except asyncio.TimeoutError:
+                    timeout *= 2
+                    continue
+                attempt.rtt = self.clock() - start
+                attempt.code = int(rrp.code)
+                attempt.lifetime = rrp.lifetime
+                names = rrp.find(CareOfName)
+                attempt.care_of_name = names[-1].name if names else ""
+                break
+            else:
+                attempt.error = f"no reply from {dest} after {RETRIES} tries"
+        finally:
+            self._waiting.pop(ident, None)
+        self.history.append(attempt)
+        del self.history[:-100]
+        return attempt
+
+    def _on_reply(self, data: bytes, addr: tuple) -> None:
+        try:
+            rrp = RegistrationReply.decode(data)
+        except MalformedMessage as exc:
+            self.bad_replies += 1
+            log.info("%s: malformed reply from %s: %s", self.config.name, addr[0], exc)
+            return
+        fut = self._waiting.get(rrp.identification)
+        if fut is None or fut.done():
+            return
+        cred = self.config.mobile_home
+        # FOA denials carry no Mobile-Home authenticator (the FOA has no such key).
+        if not 64 <= rrp.code < 128:
+            if not verify_auth(rrp, ExtType.MOBILE_HOME_AUTH, {cred.spi: cred.key}):
+                self.bad_replies += 1
+                log.warning("%s: reply from %s fails Mobile-Home auth; ignored", self.config.name, addr[0])
+                return
+        fut.set_result(rrp)
+
+    def status(self) -> dict:
+        now = self.clock()
+        cur = self.current
+        return {
+            "name": self.config.name,
+            "home_address": self.config.home_address,
+            "at_home": self.at_home,
+            "registration": None if cur is None else {
+                "agent": cur.agent, "care_of_address": cur.care_of_address,
+                "care_of_name": cur.care_of_name, "lifetime": cur.lifetime,
+                "remaining": round(max(0.0, cur.registered_at + cur.lifetime - now), 3),
+            },
+            "agents": [s.as_dict(now) for s in self.agents.values()],
+            "attempts": [a.as_dict() for a in self.history[-10:]],
+            "bad_replies": self.bad_replies,
+        }
