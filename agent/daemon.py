@@ -40,6 +40,11 @@ from .mobile import RegistrationClient
 
 log = logging.getLogger(__name__)
 
+
+def flag_letters(flags: AdvFlags) -> str:
+    """'RFGT' rather than an integer, as the RFC and Wireshark write them."""
+    return "".join(f.name or "" for f in AdvFlags if f in flags)
+
 HOUSEKEEPING_PERIOD = 0.25
 PENDING_TIMEOUT = 5.0
 
@@ -174,7 +179,7 @@ class AgentDaemon:
         adv = heard.message
         self.heard[heard.source] = {
             "address": heard.source, "interface": self.iface_by_index.get(heard.ifindex, "?"),
-            "sequence": adv.sequence, "flags": str(adv.flags).replace("AdvFlags.", ""),
+            "sequence": adv.sequence, "flags": flag_letters(adv.flags),
             "care_of_addresses": adv.care_of_addresses, "ttl": heard.ttl,
             "heard_at": time.time(),
         }

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 ALL_SYSTEMS = "224.0.0.1"
 ALL_ROUTERS = "224.0.0.2"
 _IP_HDR_MIN = 20
+#: Linux's IP_PKTINFO; Python only names it from 3.13 on.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
 
 @dataclass
@@ -45,7 +47,7 @@ class DiscoverySocket:
         self._handler = handler
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         self.sock.setblocking(False)
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+        self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
         self.malformed = 0
@@ -69,7 +71,7 @@ class DiscoverySocket:
         try:
             self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
             self.sock.sendmsg(
-                [payload], [(socket.IPPROTO_IP, socket.IP_PKTINFO,
+                [payload], [(socket.IPPROTO_IP, IP_PKTINFO,
                              struct.pack("=i4s4s", ifindex, b"\0" * 4, b"\0" * 4))],
                 0, (dest, 0),
             )
@@ -87,7 +89,7 @@ class DiscoverySocket:
                 return
             ifindex = 0
             for level, kind, value in anc:
-                if level == socket.IPPROTO_IP and kind == socket.IP_PKTINFO and len(value) >= 4:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 4:
                     ifindex = struct.unpack_from("=i", value)[0]
             if len(data) < _IP_HDR_MIN:
                 continue

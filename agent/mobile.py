@@ -60,7 +60,7 @@ class AgentSeen:
         a = self.advertisement
         return {
             "address": self.address, "ifindex": self.ifindex, "age": round(now - self.heard_at, 3),
-            "flags": str(a.flags), "sequence": a.sequence, "care_of_addresses": a.care_of_addresses,
+            "flags": "".join(f.name or "" for f in AdvFlags if f in a.flags), "sequence": a.sequence, "care_of_addresses": a.care_of_addresses,
             "registration_lifetime": a.registration_lifetime,
         }
 
