@@ -11,7 +11,7 @@ stamp="$venv/.moat-bootstrap"
 
 apt_packages=(
   mininet iproute2 bridge-utils iputils-ping iptables tshark openssh-server
-  iperf3 dnsmasq-base python3-venv python3-pip ethtool procps psmisc ruby
+  iperf3 dnsmasq-base python3-venv python3-pip ethtool procps psmisc ruby tcpdump
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -1,0 +1,318 @@
+"""A running MOAT network: Mininet, one agent daemon per router, a run directory.
+
+:class:`MoatNetwork` turns a pure-data :class:`topologies.base.MoatTopo` into a running
+testbed: it creates the run (id, directory, ``run.json``), generates the run's credentials
+(:class:`Keyring`), writes each router's agent configuration, asks every
+:class:`topologies.nodes.MoatRouter` to run ``python -m agent`` inside its namespace, and
+waits until every agent answers on its control socket. Everything the run starts inherits
+``MOAT_RUN_ID`` so :func:`topologies.run.clean_run` can find it after a crash.
+
+Roles, by default: the topology's ``hoa`` router is the home object agent; every router of
+a foreign network is a foreign object agent (so a refused object has another FOA to try);
+every other router runs a role-less daemon that can host objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from agent.config import (
+    AgentConfig,
+    Credential,
+    ForeignConfig,
+    HomeConfig,
+    HomeObject,
+    Interface,
+    ObjectConfig,
+)
+from agent.control import ControlClient
+from agent.errors import ControlError
+from topologies.addressing import mo_home_addresses
+from topologies.base import MoatTopo
+from topologies.errors import TopologyError
+from topologies.net import build_net, root_namespace_conflicts
+from topologies.run import ENV_RUN_ID, Run, clean_run
+
+log = logging.getLogger(__name__)
+
+HOME_DOMAIN = "home.moat"
+AGENT_START_TIMEOUT = 30.0
+
+
+def _new_credential(spi: int) -> Credential:
+    return Credential(spi, secrets.token_bytes(32))
+
+
+@dataclass
+class Keyring:
+    """The run's security associations (patent credentials 126, 130, 144, 154).
+
+    SPIs are allocated from 256 upwards: 256+ objects' Mobile-Home, 1000+ objects'
+    Mobile-Foreign, 2000+ FOAs' Foreign-Home.
+    """
+
+    mobile_home: dict[str, Credential] = field(default_factory=dict)  # object -> MH
+    mobile_foreign: dict[str, Credential] = field(default_factory=dict)  # object -> MF
+    foreign_home: dict[str, Credential] = field(default_factory=dict)  # FOA router -> FH
+
+    def add_object(self, name: str) -> None:
+        n = len(self.mobile_home)
+        self.mobile_home[name] = _new_credential(256 + n)
+        self.mobile_foreign[name] = _new_credential(1000 + n)
+
+    def add_foa(self, router: str) -> None:
+        self.foreign_home[router] = _new_credential(2000 + len(self.foreign_home))
+
+
+@dataclass
+class MobileObject:
+    """A mobile object of the run: name, home address, NAI."""
+
+    name: str
+    home_address: str
+
+    @property
+    def nai(self) -> str:
+        return f"{self.name}@{HOME_DOMAIN}"
+
+
+class MoatNetwork:
+    """Start, query and stop a MOAT testbed; a context manager that always cleans up."""
+
+    def __init__(
+        self,
+        topo: MoatTopo,
+        objects: list[str] | None = None,
+        advertise_interval: float = 1.0,
+        run: Run | None = None,
+        log_level: str = "INFO",
+        foreign_agents: list[str] | None = None,
+    ) -> None:
+        if topo.hoa is None:
+            raise TopologyError("the topology names no home object agent router (hoa)")
+        self.topo = topo
+        self.run = run or Run()
+        self.advertise_interval = advertise_interval
+        self.log_level = log_level
+        self.hoa: str = topo.hoa
+        if foreign_agents is None:
+            foreign_agents = [r for spec in topo.networks.values() if spec.kind == "foreign"
+                              for r in spec.routers]
+        self.foreign_agents = foreign_agents
+        homes = iter(mo_home_addresses())
+        self.objects = {n: MobileObject(n, str(next(homes))) for n in (objects or ["counter"])}
+        self.keyring = Keyring()
+        for name in self.objects:
+            self.keyring.add_object(name)
+        for router in self.foreign_agents:
+            self.keyring.add_foa(router)
+        self.net: Any = None
+
+    # --- configuration -------------------------------------------------------------------
+
+    def roles(self, router: str) -> list[str]:
+        roles = []
+        if router == self.hoa:
+            roles.append("home")
+        if router in self.foreign_agents:
+            roles.append("foreign")
+        return roles
+
+    def agent_config(self, router: str) -> AgentConfig:
+        ifaces = [Interface(i.name, str(i.address.ip), i.address.network.prefixlen)
+                  for i in self.topo.interfaces(router)]
+        roles = self.roles(router)
+        home = foreign = None
+        if "home" in roles:
+            home = HomeConfig(
+                objects=[HomeObject(o.home_address, o.nai, self.keyring.mobile_home[o.name])
+                         for o in self.objects.values()],
+                trusted_foas=list(self.keyring.foreign_home.values()),
+                home_interface=ifaces[0].name,
+            )
+        if "foreign" in roles:
+            foreign = ForeignConfig(
+                trusted_objects=list(self.keyring.mobile_foreign.values()),
+                foreign_home=self.keyring.foreign_home[router],
+            )
+        return AgentConfig(router, str(self.run.dir), roles, ifaces, self.advertise_interval,
+                           home=home, foreign=foreign, log_level=self.log_level)
+
+    def object_config(self, name: str, **overrides: Any) -> ObjectConfig:
+        """The registration client configuration of object ``name`` (with its credentials)."""
+        obj = self.objects[name]
+        cfg = ObjectConfig(obj.name, obj.home_address, str(self.topo.addresses(self.hoa)[0].ip),
+                           obj.nai, self.keyring.mobile_home[name], self.keyring.mobile_foreign[name])
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        return cfg
+
+    def _prepare_nodes(self) -> None:
+        """Write agent configs and give each router its daemon argv (before Mininet builds)."""
+        for router in self.topo.router_names():
+            cfg = self.agent_config(router)
+            path = self.run.dir / f"{router}.json"
+            cfg.write(path)
+            os.chmod(path, 0o600)  # holds keys
+            info = self.topo.nodeInfo(router)
+            info["daemon_argv"] = [sys.executable, "-m", "agent", "--config", str(path)]
+            info["daemon_log"] = str(self.run.dir / f"{router}.out")
+            info["daemon_cwd"] = str(Path(__file__).resolve().parent.parent)
+            self.run.state.agents[router] = str(cfg.socket_path)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = AGENT_START_TIMEOUT) -> "MoatNetwork":
+        """Build and start the network and wait until every agent answers."""
+        self.run.create()
+        self.run.state.topo = type(self.topo).__name__
+        self.run.state.params = {"advertise_interval": self.advertise_interval,
+                                 "objects": {n: o.home_address for n, o in self.objects.items()}}
+        # Record root-namespace names before creating them: a SIGKILL mid-build still
+        # leaves clean_run a complete list.
+        self.run.state.bridges = list(self.topo.switches())
+        self.run.state.root_links = self._root_link_names()
+        self._prepare_nodes()
+        self.run.save()
+        previous = os.environ.get(ENV_RUN_ID)
+        os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons
+        try:
+            self.net = build_net(self.topo)
+            self.net.start()
+            self.run.state.node_pids = {n.name: n.pid for n in self.net.hosts}
+            self.run.state.status = "up"
+            self.run.save()
+            self.wait_agents(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            if previous is None:
+                os.environ.pop(ENV_RUN_ID, None)
+            else:
+                os.environ[ENV_RUN_ID] = previous
+        log.info("run %s up in %s", self.run.run_id, self.run.dir)
+        return self
+
+    def _root_link_names(self) -> list[str]:
+        names = []
+        for node1, node2, info in self.topo.links(withInfo=True):
+            for node, key, port in ((node1, "intfName1", "port1"), (node2, "intfName2", "port2")):
+                if self.topo.isSwitch(node):
+                    names.append(info.get(key) or f"{node}-eth{info[port]}")
+        return names
+
+    def wait_agents(self, timeout: float) -> None:
+        """Block until every router's agent answers ``ping``, or raise TopologyError."""
+        deadline = time.monotonic() + timeout
+        pending = set(self.run.state.agents)
+        while pending:
+            for router in sorted(pending):
+                node = self.net[router]
+                if node.daemon is not None and node.daemon.poll() is not None:
+                    raise TopologyError(f"agent on {router} exited with {node.daemon.returncode}; "
+                                        f"see {self.run.dir / (router + '.out')}")
+                try:
+                    ControlClient(self.run.state.agents[router], timeout=1).call("ping")
+                    pending.discard(router)
+                except ControlError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise TopologyError(f"agents did not come up within {timeout}s: {sorted(pending)}")
+            if pending:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the network and remove everything the run made (idempotent)."""
+        if self.net is not None:
+            try:
+                self.net.stop()
+            except Exception:  # noqa: BLE001 - still clean up below
+                log.exception("net.stop() failed; cleaning the run by id")
+            self.net = None
+        self.run.state.status = "down"
+        if self.run.dir.exists():
+            self.run.save()
+        clean_run(self.run.run_id, self.run.dir.parent, keep_dir=True)
+
+    def __enter__(self) -> "MoatNetwork":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # --- use -----------------------------------------------------------------------------
+
+    def agent(self, router: str, timeout: float = 10.0) -> ControlClient:
+        return ControlClient(self.run.state.agents[router], timeout=timeout)
+
+    def start_object(self, name: str, router: str, **overrides: Any) -> dict:
+        """Run object ``name``'s registration client on ``router``."""
+        cfg = self.object_config(name, **overrides)
+        return self.agent(router).call("object_start", config=cfg.to_json())
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+        """Poll ``predicate()`` until it returns a truthy value (the agents have no
+        push channel to the caller); raise TimeoutError with the last value otherwise."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        raise TimeoutError(f"condition not met within {timeout}s (last value {value!r})")
+
+    @contextlib.contextmanager
+    def capture(self, interface: str, name: str, node: str | None = None,
+                bpf: str = "") -> Iterator[Path]:
+        """Capture on ``interface`` (of ``node``, or a bridge in the root namespace) into
+        ``captures/<name>.pcap`` while the block runs."""
+        path = self.run.dir / "captures" / f"{name}.pcap"
+        argv = ["tcpdump", "-i", interface, "-U", "-w", str(path), "-s", "0"]
+        if bpf:
+            argv.append(bpf)
+        if node is not None:
+            proc = self.net[node].popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        else:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_capture_ready(proc)
+            yield path
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_capture_ready(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """tcpdump prints 'listening on' to stderr once the capture is armed."""
+    import select
+
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if b"listening on" in buf:
+                return
+        if proc.poll() is not None:
+            break
+    raise TopologyError(f"capture did not start: {buf.decode(errors='replace').strip()}")

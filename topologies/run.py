@@ -1,0 +1,214 @@
+"""A MOAT run: its id, its directory, and exactly what it created, so it can be removed.
+
+Every process a run starts (Mininet's node shells, agent daemons, later object processes)
+carries ``MOAT_RUN_ID=<id>`` in its environment, and every root-namespace interface the run
+creates (bridges, switch-side veth ends) is recorded in ``run.json`` as soon as the network
+is built. ``moat clean`` therefore finds a run's leftovers by its id even after the process
+that made them was killed with SIGKILL, and never touches anything by a broad name.
+
+Layout::
+
+    $MOAT_RUN_ROOT (default /tmp/moat)/<run-id>/
+        run.json          what was created (pids, interfaces, sockets)
+        <node>.json       an agent's configuration
+        <node>.sock       an agent's control socket
+        <node>.log        an agent's log
+        captures/         pcaps
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+ENV_RUN_ID = "MOAT_RUN_ID"
+ENV_RUN_ROOT = "MOAT_RUN_ROOT"
+DEFAULT_RUN_ROOT = "/tmp/moat"
+STATE_FILE = "run.json"
+
+
+def run_root() -> Path:
+    return Path(os.environ.get(ENV_RUN_ROOT, DEFAULT_RUN_ROOT))
+
+
+def new_run_id() -> str:
+    """Short, unique enough to tell runs apart in `ps` and file names."""
+    return time.strftime("%m%d%H%M%S") + "-" + secrets.token_hex(2)
+
+
+@dataclass
+class RunState:
+    """What ``run.json`` holds."""
+
+    run_id: str
+    topo: str = ""
+    owner_pid: int = 0
+    started: float = field(default_factory=time.time)
+    status: str = "starting"
+    agents: dict[str, str] = field(default_factory=dict)  # node -> control socket
+    root_links: list[str] = field(default_factory=list)  # root-namespace interfaces
+    bridges: list[str] = field(default_factory=list)
+    node_pids: dict[str, int] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+
+class Run:
+    """One run's directory and state file."""
+
+    def __init__(self, run_id: str | None = None, root: Path | None = None) -> None:
+        self.run_id = run_id or new_run_id()
+        self.dir = (root or run_root()) / self.run_id
+        self.state = RunState(self.run_id)
+
+    @classmethod
+    def load(cls, run_id: str, root: Path | None = None) -> "Run":
+        run = cls(run_id, root)
+        data = json.loads((run.dir / STATE_FILE).read_text())
+        run.state = RunState(**data)
+        return run
+
+    def create(self) -> "Run":
+        self.dir.mkdir(parents=True, exist_ok=False)
+        (self.dir / "captures").mkdir()
+        self.state.owner_pid = os.getpid()
+        self.save()
+        return self
+
+    def save(self) -> None:
+        tmp = self.dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self.state), indent=2))
+        tmp.replace(self.dir / STATE_FILE)
+
+    def socket(self, node: str) -> Path:
+        return self.dir / f"{node}.sock"
+
+
+def list_runs(root: Path | None = None) -> list[Run]:
+    """Runs with a readable state file, newest first."""
+    base = root or run_root()
+    runs = []
+    if base.is_dir():
+        for d in base.iterdir():
+            try:
+                runs.append(Run.load(d.name, base))
+            except (OSError, ValueError, TypeError):
+                continue
+    return sorted(runs, key=lambda r: -r.state.started)
+
+
+def live_runs(root: Path | None = None) -> list[Run]:
+    return [r for r in list_runs(root) if r.state.status == "up" and pid_alive(r.state.owner_pid)]
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run_ids_by_pid() -> dict[int, str]:
+    """``{pid: run id}`` for every process started with ``MOAT_RUN_ID`` in its environment.
+
+    ``/proc/<pid>/environ`` shows the environment a process was *started* with, so a process
+    that sets ``os.environ[MOAT_RUN_ID]`` to pass it to its children (the run's owner, a test)
+    is not listed itself; only the children are.
+    """
+    prefix = f"{ENV_RUN_ID}=".encode()
+    me = os.getpid()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for var in env.split(b"\0"):
+            if var.startswith(prefix):
+                found[int(entry.name)] = var[len(prefix):].decode(errors="replace")
+                break
+    return found
+
+
+def processes_of_run(run_id: str) -> list[int]:
+    """PIDs of run ``run_id``, found by environment, never by process name."""
+    return [pid for pid, rid in _run_ids_by_pid().items() if rid == run_id]
+
+
+def _kill_all(pids: Iterable[int], timeout: float = 3.0) -> None:
+    pids = list(pids)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> list[str]:
+    """Remove everything run ``run_id`` made; return what was removed. Safe to repeat.
+
+    ``keep_dir`` keeps the run directory (logs, captures) after an orderly stop.
+    """
+    base = root or run_root()
+    removed: list[str] = []
+    pids = processes_of_run(run_id)
+    if pids:
+        _kill_all(pids)
+        removed.append(f"processes {sorted(pids)}")
+    state: RunState | None = None
+    try:
+        state = Run.load(run_id, base).state
+    except (OSError, ValueError, TypeError):
+        pass
+    if state is not None:
+        for name in state.root_links + state.bridges:
+            if _link_exists(name):
+                subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
+                removed.append(f"link {name}")
+    run_dir = base / run_id
+    if run_dir.exists() and not keep_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed.append(f"dir {run_dir}")
+    for line in removed:
+        log.info("clean %s: removed %s", run_id, line)
+    return removed
+
+
+def clean_all(root: Path | None = None) -> dict[str, list[str]]:
+    """Clean every run: those with a directory under the run root, and those whose
+    processes still carry a run id after their directory was removed."""
+    base = root or run_root()
+    ids = set(_run_ids_by_pid().values())
+    if base.is_dir():
+        ids |= {d.name for d in base.iterdir() if d.is_dir()}
+    return {rid: clean_run(rid, base) for rid in sorted(ids)}
