@@ -96,6 +96,7 @@ class MoatNetwork:
         run: Run | None = None,
         log_level: str = "INFO",
         foreign_agents: list[str] | None = None,
+        trusted_foas: list[str] | None = None,
     ) -> None:
         if topo.hoa is None:
             raise TopologyError("the topology names no home object agent router (hoa)")
@@ -108,6 +109,8 @@ class MoatNetwork:
             foreign_agents = [r for spec in topo.networks.values() if spec.kind == "foreign"
                               for r in spec.routers]
         self.foreign_agents = foreign_agents
+        #: FOAs whose Foreign-Home credential the HOA trusts (default: all of them).
+        self.trusted_foas = list(foreign_agents if trusted_foas is None else trusted_foas)
         homes = iter(mo_home_addresses())
         self.objects = {n: MobileObject(n, str(next(homes))) for n in (objects or ["counter"])}
         self.keyring = Keyring()
@@ -136,7 +139,7 @@ class MoatNetwork:
             home = HomeConfig(
                 objects=[HomeObject(o.home_address, o.nai, self.keyring.mobile_home[o.name])
                          for o in self.objects.values()],
-                trusted_foas=list(self.keyring.foreign_home.values()),
+                trusted_foas=[self.keyring.foreign_home[r] for r in self.trusted_foas],
                 home_interface=ifaces[0].name,
             )
         if "foreign" in roles:
@@ -259,6 +262,23 @@ class MoatNetwork:
         """Run object ``name``'s registration client on ``router``."""
         cfg = self.object_config(name, **overrides)
         return self.agent(router).call("object_start", config=cfg.to_json())
+
+    def probe(self, node: str, *args: str, timeout: float = 60.0) -> Any:
+        """Run ``python -m experiments.probes ARGS`` inside ``node``; return its JSON answer."""
+        import json
+        import shlex
+
+        argv = [sys.executable, "-m", "experiments.probes", *args]
+        proc = self.net[node].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise TopologyError(f"probe {shlex.join(args)} on {node} timed out") from None
+        if proc.returncode != 0:
+            raise TopologyError(f"probe {shlex.join(args)} on {node} failed: {err.decode()[-500:]}")
+        return json.loads(out.decode().strip().splitlines()[-1])
 
     def wait_for(self, predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
         """Poll ``predicate()`` until it returns a truthy value (the agents have no

@@ -1,0 +1,218 @@
+"""Root tests: the topologies build real Mininet networks that route end to end.
+
+tests/conftest.py marks everything here ``netns`` and skips it where it cannot run.
+Every network is stopped in a ``finally`` (via ``running_net``); no process is ever killed
+by name — the daemon test checks its own pid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from topologies import links
+from topologies.base import MoatTopo
+from topologies.net import build_net, running_net
+from topologies.nodes import MoatRouter
+from topologies.patent import PatentTopo
+from topologies.scale import ScaleTopo
+
+
+def ping_matrix(net, topo: MoatTopo) -> list[str]:
+    """Ping every address of every other node from every node; return the failures.
+
+    One shell loop per source keeps it fast; ``-W 2`` bounds a lost reply, and the
+    first echo of each pair also covers ARP resolution (ping queues until it resolves).
+    """
+    failures: list[str] = []
+    everything = topo.all_addresses()
+    for src in everything:
+        targets = [
+            str(a.ip) for node, addrs in everything.items() if node != src for a in addrs
+        ]
+        script = (
+            f"for a in {' '.join(targets)}; do "
+            "if ping -n -q -c 1 -W 2 $a >/dev/null 2>&1; then echo OK $a; "
+            "else echo FAIL $a; fi; done"
+        )
+        out = net[src].cmd(script)
+        ok = {line.split()[1] for line in out.splitlines() if line.startswith("OK ")}
+        failures += [f"{src}->{t}" for t in targets if t not in ok]
+    return failures
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (PID 1 of a container may not reap)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_patent_net_all_pairs_reachable() -> None:
+    topo = PatentTopo()
+    with running_net(topo) as net:
+        assert net.pingAll(timeout=2) == 0  # Mininet's own check (LAN addresses)
+        failures = ping_matrix(net, topo)
+        assert failures == [], f"unreachable: {failures}"
+
+
+def test_patent_net_router_configuration() -> None:
+    topo = PatentTopo(triangle=True)
+    with running_net(topo) as net:
+        for name in topo.router_names():
+            node = net[name]
+            assert isinstance(node, MoatRouter)
+            assert node.cmd("cat /proc/sys/net/ipv4/ip_forward").strip() == "1"
+            for key in ("all", "default", f"{name}-eth0"):
+                assert node.cmd(f"cat /proc/sys/net/ipv4/conf/{key}/rp_filter").strip() == "0"
+            table = node.cmd("ip -4 route show").splitlines()
+            for route in topo.routes(name):
+                assert any(
+                    line.startswith(f"{route.prefix} via {route.via} ") for line in table
+                ), (name, route, table)
+            # Mininet's node.IP() is the LAN address
+            assert node.IP() == str(topo.addresses(name)[0].ip)
+        for name in topo.end_host_names():
+            out = net[name].cmd("ip -4 route show default")
+            assert out.startswith(f"default via {topo.gateway(name)} "), (name, out)
+        # the host's own forwarding stays off: only routers route
+        assert net["co12"].cmd("cat /proc/sys/net/ipv4/ip_forward").strip() == "0"
+        assert ping_matrix(net, topo) == []
+
+
+def test_backbone_bandwidth_installs_htb() -> None:
+    topo = PatentTopo(backbone_bw=20)
+    with running_net(topo) as net:
+        for link in topo.backbone:
+            for end in link.ends:
+                out = net[end.node].cmd(f"tc qdisc show dev {end.name}")
+                assert "qdisc htb 5:" in out, (end.name, out)
+                cls = net[end.node].cmd(f"tc class show dev {end.name}")
+                assert "rate 20Mbit" in cls, (end.name, cls)
+        lan = net["r22b"].cmd("tc qdisc show dev r22b-eth0")
+        assert "htb" not in lan  # LAN links stay unshaped by default
+
+
+def test_delay_and_loss_degrade_without_netem(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(links, "_warned", set())
+    available = links.netem_available()
+    topo = PatentTopo(backbone_bw=50, backbone_delay="5ms", backbone_loss=1)
+    with caplog.at_level(logging.WARNING, logger="topologies.links"):
+        with running_net(topo) as net:
+            intf = net["r22a"].intf("r22a-eth1")
+            qdiscs = net["r22a"].cmd("tc qdisc show dev r22a-eth1")
+            assert "qdisc htb 5:" in qdiscs  # bandwidth survives either way
+            if available:
+                assert intf.dropped_netem == {} and "netem" in qdiscs
+            else:
+                assert intf.dropped_netem == {"delay": "5ms", "loss": 1.0}
+                assert "netem" not in qdiscs
+            assert net.pingAll(timeout=2) == 0 or available  # 1% loss may drop a ping
+    if not available:
+        assert any("netem is not available" in r.getMessage() for r in caplog.records)
+
+
+def test_scale_net_reachable() -> None:
+    topo = ScaleTopo(n_foreign=3, routers_per_net=2)
+    with running_net(topo) as net:
+        assert len(net.hosts) == 3 + 6 + 2 + 3
+        assert net.pingAll(timeout=2) == 0
+        failures = ping_matrix(net, topo)
+        assert failures == [], f"unreachable: {failures}"
+
+
+class _DaemonTopo(PatentTopo):
+    """PatentTopo whose HOA router runs a stand-in daemon (the agent does not exist yet)."""
+
+    def build(self, argv: list[str], log: str, **kw) -> None:  # type: ignore[override]
+        super().build(**kw)
+        self.nodeInfo("r22b").update(daemon_argv=argv, daemon_log=log)
+
+
+def test_router_daemon_started_in_namespace_and_reaped(tmp_path: Path) -> None:
+    log_path = tmp_path / "r22b.log"
+    argv = ["sh", "-c", "echo daemon-up; ip -4 -o addr show dev r22b-eth0; exec sleep 1000"]
+    net = build_net(_DaemonTopo(argv, str(log_path)))
+    pid = None
+    try:
+        net.start()
+        router = net["r22b"]
+        pid = router.daemon_pid
+        assert pid is not None and _alive(pid)
+        # it runs in the router's network namespace, not the test's
+        ns = os.readlink(f"/proc/{pid}/ns/net")
+        assert ns == os.readlink(f"/proc/{router.pid}/ns/net")
+        assert ns != os.readlink("/proc/self/ns/net")
+        # ... in a session of its own (so it survives the shell's SIGHUP until we stop it)
+        assert os.getsid(pid) == pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "10.16.0.2/24" not in log_path.read_text():
+            time.sleep(0.05)
+        text = log_path.read_text()
+        assert "daemon-up" in text and "10.16.0.2/24" in text
+        # other routers got no daemon
+        assert net["r22a"].daemon is None
+    finally:
+        net.stop()
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert net["r22b"].daemon.returncode is not None
+
+
+def test_stubborn_daemon_is_killed_with_its_children(tmp_path: Path) -> None:
+    """A daemon that ignores SIGTERM gets SIGKILL after the timeout, children included."""
+    child_file = tmp_path / "child.pid"
+    argv = [
+        "sh", "-c",
+        f"trap '' TERM; sleep 1000 & echo $! > {child_file}; wait; sleep 1000",
+    ]
+    net = build_net(_DaemonTopo(argv, str(tmp_path / "d.log")))
+    try:
+        net.start()
+        router = net["r22b"]
+        pid = router.daemon_pid
+        assert pid is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not child_file.exists():
+            time.sleep(0.05)
+        child = int(child_file.read_text().strip())
+        assert _alive(child)
+        start = time.monotonic()
+        status = router.stop_daemon(timeout=0.5)
+        assert time.monotonic() - start < 5
+        assert status == -9  # SIGKILL, after SIGTERM was ignored
+        assert not _alive(pid)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child)
+        assert router.stop_daemon() == -9  # idempotent
+    finally:
+        net.stop()
+
+
+def test_build_refuses_leftover_interfaces() -> None:
+    """A bridge name already in the root namespace is reported before anything is built."""
+    from topologies.errors import TopologyError
+    from topologies.net import root_namespace_conflicts
+
+    topo = PatentTopo()
+    with running_net(topo) as net:
+        assert "s16" in root_namespace_conflicts(topo)
+        with pytest.raises(TopologyError, match="s16"):
+            build_net(PatentTopo())
+        assert net.pingAll(timeout=2) == 0  # the running net was not disturbed
+    assert root_namespace_conflicts(topo) == []

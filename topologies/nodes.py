@@ -1,0 +1,277 @@
+"""Mininet node classes for MOAT: routers that forward and route, hosts with a gateway.
+
+Everything a node needs arrives as node params from the topology (which stays pure data),
+so ``mn --custom`` and :func:`topologies.net.build_net` build identical networks:
+
+* :class:`MoatRouter` — turns on IPv4 forwarding in its namespace, turns off reverse-path
+  filtering (see :meth:`MoatRouter.config` for why), installs the static routes the
+  topology computed (``routes=[(prefix, via), ...]``) and optionally runs a daemon.
+* :class:`MoatHost` — installs its default route (``gateway=``) and any extra routes.
+
+The daemon hook (:class:`ManagedDaemonMixin`) is generic on purpose: the agent daemon is
+started by giving a router ``daemon_argv`` (a node param, or a class attribute of a
+subclass, or by overriding :meth:`ManagedDaemonMixin.daemon_command`). The process runs
+inside the node's namespaces, in a session of its own, with stdout and stderr appended to
+``daemon_log``. Stopping the node stops the daemon first — SIGTERM to its process group,
+a bounded wait, then SIGKILL — and reaps it, so a stopped net leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+import topologies._mininet  # noqa: F401  - first: repairs logging (see module)
+from mininet.node import Host, Node
+
+from topologies.errors import DaemonError, RouteInstallError
+
+__all__ = ["ManagedDaemonMixin", "MoatRouter", "MoatHost", "install_routes"]
+
+log = logging.getLogger(__name__)
+
+# Nodes whose daemon may still be running; stopped at interpreter exit as a last resort
+# for scripts that forget ``net.stop()`` (a ``finally`` is still the right way).
+_live: "weakref.WeakSet[ManagedDaemonMixin]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftover_daemons() -> None:
+    for node in list(_live):
+        try:
+            node.stop_daemon()
+        except Exception:  # noqa: BLE001 - best effort at exit, never mask the real error
+            log.exception("could not stop the daemon of %s at exit", node)
+
+
+def install_routes(node: Node, routes: Iterable[Sequence[str]]) -> None:
+    """Install ``(prefix, via)`` routes in ``node``'s namespace, raising on any refusal.
+
+    ``ip route replace`` rather than ``add`` keeps a second configuration idempotent.
+    """
+    for prefix, via in routes:
+        out = node.cmd(f"ip route replace {prefix} via {via}").strip()
+        if out:
+            raise RouteInstallError(f"{node.name}: ip route replace {prefix} via {via}: {out}")
+
+
+def _sysctl(node: Node, key: str, value: object) -> None:
+    """Set one sysctl inside ``node``'s network namespace, raising on failure."""
+    out = node.cmd(f"sysctl -q -w {key}={value}").strip()
+    if out:
+        raise RouteInstallError(f"{node.name}: sysctl {key}={value}: {out}")
+
+
+class ManagedDaemonMixin:
+    """Start one long-running process inside a Mininet node and stop it with the node.
+
+    Mix in before the Mininet node class (``class X(ManagedDaemonMixin, Node)``).
+    """
+
+    #: Default argv for every node of the class (``None``: no daemon).
+    daemon_argv: ClassVar[Sequence[str] | None] = None
+    #: Seconds to wait after SIGTERM before SIGKILL.
+    daemon_stop_timeout: ClassVar[float] = 5.0
+
+    name: str
+    params: dict[str, Any]
+    popen: Any
+
+    def daemon_command(self) -> list[str] | None:
+        """The argv to run: the ``daemon_argv`` node param, else the class attribute.
+
+        Override to derive the command from the node (its name, its config file).
+        """
+        argv = self.params.get("daemon_argv")
+        if argv is None:
+            argv = type(self).daemon_argv
+        return [str(a) for a in argv] if argv else None
+
+    def default_daemon_log(self) -> Path:
+        """Where the daemon's output goes when no ``daemon_log`` param is given.
+
+        A subdirectory, because ``mn -c`` deletes ``/tmp/*.log``.
+        """
+        return Path(tempfile.gettempdir()) / "moat" / f"{self.name}-daemon.log"
+
+    @property
+    def daemon(self) -> subprocess.Popen[bytes] | None:
+        """The daemon's ``Popen`` (running or not), or ``None`` if never started."""
+        return getattr(self, "_daemon", None)
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """PID of the running daemon, or ``None``."""
+        proc = self.daemon
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def start_daemon(
+        self,
+        argv: Sequence[str],
+        log_path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Run ``argv`` in this node's namespaces and return its ``Popen``.
+
+        ``Node.popen`` runs ``mnexec -d -a <pid> argv``: mnexec calls ``setsid`` and then
+        execs argv, so the returned pid *is* the daemon and leads its own process group
+        (we must not pass ``start_new_session``: mnexec would then fork and the pid we hold
+        would be a parent that already exited).
+        """
+        if self.daemon_pid is not None:
+            raise DaemonError(f"{self.name}: daemon already running (pid {self.daemon_pid})")
+        if not argv:
+            raise DaemonError(f"{self.name}: empty daemon argv")
+        path = Path(log_path) if log_path else self.default_daemon_log()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        logf: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed in stop_daemon
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        try:
+            proc = self.popen(
+                [str(a) for a in argv],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=None if cwd is None else str(cwd),
+            )
+        except OSError as exc:
+            logf.close()
+            raise DaemonError(f"{self.name}: cannot start {list(argv)}: {exc}") from exc
+        self._daemon = proc
+        self._daemon_log = logf
+        self.daemon_log_path = path
+        _live.add(self)
+        log.info("%s: started daemon pid %d: %s (log %s)", self.name, proc.pid, list(argv), path)
+        return proc
+
+    def stop_daemon(self, timeout: float | None = None) -> int | None:
+        """Stop and reap the daemon and anything left in its process group.
+
+        Returns its exit status (``None`` if there was none). Safe to call repeatedly.
+        """
+        proc = self.daemon
+        if proc is None:
+            return None
+        wait = self.daemon_stop_timeout if timeout is None else timeout
+        if proc.poll() is None:
+            self._signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "%s: daemon pid %d ignored SIGTERM for %.1fs, sending SIGKILL",
+                    self.name, proc.pid, wait,
+                )
+                self._signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # The leader is reaped; its children (if any) still carry its pgid, which the
+        # kernel does not hand out again while they live, so this cannot hit strangers.
+        self._signal_group(proc.pid, signal.SIGKILL)
+        logf = getattr(self, "_daemon_log", None)
+        if logf is not None:
+            logf.close()
+            self._daemon_log = None
+        _live.discard(self)
+        log.info("%s: daemon pid %d exited with %s", self.name, proc.pid, proc.returncode)
+        return proc.returncode
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _maybe_start_daemon(self, daemon_log: Any, daemon_env: Any, daemon_cwd: Any) -> None:
+        argv = self.daemon_command()
+        if argv:
+            self.start_daemon(argv, log_path=daemon_log, env=daemon_env, cwd=daemon_cwd)
+
+    def terminate(self) -> None:
+        """Stop the daemon before Mininet kills the node's shell and namespace."""
+        try:
+            self.stop_daemon()
+        finally:
+            super().terminate()  # type: ignore[misc]
+
+
+class MoatRouter(ManagedDaemonMixin, Node):
+    """A router: forwarding on, rp_filter off, computed static routes, optional daemon.
+
+    Node params (besides Mininet's ``ip``/``mac``): ``routes`` — list of ``(prefix, via)``;
+    ``daemon_argv``, ``daemon_log``, ``daemon_env``, ``daemon_cwd`` — see
+    :class:`ManagedDaemonMixin`; ``send_redirects`` (default False). Other params
+    (``network``, ``role``, ``border``) are metadata for experiments and are ignored here.
+    """
+
+    def config(  # type: ignore[override]
+        self,
+        routes: Iterable[Sequence[str]] | None = None,
+        daemon_argv: Sequence[str] | None = None,
+        daemon_log: str | os.PathLike[str] | None = None,
+        daemon_env: Mapping[str, str] | None = None,
+        daemon_cwd: str | os.PathLike[str] | None = None,
+        send_redirects: bool = False,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Configure addresses (Mininet), then forwarding, filtering, routes and daemon.
+
+        rp_filter is turned off on ``all``, ``default`` and every interface because mobile
+        objects make routing asymmetric on purpose: a foreign router forwards replies
+        whose source is a *home* address (triangular routing), and tunnel endpoints hand
+        decapsulated packets to the stack from interfaces the reverse route does not point
+        at; strict or loose filtering would drop both. ``default`` also covers the TUN and
+        GRE devices the agents create later. ICMP redirects are off by default so that
+        traffic keeps the paths the topology computed (and the captures show them).
+        """
+        result = super().config(**params)
+        _sysctl(self, "net.ipv4.ip_forward", 1)
+        names = ["all", "default"] + [i.name for i in self.intfList() if i.name != "lo"]
+        for name in names:
+            _sysctl(self, f"net.ipv4.conf.{name}.rp_filter", 0)
+        if not send_redirects:
+            for name in names:
+                _sysctl(self, f"net.ipv4.conf.{name}.send_redirects", 0)
+        install_routes(self, routes or ())
+        self._maybe_start_daemon(daemon_log, daemon_env, daemon_cwd)
+        return result
+
+
+class MoatHost(ManagedDaemonMixin, Host):
+    """A host: Mininet's host plus a default route and optional extra routes.
+
+    Node params: ``gateway`` — next hop of the default route; ``routes`` — extra
+    ``(prefix, via)`` routes (used only when a single gateway cannot serve the host);
+    the daemon params of :class:`ManagedDaemonMixin` (e.g. a DNS or SSH server).
+    """
+
+    def config(  # type: ignore[override]
+        self,
+        gateway: str | None = None,
+        routes: Iterable[Sequence[str]] | None = None,
+        daemon_argv: Sequence[str] | None = None,
+        daemon_log: str | os.PathLike[str] | None = None,
+        daemon_env: Mapping[str, str] | None = None,
+        daemon_cwd: str | os.PathLike[str] | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Configure addresses (Mininet), then the default route, routes and daemon."""
+        result = super().config(**params)
+        if gateway:
+            out = self.cmd(f"ip route replace default via {gateway}").strip()
+            if out:
+                raise RouteInstallError(f"{self.name}: default via {gateway}: {out}")
+        install_routes(self, routes or ())
+        self._maybe_start_daemon(daemon_log, daemon_env, daemon_cwd)
+        return result
