@@ -16,7 +16,8 @@ def ip_to_bytes(address: str, field: str) -> bytes:
     """Dotted-quad IPv4 to 4 bytes; rejects anything inet_pton rejects (strict, no '1.2')."""
     try:
         return socket.inet_pton(socket.AF_INET, address)
-    except (OSError, TypeError) as exc:
+    # ValueError: an embedded NUL; UnicodeEncodeError (a ValueError): a lone surrogate.
+    except (OSError, TypeError, ValueError) as exc:
         raise MalformedMessage(f"{field}: not an IPv4 address: {address!r}") from exc
 
 

@@ -12,6 +12,7 @@ back to back and :func:`frame_length` tells a reader how many bytes the next one
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,15 @@ MAX_BODY = 1 << 20
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    # "1e400" parses to inf without going through parse_constant; refuse it like "Infinity"
+    # (encode() could not send it back: allow_nan=False).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"JSON number {text} is not a finite float")
+    return value
 
 
 @dataclass
@@ -61,7 +71,11 @@ class ControlMessage:
         except ValueError:
             raise MalformedMessage(f"unknown control message type {mtype}", 3) from None
         try:
-            body = json.loads(data[HEADER.size :].decode("utf-8"), parse_constant=_reject_constant)
+            body = json.loads(
+                data[HEADER.size :].decode("utf-8"),
+                parse_constant=_reject_constant,
+                parse_float=_finite_float,
+            )
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise MalformedMessage(f"control body is not JSON: {exc}", HEADER.size) from None
         if not isinstance(body, dict):
