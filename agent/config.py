@@ -28,6 +28,8 @@ class Interface:
     name: str
     address: str
     prefix: int = 24
+    #: Agents advertise on access links (LANs) only, never on backbone links.
+    advertise: bool = True
 
 
 @dataclass

@@ -71,6 +71,7 @@ class AgentDaemon:
         self.started_at = time.time()
         self.ifindex = {i.name: socket.if_nametoindex(i.name) for i in config.interfaces}
         self.iface_by_index = {v: k for k, v in self.ifindex.items()}
+        self.advertising = {i.name: i.advertise for i in config.interfaces}
         self.heard: dict[str, dict[str, Any]] = {}
         self.objects: dict[str, RegistrationClient] = {}
         self.malformed = 0
@@ -159,6 +160,8 @@ class AgentDaemon:
 
     def advertise(self, ifname: str, dest: str = ALL_SYSTEMS) -> None:
         if self.home is None and self.foreign is None:
+            return
+        if not self.advertising[ifname]:
             return
         if self.foreign is None and ifname != self.proxy_arp.ifname:  # type: ignore[union-attr]
             return  # a pure HOA advertises on its home link only
@@ -322,7 +325,8 @@ class AgentDaemon:
         obj = ObjectConfig.from_json(config)
         if obj.name in self.objects:
             raise ControlError(f"object {obj.name} already runs here")
-        client = RegistrationClient(obj, self.solicit, self.config.advertise_interval)
+        client = RegistrationClient(obj, self.solicit, self.config.advertise_interval,
+                                    announce=self._announce_home)
         self.objects[obj.name] = client
         await client.start()
         return client.status()
@@ -346,6 +350,15 @@ class AgentDaemon:
         if client is None:
             raise ControlError(f"no object {name!r} here")
         return (await client.deregister()).as_dict()
+
+    def _announce_home(self, ifindex: int, address: str) -> None:
+        """Gratuitous ARP for an object back home (RFC 5944 §4.6), from its router."""
+        ifname = self.iface_by_index.get(ifindex)
+        if ifname is not None:
+            try:
+                announce(ifname, address)
+            except OSError as exc:
+                log.warning("gratuitous ARP for %s on %s failed: %s", address, ifname, exc)
 
     def cmd_announce(self, address: str, interface: str) -> str:
         announce(interface, address)

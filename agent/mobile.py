@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -109,10 +110,12 @@ class RegistrationClient:
         config: ObjectConfig,
         solicit: Callable[[], None],
         advertise_interval: float = 1.0,
+        announce: Callable[[int, str], None] = lambda ifindex, address: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._solicit = solicit
+        self._announce = announce
         self.interval = advertise_interval
         self.clock = clock
         self.agents: dict[str, AgentSeen] = {}
@@ -175,11 +178,16 @@ class RegistrationClient:
         return bool(seen and self._fresh(seen) and seen.advertisement.flags & AdvFlags.H)
 
     def candidates(self, exclude: set[str] = frozenset()) -> list[AgentSeen]:
-        """Fresh foreign agents, most recently heard first."""
+        """Fresh foreign agents in a stable order: lowest address first.
+
+        RFC 5944 leaves the choice open. A fixed order makes runs repeatable (in MOAT's
+        address plan the border router, .1, is tried first, as the patent's FOA 18a) and
+        the next one is the fallback when the first refuses.
+        """
         fresh = [s for s in self.agents.values()
                  if s.is_foreign and self._fresh(s) and s.address not in exclude
                  and s.address != self.config.home_agent]
-        return sorted(fresh, key=lambda s: -s.heard_at)
+        return sorted(fresh, key=lambda s: socket.inet_aton(s.address))
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -199,10 +207,16 @@ class RegistrationClient:
         now = self.clock()
         if self._home_agent_heard():
             if not self.at_home:
+                # Back home, or started at home: drop every binding the HOA may still hold
+                # (a new instance cannot know), then claim the home address on the link.
                 self.at_home = True
-                if self.current is not None:
-                    await self.deregister()
                 log.info("%s: at home", self.config.name)
+                attempt = await self.deregister()
+                if attempt.code in _ACCEPTED:
+                    seen = self.agents[self.config.home_agent]
+                    self._announce(seen.ifindex, self.config.home_address)
+                else:
+                    self.at_home = False  # try again on the next step
             return
         self.at_home = False
         cur = self.current
@@ -321,12 +335,14 @@ class RegistrationClient:
         if fut is None or fut.done():
             return
         cred = self.config.mobile_home
-        # FOA denials carry no Mobile-Home authenticator (the FOA has no such key).
-        if not 64 <= rrp.code < 128:
-            if not verify_auth(rrp, ExtType.MOBILE_HOME_AUTH, {cred.spi: cred.key}):
-                self.bad_replies += 1
-                log.warning("%s: reply from %s fails Mobile-Home auth; ignored", self.config.name, addr[0])
-                return
+        # Only an acceptance must prove it comes from the HOA. A denial grants nothing, and
+        # its sender may have no key to sign it with (an FOA; an HOA that does not know this
+        # home address, 136), so denials are taken as they come and marked unauthenticated.
+        authenticated = verify_auth(rrp, ExtType.MOBILE_HOME_AUTH, {cred.spi: cred.key})
+        if rrp.code in _ACCEPTED and not authenticated:
+            self.bad_replies += 1
+            log.warning("%s: acceptance from %s fails Mobile-Home auth; ignored", self.config.name, addr[0])
+            return
         fut.set_result(rrp)
 
     def status(self) -> dict:

@@ -131,7 +131,8 @@ class MoatNetwork:
         return roles
 
     def agent_config(self, router: str) -> AgentConfig:
-        ifaces = [Interface(i.name, str(i.address.ip), i.address.network.prefixlen)
+        ifaces = [Interface(i.name, str(i.address.ip), i.address.network.prefixlen,
+                            advertise=self.topo.isSwitch(i.peer))
                   for i in self.topo.interfaces(router)]
         roles = self.roles(router)
         home = foreign = None
@@ -298,7 +299,7 @@ class MoatNetwork:
         """Capture on ``interface`` (of ``node``, or a bridge in the root namespace) into
         ``captures/<name>.pcap`` while the block runs."""
         path = self.run.dir / "captures" / f"{name}.pcap"
-        argv = ["tcpdump", "-i", interface, "-U", "-w", str(path), "-s", "0"]
+        argv = ["tcpdump", "-i", interface, "--immediate-mode", "-U", "-w", str(path), "-s", "0"]
         if bpf:
             argv.append(bpf)
         if node is not None:
