@@ -193,9 +193,10 @@ class MoatNetwork:
             self.net = build_net(self.topo)
             self.net.start()
             self.run.state.node_pids = {n.name: n.pid for n in self.net.hosts}
-            self.run.state.status = "up"
             self.run.save()
             self.wait_agents(timeout)
+            self.run.state.status = "up"
+            self.run.save()
         except BaseException:
             self.stop()
             raise

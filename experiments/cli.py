@@ -1,0 +1,309 @@
+"""``moat``: start, inspect, stop and clean MOAT networks, and run experiments.
+
+    sudo moat up [--topo patent] [--objects counter] [--adv-interval 1]
+    sudo moat show bindings|visitors|agents|objects|status|log [ROUTER] [--json]
+    sudo moat object start|stop|register|deregister OBJECT ROUTER
+    sudo moat down
+    sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
+    sudo moat clean [--run ID]
+    sudo moat run demo
+    sudo moat bench packets|registration
+
+``--run ID`` picks a network when several are up; by default the newest live one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from agent.control import ControlClient
+from agent.errors import AgentError, ControlError
+from topologies.errors import TopologyError
+from topologies.run import ENV_RUN_ID, Run, clean_all, clean_run, live_runs, pid_alive
+
+from .tables import format_table
+
+log = logging.getLogger(__name__)
+
+UP_TIMEOUT = 60.0
+DOWN_TIMEOUT = 30.0
+
+COLUMNS = {
+    "bindings": ["router", "home_address", "care_of_address", "care_of_name", "gre_key", "lifetime", "remaining"],
+    "visitors": ["router", "home_address", "home_agent", "local_address", "care_of_name", "lifetime", "remaining"],
+    "agents": ["router", "address", "interface", "flags", "sequence", "care_of_addresses", "age"],
+    "objects": ["router", "name", "home_address", "at_home", "agent", "care_of_address", "care_of_name", "remaining"],
+    "status": ["router", "roles", "pid", "uptime", "bindings", "visitors", "objects", "malformed"],
+}
+
+
+class CliError(Exception):
+    """A command that cannot be done, with the reason for the user."""
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise CliError("this command needs root (network namespaces): run it with sudo")
+
+
+def pick_run(run_id: str | None) -> Run:
+    if run_id:
+        try:
+            return Run.load(run_id)
+        except OSError:
+            raise CliError(f"no run {run_id}") from None
+    runs = live_runs()
+    if not runs:
+        raise CliError("no MOAT network is up (start one with: sudo moat up)")
+    return runs[0]
+
+
+# --- up / down ---------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    _require_root()
+    run = Run()
+    env = dict(os.environ, **{ENV_RUN_ID: run.run_id})
+    out = open(f"/tmp/moat-up-{run.run_id}.log", "wb")  # noqa: SIM115 - handed to the child
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "experiments.holder", "--run-id", run.run_id, "--topo", args.topo,
+         "--objects", args.objects, "--adv-interval", str(args.adv_interval)],
+        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + UP_TIMEOUT
+    while time.monotonic() < deadline:
+        if holder.poll() is not None:
+            raise CliError(f"the network failed to start; see /tmp/moat-up-{run.run_id}.log")
+        try:
+            if Run.load(run.run_id).state.status == "up":
+                break
+        except (OSError, ValueError, TypeError):
+            pass
+        time.sleep(0.1)
+    else:
+        holder.terminate()
+        raise CliError(f"the network did not come up within {UP_TIMEOUT:.0f}s")
+    os.replace(f"/tmp/moat-up-{run.run_id}.log", run.dir / "holder.log")
+    print(run.run_id)
+    print(f"run directory {run.dir}; stop it with: sudo moat down", file=sys.stderr)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _require_root()
+    run = pick_run(args.run)
+    pid = run.state.owner_pid
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + DOWN_TIMEOUT
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    clean_run(run.run_id, keep_dir=True)  # whatever the holder could not stop
+    print(f"run {run.run_id} is down (logs in {run.dir})")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    _require_root()
+    results = {args.run: clean_run(args.run)} if args.run else clean_all()
+    for run_id, removed in results.items():
+        print(f"{run_id}: " + ("; ".join(removed) if removed else "nothing left"))
+    if not results:
+        print("nothing to clean")
+    return 0
+
+
+# --- show / object -----------------------------------------------------------------------
+
+
+def _client(run: Run, router: str) -> ControlClient:
+    try:
+        return ControlClient(run.state.agents[router])
+    except KeyError:
+        raise CliError(f"no router {router!r} in run {run.run_id}") from None
+
+
+def _flatten_object(router: str, obj: dict[str, Any]) -> dict[str, Any]:
+    reg = obj.get("registration") or {}
+    return {"router": router, "name": obj["name"], "home_address": obj["home_address"],
+            "at_home": obj["at_home"], **{k: reg.get(k) for k in ("agent", "care_of_address", "care_of_name", "remaining")}}
+
+
+def collect(run: Run, what: str, routers: list[str], lines: int = 30) -> list[dict[str, Any]] | dict[str, list[str]]:
+    if what == "log":
+        return {r: _client(run, r).call("log", lines=lines) for r in routers}
+    rows: list[dict[str, Any]] = []
+    for router in routers:
+        result = _client(run, router).call(what)
+        if what == "status":
+            rows.append(dict(result, router=router, roles=",".join(result["roles"]) or "-"))
+        elif what == "objects":
+            rows += [_flatten_object(router, o) for o in result]
+        else:
+            rows += [dict(r, router=router) for r in result]
+    return rows
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    run = pick_run(args.run)
+    routers = [args.router] if args.router else sorted(run.state.agents)
+    data = collect(run, args.what, routers, args.lines)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    elif isinstance(data, dict):
+        for router, lines in data.items():
+            print(f"== {router}")
+            print("\n".join(lines))
+    else:
+        print(format_table(data, COLUMNS[args.what]))
+    return 0
+
+
+def cmd_object(args: argparse.Namespace) -> int:
+    run = pick_run(args.run)
+    client = _client(run, args.router)
+    if args.action == "start":
+        cfg = _object_config_from_run(run, args.object)
+        cfg["simultaneous"] = args.simultaneous
+        result = client.call("object_start", config=cfg)
+    elif args.action == "stop":
+        result = client.call("object_stop", name=args.object, deregister=not args.no_deregister)
+    else:
+        result = client.call(args.action, name=args.object)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _object_config_from_run(run: Run, name: str) -> dict[str, Any]:
+    """An object's client configuration, rebuilt from the HOA's and FOAs' agent files."""
+    from agent.config import AgentConfig
+
+    configs = [AgentConfig.load(run.dir / f"{r}.json") for r in run.state.agents]
+    home = next((c for c in configs if c.home is not None), None)
+    if home is None or home.home is None:
+        raise CliError("this run has no home object agent")
+    obj = next((o for o in home.home.objects if o.nai.split("@")[0] == name), None)
+    if obj is None:
+        raise CliError(f"no object {name!r} in this run (objects: {[o.nai for o in home.home.objects]})")
+    index = home.home.objects.index(obj)
+    foreign = next((c.foreign for c in configs if c.foreign is not None), None)
+    if foreign is None:
+        raise CliError("this run has no foreign object agent")
+    home_if = next(i for i in home.interfaces if i.name == home.home.home_interface)
+    return {"name": name, "home_address": obj.home_address, "home_agent": home_if.address,
+            "nai": obj.nai, "mobile_home": obj.mobile_home.to_json(),
+            "mobile_foreign": foreign.trusted_objects[index].to_json()}
+
+
+# --- foreground CLI, experiments, benchmarks ---------------------------------------------
+
+
+def cmd_cli(args: argparse.Namespace) -> int:
+    _require_root()
+    from topologies.moatnet import MoatNetwork
+
+    from .mncli import MoatCLI
+    from .topo_spec import make_topo
+
+    with MoatNetwork(make_topo(args.topo), objects=args.objects.split(","),
+                     advertise_interval=args.adv_interval) as moat:
+        print(f"run {moat.run.run_id}; MOAT commands: bindings visitors agents objects move; "
+              "Mininet's: help")
+        MoatCLI(moat)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _require_root()
+    if args.experiment == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(args.rest)
+    raise CliError(f"unknown experiment {args.experiment!r}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "packets":
+        from .bench_packets import main as bench_main
+
+        return bench_main(args.rest) or 0
+    _require_root()
+    from .bench_registration import main as bench_main
+
+    return bench_main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_topo(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--topo", default="patent", help="patent | scale[,n_foreign=N,routers_per_net=M]")
+        p.add_argument("--objects", default="counter", help="comma-separated object names")
+        p.add_argument("--adv-interval", type=float, default=1.0, help="advertisement interval (s)")
+
+    p = sub.add_parser("up", help="start a network in the background and print its run id")
+    add_topo(p)
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop a network started with up")
+    p.add_argument("--run")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("clean", help="remove everything MOAT runs made")
+    p.add_argument("--run")
+    p.set_defaults(func=cmd_clean)
+    p = sub.add_parser("show", help="tables from the agents of a running network")
+    p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log"])
+    p.add_argument("router", nargs="?")
+    p.add_argument("--run")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--lines", type=int, default=30, help="log lines per router")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("object", help="run or stop an object's registration client on a router")
+    p.add_argument("action", choices=["start", "stop", "register", "deregister"])
+    p.add_argument("object")
+    p.add_argument("router")
+    p.add_argument("--run")
+    p.add_argument("--simultaneous", action="store_true", help="register with S (keep other bindings)")
+    p.add_argument("--no-deregister", action="store_true", help="stop without deregistering")
+    p.set_defaults(func=cmd_object)
+    p = sub.add_parser("cli", help="a network in the foreground with Mininet's CLI + MOAT commands")
+    add_topo(p)
+    p.set_defaults(func=cmd_cli)
+    p = sub.add_parser("run", help="run an experiment")
+    p.add_argument("experiment", choices=["demo"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("bench", help="run a benchmark")
+    p.add_argument("which", choices=["packets", "registration"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CliError, AgentError, TopologyError, ControlError) as exc:
+        print(f"moat: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

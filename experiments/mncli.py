@@ -1,0 +1,80 @@
+"""Mininet's CLI with MOAT commands: ``moat cli``.
+
+Everything Mininet's CLI does (``r18a ping r22b``, ``xterm``, ``dump``...) plus commands that
+talk to the agents' control sockets. A ``cmd.Cmd`` subclass, as Mininet's own CLI is.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mininet.cli import CLI
+
+from agent.errors import ControlError
+from topologies.moatnet import MoatNetwork
+
+from .tables import format_table
+
+BINDING_COLUMNS = ["home_address", "care_of_address", "care_of_name", "gre_key", "lifetime", "remaining"]
+VISITOR_COLUMNS = ["home_address", "home_agent", "local_address", "care_of_name", "lifetime", "remaining"]
+
+
+class MoatCLI(CLI):
+    """Mininet CLI + ``bindings``, ``visitors``, ``agents``, ``objects``, ``move``, ``home``."""
+
+    prompt = "moat> "
+
+    def __init__(self, moat: MoatNetwork, **kw: Any) -> None:
+        self.moat = moat
+        super().__init__(moat.net, **kw)
+
+    def _call(self, router: str, cmd: str, **args: Any) -> Any:
+        try:
+            return self.moat.agent(router).call(cmd, **args)
+        except (ControlError, KeyError) as exc:
+            self.stdout.write(f"*** {router}: {exc}\n")
+            return None
+
+    def do_bindings(self, line: str) -> None:
+        """bindings: the home object agent's mobility bindings."""
+        rows = self._call(self.moat.hoa, "bindings")
+        if rows is not None:
+            self.stdout.write(format_table(rows, BINDING_COLUMNS) + "\n")
+
+    def do_visitors(self, line: str) -> None:
+        """visitors [router]: visitor lists of the foreign object agents."""
+        routers = line.split() or self.moat.foreign_agents
+        rows = []
+        for r in routers:
+            rows += [dict(v, router=r) for v in self._call(r, "visitors") or []]
+        self.stdout.write(format_table(rows, ["router", *VISITOR_COLUMNS]) + "\n")
+
+    def do_agents(self, line: str) -> None:
+        """agents ROUTER: the agents ROUTER hears advertising."""
+        router = line.strip() or self.moat.hoa
+        rows = self._call(router, "agents") or []
+        self.stdout.write(format_table(rows, ["address", "interface", "flags", "sequence", "care_of_addresses", "age"]) + "\n")
+
+    def do_objects(self, line: str) -> None:
+        """objects: where each object's registration client runs and its registration."""
+        for router in self.moat.topo.router_names():
+            for obj in self._call(router, "objects") or []:
+                self.stdout.write(f"{router}: {json.dumps(obj['registration'])} at_home={obj['at_home']}\n")
+
+    def do_move(self, line: str) -> None:
+        """move OBJECT ROUTER: stop OBJECT's client where it runs, start it on ROUTER."""
+        try:
+            name, target = line.split()
+        except ValueError:
+            self.stdout.write("usage: move OBJECT ROUTER\n")
+            return
+        for router in self.moat.topo.router_names():
+            if any(o["name"] == name for o in self._call(router, "objects") or []):
+                self._call(router, "object_stop", name=name, deregister=False)
+        try:
+            status = self.moat.start_object(name, target)
+        except (ControlError, KeyError) as exc:
+            self.stdout.write(f"*** {exc}\n")
+            return
+        self.stdout.write(f"{name} now runs on {target}: {status['home_address']}\n")
