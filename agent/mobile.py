@@ -209,14 +209,12 @@ class RegistrationClient:
             if not self.at_home:
                 # Back home, or started at home: drop every binding the HOA may still hold
                 # (a new instance cannot know), then claim the home address on the link.
-                self.at_home = True
                 log.info("%s: at home", self.config.name)
-                attempt = await self.deregister()
+                attempt = await self.deregister(direct=True)
                 if attempt.code in _ACCEPTED:
+                    self.at_home = True
                     seen = self.agents[self.config.home_agent]
                     self._announce(seen.ifindex, self.config.home_address)
-                else:
-                    self.at_home = False  # try again on the next step
             return
         self.at_home = False
         cur = self.current
@@ -276,10 +274,11 @@ class RegistrationClient:
             self.history.append(last)
         return last
 
-    async def deregister(self) -> Attempt:
-        """Lifetime 0. Away: through the current FOA; home: directly to the HOA."""
+    async def deregister(self, direct: bool = False) -> Attempt:
+        """Lifetime 0: through the current FOA, or ``direct``ly to the HOA (from home, or
+        when no FOA is known), which removes every binding of the object."""
         cfg = self.config
-        if self.at_home or self.current is None or self.current.agent not in self.agents:
+        if direct or self.at_home or self.current is None or self.current.agent not in self.agents:
             self._last_ident = new_identification(last=self._last_ident)
             rrq = RegistrationRequest(cfg.home_address, cfg.home_agent, cfg.home_address,
                                       self._last_ident, 0, RequestFlags(0), [NaiExtension(cfg.nai)])

@@ -1,0 +1,61 @@
+"""Where experiments write: ``results/<experiment>/<run-id>/`` with summary.json and CSVs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS_ROOT = Path("results")
+
+
+def results_dir(experiment: str, run_id: str, root: Path | None = None) -> Path:
+    path = (root or RESULTS_ROOT) / experiment / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def copy_captures(capture_dir: Path, dest: Path) -> list[Path]:
+    out = dest / "captures"
+    out.mkdir(exist_ok=True)
+    copied = []
+    for pcap in sorted(capture_dir.glob("*.pcap")):
+        copied.append(Path(shutil.copy2(pcap, out / pcap.name)))
+    return copied
+
+
+#: Display filters that count the protocol events a MOAT capture should show.
+CAPTURE_EVENTS = {
+    "advertisements": "icmp.type == 9",
+    "solicitations": "icmp.type == 10",
+    "registration_requests": "mip.type == 1",
+    "registration_replies": "mip.type == 3",
+    "arp_replies": "arp.opcode == 2",
+    "gratuitous_arp": "arp.isgratuitous == 1",
+    "gre": "gre",
+}
+
+
+def count_events(pcap: Path, timeout: float = 60.0) -> dict[str, int]:
+    """Count each of :data:`CAPTURE_EVENTS` in ``pcap`` with tshark (one pass per filter)."""
+    counts = {}
+    for name, dfilter in CAPTURE_EVENTS.items():
+        proc = subprocess.run(["tshark", "-r", str(pcap), "-Y", dfilter, "-T", "fields", "-e", "frame.number"],
+                              capture_output=True, text=True, timeout=timeout)
+        counts[name] = len(proc.stdout.split()) if proc.returncode == 0 else -1
+    return counts
