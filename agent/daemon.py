@@ -72,6 +72,8 @@ class AgentDaemon:
         self.ifindex = {i.name: socket.if_nametoindex(i.name) for i in config.interfaces}
         self.iface_by_index = {v: k for k, v in self.ifindex.items()}
         self.advertising = {i.name: i.advertise for i in config.interfaces}
+        #: Set by the `advertising` command: the agent falls silent (it left the link).
+        self.paused = False
         self.heard: dict[str, dict[str, Any]] = {}
         self.objects: dict[str, RegistrationClient] = {}
         self.malformed = 0
@@ -161,7 +163,7 @@ class AgentDaemon:
     def advertise(self, ifname: str, dest: str = ALL_SYSTEMS) -> None:
         if self.home is None and self.foreign is None:
             return
-        if not self.advertising[ifname]:
+        if not self.advertising[ifname] or self.paused:
             return
         if self.foreign is None and ifname != self.proxy_arp.ifname:  # type: ignore[union-attr]
             return  # a pure HOA advertises on its home link only
@@ -363,6 +365,11 @@ class AgentDaemon:
     def cmd_announce(self, address: str, interface: str) -> str:
         announce(interface, address)
         return "ok"
+
+    def cmd_advertising(self, enabled: bool) -> bool:
+        """Switch advertisements and solicitation answers off/on (an agent leaving a link)."""
+        self.paused = not enabled
+        return enabled
 
     def cmd_stop(self) -> str:
         self._stop.set()

@@ -4,6 +4,7 @@ Experiments and tests run these through ``node.cmd`` so that probes leave from t
 itself, as real packets on the emulated network. Each prints one JSON line.
 
 * ``arp IFACE ADDRESS`` — who has ADDRESS? prints the MAC that answered (or null).
+* ``solicit IFACE`` — send an Agent Solicitation, print who advertised back and how fast.
 * ``udp DST PORT HEX [--timeout S]`` — send one datagram, print the reply (hex) or null.
 * ``fuzz DST --count N --seed S`` — send N mutated registration and discovery messages to
   DST (UDP 434 and raw ICMP), bounded in count, and print how many were sent.
@@ -39,6 +40,35 @@ def arp(iface: str, address: str, timeout: float = 2.0) -> str | None:
     answer = srp1(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, pdst=address), iface=iface,
                   timeout=timeout, verbose=False)
     return None if answer is None else answer[ARP].hwsrc
+
+
+def solicit(iface: str, timeout: float = 3.0) -> dict:
+    """Send one Agent Solicitation on ``iface`` (TTL 1, to 224.0.0.2) and wait for the first
+    advertisement; report who answered and how long it took."""
+    import struct
+
+    from packets import decode_discovery
+
+    ifindex = socket.if_nametoindex(iface)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"\0" * 4, b"\0" * 4, ifindex))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+        start = time.monotonic()
+        s.sendto(AgentSolicitation().encode(), ("224.0.0.2", 0))
+        deadline = start + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                data, addr = s.recvfrom(65535)
+            except socket.timeout:
+                break
+            icmp = data[(data[0] & 0x0F) * 4:]
+            if icmp[:1] == b"\x09":
+                adv = decode_discovery(icmp)
+                return {"agent": addr[0], "delay": time.monotonic() - start, "ttl": data[8],
+                        "sequence": adv.sequence}
+    return {"agent": None, "delay": None}
 
 
 def udp(dst: str, port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
@@ -105,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("iface")
     p.add_argument("address")
     p.add_argument("--timeout", type=float, default=2.0)
+    p = sub.add_parser("solicit")
+    p.add_argument("iface")
+    p.add_argument("--timeout", type=float, default=3.0)
     p = sub.add_parser("udp")
     p.add_argument("dst")
     p.add_argument("port", type=int)
@@ -117,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "arp":
         out: object = {"mac": arp(args.iface, args.address, args.timeout)}
+    elif args.cmd == "solicit":
+        out = solicit(args.iface, args.timeout)
     elif args.cmd == "udp":
         reply = udp(args.dst, args.port, bytes.fromhex(args.hex), args.timeout)
         out = {"reply": None if reply is None else reply.hex()}
