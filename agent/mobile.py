@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _ACCEPTED = (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS)
 RETRANSMIT_TIMEOUT = 1.0
+#: How long to keep listening for more agents before the first registration.
+COLLECT_WINDOW = 0.05
 RETRIES = 3
 
 
@@ -129,6 +131,7 @@ class RegistrationClient:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._next_wait = advertise_interval / 2
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -199,12 +202,13 @@ class RegistrationClient:
                 log.exception("%s: registration step failed", self.config.name)
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval / 2)
+                await asyncio.wait_for(self._wake.wait(), timeout=self._next_wait)
             except asyncio.TimeoutError:
                 pass
 
     async def _step(self) -> None:
         now = self.clock()
+        self._next_wait = self.interval / 2
         if self._home_agent_heard():
             if not self.at_home:
                 # Back home, or started at home: drop every binding the HOA may still hold
@@ -227,9 +231,17 @@ class RegistrationClient:
                 self.current = None
             elif not renew:
                 return
-        if not self.candidates():
+        options = self.candidates()
+        if not options:
             self._solicit()
             return
+        if self.current is None:
+            # Several agents answer a solicitation at once; give them COLLECT_WINDOW to be
+            # heard so the choice (lowest address) does not depend on who was fastest.
+            first_heard = min(s.heard_at for s in options)
+            if now - first_heard < COLLECT_WINDOW:
+                self._next_wait = COLLECT_WINDOW - (now - first_heard)
+                return
         await self.register()
 
     # --- registration --------------------------------------------------------------------

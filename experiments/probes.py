@@ -119,9 +119,10 @@ def fuzz(dst: str, count: int, seed: int) -> dict:
             u.sendto(mutate(rng, rng.choice(base)), (dst, MIP_PORT))
             sent["udp"] += 1
             icmp = bytearray(mutate(rng, rng.choice([adv, sol])))
-            if icmp:
-                icmp[0] = rng.choice((9, 10))  # keep it discovery so it reaches the parser
-            r.sendto(bytes(icmp) or b"\x09", (dst, 0))
+            while len(icmp) < 2:  # Linux refuses raw ICMP shorter than type + code (EFAULT)
+                icmp.append(rng.randrange(256))
+            icmp[0] = rng.choice((9, 10))  # keep it discovery so it reaches the parser
+            r.sendto(bytes(icmp), (dst, 0))
             sent["icmp"] += 1
             if i % 100 == 99:
                 time.sleep(0.01)  # bounded pacing: never flood the emulated link
