@@ -205,6 +205,8 @@ class ObjectConfig:
     lifetime: int = 60
     simultaneous: bool = False
     reverse_tunnel: bool = False
+    #: Register through this FOA address when it is heard (else: lowest address first).
+    preferred_agent: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ObjectConfig":
@@ -219,6 +221,7 @@ class ObjectConfig:
                 lifetime=int(data.get("lifetime", 60)),
                 simultaneous=bool(data.get("simultaneous", False)),
                 reverse_tunnel=bool(data.get("reverse_tunnel", False)),
+                preferred_agent=data.get("preferred_agent"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad object configuration: {exc!r}") from None

@@ -181,7 +181,7 @@ class RegistrationClient:
         return bool(seen and self._fresh(seen) and seen.advertisement.flags & AdvFlags.H)
 
     def candidates(self, exclude: set[str] = frozenset()) -> list[AgentSeen]:
-        """Fresh foreign agents in a stable order: lowest address first.
+        """Fresh foreign agents in a stable order: the preferred one, then lowest address.
 
         RFC 5944 leaves the choice open. A fixed order makes runs repeatable (in MOAT's
         address plan the border router, .1, is tried first, as the patent's FOA 18a) and
@@ -190,7 +190,8 @@ class RegistrationClient:
         fresh = [s for s in self.agents.values()
                  if s.is_foreign and self._fresh(s) and s.address not in exclude
                  and s.address != self.config.home_agent]
-        return sorted(fresh, key=lambda s: socket.inet_aton(s.address))
+        preferred = self.config.preferred_agent
+        return sorted(fresh, key=lambda s: (s.address != preferred, socket.inet_aton(s.address)))
 
     async def _run(self) -> None:
         while not self._stopping:

@@ -142,7 +142,7 @@ def test_two_simultaneous_registrations_give_two_bindings(net: MoatNetwork) -> N
     net.wait_for(lambda: bindings(net), timeout=15)
     # A duplicate of the same object on the other FOA of net 12 (r20a's FOA is not trusted
     # by the HOA in this module's network).
-    net.start_object("counter", "r18a", simultaneous=True)
+    net.start_object("counter", "r18a", simultaneous=True, preferred_agent="10.12.0.2")
     rows = net.wait_for(lambda: len(bindings(net)) == 2 and bindings(net), timeout=15)
     assert {b["care_of_address"] for b in rows} == {"10.12.0.1", "10.12.0.2"}
     assert len({b["gre_key"] for b in rows}) == 2
@@ -161,3 +161,22 @@ def test_proxy_arp_seen_on_home_lan(net: MoatNetwork) -> None:
     rows = [line.split("\t") for line in out.stdout.splitlines()]
     assert ["2", hoa_mac] in rows, "a proxy ARP reply from the HOA"
     assert ["1", hoa_mac] in rows, "a gratuitous ARP from the HOA on the first binding"
+
+
+def test_return_home_stops_proxy_arp_and_object_router_announces(net: MoatNetwork) -> None:
+    net.start_object("counter", "r18b")
+    net.wait_for(lambda: bindings(net), timeout=15)
+    assert net.probe("r22a", "arp", "r22a-eth0", "10.16.0.100")["mac"] == net.net[HOA].intfs[0].MAC()
+    net.agent("r18b").call("object_stop", name="counter", deregister=False)
+    r22c_mac = net.net["r22c"].intfs[0].MAC()
+    with net.capture("s16", "home", bpf="arp") as pcap:
+        net.start_object("counter", "r22c")
+        net.wait_for(lambda: not bindings(net), timeout=15)
+        net.wait_for(lambda: net.agent("r22c").call("objects")[0]["at_home"], timeout=5)
+        answer = net.probe("r22a", "arp", "r22a-eth0", "10.16.0.100", "--timeout", "1")
+    assert answer["mac"] is None, "the HOA must stop answering for an object back home"
+    assert net.agent(HOA).call("status")["proxy_arp"] == []
+    out = subprocess.run(["tshark", "-r", str(pcap), "-Y", "arp.isgratuitous == 1", "-T", "fields",
+                          "-e", "arp.src.proto_ipv4", "-e", "arp.src.hw_mac"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert ["10.16.0.100", r22c_mac] in [line.split("\t") for line in out.stdout.splitlines()]
