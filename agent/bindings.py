@@ -164,6 +164,8 @@ class Visitor:
     lifetime: int
     registered_at: float
     gre_key: int | None = None
+    care_of_address: str = ""
+    reverse_tunnel: bool = False
 
     def as_dict(self, now: float) -> dict:
         d = asdict(self)

@@ -24,7 +24,8 @@ from packets import (
     verify_auth,
 )
 from packets.auth import find_auth
-from packets.extensions import NaiExtension, encode_extension
+from packets import RequestFlags
+from packets.extensions import GreKey, NaiExtension, encode_extension
 
 from .bindings import Visitor, VisitorList
 from .config import ForeignConfig
@@ -135,10 +136,13 @@ class ForeignAgent:
         self.stats["replies"] += 1
         rrq = pending.request
         if rrp.accepted and rrp.lifetime > 0:
+            keys = rrp.find(GreKey)
             self.visitors.add(Visitor(
                 rrq.home_address, rrq.home_agent, pending.object_address, pending.object_port,
                 (rrq.find(NaiExtension) or [NaiExtension(rrq.home_address)])[0].nai,
                 pending.care_of_name, rrp.lifetime, self.clock(),
+                keys[0].key if keys else None, rrq.care_of_address,
+                bool(rrq.flags & RequestFlags.T),
             ))
         elif rrp.accepted:
             self.visitors.remove(rrq.home_address)

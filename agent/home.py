@@ -31,7 +31,7 @@ from packets import (
     replay_ok,
     verify_auth,
 )
-from packets.extensions import CareOfName, NaiExtension
+from packets.extensions import CareOfName, GreKey, NaiExtension
 
 from .bindings import BindingTable, TooManyBindings, UpdateResult
 from .config import Credential, HomeConfig, HomeObject
@@ -78,10 +78,12 @@ class HomeAgent:
         code, update = self._decide(rrq)
         self.stats[code.name] += 1
         granted = 0
+        exts: list = []
         if update is not None and update.binding is not None:
             granted = update.binding.lifetime
+            exts.append(GreKey(update.binding.gre_key))  # the FOA accepts this key only
         reply = RegistrationReply(
-            code, rrq.home_address, self.address, rrq.identification, granted
+            code, rrq.home_address, self.address, rrq.identification, granted, exts
         ).encode()
         obj = self.objects.get(rrq.home_address)
         if obj is not None:

@@ -34,6 +34,7 @@ from .errors import MalformedMessage
 from .extensions import (
     AuthExtension,
     CareOfName,
+    GreKey,
     NaiExtension,
     ObjectPart,
     UnknownExtension,
@@ -50,7 +51,7 @@ from .mobileip import (
 
 __all__ = [
     "AdvFlags", "AgentAdvertisement", "AgentSolicitation", "AuthExtension", "CareOfName",
-    "CONTROL_PORT", "ControlMessage", "ControlType", "ExtType", "GreHeader", "MIP_PORT",
+    "CONTROL_PORT", "ControlMessage", "ControlType", "ExtType", "GreHeader", "GreKey", "MIP_PORT",
     "MOAT_VENDOR_ID", "MalformedMessage", "NaiExtension", "NvseType", "ObjectPart", "PartRole",
     "RegistrationReply", "RegistrationRequest", "ReplyCode", "RequestFlags", "SERVICE_PORT",
     "UnknownExtension", "VendorExtension", "append_auth", "bytes_before", "decode_discovery",

@@ -62,6 +62,7 @@ class NvseType(enum.IntEnum):
 
     CARE_OF_NAME = 1  # UTF-8 name given by the FOA, unique on the foreign network
     OBJECT_PART = 2  # role, part id, parent object name
+    GRE_KEY = 3  # 4-byte GRE key of the binding, told by the HOA in an accepted reply
 
 
 class PartRole(enum.IntEnum):

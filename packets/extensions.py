@@ -6,7 +6,8 @@ Wire formats (all lengths exclude the type and length bytes, RFC 5944 §1.9):
 * NVSE (134, RFC 3115): ``type, length, reserved(2), vendor-id(4), nvse-type(2), value``.
   Under vendor 32473 MOAT defines
   ``CARE_OF_NAME`` (value: UTF-8 name) and
-  ``OBJECT_PART`` (value: ``role(1) reserved(1) part-id(2) parent-name(UTF-8)``).
+  ``OBJECT_PART`` (value: ``role(1) reserved(1) part-id(2) parent-name(UTF-8)``) and
+  ``GRE_KEY`` (value: the binding's 4-byte GRE key, in accepted replies).
 * Authentication (32 Mobile-Home, 33 Mobile-Foreign, 34 Foreign-Home, RFC 5944 §3.5):
   ``type, length, SPI(4), authenticator``.
 
@@ -74,6 +75,19 @@ class ObjectPart:
 
 
 @dataclass(frozen=True)
+class GreKey:
+    """NVSE: the GRE key of the binding (= binding id), so the FOA accepts exactly the
+    tunnel packets of this binding."""
+
+    key: int
+
+    ext_type = ExtType.NVSE
+
+    def body(self) -> bytes:
+        return _NVSE_HEAD.pack(0, MOAT_VENDOR_ID, NvseType.GRE_KEY) + struct.pack("!I", check_uint(self.key, 32, "key"))
+
+
+@dataclass(frozen=True)
 class VendorExtension:
     """An NVSE of another vendor, or of ours with a sub-type this version does not know."""
 
@@ -114,7 +128,7 @@ class UnknownExtension:
 
 
 Extension = Union[
-    NaiExtension, CareOfName, ObjectPart, VendorExtension, AuthExtension, UnknownExtension
+    NaiExtension, CareOfName, ObjectPart, GreKey, VendorExtension, AuthExtension, UnknownExtension
 ]
 
 
@@ -148,6 +162,10 @@ def _decode_nvse(body: bytes, offset: int) -> Extension:
             raise MalformedMessage(f"unknown object-part role {role}", offset) from None
         parent = utf8(value[_PART_HEAD.size :], "parent object", offset)
         return ObjectPart(part_role, part_id, parent)
+    if nvse_type == NvseType.GRE_KEY:
+        if len(value) != 4:
+            raise MalformedMessage(f"GRE-key NVSE value is {len(value)} bytes, not 4", offset)
+        return GreKey(struct.unpack("!I", value)[0])
     return VendorExtension(vendor, nvse_type, value)
 
 

@@ -30,6 +30,7 @@ local MAGIC = "MO"
 local nvse_types = {
     [1] = "care_of_name",
     [2] = "object_part",
+    [3] = "gre_key",
 }
 
 local part_roles = {
@@ -67,10 +68,12 @@ local nf = {
     part_reserved = ProtoField.uint8("moat.nvse.part.reserved", "Reserved", base.HEX),
     part_id = ProtoField.uint16("moat.nvse.part.part_id", "Part id", base.DEC),
     parent = ProtoField.string("moat.nvse.part.parent", "Parent object", base.UNICODE),
+    gre_key = ProtoField.uint32("moat.nvse.gre_key", "GRE key (binding id)", base.DEC),
     value = ProtoField.bytes("moat.nvse.value", "Value"),
 }
 moat_nvse.fields = {
-    nf.type, nf.care_of_name, nf.role, nf.part_reserved, nf.part_id, nf.parent, nf.value,
+    nf.type, nf.care_of_name, nf.role, nf.part_reserved, nf.part_id, nf.parent, nf.gre_key,
+    nf.value,
 }
 
 local ef_nvse_short = ProtoExpert.new(
@@ -109,6 +112,13 @@ function moat_nvse.dissector(tvb, pinfo, tree)
             text = text .. " of " .. tvb(6):string(ENC_UTF_8)
         end
         subtree:append_text(text)
+    elseif nvse_type == 3 then
+        if len ~= 6 then
+            subtree:add_proto_expert_info(ef_nvse_short, "GRE key needs 4 bytes after the type")
+            return len
+        end
+        subtree:add(nf.gre_key, tvb(2, 4))
+        subtree:append_text(": GRE key " .. tvb(2, 4):uint())
     else
         if len > 2 then
             subtree:add(nf.value, tvb(2))

@@ -40,7 +40,7 @@ from packets import (
 from packets._wire import internet_checksum
 from packets.codes import MOAT_VENDOR_ID, is_skippable
 from packets.control import HEADER, MAX_BODY, frame_length
-from packets.extensions import encode_extension
+from packets.extensions import decode_extensions, encode_extension
 
 HOME = "10.0.0.5"
 HA = "10.0.0.1"
@@ -736,3 +736,14 @@ def test_gre_payload_is_opaque_and_key_carries_binding_id():
     inner = append_auth(_rrq().encode(), ExtType.MOBILE_HOME_AUTH, 256, b"k")
     hdr, payload = decode_gre(GreHeader(key=12345).encode(inner))
     assert hdr.key == 12345 and payload == inner
+
+
+def test_gre_key_nvse_layout_and_strictness() -> None:
+    from packets import GreKey
+
+    raw = encode_extension(GreKey(0x01020304))
+    # type 134, length 12, reserved 0, vendor 32473, nvse type 3, key
+    assert raw == bytes([134, 12, 0, 0]) + MOAT_VENDOR_ID.to_bytes(4, "big") + b"\x00\x03\x01\x02\x03\x04"
+    assert decode_extensions(raw, 0)[0] == [GreKey(0x01020304)]
+    with pytest.raises(MalformedMessage, match="GRE-key"):
+        decode_extensions(bytes([134, 10, 0, 0]) + MOAT_VENDOR_ID.to_bytes(4, "big") + b"\x00\x03\x01\x02", 0)
