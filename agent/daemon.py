@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from packets import (
     decode_registration,
 )
 from packets.auth import find_auth
-from packets.codes import MIP_PORT, ExtType
+from packets.codes import MIP_PORT, SERVICE_PORT, ExtType
 
 from .arp import ProxyArp, announce
 from .config import AgentConfig, ObjectConfig
@@ -37,6 +39,7 @@ from .errors import ControlError
 from .foreign import ForeignAgent
 from .home import HomeAgent
 from .mobile import RegistrationClient
+from .runtime import ObjectProcess, ObjectProcessError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,23 @@ log = logging.getLogger(__name__)
 def flag_letters(flags: AdvFlags) -> str:
     """'RFGT' rather than an integer, as the RFC and Wireshark write them."""
     return "".join(f.name or "" for f in AdvFlags if f in flags)
+
+@dataclass
+class HostedObject:
+    """An object this router hosts: its registration client and/or its running process."""
+
+    name: str
+    home_address: str
+    client: RegistrationClient | None = None
+    process: ObjectProcess | None = None
+
+    def status(self) -> dict:
+        status = self.client.status() if self.client else {
+            "name": self.name, "home_address": self.home_address, "at_home": None,
+            "registration": None, "agents": [], "attempts": [], "bad_replies": 0}
+        status["pid"] = self.process.pid if self.process else None
+        return status
+
 
 HOUSEKEEPING_PERIOD = 0.25
 PENDING_TIMEOUT = 5.0
@@ -75,7 +95,7 @@ class AgentDaemon:
         #: Set by the `advertising` command: the agent falls silent (it left the link).
         self.paused = False
         self.heard: dict[str, dict[str, Any]] = {}
-        self.objects: dict[str, RegistrationClient] = {}
+        self.objects: dict[str, HostedObject] = {}
         self.malformed = 0
         self.sequence = 0
         self.home: HomeAgent | None = None
@@ -120,8 +140,8 @@ class AgentDaemon:
 
     async def shutdown(self) -> None:
         log.info("agent %s stopping", self.config.name)
-        for client in list(self.objects.values()):
-            await client.stop(deregister=False)
+        for name in list(self.objects):
+            await self.cmd_object_stop(name, deregister=False)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -188,8 +208,9 @@ class AgentDaemon:
             "care_of_addresses": adv.care_of_addresses, "ttl": heard.ttl,
             "heard_at": time.time(),
         }
-        for client in self.objects.values():
-            client.on_advertisement(adv, heard.source, heard.ifindex)
+        for hosted in self.objects.values():
+            if hosted.client is not None:
+                hosted.client.on_advertisement(adv, heard.source, heard.ifindex)
 
     def solicit(self) -> None:
         payload = AgentSolicitation().encode()
@@ -314,7 +335,7 @@ class AgentDaemon:
         return [dict(h, age=round(now - h["heard_at"], 3)) for h in self.heard.values()]
 
     def cmd_objects(self) -> list[dict]:
-        return [c.status() for c in self.objects.values()]
+        return [h.status() for h in self.objects.values()]
 
     def cmd_log(self, lines: int = 50) -> list[str]:
         try:
@@ -323,35 +344,84 @@ class AgentDaemon:
             return []
         return text[-int(lines):]
 
-    async def cmd_object_start(self, config: dict) -> dict:
+    async def cmd_object_start(self, config: dict, spec: str | None = None, warm: bool = False,
+                               state: Any = None, register: bool = True) -> dict:
+        """Host an object: run its code (``spec``, module:Class) on its home address and/or
+        its registration client. ``warm``: queue requests until ``object_restore``."""
         obj = ObjectConfig.from_json(config)
         if obj.name in self.objects:
             raise ControlError(f"object {obj.name} already runs here")
-        client = RegistrationClient(obj, self.solicit, self.config.advertise_interval,
-                                    announce=self._announce_home)
-        self.objects[obj.name] = client
-        await client.start()
-        return client.status()
+        hosted = HostedObject(obj.name, obj.home_address)
+        self.objects[obj.name] = hosted
+        try:
+            if spec is not None:
+                self._home_address(obj.home_address, add=True)
+                hosted.process = ObjectProcess(obj.name, spec, obj.home_address, SERVICE_PORT,
+                                               self.config.name, Path(self.config.run_dir) / "objects" / f"{self.config.name}-{obj.name}")
+                await hosted.process.start(warm=warm, state=state)
+            if register:
+                hosted.client = RegistrationClient(obj, self.solicit, self.config.advertise_interval,
+                                                   announce=self._announce_home)
+                await hosted.client.start()
+        except Exception:
+            await self.cmd_object_stop(obj.name, deregister=False)
+            raise
+        return hosted.status()
 
     async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
-        client = self.objects.pop(name, None)
-        if client is None:
+        """Stop hosting an object; returns its status and its final state (if it ran here)."""
+        hosted = self.objects.pop(name, None)
+        if hosted is None:
             raise ControlError(f"no object {name!r} here")
-        await client.stop(deregister=deregister)
-        return client.status()
+        if hosted.client is not None:
+            await hosted.client.stop(deregister=deregister)
+        state = None
+        if hosted.process is not None:
+            state = await hosted.process.stop()
+            self._home_address(hosted.home_address, add=False)
+        return dict(hosted.status(), state=state)
+
+    def _hosted(self, name: str) -> HostedObject:
+        hosted = self.objects.get(name)
+        if hosted is None:
+            raise ControlError(f"no object {name!r} here")
+        return hosted
+
+    def _process(self, name: str) -> ObjectProcess:
+        process = self._hosted(name).process
+        if process is None:
+            raise ControlError(f"object {name!r} has no running code here")
+        return process
+
+    async def cmd_object_state(self, name: str) -> Any:
+        """The object's checkpoint (object state + per-client request memory)."""
+        return await self._process(name).call("get_state")
+
+    async def cmd_object_restore(self, name: str, state: Any, serve: bool = True) -> Any:
+        return await self._process(name).call("set_state", state=state, serve=serve)
+
+    async def cmd_object_stats(self, name: str) -> Any:
+        return await self._process(name).call("stats")
+
+    def _home_address(self, address: str, add: bool) -> None:
+        """The object's home address on this router's loopback, so the kernel delivers it."""
+        action = "add" if add else "del"
+        proc = subprocess.run(["ip", "addr", action, f"{address}/32", "dev", "lo"],
+                              capture_output=True, text=True, timeout=10)
+        if proc.returncode != 0 and "exists" not in proc.stderr and "Cannot assign" not in proc.stderr:
+            raise ControlError(f"ip addr {action} {address}: {proc.stderr.strip()}")
+
+    def _client(self, name: str) -> RegistrationClient:
+        client = self._hosted(name).client
+        if client is None:
+            raise ControlError(f"object {name!r} does not register from here")
+        return client
 
     async def cmd_register(self, name: str, lifetime: int | None = None) -> dict:
-        client = self.objects.get(name)
-        if client is None:
-            raise ControlError(f"no object {name!r} here")
-        attempt = await client.register(lifetime)
-        return attempt.as_dict()
+        return (await self._client(name).register(lifetime)).as_dict()
 
     async def cmd_deregister(self, name: str) -> dict:
-        client = self.objects.get(name)
-        if client is None:
-            raise ControlError(f"no object {name!r} here")
-        return (await client.deregister()).as_dict()
+        return (await self._client(name).deregister()).as_dict()
 
     def _announce_home(self, ifindex: int, address: str) -> None:
         """Gratuitous ARP for an object back home (RFC 5944 §4.6), from its router."""

@@ -1,0 +1,1 @@
+"""Mobile objects shipped with MOAT (loaded by ``module:Class`` spec)."""
