@@ -99,6 +99,8 @@ class AgentConfig:
     home: HomeConfig | None = None
     foreign: ForeignConfig | None = None
     log_level: str = "INFO"
+    #: GRE backend: "auto" (kernel where the kernel has GRE), "kernel" or "userspace".
+    tunnel_backend: str = "auto"
 
     @property
     def addresses(self) -> set[str]:
@@ -124,6 +126,8 @@ class AgentConfig:
             raise ConfigError("advertise_interval must be > 0")
         if not self.interfaces:
             raise ConfigError("an agent needs at least one interface")
+        if self.tunnel_backend not in ("auto", "kernel", "userspace"):
+            raise ConfigError(f"tunnel_backend must be auto, kernel or userspace, not {self.tunnel_backend!r}")
 
     # --- JSON ---------------------------------------------------------------------------
 
@@ -178,6 +182,7 @@ class AgentConfig:
                 home=home,
                 foreign=foreign,
                 log_level=data.get("log_level", "INFO"),
+                tunnel_backend=data.get("tunnel_backend", "auto"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad agent configuration: {exc!r}") from None

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from packets import (
+    ControlMessage,
+    ControlType,
     AdvFlags,
     AgentAdvertisement,
     AgentSolicitation,
@@ -39,6 +41,7 @@ from .errors import ControlError
 from .foreign import ForeignAgent
 from .home import HomeAgent
 from .mobile import RegistrationClient
+from .migration import MODES, REGISTER_TIMEOUT, MigrationFailed, MigrationReport, PeerServer, peer_call
 from .runtime import ObjectProcess, ObjectProcessError
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,10 @@ class HostedObject:
             "registration": None, "agents": [], "attempts": [], "bad_replies": 0}
         status["pid"] = self.process.pid if self.process else None
         return status
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 HOUSEKEEPING_PERIOD = 0.25
@@ -104,6 +111,10 @@ class AgentDaemon:
         self._mip: asyncio.DatagramTransport | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.tunnel: Any = None
+        #: What the data plane currently has installed, to reconcile against the tables.
+        self._home_peers: dict[str, list[tuple[str, int]]] = {}
+        self._foreign_paths: dict[str, tuple[str, int, str | None, bool]] = {}
 
     # --- set-up and tear-down ------------------------------------------------------------
 
@@ -124,11 +135,20 @@ class AgentDaemon:
         if "foreign" in cfg.roles:
             assert cfg.foreign is not None
             self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses)
+        if self.home is not None or self.foreign is not None:
+            from .tunnel import make_tunnel
+
+            local = self.home.address if self.home is not None else cfg.interfaces[0].address
+            self.tunnel = make_tunnel(cfg.tunnel_backend, loop=loop, local=local)
+            self.tunnel.start()
+            log.info("GRE tunnel backend: %s", self.tunnel.backend)
         self._mip, _ = await loop.create_datagram_endpoint(
             lambda: _MipProtocol(self), local_addr=("0.0.0.0", MIP_PORT), reuse_port=False
         )
         self.control = ControlServer(cfg.socket_path, self.handle_command)
         await self.control.start()
+        self.peers = PeerServer(self.on_peer_message)
+        await self.peers.start()
         self._tasks = [
             asyncio.create_task(self._advertise_loop(), name="advertise"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
@@ -146,11 +166,16 @@ class AgentDaemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.control.stop()
+        await self.peers.stop()
         if self._mip:
             self._mip.close()
         self.discovery.close()
         if self.proxy_arp:
             self.proxy_arp.close()
+        if self.tunnel is not None:
+            for home in list(self._foreign_paths):
+                self._set_local_route(home, None)
+            self.tunnel.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -251,6 +276,9 @@ class AgentDaemon:
             self._send(decision.reply, addr)
             log.info("HOA: %s for %s via %s (coa %s, lifetime %d)", decision.code.name,
                      rrq.home_address, addr[0], rrq.care_of_address, rrq.lifetime)
+            # Tunnel first, then claim the address on the home LAN: traffic the gratuitous
+            # ARP attracts must find the tunnel already there.
+            self.sync_home_dataplane()
             update = decision.update
             if update is not None and self.proxy_arp is not None:
                 if update.first_away:
@@ -271,6 +299,7 @@ class AgentDaemon:
             return
         pending, data = out
         log.info("FOA: reply %s for %s relayed to %s", rrp.code, rrp.home_address, pending.object_address)
+        self.sync_foreign_dataplane()  # before the object learns it may use the path
         self._send(data, (pending.object_address, pending.object_port))
 
     # --- timers --------------------------------------------------------------------------
@@ -294,6 +323,70 @@ class AgentDaemon:
             for v in self.foreign.visitors.expire():
                 log.info("FOA: visitor %s expired", v.home_address)
             self.foreign.expire_pending(PENDING_TIMEOUT)
+        self.sync_home_dataplane()
+        self.sync_foreign_dataplane()
+
+    # --- data plane (agent.tunnel) -------------------------------------------------------
+
+    def sync_home_dataplane(self) -> None:
+        """HOA: tunnel each away object's home address to every live binding (bicast)."""
+        if self.home is None or self.tunnel is None:
+            return
+        wanted: dict[str, list[tuple[str, int]]] = {}
+        for b in self.home.bindings:
+            wanted.setdefault(b.home_address, []).append((b.care_of_address, b.gre_key))
+        for home in set(self._home_peers) | set(wanted):
+            peers = sorted(wanted.get(home, []))
+            if self._home_peers.get(home) != peers:
+                self.tunnel.set_peers(home, peers)
+                reverse = [b for b in self.home.bindings.for_home(home) if b.reverse_tunnel]
+                for b in reverse:  # T: the FOA tunnels the object's replies back to us
+                    self.tunnel.accept(b.care_of_address, b.gre_key)
+                log.info("HOA data plane: %s -> %s", home, peers or "home (no tunnel)")
+                if peers:
+                    self._home_peers[home] = peers
+                else:
+                    self._home_peers.pop(home, None)
+
+    def sync_foreign_dataplane(self) -> None:
+        """FOA: accept each visitor's tunnel and route its home address to its router."""
+        if self.foreign is None or self.tunnel is None:
+            return
+        wanted = {}
+        for v in self.foreign.visitors.snapshot_objects():
+            if v.gre_key is None:
+                continue
+            via = None if v.local_address in self.config.addresses else v.local_address
+            wanted[v.home_address] = (v.home_agent, v.gre_key, via, v.reverse_tunnel)
+        for home in set(self._foreign_paths) | set(wanted):
+            old, new = self._foreign_paths.get(home), wanted.get(home)
+            if old == new:
+                continue
+            if old is not None:
+                self.tunnel.forget(old[0], old[1])
+                if old[3]:
+                    self.tunnel.set_reverse(home, None)
+                self._set_local_route(home, None)
+            if new is not None:
+                self.tunnel.accept(new[0], new[1])
+                self._set_local_route(home, new[2])
+                if new[3]:
+                    self.tunnel.set_reverse(home, (new[0], new[1]))
+                self._foreign_paths[home] = new
+                log.info("FOA data plane: GRE key %d from %s delivers %s via %s", new[1], new[0],
+                         home, new[2] or "this router")
+            else:
+                self._foreign_paths.pop(home, None)
+
+    def _set_local_route(self, home: str, via: str | None) -> None:
+        """Route a visitor's home address to the LAN router that runs it (or drop it)."""
+        if via is None:
+            subprocess.run(["ip", "route", "del", f"{home}/32"], capture_output=True, timeout=10)
+            return
+        proc = subprocess.run(["ip", "route", "replace", f"{home}/32", "via", via],
+                              capture_output=True, text=True, timeout=10)
+        if proc.returncode != 0:
+            log.warning("route %s via %s: %s", home, via, proc.stderr.strip())
 
     # --- control commands ----------------------------------------------------------------
 
@@ -355,10 +448,12 @@ class AgentDaemon:
         self.objects[obj.name] = hosted
         try:
             if spec is not None:
-                self._home_address(obj.home_address, add=True)
                 hosted.process = ObjectProcess(obj.name, spec, obj.home_address, SERVICE_PORT,
                                                self.config.name, Path(self.config.run_dir) / "objects" / f"{self.config.name}-{obj.name}")
                 await hosted.process.start(warm=warm, state=state)
+                # Only now: an address without a bound socket answers port-unreachable, and
+                # this router may be on the path of the object's clients (net 14's border).
+                self._home_address(obj.home_address, add=True)
             if register:
                 hosted.client = RegistrationClient(obj, self.solicit, self.config.advertise_interval,
                                                    announce=self._announce_home)
@@ -377,8 +472,10 @@ class AgentDaemon:
             await hosted.client.stop(deregister=deregister)
         state = None
         if hosted.process is not None:
-            state = await hosted.process.stop()
+            # Address first: packets still arriving are routed on to the object's new place
+            # instead of hitting a closing socket (port unreachable).
             self._home_address(hosted.home_address, add=False)
+            state = await hosted.process.stop()
         return dict(hosted.status(), state=state)
 
     def _hosted(self, name: str) -> HostedObject:
@@ -422,6 +519,129 @@ class AgentDaemon:
 
     async def cmd_deregister(self, name: str) -> dict:
         return (await self._client(name).deregister()).as_dict()
+
+    # --- migration (agent.migration) -----------------------------------------------------
+
+    async def _wait_registered(self, name: str, timeout: float = REGISTER_TIMEOUT) -> dict:
+        """Until the object's client holds an accepted registration (or is home)."""
+        client = self._client(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = client.status()
+            if status["registration"] is not None or status["at_home"]:
+                return status
+            await asyncio.sleep(0.01)
+        last = client.history[-1].as_dict() if client.history else {}
+        raise MigrationFailed(f"{name} did not register from {self.config.name} within "
+                              f"{timeout:.0f}s (last attempt: {last})")
+
+    async def on_peer_message(self, msg: ControlMessage) -> dict:
+        """MIGRATE start/cancel and STATE_TRANSFER from a source router."""
+        body = msg.body
+        if msg.type == ControlType.MIGRATE and body.get("action") == "start":
+            name = body["config"]["name"]
+            await self.cmd_object_start(body["config"], spec=body["spec"], warm=body.get("warm", False),
+                                        state=body.get("state"))
+            try:
+                status = await self._wait_registered(name)
+            except MigrationFailed:
+                await self.cmd_object_stop(name, deregister=True)
+                raise
+            rtts = [a["rtt"] for a in status["attempts"] if a["rtt"] is not None]
+            return {"ok": True, "registration": status["registration"], "at_home": status["at_home"],
+                    "registration_rtt": rtts[-1] if rtts else None}
+        if msg.type == ControlType.MIGRATE and body.get("action") == "cancel":
+            if body["name"] in self.objects:
+                await self.cmd_object_stop(body["name"], deregister=True)
+            return {"ok": True}
+        if msg.type == ControlType.STATE_TRANSFER:
+            result = await self.cmd_object_restore(body["name"], body["state"], serve=True)
+            return {"ok": True, "replayed": result.get("replayed", 0)}
+        raise ControlError(f"unexpected in-band message {msg.type.name}")
+
+    async def cmd_migrate(self, name: str, target: str, mode: str = "make-before-break",
+                          target_name: str = "") -> dict:
+        """Move object ``name`` (running here) to the router at address ``target``."""
+        if mode not in MODES:
+            raise ControlError(f"mode must be one of {MODES}")
+        hosted = self._hosted(name)
+        if hosted.process is None or hosted.client is None:
+            raise ControlError(f"object {name!r} does not run and register here")
+        report = MigrationReport(name, mode, self.config.name, target_name or target)
+        config = hosted.client.config.to_json()
+        spec = hosted.process.spec
+        try:
+            if mode == "make-before-break":
+                await self._migrate_mbb(hosted, config, spec, target, report)
+            else:
+                await self._migrate_bbm(hosted, config, spec, target, report)
+            report.ok = True
+        except (MigrationFailed, ObjectProcessError, ControlError) as exc:
+            report.error = str(exc)
+            report.step(f"failed: {exc}; the object keeps serving on {self.config.name}")
+        return report.as_dict()
+
+    async def _migrate_mbb(self, hosted: HostedObject, config: dict, spec: str, target: str,
+                           report: MigrationReport) -> None:
+        """Make the new place reachable first, then hand the state over at one instant.
+
+        The target's warm instance is registered (with ``S``: the HOA bicasts) before the
+        source stops, so every request from then on reaches the target, which queues it. The
+        source's final checkpoint therefore covers exactly what the target must not replay,
+        whichever way a request travelled (through the tunnel, or straight to a source that is
+        its client's own gateway).
+        """
+        assert hosted.process is not None and hosted.client is not None
+        report.step("start warm instance at target, register with S")
+        answer = await peer_call(target, ControlType.MIGRATE, {
+            "action": "start", "spec": spec, "warm": True, "config": dict(config, simultaneous=True)})
+        report.target_registration = answer.get("registration")
+        report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
+        report.step("target registered (its instance queues requests)")
+        mine = hosted.client.current
+        theirs = (answer.get("registration") or {}).get("care_of_address")
+        if mine is not None and mine.care_of_address != theirs:
+            await hosted.client.deregister()  # lifetime 0 for this care-of address only
+            report.step("source binding deregistered")
+        stopped = await self.cmd_object_stop(hosted.name, deregister=False)
+        state = stopped["state"]
+        report.step("source stopped with its final checkpoint")
+        try:
+            if state is None:
+                raise MigrationFailed("the source gave no checkpoint")
+            await peer_call(target, ControlType.STATE_TRANSFER, {"name": hosted.name, "state": state})
+            report.step("target restored, replayed its queue and serves")
+        except MigrationFailed:
+            await self._cancel(target, hosted.name)
+            if state is not None:
+                report.step("transfer failed: restart at source from the checkpoint")
+                await self.cmd_object_start(config, spec=spec, state=state)
+            raise
+
+    async def _migrate_bbm(self, hosted: HostedObject, config: dict, spec: str, target: str,
+                           report: MigrationReport) -> None:
+        report.step("stop source, keep checkpoint")
+        stopped = await self.cmd_object_stop(hosted.name, deregister=False)
+        state = stopped["state"]
+        if state is None:
+            raise MigrationFailed("the source gave no checkpoint")
+        try:
+            answer = await peer_call(target, ControlType.MIGRATE, {
+                "action": "start", "spec": spec, "warm": False, "state": state,
+                "config": dict(config, simultaneous=False)})
+        except MigrationFailed:
+            report.step("target failed: restart at source from the checkpoint")
+            await self.cmd_object_start(config, spec=spec, state=state)
+            raise
+        report.target_registration = answer.get("registration")
+        report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
+        report.step("target serving and registered")
+
+    async def _cancel(self, target: str, name: str) -> None:
+        try:
+            await peer_call(target, ControlType.MIGRATE, {"action": "cancel", "name": name})
+        except MigrationFailed as exc:
+            log.warning("could not cancel %s at %s: %s", name, target, exc)
 
     def _announce_home(self, ifindex: int, address: str) -> None:
         """Gratuitous ARP for an object back home (RFC 5944 §4.6), from its router."""

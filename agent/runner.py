@@ -84,11 +84,12 @@ class ObjectServer(asyncio.DatagramProtocol):
             return
         self._serve(msg, addr)
 
-    def _serve(self, msg: ControlMessage, addr: tuple | None) -> None:
+    def _serve(self, msg: ControlMessage, addr: tuple | None, replay: bool = False) -> None:
         client, seq = str(msg.body["client"]), int(msg.body["seq"])
         last = self.seen.get(client)
         if last is not None and seq <= last[0]:
-            if seq == last[0]:
+            if seq == last[0] and not replay:  # (a queued request the checkpoint already
+                # answered was answered by the other instance: no second reply)
                 self.stats["duplicates"] += 1
                 self._reply(msg.txid, last[1], addr)
             else:
@@ -117,7 +118,9 @@ class ObjectServer(asyncio.DatagramProtocol):
     # --- state ---------------------------------------------------------------------------
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"object": self.obj.get_state(), "seen": self.seen}
+        """A JSON copy: it must not change when this instance serves the next request, and an
+        object whose state is not JSON fails here, at its origin, not at the target."""
+        return json.loads(json.dumps({"object": self.obj.get_state(), "seen": self.seen}))
 
     def restore(self, state: dict[str, Any]) -> None:
         self.obj.set_state(state["object"])
@@ -131,7 +134,7 @@ class ObjectServer(asyncio.DatagramProtocol):
         queued, self.queue = self.queue, []
         self.warming = False
         for msg, addr in queued:
-            self._serve(msg, addr)
+            self._serve(msg, addr, replay=True)
         return len(queued)
 
 

@@ -2,11 +2,12 @@
 
     sudo moat up [--topo patent] [--objects counter] [--adv-interval 1]
     sudo moat show bindings|visitors|agents|objects|status|log [ROUTER] [--json]
-    sudo moat object start|stop|register|deregister OBJECT ROUTER
+    sudo moat object start|stop|register|deregister OBJECT ROUTER [--run-code]
+    sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make]
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
-    sudo moat run demo
+    sudo moat run handoff|demo
     sudo moat bench packets|registration
 
 ``--run ID`` picks a network when several are up; by default the newest live one.
@@ -175,13 +176,38 @@ def cmd_object(args: argparse.Namespace) -> int:
     if args.action == "start":
         cfg = _object_config_from_run(run, args.object)
         cfg["simultaneous"] = args.simultaneous
-        result = client.call("object_start", config=cfg)
+        spec = args.spec if args.run_code else None
+        result = client.call("object_start", config=cfg, spec=spec)
     elif args.action == "stop":
         result = client.call("object_stop", name=args.object, deregister=not args.no_deregister)
     else:
         result = client.call(args.action, name=args.object)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    run = pick_run(args.run)
+    source = None
+    for router in sorted(run.state.agents):
+        if any(o["name"] == args.object for o in _client(run, router).call("objects")):
+            source = router
+    if source is None:
+        raise CliError(f"object {args.object} runs nowhere in run {run.run_id}")
+    from agent.config import AgentConfig
+
+    target = AgentConfig.load(run.dir / f"{args.router}.json").interfaces[0].address
+    report = ControlClient(run.state.agents[source], timeout=60).call(
+        "migrate", name=args.object, target=target, mode=args.mode, target_name=args.router)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        t0 = report["steps"][0][1] if report["steps"] else 0
+        for what, at in report["steps"]:
+            print(f"  +{(at - t0) * 1000:8.1f} ms  {what}")
+        print(("moved" if report["ok"] else "NOT moved") + f": {args.object} {source} -> {args.router}"
+              + ("" if report["ok"] else f" ({report['error']})"))
+    return 0 if report["ok"] else 1
 
 
 def _object_config_from_run(run: Run, name: str) -> dict[str, Any]:
@@ -229,6 +255,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .demo import main as demo_main
 
         return demo_main(args.rest)
+    if args.experiment == "handoff":
+        from .handoff import main as handoff_main
+
+        return handoff_main(args.rest)
     raise CliError(f"unknown experiment {args.experiment!r}")
 
 
@@ -277,12 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.add_argument("--simultaneous", action="store_true", help="register with S (keep other bindings)")
     p.add_argument("--no-deregister", action="store_true", help="stop without deregistering")
+    p.add_argument("--run-code", action="store_true", help="also run the object's code on its home address")
+    p.add_argument("--spec", default="agent.objects.counter:Counter", help="module:Class of the object")
     p.set_defaults(func=cmd_object)
+    p = sub.add_parser("migrate", help="move a running object to another router with its state")
+    p.add_argument("object")
+    p.add_argument("router")
+    p.add_argument("--mode", choices=["make-before-break", "break-before-make"], default="make-before-break")
+    p.add_argument("--run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_migrate)
     p = sub.add_parser("cli", help="a network in the foreground with Mininet's CLI + MOAT commands")
     add_topo(p)
     p.set_defaults(func=cmd_cli)
     p = sub.add_parser("run", help="run an experiment")
-    p.add_argument("experiment", choices=["demo"])
+    p.add_argument("experiment", choices=["handoff", "demo"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="run a benchmark")

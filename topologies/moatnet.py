@@ -45,6 +45,7 @@ from topologies.run import ENV_RUN_ID, Run, clean_run
 log = logging.getLogger(__name__)
 
 HOME_DOMAIN = "home.moat"
+COUNTER_SPEC = "agent.objects.counter:Counter"
 AGENT_START_TIMEOUT = 30.0
 
 
@@ -97,6 +98,7 @@ class MoatNetwork:
         log_level: str = "INFO",
         foreign_agents: list[str] | None = None,
         trusted_foas: list[str] | None = None,
+        tunnel_backend: str = "auto",
     ) -> None:
         if topo.hoa is None:
             raise TopologyError("the topology names no home object agent router (hoa)")
@@ -104,6 +106,7 @@ class MoatNetwork:
         self.run = run or Run()
         self.advertise_interval = advertise_interval
         self.log_level = log_level
+        self.tunnel_backend = tunnel_backend
         self.hoa: str = topo.hoa
         if foreign_agents is None:
             foreign_agents = [r for spec in topo.networks.values() if spec.kind == "foreign"
@@ -149,7 +152,8 @@ class MoatNetwork:
                 foreign_home=self.keyring.foreign_home[router],
             )
         return AgentConfig(router, str(self.run.dir), roles, ifaces, self.advertise_interval,
-                           home=home, foreign=foreign, log_level=self.log_level)
+                           home=home, foreign=foreign, log_level=self.log_level,
+                           tunnel_backend=self.tunnel_backend)
 
     def object_config(self, name: str, **overrides: Any) -> ObjectConfig:
         """The registration client configuration of object ``name`` (with its credentials)."""
@@ -264,6 +268,29 @@ class MoatNetwork:
         """Run object ``name``'s registration client on ``router``."""
         cfg = self.object_config(name, **overrides)
         return self.agent(router).call("object_start", config=cfg.to_json())
+
+    def where(self, name: str) -> str | None:
+        """The router that hosts object ``name`` now (its code or its client)."""
+        for router in self.topo.router_names():
+            if any(o["name"] == name for o in self.agent(router).call("objects")):
+                return router
+        return None
+
+    def place_object(self, name: str, router: str, spec: str = COUNTER_SPEC, **overrides: Any) -> dict:
+        """Run object ``name``'s code on ``router`` (on its home address) and register it."""
+        cfg = self.object_config(name, **overrides)
+        return self.agent(router).call("object_start", config=cfg.to_json(), spec=spec)
+
+    def migrate(self, name: str, router: str, mode: str = "make-before-break") -> dict:
+        """Move running object ``name`` to ``router`` with its state; returns the source
+        agent's report (``ok``, ``error``, timed ``steps``). A failed move leaves the object
+        serving where it was."""
+        source = self.where(name)
+        if source is None:
+            raise TopologyError(f"object {name} runs nowhere")
+        target = str(self.topo.addresses(router)[0].ip)
+        return self.agent(source, timeout=60).call("migrate", name=name, target=target, mode=mode,
+                                                    target_name=router)
 
     def probe(self, node: str, *args: str, timeout: float = 60.0) -> Any:
         """Run ``python -m experiments.probes ARGS`` inside ``node``; return its JSON answer."""

@@ -1,0 +1,278 @@
+"""The handoff experiment — ``sudo moat run handoff`` (and what ``sudo make demo`` runs).
+
+In the patent's topology a corresponding object on foreign network 14 (host co14) sends
+numbered requests at a fixed rate to the object ``counter`` at its home address 10.16.0.100,
+while the object moves, running and with its state, home (r22c) → net 12 (r18b) → net 14
+(r20a) → home, in make-before-break and break-before-make mode, for several rounds. Requests
+reach it wherever it is through the home agent's GRE tunnel (proxy ARP on the home LAN, GRE
+with the binding id as key on the backbone, decapsulation at the foreign agent).
+
+Per handoff it measures, from the corresponding object's own log:
+
+* disruption: ms from the last reply served at the old place to the first reply served at
+  the new place (0 when both overlap, as in make-before-break's bicast);
+* lost: requests sent between this move's start and the next move that never got a reply;
+* registration: the new place's registration round trip (request sent to reply received,
+  through the FOA and the HOA, as the object's client measured it).
+
+Writes ``results/handoff/<run-id>/``: summary.json, handoffs.csv, one CSV of requests per
+handoff, timeline.png, modes.png and pcaps of the home LAN, foreign LAN 12 and the backbone
+link r22a-r18a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from topologies.moatnet import MoatNetwork
+
+from .results import copy_captures, count_events, results_dir, write_csv, write_json
+from .tables import format_table
+from .topo_spec import make_topo
+
+log = logging.getLogger(__name__)
+
+OBJECT = "counter"
+CO_HOST = "co14"
+ITINERARY = [("net 12", "r18b"), ("net 14", "r20a"), ("home", "r22c")]
+HOME_ROUTER = "r22c"
+MODES = {"mbb": "make-before-break", "bbm": "break-before-make"}
+HANDOFF_COLUMNS = ["n", "round", "mode", "from", "to", "ok", "disruption_ms", "lost", "sent",
+                   "registration_ms", "migration_ms"]
+
+
+@contextlib.contextmanager
+def load_generator(moat: MoatNetwork, rate: float, duration: float, out: Path):
+    """co14 sends requests for ``duration`` s (bounded) while the block runs."""
+    ready = moat.run.dir / "co.ready"
+    proc = moat.net[CO_HOST].popen(
+        [sys.executable, "-m", "experiments.co_load", "--dst", moat.objects[OBJECT].home_address,
+         "--rate", str(rate), "--duration", str(duration), "--client", CO_HOST, "--out", str(out),
+         "--ready", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        moat.wait_for(lambda: ready.exists() or proc.poll() is not None, timeout=10, interval=0.01)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # the generator writes its log on SIGTERM too
+        proc.communicate(timeout=30)
+
+
+def read_requests(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def analyse(requests: list[dict[str, Any]], moves: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Disruption and loss per move, from the corresponding object's log (wall clock)."""
+    rows = []
+    replies = sorted((r["at"], r["served_by"]) for q in requests for r in q["replies"])
+    for i, move in enumerate(moves):
+        start, end = move["started"], (moves[i + 1]["started"] if i + 1 < len(moves) else float("inf"))
+        window = [q for q in requests if start <= q["sent"] < end]
+        lost = sum(1 for q in window if not q["replies"])
+        old_replies = [t for t, by in replies if by == move["from"] and start - 1 <= t < end]
+        new_replies = [t for t, by in replies if by == move["to"] and start <= t < end]
+        last_old = max(old_replies, default=None)
+        first_new = min(new_replies, default=None)
+        disruption = None
+        if last_old is not None and first_new is not None:
+            disruption = max(0.0, first_new - last_old) * 1000
+        rows.append(dict(move, lost=lost, sent=len(window),
+                         disruption_ms=None if disruption is None else round(disruption, 2)))
+    return rows
+
+
+def state_survived(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The counter counted every served request exactly once, across every move."""
+    counts = {}
+    for q in requests:
+        for r in q["replies"]:
+            if r.get("ok"):
+                counts.setdefault(q["seq"], set()).add(r["result"]["count"])
+    consistent = all(len(c) == 1 for c in counts.values())  # bicast copies agree
+    ordered = [next(iter(c)) for _, c in sorted(counts.items())]
+    monotonic = all(b > a for a, b in zip(ordered, ordered[1:]))
+    return {"answered": len(counts), "final_count": ordered[-1] if ordered else 0,
+            "consistent": consistent, "monotonic": monotonic,
+            "exact": bool(ordered) and ordered[-1] == len(counts) and monotonic and consistent}
+
+
+def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list[dict[str, Any]],
+         dest: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = requests[0]["sent"] if requests else 0.0
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    colours = {}
+    for q in requests:
+        if q["replies"]:
+            first = min(q["replies"], key=lambda r: r["at"])
+            by = first["served_by"]
+            colours.setdefault(by, f"C{len(colours)}")
+            ax.plot(q["sent"] - t0, (first["at"] - q["sent"]) * 1000, ".", ms=2, color=colours[by])
+    lost = [q["sent"] - t0 for q in requests if not q["replies"]]
+    top = max([1.0] + [(min(r["at"] for r in q["replies"]) - q["sent"]) * 1000 for q in requests if q["replies"]])
+    if lost:
+        ax.plot(lost, [top * 1.1] * len(lost), "x", color="red", ms=4, label="lost")
+    for m in moves:
+        ax.axvline(m["started"] - t0, color="grey", lw=0.8, ls="--")
+        short = "MBB" if m["mode"] == "make-before-break" else "BBM"
+        ax.text(m["started"] - t0, top * 1.2, f"{short}→{m['to']}", rotation=90, fontsize=7, va="bottom")
+    for by, c in colours.items():
+        ax.plot([], [], ".", color=c, label=f"served by {by}")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("reply latency (ms)")
+    ax.set_title("Handoff timeline: reply latency seen by the corresponding object on net 14", pad=48)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    timeline = dest / "timeline.png"
+    fig.savefig(timeline, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    modes = sorted({r["mode"] for r in rows})
+    for ax, metric, label in ((axes[0], "disruption_ms", "disruption (ms)"), (axes[1], "lost", "requests lost")):
+        med = [statistics.median([r[metric] or 0 for r in rows if r["mode"] == m]) for m in modes]
+        worst = [max([r[metric] or 0 for r in rows if r["mode"] == m]) for m in modes]
+        x = range(len(modes))
+        ax.bar([i - 0.2 for i in x], med, 0.4, label="median")
+        ax.bar([i + 0.2 for i in x], worst, 0.4, label="worst")
+        ax.set_xticks(list(x), modes)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("make-before-break vs break-before-make")
+    fig.tight_layout()
+    compare = dest / "modes.png"
+    fig.savefig(compare, dpi=120)
+    plt.close(fig)
+    return [timeline, compare]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    modes = list(MODES.values()) if args.mode == "both" else [MODES[args.mode]]
+    n_moves = args.rounds * len(modes) * len(ITINERARY)
+    duration = 3 + n_moves * (args.dwell + 1.5)
+    moat = MoatNetwork(make_topo(args.topo), objects=[OBJECT], advertise_interval=args.adv_interval,
+                       tunnel_backend=args.backend)
+    moves: list[dict[str, Any]] = []
+    with moat, contextlib.ExitStack() as stack:
+        print(f"run {moat.run.run_id}: {n_moves} handoffs ({', '.join(modes)}; {args.rounds} rounds), "
+              f"{args.rate:g} requests/s from {CO_HOST}")
+        for name, intf, node in (("home_lan", "s16", None), ("foreign_lan_12", "s12", None),
+                                 ("backbone_r22a_r18a", "r22a-eth1", "r22a")):
+            stack.enter_context(moat.capture(intf, name, node=node))
+        moat.place_object(OBJECT, HOME_ROUTER)
+        moat.wait_for(lambda: moat.agent(HOME_ROUTER).call("objects")[0]["at_home"], timeout=15, interval=0.01)
+        log_path = moat.run.dir / "co.jsonl"
+        with load_generator(moat, args.rate, duration, log_path):
+            time.sleep(args.dwell)  # steady state before the first move
+            bar = tqdm(total=n_moves, desc="handoffs", unit="move", file=sys.stderr)
+            here = HOME_ROUTER
+            for rnd in range(1, args.rounds + 1):
+                for mode in modes:
+                    for _network, router in ITINERARY:
+                        started = time.time()
+                        report = moat.migrate(OBJECT, router, mode)
+                        finished = time.time()
+                        reg = report.get("target_registration") or {}
+                        moves.append({"n": len(moves) + 1, "round": rnd, "mode": mode, "from": here,
+                                      "to": router, "ok": report["ok"], "error": report["error"],
+                                      "started": started, "finished": finished,
+                                      "migration_ms": round((finished - started) * 1000, 1),
+                                      "registration_ms": report.get("registration_rtt_ms"),
+                                      "steps": report["steps"], "care_of": reg.get("care_of_address")})
+                        if report["ok"]:
+                            here = router
+                        bar.update(1)
+                        time.sleep(args.dwell)
+            bar.close()
+        final = moat.agent(here).call("object_stats", name=OBJECT)
+        stack.close()
+        dest = results_dir("handoff", moat.run.run_id, args.results)
+        copy_captures(moat.run.dir / "captures", dest)
+        requests = read_requests(log_path)
+    rows = analyse(requests, moves)
+    survived = state_survived(requests)
+    survived["object_count"] = final["state"]["count"]
+    pngs = plot(requests, moves, rows, dest)
+    write_csv(dest / "handoffs.csv", rows, HANDOFF_COLUMNS)
+    for row in rows:
+        window = [q for q in requests if row["started"] - 0.5 <= q["sent"] < row["started"] + args.dwell]
+        write_csv(dest / f"handoff_{row['n']:02d}.csv",
+                  [{"seq": q["seq"], "sent": q["sent"], "replies": len(q["replies"]),
+                    "first_reply": min((r["at"] for r in q["replies"]), default=None),
+                    "served_by": ",".join(sorted({r["served_by"] for r in q["replies"]}))} for q in window],
+                  ["seq", "sent", "replies", "first_reply", "served_by"])
+    per_mode = {}
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        d = [r["disruption_ms"] for r in mine if r["disruption_ms"] is not None]
+        per_mode[mode] = {
+            "handoffs": len(mine), "failed": sum(1 for r in mine if not r["ok"]),
+            "disruption_ms_median": statistics.median(d) if d else None,
+            "disruption_ms_worst": max(d) if d else None,
+            "lost_median": statistics.median([r["lost"] for r in mine]) if mine else None,
+            "lost_worst": max([r["lost"] for r in mine]) if mine else None,
+            "lost_total": sum(r["lost"] for r in mine),
+        }
+    summary = {"experiment": "handoff", "run_id": moat.run.run_id, "rate": args.rate,
+               "rounds": args.rounds, "adv_interval": args.adv_interval, "backend": args.backend,
+               "topology": args.topo, "requests": len(requests), "modes": per_mode,
+               "state": survived, "handoffs": rows,
+               "capture_events": {p.stem: count_events(p) for p in sorted((dest / "captures").glob("*.pcap"))},
+               "plots": [p.name for p in pngs]}
+    write_json(dest / "summary.json", summary)
+    return {"summary": summary, "dest": dest}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moat run handoff", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=200.0, help="requests per second (default 200)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the itinerary per mode")
+    parser.add_argument("--adv-interval", type=float, default=1.0, help="agent advertisement interval (s)")
+    parser.add_argument("--mode", choices=["both", "mbb", "bbm"], default="both")
+    parser.add_argument("--backend", choices=["auto", "userspace", "kernel"], default="auto",
+                        help="GRE backend (auto: kernel where the kernel has GRE)")
+    parser.add_argument("--topo", default="patent", help="patent[,backbone_bw=...,...]")
+    parser.add_argument("--dwell", type=float, default=1.5, help="seconds between moves")
+    parser.add_argument("--results", type=Path, default=None, help="results root (default ./results)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.monotonic()
+    out = run(args)
+    summary = out["summary"]
+    print()
+    print(format_table(summary["handoffs"], HANDOFF_COLUMNS))
+    print()
+    print(format_table([{"mode": m, **v} for m, v in summary["modes"].items()],
+                       ["mode", "handoffs", "failed", "disruption_ms_median", "disruption_ms_worst",
+                        "lost_median", "lost_worst", "lost_total"]))
+    st = summary["state"]
+    print(f"\ncounter state: {st['answered']} requests answered, final count {st['final_count']} "
+          f"(object says {st['object_count']}); every request counted exactly once: {st['exact']}")
+    print(f"results in {out['dest']} ({', '.join(summary['plots'])}, summary.json, handoffs.csv, captures/)")
+    print(f"done in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

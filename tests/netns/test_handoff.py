@@ -1,0 +1,97 @@
+"""Live migration and the handoff experiment, short (issue 4, lines 6, 7 and 11)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments.handoff import build_parser, run
+from topologies.moatnet import MoatNetwork
+from topologies.patent import PatentTopo
+
+
+def test_short_handoff_run(tmp_path) -> None:
+    args = build_parser().parse_args(["--rate", "100", "--rounds", "1", "--dwell", "1.0",
+                                      "--adv-interval", "0.5", "--results", str(tmp_path)])
+    out = run(args)
+    summary = out["summary"]
+    mbb, bbm = summary["modes"]["make-before-break"], summary["modes"]["break-before-make"]
+    assert mbb["failed"] == 0 and bbm["failed"] == 0
+    assert mbb["lost_total"] == 0, "make-before-break must lose no request"
+    assert bbm["lost_total"] > 0, "break-before-make loses the requests sent during the break"
+    # ... and recovers: after every move, the new place answers.
+    for row in summary["handoffs"]:
+        assert row["disruption_ms"] is not None, f"no reply from {row['to']} after move {row['n']}"
+    state = summary["state"]
+    assert state["consistent"] and state["monotonic"] and state["exact"], state
+    assert state["object_count"] == state["final_count"]
+    dest = out["dest"]
+    for name in ("summary.json", "handoffs.csv", "timeline.png", "modes.png", "handoff_01.csv"):
+        assert (dest / name).stat().st_size > 0, name
+    events = summary["capture_events"]
+    assert events["backbone_r22a_r18a"]["gre"] > 0
+    assert events["home_lan"]["arp_replies"] > 0 and events["home_lan"]["advertisements"] > 0
+    assert events["foreign_lan_12"]["registration_requests"] > 0
+
+
+@pytest.fixture(scope="module")
+def net():
+    with MoatNetwork(PatentTopo(), advertise_interval=0.5) as m:
+        m.place_object("counter", "r18b")
+        m.wait_for(lambda: m.agent("r22b").call("bindings"), timeout=15)
+        yield m
+
+
+def counter(m: MoatNetwork) -> int:
+    return m.agent(m.where("counter")).call("object_stats", name="counter")["state"]["count"]
+
+
+def serve_some(m: MoatNetwork, n: int = 20) -> dict:
+    """n requests from co14 through the tunnel; returns the generator's summary line."""
+    out = m.run.dir / "probe.jsonl"
+    proc = m.net["co14"].popen([sys.executable, "-m", "experiments.co_load",
+                                "--dst", "10.16.0.100", "--rate", "50", "--duration", str(n / 50),
+                                "--client", "t", "--out", str(out)], stdout=subprocess.PIPE)
+    stdout, _ = proc.communicate(timeout=60)
+    return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+def test_gre_with_key_on_the_backbone(net: MoatNetwork) -> None:
+    with net.capture("r22a-eth1", "gre", node="r22a", bpf="proto 47") as pcap:
+        assert serve_some(net)["answered"] > 0
+    rows = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "gre.key", "-e", "ip.dst",
+                           "-e", "udp.dstport"], capture_output=True, text=True, timeout=60, check=True)
+    key = net.agent("r22b").call("bindings")[0]["gre_key"]
+    fields = [line.split("\t") for line in rows.stdout.splitlines()]
+    assert fields and all(f[0] == f"0x{key:08x}" or f[0] == str(key) for f in fields)
+    assert any(f[1] == "10.12.0.1,10.16.0.100" and f[2] == "4341" for f in fields), \
+        "the inner packet (to the home address, UDP 4341) is intact inside GRE"
+
+
+def test_failed_migration_leaves_object_serving_with_state(net: MoatNetwork) -> None:
+    before = counter(net)
+    # A target that is not a router of this network: unreachable.
+    report = net.agent("r18b", timeout=60).call("migrate", name="counter", target="10.14.0.99",
+                                                mode="break-before-make")
+    assert not report["ok"] and "unreachable" in report["error"]
+    assert net.where("counter") == "r18b"
+    assert counter(net) == before
+    assert serve_some(net)["answered"] > 0
+    assert counter(net) > before
+
+
+def test_denied_registration_at_target_rolls_back(net: MoatNetwork) -> None:
+    before = counter(net)
+    net.agent("r20a").call("advertising", enabled=False)  # no FOA to register through on net 14
+    try:
+        report = net.migrate("counter", "r20a", "make-before-break")
+    finally:
+        net.agent("r20a").call("advertising", enabled=True)
+    assert not report["ok"] and "did not register" in report["error"]
+    assert net.where("counter") == "r18b"
+    assert net.agent("r20a").call("objects") == []
+    assert counter(net) == before
+    assert serve_some(net)["answered"] > 0

@@ -1,0 +1,80 @@
+"""The object runtime's request filter, warm-up queue and checkpoints (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.objects.counter import Counter
+from agent.runner import ObjectServer, load_object
+from packets import ControlMessage, ControlType
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict, tuple]] = []
+
+    def sendto(self, data: bytes, addr: tuple) -> None:
+        self.sent.append((ControlMessage.decode(data).body, addr))
+
+
+def request(seq: int, client: str = "co", op: str = "incr") -> bytes:
+    return ControlMessage(ControlType.SERVICE_REQUEST, seq, {"client": client, "seq": seq, "op": op}).encode()
+
+
+def server(warm: bool = False) -> tuple[ObjectServer, FakeTransport]:
+    s = ObjectServer(Counter(), "counter", "r18b", warm)
+    t = FakeTransport()
+    s.connection_made(t)  # type: ignore[arg-type]
+    return s, t
+
+
+ADDR = ("10.14.0.30", 5000)
+
+
+def test_each_request_counted_once_and_duplicates_get_the_same_reply() -> None:
+    s, t = server()
+    for seq in (1, 2, 2, 3, 1):
+        s.datagram_received(request(seq), ADDR)
+    counts = [body["result"]["count"] for body, _ in t.sent]
+    assert counts == [1, 2, 2, 3]  # the duplicate of 2 is answered again, stale 1 is dropped
+    assert s.stats["duplicates"] == 1 and s.stats["stale"] == 1 and s.obj.count == 3
+    assert all(body["served_by"] == "r18b" for body, _ in t.sent)
+
+
+def test_malformed_and_foreign_messages_are_counted_not_served() -> None:
+    s, t = server()
+    s.datagram_received(b"garbage", ADDR)
+    s.datagram_received(ControlMessage(ControlType.LEASE_REQUEST, 1, {}).encode(), ADDR)
+    s.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 1, {"seq": 1}).encode(), ADDR)
+    assert s.stats["malformed"] == 3 and t.sent == [] and s.obj.count == 0
+
+
+def test_unknown_op_is_an_error_reply_not_a_crash() -> None:
+    s, t = server()
+    s.datagram_received(request(1, op="explode"), ADDR)
+    assert t.sent[0][0]["ok"] is False and "unknown op" in t.sent[0][0]["error"]
+
+
+def test_warm_instance_replays_only_what_the_checkpoint_has_not_seen() -> None:
+    old, _ = server()
+    new, t = server(warm=True)
+    for seq in (1, 2, 3):  # before bicast: only the old instance
+        old.datagram_received(request(seq), ADDR)
+    for seq in (4, 5):  # bicast: both get them; the new one queues
+        old.datagram_received(request(seq), ADDR)
+        new.datagram_received(request(seq), ADDR)
+    checkpoint = old.checkpoint()  # taken after 5
+    new.datagram_received(request(6), ADDR)  # arrives at the new one before its state
+    old.datagram_received(request(6), ADDR)
+    new.restore(checkpoint)
+    assert new.serve() == 3
+    assert new.obj.count == old.obj.count == 6
+    assert [b["result"]["count"] for b, _ in t.sent] == [6]  # 4 and 5 already in the checkpoint
+
+
+def test_load_object_checks_spec() -> None:
+    assert isinstance(load_object("agent.objects.counter:Counter"), Counter)
+    with pytest.raises(ValueError):
+        load_object("agent.objects.counter")
+    with pytest.raises(TypeError):
+        load_object("collections:OrderedDict")
