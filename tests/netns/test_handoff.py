@@ -19,9 +19,9 @@ def test_short_handoff_run(tmp_path) -> None:
     out = run(args)
     summary = out["summary"]
     mbb, bbm = summary["modes"]["make-before-break"], summary["modes"]["break-before-make"]
-    assert mbb["failed"] == 0 and bbm["failed"] == 0
+    assert mbb["failed"] == 0 and bbm["failed"] == 0, summary["handoffs"]
     assert mbb["lost_total"] == 0, "make-before-break must lose no request"
-    assert bbm["lost_total"] > 0, "break-before-make loses the requests sent during the break"
+    assert bbm["lost_total"] > 0, ("break-before-make loses the requests sent during the break", summary["handoffs"])
     # ... and recovers: after every move, the new place answers.
     for row in summary["handoffs"]:
         assert row["disruption_ms"] is not None, f"no reply from {row['to']} after move {row['n']}"
@@ -32,9 +32,9 @@ def test_short_handoff_run(tmp_path) -> None:
     for name in ("summary.json", "handoffs.csv", "timeline.png", "modes.png", "handoff_01.csv"):
         assert (dest / name).stat().st_size > 0, name
     events = summary["capture_events"]
-    assert events["backbone_r22a_r18a"]["gre"] > 0
-    assert events["home_lan"]["arp_replies"] > 0 and events["home_lan"]["advertisements"] > 0
-    assert events["foreign_lan_12"]["registration_requests"] > 0
+    assert events["backbone_r22a_r18a"]["gre"] > 0, events
+    assert events["home_lan"]["arp_replies"] > 0 and events["home_lan"]["advertisements"] > 0, events
+    assert events["foreign_lan_12"]["registration_requests"] > 0, events
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,13 @@ def counter(m: MoatNetwork) -> int:
 
 
 def serve_some(m: MoatNetwork, n: int = 20) -> dict:
-    """n requests from co14 through the tunnel; returns the generator's summary line."""
+    """n requests from co14 through the tunnel, as a new client (the object remembers
+    clients' sequence numbers); returns the generator's summary line."""
+    serve_some.calls = getattr(serve_some, "calls", 0) + 1
     out = m.run.dir / "probe.jsonl"
     proc = m.net["co14"].popen([sys.executable, "-m", "experiments.co_load",
                                 "--dst", "10.16.0.100", "--rate", "50", "--duration", str(n / 50),
-                                "--client", "t", "--out", str(out)], stdout=subprocess.PIPE)
+                                "--client", f"t{serve_some.calls}", "--out", str(out)], stdout=subprocess.PIPE)
     stdout, _ = proc.communicate(timeout=60)
     return json.loads(stdout.decode().strip().splitlines()[-1])
 
