@@ -36,7 +36,7 @@ setup:
 
 demo: setup
 	$(require_root)
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.handoff
 
 test: setup
 	$(require_root)

@@ -73,6 +73,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 HOUSEKEEPING_PERIOD = 0.25
+FAULT_POINTS = ("migrate_start", "state_transfer")
 PENDING_TIMEOUT = 5.0
 
 
@@ -101,6 +102,8 @@ class AgentDaemon:
         self.advertising = {i.name: i.advertise for i in config.interfaces}
         #: Set by the `advertising` command: the agent falls silent (it left the link).
         self.paused = False
+        #: Failure injection for experiments and tests: point -> how many times to refuse.
+        self.faults: dict[str, int] = {}
         self.heard: dict[str, dict[str, Any]] = {}
         self.objects: dict[str, HostedObject] = {}
         self.malformed = 0
@@ -538,6 +541,10 @@ class AgentDaemon:
     async def on_peer_message(self, msg: ControlMessage) -> dict:
         """MIGRATE start/cancel and STATE_TRANSFER from a source router."""
         body = msg.body
+        point = "state_transfer" if msg.type == ControlType.STATE_TRANSFER else f"migrate_{body.get('action')}"
+        if self.faults.get(point, 0) > 0:
+            self.faults[point] -= 1
+            raise ControlError(f"injected fault: {point} refused")
         if msg.type == ControlType.MIGRATE and body.get("action") == "start":
             name = body["config"]["name"]
             await self.cmd_object_start(body["config"], spec=body["spec"], warm=body.get("warm", False),
@@ -660,6 +667,14 @@ class AgentDaemon:
         """Switch advertisements and solicitation answers off/on (an agent leaving a link)."""
         self.paused = not enabled
         return enabled
+
+    def cmd_inject_fault(self, point: str, count: int = 1) -> dict:
+        """Refuse the next ``count`` in-band ``migrate_start`` or ``state_transfer`` messages
+        (failure injection: what a migration does when the target breaks half-way)."""
+        if point not in FAULT_POINTS:
+            raise ControlError(f"fault point must be one of {FAULT_POINTS}")
+        self.faults[point] = int(count)
+        return dict(self.faults)
 
     def cmd_stop(self) -> str:
         self._stop.set()

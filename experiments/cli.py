@@ -7,7 +7,7 @@
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
-    sudo moat run handoff|demo
+    sudo moat run handoff|tour
     sudo moat bench packets|registration
 
 ``--run ID`` picks a network when several are up; by default the newest live one.
@@ -251,10 +251,10 @@ def cmd_cli(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _require_root()
-    if args.experiment == "demo":
-        from .demo import main as demo_main
+    if args.experiment == "tour":
+        from .tour import main as tour_main
 
-        return demo_main(args.rest)
+        return tour_main(args.rest)
     if args.experiment == "handoff":
         from .handoff import main as handoff_main
 
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_topo(p)
     p.set_defaults(func=cmd_cli)
     p = sub.add_parser("run", help="run an experiment")
-    p.add_argument("experiment", choices=["handoff", "demo"])
+    p.add_argument("experiment", choices=["handoff", "tour"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="run a benchmark")

@@ -292,6 +292,25 @@ class MoatNetwork:
         return self.agent(source, timeout=60).call("migrate", name=name, target=target, mode=mode,
                                                     target_name=router)
 
+    def requests(self, host: str, name: str, count: int = 20, rate: float = 50.0,
+                 client: str | None = None) -> dict:
+        """Send ``count`` service requests from ``host`` to object ``name``'s home address
+        (``python -m experiments.co_load`` inside the host); return its summary (sent,
+        answered). Each call is a new client unless ``client`` is given: objects remember
+        clients' sequence numbers."""
+        import json
+
+        self._clients = getattr(self, "_clients", 0) + 1
+        out = self.run.dir / f"requests-{self._clients}.jsonl"
+        argv = [sys.executable, "-m", "experiments.co_load", "--dst", self.objects[name].home_address,
+                "--rate", str(rate), "--duration", str(count / rate), "--out", str(out),
+                "--client", client or f"{host}-{self._clients}"]
+        proc = self.net[host].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = proc.communicate(timeout=60 + count / rate)
+        if proc.returncode != 0:
+            raise TopologyError(f"requests from {host} failed: {stderr.decode()[-500:]}")
+        return json.loads(stdout.decode().strip().splitlines()[-1])
+
     def probe(self, node: str, *args: str, timeout: float = 60.0) -> Any:
         """Run ``python -m experiments.probes ARGS`` inside ``node``; return its JSON answer."""
         import json

@@ -50,15 +50,8 @@ def counter(m: MoatNetwork) -> int:
 
 
 def serve_some(m: MoatNetwork, n: int = 20) -> dict:
-    """n requests from co14 through the tunnel, as a new client (the object remembers
-    clients' sequence numbers); returns the generator's summary line."""
-    serve_some.calls = getattr(serve_some, "calls", 0) + 1
-    out = m.run.dir / "probe.jsonl"
-    proc = m.net["co14"].popen([sys.executable, "-m", "experiments.co_load",
-                                "--dst", "10.16.0.100", "--rate", "50", "--duration", str(n / 50),
-                                "--client", f"t{serve_some.calls}", "--out", str(out)], stdout=subprocess.PIPE)
-    stdout, _ = proc.communicate(timeout=60)
-    return json.loads(stdout.decode().strip().splitlines()[-1])
+    """n requests from co14 to the object, through the tunnel."""
+    return m.requests("co14", "counter", n)
 
 
 def test_gre_with_key_on_the_backbone(net: MoatNetwork) -> None:
@@ -97,3 +90,21 @@ def test_denied_registration_at_target_rolls_back(net: MoatNetwork) -> None:
     assert net.agent("r20a").call("objects") == []
     assert counter(net) == before
     assert serve_some(net)["answered"] > 0
+
+
+@pytest.mark.parametrize("mode", ["make-before-break", "break-before-make"])
+def test_broken_state_transfer_leaves_object_serving_at_origin(net: MoatNetwork, mode: str) -> None:
+    origin = net.where("counter")
+    target = "r20a" if origin != "r20a" else "r18b"
+    before = counter(net)
+    point = "state_transfer" if mode == "make-before-break" else "migrate_start"
+    net.agent(target).call("inject_fault", point=point)
+    report = net.migrate("counter", target, mode)
+    assert not report["ok"] and "injected fault" in report["error"]
+    assert net.where("counter") == origin
+    assert net.agent(target).call("objects") == []
+    assert counter(net) == before, "the state came back with the object"
+    net.wait_for(lambda: [b for b in net.agent("r22b").call("bindings")
+                          if b["care_of_address"].startswith("10.12.")], timeout=15)
+    assert serve_some(net)["answered"] > 0
+    assert counter(net) > before

@@ -1,4 +1,4 @@
-"""The demo experiment (``sudo make demo``): an object leaves home and comes back.
+"""The registration tour (``sudo moat run tour``): an object leaves home and comes back.
 
 In the patent's topology (Figs. 1 and 6) the object ``counter`` (home address 10.16.0.100,
 home object agent r22b) starts at home on r22c, moves to router r18b on foreign network 12,
@@ -8,9 +8,9 @@ agent (Fig. 11); the HOA's binding table, the FOA's visitor list and proxy ARP o
 LAN follow. Everything crosses the emulated network as real packets, captured on the home
 LAN, on foreign LAN 12 and on the backbone link r22a-r18a.
 
-It prints a table per step and writes ``results/demo/<run-id>/``: summary.json, steps.csv
-and the pcaps. The live data plane (GRE tunnels, migrating a running object) comes with the
-handoff experiment.
+It prints a table per step and writes ``results/tour/<run-id>/``: summary.json, steps.csv
+and the pcaps. Only the object's registration client moves here (the control plane alone);
+the handoff experiment moves the running object and its traffic.
 """
 
 from __future__ import annotations
@@ -101,10 +101,10 @@ def run(adv_interval: float, out_root: Path | None) -> dict[str, Any]:
                   + f"; ARP for its home address answered by {row['proxy_arp_mac'] or 'nobody'}")
         hoa_mac = moat.net[HOA].intfs[0].MAC()
         captures.close()
-        dest = results_dir("demo", moat.run.run_id, out_root)
+        dest = results_dir("tour", moat.run.run_id, out_root)
         copied = copy_captures(moat.run.dir / "captures", dest)
     events = {p.stem: count_events(p) for p in copied}
-    summary = {"experiment": "demo", "run_id": moat.run.run_id, "object": OBJECT,
+    summary = {"experiment": "tour", "run_id": moat.run.run_id, "object": OBJECT,
                "advertise_interval": adv_interval, "hoa_mac": hoa_mac, "steps": steps,
                "capture_events": events}
     write_json(dest / "summary.json", summary)
@@ -113,7 +113,7 @@ def run(adv_interval: float, out_root: Path | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moat run demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="moat run tour", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adv-interval", type=float, default=1.0, help="advertisement interval (s)")
     parser.add_argument("--results", type=Path, default=None, help="results root (default ./results)")
