@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from packets import (

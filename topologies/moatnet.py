@@ -39,7 +39,7 @@ from agent.errors import ControlError
 from topologies.addressing import mo_home_addresses
 from topologies.base import MoatTopo
 from topologies.errors import TopologyError
-from topologies.net import build_net, root_namespace_conflicts
+from topologies.net import build_net
 from topologies.run import ENV_RUN_ID, Run, clean_run
 
 log = logging.getLogger(__name__)
