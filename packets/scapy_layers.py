@@ -102,7 +102,7 @@ __all__ = [
     "ADV_FLAG_NAMES", "MoatAdvExtGeneric", "MoatAdvExtension", "MoatAdvPad",
     "MoatAgentAdvertisement", "MoatControl", "MoatExtAuth", "MoatExtGeneric", "MoatExtNAI",
     "MoatExtension", "MoatMobileIP", "MoatMobilityAgentAdv", "MoatNvse", "MoatNvseCareOfName",
-    "MoatNvseObjectPart", "MoatPrefixLengths", "MoatRRP", "MoatRRQ", "MoatRouterAddress",
+    "MoatNvseGreKey", "MoatNvseObjectPart", "MoatPrefixLengths", "MoatRRP", "MoatRRQ", "MoatRouterAddress",
     "RRQ_FLAG_NAMES", "advertisement_packet", "icmp_ra_unused", "solicitation_packet",
     "to_codec", "to_scapy",
 ]
@@ -225,6 +225,20 @@ class MoatNvseObjectPart(_MoatExtBase):
     ]
 
 
+class MoatNvseGreKey(_MoatExtBase):
+    """NVSE, MOAT sub-type 3: the binding's GRE key, from the HOA in an accepted reply."""
+
+    name = "MOAT NVSE GRE key"
+    fields_desc = [
+        ByteEnumField("type", int(ExtType.NVSE), _EXT_NAMES),
+        ByteField("length", _NVSE_HEAD_LEN + 4),
+        ShortField("reserved", 0),
+        IntEnumField("vendor_id", MOAT_VENDOR_ID, {MOAT_VENDOR_ID: "MOAT"}),
+        ShortEnumField("nvse_type", int(NvseType.GRE_KEY), _enum_names(NvseType)),
+        IntField("key", 0),
+    ]
+
+
 class MoatExtAuth(_MoatExtBase):
     """Authentication extension 32/33/34 (RFC 5944 §3.5): SPI and authenticator.
 
@@ -281,6 +295,8 @@ class MoatExtension(Packet):
                     return MoatNvseCareOfName
                 if nvse_type == NvseType.OBJECT_PART and _pkt[1] >= _NVSE_HEAD_LEN + _PART_HEAD_LEN:
                     return MoatNvseObjectPart
+                if nvse_type == NvseType.GRE_KEY and _pkt[1] == _NVSE_HEAD_LEN + 4:
+                    return MoatNvseGreKey
             return MoatNvse
         return MoatExtGeneric
 

@@ -573,3 +573,14 @@ def test_to_codec_rejects_packets_without_moat_layers() -> None:
         sl.to_codec(IP() / UDP(sport=53, dport=53) / b"dns")
     with pytest.raises(TypeError):
         sl.to_scapy(object())  # type: ignore[arg-type]
+
+
+def test_gre_key_nvse_dissects_with_its_own_layer() -> None:
+    from packets import GreKey, RegistrationReply
+    from packets.scapy_layers import MoatMobileIP, MoatNvseGreKey
+
+    raw = RegistrationReply(0, "10.16.0.100", "10.16.0.2", 7, 60, [GreKey(42)]).encode()
+    pkt = MoatMobileIP(raw)
+    ext = pkt.getlayer(MoatNvseGreKey)
+    assert ext is not None and ext.key == 42
+    assert bytes(pkt) == raw
