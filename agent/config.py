@@ -21,6 +21,13 @@ from .errors import ConfigError
 ROLES = frozenset({"home", "foreign"})
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A JSON boolean; the string "false" must not read as True."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
 @dataclass
 class Interface:
     """A router interface the agent advertises on."""
@@ -224,8 +231,8 @@ class ObjectConfig:
                 mobile_home=Credential.from_json(data["mobile_home"]),
                 mobile_foreign=Credential.from_json(data["mobile_foreign"]),
                 lifetime=int(data.get("lifetime", 60)),
-                simultaneous=bool(data.get("simultaneous", False)),
-                reverse_tunnel=bool(data.get("reverse_tunnel", False)),
+                simultaneous=_flag(data.get("simultaneous", False), "simultaneous"),
+                reverse_tunnel=_flag(data.get("reverse_tunnel", False), "reverse_tunnel"),
                 preferred_agent=data.get("preferred_agent"),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -79,9 +79,15 @@ class ForeignAgent:
 
         Two different objects with the same name get ``-2``, ``-3``... appended.
         """
+        current = self.visitors.get(rrq.home_address)
+        if current is not None:
+            return current.care_of_name  # a renewal keeps its name
         nais = rrq.find(NaiExtension)
         base = (nais[0].nai.split("@", 1)[0] if nais else rrq.home_address) + f".{self.name}"
         taken = {v.care_of_name for v in self.visitors.snapshot_objects() if v.home_address != rrq.home_address}
+        # Names handed out in relays not yet answered are taken too, or two same-named objects
+        # registering at once would both be given the base name.
+        taken |= {p.care_of_name for p in self.pending.values() if p.request.home_address != rrq.home_address}
         name, n = base, 1
         while name in taken:
             n += 1
@@ -101,7 +107,9 @@ class ForeignAgent:
             return self.deny(rrq, ReplyCode.FA_LIFETIME_TOO_LONG)
         if rrq.care_of_address not in self.care_of_addresses:
             return self.deny(rrq, ReplyCode.FA_INVALID_COA)
-        if self.visitors.get(rrq.home_address) is None and len(self.visitors) >= self.config.max_visitors:
+        pending_others = {p.request.home_address for p in self.pending.values()} - {rrq.home_address}
+        if (self.visitors.get(rrq.home_address) is None
+                and len(self.visitors) + len(pending_others) >= self.config.max_visitors):
             return self.deny(rrq, ReplyCode.FA_INSUFFICIENT_RESOURCES)
         mf = find_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH)
         assert mf is not None  # verify_auth passed
