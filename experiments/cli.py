@@ -8,7 +8,7 @@
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
     sudo moat run handoff|tour
-    sudo moat bench packets|registration
+    sudo moat bench packets|registration|tunnel
 
 ``--run ID`` picks a network when several are up; by default the newest live one.
 """
@@ -268,6 +268,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return bench_main(args.rest) or 0
     _require_root()
+    if args.which == "tunnel":
+        from .bench_tunnel import main as bench_main
+
+        return bench_main(args.rest) or 0
     from .bench_registration import main as bench_main
 
     return bench_main(args.rest) or 0
@@ -325,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="run a benchmark")
-    p.add_argument("which", choices=["packets", "registration"])
+    p.add_argument("which", choices=["packets", "registration", "tunnel"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
