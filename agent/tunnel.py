@@ -226,6 +226,8 @@ class _LogLimiter:
 
     def __call__(self, kind: str, level: int, msg: str, *args: Any) -> None:
         now = time.monotonic()
+        if len(self._last) > 1024:  # kinds can come from the wire (sources, keys): stay bounded
+            self._last.clear()
         if now - self._last.get(kind, -self.interval) >= self.interval:
             self._last[kind] = now
             log.log(level, msg, *args)
@@ -622,9 +624,9 @@ class KernelTunnel(Tunnel):
     * ``set_peers(dst, [(r1, k1), (r2, k2), ...])``: devices for every peer, the host route
       ``dst/32 dev <first>``, and on the first device a clsact egress ``u32`` filter matching
       ``ip dst dst/32`` with one ``mirred egress mirror dev <other>`` action per other peer.
-      (``u32`` rather than ``matchall``: it is in every kernel build — ``matchall`` and
-      ``flower`` are modules that not all have — and a mirror only ever copies its own
-      home address even if a device were shared.)
+      (``u32`` rather than ``matchall``: ``cls_u32`` is the classifier kernels most often
+      have — MOAT's CI kernel lacks ``cls_matchall`` and ``cls_flower`` but has it — and the
+      mirror copies only its own home address even if a device were shared.)
     * ``accept(remote, key)``: the device (``ikey``) so the kernel decapsulates; a GRE packet
       with another key or source matches no device and the kernel drops it.
     * ``set_reverse(src, peer)``: a table per peer device with ``default dev <device>`` and

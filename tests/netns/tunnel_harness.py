@@ -1,6 +1,6 @@
 """Run one agent.tunnel in the current network namespace, driven over stdin/stdout.
 
-Started by tests/netns/test_tunnel.py as ``ip netns exec NS python tunnel_harness.py --local A``.
+Started by tests/netns/test_tunnel_netns.py as ``ip netns exec NS python tunnel_harness.py --local A``.
 It prints ``{"ready": true, "backend": ...}`` once the tunnel is up, then answers one JSON
 line per command line:
 

@@ -1,0 +1,758 @@
+"""agent.tunnel without root: header parsing, tables, and packet dispatch through fakes.
+
+The TUN device is faked by a datagram socketpair (one packet per read/write, like a TUN fd);
+the raw GRE socket by an object that records what it is asked to send and returns queued
+packets on receive. ``ip``/``tc`` commands go to a recorder, netlink to a fake IPRoute, so
+nothing here touches the machine's network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scapy.layers.inet import GRE, ICMP, IP, UDP
+
+import agent.tunnel as tunnel_mod
+from agent.tunnel import (
+    GRE_KEY_FLAG,
+    STAT_KEYS,
+    KernelTunnel,
+    TunnelUnavailable,
+    UserspaceTunnel,
+    detect_backend,
+    ipv4_addresses,
+    make_tunnel,
+    parse_ipv4,
+)
+from packets.errors import MalformedMessage
+from packets.gre import GreHeader
+
+HOA, FOA, FOA2 = "10.99.0.1", "10.99.0.2", "10.99.1.2"
+OBJ, CLIENT = "10.97.0.100", "10.98.0.2"
+
+
+def inner_packet(src: str = CLIENT, dst: str = OBJ, payload: bytes = b"moat") -> bytes:
+    return bytes(IP(src=src, dst=dst, id=7) / ICMP(id=1, seq=1) / payload)
+
+
+def outer_packet(gre: bytes, src: str = HOA, dst: str = FOA, proto: int = 47) -> bytes:
+    return bytes(IP(src=src, dst=dst, proto=proto) / gre)
+
+
+# --- fakes ------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Stands in for subprocess: records argv, answers success (or what ``fail`` says)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.fail: set[str] = set()
+
+    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        self.calls.append(argv)
+        rc = 2 if any(word in " ".join(argv) for word in self.fail) else 0
+        return subprocess.CompletedProcess(argv, rc, "", "fake failure" if rc else "")
+
+    def joined(self) -> list[str]:
+        return [" ".join(c) for c in self.calls]
+
+
+class FakeRawSocket:
+    """The raw protocol-47 socket: sends are recorded, receives come from ``incoming``."""
+
+    def __init__(self, fd: int = -1) -> None:
+        self.fd = fd
+        self.sent: list[tuple[bytes, str, list]] = []
+        self.incoming: list[bytes] = []
+        self.error: OSError | None = None
+        self.sendmsg_error: OSError | None = None
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def sendmsg(self, buffers: list[bytes], ancdata: list, flags: int, address: tuple[str, int]) -> int:
+        if self.sendmsg_error is not None:
+            raise self.sendmsg_error
+        if self.error is not None:
+            raise self.error
+        data = b"".join(buffers)
+        self.sent.append((data, address[0], ancdata))
+        return len(data)
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        if self.error is not None:
+            raise self.error
+        self.sent.append((bytes(data), address[0], []))
+        return len(data)
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        if not self.incoming:
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        data = self.incoming.pop(0)
+        return data, (socket.inet_ntoa(data[12:16]) if len(data) >= 20 else "0.0.0.0", 0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Tun:
+    """A TUN stand-in: ``fd`` goes to the tunnel, ``peer`` is the kernel's side."""
+
+    def __init__(self) -> None:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.setblocking(False)
+        b.setblocking(False)
+        self.fd = a.detach()
+        self.peer = b
+
+    def from_kernel(self, packet: bytes) -> None:
+        self.peer.send(packet)
+
+    def to_kernel(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.peer.recv(65535))
+            except BlockingIOError:
+                return out
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def tun(loop: asyncio.AbstractEventLoop, rec: Recorder) -> Iterator[tuple[UserspaceTunnel, Tun, FakeRawSocket]]:
+    fake_tun, sock = Tun(), FakeRawSocket()
+    t = UserspaceTunnel(loop, HOA, run=rec)
+    t._attach(fake_tun.fd, sock)
+    yield t, fake_tun, sock
+    t.close()
+    fake_tun.peer.close()
+
+
+def sent_gre(sock: FakeRawSocket) -> list[tuple[str, GRE]]:
+    """(remote, scapy GRE) of every packet the fake socket was asked to send."""
+    return [(remote, GRE(data)) for data, remote, _ in sock.sent]
+
+
+# --- IPv4 parsing -----------------------------------------------------------------------------
+
+
+def test_parse_ipv4_fields() -> None:
+    pkt = bytes(IP(src=CLIENT, dst=OBJ, options=[]) / UDP(sport=1, dport=2) / b"xyz")
+    h = parse_ipv4(pkt)
+    assert (h.header_length, h.total_length, h.protocol, h.src, h.dst) == (20, len(pkt), 17, CLIENT, OBJ)
+    assert ipv4_addresses(pkt) == (CLIENT, OBJ)
+    # options: IHL 6
+    with_opts = bytes(IP(src=CLIENT, dst=OBJ, options=b"\x01\x01\x01\x01") / b"x")
+    assert parse_ipv4(with_opts).header_length == 24
+    # trailing bytes beyond the total length are tolerated (callers cut them)
+    assert parse_ipv4(pkt + b"\0" * 10).total_length == len(pkt)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "bytes < 20"),
+    (b"\x45" + b"\0" * 10, "bytes < 20"),
+    (bytes(IP(dst=OBJ))[:19], "bytes < 20"),
+    (b"\x65" + bytes(IP(dst=OBJ))[1:], "version 6"),
+    (b"\x44" + bytes(IP(dst=OBJ))[1:], "header length 16"),
+    (b"\x4f" + bytes(IP(dst=OBJ))[1:], "header length 60"),
+    (bytes(IP(dst=OBJ) / b"abc")[:21], "total length 23"),
+    (bytes(IP(dst=OBJ, len=10)), "total length 10"),
+])
+def test_parse_ipv4_rejects(data: bytes, reason: str) -> None:
+    with pytest.raises(MalformedMessage, match=reason):
+        parse_ipv4(data)
+    assert ipv4_addresses(data) is None
+
+
+def test_parse_ipv4_fuzz_only_malformed() -> None:
+    rng = random.Random(4347)
+    base = inner_packet()
+    for _ in range(2000):
+        data = bytearray(base[: rng.randrange(len(base) + 1)])
+        for _ in range(rng.randrange(4)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            parse_ipv4(bytes(data))
+        except MalformedMessage:
+            pass
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def test_set_peers_installs_and_removes_the_host_route(tun, rec: Recorder) -> None:
+    t, _, _ = tun
+    t.set_peers(OBJ, [(FOA, 42), (FOA2, 43), (FOA, 42)])
+    assert t.peers == {OBJ: [(FOA, 42), (FOA2, 43)]}  # duplicates dropped, order kept
+    assert rec.joined() == [f"ip route replace {OBJ}/32 dev moat0"]
+    t.set_peers(OBJ, [(FOA2, 43)])
+    assert t.peers[OBJ] == [(FOA2, 43)]
+    t.set_peers(OBJ, [])
+    assert OBJ not in t.peers
+    assert rec.joined()[-1] == f"ip route del {OBJ}/32 dev moat0"
+    n = len(rec.calls)
+    t.set_peers(OBJ, [])  # nothing there: nothing to do
+    assert len(rec.calls) == n
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: t.set_peers("10.97.0", [(FOA, 1)]),
+    lambda t: t.set_peers(OBJ, [("nope", 1)]),
+    lambda t: t.set_peers(OBJ, [(FOA, -1)]),
+    lambda t: t.set_peers(OBJ, [(FOA, 2**32)]),
+    lambda t: t.accept(FOA, True),
+    lambda t: t.accept("::1", 1),
+    lambda t: t.set_reverse("x", (FOA, 1)),
+])
+def test_bad_arguments_raise_value_error(tun, call) -> None:
+    with pytest.raises(ValueError):
+        call(tun[0])
+
+
+def test_accept_and_forget(tun) -> None:
+    t, _, _ = tun
+    t.accept(HOA, 42)
+    t.accept(HOA, 42)
+    t.accept(HOA, 43)
+    assert t.accepted == {(HOA, 42), (HOA, 43)}
+    t.forget(HOA, 42)
+    t.forget(HOA, 99)  # unknown: no error
+    assert t.accepted == {(HOA, 43)}
+
+
+def test_set_reverse_rules_and_table(tun, rec: Recorder) -> None:
+    t, _, _ = tun
+    t.set_reverse(OBJ, (HOA, 42))
+    t.set_reverse("10.97.0.101", (HOA, 43))
+    assert rec.joined() == [
+        "ip route replace default dev moat0 table 4347",
+        f"ip rule add from {OBJ}/32 lookup 4347 priority 4347",
+        "ip rule add from 10.97.0.101/32 lookup 4347 priority 4347",
+    ]
+    assert t.reverse == {OBJ: (HOA, 42), "10.97.0.101": (HOA, 43)}
+    t.set_reverse(OBJ, (HOA, 44))  # a new binding: same rule, new peer
+    assert len(rec.calls) == 3 and t.reverse[OBJ] == (HOA, 44)
+    t.set_reverse(OBJ, None)
+    assert rec.joined()[-1] == f"ip rule del from {OBJ}/32 lookup 4347 priority 4347"
+    t.set_reverse("10.97.0.101", None)
+    assert rec.joined()[-2:] == ["ip rule del from 10.97.0.101/32 lookup 4347 priority 4347",
+                                 "ip route del default dev moat0 table 4347"]
+    assert t.reverse == {}
+
+
+def test_close_removes_what_it_made_and_is_idempotent(loop, rec: Recorder) -> None:
+    fake_tun, sock = Tun(), FakeRawSocket()
+    t = UserspaceTunnel(loop, HOA, name="moatx1", run=rec)
+    t._attach(fake_tun.fd, sock)
+    t.set_peers(OBJ, [(FOA, 42)])
+    t.set_reverse("10.97.0.5", (FOA, 42))
+    t.accept(FOA, 42)
+    rec.calls.clear()
+    t.close()
+    assert set(rec.joined()) == {
+        "ip rule del from 10.97.0.5/32 lookup 4347 priority 4347",
+        "ip route del default dev moatx1 table 4347",
+        f"ip route del {OBJ}/32 dev moatx1",
+    }
+    assert sock.closed and t.tun_fd is None and t.sock is None
+    assert (t.peers, t.reverse, t.accepted) == ({}, {}, set())
+    with pytest.raises(OSError):
+        os.fstat(fake_tun.fd)  # the TUN fd is closed
+    rec.calls.clear()
+    t.close()
+    assert rec.calls == []
+    fake_tun.peer.close()
+
+
+def test_stats_has_the_documented_counters(tun) -> None:
+    stats = tun[0].stats
+    for key in ("encapsulated", "decapsulated", "dropped_unknown_peer", "dropped_malformed", "copies_sent"):
+        assert stats[key] == 0
+    assert set(stats) == set(STAT_KEYS)
+    stats["encapsulated"] = 99  # a copy: the tunnel's counters are not touched
+    assert tun[0].stats["encapsulated"] == 0
+
+
+# --- encapsulation (TUN -> GRE) -----------------------------------------------------------------
+
+
+def test_encapsulates_with_the_binding_key(tun) -> None:
+    t, fake_tun, sock = tun
+    t.set_peers(OBJ, [(FOA, 42)])
+    pkt = inner_packet()
+    fake_tun.from_kernel(pkt)
+    t._from_tun()
+    [(remote, gre)] = sent_gre(sock)
+    assert remote == FOA
+    assert gre.key_present == 1 and gre.key == 42 and gre.proto == 0x0800 and gre.chksum_present == 0
+    assert bytes(gre.payload) == pkt
+    assert isinstance(gre.payload, IP) and gre.payload.dst == OBJ
+    assert t.stats["encapsulated"] == 1 and t.stats["copies_sent"] == 1
+
+
+def test_outer_source_is_the_local_address(tun) -> None:
+    t, fake_tun, sock = tun
+    t.set_peers(OBJ, [(FOA, 42)])
+    t.encapsulate(inner_packet())
+    [(level, kind, data)] = sock.sent[0][2]
+    assert (level, kind) == (socket.IPPROTO_IP, tunnel_mod.IP_PKTINFO)
+    ifindex, spec_dst, _ = struct.unpack("=I4s4s", data)
+    assert ifindex == 0 and socket.inet_ntoa(spec_dst) == HOA
+
+
+def test_falls_back_to_kernel_source_when_local_is_refused(tun) -> None:
+    t, _, sock = tun
+    t.set_peers(OBJ, [(FOA, 42)])
+    sock.sendmsg_error = OSError(errno.EINVAL, "Invalid argument")
+    assert t.encapsulate(inner_packet()) == 1
+    assert t.encapsulate(inner_packet()) == 1
+    assert [anc for _, _, anc in sock.sent] == [[], []]
+    assert t.stats["copies_sent"] == 2 and t.stats["dropped_send_error"] == 0
+
+
+def test_bicast_one_copy_per_binding_with_its_key(tun) -> None:
+    t, fake_tun, sock = tun
+    t.set_peers(OBJ, [(FOA, 42), (FOA2, 43), ("10.99.2.2", 44)])
+    pkts = [inner_packet(payload=bytes([i]) * 10) for i in range(3)]
+    for p in pkts:
+        fake_tun.from_kernel(p)
+    t._from_tun()
+    got = sent_gre(sock)
+    assert [(remote, g.key) for remote, g in got] == [(FOA, 42), (FOA2, 43), ("10.99.2.2", 44)] * 3
+    assert [bytes(g.payload) for _, g in got] == [p for p in pkts for _ in range(3)]
+    assert t.stats["encapsulated"] == 3 and t.stats["copies_sent"] == 9
+
+
+def test_reverse_tunnel_by_source_when_no_destination_peer(tun) -> None:
+    t, _, sock = tun
+    t.set_reverse(OBJ, (HOA, 42))
+    t.set_peers("10.97.0.7", [(FOA2, 43)])
+    t.encapsulate(inner_packet(src=OBJ, dst=CLIENT))         # reply from the visitor
+    t.encapsulate(inner_packet(src=OBJ, dst="10.97.0.7"))    # destination peers win
+    assert [(remote, g.key) for remote, g in sent_gre(sock)] == [(HOA, 42), (FOA2, 43)]
+    assert t.peers_for(inner_packet(src=CLIENT, dst="10.1.1.1")) == []
+
+
+def test_packets_with_no_peer_are_dropped_and_counted(tun) -> None:
+    t, fake_tun, sock = tun
+    fake_tun.from_kernel(inner_packet())
+    fake_tun.from_kernel(bytes(60))                      # not IPv4 (version 0)
+    fake_tun.from_kernel(b"\x60" + bytes(39))            # IPv6 chatter
+    t._from_tun()
+    assert sock.sent == []
+    assert t.stats["dropped_no_peer"] == 1 and t.stats["dropped_malformed"] == 2
+
+
+def test_own_gre_routed_back_into_the_tunnel_is_a_loop(tun) -> None:
+    t, _, sock = tun
+    t.set_peers(FOA, [(FOA, 42)])  # the remote itself is routed into the tunnel
+    looped = outer_packet(GreHeader(key=42).encode(inner_packet()), src=HOA, dst=FOA)
+    assert t.encapsulate(looped) == 0
+    assert sock.sent == [] and t.stats["dropped_loop"] == 1
+
+
+def test_send_errors_are_counted_not_raised(tun) -> None:
+    t, _, sock = tun
+    t.set_peers(OBJ, [(FOA, 42), (FOA2, 43)])
+    sock.error = OSError(errno.ENETUNREACH, "Network is unreachable")
+    assert t.encapsulate(inner_packet()) == 0
+    assert t.stats["dropped_send_error"] == 2 and t.stats["copies_sent"] == 0
+
+
+def test_trailing_bytes_after_total_length_are_not_sent(tun) -> None:
+    t, _, sock = tun
+    t.set_peers(OBJ, [(FOA, 42)])
+    pkt = inner_packet()
+    t.encapsulate(pkt + b"\xee" * 6)
+    assert bytes(sent_gre(sock)[0][1].payload) == pkt
+
+
+# --- decapsulation (GRE -> TUN) -----------------------------------------------------------------
+
+
+def test_decapsulates_accepted_binding_into_the_tun(tun) -> None:
+    t, fake_tun, sock = tun
+    t.accept(HOA, 42)
+    pkt = inner_packet()
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(pkt)))
+    sock.incoming.append(outer_packet(GreHeader(key=42, sequence=5, checksum=True).encode(pkt)))
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(pkt + b"pad")))  # trimmed
+    t._from_wire()
+    assert fake_tun.to_kernel() == [pkt, pkt, pkt]
+    assert t.stats["decapsulated"] == 3
+
+
+def test_scapy_built_gre_is_accepted() -> None:
+    t = UserspaceTunnel(asyncio.new_event_loop(), FOA, run=Recorder())
+    t.accept(HOA, 7)
+    pkt = inner_packet()
+    wire = bytes(IP(src=HOA, dst=FOA) / GRE(key_present=1, key=7, proto=0x0800) / IP(pkt))
+    assert t.decapsulate(wire) == pkt
+    t.loop.close()
+
+
+def test_unknown_remote_or_key_dropped(tun) -> None:
+    t, fake_tun, sock = tun
+    t.accept(HOA, 42)
+    pkt = inner_packet()
+    sock.incoming += [
+        outer_packet(GreHeader(key=43).encode(pkt)),              # other key
+        outer_packet(GreHeader(key=42).encode(pkt), src=FOA2),    # other remote
+        outer_packet(GreHeader().encode(pkt)),                    # no key at all
+    ]
+    t._from_wire()
+    assert fake_tun.to_kernel() == []
+    assert t.stats["dropped_unknown_peer"] == 3 and t.stats["decapsulated"] == 0
+
+
+def _bad_checksum() -> bytes:
+    gre = bytearray(GreHeader(key=42, checksum=True).encode(inner_packet()))
+    gre[4] ^= 0xFF
+    return bytes(gre)
+
+
+MALFORMED = {
+    "empty GRE": b"",
+    "truncated base header": b"\x20\x00",
+    "version 1": b"\x00\x01\x08\x00",
+    "reserved bit": b"\x40\x00\x08\x00",
+    "key cut short": b"\x20\x00\x08\x00\x00\x00",
+    "bad checksum": _bad_checksum(),
+    "IPv6 payload type": GreHeader(0x86DD, key=42).encode(inner_packet()),
+    "transparent ethernet": GreHeader(0x6558, key=42).encode(bytes(14) + inner_packet()),
+    "inner not IPv4": GreHeader(key=42).encode(b"\x60" + bytes(39)),
+    "inner cut short": GreHeader(key=42).encode(inner_packet()[:15]),
+    "inner total length too big": GreHeader(key=42).encode(inner_packet()[:-4]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_gre_counted_never_raised(tun, name: str) -> None:
+    t, fake_tun, sock = tun
+    t.accept(HOA, 42)
+    sock.incoming.append(outer_packet(MALFORMED[name]))
+    t._from_wire()
+    assert fake_tun.to_kernel() == []
+    assert t.stats["dropped_malformed"] == 1 and t.stats["decapsulated"] == 0
+
+
+@pytest.mark.parametrize("outer", [
+    b"",
+    b"\x45\x00",
+    bytes(IP(src=HOA, dst=FOA, proto=17) / GreHeader(key=42).encode(inner_packet())),  # not GRE
+    b"\x65" + outer_packet(GreHeader(key=42).encode(inner_packet()))[1:],              # IP version 6
+    outer_packet(GreHeader(key=42).encode(inner_packet()))[:-1],  # cut: total length lies
+])
+def test_malformed_outer_header_counted(tun, outer: bytes) -> None:
+    t, fake_tun, sock = tun
+    t.accept(HOA, 42)
+    sock.incoming.append(outer)
+    t._from_wire()
+    assert fake_tun.to_kernel() == []
+    assert t.stats["dropped_malformed"] == 1
+
+
+def test_fuzzed_gre_never_raises(tun) -> None:
+    t, fake_tun, sock = tun
+    t.accept(HOA, 42)
+    rng = random.Random(2784)
+    good = GreHeader(key=42).encode(inner_packet())
+    for _ in range(3000):
+        data = bytearray(good[: rng.randrange(len(good) + 1)])
+        for _ in range(rng.randrange(5)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        sock.incoming.append(outer_packet(bytes(data)))
+        t._from_wire()
+    fake_tun.to_kernel()
+    s = t.stats
+    assert s["decapsulated"] + s["dropped_malformed"] + s["dropped_unknown_peer"] == 3000
+
+
+def test_handler_errors_never_reach_the_loop(tun, monkeypatch) -> None:
+    t, fake_tun, sock = tun
+    t.set_peers(OBJ, [(FOA, 42)])
+
+    def boom(*_a: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(t, "decapsulate", boom)
+    monkeypatch.setattr(t, "encapsulate", boom)
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(inner_packet())))
+    fake_tun.from_kernel(inner_packet())
+    t._from_wire()
+    t._from_tun()
+    assert t.stats["dropped_malformed"] == 2
+
+
+def test_tun_write_failure_counted(tun) -> None:
+    t, fake_tun, sock = tun
+    t.accept(HOA, 42)
+    fake_tun.peer.close()  # the kernel side is gone: writes fail
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(inner_packet())))
+    t._from_wire()
+    assert t.stats["dropped_send_error"] == 1 and t.stats["decapsulated"] == 0
+
+
+def test_loop_drives_both_directions(loop, rec: Recorder) -> None:
+    """Readers registered with a real loop: bytes in on either side come out on the other."""
+    fake_tun = Tun()
+    wire_a, wire_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    wire_a.setblocking(False)
+
+    class WireSocket(FakeRawSocket):
+        def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+            data = wire_a.recv(size)
+            return data, ("?", 0)
+
+    sock = WireSocket(wire_a.fileno())
+    t = UserspaceTunnel(loop, FOA, run=rec)
+    t._attach(fake_tun.fd, sock)
+    t.accept(HOA, 42)
+    t.set_reverse(OBJ, (HOA, 42))
+    wire_b.send(outer_packet(GreHeader(key=42).encode(inner_packet()), src=HOA, dst=FOA))
+    fake_tun.from_kernel(inner_packet(src=OBJ, dst=CLIENT))
+
+    async def until_done() -> None:
+        for _ in range(100):
+            if t.stats["decapsulated"] and sock.sent:
+                return
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(until_done())
+    assert fake_tun.to_kernel() == [inner_packet()]
+    assert [(remote, g.key, g.payload.src) for remote, g in sent_gre(sock)] == [(HOA, 42, OBJ)]
+    t.close()
+    assert not loop.remove_reader(wire_a.fileno())  # close() unregistered it
+    wire_a.close()
+    wire_b.close()
+    fake_tun.peer.close()
+
+
+# --- kernel backend with a fake netlink -------------------------------------------------------
+
+
+class FakeNetlinkError(Exception):
+    def __init__(self, code: int, msg: str = "") -> None:
+        self.code = code
+        super().__init__(code, msg or os.strerror(code))
+
+
+class FakeIPRoute:
+    def __init__(self) -> None:
+        self.links: dict[str, dict[str, Any]] = {}
+        self.index: dict[str, int] = {}
+        self.routes: list[tuple[str, dict[str, Any]]] = []
+        self.rules: list[tuple[str, dict[str, Any]]] = []
+        self._next = 10
+        self.closed = False
+        self.add_error: Exception | None = None
+
+    def link(self, op: str, **kw: Any) -> None:
+        if op == "add":
+            if self.add_error is not None:
+                err, self.add_error = self.add_error, None
+                raise err
+            if kw["ifname"] in self.links:
+                raise FakeNetlinkError(errno.EEXIST)
+            self.links[kw["ifname"]] = kw
+            self.index[kw["ifname"]] = self._next
+            self._next += 1
+        elif op == "set":
+            name = next(n for n, i in self.index.items() if i == kw["index"])
+            self.links[name]["state"] = kw.get("state")
+        elif op == "del":
+            name = next(n for n, i in self.index.items() if i == kw["index"])
+            del self.links[name], self.index[name]
+
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [self.index[ifname]] if ifname in self.index else []
+
+    def route(self, op: str, **kw: Any) -> None:
+        self.routes.append((op, kw))
+
+    def rule(self, op: str, **kw: Any) -> None:
+        self.rules.append((op, kw))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def ktun(loop, rec: Recorder, tmp_path) -> tuple[KernelTunnel, FakeIPRoute, Recorder]:
+    ipr = FakeIPRoute()
+    t = KernelTunnel(loop, HOA, netlink=ipr, run=rec, sysfs=str(tmp_path))
+    t.start()
+    return t, ipr, rec
+
+
+def test_kernel_set_peers_devices_route_and_bicast_mirror(ktun) -> None:
+    t, ipr, rec = ktun
+    t.set_peers(OBJ, [(FOA, 42), (FOA2, 43)])
+    assert set(ipr.links) == {"mg42", "mg43"}
+    spec = ipr.links["mg42"]
+    assert spec["kind"] == "gre" and spec["state"] == "up"
+    assert (spec["gre_local"], spec["gre_remote"], spec["gre_ikey"], spec["gre_okey"]) == (HOA, FOA, 42, 42)
+    assert spec["gre_iflags"] == spec["gre_oflags"] == GRE_KEY_FLAG == 0x2000
+    assert ipr.routes[-1] == ("replace", {"dst": f"{OBJ}/32", "oif": ipr.index["mg42"]})
+    assert rec.joined() == [
+        "tc qdisc del dev mg42 clsact",
+        "tc qdisc add dev mg42 clsact",
+        f"tc filter add dev mg42 egress protocol ip prio 4347 u32 match ip dst {OBJ}/32 "
+        "action mirred egress mirror dev mg43",
+    ]
+    rec.calls.clear()
+    t.set_peers(OBJ, [(FOA, 42)])  # one binding left: no mirror, mg43 goes
+    assert rec.joined() == ["tc qdisc del dev mg42 clsact"]
+    assert set(ipr.links) == {"mg42"}
+    t.set_peers(OBJ, [])
+    assert ipr.routes[-1] == ("del", {"dst": f"{OBJ}/32"})
+    assert ipr.links == {}
+
+
+def test_kernel_accept_forget_and_shared_devices(ktun) -> None:
+    t, ipr, _ = ktun
+    t.accept(FOA, 42)
+    assert ipr.links["mg42"]["gre_ikey"] == 42
+    t.set_peers(OBJ, [(FOA, 42)])
+    t.set_peers(OBJ, [])
+    assert "mg42" in ipr.links  # still accepted
+    t.forget(FOA, 42)
+    assert ipr.links == {}
+
+
+def test_kernel_device_names_unique_and_stale_device_replaced(ktun) -> None:
+    t, ipr, _ = ktun
+    t.accept(FOA, 42)
+    t.accept(FOA2, 42)
+    assert t.devices == {(FOA, 42): "mg42", (FOA2, 42): "mg42x1"}
+    # a device left by a killed agent: deleted and made again
+    ipr.links["mg7"] = {"ifname": "mg7"}
+    ipr.index["mg7"] = 99
+    t.accept(FOA, 7)
+    assert ipr.links["mg7"]["gre_remote"] == FOA
+
+
+def test_kernel_device_failure_is_a_tunnel_error(ktun) -> None:
+    t, ipr, _ = ktun
+    ipr.add_error = FakeNetlinkError(errno.EOPNOTSUPP)
+    with pytest.raises(tunnel_mod.TunnelError, match="cannot create GRE device mg42"):
+        t.accept(FOA, 42)
+
+
+def test_kernel_reverse_table_per_device(ktun) -> None:
+    t, ipr, _ = ktun
+    t.set_reverse(OBJ, (HOA, 42))
+    t.set_reverse("10.97.0.101", (HOA, 43))
+    t.set_reverse("10.97.0.102", (HOA, 42))
+    tables = {kw["table"] for op, kw in ipr.routes if op == "replace" and kw["dst"] == "0.0.0.0/0"}
+    assert tables == {4347, 4348}
+    assert [(op, kw["src"], kw["table"]) for op, kw in ipr.rules] == [
+        ("add", OBJ, 4347), ("add", "10.97.0.101", 4348), ("add", "10.97.0.102", 4347)]
+    t.set_reverse(OBJ, None)
+    assert "mg42" in ipr.links  # 10.97.0.102 still uses it
+    t.set_reverse("10.97.0.102", None)
+    assert "mg42" not in ipr.links
+    assert ipr.rules[-1] == ("del", {"src": "10.97.0.102", "src_len": 32, "table": 4347, "priority": 4347})
+
+
+def test_kernel_close_removes_everything(ktun) -> None:
+    t, ipr, rec = ktun
+    t.set_peers(OBJ, [(FOA, 42), (FOA2, 43)])
+    t.accept(FOA, 44)
+    t.set_reverse("10.97.0.5", (FOA, 44))
+    t.close()
+    t.close()
+    assert ipr.links == {} and t.devices == {}
+    assert ("del", {"src": "10.97.0.5", "src_len": 32, "table": 4347, "priority": 4347}) in ipr.rules
+    assert not ipr.closed  # injected netlink belongs to the caller
+
+
+def test_kernel_stats_from_device_counters(ktun, tmp_path) -> None:
+    t, _, _ = ktun
+    t.set_peers(OBJ, [(FOA, 42), (FOA2, 43)])
+    for dev, tx, rx in (("mg42", 5, 1), ("mg43", 5, 0)):
+        d = tmp_path / dev / "statistics"
+        d.mkdir(parents=True)
+        (d / "tx_packets").write_text(f"{tx}\n")
+        (d / "rx_packets").write_text(f"{rx}\n")
+    s = t.stats
+    assert (s["encapsulated"], s["copies_sent"], s["decapsulated"]) == (5, 10, 1)
+
+
+# --- choosing the backend ---------------------------------------------------------------------
+
+
+def test_make_tunnel_forced_kernel_unavailable(monkeypatch, loop) -> None:
+    monkeypatch.setattr(tunnel_mod, "_probe_kernel_gre", lambda: "the kernel cannot create a GRE device here: "
+                        "(95, 'Operation not supported') (no ip_gre module)")
+    with pytest.raises(TunnelUnavailable, match="kernel GRE backend requested but unavailable.*no ip_gre") as exc:
+        make_tunnel("kernel", loop=loop, local=HOA)
+    assert "userspace" in str(exc.value) and "ip_gre" in exc.value.reason
+    assert detect_backend() == "userspace"
+    auto = make_tunnel("auto", loop=loop, local=HOA)
+    assert isinstance(auto, UserspaceTunnel) and auto.backend == "userspace"
+    forced = make_tunnel("userspace", loop=loop, local=HOA, name="moatu1")
+    assert forced.name == "moatu1"
+
+
+def test_make_tunnel_kernel_when_available(monkeypatch, loop) -> None:
+    monkeypatch.setattr(tunnel_mod, "_probe_kernel_gre", lambda: None)
+    assert detect_backend() == "kernel"
+    assert isinstance(make_tunnel("auto", loop=loop, local=HOA), KernelTunnel)
+    assert make_tunnel("kernel", loop=loop, local=HOA).backend == "kernel"
+    with pytest.raises(ValueError, match="unknown tunnel backend"):
+        make_tunnel("ovs", loop=loop, local=HOA)
+
+
+@pytest.mark.parametrize("add_error, expect", [
+    (None, None),
+    (FakeNetlinkError(errno.EEXIST), None),
+    (FakeNetlinkError(errno.EOPNOTSUPP), "no ip_gre module"),
+    (FakeNetlinkError(errno.EPERM), "Operation not permitted"),
+])
+def test_probe_creates_and_deletes_a_throwaway_gre(monkeypatch, add_error, expect) -> None:
+    ipr = FakeIPRoute()
+    ipr.add_error = add_error
+
+    class Threaded:
+        def __init__(self) -> None:
+            self.link, self.link_lookup, self.close = ipr.link, ipr.link_lookup, ipr.close
+
+    monkeypatch.setattr(tunnel_mod, "_ThreadedIPRoute", Threaded)
+    reason = tunnel_mod._probe_kernel_gre()
+    if expect is None:
+        assert reason is None
+    else:
+        assert expect in reason
+    assert ipr.links == {} and ipr.closed  # nothing left behind
+
+
+def test_tunnel_name_length_checked(loop) -> None:
+    with pytest.raises(ValueError, match="1..15"):
+        UserspaceTunnel(loop, HOA, name="x" * 16)
+    with pytest.raises(ValueError):
+        UserspaceTunnel(loop, "not-an-address")
