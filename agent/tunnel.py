@@ -55,6 +55,8 @@ IFF_NO_PI = 0x1000
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 #: Like a kernel GRE device on a 1500-byte link: outer IPv4 header (20) + keyed GRE (8).
 TUN_MTU = 1500 - 20 - 8
+TUN_QUEUE = 4096
+SOCKET_BUFFER = 4 << 20
 #: Policy-routing table (and rule priority) for reverse-tunnelled sources. The kernel backend
 #: uses one table per HOA device, counting up from here.
 REVERSE_TABLE = 4347
@@ -339,13 +341,24 @@ class UserspaceTunnel(Tunnel):
         try:
             self._rp.device(self.name)
             self._rp.relax_all()
-            if not self._cmd("ip", "link", "set", "dev", self.name, "mtu", str(TUN_MTU), "up"):
+            # A longer TUN queue than the default 500 packets: the agent drains it from one
+            # event loop, and bursts (a TCP window) arrive faster than one read per packet.
+            if not self._cmd("ip", "link", "set", "dev", self.name, "mtu", str(TUN_MTU),
+                             "txqueuelen", str(TUN_QUEUE), "up"):
                 raise TunnelError(f"cannot bring TUN device {self.name} up")
             try:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, GRE_PROTO)
             except OSError as exc:
                 raise TunnelUnavailable(f"raw GRE socket (needs root / CAP_NET_RAW): {exc}") from exc
             sock.setblocking(False)
+            # The bench found the FOA's raw socket buffer (the default ~200 KiB) overflowing
+            # under TCP load; SO_RCVBUFFORCE passes the net.core.rmem_max cap as root.
+            for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                    break
+                except OSError:
+                    continue
         except BaseException:
             os.close(fd)
             self._rp.restore()
