@@ -517,6 +517,17 @@ class AgentDaemon:
             raise ControlError(f"object {name!r} does not register from here")
         return client
 
+    async def cmd_client_stop(self, name: str, deregister: bool = False) -> dict:
+        """Stop only the object's registration client (its code keeps running): without
+        renewals its binding runs out, as when an object loses touch with its agents."""
+        hosted = self._hosted(name)
+        if hosted.client is None:
+            raise ControlError(f"object {name!r} does not register from here")
+        await hosted.client.stop(deregister=deregister)
+        status = hosted.status()
+        hosted.client = None
+        return status
+
     async def cmd_register(self, name: str, lifetime: int | None = None) -> dict:
         return (await self._client(name).register(lifetime)).as_dict()
 
