@@ -8,12 +8,17 @@ itself, as real packets on the emulated network. Each prints one JSON line.
 * ``udp DST PORT HEX [--timeout S]`` — send one datagram, print the reply (hex) or null.
 * ``fuzz DST --count N --seed S`` — send N mutated registration and discovery messages to
   DST (UDP 434 and raw ICMP), bounded in count, and print how many were sent.
+* ``regload SPEC --duration S --window W`` — act as a trusted FOA: send valid, authenticated
+  Registration Requests (described by the JSON file SPEC) to one HOA from one UDP socket,
+  at most W outstanding, for S seconds (bounded in time and count); print the replies by
+  code, timeouts and reply latencies (``experiments.bench_registration`` runs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import sys
@@ -24,6 +29,7 @@ from packets import (
     AgentAdvertisement,
     AgentSolicitation,
     ExtType,
+    MalformedMessage,
     NaiExtension,
     RegistrationReply,
     RegistrationRequest,
@@ -129,6 +135,179 @@ def fuzz(dst: str, count: int, seed: int) -> dict:
     return sent
 
 
+#: Hard bounds of ``regload``, whatever it is asked.
+REGLOAD_MAX_DURATION = 60.0
+REGLOAD_MAX_WINDOW = 1024
+REGLOAD_MAX_REQUESTS = 1_000_000
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` (all threads) from /proc, or None if unreadable."""
+    try:
+        text = open(f"/proc/{pid}/stat", encoding="ascii", errors="replace").read()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    if len(fields) < 13:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def regload(spec: dict, duration: float, window: int, max_requests: int, timeout: float,
+            pids: list[int] | None = None) -> dict:
+    """Registration load on one HOA, as a trusted FOA would relay it (RFC 5944 §3.7.3).
+
+    Each request is what :class:`agent.foreign.ForeignAgent` relays: NAI + object-part NVSE,
+    Mobile-Home auth under the object's key, care-of-name NVSE, Foreign-Home auth under the
+    FOA's key, a fresh strictly increasing NTP Identification, lifetime ``spec["lifetime"]``.
+    One UDP socket, connected to ``spec["home_agent"]``:434 (so only the HOA's replies count);
+    at most ``window`` requests outstanding; a request unanswered after ``timeout`` s counts
+    as a timeout and frees its slot. Sends for ``duration`` s or ``max_requests`` requests,
+    whichever ends first, then waits up to ``timeout`` for the last replies (reported apart,
+    not in the rate). ``pids``: CPU seconds of these processes are read at the start and the
+    end of the sending window, so a caller can charge them to exactly that window.
+    """
+    import ipaddress
+    import resource
+    import select
+
+    from packets import CareOfName, ObjectPart, PartRole, ReplyCode, new_identification, verify_auth
+    from packets.extensions import encode_extension
+
+    dst = spec["home_agent"]
+    addr = ipaddress.IPv4Address(dst)
+    if not addr.is_private or addr.is_loopback or addr.is_multicast or addr.is_unspecified:
+        raise SystemExit(f"regload: {dst} is not an emulated-network unicast address")
+    duration = min(max(duration, 0.1), REGLOAD_MAX_DURATION)
+    window = min(max(window, 1), REGLOAD_MAX_WINDOW)
+    max_requests = min(max(max_requests, 1), REGLOAD_MAX_REQUESTS)
+    mh_spi, mh_key = int(spec["mobile_home"]["spi"]), bytes.fromhex(spec["mobile_home"]["key"])
+    fh_spi, fh_key = int(spec["foreign_home"]["spi"]), bytes.fromhex(spec["foreign_home"]["key"])
+    lifetime = int(spec.get("lifetime", 60))
+    head_exts = [NaiExtension(spec["nai"]), ObjectPart(PartRole.PRIMARY, 0, "")]
+    coname = encode_extension(CareOfName(spec["care_of_name"]))
+    fh_keys = {fh_spi: fh_key}
+
+    def build(ident: int) -> bytes:
+        rrq = RegistrationRequest(spec["home_address"], dst, spec["care_of_address"], ident,
+                                  lifetime, RequestFlags.G, head_exts)
+        data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, mh_spi, mh_key) + coname
+        return append_auth(data, ExtType.FOREIGN_HOME_AUTH, fh_spi, fh_key)
+
+    outstanding: dict[int, float] = {}  # identification -> sent at (monotonic); insertion order
+    codes: dict[str, int] = {}
+    latencies: list[float] = []
+    counts = {"sent": 0, "replies": 0, "accepted": 0, "timeouts": 0, "late_replies": 0,
+              "late_timeouts": 0, "unmatched": 0, "bad_auth": 0, "malformed": 0, "icmp_errors": 0,
+              "send_blocked": 0}
+    last_ident: int | None = None
+    in_window = True
+
+    def on_reply(data: bytes, now: float) -> None:
+        try:
+            rrp = RegistrationReply.decode(data)
+        except MalformedMessage:
+            counts["malformed"] += 1
+            return
+        sent_at = outstanding.pop(rrp.identification, None)
+        if sent_at is None:
+            counts["unmatched"] += 1  # already timed out, or not ours
+            return
+        if not in_window:
+            counts["late_replies"] += 1
+            return
+        counts["replies"] += 1
+        latencies.append(now - sent_at)
+        code = int(rrp.code)
+        if code == ReplyCode.ACCEPTED:
+            if not verify_auth(rrp, ExtType.FOREIGN_HOME_AUTH, fh_keys):
+                counts["bad_auth"] += 1  # an acceptance an FOA would drop
+                return
+            counts["accepted"] += 1
+        try:
+            label = f"{code} {ReplyCode(code).name}"
+        except ValueError:
+            label = str(code)
+        codes[label] = codes.get(label, 0) + 1
+
+    def drain(now: float) -> None:
+        while True:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:  # ICMP port unreachable from the HOA's address
+                counts["icmp_errors"] += 1
+                continue
+            on_reply(data, now)
+
+    def expire(now: float) -> None:
+        while outstanding:
+            ident, sent_at = next(iter(outstanding.items()))
+            if now - sent_at < timeout:
+                return
+            del outstanding[ident]
+            counts["timeouts"] += 1
+
+    cpu_before = {pid: _proc_cpu_seconds(pid) for pid in pids or []}
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((dst, MIP_PORT))
+        sock.setblocking(False)
+        start = time.monotonic()
+        end = start + duration
+        now = start
+        while now < end:
+            blocked = False
+            while len(outstanding) < window and counts["sent"] < max_requests:
+                last_ident = new_identification(last=last_ident)
+                try:
+                    sock.send(build(last_ident))
+                except BlockingIOError:
+                    counts["send_blocked"] += 1
+                    blocked = True
+                    break
+                except ConnectionRefusedError:  # an earlier ICMP error, reported on this send
+                    counts["icmp_errors"] += 1
+                    break
+                outstanding[last_ident] = time.monotonic()
+                counts["sent"] += 1
+            if not outstanding and counts["sent"] >= max_requests:
+                break
+            now = time.monotonic()
+            wait = end - now
+            if outstanding:
+                wait = min(wait, next(iter(outstanding.values())) + timeout - now)
+            if blocked:
+                wait = min(wait, 0.001)
+            if select.select([sock], [], [], max(0.0, wait))[0]:
+                drain(time.monotonic())
+            now = time.monotonic()
+            expire(now)
+        stop = min(time.monotonic(), end)
+        cpu_after = {pid: _proc_cpu_seconds(pid) for pid in pids or []}
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        in_window = False
+        counts["in_flight_at_end"] = len(outstanding)
+        deadline = time.monotonic() + timeout
+        while outstanding and (left := deadline - time.monotonic()) > 0:
+            if select.select([sock], [], [], left)[0]:
+                drain(time.monotonic())
+        counts["late_timeouts"] += len(outstanding)
+    elapsed = stop - start
+    gen_cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    return dict(
+        counts, codes=codes, elapsed=elapsed, window=window, duration=duration,
+        max_requests=max_requests, timeout=timeout, lifetime=lifetime,
+        request_bytes=len(build(new_identification(last=last_ident))),
+        replies_per_s=counts["replies"] / elapsed if elapsed > 0 else 0.0,
+        accepted_per_s=counts["accepted"] / elapsed if elapsed > 0 else 0.0,
+        latencies=[round(x, 7) for x in latencies],
+        generator_cpu_s=gen_cpu,
+        pid_cpu={str(pid): [cpu_before[pid], cpu_after[pid]] for pid in pids or []},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.probes")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -148,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst")
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser("regload")
+    p.add_argument("spec", help="JSON: home_address, home_agent, care_of_address, nai, "
+                   "care_of_name, lifetime, mobile_home {spi, key}, foreign_home {spi, key}")
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--max-requests", type=int, default=200_000)
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--pid", type=int, action="append", default=[],
+                   help="read this process's CPU time at the start and end of the window")
     args = parser.parse_args(argv)
     if args.cmd == "arp":
         out: object = {"mac": arp(args.iface, args.address, args.timeout)}
@@ -156,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "udp":
         reply = udp(args.dst, args.port, bytes.fromhex(args.hex), args.timeout)
         out = {"reply": None if reply is None else reply.hex()}
+    elif args.cmd == "regload":
+        with open(args.spec, encoding="utf-8") as fh:
+            spec = json.load(fh)
+        out = regload(spec, args.duration, args.window, args.max_requests, args.timeout, args.pid)
     else:
         out = fuzz(args.dst, min(args.count, 100_000), args.seed)
     print(json.dumps(out))
