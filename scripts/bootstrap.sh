@@ -32,6 +32,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# The unprivileged user mobile objects run as (agent/sandbox.py).
+if ! getent passwd moat-object >/dev/null; then
+  echo "bootstrap: creating system user moat-object"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+          --shell /usr/sbin/nologin moat-object
+fi
+
 # Debian's openssh-server enables a system sshd; MOAT starts its own per remote site, so the
 # system one is left as the distribution configured it.
 

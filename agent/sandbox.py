@@ -1,0 +1,395 @@
+"""Controlled exec of mobile objects: own cgroup, unprivileged user, rlimits, private working
+directory, read-only view of the rest of the filesystem, no inherited file descriptors.
+
+Design: no ``preexec_fn``. The agent is an asyncio program with threads (the default
+executor, the child watcher), and Python code between fork and exec in a threaded process
+can deadlock; it could also not join a cgroup "before the object runs" without a race.
+Instead the agent starts a tiny launcher, :mod:`agent.sandbox_exec`, as root with
+``close_fds=True``, an explicit ``pass_fds``, ``start_new_session=True`` and an empty
+environment (``python -I -S``: no site-packages, no PYTHON* variables). The launcher joins
+the cgroup first, then isolates the filesystem, sets rlimits, closes stray fds, drops to the
+object's user (``setgroups``, ``setresgid``, ``setresuid``, ``no_new_privs``) and
+``execve``s the object with exactly the spec's environment. So the object's first
+instruction already runs limited, accounted and unprivileged: there is no window to close,
+unlike ``prlimit()``/``cgroup.procs`` written by the parent after the fork. The launcher
+reports failures on a close-on-exec pipe; EOF on it means the object's program is running.
+The cost is one short-lived interpreter start per object start (tens of milliseconds).
+
+The object's user is the system user ``moat-object`` (:func:`ensure_object_user`; the
+bootstrap script creates it too). Its working directory is made by root, owned by
+``moat-object``, mode 0700, under a run directory (:func:`make_workdir`).
+
+Exit reasons (:meth:`ObjectSandbox.exit_reason`): ``"killed: oom"`` when the cgroup's OOM
+kill counter rose, ``"pids limit"`` when a fork was refused by ``pids.max``, ``"killed:
+signal N"``, or ``"exited"`` (the status is in :meth:`ObjectSandbox.exit_info`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pwd
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cgroups import Cgroup, CgroupError, CgroupManager, CgroupVersion, Limits
+from .errors import AgentError
+
+log = logging.getLogger(__name__)
+
+OBJECT_USER = "moat-object"
+MiB = 1 << 20
+DEFAULT_RLIMITS: dict[str, tuple[int, int]] = {
+    "NOFILE": (256, 256),
+    "FSIZE": (256 * MiB, 256 * MiB),  # a bigger write gets SIGXFSZ
+    "CORE": (0, 0),
+}
+LAUNCHER = Path(__file__).resolve().with_name("sandbox_exec.py")
+SPAWN_TIMEOUT = 10.0
+MAX_SPEC_BYTES = 60_000  # fits in a pipe buffer: written before the launcher starts
+DEVNULL = subprocess.DEVNULL
+
+
+class SandboxError(AgentError):
+    """An object that could not be started in its sandbox."""
+
+
+# --- the object's user and working directory ---------------------------------------------
+
+
+def useradd_command(name: str = OBJECT_USER) -> list[str]:
+    return ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+            "/nonexistent", "--shell", "/usr/sbin/nologin", name]
+
+
+def ensure_object_user(name: str = OBJECT_USER) -> tuple[int, int]:
+    """(uid, gid) of the objects' system user; made with useradd if missing (root only)."""
+    try:
+        pw = pwd.getpwnam(name)
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise SandboxError(f"user {name} does not exist and only root can create it "
+                           f"(run: sudo {' '.join(useradd_command(name))})")
+    if shutil.which("useradd") is None:
+        raise SandboxError(f"user {name} does not exist and useradd is not installed")
+    done = subprocess.run(useradd_command(name), capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 9):  # 9: made meanwhile by another agent
+        raise SandboxError(f"useradd {name} failed: {done.stderr.strip() or done.returncode}")
+    log.info("created system user %s", name)
+    pw = pwd.getpwnam(name)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _may_traverse(st: os.stat_result, uid: int, gid: int) -> bool:
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def make_workdir(parent: Path, name: str, uid: int, gid: int) -> Path:
+    """``parent/name``: made by root, owned by the object's user, mode 0700.
+
+    ``parent`` (the run's directory for objects) must belong to root and not be writable
+    by anyone else, so the object cannot rename or replace its own directory, and every
+    directory above must let the object's user pass.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise SandboxError(f"bad working directory name {name!r}")
+    parent = Path(parent).resolve()
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(parent, 0o755)  # not the umask's idea of it: the objects must pass through
+    pst = parent.stat()
+    if (os.geteuid() == 0 and pst.st_uid != 0) or pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SandboxError(f"{parent} must belong to root and be writable by root only")
+    for d in (parent, *parent.parents):
+        if not _may_traverse(d.stat(), uid, gid):
+            raise SandboxError(f"uid {uid} cannot enter {d} (mode {oct(d.stat().st_mode & 0o7777)}); "
+                               f"put the run directory somewhere it can reach")
+    path = parent / name
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    # Through an fd opened with O_NOFOLLOW: never chown what a symlink points to.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxError(f"{path} is not a plain directory: {exc.strerror}") from None
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return path
+
+
+def open_log(path: Path) -> int:
+    """An append-only fd for an object's output, never following a symlink (the object
+    may own the directory the log is in). The caller closes it after spawn()."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o640)
+
+
+def minimal_env(workdir: Path, **extra: str) -> dict[str, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
+           "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+# --- spawning ----------------------------------------------------------------------------
+
+
+@dataclass
+class SandboxSpec:
+    """How one object runs. ``rlimits`` maps resource names without ``RLIMIT_`` (NOFILE,
+    FSIZE, CORE, AS, ...) to (soft, hard); ``env`` None means :func:`minimal_env`."""
+
+    workdir: Path
+    uid: int
+    gid: int
+    limits: Limits = field(default_factory=Limits)
+    rlimits: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_RLIMITS))
+    env: dict[str, str] | None = None
+    pass_fds: tuple[int, ...] = ()
+    umask: int = 0o077
+    extra_groups: tuple[int, ...] = ()
+    isolate_fs: bool = True  # everything read-only but the workdir (private mount namespace)
+    no_new_privs: bool = True
+    die_with_agent: bool = True
+
+    def launch_spec(self, argv: Sequence[str], cgroup: Cgroup | None) -> dict[str, Any]:
+        for name in self.rlimits:
+            if not hasattr(resource, "RLIMIT_" + name):
+                raise SandboxError(f"unknown rlimit {name}")
+        return {
+            "argv": list(argv),
+            "env": self.env if self.env is not None else minimal_env(self.workdir),
+            "cwd": str(self.workdir),
+            "uid": self.uid, "gid": self.gid, "groups": list(self.extra_groups),
+            "umask": self.umask,
+            "cgroup_procs": [str(p) for p in cgroup.procs_files()] if cgroup else [],
+            "rlimits": {k: list(v) for k, v in self.rlimits.items()},
+            "pass_fds": list(self.pass_fds),
+            "isolate_fs": self.isolate_fs, "writable": [str(self.workdir)],
+            "no_new_privs": self.no_new_privs,
+            "parent_pid": os.getpid() if self.die_with_agent else 0,
+        }
+
+
+async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = None, *,
+                stdin: Any = DEVNULL, stdout: Any = DEVNULL,
+                stderr: Any = DEVNULL) -> asyncio.subprocess.Process:
+    """Start ``argv`` under ``spec`` in ``cgroup``; returns once the object's program runs.
+
+    stdin/stdout/stderr take what :func:`asyncio.create_subprocess_exec` takes (DEVNULL by
+    default; an fd from :func:`open_log` for a log file; PIPE)."""
+    if not argv:
+        raise SandboxError("empty argv")
+    if os.geteuid() != 0:
+        raise SandboxError("controlled exec needs root (to join cgroups and change user)")
+    payload = json.dumps(spec.launch_spec(argv, cgroup)).encode()
+    if len(payload) > MAX_SPEC_BYTES:
+        raise SandboxError(f"sandbox spec too large ({len(payload)} bytes)")
+    spec_r, spec_w = os.pipe()
+    status_r, status_w = os.pipe()
+    try:
+        os.write(spec_w, payload)
+    finally:
+        os.close(spec_w)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", str(LAUNCHER), str(spec_r), str(status_w),
+            stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
+            pass_fds=(spec_r, status_w, *spec.pass_fds), start_new_session=True,
+            cwd="/", env={"PATH": "/usr/bin:/bin"},
+        )
+    except OSError as exc:
+        os.close(status_r)
+        raise SandboxError(f"cannot start the sandbox launcher: {exc}") from exc
+    finally:
+        os.close(spec_r)
+        os.close(status_w)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                os.fdopen(status_r, "rb", 0))
+    try:
+        report = await asyncio.wait_for(reader.read(), SPAWN_TIMEOUT)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise SandboxError(f"sandbox launcher for {argv[0]} hung for {SPAWN_TIMEOUT}s") from None
+    finally:
+        transport.close()
+    if report:
+        await proc.wait()
+        try:
+            info = json.loads(report)
+        except ValueError:
+            info = {"stage": "?", "error": report.decode(errors="replace")}
+        raise SandboxError(f"cannot start {argv[0]} in its sandbox ({info.get('stage')}): "
+                           f"{info.get('error')}")
+    return proc
+
+
+# --- one object ---------------------------------------------------------------------------
+
+
+class ObjectSandbox:
+    """One object: its cgroup, its process, its measurements and how it ended.
+
+        sandbox = ObjectSandbox("counter", spec, manager)
+        proc = await sandbox.start(argv, stdout=log_fd, stderr=log_fd)
+        ... sandbox.usage() ...
+        await sandbox.wait(); sandbox.exit_reason()
+        await sandbox.close()          # always (kills leftovers, removes the cgroup)
+    """
+
+    def __init__(self, name: str, spec: SandboxSpec, manager: CgroupManager | None) -> None:
+        self.name = name
+        self.spec = spec
+        self.manager = manager
+        self.cgroup: Cgroup | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self._base: dict[str, int] = {}
+        self._final: dict[str, Any] | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> ObjectSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def _counters(self) -> dict[str, int | None]:
+        cg = self.cgroup
+        if cg is None or not cg.exists():
+            return {"oom_kills": None, "memory_limit_hits": None, "pids_limit_hits": None}
+        return {"oom_kills": cg.oom_kills(), "memory_limit_hits": cg.memory_limit_hits(),
+                "pids_limit_hits": cg.pids_limit_hits()}
+
+    async def start(self, argv: Sequence[str], **stdio: Any) -> asyncio.subprocess.Process:
+        if self.proc is not None:
+            raise SandboxError(f"object {self.name} already started")
+        if self.manager is not None and self.manager.version is not CgroupVersion.NONE:
+            self.cgroup = self.manager.create(self.name, self.spec.limits)
+        elif not self.spec.limits.is_empty():
+            raise SandboxError(f"object {self.name} has limits but there are no usable cgroups")
+        else:
+            log.warning("object %s runs without a cgroup (no limits, no measurements)", self.name)
+        self._base = {k: v or 0 for k, v in self._counters().items()}
+        try:
+            self.proc = await spawn(argv, self.spec, self.cgroup, **stdio)
+        except BaseException:
+            await self.close()
+            raise
+        return self.proc
+
+    def usage(self) -> dict[str, float | int | None]:
+        """CPU seconds, memory now and at peak, and processes: live, or the last reading."""
+        if self._final is not None and (self.cgroup is None or not self.cgroup.exists()):
+            return dict(self._final["usage"])
+        if self.cgroup is None:
+            return {"cpu_seconds": None, "memory_bytes": None, "memory_peak_bytes": None,
+                    "pids": None}
+        return self.cgroup.usage()
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """The object's exit status, once its main process has exited."""
+        if self.proc is None:
+            raise SandboxError(f"object {self.name} was not started")
+        rc = await asyncio.wait_for(self._exited(), timeout)
+        self._snapshot(rc)
+        return rc
+
+    async def _exited(self) -> int:
+        # Process.wait() of Python < 3.12 also waits for the stdio pipes to close, which
+        # never happens while a child the object left behind holds them: watch returncode.
+        assert self.proc is not None
+        waiter = asyncio.ensure_future(self.proc.wait())
+        try:
+            while self.proc.returncode is None and not waiter.done():
+                await asyncio.wait({waiter}, timeout=0.02)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    def _snapshot(self, rc: int) -> None:
+        if self._final is not None:
+            return
+        self._final = {"returncode": rc, "usage": self.usage(), **self._counters()}
+
+    def exit_info(self) -> dict[str, Any] | None:
+        """None while running; else returncode, usage, the counters and the reason."""
+        if self._final is None:
+            return None
+        return dict(self._final, reason=self.exit_reason())
+
+    def exit_reason(self) -> str | None:
+        f = self._final
+        if f is None:
+            return None
+        rc = f["returncode"]
+        oom, hits, pids = f["oom_kills"], f["memory_limit_hits"], f["pids_limit_hits"]
+        if oom is not None and oom > self._base.get("oom_kills", 0):
+            return "killed: oom"
+        if oom is None and rc == -9 and (hits or 0) > self._base.get("memory_limit_hits", 0):
+            return "killed: oom"  # a kernel without the oom_kill counter (v1, < 4.13)
+        if (pids or 0) > self._base.get("pids_limit_hits", 0):
+            return "pids limit"
+        if rc < 0:
+            return f"killed: signal {-rc}"
+        return "exited"
+
+    async def kill(self) -> None:
+        """SIGKILL the object and every process it made."""
+        if self.cgroup is not None and self.cgroup.exists():
+            await asyncio.to_thread(self.cgroup.kill_all)
+        elif self.proc is not None and self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            self._snapshot(await self._exited())
+
+    async def close(self) -> None:
+        """Kill whatever is left, read the last figures, remove the cgroup. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.proc is not None:
+                if self.proc.returncode is None:
+                    await self.kill()
+                else:
+                    self._snapshot(await self._exited())
+        finally:
+            if self.cgroup is not None:
+                try:
+                    await asyncio.to_thread(self.cgroup.remove)
+                except CgroupError as exc:
+                    log.warning("object %s: %s", self.name, exc)
+                    raise
