@@ -1,9 +1,9 @@
 """A MOAT run: its id, its directory, and exactly what it created, so it can be removed.
 
-Every process a run starts (Mininet's node shells, agent daemons, later object processes)
-carries ``MOAT_RUN_ID=<id>`` in its environment, and every root-namespace interface the run
-creates (bridges, switch-side veth ends) is recorded in ``run.json`` as soon as the network
-is built. ``moat clean`` therefore finds a run's leftovers by its id even after the process
+Every process a run starts (Mininet's node shells, agent daemons, object processes)
+carries ``MOAT_RUN_ID=<id>`` in its environment, every root-namespace interface the run
+creates (bridges, switch-side veth ends) is recorded in ``run.json`` before it is built, and
+every cgroup it makes is named ``moat-<run-id>-...``. ``moat clean`` therefore finds a run's leftovers by its id even after the process
 that made them was killed with SIGKILL, and never touches anything by a broad name.
 
 Layout::
@@ -190,6 +190,15 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
         state = Run.load(run_id, base).state
     except (OSError, ValueError, TypeError):
         pass
+    try:
+        from agent.cgroups import CgroupError, clean_run as clean_cgroups
+
+        cg_removed, cg_kept = clean_cgroups(run_id)
+        removed += [f"cgroup {d}" for d in cg_removed]
+        for d in cg_kept:
+            log.warning("clean %s: kept cgroup %s (it holds processes that are not MOAT's)", run_id, d)
+    except (CgroupError, OSError) as exc:
+        log.warning("clean %s: cgroups not cleaned: %s", run_id, exc)
     if state is not None:
         for name in state.root_links + state.bridges:
             if _link_exists(name):

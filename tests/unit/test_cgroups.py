@@ -535,3 +535,16 @@ def test_agent_leaf_names_are_reserved(v2: FakeKernel, tmp_path: Path) -> None:
     m = CgroupManager("r1", root=v2.root, proc_self_cgroup=proc_file(tmp_path, "0::/some/agent\n"))
     with pytest.raises(CgroupError, match="reserved"):
         m.create("agent")
+
+
+def test_moat_clean_removes_a_runs_cgroups_by_name(tmp_path, monkeypatch) -> None:
+    """topologies.run.clean_run (what `moat clean` calls) also removes the run's cgroups."""
+    import agent.cgroups as cg
+    from topologies import run as runmod
+
+    calls = []
+    monkeypatch.setattr(cg, "clean_run", lambda run_id, *a, **k: (calls.append(run_id), ([tmp_path / f"moat-{run_id}-objects"], []))[1])
+    monkeypatch.setattr(runmod, "processes_of_run", lambda run_id: [])
+    removed = runmod.clean_run("r1", tmp_path)
+    assert calls == ["r1"]
+    assert any(line.startswith("cgroup ") and "moat-r1-objects" in line for line in removed)
