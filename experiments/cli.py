@@ -9,6 +9,7 @@
     sudo moat clean [--run ID]
     sudo moat run handoff|tour
     sudo moat bench packets|registration|tunnel
+    moat repo keygen|package|publish|verify|show ...
 
 ``--run ID`` picks a network when several are up; by default the newest live one.
 """
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", choices=["handoff", "tour"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
+    sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")
     p = sub.add_parser("bench", help="run a benchmark")
     p.add_argument("which", choices=["packets", "registration", "tunnel"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -336,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["repo"]:  # its own parser, so `moat repo --help` is the repo tools' help
+        from .repo_cli import main as repo_main
+
+        return repo_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

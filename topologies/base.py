@@ -46,6 +46,7 @@ from topologies.addressing import (
 from topologies.errors import AddressPlanError, TopologyParamError
 from topologies.links import MoatLink
 from topologies.nodes import MoatHost, MoatRouter
+from topologies.site import RemoteSite
 from topologies.routing import Route, compute_routes, default_gateway
 
 __all__ = [
@@ -237,7 +238,7 @@ class MoatTopo(Topo):
         return name
 
     def add_end_host(
-        self, name: str, network: int, octet: int, role: str, **params: Any
+        self, name: str, network: int, octet: int, role: str, cls: type = MoatHost, **params: Any
     ) -> str:
         """Add host ``name`` (a server or corresponding object) on a network's LAN."""
         spec = self._network(network)
@@ -247,7 +248,7 @@ class MoatTopo(Topo):
                 f".{HOST_OCTETS.stop - 1}"
             )
         addr = lan_address(network, octet)
-        self.addNode(name, cls=MoatHost, ip=str(addr), network=network, role=role, **params)
+        self.addNode(name, cls=cls, ip=str(addr), network=network, role=role, **params)
         self._end_hosts.append(name)
         spec.hosts.append(name)
         self._lan_link(name, spec, addr)
@@ -300,7 +301,8 @@ class MoatTopo(Topo):
         self.add_router("r22b", HOME_NETWORK, 2)
         self.add_router("r22c", HOME_NETWORK, 3)
         self.add_end_host("dns23", HOME_NETWORK, DNS_OCTET, role="dns")
-        self.add_end_host("site24", HOME_NETWORK, SITE_OCTET, role="site")
+        # The remote site runs its own sshd serving the logic repository (Figs. 1 and 4).
+        self.add_end_host("site24", HOME_NETWORK, SITE_OCTET, role="site", cls=RemoteSite)
         self.hoa = "r22b"
         return spec
 

@@ -122,6 +122,7 @@ class MoatNetwork:
         for router in self.foreign_agents:
             self.keyring.add_foa(router)
         self.net: Any = None
+        self.site: str | None = None
 
     # --- configuration -------------------------------------------------------------------
 
@@ -177,6 +178,25 @@ class MoatNetwork:
             info["daemon_cwd"] = str(Path(__file__).resolve().parent.parent)
             self.run.state.agents[router] = str(cfg.socket_path)
 
+    def _prepare_site(self) -> None:
+        """The remote site's directory and the routers' SFTP client key, authorized there.
+
+        Routers fetch services with ``<run>/vm_ed25519`` and pin the site's host key,
+        ``<run>/<site>/ssh_host_ed25519_key.pub`` once the site has started."""
+        sites = [n for n in self.topo.hosts() if self.topo.nodeInfo(n).get("role") == "site"]
+        if not sites:
+            return
+        from agent.fetch import generate_client_key
+
+        key = self.run.dir / "vm_ed25519"
+        public = generate_client_key(key, f"moat-vm@{self.run.run_id}")
+        for site in sites:
+            site_dir = self.run.dir / site
+            site_dir.mkdir(parents=True, exist_ok=True)
+            (site_dir / "authorized_keys").write_text(public + "\n")
+            self.topo.nodeInfo(site)["run_dir"] = str(site_dir)
+        self.site = sites[0]
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = AGENT_START_TIMEOUT) -> "MoatNetwork":
@@ -190,6 +210,7 @@ class MoatNetwork:
         self.run.state.bridges = list(self.topo.switches())
         self.run.state.root_links = self._root_link_names()
         self._prepare_nodes()
+        self._prepare_site()
         self.run.save()
         previous = os.environ.get(ENV_RUN_ID)
         os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons

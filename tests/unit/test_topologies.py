@@ -134,7 +134,10 @@ def test_patent_node_classes_and_roles() -> None:
     for name in PATENT_ROUTERS:
         assert topo.nodeInfo(name)["cls"] is MoatRouter
     for name in PATENT_HOSTS:
-        assert topo.nodeInfo(name)["cls"] is MoatHost
+        assert issubclass(topo.nodeInfo(name)["cls"], MoatHost)
+    from topologies.site import RemoteSite
+
+    assert topo.nodeInfo("site24")["cls"] is RemoteSite
     roles = {n: topo.nodeInfo(n)["role"] for n in PATENT_HOSTS}
     assert roles == {"dns23": "dns", "site24": "site", "co12": "co", "co14": "co"}
     from mininet.nodelib import LinuxBridge
