@@ -37,7 +37,6 @@ import logging
 import os
 import platform
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -323,25 +322,6 @@ def kernel_backend() -> tuple[bool, str | None]:
 # --- measuring inside a running network ----------------------------------------------------
 
 
-def _wait_output(proc: subprocess.Popen, marker: bytes, timeout: float) -> None:
-    """Read ``proc``'s stdout until ``marker`` appears (a server saying it listens)."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            if marker in buf:
-                return
-        if proc.poll() is not None:
-            break
-    raise BenchError(f"server did not start: {buf.decode(errors='replace').strip()[-300:]}")
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -421,13 +401,19 @@ class TunnelBench:
                 **{k: stats[k] for k in ("rtt_min_ms", "rtt_avg_ms", "rtt_max_ms", "rtt_mdev_ms")}}
 
     def iperf(self, dst: str, udp: bool) -> dict[str, Any]:
+        from topologies.errors import TopologyError
+        from topologies.moatnet import wait_for_marker
+
         self.port += 1
         port = str(self.port)
         server = self.moat.net[OBJECT_ROUTER].popen(
             ["iperf3", "-s", "-1", "-B", dst, "-p", port, "--forceflush"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            _wait_output(server, b"Server listening", timeout=10)
+            try:
+                wait_for_marker(server, server.stdout, b"Server listening", timeout=10)
+            except TopologyError as exc:
+                raise BenchError(f"server did not start: {exc}") from None
             argv = ["iperf3", "-c", dst, "-p", port, "-t", f"{self.args.seconds:g}", "-J",
                     "--connect-timeout", "5000"]
             if udp:

@@ -375,7 +375,7 @@ class MoatNetwork:
         else:
             proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _wait_capture_ready(proc)
+            wait_for_marker(proc, proc.stderr, b"listening on")
             yield path
         finally:
             proc.terminate()
@@ -386,22 +386,23 @@ class MoatNetwork:
                 proc.wait()
 
 
-def _wait_capture_ready(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """tcpdump prints 'listening on' to stderr once the capture is armed."""
+def wait_for_marker(proc: subprocess.Popen, stream: Any, marker: bytes, timeout: float = 5.0) -> bytes:
+    """Read a child's ``stream`` until ``marker`` appears (a tool saying it is ready: tcpdump's
+    "listening on", iperf3's "Server listening"); raise TopologyError with what it printed if
+    it exits or stays silent for ``timeout`` seconds. Returns what was read."""
     import select
 
-    assert proc.stderr is not None
     deadline = time.monotonic() + timeout
     buf = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.1)
+        ready, _, _ = select.select([stream], [], [], 0.1)
         if ready:
-            chunk = os.read(proc.stderr.fileno(), 4096)
+            chunk = os.read(stream.fileno(), 4096)
             if not chunk:
                 break
             buf += chunk
-            if b"listening on" in buf:
-                return
+            if marker in buf:
+                return buf
         if proc.poll() is not None:
             break
-    raise TopologyError(f"capture did not start: {buf.decode(errors='replace').strip()}")
+    raise TopologyError(f"{marker.decode()!r} never came: {buf.decode(errors='replace').strip()[-300:]}")
