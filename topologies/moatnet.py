@@ -39,7 +39,7 @@ from agent.errors import ControlError
 from topologies.addressing import mo_home_addresses
 from topologies.base import MoatTopo
 from topologies.errors import TopologyError
-from topologies.net import build_net
+from topologies.net import build_net, root_namespace_names
 from topologies.run import ENV_RUN_ID, Run, clean_run
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ class MoatNetwork:
         # Record root-namespace names before creating them: a SIGKILL mid-build still
         # leaves clean_run a complete list.
         self.run.state.bridges = list(self.topo.switches())
-        self.run.state.root_links = self._root_link_names()
+        self.run.state.root_links = [n for n in root_namespace_names(self.topo)
+                                     if n not in self.run.state.bridges]
         self._prepare_nodes()
         self._prepare_site()
         self.run.save()
@@ -232,14 +233,6 @@ class MoatNetwork:
                 os.environ[ENV_RUN_ID] = previous
         log.info("run %s up in %s", self.run.run_id, self.run.dir)
         return self
-
-    def _root_link_names(self) -> list[str]:
-        names = []
-        for node1, node2, info in self.topo.links(withInfo=True):
-            for node, key, port in ((node1, "intfName1", "port1"), (node2, "intfName2", "port2")):
-                if self.topo.isSwitch(node):
-                    names.append(info.get(key) or f"{node}-eth{info[port]}")
-        return names
 
     def wait_agents(self, timeout: float) -> None:
         """Block until every router's agent answers ``ping``, or raise TopologyError."""

@@ -27,7 +27,7 @@ from topologies.errors import TopologyError
 from topologies.links import MoatLink
 from topologies.nodes import MoatHost
 
-__all__ = ["build_net", "running_net", "root_namespace_conflicts"]
+__all__ = ["build_net", "running_net", "root_namespace_conflicts", "root_namespace_names"]
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,17 @@ def root_namespace_conflicts(topo: Topo, sys_class_net: str = "/sys/class/net") 
         existing = set(os.listdir(sys_class_net))
     except OSError:
         return []
-    wanted: list[str] = []
-    for name in topo.switches():
-        wanted.append(name)
+    return sorted(set(root_namespace_names(topo)) & existing)
+
+
+def root_namespace_names(topo: Topo) -> list[str]:
+    """The interfaces ``topo`` creates in the root namespace: bridges and their ports."""
+    wanted: list[str] = list(topo.switches())
     for node1, node2, info in topo.links(withInfo=True):
         for node, key, port in ((node1, "intfName1", "port1"), (node2, "intfName2", "port2")):
             if topo.isSwitch(node):
                 wanted.append(info.get(key) or f"{node}-eth{info[port]}")
-    return sorted(set(wanted) & existing)
+    return wanted
 
 
 def build_net(topo: Topo, *, check_leftovers: bool = True, **kw: Any) -> Mininet:
