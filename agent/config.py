@@ -108,6 +108,9 @@ class AgentConfig:
     log_level: str = "INFO"
     #: GRE backend: "auto" (kernel where the kernel has GRE), "kernel" or "userspace".
     tunnel_backend: str = "auto"
+    #: The VM baseline (agent.vm.VmBaseline as JSON); None: this router runs no VMs.
+    vm: dict[str, Any] | None = None
+    run_id: str | None = None
 
     @property
     def addresses(self) -> set[str]:
@@ -190,6 +193,8 @@ class AgentConfig:
                 foreign=foreign,
                 log_level=data.get("log_level", "INFO"),
                 tunnel_backend=data.get("tunnel_backend", "auto"),
+                vm=data.get("vm"),
+                run_id=data.get("run_id"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad agent configuration: {exc!r}") from None

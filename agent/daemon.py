@@ -115,6 +115,7 @@ class AgentDaemon:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.tunnel: Any = None
+        self.vm: Any = None
         #: What the data plane currently has installed, to reconcile against the tables.
         self._home_peers: dict[str, list[tuple[str, int]]] = {}
         self._foreign_paths: dict[str, tuple[str, int, str | None, bool]] = {}
@@ -148,6 +149,11 @@ class AgentDaemon:
         self._mip, _ = await loop.create_datagram_endpoint(
             lambda: _MipProtocol(self), local_addr=("0.0.0.0", MIP_PORT), reuse_port=False
         )
+        if cfg.vm is not None:
+            from .vm import VmBaseline, VmManager
+
+            self.vm = VmManager(VmBaseline.from_json(cfg.vm), cfg.name, cfg.run_id,
+                                {i.name: i.address for i in cfg.interfaces})
         self.control = ControlServer(cfg.socket_path, self.handle_command)
         await self.control.start()
         self.peers = PeerServer(self.on_peer_message)
@@ -168,6 +174,8 @@ class AgentDaemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.vm is not None:
+            await self.vm.close()
         await self.control.stop()
         await self.peers.stop()
         if self._mip:
@@ -572,6 +580,10 @@ class AgentDaemon:
             if body["name"] in self.objects:
                 await self.cmd_object_stop(body["name"], deregister=True)
             return {"ok": True}
+        if msg.type == ControlType.PROVISION:
+            if self.vm is None:
+                raise ControlError(f"{self.config.name} runs no virtual machines")
+            return {"ok": True, "vm": await self.vm.provision(body)}
         if msg.type == ControlType.STATE_TRANSFER:
             result = await self.cmd_object_restore(body["name"], body["state"], serve=True)
             return {"ok": True, "replayed": result.get("replayed", 0)}
@@ -678,6 +690,19 @@ class AgentDaemon:
         """Switch advertisements and solicitation answers off/on (an agent leaving a link)."""
         self.paused = not enabled
         return enabled
+
+    def cmd_vm(self) -> list[dict]:
+        """The provisioned VMs, their objects and what each uses (cgroup measurements)."""
+        return [vm.describe() for vm in self.vm.vms.values()] if self.vm else []
+
+    def cmd_errors(self) -> list[dict]:
+        """Refused provisionings (Fig. 5 steps 92-94), newest last."""
+        return list(self.vm.errors) if self.vm else []
+
+    async def cmd_vm_remove(self, name: str) -> Any:
+        if self.vm is None or name not in self.vm.vms:
+            raise ControlError(f"no VM {name!r} here")
+        return await self.vm.remove(name)
 
     def cmd_inject_fault(self, point: str, count: int = 1) -> dict:
         """Refuse the next ``count`` in-band ``migrate_start`` or ``state_transfer`` messages

@@ -5,6 +5,7 @@ itself, as real packets on the emulated network. Each prints one JSON line.
 
 * ``arp IFACE ADDRESS`` — who has ADDRESS? prints the MAC that answered (or null).
 * ``solicit IFACE`` — send an Agent Solicitation, print who advertised back and how fast.
+* ``control DST TYPE JSON`` — one MOAT control message over TCP 4340, print the answer.
 * ``udp DST PORT HEX [--timeout S]`` — send one datagram, print the reply (hex) or null.
 * ``fuzz DST --count N --seed S`` — send N mutated registration and discovery messages to
   DST (UDP 434 and raw ICMP), bounded in count, and print how many were sent.
@@ -75,6 +76,20 @@ def solicit(iface: str, timeout: float = 3.0) -> dict:
                 return {"agent": addr[0], "delay": time.monotonic() - start, "ttl": data[8],
                         "sequence": adv.sequence}
     return {"agent": None, "delay": None}
+
+
+def control(dst: str, ctype: str, body: dict, timeout: float = 120.0) -> dict:
+    """One in-band control message over TCP 4340 (PROVISION from the remote site, say);
+    returns the answer's body."""
+    import asyncio
+
+    from agent.migration import MigrationFailed, peer_call
+    from packets import ControlType
+
+    try:
+        return asyncio.run(peer_call(dst, ControlType[ctype.upper()], body, timeout=timeout))
+    except MigrationFailed as exc:
+        return {"ok": False, "error": str(exc)}
 
 
 def udp(dst: str, port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
@@ -318,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("solicit")
     p.add_argument("iface")
     p.add_argument("--timeout", type=float, default=3.0)
+    p = sub.add_parser("control")
+    p.add_argument("dst")
+    p.add_argument("type", help="a ControlType name, e.g. provision")
+    p.add_argument("body", help="the JSON body")
+    p.add_argument("--timeout", type=float, default=120.0)
     p = sub.add_parser("udp")
     p.add_argument("dst")
     p.add_argument("port", type=int)
@@ -341,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         out: object = {"mac": arp(args.iface, args.address, args.timeout)}
     elif args.cmd == "solicit":
         out = solicit(args.iface, args.timeout)
+    elif args.cmd == "control":
+        out = control(args.dst, args.type, json.loads(args.body), args.timeout)
     elif args.cmd == "udp":
         reply = udp(args.dst, args.port, bytes.fromhex(args.hex), args.timeout)
         out = {"reply": None if reply is None else reply.hex()}

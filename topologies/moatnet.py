@@ -123,6 +123,8 @@ class MoatNetwork:
             self.keyring.add_foa(router)
         self.net: Any = None
         self.site: str | None = None
+        self.provider_key: Path | None = None
+        self.provider_public_key: Path | None = None
 
     # --- configuration -------------------------------------------------------------------
 
@@ -154,7 +156,22 @@ class MoatNetwork:
             )
         return AgentConfig(router, str(self.run.dir), roles, ifaces, self.advertise_interval,
                            home=home, foreign=foreign, log_level=self.log_level,
-                           tunnel_backend=self.tunnel_backend)
+                           tunnel_backend=self.tunnel_backend, vm=self.vm_baseline(router),
+                           run_id=self.run.run_id)
+
+    def vm_baseline(self, router: str) -> dict[str, Any] | None:
+        """Every router's VM baseline: the run's provider key is authorized, services come
+        from the topology's remote site, storage is private to the router."""
+        if self.site is None:
+            return None
+        storage = self.run.dir / "vm" / router
+        return {
+            "authorized_keys": [str(self.provider_public_key)],
+            "storage": str(storage),
+            "site": {"address": str(self.topo.addresses(self.site)[0].ip),
+                     "known_host_key": str(self.run.dir / self.site / "ssh_host_ed25519_key.pub"),
+                     "client_key": str(self.run.dir / "vm_ed25519")},
+        }
 
     def object_config(self, name: str, **overrides: Any) -> ObjectConfig:
         """The registration client configuration of object ``name`` (with its credentials)."""
@@ -188,8 +205,12 @@ class MoatNetwork:
             return
         from agent.fetch import generate_client_key
 
+        from agent.repository import generate_keypair
+
         key = self.run.dir / "vm_ed25519"
         public = generate_client_key(key, f"moat-vm@{self.run.run_id}")
+        # The run's service provider: routers' baselines authorize it; experiments sign with it.
+        self.provider_key, self.provider_public_key = generate_keypair(self.run.dir / "provider", "provider")
         for site in sites:
             site_dir = self.run.dir / site
             site_dir.mkdir(parents=True, exist_ok=True)
@@ -210,8 +231,8 @@ class MoatNetwork:
         self.run.state.bridges = list(self.topo.switches())
         self.run.state.root_links = [n for n in root_namespace_names(self.topo)
                                      if n not in self.run.state.bridges]
-        self._prepare_nodes()
         self._prepare_site()
+        self._prepare_nodes()
         self.run.save()
         previous = os.environ.get(ENV_RUN_ID)
         os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons
@@ -305,6 +326,17 @@ class MoatNetwork:
         target = str(self.topo.addresses(router)[0].ip)
         return self.agent(source, timeout=60).call("migrate", name=name, target=target, mode=mode,
                                                     target_name=router)
+
+    def provision(self, router: str, timeout: float = 120.0, **body: Any) -> dict:
+        """Send a PROVISION message from the remote site to ``router`` (in band, TCP 4340)
+        and return the answer (``ok``, and the VM or the error)."""
+        import json
+
+        if self.site is None:
+            raise TopologyError("this topology has no remote site to provision from")
+        target = str(self.topo.addresses(router)[0].ip)
+        return self.probe(self.site, "control", target, "provision", json.dumps(body),
+                          "--timeout", str(timeout), timeout=timeout + 30)
 
     def requests(self, host: str, name: str, count: int = 20, rate: float = 50.0,
                  client: str | None = None) -> dict:

@@ -244,8 +244,57 @@ class MoatRouter(ManagedDaemonMixin, Node):
             for name in names:
                 _sysctl(self, f"net.ipv4.conf.{name}.send_redirects", 0)
         install_routes(self, routes or ())
+        restore_cgroup_mounts(self)
         self._maybe_start_daemon(daemon_log, daemon_env, daemon_cwd)
         return result
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+_GENERIC_MOUNT_OPTIONS = {"rw", "ro", "nosuid", "nodev", "noexec", "relatime", "noatime",
+                          "nsdelegate", "memory_recursiveprot", "seclabel"}
+
+
+def cgroup_mount_commands(mounts_text: str, root: str = CGROUP_ROOT) -> list[str]:
+    """Shell commands that mount again, in a node, the cgroup filesystems the host has under
+    ``root`` (from the host's ``/proc/self/mounts``). Pure, for unit tests.
+
+    ``mnexec -n`` gives each node a private mount namespace and a fresh sysfs on ``/sys`` (so
+    ``/sys/class/net`` shows the node's interfaces); that sysfs hides the host's cgroup
+    mounts, and the routers' VMs need them to confine objects. Mounting a cgroup hierarchy
+    again with the same options attaches the *same* hierarchy, so limits set from inside the
+    node are the host's limits.
+    """
+    cmds: list[str] = []
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        source, target, fstype, options = parts[:4]
+        if not (target == root or target.startswith(root + "/")):
+            continue
+        if fstype == "tmpfs" and target == root:
+            cmds.insert(0, f"mount -t tmpfs -o mode=755 tmpfs {target}")
+        elif fstype == "cgroup":
+            opts = ",".join(o for o in options.split(",") if o not in _GENERIC_MOUNT_OPTIONS)
+            cmds.append(f"mkdir -p {target} && mount -t cgroup -o {opts} {source} {target}")
+        elif fstype == "cgroup2":
+            cmds.append(f"mkdir -p {target} && mount -t cgroup2 {source} {target}")
+    return cmds
+
+
+def restore_cgroup_mounts(node: Node) -> None:
+    """Make the host's cgroups visible in ``node`` (see :func:`cgroup_mount_commands`)."""
+    if node.cmd(f"ls {CGROUP_ROOT} 2>/dev/null").strip():
+        return  # visible already (no private sysfs here)
+    try:
+        mounts = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return
+    for cmd in cgroup_mount_commands(mounts):
+        out = node.cmd(cmd + " 2>&1").strip()
+        if out:
+            log.warning("%s: %s: %s (objects on this router run without cgroup limits)", node.name, cmd, out)
+            return
 
 
 class MoatHost(ManagedDaemonMixin, Host):

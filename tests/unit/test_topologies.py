@@ -626,3 +626,22 @@ def test_module_main_prints_plan() -> None:
     assert res.returncode == 0, res.stderr
     assert "r22b" in res.stdout and "10.255.0.0/30" in res.stdout
     assert ipaddress.IPv4Address("10.16.0.2").exploded in res.stdout
+
+
+def test_cgroup_mount_commands_rebuild_the_host_layout_in_a_node() -> None:
+    from topologies.nodes import cgroup_mount_commands
+
+    mounts = (
+        "sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0\n"
+        "cgroup /sys/fs/cgroup/cpu cgroup rw,nosuid,nodev,noexec,relatime,cpu 0 0\n"
+        "tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0\n"
+        "cgroup /sys/fs/cgroup/systemd cgroup rw,nosuid,xattr,name=systemd 0 0\n"
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0\n"
+    )
+    cmds = cgroup_mount_commands(mounts)
+    assert cmds[0] == "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup"
+    assert "mkdir -p /sys/fs/cgroup/cpu && mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu" in cmds
+    assert "mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o xattr,name=systemd cgroup /sys/fs/cgroup/systemd" in cmds
+    assert cmds[-1] == "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified"
+    assert cgroup_mount_commands("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n") == [
+        "mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup"]

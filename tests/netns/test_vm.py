@@ -1,0 +1,75 @@
+"""The router VM in the patent's topology (issue 5, lines 1, 2, 4, 7, 8): a provisioning
+message from the remote site makes a router fetch a signed service over SFTP, check it step
+by step (Fig. 5) and run its object sandboxed; refusals are recorded and leave nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.repository import generate_keypair, package_service, publish_service
+from topologies.moatnet import MoatNetwork
+from topologies.patent import PatentTopo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def counter_source(root: Path, cpu: float = 0.2) -> Path:
+    src = root / "counter-src" / "counter"
+    src.mkdir(parents=True)
+    shutil.copy(REPO / "agent" / "objects" / "counter.py", src / "counter_object.py")
+    (src / "object.json").write_text(json.dumps(
+        {"entry": "counter_object:Counter", "resources": {"cpu": cpu, "memory_mb": 96, "pids": 16}}))
+    return src.parent
+
+
+@pytest.fixture(scope="module")
+def net():
+    with MoatNetwork(PatentTopo()) as m:
+        yield m
+
+
+def publish(m: MoatNetwork, tmp: Path, service: str, key: Path, cpu: float = 0.2) -> None:
+    signed = package_service(counter_source(tmp, cpu), service, "1.0", "acme", key, tmp / "out")
+    publish_service(signed.path, m.net[m.site].repo_root)
+
+
+def test_provision_virtual_interface_runs_signed_counter(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path, "counter-svc", net.provider_key)
+    answer = net.provision("r22a", vm="vm1", kind="interface", interface="r22a-eth0",
+                           address="10.16.0.201", service="counter-svc",
+                           resources={"cpu": 0.5, "memory_mb": 256, "pids": 64})
+    assert answer["ok"], answer
+    vm = answer["vm"]
+    assert vm["version"] == "1.0" and [s for s, _ in vm["steps"]][-1] == "initialised"
+    # The service answers on its virtual interface's address, from another network.
+    net.objects["svc"] = type(net.objects["counter"])("svc", "10.16.0.201")
+    got = net.requests("co14", "svc", count=20)
+    assert got["answered"] == got["sent"] == 20
+    shown = net.agent("r22a").call("vm")[0]["objects"]["counter"]
+    assert shown["usage"]["cpu_seconds"] > 0 and shown["usage"]["memory_bytes"] > 0
+    net.agent("r22a").call("vm_remove", name="vm1")
+    assert net.requests("co14", "svc", count=5)["answered"] == 0
+    assert "10.16.0.201" not in net.net["r22a"].cmd("ip -o addr")
+
+
+def test_refusals_are_recorded_and_leave_nothing(net: MoatNetwork, tmp_path: Path) -> None:
+    stranger, _pub = generate_keypair(tmp_path / "stranger", "stranger")
+    publish(net, tmp_path / "a", "unsigned-svc", stranger)
+    publish(net, tmp_path / "b", "greedy-svc", net.provider_key, cpu=2.0)
+    cases = [
+        ({"service": "unsigned-svc"}, "credentials", "UnknownSigner"),
+        ({"service": "greedy-svc"}, "resources", "needs cpu 2.0"),
+        ({"service": "no-such-svc"}, "fetch", "ServiceNotFound"),
+        ({"service": "unsigned-svc", "credentials": ["/etc/passwd"]}, "credentials", "only restrict"),
+    ]
+    for i, (body, step, reason) in enumerate(cases):
+        answer = net.provision("r18b", vm=f"bad{i}", kind="service", **body)
+        assert not answer["ok"] and reason in answer["error"], (body, answer)
+        assert net.agent("r18b").call("errors")[-1]["step"] == step
+    assert net.agent("r18b").call("vm") == []
+    storage = net.run.dir / "vm" / "r18b"
+    assert not (storage / "installed").exists() or not any((storage / "installed").iterdir())
