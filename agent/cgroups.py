@@ -283,27 +283,6 @@ def _v2_mount(root: Path) -> Path:
     return root if (root / "cgroup.controllers").is_file() else root / "unified"
 
 
-def visible_root(root: Path = DEFAULT_ROOT, fallback: Path = Path("/proc/1/root/sys/fs/cgroup")) -> Path:
-    """The cgroup mount to use from here.
-
-    A Mininet node remounts ``/sys`` for its network namespace, which hides the host's
-    ``/sys/fs/cgroup`` mounts from the node's processes (the directory is empty there). The
-    same cgroup filesystems stay reachable through init's root, so an agent inside a node
-    uses ``/proc/1/root/sys/fs/cgroup`` when its own view is empty.
-    """
-    try:
-        if any(root.iterdir()):
-            return root
-    except OSError:
-        pass
-    try:
-        if fallback.is_dir() and any(fallback.iterdir()):
-            return fallback
-    except OSError:
-        pass
-    return root
-
-
 def detect(root: Path = DEFAULT_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> CgroupVersion:
     """v2 when ``root`` is a cgroup2 mount; v1 when controller hierarchies are mounted under it
     (a hybrid mount whose ``unified`` part has no controllers counts as v1); else none."""

@@ -231,7 +231,7 @@ class VmManager:
         vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})", time.time()))
 
     async def _initialise(self, vm: VirtualMachine) -> None:
-        from .cgroups import CgroupManager, Limits, visible_root
+        from .cgroups import CgroupManager, Limits
         from .repository import Manifest
         from .sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
                               minimal_env, open_log)
@@ -244,7 +244,7 @@ class VmManager:
         manifest = Manifest.from_bytes((Path(vm.installed) / "manifest.json").read_bytes())
         uid, gid = ensure_object_user()
         if self._cgroups is None:
-            self._cgroups = CgroupManager(self.run_id, owner=self.router, root=visible_root())
+            self._cgroups = CgroupManager(self.run_id, owner=self.router)
         repo = str(Path(__file__).resolve().parent.parent)
         for obj in manifest.objects:
             parent, child = socket.socketpair()
