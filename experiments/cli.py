@@ -1,9 +1,10 @@
 """``moat``: start, inspect, stop and clean MOAT networks, and run experiments.
 
     sudo moat up [--topo patent] [--objects counter] [--adv-interval 1]
-    sudo moat show bindings|visitors|agents|objects|status|log [ROUTER] [--json]
+    sudo moat show bindings|visitors|agents|objects|status|log|vm|errors [ROUTER] [--json]
     sudo moat object start|stop|register|deregister OBJECT ROUTER [--run-code]
     sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make]
+    sudo moat provision ROUTER --vm NAME --service SVC [--kind interface --interface IF --address A]
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
@@ -44,6 +45,9 @@ COLUMNS = {
     "agents": ["router", "address", "interface", "flags", "sequence", "care_of_addresses", "age"],
     "objects": ["router", "name", "home_address", "at_home", "agent", "care_of_address", "care_of_name", "remaining"],
     "status": ["router", "roles", "pid", "uptime", "bindings", "visitors", "objects", "malformed"],
+    "vm": ["router", "name", "kind", "service", "version", "address", "port", "cpu", "memory_mb",
+           "pids", "object", "object_pid", "cpu_seconds", "memory_mb_used", "memory_mb_peak"],
+    "errors": ["router", "at", "vm", "service", "step", "reason"],
 }
 
 
@@ -141,6 +145,21 @@ def _flatten_object(router: str, obj: dict[str, Any]) -> dict[str, Any]:
             "at_home": obj["at_home"], **{k: reg.get(k) for k in ("agent", "care_of_address", "care_of_name", "remaining")}}
 
 
+def _per_object(vm: dict[str, Any]) -> list[dict[str, Any]]:
+    objs = vm.get("objects") or {"-": None}
+    return [dict(vm, object=name, _obj=info) for name, info in objs.items()]
+
+
+def _flatten_vm(router: str, vm: dict[str, Any]) -> dict[str, Any]:
+    info = vm.pop("_obj") or {}
+    usage = info.get("usage") or {}
+    mib = 1 << 20
+    return dict(vm, router=router, object_pid=info.get("pid"),
+                cpu_seconds=usage.get("cpu_seconds"),
+                memory_mb_used=None if usage.get("memory_bytes") is None else round(usage["memory_bytes"] / mib, 1),
+                memory_mb_peak=None if usage.get("memory_peak_bytes") is None else round(usage["memory_peak_bytes"] / mib, 1))
+
+
 def collect(run: Run, what: str, routers: list[str], lines: int = 30) -> list[dict[str, Any]] | dict[str, list[str]]:
     if what == "log":
         return {r: _client(run, r).call("log", lines=lines) for r in routers}
@@ -151,6 +170,11 @@ def collect(run: Run, what: str, routers: list[str], lines: int = 30) -> list[di
             rows.append(dict(result, router=router, roles=",".join(result["roles"]) or "-"))
         elif what == "objects":
             rows += [_flatten_object(router, o) for o in result]
+        elif what == "vm":
+            rows += [_flatten_vm(router, vm) for vm in result for vm in _per_object(vm)]
+        elif what == "errors":
+            rows += [dict(e, router=router, at=time.strftime("%H:%M:%S", time.localtime(e["at"])))
+                     for e in result]
         else:
             rows += [dict(r, router=router) for r in result]
     return rows
@@ -209,6 +233,41 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(("moved" if report["ok"] else "NOT moved") + f": {args.object} {source} -> {args.router}"
               + ("" if report["ok"] else f" ({report['error']})"))
     return 0 if report["ok"] else 1
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    """A PROVISION message from the remote site to a router, in band (TCP 4340)."""
+    _require_root()
+    run = pick_run(args.run)
+    from agent.config import AgentConfig
+
+    target = AgentConfig.load(run.dir / f"{args.router}.json").interfaces[0].address
+    site = run.state.params.get("site")
+    if not site or site not in run.state.node_pids:
+        raise CliError("this run has no remote site to provision from")
+    body: dict[str, Any] = {"vm": args.vm, "kind": args.kind, "service": args.service,
+                            "resources": {"cpu": args.cpu, "memory_mb": args.memory, "pids": args.pids}}
+    if args.kind == "interface":
+        body.update(interface=args.interface, address=args.address)
+    if args.port:
+        body["port"] = args.port
+    argv = ["mnexec", "-a", str(run.state.node_pids[site]), sys.executable, "-m",
+            "experiments.probes", "control", target, "provision", json.dumps(body)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        raise CliError(f"could not send from {site}: {proc.stderr.strip()[-300:]}")
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps(answer, indent=2, default=str))
+    elif answer.get("ok"):
+        vm = answer["vm"]
+        t0 = vm["steps"][0][1]
+        for what, at in vm["steps"]:
+            print(f"  +{(at - t0) * 1000:8.1f} ms  {what}")
+        print(f"{args.vm} on {args.router} runs {vm['service']} {vm['version']} at {vm['address']}:{vm['port']}")
+    else:
+        print(f"refused: {answer.get('error')}")
+    return 0 if answer.get("ok") else 1
 
 
 def _object_config_from_run(run: Run, name: str) -> dict[str, Any]:
@@ -299,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.set_defaults(func=cmd_clean)
     p = sub.add_parser("show", help="tables from the agents of a running network")
-    p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log"])
+    p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors"])
     p.add_argument("router", nargs="?")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -322,6 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("provision", help="configure a VM on a router to run a service from the remote site")
+    p.add_argument("router")
+    p.add_argument("--vm", required=True, help="a name for the VM")
+    p.add_argument("--service", required=True, help="the service's name in the site's repository")
+    p.add_argument("--kind", choices=["interface", "service"], default="service",
+                   help="virtual interface (one address on one interface) or virtual service (all addresses)")
+    p.add_argument("--interface", help="for a virtual interface: the router's interface")
+    p.add_argument("--address", help="for a virtual interface: the address to add")
+    p.add_argument("--port", type=int, help="the service's UDP port (default 4341)")
+    p.add_argument("--cpu", type=float, default=0.5, help="CPUs (0.5 = half of one)")
+    p.add_argument("--memory", type=int, default=256, help="MiB")
+    p.add_argument("--pids", type=int, default=64)
+    p.add_argument("--run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_provision)
     p = sub.add_parser("cli", help="a network in the foreground with Mininet's CLI + MOAT commands")
     add_topo(p)
     p.set_defaults(func=cmd_cli)

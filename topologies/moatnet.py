@@ -233,6 +233,7 @@ class MoatNetwork:
                                      if n not in self.run.state.bridges]
         self._prepare_site()
         self._prepare_nodes()
+        self.run.state.params["site"] = self.site
         self.run.save()
         previous = os.environ.get(ENV_RUN_ID)
         os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons

@@ -101,3 +101,25 @@ def test_mininet_cli_with_moat_commands() -> None:
     assert "1 received" in proc.stdout + proc.stderr  # a Mininet command still works (its
     # output goes through Mininet's own logger)
     assert bridges_exist() == []
+
+
+def test_repo_provision_show_vm_and_errors(up: str, tmp_path: Path) -> None:
+    run = Run.load(up)
+    src = tmp_path / "src" / "counter"
+    src.mkdir(parents=True)
+    (src / "counter_object.py").write_text((Path(__file__).resolve().parents[2] / "agent" / "objects" / "counter.py").read_text())
+    (src / "object.json").write_text(json.dumps({"entry": "counter_object:Counter",
+                                                 "resources": {"cpu": 0.2, "memory_mb": 96, "pids": 16}}))
+    key = run.dir / "provider" / "provider.key"
+    assert moat("repo", "package", str(src.parent), "--service", "counter-svc", "--version", "1.0",
+                "--provider", "acme", "--key", str(key), "--out", str(tmp_path / "out")).returncode == 0
+    assert moat("repo", "publish", str(tmp_path / "out"), str(run.dir / "site24" / "repo")).returncode == 0
+    ok = moat("provision", "r22a", "--vm", "vm1", "--service", "counter-svc", "--kind", "interface",
+              "--interface", "r22a-eth0", "--address", "10.16.0.201")
+    assert ok.returncode == 0 and "initialised" in ok.stdout, ok.stdout + ok.stderr
+    refused = moat("provision", "r18b", "--vm", "vm2", "--service", "no-such-service")
+    assert refused.returncode == 1 and "ServiceNotFound" in refused.stdout
+    vms = json.loads(moat("show", "vm", "--json").stdout)
+    assert [(v["router"], v["name"], v["object"]) for v in vms] == [("r22a", "vm1", "counter")]
+    errors = json.loads(moat("show", "errors", "--json").stdout)
+    assert [(e["router"], e["vm"], e["step"]) for e in errors] == [("r18b", "vm2", "fetch")]
