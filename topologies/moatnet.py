@@ -340,7 +340,7 @@ class MoatNetwork:
                           "--timeout", str(timeout), timeout=timeout + 30)
 
     def requests(self, host: str, name: str, count: int = 20, rate: float = 50.0,
-                 client: str | None = None) -> dict:
+                 client: str | None = None, port: int | None = None) -> dict:
         """Send ``count`` service requests from ``host`` to object ``name``'s home address
         (``python -m experiments.co_load`` inside the host); return its summary (sent,
         answered). Each call is a new client unless ``client`` is given: objects remember
@@ -352,6 +352,8 @@ class MoatNetwork:
         argv = [sys.executable, "-m", "experiments.co_load", "--dst", self.objects[name].home_address,
                 "--rate", str(rate), "--duration", str(count / rate), "--out", str(out),
                 "--client", client or f"{host}-{self._clients}"]
+        if port is not None:
+            argv += ["--port", str(port)]
         proc = self.net[host].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         stdout, stderr = proc.communicate(timeout=60 + count / rate)
         if proc.returncode != 0:

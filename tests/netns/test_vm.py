@@ -73,3 +73,35 @@ def test_refusals_are_recorded_and_leave_nothing(net: MoatNetwork, tmp_path: Pat
     assert net.agent("r18b").call("vm") == []
     storage = net.run.dir / "vm" / "r18b"
     assert not (storage / "installed").exists() or not any((storage / "installed").iterdir())
+
+
+def test_reprovision_of_the_same_version_fetches_no_archive(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path, "cached-svc", net.provider_key)
+    body = dict(vm="c1", kind="service", service="cached-svc", port=5001)
+    first = net.provision("r20a", **body)
+    assert first["ok"], first
+    net.agent("r20a").call("vm_remove", name="c1")
+    again = net.provision("r20a", **body)
+    assert again["ok"], again
+    fetched = [s for s, _ in again["vm"]["steps"] if s.startswith("fetched")]
+    assert fetched and "1 cached" in fetched[0], fetched
+    first_fetch = [s for s, _ in first["vm"]["steps"] if s.startswith("fetched")][0]
+    assert "0 cached" in first_fetch
+    net.agent("r20a").call("vm_remove", name="c1")
+
+
+def test_virtual_service_stays_reachable_when_an_interface_goes_down(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path, "vs-svc", net.provider_key)
+    answer = net.provision("r18a", vm="vs", kind="service", service="vs-svc", port=5002)
+    assert answer["ok"], answer
+    Obj = type(net.objects["counter"])
+    net.objects["vs-lan"] = Obj("vs-lan", "10.12.0.1")
+    net.objects["vs-backbone"] = Obj("vs-backbone", "10.255.0.2")
+    try:
+        assert net.requests("co12", "vs-lan", count=5, port=5002)["answered"] == 5
+        assert net.requests("co14", "vs-backbone", count=5, port=5002)["answered"] == 5
+        net.net["r18a"].cmd("ip link set r18a-eth0 down")  # net 12's side of the router
+        assert net.requests("co14", "vs-backbone", count=5, port=5002)["answered"] == 5
+    finally:
+        net.net["r18a"].cmd("ip link set r18a-eth0 up")
+        net.agent("r18a").call("vm_remove", name="vs")
