@@ -9,7 +9,7 @@
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
     sudo moat run handoff|tour
-    sudo moat bench packets|registration|tunnel
+    sudo moat bench packets|registration|tunnel|provision
     moat repo keygen|package|publish|verify|show ...
 
 ``--run ID`` picks a network when several are up; by default the newest live one.
@@ -328,6 +328,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return bench_main(args.rest) or 0
     _require_root()
+    if args.which == "provision":
+        from .bench_provision import main as bench_main
+
+        return bench_main(args.rest) or 0
     if args.which == "tunnel":
         from .bench_tunnel import main as bench_main
 
@@ -405,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")
     p = sub.add_parser("bench", help="run a benchmark")
-    p.add_argument("which", choices=["packets", "registration", "tunnel"])
+    p.add_argument("which", choices=["packets", "registration", "tunnel", "provision"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
