@@ -73,6 +73,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 HOUSEKEEPING_PERIOD = 0.25
+LIFECYCLE_PERIOD = 0.5
 FAULT_POINTS = ("migrate_start", "state_transfer")
 PENDING_TIMEOUT = 5.0
 
@@ -162,6 +163,8 @@ class AgentDaemon:
             asyncio.create_task(self._advertise_loop(), name="advertise"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
         ]
+        if self.vm is not None:
+            self._tasks.append(asyncio.create_task(self._lifecycle_loop(), name="lifecycle"))
         log.info("agent %s up: roles=%s interfaces=%s pid=%d", cfg.name, cfg.roles,
                  [f"{i.name}={i.address}" for i in cfg.interfaces], os.getpid())
         await self._stop.wait()
@@ -322,6 +325,15 @@ class AgentDaemon:
                 self.housekeeping()
             except Exception:  # noqa: BLE001
                 log.exception("housekeeping failed")
+
+    async def _lifecycle_loop(self) -> None:
+        """Retire VMs whose lifecycle policy is used up."""
+        while True:
+            await asyncio.sleep(LIFECYCLE_PERIOD)
+            try:
+                await self.vm.enforce()
+            except Exception:  # noqa: BLE001
+                log.exception("lifecycle enforcement failed")
 
     def housekeeping(self) -> None:
         if self.home is not None:
@@ -694,6 +706,10 @@ class AgentDaemon:
     def cmd_vm(self) -> list[dict]:
         """The provisioned VMs, their objects and what each uses (cgroup measurements)."""
         return [vm.describe() for vm in self.vm.vms.values()] if self.vm else []
+
+    def cmd_retired(self) -> list[dict]:
+        """VMs removed because their lifecycle policy was used up."""
+        return list(self.vm.retired) if self.vm else []
 
     def cmd_errors(self) -> list[dict]:
         """Refused provisionings (Fig. 5 steps 92-94), newest last."""

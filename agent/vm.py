@@ -122,6 +122,7 @@ class VmManager:
         self.addresses = addresses  # interface -> address
         self.vms: dict[str, VirtualMachine] = {}
         self.errors: list[dict[str, Any]] = []
+        self.retired: list[dict[str, Any]] = []
         self._cgroups: Any = None
 
     # --- Fig. 5 -------------------------------------------------------------------------
@@ -269,6 +270,35 @@ class VmManager:
             sandbox.control = await asyncio.open_connection(sock=parent)  # type: ignore[attr-defined]
             vm.objects[obj.name] = sandbox
             await self.call(vm.name, obj.name, "stats")  # it serves: initialised
+
+    async def enforce(self) -> list[dict[str, Any]]:
+        """Remove every VM whose lifecycle policy is used up (transactions served, or time
+        since it started); return what was retired and why (patent: lifecycle policy)."""
+        retired = []
+        now = time.time()
+        for name, vm in list(self.vms.items()):
+            if not vm.steps or vm.steps[-1][0] != "initialised":
+                continue  # still being provisioned
+            reason = None
+            limit, duration = vm.policy.get("max_transactions"), vm.policy.get("max_duration_s")
+            if duration is not None and now - vm.steps[-1][1] >= float(duration):
+                reason = f"duration of {duration} s used up"
+            elif limit is not None:
+                served = 0
+                for obj in vm.objects:
+                    try:
+                        served += int((await self.call(name, obj, "stats"))["served"])
+                    except (AgentError, asyncio.TimeoutError, KeyError, ValueError):
+                        continue
+                if served >= int(limit):
+                    reason = f"{served} of {limit} transactions used"
+            if reason is not None:
+                await self.remove(name)
+                entry = {"at": now, "vm": name, "service": vm.service, "reason": reason}
+                self.retired.append(entry)
+                retired.append(entry)
+                log.info("VM %s retired: %s", name, reason)
+        return retired
 
     async def call(self, vm_name: str, obj: str, cmd: str, **args: Any) -> Any:
         sandbox = self.vms[vm_name].objects[obj]

@@ -105,3 +105,18 @@ def test_virtual_service_stays_reachable_when_an_interface_goes_down(net: MoatNe
     finally:
         net.net["r18a"].cmd("ip link set r18a-eth0 up")
         net.agent("r18a").call("vm_remove", name="vs")
+
+
+def test_transaction_limit_retires_the_service(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path, "limited-svc", net.provider_key)
+    answer = net.provision("r20a", vm="lim", kind="service", service="limited-svc", port=5003,
+                           policy={"max_transactions": 10})
+    assert answer["ok"], answer
+    assert answer["vm"]["policy"]["max_transactions"] == 10
+    Obj = type(net.objects["counter"])
+    net.objects["lim"] = Obj("lim", "10.14.0.1")
+    assert net.requests("co14", "lim", count=10, port=5003)["answered"] == 10
+    retired = net.wait_for(lambda: net.agent("r20a").call("retired"), timeout=10)
+    assert retired[0]["vm"] == "lim" and "10 of 10 transactions" in retired[0]["reason"]
+    assert net.agent("r20a").call("vm") == []
+    assert net.requests("co14", "lim", count=3, port=5003)["answered"] == 0
