@@ -6,6 +6,7 @@ itself, as real packets on the emulated network. Each prints one JSON line.
 * ``arp IFACE ADDRESS`` — who has ADDRESS? prints the MAC that answered (or null).
 * ``solicit IFACE`` — send an Agent Solicitation, print who advertised back and how fast.
 * ``control DST TYPE JSON`` — one MOAT control message over TCP 4340, print the answer.
+* ``service DST PORT JSON`` — one service request, print the reply body.
 * ``udp DST PORT HEX [--timeout S]`` — send one datagram, print the reply (hex) or null.
 * ``fuzz DST --count N --seed S`` — send N mutated registration and discovery messages to
   DST (UDP 434 and raw ICMP), bounded in count, and print how many were sent.
@@ -24,6 +25,7 @@ import random
 import socket
 import sys
 import time
+from pathlib import Path
 
 from packets import (
     AdvFlags,
@@ -90,6 +92,21 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0) -> dict:
         return asyncio.run(peer_call(dst, ControlType[ctype.upper()], body, timeout=timeout))
     except MigrationFailed as exc:
         return {"ok": False, "error": str(exc)}
+
+
+def service(dst: str, port: int, body: dict, timeout: float = 5.0) -> dict:
+    """One service request (MOAT framing) and its reply body, as a corresponding object
+    sends it; ``client``/``seq`` are filled in when missing."""
+    from packets import ControlMessage, ControlType
+
+    body = {"client": f"probe-{random.getrandbits(32):08x}", "seq": 1, **body}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(ControlMessage(ControlType.SERVICE_REQUEST, 1, body).encode(), (dst, port))
+        try:
+            return ControlMessage.decode(s.recv(65535)).body
+        except socket.timeout:
+            return {"ok": False, "error": "no reply"}
 
 
 def udp(dst: str, port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
@@ -338,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("type", help="a ControlType name, e.g. provision")
     p.add_argument("body", help="the JSON body")
     p.add_argument("--timeout", type=float, default=120.0)
+    p = sub.add_parser("service")
+    p.add_argument("dst")
+    p.add_argument("port", type=int)
+    p.add_argument("body", help="the request body (JSON), or @FILE")
+    p.add_argument("--timeout", type=float, default=5.0)
     p = sub.add_parser("udp")
     p.add_argument("dst")
     p.add_argument("port", type=int)
@@ -363,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         out = solicit(args.iface, args.timeout)
     elif args.cmd == "control":
         out = control(args.dst, args.type, json.loads(args.body), args.timeout)
+    elif args.cmd == "service":
+        text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
+        out = service(args.dst, args.port, json.loads(text), args.timeout)
     elif args.cmd == "udp":
         reply = udp(args.dst, args.port, bytes.fromhex(args.hex), args.timeout)
         out = {"reply": None if reply is None else reply.hex()}
