@@ -327,11 +327,12 @@ class AgentDaemon:
                 log.exception("housekeeping failed")
 
     async def _lifecycle_loop(self) -> None:
-        """Retire VMs whose lifecycle policy is used up."""
+        """Retire VMs whose lifecycle policy is used up; upgrade those with a new version."""
         while True:
             await asyncio.sleep(LIFECYCLE_PERIOD)
             try:
                 await self.vm.enforce()
+                await self.vm.check_updates()
             except Exception:  # noqa: BLE001
                 log.exception("lifecycle enforcement failed")
 

@@ -102,6 +102,8 @@ class VirtualMachine:
     installed: str = ""
     objects: dict[str, Any] = field(default_factory=dict)  # name -> ObjectSandbox
     steps: list[tuple[str, float]] = field(default_factory=list)
+    running_since: float | None = None
+    last_update_check: float = 0.0
 
     def describe(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "objects"}
@@ -137,6 +139,7 @@ class VmManager:
             await self._fetch_verify_install(vm)
             await self._initialise(vm)
             vm.steps.append(("initialised", time.time()))
+            vm.running_since = vm.last_update_check = time.time()
             log.info("VM %s on %s runs %s %s", vm.name, self.router, vm.service, vm.version)
             return vm.describe()
         except ProvisionError as exc:
@@ -232,16 +235,21 @@ class VmManager:
         vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})", time.time()))
 
     async def _initialise(self, vm: VirtualMachine) -> None:
-        from .cgroups import CgroupManager, Limits
-        from .repository import Manifest
-        from .sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
-                              minimal_env, open_log)
-
         if vm.kind == "interface":
             out = subprocess.run(["ip", "addr", "add", f"{vm.address}/32", "dev", str(vm.interface)],
                                  capture_output=True, text=True, timeout=RUN_TIMEOUT)
             if out.returncode != 0 and "exists" not in out.stderr:
                 raise ProvisionError("virtual interface", out.stderr.strip())
+        await self._start_objects(vm)
+
+    async def _start_objects(self, vm: VirtualMachine, states: dict[str, Any] | None = None) -> None:
+        """Start every object of the installed manifest in its sandbox (with a state, when
+        it continues from an earlier version)."""
+        from .cgroups import CgroupManager, Limits
+        from .repository import Manifest
+        from .sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
+                              minimal_env, open_log)
+
         manifest = Manifest.from_bytes((Path(vm.installed) / "manifest.json").read_bytes())
         uid, gid = ensure_object_user()
         if self._cgroups is None:
@@ -256,11 +264,13 @@ class VmManager:
                                pass_fds=(child.fileno(),))
             sandbox = ObjectSandbox(f"{vm.name}-{obj.name}", spec, self._cgroups)
             log_fd = open_log(Path(self.baseline.storage) / f"{vm.name}-{obj.name}.log")
+            argv = [sys.executable, "-m", "agent.runner", "--spec", obj.entry, "--name", obj.name,
+                    "--address", vm.address, "--port", str(vm.port), "--router", self.router,
+                    "--control-fd", str(child.fileno())]
+            if states and states.get(obj.name) is not None:
+                argv += ["--state", json.dumps(states[obj.name])]
             try:
-                await sandbox.start([sys.executable, "-m", "agent.runner", "--spec", obj.entry,
-                                     "--name", obj.name, "--address", vm.address, "--port", str(vm.port),
-                                     "--router", self.router, "--control-fd", str(child.fileno())],
-                                    stdout=log_fd, stderr=log_fd)
+                await sandbox.start(argv, stdout=log_fd, stderr=log_fd)
             except AgentError as exc:
                 await sandbox.close()
                 raise ProvisionError("initialise", f"{obj.name}: {exc}") from None
@@ -277,11 +287,11 @@ class VmManager:
         retired = []
         now = time.time()
         for name, vm in list(self.vms.items()):
-            if not vm.steps or vm.steps[-1][0] != "initialised":
+            if vm.running_since is None:
                 continue  # still being provisioned
             reason = None
             limit, duration = vm.policy.get("max_transactions"), vm.policy.get("max_duration_s")
-            if duration is not None and now - vm.steps[-1][1] >= float(duration):
+            if duration is not None and now - vm.running_since >= float(duration):
                 reason = f"duration of {duration} s used up"
             elif limit is not None:
                 served = 0
@@ -299,6 +309,64 @@ class VmManager:
                 retired.append(entry)
                 log.info("VM %s retired: %s", name, reason)
         return retired
+
+    async def check_updates(self) -> list[dict[str, Any]]:
+        """Ask the remote site for a new version of each VM's service at the interval its
+        policy sets, and upgrade a running service without losing its state: the objects
+        stop with their checkpoints, the new version is fetched, verified and installed, and
+        the new objects start from those checkpoints. A refused upgrade restarts the old
+        version from the same checkpoints (and is recorded in the errors)."""
+        from .fetch import fetch_service
+        from .repository import RepositoryError, inspect_service
+
+        done = []
+        for vm in list(self.vms.values()):
+            interval = vm.policy.get("update_check_interval_s")
+            now = time.time()
+            if vm.running_since is None or interval is None or now - vm.last_update_check < float(interval):
+                continue
+            vm.last_update_check = now
+            site = self.baseline.site
+            if site is None:
+                continue
+            probe = Path(self.baseline.storage) / "fetched" / f"{vm.name}-check"
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, lambda: fetch_service(
+                    site.address, site.port, site.user, site.client_key, site.known_host_key,
+                    vm.service, probe, cache_dir=Path(self.baseline.storage) / "cache", replace=True))
+                version = inspect_service(probe)[0].version
+            except RepositoryError as exc:
+                log.info("update check for %s failed: %s", vm.name, exc)
+                continue
+            finally:
+                shutil.rmtree(probe, ignore_errors=True)
+            if version == vm.version:
+                continue
+            done.append(await self._upgrade(vm, version))
+        return done
+
+    async def _upgrade(self, vm: VirtualMachine, version: str) -> dict[str, Any]:
+        old = vm.version
+        states: dict[str, Any] = {}
+        for name in list(vm.objects):
+            try:
+                states[name] = await self.call(vm.name, name, "stop")
+            except (AgentError, asyncio.TimeoutError) as exc:
+                log.warning("upgrade of %s: %s gave no checkpoint (%s)", vm.name, name, exc)
+            sandbox = vm.objects.pop(name)
+            await sandbox.wait(RUN_TIMEOUT)
+            await sandbox.close()
+        try:
+            await self._fetch_verify_install(vm)
+            outcome = {"vm": vm.name, "from": old, "to": vm.version, "ok": True}
+        except ProvisionError as exc:
+            self._record({"vm": vm.name, "service": vm.service}, ProvisionError(f"upgrade: {exc.step}", exc.reason))
+            outcome = {"vm": vm.name, "from": old, "to": version, "ok": False, "error": str(exc)}
+        await self._start_objects(vm, states)
+        vm.steps.append((f"upgraded {old} -> {vm.version}" if outcome["ok"] else f"upgrade to {version} refused", time.time()))
+        log.info("VM %s: %s", vm.name, outcome)
+        return outcome
 
     async def call(self, vm_name: str, obj: str, cmd: str, **args: Any) -> Any:
         sandbox = self.vms[vm_name].objects[obj]

@@ -120,3 +120,24 @@ def test_transaction_limit_retires_the_service(net: MoatNetwork, tmp_path: Path)
     assert retired[0]["vm"] == "lim" and "10 of 10 transactions" in retired[0]["reason"]
     assert net.agent("r20a").call("vm") == []
     assert net.requests("co14", "lim", count=3, port=5003)["answered"] == 0
+
+
+def test_new_version_is_picked_up_without_losing_state(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path / "v1", "upgrading-svc", net.provider_key)
+    answer = net.provision("r22c", vm="up", kind="service", service="upgrading-svc", port=5004,
+                           policy={"update_check_interval_s": 0.5})
+    assert answer["ok"], answer
+    Obj = type(net.objects["counter"])
+    net.objects["up"] = Obj("up", "10.16.0.3")
+    assert net.requests("co14", "up", count=5, port=5004, client="c")["answered"] == 5
+    signed = package_service(counter_source(tmp_path / "v2"), "upgrading-svc", "2.0", "acme",
+                             net.provider_key, tmp_path / "v2" / "out")
+    publish_service(signed.path, net.net[net.site].repo_root)
+    net.wait_for(lambda: [v for v in net.agent("r22c").call("vm")
+                          if any("upgraded 1.0 -> 2.0" in s for s, _ in v["steps"])], timeout=20)
+    stats = net.agent("r22c").call("vm")[0]["objects"]["counter"]
+    assert stats["pid"] is not None
+    # The count goes on from the state the old version had: 5 before, then the next one.
+    reply = net.probe("co14", "service", "10.16.0.3", "5004", json.dumps({"op": "incr"}))
+    assert reply["ok"] and reply["result"]["count"] == 6, reply
+    net.agent("r22c").call("vm_remove", name="up")
