@@ -51,8 +51,12 @@ def load_object(spec: str) -> MobileObject:
 class ObjectServer(asyncio.DatagramProtocol):
     """Requests in, replies out, with the dedup filter and the warm-up queue."""
 
-    def __init__(self, obj: MobileObject, name: str, router: str, warm: bool) -> None:
+    def __init__(self, obj: MobileObject, name: str, router: str, warm: bool,
+                 extensible: bool = True) -> None:
         self.obj = obj
+        #: Lifecycle policy: may another service use this one? (requests naming a
+        #: ``from_service`` are refused when not)
+        self.extensible = extensible
         self.name = name
         self.router = router
         self.instance = uuid.uuid4().hex[:8]
@@ -96,6 +100,9 @@ class ObjectServer(asyncio.DatagramProtocol):
                 self.stats["stale"] += 1
             return
         try:
+            if msg.body.get("from_service") and not self.extensible:
+                raise RequestError(f"service {self.name} is not extensible: it refuses use by "
+                                   f"another service ({msg.body['from_service']})")
             result = self.obj.handle(msg.body)
             body = {"ok": True, "result": result}
         except RequestError as exc:
@@ -172,7 +179,7 @@ async def control_loop(server: ObjectServer, sock: socket.socket, stop: asyncio.
 
 async def run(args: argparse.Namespace) -> int:
     obj = load_object(args.spec)
-    server = ObjectServer(obj, args.name, args.router, args.warm)
+    server = ObjectServer(obj, args.name, args.router, args.warm, extensible=not args.not_extensible)
     if args.state:
         server.restore(json.loads(args.state))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -200,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--warm", action="store_true", help="queue requests until set_state")
     parser.add_argument("--state", default="", help="initial state (JSON checkpoint)")
+    parser.add_argument("--not-extensible", action="store_true",
+                        help="refuse requests made on behalf of another service")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s object %(name)s %(levelname)s %(message)s")
     return asyncio.run(run(args))

@@ -267,6 +267,8 @@ class VmManager:
             argv = [sys.executable, "-m", "agent.runner", "--spec", obj.entry, "--name", obj.name,
                     "--address", vm.address, "--port", str(vm.port), "--router", self.router,
                     "--control-fd", str(child.fileno())]
+            if vm.policy.get("extensible") is False:
+                argv.append("--not-extensible")
             if states and states.get(obj.name) is not None:
                 argv += ["--state", json.dumps(states[obj.name])]
             try:

@@ -141,3 +141,22 @@ def test_new_version_is_picked_up_without_losing_state(net: MoatNetwork, tmp_pat
     reply = net.probe("co14", "service", "10.16.0.3", "5004", json.dumps({"op": "incr"}))
     assert reply["ok"] and reply["result"]["count"] == 6, reply
     net.agent("r22c").call("vm_remove", name="up")
+
+
+def test_two_vms_on_one_router_and_a_non_extensible_service(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path / "a", "svc-a", net.provider_key)
+    publish(net, tmp_path / "b", "svc-b", net.provider_key)
+    a = net.provision("r18a", vm="va", kind="interface", interface="r18a-eth0", address="10.12.0.201",
+                      service="svc-a", resources={"cpu": 0.3, "memory_mb": 128, "pids": 32})
+    b = net.provision("r18a", vm="vb", kind="service", service="svc-b", port=5005,
+                      policy={"extensible": False})
+    assert a["ok"] and b["ok"], (a, b)
+    try:
+        assert {v["name"] for v in net.agent("r18a").call("vm")} == {"va", "vb"}
+        assert net.probe("co14", "service", "10.12.0.201", "4341", json.dumps({}))["ok"]
+        assert net.probe("co14", "service", "10.12.0.1", "5005", json.dumps({}))["ok"]
+        refused = net.probe("co14", "service", "10.12.0.1", "5005", json.dumps({"from_service": "svc-a"}))
+        assert not refused["ok"] and "not extensible" in refused["error"]
+    finally:
+        net.agent("r18a").call("vm_remove", name="va")
+        net.agent("r18a").call("vm_remove", name="vb")

@@ -78,3 +78,14 @@ def test_load_object_checks_spec() -> None:
         load_object("agent.objects.counter")
     with pytest.raises(TypeError):
         load_object("collections:OrderedDict")
+
+
+def test_a_service_that_is_not_extensible_refuses_other_services() -> None:
+    s = ObjectServer(Counter(), "counter", "r18b", False, extensible=False)
+    t = FakeTransport()
+    s.connection_made(t)  # type: ignore[arg-type]
+    body = {"client": "co", "seq": 1, "op": "incr", "from_service": "text2html"}
+    s.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 1, body).encode(), ADDR)
+    s.datagram_received(request(2), ADDR)  # a corresponding object's own request is served
+    assert t.sent[0][0]["ok"] is False and "not extensible" in t.sent[0][0]["error"]
+    assert t.sent[1][0]["ok"] is True and s.obj.count == 1
