@@ -38,6 +38,7 @@ from typing import Any
 from packets.codes import SERVICE_PORT
 
 from .errors import AgentError
+from .shaping import EgressShaper
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class VirtualMachine:
     cpu: float
     memory_mb: int
     pids: int
+    egress_kbit: int | None
     authorized: list[str]
     policy: dict[str, Any]
     version: str = ""
@@ -103,6 +105,7 @@ class VirtualMachine:
     objects: dict[str, Any] = field(default_factory=dict)  # name -> ObjectSandbox
     steps: list[tuple[str, float]] = field(default_factory=list)
     running_since: float | None = None
+    shaper_key: int | None = None
     last_update_check: float = 0.0
 
     def describe(self) -> dict[str, Any]:
@@ -126,6 +129,8 @@ class VmManager:
         self.errors: list[dict[str, Any]] = []
         self.retired: list[dict[str, Any]] = []
         self._cgroups: Any = None
+        self.shaper = EgressShaper()
+        self._next_key = 0
 
     # --- Fig. 5 -------------------------------------------------------------------------
 
@@ -188,7 +193,8 @@ class VmManager:
         policy = {**base.policy, **body.get("policy", {})}  # may restrict or enhance (step 70)
         vm = VirtualMachine(name, kind, service, address, interface, int(body.get("port", SERVICE_PORT)),
                             float(res.get("cpu", base.cpu)), int(res.get("memory_mb", base.memory_mb)),
-                            int(res.get("pids", base.pids)), wanted, policy)
+                            int(res.get("pids", base.pids)),
+                            int(res["egress_kbit"]) if res.get("egress_kbit") else None, wanted, policy)
         vm.steps.append(("configured", time.time()))
         return vm
 
@@ -240,6 +246,16 @@ class VmManager:
                                  capture_output=True, text=True, timeout=RUN_TIMEOUT)
             if out.returncode != 0 and "exists" not in out.stderr:
                 raise ProvisionError("virtual interface", out.stderr.strip())
+        if vm.egress_kbit:
+            self._next_key += 1
+            vm.shaper_key = self._next_key
+            match = {"src": vm.address} if vm.kind == "interface" else {"sport": vm.port}
+            try:
+                capped = await asyncio.get_running_loop().run_in_executor(None, lambda: self.shaper.cap(
+                    vm.shaper_key, vm.egress_kbit, list(self.addresses), **match))
+            except Exception as exc:  # noqa: BLE001 - netlink refusals are a refusal of the VM
+                raise ProvisionError("resources", f"egress cap: {exc!r}") from None
+            vm.steps.append((f"egress capped at {vm.egress_kbit} kbit/s on {', '.join(capped)}", time.time()))
         await self._start_objects(vm)
 
     async def _start_objects(self, vm: VirtualMachine, states: dict[str, Any] | None = None) -> None:
@@ -401,6 +417,9 @@ class VmManager:
         if vm.kind == "interface" and vm.interface:
             subprocess.run(["ip", "addr", "del", f"{vm.address}/32", "dev", vm.interface],
                            capture_output=True, timeout=RUN_TIMEOUT)
+        if vm.shaper_key is not None:
+            key = vm.shaper_key
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self.shaper.uncap(key))
         if vm.installed:
             shutil.rmtree(vm.installed, ignore_errors=True)
         return vm.describe()

@@ -247,6 +247,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
         raise CliError("this run has no remote site to provision from")
     body: dict[str, Any] = {"vm": args.vm, "kind": args.kind, "service": args.service,
                             "resources": {"cpu": args.cpu, "memory_mb": args.memory, "pids": args.pids}}
+    if args.egress_kbit:
+        body["resources"]["egress_kbit"] = args.egress_kbit
     if args.kind == "interface":
         body.update(interface=args.interface, address=args.address)
     if args.port:
@@ -397,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", type=float, default=0.5, help="CPUs (0.5 = half of one)")
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--pids", type=int, default=64)
+    p.add_argument("--egress-kbit", type=int, help="cap the VM's egress (tc htb), kbit/s")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_provision)

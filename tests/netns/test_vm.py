@@ -160,3 +160,31 @@ def test_two_vms_on_one_router_and_a_non_extensible_service(net: MoatNetwork, tm
     finally:
         net.agent("r18a").call("vm_remove", name="va")
         net.agent("r18a").call("vm_remove", name="vb")
+
+
+def test_egress_cap_classifies_the_vms_traffic_into_its_htb_class(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path / "e", "capped-svc", net.provider_key)
+    answer = net.provision("r18a", vm="cap", kind="service", service="capped-svc", port=5006,
+                           resources={"cpu": 0.5, "memory_mb": 256, "pids": 64, "egress_kbit": 1000})
+    assert answer["ok"], answer
+    try:
+        step = [s for s, _ in answer["vm"]["steps"] if s.startswith("egress capped")][0]
+        assert "r18a-eth0" in step and "r18a-eth1" in step
+        r18a = net.net["r18a"]
+        # The backbone end keeps Mininet's htb root (5:) and gains the VM's class beside its own.
+        assert "rate 1Mbit" in r18a.cmd("tc class show dev r18a-eth1")
+        assert "rate 1Mbit" in r18a.cmd("tc class show dev r18a-eth0")
+        Obj = type(net.objects["counter"])
+        net.objects["cap"] = Obj("cap", "10.12.0.1")
+        assert net.requests("co12", "cap", count=10, port=5006)["answered"] == 10
+        stats = r18a.cmd("tc -s class show dev r18a-eth0")
+        block = stats.split("class htb ")
+        ours = [b for b in block if "rate 1Mbit" in b][0]
+        sent = int(ours.split("Sent ")[1].split(" bytes ")[1].split(" pkt")[0])
+        assert sent >= 10, ours  # the replies went through the VM's class
+    finally:
+        net.agent("r18a").call("vm_remove", name="cap")
+    assert "rate 1Mbit" not in net.net["r18a"].cmd("tc class show dev r18a-eth0")
+    assert "rate 1Mbit" not in net.net["r18a"].cmd("tc class show dev r18a-eth1")
+    assert "htb 77:" not in net.net["r18a"].cmd("tc qdisc show dev r18a-eth0"), "MOAT's own root goes too"
+    assert "htb 5:" in net.net["r18a"].cmd("tc qdisc show dev r18a-eth1"), "Mininet's stays"
