@@ -188,3 +188,35 @@ def test_egress_cap_classifies_the_vms_traffic_into_its_htb_class(net: MoatNetwo
     assert "rate 1Mbit" not in net.net["r18a"].cmd("tc class show dev r18a-eth1")
     assert "htb 77:" not in net.net["r18a"].cmd("tc qdisc show dev r18a-eth0"), "MOAT's own root goes too"
     assert "htb 5:" in net.net["r18a"].cmd("tc qdisc show dev r18a-eth1"), "Mininet's stays"
+
+
+def test_duration_limit_retires_the_service(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path, "brief-svc", net.provider_key)
+    answer = net.provision("r22c", vm="brief", kind="service", service="brief-svc", port=5007,
+                           policy={"max_duration_s": 1})
+    assert answer["ok"], answer
+    retired = net.wait_for(lambda: [r for r in net.agent("r22c").call("retired") if r["vm"] == "brief"],
+                           timeout=10)
+    assert "duration of 1 s used up" in retired[0]["reason"]
+    assert [v for v in net.agent("r22c").call("vm") if v["name"] == "brief"] == []
+
+
+def test_tampered_archive_on_the_site_is_refused(net: MoatNetwork, tmp_path: Path) -> None:
+    publish(net, tmp_path, "tampered-svc", net.provider_key)
+    store = Path(net.net[net.site].repo_root) / "tampered-svc"
+    archive = next(store.resolve().glob("*.tar.gz"))
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    answer = net.provision("r20a", vm="t", kind="service", service="tampered-svc", port=5008)
+    assert not answer["ok"] and "TamperedArchive" in answer["error"], answer
+    assert net.agent("r20a").call("errors")[-1]["vm"] == "t"
+    assert net.agent("r20a").call("vm") == []
+
+
+def test_zz_unreachable_site_is_refused(net: MoatNetwork) -> None:
+    """Last in the module: it stops the remote site's sshd."""
+    net.net[net.site].stop_daemon()
+    answer = net.provision("r22a", vm="u", kind="service", service="counter-svc", port=5009)
+    assert not answer["ok"] and "SiteUnreachable" in answer["error"], answer
+    assert net.agent("r22a").call("errors")[-1]["step"] == "fetch"
