@@ -249,6 +249,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
                             "resources": {"cpu": args.cpu, "memory_mb": args.memory, "pids": args.pids}}
     if args.egress_kbit:
         body["resources"]["egress_kbit"] = args.egress_kbit
+    if args.policy:
+        try:
+            body["policy"] = json.loads(args.policy)
+        except ValueError as exc:
+            raise CliError(f"--policy is not JSON: {exc}") from None
     if args.kind == "interface":
         body.update(interface=args.interface, address=args.address)
     if args.port:
@@ -400,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--pids", type=int, default=64)
     p.add_argument("--egress-kbit", type=int, help="cap the VM's egress (tc htb), kbit/s")
+    p.add_argument("--policy", help='lifecycle policy terms as JSON, e.g. \'{"max_transactions": 100}\'')
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_provision)
