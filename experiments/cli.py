@@ -1,7 +1,7 @@
 """``moat``: start, inspect, stop and clean MOAT networks, and run experiments.
 
     sudo moat up [--topo patent] [--objects counter] [--adv-interval 1]
-    sudo moat show bindings|visitors|agents|objects|status|log|vm|errors [ROUTER] [--json]
+    sudo moat show bindings|visitors|agents|objects|status|log|vm|errors|retired [ROUTER] [--json]
     sudo moat object start|stop|register|deregister OBJECT ROUTER [--run-code]
     sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make]
     sudo moat provision ROUTER --vm NAME --service SVC [--kind interface --interface IF --address A]
@@ -48,6 +48,7 @@ COLUMNS = {
     "vm": ["router", "name", "kind", "service", "version", "address", "port", "cpu", "memory_mb",
            "pids", "object", "object_pid", "cpu_seconds", "memory_mb_used", "memory_mb_peak"],
     "errors": ["router", "at", "vm", "service", "step", "reason"],
+    "retired": ["router", "at", "vm", "service", "reason"],
 }
 
 
@@ -172,7 +173,7 @@ def collect(run: Run, what: str, routers: list[str], lines: int = 30) -> list[di
             rows += [_flatten_object(router, o) for o in result]
         elif what == "vm":
             rows += [_flatten_vm(router, vm) for vm in result for vm in _per_object(vm)]
-        elif what == "errors":
+        elif what in ("errors", "retired"):
             rows += [dict(e, router=router, at=time.strftime("%H:%M:%S", time.localtime(e["at"])))
                      for e in result]
         else:
@@ -369,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.set_defaults(func=cmd_clean)
     p = sub.add_parser("show", help="tables from the agents of a running network")
-    p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors"])
+    p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors", "retired"])
     p.add_argument("router", nargs="?")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
