@@ -147,9 +147,36 @@ def _run_ids_by_pid() -> dict[int, str]:
     return found
 
 
+def _run_ids_by_cmdline() -> dict[int, str]:
+    """``{pid: run id}`` for processes whose command line names a run directory.
+
+    Some daemons rewrite their argv/environ area to show a status (sshd's "[listener]"),
+    which erases ``MOAT_RUN_ID`` from ``/proc/<pid>/environ``; the configuration path they
+    were started with (``<run root>/<run-id>/...``) stays in the command line."""
+    root = str(run_root()).rstrip("/") + "/"
+    me = os.getpid()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        at = cmdline.find(root)
+        if at >= 0:
+            run_id = cmdline[at + len(root):].split("/", 1)[0].split(" ", 1)[0]
+            if run_id:
+                found[int(entry.name)] = run_id
+    return found
+
+
 def processes_of_run(run_id: str) -> list[int]:
-    """PIDs of run ``run_id``, found by environment, never by process name."""
-    return [pid for pid, rid in _run_ids_by_pid().items() if rid == run_id]
+    """PIDs of run ``run_id``, found by environment or by a command line naming the run's
+    directory — never by process name."""
+    by_env = [pid for pid, rid in _run_ids_by_pid().items() if rid == run_id]
+    by_cmdline = [pid for pid, rid in _run_ids_by_cmdline().items() if rid == run_id]
+    return sorted(set(by_env) | set(by_cmdline))
 
 
 def _kill_all(pids: Iterable[int], timeout: float = 3.0) -> None:
@@ -217,7 +244,7 @@ def clean_all(root: Path | None = None) -> dict[str, list[str]]:
     """Clean every run: those with a directory under the run root, and those whose
     processes still carry a run id after their directory was removed."""
     base = root or run_root()
-    ids = set(_run_ids_by_pid().values())
+    ids = set(_run_ids_by_pid().values()) | set(_run_ids_by_cmdline().values())
     if base.is_dir():
         ids |= {d.name for d in base.iterdir() if d.is_dir()}
     return {rid: clean_run(rid, base) for rid in sorted(ids)}

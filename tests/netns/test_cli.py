@@ -75,6 +75,9 @@ def test_clean_after_kill_9_removes_everything_and_is_idempotent(up: str) -> Non
     run = Run.load(up)
     pids = processes_of_run(up)
     assert run.state.owner_pid in pids and len(pids) > 6  # holder, node shells, agents
+    # ... and the remote site's sshd, found by the run directory in its command line (it
+    # rewrites its environment area, so MOAT_RUN_ID is not visible there).
+    assert any(b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes() for p in pids if Path(f"/proc/{p}").exists())
     os.kill(run.state.owner_pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while pid_alive(run.state.owner_pid) and time.monotonic() < deadline:
