@@ -38,13 +38,6 @@ STEP_COLUMNS = ["step", "network", "router", "agent", "care_of_address", "care_o
                 "rtt_ms", "settle_ms", "hoa_bindings", "proxy_arp_mac"]
 
 
-def _running_on(moat: MoatNetwork) -> str | None:
-    for router in moat.topo.router_names():
-        if any(o["name"] == OBJECT for o in moat.agent(router).call("objects")):
-            return router
-    return None
-
-
 def _settled(moat: MoatNetwork, router: str, at_home: bool) -> dict[str, Any] | None:
     """The object's status once its move is complete (registered away, or home and clean)."""
     obj = next(o for o in moat.agent(router).call("objects") if o["name"] == OBJECT)
@@ -59,7 +52,7 @@ def _settled(moat: MoatNetwork, router: str, at_home: bool) -> dict[str, Any] | 
 
 def move(moat: MoatNetwork, step: int, network: str, router: str) -> dict[str, Any]:
     """Run the object's client on ``router`` and wait until the HOA agrees where it is."""
-    previous = _running_on(moat)
+    previous = moat.where(OBJECT)
     if previous is not None:
         moat.agent(previous).call("object_stop", name=OBJECT, deregister=False)
     start = time.monotonic()
