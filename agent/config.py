@@ -93,6 +93,10 @@ class ForeignConfig:
     max_lifetime: int = 300
 
 
+#: CPUs, MiB and processes: room for the runtime (~25 MiB) and a small object's work.
+DEFAULT_OBJECT_RESOURCES: dict[str, Any] = {"cpu": 1.0, "memory_mb": 256, "pids": 64}
+
+
 @dataclass
 class AgentConfig:
     """Everything one daemon needs."""
@@ -111,6 +115,9 @@ class AgentConfig:
     #: The VM baseline (agent.vm.VmBaseline as JSON); None: this router runs no VMs.
     vm: dict[str, Any] | None = None
     run_id: str | None = None
+    #: Sandbox resources of an object placed on this router without a VM (``object_start``,
+    #: ``moat`` experiments); a provisioned VM's objects take their manifest's instead.
+    object_resources: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECT_RESOURCES))
 
     @property
     def addresses(self) -> set[str]:
@@ -195,6 +202,7 @@ class AgentConfig:
                 tunnel_backend=data.get("tunnel_backend", "auto"),
                 vm=data.get("vm"),
                 run_id=data.get("run_id"),
+                object_resources={**DEFAULT_OBJECT_RESOURCES, **data.get("object_resources", {})},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad agent configuration: {exc!r}") from None

@@ -37,11 +37,12 @@ from .arp import ProxyArp, announce
 from .config import AgentConfig, ObjectConfig
 from .control import ControlServer
 from .discovery import ALL_ROUTERS, ALL_SYSTEMS, DiscoverySocket, Heard
-from .errors import ControlError
+from .errors import AgentError, ControlError
 from .foreign import ForeignAgent
 from .home import HomeAgent
 from .mobile import RegistrationClient
 from .migration import MODES, REGISTER_TIMEOUT, MigrationFailed, MigrationReport, PeerServer, peer_call
+from .cgroups import CgroupManager, Limits
 from .runtime import ObjectProcess, ObjectProcessError
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,32 @@ class HostedObject:
     home_address: str
     client: RegistrationClient | None = None
     process: ObjectProcess | None = None
+    #: (VM, manifest object) when a provisioned VM runs the object's code; None when it
+    #: was placed directly (an experiment's ``object_start``).
+    vm: tuple[str, str] | None = None
+    #: The sandbox resources of a directly placed object (they travel when it migrates).
+    resources: dict[str, Any] | None = None
 
     def status(self) -> dict:
         status = self.client.status() if self.client else {
             "name": self.name, "home_address": self.home_address, "at_home": None,
             "registration": None, "agents": [], "attempts": [], "bad_replies": 0}
         status["pid"] = self.process.pid if self.process else None
+        status["vm"] = list(self.vm) if self.vm else None
+        status["usage"] = self.process.usage() if self.process else None
         return status
+
+
+class _Move:
+    """What a migration needs to know about the object it moves, taken before it stops."""
+
+    def __init__(self, hosted: HostedObject, config: dict[str, Any]) -> None:
+        assert hosted.process is not None
+        self.hosted = hosted
+        self.config = config
+        self.spec = hosted.process.spec
+        self.resources = hosted.resources
+        self.vm = hosted.vm
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -117,6 +137,8 @@ class AgentDaemon:
         self._tasks: list[asyncio.Task] = []
         self.tunnel: Any = None
         self.vm: Any = None
+        #: One cgroup manager for every object this router runs (VM or placed directly).
+        self.cgroups = CgroupManager(config.run_id, owner=config.name)
         #: What the data plane currently has installed, to reconcile against the tables.
         self._home_peers: dict[str, list[tuple[str, int]]] = {}
         self._foreign_paths: dict[str, tuple[str, int, str | None, bool]] = {}
@@ -154,7 +176,8 @@ class AgentDaemon:
             from .vm import VmBaseline, VmManager
 
             self.vm = VmManager(VmBaseline.from_json(cfg.vm), cfg.name, cfg.run_id,
-                                {i.name: i.address for i in cfg.interfaces})
+                                {i.name: i.address for i in cfg.interfaces},
+                                cgroups=self.cgroups, host=self)
         self.control = ControlServer(cfg.socket_path, self.handle_command)
         await self.control.start()
         self.peers = PeerServer(self.on_peer_message)
@@ -172,11 +195,11 @@ class AgentDaemon:
 
     async def shutdown(self) -> None:
         log.info("agent %s stopping", self.config.name)
-        for name in list(self.objects):
-            await self.cmd_object_stop(name, deregister=False)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for name in list(self.objects):
+            await self.cmd_object_stop(name, deregister=False)
         if self.vm is not None:
             await self.vm.close()
         await self.control.stop()
@@ -462,19 +485,43 @@ class AgentDaemon:
         return text[-int(lines):]
 
     async def cmd_object_start(self, config: dict, spec: str | None = None, warm: bool = False,
-                               state: Any = None, register: bool = True) -> dict:
-        """Host an object: run its code (``spec``, module:Class) on its home address and/or
-        its registration client. ``warm``: queue requests until ``object_restore``."""
+                               state: Any = None, register: bool = True,
+                               resources: dict[str, Any] | None = None) -> dict:
+        """Host an object: run its code (``spec``, module:Class) on its home address under
+        controlled exec (``resources``: cpu, memory_mb, pids; the agent's defaults when
+        absent) and/or its registration client. ``warm``: queue requests until
+        ``object_restore``; ``state``: continue from that checkpoint."""
         obj = ObjectConfig.from_json(config)
+        process = None
+        if spec is not None:
+            res = {**self.config.object_resources, **(resources or {})}
+            try:
+                limits = Limits(cpu_quota=float(res["cpu"]), memory_bytes=int(res["memory_mb"]) << 20,
+                                pids_max=int(res["pids"]))
+            except (KeyError, TypeError, ValueError, AgentError) as exc:
+                raise ControlError(f"bad resources {res}: {exc}") from None
+            process = ObjectProcess(obj.name, spec, obj.home_address, SERVICE_PORT, self.config.name,
+                                    objects_dir=Path(self.config.run_dir) / "objects",
+                                    cgroups=self.cgroups, limits=limits,
+                                    label=f"{self.config.name}-{obj.name}")
+        hosted = await self.host_object(obj, process, warm=warm, state=state, register=register)
+        if spec is not None:
+            self.objects[obj.name].resources = res
+        return hosted
+
+    async def host_object(self, obj: ObjectConfig, process: ObjectProcess | None, *, warm: bool = False,
+                          state: Any = None, register: bool = True,
+                          vm: tuple[str, str] | None = None) -> dict:
+        """Start ``process`` (if any) and then serve its home address here and run its
+        registration client. Used for placed objects and by the VM for its mobile objects."""
         if obj.name in self.objects:
             raise ControlError(f"object {obj.name} already runs here")
-        hosted = HostedObject(obj.name, obj.home_address)
+        hosted = HostedObject(obj.name, obj.home_address, vm=vm)
         self.objects[obj.name] = hosted
         try:
-            if spec is not None:
-                hosted.process = ObjectProcess(obj.name, spec, obj.home_address, SERVICE_PORT,
-                                               self.config.name, Path(self.config.run_dir) / "objects" / f"{self.config.name}-{obj.name}")
-                await hosted.process.start(warm=warm, state=state)
+            if process is not None:
+                hosted.process = process
+                await process.start(warm=warm, state=state)
                 # Only now: an address without a bound socket answers port-unreachable, and
                 # this router may be on the path of the object's clients (net 14's border).
                 self._home_address(obj.home_address, add=True)
@@ -486,6 +533,14 @@ class AgentDaemon:
             await self.cmd_object_stop(obj.name, deregister=False)
             raise
         return hosted.status()
+
+    def hosted_process(self, name: str) -> ObjectProcess | None:
+        hosted = self.objects.get(name)
+        return hosted.process if hosted is not None else None
+
+    def replace_process(self, name: str, process: ObjectProcess) -> None:
+        """A VM upgraded the object's code: the new process serves, registration unchanged."""
+        self._hosted(name).process = process
 
     async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
         """Stop hosting an object; returns its status and its final state (if it ran here)."""
@@ -571,7 +626,8 @@ class AgentDaemon:
                               f"{timeout:.0f}s (last attempt: {last})")
 
     async def on_peer_message(self, msg: ControlMessage) -> dict:
-        """MIGRATE start/cancel and STATE_TRANSFER from a source router."""
+        """MIGRATE start/cancel and STATE_TRANSFER from a source router, PROVISION from the
+        remote site."""
         body = msg.body
         point = "state_transfer" if msg.type == ControlType.STATE_TRANSFER else f"migrate_{body.get('action')}"
         if self.faults.get(point, 0) > 0:
@@ -579,19 +635,18 @@ class AgentDaemon:
             raise ControlError(f"injected fault: {point} refused")
         if msg.type == ControlType.MIGRATE and body.get("action") == "start":
             name = body["config"]["name"]
-            await self.cmd_object_start(body["config"], spec=body["spec"], warm=body.get("warm", False),
-                                        state=body.get("state"))
+            await self._start_arriving(body)
             try:
                 status = await self._wait_registered(name)
             except MigrationFailed:
-                await self.cmd_object_stop(name, deregister=True)
+                await self._drop(name)
                 raise
             rtts = [a["rtt"] for a in status["attempts"] if a["rtt"] is not None]
             return {"ok": True, "registration": status["registration"], "at_home": status["at_home"],
                     "registration_rtt": rtts[-1] if rtts else None}
         if msg.type == ControlType.MIGRATE and body.get("action") == "cancel":
             if body["name"] in self.objects:
-                await self.cmd_object_stop(body["name"], deregister=True)
+                await self._drop(body["name"])
             return {"ok": True}
         if msg.type == ControlType.PROVISION:
             if self.vm is None:
@@ -602,6 +657,28 @@ class AgentDaemon:
             return {"ok": True, "replayed": result.get("replayed", 0)}
         raise ControlError(f"unexpected in-band message {msg.type.name}")
 
+    async def _start_arriving(self, body: dict[str, Any]) -> None:
+        """Start a migrating object here: in a VM of its service when it came from one (this
+        router fetches and verifies the code itself, Fig. 5), else placed directly."""
+        warm, state = bool(body.get("warm", False)), body.get("state")
+        vm_body = body.get("vm")
+        if vm_body:
+            if self.vm is None:
+                raise ControlError(f"{self.config.name} runs no virtual machines")
+            (obj,) = vm_body["objects"]
+            await self.vm.provision(vm_body, warm=warm, states={obj: state})
+        else:
+            await self.cmd_object_start(body["config"], spec=body["spec"], warm=warm, state=state,
+                                        resources=body.get("resources"))
+
+    async def _drop(self, name: str) -> None:
+        """Undo an arrival: stop the object, deregister, and remove the VM made for it."""
+        hosted = self.objects.get(name)
+        if hosted is not None and hosted.vm is not None and self.vm is not None:
+            await self.vm.remove(hosted.vm[0])
+        if name in self.objects:
+            await self.cmd_object_stop(name, deregister=True)
+
     async def cmd_migrate(self, name: str, target: str, mode: str = "make-before-break",
                           target_name: str = "") -> dict:
         """Move object ``name`` (running here) to the router at address ``target``."""
@@ -611,21 +688,40 @@ class AgentDaemon:
         if hosted.process is None or hosted.client is None:
             raise ControlError(f"object {name!r} does not run and register here")
         report = MigrationReport(name, mode, self.config.name, target_name or target)
-        config = hosted.client.config.to_json()
-        spec = hosted.process.spec
+        move = _Move(hosted, hosted.client.config.to_json())
         try:
             if mode == "make-before-break":
-                await self._migrate_mbb(hosted, config, spec, target, report)
+                await self._migrate_mbb(move, target, report)
             else:
-                await self._migrate_bbm(hosted, config, spec, target, report)
+                await self._migrate_bbm(move, target, report)
             report.ok = True
         except (MigrationFailed, ObjectProcessError, ControlError) as exc:
             report.error = str(exc)
             report.step(f"failed: {exc}; the object keeps serving on {self.config.name}")
+            return report.as_dict()
+        if move.vm is not None and self.vm is not None:
+            await self.vm.detach(*move.vm)
         return report.as_dict()
 
-    async def _migrate_mbb(self, hosted: HostedObject, config: dict, spec: str, target: str,
-                           report: MigrationReport) -> None:
+    def _start_body(self, move: "_Move", warm: bool, state: Any = None) -> dict[str, Any]:
+        config = dict(move.config, simultaneous=warm)
+        body: dict[str, Any] = {"action": "start", "spec": move.spec, "warm": warm, "config": config,
+                                "resources": move.resources}
+        if state is not None:
+            body["state"] = state
+        if move.vm is not None:
+            body["vm"] = self.vm.migration_body(*move.vm, config)
+        return body
+
+    async def _restart(self, move: "_Move", state: Any) -> None:
+        """The move failed after the object stopped here: start it again from ``state``,
+        the way it ran (in its VM, or placed directly), and register it again."""
+        if move.vm is not None and self.vm is not None:
+            await self.vm.restart_object(*move.vm, state)
+        else:
+            await self.cmd_object_start(move.config, spec=move.spec, state=state, resources=move.resources)
+
+    async def _migrate_mbb(self, move: "_Move", target: str, report: MigrationReport) -> None:
         """Make the new place reachable first, then hand the state over at one instant.
 
         The target's warm instance is registered (with ``S``: the HOA bicasts) before the
@@ -634,10 +730,10 @@ class AgentDaemon:
         whichever way a request travelled (through the tunnel, or straight to a source that is
         its client's own gateway).
         """
+        hosted = move.hosted
         assert hosted.process is not None and hosted.client is not None
         report.step("start warm instance at target, register with S")
-        answer = await peer_call(target, ControlType.MIGRATE, {
-            "action": "start", "spec": spec, "warm": True, "config": dict(config, simultaneous=True)})
+        answer = await peer_call(target, ControlType.MIGRATE, self._start_body(move, warm=True))
         report.target_registration = answer.get("registration")
         report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
         report.step("target registered (its instance queues requests)")
@@ -658,23 +754,20 @@ class AgentDaemon:
             await self._cancel(target, hosted.name)
             if state is not None:
                 report.step("transfer failed: restart at source from the checkpoint")
-                await self.cmd_object_start(config, spec=spec, state=state)
+                await self._restart(move, state)
             raise
 
-    async def _migrate_bbm(self, hosted: HostedObject, config: dict, spec: str, target: str,
-                           report: MigrationReport) -> None:
+    async def _migrate_bbm(self, move: "_Move", target: str, report: MigrationReport) -> None:
         report.step("stop source, keep checkpoint")
-        stopped = await self.cmd_object_stop(hosted.name, deregister=False)
+        stopped = await self.cmd_object_stop(move.hosted.name, deregister=False)
         state = stopped["state"]
         if state is None:
             raise MigrationFailed("the source gave no checkpoint")
         try:
-            answer = await peer_call(target, ControlType.MIGRATE, {
-                "action": "start", "spec": spec, "warm": False, "state": state,
-                "config": dict(config, simultaneous=False)})
+            answer = await peer_call(target, ControlType.MIGRATE, self._start_body(move, False, state))
         except MigrationFailed:
             report.step("target failed: restart at source from the checkpoint")
-            await self.cmd_object_start(config, spec=spec, state=state)
+            await self._restart(move, state)
             raise
         report.target_registration = answer.get("registration")
         report.registration_rtt_ms = _ms(answer.get("registration_rtt"))

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 MAX_QUEUE = 10_000
+#: A checkpoint is one JSON line on the socketpair (see agent.runtime.LINE_LIMIT).
+CONTROL_LINE_LIMIT = 64 << 20
 
 
 def load_object(spec: str) -> MobileObject:
@@ -127,10 +129,14 @@ class ObjectServer(asyncio.DatagramProtocol):
     def checkpoint(self) -> dict[str, Any]:
         """A JSON copy: it must not change when this instance serves the next request, and an
         object whose state is not JSON fails here, at its origin, not at the target."""
-        return json.loads(json.dumps({"object": self.obj.get_state(), "seen": self.seen}))
+        return json.loads(json.dumps({"object": self.obj.get_state(), "seen": self.seen,
+                                      "served": self.stats["served"]}))
 
     def restore(self, state: dict[str, Any]) -> None:
         self.obj.set_state(state["object"])
+        # Transactions served travel with the object: a lifecycle limit counts the service's
+        # use, wherever (and in whichever version) it ran.
+        self.stats["served"] += int(state.get("served", 0))
         for client, (seq, body) in state.get("seen", {}).items():
             mine = self.seen.get(client)
             if mine is None or seq > mine[0]:
@@ -146,7 +152,7 @@ class ObjectServer(asyncio.DatagramProtocol):
 
 
 async def control_loop(server: ObjectServer, sock: socket.socket, stop: asyncio.Event) -> None:
-    reader, writer = await asyncio.open_connection(sock=sock)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=CONTROL_LINE_LIMIT)
     while not stop.is_set():
         line = await reader.readline()
         if not line:

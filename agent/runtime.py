@@ -1,7 +1,16 @@
-"""The router's side of an object process: start it, talk to it over a socketpair, stop it.
+"""The router's side of an object process: start it under controlled exec, talk to it over
+a socketpair, stop it.
 
-This is the minimal runtime the data plane needs; the full virtual machine of the patent
-(provisioning, signed code from the remote site, cgroups, unprivileged users) grows from it.
+Every object — one placed on a router by an experiment, one a provisioned VM runs, one that
+arrives by migration — runs the same way: ``python -m agent.runner`` started by
+:mod:`agent.sandbox` in its own cgroup (CPU quota, memory, pids) as the unprivileged object
+user, in a private working directory, with nothing inherited but its end of the socketpair.
+So a migrated object is held to the same limits at its new router as at its old one, and
+``moat show objects`` / ``moat show vm`` can report what each one uses.
+
+State never travels on the command line (argv is limited and visible to every user): a
+process that must continue from a checkpoint starts *warm* and receives it over the
+socketpair (``set_state``), which also carries checkpoints back (``get_state``/``stop``).
 """
 
 from __future__ import annotations
@@ -15,12 +24,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cgroups import CgroupManager, CgroupVersion, Limits
 from .errors import AgentError
 
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
+#: A checkpoint is one JSON line on the socketpair; it carries the replies the object
+#: remembers per client (at-most-once), which may hold whole documents.
+LINE_LIMIT = 64 << 20
+REPO = Path(__file__).resolve().parent.parent
 
 
 class ObjectProcessError(AgentError):
@@ -28,80 +42,138 @@ class ObjectProcessError(AgentError):
 
 
 class ObjectProcess:
-    """One running object (``python -m agent.runner``), child of the agent daemon."""
+    """One running object, child of the agent daemon, in its sandbox.
 
-    def __init__(self, name: str, spec: str, address: str, port: int, router: str,
-                 workdir: Path) -> None:
+    ``label`` names its cgroup, working directory and log (``objects_dir/label`` and
+    ``objects_dir/label.log``) and must be unique on the router; ``code_dir`` is put on the
+    object's ``PYTHONPATH`` before this repository (a VM's installed service code).
+    """
+
+    def __init__(self, name: str, spec: str, address: str, port: int, router: str, *,
+                 objects_dir: Path, cgroups: CgroupManager | None, limits: Limits,
+                 label: str | None = None, code_dir: str | None = None,
+                 extensible: bool = True) -> None:
         self.name, self.spec, self.address, self.port, self.router = name, spec, address, port, router
-        self.workdir = workdir
-        self.proc: asyncio.subprocess.Process | None = None
+        self.objects_dir = Path(objects_dir)
+        self.cgroups = cgroups
+        self.limits = limits
+        self.label = label or name
+        self.code_dir = code_dir
+        self.extensible = extensible
+        self.sandbox: Any = None  # agent.sandbox.ObjectSandbox once started
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.sandbox.pid if self.sandbox is not None else None
+
+    @property
+    def running(self) -> bool:
+        proc = self.sandbox.proc if self.sandbox is not None else None
+        return proc is not None and proc.returncode is None
+
+    def usage(self) -> dict[str, Any]:
+        """CPU seconds, memory (now and peak) and processes, from the object's cgroup."""
+        if self.sandbox is None:
+            return {"cpu_seconds": None, "memory_bytes": None, "memory_peak_bytes": None, "pids": None}
+        return self.sandbox.usage()
+
+    def exit_info(self) -> dict[str, Any] | None:
+        return self.sandbox.exit_info() if self.sandbox is not None else None
+
+    def _effective_limits(self) -> Limits:
+        """The limits, or none with a warning where the machine has no usable cgroups (a
+        container without them): the object still runs unprivileged and isolated."""
+        if self.cgroups is not None and self.cgroups.version is not CgroupVersion.NONE:
+            return self.limits
+        if not self.limits.is_empty():
+            log.warning("no usable cgroups: object %s runs WITHOUT its CPU/memory/pids limits "
+                        "(and without measurements)", self.name)
+        return Limits()
 
     async def start(self, warm: bool = False, state: Any = None) -> None:
+        """Start the object; with ``state`` it continues from that checkpoint (and serves
+        at once unless ``warm``: then it queues requests until :meth:`call` ``serve``)."""
+        from .sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
+                              minimal_env, open_log)
+
+        if self.sandbox is not None:
+            raise ObjectProcessError(f"object {self.name} was already started")
+        try:
+            uid, gid = ensure_object_user()
+            workdir = make_workdir(self.objects_dir, self.label, uid, gid)
+        except AgentError as exc:
+            raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None
+        pythonpath = f"{self.code_dir}:{REPO}" if self.code_dir else str(REPO)
         parent, child = socket.socketpair()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        spec = SandboxSpec(workdir, uid, gid, self._effective_limits(),
+                           env=minimal_env(workdir, PYTHONPATH=pythonpath), pass_fds=(child.fileno(),))
+        self.sandbox = ObjectSandbox(self.label, spec, self.cgroups)
         argv = [sys.executable, "-m", "agent.runner", "--spec", self.spec, "--name", self.name,
                 "--address", self.address, "--port", str(self.port), "--router", self.router,
                 "--control-fd", str(child.fileno())]
-        if warm:
+        if warm or state is not None:
             argv.append("--warm")
-        if state is not None:
-            argv += ["--state", json.dumps(state)]
-        log_file = open(self.workdir / "object.log", "ab")  # noqa: SIM115 - owned by the child
+        if not self.extensible:
+            argv.append("--not-extensible")
+        log_fd = open_log(self.objects_dir / f"{self.label}.log")
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                pass_fds=(child.fileno(),), cwd=str(self.workdir), close_fds=True,
-                env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
-            )
-        except OSError as exc:
-            raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from exc
+            await self.sandbox.start(argv, stdout=log_fd, stderr=log_fd)
+        except AgentError as exc:
+            parent.close()
+            raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None
         finally:
             child.close()
-            log_file.close()
-        self._reader, self._writer = await asyncio.open_connection(sock=parent)
-        await self.call("stats")  # answers once it serves: the start is complete
-        log.info("object %s started (pid %d, warm=%s)", self.name, self.proc.pid, warm)
+            os.close(log_fd)
+        self._reader, self._writer = await asyncio.open_connection(sock=parent, limit=LINE_LIMIT)
+        try:
+            await self.call("stats")  # answers once it serves (or queues): the start is complete
+            if state is not None:
+                await self.call("set_state", state=state, serve=not warm)
+        except ObjectProcessError:
+            await self.stop()
+            raise
+        log.info("object %s started (pid %s, warm=%s, cgroup=%s)", self.name, self.pid, warm,
+                 self.sandbox.cgroup.name if self.sandbox.cgroup else None)
 
-    async def call(self, cmd: str, **args: Any) -> Any:
+    async def call(self, cmd: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
         if self._writer is None or self._reader is None:
             raise ObjectProcessError(f"object {self.name} is not running")
         async with self._lock:
             try:
                 self._writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
                 await self._writer.drain()
-                line = await asyncio.wait_for(self._reader.readline(), CALL_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as exc:
+                line = await asyncio.wait_for(self._reader.readline(), timeout)
+            except (OSError, ValueError, asyncio.TimeoutError) as exc:
                 raise ObjectProcessError(f"object {self.name} did not answer {cmd}: {exc!r}") from None
         if not line:
-            raise ObjectProcessError(f"object {self.name} exited (while asked {cmd})")
+            info = self.exit_info()
+            raise ObjectProcessError(f"object {self.name} exited (while asked {cmd})"
+                                     + (f": {info['reason']}" if info else ""))
         answer = json.loads(line)
         if not answer.get("ok"):
             raise ObjectProcessError(f"object {self.name} refused {cmd}: {answer.get('error')}")
         return answer["result"]
 
     async def stop(self) -> Any:
-        """Stop the object and return its final state (None if it could not give one)."""
-        state = None
-        if self.proc is None:
+        """Stop the object and return its final state (None if it could not give one);
+        kill what is left of it and remove its cgroup. Safe to repeat."""
+        if self.sandbox is None:
             return None
-        if self.proc.returncode is None:
+        state = None
+        if self.running and self._writer is not None:
             try:
                 state = await self.call("stop")
             except ObjectProcessError as exc:
                 log.warning("%s", exc)
             try:
-                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+                await self.sandbox.wait(STOP_TIMEOUT)
             except asyncio.TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+                log.warning("object %s did not exit within %.0fs: killed", self.name, STOP_TIMEOUT)
         if self._writer is not None:
             self._writer.close()
         self._writer = self._reader = None
+        await self.sandbox.close()
         return state

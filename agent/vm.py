@@ -23,17 +23,13 @@ leaves nothing behind: no address, no files, no process.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from packets.codes import SERVICE_PORT
 
@@ -107,44 +103,88 @@ class VirtualMachine:
     running_since: float | None = None
     shaper_key: int | None = None
     last_update_check: float = 0.0
+    #: Manifest objects that are *mobile objects*: object name -> its registration client
+    #: configuration (agent.config.ObjectConfig as JSON). They serve on their home address,
+    #: register with their home object agent and can migrate; the others serve on the VM's
+    #: address.
+    mobile: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Run only these objects of the manifest (a part of the service); empty: all of them.
+    only: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "objects"}
+        hidden = ("objects", "mobile")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        # Never the credentials: `moat show vm` is for the operator's screen.
+        d["mobile"] = {o: {k: c.get(k) for k in ("name", "home_address", "home_agent")}
+                       for o, c in self.mobile.items()}
         d["objects"] = {}
-        for name, sb in self.objects.items():
-            d["objects"][name] = {"pid": sb.pid, "usage": sb.usage(), "exit": sb.exit_info()}
+        for name, proc in self.objects.items():
+            d["objects"][name] = {"pid": proc.pid, "usage": proc.usage(), "exit": proc.exit_info(),
+                                  "address": proc.address, "mobile": name in self.mobile}
         return d
+
+    def provision_body(self) -> dict[str, Any]:
+        """A PROVISION body that configures the same VM elsewhere (for a migration)."""
+        resources: dict[str, Any] = {"cpu": self.cpu, "memory_mb": self.memory_mb, "pids": self.pids}
+        if self.egress_kbit:
+            resources["egress_kbit"] = self.egress_kbit
+        return {"vm": self.name, "kind": "service", "service": self.service, "port": self.port,
+                "resources": resources, "policy": dict(self.policy),
+                "credentials": list(self.authorized), "running_since": self.running_since}
+
+
+class ObjectHost(Protocol):
+    """What the VM needs from its agent daemon to run mobile objects: host one (its
+    registration client, its home address) and stop hosting it (deregistering)."""
+
+    async def host_object(self, config: Any, process: Any, *, warm: bool, state: Any,
+                          vm: tuple[str, str] | None) -> dict[str, Any]: ...
+
+    async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict[str, Any]: ...
+
+    def hosted_process(self, name: str) -> Any: ...
+
+    def replace_process(self, name: str, process: Any) -> None: ...
 
 
 class VmManager:
     """The VM role of the agent: provisioned VMs, their objects, and the errors log."""
 
     def __init__(self, baseline: VmBaseline, router: str, run_id: str | None,
-                 addresses: dict[str, str]) -> None:
+                 addresses: dict[str, str], cgroups: Any = None, host: ObjectHost | None = None) -> None:
         self.baseline = baseline
         self.router = router
         self.run_id = run_id
         self.addresses = addresses  # interface -> address
+        self.host = host
         self.vms: dict[str, VirtualMachine] = {}
         self.errors: list[dict[str, Any]] = []
         self.retired: list[dict[str, Any]] = []
-        self._cgroups: Any = None
+        self._cgroups: Any = cgroups
         self.shaper = EgressShaper()
         self._next_key = 0
 
     # --- Fig. 5 -------------------------------------------------------------------------
 
-    async def provision(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def provision(self, body: dict[str, Any], *, warm: bool = False,
+                        states: dict[str, Any] | None = None) -> dict[str, Any]:
         """Provision one VM from a PROVISION body; return what was done (or raise
-        :class:`ProvisionError` after recording it and undoing every step)."""
+        :class:`ProvisionError` after recording it and undoing every step).
+
+        ``warm``/``states`` are for a VM that receives migrating objects: they start from
+        those checkpoints, or queue requests until their state arrives."""
         vm = None
         try:
             vm = self._configure(body)
             self.vms[vm.name] = vm
             await self._fetch_verify_install(vm)
-            await self._initialise(vm)
+            await self._initialise(vm, states, warm)
             vm.steps.append(("initialised", time.time()))
-            vm.running_since = vm.last_update_check = time.time()
+            vm.last_update_check = time.time()
+            # A VM that arrives with a migrating object keeps the service's age: a duration
+            # limit counts from the service's first start, not from this move.
+            since = body.get("running_since")
+            vm.running_since = float(since) if isinstance(since, (int, float)) else time.time()
             log.info("VM %s on %s runs %s %s", vm.name, self.router, vm.service, vm.version)
             return vm.describe()
         except ProvisionError as exc:
@@ -195,8 +235,31 @@ class VmManager:
                             float(res.get("cpu", base.cpu)), int(res.get("memory_mb", base.memory_mb)),
                             int(res.get("pids", base.pids)),
                             int(res["egress_kbit"]) if res.get("egress_kbit") else None, wanted, policy)
+        vm.mobile, vm.only = self._mobile_part(body)
         vm.steps.append(("configured", time.time()))
         return vm
+
+    def _mobile_part(self, body: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """The ``mobile`` (object -> registration config) and ``objects`` (a part of the
+        service) fields, checked before anything is fetched."""
+        from .config import ConfigError, ObjectConfig
+
+        mobile = body.get("mobile") or {}
+        only = body.get("objects") or []
+        if not isinstance(mobile, dict) or not isinstance(only, list):
+            raise ProvisionError("message", "mobile must map object names to configurations "
+                                 "and objects must be a list of object names")
+        if mobile and self.host is None:
+            raise ProvisionError("mobile objects", f"{self.router} cannot host mobile objects")
+        names = set()
+        for obj, cfg in mobile.items():
+            try:
+                names.add(ObjectConfig.from_json(cfg).name)
+            except (ConfigError, AttributeError, TypeError) as exc:
+                raise ProvisionError("mobile objects", f"{obj}: {exc}") from None
+        if len(names) != len(mobile):
+            raise ProvisionError("mobile objects", "two objects with one mobile name")
+        return {str(k): dict(v) for k, v in mobile.items()}, [str(o) for o in only]
 
     async def _fetch_verify_install(self, vm: VirtualMachine) -> None:
         from .fetch import fetch_service
@@ -221,9 +284,13 @@ class VmManager:
             manifest, _policy, _kid = inspect_service(fetched)
         except RepositoryError as exc:
             raise ProvisionError("manifest", f"{type(exc).__name__}: {exc}") from None
-        need_cpu = sum(o.resources.cpu for o in manifest.objects)
-        need_mem = sum(o.resources.memory_mb for o in manifest.objects)
-        need_pids = sum(o.resources.pids for o in manifest.objects)
+        unknown = (set(vm.only) | set(vm.mobile)) - {o.name for o in manifest.objects}
+        if unknown:
+            raise ProvisionError("manifest", f"service {vm.service} has no object(s) {sorted(unknown)}")
+        part = [o for o in manifest.objects if not vm.only or o.name in vm.only]
+        need_cpu = sum(o.resources.cpu for o in part)
+        need_mem = sum(o.resources.memory_mb for o in part)
+        need_pids = sum(o.resources.pids for o in part)
         if need_cpu > vm.cpu or need_mem > vm.memory_mb or need_pids > vm.pids:
             raise ProvisionError("resources", f"the service needs cpu {need_cpu}, {need_mem} MiB, "
                                  f"{need_pids} pids; the VM has cpu {vm.cpu}, {vm.memory_mb} MiB, {vm.pids} pids")
@@ -240,7 +307,8 @@ class VmManager:
         vm.policy = {**verified.policy.to_json(), **vm.policy}  # the VM's terms override the provider's
         vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})", time.time()))
 
-    async def _initialise(self, vm: VirtualMachine) -> None:
+    async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
+                          warm: bool = False) -> None:
         if vm.kind == "interface":
             out = subprocess.run(["ip", "addr", "add", f"{vm.address}/32", "dev", str(vm.interface)],
                                  capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -256,48 +324,52 @@ class VmManager:
             except Exception as exc:  # noqa: BLE001 - netlink refusals are a refusal of the VM
                 raise ProvisionError("resources", f"egress cap: {exc!r}") from None
             vm.steps.append((f"egress capped at {vm.egress_kbit} kbit/s on {', '.join(capped)}", time.time()))
-        await self._start_objects(vm)
+        await self._start_objects(vm, states, warm)
 
-    async def _start_objects(self, vm: VirtualMachine, states: dict[str, Any] | None = None) -> None:
-        """Start every object of the installed manifest in its sandbox (with a state, when
-        it continues from an earlier version)."""
+    async def _start_objects(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
+                             warm: bool = False) -> None:
+        """Start every object of the installed manifest (or the VM's part of it) in its
+        sandbox, with a state when it continues from a checkpoint (an upgrade, a migration).
+
+        A mobile object serves on its home address and is handed to the agent, which adds
+        the address, runs its registration client and can migrate it; the others serve on
+        the VM's address."""
         from .cgroups import CgroupManager, Limits
+        from .config import ObjectConfig
         from .repository import Manifest
-        from .sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
-                              minimal_env, open_log)
+        from .runtime import ObjectProcess, ObjectProcessError
 
         manifest = Manifest.from_bytes((Path(vm.installed) / "manifest.json").read_bytes())
-        uid, gid = ensure_object_user()
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
-        repo = str(Path(__file__).resolve().parent.parent)
+        states = states or {}
         for obj in manifest.objects:
-            parent, child = socket.socketpair()
-            workdir = make_workdir(Path(self.baseline.storage) / "objects", f"{vm.name}-{obj.name}", uid, gid)
-            code_dir = str(Path(vm.installed) / obj.name)
-            spec = SandboxSpec(workdir, uid, gid, Limits(**obj.resources.limits_kwargs()),
-                               env=minimal_env(workdir, PYTHONPATH=f"{code_dir}:{repo}"),
-                               pass_fds=(child.fileno(),))
-            sandbox = ObjectSandbox(f"{vm.name}-{obj.name}", spec, self._cgroups)
-            log_fd = open_log(Path(self.baseline.storage) / f"{vm.name}-{obj.name}.log")
-            argv = [sys.executable, "-m", "agent.runner", "--spec", obj.entry, "--name", obj.name,
-                    "--address", vm.address, "--port", str(vm.port), "--router", self.router,
-                    "--control-fd", str(child.fileno())]
-            if vm.policy.get("extensible") is False:
-                argv.append("--not-extensible")
-            if states and states.get(obj.name) is not None:
-                argv += ["--state", json.dumps(states[obj.name])]
+            if vm.only and obj.name not in vm.only:
+                continue
+            mobile = vm.mobile.get(obj.name)
+            config = ObjectConfig.from_json(mobile) if mobile else None
+            process = ObjectProcess(
+                config.name if config else obj.name, obj.entry,
+                config.home_address if config else vm.address, vm.port, self.router,
+                objects_dir=Path(self.baseline.storage) / "objects", cgroups=self._cgroups,
+                limits=Limits(**obj.resources.limits_kwargs()), label=f"{vm.name}-{obj.name}",
+                code_dir=str(Path(vm.installed) / obj.name),
+                extensible=vm.policy.get("extensible") is not False)
+            vm.objects[obj.name] = process  # from now on remove() stops it, whatever happens
+            state = states.get(obj.name)
             try:
-                await sandbox.start(argv, stdout=log_fd, stderr=log_fd)
-            except AgentError as exc:
-                await sandbox.close()
+                if config is None:
+                    await process.start(warm=warm, state=state)
+                elif self.host is not None and self.host.hosted_process(config.name) is not None:
+                    # An upgrade: the object stays registered; only its code is replaced.
+                    await process.start(warm=warm, state=state)
+                    self.host.replace_process(config.name, process)
+                else:
+                    assert self.host is not None
+                    await self.host.host_object(config, process, warm=warm, state=state,
+                                                vm=(vm.name, obj.name))
+            except (ObjectProcessError, AgentError) as exc:
                 raise ProvisionError("initialise", f"{obj.name}: {exc}") from None
-            finally:
-                child.close()
-                os.close(log_fd)
-            sandbox.control = await asyncio.open_connection(sock=parent)  # type: ignore[attr-defined]
-            vm.objects[obj.name] = sandbox
-            await self.call(vm.name, obj.name, "stats")  # it serves: initialised
 
     async def enforce(self) -> list[dict[str, Any]]:
         """Remove every VM whose lifecycle policy is used up (transactions served, or time
@@ -368,13 +440,10 @@ class VmManager:
         old = vm.version
         states: dict[str, Any] = {}
         for name in list(vm.objects):
-            try:
-                states[name] = await self.call(vm.name, name, "stop")
-            except (AgentError, asyncio.TimeoutError) as exc:
-                log.warning("upgrade of %s: %s gave no checkpoint (%s)", vm.name, name, exc)
-            sandbox = vm.objects.pop(name)
-            await sandbox.wait(RUN_TIMEOUT)
-            await sandbox.close()
+            process = vm.objects.pop(name)
+            states[name] = await process.stop()  # its final checkpoint
+            if states[name] is None:
+                log.warning("upgrade of %s: %s gave no checkpoint", vm.name, name)
         try:
             await self._fetch_verify_install(vm)
             outcome = {"vm": vm.name, "from": old, "to": vm.version, "ok": True}
@@ -387,33 +456,63 @@ class VmManager:
         return outcome
 
     async def call(self, vm_name: str, obj: str, cmd: str, **args: Any) -> Any:
-        sandbox = self.vms[vm_name].objects[obj]
-        reader, writer = sandbox.control
-        writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), RUN_TIMEOUT)
-        if not line:
-            raise ProvisionError("initialise", f"object {obj} exited: {sandbox.exit_info()}")
-        answer = json.loads(line)
-        if not answer.get("ok"):
-            raise AgentError(f"object {obj} refused {cmd}: {answer.get('error')}")
-        return answer["result"]
+        return await self.vms[vm_name].objects[obj].call(cmd, timeout=RUN_TIMEOUT, **args)
+
+    # --- mobile objects that leave or come back -------------------------------------------
+
+    def migration_body(self, vm_name: str, obj: str, config: dict[str, Any]) -> dict[str, Any]:
+        """What a target router needs to run object ``obj`` of this VM, registered with
+        ``config``: the same service, policy, credentials and resources, only that object
+        (the target fetches and verifies the code from the remote site itself, Fig. 5)."""
+        vm = self.vms[vm_name]
+        return dict(vm.provision_body(), objects=[obj], mobile={obj: config})
+
+    async def detach(self, vm_name: str, obj: str) -> None:
+        """Object ``obj`` left (it migrated): forget it; a VM left with no objects is
+        removed (its installed files and address go, as after its last object stopped)."""
+        vm = self.vms.get(vm_name)
+        if vm is None:
+            return
+        process = vm.objects.pop(obj, None)
+        vm.mobile.pop(obj, None)
+        if process is not None:
+            await process.stop()  # already stopped by the migration: closes what is left
+        vm.steps.append((f"{obj} migrated away", time.time()))
+        if not vm.objects:
+            log.info("VM %s on %s has no objects left: removed", vm_name, self.router)
+            await self.remove(vm_name)
+
+    async def restart_object(self, vm_name: str, obj: str, state: Any) -> None:
+        """Start object ``obj`` of a VM again from ``state`` (a migration that failed after
+        the object had stopped here): same code, sandbox and registration as before."""
+        vm = self.vms.get(vm_name)
+        if vm is None:
+            raise ProvisionError("initialise", f"no VM {vm_name} on {self.router} to restart {obj} in")
+        old = vm.objects.pop(obj, None)
+        if old is not None:
+            await old.stop()
+        only = vm.only
+        vm.only = [obj]
+        try:
+            await self._start_objects(vm, {obj: state})
+        finally:
+            vm.only = only
 
     async def remove(self, name: str) -> dict[str, Any] | None:
-        """Stop a VM's objects, remove its address, files and cgroups (safe to repeat)."""
+        """Stop a VM's objects (mobile ones deregister: their binding goes too), remove its
+        address, files and cgroups (safe to repeat)."""
         vm = self.vms.pop(name, None)
         if vm is None:
             return None
-        for obj, sandbox in vm.objects.items():
+        for obj, process in vm.objects.items():
+            config = vm.mobile.get(obj)
             try:
-                reader, writer = sandbox.control
-                writer.write(b'{"cmd": "stop"}\n')
-                await writer.drain()
-                await sandbox.wait(RUN_TIMEOUT)
-                writer.close()
-            except Exception as exc:  # noqa: BLE001 - still close the sandbox
-                log.info("stopping %s: %r", obj, exc)
-            await sandbox.close()
+                if config is not None and self.host is not None \
+                        and self.host.hosted_process(config["name"]) is process:
+                    await self.host.cmd_object_stop(config["name"], deregister=True)
+                await process.stop()
+            except Exception as exc:  # noqa: BLE001 - still remove the rest
+                log.warning("stopping %s of VM %s: %r", obj, name, exc)
         if vm.kind == "interface" and vm.interface:
             subprocess.run(["ip", "addr", "del", f"{vm.address}/32", "dev", vm.interface],
                            capture_output=True, timeout=RUN_TIMEOUT)

@@ -24,6 +24,7 @@ import logging
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +69,7 @@ def rss_kib(pid: int) -> int | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.repository import package_service, publish_service
-    from topologies.moatnet import COUNTER_SPEC, MoatNetwork
+    from topologies.moatnet import MoatNetwork
     from topologies.patent import PatentTopo
 
     tmp = Path(tempfile.mkdtemp(prefix="moat-bench-provision-"))
@@ -104,10 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     sandboxed = {"rss_kib": rss_kib(obj["pid"]),
                                  "cgroup_memory_kib": (obj["usage"].get("memory_bytes") or 0) // 1024}
                     m.agent(ROUTER).call("vm_remove", name="bench")
-            plain = m.agent("r22c").call("object_start", config=m.object_config("counter").to_json(),
-                                         spec=COUNTER_SPEC, register=False)
-            unsandboxed = {"rss_kib": rss_kib(plain["pid"])}
-            m.agent("r22c").call("object_stop", name="counter", deregister=False)
+            unsandboxed = {"rss_kib": plain_runner_rss(m, "r22c")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     from .bench_packets import cpu_model
@@ -116,6 +114,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": f"{cpu_model()} x{__import__('os').cpu_count()}, Python {platform.python_version()}",
             "cold": summarise(results["cold"]), "cached": summarise(results["cached"]),
             "raw": results, "memory": {"sandboxed": sandboxed, "unsandboxed": unsandboxed}}
+
+
+def plain_runner_rss(m: Any, router: str) -> int | None:
+    """VmRSS (KiB) of the counter's runtime started *without* controlled exec in ``router``:
+    the baseline that shows what the sandbox adds (every object MOAT runs is sandboxed)."""
+    import socket
+
+    from topologies.moatnet import COUNTER_SPEC
+
+    parent, child = socket.socketpair()
+    argv = [sys.executable, "-m", "agent.runner", "--spec", COUNTER_SPEC, "--name", "plain",
+            "--address", "127.0.0.1", "--port", "4399", "--router", router,
+            "--control-fd", str(child.fileno())]
+    proc = m.net[router].popen(argv, pass_fds=(child.fileno(),), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    child.close()
+    try:
+        parent.settimeout(30)
+        with parent.makefile("rwb") as ctl:
+            ctl.write(b'{"cmd": "stats"}\n')
+            ctl.flush()
+            if not json.loads(ctl.readline()).get("ok"):
+                raise RuntimeError("the plain runner did not start")
+            rss = rss_kib(proc.pid)
+            ctl.write(b'{"cmd": "stop"}\n')
+            ctl.flush()
+            ctl.readline()
+    finally:
+        parent.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return rss
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@
     sudo moat object start|stop|register|deregister OBJECT ROUTER [--run-code]
     sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make]
     sudo moat provision ROUTER --vm NAME --service SVC [--kind interface --interface IF --address A]
+                        [--mobile OBJECT=NAME] [--objects A,B] [--policy JSON]
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
@@ -43,7 +44,8 @@ COLUMNS = {
     "bindings": ["router", "home_address", "care_of_address", "care_of_name", "gre_key", "lifetime", "remaining"],
     "visitors": ["router", "home_address", "home_agent", "local_address", "care_of_name", "lifetime", "remaining"],
     "agents": ["router", "address", "interface", "flags", "sequence", "care_of_addresses", "age"],
-    "objects": ["router", "name", "home_address", "at_home", "agent", "care_of_address", "care_of_name", "remaining"],
+    "objects": ["router", "name", "home_address", "vm", "pid", "cpu_seconds", "memory_mb_used", "at_home",
+                "agent", "care_of_address", "care_of_name", "remaining"],
     "status": ["router", "roles", "pid", "uptime", "bindings", "visitors", "objects", "malformed"],
     "vm": ["router", "name", "kind", "service", "version", "address", "port", "cpu", "memory_mb",
            "pids", "object", "object_pid", "cpu_seconds", "memory_mb_used", "memory_mb_peak"],
@@ -142,7 +144,11 @@ def _client(run: Run, router: str) -> ControlClient:
 
 def _flatten_object(router: str, obj: dict[str, Any]) -> dict[str, Any]:
     reg = obj.get("registration") or {}
+    usage = obj.get("usage") or {}
     return {"router": router, "name": obj["name"], "home_address": obj["home_address"],
+            "vm": "/".join(obj["vm"]) if obj.get("vm") else None, "pid": obj.get("pid"),
+            "cpu_seconds": usage.get("cpu_seconds"),
+            "memory_mb_used": None if usage.get("memory_bytes") is None else round(usage["memory_bytes"] / (1 << 20), 1),
             "at_home": obj["at_home"], **{k: reg.get(k) for k in ("agent", "care_of_address", "care_of_name", "remaining")}}
 
 
@@ -255,6 +261,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
             body["policy"] = json.loads(args.policy)
         except ValueError as exc:
             raise CliError(f"--policy is not JSON: {exc}") from None
+    for item in args.mobile:
+        obj, sep, name = item.partition("=")
+        if not sep or not obj or not name:
+            raise CliError(f"--mobile takes OBJECT=NAME, not {item!r}")
+        body.setdefault("mobile", {})[obj] = _object_config_from_run(run, name)
+    if args.objects:
+        body["objects"] = [o for o in args.objects.split(",") if o]
     if args.kind == "interface":
         body.update(interface=args.interface, address=args.address)
     if args.port:
@@ -407,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pids", type=int, default=64)
     p.add_argument("--egress-kbit", type=int, help="cap the VM's egress (tc htb), kbit/s")
     p.add_argument("--policy", help='lifecycle policy terms as JSON, e.g. \'{"max_transactions": 100}\'')
+    p.add_argument("--mobile", action="append", default=[], metavar="OBJECT=NAME",
+                   help="run the service's OBJECT as mobile object NAME of this run (its home "
+                        "address and credentials): it registers with its home agent and can migrate")
+    p.add_argument("--objects", help="only these objects of the service (comma-separated)")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_provision)

@@ -312,10 +312,13 @@ class MoatNetwork:
                 return router
         return None
 
-    def place_object(self, name: str, router: str, spec: str = COUNTER_SPEC, **overrides: Any) -> dict:
-        """Run object ``name``'s code on ``router`` (on its home address) and register it."""
+    def place_object(self, name: str, router: str, spec: str = COUNTER_SPEC,
+                     resources: dict[str, Any] | None = None, **overrides: Any) -> dict:
+        """Run object ``name``'s code on ``router`` (on its home address, under controlled
+        exec with ``resources``: cpu, memory_mb, pids) and register it."""
         cfg = self.object_config(name, **overrides)
-        return self.agent(router).call("object_start", config=cfg.to_json(), spec=spec)
+        return self.agent(router).call("object_start", config=cfg.to_json(), spec=spec,
+                                       resources=resources)
 
     def migrate(self, name: str, router: str, mode: str = "make-before-break") -> dict:
         """Move running object ``name`` to ``router`` with its state; returns the source
@@ -328,11 +331,16 @@ class MoatNetwork:
         return self.agent(source, timeout=60).call("migrate", name=name, target=target, mode=mode,
                                                     target_name=router)
 
-    def provision(self, router: str, timeout: float = 120.0, **body: Any) -> dict:
+    def provision(self, router: str, timeout: float = 120.0, mobile: dict[str, str] | None = None,
+                  **body: Any) -> dict:
         """Send a PROVISION message from the remote site to ``router`` (in band, TCP 4340)
-        and return the answer (``ok``, and the VM or the error)."""
+        and return the answer (``ok``, and the VM or the error). ``mobile`` maps objects of
+        the service to mobile objects of this network (``{"counter": "svc1"}``): they serve
+        on that object's home address and register with its credentials."""
         import json
 
+        if mobile:
+            body["mobile"] = {obj: self.object_config(name).to_json() for obj, name in mobile.items()}
         if self.site is None:
             raise TopologyError("this topology has no remote site to provision from")
         target = str(self.topo.addresses(router)[0].ip)

@@ -126,3 +126,21 @@ def test_repo_provision_show_vm_and_errors(up: str, tmp_path: Path) -> None:
     assert [(v["router"], v["name"], v["object"]) for v in vms] == [("r22a", "vm1", "counter")]
     errors = json.loads(moat("show", "errors", "--json").stdout)
     assert [(e["router"], e["vm"], e["step"]) for e in errors] == [("r18b", "vm2", "fetch")]
+    # The same service as a mobile object of the run: it registers, shows up as a VM's
+    # object, and moves with `moat migrate`.
+    mobile = moat("provision", "r18b", "--vm", "vm3", "--service", "counter-svc", "--mobile",
+                  "counter=counter")
+    assert mobile.returncode == 0, mobile.stdout + mobile.stderr
+    deadline = time.monotonic() + 15
+    rows = []
+    while time.monotonic() < deadline and not rows:
+        rows = json.loads(moat("show", "bindings", "r22b", "--json").stdout)
+    assert rows and rows[0]["home_address"] == "10.16.0.100"
+    objects = json.loads(moat("show", "objects", "r18b", "--json").stdout)
+    assert objects[0]["vm"] == "vm3/counter" and objects[0]["pid"] and objects[0]["memory_mb_used"] > 0
+    moved = moat("migrate", "counter", "r20a")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert json.loads(moat("show", "objects", "r20a", "--json").stdout)[0]["vm"] == "vm3/counter"
+    assert [v["router"] for v in json.loads(moat("show", "vm", "--json").stdout) if v["name"] == "vm3"] == ["r20a"]
+    bad = moat("provision", "r18b", "--vm", "vm4", "--service", "counter-svc", "--mobile", "counter")
+    assert bad.returncode != 0 and "OBJECT=NAME" in bad.stderr

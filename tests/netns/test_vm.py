@@ -5,7 +5,6 @@ by step (Fig. 5) and run its object sandboxed; refusals are recorded and leave n
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,13 @@ import pytest
 from agent.repository import generate_keypair, package_service, publish_service
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def counter_source(root: Path, cpu: float = 0.2) -> Path:
-    src = root / "counter-src" / "counter"
-    src.mkdir(parents=True)
-    shutil.copy(REPO / "agent" / "objects" / "counter.py", src / "counter_object.py")
-    (src / "object.json").write_text(json.dumps(
-        {"entry": "counter_object:Counter", "resources": {"cpu": cpu, "memory_mb": 96, "pids": 16}}))
-    return src.parent
+from vm_services import counter_source, publish
 
 
 @pytest.fixture(scope="module")
 def net():
     with MoatNetwork(PatentTopo()) as m:
         yield m
-
-
-def publish(m: MoatNetwork, tmp: Path, service: str, key: Path, cpu: float = 0.2) -> None:
-    signed = package_service(counter_source(tmp, cpu), service, "1.0", "acme", key, tmp / "out")
-    publish_service(signed.path, m.net[m.site].repo_root)
 
 
 def test_provision_virtual_interface_runs_signed_counter(net: MoatNetwork, tmp_path: Path) -> None:
