@@ -521,10 +521,14 @@ class AgentDaemon:
         try:
             if process is not None:
                 hosted.process = process
-                await process.start(warm=warm, state=state)
+                # Warm until the address is there: a reply (to a request handed over in a
+                # checkpoint, say) cannot leave from an address this router does not have.
+                await process.start(warm=True, state=state)
                 # Only now: an address without a bound socket answers port-unreachable, and
                 # this router may be on the path of the object's clients (net 14's border).
                 self._home_address(obj.home_address, add=True)
+                if not warm:
+                    await process.call("serve")
             if register:
                 hosted.client = RegistrationClient(obj, self.solicit, self.config.advertise_interval,
                                                    announce=self._announce_home)
@@ -551,8 +555,16 @@ class AgentDaemon:
             await hosted.client.stop(deregister=deregister)
         state = None
         if hosted.process is not None:
-            # Address first: packets still arriving are routed on to the object's new place
-            # instead of hitting a closing socket (port unreachable).
+            # Hold first: from now on the object queues what it receives (the queue goes into
+            # its checkpoint) instead of answering from an address about to disappear, which
+            # the kernel would refuse: a request counted, its reply lost. Then the address:
+            # packets still arriving are routed on to the object's new place instead of
+            # hitting a closing socket (port unreachable).
+            if hosted.process.running:
+                try:
+                    await hosted.process.call("hold")
+                except ObjectProcessError as exc:
+                    log.warning("%s", exc)
             self._home_address(hosted.home_address, add=False)
             state = await hosted.process.stop()
         return dict(hosted.status(), state=state)

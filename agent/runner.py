@@ -129,8 +129,11 @@ class ObjectServer(asyncio.DatagramProtocol):
     def checkpoint(self) -> dict[str, Any]:
         """A JSON copy: it must not change when this instance serves the next request, and an
         object whose state is not JSON fails here, at its origin, not at the target."""
+        # Requests received but not served yet (a held or warm instance) travel too: the
+        # next instance answers them, so a request that reached this one is not lost.
+        pending = [[m.txid, m.body, list(a)] for m, a in self.queue if isinstance(a, tuple)]
         return json.loads(json.dumps({"object": self.obj.get_state(), "seen": self.seen,
-                                      "served": self.stats["served"]}))
+                                      "served": self.stats["served"], "pending": pending}))
 
     def restore(self, state: dict[str, Any]) -> None:
         self.obj.set_state(state["object"])
@@ -141,11 +144,24 @@ class ObjectServer(asyncio.DatagramProtocol):
             mine = self.seen.get(client)
             if mine is None or seq > mine[0]:
                 self.seen[client] = [seq, body]
+        for txid, body, addr in state.get("pending", []):
+            if len(self.queue) < MAX_QUEUE:
+                self.queue.append((ControlMessage(ControlType.SERVICE_REQUEST, int(txid), body), tuple(addr)))
+
+    def hold(self) -> int:
+        """Stop serving, keep receiving: requests queue (and go into the checkpoint) while
+        the router takes the home address away, after which a reply could not be sent from
+        it any more. Returns how many were queued already."""
+        self.warming = True
+        return len(self.queue)
 
     def serve(self) -> int:
         """Leave warm-up: replay the queue through the filter, then serve live."""
         queued, self.queue = self.queue, []
         self.warming = False
+        # Per client in sequence order (a previous instance's pending requests and this
+        # one's queue interleave); the sort is stable and clients are independent.
+        queued.sort(key=lambda entry: int(entry[0].body["seq"]))
         for msg, addr in queued:
             self._serve(msg, addr, replay=True)
         return len(queued)
@@ -165,6 +181,8 @@ async def control_loop(server: ObjectServer, sock: socket.socket, stop: asyncio.
             elif cmd == "set_state":
                 server.restore(req["state"])
                 result = {"replayed": server.serve() if req.get("serve", True) else 0}
+            elif cmd == "hold":
+                result = {"queued": server.hold()}
             elif cmd == "serve":
                 result = {"replayed": server.serve()}
             elif cmd == "stats":

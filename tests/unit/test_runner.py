@@ -89,3 +89,26 @@ def test_a_service_that_is_not_extensible_refuses_other_services() -> None:
     s.datagram_received(request(2), ADDR)  # a corresponding object's own request is served
     assert t.sent[0][0]["ok"] is False and "not extensible" in t.sent[0][0]["error"]
     assert t.sent[1][0]["ok"] is True and s.obj.count == 1
+
+
+def test_a_held_instance_hands_its_unserved_requests_to_the_next_one() -> None:
+    """The source holds (its address is about to go), keeps receiving, and stops: what it
+    received but did not answer is in its checkpoint, and the next instance answers each
+    of those once, merged in order with its own queue (bicast copies included)."""
+    old, t_old = server()
+    new, t_new = server(warm=True)
+    old.datagram_received(request(1), ADDR)
+    old.hold()
+    old.datagram_received(request(2), ADDR)
+    old.datagram_received(request(3, client="other"), ("10.14.0.31", 5000))
+    old.datagram_received(request(3), ADDR)
+    new.datagram_received(request(3), ADDR)  # a bicast copy the new one queued too
+    checkpoint = old.checkpoint()
+    assert len(t_old.sent) == 1 and old.obj.count == 1, "a held instance answers nothing"
+    assert [p[1]["seq"] for p in checkpoint["pending"]] == [2, 3, 3]
+    new.restore(checkpoint)
+    new.serve()
+    answered = [(b["client"], b["seq"], b["result"]["count"], a) for b, a in t_new.sent]
+    assert sorted((c, q) for c, q, _, _ in answered) == [("co", 2), ("co", 3), ("other", 3)]
+    assert new.obj.count == 4 and new.stats["served"] == 4  # 1 at the old place, 3 here
+    assert ("other", 3) in {(c, q) for c, q, _, a in answered if a == ("10.14.0.31", 5000)}
