@@ -234,12 +234,18 @@ class MoatRouter(ManagedDaemonMixin, Node):
         at; strict or loose filtering would drop both. ``default`` also covers the TUN and
         GRE devices the agents create later. ICMP redirects are off by default so that
         traffic keeps the paths the topology computed (and the captures show them).
+
+        accept_local is on for the same reason: while an object moves, its home address is
+        on this router (the new place) and a reply the old place sent from it a moment
+        earlier may still pass through here on its way to the client; without it the
+        kernel drops that reply as a martian (a source address it owns).
         """
         result = super().config(**params)
         _sysctl(self, "net.ipv4.ip_forward", 1)
         names = ["all", "default"] + [i.name for i in self.intfList() if i.name != "lo"]
         for name in names:
             _sysctl(self, f"net.ipv4.conf.{name}.rp_filter", 0)
+            _sysctl(self, f"net.ipv4.conf.{name}.accept_local", 1)
         if not send_redirects:
             for name in names:
                 _sysctl(self, f"net.ipv4.conf.{name}.send_redirects", 0)
