@@ -68,21 +68,16 @@ def rss_kib(pid: int) -> int | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from agent.repository import package_service, publish_service
     from topologies.moatnet import MoatNetwork
+
+    from .counter_service import publish_counter
     from topologies.patent import PatentTopo
 
     tmp = Path(tempfile.mkdtemp(prefix="moat-bench-provision-"))
     results: dict[str, Any] = {"cold": [], "cached": []}
     try:
         with MoatNetwork(PatentTopo(), objects=["counter", "svc"]) as m:
-            src = tmp / "src" / "counter"
-            src.mkdir(parents=True)
-            shutil.copy(REPO / "agent" / "objects" / "counter.py", src / "counter_object.py")
-            (src / "object.json").write_text(json.dumps(
-                {"entry": "counter_object:Counter", "resources": {"cpu": 0.2, "memory_mb": 96, "pids": 16}}))
-            signed = package_service(tmp / "src", "counter-svc", "1.0", "acme", m.provider_key, tmp / "out")
-            publish_service(signed.path, m.net[m.site].repo_root)
+            publish_counter(m, "counter-svc", workdir=tmp)
             m.objects["svc"].home_address = ADDRESS
             storage = m.run.dir / "vm" / ROUTER
             body = dict(vm="bench", kind="interface", interface=f"{ROUTER}-eth0", address=ADDRESS,

@@ -175,7 +175,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, intf, node in (("home_lan", "s16", None), ("foreign_lan_12", "s12", None),
                                  ("backbone_r22a_r18a", "r22a-eth1", "r22a")):
             stack.enter_context(moat.capture(intf, name, node=node))
-        moat.place_object(OBJECT, HOME_ROUTER)
+        if args.from_site:
+            # The patent's way: the remote site provisions a VM on the home router whose
+            # (signed) counter is the mobile object; every move provisions its VM at the
+            # target, which fetches and verifies the code from the site itself.
+            from .counter_service import publish_counter
+
+            publish_counter(moat, "counter-svc")
+            answer = moat.provision(HOME_ROUTER, vm="counter", kind="service", service="counter-svc",
+                                    mobile={"counter": OBJECT})
+            if not answer.get("ok"):
+                raise RuntimeError(f"provisioning the counter failed: {answer.get('error')}")
+        else:
+            moat.place_object(OBJECT, HOME_ROUTER)
         moat.wait_for(lambda: moat.agent(HOME_ROUTER).call("objects")[0]["at_home"], timeout=15, interval=0.01)
         log_path = moat.run.dir / "co.jsonl"
         with load_generator(moat, args.rate, duration, log_path):
@@ -231,6 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     summary = {"experiment": "handoff", "run_id": moat.run.run_id, "rate": args.rate,
                "rounds": args.rounds, "adv_interval": args.adv_interval, "backend": args.backend,
+               "from_site": args.from_site,
                "topology": args.topo, "requests": len(requests), "modes": per_mode,
                "state": survived, "handoffs": rows,
                "capture_events": {p.stem: count_events(p) for p in sorted((dest / "captures").glob("*.pcap"))},
@@ -251,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topo", default="patent", help="patent[,backbone_bw=...,...]")
     parser.add_argument("--dwell", type=float, default=1.5, help="seconds between moves")
     parser.add_argument("--results", type=Path, default=None, help="results root (default ./results)")
+    parser.add_argument("--from-site", action="store_true",
+                        help="provision the counter from the remote site as a VM's mobile object "
+                             "(each move fetches and verifies it at the target) instead of placing it")
     return parser
 
 

@@ -35,6 +35,17 @@ def test_short_handoff_run(tmp_path) -> None:
     assert events["foreign_lan_12"]["registration_requests"] > 0, events
 
 
+def test_short_handoff_of_a_provisioned_object(tmp_path) -> None:
+    """The same moves with the counter provisioned from the remote site as a VM's mobile
+    object: each target fetches and verifies it, nothing is lost, the count is exact."""
+    args = build_parser().parse_args(["--rate", "100", "--rounds", "1", "--dwell", "1.0", "--mode", "mbb",
+                                      "--adv-interval", "0.5", "--from-site", "--results", str(tmp_path)])
+    summary = run(args)["summary"]
+    mbb = summary["modes"]["make-before-break"]
+    assert summary["from_site"] and mbb["failed"] == 0 and mbb["lost_total"] == 0, summary["handoffs"]
+    assert summary["state"]["exact"], summary["state"]
+
+
 @pytest.fixture(scope="module")
 def net():
     with MoatNetwork(PatentTopo(), advertise_interval=0.5) as m:
