@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from topologies.run import stop_child
+
 from .results import results_dir, write_json
 from .tables import format_table
 
@@ -138,11 +140,7 @@ def plain_runner_rss(m: Any, router: str) -> int | None:
             ctl.readline()
     finally:
         parent.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc, timeout=10, terminate=False)  # it exits on "stop" or on EOF
     return rss
 
 

@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from topologies.run import stop_child
+
 from .results import results_dir, write_json
 from .tables import format_table
 
@@ -323,13 +325,7 @@ def kernel_backend() -> tuple[bool, str | None]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_child(proc)
 
 
 class TunnelBench:

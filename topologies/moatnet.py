@@ -40,7 +40,7 @@ from topologies.addressing import mo_home_addresses
 from topologies.base import MoatTopo
 from topologies.errors import TopologyError
 from topologies.net import build_net, root_namespace_names
-from topologies.run import ENV_RUN_ID, Run, clean_run
+from topologies.run import ENV_RUN_ID, Run, clean_run, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -414,12 +414,7 @@ class MoatNetwork:
             wait_for_marker(proc, proc.stderr, b"listening on")
             yield path
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_child(proc)
 
 
 def wait_for_marker(proc: subprocess.Popen, stream: Any, marker: bytes, timeout: float = 5.0) -> bytes:

@@ -111,6 +111,18 @@ def live_runs(root: Path | None = None) -> list[Run]:
     return [r for r in list_runs(root) if r.state.status == "up" and pid_alive(r.state.owner_pid)]
 
 
+def stop_child(proc: subprocess.Popen, timeout: float = 5.0, terminate: bool = True) -> int:
+    """End a child this run started: SIGTERM (unless it is already on its way out:
+    ``terminate=False``), wait up to ``timeout`` s, then SIGKILL. Returns its status."""
+    if terminate and proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
