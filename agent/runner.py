@@ -1,8 +1,14 @@
 """The process that runs one mobile object: ``python -m agent.runner ...`` (started by the VM).
 
-It serves the object's requests on its home address (UDP, MOAT control framing: a
+It serves the object's requests on its home address (MOAT control framing: a
 SERVICE_REQUEST with ``{"client", "seq", ...}`` gets a SERVICE_REPLY) and obeys its router
 over a socketpair (JSON lines: ``get_state``, ``set_state``, ``serve``, ``stats``, ``stop``).
+
+Requests come over UDP and over TCP on the same address and port. A reply bigger than one
+datagram can carry (a .docx in base64, say) cannot go back over UDP: the client gets a short
+``{"ok": false, "too_large": N}`` reply instead and asks again, same client and sequence
+number, over TCP, where the filter below answers it from memory (the object does not run the
+request twice). Both transports go through one path: the filter, the warm-up queue, stats.
 
 At-most-once semantics live here, not in each object: the runtime remembers, per client, the
 last sequence number and reply. A duplicate gets the remembered reply again, an older
@@ -24,9 +30,10 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Tuple, Union
 
 from packets import ControlMessage, ControlType, MalformedMessage
+from packets.control import HEADER, MAX_BODY, frame_length
 
 from .sdk import MobileObject, RequestError
 
@@ -36,6 +43,22 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 MAX_QUEUE = 10_000
 #: A checkpoint is one JSON line on the socketpair (see agent.runtime.LINE_LIMIT).
 CONTROL_LINE_LIMIT = 64 << 20
+#: Largest encoded reply sent as one UDP datagram (IPv4 carries at most 65,507 bytes); a
+#: bigger one is replaced by a short "too_large" reply telling the client to use TCP.
+UDP_REPLY_LIMIT = 65_000
+#: TCP connections served at once; more are refused. The sandbox gives an object
+#: RLIMIT_NOFILE 256, and UDP, the control socketpair and Python need a few of those.
+MAX_STREAMS = 64
+#: A TCP connection that sends no complete request for this long is closed (unless requests
+#: of its own still wait in the warm-up queue); it also bounds a request sent very slowly.
+STREAM_IDLE_TIMEOUT = 30.0
+#: Requests of one TCP connection that may wait in the warm-up queue at once; more are
+#: dropped, so that one connection cannot fill the queue with 1 MiB requests.
+MAX_STREAM_PENDING = 8
+#: Reply bytes a TCP client may leave unread before its connection is dropped: replies are
+#: remembered for duplicates, so a client that keeps asking and never reads would otherwise
+#: grow the object's memory without bound.
+STREAM_BACKLOG_LIMIT = 2 * MAX_BODY
 
 
 def load_object(spec: str) -> MobileObject:
@@ -50,8 +73,79 @@ def load_object(spec: str) -> MobileObject:
     return obj
 
 
+def parse_request(data: bytes) -> ControlMessage:
+    """One service request with a client and a sequence number, or :class:`MalformedMessage`.
+    UDP and TCP requests are checked by this one function, so both count the same way."""
+    msg = ControlMessage.decode(data)
+    if msg.type != ControlType.SERVICE_REQUEST:
+        raise MalformedMessage(f"{msg.type.name} is not a service request")
+    try:
+        str(msg.body["client"])
+        int(msg.body["seq"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedMessage(f"service request without client and seq: {exc!r}") from None
+    return msg
+
+
+class StreamPeer:
+    """Where a request that came over TCP is answered: the connection it came on.
+
+    A UDP request is answered at its source address, a plain ``(host, port)`` tuple, which is
+    also what a checkpoint carries for requests still pending. A connection cannot move with
+    the object, so requests queued from one stay out of the checkpoint: when this instance
+    stops, the connection closes, and the client asks again (same client and sequence number,
+    which the next instance's filter serves once).
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.label = str(writer.get_extra_info("peername"))
+        #: Requests of this connection in the warm-up queue, not answered yet.
+        self.pending = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def queued(self) -> None:
+        self.pending += 1
+        self._settled.clear()
+
+    def dequeued(self) -> None:
+        self.pending -= 1
+        if self.pending <= 0:
+            self.pending = 0
+            self._settled.set()
+
+    async def settled(self) -> None:
+        """Until none of this connection's requests waits in the queue any more."""
+        await self._settled.wait()
+
+    def send(self, data: bytes) -> None:
+        """Queue one encoded reply on the connection (a closed one drops it: the reply stays
+        remembered for a client that asks again)."""
+        if self.writer.is_closing():
+            return
+        backlog = self.writer.transport.get_write_buffer_size()
+        if backlog > STREAM_BACKLOG_LIMIT:
+            log.info("TCP client %s leaves %d reply bytes unread: dropping the connection",
+                     self.label, backlog)
+            self.writer.transport.abort()
+            return
+        self.writer.write(data)
+
+    def __repr__(self) -> str:
+        return f"StreamPeer({self.label})"
+
+
+#: Where a reply goes: a UDP source address, a TCP connection, or nowhere (None).
+ReplyTo = Union[Tuple[Any, ...], StreamPeer, None]
+
+
 class ObjectServer(asyncio.DatagramProtocol):
-    """Requests in, replies out, with the dedup filter and the warm-up queue."""
+    """Requests in, replies out, with the dedup filter and the warm-up queue.
+
+    It is the UDP endpoint's protocol, and :meth:`serve_stream` is the TCP server's
+    connection callback: both feed :meth:`_accept`.
+    """
 
     def __init__(self, obj: MobileObject, name: str, router: str, warm: bool,
                  extensible: bool = True) -> None:
@@ -63,41 +157,106 @@ class ObjectServer(asyncio.DatagramProtocol):
         self.router = router
         self.instance = uuid.uuid4().hex[:8]
         self.warming = warm
-        self.queue: list[tuple[ControlMessage, tuple]] = []
+        self.queue: list[tuple[ControlMessage, ReplyTo]] = []
         self.seen: dict[str, list] = {}  # client -> [seq, reply body]
+        # too_large: UDP replies replaced by the "ask again over TCP" reply; dropped: requests
+        # the warm-up queue had no room for; tcp_refused: connections over max_streams.
         self.stats = {"served": 0, "duplicates": 0, "stale": 0, "malformed": 0, "errors": 0,
-                      "queued": 0, "started": time.time()}
+                      "queued": 0, "too_large": 0, "dropped": 0, "tcp_refused": 0,
+                      "started": time.time()}
         self.transport: asyncio.DatagramTransport | None = None
+        #: Open TCP connections; bounds (attributes so that tests can shrink them).
+        self.streams: set[StreamPeer] = set()
+        self.max_streams = MAX_STREAMS
+        self.idle_timeout = STREAM_IDLE_TIMEOUT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         try:
-            msg = ControlMessage.decode(data)
-            if msg.type != ControlType.SERVICE_REQUEST:
-                raise MalformedMessage(f"{msg.type.name} is not a service request")
-            str(msg.body["client"])
-            int(msg.body["seq"])
-        except (MalformedMessage, KeyError, TypeError, ValueError) as exc:
+            msg = parse_request(data)
+        except MalformedMessage as exc:
             self.stats["malformed"] += 1
             log.debug("bad request from %s: %s", addr, exc)
             return
-        if self.warming:
-            if len(self.queue) < MAX_QUEUE:
-                self.queue.append((msg, addr))
-                self.stats["queued"] += 1
-            return
-        self._serve(msg, addr)
+        self._accept(msg, addr)
 
-    def _serve(self, msg: ControlMessage, addr: tuple | None, replay: bool = False) -> None:
+    def _accept(self, msg: ControlMessage, dest: ReplyTo) -> None:
+        """A well-formed request from either transport: serve it, or queue it while warm."""
+        if not self.warming:
+            self._serve(msg, dest)
+            return
+        if len(self.queue) >= MAX_QUEUE or (
+                isinstance(dest, StreamPeer) and dest.pending >= MAX_STREAM_PENDING):
+            self.stats["dropped"] += 1
+            return
+        self.queue.append((msg, dest))
+        self.stats["queued"] += 1
+        if isinstance(dest, StreamPeer):
+            dest.queued()
+
+    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TCP connection (the ``asyncio.start_server`` callback): requests back to back,
+        each through the same path as a datagram, replies back on this connection. A
+        malformed frame is counted and closes this connection, never the object."""
+        if len(self.streams) >= self.max_streams:
+            self.stats["tcp_refused"] += 1
+            log.info("object %s: %d TCP connections open, refusing %s", self.name,
+                     len(self.streams), writer.get_extra_info("peername"))
+            writer.transport.abort()
+            return
+        peer = StreamPeer(writer)
+        self.streams.add(peer)
+        try:
+            await self._read_stream(reader, peer)
+        except (ConnectionError, OSError) as exc:  # reset by the client: nothing to answer
+            log.debug("TCP client %s: %r", peer.label, exc)
+        finally:
+            self.streams.discard(peer)
+            writer.close()  # replies already written still go out before the FIN
+
+    async def _read_stream(self, reader: asyncio.StreamReader, peer: StreamPeer) -> None:
+        while True:
+            try:  # readexactly consumes nothing until it has it all: a timeout loses no byte
+                head = await asyncio.wait_for(reader.readexactly(HEADER.size), self.idle_timeout)
+            except asyncio.TimeoutError:
+                if peer.pending:
+                    continue  # its requests wait for the state: not idle
+                log.debug("TCP client %s idle for %.0f s: closing", peer.label, self.idle_timeout)
+                return
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    self.stats["malformed"] += 1
+                    log.info("TCP client %s closed within a header", peer.label)
+                    return
+                await peer.settled()  # end of requests: answer the queued ones, then close
+                return
+            try:
+                rest = await asyncio.wait_for(reader.readexactly(frame_length(head) - HEADER.size),
+                                              self.idle_timeout)
+                msg = parse_request(head + rest)
+            except (MalformedMessage, asyncio.IncompleteReadError) as exc:
+                self.stats["malformed"] += 1
+                log.info("malformed request from TCP client %s, closing: %s", peer.label, exc)
+                return
+            except asyncio.TimeoutError:
+                log.info("TCP client %s sent half a request in %.0f s: closing", peer.label,
+                         self.idle_timeout)
+                return
+            self._accept(msg, peer)
+            await peer.writer.drain()  # a client that does not read is not read either
+
+    def _serve(self, msg: ControlMessage, dest: ReplyTo, replay: bool = False) -> None:
         client, seq = str(msg.body["client"]), int(msg.body["seq"])
         last = self.seen.get(client)
         if last is not None and seq <= last[0]:
-            if seq == last[0] and not replay:  # (a queued request the checkpoint already
-                # answered was answered by the other instance: no second reply)
+            # A queued UDP request the checkpoint already answered was answered by the other
+            # instance (bicast): no second reply. A TCP connection reached only this
+            # instance, so a duplicate on it is answered (the retry of a too_large reply).
+            if seq == last[0] and (not replay or isinstance(dest, StreamPeer)):
                 self.stats["duplicates"] += 1
-                self._reply(msg.txid, last[1], addr)
+                self._reply(msg.txid, last[1], dest)
             else:
                 self.stats["stale"] += 1
             return
@@ -116,13 +275,44 @@ class ObjectServer(asyncio.DatagramProtocol):
         body.update(client=client, seq=seq)
         self.seen[client] = [seq, body]
         self.stats["served"] += 1
-        self._reply(msg.txid, body, addr)
+        self._reply(msg.txid, body, dest)
 
-    def _reply(self, txid: int, body: dict, addr: tuple | None) -> None:
-        if addr is None or self.transport is None:
+    def _reply(self, txid: int, body: dict, dest: ReplyTo) -> None:
+        if dest is None:
             return
         out = dict(body, served_by=self.router, instance=self.instance, at=time.time())
-        self.transport.sendto(ControlMessage(ControlType.SERVICE_REPLY, txid, out).encode(), addr)
+        data = self._encode_reply(txid, out)
+        if isinstance(dest, StreamPeer):
+            dest.send(data)
+            return
+        if self.transport is None:
+            return
+        if len(data) > UDP_REPLY_LIMIT:
+            # The full reply stays in self.seen: the same (client, seq) over TCP gets it as a
+            # duplicate, without running the request again.
+            self.stats["too_large"] += 1
+            notice = {"ok": False, "too_large": len(data),
+                      "error": f"reply of {len(data)} bytes is too large for UDP: ask again over TCP"}
+            data = self._encode_reply(txid, self._stamped(notice, out))
+        self.transport.sendto(data, dest)
+
+    @staticmethod
+    def _stamped(body: dict, like: dict) -> dict:
+        """``body`` with the client, seq and server fields of the reply ``like``."""
+        keys = ("client", "seq", "served_by", "instance", "at")
+        return dict(body, **{k: like[k] for k in keys if k in like})
+
+    def _encode_reply(self, txid: int, out: dict) -> bytes:
+        """The reply on the wire; one that cannot be encoded (bigger than the framing's 1 MiB
+        body, or not JSON) becomes an error reply saying why, so the client is not left
+        waiting and the server does not fail on every duplicate of it."""
+        try:
+            return ControlMessage(ControlType.SERVICE_REPLY, txid, out).encode()
+        except (MalformedMessage, TypeError, ValueError) as exc:  # MalformedMessage: too big
+            log.warning("object %s: reply to %s seq %s cannot be sent: %s", self.name,
+                        out.get("client"), out.get("seq"), exc)
+            error = {"ok": False, "error": f"the object's reply cannot be sent: {exc}"}
+            return ControlMessage(ControlType.SERVICE_REPLY, txid, self._stamped(error, out)).encode()
 
     # --- state ---------------------------------------------------------------------------
 
@@ -162,8 +352,10 @@ class ObjectServer(asyncio.DatagramProtocol):
         # Per client in sequence order (a previous instance's pending requests and this
         # one's queue interleave); the sort is stable and clients are independent.
         queued.sort(key=lambda entry: int(entry[0].body["seq"]))
-        for msg, addr in queued:
-            self._serve(msg, addr, replay=True)
+        for msg, dest in queued:
+            if isinstance(dest, StreamPeer):
+                dest.dequeued()
+            self._serve(msg, dest, replay=True)
         return len(queued)
 
 
@@ -201,23 +393,69 @@ async def control_loop(server: ObjectServer, sock: socket.socket, stop: asyncio.
     stop.set()
 
 
+def _service_socket(kind: socket.SocketKind, address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        # The home address may be configured a moment after the object starts (or not at
+        # all yet during a make-before-break move): bind anyway.
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if kind == socket.SOCK_STREAM:  # a restarted object rebinds over TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_service(server: ObjectServer, address: str, port: int
+                        ) -> tuple[asyncio.DatagramTransport, asyncio.AbstractServer | None]:
+    """Serve ``server`` on UDP and TCP ``address:port``.
+
+    Port 0 (tests) picks one ephemeral port free for both. UDP is the service itself, so a
+    UDP bind failure raises; a TCP one is logged and the object serves UDP alone (an object
+    that started before TCP service existed must still start), without replies over 64 KB.
+    """
+    loop = asyncio.get_running_loop()
+    if port == 0:
+        for _ in range(20):
+            tcp = _service_socket(socket.SOCK_STREAM, address, 0)
+            try:
+                udp = _service_socket(socket.SOCK_DGRAM, address, tcp.getsockname()[1])
+                break
+            except OSError:
+                tcp.close()
+        else:
+            raise OSError(f"no port free for both UDP and TCP on {address}")
+        tcp_sock: socket.socket | None = tcp
+    else:
+        udp = _service_socket(socket.SOCK_DGRAM, address, port)
+        try:
+            tcp_sock = _service_socket(socket.SOCK_STREAM, address, port)
+        except OSError as exc:
+            log.warning("object %s: no TCP on %s:%d (%s): replies over %d bytes cannot be "
+                        "fetched", server.name, address, port, exc, UDP_REPLY_LIMIT)
+            tcp_sock = None
+    transport, _ = await loop.create_datagram_endpoint(lambda: server, sock=udp)
+    tcp_server = None
+    if tcp_sock is not None:
+        tcp_server = await asyncio.start_server(server.serve_stream, sock=tcp_sock)
+    return transport, tcp_server  # type: ignore[return-value]
+
+
 async def run(args: argparse.Namespace) -> int:
     obj = load_object(args.spec)
     server = ObjectServer(obj, args.name, args.router, args.warm, extensible=not args.not_extensible)
     if args.state:
         server.restore(json.loads(args.state))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    # The home address may be configured a moment after the object starts (or not at all
-    # yet during a make-before-break move): bind anyway.
-    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-    sock.bind((args.address, args.port))
-    loop = asyncio.get_running_loop()
-    await loop.create_datagram_endpoint(lambda: server, sock=sock)
+    _transport, tcp_server = await start_service(server, args.address, args.port)
     stop = asyncio.Event()
     ctl = socket.socket(fileno=args.control_fd)
-    log.info("object %s (%s) serving on %s:%d, warm=%s", args.name, args.spec, args.address,
-             args.port, args.warm)
+    log.info("object %s (%s) serving on %s:%d (UDP%s), warm=%s", args.name, args.spec,
+             args.address, args.port, "" if tcp_server is None else " and TCP", args.warm)
     await control_loop(server, ctl, stop)
+    if tcp_server is not None:
+        tcp_server.close()  # open connections close as run() returns
     return 0
 
 

@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtual interface (one address on one interface) or virtual service (all addresses)")
     p.add_argument("--interface", help="for a virtual interface: the router's interface")
     p.add_argument("--address", help="for a virtual interface: the address to add")
-    p.add_argument("--port", type=int, help="the service's UDP port (default 4341)")
+    p.add_argument("--port", type=int, help="the service's port, UDP and TCP (default 4341)")
     p.add_argument("--cpu", type=float, default=0.5, help="CPUs (0.5 = half of one)")
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--pids", type=int, default=64)

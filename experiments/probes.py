@@ -6,7 +6,9 @@ itself, as real packets on the emulated network. Each prints one JSON line.
 * ``arp IFACE ADDRESS`` — who has ADDRESS? prints the MAC that answered (or null).
 * ``solicit IFACE`` — send an Agent Solicitation, print who advertised back and how fast.
 * ``control DST TYPE JSON`` — one MOAT control message over TCP 4340, print the answer.
-* ``service DST PORT JSON`` — one service request, print the reply body.
+* ``service DST PORT JSON|@FILE [--tcp]`` — one service request, print the reply body. Over
+  UDP, unless ``--tcp`` or the request does not fit one datagram; a reply too large for UDP
+  is asked again over TCP (same client and seq: the object answers it from memory).
 * ``udp DST PORT HEX [--timeout S]`` — send one datagram, print the reply (hex) or null.
 * ``fuzz DST --count N --seed S`` — send N mutated registration and discovery messages to
   DST (UDP 434 and raw ICMP), bounded in count, and print how many were sent.
@@ -40,6 +42,9 @@ from packets import (
     append_auth,
 )
 from packets.codes import MIP_PORT
+
+#: The most a UDP datagram carries over IPv4 (65,535 - 20 - 8): a bigger request goes over TCP.
+UDP_MAX_PAYLOAD = 65_507
 
 
 def arp(iface: str, address: str, timeout: float = 2.0) -> str | None:
@@ -94,19 +99,69 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0) -> dict:
         return {"ok": False, "error": str(exc)}
 
 
-def service(dst: str, port: int, body: dict, timeout: float = 5.0) -> dict:
+def service(dst: str, port: int, body: dict, timeout: float = 5.0, tcp: bool = False) -> dict:
     """One service request (MOAT framing) and its reply body, as a corresponding object
-    sends it; ``client``/``seq`` are filled in when missing."""
+    sends it; ``client``/``seq`` are filled in when missing.
+
+    UDP first, as a corresponding object does. A reply too big for one datagram comes back
+    as ``{"ok": false, "too_large": N}``; the very same request (same client and seq, so the
+    object answers from memory instead of running it again) then goes over TCP, and its full
+    reply is returned. ``tcp`` goes to TCP straight away, as does a request that does not
+    fit in a datagram itself.
+    """
     from packets import ControlMessage, ControlType
 
     body = {"client": f"probe-{random.getrandbits(32):08x}", "seq": 1, **body}
+    data = ControlMessage(ControlType.SERVICE_REQUEST, 1, body).encode()
+    if not tcp and len(data) <= UDP_MAX_PAYLOAD:
+        reply = _service_udp(dst, port, data, timeout)
+        too_large = (reply.get("too_large") and reply.get("client") == body["client"]
+                     and reply.get("seq") == body["seq"])
+        if not too_large:
+            return reply
+    return _service_tcp(dst, port, data, timeout)
+
+
+def _service_udp(dst: str, port: int, data: bytes, timeout: float) -> dict:
+    from packets import ControlMessage
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
-        s.sendto(ControlMessage(ControlType.SERVICE_REQUEST, 1, body).encode(), (dst, port))
+        s.sendto(data, (dst, port))
         try:
             return ControlMessage.decode(s.recv(65535)).body
         except socket.timeout:
             return {"ok": False, "error": "no reply"}
+        except MalformedMessage as exc:
+            return {"ok": False, "error": f"malformed reply: {exc}"}
+
+
+def _recv_exactly(s: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = s.recv(min(size - len(data), 1 << 16))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def _service_tcp(dst: str, port: int, data: bytes, timeout: float) -> dict:
+    """One request over TCP and the one message that answers it (``timeout`` per step)."""
+    from packets import ControlMessage
+    from packets.control import HEADER, frame_length
+
+    try:
+        with socket.create_connection((dst, port), timeout=timeout) as s:
+            s.sendall(data)
+            head = _recv_exactly(s, HEADER.size)
+            return ControlMessage.decode(head + _recv_exactly(s, frame_length(head) - HEADER.size)).body
+    except socket.timeout:
+        return {"ok": False, "error": "no reply over TCP"}
+    except MalformedMessage as exc:
+        return {"ok": False, "error": f"malformed reply over TCP: {exc}"}
+    except OSError as exc:  # refused, reset, closed before the whole reply
+        return {"ok": False, "error": f"TCP: {exc}"}
 
 
 def udp(dst: str, port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
@@ -360,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("port", type=int)
     p.add_argument("body", help="the request body (JSON), or @FILE")
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--tcp", action="store_true",
+                   help="send over TCP straight away (for a request too big for UDP)")
     p = sub.add_parser("udp")
     p.add_argument("dst")
     p.add_argument("port", type=int)
@@ -387,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         out = control(args.dst, args.type, json.loads(args.body), args.timeout)
     elif args.cmd == "service":
         text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
-        out = service(args.dst, args.port, json.loads(text), args.timeout)
+        out = service(args.dst, args.port, json.loads(text), args.timeout, tcp=args.tcp)
     elif args.cmd == "udp":
         reply = udp(args.dst, args.port, bytes.fromhex(args.hex), args.timeout)
         out = {"reply": None if reply is None else reply.hex()}

@@ -12,7 +12,7 @@ import enum
 MIP_PORT = 434
 #: MOAT control protocol (broker, provisioning, VM negotiation) on UDP and TCP.
 CONTROL_PORT = 4340
-#: Object service requests (corresponding object -> mobile object) on UDP.
+#: Object service requests (corresponding object -> mobile object) on UDP and TCP.
 SERVICE_PORT = 4341
 #: IANA Private Enterprise Number reserved for documentation (RFC 5612); MOAT's NVSE vendor.
 MOAT_VENDOR_ID = 32473

@@ -212,6 +212,44 @@ def test_well_formed_capture_raises_no_expert_info(capture: Path, tmp_path: Path
     assert all(r == {"_ws.malformed": "", "_ws.expert": ""} for r in rows), rows
 
 
+BIG_REPLY = {"ok": True, "result": {"docx_b64": "QUJD" * 40_000}, "client": "co", "seq": 3}
+MSS = 1448
+
+
+@pytest.fixture(scope="module")
+def big_capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A service reply too large for UDP, as the object sends it over TCP 4341: about 160 KB
+    cut into MSS-sized segments, followed back to back by a second, small reply that starts
+    inside the big one's last segment. Returns the pcap and its number of frames."""
+    path = tmp_path_factory.mktemp("lua_big") / "big.pcap"
+    stream = _control(ControlType.SERVICE_REPLY, 21, BIG_REPLY) + _control(
+        ControlType.SERVICE_REPLY, 22, {"ok": True, "seq": 4})
+    assert len(stream) % MSS != 0, "the second reply must share a segment with the first"
+    a, b = "10.0.0.1", "10.0.0.2"
+    frames = [
+        Ether() / IP(src=b, dst=a)
+        / TCP(sport=SERVICE_PORT, dport=40005, flags="PA", seq=9000 + off, ack=1)
+        / stream[off:off + MSS]
+        for off in range(0, len(stream), MSS)
+    ]
+    wrpcap(str(path), frames)
+    return path, len(frames)
+
+
+@needs_lua
+def test_a_tcp_reply_over_many_segments_is_reassembled(big_capture: tuple[Path, int],
+                                                       tmp_path: Path) -> None:
+    pcap, count = big_capture
+    assert count > 100
+    rows = fields(pcap, tmp_path, ["moat.txid", "moat.length", "json.key", "_ws.malformed"])
+    assert len(rows) == count
+    assert all(r["moat.txid"] == "" for r in rows[:-1]), "nothing shown before the end arrives"
+    last = rows[-1]
+    body_len = len(_control(ControlType.SERVICE_REPLY, 21, BIG_REPLY)) - 12
+    assert last["moat.txid"] == "21,22" and last["moat.length"].split(",")[0] == str(body_len)
+    assert "docx_b64" in last["json.key"].split(",") and last["_ws.malformed"] == ""
+
+
 # --- Lua tables vs packets/codes.py (no tshark needed) -------------------------------------
 
 
