@@ -317,7 +317,15 @@ class VmManager:
         if vm.egress_kbit:
             self._next_key += 1
             vm.shaper_key = self._next_key
-            match = {"src": vm.address} if vm.kind == "interface" else {"sport": vm.port}
+            # The VM's traffic: its virtual interface's address, or its port on every
+            # address (UDP and TCP) when it runs objects that are not mobile, and the home
+            # addresses its mobile objects answer from.
+            homes = [str(c["home_address"]) for c in vm.mobile.values()]
+            plain = any(o.name not in vm.mobile for o in self._part(vm))
+            if vm.kind == "interface":
+                match: dict[str, Any] = {"src": [vm.address, *homes]}
+            else:
+                match = {"src": homes, "sport": vm.port if plain else None}
             try:
                 capped = await asyncio.get_running_loop().run_in_executor(None, lambda: self.shaper.cap(
                     vm.shaper_key, vm.egress_kbit, list(self.addresses), **match))
@@ -325,6 +333,14 @@ class VmManager:
                 raise ProvisionError("resources", f"egress cap: {exc!r}") from None
             vm.steps.append((f"egress capped at {vm.egress_kbit} kbit/s on {', '.join(capped)}", time.time()))
         await self._start_objects(vm, states, warm)
+
+    @staticmethod
+    def _part(vm: VirtualMachine) -> list[Any]:
+        """The installed manifest's objects this VM runs (all, or its ``only`` part)."""
+        from .repository import Manifest
+
+        manifest = Manifest.from_bytes((Path(vm.installed) / "manifest.json").read_bytes())
+        return [o for o in manifest.objects if not vm.only or o.name in vm.only]
 
     async def _start_objects(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                              warm: bool = False) -> None:
@@ -336,16 +352,12 @@ class VmManager:
         the VM's address."""
         from .cgroups import CgroupManager, Limits
         from .config import ObjectConfig
-        from .repository import Manifest
         from .runtime import ObjectProcess, ObjectProcessError
 
-        manifest = Manifest.from_bytes((Path(vm.installed) / "manifest.json").read_bytes())
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
         states = states or {}
-        for obj in manifest.objects:
-            if vm.only and obj.name not in vm.only:
-                continue
+        for obj in self._part(vm):
             mobile = vm.mobile.get(obj.name)
             config = ObjectConfig.from_json(mobile) if mobile else None
             process = ObjectProcess(

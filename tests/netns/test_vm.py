@@ -166,6 +166,10 @@ def test_egress_cap_classifies_the_vms_traffic_into_its_htb_class(net: MoatNetwo
         ours = [b for b in block if "rate 1Mbit" in b][0]
         sent = int(ours.split("Sent ")[1].split(" bytes ")[1].split(" pkt")[0])
         assert sent >= 10, ours  # the replies went through the VM's class
+        # ... and so do replies over TCP (same port: a second u32 filter).
+        assert net.probe("co12", "service", "10.12.0.1", "5006", json.dumps({}), "--tcp")["ok"]
+        after = [b for b in r18a.cmd("tc -s class show dev r18a-eth0").split("class htb ") if "rate 1Mbit" in b][0]
+        assert int(after.split("Sent ")[1].split(" bytes ")[1].split(" pkt")[0]) >= sent + 2, after
     finally:
         net.agent("r18a").call("vm_remove", name="cap")
     assert "rate 1Mbit" not in net.net["r18a"].cmd("tc class show dev r18a-eth0")

@@ -183,3 +183,30 @@ def test_a_mobile_object_is_upgraded_in_place_and_stays_registered(net: MoatNetw
     assert count(net, "svc1") == 10
     net.agent("r20a").call("vm_remove", name="m4")
     net.wait_for(lambda: not binding_of(net, "svc1"), timeout=10)
+
+
+def class_packets(m: MoatNetwork, router: str, dev: str, rate: str = "rate 1Mbit") -> int:
+    """Packets sent through the VM's htb class (the one with ``rate``) on ``dev``."""
+    blocks = m.net[router].cmd(f"tc -s class show dev {dev}").split("class htb ")
+    ours = [b for b in blocks if rate in b]
+    assert ours, blocks
+    return int(ours[0].split("Sent ")[1].split(" bytes ")[1].split(" pkt")[0])
+
+
+def test_the_egress_cap_holds_the_mobile_objects_replies(net: MoatNetwork) -> None:
+    """A VM's cap matches its mobile object's home address (the object answers from it),
+    not a port every object on the router shares."""
+    answer = net.provision("r18a", vm="m5", kind="service", service="counter-svc",
+                           mobile={"counter": "svc1"}, resources={"egress_kbit": 1000})
+    assert answer["ok"], answer
+    try:
+        net.wait_for(lambda: binding_of(net, "svc1"), timeout=15)
+        before = class_packets(net, "r18a", "r18a-eth1")
+        assert net.requests("co14", "svc1", 10)["answered"] == 10
+        assert class_packets(net, "r18a", "r18a-eth1") - before >= 10  # replies to net 14
+        filters = net.net["r18a"].cmd("tc filter show dev r18a-eth1")
+        home = bytes(int(x) for x in net.objects["svc1"].home_address.split(".")).hex()
+        assert f"{home}/ffffffff at 12" in filters  # matched on svc1's home address
+    finally:
+        net.agent("r18a").call("vm_remove", name="m5")
+    assert "rate 1Mbit" not in net.net["r18a"].cmd("tc class show dev r18a-eth1")
