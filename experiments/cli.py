@@ -272,9 +272,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
         body.update(interface=args.interface, address=args.address)
     if args.port:
         body["port"] = args.port
+    path = run.write_private("provision", json.dumps(body))
     argv = ["mnexec", "-a", str(run.state.node_pids[site]), sys.executable, "-m",
-            "experiments.probes", "control", target, "provision", json.dumps(body)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+            "experiments.probes", "control", target, "provision", f"@{path}"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    finally:
+        path.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise CliError(f"could not send from {site}: {proc.stderr.strip()[-300:]}")
     answer = json.loads(proc.stdout.strip().splitlines()[-1])

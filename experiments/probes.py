@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("control")
     p.add_argument("dst")
     p.add_argument("type", help="a ControlType name, e.g. provision")
-    p.add_argument("body", help="the JSON body")
+    p.add_argument("body", help="the JSON body, or @FILE (keeps credentials off the command line)")
     p.add_argument("--timeout", type=float, default=120.0)
     p = sub.add_parser("service")
     p.add_argument("dst")
@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "solicit":
         out = solicit(args.iface, args.timeout)
     elif args.cmd == "control":
-        out = control(args.dst, args.type, json.loads(args.body), args.timeout)
+        text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
+        out = control(args.dst, args.type, json.loads(text), args.timeout)
     elif args.cmd == "service":
         text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
         out = service(args.dst, args.port, json.loads(text), args.timeout, tcp=args.tcp)

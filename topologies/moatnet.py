@@ -344,8 +344,12 @@ class MoatNetwork:
         if self.site is None:
             raise TopologyError("this topology has no remote site to provision from")
         target = str(self.topo.addresses(router)[0].ip)
-        return self.probe(self.site, "control", target, "provision", json.dumps(body),
-                          "--timeout", str(timeout), timeout=timeout + 30)
+        path = self.run.write_private("provision", json.dumps(body))
+        try:
+            return self.probe(self.site, "control", target, "provision", f"@{path}",
+                              "--timeout", str(timeout), timeout=timeout + 30)
+        finally:
+            path.unlink(missing_ok=True)
 
     def requests(self, host: str, name: str, count: int = 20, rate: float = 50.0,
                  client: str | None = None, port: int | None = None) -> dict:

@@ -90,6 +90,18 @@ class Run:
         tmp.write_text(json.dumps(asdict(self.state), indent=2))
         tmp.replace(self.dir / STATE_FILE)
 
+    def write_private(self, stem: str, text: str) -> Path:
+        """A new file ``<stem>-<random>.json`` in the run directory that only root can read
+        (a message that carries keys, for a child process: a command line is visible to
+        every user). The caller removes it."""
+        if not stem.isidentifier():
+            raise ValueError(f"bad file stem {stem!r}")
+        path = self.dir / f"{stem}-{secrets.token_hex(6)}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return path
+
     def socket(self, node: str) -> Path:
         return self.dir / f"{node}.sock"
 
