@@ -343,13 +343,13 @@ class VmManager:
         return [o for o in manifest.objects if not vm.only or o.name in vm.only]
 
     async def _start_objects(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
-                             warm: bool = False) -> None:
+                             warm: bool = False, names: list[str] | None = None) -> None:
         """Start every object of the installed manifest (or the VM's part of it) in its
         sandbox, with a state when it continues from a checkpoint (an upgrade, a migration).
 
         A mobile object serves on its home address and is handed to the agent, which adds
         the address, runs its registration client and can migrate it; the others serve on
-        the VM's address."""
+        the VM's address. ``names``: only these (one restarted object)."""
         from .cgroups import CgroupManager, Limits
         from .config import ObjectConfig
         from .runtime import ObjectProcess, ObjectProcessError
@@ -358,6 +358,8 @@ class VmManager:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
         states = states or {}
         for obj in self._part(vm):
+            if names is not None and obj.name not in names:
+                continue
             mobile = vm.mobile.get(obj.name)
             config = ObjectConfig.from_json(mobile) if mobile else None
             process = ObjectProcess(
@@ -503,12 +505,7 @@ class VmManager:
         old = vm.objects.pop(obj, None)
         if old is not None:
             await old.stop()
-        only = vm.only
-        vm.only = [obj]
-        try:
-            await self._start_objects(vm, {obj: state})
-        finally:
-            vm.only = only
+        await self._start_objects(vm, {obj: state}, names=[obj])
 
     async def remove(self, name: str) -> dict[str, Any] | None:
         """Stop a VM's objects (mobile ones deregister: their binding goes too), remove its
