@@ -331,16 +331,20 @@ class MoatNetwork:
         return self.agent(source, timeout=60).call("migrate", name=name, target=target, mode=mode,
                                                     target_name=router)
 
-    def provision(self, router: str, timeout: float = 120.0, mobile: dict[str, str] | None = None,
+    def provision(self, router: str, timeout: float = 120.0, mobile: Any = None,
                   **body: Any) -> dict:
         """Send a PROVISION message from the remote site to ``router`` (in band, TCP 4340)
         and return the answer (``ok``, and the VM or the error). ``mobile`` maps objects of
         the service to mobile objects of this network (``{"counter": "svc1"}``): they serve
-        on that object's home address and register with its credentials."""
+        on that object's home address and register with its credentials (a value that is not
+        a name is sent as it is)."""
         import json
 
-        if mobile:
-            body["mobile"] = {obj: self.object_config(name).to_json() for obj, name in mobile.items()}
+        if isinstance(mobile, dict):
+            body["mobile"] = {obj: self.object_config(name).to_json() if isinstance(name, str) else name
+                              for obj, name in mobile.items()}
+        elif mobile is not None:
+            body["mobile"] = mobile  # sent as given (a test of the router's checks)
         if self.site is None:
             raise TopologyError("this topology has no remote site to provision from")
         target = str(self.topo.addresses(router)[0].ip)

@@ -210,3 +210,16 @@ def test_the_egress_cap_holds_the_mobile_objects_replies(net: MoatNetwork) -> No
     finally:
         net.agent("r18a").call("vm_remove", name="m5")
     assert "rate 1Mbit" not in net.net["r18a"].cmd("tc class show dev r18a-eth1")
+
+
+@pytest.mark.parametrize("extra, step, reason", [
+    ({"mobile": {"counter": {"name": "svc1"}}}, "mobile objects", "bad object configuration"),
+    ({"mobile": ["counter"]}, "message", "mobile must map"),
+    ({"objects": ["no-such-object"]}, "manifest", "no object(s) ['no-such-object']"),
+])
+def test_a_bad_mobile_part_is_refused_and_leaves_nothing(net: MoatNetwork, extra: dict, step: str,
+                                                         reason: str) -> None:
+    answer = net.provision("r18b", vm="bad", kind="service", service="counter-svc", **extra)
+    assert not answer["ok"] and reason in answer["error"], answer
+    assert net.agent("r18b").call("errors")[-1]["step"] == step
+    assert net.agent("r18b").call("vm") == [] and net.agent("r18b").call("objects") == []
