@@ -228,6 +228,52 @@ REGLOAD_MAX_WINDOW = 1024
 REGLOAD_MAX_REQUESTS = 1_000_000
 
 
+def control_seeds() -> list[bytes]:
+    """Well-framed in-band control messages the routers' TCP 4340 must refuse (they name
+    no object, service or VM that exists), to mutate."""
+    from packets import ControlMessage, ControlType
+
+    bodies = [
+        (ControlType.MIGRATE, {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
+                               "config": {"name": "ghost"}}),
+        (ControlType.MIGRATE, {"action": "cancel", "name": "ghost"}),
+        (ControlType.MIGRATE, {"action": "start", "config": {"name": "ghost"},
+                               "vm": {"vm": "v", "objects": ["a", "b"]}}),
+        (ControlType.STATE_TRANSFER, {"name": "ghost", "state": {"object": {"count": 1}}}),
+        (ControlType.PROVISION, {"vm": "v", "kind": "nonsense", "service": "s"}),
+        (ControlType.PROVISION, {"vm": "v", "kind": "service", "service": "s",
+                                 "mobile": {"o": {"name": 1}}, "objects": "x"}),
+        (ControlType.LEASE_REQUEST, {}),
+    ]
+    return [ControlMessage(t, i, b).encode() for i, (t, b) in enumerate(bodies)]
+
+
+def ctlfuzz(dst: str, count: int, seed: int, timeout: float = 5.0) -> dict:
+    """``count`` connections to ``dst``'s TCP 4340, each sending one mutated (or cut, or
+    doubled) control message; counts how the agent answered. The agent must answer or
+    close, never die (the caller checks it lives)."""
+    from packets.codes import CONTROL_PORT
+
+    rng = random.Random(seed)
+    seeds = control_seeds()
+    tally = {"sent": 0, "answered": 0, "closed": 0, "timeout": 0}
+    for _ in range(count):
+        data = mutate(rng, rng.choice(seeds))
+        if rng.random() < 0.1:
+            data += data  # two messages back to back
+        try:
+            with socket.create_connection((dst, CONTROL_PORT), timeout=timeout) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                tally["sent"] += 1
+                tally["answered" if s.recv(1 << 16) else "closed"] += 1
+        except socket.timeout:
+            tally["timeout"] += 1
+        except OSError:
+            tally["closed"] += 1
+    return tally
+
+
 def _proc_cpu_seconds(pid: int) -> float | None:
     """utime + stime of ``pid`` (all threads) from /proc, or None if unreadable."""
     try:
@@ -426,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst")
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser("ctlfuzz")
+    p.add_argument("dst")
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1)
     p = sub.add_parser("regload")
     p.add_argument("spec", help="JSON: home_address, home_agent, care_of_address, nai, "
                    "care_of_name, lifetime, mobile_home {spi, key}, foreign_home {spi, key}")
@@ -453,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.spec, encoding="utf-8") as fh:
             spec = json.load(fh)
         out = regload(spec, args.duration, args.window, args.max_requests, args.timeout, args.pid)
+    elif args.cmd == "ctlfuzz":
+        out = ctlfuzz(args.dst, min(args.count, 100_000), args.seed)
     else:
         out = fuzz(args.dst, min(args.count, 100_000), args.seed)
     print(json.dumps(out))

@@ -37,3 +37,21 @@ def test_mutated_messages_to_every_agent(net: MoatNetwork) -> None:
     assert stable(net.agent("r22b").call("bindings")) == before
     # The agents still do their job: a fresh registration goes through.
     assert net.agent("r18b").call("register", name="counter")["code"] == 0
+
+
+def test_mutated_control_messages_to_every_agent(net: MoatNetwork) -> None:
+    """TCP 4340 (MIGRATE, STATE_TRANSFER, PROVISION) from a host: mutated, cut and doubled
+    messages get an answer or a closed connection; no agent dies, nothing starts."""
+    pids = {r: net.agent(r).call("status")["pid"] for r in net.topo.router_names()}
+    hosted = {r: [o["name"] for o in net.agent(r).call("objects")] for r in net.topo.router_names()}
+    for router in net.topo.router_names():
+        address = str(net.topo.addresses(router)[0].ip)
+        tally = net.probe("co12", "ctlfuzz", address, "--count", "150", "--seed", str(ord(router[-1])),
+                          timeout=300)
+        assert tally["sent"] == 150 and tally["timeout"] == 0, tally
+        assert tally["answered"] > 0, tally  # the parser was reached, and answered refusals
+    for router in net.topo.router_names():
+        assert net.agent(router).call("status")["pid"] == pids[router], f"agent on {router} restarted"
+        assert [o["name"] for o in net.agent(router).call("objects")] == hosted[router]
+        assert net.agent(router).call("vm") == []
+    assert net.agent("r18b").call("register", name="counter")["code"] == 0
