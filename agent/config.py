@@ -118,6 +118,9 @@ class AgentConfig:
     #: Sandbox resources of an object placed on this router without a VM (``object_start``,
     #: ``moat`` experiments); a provisioned VM's objects take their manifest's instead.
     object_resources: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECT_RESOURCES))
+    #: The run's router key (hex): MIGRATE and STATE_TRANSFER carry an HMAC under it
+    #: (agent.msgauth). None: this agent neither signs nor checks them (a hand-made config).
+    router_key: str | None = None
 
     @property
     def addresses(self) -> set[str]:
@@ -203,6 +206,7 @@ class AgentConfig:
                 vm=data.get("vm"),
                 run_id=data.get("run_id"),
                 object_resources={**DEFAULT_OBJECT_RESOURCES, **data.get("object_resources", {})},
+                router_key=data.get("router_key"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad agent configuration: {exc!r}") from None

@@ -41,6 +41,7 @@ from .errors import AgentError, ControlError
 from .foreign import ForeignAgent
 from .home import HomeAgent
 from .mobile import RegistrationClient
+from .msgauth import MessageAuthError, ReplayCache, strip, verify_hmac
 from .migration import MODES, REGISTER_TIMEOUT, MigrationFailed, MigrationReport, PeerServer, peer_call
 from .cgroups import CgroupManager, Limits
 from .runtime import ObjectProcess, ObjectProcessError
@@ -139,6 +140,9 @@ class AgentDaemon:
         self.vm: Any = None
         #: One cgroup manager for every object this router runs (VM or placed directly).
         self.cgroups = CgroupManager(config.run_id, owner=config.name)
+        #: MIGRATE / STATE_TRANSFER are signed and checked under this key (agent.msgauth).
+        self.router_key = bytes.fromhex(config.router_key) if config.router_key else None
+        self._peer_replays = ReplayCache()
         #: What the data plane currently has installed, to reconcile against the tables.
         self._home_peers: dict[str, list[tuple[str, int]]] = {}
         self._foreign_paths: dict[str, tuple[str, int, str | None, bool]] = {}
@@ -640,7 +644,7 @@ class AgentDaemon:
     async def on_peer_message(self, msg: ControlMessage) -> dict:
         """MIGRATE start/cancel and STATE_TRANSFER from a source router, PROVISION from the
         remote site."""
-        body = msg.body
+        body = self._authenticated(msg)
         point = "state_transfer" if msg.type == ControlType.STATE_TRANSFER else f"migrate_{body.get('action')}"
         if self.faults.get(point, 0) > 0:
             self.faults[point] -= 1
@@ -668,6 +672,21 @@ class AgentDaemon:
             result = await self.cmd_object_restore(body["name"], body["state"], serve=True)
             return {"ok": True, "replayed": result.get("replayed", 0)}
         raise ControlError(f"unexpected in-band message {msg.type.name}")
+
+    def _authenticated(self, msg: ControlMessage) -> dict[str, Any]:
+        """The body of an in-band message from an authorized sender (without its
+        authenticator): a provider's signed PROVISION, a router's MIGRATE/STATE_TRANSFER."""
+        if msg.type == ControlType.PROVISION:
+            if self.vm is None:
+                raise ControlError(f"{self.config.name} runs no virtual machines")
+            self.vm.authorize(msg)
+        elif msg.type in (ControlType.MIGRATE, ControlType.STATE_TRANSFER) and self.router_key:
+            try:
+                verify_hmac(msg.type, msg.txid, msg.body, self.router_key, self._peer_replays)
+            except MessageAuthError as exc:
+                log.warning("in-band %s refused: %s", msg.type.name, exc)
+                raise ControlError(f"{msg.type.name} refused: {exc}") from None
+        return strip(msg.body)
 
     async def _start_arriving(self, body: dict[str, Any]) -> None:
         """Start a migrating object here: in a VM of its service when it came from one (this
@@ -745,7 +764,8 @@ class AgentDaemon:
         hosted = move.hosted
         assert hosted.process is not None and hosted.client is not None
         report.step("start warm instance at target, register with S")
-        answer = await peer_call(target, ControlType.MIGRATE, self._start_body(move, warm=True))
+        answer = await peer_call(target, ControlType.MIGRATE, self._start_body(move, warm=True),
+                                 key=self.router_key)
         report.target_registration = answer.get("registration")
         report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
         report.step("target registered (its instance queues requests)")
@@ -760,7 +780,8 @@ class AgentDaemon:
         try:
             if state is None:
                 raise MigrationFailed("the source gave no checkpoint")
-            await peer_call(target, ControlType.STATE_TRANSFER, {"name": hosted.name, "state": state})
+            await peer_call(target, ControlType.STATE_TRANSFER, {"name": hosted.name, "state": state},
+                            key=self.router_key)
             report.step("target restored, replayed its queue and serves")
         except MigrationFailed:
             await self._cancel(target, hosted.name)
@@ -776,7 +797,8 @@ class AgentDaemon:
         if state is None:
             raise MigrationFailed("the source gave no checkpoint")
         try:
-            answer = await peer_call(target, ControlType.MIGRATE, self._start_body(move, False, state))
+            answer = await peer_call(target, ControlType.MIGRATE, self._start_body(move, False, state),
+                                     key=self.router_key)
         except MigrationFailed:
             report.step("target failed: restart at source from the checkpoint")
             await self._restart(move, state)
@@ -787,7 +809,8 @@ class AgentDaemon:
 
     async def _cancel(self, target: str, name: str) -> None:
         try:
-            await peer_call(target, ControlType.MIGRATE, {"action": "cancel", "name": name})
+            await peer_call(target, ControlType.MIGRATE, {"action": "cancel", "name": name},
+                            key=self.router_key)
         except MigrationFailed as exc:
             log.warning("could not cancel %s at %s: %s", name, target, exc)
 

@@ -72,8 +72,14 @@ async def read_message(reader: asyncio.StreamReader) -> ControlMessage:
 
 
 async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
-                    timeout: float = PEER_TIMEOUT, txid: int = 0) -> dict[str, Any]:
-    """One request/answer with another router's agent over TCP 4340."""
+                    timeout: float = PEER_TIMEOUT, txid: int = 0,
+                    key: bytes | None = None) -> dict[str, Any]:
+    """One request/answer with another router's agent over TCP 4340; with ``key`` (the
+    run's router key) the body carries an HMAC authenticator (agent.msgauth)."""
+    if key is not None:
+        from .msgauth import sign_hmac
+
+        body = sign_hmac(ctype, txid, body, key)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(address, CONTROL_PORT), timeout)
     except (OSError, asyncio.TimeoutError) as exc:

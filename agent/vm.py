@@ -161,6 +161,7 @@ class VmManager:
         self.errors: list[dict[str, Any]] = []
         self.retired: list[dict[str, Any]] = []
         self._cgroups: Any = cgroups
+        self._replays: Any = None  # agent.msgauth.ReplayCache of PROVISION nonces
         self.shaper = EgressShaper()
         self._next_key = 0
 
@@ -198,6 +199,26 @@ class VmManager:
             if vm is not None:
                 await self.remove(vm.name)
             raise err from exc
+
+    def authorize(self, msg: Any) -> str:
+        """A PROVISION must be signed by one of the VM's authorized providers (the patent:
+        the router configures a VM only for an authorized remote site); returns the
+        signer's key id, or records and raises the refusal."""
+        from .msgauth import MessageAuthError, ReplayCache, verify_ed25519
+        from .repository import RepositoryError, key_id, load_public_key
+
+        if self._replays is None:
+            self._replays = ReplayCache()
+        try:
+            keys = {}
+            for path in self.baseline.authorized_keys:
+                key = load_public_key(Path(path))
+                keys[key_id(key)] = key
+            return verify_ed25519(msg.type, msg.txid, msg.body, keys, self._replays)
+        except (MessageAuthError, RepositoryError, OSError) as exc:
+            err = ProvisionError("authorization", f"PROVISION not accepted: {exc}")
+            self._record(msg.body, err)
+            raise err from None
 
     def _record(self, body: dict[str, Any], exc: ProvisionError) -> None:
         self.errors.append({"at": time.time(), "vm": body.get("vm"), "service": body.get("service"),

@@ -274,7 +274,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
         body["port"] = args.port
     path = run.write_private("provision", json.dumps(body))
     argv = ["mnexec", "-a", str(run.state.node_pids[site]), sys.executable, "-m",
-            "experiments.probes", "control", target, "provision", f"@{path}"]
+            "experiments.probes", "control", target, "provision", f"@{path}",
+            "--sign-key", str(args.key or run.dir / "provider" / "provider.key")]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     finally:
@@ -428,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the service's OBJECT as mobile object NAME of this run (its home "
                         "address and credentials): it registers with its home agent and can migrate")
     p.add_argument("--objects", help="only these objects of the service (comma-separated)")
+    p.add_argument("--key", help="the provider's private key that signs the PROVISION "
+                                 "(default: the run's provider key)")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_provision)

@@ -85,16 +85,25 @@ def solicit(iface: str, timeout: float = 3.0) -> dict:
     return {"agent": None, "delay": None}
 
 
-def control(dst: str, ctype: str, body: dict, timeout: float = 120.0) -> dict:
+def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
+            sign_key: str | None = None) -> dict:
     """One in-band control message over TCP 4340 (PROVISION from the remote site, say);
-    returns the answer's body."""
+    returns the answer's body. ``sign_key``: the provider's Ed25519 private key file, to
+    sign it (routers accept only PROVISIONs signed by a provider they authorize)."""
     import asyncio
 
     from agent.migration import MigrationFailed, peer_call
     from packets import ControlType
 
+    mtype = ControlType[ctype.upper()]
+    if sign_key:
+        from agent.msgauth import sign_ed25519
+        from agent.repository import key_id, load_private_key
+
+        private = load_private_key(sign_key)
+        body = sign_ed25519(mtype, 0, body, private, key_id(private.public_key()))
     try:
-        return asyncio.run(peer_call(dst, ControlType[ctype.upper()], body, timeout=timeout))
+        return asyncio.run(peer_call(dst, mtype, body, timeout=timeout))
     except MigrationFailed as exc:
         return {"ok": False, "error": str(exc)}
 
@@ -456,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("type", help="a ControlType name, e.g. provision")
     p.add_argument("body", help="the JSON body, or @FILE (keeps credentials off the command line)")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--sign-key", help="sign with this Ed25519 private key (a provider's PROVISION)")
     p = sub.add_parser("service")
     p.add_argument("dst")
     p.add_argument("port", type=int)
@@ -492,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         out = solicit(args.iface, args.timeout)
     elif args.cmd == "control":
         text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
-        out = control(args.dst, args.type, json.loads(text), args.timeout)
+        out = control(args.dst, args.type, json.loads(text), args.timeout, args.sign_key)
     elif args.cmd == "service":
         text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
         out = service(args.dst, args.port, json.loads(text), args.timeout, tcp=args.tcp)

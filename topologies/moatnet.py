@@ -64,6 +64,8 @@ class Keyring:
     mobile_home: dict[str, Credential] = field(default_factory=dict)  # object -> MH
     mobile_foreign: dict[str, Credential] = field(default_factory=dict)  # object -> MF
     foreign_home: dict[str, Credential] = field(default_factory=dict)  # FOA router -> FH
+    #: Routers' shared key for in-band MIGRATE / STATE_TRANSFER (agent.msgauth).
+    router_key: str = field(default_factory=lambda: secrets.token_hex(32))
 
     def add_object(self, name: str) -> None:
         n = len(self.mobile_home)
@@ -157,7 +159,7 @@ class MoatNetwork:
         return AgentConfig(router, str(self.run.dir), roles, ifaces, self.advertise_interval,
                            home=home, foreign=foreign, log_level=self.log_level,
                            tunnel_backend=self.tunnel_backend, vm=self.vm_baseline(router),
-                           run_id=self.run.run_id)
+                           run_id=self.run.run_id, router_key=self.keyring.router_key)
 
     def vm_baseline(self, router: str) -> dict[str, Any] | None:
         """Every router's VM baseline: the run's provider key is authorized, services come
@@ -351,7 +353,8 @@ class MoatNetwork:
         path = self.run.write_private("provision", json.dumps(body))
         try:
             return self.probe(self.site, "control", target, "provision", f"@{path}",
-                              "--timeout", str(timeout), timeout=timeout + 30)
+                              "--sign-key", str(self.provider_key), "--timeout", str(timeout),
+                              timeout=timeout + 30)
         finally:
             path.unlink(missing_ok=True)
 

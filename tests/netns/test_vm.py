@@ -202,6 +202,46 @@ def test_tampered_archive_on_the_site_is_refused(net: MoatNetwork, tmp_path: Pat
     assert net.agent("r20a").call("vm") == []
 
 
+def test_only_a_signed_provision_from_an_authorized_provider_configures_a_vm(net: MoatNetwork, tmp_path: Path) -> None:
+    """TCP 4340 is open to every host: the router checks who sent the PROVISION (the
+    provider's Ed25519 signature), refuses a replay of one it accepted, and refuses a
+    MIGRATE that does not carry the routers' key."""
+    from agent.msgauth import sign_ed25519
+    from agent.repository import key_id, load_private_key
+    from packets import ControlType
+
+    publish(net, tmp_path, "guarded-svc", net.provider_key)
+    target = str(net.topo.addresses("r20a")[0].ip)
+    body = {"vm": "g", "kind": "service", "service": "guarded-svc", "port": 5009}
+
+    def send(from_host: str, ctype: str, payload: dict, *extra: str) -> dict:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(payload))
+        return net.probe(from_host, "control", target, ctype, f"@{path}", *extra)
+
+    unsigned = send(net.site, "provision", body)
+    assert not unsigned["ok"] and "no authenticator" in unsigned["error"], unsigned
+    stranger, _ = generate_keypair(tmp_path / "stranger", "stranger")
+    forged = send(net.site, "provision", body, "--sign-key", str(stranger))
+    assert not forged["ok"] and "not authorized" in forged["error"], forged
+    assert [e["step"] for e in net.agent("r20a").call("errors")[-2:]] == ["authorization"] * 2
+    assert net.agent("r20a").call("vm") == []
+
+    key = load_private_key(net.provider_key)
+    signed = sign_ed25519(ControlType.PROVISION, 0, body, key, key_id(key.public_key()))
+    assert send(net.site, "provision", signed)["ok"]
+    replayed = send("co12", "provision", signed)  # captured on the wire, sent again
+    assert not replayed["ok"] and "replayed" in replayed["error"], replayed
+    assert [v["name"] for v in net.agent("r20a").call("vm")] == ["g"]
+    net.agent("r20a").call("vm_remove", name="g")
+
+    cfg = net.object_config("counter").to_json()
+    intruder = send("co12", "migrate", {"action": "start", "spec": "agent.objects.counter:Counter",
+                                        "warm": False, "config": cfg})
+    assert not intruder["ok"] and "MIGRATE refused" in intruder["error"], intruder
+    assert net.agent("r20a").call("objects") == []
+
+
 def test_zz_unreachable_site_is_refused(net: MoatNetwork) -> None:
     """Last in the module: it stops the remote site's sshd."""
     net.net[net.site].stop_daemon()
