@@ -237,6 +237,24 @@ REGLOAD_MAX_WINDOW = 1024
 REGLOAD_MAX_REQUESTS = 1_000_000
 
 
+def resolve(name: str, server: str, timeout: float = 2.0) -> dict:
+    """One DNS query for ``name``'s A record to ``server`` (UDP 53); rcode and addresses."""
+    from topologies.dns import parse_a_answer, query
+
+    txid = random.getrandbits(16)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(query(name, txid), (server, 53))
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            return {"rcode": None, "addresses": [], "error": "no answer"}
+    if data[:2] != txid.to_bytes(2, "big"):
+        return {"rcode": None, "addresses": [], "error": "answer to another query"}
+    rcode, addresses = parse_a_answer(data)
+    return {"rcode": rcode, "addresses": addresses}
+
+
 def control_seeds() -> list[bytes]:
     """Well-framed in-band control messages the routers' TCP 4340 must refuse (they name
     no object, service or VM that exists), to mutate."""
@@ -482,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst")
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
+    p = sub.add_parser("resolve")
+    p.add_argument("name")
+    p.add_argument("server")
     p = sub.add_parser("ctlfuzz")
     p.add_argument("dst")
     p.add_argument("--count", type=int, default=200)
@@ -513,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.spec, encoding="utf-8") as fh:
             spec = json.load(fh)
         out = regload(spec, args.duration, args.window, args.max_requests, args.timeout, args.pid)
+    elif args.cmd == "resolve":
+        out = resolve(args.name, args.server)
     elif args.cmd == "ctlfuzz":
         out = ctlfuzz(args.dst, min(args.count, 100_000), args.seed)
     else:

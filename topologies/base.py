@@ -46,6 +46,7 @@ from topologies.addressing import (
 from topologies.errors import AddressPlanError, TopologyParamError
 from topologies.links import MoatLink
 from topologies.nodes import MoatHost, MoatRouter
+from topologies.dns import DnsServer
 from topologies.site import RemoteSite
 from topologies.routing import Route, compute_routes, default_gateway
 
@@ -300,7 +301,8 @@ class MoatTopo(Topo):
         self.add_router("r22a", HOME_NETWORK, BORDER_OCTET, border=True)
         self.add_router("r22b", HOME_NETWORK, 2)
         self.add_router("r22c", HOME_NETWORK, 3)
-        self.add_end_host("dns23", HOME_NETWORK, DNS_OCTET, role="dns")
+        # The DNS server runs dnsmasq: object names -> home addresses (topologies/dns.py).
+        self.add_end_host("dns23", HOME_NETWORK, DNS_OCTET, role="dns", cls=DnsServer)
         # The remote site runs its own sshd serving the logic repository (Figs. 1 and 4).
         self.add_end_host("site24", HOME_NETWORK, SITE_OCTET, role="site", cls=RemoteSite)
         self.hoa = "r22b"

@@ -125,6 +125,8 @@ class MoatNetwork:
             self.keyring.add_foa(router)
         self.net: Any = None
         self.site: str | None = None
+        #: The DNS server's address (dnsmasq on dns23), once prepared.
+        self.dns: str | None = None
         self.provider_key: Path | None = None
         self.provider_public_key: Path | None = None
 
@@ -220,6 +222,20 @@ class MoatNetwork:
             self.topo.nodeInfo(site)["run_dir"] = str(site_dir)
         self.site = sites[0]
 
+    def _prepare_dns(self) -> None:
+        """The DNS server's names: every mobile object (its home address), router and
+        server of the topology (its first address), in the run's domain."""
+        servers = [n for n in self.topo.hosts() if self.topo.nodeInfo(n).get("role") == "dns"]
+        names = {o.name: o.home_address for o in self.objects.values()}
+        for node in [*self.topo.router_names(), *self.topo.hosts()]:
+            names.setdefault(node, str(self.topo.addresses(node)[0].ip))
+        for server in servers:
+            info = self.topo.nodeInfo(server)
+            info["run_dir"] = str(self.run.dir / server)
+            info["names"] = names
+            info["domain"] = HOME_DOMAIN
+        self.dns = str(self.topo.addresses(servers[0])[0].ip) if servers else None
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = AGENT_START_TIMEOUT) -> "MoatNetwork":
@@ -234,6 +250,7 @@ class MoatNetwork:
         self.run.state.root_links = [n for n in root_namespace_names(self.topo)
                                      if n not in self.run.state.bridges]
         self._prepare_site()
+        self._prepare_dns()
         self._prepare_nodes()
         self.run.state.params["site"] = self.site
         self.run.save()
@@ -378,6 +395,13 @@ class MoatNetwork:
         if proc.returncode != 0:
             raise TopologyError(f"requests from {host} failed: {stderr.decode()[-500:]}")
         return json.loads(stdout.decode().strip().splitlines()[-1])
+
+    def resolve(self, host: str, name: str) -> dict:
+        """Ask the run's DNS server, from inside ``host``, for ``name``'s address:
+        ``{"rcode": 0, "addresses": [...]}`` (rcode 3: no such name)."""
+        if self.dns is None:
+            raise TopologyError("this topology has no DNS server")
+        return self.probe(host, "resolve", name, self.dns)
 
     def probe(self, node: str, *args: str, timeout: float = 60.0) -> Any:
         """Run ``python -m experiments.probes ARGS`` inside ``node``; return its JSON answer."""
