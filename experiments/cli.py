@@ -329,7 +329,8 @@ def cmd_cli(args: argparse.Namespace) -> int:
 
     with MoatNetwork(make_topo(args.topo), objects=args.objects.split(","),
                      advertise_interval=args.adv_interval) as moat:
-        print(f"run {moat.run.run_id}; MOAT commands: bindings visitors agents objects move; "
+        print(f"run {moat.run.run_id}; MOAT commands: bindings visitors agents objects move "
+              "migrate vm resolve; "
               "Mininet's: help")
         MoatCLI(moat)
     return 0

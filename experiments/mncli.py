@@ -12,6 +12,7 @@ from typing import Any
 from mininet.cli import CLI
 
 from agent.errors import ControlError
+from topologies.errors import TopologyError
 from topologies.moatnet import MoatNetwork
 
 from .tables import format_table
@@ -21,7 +22,8 @@ VISITOR_COLUMNS = ["home_address", "home_agent", "local_address", "care_of_name"
 
 
 class MoatCLI(CLI):
-    """Mininet CLI + ``bindings``, ``visitors``, ``agents``, ``objects``, ``move``, ``home``."""
+    """Mininet CLI + ``bindings``, ``visitors``, ``agents``, ``objects``, ``move``,
+    ``migrate``, ``vm``, ``resolve``."""
 
     prompt = "moat> "
 
@@ -78,3 +80,46 @@ class MoatCLI(CLI):
             self.stdout.write(f"*** {exc}\n")
             return
         self.stdout.write(f"{name} now runs on {target}: {status['home_address']}\n")
+
+    def do_migrate(self, line: str) -> None:
+        """migrate OBJECT ROUTER [mbb|bbm]: move the running object, with its state."""
+        parts = line.split()
+        modes = {"mbb": "make-before-break", "bbm": "break-before-make"}
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in modes):
+            self.stdout.write("usage: migrate OBJECT ROUTER [mbb|bbm]\n")
+            return
+        try:
+            report = self.moat.migrate(parts[0], parts[1], modes[parts[2] if len(parts) == 3 else "mbb"])
+        except (ControlError, KeyError, TopologyError) as exc:
+            self.stdout.write(f"*** {exc}\n")
+            return
+        t0 = report["steps"][0][1] if report["steps"] else 0
+        for what, at in report["steps"]:
+            self.stdout.write(f"  +{(at - t0) * 1000:8.1f} ms  {what}\n")
+        self.stdout.write(("moved" if report["ok"] else f"NOT moved ({report['error']})") + "\n")
+
+    def do_vm(self, line: str) -> None:
+        """vm [ROUTER]: the provisioned VMs, their objects and what each uses."""
+        rows = []
+        for router in line.split() or self.moat.topo.router_names():
+            for vm in self._call(router, "vm") or []:
+                for obj, info in (vm["objects"] or {"-": {}}).items():
+                    usage = (info or {}).get("usage") or {}
+                    rows.append({"router": router, "vm": vm["name"], "service": vm["service"],
+                                 "version": vm["version"], "object": obj, "pid": (info or {}).get("pid"),
+                                 "mobile": (info or {}).get("mobile"), "cpu_seconds": usage.get("cpu_seconds")})
+        self.stdout.write(format_table(rows, ["router", "vm", "service", "version", "object", "pid",
+                                              "mobile", "cpu_seconds"]) + "\n")
+
+    def do_resolve(self, line: str) -> None:
+        """resolve HOST NAME: ask the run's DNS server (dns23) from HOST."""
+        try:
+            host, name = line.split()
+            got = self.moat.resolve(host, name)
+        except ValueError:
+            self.stdout.write("usage: resolve HOST NAME   (e.g. resolve co14 counter.home.moat)\n")
+            return
+        except TopologyError as exc:
+            self.stdout.write(f"*** {exc}\n")
+            return
+        self.stdout.write(f"{name}: {' '.join(got['addresses']) or 'no address'} (rcode {got['rcode']})\n")

@@ -96,10 +96,15 @@ def test_clean_after_kill_9_removes_everything_and_is_idempotent(up: str) -> Non
 
 
 def test_mininet_cli_with_moat_commands() -> None:
-    script = "move counter r18b\nsh sleep 2\nbindings\nvisitors r18a\nr18b ping -c1 -W2 10.16.0.2\nexit\n"
+    script = ("move counter r18b\nsh sleep 2\nbindings\nvisitors r18a\nr18b ping -c1 -W2 10.16.0.2\n"
+              "resolve co14 counter.home.moat\nmigrate counter r20a\nvm\nmigrate counter\nexit\n")
     proc = moat("cli", stdin=script, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "counter now runs on r18b" in proc.stdout
+    assert "counter.home.moat: 10.16.0.100 (rcode 0)" in proc.stdout
+    # `move` started only the client: there is no running object to migrate.
+    assert "*** object 'counter' does not run and register here" in proc.stdout
+    assert "usage: migrate OBJECT ROUTER" in proc.stdout
     assert "counter.r18a" in proc.stdout  # bindings and visitors tables
     assert "1 received" in proc.stdout + proc.stderr  # a Mininet command still works (its
     # output goes through Mininet's own logger)
