@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import struct
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import topologies._mininet  # noqa: F401  - first: repairs logging (see module)
 
 from topologies.errors import DaemonError
-from topologies.nodes import MoatHost
-from topologies.run import ENV_RUN_ID, run_root
+from topologies.nodes import ServerHost
 
 __all__ = ["DnsServer", "DNSMASQ", "dnsmasq_config_text", "hosts_text", "query", "parse_a_answer"]
 
@@ -107,21 +103,13 @@ def parse_a_answer(data: bytes) -> tuple[int, list[str]]:
     return flags & 0x000F, addresses
 
 
-class DnsServer(MoatHost):
+class DnsServer(ServerHost):
     """A Mininet host that runs dnsmasq for the run's object names."""
 
     def config(self, run_dir: str | os.PathLike[str] | None = None,  # type: ignore[override]
                domain: str = DEFAULT_DOMAIN, names: Mapping[str, str] | None = None,
                **params: Any) -> dict[str, Any]:
-        if run_dir is not None:
-            self.run_dir = Path(run_dir)
-        elif os.environ.get(ENV_RUN_ID):
-            self.run_dir = run_root() / os.environ[ENV_RUN_ID] / self.name
-        else:  # plain `mn --custom`: a directory of its own, removed with the node
-            base = Path(tempfile.gettempdir()) / "moat"
-            base.mkdir(parents=True, exist_ok=True)
-            self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-dns-", dir=base))
-            self._made_run_dir = True
+        self.setup_run_dir(run_dir, "dns")
         if not os.access(DNSMASQ, os.X_OK):
             raise DaemonError(f"{self.name}: {DNSMASQ} not found: install dnsmasq-base "
                               "(scripts/bootstrap.sh does)")
@@ -144,24 +132,5 @@ class DnsServer(MoatHost):
         return [DNSMASQ, "--keep-in-foreground", f"--conf-file={self.config_path}"]
 
     def _wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Until dnsmasq logs that it started (it has bound its socket by then); raise
-        with its own words if it exits first."""
-        deadline = time.monotonic() + timeout
-        log_path = Path(getattr(self, "daemon_log_path", self.run_dir / "dnsmasq.log"))
-        while True:
-            text = log_path.read_text(errors="replace") if log_path.exists() else ""
-            if "started, version" in text:
-                return
-            proc = self.daemon
-            if proc is None or proc.poll() is not None:
-                raise DaemonError(f"{self.name}: dnsmasq exited: {text.strip()[-800:]}")
-            if time.monotonic() > deadline:
-                raise DaemonError(f"{self.name}: dnsmasq not started after {timeout}s: {text.strip()[-800:]}")
-            time.sleep(0.02)
-
-    def terminate(self) -> None:
-        try:
-            super().terminate()
-        finally:
-            if getattr(self, "_made_run_dir", False):
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+        """Until dnsmasq logs that it started (it has bound its socket by then)."""
+        self.wait_for_log("started, version", "dnsmasq", timeout)

@@ -330,3 +330,55 @@ class MoatHost(ManagedDaemonMixin, Host):
         install_routes(self, routes or ())
         self._maybe_start_daemon(daemon_log, daemon_env, daemon_cwd)
         return result
+
+
+class ServerHost(MoatHost):
+    """A host that runs one server daemon (the remote site's sshd, the DNS server's dnsmasq)
+    with its files in a directory of the run: ``<run>/<node>`` under ``MOAT_RUN_ID``, else
+    one of its own (plain ``mn --custom``), removed with the node."""
+
+    def setup_run_dir(self, run_dir: str | os.PathLike[str] | None, kind: str) -> Path:
+        """Set and make :attr:`run_dir` (an explicit one, the run's, or a fresh one)."""
+        from topologies.run import ENV_RUN_ID, run_root
+
+        self._made_run_dir = False
+        if run_dir is not None:
+            self.run_dir = Path(run_dir)
+        elif os.environ.get(ENV_RUN_ID):
+            self.run_dir = run_root() / os.environ[ENV_RUN_ID] / self.name
+        else:
+            base = Path(tempfile.gettempdir()) / "moat"
+            base.mkdir(parents=True, exist_ok=True)
+            self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-{kind}-", dir=base))
+            self._made_run_dir = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = self.run_dir.resolve()
+        return self.run_dir
+
+    def wait_for_log(self, marker: str, what: str, timeout: float) -> None:
+        """Until the daemon's log says ``marker`` (it is ready); raise :class:`DaemonError`
+        with the daemon's own words if it exits first or stays silent for ``timeout`` s."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        log_path = Path(getattr(self, "daemon_log_path", self.default_daemon_log()))
+        while True:
+            text = log_path.read_text(errors="replace") if log_path.exists() else ""
+            if marker in text:
+                return
+            proc = self.daemon
+            if proc is None or proc.poll() is not None:
+                code = None if proc is None else proc.returncode
+                raise DaemonError(f"{self.name}: {what} exited ({code}): {text.strip()[-800:]}")
+            if time.monotonic() > deadline:
+                raise DaemonError(f"{self.name}: {what} not ready after {timeout}s: {text.strip()[-800:]}")
+            time.sleep(0.02)
+
+    def terminate(self) -> None:
+        try:
+            super().terminate()
+        finally:
+            if getattr(self, "_made_run_dir", False):
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)

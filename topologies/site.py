@@ -37,16 +37,13 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import topologies._mininet  # noqa: F401  - first: repairs logging (see module)
 
 from topologies.errors import DaemonError
-from topologies.nodes import MoatHost
-from topologies.run import ENV_RUN_ID, run_root
+from topologies.nodes import ServerHost
 
 __all__ = ["RemoteSite", "SSHD", "PRIVSEP_DIR", "sshd_config_text"]
 
@@ -140,7 +137,7 @@ def sshd_config_text(
     return "\n".join(lines) + "\n"
 
 
-class RemoteSite(MoatHost):
+class RemoteSite(ServerHost):
     """A Mininet host that runs ``sshd`` and serves the logic repository over SFTP."""
 
     def config(  # type: ignore[override]
@@ -167,18 +164,7 @@ class RemoteSite(MoatHost):
 
     def _prepare(self, run_dir: Any, repo_dir: Any, authorized_keys: Any, user: str,
                  port: int, chroot: bool, ip: str | None) -> None:
-        self._made_run_dir = False
-        if run_dir is not None:
-            self.run_dir = Path(run_dir)
-        elif os.environ.get(ENV_RUN_ID):
-            self.run_dir = run_root() / os.environ[ENV_RUN_ID] / self.name
-        else:
-            base = Path(tempfile.gettempdir()) / "moat"
-            base.mkdir(parents=True, exist_ok=True)
-            self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-site-", dir=base))
-            self._made_run_dir = True
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_dir = self.run_dir.resolve()
+        self.setup_run_dir(run_dir, "site")
         _check_path(self.run_dir, "run_dir")
         self.repo_root = _check_path(
             Path(repo_dir).resolve() if repo_dir else self.run_dir / "repo", "repo_dir")
@@ -256,32 +242,12 @@ class RemoteSite(MoatHost):
 
     def _wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Until sshd logs "Server listening on"; raise with its log if it exits first."""
-        deadline = time.monotonic() + timeout
-        log_path = Path(getattr(self, "daemon_log_path", self.run_dir / "sshd.log"))
-        while True:
-            text = log_path.read_text(errors="replace") if log_path.exists() else ""
-            if "Server listening on" in text:
-                return
-            proc = self.daemon
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                raise DaemonError(f"{self.name}: sshd exited ({code}): {text.strip()[-800:]}")
-            if time.monotonic() > deadline:
-                raise DaemonError(f"{self.name}: sshd not listening after {timeout}s: "
-                                  f"{text.strip()[-800:]}")
-            time.sleep(0.02)
+        self.wait_for_log("Server listening on", "sshd", timeout)
 
     @property
     def sshd_pid(self) -> int | None:
         """PID of the running sshd (the daemon), or ``None``."""
         return self.daemon_pid
-
-    def terminate(self) -> None:
-        try:
-            super().terminate()
-        finally:
-            if getattr(self, "_made_run_dir", False):
-                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # --- use ----------------------------------------------------------------------------
 
