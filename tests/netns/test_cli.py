@@ -78,6 +78,12 @@ def test_clean_after_kill_9_removes_everything_and_is_idempotent(up: str) -> Non
     # ... and the remote site's sshd, found by the run directory in its command line (it
     # rewrites its environment area, so MOAT_RUN_ID is not visible there).
     assert any(b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes() for p in pids if Path(f"/proc/{p}").exists())
+    assert any(b"dnsmasq" in Path(f"/proc/{p}/cmdline").read_bytes() for p in pids if Path(f"/proc/{p}").exists())
+    # A running object is sandboxed: its environment is its own, so clean finds it by its
+    # cgroup (and it dies with its agent).
+    assert moat("object", "start", "counter", "r18b", "--run-code").returncode == 0
+    obj_pid = json.loads(moat("show", "objects", "r18b", "--json").stdout)[0]["pid"]
+    assert obj_pid and obj_pid not in processes_of_run(up)
     os.kill(run.state.owner_pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while pid_alive(run.state.owner_pid) and time.monotonic() < deadline:
@@ -89,6 +95,7 @@ def test_clean_after_kill_9_removes_everything_and_is_idempotent(up: str) -> Non
     assert first.returncode == 0, first.stderr
     assert up in first.stdout
     assert processes_of_run(up) == []
+    assert not Path(f"/proc/{obj_pid}").exists(), "the object outlived its run"
     assert bridges_exist() == []
     assert not run.dir.exists()
     second = moat("clean")
