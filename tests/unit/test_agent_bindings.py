@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.bindings import Binding, BindingTable, TooManyBindings, Visitor, VisitorList
+from fakeclock import FakeClock
 
 HOME = "10.0.1.10"
 HOME2 = "10.0.1.11"
@@ -13,20 +14,9 @@ COA2 = "10.0.3.1"
 COA3 = "10.0.4.1"
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture

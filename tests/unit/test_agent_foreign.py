@@ -26,6 +26,7 @@ from packets import (
     verify_auth,
 )
 from packets.auth import find_auth
+from fakeclock import FakeClock
 
 HA = "10.0.1.1"
 HOME = "10.0.1.10"
@@ -40,17 +41,6 @@ NAIS = {HOME: "cam@home.moat", HOME2: "cam@elsewhere.moat", HOME3: "mic@home.moa
 MF_SPI, MF_KEY = 0x2002, b"mobile-foreign key"
 FH_SPI, FH_KEY = 0x3003, b"foreign-home key"
 WALL0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class World:

@@ -26,6 +26,7 @@ from packets import (
 )
 from packets.auth import find_auth
 from packets.extensions import encode_extension
+from fakeclock import FakeClock
 
 HOME = "10.0.1.10"
 HOME2 = "10.0.1.11"
@@ -41,17 +42,6 @@ FH_SPI, FH_KEY = 0x3003, b"foreign-home key of foa1"
 UNTRUSTED_FH_SPI, UNTRUSTED_FH_KEY = 0x3999, b"a stranger's key"
 
 WALL0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Env:

@@ -27,6 +27,7 @@ from packets import (
     verify_auth,
 )
 from packets.auth import find_auth
+from fakeclock import FakeClock
 
 HOME, HA = "10.0.1.10", "10.0.1.1"
 MH = Credential(0x1001, b"mobile-home key")
@@ -35,17 +36,6 @@ FH = Credential(0x3003, b"foreign-home key")
 INTERVAL = 1.0
 
 FA = AdvFlags.F | AdvFlags.G
-
-
-class FakeClock:
-    def __init__(self, now: float = 50.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def object_config(**kw) -> ObjectConfig:
@@ -61,7 +51,7 @@ def adv(flags: AdvFlags = FA, coas: list[str] | None = None, seq: int = 1) -> Ag
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(50.0)
 
 
 def client(clock: FakeClock, **kw) -> RegistrationClient:
