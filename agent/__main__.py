@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import AgentConfig
-from .daemon import AgentDaemon
-from .errors import ConfigError
+from agent.core.config import AgentConfig
+from agent.core.daemon import AgentDaemon
+from agent.core.errors import ConfigError
 
 
 def setup_logging(config: AgentConfig) -> None:

@@ -1,6 +1,6 @@
 """The SDK a mobile object is written against: all an object program imports from MOAT.
 
-An object is a class with three methods. The runtime (:mod:`agent.runner`) calls ``handle``
+An object is a class with three methods. The runtime (:mod:`agent.hosting.runner`) calls ``handle``
 once per request, in order, never concurrently; ``get_state``/``set_state`` move the object
 with its state when it migrates. State and requests are JSON values, so an object can move
 between routers (and versions) without sharing code objects.

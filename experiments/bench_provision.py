@@ -121,7 +121,7 @@ def plain_runner_rss(m: Any, router: str) -> int | None:
     from topologies.moatnet import COUNTER_SPEC
 
     parent, child = socket.socketpair()
-    argv = [sys.executable, "-m", "agent.runner", "--spec", COUNTER_SPEC, "--name", "plain",
+    argv = [sys.executable, "-m", "agent.hosting.runner", "--spec", COUNTER_SPEC, "--name", "plain",
             "--address", "127.0.0.1", "--port", "4399", "--router", router,
             "--control-fd", str(child.fileno())]
     proc = m.net[router].popen(argv, pass_fds=(child.fileno(),), stdout=subprocess.DEVNULL,

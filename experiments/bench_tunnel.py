@@ -6,7 +6,7 @@
     sudo moat bench tunnel [same options]
 
 For each tunnel backend it can run (userspace always; kernel only where
-``agent.tunnel.detect_backend()`` says "kernel" in a fresh network namespace), it starts the
+``agent.mobility.tunnel.detect_backend()`` says "kernel" in a fresh network namespace), it starts the
 patent's topology with that backend, places the object ``counter`` on ``r18b`` (its home
 address 10.16.0.100 then lives on r18b's loopback) registered through the FOA ``r18a``, waits
 until the HOA ``r22b`` has the binding, and measures, in that same network, two paths from the
@@ -64,7 +64,7 @@ PING_INTERVAL = 0.01
 IPERF_PORT = 5201
 TUN_MTU_EXPECTED = 1500 - 20 - 8
 GRE_PROTO = 47
-TUN_DEVICE = "moat0"  # the userspace backend's TUN device (agent.tunnel)
+TUN_DEVICE = "moat0"  # the userspace backend's TUN device (agent.mobility.tunnel)
 NOT_AVAILABLE = "kernel: not available here (no GRE in this kernel)"
 
 RESULT_COLUMNS = ["backend", "path", "test", "dst", "mbps_sent", "mbps_received", "retransmits",
@@ -303,7 +303,7 @@ def environment() -> dict[str, Any]:
 def kernel_backend() -> tuple[bool, str | None]:
     """Whether ``detect_backend()`` picks the kernel backend in a fresh network namespace
     (``unshare --net``, so no probe device ever appears in this one); the reason if not."""
-    code = ("import json; from agent.tunnel import detect_backend, _probe_kernel_gre\n"
+    code = ("import json; from agent.mobility.tunnel import detect_backend, _probe_kernel_gre\n"
             "b = detect_backend()\n"
             "print(json.dumps({'backend': b, 'reason': None if b == 'kernel' else _probe_kernel_gre()}))")
     root = Path(__file__).resolve().parent.parent

@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any
 
-from agent.control import ControlClient
-from agent.errors import AgentError, ControlError
+from agent.core.control import ControlClient
+from agent.core.errors import AgentError, ControlError
 from topologies.errors import TopologyError
 from topologies.run import ENV_RUN_ID, Run, clean_all, clean_run, live_runs, pid_alive
 
@@ -226,7 +226,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             source = router
     if source is None:
         raise CliError(f"object {args.object} runs nowhere in run {run.run_id}")
-    from agent.config import AgentConfig
+    from agent.core.config import AgentConfig
 
     target = AgentConfig.load(run.dir / f"{args.router}.json").interfaces[0].address
     report = ControlClient(run.state.agents[source], timeout=60).call(
@@ -246,7 +246,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     """A PROVISION message from the remote site to a router, in band (TCP 4340)."""
     _require_root()
     run = pick_run(args.run)
-    from agent.config import AgentConfig
+    from agent.core.config import AgentConfig
 
     target = AgentConfig.load(run.dir / f"{args.router}.json").interfaces[0].address
     site = run.state.params.get("site")
@@ -298,7 +298,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def _object_config_from_run(run: Run, name: str) -> dict[str, Any]:
     """An object's client configuration, rebuilt from the HOA's and FOAs' agent files."""
-    from agent.config import AgentConfig
+    from agent.core.config import AgentConfig
 
     configs = [AgentConfig.load(run.dir / f"{r}.json") for r in run.state.agents]
     home = next((c for c in configs if c.home is not None), None)

@@ -29,7 +29,7 @@ def publish_counter(m: Any, service: str, version: str = "1.0", key: Path | None
                     cpu: float = 0.2, workdir: Path | None = None) -> Path:
     """Package the counter as ``service`` ``version``, signed with ``key`` (default: the
     run's provider key), and publish it to ``m``'s remote site; returns the published path."""
-    from agent.repository import package_service, publish_service
+    from agent.vm.repository import package_service, publish_service
 
     tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="moat-counter-"))
     try:

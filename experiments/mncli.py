@@ -11,7 +11,7 @@ from typing import Any
 
 from mininet.cli import CLI
 
-from agent.errors import ControlError
+from agent.core.errors import ControlError
 from topologies.errors import TopologyError
 from topologies.moatnet import MoatNetwork
 

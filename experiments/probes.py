@@ -92,13 +92,13 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
     sign it (routers accept only PROVISIONs signed by a provider they authorize)."""
     import asyncio
 
-    from agent.migration import MigrationFailed, peer_call
+    from agent.hosting.migration import MigrationFailed, peer_call
     from packets import ControlType
 
     mtype = ControlType[ctype.upper()]
     if sign_key:
-        from agent.msgauth import sign_ed25519
-        from agent.repository import key_id, load_private_key
+        from agent.core.msgauth import sign_ed25519
+        from agent.vm.repository import key_id, load_private_key
 
         private = load_private_key(sign_key)
         body = sign_ed25519(mtype, 0, body, private, key_id(private.public_key()))
@@ -317,7 +317,7 @@ def regload(spec: dict, duration: float, window: int, max_requests: int, timeout
             pids: list[int] | None = None) -> dict:
     """Registration load on one HOA, as a trusted FOA would relay it (RFC 5944 §3.7.3).
 
-    Each request is what :class:`agent.foreign.ForeignAgent` relays: NAI + object-part NVSE,
+    Each request is what :class:`agent.mobility.foreign.ForeignAgent` relays: NAI + object-part NVSE,
     Mobile-Home auth under the object's key, care-of-name NVSE, Foreign-Home auth under the
     FOA's key, a fresh strictly increasing NTP Identification, lifetime ``spec["lifetime"]``.
     One UDP socket, connected to ``spec["home_agent"]``:434 (so only the HOA's replies count);

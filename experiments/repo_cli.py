@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from agent.repository import (
+from agent.vm.repository import (
     RepositoryError,
     generate_keypair,
     inspect_service,

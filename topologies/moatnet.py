@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from agent.config import (
+from agent.core.config import (
     AgentConfig,
     Credential,
     ForeignConfig,
@@ -34,8 +34,8 @@ from agent.config import (
     Interface,
     ObjectConfig,
 )
-from agent.control import ControlClient
-from agent.errors import ControlError
+from agent.core.control import ControlClient
+from agent.core.errors import ControlError
 from topologies.addressing import mo_home_addresses
 from topologies.base import MoatTopo
 from topologies.errors import TopologyError
@@ -64,7 +64,7 @@ class Keyring:
     mobile_home: dict[str, Credential] = field(default_factory=dict)  # object -> MH
     mobile_foreign: dict[str, Credential] = field(default_factory=dict)  # object -> MF
     foreign_home: dict[str, Credential] = field(default_factory=dict)  # FOA router -> FH
-    #: Routers' shared key for in-band MIGRATE / STATE_TRANSFER (agent.msgauth).
+    #: Routers' shared key for in-band MIGRATE / STATE_TRANSFER (agent.core.msgauth).
     router_key: str = field(default_factory=lambda: secrets.token_hex(32))
 
     def add_object(self, name: str) -> None:
@@ -207,9 +207,9 @@ class MoatNetwork:
         sites = [n for n in self.topo.hosts() if self.topo.nodeInfo(n).get("role") == "site"]
         if not sites:
             return
-        from agent.fetch import generate_client_key
+        from agent.vm.fetch import generate_client_key
 
-        from agent.repository import generate_keypair
+        from agent.vm.repository import generate_keypair
 
         key = self.run.dir / "vm_ed25519"
         public = generate_client_key(key, f"moat-vm@{self.run.run_id}")

@@ -242,7 +242,7 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
     except (OSError, ValueError, TypeError):
         pass
     try:
-        from agent.cgroups import CgroupError, clean_run as clean_cgroups
+        from agent.hosting.cgroups import CgroupError, clean_run as clean_cgroups
 
         cg_removed, cg_kept = clean_cgroups(run_id)
         removed += [f"cgroup {d}" for d in cg_removed]

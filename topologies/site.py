@@ -1,7 +1,7 @@
 """The remote site 24 of the patent: a Mininet host running its own OpenSSH ``sshd``.
 
 :class:`RemoteSite` serves the logic repository (database 26 / logic 28,
-:mod:`agent.repository`) over SFTP. Everything it uses is its own and lives in a per-run
+:mod:`agent.vm.repository`) over SFTP. Everything it uses is its own and lives in a per-run
 directory: a freshly generated Ed25519 host key, an ``sshd_config`` that includes nothing
 from ``/etc/ssh``, an ``authorized_keys`` file, the pid file and the log. Only public-key
 authentication is accepted (no password, no keyboard-interactive, no PAM); sessions are

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from agent.config import Credential
+from agent.core.config import Credential
 from packets import RegistrationReply, RegistrationRequest, ReplyCode
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo

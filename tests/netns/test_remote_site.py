@@ -3,7 +3,7 @@ signed service from it over SFTP (paramiko), from another namespace.
 
 A tiny network of its own (bridge ``s99``, hosts ``site99`` and ``vm99`` on 10.99.0.0/24)
 so it can run next to tests that use the patent topology's bridges. Every fetch runs
-*inside* ``vm99`` (``python -m agent.fetch`` through ``node.popen``), so the traffic only
+*inside* ``vm99`` (``python -m agent.vm.fetch`` through ``node.popen``), so the traffic only
 crosses namespaces this test made. The network is stopped in a ``finally``; the test then
 checks that the sshd it started (by pid) is gone.
 """
@@ -24,8 +24,8 @@ import topologies._mininet  # noqa: F401  - first: repairs logging
 from mininet.nodelib import LinuxBridge
 from mininet.topo import Topo
 
-from agent.fetch import generate_client_key
-from agent.repository import generate_keypair, package_service, publish_service, verify_service
+from agent.vm.fetch import generate_client_key
+from agent.vm.repository import generate_keypair, package_service, publish_service, verify_service
 from topologies.links import MoatLink
 from topologies.net import build_net
 from topologies.nodes import MoatHost
@@ -77,9 +77,9 @@ def _run_in(node, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str
 
 
 def _fetch(node, *args: str) -> dict:
-    code, out, err = _run_in(node, [sys.executable, "-m", "agent.fetch", *args])
+    code, out, err = _run_in(node, [sys.executable, "-m", "agent.vm.fetch", *args])
     lines = out.strip().splitlines()
-    assert lines, f"no report from agent.fetch (exit {code}): {err[-2000:]}"
+    assert lines, f"no report from agent.vm.fetch (exit {code}): {err[-2000:]}"
     report = json.loads(lines[-1])
     assert (code == 0) == report["ok"], (code, report, err[-2000:])
     return report

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cgroups import (
+from agent.hosting.cgroups import (
     DEFAULT_ROOT,
     CgroupError,
     CgroupManager,
@@ -33,7 +33,7 @@ from agent.cgroups import (
     find_run_cgroups,
     is_agent_leaf,
 )
-from agent.sandbox import (
+from agent.hosting.sandbox import (
     ObjectSandbox,
     SandboxError,
     SandboxSpec,
@@ -338,14 +338,14 @@ def test_a_failed_start_is_reported_and_leaves_no_cgroup(manager, user, run_dir)
 
 
 def test_the_object_runtime_runs_in_the_sandbox_and_is_measured(manager, user, run_dir) -> None:
-    """agent.runner (what ObjectProcess starts) under the sandbox: answers over its
+    """agent.hosting.runner (what ObjectProcess starts) under the sandbox: answers over its
     socketpair, serves as moat-object, and the VM reads its CPU and memory."""
     parent, child = socket.socketpair()
     spec = spec_for(run_dir, user, "counter", Limits(cpu_quota=0.5, memory_bytes=128 * MiB,
                                                      pids_max=32),
                     pass_fds=(child.fileno(),))
     spec.env = minimal_env(spec.workdir, PYTHONPATH=str(REPO))
-    argv = [sys.executable, "-m", "agent.runner", "--spec", "agent.objects.counter:Counter",
+    argv = [sys.executable, "-m", "agent.hosting.runner", "--spec", "agent.objects.counter:Counter",
             "--name", "counter", "--address", "127.0.0.1", "--port", "0",
             "--control-fd", str(child.fileno())]
 

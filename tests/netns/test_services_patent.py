@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.repository import package_service, publish_service
+from agent.vm.repository import package_service, publish_service
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 

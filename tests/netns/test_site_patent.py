@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.repository import generate_keypair, package_service, publish_service
+from agent.vm.repository import generate_keypair, package_service, publish_service
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 
@@ -35,7 +35,7 @@ def test_router_fetches_signed_service_from_site24(tmp_path: Path) -> None:
         signed = package_service(tmp_path / "src", "echo", "1.0", "acme", priv, tmp_path / "out")
         publish_service(signed.path, site.repo_root)
         proc = m.net["r18b"].popen(
-            [sys.executable, "-m", "agent.fetch", "--host", "10.16.0.24", "--key", str(m.run.dir / "vm_ed25519"),
+            [sys.executable, "-m", "agent.vm.fetch", "--host", "10.16.0.24", "--key", str(m.run.dir / "vm_ed25519"),
              "--host-key", str(site.host_public_key_path), "--service", "echo",
              "--dest", str(m.run.dir / "r18b-echo"), "--trusted", str(pub)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,4 +1,4 @@
-"""agent.tunnel on real namespaces: GRE on the wire between a home and foreign agents.
+"""agent.mobility.tunnel on real namespaces: GRE on the wire between a home and foreign agents.
 
     C (client)            H (home agent side)                 F  (foreign side)
     ch 10.98.0.2/24 ---- hc 10.98.0.1/24
@@ -426,7 +426,7 @@ def test_close_removes_device_routes_and_rules(net: Net) -> None:
 
 
 def _detect_in(ns: str) -> str:
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from agent.tunnel import detect_backend; print(detect_backend())"
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from agent.mobility.tunnel import detect_backend; print(detect_backend())"
     return nsx(ns, PY, "-c", code).stdout.strip()
 
 
@@ -435,7 +435,7 @@ def test_forced_kernel_backend_unavailable_is_a_typed_error() -> None:
         if _detect_in(n.h) == "kernel":
             pytest.skip("this kernel has GRE: nothing to refuse")
         code = (f"import sys, asyncio; sys.path.insert(0, {str(REPO)!r})\n"
-                "from agent.tunnel import make_tunnel, TunnelUnavailable\n"
+                "from agent.mobility.tunnel import make_tunnel, TunnelUnavailable\n"
                 "try:\n"
                 "    make_tunnel('kernel', loop=asyncio.new_event_loop(), local='10.99.0.1')\n"
                 "except TunnelUnavailable as exc:\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sandbox import OBJECT_USER
+from agent.hosting.sandbox import OBJECT_USER
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 from vm_services import publish

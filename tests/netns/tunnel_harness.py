@@ -1,4 +1,4 @@
-"""Run one agent.tunnel in the current network namespace, driven over stdin/stdout.
+"""Run one agent.mobility.tunnel in the current network namespace, driven over stdin/stdout.
 
 Started by tests/netns/test_tunnel_netns.py as ``ip netns exec NS python tunnel_harness.py --local A``.
 It prints ``{"ready": true, "backend": ...}`` once the tunnel is up, then answers one JSON
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.tunnel import make_tunnel  # noqa: E402
+from agent.mobility.tunnel import make_tunnel  # noqa: E402
 
 
 def main() -> int:

@@ -1,10 +1,10 @@
-"""agent.bindings: the HOA's binding table and the FOA's visitor list, on a fake clock."""
+"""agent.mobility.bindings: the HOA's binding table and the FOA's visitor list, on a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.bindings import Binding, BindingTable, TooManyBindings, Visitor, VisitorList
+from agent.mobility.bindings import Binding, BindingTable, TooManyBindings, Visitor, VisitorList
 from fakeclock import FakeClock
 
 HOME = "10.0.1.10"

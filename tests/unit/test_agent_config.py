@@ -1,4 +1,4 @@
-"""agent.config: JSON round trips and the errors a broken configuration must raise."""
+"""agent.core.config: JSON round trips and the errors a broken configuration must raise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (
+from agent.core.config import (
     AgentConfig,
     Credential,
     ForeignConfig,
@@ -17,7 +17,7 @@ from agent.config import (
     Interface,
     ObjectConfig,
 )
-from agent.errors import AgentError, ConfigError
+from agent.core.errors import AgentError, ConfigError
 
 
 def full_config() -> AgentConfig:
@@ -204,8 +204,8 @@ def test_object_config_bad_credentials() -> None:
 
 
 def test_object_flags_must_be_json_booleans() -> None:
-    from agent.config import ObjectConfig
-    from agent.errors import ConfigError
+    from agent.core.config import ObjectConfig
+    from agent.core.errors import ConfigError
 
     base = {"name": "o", "home_address": "10.16.0.100", "home_agent": "10.16.0.2", "nai": "o@h",
             "mobile_home": {"spi": 256, "key": "aa"}, "mobile_foreign": {"spi": 257, "key": "bb"}}

@@ -1,4 +1,4 @@
-"""agent.control: the JSON-lines control socket, served by asyncio, called by the blocking client.
+"""agent.core.control: the JSON-lines control socket, served by asyncio, called by the blocking client.
 
 Each test runs a ControlServer on a Unix socket in a short temporary directory (socket paths
 are limited to ~107 bytes) and drives it with ControlClient in an executor thread, or with a
@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.control import ControlClient, ControlServer
-from agent.errors import ConfigError, ControlError
+from agent.core.control import ControlClient, ControlServer
+from agent.core.errors import ConfigError, ControlError
 
 calls: list[tuple[str, dict]] = []
 gate: dict[str, asyncio.Event] = {}
@@ -231,9 +231,9 @@ def test_client_bad_answer_raises_control_error(sock_dir: Path) -> None:
 
 
 def test_overlong_line_is_refused_and_server_keeps_serving(sock_dir: Path, monkeypatch) -> None:
-    import agent.control
+    import agent.core.control
 
-    monkeypatch.setattr(agent.control, "MAX_LINE", 1024)
+    monkeypatch.setattr(agent.core.control, "MAX_LINE", 1024)
 
     def body(path: Path):
         big = json.dumps({"cmd": "echo", "args": {"pad": "x" * 4096}}).encode() + b"\n"

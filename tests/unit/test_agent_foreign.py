@@ -1,4 +1,4 @@
-"""agent.foreign.ForeignAgent: relay rules of the foreign object agent, wired to a HomeAgent.
+"""agent.mobility.foreign.ForeignAgent: relay rules of the foreign object agent, wired to a HomeAgent.
 
 An object's request (MN-NAI, Mobile-Home auth, Mobile-Foreign auth) goes into the FOA; the
 relayed bytes go into a real HomeAgent; its reply goes back through the FOA; the object's
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import Credential, ForeignConfig, HomeConfig, HomeObject
-from agent.foreign import ForeignAgent, Relay
-from agent.home import HomeAgent
+from agent.core.config import Credential, ForeignConfig, HomeConfig, HomeObject
+from agent.mobility.foreign import ForeignAgent, Relay
+from agent.mobility.home import HomeAgent
 from packets import (
     CareOfName,
     ExtType,

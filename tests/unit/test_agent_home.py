@@ -1,4 +1,4 @@
-"""agent.home.HomeAgent: the RFC 5944 checks of the home object agent, with fake clocks.
+"""agent.mobility.home.HomeAgent: the RFC 5944 checks of the home object agent, with fake clocks.
 
 Requests are built the way they arrive on the wire: the object's part (fixed part, MN-NAI,
 Mobile-Home auth), then what the FOA appends (care-of-name NVSE, Foreign-Home auth), and are
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import Credential, HomeConfig, HomeObject
-from agent.home import HomeAgent
+from agent.core.config import Credential, HomeConfig, HomeObject
+from agent.mobility.home import HomeAgent
 from packets import (
     CareOfName,
     ExtType,

@@ -1,4 +1,4 @@
-"""agent.mobile.RegistrationClient, the parts that need no socket: which foreign agents are
+"""agent.mobility.client.RegistrationClient, the parts that need no socket: which foreign agents are
 candidates (fake clock), the requests it builds, and how it judges replies."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from agent.config import Credential, ForeignConfig, HomeConfig, HomeObject, ObjectConfig
-from agent.foreign import ForeignAgent
-from agent.home import HomeAgent
-from agent.mobile import RegistrationClient
+from agent.core.config import Credential, ForeignConfig, HomeConfig, HomeObject, ObjectConfig
+from agent.mobility.foreign import ForeignAgent
+from agent.mobility.home import HomeAgent
+from agent.mobility.client import RegistrationClient
 from packets import (
     AdvFlags,
     AgentAdvertisement,
@@ -145,7 +145,7 @@ def test_agent_turning_busy_drops_out(clock: FakeClock) -> None:
 
 
 def test_sequence_reset_forgets_registration_through_that_agent(clock: FakeClock) -> None:
-    from agent.mobile import Registration
+    from agent.mobility.client import Registration
 
     c = client(clock)
     c.on_advertisement(adv(seq=500), "10.0.2.1", 2)

@@ -1,4 +1,4 @@
-"""agent.cgroups against fake cgroup trees (no root): detection, nesting under the agent's
+"""agent.hosting.cgroups against fake cgroup trees (no root): detection, nesting under the agent's
 own cgroup, the files written, v2 subtree delegation, OOM/pids counters, usage parsing,
 run-id naming and cleanup.
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cgroups
-from agent.cgroups import (
+from agent.hosting import cgroups
+from agent.hosting.cgroups import (
     CgroupError,
     CgroupManager,
     CgroupV1,
@@ -337,7 +337,7 @@ def test_v2_missing_controller_degrades_with_a_warning_when_unlimited(
     k.v2_root(controllers="cpu memory")  # a kernel without the pids controller
     k.make(k.root / "agent", procs="100\n")
     m = CgroupManager("r1", root=k.root, proc_self_cgroup=proc_file(tmp_path, "0::/agent\n"))
-    with caplog.at_level(logging.WARNING, logger="agent.cgroups"):
+    with caplog.at_level(logging.WARNING, logger="agent.hosting.cgroups"):
         cg = m.create("o", Limits(cpu_quota=0.5, memory_bytes=8 * MiB))
     assert any("pids" in r.getMessage() for r in caplog.records)
     assert cg.usage()["pids"] is None
@@ -450,7 +450,7 @@ def test_v1_missing_pids_hierarchy(v1: FakeKernel, tmp_path: Path,
     m = CgroupManager("r1", root=v1.root, proc_self_cgroup=proc)
     with pytest.raises(CgroupError, match="'pids'"):
         m.create("a", Limits(pids_max=10))
-    with caplog.at_level(logging.WARNING, logger="agent.cgroups"):
+    with caplog.at_level(logging.WARNING, logger="agent.hosting.cgroups"):
         cg = m.create("b", Limits(cpu_quota=0.5))
     assert "pids" not in cg.paths and any("pids" in r.getMessage() for r in caplog.records)
 
@@ -539,7 +539,7 @@ def test_agent_leaf_names_are_reserved(v2: FakeKernel, tmp_path: Path) -> None:
 
 def test_moat_clean_removes_a_runs_cgroups_by_name(tmp_path, monkeypatch) -> None:
     """topologies.run.clean_run (what `moat clean` calls) also removes the run's cgroups."""
-    import agent.cgroups as cg
+    import agent.hosting.cgroups as cg
     from topologies import run as runmod
 
     calls = []

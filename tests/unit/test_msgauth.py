@@ -1,4 +1,4 @@
-"""Authenticators of in-band control messages (agent.msgauth): what they cover, and what a
+"""Authenticators of in-band control messages (agent.core.msgauth): what they cover, and what a
 receiver refuses."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.msgauth import (MessageAuthError, ReplayCache, sign_ed25519, sign_hmac, strip,
+from agent.core.msgauth import (MessageAuthError, ReplayCache, sign_ed25519, sign_hmac, strip,
                            verify_ed25519, verify_hmac)
 from packets import ControlMessage, ControlType
 

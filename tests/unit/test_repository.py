@@ -1,6 +1,6 @@
-"""agent.repository (no root, no network): keys, packaging, signatures, every refusal, safe
+"""agent.vm.repository (no root, no network): keys, packaging, signatures, every refusal, safe
 extraction that leaves nothing half-installed, publishing, the archive cache, and the
-download logic of agent.fetch over a local stand-in for SFTP."""
+download logic of agent.vm.fetch over a local stand-in for SFTP."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import repository as repo
-from agent.fetch import FetchResult, download_service, generate_client_key, load_host_key
-from agent.repository import (
+from agent.vm import repository as repo
+from agent.vm.fetch import FetchResult, download_service, generate_client_key, load_host_key
+from agent.vm.repository import (
     ArchiveCache,
     ArchiveError,
     BadSignature,
@@ -489,7 +489,7 @@ def test_download_refusals_leave_nothing(tmp_path, service, keys, other_keys) ->
             (root / "counter" / "manifest.json").read_bytes()).object("logger").sha256)]
 
 
-# --- small helpers of agent.fetch and the CLI -----------------------------------------------
+# --- small helpers of agent.vm.fetch and the CLI -----------------------------------------------
 
 
 def test_client_key_and_host_key_loading(tmp_path: Path) -> None:
@@ -498,7 +498,7 @@ def test_client_key_and_host_key_loading(tmp_path: Path) -> None:
     key = load_host_key(line)
     assert key.get_name() == "ssh-ed25519"
     assert load_host_key(tmp_path / "id_vm.pub").asbytes() == key.asbytes()
-    from agent.fetch import load_client_key
+    from agent.vm.fetch import load_client_key
 
     assert load_client_key(tmp_path / "id_vm").asbytes() == key.asbytes()
 

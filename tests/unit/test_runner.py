@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from agent.objects.counter import Counter
-from agent.runner import MAX_BODY, UDP_REPLY_LIMIT, ObjectServer, load_object, start_service
+from agent.hosting.runner import MAX_BODY, UDP_REPLY_LIMIT, ObjectServer, load_object, start_service
 from agent.sdk import MobileObject
 from experiments import probes
 from packets import ControlMessage, ControlType
@@ -400,7 +400,7 @@ def test_an_object_without_tcp_still_serves_udp(caplog: pytest.LogCaptureFixture
             transport.close()
 
     try:
-        with caplog.at_level("WARNING", logger="agent.runner"):
+        with caplog.at_level("WARNING", logger="agent.hosting.runner"):
             assert asyncio.run(main())["ok"] is True
     finally:
         taken.close()

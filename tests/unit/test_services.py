@@ -20,7 +20,7 @@ import pytest
 docx = pytest.importorskip("docx", reason="python-docx is needed by text2word/word2rtf")
 striprtf = pytest.importorskip("striprtf.striprtf", reason="pip install striprtf (test extra)")
 
-from agent.repository import (  # noqa: E402
+from agent.vm.repository import (  # noqa: E402
     generate_keypair,
     install_service,
     package_service,

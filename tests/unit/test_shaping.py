@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.shaping import EgressShaper
+from agent.vm.shaping import EgressShaper
 
 
 @pytest.mark.parametrize("kw", [

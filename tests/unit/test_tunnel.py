@@ -1,4 +1,4 @@
-"""agent.tunnel without root: header parsing, tables, and packet dispatch through fakes.
+"""agent.mobility.tunnel without root: header parsing, tables, and packet dispatch through fakes.
 
 The TUN device is faked by a datagram socketpair (one packet per read/write, like a TUN fd);
 the raw GRE socket by an object that records what it is asked to send and returns queued
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from scapy.layers.inet import GRE, ICMP, IP, UDP
 
-import agent.tunnel as tunnel_mod
-from agent.tunnel import (
+import agent.mobility.tunnel as tunnel_mod
+from agent.mobility.tunnel import (
     GRE_KEY_FLAG,
     STAT_KEYS,
     KernelTunnel,

@@ -2,8 +2,8 @@
 a socketpair, stop it.
 
 Every object — one placed on a router by an experiment, one a provisioned VM runs, one that
-arrives by migration — runs the same way: ``python -m agent.runner`` started by
-:mod:`agent.sandbox` in its own cgroup (CPU quota, memory, pids) as the unprivileged object
+arrives by migration — runs the same way: ``python -m agent.hosting.runner`` started by
+:mod:`agent.hosting.sandbox` in its own cgroup (CPU quota, memory, pids) as the unprivileged object
 user, in a private working directory, with nothing inherited but its end of the socketpair.
 So a migrated object is held to the same limits at its new router as at its old one, and
 ``moat show objects`` / ``moat show vm`` can report what each one uses.
@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cgroups import CgroupManager, CgroupVersion, Limits
-from .errors import AgentError
+from agent.hosting.cgroups import CgroupManager, CgroupVersion, Limits
+from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ObjectProcess:
         self.label = label or name
         self.code_dir = code_dir
         self.extensible = extensible
-        self.sandbox: Any = None  # agent.sandbox.ObjectSandbox once started
+        self.sandbox: Any = None  # agent.hosting.sandbox.ObjectSandbox once started
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -96,7 +96,7 @@ class ObjectProcess:
     async def start(self, warm: bool = False, state: Any = None) -> None:
         """Start the object; with ``state`` it continues from that checkpoint (and serves
         at once unless ``warm``: then it queues requests until :meth:`call` ``serve``)."""
-        from .sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
+        from agent.hosting.sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
                               minimal_env, open_log)
 
         if self.sandbox is not None:
@@ -111,7 +111,7 @@ class ObjectProcess:
         spec = SandboxSpec(workdir, uid, gid, self._effective_limits(),
                            env=minimal_env(workdir, PYTHONPATH=pythonpath), pass_fds=(child.fileno(),))
         self.sandbox = ObjectSandbox(self.label, spec, self.cgroups)
-        argv = [sys.executable, "-m", "agent.runner", "--spec", self.spec, "--name", self.name,
+        argv = [sys.executable, "-m", "agent.hosting.runner", "--spec", self.spec, "--name", self.name,
                 "--address", self.address, "--port", str(self.port), "--router", self.router,
                 "--control-fd", str(child.fileno())]
         if warm or state is not None:

@@ -1,4 +1,4 @@
-"""The process that runs one mobile object: ``python -m agent.runner ...`` (started by the VM).
+"""The process that runs one mobile object: ``python -m agent.hosting.runner ...`` (started by the VM).
 
 It serves the object's requests on its home address (MOAT control framing: a
 SERVICE_REQUEST with ``{"client", "seq", ...}`` gets a SERVICE_REPLY) and obeys its router
@@ -35,13 +35,13 @@ from typing import Any, Tuple, Union
 from packets import ControlMessage, ControlType, MalformedMessage
 from packets.control import HEADER, MAX_BODY, frame_length
 
-from .sdk import MobileObject, RequestError
+from agent.sdk import MobileObject, RequestError
 
 log = logging.getLogger(__name__)
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 MAX_QUEUE = 10_000
-#: A checkpoint is one JSON line on the socketpair (see agent.runtime.LINE_LIMIT).
+#: A checkpoint is one JSON line on the socketpair (see agent.hosting.runtime.LINE_LIMIT).
 CONTROL_LINE_LIMIT = 64 << 20
 #: Largest encoded reply sent as one UDP datagram (IPv4 carries at most 65,507 bytes); a
 #: bigger one is replaced by a short "too_large" reply telling the client to use TCP.
@@ -460,7 +460,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.runner")
+    parser = argparse.ArgumentParser(prog="python -m agent.hosting.runner")
     parser.add_argument("--spec", required=True, help="module:Class of the object")
     parser.add_argument("--name", required=True)
     parser.add_argument("--address", required=True, help="the object's home address")

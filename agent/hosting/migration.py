@@ -29,7 +29,7 @@ from packets import ControlMessage, ControlType, MalformedMessage
 from packets.codes import CONTROL_PORT
 from packets.control import HEADER, frame_length
 
-from .errors import AgentError
+from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
                     timeout: float = PEER_TIMEOUT, txid: int = 0,
                     key: bytes | None = None) -> dict[str, Any]:
     """One request/answer with another router's agent over TCP 4340; with ``key`` (the
-    run's router key) the body carries an HMAC authenticator (agent.msgauth)."""
+    run's router key) the body carries an HMAC authenticator (agent.core.msgauth)."""
     if key is not None:
-        from .msgauth import sign_hmac
+        from agent.core.msgauth import sign_hmac
 
         body = sign_hmac(ctype, txid, body, key)
     try:

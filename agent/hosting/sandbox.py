@@ -4,7 +4,7 @@ directory, read-only view of the rest of the filesystem, no inherited file descr
 Design: no ``preexec_fn``. The agent is an asyncio program with threads (the default
 executor, the child watcher), and Python code between fork and exec in a threaded process
 can deadlock; it could also not join a cgroup "before the object runs" without a race.
-Instead the agent starts a tiny launcher, :mod:`agent.sandbox_exec`, as root with
+Instead the agent starts a tiny launcher, :mod:`agent.hosting.sandbox_exec`, as root with
 ``close_fds=True``, an explicit ``pass_fds``, ``start_new_session=True`` and an empty
 environment (``python -I -S``: no site-packages, no PYTHON* variables). The launcher joins
 the cgroup first, then isolates the filesystem, sets rlimits, closes stray fds, drops to the
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cgroups import Cgroup, CgroupError, CgroupManager, CgroupVersion, Limits
-from .errors import AgentError
+from agent.hosting.cgroups import Cgroup, CgroupError, CgroupManager, CgroupVersion, Limits
+from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ Every network wait is bounded (``timeout`` for connecting, the SSH banner, key e
 authentication; ``io_timeout`` for each SFTP request), and connection failures are
 :class:`SiteUnreachable`.
 
-``python -m agent.fetch --host H --user U --key K --host-key PUB --service S --dest D``
+``python -m agent.vm.fetch --host H --user U --key K --host-key PUB --service S --dest D``
 runs one fetch (e.g. inside a Mininet node) and prints a JSON report on stdout; exit status
 0 on success, 2 on a refusal (the JSON names the error type).
 """
@@ -41,7 +41,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .repository import (
+from agent.vm.repository import (
     MANIFEST_FILE,
     MAX_ARCHIVE_BYTES,
     MAX_METADATA_BYTES,
@@ -368,7 +368,7 @@ def fetch_service(
     the archive cache; ``trusted_keys`` (provider public keys) enables verification.
     Raises :class:`SiteUnreachable`, :class:`HostKeyMismatch`,
     :class:`AuthenticationFailed`, :class:`ServiceNotFound`, :class:`FetchError` or any
-    verification error of :mod:`agent.repository`.
+    verification error of :mod:`agent.vm.repository`.
     """
     expected = load_host_key(known_host_key)
     client_key = load_client_key(key_path)
@@ -401,7 +401,7 @@ def fetch_service(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.fetch",
+    parser = argparse.ArgumentParser(prog="python -m agent.vm.fetch",
                                      description="Fetch one service from a MOAT remote site.")
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, default=22)

@@ -54,7 +54,7 @@ from enum import Enum
 from pathlib import Path
 from typing import ClassVar, Iterable
 
-from .errors import AgentError
+from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
 

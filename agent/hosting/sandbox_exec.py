@@ -1,5 +1,5 @@
 """The controlled-exec launcher: the first and only code that runs between the agent's fork
-and the object's program. Started (as root) by :func:`agent.sandbox.spawn` as::
+and the object's program. Started (as root) by :func:`agent.hosting.sandbox.spawn` as::
 
     python -I -S agent/sandbox_exec.py SPEC_FD STATUS_FD
 
@@ -219,7 +219,7 @@ def main(argv: list[str]) -> int:
     try:
         spec_fd, status_fd = int(argv[1]), int(argv[2])
     except (IndexError, ValueError):
-        sys.stderr.write("usage: sandbox_exec.py SPEC_FD STATUS_FD (started by agent.sandbox)\n")
+        sys.stderr.write("usage: sandbox_exec.py SPEC_FD STATUS_FD (started by agent.hosting.sandbox)\n")
         return 2
     try:
         os.set_inheritable(status_fd, False)  # closes at exec: EOF tells the agent "started"

@@ -33,8 +33,8 @@ from packets import (
 )
 from packets.extensions import CareOfName, GreKey, NaiExtension
 
-from .bindings import BindingTable, TooManyBindings, UpdateResult
-from .config import Credential, HomeConfig, HomeObject
+from agent.mobility.bindings import BindingTable, TooManyBindings, UpdateResult
+from agent.core.config import Credential, HomeConfig, HomeObject
 
 log = logging.getLogger(__name__)
 

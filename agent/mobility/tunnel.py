@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 from packets.errors import MalformedMessage
 from packets.gre import ETH_P_IP, GreHeader, decode_gre
 
-from .errors import AgentError
+from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
 

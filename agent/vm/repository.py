@@ -23,7 +23,7 @@ half-installed.
 Keys are OpenSSH-format Ed25519 keys (``ssh-ed25519 AAAA... provider``), so
 ``ssh-keygen -l -f provider.pub`` shows the same fingerprint MOAT reports as ``key_id``.
 
-Nothing here touches the network: :mod:`agent.fetch` brings a service over SFTP, and the
+Nothing here touches the network: :mod:`agent.vm.fetch` brings a service over SFTP, and the
 ``moat repo`` tools (:mod:`experiments.repo_cli`) create keys, package, sign and publish.
 """
 
@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from .errors import AgentError
+from agent.core.errors import AgentError
 
 __all__ = [
     "RepositoryError",
@@ -126,7 +126,7 @@ SKIP_NAMES = {"__pycache__", OBJECT_FILE, ".git", ".DS_Store"}
 
 
 class RepositoryError(AgentError):
-    """Base class of everything this module (and :mod:`agent.fetch`) refuses."""
+    """Base class of everything this module (and :mod:`agent.vm.fetch`) refuses."""
 
 
 class ManifestError(RepositoryError):
@@ -242,7 +242,7 @@ def _is_number(value: Any) -> bool:
 class Resources:
     """What one object needs (the patent's "resource dependencies").
 
-    ``cpu`` in CPUs (0.5 = half of one CPU, as :class:`agent.cgroups.Limits`), ``memory_mb``
+    ``cpu`` in CPUs (0.5 = half of one CPU, as :class:`agent.hosting.cgroups.Limits`), ``memory_mb``
     in MiB, ``pids`` processes and threads.
     """
 
@@ -269,7 +269,7 @@ class Resources:
         return {"cpu": self.cpu, "memory_mb": self.memory_mb, "pids": self.pids}
 
     def limits_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`agent.cgroups.Limits`."""
+        """Keyword arguments for :class:`agent.hosting.cgroups.Limits`."""
         return {"cpu_quota": float(self.cpu), "memory_bytes": self.memory_mb * MiB,
                 "pids_max": self.pids}
 

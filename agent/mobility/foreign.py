@@ -27,8 +27,8 @@ from packets.auth import find_auth
 from packets import RequestFlags
 from packets.extensions import GreKey, NaiExtension, encode_extension
 
-from .bindings import Visitor, VisitorList
-from .config import ForeignConfig
+from agent.mobility.bindings import Visitor, VisitorList
+from agent.core.config import ForeignConfig
 
 log = logging.getLogger(__name__)
 

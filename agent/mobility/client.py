@@ -35,7 +35,7 @@ from packets import (
 )
 from packets.codes import MIP_PORT
 
-from .config import ObjectConfig
+from agent.core.config import ObjectConfig
 
 log = logging.getLogger(__name__)
 

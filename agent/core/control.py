@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from .errors import AgentError, ConfigError, ControlError
+from agent.core.errors import AgentError, ConfigError, ControlError
 
 log = logging.getLogger(__name__)
 

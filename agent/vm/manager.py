@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 from packets.codes import SERVICE_PORT
 
-from .errors import AgentError
-from .shaping import EgressShaper
+from agent.core.errors import AgentError
+from agent.vm.shaping import EgressShaper
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class VirtualMachine:
     shaper_key: int | None = None
     last_update_check: float = 0.0
     #: Manifest objects that are *mobile objects*: object name -> its registration client
-    #: configuration (agent.config.ObjectConfig as JSON). They serve on their home address,
+    #: configuration (agent.core.config.ObjectConfig as JSON). They serve on their home address,
     #: register with their home object agent and can migrate; the others serve on the VM's
     #: address.
     mobile: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -161,7 +161,7 @@ class VmManager:
         self.errors: list[dict[str, Any]] = []
         self.retired: list[dict[str, Any]] = []
         self._cgroups: Any = cgroups
-        self._replays: Any = None  # agent.msgauth.ReplayCache of PROVISION nonces
+        self._replays: Any = None  # agent.core.msgauth.ReplayCache of PROVISION nonces
         self.shaper = EgressShaper()
         self._next_key = 0
 
@@ -204,8 +204,8 @@ class VmManager:
         """A PROVISION must be signed by one of the VM's authorized providers (the patent:
         the router configures a VM only for an authorized remote site); returns the
         signer's key id, or records and raises the refusal."""
-        from .msgauth import MessageAuthError, ReplayCache, verify_ed25519
-        from .repository import RepositoryError, key_id, load_public_key
+        from agent.core.msgauth import MessageAuthError, ReplayCache, verify_ed25519
+        from agent.vm.repository import RepositoryError, key_id, load_public_key
 
         if self._replays is None:
             self._replays = ReplayCache()
@@ -263,7 +263,7 @@ class VmManager:
     def _mobile_part(self, body: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """The ``mobile`` (object -> registration config) and ``objects`` (a part of the
         service) fields, checked before anything is fetched."""
-        from .config import ConfigError, ObjectConfig
+        from agent.core.config import ConfigError, ObjectConfig
 
         mobile = body.get("mobile") or {}
         only = body.get("objects") or []
@@ -283,8 +283,8 @@ class VmManager:
         return {str(k): dict(v) for k, v in mobile.items()}, [str(o) for o in only]
 
     async def _fetch_verify_install(self, vm: VirtualMachine) -> None:
-        from .fetch import fetch_service
-        from .repository import (RepositoryError, inspect_service, install_service,
+        from agent.vm.fetch import fetch_service
+        from agent.vm.repository import (RepositoryError, inspect_service, install_service,
                                  load_public_key)
 
         site = self.baseline.site
@@ -358,7 +358,7 @@ class VmManager:
     @staticmethod
     def _part(vm: VirtualMachine) -> list[Any]:
         """The installed manifest's objects this VM runs (all, or its ``only`` part)."""
-        from .repository import Manifest
+        from agent.vm.repository import Manifest
 
         manifest = Manifest.from_bytes((Path(vm.installed) / "manifest.json").read_bytes())
         return [o for o in manifest.objects if not vm.only or o.name in vm.only]
@@ -371,9 +371,9 @@ class VmManager:
         A mobile object serves on its home address and is handed to the agent, which adds
         the address, runs its registration client and can migrate it; the others serve on
         the VM's address. ``names``: only these (one restarted object)."""
-        from .cgroups import CgroupManager, Limits
-        from .config import ObjectConfig
-        from .runtime import ObjectProcess, ObjectProcessError
+        from agent.hosting.cgroups import CgroupManager, Limits
+        from agent.core.config import ObjectConfig
+        from agent.hosting.runtime import ObjectProcess, ObjectProcessError
 
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
@@ -441,8 +441,8 @@ class VmManager:
         stop with their checkpoints, the new version is fetched, verified and installed, and
         the new objects start from those checkpoints. A refused upgrade restarts the old
         version from the same checkpoints (and is recorded in the errors)."""
-        from .fetch import fetch_service
-        from .repository import RepositoryError, inspect_service
+        from agent.vm.fetch import fetch_service
+        from agent.vm.repository import RepositoryError, inspect_service
 
         done = []
         for vm in list(self.vms.values()):

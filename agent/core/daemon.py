@@ -2,7 +2,7 @@
 
 It owns the sockets (raw ICMP for discovery, UDP 434 for registration, AF_PACKET for proxy
 ARP, a Unix control socket) and feeds what arrives to the pure role logic in
-:mod:`agent.home`, :mod:`agent.foreign` and :mod:`agent.mobile`. Every handler catches and
+:mod:`agent.mobility.home`, :mod:`agent.mobility.foreign` and :mod:`agent.mobility.client`. Every handler catches and
 logs its own failures: a malformed packet or a bug in one message must never stop the daemon.
 """
 
@@ -33,18 +33,18 @@ from packets import (
 from packets.auth import find_auth
 from packets.codes import MIP_PORT, SERVICE_PORT, ExtType
 
-from .arp import ProxyArp, announce
-from .config import AgentConfig, ObjectConfig
-from .control import ControlServer
-from .discovery import ALL_ROUTERS, ALL_SYSTEMS, DiscoverySocket, Heard
-from .errors import AgentError, ControlError
-from .foreign import ForeignAgent
-from .home import HomeAgent
-from .mobile import RegistrationClient
-from .msgauth import MessageAuthError, ReplayCache, strip, verify_hmac
-from .migration import MODES, REGISTER_TIMEOUT, MigrationFailed, MigrationReport, PeerServer, peer_call
-from .cgroups import CgroupManager, Limits
-from .runtime import ObjectProcess, ObjectProcessError
+from agent.mobility.arp import ProxyArp, announce
+from agent.core.config import AgentConfig, ObjectConfig
+from agent.core.control import ControlServer
+from agent.mobility.discovery import ALL_ROUTERS, ALL_SYSTEMS, DiscoverySocket, Heard
+from agent.core.errors import AgentError, ControlError
+from agent.mobility.foreign import ForeignAgent
+from agent.mobility.home import HomeAgent
+from agent.mobility.client import RegistrationClient
+from agent.core.msgauth import MessageAuthError, ReplayCache, strip, verify_hmac
+from agent.hosting.migration import MODES, REGISTER_TIMEOUT, MigrationFailed, MigrationReport, PeerServer, peer_call
+from agent.hosting.cgroups import CgroupManager, Limits
+from agent.hosting.runtime import ObjectProcess, ObjectProcessError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class AgentDaemon:
         self.vm: Any = None
         #: One cgroup manager for every object this router runs (VM or placed directly).
         self.cgroups = CgroupManager(config.run_id, owner=config.name)
-        #: MIGRATE / STATE_TRANSFER are signed and checked under this key (agent.msgauth).
+        #: MIGRATE / STATE_TRANSFER are signed and checked under this key (agent.core.msgauth).
         self.router_key = bytes.fromhex(config.router_key) if config.router_key else None
         self._peer_replays = ReplayCache()
         #: What the data plane currently has installed, to reconcile against the tables.
@@ -167,7 +167,7 @@ class AgentDaemon:
             assert cfg.foreign is not None
             self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses)
         if self.home is not None or self.foreign is not None:
-            from .tunnel import make_tunnel
+            from agent.mobility.tunnel import make_tunnel
 
             local = self.home.address if self.home is not None else cfg.interfaces[0].address
             self.tunnel = make_tunnel(cfg.tunnel_backend, loop=loop, local=local)
@@ -177,7 +177,7 @@ class AgentDaemon:
             lambda: _MipProtocol(self), local_addr=("0.0.0.0", MIP_PORT), reuse_port=False
         )
         if cfg.vm is not None:
-            from .vm import VmBaseline, VmManager
+            from agent.vm.manager import VmBaseline, VmManager
 
             self.vm = VmManager(VmBaseline.from_json(cfg.vm), cfg.name, cfg.run_id,
                                 {i.name: i.address for i in cfg.interfaces},
@@ -377,7 +377,7 @@ class AgentDaemon:
         self.sync_home_dataplane()
         self.sync_foreign_dataplane()
 
-    # --- data plane (agent.tunnel) -------------------------------------------------------
+    # --- data plane (agent.mobility.tunnel) -------------------------------------------------------
 
     def sync_home_dataplane(self) -> None:
         """HOA: tunnel each away object's home address to every live binding (bicast)."""
@@ -626,7 +626,7 @@ class AgentDaemon:
     async def cmd_deregister(self, name: str) -> dict:
         return (await self._client(name).deregister()).as_dict()
 
-    # --- migration (agent.migration) -----------------------------------------------------
+    # --- migration (agent.hosting.migration) -----------------------------------------------------
 
     async def _wait_registered(self, name: str, timeout: float = REGISTER_TIMEOUT) -> dict:
         """Until the object's client holds an accepted registration (or is home)."""

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import AgentError
+from agent.core.errors import AgentError
 
 WINDOW_S = 300.0  # accepted clock difference, seconds
 MAX_REMEMBERED = 4096

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from agent.core.errors import ConfigError
 
 ROLES = frozenset({"home", "foreign"})
 
@@ -112,14 +112,14 @@ class AgentConfig:
     log_level: str = "INFO"
     #: GRE backend: "auto" (kernel where the kernel has GRE), "kernel" or "userspace".
     tunnel_backend: str = "auto"
-    #: The VM baseline (agent.vm.VmBaseline as JSON); None: this router runs no VMs.
+    #: The VM baseline (agent.vm.manager.VmBaseline as JSON); None: this router runs no VMs.
     vm: dict[str, Any] | None = None
     run_id: str | None = None
     #: Sandbox resources of an object placed on this router without a VM (``object_start``,
     #: ``moat`` experiments); a provisioned VM's objects take their manifest's instead.
     object_resources: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECT_RESOURCES))
     #: The run's router key (hex): MIGRATE and STATE_TRANSFER carry an HMAC under it
-    #: (agent.msgauth). None: this agent neither signs nor checks them (a hand-made config).
+    #: (agent.core.msgauth). None: this agent neither signs nor checks them (a hand-made config).
     router_key: str | None = None
 
     @property
