@@ -20,7 +20,7 @@ phases in that one network:
    the round trip itself (``time.monotonic()`` from sending the request to receiving the
    relayed reply): the ``rtt`` of the attempt the command returns. The control-socket call
    around it is timed too (``call``), as an aside.
-3. **load**: ``python -m experiments.probes regload`` inside ``r22a`` (the home LAN's border
+3. **load**: ``python -m nodetools.probes regload`` inside ``r22a`` (the home LAN's border
    router, one hop from the HOA) acts as a trusted FOA (``r20a``'s Foreign-Home key) relaying
    requests of ``loadgen`` (its own Mobile-Home key, care-of address ``r20a``'s 10.14.0.1):
    valid, authenticated requests with fresh, strictly increasing NTP identifications and
@@ -71,7 +71,7 @@ DEFAULT_WINDOW = 32
 DEFAULT_IDLE = 2.0
 LOAD_LIFETIME = 60
 LOAD_TIMEOUT = 1.0
-MAX_DURATION = 60.0  # the generator's own hard bound (experiments.probes.REGLOAD_MAX_DURATION)
+MAX_DURATION = 60.0  # the generator's own hard bound (nodetools.probes.REGLOAD_MAX_DURATION)
 MAX_WINDOW = 1024
 MAX_REQUESTS = 1_000_000
 ACCEPTED_CODES = (0, 1)
@@ -364,7 +364,7 @@ def method(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
         "rtt": f"{args.rounds} x control command `register` to r18b's agent (client of {OBJECT}, "
                f"preferred FOA {FOA}), back to back; rtt = client's time.monotonic() from sending "
                "the RRQ to receiving the relayed RRP (r18b -> r18a -> r22a -> r22b and back)",
-        "load": f"python -m experiments.probes regload in {LOAD_NODE}: trusted-FOA relayed RRQs "
+        "load": f"python -m nodetools.probes regload in {LOAD_NODE}: trusted-FOA relayed RRQs "
                 f"(NAI, object-part NVSE, Mobile-Home auth, care-of-name NVSE, Foreign-Home auth; "
                 f"HMAC-SHA-256) for {LOAD_OBJECT}, fresh increasing NTP identification, lifetime "
                 f"{LOAD_LIFETIME}, one UDP socket to the HOA:434, window {args.window} outstanding, "

@@ -274,7 +274,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         body["port"] = args.port
     path = run.write_private("provision", json.dumps(body))
     argv = ["mnexec", "-a", str(run.state.node_pids[site]), sys.executable, "-m",
-            "experiments.probes", "control", target, "provision", f"@{path}",
+            "nodetools.probes", "control", target, "provision", f"@{path}",
             "--sign-key", str(args.key or run.dir / "provider" / "provider.key")]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)

@@ -55,7 +55,7 @@ def load_generator(moat: MoatNetwork, rate: float, duration: float, out: Path):
     """co14 sends requests for ``duration`` s (bounded) while the block runs."""
     ready = moat.run.dir / "co.ready"
     proc = moat.net[CO_HOST].popen(
-        [sys.executable, "-m", "experiments.co_load", "--dst", moat.objects[OBJECT].home_address,
+        [sys.executable, "-m", "nodetools.co_load", "--dst", moat.objects[OBJECT].home_address,
          "--rate", str(rate), "--duration", str(duration), "--client", CO_HOST, "--out", str(out),
          "--ready", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -378,14 +378,14 @@ class MoatNetwork:
     def requests(self, host: str, name: str, count: int = 20, rate: float = 50.0,
                  client: str | None = None, port: int | None = None) -> dict:
         """Send ``count`` service requests from ``host`` to object ``name``'s home address
-        (``python -m experiments.co_load`` inside the host); return its summary (sent,
+        (``python -m nodetools.co_load`` inside the host); return its summary (sent,
         answered). Each call is a new client unless ``client`` is given: objects remember
         clients' sequence numbers."""
         import json
 
         self._clients = getattr(self, "_clients", 0) + 1
         out = self.run.dir / f"requests-{self._clients}.jsonl"
-        argv = [sys.executable, "-m", "experiments.co_load", "--dst", self.objects[name].home_address,
+        argv = [sys.executable, "-m", "nodetools.co_load", "--dst", self.objects[name].home_address,
                 "--rate", str(rate), "--duration", str(count / rate), "--out", str(out),
                 "--client", client or f"{host}-{self._clients}"]
         if port is not None:
@@ -404,11 +404,11 @@ class MoatNetwork:
         return self.probe(host, "resolve", name, self.dns)
 
     def probe(self, node: str, *args: str, timeout: float = 60.0) -> Any:
-        """Run ``python -m experiments.probes ARGS`` inside ``node``; return its JSON answer."""
+        """Run ``python -m nodetools.probes ARGS`` inside ``node``; return its JSON answer."""
         import json
         import shlex
 
-        argv = [sys.executable, "-m", "experiments.probes", *args]
+        argv = [sys.executable, "-m", "nodetools.probes", *args]
         proc = self.net[node].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = proc.communicate(timeout=timeout)

@@ -14,7 +14,7 @@ import pytest
 from agent.objects.counter import Counter
 from agent.hosting.runner import MAX_BODY, UDP_REPLY_LIMIT, ObjectServer, load_object, start_service
 from agent.sdk import MobileObject
-from experiments import probes
+from nodetools import probes
 from packets import ControlMessage, ControlType
 from packets.control import HEADER, frame_length
 

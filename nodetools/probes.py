@@ -1,4 +1,4 @@
-"""Small packet tools run *inside* a node's namespace: ``python -m experiments.probes ...``.
+"""Small packet tools run *inside* a node's namespace: ``python -m nodetools.probes ...``.
 
 Experiments and tests run these through ``node.cmd`` so that probes leave from the node
 itself, as real packets on the emulated network. Each prints one JSON line.
@@ -239,7 +239,7 @@ REGLOAD_MAX_REQUESTS = 1_000_000
 
 def resolve(name: str, server: str, timeout: float = 2.0) -> dict:
     """One DNS query for ``name``'s A record to ``server`` (UDP 53); rcode and addresses."""
-    from topologies.dns import parse_a_answer, query
+    from nodetools.dns import parse_a_answer, query
 
     txid = random.getrandbits(16)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -469,7 +469,7 @@ def regload(spec: dict, duration: float, window: int, max_requests: int, timeout
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.probes")
+    parser = argparse.ArgumentParser(prog="python -m nodetools.probes")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("arp")
     p.add_argument("iface")

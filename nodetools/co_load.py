@@ -1,4 +1,4 @@
-"""A corresponding object under load: ``python -m experiments.co_load`` (run inside a host).
+"""A corresponding object under load: ``python -m nodetools.co_load`` (run inside a host).
 
 Sends numbered service requests to an object's home address at a fixed rate for a bounded
 time, records every reply (which router and instance served it, the object's answer, the
@@ -76,7 +76,7 @@ async def run(dst: str, port: int, rate: float, duration: float, client: str, op
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.co_load")
+    parser = argparse.ArgumentParser(prog="python -m nodetools.co_load")
     parser.add_argument("--dst", required=True)
     parser.add_argument("--port", type=int, default=SERVICE_PORT)
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
