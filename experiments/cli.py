@@ -325,7 +325,7 @@ def cmd_cli(args: argparse.Namespace) -> int:
     from topologies.moatnet import MoatNetwork
 
     from .mncli import MoatCLI
-    from .topo_spec import make_topo
+    from topologies.catalog import make_topo
 
     with MoatNetwork(make_topo(args.topo), objects=args.objects.split(","),
                      advertise_interval=args.adv_interval) as moat:

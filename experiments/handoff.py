@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from topologies.catalog import make_topo
 from topologies.moatnet import MoatNetwork
 
 from .results import copy_captures, count_events, results_dir, write_csv, write_json
 from .tables import format_table
-from .topo_spec import make_topo
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,9 @@ import signal
 import sys
 import threading
 
+from topologies.catalog import make_topo
 from topologies.moatnet import MoatNetwork
 from topologies.run import Run
-
-from .topo_spec import make_topo
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,10 @@ Modules:
 ``topologies.patent``      :class:`PatentTopo` — Figs. 1 and 6 (networks 12, 14, 16)
 ``topologies.scale``       :class:`ScaleTopo` — home network + N foreign networks of M
                            routers
+``topologies.catalog``     every topology by name; :func:`make_topo` parses ``--topo``
 ``topologies.base``        :class:`MoatTopo` — shared builder, metadata for experiments
+``topologies.moatnet``     :class:`MoatNetwork` — a running testbed (agents, run directory)
+``topologies.client``      :class:`RunClient` — the one client of a running network
 ``topologies.nodes``       :class:`MoatRouter`, :class:`MoatHost` (routes, daemon hook)
 ``topologies.links``       :class:`MoatLink` — htb shaping, netem degrades to a warning
 ``topologies.net``         :func:`build_net` / :func:`running_net` — LinuxBridge, no
@@ -60,6 +63,8 @@ __all__ = [
     "running_net",
     "compute_routes",
     "netem_available",
+    "make_topo",
+    "RunClient",
 ]
 
 _LAZY = {
@@ -73,6 +78,8 @@ _LAZY = {
     "build_net": "topologies.net",
     "running_net": "topologies.net",
     "compute_routes": "topologies.routing",
+    "make_topo": "topologies.catalog",
+    "RunClient": "topologies.client",
 }
 
 

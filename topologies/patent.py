@@ -90,13 +90,8 @@ class PatentTopo(MoatTopo):
             self.add_backbone("r18a", "r20a", bw=bw, delay=delay, loss=loss)
 
 
+#: What `mn --custom topologies/patent.py` looks for (topologies/catalog.py offers them all).
 topos: dict[str, type] = {"patent": PatentTopo}
-
-# Both topology files offer both topologies to `mn --custom`. The import sits here, after
-# PatentTopo exists, because topologies.scale imports this module the same way.
-from topologies.scale import ScaleTopo  # noqa: E402
-
-topos["scale"] = ScaleTopo
 
 if __name__ == "__main__":
     print(PatentTopo().describe())

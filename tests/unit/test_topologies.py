@@ -594,19 +594,23 @@ def _mn_python() -> str:
     return sys.executable
 
 
-@pytest.mark.parametrize("filename", ["patent.py", "scale.py"])
-def test_custom_file_loads_like_mn_custom(filename: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("filename, offered", [("patent.py", {"patent"}), ("scale.py", {"scale"}),
+                                               ("catalog.py", {"patent", "scale"})])
+def test_custom_file_loads_like_mn_custom(filename: str, offered: set[str], tmp_path: Path) -> None:
     """Load the file the way `mn --custom` does: exec with bare globals, from another cwd,
-    with the repository not on sys.path (-I drops PYTHONPATH and the cwd entry)."""
+    with the repository not on sys.path (-I drops PYTHONPATH and the cwd entry). Each
+    topology file offers its own topology; the catalog offers them all."""
     rel = os.path.relpath(REPO / "topologies" / filename, tmp_path)
     script = f"""
 import sys
 customs = {{}}
 exec(compile(open({rel!r}).read(), {rel!r}, 'exec'), customs, customs)
 topos = customs['topos']
-assert set(topos) == {{'patent', 'scale'}}, topos
-p = topos['patent']()
-s = topos['scale'](2, 2)
+assert set(topos) == {offered!r}, topos
+from topologies.patent import PatentTopo
+from topologies.scale import ScaleTopo
+p = topos.get('patent', PatentTopo)()
+s = topos.get('scale', ScaleTopo)(2, 2)
 assert p.hoa == 'r22b' and len(s.router_names()) == 7
 print(p.nodeInfo('r22b')['cls'].__module__, len(p.routes('r22b')))
 """
@@ -645,3 +649,22 @@ def test_cgroup_mount_commands_rebuild_the_host_layout_in_a_node() -> None:
     assert cmds[-1] == "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified"
     assert cgroup_mount_commands("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n") == [
         "mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup"]
+
+
+# ------------------------------------------------------------------------ catalog
+
+
+def test_make_topo_parses_like_mn_topo() -> None:
+    from topologies.catalog import make_topo
+
+    topo = make_topo("scale,n_foreign=2,routers_per_net=3,backbone_delay=5ms")
+    assert isinstance(topo, ScaleTopo) and len(topo.router_names()) == 3 + 2 * 3
+    assert isinstance(make_topo(" patent "), PatentTopo)
+
+
+@pytest.mark.parametrize("spec", ["", "mesh", "patent,backbone_bw", "patent,nosuch=1"])
+def test_make_topo_refuses_what_it_cannot_build(spec: str) -> None:
+    from topologies.catalog import make_topo
+
+    with pytest.raises(TopologyParamError):
+        make_topo(spec)
