@@ -24,16 +24,9 @@ import json
 import sys
 from pathlib import Path
 
-from agent.vm.repository import (
-    RepositoryError,
-    generate_keypair,
-    inspect_service,
-    key_id,
-    load_public_key,
-    package_service,
-    publish_service,
-    verify_service,
-)
+from agent.vm.errors import RepositoryError
+from agent.vm.repository import inspect_service, package_service, publish_service, verify_service
+from agent.vm.signing import generate_keypair, key_id, load_public_key
 
 __all__ = ["main", "build_parser"]
 

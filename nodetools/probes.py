@@ -98,7 +98,7 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
     mtype = ControlType[ctype.upper()]
     if sign_key:
         from agent.core.msgauth import sign_ed25519
-        from agent.vm.repository import key_id, load_private_key
+        from agent.vm.signing import key_id, load_private_key
 
         private = load_private_key(sign_key)
         body = sign_ed25519(mtype, 0, body, private, key_id(private.public_key()))

@@ -209,7 +209,7 @@ class MoatNetwork:
             return
         from agent.vm.fetch import generate_client_key
 
-        from agent.vm.repository import generate_keypair
+        from agent.vm.signing import generate_keypair
 
         key = self.run.dir / "vm_ed25519"
         public = generate_client_key(key, f"moat-vm@{self.run.run_id}")

@@ -41,30 +41,26 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.vm.repository import (
-    MANIFEST_FILE,
-    MAX_ARCHIVE_BYTES,
-    MAX_METADATA_BYTES,
-    POLICY_FILE,
-    SIGNATURE_FILE,
-    ArchiveCache,
+from agent.vm.archive import MAX_ARCHIVE_BYTES, ArchiveCache
+from agent.vm.errors import (
     AuthenticationFailed,
     FetchError,
     HostKeyMismatch,
-    Manifest,
     RepositoryError,
     ServiceNotFound,
     SiteUnreachable,
-    VerifiedService,
-    _check_re,
-    _move_into_place,
-    _remove,
-    _staging_dir,
-    NAME_RE,
-    sha256_file,
-    verify_metadata,
-    verify_service,
 )
+from agent.vm.files import _move_into_place, _remove, _staging_dir, sha256_file
+from agent.vm.manifest import (
+    MANIFEST_FILE,
+    MAX_METADATA_BYTES,
+    NAME_RE,
+    POLICY_FILE,
+    Manifest,
+    _check_re,
+)
+from agent.vm.repository import VerifiedService, verify_service
+from agent.vm.signing import SIGNATURE_FILE, verify_metadata
 
 __all__ = [
     "FetchResult",

@@ -205,7 +205,8 @@ class VmManager:
         the router configures a VM only for an authorized remote site); returns the
         signer's key id, or records and raises the refusal."""
         from agent.core.msgauth import MessageAuthError, ReplayCache, verify_ed25519
-        from agent.vm.repository import RepositoryError, key_id, load_public_key
+        from agent.vm.errors import RepositoryError
+        from agent.vm.signing import key_id, load_public_key
 
         if self._replays is None:
             self._replays = ReplayCache()
@@ -284,8 +285,9 @@ class VmManager:
 
     async def _fetch_verify_install(self, vm: VirtualMachine) -> None:
         from agent.vm.fetch import fetch_service
-        from agent.vm.repository import (RepositoryError, inspect_service, install_service,
-                                 load_public_key)
+        from agent.vm.errors import RepositoryError
+        from agent.vm.repository import inspect_service, install_service
+        from agent.vm.signing import load_public_key
 
         site = self.baseline.site
         if site is None:
@@ -358,7 +360,7 @@ class VmManager:
     @staticmethod
     def _part(vm: VirtualMachine) -> list[Any]:
         """The installed manifest's objects this VM runs (all, or its ``only`` part)."""
-        from agent.vm.repository import Manifest
+        from agent.vm.manifest import Manifest
 
         manifest = Manifest.from_bytes((Path(vm.installed) / "manifest.json").read_bytes())
         return [o for o in manifest.objects if not vm.only or o.name in vm.only]
@@ -442,7 +444,8 @@ class VmManager:
         the new objects start from those checkpoints. A refused upgrade restarts the old
         version from the same checkpoints (and is recorded in the errors)."""
         from agent.vm.fetch import fetch_service
-        from agent.vm.repository import RepositoryError, inspect_service
+        from agent.vm.errors import RepositoryError
+        from agent.vm.repository import inspect_service
 
         done = []
         for vm in list(self.vms.values()):

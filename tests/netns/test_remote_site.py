@@ -25,7 +25,8 @@ from mininet.nodelib import LinuxBridge
 from mininet.topo import Topo
 
 from agent.vm.fetch import generate_client_key
-from agent.vm.repository import generate_keypair, package_service, publish_service, verify_service
+from agent.vm.repository import package_service, publish_service, verify_service
+from agent.vm.signing import generate_keypair
 from topologies.links import MoatLink
 from topologies.net import build_net
 from topologies.nodes import MoatHost

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.vm.repository import generate_keypair, package_service, publish_service
+from agent.vm.repository import package_service, publish_service
+from agent.vm.signing import generate_keypair
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.vm.repository import generate_keypair, package_service, publish_service
+from agent.vm.repository import package_service, publish_service
+from agent.vm.signing import generate_keypair
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 from vm_services import counter_source, publish
@@ -207,7 +208,7 @@ def test_only_a_signed_provision_from_an_authorized_provider_configures_a_vm(net
     provider's Ed25519 signature), refuses a replay of one it accepted, and refuses a
     MIGRATE that does not carry the routers' key."""
     from agent.core.msgauth import sign_ed25519
-    from agent.vm.repository import key_id, load_private_key
+    from agent.vm.signing import key_id, load_private_key
     from packets import ControlType
 
     publish(net, tmp_path, "guarded-svc", net.provider_key)

@@ -1,6 +1,7 @@
-"""agent.vm.repository (no root, no network): keys, packaging, signatures, every refusal, safe
-extraction that leaves nothing half-installed, publishing, the archive cache, and the
-download logic of agent.vm.fetch over a local stand-in for SFTP."""
+"""The logic repository, agent.vm.{manifest,signing,archive,repository} (no root, no network):
+keys, packaging, signatures, every refusal, safe extraction that leaves nothing
+half-installed, publishing, the archive cache, and the download logic of agent.vm.fetch
+over a local stand-in for SFTP."""
 
 from __future__ import annotations
 
@@ -14,30 +15,29 @@ from pathlib import Path
 
 import pytest
 
-from agent.vm import repository as repo
-from agent.vm.fetch import FetchResult, download_service, generate_client_key, load_host_key
-from agent.vm.repository import (
-    ArchiveCache,
+from agent.vm.archive import ArchiveCache, safe_extract
+from agent.vm.errors import (
     ArchiveError,
     BadSignature,
-    LifecyclePolicy,
-    Manifest,
     ManifestError,
-    ObjectEntry,
     PathTraversal,
     RepositoryError,
     ServiceNotFound,
     TamperedArchive,
     UnknownSigner,
+)
+from agent.vm.fetch import FetchResult, download_service, generate_client_key, load_host_key
+from agent.vm.files import sha256_file
+from agent.vm.manifest import LifecyclePolicy, Manifest, ObjectEntry
+from agent.vm.repository import install_service, package_service, publish_service, verify_service
+from agent.vm.signing import (
+    Signature,
     generate_keypair,
-    install_service,
+    key_id,
     load_private_key,
     load_public_key,
-    package_service,
-    publish_service,
-    safe_extract,
     sign_service,
-    verify_service,
+    signed_digest,
 )
 from experiments import repo_cli
 
@@ -127,7 +127,7 @@ def swap_archive(service: Path, key: Path, members: list) -> None:
     first = manifest.objects[0]
     tar_gz(service / first.archive, members)
     new = ObjectEntry(first.name, first.version, first.archive,
-                      repo.sha256_file(service / first.archive), first.entry, first.resources)
+                      sha256_file(service / first.archive), first.entry, first.resources)
     manifest = Manifest(manifest.service, manifest.version, manifest.provider,
                         (new,) + manifest.objects[1:])
     (service / "manifest.json").write_bytes(manifest.to_bytes())
@@ -147,9 +147,9 @@ def test_keygen_writes_openssh_keys_and_never_overwrites(tmp_path: Path) -> None
     priv, pub = generate_keypair(tmp_path / "k")
     assert stat.S_IMODE(priv.stat().st_mode) == 0o600
     assert pub.read_text().startswith("ssh-ed25519 ")
-    kid = repo.key_id(load_public_key(pub))
-    assert repo.key_id(load_private_key(priv).public_key()) == kid
-    assert repo.key_id(load_public_key(pub.read_text())) == kid
+    kid = key_id(load_public_key(pub))
+    assert key_id(load_private_key(priv).public_key()) == kid
+    assert key_id(load_public_key(pub.read_text())) == kid
     with pytest.raises(RepositoryError, match="refusing to overwrite"):
         generate_keypair(tmp_path / "k")
 
@@ -169,7 +169,7 @@ def test_package_verify_install_round_trip(tmp_path: Path, service: Path, keys) 
     assert verified.policy == LifecyclePolicy(max_transactions=100, update_check_interval_s=30,
                                               shareable=True)
     assert verified.policy.usage == "transactions"
-    assert verified.key_id == repo.key_id(load_public_key(keys[1]))
+    assert verified.key_id == key_id(load_public_key(keys[1]))
 
     dest = tmp_path / "installed" / "counter" / "1.0"
     installed = install_service(service, [keys[1]], dest)
@@ -362,8 +362,8 @@ def sign_service_raw(service: Path, key: Path) -> None:
     policy = (service / "policy.json").read_bytes()
     hashes = [o["sha256"] for o in json.loads(manifest)["objects"]]
     priv = load_private_key(key)
-    sig = repo.Signature(repo.key_id(priv.public_key()), tuple(hashes),
-                         priv.sign(repo.signed_digest(manifest, hashes, policy)))
+    sig = Signature(key_id(priv.public_key()), tuple(hashes),
+                    priv.sign(signed_digest(manifest, hashes, policy)))
     (service / "service.sig").write_bytes(sig.to_bytes())
 
 
@@ -406,7 +406,7 @@ def test_publish_refuses_what_would_not_verify(tmp_path, service, keys, other_ke
 def test_archive_cache(tmp_path: Path, service: Path) -> None:
     cache = ArchiveCache(tmp_path / "cache")
     archive = service / "counter-1.0.tar.gz"
-    digest = repo.sha256_file(archive)
+    digest = sha256_file(archive)
     assert cache.get("counter", "1.0", digest) is None
     stored = cache.put("counter", "1.0", digest, archive)
     assert cache.get("counter", "1.0", digest) == stored

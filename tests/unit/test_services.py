@@ -21,11 +21,11 @@ docx = pytest.importorskip("docx", reason="python-docx is needed by text2word/wo
 striprtf = pytest.importorskip("striprtf.striprtf", reason="pip install striprtf (test extra)")
 
 from agent.vm.repository import (  # noqa: E402
-    generate_keypair,
     install_service,
     package_service,
     verify_service,
 )
+from agent.vm.signing import generate_keypair  # noqa: E402
 from agent.sdk import MobileObject, RequestError  # noqa: E402
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
