@@ -1,4 +1,5 @@
-"""agent.core.control: the JSON-lines control socket, served by asyncio, called by the blocking client.
+"""agent.core.control: the control socket (agent.core.rpc's JSON lines with request ids),
+served by asyncio, called by the blocking client.
 
 Each test runs a ControlServer on a Unix socket in a short temporary directory (socket paths
 are limited to ~107 bytes) and drives it with ControlClient in an executor thread, or with a
@@ -55,12 +56,12 @@ def sock_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def serve(path: Path, body: Callable[[Path], Any]) -> Any:
+def serve(path: Path, body: Callable[[Path], Any], **server_args: Any) -> Any:
     """Start a server at ``path``, run blocking ``body(path)`` in a thread, stop the server."""
 
     async def main() -> Any:
         gate["event"] = asyncio.Event()
-        server = ControlServer(path, handler)
+        server = ControlServer(path, handler, **server_args)
         await server.start()
         try:
             return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, body, path), 20)
@@ -152,6 +153,8 @@ def test_unserialisable_result_does_not_kill_server(sock_dir: Path) -> None:
     b'{"args": {}}\n',
     b'{"cmd": 5}\n',
     b'{"cmd": "echo", "args": [1]}\n',
+    b'{"id": "one", "cmd": "echo"}\n',
+    b'{"id": 1.5, "cmd": "echo"}\n',
     b"\xff\xfe\n",
 ])
 def test_malformed_request_gets_ok_false_and_server_keeps_serving(sock_dir: Path, line: bytes) -> None:
@@ -169,16 +172,35 @@ def test_malformed_request_gets_ok_false_and_server_keeps_serving(sock_dir: Path
 
 def test_bad_line_then_good_line_on_the_same_connection(sock_dir: Path) -> None:
     def body(path: Path):
-        return raw_exchange(path, b"garbage\n" + json.dumps({"cmd": "echo", "args": {"k": 1}}).encode() + b"\n", 2)
+        good = json.dumps({"id": 7, "cmd": "echo", "args": {"k": 1}}).encode() + b"\n"
+        return raw_exchange(path, b"garbage\n" + good, 2)
 
     first, second = serve(sock_dir / "r1.sock", body)
-    assert first["ok"] is False
-    assert second == {"ok": True, "result": {"k": 1}}
+    assert first["ok"] is False and first["id"] is None  # no id could be read from it
+    assert second == {"id": 7, "ok": True, "result": {"k": 1}}
+
+
+def test_answers_echo_the_request_id_even_for_a_refusal(sock_dir: Path) -> None:
+    def body(path: Path):
+        lines = [{"id": 41, "cmd": "echo", "args": {"a": 1}}, {"id": 42, "cmd": "nope"},
+                 {"id": 43, "cmd": "echo", "args": [1]}]
+        return raw_exchange(path, b"".join(json.dumps(x).encode() + b"\n" for x in lines), 3)
+
+    ok, refused, bad = serve(sock_dir / "r1.sock", body)
+    assert ok == {"id": 41, "ok": True, "result": {"a": 1}}
+    assert refused == {"id": 42, "ok": False, "error": "unknown command 'nope'"}
+    assert bad["id"] == 43 and bad["ok"] is False
 
 
 def test_missing_args_means_empty(sock_dir: Path) -> None:
+    [answer] = serve(sock_dir / "r1.sock", lambda p: raw_exchange(p, b'{"id": 1, "cmd": "echo"}\n'))
+    assert answer == {"id": 1, "ok": True, "result": {}}
+
+
+def test_a_request_without_id_is_served_with_a_null_id(sock_dir: Path) -> None:
+    """Hand-typed probes (and the sandbox test's raw socket) need not invent ids."""
     [answer] = serve(sock_dir / "r1.sock", lambda p: raw_exchange(p, b'{"cmd": "echo"}\n'))
-    assert answer == {"ok": True, "result": {}}
+    assert answer == {"id": None, "ok": True, "result": {}}
 
 
 def test_concurrent_clients(sock_dir: Path) -> None:
@@ -207,13 +229,19 @@ def test_client_without_server_raises_control_error(sock_dir: Path) -> None:
         ControlClient(sock_dir / "nobody.sock", timeout=1).call("echo")
 
 
-def test_client_bad_answer_raises_control_error(sock_dir: Path) -> None:
+@pytest.mark.parametrize("lie", [
+    b"<html>not json</html>\n",
+    b'{"ok": true, "result": 1}\n',             # no id
+    b'{"id": 999999, "ok": true, "result": 1}\n',  # someone else's answer
+    b'{"id": 1',                                 # cut short
+])
+def test_client_bad_answer_raises_control_error(sock_dir: Path, lie: bytes) -> None:
     path = sock_dir / "liar.sock"
 
     async def main() -> None:
         async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.readline()
-            writer.write(b"<html>not json</html>\n")
+            writer.write(lie)
             await writer.drain()
             writer.close()
 
@@ -230,17 +258,31 @@ def test_client_bad_answer_raises_control_error(sock_dir: Path) -> None:
     asyncio.run(main())
 
 
-def test_overlong_line_is_refused_and_server_keeps_serving(sock_dir: Path, monkeypatch) -> None:
-    import agent.core.control
-
-    monkeypatch.setattr(agent.core.control, "MAX_LINE", 1024)
-
+def test_overlong_line_is_refused_and_server_keeps_serving(sock_dir: Path) -> None:
     def body(path: Path):
-        big = json.dumps({"cmd": "echo", "args": {"pad": "x" * 4096}}).encode() + b"\n"
-        [answer] = raw_exchange(path, big)
-        return answer, ControlClient(path).call("echo", small=1)
+        big = json.dumps({"id": 1, "cmd": "echo", "args": {"pad": "x" * 4096}}).encode() + b"\n"
+        small = json.dumps({"id": 2, "cmd": "echo", "args": {"same": "connection"}}).encode() + b"\n"
+        answers = raw_exchange(path, big + small, 2)
+        return answers, ControlClient(path).call("echo", small=1)
 
-    answer, after = serve(sock_dir / "r1.sock", body)
+    [answer, same], after = serve(sock_dir / "r1.sock", body, request_limit=1024)
     assert answer["ok"] is False and "too long" in answer["error"]
+    assert same == {"id": 2, "ok": True, "result": {"same": "connection"}}  # skipped to its end
     assert after == {"small": 1}
-    assert [c for c, _ in calls] == ["echo"]
+    assert [c for c, _ in calls] == ["echo", "echo"]
+
+
+def test_the_control_request_limit_is_one_mib() -> None:
+    from agent.core import rpc
+
+    assert rpc.CONTROL_REQUEST_LIMIT == 1 << 20
+
+
+def test_client_timeout_is_a_control_error(sock_dir: Path) -> None:
+    def body(path: Path):
+        with pytest.raises(ControlError, match="no answer to wait"):
+            ControlClient(path, timeout=0.3).call("wait")
+        ControlClient(path).call("release")
+        return ControlClient(path).call("echo", n=3)
+
+    assert serve(sock_dir / "r1.sock", body) == {"n": 3}
