@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.hosting import cgroups
 from agent.hosting.cgroups import (
     CgroupError,
     CgroupManager,
@@ -32,6 +31,7 @@ from agent.hosting.cgroups import (
     parse_proc_cgroup,
     remove_tree,
 )
+from agent.hosting.cgroups import kernel as cgroupfs  # what the fake kernel replaces
 
 MiB = 1 << 20
 
@@ -172,10 +172,10 @@ class FakeKernel:
 
 
 def _install(monkeypatch: pytest.MonkeyPatch, kernel: FakeKernel) -> FakeKernel:
-    monkeypatch.setattr(cgroups, "_mkdir", kernel.mkdir)
-    monkeypatch.setattr(cgroups, "_rmdir", kernel.rmdir)
-    monkeypatch.setattr(cgroups, "_write", kernel.write)
-    monkeypatch.setattr(cgroups, "_kill", kernel.kill)
+    monkeypatch.setattr(cgroupfs, "_mkdir", kernel.mkdir)
+    monkeypatch.setattr(cgroupfs, "_rmdir", kernel.rmdir)
+    monkeypatch.setattr(cgroupfs, "_write", kernel.write)
+    monkeypatch.setattr(cgroupfs, "_kill", kernel.kill)
     return kernel
 
 
