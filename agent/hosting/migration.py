@@ -19,23 +19,27 @@ The target undoes whatever it started.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from packets import ControlMessage, ControlType, MalformedMessage
-from packets.codes import CONTROL_PORT
-from packets.control import HEADER, frame_length
+from packets import ControlMessage, ControlType
 
-from agent.core.errors import AgentError
+from agent.core.errors import AgentError, ControlError
+from agent.core.peer import PeerError, RouterKeyAuth, peer_call
+from agent.core.role import InBand, Role
+from agent.core.wait import WaitTimeout, async_wait_until
+from agent.hosting.objects import HostedObject, HostingRole
+from agent.hosting.runtime import ObjectProcessError
+from agent.vm.role import VmRole
 
 log = logging.getLogger(__name__)
 
-PEER_TIMEOUT = 15.0
 REGISTER_TIMEOUT = 10.0
 MODES = ("make-before-break", "break-before-make")
+#: In-band messages failure injection can refuse (what a move does when the target breaks).
+FAULT_POINTS = ("migrate_start", "state_transfer")
 
 
 class MigrationFailed(AgentError):
@@ -65,77 +69,231 @@ class MigrationReport:
         return dict(self.__dict__, steps=[list(s) for s in self.steps])
 
 
-async def read_message(reader: asyncio.StreamReader) -> ControlMessage:
-    head = await reader.readexactly(HEADER.size)
-    rest = await reader.readexactly(frame_length(head) - HEADER.size)
-    return ControlMessage.decode(head + rest)
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
-async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
-                    timeout: float = PEER_TIMEOUT, txid: int = 0,
-                    key: bytes | None = None) -> dict[str, Any]:
-    """One request/answer with another router's agent over TCP 4340; with ``key`` (the
-    run's router key) the body carries an HMAC authenticator (agent.core.msgauth)."""
-    if key is not None:
-        from agent.core.msgauth import sign_hmac
+class _Move:
+    """What a migration needs to know about the object it moves, taken before it stops."""
 
-        body = sign_hmac(ctype, txid, body, key)
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, CONTROL_PORT), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise MigrationFailed(f"target {address} unreachable: {exc!r}") from None
-    try:
-        writer.write(ControlMessage(ctype, txid, body).encode())
-        await writer.drain()
-        answer = await asyncio.wait_for(read_message(reader), timeout)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, MalformedMessage) as exc:
-        raise MigrationFailed(f"no valid answer from {address}: {exc!r}") from None
-    finally:
-        writer.close()
-    if not answer.body.get("ok"):
-        raise MigrationFailed(f"{address} refused: {answer.body.get('error', '?')}")
-    return answer.body
+    def __init__(self, hosted: HostedObject, config: dict[str, Any]) -> None:
+        assert hosted.process is not None
+        self.hosted = hosted
+        self.config = config
+        self.spec = hosted.process.spec
+        self.resources = hosted.resources
+        self.vm = hosted.vm
 
 
-Handler = Callable[[ControlMessage], Awaitable[dict[str, Any]]]
+class MigrationRole(Role):
+    """Both ends of a move: the source drives it (``migrate``), the target obeys MIGRATE and
+    STATE_TRANSFER, each authenticated with the run's router key."""
 
+    name = "migration"
 
-class PeerServer:
-    """TCP 4340: in-band control messages from other routers (one message per connection
-    at a time; answers carry the request's type and transaction id)."""
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        self.router_key = bytes.fromhex(self.config.router_key) if self.config.router_key else None
+        self.auth = RouterKeyAuth(self.router_key)
+        #: Failure injection for experiments and tests: point -> how many times to refuse.
+        self.faults: dict[str, int] = {}
 
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.server: asyncio.AbstractServer | None = None
-        self.malformed = 0
+    @property
+    def hosting(self) -> HostingRole:
+        return self.agent.require(HostingRole)
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "0.0.0.0", CONTROL_PORT, reuse_address=True)
+    @property
+    def vm(self) -> Any:
+        role = self.agent.role(VmRole)
+        return role.manager if role is not None else None
 
-    async def stop(self) -> None:
-        if self.server:
-            self.server.close()
-            await self.server.wait_closed()
+    def in_band(self) -> dict[ControlType, InBand]:
+        return {ControlType.MIGRATE: InBand(self.on_migrate, self.auth),
+                ControlType.STATE_TRANSFER: InBand(self.on_state_transfer, self.auth)}
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _call(self, target: str, ctype: ControlType, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            while True:
-                try:
-                    msg = await asyncio.wait_for(read_message(reader), PEER_TIMEOUT * 4)
-                except asyncio.IncompleteReadError:
-                    return
-                except (MalformedMessage, asyncio.TimeoutError) as exc:
-                    self.malformed += 1
-                    log.info("bad in-band control message: %s", exc)
-                    return
-                try:
-                    body = await self.handler(msg)
-                except Exception as exc:  # noqa: BLE001 - answer with the reason
-                    log.info("in-band %s refused: %s", msg.type.name, exc)
-                    body = {"ok": False, "error": str(exc)}
-                writer.write(ControlMessage(msg.type, msg.txid, body).encode())
-                await writer.drain()
-        except (ConnectionError, OSError):
-            return
-        finally:
-            writer.close()
+            return await peer_call(target, ctype, body, key=self.router_key)
+        except PeerError as exc:
+            raise MigrationFailed(str(exc)) from None
+
+    def _injected(self, point: str) -> None:
+        if self.faults.get(point, 0) > 0:
+            self.faults[point] -= 1
+            raise ControlError(f"injected fault: {point} refused")
+
+    # --- target side ---------------------------------------------------------------------
+
+    async def on_migrate(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        action = body.get("action")
+        self._injected(f"migrate_{action}")
+        if action == "start":
+            name = body["config"]["name"]
+            await self._start_arriving(body)
+            try:
+                status = await self._wait_registered(name)
+            except MigrationFailed:
+                await self._drop(name)
+                raise
+            rtts = [a["rtt"] for a in status["attempts"] if a["rtt"] is not None]
+            return {"ok": True, "registration": status["registration"], "at_home": status["at_home"],
+                    "registration_rtt": rtts[-1] if rtts else None}
+        if action == "cancel":
+            if body["name"] in self.hosting.objects:
+                await self._drop(body["name"])
+            return {"ok": True}
+        raise ControlError(f"unexpected MIGRATE action {action!r}")
+
+    async def on_state_transfer(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        self._injected("state_transfer")
+        result = await self.hosting.cmd_object_restore(body["name"], body["state"], serve=True)
+        return {"ok": True, "replayed": result.get("replayed", 0)}
+
+    async def _wait_registered(self, name: str, timeout: float = REGISTER_TIMEOUT) -> dict:
+        """Until the object's client holds an accepted registration (or is home)."""
+        client = self.hosting.client(name)
+
+        def registered() -> dict | None:
+            status = client.status()
+            return status if status["registration"] is not None or status["at_home"] else None
+
+        try:
+            return await async_wait_until(registered, timeout, interval=0.01,
+                                          what=f"{name} registered")
+        except WaitTimeout:
+            last = client.history[-1].as_dict() if client.history else {}
+            raise MigrationFailed(f"{name} did not register from {self.config.name} within "
+                                  f"{timeout:.0f}s (last attempt: {last})") from None
+
+    async def _start_arriving(self, body: dict[str, Any]) -> None:
+        """Start a migrating object here: in a VM of its service when it came from one (this
+        router fetches and verifies the code itself, Fig. 5), else placed directly."""
+        warm, state = bool(body.get("warm", False)), body.get("state")
+        vm_body = body.get("vm")
+        if vm_body:
+            if self.vm is None:
+                raise ControlError(f"{self.config.name} runs no virtual machines")
+            (obj,) = vm_body["objects"]
+            await self.vm.provision(vm_body, warm=warm, states={obj: state})
+        else:
+            await self.hosting.cmd_object_start(body["config"], spec=body["spec"], warm=warm,
+                                                state=state, resources=body.get("resources"))
+
+    async def _drop(self, name: str) -> None:
+        """Undo an arrival: stop the object, deregister, and remove the VM made for it."""
+        hosted = self.hosting.objects.get(name)
+        if hosted is not None and hosted.vm is not None and self.vm is not None:
+            await self.vm.remove(hosted.vm[0])
+        if name in self.hosting.objects:
+            await self.hosting.cmd_object_stop(name, deregister=True)
+
+    # --- source side ---------------------------------------------------------------------
+
+    async def cmd_migrate(self, name: str, target: str, mode: str = "make-before-break",
+                          target_name: str = "") -> dict:
+        """Move object ``name`` (running here) to the router at address ``target``."""
+        if mode not in MODES:
+            raise ControlError(f"mode must be one of {MODES}")
+        hosted = self.hosting.hosted(name)
+        if hosted.process is None or hosted.client is None:
+            raise ControlError(f"object {name!r} does not run and register here")
+        report = MigrationReport(name, mode, self.config.name, target_name or target)
+        move = _Move(hosted, hosted.client.config.to_json())
+        try:
+            if mode == "make-before-break":
+                await self._migrate_mbb(move, target, report)
+            else:
+                await self._migrate_bbm(move, target, report)
+            report.ok = True
+        except (MigrationFailed, ObjectProcessError, ControlError) as exc:
+            report.error = str(exc)
+            report.step(f"failed: {exc}; the object keeps serving on {self.config.name}")
+            return report.as_dict()
+        if move.vm is not None and self.vm is not None:
+            await self.vm.detach(*move.vm)
+        return report.as_dict()
+
+    def cmd_inject_fault(self, point: str, count: int = 1) -> dict:
+        """Refuse the next ``count`` in-band ``migrate_start`` or ``state_transfer`` messages
+        (failure injection: what a migration does when the target breaks half-way)."""
+        if point not in FAULT_POINTS:
+            raise ControlError(f"fault point must be one of {FAULT_POINTS}")
+        self.faults[point] = int(count)
+        return dict(self.faults)
+
+    def _start_body(self, move: _Move, warm: bool, state: Any = None) -> dict[str, Any]:
+        config = dict(move.config, simultaneous=warm)
+        body: dict[str, Any] = {"action": "start", "spec": move.spec, "warm": warm, "config": config,
+                                "resources": move.resources}
+        if state is not None:
+            body["state"] = state
+        if move.vm is not None:
+            body["vm"] = self.vm.migration_body(*move.vm, config)
+        return body
+
+    async def _restart(self, move: _Move, state: Any) -> None:
+        """The move failed after the object stopped here: start it again from ``state``,
+        the way it ran (in its VM, or placed directly), and register it again."""
+        if move.vm is not None and self.vm is not None:
+            await self.vm.restart_object(*move.vm, state)
+        else:
+            await self.hosting.cmd_object_start(move.config, spec=move.spec, state=state,
+                                                resources=move.resources)
+
+    async def _migrate_mbb(self, move: _Move, target: str, report: MigrationReport) -> None:
+        """Make the new place reachable first, then hand the state over at one instant.
+
+        The target's warm instance is registered (with ``S``: the HOA bicasts) before the
+        source stops, so every request from then on reaches the target, which queues it. The
+        source's final checkpoint therefore covers exactly what the target must not replay,
+        whichever way a request travelled (through the tunnel, or straight to a source that is
+        its client's own gateway).
+        """
+        hosted = move.hosted
+        assert hosted.process is not None and hosted.client is not None
+        report.step("start warm instance at target, register with S")
+        answer = await self._call(target, ControlType.MIGRATE, self._start_body(move, warm=True))
+        report.target_registration = answer.get("registration")
+        report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
+        report.step("target registered (its instance queues requests)")
+        mine = hosted.client.current
+        theirs = (answer.get("registration") or {}).get("care_of_address")
+        if mine is not None and mine.care_of_address != theirs:
+            await hosted.client.deregister()  # lifetime 0 for this care-of address only
+            report.step("source binding deregistered")
+        stopped = await self.hosting.cmd_object_stop(hosted.name, deregister=False)
+        state = stopped["state"]
+        report.step("source stopped with its final checkpoint")
+        try:
+            if state is None:
+                raise MigrationFailed("the source gave no checkpoint")
+            await self._call(target, ControlType.STATE_TRANSFER, {"name": hosted.name, "state": state})
+            report.step("target restored, replayed its queue and serves")
+        except MigrationFailed:
+            await self._cancel(target, hosted.name)
+            if state is not None:
+                report.step("transfer failed: restart at source from the checkpoint")
+                await self._restart(move, state)
+            raise
+
+    async def _migrate_bbm(self, move: _Move, target: str, report: MigrationReport) -> None:
+        report.step("stop source, keep checkpoint")
+        stopped = await self.hosting.cmd_object_stop(move.hosted.name, deregister=False)
+        state = stopped["state"]
+        if state is None:
+            raise MigrationFailed("the source gave no checkpoint")
+        try:
+            answer = await self._call(target, ControlType.MIGRATE, self._start_body(move, False, state))
+        except MigrationFailed:
+            report.step("target failed: restart at source from the checkpoint")
+            await self._restart(move, state)
+            raise
+        report.target_registration = answer.get("registration")
+        report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
+        report.step("target serving and registered")
+
+    async def _cancel(self, target: str, name: str) -> None:
+        try:
+            await self._call(target, ControlType.MIGRATE, {"action": "cancel", "name": name})
+        except MigrationFailed as exc:
+            log.warning("could not cancel %s at %s: %s", name, target, exc)

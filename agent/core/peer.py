@@ -1,0 +1,137 @@
+"""The in-band peer transport: MOAT control messages between routers and sites on TCP 4340.
+
+Routers move objects (MIGRATE, STATE_TRANSFER) and the remote site configures VMs
+(PROVISION) over the emulated network, in MOAT's control framing, so captures show the whole
+exchange. This module is only the transport: one request and one answer per exchange, the
+answer carrying the request's type and transaction id. What a message means belongs to the
+role that serves it (:class:`agent.core.role.InBand`); failures of the exchange itself are
+:class:`PeerError`, which each role turns into its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+from packets import ControlMessage, ControlType, MalformedMessage
+from packets.codes import CONTROL_PORT
+from packets.control import HEADER, frame_length
+
+from agent.core.errors import AgentError, ControlError
+from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
+
+log = logging.getLogger(__name__)
+
+PEER_TIMEOUT = 15.0
+
+
+class PeerError(AgentError):
+    """An exchange with a peer that did not give an accepted answer (unreachable, no valid
+    answer, or refused with ``ok: false``)."""
+
+
+class PeerRefused(PeerError):
+    """The peer answered ``ok: false``; :attr:`reason` is its error text."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"{address} refused: {reason}")
+
+
+async def read_message(reader: asyncio.StreamReader) -> ControlMessage:
+    """One framed control message (header first: it gives the length)."""
+    head = await reader.readexactly(HEADER.size)
+    rest = await reader.readexactly(frame_length(head) - HEADER.size)
+    return ControlMessage.decode(head + rest)
+
+
+async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
+                    timeout: float = PEER_TIMEOUT, txid: int = 0,
+                    key: bytes | None = None) -> dict[str, Any]:
+    """One request/answer with the agent at ``address``; with ``key`` (the run's router key)
+    the body carries an HMAC authenticator (:mod:`agent.core.msgauth`). Returns the answer's
+    body when it says ``ok``; raises :class:`PeerError` otherwise."""
+    if key is not None:
+        body = sign_hmac(ctype, txid, body, key)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, CONTROL_PORT), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise PeerError(f"target {address} unreachable: {exc!r}") from None
+    try:
+        writer.write(ControlMessage(ctype, txid, body).encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(read_message(reader), timeout)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, MalformedMessage) as exc:
+        raise PeerError(f"no valid answer from {address}: {exc!r}") from None
+    finally:
+        writer.close()
+    if answer.body.get("ok") is not True:
+        raise PeerRefused(address, str(answer.body.get("error", "?")))
+    return answer.body
+
+
+class RouterKeyAuth:
+    """Authenticates messages one router sends another: HMAC under the run's router key, with
+    a replay cache. Without a key (a hand-made configuration) nothing is checked."""
+
+    def __init__(self, key: bytes | None, cache: ReplayCache | None = None) -> None:
+        self.key = key
+        self.cache = cache if cache is not None else ReplayCache()
+
+    def __call__(self, msg: ControlMessage) -> dict[str, Any]:
+        if self.key:
+            try:
+                verify_hmac(msg.type, msg.txid, msg.body, self.key, self.cache)
+            except MessageAuthError as exc:
+                log.warning("in-band %s refused: %s", msg.type.name, exc)
+                raise ControlError(f"{msg.type.name} refused: {exc}") from None
+        return strip(msg.body)
+
+
+Handler = Callable[[ControlMessage], Awaitable[dict[str, Any]]]
+
+
+class PeerServer:
+    """TCP 4340: in-band control messages from other routers and sites (one message per
+    connection at a time; answers carry the request's type and transaction id). A handler
+    that raises is answered ``{"ok": false, "error": ...}``; a malformed frame closes the
+    connection and is counted."""
+
+    def __init__(self, handler: Handler, port: int = CONTROL_PORT) -> None:
+        self.handler = handler
+        self.port = port
+        self.server: asyncio.AbstractServer | None = None
+        self.malformed = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "0.0.0.0", self.port, reuse_address=True)
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(read_message(reader), PEER_TIMEOUT * 4)
+                except asyncio.IncompleteReadError:
+                    return
+                except (MalformedMessage, asyncio.TimeoutError) as exc:
+                    self.malformed += 1
+                    log.info("bad in-band control message: %s", exc)
+                    return
+                try:
+                    body = await self.handler(msg)
+                except Exception as exc:  # noqa: BLE001 - answer with the reason
+                    log.info("in-band %s refused: %s", msg.type.name, exc)
+                    body = {"ok": False, "error": str(exc)}
+                writer.write(ControlMessage(msg.type, msg.txid, body).encode())
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()

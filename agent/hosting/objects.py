@@ -1,0 +1,242 @@
+"""The hosting role: the objects this router runs, each with its code and/or its registration.
+
+A hosted object is a sandboxed process (:class:`agent.hosting.runtime.ObjectProcess`) serving
+on the object's home address, added to this router's loopback, plus the object's Mobile IP
+registration client (:class:`agent.mobility.client.RegistrationClient`). Objects placed by an
+experiment (``object_start``) and the mobile objects of a provisioned VM both live here; the
+VM role and the migration role call :meth:`HostingRole.host_object` and
+:meth:`HostingRole.cmd_object_stop` rather than keeping tables of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packets import AgentAdvertisement
+from packets.codes import SERVICE_PORT
+
+from agent.core import netlink
+from agent.core.config import ObjectConfig
+from agent.core.errors import AgentError, ControlError
+from agent.core.role import Role
+from agent.hosting.cgroups import CgroupManager, Limits
+from agent.hosting.runtime import ObjectProcess, ObjectProcessError
+from agent.mobility.client import RegistrationClient
+from agent.mobility.discovery_role import DiscoveryRole
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostedObject:
+    """An object this router hosts: its registration client and/or its running process."""
+
+    name: str
+    home_address: str
+    client: RegistrationClient | None = None
+    process: ObjectProcess | None = None
+    #: (VM, manifest object) when a provisioned VM runs the object's code; None when it
+    #: was placed directly (an experiment's ``object_start``).
+    vm: tuple[str, str] | None = None
+    #: The sandbox resources of a directly placed object (they travel when it migrates).
+    resources: dict[str, Any] | None = None
+
+    def status(self) -> dict:
+        status = self.client.status() if self.client else {
+            "name": self.name, "home_address": self.home_address, "at_home": None,
+            "registration": None, "agents": [], "attempts": [], "bad_replies": 0}
+        status["pid"] = self.process.pid if self.process else None
+        status["vm"] = list(self.vm) if self.vm else None
+        status["usage"] = self.process.usage() if self.process else None
+        return status
+
+
+class HostingRole(Role):
+    """Runs objects under controlled exec and registers them with their home agent."""
+
+    name = "hosting"
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        self.objects: dict[str, HostedObject] = {}
+        #: One cgroup manager for every object this router runs (VM or placed directly).
+        self.cgroups = CgroupManager(self.config.run_id, owner=self.config.name)
+        self.discovery: DiscoveryRole | None = None
+
+    async def start(self) -> None:
+        self.discovery = self.agent.role(DiscoveryRole)
+        if self.discovery is not None:
+            self.discovery.listeners.append(self.on_advertisement)
+
+    async def stop(self) -> None:
+        for name in list(self.objects):
+            try:
+                await self.cmd_object_stop(name, deregister=False)
+            except Exception:  # noqa: BLE001 - stop the others all the same
+                log.exception("stopping object %s failed", name)
+
+    def on_advertisement(self, adv: AgentAdvertisement, source: str, ifindex: int) -> None:
+        for hosted in list(self.objects.values()):
+            if hosted.client is not None:
+                hosted.client.on_advertisement(adv, source, ifindex)
+
+    def status(self) -> dict[str, Any]:
+        return {"objects": sorted(self.objects)}
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def hosted(self, name: str) -> HostedObject:
+        hosted = self.objects.get(name)
+        if hosted is None:
+            raise ControlError(f"no object {name!r} here")
+        return hosted
+
+    def process(self, name: str) -> ObjectProcess:
+        process = self.hosted(name).process
+        if process is None:
+            raise ControlError(f"object {name!r} has no running code here")
+        return process
+
+    def client(self, name: str) -> RegistrationClient:
+        client = self.hosted(name).client
+        if client is None:
+            raise ControlError(f"object {name!r} does not register from here")
+        return client
+
+    def hosted_process(self, name: str) -> ObjectProcess | None:
+        hosted = self.objects.get(name)
+        return hosted.process if hosted is not None else None
+
+    def replace_process(self, name: str, process: ObjectProcess) -> None:
+        """A VM upgraded the object's code: the new process serves, registration unchanged."""
+        self.hosted(name).process = process
+
+    # --- starting and stopping -----------------------------------------------------------
+
+    async def cmd_object_start(self, config: dict, spec: str | None = None, warm: bool = False,
+                               state: Any = None, register: bool = True,
+                               resources: dict[str, Any] | None = None) -> dict:
+        """Host an object: run its code (``spec``, module:Class) on its home address under
+        controlled exec (``resources``: cpu, memory_mb, pids; the agent's defaults when
+        absent) and/or its registration client. ``warm``: queue requests until
+        ``object_restore``; ``state``: continue from that checkpoint."""
+        obj = ObjectConfig.from_json(config)
+        process = None
+        res: dict[str, Any] = {}
+        if spec is not None:
+            res = {**self.config.object_resources, **(resources or {})}
+            try:
+                limits = Limits(cpu_quota=float(res["cpu"]), memory_bytes=int(res["memory_mb"]) << 20,
+                                pids_max=int(res["pids"]))
+            except (KeyError, TypeError, ValueError, AgentError) as exc:
+                raise ControlError(f"bad resources {res}: {exc}") from None
+            process = ObjectProcess(obj.name, spec, obj.home_address, SERVICE_PORT, self.config.name,
+                                    objects_dir=Path(self.config.run_dir) / "objects",
+                                    cgroups=self.cgroups, limits=limits,
+                                    label=f"{self.config.name}-{obj.name}")
+        status = await self.host_object(obj, process, warm=warm, state=state, register=register)
+        if spec is not None:
+            self.objects[obj.name].resources = res
+        return status
+
+    async def host_object(self, obj: ObjectConfig, process: ObjectProcess | None, *, warm: bool = False,
+                          state: Any = None, register: bool = True,
+                          vm: tuple[str, str] | None = None) -> dict:
+        """Start ``process`` (if any) and then serve its home address here and run its
+        registration client. Used for placed objects and by the VM for its mobile objects."""
+        if obj.name in self.objects:
+            raise ControlError(f"object {obj.name} already runs here")
+        hosted = HostedObject(obj.name, obj.home_address, vm=vm)
+        self.objects[obj.name] = hosted
+        try:
+            if process is not None:
+                hosted.process = process
+                # Warm until the address is there: a reply (to a request handed over in a
+                # checkpoint, say) cannot leave from an address this router does not have.
+                await process.start(warm=True, state=state)
+                # Only now: an address without a bound socket answers port-unreachable, and
+                # this router may be on the path of the object's clients (net 14's border).
+                await self._home_address(obj.home_address, add=True)
+                if not warm:
+                    await process.call("serve")
+            if register:
+                hosted.client = self._make_client(obj)
+                await hosted.client.start()
+        except Exception:
+            await self.cmd_object_stop(obj.name, deregister=False)
+            raise
+        return hosted.status()
+
+    def _make_client(self, obj: ObjectConfig) -> RegistrationClient:
+        discovery = self.discovery
+        if discovery is None:
+            raise ControlError("objects cannot register on a router without discovery")
+        return RegistrationClient(obj, discovery.solicit, self.config.advertise_interval,
+                                  announce=discovery.announce_home)
+
+    async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
+        """Stop hosting an object; returns its status and its final state (if it ran here)."""
+        hosted = self.objects.pop(name, None)
+        if hosted is None:
+            raise ControlError(f"no object {name!r} here")
+        if hosted.client is not None:
+            await hosted.client.stop(deregister=deregister)
+        state = None
+        if hosted.process is not None:
+            # Hold first: from now on the object queues what it receives (the queue goes into
+            # its checkpoint) instead of answering from an address about to disappear, which
+            # the kernel would refuse: a request counted, its reply lost. Then the address:
+            # packets still arriving are routed on to the object's new place instead of
+            # hitting a closing socket (port unreachable).
+            if hosted.process.running:
+                try:
+                    await hosted.process.call("hold")
+                except ObjectProcessError as exc:
+                    log.warning("%s", exc)
+            await self._home_address(hosted.home_address, add=False)
+            state = await hosted.process.stop()
+        return dict(hosted.status(), state=state)
+
+    async def _home_address(self, address: str, add: bool) -> None:
+        """The object's home address on this router's loopback, so the kernel delivers it."""
+        try:
+            if add:
+                await netlink.address_add(address, 32, "lo")
+            else:
+                await netlink.address_del(address, 32, "lo")
+        except AgentError as exc:
+            raise ControlError(f"home address {address} on lo: {exc}") from None
+
+    # --- control commands ----------------------------------------------------------------
+
+    def cmd_objects(self) -> list[dict]:
+        return [h.status() for h in self.objects.values()]
+
+    async def cmd_object_state(self, name: str) -> Any:
+        """The object's checkpoint (object state + per-client request memory)."""
+        return await self.process(name).call("get_state")
+
+    async def cmd_object_restore(self, name: str, state: Any, serve: bool = True) -> Any:
+        return await self.process(name).call("set_state", state=state, serve=serve)
+
+    async def cmd_object_stats(self, name: str) -> Any:
+        return await self.process(name).call("stats")
+
+    async def cmd_client_stop(self, name: str, deregister: bool = False) -> dict:
+        """Stop only the object's registration client (its code keeps running): without
+        renewals its binding runs out, as when an object loses touch with its agents."""
+        hosted = self.hosted(name)
+        client = self.client(name)
+        await client.stop(deregister=deregister)
+        status = hosted.status()
+        hosted.client = None
+        return status
+
+    async def cmd_register(self, name: str, lifetime: int | None = None) -> dict:
+        return (await self.client(name).register(lifetime)).as_dict()
+
+    async def cmd_deregister(self, name: str) -> dict:
+        return (await self.client(name).deregister()).as_dict()

@@ -1,0 +1,244 @@
+"""The object agent role: home object agent (HOA) and/or foreign object agent (FOA).
+
+It owns UDP 434, proxy ARP on the home link and the GRE tunnel, and feeds registration
+messages to the pure role logic in :mod:`agent.mobility.home` and :mod:`agent.mobility.foreign`
+(Fig. 11 of the patent; RFC 5944 §3). One role holds both because one socket serves both and
+a request is the FOA's or the HOA's by its fields: from an object (Mobile-Foreign
+authenticator) for one of our care-of addresses → relay as FOA; for one of our home-agent
+addresses → decide as HOA. Every handler catches and logs its own failures: a malformed
+packet or a bug in one message must never stop the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from packets import (
+    AdvFlags,
+    MalformedMessage,
+    RegistrationReply,
+    RegistrationRequest,
+    decode_registration,
+)
+from packets.auth import find_auth
+from packets.codes import MIP_PORT, ExtType
+
+from agent.core.role import Role
+from agent.mobility.arp import ProxyArp
+from agent.mobility.dataplane import DataPlane
+from agent.mobility.discovery_role import DiscoveryRole
+from agent.mobility.foreign import ForeignAgent
+from agent.mobility.home import HomeAgent
+
+log = logging.getLogger(__name__)
+
+#: A relayed request whose reply has not come within this many seconds is forgotten.
+PENDING_TIMEOUT = 5.0
+
+
+class _MipProtocol(asyncio.DatagramProtocol):
+    def __init__(self, role: "ObjectAgentRole") -> None:
+        self.role = role
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            self.role.on_registration(data, addr)
+        except Exception:  # noqa: BLE001 - one bad message must not stop the agent
+            log.exception("registration handler failed on a message from %s", addr[0])
+
+    def error_received(self, exc: Exception) -> None:
+        log.info("UDP 434 error: %s", exc)
+
+
+class ObjectAgentRole(Role):
+    """Registration on UDP 434, mobility bindings and visitor lists, and their data plane."""
+
+    name = "object-agent"
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        cfg = self.config
+        self.home: HomeAgent | None = None
+        self.foreign: ForeignAgent | None = None
+        self.proxy_arp: ProxyArp | None = None
+        self.home_interface: str | None = None
+        if "home" in cfg.roles and cfg.home is not None:
+            self.home_interface = cfg.home.home_interface or cfg.interfaces[0].name
+            address = next(i.address for i in cfg.interfaces if i.name == self.home_interface)
+            self.home = HomeAgent(cfg.home, address)
+        if "foreign" in cfg.roles and cfg.foreign is not None:
+            self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses)
+        self.dataplane: DataPlane | None = None
+        self._mip: asyncio.DatagramTransport | None = None
+        self._malformed = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def is_agent(self) -> bool:
+        return self.home is not None or self.foreign is not None
+
+    async def start(self) -> None:
+        discovery = self.agent.role(DiscoveryRole)
+        if discovery is not None:
+            discovery.offer = self.offer
+        if not self.is_agent:
+            return
+        loop = self.agent.loop
+        if self.home is not None:
+            self.proxy_arp = ProxyArp(loop, self.home_interface)
+        from agent.mobility.tunnel import make_tunnel
+
+        local = self.home.address if self.home is not None else self.config.interfaces[0].address
+        tunnel = make_tunnel(self.config.tunnel_backend, loop=loop, local=local)
+        tunnel.start()
+        log.info("GRE tunnel backend: %s", tunnel.backend)
+        self.dataplane = DataPlane(tunnel, self.config.addresses)
+        self._mip, _ = await loop.create_datagram_endpoint(
+            lambda: _MipProtocol(self), local_addr=("0.0.0.0", MIP_PORT), reuse_port=False)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._mip is not None:
+            self._mip.close()
+        if self.proxy_arp is not None:
+            self.proxy_arp.close()
+        if self.dataplane is not None:
+            await self.dataplane.close()
+
+    def offer(self, ifname: str) -> tuple[AdvFlags, list[int], list[str]] | None:
+        """What this router advertises on ``ifname`` (for :class:`DiscoveryRole`)."""
+        on_home_link = self.home is not None and ifname == self.home_interface
+        if self.foreign is None and not on_home_link:
+            return None  # a pure HOA advertises on its home link only
+        flags, lifetimes, coas = AdvFlags(0), [], []
+        if on_home_link:
+            flags |= AdvFlags.H
+            lifetimes.append(self.home.config.max_lifetime)  # type: ignore[union-attr]
+        if self.foreign is not None:
+            flags |= AdvFlags.F | AdvFlags.R | AdvFlags.T
+            coas = [next(i.address for i in self.config.interfaces if i.name == ifname)]
+            lifetimes.append(self.foreign.config.max_lifetime)
+        return flags, lifetimes, coas
+
+    @property
+    def malformed(self) -> int:
+        return self._malformed
+
+    # --- registration --------------------------------------------------------------------
+
+    def on_registration(self, data: bytes, addr: tuple) -> None:
+        try:
+            msg = decode_registration(data)
+        except MalformedMessage as exc:
+            self._malformed += 1
+            log.info("malformed registration message from %s:%d: %s", addr[0], addr[1], exc)
+            return
+        if isinstance(msg, RegistrationRequest):
+            self._on_request(msg, addr)
+        else:
+            self._on_reply(msg, addr)
+
+    def _send(self, data: bytes, addr: tuple) -> None:
+        assert self._mip is not None
+        self._mip.sendto(data, addr)
+
+    def _on_request(self, rrq: RegistrationRequest, addr: tuple) -> None:
+        from_object = find_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH) is not None
+        if self.foreign is not None and from_object and rrq.care_of_address in self.config.addresses:
+            relay = self.foreign.handle_request(rrq, addr[0], addr[1])
+            if relay.to_object is not None:
+                log.info("FOA: denied %s from %s: %s", rrq.home_address, addr[0], relay.code.name)
+                self._send(relay.to_object, addr)
+            if relay.to_home_agent is not None:
+                log.info("FOA: relaying registration of %s to HOA %s", rrq.home_address, rrq.home_agent)
+                self._send(relay.to_home_agent, (rrq.home_agent, MIP_PORT))
+            return
+        if self.home is not None and rrq.home_agent in self.config.addresses:
+            decision = self.home.handle(rrq)
+            self._send(decision.reply, addr)
+            log.info("HOA: %s for %s via %s (coa %s, lifetime %d)", decision.code.name,
+                     rrq.home_address, addr[0], rrq.care_of_address, rrq.lifetime)
+            # Tunnel first, then claim the address on the home LAN: traffic the gratuitous
+            # ARP attracts must find the tunnel already there.
+            self.sync_home()
+            update = decision.update
+            if update is not None and self.proxy_arp is not None:
+                if update.first_away:
+                    self.proxy_arp.start(rrq.home_address)
+                if update.now_home:
+                    self.proxy_arp.stop(rrq.home_address)
+            return
+        log.info("request for %s from %s is for no role of this agent; dropped",
+                 rrq.home_address, addr[0])
+
+    def _on_reply(self, rrp: RegistrationReply, addr: tuple) -> None:
+        if self.foreign is None:
+            log.info("reply from %s but this agent is no FOA; dropped", addr[0])
+            return
+        out = self.foreign.handle_reply(rrp)
+        if out is None:
+            log.info("unexpected or unauthenticated reply from %s for %s; dropped", addr[0],
+                     rrp.home_address)
+            return
+        pending, data = out
+        log.info("FOA: reply %s for %s relayed to %s", rrp.code, rrp.home_address, pending.object_address)
+        self._spawn(self._relay_reply(data, (pending.object_address, pending.object_port)))
+
+    async def _relay_reply(self, data: bytes, to: tuple[str, int]) -> None:
+        await self.sync_foreign()  # before the object learns it may use the path
+        self._send(data, to)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.agent.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("object agent task failed", exc_info=task.exception())
+
+    # --- data plane and housekeeping -----------------------------------------------------
+
+    def sync_home(self) -> None:
+        if self.home is not None and self.dataplane is not None:
+            self.dataplane.sync_home(self.home)
+
+    async def sync_foreign(self) -> None:
+        if self.foreign is not None and self.dataplane is not None:
+            await self.dataplane.sync_foreign(self.foreign)
+
+    def housekeeping(self) -> None:
+        if self.home is not None:
+            for b in self.home.bindings.expire():
+                log.info("HOA: binding %s -> %s expired", b.home_address, b.care_of_address)
+            if self.proxy_arp is not None:
+                for address in self.proxy_arp.addresses - self.home.bindings.away():
+                    self.proxy_arp.stop(address)
+            self.sync_home()
+        if self.foreign is not None:
+            for v in self.foreign.visitors.expire():
+                log.info("FOA: visitor %s expired", v.home_address)
+            self.foreign.expire_pending(PENDING_TIMEOUT)
+            self._spawn(self.sync_foreign())
+
+    # --- control commands and status -----------------------------------------------------
+
+    def cmd_bindings(self) -> list[dict]:
+        return self.home.bindings.snapshot() if self.home else []
+
+    def cmd_visitors(self) -> list[dict]:
+        return self.foreign.visitors.snapshot() if self.foreign else []
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "bindings": len(self.home.bindings) if self.home else None,
+            "visitors": len(self.foreign.visitors) if self.foreign else None,
+            "home_stats": {k: v for k, v in self.home.stats.items() if v} if self.home else None,
+            "foreign_stats": self.foreign.stats if self.foreign else None,
+            "proxy_arp": sorted(self.proxy_arp.addresses) if self.proxy_arp else None,
+            "proxy_arp_answered": self.proxy_arp.answered if self.proxy_arp else None,
+        }

@@ -1,0 +1,141 @@
+"""Agent discovery (RFC 5944 §2): advertising this router's agents and hearing others'.
+
+Every router runs this role, agent or not: objects hosted anywhere solicit through it and
+learn their agents from the advertisements it hears. A router whose object agent role
+(:class:`agent.mobility.agent_role.ObjectAgentRole`) is a home or foreign agent advertises
+on its links at the configured interval and answers solicitations at once (§2.4); a pure
+home agent advertises only on its home link.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from packets import AdvFlags, AgentAdvertisement, AgentSolicitation
+
+from agent.core.role import Periodic, Role
+from agent.mobility.arp import announce
+from agent.mobility.discovery import ALL_ROUTERS, ALL_SYSTEMS, DiscoverySocket, Heard
+
+log = logging.getLogger(__name__)
+
+#: Called with (advertisement, source address, interface index) for each one heard.
+AdvertisementListener = Callable[[AgentAdvertisement, str, int], None]
+
+
+def flag_letters(flags: AdvFlags) -> str:
+    """'RFGT' rather than an integer, as the RFC and Wireshark write them."""
+    return "".join(f.name or "" for f in AdvFlags if f in flags)
+
+
+class DiscoveryRole(Role):
+    """ICMP router discovery with the Mobility Agent Advertisement Extension."""
+
+    name = "discovery"
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        self.advertising = {i.name: i.advertise for i in self.config.interfaces}
+        #: Set by the ``advertising`` command: the agent falls silent (it left the link).
+        self.paused = False
+        self.sequence = 0
+        self.heard: dict[str, dict[str, Any]] = {}
+        #: Who wants each advertisement heard (the hosted objects' registration clients).
+        self.listeners: list[AdvertisementListener] = []
+        #: What this router advertises as, per interface (set by the object agent role):
+        #: returns (flags, lifetimes, care-of addresses) or None for "nothing on this link".
+        self.offer: Callable[[str], tuple[AdvFlags, list[int], list[str]] | None] = lambda _: None
+        self.socket: DiscoverySocket | None = None
+
+    async def start(self) -> None:
+        self.socket = DiscoverySocket(self.agent.loop, self.on_discovery)
+        for idx in self.agent.ifindex.values():
+            self.socket.join(ALL_ROUTERS, idx)
+
+    async def stop(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+
+    def periodic(self) -> list[Periodic]:
+        return [Periodic("advertise", lambda: self.config.advertise_interval, self.advertise_all)]
+
+    @property
+    def malformed(self) -> int:
+        return self.socket.malformed if self.socket is not None else 0
+
+    # --- advertising ---------------------------------------------------------------------
+
+    def advertisement_for(self, ifname: str) -> AgentAdvertisement | None:
+        """This router's advertisement on ``ifname``, or None when it offers nothing there."""
+        offer = self.offer(ifname)
+        if offer is None:
+            return None
+        flags, lifetimes, coas = offer
+        iface = next(i for i in self.config.interfaces if i.name == ifname)
+        self.sequence = self.sequence + 1 if self.sequence < 0xFFFF else 256
+        return AgentAdvertisement(
+            self.sequence, min(lifetimes) if lifetimes else 0, AdvFlags.G | flags, coas,
+            [(iface.address, 0)], self.config.advertisement_lifetime,
+            prefix_lengths=[iface.prefix],
+        )
+
+    def advertise(self, ifname: str, dest: str = ALL_SYSTEMS) -> None:
+        if not self.advertising[ifname] or self.paused or self.socket is None:
+            return
+        adv = self.advertisement_for(ifname)
+        if adv is not None:
+            self.socket.send(adv.encode(), dest, self.agent.ifindex[ifname])
+
+    def advertise_all(self) -> None:
+        for ifname in self.agent.ifindex:
+            self.advertise(ifname)
+
+    def on_discovery(self, heard: Heard) -> None:
+        if isinstance(heard.message, AgentSolicitation):
+            ifname = self.agent.iface_by_index.get(heard.ifindex)
+            if ifname is not None:
+                self.advertise(ifname)  # RFC 5944 §2.4: answer at once
+            return
+        adv = heard.message
+        self.heard[heard.source] = {
+            "address": heard.source, "interface": self.agent.iface_by_index.get(heard.ifindex, "?"),
+            "sequence": adv.sequence, "flags": flag_letters(adv.flags),
+            "care_of_addresses": adv.care_of_addresses, "ttl": heard.ttl,
+            "heard_at": time.time(),
+        }
+        for listener in list(self.listeners):
+            listener(adv, heard.source, heard.ifindex)
+
+    def solicit(self) -> None:
+        """Ask every link for its agents (an object that wants to register now)."""
+        if self.socket is None:
+            return
+        payload = AgentSolicitation().encode()
+        for idx in self.agent.ifindex.values():
+            self.socket.send(payload, ALL_ROUTERS, idx)
+
+    def announce_home(self, ifindex: int, address: str) -> None:
+        """Gratuitous ARP for an object back home (RFC 5944 §4.6), from its router."""
+        ifname = self.agent.iface_by_index.get(ifindex)
+        if ifname is not None:
+            try:
+                announce(ifname, address)
+            except OSError as exc:
+                log.warning("gratuitous ARP for %s on %s failed: %s", address, ifname, exc)
+
+    # --- control commands ----------------------------------------------------------------
+
+    def cmd_agents(self) -> list[dict]:
+        now = time.time()
+        return [dict(h, age=round(now - h["heard_at"], 3)) for h in self.heard.values()]
+
+    def cmd_advertising(self, enabled: bool) -> bool:
+        """Switch advertisements and solicitation answers off/on (an agent leaving a link)."""
+        self.paused = not enabled
+        return enabled
+
+    def cmd_announce(self, address: str, interface: str) -> str:
+        announce(interface, address)
+        return "ok"
