@@ -92,7 +92,7 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
     sign it (routers accept only PROVISIONs signed by a provider they authorize)."""
     import asyncio
 
-    from agent.hosting.migration import MigrationFailed, peer_call
+    from agent.core.peer import PeerError, peer_call
     from packets import ControlType
 
     mtype = ControlType[ctype.upper()]
@@ -104,7 +104,7 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
         body = sign_ed25519(mtype, 0, body, private, key_id(private.public_key()))
     try:
         return asyncio.run(peer_call(dst, mtype, body, timeout=timeout))
-    except MigrationFailed as exc:
+    except PeerError as exc:
         return {"ok": False, "error": str(exc)}
 
 
