@@ -49,14 +49,14 @@ async def read_message(reader: asyncio.StreamReader) -> ControlMessage:
 
 async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
                     timeout: float = PEER_TIMEOUT, txid: int = 0,
-                    key: bytes | None = None) -> dict[str, Any]:
+                    key: bytes | None = None, port: int = CONTROL_PORT) -> dict[str, Any]:
     """One request/answer with the agent at ``address``; with ``key`` (the run's router key)
     the body carries an HMAC authenticator (:mod:`agent.core.msgauth`). Returns the answer's
     body when it says ``ok``; raises :class:`PeerError` otherwise."""
     if key is not None:
         body = sign_hmac(ctype, txid, body, key)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, CONTROL_PORT), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         raise PeerError(f"target {address} unreachable: {exc!r}") from None
     try:
@@ -99,14 +99,17 @@ class PeerServer:
     that raises is answered ``{"ok": false, "error": ...}``; a malformed frame closes the
     connection and is counted."""
 
-    def __init__(self, handler: Handler, port: int = CONTROL_PORT) -> None:
+    def __init__(self, handler: Handler, port: int = CONTROL_PORT, host: str = "0.0.0.0") -> None:
         self.handler = handler
         self.port = port
+        self.host = host
         self.server: asyncio.AbstractServer | None = None
         self.malformed = 0
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "0.0.0.0", self.port, reuse_address=True)
+        self.server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
+        if self.port == 0:  # an ephemeral port (tests): learn which
+            self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self.server:

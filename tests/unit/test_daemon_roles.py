@@ -1,0 +1,232 @@
+"""The daemon composes roles: dispatch tables, in-band authentication, the peer transport.
+
+No root and no namespaces: the daemon is built from fake roles (its constructor reads only
+interface indexes, so the tests use ``lo``), and the peer transport runs on loopback on an
+ephemeral port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from agent.core.config import AgentConfig, Interface
+from agent.core.daemon import AgentDaemon
+from agent.core.errors import AgentError, ControlError
+from agent.core.msgauth import ReplayCache, sign_hmac
+from agent.core.peer import PeerError, PeerRefused, PeerServer, RouterKeyAuth, peer_call
+from agent.core.role import InBand, Periodic, Role
+from packets import ControlMessage, ControlType
+
+KEY = bytes(range(32))
+
+
+def config() -> AgentConfig:
+    return AgentConfig(name="r1", run_dir="/nonexistent", roles=[],
+                       interfaces=[Interface(name="lo", address="127.0.0.1", prefix=8)])
+
+
+class Echo(Role):
+    name = "echo"
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        self.served: list[dict] = []
+        self.ticks = 0
+
+    def cmd_echo(self, text: str) -> str:
+        return text
+
+    async def cmd_later(self, text: str) -> str:
+        await asyncio.sleep(0)
+        return text.upper()
+
+    def housekeeping(self) -> None:
+        self.ticks += 1
+
+    def in_band(self) -> dict[ControlType, InBand]:
+        return {ControlType.MIGRATE: InBand(self.on_migrate, RouterKeyAuth(KEY))}
+
+    async def on_migrate(self, msg: ControlMessage, body: dict) -> dict:
+        self.served.append(body)
+        return {"ok": True, "seen": body.get("n")}
+
+    def status(self) -> dict[str, Any]:
+        return {"echoes": len(self.served)}
+
+
+class Clash(Role):
+    name = "clash"
+
+    def cmd_echo(self) -> str:
+        return "mine"
+
+
+class NotHere(Role):
+    name = "not-here"
+
+    @classmethod
+    def wanted(cls, config: AgentConfig) -> bool:
+        return False
+
+    def cmd_ghost(self) -> str:
+        return "boo"
+
+
+def test_commands_come_from_the_roles_cmd_methods() -> None:
+    daemon = AgentDaemon(config(), roles=[Echo, NotHere])
+    assert asyncio.run(daemon.handle_command("echo", {"text": "hi"})) == "hi"
+    assert asyncio.run(daemon.handle_command("later", {"text": "hi"})) == "HI"
+    assert asyncio.run(daemon.handle_command("ping", {})) == "pong"
+    with pytest.raises(ControlError, match="unknown command 'ghost'"):
+        asyncio.run(daemon.handle_command("ghost", {}))  # its role is not wanted here
+    assert daemon.role(NotHere) is None
+    assert isinstance(daemon.require(Echo), Echo)
+    with pytest.raises(ControlError, match="no not-here role"):
+        daemon.require(NotHere)
+
+
+def test_two_roles_serving_one_command_is_refused_at_start() -> None:
+    with pytest.raises(AgentError, match="'echo' of role clash is already served by echo"):
+        AgentDaemon(config(), roles=[Echo, Clash])
+
+
+def test_status_merges_the_roles_parts() -> None:
+    daemon = AgentDaemon(config(), roles=[Echo])
+    status = asyncio.run(daemon.handle_command("status", {}))
+    assert status["name"] == "r1" and status["echoes"] == 0 and status["malformed"] == 0
+
+
+def test_housekeeping_reaches_every_role_even_after_one_fails() -> None:
+    class Broken(Role):
+        name = "broken"
+
+        def housekeeping(self) -> None:
+            raise RuntimeError("bug")
+
+    daemon = AgentDaemon(config(), roles=[Broken, Echo])
+    daemon.housekeeping()
+    assert daemon.require(Echo).ticks == 1
+
+
+def test_in_band_message_is_authenticated_before_its_handler_runs() -> None:
+    daemon = AgentDaemon(config(), roles=[Echo])
+    echo = daemon.require(Echo)
+    signed = sign_hmac(ControlType.MIGRATE, 7, {"n": 1}, KEY)
+    answer = asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 7, signed)))
+    assert answer == {"ok": True, "seen": 1}
+    assert echo.served == [{"n": 1}]  # the authenticator is stripped
+    forged = sign_hmac(ControlType.MIGRATE, 8, {"n": 2}, b"\x00" * 32)
+    with pytest.raises(ControlError, match="MIGRATE refused"):
+        asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 8, forged)))
+    with pytest.raises(ControlError, match="MIGRATE refused"):  # a replay of the first
+        asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 7, signed)))
+    with pytest.raises(ControlError, match="MIGRATE refused"):  # no authenticator at all
+        asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 9, {"n": 3})))
+    assert echo.served == [{"n": 1}]
+
+
+def test_in_band_type_no_role_serves_is_refused() -> None:
+    daemon = AgentDaemon(config(), roles=[Echo])
+    with pytest.raises(ControlError, match="unexpected in-band message PROVISION"):
+        asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.PROVISION, 1, {})))
+
+
+def test_router_key_auth_checks_type_and_txid() -> None:
+    auth = RouterKeyAuth(KEY, ReplayCache())
+    body = sign_hmac(ControlType.MIGRATE, 1, {"a": 1}, KEY)
+    with pytest.raises(ControlError):  # same body, another type
+        auth(ControlMessage(ControlType.STATE_TRANSFER, 1, body))
+    with pytest.raises(ControlError):  # same body, another transaction id
+        auth(ControlMessage(ControlType.MIGRATE, 2, body))
+    assert auth(ControlMessage(ControlType.MIGRATE, 1, body)) == {"a": 1}
+
+
+def test_periodic_job_runs_at_once_and_survives_a_failure() -> None:
+    calls: list[int] = []
+
+    def job() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first run fails")
+
+    async def main() -> None:
+        task = asyncio.create_task(AgentDaemon._every(Periodic("job", 0.001, job)))
+        for _ in range(200):
+            if len(calls) >= 3:
+                break
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(calls) >= 3
+
+
+# --- the peer transport on loopback --------------------------------------------------------
+
+async def _exchange(handler: Any, body: dict, **kw: Any) -> dict:
+    server = PeerServer(handler, port=0, host="127.0.0.1")
+    await server.start()
+    try:
+        return await peer_call("127.0.0.1", ControlType.MIGRATE, body, port=server.port, timeout=5, **kw)
+    finally:
+        await server.stop()
+
+
+def test_peer_call_returns_an_ok_answer() -> None:
+    async def handler(msg: ControlMessage) -> dict:
+        return {"ok": True, "echo": msg.body["x"], "txid": msg.txid}
+
+    assert asyncio.run(_exchange(handler, {"x": 5}, txid=3)) == {"ok": True, "echo": 5, "txid": 3}
+
+
+@pytest.mark.parametrize("answer", [{"ok": False, "error": "no room"}, {"error": "no ok field"},
+                                    {"ok": "yes"}])
+def test_peer_call_raises_on_an_answer_that_is_not_ok(answer: dict) -> None:
+    async def handler(msg: ControlMessage) -> dict:
+        return answer
+
+    with pytest.raises(PeerRefused) as err:
+        asyncio.run(_exchange(handler, {}))
+    assert err.value.reason == str(answer.get("error", "?"))
+
+
+def test_a_handler_exception_is_answered_as_a_refusal() -> None:
+    async def handler(msg: ControlMessage) -> dict:
+        raise ControlError("object busy")
+
+    with pytest.raises(PeerRefused, match="object busy"):
+        asyncio.run(_exchange(handler, {}))
+
+
+def test_peer_call_to_nobody_is_a_peer_error() -> None:
+    async def main() -> None:
+        server = PeerServer(lambda m: None, port=0, host="127.0.0.1")  # type: ignore[arg-type]
+        await server.start()
+        port = server.port
+        await server.stop()
+        await peer_call("127.0.0.1", ControlType.MIGRATE, {}, port=port, timeout=2)
+
+    with pytest.raises(PeerError, match="unreachable"):
+        asyncio.run(main())
+
+
+def test_a_garbled_answer_is_a_peer_error() -> None:
+    async def main() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(100)
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await peer_call("127.0.0.1", ControlType.MIGRATE, {}, port=port, timeout=2)
+        finally:
+            server.close()
+
+    with pytest.raises(PeerError, match="no valid answer"):
+        asyncio.run(main())

@@ -1,0 +1,238 @@
+"""The migration role with a fake hosting role and a fake peer: what each mode sends, in which
+order, and that every failure leaves the object serving at the source with its checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from agent.core.config import AgentConfig, Interface
+from agent.core.errors import ControlError
+from agent.core.peer import PeerRefused
+from agent.hosting import migration as migration_mod
+from agent.hosting.migration import MigrationFailed, MigrationRole
+from agent.hosting.objects import HostedObject, HostingRole
+from packets import ControlType
+
+CHECKPOINT = {"state": {"count": 41}, "seen": {"co14": 41}}
+
+
+class FakeClient:
+    def __init__(self, name: str, care_of: str | None = "10.12.0.1") -> None:
+        self.config = SimpleNamespace(to_json=lambda: {"name": name, "home_address": "10.16.0.100"})
+        self.current = SimpleNamespace(care_of_address=care_of) if care_of else None
+        self.deregistered = 0
+        self.registered = False
+        self.history: list[Any] = []
+
+    async def deregister(self) -> None:
+        self.deregistered += 1
+
+    def status(self) -> dict:
+        reg = {"care_of_address": "10.14.0.1"} if self.registered else None
+        return {"registration": reg, "at_home": False, "attempts": [{"rtt": 0.0004}]}
+
+
+class FakeHosting:
+    """The parts of HostingRole that migration uses, recording what it is asked."""
+
+    def __init__(self, checkpoint: Any = CHECKPOINT) -> None:
+        self.checkpoint = checkpoint
+        self.objects: dict[str, HostedObject] = {}
+        self.log: list[tuple] = []
+        self.put("counter")
+
+    def put(self, name: str) -> None:
+        hosted = HostedObject(name, "10.16.0.100", client=FakeClient(name))  # type: ignore[arg-type]
+        hosted.process = SimpleNamespace(spec="agent.objects.counter:Counter")  # type: ignore[assignment]
+        hosted.resources = {"cpu": 1.0, "memory_mb": 256, "pids": 64}
+        self.objects[name] = hosted
+
+    def hosted(self, name: str) -> HostedObject:
+        if name not in self.objects:
+            raise ControlError(f"no object {name!r} here")
+        return self.objects[name]
+
+    def client(self, name: str) -> Any:
+        return self.hosted(name).client
+
+    async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
+        self.objects.pop(name)
+        self.log.append(("stop", name, deregister))
+        return {"state": self.checkpoint}
+
+    async def cmd_object_start(self, config: dict, spec: str | None = None, warm: bool = False,
+                               state: Any = None, resources: Any = None, **_: Any) -> dict:
+        self.log.append(("start", config["name"], spec, state, resources, warm))
+        self.put(config["name"])
+        return {}
+
+    async def cmd_object_restore(self, name: str, state: Any, serve: bool = True) -> dict:
+        self.log.append(("restore", name, state))
+        return {"replayed": 2}
+
+
+class FakeAgent:
+    def __init__(self, hosting: FakeHosting) -> None:
+        self.config = AgentConfig(name="r22c", run_dir="/nonexistent", roles=[],
+                                  interfaces=[Interface("eth0", "10.16.0.3")], router_key="ab" * 32)
+        self.hosting = hosting
+
+    def role(self, cls: type) -> Any:
+        return self.hosting if cls is HostingRole else None
+
+    def require(self, cls: type) -> Any:
+        return self.role(cls)
+
+
+class FakePeer:
+    """Stands in for peer_call: records (type, body) and answers by a script."""
+
+    def __init__(self, refuse: set[str] = frozenset()) -> None:
+        self.refuse = refuse
+        self.sent: list[tuple[ControlType, dict]] = []
+
+    async def __call__(self, target: str, ctype: ControlType, body: dict, **kw: Any) -> dict:
+        self.sent.append((ctype, body))
+        what = ctype.name if ctype != ControlType.MIGRATE else f"MIGRATE_{body['action']}"
+        if what in self.refuse:
+            raise PeerRefused(target, f"{what} refused by the fake target")
+        if what == "MIGRATE_start":
+            return {"ok": True, "registration": {"care_of_address": "10.14.0.1"},
+                    "registration_rtt": 0.0005}
+        return {"ok": True}
+
+    def kinds(self) -> list[str]:
+        return [c.name if c != ControlType.MIGRATE else f"MIGRATE_{b['action']}" for c, b in self.sent]
+
+
+def migrate(mode: str, refuse: set[str] = frozenset(), checkpoint: Any = CHECKPOINT,
+            monkeypatch: Any = None) -> tuple[dict, FakeHosting, FakePeer]:
+    hosting = FakeHosting(checkpoint)
+    peer = FakePeer(refuse)
+    monkeypatch.setattr(migration_mod, "peer_call", peer)
+    role = MigrationRole(FakeAgent(hosting))
+    report = asyncio.run(role.cmd_migrate("counter", "10.14.0.1", mode=mode))
+    return report, hosting, peer
+
+
+def test_make_before_break_registers_the_target_before_the_source_stops(monkeypatch) -> None:
+    report, hosting, peer = migrate("make-before-break", monkeypatch=monkeypatch)
+    assert report["ok"], report
+    assert peer.kinds() == ["MIGRATE_start", "STATE_TRANSFER"]
+    start = peer.sent[0][1]
+    assert start["warm"] is True and start["config"]["simultaneous"] is True and "state" not in start
+    assert peer.sent[1][1] == {"name": "counter", "state": CHECKPOINT}
+    assert hosting.log == [("stop", "counter", False)]
+    assert report["registration_rtt_ms"] == 0.5
+
+
+def test_make_before_break_deregisters_only_a_different_care_of_address(monkeypatch) -> None:
+    hosting = FakeHosting()
+    client = hosting.objects["counter"].client
+    monkeypatch.setattr(migration_mod, "peer_call", FakePeer())
+    asyncio.run(MigrationRole(FakeAgent(hosting)).cmd_migrate("counter", "10.14.0.1"))
+    assert client.deregistered == 1  # 10.12.0.1 != the target's 10.14.0.1
+
+
+def test_failed_state_transfer_cancels_the_target_and_restarts_from_the_checkpoint(monkeypatch) -> None:
+    report, hosting, peer = migrate("make-before-break", refuse={"STATE_TRANSFER"}, monkeypatch=monkeypatch)
+    assert not report["ok"] and "STATE_TRANSFER refused" in report["error"]
+    assert peer.kinds() == ["MIGRATE_start", "STATE_TRANSFER", "MIGRATE_cancel"]
+    restarted = hosting.log[-1]
+    assert restarted[:4] == ("start", "counter", "agent.objects.counter:Counter", CHECKPOINT)
+    assert restarted[4] == {"cpu": 1.0, "memory_mb": 256, "pids": 64}
+    assert "counter" in hosting.objects
+
+
+def test_a_source_without_checkpoint_cancels_and_reports(monkeypatch) -> None:
+    report, hosting, peer = migrate("make-before-break", checkpoint=None, monkeypatch=monkeypatch)
+    assert not report["ok"] and "no checkpoint" in report["error"]
+    assert peer.kinds() == ["MIGRATE_start", "MIGRATE_cancel"]
+
+
+def test_target_refusing_start_in_make_before_break_leaves_the_source_untouched(monkeypatch) -> None:
+    report, hosting, peer = migrate("make-before-break", refuse={"MIGRATE_start"}, monkeypatch=monkeypatch)
+    assert not report["ok"]
+    assert hosting.log == []  # never stopped
+    assert "counter" in hosting.objects
+
+
+def test_break_before_make_sends_the_checkpoint_with_the_start(monkeypatch) -> None:
+    report, hosting, peer = migrate("break-before-make", monkeypatch=monkeypatch)
+    assert report["ok"], report
+    assert peer.kinds() == ["MIGRATE_start"]
+    body = peer.sent[0][1]
+    assert body["warm"] is False and body["state"] == CHECKPOINT and body["config"]["simultaneous"] is False
+    assert hosting.log == [("stop", "counter", False)]
+
+
+def test_failed_break_before_make_restarts_at_the_source(monkeypatch) -> None:
+    report, hosting, peer = migrate("break-before-make", refuse={"MIGRATE_start"}, monkeypatch=monkeypatch)
+    assert not report["ok"] and "keeps serving on r22c" in report["steps"][-1][0]
+    assert hosting.log[0] == ("stop", "counter", False)
+    assert hosting.log[1][:4] == ("start", "counter", "agent.objects.counter:Counter", CHECKPOINT)
+    assert "counter" in hosting.objects
+
+
+def test_unknown_mode_and_object_are_refused(monkeypatch) -> None:
+    role = MigrationRole(FakeAgent(FakeHosting()))
+    with pytest.raises(ControlError, match="mode must be one of"):
+        asyncio.run(role.cmd_migrate("counter", "10.14.0.1", mode="teleport"))
+    with pytest.raises(ControlError, match="no object 'ghost'"):
+        asyncio.run(role.cmd_migrate("ghost", "10.14.0.1"))
+
+
+# --- target side ---------------------------------------------------------------------------
+
+def test_arrival_that_never_registers_is_undone(monkeypatch) -> None:
+    hosting = FakeHosting()
+    hosting.objects.clear()
+    role = MigrationRole(FakeAgent(hosting))
+    body = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
+            "config": {"name": "counter"}, "resources": None}
+
+    async def arrive() -> dict:
+        return await role.on_migrate(None, body)  # type: ignore[arg-type]
+
+    original = role._wait_registered
+    monkeypatch.setattr(role, "_wait_registered", lambda name: original(name, timeout=0.05))
+    with pytest.raises(MigrationFailed, match="did not register"):
+        asyncio.run(arrive())
+    assert hosting.log[-1] == ("stop", "counter", True)  # stopped and deregistered
+    assert "counter" not in hosting.objects
+
+
+def test_arrival_answers_with_its_registration(monkeypatch) -> None:
+    hosting = FakeHosting()
+    hosting.objects.clear()
+    role = MigrationRole(FakeAgent(hosting))
+    body = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
+            "config": {"name": "counter"}, "resources": None}
+
+    async def arrive() -> dict:
+        task = asyncio.create_task(role.on_migrate(None, body))  # type: ignore[arg-type]
+        while "counter" not in hosting.objects:
+            await asyncio.sleep(0)
+        hosting.objects["counter"].client.registered = True  # type: ignore[union-attr]
+        return await task
+
+    answer = asyncio.run(arrive())
+    assert answer["ok"] and answer["registration"] == {"care_of_address": "10.14.0.1"}
+    assert answer["registration_rtt"] == 0.0004
+    assert hosting.log[0][5] is True  # started warm
+
+
+def test_injected_fault_refuses_the_next_state_transfer_once() -> None:
+    hosting = FakeHosting()
+    role = MigrationRole(FakeAgent(hosting))
+    role.cmd_inject_fault("state_transfer", 1)
+    msg_body = {"name": "counter", "state": CHECKPOINT}
+    with pytest.raises(ControlError, match="injected fault"):
+        asyncio.run(role.on_state_transfer(None, msg_body))  # type: ignore[arg-type]
+    assert asyncio.run(role.on_state_transfer(None, msg_body)) == {"ok": True, "replayed": 2}  # type: ignore[arg-type]
+    with pytest.raises(ControlError, match="fault point"):
+        role.cmd_inject_fault("nowhere")
