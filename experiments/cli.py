@@ -6,6 +6,7 @@
     sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make]
     sudo moat provision ROUTER --vm NAME --service SVC [--kind interface --interface IF --address A]
                         [--mobile OBJECT=NAME] [--objects A,B] [--policy JSON]
+    sudo moat vm remove ROUTER VM
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
@@ -13,7 +14,9 @@
     sudo moat bench packets|registration|tunnel|provision
     moat repo keygen|package|publish|verify|show ...
 
-``--run ID`` picks a network when several are up; by default the newest live one.
+``--run ID`` picks a network when several are up; by default the newest live one. Every
+command acts through :class:`topologies.client.RunClient`, which checks each router, object
+and VM name against the run before acting and says which names exist.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import sys
 import time
 from typing import Any
 
-from agent.core.control import ControlClient
 from agent.core.errors import AgentError, ControlError
+from agent.core.wait import WaitTimeout, wait_until
+from topologies.client import RunClient
 from topologies.errors import TopologyError
-from topologies.run import ENV_RUN_ID, Run, clean_all, clean_run, live_runs, pid_alive
+from topologies.run import ENV_RUN_ID, Run, clean_all, clean_run, pid_alive
 
 from .tables import format_table
 
@@ -63,16 +67,9 @@ def _require_root() -> None:
         raise CliError("this command needs root (network namespaces): run it with sudo")
 
 
-def pick_run(run_id: str | None) -> Run:
-    if run_id:
-        try:
-            return Run.load(run_id)
-        except OSError:
-            raise CliError(f"no run {run_id}") from None
-    runs = live_runs()
-    if not runs:
-        raise CliError("no MOAT network is up (start one with: sudo moat up)")
-    return runs[0]
+def pick_run(run_id: str | None) -> RunClient:
+    """The client of run ``run_id``, or of the newest live run (NoRun otherwise)."""
+    return RunClient.open(run_id)
 
 
 # --- up / down ---------------------------------------------------------------------------
@@ -89,19 +86,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
         start_new_session=True,
     )
-    deadline = time.monotonic() + UP_TIMEOUT
-    while time.monotonic() < deadline:
+
+    def is_up() -> bool:
         if holder.poll() is not None:
             raise CliError(f"the network failed to start; see /tmp/moat-up-{run.run_id}.log")
         try:
-            if Run.load(run.run_id).state.status == "up":
-                break
+            return Run.load(run.run_id).state.status == "up"
         except (OSError, ValueError, TypeError):
-            pass
-        time.sleep(0.1)
-    else:
+            return False  # run.json not written yet, or being replaced
+
+    try:
+        wait_until(is_up, UP_TIMEOUT, interval=0.1, what="the network up")
+    except WaitTimeout:
         holder.terminate()
-        raise CliError(f"the network did not come up within {UP_TIMEOUT:.0f}s")
+        raise CliError(f"the network did not come up within {UP_TIMEOUT:.0f}s") from None
     os.replace(f"/tmp/moat-up-{run.run_id}.log", run.dir / "holder.log")
     print(run.run_id)
     print(f"run directory {run.dir}; stop it with: sudo moat down", file=sys.stderr)
@@ -110,13 +108,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     _require_root()
-    run = pick_run(args.run)
+    run = pick_run(args.run).run
     pid = run.state.owner_pid
     if pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + DOWN_TIMEOUT
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        try:
+            wait_until(lambda: not pid_alive(pid), DOWN_TIMEOUT, interval=0.1, what="the holder gone")
+        except WaitTimeout:
+            log.warning("run %s: holder %d still alive after %.0fs; cleaning by run id",
+                        run.run_id, pid, DOWN_TIMEOUT)
     clean_run(run.run_id, keep_dir=True)  # whatever the holder could not stop
     print(f"run {run.run_id} is down (logs in {run.dir})")
     return 0
@@ -133,13 +133,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 # --- show / object -----------------------------------------------------------------------
-
-
-def _client(run: Run, router: str) -> ControlClient:
-    try:
-        return ControlClient(run.state.agents[router])
-    except KeyError:
-        raise CliError(f"no router {router!r} in run {run.run_id}") from None
 
 
 def _flatten_object(router: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -167,12 +160,14 @@ def _flatten_vm(router: str, vm: dict[str, Any]) -> dict[str, Any]:
                 memory_mb_peak=None if usage.get("memory_peak_bytes") is None else round(usage["memory_peak_bytes"] / mib, 1))
 
 
-def collect(run: Run, what: str, routers: list[str], lines: int = 30) -> list[dict[str, Any]] | dict[str, list[str]]:
+def collect(client: RunClient, what: str, routers: list[str],
+            lines: int = 30) -> list[dict[str, Any]] | dict[str, list[str]]:
+    """Rows of table ``what`` from ``routers``' agents (``log``: lines per router)."""
     if what == "log":
-        return {r: _client(run, r).call("log", lines=lines) for r in routers}
+        return {r: client.call(r, "log", lines=lines) for r in routers}
     rows: list[dict[str, Any]] = []
     for router in routers:
-        result = _client(run, router).call(what)
+        result = client.call(router, what)
         if what == "status":
             rows.append(dict(result, router=router, roles=",".join(result["roles"]) or "-"))
         elif what == "objects":
@@ -188,9 +183,9 @@ def collect(run: Run, what: str, routers: list[str], lines: int = 30) -> list[di
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    run = pick_run(args.run)
-    routers = [args.router] if args.router else sorted(run.state.agents)
-    data = collect(run, args.what, routers, args.lines)
+    client = pick_run(args.run)
+    routers = [client.check_router(args.router)] if args.router else client.routers()
+    data = collect(client, args.what, routers, args.lines)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     elif isinstance(data, dict):
@@ -203,34 +198,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_object(args: argparse.Namespace) -> int:
-    run = pick_run(args.run)
-    client = _client(run, args.router)
+    client = pick_run(args.run)
+    router = client.check_router(args.router)
+    name = client.check_object(args.object)
     if args.action == "start":
-        cfg = _object_config_from_run(run, args.object)
-        cfg["simultaneous"] = args.simultaneous
-        spec = args.spec if args.run_code else None
-        result = client.call("object_start", config=cfg, spec=spec)
+        result = client.start_object(name, router, spec=args.spec if args.run_code else None,
+                                     simultaneous=args.simultaneous)
     elif args.action == "stop":
-        result = client.call("object_stop", name=args.object, deregister=not args.no_deregister)
+        result = client.call(router, "object_stop", name=name, deregister=not args.no_deregister)
     else:
-        result = client.call(args.action, name=args.object)
+        result = client.call(router, args.action, name=name)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    run = pick_run(args.run)
-    source = None
-    for router in sorted(run.state.agents):
-        if any(o["name"] == args.object for o in _client(run, router).call("objects")):
-            source = router
-    if source is None:
-        raise CliError(f"object {args.object} runs nowhere in run {run.run_id}")
-    from agent.core.config import AgentConfig
-
-    target = AgentConfig.load(run.dir / f"{args.router}.json").interfaces[0].address
-    report = ControlClient(run.state.agents[source], timeout=60).call(
-        "migrate", name=args.object, target=target, mode=args.mode, target_name=args.router)
+    report = pick_run(args.run).migrate(args.object, args.router, args.mode)
+    source = report["source"]
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -245,13 +229,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     """A PROVISION message from the remote site to a router, in band (TCP 4340)."""
     _require_root()
-    run = pick_run(args.run)
-    from agent.core.config import AgentConfig
-
-    target = AgentConfig.load(run.dir / f"{args.router}.json").interfaces[0].address
-    site = run.state.params.get("site")
-    if not site or site not in run.state.node_pids:
-        raise CliError("this run has no remote site to provision from")
+    client = pick_run(args.run)
+    client.check_router(args.router)
     body: dict[str, Any] = {"vm": args.vm, "kind": args.kind, "service": args.service,
                             "resources": {"cpu": args.cpu, "memory_mb": args.memory, "pids": args.pids}}
     if args.egress_kbit:
@@ -261,28 +240,19 @@ def cmd_provision(args: argparse.Namespace) -> int:
             body["policy"] = json.loads(args.policy)
         except ValueError as exc:
             raise CliError(f"--policy is not JSON: {exc}") from None
+    mobile: dict[str, str] = {}
     for item in args.mobile:
         obj, sep, name = item.partition("=")
         if not sep or not obj or not name:
             raise CliError(f"--mobile takes OBJECT=NAME, not {item!r}")
-        body.setdefault("mobile", {})[obj] = _object_config_from_run(run, name)
+        mobile[obj] = client.check_object(name)
     if args.objects:
         body["objects"] = [o for o in args.objects.split(",") if o]
     if args.kind == "interface":
         body.update(interface=args.interface, address=args.address)
     if args.port:
         body["port"] = args.port
-    path = run.write_private("provision", json.dumps(body))
-    argv = ["mnexec", "-a", str(run.state.node_pids[site]), sys.executable, "-m",
-            "nodetools.probes", "control", target, "provision", f"@{path}",
-            "--sign-key", str(args.key or run.dir / "provider" / "provider.key")]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
-    finally:
-        path.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        raise CliError(f"could not send from {site}: {proc.stderr.strip()[-300:]}")
-    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    answer = client.provision(args.router, body, mobile=mobile or None, key=args.key)
     if args.json:
         print(json.dumps(answer, indent=2, default=str))
     elif answer.get("ok"):
@@ -296,25 +266,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0 if answer.get("ok") else 1
 
 
-def _object_config_from_run(run: Run, name: str) -> dict[str, Any]:
-    """An object's client configuration, rebuilt from the HOA's and FOAs' agent files."""
-    from agent.core.config import AgentConfig
-
-    configs = [AgentConfig.load(run.dir / f"{r}.json") for r in run.state.agents]
-    home = next((c for c in configs if c.home is not None), None)
-    if home is None or home.home is None:
-        raise CliError("this run has no home object agent")
-    obj = next((o for o in home.home.objects if o.nai.split("@")[0] == name), None)
-    if obj is None:
-        raise CliError(f"no object {name!r} in this run (objects: {[o.nai for o in home.home.objects]})")
-    index = home.home.objects.index(obj)
-    foreign = next((c.foreign for c in configs if c.foreign is not None), None)
-    if foreign is None:
-        raise CliError("this run has no foreign object agent")
-    home_if = next(i for i in home.interfaces if i.name == home.home.home_interface)
-    return {"name": name, "home_address": obj.home_address, "home_agent": home_if.address,
-            "nai": obj.nai, "mobile_home": obj.mobile_home.to_json(),
-            "mobile_foreign": foreign.trusted_objects[index].to_json()}
+def cmd_vm(args: argparse.Namespace) -> int:
+    """``moat vm remove ROUTER VM``: stop a VM's objects and remove it."""
+    client = pick_run(args.run)
+    result = client.remove_vm(args.router, args.vm)
+    print(json.dumps(result, indent=2, default=str) if args.json else f"{args.vm} removed from {args.router}")
+    return 0
 
 
 # --- foreground CLI, experiments, benchmarks ---------------------------------------------
@@ -435,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_provision)
+    p = sub.add_parser("vm", help="act on a router's VMs")
+    p.add_argument("action", choices=["remove"])
+    p.add_argument("router")
+    p.add_argument("vm")
+    p.add_argument("--run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vm)
     p = sub.add_parser("cli", help="a network in the foreground with Mininet's CLI + MOAT commands")
     add_topo(p)
     p.set_defaults(func=cmd_cli)

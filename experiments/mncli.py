@@ -34,7 +34,7 @@ class MoatCLI(CLI):
     def _call(self, router: str, cmd: str, **args: Any) -> Any:
         try:
             return self.moat.agent(router).call(cmd, **args)
-        except (ControlError, KeyError) as exc:
+        except (ControlError, TopologyError) as exc:
             self.stdout.write(f"*** {router}: {exc}\n")
             return None
 
@@ -76,7 +76,7 @@ class MoatCLI(CLI):
                 self._call(router, "object_stop", name=name, deregister=False)
         try:
             status = self.moat.start_object(name, target)
-        except (ControlError, KeyError) as exc:
+        except (ControlError, TopologyError) as exc:
             self.stdout.write(f"*** {exc}\n")
             return
         self.stdout.write(f"{name} now runs on {target}: {status['home_address']}\n")
@@ -90,7 +90,7 @@ class MoatCLI(CLI):
             return
         try:
             report = self.moat.migrate(parts[0], parts[1], modes[parts[2] if len(parts) == 3 else "mbb"])
-        except (ControlError, KeyError, TopologyError) as exc:
+        except (ControlError, TopologyError) as exc:
             self.stdout.write(f"*** {exc}\n")
             return
         t0 = report["steps"][0][1] if report["steps"] else 0

@@ -7,6 +7,8 @@ root and without Mininet.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "TopologyError",
     "TopologyParamError",
@@ -14,6 +16,8 @@ __all__ = [
     "RoutingError",
     "RouteInstallError",
     "DaemonError",
+    "UnknownName",
+    "ProbeError",
 ]
 
 
@@ -42,3 +46,25 @@ class RouteInstallError(TopologyError):
 
 class DaemonError(TopologyError):
     """A node's managed daemon could not be started (or was started twice)."""
+
+
+class UnknownName(TopologyError, LookupError):
+    """A name given to act on (a router, object, VM, node or run) that the run does not have.
+
+    Raised before anything is sent, so the user reads which names exist instead of a missing
+    file or socket. ``kind`` is what was looked for, ``name`` what was given, ``known`` the
+    names that would have been accepted, ``where`` what was searched (``run 0102-ab12``).
+    """
+
+    def __init__(self, kind: str, name: str, known: Iterable[str], where: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+        self.where = where
+        listed = ", ".join(self.known) if self.known else "none"
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        super().__init__(f"{name} is not {article} {kind} of {where} ({kind}s: {listed})")
+
+
+class ProbeError(TopologyError):
+    """A tool run inside a node (``python -m nodetools...``) failed or timed out."""

@@ -7,6 +7,10 @@ testbed: it creates the run (id, directory, ``run.json``), generates the run's c
 waits until every agent answers on its control socket. Everything the run starts inherits
 ``MOAT_RUN_ID`` so :func:`topologies.run.clean_run` can find it after a crash.
 
+Acting on the running network (agent calls, objects, migration, provisioning, tools inside
+nodes) goes through :class:`topologies.client.RunClient`, the same client the ``moat``
+command uses; the methods here that do so are thin conveniences for experiments and tests.
+
 Roles, by default: the topology's ``hoa`` router is the home object agent; every router of
 a foreign network is a foreign object agent (so a refused object has another FOA to try);
 every other router runs a role-less daemon that can host objects.
@@ -18,9 +22,9 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,8 +40,10 @@ from agent.core.config import (
 )
 from agent.core.control import ControlClient
 from agent.core.errors import ControlError
+from agent.core.wait import WaitTimeout, wait_until
 from topologies.addressing import mo_home_addresses
 from topologies.base import MoatTopo
+from topologies.client import RunClient, write_objects
 from topologies.errors import TopologyError
 from topologies.net import build_net, root_namespace_names
 from topologies.run import ENV_RUN_ID, Run, clean_run, stop_child
@@ -129,6 +135,8 @@ class MoatNetwork:
         self.dns: str | None = None
         self.provider_key: Path | None = None
         self.provider_public_key: Path | None = None
+        #: How everything below acts on the running network (the ``moat`` command's too).
+        self.client = RunClient(self.run)
 
     # --- configuration -------------------------------------------------------------------
 
@@ -177,14 +185,17 @@ class MoatNetwork:
                      "client_key": str(self.run.dir / "vm_ed25519")},
         }
 
+    def _object_configs(self) -> list[ObjectConfig]:
+        """Every object's registration client configuration, from the keyring: written to
+        the run directory, where :class:`RunClient` (and so ``moat``) reads them."""
+        home_agent = str(self.topo.addresses(self.hoa)[0].ip)
+        return [ObjectConfig(o.name, o.home_address, home_agent, o.nai,
+                             self.keyring.mobile_home[o.name], self.keyring.mobile_foreign[o.name])
+                for o in self.objects.values()]
+
     def object_config(self, name: str, **overrides: Any) -> ObjectConfig:
         """The registration client configuration of object ``name`` (with its credentials)."""
-        obj = self.objects[name]
-        cfg = ObjectConfig(obj.name, obj.home_address, str(self.topo.addresses(self.hoa)[0].ip),
-                           obj.nai, self.keyring.mobile_home[name], self.keyring.mobile_foreign[name])
-        for key, value in overrides.items():
-            setattr(cfg, key, value)
-        return cfg
+        return self.client.object_config(name, **overrides)
 
     def _prepare_nodes(self) -> None:
         """Write agent configs and give each router its daemon argv (before Mininet builds)."""
@@ -222,13 +233,18 @@ class MoatNetwork:
             self.topo.nodeInfo(site)["run_dir"] = str(site_dir)
         self.site = sites[0]
 
+    def _node_addresses(self) -> dict[str, str]:
+        """Every router's and host's first address: where in-band messages to it go."""
+        return {node: str(self.topo.addresses(node)[0].ip)
+                for node in [*self.topo.router_names(), *self.topo.hosts()]}
+
     def _prepare_dns(self) -> None:
         """The DNS server's names: every mobile object (its home address), router and
         server of the topology (its first address), in the run's domain."""
         servers = [n for n in self.topo.hosts() if self.topo.nodeInfo(n).get("role") == "dns"]
         names = {o.name: o.home_address for o in self.objects.values()}
-        for node in [*self.topo.router_names(), *self.topo.hosts()]:
-            names.setdefault(node, str(self.topo.addresses(node)[0].ip))
+        for node, address in self._node_addresses().items():
+            names.setdefault(node, address)
         for server in servers:
             info = self.topo.nodeInfo(server)
             info["run_dir"] = str(self.run.dir / server)
@@ -252,7 +268,9 @@ class MoatNetwork:
         self._prepare_site()
         self._prepare_dns()
         self._prepare_nodes()
-        self.run.state.params["site"] = self.site
+        write_objects(self.run, self._object_configs())
+        self.run.state.params.update(site=self.site, dns=self.dns, hoa=self.hoa,
+                                     addresses=self._node_addresses())
         self.run.save()
         previous = os.environ.get(ENV_RUN_ID)
         os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons
@@ -276,24 +294,27 @@ class MoatNetwork:
         return self
 
     def wait_agents(self, timeout: float) -> None:
-        """Block until every router's agent answers ``ping``, or raise TopologyError."""
-        deadline = time.monotonic() + timeout
+        """Block until every router's agent answers ``ping``, or raise TopologyError (at
+        once when an agent exits: waiting longer would not bring it back)."""
         pending = set(self.run.state.agents)
-        while pending:
+
+        def all_up() -> bool:
             for router in sorted(pending):
                 node = self.net[router]
                 if node.daemon is not None and node.daemon.poll() is not None:
                     raise TopologyError(f"agent on {router} exited with {node.daemon.returncode}; "
                                         f"see {self.run.dir / (router + '.out')}")
                 try:
-                    ControlClient(self.run.state.agents[router], timeout=1).call("ping")
+                    self.client.call(router, "ping", timeout=1)
                     pending.discard(router)
                 except ControlError:
                     pass
-            if pending and time.monotonic() > deadline:
-                raise TopologyError(f"agents did not come up within {timeout}s: {sorted(pending)}")
-            if pending:
-                time.sleep(0.05)
+            return not pending
+
+        try:
+            wait_until(all_up, timeout, interval=0.05, what="agents answering ping")
+        except WaitTimeout:
+            raise TopologyError(f"agents did not come up within {timeout}s: {sorted(pending)}") from None
 
     def stop(self) -> None:
         """Stop the network and remove everything the run made (idempotent)."""
@@ -317,120 +338,53 @@ class MoatNetwork:
     # --- use -----------------------------------------------------------------------------
 
     def agent(self, router: str, timeout: float = 10.0) -> ControlClient:
-        return ControlClient(self.run.state.agents[router], timeout=timeout)
+        """The control socket client of ``router``'s agent."""
+        return self.client.agent(router, timeout)
 
     def start_object(self, name: str, router: str, **overrides: Any) -> dict:
         """Run object ``name``'s registration client on ``router``."""
-        cfg = self.object_config(name, **overrides)
-        return self.agent(router).call("object_start", config=cfg.to_json())
+        return self.client.start_object(name, router, **overrides)
 
     def where(self, name: str) -> str | None:
         """The router that hosts object ``name`` now (its code or its client)."""
-        for router in self.topo.router_names():
-            if any(o["name"] == name for o in self.agent(router).call("objects")):
-                return router
-        return None
+        return self.client.where(name)
 
     def place_object(self, name: str, router: str, spec: str = COUNTER_SPEC,
                      resources: dict[str, Any] | None = None, **overrides: Any) -> dict:
         """Run object ``name``'s code on ``router`` (on its home address, under controlled
         exec with ``resources``: cpu, memory_mb, pids) and register it."""
-        cfg = self.object_config(name, **overrides)
-        return self.agent(router).call("object_start", config=cfg.to_json(), spec=spec,
-                                       resources=resources)
+        return self.client.start_object(name, router, spec=spec, resources=resources, **overrides)
 
     def migrate(self, name: str, router: str, mode: str = "make-before-break") -> dict:
-        """Move running object ``name`` to ``router`` with its state; returns the source
-        agent's report (``ok``, ``error``, timed ``steps``). A failed move leaves the object
-        serving where it was."""
-        source = self.where(name)
-        if source is None:
-            raise TopologyError(f"object {name} runs nowhere")
-        target = str(self.topo.addresses(router)[0].ip)
-        return self.agent(source, timeout=60).call("migrate", name=name, target=target, mode=mode,
-                                                    target_name=router)
+        """Move running object ``name`` to ``router`` with its state (see
+        :meth:`RunClient.migrate`)."""
+        return self.client.migrate(name, router, mode)
 
     def provision(self, router: str, timeout: float = 120.0, mobile: Any = None,
                   **body: Any) -> dict:
-        """Send a PROVISION message from the remote site to ``router`` (in band, TCP 4340)
-        and return the answer (``ok``, and the VM or the error). ``mobile`` maps objects of
-        the service to mobile objects of this network (``{"counter": "svc1"}``): they serve
-        on that object's home address and register with its credentials (a value that is not
-        a name is sent as it is)."""
-        import json
-
-        if isinstance(mobile, dict):
-            body["mobile"] = {obj: self.object_config(name).to_json() if isinstance(name, str) else name
-                              for obj, name in mobile.items()}
-        elif mobile is not None:
-            body["mobile"] = mobile  # sent as given (a test of the router's checks)
-        if self.site is None:
-            raise TopologyError("this topology has no remote site to provision from")
-        target = str(self.topo.addresses(router)[0].ip)
-        path = self.run.write_private("provision", json.dumps(body))
-        try:
-            return self.probe(self.site, "control", target, "provision", f"@{path}",
-                              "--sign-key", str(self.provider_key), "--timeout", str(timeout),
-                              timeout=timeout + 30)
-        finally:
-            path.unlink(missing_ok=True)
+        """Send a PROVISION message with ``body`` from the remote site to ``router`` (see
+        :meth:`RunClient.provision`)."""
+        return self.client.provision(router, body, mobile=mobile, timeout=timeout)
 
     def requests(self, host: str, name: str, count: int = 20, rate: float = 50.0,
                  client: str | None = None, port: int | None = None) -> dict:
-        """Send ``count`` service requests from ``host`` to object ``name``'s home address
-        (``python -m nodetools.co_load`` inside the host); return its summary (sent,
-        answered). Each call is a new client unless ``client`` is given: objects remember
-        clients' sequence numbers."""
-        import json
-
-        self._clients = getattr(self, "_clients", 0) + 1
-        out = self.run.dir / f"requests-{self._clients}.jsonl"
-        argv = [sys.executable, "-m", "nodetools.co_load", "--dst", self.objects[name].home_address,
-                "--rate", str(rate), "--duration", str(count / rate), "--out", str(out),
-                "--client", client or f"{host}-{self._clients}"]
-        if port is not None:
-            argv += ["--port", str(port)]
-        proc = self.net[host].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        stdout, stderr = proc.communicate(timeout=60 + count / rate)
-        if proc.returncode != 0:
-            raise TopologyError(f"requests from {host} failed: {stderr.decode()[-500:]}")
-        return json.loads(stdout.decode().strip().splitlines()[-1])
+        """Send ``count`` service requests from ``host`` to object ``name`` (see
+        :meth:`RunClient.requests`)."""
+        return self.client.requests(host, name, count, rate, client=client, port=port)
 
     def resolve(self, host: str, name: str) -> dict:
-        """Ask the run's DNS server, from inside ``host``, for ``name``'s address:
-        ``{"rcode": 0, "addresses": [...]}`` (rcode 3: no such name)."""
-        if self.dns is None:
-            raise TopologyError("this topology has no DNS server")
-        return self.probe(host, "resolve", name, self.dns)
+        """Ask the run's DNS server, from inside ``host``, for ``name``'s address."""
+        return self.client.resolve(host, name)
 
     def probe(self, node: str, *args: str, timeout: float = 60.0) -> Any:
         """Run ``python -m nodetools.probes ARGS`` inside ``node``; return its JSON answer."""
-        import json
-        import shlex
-
-        argv = [sys.executable, "-m", "nodetools.probes", *args]
-        proc = self.net[node].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise TopologyError(f"probe {shlex.join(args)} on {node} timed out") from None
-        if proc.returncode != 0:
-            raise TopologyError(f"probe {shlex.join(args)} on {node} failed: {err.decode()[-500:]}")
-        return json.loads(out.decode().strip().splitlines()[-1])
+        return self.client.probe(node, *args, timeout=timeout)
 
     def wait_for(self, predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-        """Poll ``predicate()`` until it returns a truthy value (the agents have no
-        push channel to the caller); raise TimeoutError with the last value otherwise."""
-        deadline = time.monotonic() + timeout
-        value = None
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise TimeoutError(f"condition not met within {timeout}s (last value {value!r})")
+        """Poll ``predicate()`` until it returns a truthy value (the agents have no push
+        channel to the caller); :class:`agent.core.wait.WaitTimeout` (a TimeoutError) with
+        the last value otherwise."""
+        return wait_until(predicate, timeout, interval=interval, what="condition")
 
     @contextlib.contextmanager
     def capture(self, interface: str, name: str, node: str | None = None,
@@ -456,19 +410,25 @@ def wait_for_marker(proc: subprocess.Popen, stream: Any, marker: bytes, timeout:
     """Read a child's ``stream`` until ``marker`` appears (a tool saying it is ready: tcpdump's
     "listening on", iperf3's "Server listening"); raise TopologyError with what it printed if
     it exits or stays silent for ``timeout`` seconds. Returns what was read."""
-    import select
+    buf = bytearray()
+    closed = False
 
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], 0.1)
-        if ready:
+    def seen() -> bool:
+        nonlocal closed
+        if select.select([stream], [], [], 0.1)[0]:
             chunk = os.read(stream.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            if marker in buf:
-                return buf
-        if proc.poll() is not None:
-            break
-    raise TopologyError(f"{marker.decode()!r} never came: {buf.decode(errors='replace').strip()[-300:]}")
+            closed = not chunk
+            buf.extend(chunk)
+        if marker in buf:
+            return True
+        if closed or proc.poll() is not None:
+            raise TopologyError(f"{marker.decode()!r} never came: "
+                                f"{bytes(buf).decode(errors='replace').strip()[-300:]}")
+        return False
+
+    try:
+        wait_until(seen, timeout, interval=0.0, what=repr(marker.decode()))
+    except WaitTimeout:
+        raise TopologyError(f"{marker.decode()!r} never came: "
+                            f"{bytes(buf).decode(errors='replace').strip()[-300:]}") from None
+    return bytes(buf)
