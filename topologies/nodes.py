@@ -358,21 +358,26 @@ class ServerHost(MoatHost):
     def wait_for_log(self, marker: str, what: str, timeout: float) -> None:
         """Until the daemon's log says ``marker`` (it is ready); raise :class:`DaemonError`
         with the daemon's own words if it exits first or stays silent for ``timeout`` s."""
-        import time
+        from agent.core.wait import WaitTimeout, wait_until
 
-        deadline = time.monotonic() + timeout
         log_path = Path(getattr(self, "daemon_log_path", self.default_daemon_log()))
-        while True:
+        text = ""
+
+        def ready() -> bool:
+            nonlocal text
             text = log_path.read_text(errors="replace") if log_path.exists() else ""
             if marker in text:
-                return
+                return True
             proc = self.daemon
             if proc is None or proc.poll() is not None:
                 code = None if proc is None else proc.returncode
                 raise DaemonError(f"{self.name}: {what} exited ({code}): {text.strip()[-800:]}")
-            if time.monotonic() > deadline:
-                raise DaemonError(f"{self.name}: {what} not ready after {timeout}s: {text.strip()[-800:]}")
-            time.sleep(0.02)
+            return False
+
+        try:
+            wait_until(ready, timeout, interval=0.02, what=f"{self.name}: {what} ready")
+        except WaitTimeout:
+            raise DaemonError(f"{self.name}: {what} not ready after {timeout}s: {text.strip()[-800:]}") from None
 
     def terminate(self) -> None:
         try:

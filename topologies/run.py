@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from agent.core.wait import WaitTimeout, wait_until
+
 log = logging.getLogger(__name__)
 
 ENV_RUN_ID = "MOAT_RUN_ID"
@@ -210,9 +212,11 @@ def _kill_all(pids: Iterable[int], timeout: float = 3.0) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout, interval=0.05,
+                   what="the run's processes gone after SIGTERM")
+    except WaitTimeout:
+        pass  # what ignored SIGTERM gets SIGKILL below
     for pid in pids:
         if pid_alive(pid):
             try:

@@ -25,6 +25,7 @@ from mininet.nodelib import LinuxBridge
 from mininet.topo import Topo
 
 from agent.vm.fetch import generate_client_key
+from agent.core.wait import wait_until
 from agent.vm.repository import package_service, publish_service, verify_service
 from agent.vm.signing import generate_keypair
 from topologies.links import MoatLink
@@ -186,7 +187,4 @@ def test_site_serves_signed_service_over_sftp(tmp_path: Path) -> None:
     finally:
         net.stop()
     assert sshd_pid is not None
-    deadline = time.monotonic() + 5
-    while _alive(sshd_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(sshd_pid), f"sshd {sshd_pid} survived net.stop()"
+    wait_until(lambda: not _alive(sshd_pid), 5, what=f"sshd {sshd_pid} gone after net.stop()")

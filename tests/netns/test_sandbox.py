@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.wait import async_wait_until, wait_until
 from agent.hosting.cgroups import (
     DEFAULT_ROOT,
     CgroupError,
@@ -212,10 +213,7 @@ def test_fork_bomb_is_stopped_by_the_pids_limit_and_cleaned_up(manager, user, ru
     assert info["returncode"] == 0
     assert len(leftovers) == int(forked)
     assert not any(d.exists() for d in dirs)  # killed, procs empty, rmdir succeeded
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in leftovers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in leftovers)
+    wait_until(lambda: not any(_alive(p) for p in leftovers), 5, what="the forked children gone")
 
 
 WHO = """
@@ -387,9 +385,8 @@ def test_v2_mechanics_on_the_unified_part_of_a_hybrid_mount(run_id, user, run_di
     async def main() -> tuple[list[int], dict, list, dict]:
         async with ObjectSandbox("v2", spec_for(run_dir, user, "v2"), m) as sb:
             await sb.start([*PY, code])
-            deadline = time.monotonic() + 10
-            while len(sb.cgroup.procs()) < 8 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            await async_wait_until(lambda: len(sb.cgroup.procs()) >= 8, 10, interval=0.02,
+                                   what="8 processes in the object's cgroup")
             procs, usage, dirs = sb.cgroup.procs(), sb.usage(), sb.cgroup.dirs
         return procs, usage, dirs, sb.exit_info()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.wait import wait_until
 from topologies import links
 from topologies.base import MoatTopo
 from topologies.net import build_net, running_net
@@ -157,9 +158,7 @@ def test_router_daemon_started_in_namespace_and_reaped(tmp_path: Path) -> None:
         assert ns != os.readlink("/proc/self/ns/net")
         # ... in a session of its own (so it survives the shell's SIGHUP until we stop it)
         assert os.getsid(pid) == pid
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "10.16.0.2/24" not in log_path.read_text():
-            time.sleep(0.05)
+        wait_until(lambda: "10.16.0.2/24" in log_path.read_text(), 10, what="the daemon's log naming its address")
         text = log_path.read_text()
         assert "daemon-up" in text and "10.16.0.2/24" in text
         # other routers got no daemon
@@ -185,9 +184,7 @@ def test_stubborn_daemon_is_killed_with_its_children(tmp_path: Path) -> None:
         router = net["r22b"]
         pid = router.daemon_pid
         assert pid is not None
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not child_file.exists():
-            time.sleep(0.05)
+        wait_until(child_file.exists, 10, what="the daemon's child's pid file")
         child = int(child_file.read_text().strip())
         assert _alive(child)
         start = time.monotonic()
@@ -195,10 +192,7 @@ def test_stubborn_daemon_is_killed_with_its_children(tmp_path: Path) -> None:
         assert time.monotonic() - start < 5
         assert status == -9  # SIGKILL, after SIGTERM was ignored
         assert not _alive(pid)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and _alive(child):
-            time.sleep(0.05)
-        assert not _alive(child)
+        wait_until(lambda: not _alive(child), 5, what=f"child {child} gone with its daemon")
         assert router.stop_daemon() == -9  # idempotent
     finally:
         net.stop()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.wait import WaitTimeout, wait_until
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).with_name("tunnel_harness.py")
 PY = sys.executable
@@ -196,12 +197,18 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 
 def wait_stats(h: Harness, cond: Callable[[dict[str, int]], bool], timeout: float = 5) -> dict[str, int]:
     """Stats once ``cond`` holds (packets may still be in flight when ping returns)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    stats: dict[str, int] = {}
+
+    def holds() -> bool:
+        nonlocal stats
         stats = h.stats()
-        if cond(stats) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
+        return cond(stats)
+
+    try:
+        wait_until(holds, timeout, interval=0.1, what="tunnel stats condition")
+    except WaitTimeout:
+        pass  # the caller asserts on the stats, which says more than a time-out
+    return stats
 
 
 @contextlib.contextmanager
@@ -217,13 +224,17 @@ def capture(ns: str, dev: str, tmp: Path) -> Iterator[Path]:
         sel = selectors.DefaultSelector()
         assert proc.stderr is not None
         sel.register(proc.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if sel.select(max(0.0, deadline - time.monotonic())):
-                line = proc.stderr.readline()
-                if "listening on" in line or not line:
-                    break
-        sel.close()
+
+        def listening() -> bool:
+            if not sel.select(0.1):
+                return False
+            line = proc.stderr.readline()
+            return "listening on" in line or not line
+
+        try:
+            wait_until(listening, 10, interval=0.0, what="tcpdump listening")
+        finally:
+            sel.close()
         yield pcap
         time.sleep(0.3)
     finally:
