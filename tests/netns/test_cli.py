@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from agent.core.wait import wait_until
 from topologies.run import Run, pid_alive, processes_of_run
 
 MOAT = [sys.executable, "-m", "experiments.cli"]
@@ -44,11 +44,9 @@ def test_up_show_object_down(up: str) -> None:
 
     started = moat("object", "start", "counter", "r18b")
     assert started.returncode == 0, started.stderr
-    deadline = time.monotonic() + 15
-    rows: list = []
-    while time.monotonic() < deadline and not rows:
-        rows = json.loads(moat("show", "bindings", "r22b", "--json").stdout)
-    assert rows and rows[0]["care_of_name"] == "counter.r18a"
+    rows = wait_until(lambda: json.loads(moat("show", "bindings", "r22b", "--json").stdout), 15,
+                      interval=0.0, what="a binding at r22b")
+    assert rows[0]["care_of_name"] == "counter.r18a"
     table = moat("show", "bindings").stdout
     assert "10.16.0.100" in table and "counter.r18a" in table and "care_of_address" in table
     visitors = json.loads(moat("show", "visitors", "r18a", "--json").stdout)
@@ -64,6 +62,20 @@ def test_up_show_object_down(up: str) -> None:
     assert not pid_alive(owner)
     assert bridges_exist() == []
     assert processes_of_run(up) == []
+
+
+def test_a_name_the_run_does_not_have_is_refused_with_the_names_it_has(up: str) -> None:
+    """`moat migrate counter r99x` says r99x is not a router of the run and lists the
+    routers, instead of failing on a missing file (issue 9, item 7)."""
+    routers = "r18a, r18b, r20a, r22a, r22b, r22c"
+    bad = moat("migrate", "counter", "r99x")
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == f"moat: r99x is not a router of run {up} (routers: {routers})\n"
+    nosuch = moat("object", "start", "nosuch", "r18b")
+    assert nosuch.returncode == 1 and f"nosuch is not an object of run {up} (objects: counter)" in nosuch.stderr
+    assert moat("show", "log", "r99x").stderr.startswith("moat: r99x is not a router")
+    novm = moat("vm", "remove", "r22a", "vm9")
+    assert novm.returncode == 1 and novm.stderr == "moat: vm9 is not a VM of router r22a (VMs: none)\n"
 
 
 def test_show_without_a_network_says_so() -> None:
@@ -85,9 +97,7 @@ def test_clean_after_kill_9_removes_everything_and_is_idempotent(up: str) -> Non
     obj_pid = json.loads(moat("show", "objects", "r18b", "--json").stdout)[0]["pid"]
     assert obj_pid and obj_pid not in processes_of_run(up)
     os.kill(run.state.owner_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while pid_alive(run.state.owner_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not pid_alive(run.state.owner_pid), 5, what="the holder killed")
     assert bridges_exist(), "SIGKILL leaves the run's bridges behind"
     assert processes_of_run(up), "... and its node shells and agents"
 
@@ -143,11 +153,9 @@ def test_repo_provision_show_vm_and_errors(up: str, tmp_path: Path) -> None:
     mobile = moat("provision", "r18b", "--vm", "vm3", "--service", "counter-svc", "--mobile",
                   "counter=counter")
     assert mobile.returncode == 0, mobile.stdout + mobile.stderr
-    deadline = time.monotonic() + 15
-    rows = []
-    while time.monotonic() < deadline and not rows:
-        rows = json.loads(moat("show", "bindings", "r22b", "--json").stdout)
-    assert rows and rows[0]["home_address"] == "10.16.0.100"
+    rows = wait_until(lambda: json.loads(moat("show", "bindings", "r22b", "--json").stdout), 15,
+                      interval=0.0, what="the mobile VM object's binding at r22b")
+    assert rows[0]["home_address"] == "10.16.0.100"
     objects = json.loads(moat("show", "objects", "r18b", "--json").stdout)
     assert objects[0]["vm"] == "vm3/counter" and objects[0]["pid"] and objects[0]["memory_mb_used"] > 0
     moved = moat("migrate", "counter", "r20a")
