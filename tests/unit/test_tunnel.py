@@ -2,8 +2,9 @@
 
 The TUN device is faked by a datagram socketpair (one packet per read/write, like a TUN fd);
 the raw GRE socket by an object that records what it is asked to send and returns queued
-packets on receive. ``ip``/``tc`` commands go to a recorder, netlink to a fake IPRoute, so
-nothing here touches the machine's network.
+packets on receive. Routes, rules, links and tc go through a real netlink worker
+(:class:`agent.core.netlink.Netlink`) whose IPRoute is a fake that records them, so nothing
+here touches the machine's network; ``settle`` waits for the worker as the daemon would.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import random
 import socket
 import struct
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +22,8 @@ import pytest
 from scapy.layers.inet import GRE, ICMP, IP, UDP
 
 import agent.mobility.tunnel as tunnel_mod
+import agent.mobility.tunnel.choose as choose_mod
+from agent.core.netlink import Netlink
 from agent.mobility.tunnel import (
     GRE_KEY_FLAG,
     STAT_KEYS,
@@ -51,20 +53,83 @@ def outer_packet(gre: bytes, src: str = HOA, dst: str = FOA, proto: int = 47) ->
 # --- fakes ------------------------------------------------------------------------------------
 
 
-class Recorder:
-    """Stands in for subprocess: records argv, answers success (or what ``fail`` says)."""
+class FakeNetlinkError(Exception):
+    def __init__(self, code: int, msg: str = "") -> None:
+        self.code = code
+        super().__init__(code, msg or os.strerror(code))
 
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-        self.fail: set[str] = set()
 
-    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        self.calls.append(argv)
-        rc = 2 if any(word in " ".join(argv) for word in self.fail) else 0
-        return subprocess.CompletedProcess(argv, rc, "", "fake failure" if rc else "")
+class FakeIPRoute:
+    """pyroute2's IPRoute as the tunnel uses it: links by name, routes, rules and tc recorded.
 
-    def joined(self) -> list[str]:
-        return [" ".join(c) for c in self.calls]
+    ``calls`` has one readable line per change, like the ``ip``/``tc`` commands they replace.
+    """
+
+    def __init__(self, *devices: str) -> None:
+        self.links: dict[str, dict[str, Any]] = {}
+        self.index: dict[str, int] = {d: i for i, d in enumerate(devices, 1)}
+        self.routes: list[tuple[str, dict[str, Any]]] = []
+        self.rules: list[tuple[str, dict[str, Any]]] = []
+        self.calls: list[str] = []
+        self.threads: set[str] = set()
+        self._next = 10
+        self.closed = False
+        self.add_error: Exception | None = None
+        self.fail: set[str] = set()  # words: a call whose line contains one is refused
+
+    def _name(self, index: int) -> str:
+        return next(n for n, i in self.index.items() if i == index)
+
+    def _record(self, line: str) -> None:
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        self.calls.append(line)
+        if any(word in line for word in self.fail):
+            raise FakeNetlinkError(errno.EPERM)
+
+    def link(self, op: str, **kw: Any) -> None:
+        if op == "add":
+            if self.add_error is not None:
+                err, self.add_error = self.add_error, None
+                raise err
+            if kw["ifname"] in self.links:
+                raise FakeNetlinkError(errno.EEXIST)
+            self.links[kw["ifname"]] = kw
+            self.index[kw["ifname"]] = self._next
+            self._next += 1
+        elif op == "set":
+            name = self._name(kw["index"])
+            self._record(f"link set {name} " + " ".join(f"{k} {v}" for k, v in kw.items() if k != "index"))
+            self.links.setdefault(name, {})["state"] = kw.get("state")
+        elif op == "del":
+            name = self._name(kw["index"])
+            self.links.pop(name, None)
+            del self.index[name]
+
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [self.index[ifname]] if ifname in self.index else []
+
+    def route(self, op: str, **kw: Any) -> None:
+        self.routes.append((op, kw))
+        dev = f" dev {self._name(kw['oif'])}" if "oif" in kw else ""
+        table = f" table {kw['table']}" if "table" in kw else ""
+        self._record(f"route {op} {kw['dst']}{dev}{table}")
+
+    def rule(self, op: str, **kw: Any) -> None:
+        self.rules.append((op, kw))
+        self._record(f"rule {op} from {kw['src']}/{kw['src_len']} lookup {kw['table']} priority {kw['priority']}")
+
+    def tc(self, command: str, kind: str, index: int, handle: int = 0, **kw: Any) -> None:
+        line = f"tc {command} {kind} {self._name(index)}"
+        for key in kw.get("keys", []):
+            line += f" match {key}"
+        for action in kw.get("action", []):
+            line += f" {action['action']} {self._name(action['ifindex'])}"
+        self._record(line)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class FakeRawSocket:
@@ -136,14 +201,46 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
+def ipr() -> FakeIPRoute:
+    return FakeIPRoute("moat0", "moatx1")
 
 
 @pytest.fixture
-def tun(loop: asyncio.AbstractEventLoop, rec: Recorder) -> Iterator[tuple[UserspaceTunnel, Tun, FakeRawSocket]]:
+def netlink(ipr: FakeIPRoute) -> Iterator[Netlink]:
+    worker = Netlink(lambda: ipr, timeout=5)
+    yield worker
+    worker.close()
+
+
+class Rec:
+    """The recorded kernel changes, read once the worker has applied everything queued."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ipr: FakeIPRoute) -> None:
+        self.loop, self.ipr, self.tunnels = loop, ipr, []
+
+    def settle(self) -> None:
+        for t in self.tunnels:
+            self.loop.run_until_complete(t.settle())
+
+    @property
+    def calls(self) -> list[str]:
+        self.settle()
+        return self.ipr.calls
+
+    def joined(self) -> list[str]:
+        return self.calls
+
+
+@pytest.fixture
+def rec(loop: asyncio.AbstractEventLoop, ipr: FakeIPRoute) -> Rec:
+    return Rec(loop, ipr)
+
+
+@pytest.fixture
+def tun(loop: asyncio.AbstractEventLoop, rec: Rec, netlink: Netlink) -> Iterator[tuple[UserspaceTunnel, Tun, FakeRawSocket]]:
     fake_tun, sock = Tun(), FakeRawSocket()
-    t = UserspaceTunnel(loop, HOA, run=rec)
+    t = UserspaceTunnel(loop, HOA, netlink=netlink)
+    rec.tunnels.append(t)
     t._attach(fake_tun.fd, sock)
     yield t, fake_tun, sock
     t.close()
@@ -203,16 +300,16 @@ def test_parse_ipv4_fuzz_only_malformed() -> None:
 # --- tables -----------------------------------------------------------------------------------
 
 
-def test_set_peers_installs_and_removes_the_host_route(tun, rec: Recorder) -> None:
+def test_set_peers_installs_and_removes_the_host_route(tun, rec: Rec) -> None:
     t, _, _ = tun
     t.set_peers(OBJ, [(FOA, 42), (FOA2, 43), (FOA, 42)])
     assert t.peers == {OBJ: [(FOA, 42), (FOA2, 43)]}  # duplicates dropped, order kept
-    assert rec.joined() == [f"ip route replace {OBJ}/32 dev moat0"]
+    assert rec.joined() == [f"route replace {OBJ}/32 dev moat0"]
     t.set_peers(OBJ, [(FOA2, 43)])
     assert t.peers[OBJ] == [(FOA2, 43)]
     t.set_peers(OBJ, [])
     assert OBJ not in t.peers
-    assert rec.joined()[-1] == f"ip route del {OBJ}/32 dev moat0"
+    assert rec.joined()[-1] == f"route del {OBJ}/32 dev moat0"
     n = len(rec.calls)
     t.set_peers(OBJ, [])  # nothing there: nothing to do
     assert len(rec.calls) == n
@@ -243,29 +340,30 @@ def test_accept_and_forget(tun) -> None:
     assert t.accepted == {(HOA, 43)}
 
 
-def test_set_reverse_rules_and_table(tun, rec: Recorder) -> None:
+def test_set_reverse_rules_and_table(tun, rec: Rec) -> None:
     t, _, _ = tun
     t.set_reverse(OBJ, (HOA, 42))
     t.set_reverse("10.97.0.101", (HOA, 43))
     assert rec.joined() == [
-        "ip route replace default dev moat0 table 4347",
-        f"ip rule add from {OBJ}/32 lookup 4347 priority 4347",
-        "ip rule add from 10.97.0.101/32 lookup 4347 priority 4347",
+        "route replace 0.0.0.0/0 dev moat0 table 4347",
+        f"rule add from {OBJ}/32 lookup 4347 priority 4347",
+        "rule add from 10.97.0.101/32 lookup 4347 priority 4347",
     ]
     assert t.reverse == {OBJ: (HOA, 42), "10.97.0.101": (HOA, 43)}
     t.set_reverse(OBJ, (HOA, 44))  # a new binding: same rule, new peer
     assert len(rec.calls) == 3 and t.reverse[OBJ] == (HOA, 44)
     t.set_reverse(OBJ, None)
-    assert rec.joined()[-1] == f"ip rule del from {OBJ}/32 lookup 4347 priority 4347"
+    assert rec.joined()[-1] == f"rule del from {OBJ}/32 lookup 4347 priority 4347"
     t.set_reverse("10.97.0.101", None)
-    assert rec.joined()[-2:] == ["ip rule del from 10.97.0.101/32 lookup 4347 priority 4347",
-                                 "ip route del default dev moat0 table 4347"]
+    assert rec.joined()[-2:] == ["rule del from 10.97.0.101/32 lookup 4347 priority 4347",
+                                 "route del 0.0.0.0/0 dev moat0 table 4347"]
     assert t.reverse == {}
 
 
-def test_close_removes_what_it_made_and_is_idempotent(loop, rec: Recorder) -> None:
+def test_close_removes_what_it_made_and_is_idempotent(loop, rec: Rec, netlink: Netlink) -> None:
     fake_tun, sock = Tun(), FakeRawSocket()
-    t = UserspaceTunnel(loop, HOA, name="moatx1", run=rec)
+    t = UserspaceTunnel(loop, HOA, name="moatx1", netlink=netlink)
+    rec.tunnels.append(t)
     t._attach(fake_tun.fd, sock)
     t.set_peers(OBJ, [(FOA, 42)])
     t.set_reverse("10.97.0.5", (FOA, 42))
@@ -273,9 +371,9 @@ def test_close_removes_what_it_made_and_is_idempotent(loop, rec: Recorder) -> No
     rec.calls.clear()
     t.close()
     assert set(rec.joined()) == {
-        "ip rule del from 10.97.0.5/32 lookup 4347 priority 4347",
-        "ip route del default dev moatx1 table 4347",
-        f"ip route del {OBJ}/32 dev moatx1",
+        "rule del from 10.97.0.5/32 lookup 4347 priority 4347",
+        "route del 0.0.0.0/0 dev moatx1 table 4347",
+        f"route del {OBJ}/32 dev moatx1",
     }
     assert sock.closed and t.tun_fd is None and t.sock is None
     assert (t.peers, t.reverse, t.accepted) == ({}, {}, set())
@@ -406,7 +504,7 @@ def test_decapsulates_accepted_binding_into_the_tun(tun) -> None:
 
 
 def test_scapy_built_gre_is_accepted() -> None:
-    t = UserspaceTunnel(asyncio.new_event_loop(), FOA, run=Recorder())
+    t = UserspaceTunnel(asyncio.new_event_loop(), FOA)
     t.accept(HOA, 7)
     pkt = inner_packet()
     wire = bytes(IP(src=HOA, dst=FOA) / GRE(key_present=1, key=7, proto=0x0800) / IP(pkt))
@@ -517,7 +615,7 @@ def test_tun_write_failure_counted(tun) -> None:
     assert t.stats["dropped_send_error"] == 1 and t.stats["decapsulated"] == 0
 
 
-def test_loop_drives_both_directions(loop, rec: Recorder) -> None:
+def test_loop_drives_both_directions(loop, netlink: Netlink) -> None:
     """Readers registered with a real loop: bytes in on either side come out on the other."""
     fake_tun = Tun()
     wire_a, wire_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -529,7 +627,7 @@ def test_loop_drives_both_directions(loop, rec: Recorder) -> None:
             return data, ("?", 0)
 
     sock = WireSocket(wire_a.fileno())
-    t = UserspaceTunnel(loop, FOA, run=rec)
+    t = UserspaceTunnel(loop, FOA, netlink=netlink)
     t._attach(fake_tun.fd, sock)
     t.accept(HOA, 42)
     t.set_reverse(OBJ, (HOA, 42))
@@ -555,58 +653,27 @@ def test_loop_drives_both_directions(loop, rec: Recorder) -> None:
 # --- kernel backend with a fake netlink -------------------------------------------------------
 
 
-class FakeNetlinkError(Exception):
-    def __init__(self, code: int, msg: str = "") -> None:
-        self.code = code
-        super().__init__(code, msg or os.strerror(code))
+class Settled:
+    """The fake IPRoute, read only after the tunnel's queued changes are applied."""
 
+    def __init__(self, rec: Rec) -> None:
+        object.__setattr__(self, "rec", rec)
 
-class FakeIPRoute:
-    def __init__(self) -> None:
-        self.links: dict[str, dict[str, Any]] = {}
-        self.index: dict[str, int] = {}
-        self.routes: list[tuple[str, dict[str, Any]]] = []
-        self.rules: list[tuple[str, dict[str, Any]]] = []
-        self._next = 10
-        self.closed = False
-        self.add_error: Exception | None = None
+    def __getattr__(self, name: str) -> Any:
+        self.rec.settle()
+        return getattr(self.rec.ipr, name)
 
-    def link(self, op: str, **kw: Any) -> None:
-        if op == "add":
-            if self.add_error is not None:
-                err, self.add_error = self.add_error, None
-                raise err
-            if kw["ifname"] in self.links:
-                raise FakeNetlinkError(errno.EEXIST)
-            self.links[kw["ifname"]] = kw
-            self.index[kw["ifname"]] = self._next
-            self._next += 1
-        elif op == "set":
-            name = next(n for n, i in self.index.items() if i == kw["index"])
-            self.links[name]["state"] = kw.get("state")
-        elif op == "del":
-            name = next(n for n, i in self.index.items() if i == kw["index"])
-            del self.links[name], self.index[name]
-
-    def link_lookup(self, ifname: str) -> list[int]:
-        return [self.index[ifname]] if ifname in self.index else []
-
-    def route(self, op: str, **kw: Any) -> None:
-        self.routes.append((op, kw))
-
-    def rule(self, op: str, **kw: Any) -> None:
-        self.rules.append((op, kw))
-
-    def close(self) -> None:
-        self.closed = True
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.rec.settle()
+        setattr(self.rec.ipr, name, value)
 
 
 @pytest.fixture
-def ktun(loop, rec: Recorder, tmp_path) -> tuple[KernelTunnel, FakeIPRoute, Recorder]:
-    ipr = FakeIPRoute()
-    t = KernelTunnel(loop, HOA, netlink=ipr, run=rec, sysfs=str(tmp_path))
+def ktun(loop, rec: Rec, netlink: Netlink, tmp_path) -> tuple[KernelTunnel, Any, Rec]:
+    t = KernelTunnel(loop, HOA, netlink=netlink, sysfs=str(tmp_path))
+    rec.tunnels.append(t)
     t.start()
-    return t, ipr, rec
+    return t, Settled(rec), rec
 
 
 def test_kernel_set_peers_devices_route_and_bicast_mirror(ktun) -> None:
@@ -618,15 +685,15 @@ def test_kernel_set_peers_devices_route_and_bicast_mirror(ktun) -> None:
     assert (spec["gre_local"], spec["gre_remote"], spec["gre_ikey"], spec["gre_okey"]) == (HOA, FOA, 42, 42)
     assert spec["gre_iflags"] == spec["gre_oflags"] == GRE_KEY_FLAG == 0x2000
     assert ipr.routes[-1] == ("replace", {"dst": f"{OBJ}/32", "oif": ipr.index["mg42"]})
-    assert rec.joined() == [
-        "tc qdisc del dev mg42 clsact",
-        "tc qdisc add dev mg42 clsact",
-        f"tc filter add dev mg42 egress protocol ip prio 4347 u32 match ip dst {OBJ}/32 "
-        "action mirred egress mirror dev mg43",
+    tc = [c for c in rec.joined() if c.startswith("tc")]
+    assert tc == [
+        "tc del clsact mg42",
+        "tc add clsact mg42",
+        "tc add-filter u32 mg42 match 0x0a610064/0xffffffff+16 mirror mg43",  # ip dst OBJ/32
     ]
     rec.calls.clear()
     t.set_peers(OBJ, [(FOA, 42)])  # one binding left: no mirror, mg43 goes
-    assert rec.joined() == ["tc qdisc del dev mg42 clsact"]
+    assert [c for c in rec.joined() if c.startswith("tc")] == ["tc del clsact mg42"]
     assert set(ipr.links) == {"mg42"}
     t.set_peers(OBJ, [])
     assert ipr.routes[-1] == ("del", {"dst": f"{OBJ}/32"})
@@ -657,10 +724,12 @@ def test_kernel_device_names_unique_and_stale_device_replaced(ktun) -> None:
 
 
 def test_kernel_device_failure_is_a_tunnel_error(ktun) -> None:
-    t, ipr, _ = ktun
+    t, ipr, rec = ktun
     ipr.add_error = FakeNetlinkError(errno.EOPNOTSUPP)
+    t.accept(FOA, 42)  # queued: the refusal comes back from settle
     with pytest.raises(tunnel_mod.TunnelError, match="cannot create GRE device mg42"):
-        t.accept(FOA, 42)
+        rec.settle()
+    assert t.devices == {}  # forgotten, so the next accept tries again
 
 
 def test_kernel_reverse_table_per_device(ktun) -> None:
@@ -707,7 +776,7 @@ def test_kernel_stats_from_device_counters(ktun, tmp_path) -> None:
 
 
 def test_make_tunnel_forced_kernel_unavailable(monkeypatch, loop) -> None:
-    monkeypatch.setattr(tunnel_mod, "_probe_kernel_gre", lambda: "the kernel cannot create a GRE device here: "
+    monkeypatch.setattr(choose_mod, "_probe_kernel_gre", lambda: "the kernel cannot create a GRE device here: "
                         "(95, 'Operation not supported') (no ip_gre module)")
     with pytest.raises(TunnelUnavailable, match="kernel GRE backend requested but unavailable.*no ip_gre") as exc:
         make_tunnel("kernel", loop=loop, local=HOA)
@@ -720,7 +789,7 @@ def test_make_tunnel_forced_kernel_unavailable(monkeypatch, loop) -> None:
 
 
 def test_make_tunnel_kernel_when_available(monkeypatch, loop) -> None:
-    monkeypatch.setattr(tunnel_mod, "_probe_kernel_gre", lambda: None)
+    monkeypatch.setattr(choose_mod, "_probe_kernel_gre", lambda: None)
     assert detect_backend() == "kernel"
     assert isinstance(make_tunnel("auto", loop=loop, local=HOA), KernelTunnel)
     assert make_tunnel("kernel", loop=loop, local=HOA).backend == "kernel"
@@ -734,21 +803,30 @@ def test_make_tunnel_kernel_when_available(monkeypatch, loop) -> None:
     (FakeNetlinkError(errno.EOPNOTSUPP), "no ip_gre module"),
     (FakeNetlinkError(errno.EPERM), "Operation not permitted"),
 ])
-def test_probe_creates_and_deletes_a_throwaway_gre(monkeypatch, add_error, expect) -> None:
+def test_probe_creates_and_deletes_a_throwaway_gre(add_error, expect) -> None:
     ipr = FakeIPRoute()
     ipr.add_error = add_error
-
-    class Threaded:
-        def __init__(self) -> None:
-            self.link, self.link_lookup, self.close = ipr.link, ipr.link_lookup, ipr.close
-
-    monkeypatch.setattr(tunnel_mod, "_ThreadedIPRoute", Threaded)
-    reason = tunnel_mod._probe_kernel_gre()
+    worker = Netlink(lambda: ipr, timeout=5)
+    try:
+        reason = tunnel_mod._probe_kernel_gre(worker)
+    finally:
+        worker.close()
     if expect is None:
         assert reason is None
     else:
         assert expect in reason
-    assert ipr.links == {} and ipr.closed  # nothing left behind
+    assert ipr.links == {} and ipr.index == {} and ipr.closed  # nothing left behind
+
+
+def test_probe_without_netlink_names_the_reason() -> None:
+    def broken() -> Any:
+        raise OSError(errno.EPROTONOSUPPORT, "no netlink here")
+
+    worker = Netlink(broken, timeout=5)
+    try:
+        assert "netlink unavailable" in tunnel_mod._probe_kernel_gre(worker)
+    finally:
+        worker.close()
 
 
 def test_tunnel_name_length_checked(loop) -> None:
@@ -756,3 +834,24 @@ def test_tunnel_name_length_checked(loop) -> None:
         UserspaceTunnel(loop, HOA, name="x" * 16)
     with pytest.raises(ValueError):
         UserspaceTunnel(loop, "not-an-address")
+
+
+def test_refused_rule_is_reported_undone_and_retried(tun, rec: Rec, ipr: FakeIPRoute) -> None:
+    t, _, _ = tun
+    ipr.fail = {"rule add"}
+    t.set_reverse(OBJ, (HOA, 42))
+    with pytest.raises(tunnel_mod.TunnelError, match=f"rule from {OBJ} lookup 4347"):
+        rec.settle()
+    assert t._rules == set()  # so that the next binding tries again
+    ipr.fail = set()
+    t.set_reverse(OBJ, None)
+    t.set_reverse(OBJ, (HOA, 43))
+    assert rec.joined()[-1] == f"rule add from {OBJ}/32 lookup 4347 priority 4347"
+
+
+def test_kernel_changes_run_on_the_netlink_worker_not_the_loop(tun, rec: Rec, ipr: FakeIPRoute) -> None:
+    t, _, _ = tun
+    t.set_peers(OBJ, [(FOA, 42)])
+    t.set_reverse(OBJ, (HOA, 42))
+    rec.settle()
+    assert ipr.threads == {"moat-netlink"}
