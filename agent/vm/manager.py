@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Protocol
 
 from packets.codes import SERVICE_PORT
 
+from agent.core import netlink
 from agent.core.errors import AgentError
 from agent.vm.shaping import EgressShaper
 
@@ -294,17 +294,17 @@ class VmManager:
             raise ProvisionError("fetch", "this router knows no remote site")
         storage = Path(self.baseline.storage)
         fetched = storage / "fetched" / f"{vm.name}-{vm.service}"
-        shutil.rmtree(fetched, ignore_errors=True)
-        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
         try:
-            result = await loop.run_in_executor(None, lambda: fetch_service(
-                site.address, site.port, site.user, site.client_key, site.known_host_key,
-                vm.service, fetched, cache_dir=storage / "cache", replace=True))
+            result = await asyncio.to_thread(
+                fetch_service, site.address, site.port, site.user, site.client_key,
+                site.known_host_key, vm.service, fetched, cache_dir=storage / "cache", replace=True)
         except RepositoryError as exc:
             raise ProvisionError("fetch", f"{type(exc).__name__}: {exc}") from None
         vm.steps.append((f"fetched ({result.bytes_downloaded} bytes, {len(result.cached)} cached)", time.time()))
         try:
-            manifest, _policy, _kid = inspect_service(fetched)
+            # Reads, hashes and checks the archive: off the loop.
+            manifest, _policy, _kid = await asyncio.to_thread(inspect_service, fetched)
         except RepositoryError as exc:
             raise ProvisionError("manifest", f"{type(exc).__name__}: {exc}") from None
         unknown = (set(vm.only) | set(vm.mobile)) - {o.name for o in manifest.objects}
@@ -320,12 +320,12 @@ class VmManager:
         vm.steps.append(("resources sufficient", time.time()))
         dest = storage / "installed" / vm.name
         try:
-            verified = await loop.run_in_executor(None, lambda: install_service(
-                fetched, [load_public_key(Path(k)) for k in vm.authorized], dest, replace=True))
+            keys = [load_public_key(Path(k)) for k in vm.authorized]
+            verified = await asyncio.to_thread(install_service, fetched, keys, dest, replace=True)
         except RepositoryError as exc:
             raise ProvisionError("credentials", f"{type(exc).__name__}: {exc}") from None
         finally:
-            shutil.rmtree(fetched, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
         vm.version, vm.installed = verified.manifest.version, str(dest)
         vm.policy = {**verified.policy.to_json(), **vm.policy}  # the VM's terms override the provider's
         vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})", time.time()))
@@ -333,10 +333,10 @@ class VmManager:
     async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                           warm: bool = False) -> None:
         if vm.kind == "interface":
-            out = subprocess.run(["ip", "addr", "add", f"{vm.address}/32", "dev", str(vm.interface)],
-                                 capture_output=True, text=True, timeout=RUN_TIMEOUT)
-            if out.returncode != 0 and "exists" not in out.stderr:
-                raise ProvisionError("virtual interface", out.stderr.strip())
+            try:
+                await netlink.address_add(str(vm.address), 32, str(vm.interface))
+            except netlink.NetlinkError as exc:
+                raise ProvisionError("virtual interface", str(exc)) from None
         if vm.egress_kbit:
             self._next_key += 1
             vm.shaper_key = self._next_key
@@ -350,8 +350,8 @@ class VmManager:
             else:
                 match = {"src": homes, "sport": vm.port if plain else None}
             try:
-                capped = await asyncio.get_running_loop().run_in_executor(None, lambda: self.shaper.cap(
-                    vm.shaper_key, vm.egress_kbit, list(self.addresses), **match))
+                capped = await self.shaper.cap(vm.shaper_key, vm.egress_kbit, list(self.addresses),
+                                               **match)
             except Exception as exc:  # noqa: BLE001 - netlink refusals are a refusal of the VM
                 raise ProvisionError("resources", f"egress cap: {exc!r}") from None
             vm.steps.append((f"egress capped at {vm.egress_kbit} kbit/s on {', '.join(capped)}", time.time()))
@@ -458,17 +458,17 @@ class VmManager:
             if site is None:
                 continue
             probe = Path(self.baseline.storage) / "fetched" / f"{vm.name}-check"
-            loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(None, lambda: fetch_service(
-                    site.address, site.port, site.user, site.client_key, site.known_host_key,
-                    vm.service, probe, cache_dir=Path(self.baseline.storage) / "cache", replace=True))
-                version = inspect_service(probe)[0].version
+                await asyncio.to_thread(
+                    fetch_service, site.address, site.port, site.user, site.client_key,
+                    site.known_host_key, vm.service, probe,
+                    cache_dir=Path(self.baseline.storage) / "cache", replace=True)
+                version = (await asyncio.to_thread(inspect_service, probe))[0].version
             except RepositoryError as exc:
                 log.info("update check for %s failed: %s", vm.name, exc)
                 continue
             finally:
-                shutil.rmtree(probe, ignore_errors=True)
+                await asyncio.to_thread(shutil.rmtree, probe, ignore_errors=True)
             if version == vm.version:
                 continue
             done.append(await self._upgrade(vm, version))
@@ -547,13 +547,14 @@ class VmManager:
             except Exception as exc:  # noqa: BLE001 - still remove the rest
                 log.warning("stopping %s of VM %s: %r", obj, name, exc)
         if vm.kind == "interface" and vm.interface:
-            subprocess.run(["ip", "addr", "del", f"{vm.address}/32", "dev", vm.interface],
-                           capture_output=True, timeout=RUN_TIMEOUT)
+            try:
+                await netlink.address_del(str(vm.address), 32, vm.interface)
+            except netlink.NetlinkError as exc:  # still remove the rest
+                log.warning("removing %s of VM %s: %s", vm.address, name, exc)
         if vm.shaper_key is not None:
-            key = vm.shaper_key
-            await asyncio.get_running_loop().run_in_executor(None, lambda: self.shaper.uncap(key))
+            await self.shaper.uncap(vm.shaper_key)
         if vm.installed:
-            shutil.rmtree(vm.installed, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, vm.installed, ignore_errors=True)
         return vm.describe()
 
     async def close(self) -> None:

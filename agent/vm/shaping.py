@@ -8,15 +8,21 @@ VM's class joins it; elsewhere MOAT adds an htb root whose default is *no* class
 that is not a VM's passes unshaped. Other root qdiscs (netem, tbf) are left alone with a
 warning: the cap then does not hold on that interface.
 
-pyroute2's IPRoute must not be created inside a running asyncio loop, so callers run these
-functions in a worker thread (``loop.run_in_executor``).
+The netlink work runs on the agent's netlink worker (:mod:`agent.core.netlink`): ``cap`` and
+``uncap`` are coroutines that never block the loop, and one lock keeps two VMs' caps from
+deciding about the same htb root at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import socket
 from dataclasses import dataclass, field
+from typing import Any
+
+from agent.core import netlink as nl
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class EgressShaper:
     """Caps per VM key; remembers what it added so it can remove exactly that."""
 
     caps: dict[int, list[_Installed]] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 
     @staticmethod
     def filters(key: int, src: list[str], sport: int | None) -> list[tuple[int, list[str]]]:
@@ -56,69 +63,81 @@ class EgressShaper:
             raise ValueError(f"at most {MAX_FILTERS} filters per cap, not {len(keysets)}")
         return [(0x100 + key + 0x1000 * i, keys) for i, keys in enumerate(keysets)]
 
-    def cap(self, key: int, kbit: int, interfaces: list[str], src: str | list[str] | None = None,
-            sport: int | None = None) -> list[str]:
+    def _owns_root(self, index: int) -> bool:
+        return any(i.index == index and i.ours for v in self.caps.values() for i in v)
+
+    async def cap(self, key: int, kbit: int, interfaces: list[str], src: str | list[str] | None = None,
+                  sport: int | None = None) -> list[str]:
         """Cap the egress of VM ``key`` to ``kbit`` on every interface, for packets from the
         ``src`` addresses or the UDP/TCP source port ``sport``; returns the interfaces
-        where the cap holds."""
-        from pyroute2 import IPRoute
-
+        where the cap holds. A kernel refusal raises :class:`~agent.core.netlink.NetlinkError`."""
         sources = [src] if isinstance(src, str) else list(src or [])
         if not 1 <= key <= MAX_KEY or kbit <= 0 or (not sources and sport is None):
             raise ValueError("a cap needs a key, a positive rate and source addresses or a port")
         filters = self.filters(key, sources, sport)
         done: list[str] = []
-        with IPRoute() as ipr:
+        async with self._lock:
             for ifname in interfaces:
-                found = ipr.link_lookup(ifname=ifname)
-                if not found:
-                    continue
-                index = found[0]
-                root = next((q for q in ipr.get_qdiscs(index) if q["parent"] == ROOT_PARENT), None)
-                kind = root.get_attr("TCA_KIND") if root is not None else "noqueue"
-                if kind == "htb":
-                    major, ours = root["handle"] >> 16, False
-                elif kind in REPLACEABLE_ROOTS:
-                    major, ours = MOAT_MAJOR, True
-                    if not any(i.index == index and i.ours for v in self.caps.values() for i in v):
-                        ipr.tc("replace", "htb", index, MOAT_MAJOR << 16, default=0)
-                else:
-                    log.warning("%s has a %s root qdisc: VM egress cap not applied there", ifname, kind)
-                    continue
-                classid = (major << 16) | (0x100 + key)
-                rate = f"{kbit}kbit"
-                ipr.tc("add-class", "htb", index, classid, parent=major << 16, rate=rate, ceil=rate)
-                for prio, keys in filters:
-                    ipr.tc("add-filter", "u32", index, parent=major << 16, prio=prio,
-                           protocol=0x0800, target=classid, keys=keys)
-                self.caps.setdefault(key, []).append(_Installed(index, major, ours, rate, filters))
-                done.append(ifname)
+                installed = await self._cap_one(key, kbit, ifname, filters)
+                if installed is not None:
+                    self.caps.setdefault(key, []).append(installed)
+                    done.append(ifname)
         return done
 
-    def uncap(self, key: int) -> None:
-        """Remove VM ``key``'s classes and filters (and MOAT's htb roots left empty)."""
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
+    async def _cap_one(self, key: int, kbit: int, ifname: str,
+                       filters: list[tuple[int, list[str]]]) -> _Installed | None:
+        """The VM's class and filters on one interface (None where it cannot be capped)."""
+        netlink = nl.default()
+        try:
+            index, qdiscs = await netlink.run(nl.op_qdiscs(ifname), f"qdiscs of {ifname}")
+        except nl.NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+        root = next(((handle, kind) for parent, handle, kind in qdiscs if parent == ROOT_PARENT), None)
+        kind = root[1] if root is not None else "noqueue"
+        if kind == "htb":
+            major, ours = root[0] >> 16, False  # type: ignore[index] - kind htb: a root exists
+        elif kind in REPLACEABLE_ROOTS:
+            major, ours = MOAT_MAJOR, True
+            if not self._owns_root(index):
+                await netlink.run(nl.op_tc("replace", "htb", index, MOAT_MAJOR << 16, default=0),
+                                  f"htb root on {ifname}")
+        else:
+            log.warning("%s has a %s root qdisc: VM egress cap not applied there", ifname, kind)
+            return None
+        classid = (major << 16) | (0x100 + key)
+        rate = f"{kbit}kbit"
+        await netlink.run(nl.op_tc("add-class", "htb", index, classid, parent=major << 16, rate=rate,
+                                   ceil=rate), f"htb class {key} on {ifname}")
+        for prio, keys in filters:
+            await netlink.run(nl.op_tc("add-filter", "u32", index, parent=major << 16, prio=prio,
+                                       protocol=nl.ETH_P_IP, target=classid, keys=keys),
+                              f"u32 filter {key}/{prio:x} on {ifname}")
+        return _Installed(index, major, ours, rate, filters)
 
-        installed = self.caps.pop(key, [])
-        with IPRoute() as ipr:
-            for item in installed:
-                classid = (item.major << 16) | (0x100 + key)
-                # pyroute2 rebuilds the messages from the same parameters as when adding.
-                for prio, keys in item.filters:
-                    try:
-                        ipr.tc("del-filter", "u32", item.index, parent=item.major << 16, prio=prio,
-                               protocol=0x0800, target=classid, keys=keys)
-                    except NetlinkError as exc:
-                        log.info("removing filter %d/%x: %s", key, prio, exc)
-                try:
-                    ipr.tc("del-class", "htb", item.index, classid, parent=item.major << 16,
-                           rate=item.rate, ceil=item.rate)
-                except NetlinkError as exc:
-                    log.info("removing class %d: %s", key, exc)
-                still = any(i.index == item.index and i.ours for v in self.caps.values() for i in v)
-                if item.ours and not still:
-                    try:
-                        ipr.tc("del", "htb", item.index, MOAT_MAJOR << 16)
-                    except NetlinkError as exc:
-                        log.info("removing htb root: %s", exc)
+    async def uncap(self, key: int) -> None:
+        """Remove VM ``key``'s classes and filters (and MOAT's htb roots left empty)."""
+        async with self._lock:
+            for item in self.caps.pop(key, []):
+                await self._uncap_one(key, item)
+
+    async def _uncap_one(self, key: int, item: _Installed) -> None:
+        netlink = nl.default()
+        classid = (item.major << 16) | (0x100 + key)
+        # pyroute2 rebuilds the messages from the same parameters as when adding.
+        steps: list[tuple[str, nl.Op[Any]]] = [
+            (f"removing filter {key}/{prio:x}",
+             nl.op_tc("del-filter", "u32", item.index, parent=item.major << 16, prio=prio,
+                      protocol=nl.ETH_P_IP, target=classid, keys=keys))
+            for prio, keys in item.filters]
+        steps.append((f"removing class {key}", nl.op_tc("del-class", "htb", item.index, classid,
+                                                        parent=item.major << 16, rate=item.rate,
+                                                        ceil=item.rate)))
+        if item.ours and not self._owns_root(item.index):
+            steps.append(("removing htb root", nl.op_tc("del", "htb", item.index, MOAT_MAJOR << 16)))
+        for what, op in steps:
+            try:
+                await netlink.run(op, what)
+            except nl.NetlinkError as exc:
+                log.info("%s: %s", what, exc)
