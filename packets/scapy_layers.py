@@ -30,7 +30,7 @@ Importing this module changes Scapy's global dissection tables. What it does, an
   ``underlayer.unused >> 24``; build one with :func:`advertisement_packet`, which sets
   ``unused`` for you. Solicitations are plain ``ICMP(type=10)``.
 * **UDP/TCP 4340 and 4341 (control and service).** Both carry the same MOAT control framing
-  (DESIGN §4), dissected as :class:`MoatControl`. On TCP one segment need not hold exactly one
+  (docs/architecture.md §2.2), dissected as :class:`MoatControl`. On TCP one segment need not hold exactly one
   message: bytes past the declared body length become ``Padding``, and ``tcp_reassemble``
   lets ``sniff(session=TCPSession)`` re-frame a stream.
 * **GRE.** Scapy's own ``GRE`` already reads and writes the RFC 2890 key; nothing is defined.

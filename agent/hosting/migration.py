@@ -1,7 +1,7 @@
 """Moving a running object between routers, with its state, in band (TCP 4340).
 
 The source router drives the move; the target obeys MIGRATE and STATE_TRANSFER messages in
-MOAT's control framing, so captures show the whole exchange. Two modes (issue "handoff"):
+MOAT's control framing, so captures show the whole exchange (docs/architecture.md §4.2). Two modes:
 
 * **make-before-break**: the target starts a *warm* instance (it queues requests) and
   registers it with ``S`` (the HOA bicasts to both); only then does the source deregister its

@@ -1,7 +1,7 @@
 -- moat.lua: Wireshark/tshark dissector for MOAT's own wire formats.
 --
 -- Everything RFC 5944 defines (registration, advertisements, GRE) Wireshark already dissects;
--- this script adds only what MOAT defines on top (DESIGN.md section 4):
+-- this script adds only what MOAT defines on top (docs/architecture.md, section 2.2):
 --
 --  * the NVSE sub-types under Vendor-ID 32473, through the "mip.nvse_ext" dissector table of
 --    packet-mip.c. That table hands the sub-dissector a tvb that starts at the 2-byte

@@ -1,5 +1,5 @@
-"""Property-based fuzzing of every MOAT decoder (DESIGN.md §4: "every decoder is strict: bad
-input raises one error type with a reason, never anything else").
+"""Property-based fuzzing of every MOAT decoder (README.md, "Wire protocol": every decoder is
+strict: bad input raises one error type with a reason, never anything else).
 
 Each decoder gets (a) random byte strings and (b) mutations of valid encoded messages (byte
 flips, truncation, insertion, deletion, length-byte edits; advertisements get their checksum

@@ -1,7 +1,7 @@
 """Wireshark (tshark) reads MOAT's RFC 5944 messages natively, with the values we encoded.
 
-DESIGN §4 promises that mobility messages follow RFC 5944 byte for byte "so Wireshark dissects
-them natively". This checks it against an independent implementation: our codec's bytes go into
+The README promises that mobility messages follow RFC 5944 byte for byte, so Wireshark dissects
+them natively. This checks it against an independent implementation: our codec's bytes go into
 a pcap, tshark's own dissectors (packet-mip.c, packet-icmp.c) read them, and the field values
 must be the ones we put in. No root; skipped if tshark is not installed.
 
