@@ -137,3 +137,14 @@ class ControlType(enum.IntEnum):
     STATE_TRANSFER = 10
     VM_NEGOTIATE = 11
     VM_OFFER = 12
+    #: The service broker on a LAN (periodic, TTL 1 to 224.0.0.1, or the answer to a
+    #: solicitation) and a corresponding object asking for it (Fig. 12, step 200).
+    BROKER_ADVERT = 13
+    BROKER_SOLICIT = 14
+    #: A VM's service instance joins or leaves the broker's directory (Fig. 10, 160/162).
+    SERVICE_REGISTER = 15
+    SERVICE_DEREGISTER = 16
+    #: The broker tells an instance's router that a lease ended before its expiry.
+    LEASE_REVOKE = 17
+    #: A corresponding object asks the broker which services it knows.
+    SERVICE_LIST = 18

@@ -53,6 +53,12 @@ local control_types = {
     [10] = "state_transfer",
     [11] = "vm_negotiate",
     [12] = "vm_offer",
+    [13] = "broker_advert",
+    [14] = "broker_solicit",
+    [15] = "service_register",
+    [16] = "service_deregister",
+    [17] = "lease_revoke",
+    [18] = "service_list",
 }
 
 ---------------------------------------------------------------------------------------------
