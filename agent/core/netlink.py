@@ -3,15 +3,13 @@
 The one netlink layer of the agent (issue 9): every kernel network change in ``agent/`` goes
 through here, never through ``ip``/``tc`` subprocesses.
 
-Why a worker thread: pyroute2 >= 0.9 runs an asyncio loop of its own inside the synchronous
-``IPRoute``, so an ``IPRoute`` cannot be used from a thread whose loop is already running (the
-daemon's). Its ``AsyncIPRoute`` would run on our loop, but its API has changed between 0.9
-releases and its tc support is thinner; the synchronous ``IPRoute`` is the long-tested one.
-So :class:`Netlink` owns one ``IPRoute`` on one dedicated thread; callers hand it *operations*
-(functions of the ``IPRoute``) and either await the result (:meth:`Netlink.run`) or, from
-synchronous code in the loop, get a ``concurrent.futures.Future`` at once
-(:meth:`Netlink.submit`). One thread means operations apply in the order they were given, and
-the loop never waits for the kernel. The thread inherits the process's network namespace.
+Why a worker thread: pyroute2 >= 0.9 runs an asyncio loop inside the synchronous ``IPRoute``,
+which therefore cannot be used on a thread whose loop is running (the daemon's); its
+``AsyncIPRoute`` has changed API between 0.9 releases and has thinner tc support. So
+:class:`Netlink` owns one ``IPRoute`` on one dedicated thread; callers hand it *operations*
+(functions of the ``IPRoute``) and await the result (:meth:`Netlink.run`) or, from synchronous
+code in the loop, get a future at once (:meth:`Netlink.submit`). One thread: operations apply
+in the order given, and the loop never waits for the kernel.
 
 ``op_*`` functions build operations (checking their arguments at once, in the caller); the
 ``async`` functions below them are the everyday API. A kernel refusal becomes
@@ -277,10 +275,9 @@ def op_address(command: str, address: str, prefixlen: int, ifname: str) -> Op[No
     if command not in ("add", "del"):
         raise NetlinkArgumentError(f"address command {command!r} is not add or del")
 
-    def run(ipr: Any) -> None:
-        ipr.addr(command, index=index_of(ipr, ifname), address=address, prefixlen=prefixlen)
-
-    return tolerate(run, errno.EEXIST if command == "add" else errno.EADDRNOTAVAIL)
+    return tolerate(lambda ipr: ipr.addr(command, index=index_of(ipr, ifname), address=address,
+                                         prefixlen=prefixlen),
+                    errno.EEXIST if command == "add" else errno.EADDRNOTAVAIL)
 
 
 def op_route(command: str, destination: str, *, via: str | None = None, ifname: str | None = None,
@@ -314,10 +311,8 @@ def op_rule(command: str, src: str, table: int, priority: int) -> Op[None]:
     if command not in ("add", "del"):
         raise NetlinkArgumentError(f"rule command {command!r} is not add or del")
 
-    def run(ipr: Any) -> None:
-        ipr.rule(command, **spec)
-
-    return tolerate(run, errno.EEXIST if command == "add" else errno.ENOENT)
+    return tolerate(lambda ipr: ipr.rule(command, **spec),
+                    errno.EEXIST if command == "add" else errno.ENOENT)
 
 
 def op_neighbour(command: str, address: str, ifname: str, lladdr: str | None = None) -> Op[None]:
@@ -331,9 +326,7 @@ def op_neighbour(command: str, address: str, ifname: str, lladdr: str | None = N
     elif command != "del":
         raise NetlinkArgumentError(f"neighbour command {command!r} is not replace or del")
 
-    def run(ipr: Any) -> None:
-        ipr.neigh(command, ifindex=index_of(ipr, ifname), **spec)
-
+    run: Op[None] = lambda ipr: ipr.neigh(command, ifindex=index_of(ipr, ifname), **spec)  # noqa: E731
     return run if command == "replace" else tolerate(run, errno.ENOENT, errno.ESRCH)
 
 
@@ -352,10 +345,7 @@ def op_link_set(ifname: str, *, up: bool | None = None, mtu: int | None = None,
     if txqlen is not None:
         spec["txqlen"] = _u32(txqlen, "txqlen")
 
-    def run(ipr: Any) -> None:
-        ipr.link("set", index=index_of(ipr, ifname), **spec)
-
-    return run
+    return lambda ipr: ipr.link("set", index=index_of(ipr, ifname), **spec)
 
 
 def op_link_del(ifname: str) -> Op[None]:
@@ -416,9 +406,7 @@ def op_tc(command: str, kind: str, index: int, handle: int = 0, *, missing_ok: b
     """One pyroute2 ``tc`` call on interface ``index`` (a del of something gone is fine
     with ``missing_ok``)."""
 
-    def run(ipr: Any) -> None:
-        ipr.tc(command, kind, index, handle, **kwargs)
-
+    run: Op[None] = lambda ipr: ipr.tc(command, kind, index, handle, **kwargs)  # noqa: E731
     return tolerate(run, errno.ENOENT, errno.EINVAL) if missing_ok else run
 
 

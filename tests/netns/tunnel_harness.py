@@ -11,7 +11,9 @@ line per command line:
     {"op": "stats"}
     {"op": "quit"}
 
-Every answer is ``{"ok": true, "stats": {...}}`` or ``{"ok": false, "error": "..."}``.
+Every answer is ``{"ok": true, "stats": {...}}`` or ``{"ok": false, "error": "..."}``, sent
+once the kernel has the command's routes and rules (the tunnel queues them on the netlink
+worker; ``tunnel.settle()`` waits for them), so a test may look at them right away.
 EOF on stdin or SIGTERM closes the tunnel (removing what it made) and exits.
 """
 
@@ -74,6 +76,17 @@ async def serve(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown op {op!r}")
 
     buf = b""
+    lines: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def answer() -> None:
+        while True:
+            line = await lines.get()
+            try:
+                handle(json.loads(line))
+                await tunnel.settle()
+                reply({"ok": True, "stats": tunnel.stats})
+            except Exception as exc:  # noqa: BLE001 - report to the test
+                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def on_stdin() -> None:
         nonlocal buf
@@ -84,22 +97,19 @@ async def serve(args: argparse.Namespace) -> int:
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
-            if not line.strip():
-                continue
-            try:
-                handle(json.loads(line))
-                reply({"ok": True, "stats": tunnel.stats})
-            except Exception as exc:  # noqa: BLE001 - report to the test
-                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            if line.strip():
+                lines.put_nowait(line)
 
     os.set_blocking(sys.stdin.fileno(), False)
     loop.add_reader(sys.stdin.fileno(), on_stdin)
+    answering = asyncio.create_task(answer())
     reply({"ready": True, "backend": tunnel.backend})
     try:
         await done.wait()
     finally:
         loop.remove_reader(sys.stdin.fileno())
-        tunnel.close()
+        answering.cancel()
+        await tunnel.aclose()
     return 0
 
 

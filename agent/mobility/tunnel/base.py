@@ -233,16 +233,18 @@ class Tunnel:
 
     # --- the kernel queue ----------------------------------------------------------------------
 
-    def _apply(self, op: nl.Op[Any], what: str, on_error: Callable[[], None] | None = None) -> None:
+    def _apply(self, op: nl.Op[Any], what: str, on_error: Callable[[], None] | None = None
+               ) -> concurrent.futures.Future[Any] | None:
         """Queue one kernel change; a refusal is logged, undone with ``on_error`` (on the
-        loop) and reported by the next :meth:`settle`."""
+        loop) and reported by the next :meth:`settle`. Its future (None if not queued)."""
         try:
             future = (self.netlink or nl.default()).submit(op, what)
         except nl.NetlinkError as exc:
             self._failed(str(exc), on_error)
-            return
+            return None
         self._pending.add(future)
         future.add_done_callback(lambda f: self._finished(f, on_error))
+        return future
 
     def _finished(self, future: concurrent.futures.Future[Any],
                   on_error: Callable[[], None] | None) -> None:
@@ -285,10 +287,31 @@ class Tunnel:
         if failures:
             raise TunnelError("; ".join(failures))
 
+    def start(self) -> None:
+        """Set the tunnel up, waiting (once, at start-up) until the kernel has done it: the
+        agent serves nothing before, and every later change finds a warm netlink worker.
+        :class:`TunnelError` if it cannot be done; :meth:`astart` does not block the loop."""
+        future = self._begin()
+        if future is None:
+            return
+        try:
+            future.result(SETTLE_TIMEOUT)
+        except Exception as exc:
+            self.close()
+            raise TunnelError(str(exc)) from exc
+
     async def astart(self) -> None:
-        """:meth:`start`, returning once the device is up (TunnelError if it cannot be)."""
-        self.start()
-        await self.settle()
+        """:meth:`start` without blocking the loop (TunnelError if it cannot be done)."""
+        self._begin()
+        try:
+            await self.settle()
+        except TunnelError:
+            self.close()
+            raise
+
+    def _begin(self) -> concurrent.futures.Future[Any] | None:
+        """Start: what can be done at once, plus the queued kernel change to wait for."""
+        raise NotImplementedError
 
     async def aclose(self) -> None:
         """:meth:`close`, returning once routes, rules and devices are gone."""
@@ -299,9 +322,6 @@ class Tunnel:
             log.warning("closing tunnel %s: %s", self.name, exc)
 
     # --- the interface -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError

@@ -58,7 +58,8 @@ class KernelTunnel(Tunnel):
 
     # --- life cycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def _begin(self) -> None:
+        """Nothing to make yet: devices come with the first peer."""
         self._rp.relax_all()
         self._started = True
         log.info("kernel GRE tunnel up (local %s)", self.local)

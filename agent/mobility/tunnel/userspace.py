@@ -8,6 +8,7 @@ routes and rules go through the netlink queue of :class:`~.base.Tunnel`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import fcntl
 import logging
@@ -68,7 +69,7 @@ class UserspaceTunnel(Tunnel):
 
     # --- life cycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def _begin(self) -> concurrent.futures.Future[Any] | None:
         """Make the TUN device and the raw socket; the device comes up via the netlink queue."""
         fd = self._open_tun()
         try:
@@ -82,10 +83,11 @@ class UserspaceTunnel(Tunnel):
         self._closed = False
         # A longer TUN queue than the default 500 packets: the agent drains it from one
         # event loop, and bursts (a TCP window) arrive faster than one read per packet.
-        self._apply(nl.op_link_set(self.name, up=True, mtu=TUN_MTU, txqlen=TUN_QUEUE),
-                    f"cannot bring TUN device {self.name} up")
+        up = self._apply(nl.op_link_set(self.name, up=True, mtu=TUN_MTU, txqlen=TUN_QUEUE),
+                         f"cannot bring TUN device {self.name} up")
         self._attach(fd, sock)
         log.info("userspace GRE tunnel %s up (local %s)", self.name, self.local)
+        return up
 
     def _open_tun(self) -> int:
         try:
