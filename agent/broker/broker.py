@@ -29,7 +29,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from agent.broker import wire
 from agent.broker.admission import Admission, AdmissionPolicy
