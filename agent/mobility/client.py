@@ -114,7 +114,12 @@ class RegistrationClient:
         advertise_interval: float = 1.0,
         announce: Callable[[int, str], None] = lambda ifindex, address: None,
         clock: Callable[[], float] = time.monotonic,
+        transport: asyncio.DatagramTransport | None = None,
     ) -> None:
+        """``clock`` and ``transport`` are seams for tests: by default the monotonic clock,
+        and a UDP socket on an ephemeral port opened by :meth:`start`. An injected
+        ``transport`` needs ``sendto(data, (address, port))`` and ``close()``; replies are
+        handed to :meth:`_on_reply`."""
         self.config = config
         self._solicit = solicit
         self._announce = announce
@@ -127,7 +132,7 @@ class RegistrationClient:
         self.bad_replies = 0
         self._last_ident: int | None = None
         self._waiting: dict[int, asyncio.Future] = {}
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: asyncio.DatagramTransport | None = transport
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -136,10 +141,11 @@ class RegistrationClient:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _ReplyProtocol(self), local_addr=("0.0.0.0", 0)
-        )
+        if self._transport is None:
+            loop = asyncio.get_running_loop()
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _ReplyProtocol(self), local_addr=("0.0.0.0", 0)
+            )
         self._task = asyncio.create_task(self._run(), name=f"object-{self.config.name}")
         self._solicit()
 
