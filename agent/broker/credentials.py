@@ -85,21 +85,40 @@ class Claims:
         return cls(doc["l"], doc["s"], doc["i"], e / 1000, doc["h"])
 
 
+def derive_service_key(master: bytes, service: str) -> bytes:
+    """The credential key of ``service`` under the run's router key (see ServiceKeys.derived)."""
+    return hmac.new(master, b"moat service credential|" + service.encode(), hashlib.sha256).digest()
+
+
 class ServiceKeys:
     """The broker's per-service secrets (shared with that service's instances only)."""
 
-    def __init__(self, new_key: Callable[[], bytes] = lambda: secrets.token_bytes(KEY_BYTES)):
+    def __init__(self, new_key: Callable[[], bytes] = lambda: secrets.token_bytes(KEY_BYTES),
+                 derive: Callable[[str], bytes] | None = None):
         self._new_key = new_key
+        self._derive = derive
         self._keys: dict[str, bytes] = {}
 
+    @classmethod
+    def derived(cls, master: bytes) -> "ServiceKeys":
+        """Keys derived from the run's router key: HMAC(master, label | service).
+
+        The broker and every router hold the router key, so an instance's router computes its
+        service's key itself and no key ever crosses the wire (the broker never sends one)."""
+        if len(master) < 16:
+            raise ValueError("the master key must be at least 16 bytes")
+        return cls(new_key=lambda: b"", derive=lambda service: derive_service_key(master, service))
+
     def key(self, service: str) -> bytes:
-        """The key of ``service``, made on first use."""
+        """The key of ``service``, made (or derived) on first use."""
         if service not in self._keys:
-            self._keys[service] = self._new_key()
+            self._keys[service] = self._derive(service) if self._derive else self._new_key()
         return self._keys[service]
 
     def rotate(self, service: str) -> bytes:
         """A new key for ``service``: every credential issued under the old one is void."""
+        if self._derive is not None:
+            raise ValueError("derived service keys change only with the run's router key")
         self._keys[service] = self._new_key()
         return self._keys[service]
 

@@ -140,3 +140,18 @@ def test_service_keys_are_per_service_and_rotate() -> None:
     token = issue(CLAIMS, old)
     assert keys.rotate("a") != old
     assert reason(Verifier({"text2html": keys.key("a")}), token) == "forged"
+
+
+def test_derived_keys_are_per_service_and_need_no_exchange() -> None:
+    """The broker and an instance's router derive the same key from the router key alone."""
+    from agent.broker.credentials import ServiceKeys, derive_service_key
+
+    master = bytes(range(32))
+    keys = ServiceKeys.derived(master)
+    assert keys.key("text2html") == derive_service_key(master, "text2html")
+    assert keys.key("text2html") != keys.key("html2rtf")
+    assert ServiceKeys.derived(bytes(32)).key("text2html") != keys.key("text2html")
+    with pytest.raises(ValueError):
+        keys.rotate("text2html")
+    with pytest.raises(ValueError):
+        ServiceKeys.derived(b"short")
