@@ -8,6 +8,8 @@ hosting, so hosted objects stop without deregistering before their VMs are remov
 
 from __future__ import annotations
 
+from agent.broker.advertiser import BrokerAdvertiserRole
+from agent.broker.role import BrokerRole
 from agent.core.role import Role
 from agent.hosting.migration import MigrationRole
 from agent.hosting.objects import HostingRole
@@ -21,4 +23,6 @@ ROLES: tuple[type[Role], ...] = (
     VmRole,
     HostingRole,
     MigrationRole,
+    BrokerAdvertiserRole,
+    BrokerRole,
 )

@@ -141,6 +141,8 @@ class Broker:
         self.table = LeaseTable(lease_policy, clock, self._on_end, new_id)
         self.keys = keys or ServiceKeys()
         self.revocations = RevocationList()
+        #: Revocations not yet told to the instances' routers (see :meth:`take_revocations`).
+        self._outbox: list[dict[str, Any]] = []
         self.stats: Counter[str] = Counter()
 
     # --- instances ------------------------------------------------------------------------
@@ -206,6 +208,13 @@ class Broker:
         ended = self.table.expire(now)
         self.revocations.prune(self._wall())
         return ended
+
+    def take_revocations(self) -> list[dict[str, Any]]:
+        """Leases cancelled since the last call, each with its instance's service and address:
+        what the network role tells the instances' routers (an instance that left needs no
+        telling)."""
+        out, self._outbox = self._outbox, []
+        return out
 
     # --- snapshots ------------------------------------------------------------------------
 
@@ -277,6 +286,11 @@ class Broker:
         self.stats[why] += 1
         remaining = lease.remaining(self._clock())
         if why in ("cancelled", "instance_removed") and remaining > 0:
-            self.revocations.revoke(lease.lease_id, self._wall() + remaining + REVOKE_MARGIN_S)
+            until = self._wall() + remaining + REVOKE_MARGIN_S
+            self.revocations.revoke(lease.lease_id, until)
+            instance = self.directory.get(lease.instance)
+            if why == "cancelled" and instance is not None:
+                self._outbox.append({"lease_id": lease.lease_id, "until": until,
+                                     "service": instance.service, "address": instance.address})
         log.info("lease %s… of %s on %s ended: %s", lease.lease_id[:6], lease.holder,
                  lease.instance, why)

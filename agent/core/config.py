@@ -98,6 +98,40 @@ DEFAULT_OBJECT_RESOURCES: dict[str, Any] = {"cpu": 1.0, "memory_mb": 256, "pids"
 
 
 @dataclass
+class BrokerConfig:
+    """Where the run's service broker is (every router: they advertise it on their LANs and
+    register their VMs' services with it) and, on the broker's own router, what it needs."""
+
+    #: The address corresponding objects and routers send broker messages to (TCP 4340).
+    address: str
+    #: Seconds between broker advertisements on each LAN.
+    advertise_interval: float = 1.0
+    #: True on the router that runs the broker role.
+    serve: bool = False
+    #: Corresponding objects' keys (id -> key): LEASE_* messages carry an HMAC under them.
+    co_keys: dict[str, bytes] = field(default_factory=dict)
+    #: Lease policy: "any" gets the default; nothing is granted longer than the maximum.
+    lease_default_s: float = 60.0
+    lease_max_s: float = 300.0
+    #: Hops from each network (prefix) to each router (name): the path cost between a
+    #: corresponding object's network and a service instance.
+    network_hops: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BrokerConfig":
+        return cls(
+            address=str(data["address"]),
+            advertise_interval=float(data.get("advertise_interval", 1.0)),
+            serve=_flag(data.get("serve", False), "broker.serve"),
+            co_keys={str(k): bytes.fromhex(v) for k, v in data.get("co_keys", {}).items()},
+            lease_default_s=float(data.get("lease_default_s", 60.0)),
+            lease_max_s=float(data.get("lease_max_s", 300.0)),
+            network_hops={str(n): {str(r): int(h) for r, h in hops.items()}
+                          for n, hops in data.get("network_hops", {}).items()},
+        )
+
+
+@dataclass
 class AgentConfig:
     """Everything one daemon needs."""
 
@@ -121,6 +155,8 @@ class AgentConfig:
     #: The run's router key (hex): MIGRATE and STATE_TRANSFER carry an HMAC under it
     #: (agent.core.msgauth). None: this agent neither signs nor checks them (a hand-made config).
     router_key: str | None = None
+    #: The run's service broker; None: no broker in this run.
+    broker: BrokerConfig | None = None
 
     @property
     def addresses(self) -> set[str]:
@@ -146,6 +182,10 @@ class AgentConfig:
             raise ConfigError("advertise_interval must be > 0")
         if not self.interfaces:
             raise ConfigError("an agent needs at least one interface")
+        if self.broker is not None and not (0 < self.broker.lease_default_s <= self.broker.lease_max_s):
+            raise ConfigError("broker lease_default_s must be > 0 and <= lease_max_s")
+        if self.broker is not None and self.broker.advertise_interval <= 0:
+            raise ConfigError("broker advertise_interval must be > 0")
         if self.tunnel_backend not in ("auto", "kernel", "userspace"):
             raise ConfigError(f"tunnel_backend must be auto, kernel or userspace, not {self.tunnel_backend!r}")
 
@@ -207,6 +247,7 @@ class AgentConfig:
                 run_id=data.get("run_id"),
                 object_resources={**DEFAULT_OBJECT_RESOURCES, **data.get("object_resources", {})},
                 router_key=data.get("router_key"),
+                broker=BrokerConfig.from_json(data["broker"]) if data.get("broker") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad agent configuration: {exc!r}") from None

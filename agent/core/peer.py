@@ -34,9 +34,11 @@ class PeerError(AgentError):
 class PeerRefused(PeerError):
     """The peer answered ``ok: false``; :attr:`reason` is its error text."""
 
-    def __init__(self, address: str, reason: str) -> None:
+    def __init__(self, address: str, reason: str, answer: dict[str, Any] | None = None) -> None:
         self.address = address
         self.reason = reason
+        #: The whole answer (a broker's carries a ``reason`` code and ``detail``).
+        self.answer = answer or {}
         super().__init__(f"{address} refused: {reason}")
 
 
@@ -68,7 +70,7 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
     finally:
         writer.close()
     if answer.body.get("ok") is not True:
-        raise PeerRefused(address, str(answer.body.get("error", "?")))
+        raise PeerRefused(address, str(answer.body.get("error", "?")), answer.body)
     return answer.body
 
 
@@ -91,6 +93,17 @@ class RouterKeyAuth:
 
 
 Handler = Callable[[ControlMessage], Awaitable[dict[str, Any]]]
+
+
+def refusal(exc: Exception) -> dict[str, Any]:
+    """The answer to a refused message: the error text and, for errors that carry one (the
+    broker's), a machine-readable ``reason`` and ``detail``, so a peer need not parse prose."""
+    body: dict[str, Any] = {"ok": False, "error": str(exc)}
+    as_dict = getattr(exc, "as_dict", None)
+    if callable(as_dict):
+        coded = as_dict()
+        body.update(kind=coded.get("error"), reason=coded.get("reason"), detail=coded.get("detail"))
+    return body
 
 
 class PeerServer:
@@ -131,7 +144,7 @@ class PeerServer:
                     body = await self.handler(msg)
                 except Exception as exc:  # noqa: BLE001 - answer with the reason
                     log.info("in-band %s refused: %s", msg.type.name, exc)
-                    body = {"ok": False, "error": str(exc)}
+                    body = refusal(exc)
                 writer.write(ControlMessage(msg.type, msg.txid, body).encode())
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -1,0 +1,187 @@
+"""The broker role: the service broker of Fig. 12 on one router (by default the HOA, r22b).
+
+It wraps the pure :class:`agent.broker.broker.Broker` in the agent: in-band messages on TCP
+4340 and the ``services``/``leases`` commands. Who may send what:
+
+* corresponding objects (COs): LEASE_REQUEST, LEASE_RENEW, LEASE_CANCEL, SERVICE_LIST, each
+  with an HMAC under the CO's own key (``auth.key_id`` names the CO, which is the lease's
+  holder: a lease is bound to the credentials that asked for it);
+* routers: SERVICE_REGISTER and SERVICE_DEREGISTER for their VMs' service instances, with an
+  HMAC under the run's router key.
+
+Service credentials are issued under per-service keys derived from the router key
+(:meth:`ServiceKeys.derived`), so the instance's router derives the same key and no key is
+ever sent. A lease that ends early (cancel, instance gone) is pushed to the instance's router
+at once (LEASE_REVOKE, router HMAC), which tells its objects: a cancelled lease stops being
+served well within a second. Expiry needs no message: the credential carries its expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Any
+
+from packets import ControlMessage, ControlType
+
+from agent.broker.broker import Broker
+from agent.broker.credentials import ServiceKeys
+from agent.broker.directory import Instance
+from agent.broker.errors import BadRequest, LeaseDenied
+from agent.broker.leases import LeasePolicy
+from agent.core.msgauth import MessageAuthError, ReplayCache, strip, verify_hmac
+from agent.core.peer import PeerError, RouterKeyAuth, peer_call
+from agent.core.role import InBand, Role
+
+log = logging.getLogger(__name__)
+
+
+class CoKeyAuth:
+    """Authenticates a CO's message: HMAC under the key of the CO named in ``auth.key_id``."""
+
+    def __init__(self, keys: dict[str, bytes]) -> None:
+        self.keys = keys
+        self.cache = ReplayCache()
+
+    def __call__(self, msg: ControlMessage) -> dict[str, Any]:
+        auth = msg.body.get("auth")
+        key_id = auth.get("key_id") if isinstance(auth, dict) else None
+        key = self.keys.get(key_id) if isinstance(key_id, str) else None
+        if key is None:
+            raise LeaseDenied("bad_credentials", "unknown corresponding object")
+        try:
+            verify_hmac(msg.type, msg.txid, msg.body, key, self.cache)
+        except MessageAuthError as exc:
+            raise LeaseDenied("bad_credentials", str(exc)) from None
+        return strip(msg.body)
+
+
+def holder_of(msg: ControlMessage) -> str:
+    """The CO a message comes from; call only after :class:`CoKeyAuth` accepted it."""
+    return str(msg.body["auth"]["key_id"])
+
+
+class BrokerRole(Role):
+    """Directory, leases, admission, credentials and service paths, served in band."""
+
+    name = "broker"
+
+    @classmethod
+    def wanted(cls, config: Any) -> bool:
+        return config.broker is not None and config.broker.serve
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        cfg = self.config.broker
+        assert cfg is not None
+        key = bytes.fromhex(self.config.router_key) if self.config.router_key else None
+        self.router_key = key
+        keys = ServiceKeys.derived(key) if key else ServiceKeys()
+        self.broker = Broker(LeasePolicy(default_s=cfg.lease_default_s, max_s=cfg.lease_max_s),
+                             keys=keys, network_cost=self.network_cost)
+        self.co_auth = CoKeyAuth(cfg.co_keys)
+        self.router_auth = RouterKeyAuth(key)
+        self.hops = cfg.network_hops
+        self._tasks: set[asyncio.Task] = set()
+
+    def in_band(self) -> dict[ControlType, InBand]:
+        co, router = self.co_auth, self.router_auth
+        return {
+            ControlType.LEASE_REQUEST: InBand(self.on_request, co),
+            ControlType.LEASE_RENEW: InBand(self.on_renew, co),
+            ControlType.LEASE_CANCEL: InBand(self.on_cancel, co),
+            ControlType.SERVICE_LIST: InBand(self.on_list, co),
+            ControlType.SERVICE_REGISTER: InBand(self.on_register, router),
+            ControlType.SERVICE_DEREGISTER: InBand(self.on_deregister, router),
+        }
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    # --- the CO's messages ---------------------------------------------------------------
+
+    async def on_request(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        co_network = body.pop("co_address", None)
+        grant = self.broker.request_from(holder_of(msg), body.get("request"),
+                                         co_network if isinstance(co_network, str) else None)
+        return {"ok": True, "grant": grant.as_dict()}
+
+    async def on_renew(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        hop = self.broker.renew(str(body.get("lease_id")), holder_of(msg), _duration(body))
+        return {"ok": True, "hop": hop.as_dict()}
+
+    async def on_cancel(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        lease = self.broker.cancel(str(body.get("lease_id")), holder_of(msg))
+        self.push_revocations()
+        return {"ok": True, "lease_id": lease.lease_id}
+
+    async def on_list(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "services": self.broker.services()}
+
+    # --- the routers' messages -----------------------------------------------------------
+
+    async def on_register(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        self.broker.register_from(body.get("instance"))
+        return {"ok": True}
+
+    async def on_deregister(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        ended = self.broker.remove_instance(str(body.get("instance_id")))
+        return {"ok": True, "leases_ended": len(ended)}
+
+    # --- revocations and housekeeping ----------------------------------------------------
+
+    def housekeeping(self) -> None:
+        self.broker.expire()
+
+    def push_revocations(self) -> None:
+        """Send each instance's router the leases cancelled since the last push."""
+        by_address: dict[str, list[dict[str, Any]]] = {}
+        for row in self.broker.take_revocations():
+            address = row.pop("address")
+            by_address.setdefault(address, []).append(row)
+        for address, revoked in by_address.items():
+            task = asyncio.get_running_loop().create_task(self._push(address, revoked))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _push(self, address: str, revoked: list[dict[str, Any]]) -> None:
+        try:
+            await peer_call(address, ControlType.LEASE_REVOKE, {"revoked": revoked},
+                            key=self.router_key, timeout=5.0)
+        except PeerError as exc:
+            log.warning("revocation of %d lease(s) at %s not delivered: %s", len(revoked), address, exc)
+
+    def network_cost(self, co_address: str | None, instance: Instance) -> float:
+        """Hops between the CO's network and the instance's router (0 when unknown)."""
+        if not co_address:
+            return 0.0
+        try:
+            address = ipaddress.ip_address(co_address)
+        except ValueError:
+            return 0.0
+        for prefix, hops in self.hops.items():
+            if address in ipaddress.ip_network(prefix, strict=False):
+                return float(hops.get(instance.router, 0))
+        return 0.0
+
+    # --- control commands ----------------------------------------------------------------
+
+    def cmd_services(self) -> list[dict]:
+        return self.broker.services()
+
+    def cmd_leases(self) -> list[dict]:
+        return self.broker.leases()
+
+    def status(self) -> dict[str, Any]:
+        return {"broker_stats": dict(self.broker.stats)}
+
+
+def _duration(body: dict[str, Any]) -> Any:
+    value = body.get("duration", "any")
+    if value == "any":
+        return "any"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    raise BadRequest('duration must be a number of seconds or "any"')
