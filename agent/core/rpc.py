@@ -419,7 +419,7 @@ class RpcClient:
             log.warning("%s: unexpected line discarded: %s", self.name, exc)
             return
         call_id, call = self._calls.popitem(last=False)
-        self._fail(call_id, call, RpcProtocolError(f"{self.name}: bad answer to {call.cmd}: {exc}"))
+        self._fail(call_id, call, type(exc)(f"{self.name}: bad answer to {call.cmd}: {exc}"))
 
     def _fail(self, call_id: int, call: _Call, exc: RpcError, quiet: bool = False) -> None:
         if call.future.done():

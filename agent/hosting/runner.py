@@ -2,7 +2,8 @@
 
 It serves the object's requests on its home address (MOAT control framing: a
 SERVICE_REQUEST with ``{"client", "seq", ...}`` gets a SERVICE_REPLY) and obeys its router
-over a socketpair (JSON lines: ``get_state``, ``set_state``, ``serve``, ``stats``, ``stop``).
+over a socketpair (:mod:`agent.core.rpc`: ``get_state``, ``set_state``, ``hold``, ``serve``,
+``stats``, ``stop``).
 
 Requests come over UDP and over TCP on the same address and port. A reply bigger than one
 datagram can carry (a .docx in base64, say) cannot go back over UDP: the client gets a short
@@ -30,19 +31,18 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any, Tuple, Union
+from typing import Any, Callable, Tuple, Union
 
 from packets import ControlMessage, ControlType, MalformedMessage
 from packets.control import HEADER, MAX_BODY, frame_length
 
+from agent.core import rpc
 from agent.sdk import MobileObject, RequestError
 
 log = logging.getLogger(__name__)
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 MAX_QUEUE = 10_000
-#: A checkpoint is one JSON line on the socketpair (see agent.hosting.runtime.LINE_LIMIT).
-CONTROL_LINE_LIMIT = 64 << 20
 #: Largest encoded reply sent as one UDP datagram (IPv4 carries at most 65,507 bytes); a
 #: bigger one is replaced by a short "too_large" reply telling the client to use TCP.
 UDP_REPLY_LIMIT = 65_000
@@ -359,37 +359,39 @@ class ObjectServer(asyncio.DatagramProtocol):
         return len(queued)
 
 
+def control_commands(server: ObjectServer, stop: asyncio.Event
+                     ) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """What the router may ask of this process over the socketpair."""
+
+    def set_state(args: dict[str, Any]) -> dict[str, int]:
+        server.restore(args["state"])
+        return {"replayed": server.serve() if args.get("serve", True) else 0}
+
+    def stats(_args: dict[str, Any]) -> dict[str, Any]:
+        return dict(server.stats, warming=server.warming, instance=server.instance,
+                    pid=os.getpid(), state=server.obj.get_state())
+
+    def stop_now(_args: dict[str, Any]) -> dict[str, Any]:
+        state = server.checkpoint()  # the final state, answered before the process ends
+        stop.set()
+        return state
+
+    return {
+        "get_state": lambda _args: server.checkpoint(),
+        "set_state": set_state,
+        "hold": lambda _args: {"queued": server.hold()},
+        "serve": lambda _args: {"replayed": server.serve()},
+        "stats": stats,
+        "stop": stop_now,
+    }
+
+
 async def control_loop(server: ObjectServer, sock: socket.socket, stop: asyncio.Event) -> None:
-    reader, writer = await asyncio.open_connection(sock=sock, limit=CONTROL_LINE_LIMIT)
-    while not stop.is_set():
-        line = await reader.readline()
-        if not line:
-            break  # the router went away: stop with it
-        try:
-            req = json.loads(line)
-            cmd = req["cmd"]
-            if cmd == "get_state":
-                result: Any = server.checkpoint()
-            elif cmd == "set_state":
-                server.restore(req["state"])
-                result = {"replayed": server.serve() if req.get("serve", True) else 0}
-            elif cmd == "hold":
-                result = {"queued": server.hold()}
-            elif cmd == "serve":
-                result = {"replayed": server.serve()}
-            elif cmd == "stats":
-                result = dict(server.stats, warming=server.warming, instance=server.instance,
-                              pid=os.getpid(), state=server.obj.get_state())
-            elif cmd == "stop":
-                result = server.checkpoint()
-                stop.set()
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            answer = {"ok": True, "result": result}
-        except Exception as exc:  # noqa: BLE001 - answer, never die
-            answer = {"ok": False, "error": repr(exc)}
-        writer.write(json.dumps(answer).encode() + b"\n")
-        await writer.drain()
+    """Obey the router until it says ``stop`` or goes away (end of stream: stop with it)."""
+    handler = rpc.command_table(control_commands(server, stop))
+    channel = rpc.RpcServer(handler, request_limit=rpc.CHECKPOINT_LINE_LIMIT,
+                            answer_limit=rpc.CHECKPOINT_LINE_LIMIT)
+    await channel.serve_socket(sock, until=stop)
     stop.set()
 
 

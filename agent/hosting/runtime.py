@@ -11,12 +11,15 @@ So a migrated object is held to the same limits at its new router as at its old 
 State never travels on the command line (argv is limited and visible to every user): a
 process that must continue from a checkpoint starts *warm* and receives it over the
 socketpair (``set_state``), which also carries checkpoints back (``get_state``/``stop``).
+
+The socketpair speaks :mod:`agent.core.rpc` (requests and answers matched by id, lines up to
+:data:`~agent.core.rpc.CHECKPOINT_LINE_LIMIT`), so an answer that arrives after its call timed
+out is discarded instead of being taken for the next call's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -24,21 +27,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.hosting.cgroups import CgroupManager, CgroupVersion, Limits
+from agent.core import rpc
 from agent.core.errors import AgentError
+from agent.hosting.cgroups import CgroupManager, CgroupVersion, Limits
 
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
-#: A checkpoint is one JSON line on the socketpair; it carries the replies the object
-#: remembers per client (at-most-once), which may hold whole documents.
-LINE_LIMIT = 64 << 20
 REPO = Path(__file__).resolve().parent.parent
 
 
 class ObjectProcessError(AgentError):
-    """An object process that failed to start, answer or stop."""
+    """An object process that failed to start, answer or stop; a failed call's
+    :class:`~agent.core.rpc.RpcError` (refusal, time-out, garbled answer, closed channel) is
+    its ``__cause__``."""
 
 
 class ObjectProcess:
@@ -61,8 +64,7 @@ class ObjectProcess:
         self.code_dir = code_dir
         self.extensible = extensible
         self.sandbox: Any = None  # agent.hosting.sandbox.ObjectSandbox once started
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._channel: rpc.RpcClient | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -127,7 +129,7 @@ class ObjectProcess:
         finally:
             child.close()
             os.close(log_fd)
-        self._reader, self._writer = await asyncio.open_connection(sock=parent, limit=LINE_LIMIT)
+        await self._open_channel(parent)
         try:
             await self.call("stats")  # answers once it serves (or queues): the start is complete
             if state is not None:
@@ -138,24 +140,30 @@ class ObjectProcess:
         log.info("object %s started (pid %s, warm=%s, cgroup=%s)", self.name, self.pid, warm,
                  self.sandbox.cgroup.name if self.sandbox.cgroup else None)
 
+    async def _open_channel(self, sock: socket.socket) -> None:
+        """Talk to the object over ``sock``, the agent's end of its socketpair."""
+        self._channel = await rpc.RpcClient.over_socket(sock, name=f"object {self.name}",
+                                                        limit=rpc.CHECKPOINT_LINE_LIMIT)
+
     async def call(self, cmd: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
-        if self._writer is None or self._reader is None:
+        """The object's answer to ``cmd``; ObjectProcessError (caused by the RpcError) if
+        it refuses, does not answer in time, answers garbage or has gone."""
+        if self._channel is None:
             raise ObjectProcessError(f"object {self.name} is not running")
-        async with self._lock:
+        async with self._lock:  # one command at a time, as the object serves them
             try:
-                self._writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-                await self._writer.drain()
-                line = await asyncio.wait_for(self._reader.readline(), timeout)
-            except (OSError, ValueError, asyncio.TimeoutError) as exc:
-                raise ObjectProcessError(f"object {self.name} did not answer {cmd}: {exc!r}") from None
-        if not line:
+                return await self._channel.call(cmd, args, timeout=timeout)
+            except rpc.RpcError as exc:
+                raise self._call_error(cmd, exc) from exc
+
+    def _call_error(self, cmd: str, exc: rpc.RpcError) -> ObjectProcessError:
+        if isinstance(exc, rpc.RpcRemoteError):
+            return ObjectProcessError(f"object {self.name} refused {cmd}: {exc.error}")
+        if isinstance(exc, rpc.RpcClosed):
             info = self.exit_info()
-            raise ObjectProcessError(f"object {self.name} exited (while asked {cmd})"
-                                     + (f": {info['reason']}" if info else ""))
-        answer = json.loads(line)
-        if not answer.get("ok"):
-            raise ObjectProcessError(f"object {self.name} refused {cmd}: {answer.get('error')}")
-        return answer["result"]
+            return ObjectProcessError(f"object {self.name} exited (while asked {cmd})"
+                                      + (f": {info['reason']}" if info else f": {exc}"))
+        return ObjectProcessError(f"object {self.name} did not answer {cmd}: {exc}")
 
     async def stop(self) -> Any:
         """Stop the object and return its final state (None if it could not give one);
@@ -163,17 +171,23 @@ class ObjectProcess:
         if self.sandbox is None:
             return None
         state = None
-        if self.running and self._writer is not None:
+        if self.running and self._channel is not None:
             try:
-                state = await self.call("stop")
+                state = await self.call("stop", timeout=STOP_TIMEOUT)
             except ObjectProcessError as exc:
                 log.warning("%s", exc)
+            # Closed before waiting: an object that never got the stop (garbled or hung
+            # channel) reads end of stream, which stops it too; one that does not is killed.
+            await self._close_channel()
             try:
                 await self.sandbox.wait(STOP_TIMEOUT)
             except asyncio.TimeoutError:
                 log.warning("object %s did not exit within %.0fs: killed", self.name, STOP_TIMEOUT)
-        if self._writer is not None:
-            self._writer.close()
-        self._writer = self._reader = None
+        await self._close_channel()
         await self.sandbox.close()
         return state
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
