@@ -122,10 +122,12 @@ def encode_request(call_id: int, cmd: str, args: Mapping[str, Any], limit: int) 
 
 
 def ok_answer(call_id: int | None, result: Any) -> dict[str, Any]:
+    """The answer carrying ``result``; the id is the request's (None if it had none)."""
     return {"id": call_id, "ok": True, "result": result}
 
 
 def error_answer(call_id: int | None, error: str) -> dict[str, Any]:
+    """The answer of a refused or failed request."""
     return {"id": call_id, "ok": False, "error": error}
 
 
@@ -135,6 +137,8 @@ def _valid_id(value: Any) -> bool:
 
 @dataclass
 class Request:
+    """One parsed request; ``call_id`` None for a request sent without an id."""
+
     call_id: int | None
     cmd: str
     args: dict[str, Any]
@@ -149,6 +153,7 @@ class BadRequest(RpcProtocolError):
 
 
 def parse_request(line: bytes) -> Request:
+    """The request on ``line``; :class:`BadRequest` (with the id, when readable) otherwise."""
     try:
         req = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -178,6 +183,7 @@ def parse_answer(line: bytes) -> tuple[int, dict[str, Any]]:
 
 
 def answer_result(cmd: str, answer: dict[str, Any]) -> Any:
+    """The result of an ``ok`` answer; :class:`RpcRemoteError` for a refusal."""
     if answer.get("ok") is True:
         return answer.get("result")
     raise RpcRemoteError(cmd, answer["error"])
@@ -308,8 +314,10 @@ class RpcServer:
 
 @dataclass
 class _Call:
+    """A request sent and not answered yet; its future is done once it timed out."""
+
     cmd: str
-    future: asyncio.Future
+    future: asyncio.Future[dict[str, Any]]
 
 
 class RpcClient:
@@ -360,7 +368,7 @@ class RpcClient:
             raise RpcClosed(f"{self.name}: cannot send {cmd}: {exc!r}") from None
         return answer_result(cmd, answer)
 
-    async def _exchange(self, data: bytes, future: asyncio.Future) -> dict[str, Any]:
+    async def _exchange(self, data: bytes, future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
         self._writer.write(data)
         await self._writer.drain()
         return await future
@@ -369,10 +377,7 @@ class RpcClient:
         """Close the stream and fail what still waits. Safe to repeat."""
         self._break("closed")
         self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await asyncio.gather(self._task, return_exceptions=True)  # its end is logged already
         self._writer.close()
 
     # The reader task ---------------------------------------------------------------------
@@ -396,6 +401,9 @@ class RpcClient:
                 self._deliver(call_id, answer)
         except (OSError, RpcClosed) as exc:
             reason = f"broken: {exc}"
+        except Exception:  # noqa: BLE001 - a bug here must still fail the waiting calls
+            log.exception("%s: answer reader failed", self.name)
+            reason = "broken: answer reader failed"
         finally:
             self._break(reason)
 
