@@ -75,6 +75,14 @@ class DataPlane:
                              new[0], address, new[2] or "this router")
                 else:
                     self._foreign_paths.pop(address, None)
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for the tunnel's queued kernel changes (decapsulation, reverse routes)."""
+        try:
+            await self.tunnel.settle()
+        except AgentError as exc:  # refused changes are logged and undone by the tunnel
+            log.warning("FOA data plane: %s", exc)
 
     def _foreign_changes(self, foreign: ForeignAgent
                          ) -> list[tuple[str, ForeignPath | None, ForeignPath | None]]:
@@ -95,7 +103,7 @@ class DataPlane:
             for address in list(self._foreign_paths):
                 await set_local_route(address, None)
             self._foreign_paths.clear()
-        self.tunnel.close()
+        await self.tunnel.aclose()
 
 
 async def set_local_route(address: str, via: str | None) -> None:
