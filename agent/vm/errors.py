@@ -72,3 +72,12 @@ class AuthenticationFailed(FetchError):
 
 class ServiceNotFound(FetchError):
     """The repository has no such service."""
+
+
+class ProvisionError(AgentError):
+    """A provisioning refused at one step of Fig. 5; nothing of it stays installed."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        self.step = step
+        self.reason = reason
+        super().__init__(f"{step}: {reason}")

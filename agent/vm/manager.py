@@ -34,21 +34,14 @@ from packets.codes import SERVICE_PORT
 
 from agent.core import netlink
 from agent.core.errors import AgentError
+from agent.vm.errors import ProvisionError
+from agent.vm.provisioning import fetch_verify_install
 from agent.vm.shaping import EgressShaper
 
 log = logging.getLogger(__name__)
 
 KINDS = ("interface", "service")
 RUN_TIMEOUT = 10.0
-
-
-class ProvisionError(AgentError):
-    """A provisioning refused at one step of Fig. 5; nothing of it stays installed."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        self.step = step
-        self.reason = reason
-        super().__init__(f"{step}: {reason}")
 
 
 @dataclass
@@ -284,51 +277,7 @@ class VmManager:
         return {str(k): dict(v) for k, v in mobile.items()}, [str(o) for o in only]
 
     async def _fetch_verify_install(self, vm: VirtualMachine) -> None:
-        from agent.vm.fetch import fetch_service
-        from agent.vm.errors import RepositoryError
-        from agent.vm.repository import inspect_service, install_service
-        from agent.vm.signing import load_public_key
-
-        site = self.baseline.site
-        if site is None:
-            raise ProvisionError("fetch", "this router knows no remote site")
-        storage = Path(self.baseline.storage)
-        fetched = storage / "fetched" / f"{vm.name}-{vm.service}"
-        await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
-        try:
-            result = await asyncio.to_thread(
-                fetch_service, site.address, site.port, site.user, site.client_key,
-                site.known_host_key, vm.service, fetched, cache_dir=storage / "cache", replace=True)
-        except RepositoryError as exc:
-            raise ProvisionError("fetch", f"{type(exc).__name__}: {exc}") from None
-        vm.steps.append((f"fetched ({result.bytes_downloaded} bytes, {len(result.cached)} cached)", time.time()))
-        try:
-            # Reads, hashes and checks the archive: off the loop.
-            manifest, _policy, _kid = await asyncio.to_thread(inspect_service, fetched)
-        except RepositoryError as exc:
-            raise ProvisionError("manifest", f"{type(exc).__name__}: {exc}") from None
-        unknown = (set(vm.only) | set(vm.mobile)) - {o.name for o in manifest.objects}
-        if unknown:
-            raise ProvisionError("manifest", f"service {vm.service} has no object(s) {sorted(unknown)}")
-        part = [o for o in manifest.objects if not vm.only or o.name in vm.only]
-        need_cpu = sum(o.resources.cpu for o in part)
-        need_mem = sum(o.resources.memory_mb for o in part)
-        need_pids = sum(o.resources.pids for o in part)
-        if need_cpu > vm.cpu or need_mem > vm.memory_mb or need_pids > vm.pids:
-            raise ProvisionError("resources", f"the service needs cpu {need_cpu}, {need_mem} MiB, "
-                                 f"{need_pids} pids; the VM has cpu {vm.cpu}, {vm.memory_mb} MiB, {vm.pids} pids")
-        vm.steps.append(("resources sufficient", time.time()))
-        dest = storage / "installed" / vm.name
-        try:
-            keys = [load_public_key(Path(k)) for k in vm.authorized]
-            verified = await asyncio.to_thread(install_service, fetched, keys, dest, replace=True)
-        except RepositoryError as exc:
-            raise ProvisionError("credentials", f"{type(exc).__name__}: {exc}") from None
-        finally:
-            await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
-        vm.version, vm.installed = verified.manifest.version, str(dest)
-        vm.policy = {**verified.policy.to_json(), **vm.policy}  # the VM's terms override the provider's
-        vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})", time.time()))
+        await fetch_verify_install(self.baseline, vm, now=lambda: time.time())
 
     async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                           warm: bool = False) -> None:

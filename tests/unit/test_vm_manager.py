@@ -415,9 +415,6 @@ def test_insufficient_resources_are_refused_before_install(env: Env) -> None:
     assert_refused_cleanly(env, exc, "resources")
 
 
-@pytest.mark.xfail(strict=True, reason="manager.py removes the fetched copy only in the install "
-                   "step: a refusal at 'manifest' or 'resources' leaves storage/fetched/<vm>-<service> "
-                   "until the next PROVISION of that VM (the module promises no files left)")
 def test_a_refusal_before_install_leaves_no_fetched_copy(env: Env) -> None:
     """Protects "a refusal leaves nothing behind" for the fetched, unverified files."""
     env.refused(resources={"cpu": 0.4})

@@ -1,0 +1,78 @@
+"""Fig. 5, steps 86-94: fetch a VM's service from the remote site, check it, install it.
+
+One function, :func:`fetch_verify_install`, that the VM manager calls for a new VM and for an
+upgrade. Every check happens on the fetched copy before anything is installed; the copy is
+removed whatever the outcome (a refusal leaves no file behind), and every refusal is a
+:class:`agent.vm.errors.ProvisionError` naming its step. Reading, hashing and unpacking run in
+worker threads, off the agent's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.vm.errors import ProvisionError
+
+
+async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] = time.time) -> None:
+    """Fetch ``vm.service`` into a scratch copy, check its manifest and resources, verify and
+    install it into the VM's directory; sets ``vm.version``, ``vm.installed``, ``vm.policy``.
+    ``now`` dates the steps (the manager's clock)."""
+    from agent.vm.errors import RepositoryError
+    from agent.vm.fetch import fetch_service
+    from agent.vm.repository import inspect_service, install_service
+    from agent.vm.signing import load_public_key
+
+    site = baseline.site
+    if site is None:
+        raise ProvisionError("fetch", "this router knows no remote site")
+    storage = Path(baseline.storage)
+    fetched = storage / "fetched" / f"{vm.name}-{vm.service}"
+    await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
+    try:
+        try:
+            result = await asyncio.to_thread(
+                fetch_service, site.address, site.port, site.user, site.client_key,
+                site.known_host_key, vm.service, fetched, cache_dir=storage / "cache", replace=True)
+        except RepositoryError as exc:
+            raise ProvisionError("fetch", f"{type(exc).__name__}: {exc}") from None
+        vm.steps.append((f"fetched ({result.bytes_downloaded} bytes, {len(result.cached)} cached)",
+                         now()))
+        try:
+            # Reads, hashes and checks the archive: off the loop.
+            manifest, _policy, _kid = await asyncio.to_thread(inspect_service, fetched)
+        except RepositoryError as exc:
+            raise ProvisionError("manifest", f"{type(exc).__name__}: {exc}") from None
+        _check_part(vm, manifest)
+        vm.steps.append(("resources sufficient", now()))
+        dest = storage / "installed" / vm.name
+        try:
+            keys = [load_public_key(Path(k)) for k in vm.authorized]
+            verified = await asyncio.to_thread(install_service, fetched, keys, dest, replace=True)
+        except RepositoryError as exc:
+            raise ProvisionError("credentials", f"{type(exc).__name__}: {exc}") from None
+    finally:
+        await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
+    vm.version, vm.installed = verified.manifest.version, str(dest)
+    vm.policy = {**verified.policy.to_json(), **vm.policy}  # the VM's terms override the provider's
+    vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})",
+                     now()))
+
+
+def _check_part(vm: Any, manifest: Any) -> None:
+    """The objects asked for exist, and the part to run fits the VM's resources (step 90)."""
+    unknown = (set(vm.only) | set(vm.mobile)) - {o.name for o in manifest.objects}
+    if unknown:
+        raise ProvisionError("manifest", f"service {vm.service} has no object(s) {sorted(unknown)}")
+    part = [o for o in manifest.objects if not vm.only or o.name in vm.only]
+    need_cpu = sum(o.resources.cpu for o in part)
+    need_mem = sum(o.resources.memory_mb for o in part)
+    need_pids = sum(o.resources.pids for o in part)
+    if need_cpu > vm.cpu or need_mem > vm.memory_mb or need_pids > vm.pids:
+        raise ProvisionError("resources", f"the service needs cpu {need_cpu}, {need_mem} MiB, "
+                             f"{need_pids} pids; the VM has cpu {vm.cpu}, {vm.memory_mb} MiB, "
+                             f"{vm.pids} pids")
