@@ -11,6 +11,7 @@ from pathlib import Path
 from agent.core.config import AgentConfig
 from agent.core.daemon import AgentDaemon
 from agent.core.errors import ConfigError
+from agent.roles import ROLES
 
 
 def setup_logging(config: AgentConfig) -> None:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
-    asyncio.run(AgentDaemon(config).run())
+    asyncio.run(AgentDaemon(config, ROLES).run())
     return 0
 
 

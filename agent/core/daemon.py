@@ -4,8 +4,8 @@ The daemon owns only what every role shares: the event loop and signals, the rou
 interface table, the Unix control socket (JSON lines, :mod:`agent.core.control`), the TCP 4340
 peer socket (:mod:`agent.core.peer`), the timers, and two dispatch tables built from the roles
 (control command → role method; in-band message type → role handler with its authenticator).
-What a router does is in its roles (:mod:`agent.core.role`; the list is
-:data:`agent.roles.ROLES`). Every handler's failure is caught and logged or answered: a
+What a router does is in its roles (:mod:`agent.core.role`), given to it by its caller
+(``python -m agent`` passes :data:`agent.roles.ROLES`), so ``core`` imports no role. Every handler's failure is caught and logged or answered: a
 malformed packet or a bug in one message must never stop the daemon. See
 docs/architecture.md.
 """
@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Iterable, Optional, TypeVar
+from typing import Any, Iterable, TypeVar
 
 from packets import ControlMessage, ControlType
 
@@ -39,11 +39,7 @@ R = TypeVar("R", bound=Role)
 class AgentDaemon:
     """Loop, sockets, timers and dispatch around a router's roles."""
 
-    def __init__(self, config: AgentConfig, roles: Optional[Iterable[type[Role]]] = None) -> None:
-        if roles is None:
-            from agent.roles import ROLES
-
-            roles = ROLES
+    def __init__(self, config: AgentConfig, roles: Iterable[type[Role]]) -> None:
         self.config = config
         self.started_at = time.time()
         self.ifindex = {i.name: socket.if_nametoindex(i.name) for i in config.interfaces}

@@ -5,7 +5,7 @@ manager; the broker next), composed by :class:`agent.core.daemon.AgentDaemon`. A
 its own state, sockets and timers, the control commands it adds and the in-band message types
 it handles, each with the check that authenticates it. The daemon only owns the loop, the
 control socket, the TCP 4340 peer socket and the dispatch tables built from the roles, so a new
-role is one new module and one line in :data:`agent.core.daemon.ROLES`. See
+role is one new module and one line in :data:`agent.roles.ROLES`. See
 docs/architecture.md.
 
 Like CORE's service plug-ins and IPMininet's daemon objects, a role has a fixed life cycle:
@@ -15,15 +15,14 @@ Like CORE's service plug-ins and IPMininet's daemon objects, a role has a fixed 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Union
+from typing import Any, Awaitable, Callable, ClassVar, Optional, Protocol, TypeVar, Union
 
 from packets import ControlMessage, ControlType
 
-if TYPE_CHECKING:
-    from agent.core.config import AgentConfig
-    from agent.core.daemon import AgentDaemon
+from agent.core.config import AgentConfig
 
 #: A control command: keyword arguments from the request, result JSON-serialisable.
 Command = Callable[..., Any]
@@ -54,6 +53,26 @@ class Periodic:
         return float(self.period() if callable(self.period) else self.period)
 
 
+R = TypeVar("R", bound="Role")
+
+
+class AgentContext(Protocol):
+    """What a role may use of the daemon that runs it (:class:`agent.core.daemon.AgentDaemon`
+    is the one implementation; unit tests pass small fakes)."""
+
+    config: AgentConfig
+    loop: Optional[asyncio.AbstractEventLoop]
+    #: Interface name -> index, and back.
+    ifindex: dict[str, int]
+    iface_by_index: dict[int, str]
+
+    def role(self, cls: type[R]) -> Optional[R]:
+        """This router's instance of role ``cls``, or None."""
+
+    def require(self, cls: type[R]) -> R:
+        """Like :meth:`role`; raises ControlError when the router does not run ``cls``."""
+
+
 class Role:
     """Base class of every role. Subclasses override what they need; the defaults do nothing.
 
@@ -65,12 +84,12 @@ class Role:
     #: The role's name in logs, ``moat show status`` and errors.
     name: ClassVar[str] = "role"
 
-    def __init__(self, agent: "AgentDaemon") -> None:
+    def __init__(self, agent: AgentContext) -> None:
         self.agent = agent
-        self.config: "AgentConfig" = agent.config
+        self.config: AgentConfig = agent.config
 
     @classmethod
-    def wanted(cls, config: "AgentConfig") -> bool:
+    def wanted(cls, config: AgentConfig) -> bool:
         """Whether a router with ``config`` runs this role (default: every router)."""
         return True
 
