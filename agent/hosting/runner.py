@@ -3,7 +3,15 @@
 It serves the object's requests on its home address (MOAT control framing: a
 SERVICE_REQUEST with ``{"client", "seq", ...}`` gets a SERVICE_REPLY) and obeys its router
 over a socketpair (:mod:`agent.core.rpc`: ``get_state``, ``set_state``, ``hold``, ``serve``,
-``stats``, ``stop``).
+``stats``, ``stop``, and for a leased service ``credentials`` and ``revoke``).
+
+A *leased* object (its VM's PROVISION said ``"leased": true``; ``--leased``) serves only
+requests that carry a valid service credential (patent Fig. 10, 164): the broker issued it with
+a lease, under a per-service key the router derives and hands over the socketpair (never on
+the command line), and the object checks it itself — service, instance, expiry, and the
+leases the broker cancelled since (``revoke``). Until the key arrives every request is refused:
+the check fails closed. A refusal is an ordinary reply with a ``credential_error`` reason and
+is not remembered by the at-most-once filter, so the client may retry with a credential.
 
 Requests come over UDP and over TCP on the same address and port. A reply bigger than one
 datagram can carry (a .docx in base64, say) cannot go back over UDP: the client gets a short
@@ -31,6 +39,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable, Tuple, Union
 
 from packets import ControlMessage, ControlType, MalformedMessage
@@ -140,6 +149,70 @@ class StreamPeer:
 ReplyTo = Union[Tuple[Any, ...], StreamPeer, None]
 
 
+#: Key lengths accepted for a service key (a derived key is 32 bytes: HMAC-SHA-256).
+MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64
+
+
+class CredentialCheck:
+    """The object's check of service credentials (patent Fig. 10, 164; Fig. 12 step 210).
+
+    One service key and instance, set by the router (``credentials``), and the revocation
+    list the broker's LEASE_REVOKEs feed (``revoke``). Without a key every credential reads
+    ``forged``: a leased object never serves before its router has configured it.
+    The broker's credential module is imported only here, so an open object does not load it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        from agent.broker.credentials import RevocationList, Verifier
+
+        self.service = ""
+        self.instance = ""
+        self.revocations = RevocationList()
+        self.verifier = Verifier({}, self.revocations, clock=clock)
+        self.refused: Counter[str] = Counter()
+        self.accepted = 0
+
+    def configure(self, service: Any, instance: Any, key_hex: Any) -> None:
+        """Take the service key (hex) for ``service`` and this ``instance``; ValueError
+        (the RPC's refusal) for anything malformed."""
+        from agent.broker import wire
+
+        wire.check_name(service, "service")
+        wire.check_name(instance, "instance")
+        if not isinstance(key_hex, str) or not MIN_KEY_BYTES * 2 <= len(key_hex) <= MAX_KEY_BYTES * 2:
+            raise ValueError(f"key must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes in hex")
+        key = bytes.fromhex(key_hex)
+        self.service, self.instance = service, instance
+        self.verifier.keys = {service: key}
+
+    def revoke(self, doc: Any) -> int:
+        """Add cancelled leases (``{"revoked": [{"lease_id", "until"}]}``, checked), forget
+        those past their credentials' expiry; return how many are held."""
+        from agent.broker.credentials import RevocationList
+
+        self.revocations.merge(RevocationList.from_dict(doc))
+        self.revocations.prune(time.time())
+        return len(self.revocations)
+
+    def refusal(self, token: Any) -> str | None:
+        """None if ``token`` is a valid credential for this service and instance, else the
+        reason (:class:`agent.broker.errors.CredentialError`)."""
+        from agent.broker.errors import CredentialError
+
+        try:
+            self.verifier.verify(token, self.service or "-", instance=self.instance or None)
+        except CredentialError as exc:
+            return exc.reason
+        self.accepted += 1
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """For ``stats`` (never the key)."""
+        return {"service": self.service, "instance": self.instance,
+                "configured": bool(self.verifier.keys), "accepted": self.accepted,
+                "refused": dict(self.refused), "revocations": len(self.revocations)}
+
+
 class ObjectServer(asyncio.DatagramProtocol):
     """Requests in, replies out, with the dedup filter and the warm-up queue.
 
@@ -148,8 +221,10 @@ class ObjectServer(asyncio.DatagramProtocol):
     """
 
     def __init__(self, obj: MobileObject, name: str, router: str, warm: bool,
-                 extensible: bool = True) -> None:
+                 extensible: bool = True, leased: bool = False) -> None:
         self.obj = obj
+        #: Requests must carry a valid service credential (Fig. 10, 164); None: open service.
+        self.credentials: CredentialCheck | None = CredentialCheck() if leased else None
         #: Lifecycle policy: may another service use this one? (requests naming a
         #: ``from_service`` are refused when not)
         self.extensible = extensible
@@ -163,7 +238,7 @@ class ObjectServer(asyncio.DatagramProtocol):
         # the warm-up queue had no room for; tcp_refused: connections over max_streams.
         self.stats = {"served": 0, "duplicates": 0, "stale": 0, "malformed": 0, "errors": 0,
                       "queued": 0, "too_large": 0, "dropped": 0, "tcp_refused": 0,
-                      "started": time.time()}
+                      "refused": 0, "started": time.time()}
         self.transport: asyncio.DatagramTransport | None = None
         #: Open TCP connections; bounds (attributes so that tests can shrink them).
         self.streams: set[StreamPeer] = set()
@@ -249,6 +324,19 @@ class ObjectServer(asyncio.DatagramProtocol):
 
     def _serve(self, msg: ControlMessage, dest: ReplyTo, replay: bool = False) -> None:
         client, seq = str(msg.body["client"]), int(msg.body["seq"])
+        if self.credentials is not None:
+            # Before the filter: a refusal is not remembered (the client may retry the same
+            # seq with a credential), and a duplicate is not answered to one without.
+            reason = self.credentials.refusal(msg.body.get("credential"))
+            if reason is not None:
+                self.stats["refused"] += 1
+                self.credentials.refused[reason] += 1
+                self._reply(msg.txid, {"ok": False, "error": f"credential refused: {reason}",
+                                       "credential_error": reason, "client": client, "seq": seq},
+                            dest)
+                return
+            msg = ControlMessage(msg.type, msg.txid,
+                                 {k: v for k, v in msg.body.items() if k != "credential"})
         last = self.seen.get(client)
         if last is not None and seq <= last[0]:
             # A queued UDP request the checkpoint already answered was answered by the other
@@ -322,8 +410,12 @@ class ObjectServer(asyncio.DatagramProtocol):
         # Requests received but not served yet (a held or warm instance) travel too: the
         # next instance answers them, so a request that reached this one is not lost.
         pending = [[m.txid, m.body, list(a)] for m, a in self.queue if isinstance(a, tuple)]
-        return json.loads(json.dumps({"object": self.obj.get_state(), "seen": self.seen,
-                                      "served": self.stats["served"], "pending": pending}))
+        state = {"object": self.obj.get_state(), "seen": self.seen,
+                 "served": self.stats["served"], "pending": pending}
+        if self.credentials is not None and len(self.credentials.revocations):
+            # Cancelled leases move with the object: its next process must not honour them.
+            state["revocations"] = self.credentials.revocations.as_dict()
+        return json.loads(json.dumps(state))
 
     def restore(self, state: dict[str, Any]) -> None:
         self.obj.set_state(state["object"])
@@ -334,6 +426,8 @@ class ObjectServer(asyncio.DatagramProtocol):
             mine = self.seen.get(client)
             if mine is None or seq > mine[0]:
                 self.seen[client] = [seq, body]
+        if self.credentials is not None and state.get("revocations"):
+            self.credentials.revoke(state["revocations"])
         for txid, body, addr in state.get("pending", []):
             if len(self.queue) < MAX_QUEUE:
                 self.queue.append((ControlMessage(ControlType.SERVICE_REQUEST, int(txid), body), tuple(addr)))
@@ -368,8 +462,24 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
         return {"replayed": server.serve() if args.get("serve", True) else 0}
 
     def stats(_args: dict[str, Any]) -> dict[str, Any]:
-        return dict(server.stats, warming=server.warming, instance=server.instance,
-                    pid=os.getpid(), state=server.obj.get_state())
+        out = dict(server.stats, warming=server.warming, instance=server.instance,
+                   pid=os.getpid(), state=server.obj.get_state(),
+                   leased=server.credentials is not None)
+        if server.credentials is not None:
+            out["credentials"] = server.credentials.describe()
+        return out
+
+    def check(_args: dict[str, Any]) -> CredentialCheck:
+        if server.credentials is None:
+            raise ValueError(f"object {server.name} is not leased: it takes no credentials")
+        return server.credentials
+
+    def credentials(args: dict[str, Any]) -> dict[str, Any]:
+        check(args).configure(args.get("service"), args.get("instance"), args.get("key"))
+        return {"service": args["service"], "instance": args["instance"]}
+
+    def revoke(args: dict[str, Any]) -> dict[str, int]:
+        return {"revocations": check(args).revoke({"revoked": args.get("revoked")})}
 
     def stop_now(_args: dict[str, Any]) -> dict[str, Any]:
         state = server.checkpoint()  # the final state, answered before the process ends
@@ -383,6 +493,8 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
         "serve": lambda _args: {"replayed": server.serve()},
         "stats": stats,
         "stop": stop_now,
+        "credentials": credentials,
+        "revoke": revoke,
     }
 
 
@@ -447,7 +559,8 @@ async def start_service(server: ObjectServer, address: str, port: int
 
 async def run(args: argparse.Namespace) -> int:
     obj = load_object(args.spec)
-    server = ObjectServer(obj, args.name, args.router, args.warm, extensible=not args.not_extensible)
+    server = ObjectServer(obj, args.name, args.router, args.warm, extensible=not args.not_extensible,
+                          leased=args.leased)
     if args.state:
         server.restore(json.loads(args.state))
     _transport, tcp_server = await start_service(server, args.address, args.port)
@@ -473,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", default="", help="initial state (JSON checkpoint)")
     parser.add_argument("--not-extensible", action="store_true",
                         help="refuse requests made on behalf of another service")
+    parser.add_argument("--leased", action="store_true",
+                        help="serve only requests with a valid service credential (the key "
+                             "arrives over the control socket: until then, refuse all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s object %(name)s %(levelname)s %(message)s")
     return asyncio.run(run(args))

@@ -15,6 +15,11 @@ socketpair (``set_state``), which also carries checkpoints back (``get_state``/`
 The socketpair speaks :mod:`agent.core.rpc` (requests and answers matched by id, lines up to
 :data:`~agent.core.rpc.CHECKPOINT_LINE_LIMIT`), so an answer that arrives after its call timed
 out is discarded instead of being taken for the next call's answer.
+
+A *leased* object (patent Fig. 10, 164) starts with ``--leased`` and refuses every request
+until :meth:`ObjectProcess.start` has handed it its :class:`ServiceCredentials` over the same
+socketpair (the key never appears on a command line or the network); a new process of the
+same object (an upgrade, a restart, a migration's target) is given them again by its start.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,19 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
 REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServiceCredentials:
+    """What a leased object checks credentials with: its service, its instance id (as
+    registered with the broker) and the service key derived from the run's router key."""
+
+    service: str
+    instance: str
+    key: bytes = b""
+
+    def __repr__(self) -> str:  # never the key in a log line
+        return f"ServiceCredentials({self.service!r}, {self.instance!r})"
 
 
 class ObjectProcessError(AgentError):
@@ -55,7 +74,7 @@ class ObjectProcess:
     def __init__(self, name: str, spec: str, address: str, port: int, router: str, *,
                  objects_dir: Path, cgroups: CgroupManager | None, limits: Limits,
                  label: str | None = None, code_dir: str | None = None,
-                 extensible: bool = True) -> None:
+                 extensible: bool = True, credentials: ServiceCredentials | None = None) -> None:
         self.name, self.spec, self.address, self.port, self.router = name, spec, address, port, router
         self.objects_dir = Path(objects_dir)
         self.cgroups = cgroups
@@ -63,6 +82,8 @@ class ObjectProcess:
         self.label = label or name
         self.code_dir = code_dir
         self.extensible = extensible
+        #: Set: the object serves only requests with a valid credential for this service.
+        self.credentials = credentials
         self.sandbox: Any = None  # agent.hosting.sandbox.ObjectSandbox once started
         self._channel: rpc.RpcClient | None = None
         self._lock = asyncio.Lock()
@@ -120,6 +141,8 @@ class ObjectProcess:
             argv.append("--warm")
         if not self.extensible:
             argv.append("--not-extensible")
+        if self.credentials is not None:
+            argv.append("--leased")  # fails closed until the key arrives below
         log_fd = open_log(self.objects_dir / f"{self.label}.log")
         try:
             await self.sandbox.start(argv, stdout=log_fd, stderr=log_fd)
@@ -132,6 +155,9 @@ class ObjectProcess:
         await self._open_channel(parent)
         try:
             await self.call("stats")  # answers once it serves (or queues): the start is complete
+            if self.credentials is not None:
+                await self.call("credentials", service=self.credentials.service,
+                                instance=self.credentials.instance, key=self.credentials.key.hex())
             if state is not None:
                 await self.call("set_state", state=state, serve=not warm)
         except ObjectProcessError:
@@ -139,6 +165,12 @@ class ObjectProcess:
             raise
         log.info("object %s started (pid %s, warm=%s, cgroup=%s)", self.name, self.pid, warm,
                  self.sandbox.cgroup.name if self.sandbox.cgroup else None)
+
+    async def revoke(self, revoked: list[dict[str, Any]], timeout: float = CALL_TIMEOUT) -> int:
+        """Tell a leased object the leases cancelled early (``{"lease_id", "until"}``, wall
+        clock): their credentials are refused from now on. Returns how many it holds."""
+        answer = await self.call("revoke", timeout=timeout, revoked=revoked)
+        return int(answer["revocations"])
 
     async def _open_channel(self, sock: socket.socket) -> None:
         """Talk to the object over ``sock``, the agent's end of its socketpair."""
