@@ -18,6 +18,13 @@ service it is to run. :meth:`VmManager.provision` then follows Fig. 5 step by st
 
 A refusal at any step is recorded (``moat show errors``), answered to the sender (92-94) and
 leaves nothing behind: no address, no files, no process.
+
+Two optional PROVISION terms serve the service broker (Figs. 10 and 12): ``share`` (percent of
+the service this VM's instance offers, default 100) is what it registers as its capacity, and
+``leased: true`` makes its objects refuse requests without a valid service credential (164).
+Whoever tracks the VMs (the broker registration, :mod:`agent.broker.instances`) subscribes to
+:attr:`VmManager.listeners`: ``("started", vm)`` when a VM runs a service (provisioned, moved
+in, upgraded, or one of its objects left), ``("removed", vm)`` when it goes.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from packets.codes import SERVICE_PORT
 
@@ -42,6 +49,13 @@ log = logging.getLogger(__name__)
 
 KINDS = ("interface", "service")
 RUN_TIMEOUT = 10.0
+#: A VM's share of its service (percent), as its instance registers with the broker.
+MAX_SHARE = 100.0
+
+#: Told of a VM's events: ("started" | "removed", the VM). Must not block; may raise (logged).
+VmListener = Callable[[str, "VirtualMachine"], None]
+#: The credential key of a service (derived from the run's router key).
+ServiceKey = Callable[[str], bytes]
 
 
 @dataclass
@@ -103,6 +117,10 @@ class VirtualMachine:
     mobile: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Run only these objects of the manifest (a part of the service); empty: all of them.
     only: list[str] = field(default_factory=list)
+    #: Its objects serve only requests with a valid service credential (Fig. 10, 164).
+    leased: bool = False
+    #: The share of the service (percent) this VM's instance offers the broker.
+    share: float = MAX_SHARE
 
     def describe(self) -> dict[str, Any]:
         hidden = ("objects", "mobile")
@@ -121,9 +139,14 @@ class VirtualMachine:
         resources: dict[str, Any] = {"cpu": self.cpu, "memory_mb": self.memory_mb, "pids": self.pids}
         if self.egress_kbit:
             resources["egress_kbit"] = self.egress_kbit
-        return {"vm": self.name, "kind": "service", "service": self.service, "port": self.port,
+        body = {"vm": self.name, "kind": "service", "service": self.service, "port": self.port,
                 "resources": resources, "policy": dict(self.policy),
                 "credentials": list(self.authorized), "running_since": self.running_since}
+        if self.leased:
+            body["leased"] = True
+        if self.share != MAX_SHARE:
+            body["share"] = self.share
+        return body
 
 
 class ObjectHost(Protocol):
@@ -144,7 +167,8 @@ class VmManager:
     """The VM role of the agent: provisioned VMs, their objects, and the errors log."""
 
     def __init__(self, baseline: VmBaseline, router: str, run_id: str | None,
-                 addresses: dict[str, str], cgroups: Any = None, host: ObjectHost | None = None) -> None:
+                 addresses: dict[str, str], cgroups: Any = None, host: ObjectHost | None = None,
+                 service_key: ServiceKey | None = None) -> None:
         self.baseline = baseline
         self.router = router
         self.run_id = run_id
@@ -157,6 +181,21 @@ class VmManager:
         self._replays: Any = None  # agent.core.msgauth.ReplayCache of PROVISION nonces
         self.shaper = EgressShaper()
         self._next_key = 0
+        #: Without it, a PROVISION asking for a leased service is refused.
+        self.service_key = service_key
+        self.listeners: list[VmListener] = []
+
+    def instance_id(self, vm: VirtualMachine) -> str:
+        """The VM's service instance as the broker knows it (and its credentials name)."""
+        return f"{self.router}/{vm.name}"
+
+    def _emit(self, event: str, vm: VirtualMachine) -> None:
+        """Tell the listeners; a listener's failure is its own, never the VM's."""
+        for listener in list(self.listeners):
+            try:
+                listener(event, vm)
+            except Exception:  # noqa: BLE001 - a listener's bug must not undo a VM
+                log.exception("VM listener failed on %s of %s", event, vm.name)
 
     # --- Fig. 5 -------------------------------------------------------------------------
 
@@ -180,6 +219,7 @@ class VmManager:
             since = body.get("running_since")
             vm.running_since = float(since) if isinstance(since, (int, float)) else time.time()
             log.info("VM %s on %s runs %s %s", vm.name, self.router, vm.service, vm.version)
+            self._emit("started", vm)
             return vm.describe()
         except ProvisionError as exc:
             self._record(body, exc)
@@ -251,8 +291,25 @@ class VmManager:
                             int(res.get("pids", base.pids)),
                             int(res["egress_kbit"]) if res.get("egress_kbit") else None, wanted, policy)
         vm.mobile, vm.only = self._mobile_part(body)
+        vm.leased, vm.share = self._broker_terms(body)
         vm.steps.append(("configured", time.time()))
         return vm
+
+    def _broker_terms(self, body: dict[str, Any]) -> tuple[bool, float]:
+        """``leased`` (a JSON boolean, default false) and ``share`` (percent in (0, 100],
+        default 100), checked before anything is fetched."""
+        leased = body.get("leased", False)
+        if not isinstance(leased, bool):
+            raise ProvisionError("message", f"leased must be true or false, not {leased!r}")
+        if leased and self.service_key is None:
+            raise ProvisionError("credentials", f"{self.router} has no router key to derive "
+                                 "service credential keys from: it cannot run a leased service")
+        share = body.get("share", MAX_SHARE)
+        if not isinstance(share, (int, float)) or isinstance(share, bool) \
+                or not 0 < share <= MAX_SHARE:
+            raise ProvisionError("message", f"share must be a number in (0, {MAX_SHARE:g}], "
+                                 f"not {share!r}")
+        return leased, float(share)
 
     def _mobile_part(self, body: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """The ``mobile`` (object -> registration config) and ``objects`` (a part of the
@@ -324,8 +381,13 @@ class VmManager:
         the VM's address. ``names``: only these (one restarted object)."""
         from agent.hosting.cgroups import CgroupManager, Limits
         from agent.core.config import ObjectConfig
-        from agent.hosting.runtime import ObjectProcess, ObjectProcessError
+        from agent.hosting.runtime import ObjectProcess, ObjectProcessError, ServiceCredentials
 
+        credentials = None
+        if vm.leased:
+            assert self.service_key is not None  # checked by _configure
+            credentials = ServiceCredentials(vm.service, self.instance_id(vm),
+                                             self.service_key(vm.service))
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
         states = states or {}
@@ -340,7 +402,7 @@ class VmManager:
                 objects_dir=Path(self.baseline.storage) / "objects", cgroups=self._cgroups,
                 limits=Limits(**obj.resources.limits_kwargs()), label=f"{vm.name}-{obj.name}",
                 code_dir=str(Path(vm.installed) / obj.name),
-                extensible=vm.policy.get("extensible") is not False)
+                extensible=vm.policy.get("extensible") is not False, credentials=credentials)
             vm.objects[obj.name] = process  # from now on remove() stops it, whatever happens
             state = states.get(obj.name)
             try:
@@ -440,6 +502,7 @@ class VmManager:
         await self._start_objects(vm, states)
         vm.steps.append((f"upgraded {old} -> {vm.version}" if outcome["ok"] else f"upgrade to {version} refused", time.time()))
         log.info("VM %s: %s", vm.name, outcome)
+        self._emit("started", vm)  # the instance again (a new version may change its formats)
         return outcome
 
     async def call(self, vm_name: str, obj: str, cmd: str, **args: Any) -> Any:
@@ -468,6 +531,8 @@ class VmManager:
         if not vm.objects:
             log.info("VM %s on %s has no objects left: removed", vm_name, self.router)
             await self.remove(vm_name)
+        else:
+            self._emit("started", vm)  # still an instance, with fewer objects
 
     async def restart_object(self, vm_name: str, obj: str, state: Any) -> None:
         """Start object ``obj`` of a VM again from ``state`` (a migration that failed after
@@ -486,6 +551,7 @@ class VmManager:
         vm = self.vms.pop(name, None)
         if vm is None:
             return None
+        self._emit("removed", vm)  # first: the broker stops sending clients here
         for obj, process in vm.objects.items():
             config = vm.mobile.get(obj)
             try:

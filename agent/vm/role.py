@@ -10,11 +10,13 @@ objects are hosted by :class:`agent.hosting.objects.HostingRole`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 from packets import ControlMessage, ControlType
 
+from agent.broker.credentials import derive_service_key
 from agent.core.errors import ControlError
 from agent.core.msgauth import strip
 from agent.core.role import InBand, Periodic, Role
@@ -42,9 +44,14 @@ class VmRole(Role):
         if cfg.vm is None:
             return  # no baseline: the commands answer empty lists, PROVISION is refused
         hosting = self.agent.require(HostingRole)
+        service_key = None
+        if cfg.router_key:
+            # A leased service's objects check credentials under the key the broker issues
+            # them with: both derive it from the run's router key, so no key is ever sent.
+            service_key = functools.partial(derive_service_key, bytes.fromhex(cfg.router_key))
         self.manager = VmManager(VmBaseline.from_json(cfg.vm), cfg.name, cfg.run_id,
                                  {i.name: i.address for i in cfg.interfaces},
-                                 cgroups=hosting.cgroups, host=hosting)
+                                 cgroups=hosting.cgroups, host=hosting, service_key=service_key)
 
     async def stop(self) -> None:
         if self.manager is not None:
