@@ -1,7 +1,9 @@
 """The service manifest and lifecycle policy: what a service is, and their validation.
 
 A service directory holds ``manifest.json`` (the service, its provider, and its mobile
-objects: name, version, archive file, sha256, entry ``"module:Class"``, resources) and
+objects: name, version, archive file, sha256, entry ``"module:Class"``, resources; for a
+converter also the formats it ``consumes`` and ``produces``, which the service broker chains
+into dynamic service paths, Fig. 12 step 202) and
 ``policy.json`` (the patent's lifecycle policy). This module is their data model
 (:class:`Manifest`, :class:`ObjectEntry`, :class:`Resources`, :class:`LifecyclePolicy`),
 their canonical JSON form, and every field check: a value that does not fit is a
@@ -159,10 +161,23 @@ class Manifest:
     version: str
     provider: str
     objects: tuple[ObjectEntry, ...]
+    #: The formats a converter takes and gives ("text" -> "html"); both empty otherwise.
+    consumes: str = ""
+    produces: str = ""
 
     def __post_init__(self) -> None:
         _check_re(self.service, NAME_RE, "service name")
         _check_re(self.version, VERSION_RE, "service version")
+        for attr in ("consumes", "produces"):
+            value = getattr(self, attr)
+            if value != "":
+                _check_re(value, NAME_RE, f"{attr} format")
+        if bool(self.consumes) != bool(self.produces):
+            raise ManifestError(f"service {self.service}: a converter declares both consumes "
+                                "and produces, or neither")
+        if self.consumes and self.consumes == self.produces:
+            raise ManifestError(f"service {self.service} consumes and produces "
+                                f"{self.consumes!r}: not a conversion")
         if not isinstance(self.provider, str) or not 0 < len(self.provider) <= 128 \
                 or not self.provider.isprintable():
             raise ManifestError(f"provider {self.provider!r} must be 1-128 printable characters")
@@ -177,17 +192,22 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Manifest":
         doc = _json_object(data, MANIFEST_FILE)
-        _check_keys(doc, {"format", "service", "version", "provider", "objects"}, set(), MANIFEST_FILE)
+        _check_keys(doc, {"format", "service", "version", "provider", "objects"},
+                    {"consumes", "produces"}, MANIFEST_FILE)
         if doc["format"] != FORMAT:
             raise ManifestError(f"{MANIFEST_FILE}: unsupported format {doc['format']!r}")
         if not isinstance(doc["objects"], list):
             raise ManifestError(f"{MANIFEST_FILE}: objects must be a list")
         objects = tuple(ObjectEntry.from_json(o) for o in doc["objects"])
-        return cls(doc["service"], doc["version"], doc["provider"], objects)
+        return cls(doc["service"], doc["version"], doc["provider"], objects,
+                   doc.get("consumes", ""), doc.get("produces", ""))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "service": self.service, "version": self.version,
-                "provider": self.provider, "objects": [o.to_json() for o in self.objects]}
+        doc = {"format": FORMAT, "service": self.service, "version": self.version,
+               "provider": self.provider, "objects": [o.to_json() for o in self.objects]}
+        if self.consumes:  # absent otherwise: a manifest without formats keeps its bytes
+            doc.update(consumes=self.consumes, produces=self.produces)
+        return doc
 
     def to_bytes(self) -> bytes:
         return _canonical(self.to_json())
