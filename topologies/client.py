@@ -271,6 +271,14 @@ class RunClient:
         answered). Each call is a new client unless ``client`` is given: objects remember
         clients' sequence numbers."""
         home = self.params["objects"][self.check_object(name)]
+        return self.requests_at(host, home, count, rate, client=client, port=port)
+
+    def requests_at(self, host: str, address: str, count: int = 20, rate: float = 50.0,
+                    client: str | None = None, port: int | None = None) -> dict:
+        """:meth:`requests` to an address rather than an object's home address: a VM's
+        virtual interface or service address, which belongs to no object of the run."""
+        self.check_node(host)
+        home = address
         self._clients += 1
         out = self.run.dir / f"requests-{self._clients}.jsonl"
         args = ["--dst", home, "--rate", str(rate), "--duration", str(count / rate),

@@ -372,6 +372,11 @@ class MoatNetwork:
         :meth:`RunClient.requests`)."""
         return self.client.requests(host, name, count, rate, client=client, port=port)
 
+    def requests_at(self, host: str, address: str, count: int = 20, rate: float = 50.0,
+                    client: str | None = None, port: int | None = None) -> dict:
+        """Send service requests from ``host`` to ``address`` (a VM's service address)."""
+        return self.client.requests_at(host, address, count, rate, client=client, port=port)
+
     def resolve(self, host: str, name: str) -> dict:
         """Ask the run's DNS server, from inside ``host``, for ``name``'s address."""
         return self.client.resolve(host, name)

@@ -31,13 +31,12 @@ def test_provision_virtual_interface_runs_signed_counter(net: MoatNetwork, tmp_p
     vm = answer["vm"]
     assert vm["version"] == "1.0" and [s for s, _ in vm["steps"]][-1] == "initialised"
     # The service answers on its virtual interface's address, from another network.
-    net.objects["svc"] = type(net.objects["counter"])("svc", "10.16.0.201")
-    got = net.requests("co14", "svc", count=20)
+    got = net.requests_at("co14", "10.16.0.201", count=20)
     assert got["answered"] == got["sent"] == 20
     shown = net.agent("r22a").call("vm")[0]["objects"]["counter"]
     assert shown["usage"]["cpu_seconds"] > 0 and shown["usage"]["memory_bytes"] > 0
     net.agent("r22a").call("vm_remove", name="vm1")
-    assert net.requests("co14", "svc", count=5)["answered"] == 0
+    assert net.requests_at("co14", "10.16.0.201", count=5)["answered"] == 0
     assert "10.16.0.201" not in net.net["r22a"].cmd("ip -o addr")
 
 
@@ -79,14 +78,11 @@ def test_virtual_service_stays_reachable_when_an_interface_goes_down(net: MoatNe
     publish(net, tmp_path, "vs-svc", net.provider_key)
     answer = net.provision("r18a", vm="vs", kind="service", service="vs-svc", port=5002)
     assert answer["ok"], answer
-    Obj = type(net.objects["counter"])
-    net.objects["vs-lan"] = Obj("vs-lan", "10.12.0.1")
-    net.objects["vs-backbone"] = Obj("vs-backbone", "10.255.0.2")
     try:
-        assert net.requests("co12", "vs-lan", count=5, port=5002)["answered"] == 5
-        assert net.requests("co14", "vs-backbone", count=5, port=5002)["answered"] == 5
+        assert net.requests_at("co12", "10.12.0.1", count=5, port=5002)["answered"] == 5
+        assert net.requests_at("co14", "10.255.0.2", count=5, port=5002)["answered"] == 5
         net.net["r18a"].cmd("ip link set r18a-eth0 down")  # net 12's side of the router
-        assert net.requests("co14", "vs-backbone", count=5, port=5002)["answered"] == 5
+        assert net.requests_at("co14", "10.255.0.2", count=5, port=5002)["answered"] == 5
     finally:
         net.net["r18a"].cmd("ip link set r18a-eth0 up")
         net.agent("r18a").call("vm_remove", name="vs")
@@ -98,13 +94,11 @@ def test_transaction_limit_retires_the_service(net: MoatNetwork, tmp_path: Path)
                            policy={"max_transactions": 10})
     assert answer["ok"], answer
     assert answer["vm"]["policy"]["max_transactions"] == 10
-    Obj = type(net.objects["counter"])
-    net.objects["lim"] = Obj("lim", "10.14.0.1")
-    assert net.requests("co14", "lim", count=10, port=5003)["answered"] == 10
+    assert net.requests_at("co14", "10.14.0.1", count=10, port=5003)["answered"] == 10
     retired = net.wait_for(lambda: net.agent("r20a").call("retired"), timeout=10)
     assert retired[0]["vm"] == "lim" and "10 of 10 transactions" in retired[0]["reason"]
     assert net.agent("r20a").call("vm") == []
-    assert net.requests("co14", "lim", count=3, port=5003)["answered"] == 0
+    assert net.requests_at("co14", "10.14.0.1", count=3, port=5003)["answered"] == 0
 
 
 def test_new_version_is_picked_up_without_losing_state(net: MoatNetwork, tmp_path: Path) -> None:
@@ -112,9 +106,7 @@ def test_new_version_is_picked_up_without_losing_state(net: MoatNetwork, tmp_pat
     answer = net.provision("r22c", vm="up", kind="service", service="upgrading-svc", port=5004,
                            policy={"update_check_interval_s": 0.5})
     assert answer["ok"], answer
-    Obj = type(net.objects["counter"])
-    net.objects["up"] = Obj("up", "10.16.0.3")
-    assert net.requests("co14", "up", count=5, port=5004, client="c")["answered"] == 5
+    assert net.requests_at("co14", "10.16.0.3", count=5, port=5004, client="c")["answered"] == 5
     signed = package_service(counter_source(tmp_path / "v2"), "upgrading-svc", "2.0", "acme",
                              net.provider_key, tmp_path / "v2" / "out")
     publish_service(signed.path, net.net[net.site].repo_root)
@@ -159,9 +151,7 @@ def test_egress_cap_classifies_the_vms_traffic_into_its_htb_class(net: MoatNetwo
         # The backbone end keeps Mininet's htb root (5:) and gains the VM's class beside its own.
         assert "rate 1Mbit" in r18a.cmd("tc class show dev r18a-eth1")
         assert "rate 1Mbit" in r18a.cmd("tc class show dev r18a-eth0")
-        Obj = type(net.objects["counter"])
-        net.objects["cap"] = Obj("cap", "10.12.0.1")
-        assert net.requests("co12", "cap", count=10, port=5006)["answered"] == 10
+        assert net.requests_at("co12", "10.12.0.1", count=10, port=5006)["answered"] == 10
         stats = r18a.cmd("tc -s class show dev r18a-eth0")
         block = stats.split("class htb ")
         ours = [b for b in block if "rate 1Mbit" in b][0]
