@@ -9,6 +9,7 @@ hosting, so hosted objects stop without deregistering before their VMs are remov
 from __future__ import annotations
 
 from agent.broker.advertiser import BrokerAdvertiserRole
+from agent.broker.instances import ServiceInstancesRole
 from agent.broker.role import BrokerRole
 from agent.core.role import Role
 from agent.hosting.migration import MigrationRole
@@ -23,6 +24,7 @@ ROLES: tuple[type[Role], ...] = (
     VmRole,
     HostingRole,
     MigrationRole,
+    ServiceInstancesRole,
     BrokerAdvertiserRole,
     BrokerRole,
 )
