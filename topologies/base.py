@@ -48,7 +48,7 @@ from topologies.links import MoatLink
 from topologies.nodes import MoatHost, MoatRouter
 from topologies.dns import DnsServer
 from topologies.site import RemoteSite
-from topologies.routing import Route, compute_routes, default_gateway
+from topologies.routing import Route, compute_routes, default_gateway, router_hops
 
 __all__ = [
     "InterfaceSpec",
@@ -350,6 +350,15 @@ class MoatTopo(Topo):
     def gateway(self, node: str) -> str | None:
         """The default gateway of host ``node`` (routers have none)."""
         return self.nodeInfo(node).get("gateway")
+
+    def network_hops(self) -> dict[str, dict[str, int]]:
+        """Hops from each network (LAN prefix) to each router, along the static routes: the
+        service broker's cost between a corresponding object's network and an instance."""
+        return router_hops(
+            {node: [i.address for i in ifs] for node, ifs in self._ifaces.items()},
+            self._routers,
+            [spec.subnet for _, spec in sorted(self.networks.items())],
+        )
 
     def describe(self) -> str:
         """A human-readable table of networks, nodes, addresses and routes."""

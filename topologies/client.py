@@ -15,7 +15,13 @@ network is built:
   address), ``site`` and ``dns`` (the remote site's node name and the DNS server's address);
 * ``objects.json`` (root only): each object's registration client configuration, with its
   credentials;
-* ``provider/provider.key``: the run's service provider key.
+* ``provider/provider.key``: the run's service provider key;
+* ``co_keys.json`` (root only): the corresponding objects' broker keys (host -> hex key),
+  which the CO library (:mod:`nodetools.co`) reads inside a host, so no key is ever on a
+  command line; ``params`` name the ``broker`` router, its ``broker_address`` and the
+  ``co_hosts``;
+* ``grants/<group>.json`` (root only, written here): the grants ``moat service request``
+  obtained, with the host that holds them, so later commands can name a lease.
 
 Every name the caller gives is checked against the run before anything is sent, and a wrong
 one raises :class:`topologies.errors.UnknownName` listing the names that exist.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -37,7 +44,8 @@ from agent.core.control import ControlClient
 from topologies.errors import ProbeError, TopologyError, UnknownName
 from topologies.run import Run, live_runs, run_root
 
-__all__ = ["RunClient", "NoRun", "OBJECTS_FILE", "PROBES", "CO_LOAD"]
+__all__ = ["RunClient", "NoRun", "NoBroker", "BrokerRefusal", "OBJECTS_FILE", "CO_KEYS_FILE",
+           "PROBES", "CO_LOAD", "CO_TOOL"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,15 @@ OBJECTS_FILE = "objects.json"
 #: The tools run inside nodes (see :mod:`nodetools`).
 PROBES = "nodetools.probes"
 CO_LOAD = "nodetools.co_load"
+CO_TOOL = "nodetools.co"
+#: The corresponding objects' broker keys in the run directory (mode 0600).
+CO_KEYS_FILE = "co_keys.json"
+#: Grants obtained through this client, one file per grant (mode 0600: they hold credentials).
+GRANTS_DIR = "grants"
+#: A grant's group id as the broker makes them (token_urlsafe): safe as a file name.
+_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: One exchange with the broker through the CO library, discovery included (seconds).
+CO_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 10.0
 MIGRATE_TIMEOUT = 60.0
 PROVISION_TIMEOUT = 120.0
@@ -55,14 +72,39 @@ class NoRun(TopologyError):
     """No such run, or no network is up."""
 
 
+class NoBroker(TopologyError):
+    """The run has no service broker (started with ``--broker none``)."""
+
+
+class BrokerRefusal(TopologyError):
+    """The broker, or a leased service, refused what a CO asked: ``reason`` is the code it
+    gave (``unknown_service``, ``no_capacity``, ``unknown_lease``, ``revoked``, ...)."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+        self.reason = str(answer.get("reason") or "refused")
+        self.detail = str(answer.get("detail") or "")
+        super().__init__(str(answer.get("error") or self.reason))
+
+
+def _write_private_json(path: Path, doc: Any) -> Path:
+    """``doc`` as JSON at ``path``, readable by root only (it carries credentials)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=2)
+    return path
+
+
 def write_objects(run: Run, configs: Iterable[ObjectConfig]) -> Path:
     """Record the objects' client configurations in the run directory, readable by root only
     (they carry the objects' credentials)."""
-    path = run.dir / OBJECTS_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({c.name: c.to_json() for c in configs}, fh, indent=2)
-    return path
+    return _write_private_json(run.dir / OBJECTS_FILE, {c.name: c.to_json() for c in configs})
+
+
+def write_co_keys(run: Run, keys: dict[str, bytes]) -> Path:
+    """Record the corresponding objects' broker keys (host -> hex), readable by root only:
+    the CO library reads its own from here inside the host."""
+    return _write_private_json(run.dir / CO_KEYS_FILE, {h: k.hex() for h, k in keys.items()})
 
 
 class RunClient:
@@ -294,3 +336,144 @@ class RunClient:
         if not dns:
             raise TopologyError(f"run {self.run_id} has no DNS server")
         return self.probe(host, "resolve", name, dns)
+
+    # --- the service broker (Fig. 12) ------------------------------------------------------
+
+    def broker(self) -> str:
+        """The router that runs the run's service broker."""
+        router = self.params.get("broker")
+        if not router:
+            raise NoBroker(f"run {self.run_id} has no service broker (started with --broker none)")
+        return str(router)
+
+    def co_hosts(self) -> list[str]:
+        """The hosts that hold a broker key, so may act as corresponding objects."""
+        return sorted(self.params.get("co_hosts") or [])
+
+    def check_co(self, host: str) -> str:
+        return self._check("corresponding object host", host, self.co_hosts())
+
+    def co(self, host: str, command: str, *args: str, timeout: float = CO_TIMEOUT) -> dict:
+        """Run ``python -m nodetools.co COMMAND`` as corresponding object ``host`` (its key
+        from the run's key file, the broker's address from the run); its answer, or
+        :class:`BrokerRefusal` with the reason the broker or the service gave."""
+        self.broker()
+        self.check_co(host)
+        answer = self.tool(host, CO_TOOL, command, "--co", host, "--keys",
+                           str(self.run.dir / CO_KEYS_FILE), "--broker",
+                           str(self.params["broker_address"]), *args, timeout=timeout)
+        if not isinstance(answer, dict) or answer.get("ok") is not True:
+            raise BrokerRefusal(answer if isinstance(answer, dict) else {"error": repr(answer)})
+        return answer
+
+    def services(self, host: str | None = None) -> list[dict]:
+        """The broker's directory: asked in band by CO ``host`` (SERVICE_LIST), or, with no
+        host, from the broker router's ``services`` command."""
+        if host is None:
+            return self.call(self.broker(), "services")
+        return self.co(host, "list")["services"]
+
+    def leases(self) -> list[dict]:
+        """The broker's live leases (its router's ``leases`` command)."""
+        return self.call(self.broker(), "leases")
+
+    def lease_request(self, host: str, target: str, share: float, cpu: float,
+                      duration: float | str = "any") -> dict:
+        """CO ``host`` leases ``target`` (a service, or a goal ``"text -> rtf"``); the grant,
+        also kept in the run directory for :meth:`lease_renew`, :meth:`lease_cancel` and
+        :meth:`service_call`."""
+        answer = self.co(host, "request", target, "--share", str(share), "--cpu", str(cpu),
+                         "--duration", str(duration))
+        grant = answer["grant"]
+        self._save_grant(host, grant)
+        return grant
+
+    def grants(self) -> dict[str, dict]:
+        """The grants kept in the run directory: group id -> {"host", "grant"}."""
+        out: dict[str, dict] = {}
+        folder = self.run.dir / GRANTS_DIR
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+                out[record["grant"]["group"]] = record
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping unreadable grant %s: %s", path, exc)
+        return out
+
+    def find_grant(self, ref: str) -> dict:
+        """The kept grant with lease (or group) id ``ref``; UnknownName lists the leases."""
+        known: list[str] = []
+        for group, record in self.grants().items():
+            leases = [h["lease_id"] for h in record["grant"]["hops"]]
+            if ref == group or ref in leases:
+                return record
+            known += leases
+        raise UnknownName("lease", ref, known, f"run {self.run_id}")
+
+    def lease_renew(self, lease_id: str, duration: float | str = "any") -> dict:
+        """Renew one kept lease as the CO that holds it; its hop with the new credential."""
+        record = self.find_grant(lease_id)
+        hop = self.co(record["host"], "renew", lease_id, "--duration", str(duration))["hop"]
+        grant = record["grant"]
+        grant["hops"] = [hop if h["lease_id"] == lease_id else h for h in grant["hops"]]
+        self._save_grant(record["host"], grant)
+        return hop
+
+    def lease_cancel(self, lease_id: str) -> str:
+        """Cancel one kept lease (the broker frees it and revokes its credential); the grant
+        forgets it, and goes when no lease is left."""
+        record = self.find_grant(lease_id)
+        self.co(record["host"], "cancel", lease_id)
+        grant = record["grant"]
+        grant["hops"] = [h for h in grant["hops"] if h["lease_id"] != lease_id]
+        if grant["hops"]:
+            self._save_grant(record["host"], grant)
+        else:
+            self._grant_path(grant["group"]).unlink(missing_ok=True)
+        return lease_id
+
+    def service_call(self, host: str, ref: str, document: Path, output: Path | None = None,
+                     share: float = 10.0, cpu: float = 0.1) -> dict:
+        """Run a path on ``document`` as CO ``host``: ``ref`` is a kept lease or grant (used
+        as it is) or a target, which is leased for this one call and cancelled after it."""
+        self.check_co(host)
+        try:
+            record = self.find_grant(ref)
+            leased_here = False
+        except UnknownName as exc:
+            services = self._service_names()
+            if "->" not in ref and ref not in services:
+                raise UnknownName("lease or service", ref, [*exc.known, *services],
+                                  f"run {self.run_id}") from None
+            record = {"host": host, "grant": self.lease_request(host, ref, share, cpu)}
+            leased_here = True
+        if record["host"] != host:
+            raise TopologyError(f"lease {ref} is held by {record['host']}, not {host}")
+        args = [str(self._grant_path(record["grant"]["group"])), str(document.resolve())]
+        if output is not None:
+            args += ["--output", str(output.resolve())]
+        try:
+            return self.co(host, "call", *args, timeout=CO_TIMEOUT * len(record["grant"]["hops"]))
+        finally:
+            if leased_here:
+                for hop in list(record["grant"]["hops"]):
+                    self.lease_cancel(hop["lease_id"])
+
+    def _service_names(self) -> list[str]:
+        """The names the broker knows services by: theirs and their objects'."""
+        names = set()
+        for service in self.services():
+            names.add(service["service"])
+            for instance in service["instances"]:
+                names.update(instance.get("objects", []))
+        return sorted(names)
+
+    def _grant_path(self, group: str) -> Path:
+        if not _GROUP_RE.match(group):
+            raise TopologyError(f"grant group {group!r} cannot name a file")
+        return self.run.dir / GRANTS_DIR / f"{group}.json"
+
+    def _save_grant(self, host: str, grant: dict) -> Path:
+        path = self._grant_path(str(grant.get("group")))
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        return _write_private_json(path, {"host": host, "grant": grant})

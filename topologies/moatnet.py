@@ -13,7 +13,9 @@ command uses; the methods here that do so are thin conveniences for experiments 
 
 Roles, by default: the topology's ``hoa`` router is the home object agent; every router of
 a foreign network is a foreign object agent (so a refused object has another FOA to try);
-every other router runs a role-less daemon that can host objects.
+every other router runs a role-less daemon that can host objects. The service broker (Fig.
+12) runs on the HOA's router unless ``broker`` names another router (or None: no broker);
+every router advertises it and registers its VMs' services with it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Iterator
 
 from agent.core.config import (
     AgentConfig,
+    BrokerConfig,
     Credential,
     ForeignConfig,
     HomeConfig,
@@ -43,7 +46,7 @@ from agent.core.errors import ControlError
 from agent.core.wait import WaitTimeout, wait_until
 from topologies.addressing import mo_home_addresses
 from topologies.base import MoatTopo
-from topologies.client import RunClient, write_objects
+from topologies.client import RunClient, write_co_keys, write_objects
 from topologies.errors import TopologyError
 from topologies.net import build_net, root_namespace_names
 from topologies.run import ENV_RUN_ID, Run, clean_run, stop_child
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 HOME_DOMAIN = "home.moat"
 COUNTER_SPEC = "agent.objects.counter:Counter"
 AGENT_START_TIMEOUT = 30.0
+#: ``MoatNetwork(broker=AT_HOA)`` (the default): the broker runs on the topology's HOA router.
+AT_HOA = "@hoa"
 
 
 def _new_credential(spi: int) -> Credential:
@@ -72,6 +77,8 @@ class Keyring:
     foreign_home: dict[str, Credential] = field(default_factory=dict)  # FOA router -> FH
     #: Routers' shared key for in-band MIGRATE / STATE_TRANSFER (agent.core.msgauth).
     router_key: str = field(default_factory=lambda: secrets.token_hex(32))
+    #: Corresponding objects' keys (host -> key): their LEASE_* messages carry an HMAC under it.
+    co_keys: dict[str, bytes] = field(default_factory=dict)
 
     def add_object(self, name: str) -> None:
         n = len(self.mobile_home)
@@ -80,6 +87,10 @@ class Keyring:
 
     def add_foa(self, router: str) -> None:
         self.foreign_home[router] = _new_credential(2000 + len(self.foreign_home))
+
+    def add_co(self, host: str) -> None:
+        """A fresh key for a host that may act as a corresponding object with the broker."""
+        self.co_keys[host] = secrets.token_bytes(32)
 
 
 @dataclass
@@ -107,9 +118,19 @@ class MoatNetwork:
         foreign_agents: list[str] | None = None,
         trusted_foas: list[str] | None = None,
         tunnel_backend: str = "auto",
+        broker: str | None = AT_HOA,
+        broker_advertise_interval: float = 1.0,
     ) -> None:
         if topo.hoa is None:
             raise TopologyError("the topology names no home object agent router (hoa)")
+        if broker == AT_HOA:
+            broker = topo.hoa
+        if broker is not None and broker not in topo.router_names():
+            raise TopologyError(f"broker {broker!r} is not a router of {type(topo).__name__} "
+                                f"(routers: {', '.join(topo.router_names())})")
+        #: The router that runs the service broker (None: this run has none).
+        self.broker: str | None = broker
+        self.broker_advertise_interval = broker_advertise_interval
         self.topo = topo
         self.run = run or Run()
         self.advertise_interval = advertise_interval
@@ -129,6 +150,9 @@ class MoatNetwork:
             self.keyring.add_object(name)
         for router in self.foreign_agents:
             self.keyring.add_foa(router)
+        if broker is not None:
+            for host in topo.end_host_names():
+                self.keyring.add_co(host)
         self.net: Any = None
         self.site: str | None = None
         #: The DNS server's address (dnsmasq on dns23), once prepared.
@@ -169,7 +193,27 @@ class MoatNetwork:
         return AgentConfig(router, str(self.run.dir), roles, ifaces, self.advertise_interval,
                            home=home, foreign=foreign, log_level=self.log_level,
                            tunnel_backend=self.tunnel_backend, vm=self.vm_baseline(router),
-                           run_id=self.run.run_id, router_key=self.keyring.router_key)
+                           run_id=self.run.run_id, router_key=self.keyring.router_key,
+                           broker=self.broker_config(router))
+
+    def broker_address(self) -> str | None:
+        """Where the broker answers: its router's first (LAN) address; None without one."""
+        return None if self.broker is None else str(self.topo.addresses(self.broker)[0].ip)
+
+    def broker_config(self, router: str) -> BrokerConfig | None:
+        """``router``'s view of the broker. Every router learns its address (it advertises it
+        and registers its VMs there); only the broker's own router gets what serving needs:
+        the COs' keys and the network distances (no other router checks a CO's message, so
+        no other router holds a CO's key)."""
+        address = self.broker_address()
+        if address is None:
+            return None
+        cfg = BrokerConfig(address, advertise_interval=self.broker_advertise_interval)
+        if router == self.broker:
+            cfg.serve = True
+            cfg.co_keys = dict(self.keyring.co_keys)
+            cfg.network_hops = self.topo.network_hops()
+        return cfg
 
     def vm_baseline(self, router: str) -> dict[str, Any] | None:
         """Every router's VM baseline: the run's provider key is authorized, services come
@@ -269,8 +313,11 @@ class MoatNetwork:
         self._prepare_dns()
         self._prepare_nodes()
         write_objects(self.run, self._object_configs())
+        write_co_keys(self.run, self.keyring.co_keys)
         self.run.state.params.update(site=self.site, dns=self.dns, hoa=self.hoa,
-                                     addresses=self._node_addresses())
+                                     addresses=self._node_addresses(), broker=self.broker,
+                                     broker_address=self.broker_address(),
+                                     co_hosts=sorted(self.keyring.co_keys))
         self.run.save()
         previous = os.environ.get(ENV_RUN_ID)
         os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from topologies.errors import RoutingError
 
-__all__ = ["Route", "compute_routes", "default_gateway"]
+__all__ = ["Route", "compute_routes", "default_gateway", "router_hops"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,19 @@ def _normalise(
     return result
 
 
+def _members(
+    addrs: Mapping[str, list[IPv4Interface]],
+) -> dict[IPv4Network, list[tuple[str, IPv4Interface]]]:
+    """subnet -> [(node, its address on the subnet)], sorted for deterministic tie-breaks."""
+    members: dict[IPv4Network, list[tuple[str, IPv4Interface]]] = {}
+    for node, node_addrs in addrs.items():
+        for addr in node_addrs:
+            members.setdefault(addr.network, []).append((node, addr))
+    for lst in members.values():
+        lst.sort(key=lambda item: item[0])
+    return members
+
+
 def compute_routes(
     interfaces: Mapping[str, Iterable[IPv4Interface | str]],
     routers: Collection[str],
@@ -97,18 +110,12 @@ def compute_routes(
             raise RoutingError(f"weight of {net} must be a positive int, got {value!r}")
         cost[net] = value
 
-    # subnet -> [(node, its address on the subnet)], sorted for deterministic tie-breaks.
-    members: dict[IPv4Network, list[tuple[str, IPv4Interface]]] = {}
-    for node, node_addrs in addrs.items():
-        for addr in node_addrs:
-            members.setdefault(addr.network, []).append((node, addr))
-    for lst in members.values():
-        lst.sort(key=lambda item: item[0])
+    members = _members(addrs)
     subnets = sorted(members)
 
     routes: dict[str, list[Route]] = {node: [] for node in sorted(addrs)}
     for subnet in subnets:
-        next_hop = _tree_towards(subnet, addrs, members, forwarders, cost)
+        next_hop, _dist = _tree_towards(subnet, addrs, members, forwarders, cost)
         attached = {node for node, _ in members[subnet]}
         for node, node_routes in routes.items():
             if node in attached:
@@ -127,8 +134,9 @@ def _tree_towards(
     members: Mapping[IPv4Network, list[tuple[str, IPv4Interface]]],
     forwarders: frozenset[str],
     cost: Mapping[IPv4Network, int],
-) -> dict[str, str]:
-    """Shortest-path tree towards ``subnet``: node -> next-hop address on the way there.
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Shortest-path tree towards ``subnet``: node -> next-hop address on the way there,
+    and node -> its distance (subnets crossed; 0 for the routers attached to ``subnet``).
 
     One multi-source Dijkstra per destination subnet, started from the routers attached
     to it, rather than one per source node: there are far fewer subnets than nodes, and a
@@ -161,7 +169,33 @@ def _tree_towards(
                 dist[neighbour] = nd
                 next_hop[neighbour] = str(addr.ip)
                 heapq.heappush(heap, (nd, neighbour))
-    return next_hop
+    return next_hop, {node: d for node, d in dist.items() if node in done}
+
+
+def router_hops(
+    interfaces: Mapping[str, Iterable[IPv4Interface | str]],
+    routers: Collection[str],
+    subnets: Iterable[IPv4Network | str],
+) -> dict[str, dict[str, int]]:
+    """How far each router is from each of ``subnets``, along the routes
+    :func:`compute_routes` installs (every subnet weighing 1, as in ``MoatTopo``):
+    subnet (text) -> router -> subnets crossed (0 for a router on the subnet itself).
+
+    The service broker uses it as the cost between a corresponding object's network and a
+    service instance's router (Fig. 12: prefer an instance close to the CO), so it comes from
+    the same Dijkstra as the routes rather than from a second model of the topology.
+    """
+    addrs = _normalise(interfaces)
+    forwarders = frozenset(routers)
+    members = _members(addrs)
+    out: dict[str, dict[str, int]] = {}
+    for raw in subnets:
+        subnet = raw if isinstance(raw, IPv4Network) else IPv4Network(raw)
+        if subnet not in members:
+            raise RoutingError(f"no node is attached to {subnet}")
+        _next, dist = _tree_towards(subnet, addrs, members, forwarders, {})
+        out[str(subnet)] = {node: d for node, d in sorted(dist.items()) if node in forwarders}
+    return out
 
 
 def default_gateway(routes: Iterable[Route | tuple[str, str]]) -> str | None:
