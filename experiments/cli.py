@@ -1,7 +1,13 @@
 """``moat``: start, inspect, stop and clean MOAT networks, and run experiments.
 
-    sudo moat up [--topo patent] [--objects counter] [--adv-interval 1]
+    sudo moat up [--topo patent] [--objects counter] [--adv-interval 1] [--broker ROUTER|none]
     sudo moat show bindings|visitors|agents|objects|status|log|vm|errors|retired [ROUTER] [--json]
+    sudo moat show services|leases [--json]          (the service broker's tables)
+    sudo moat service list [--from HOST] [--json]
+    sudo moat service request GOAL --from HOST [--share P] [--cpu C] [--duration D|any]
+    sudo moat service call GOAL|LEASE --from HOST FILE [--out FILE]
+    sudo moat lease renew LEASE [--duration D|any]
+    sudo moat lease cancel LEASE
     sudo moat object start|stop|register|deregister OBJECT ROUTER [--run-code]
     sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make]
     sudo moat provision ROUTER --vm NAME --service SVC [--kind interface --interface IF --address A]
@@ -17,6 +23,12 @@
 ``--run ID`` picks a network when several are up; by default the newest live one. Every
 command acts through :class:`topologies.client.RunClient`, which checks each router, object
 and VM name against the run before acting and says which names exist.
+
+The service broker (Fig. 12) runs on the HOA's router unless ``--broker`` says otherwise.
+``moat service`` acts as a corresponding object from inside a host (``--from co14``), through
+the CO library (:mod:`nodetools.co`): the host's own key signs what it sends the broker, and
+the grants it obtains are kept in the run directory so ``moat lease`` and ``moat service
+call`` can name their leases.
 """
 
 from __future__ import annotations
@@ -29,12 +41,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.core.errors import AgentError, ControlError
 from agent.core.wait import WaitTimeout, wait_until
 from topologies.client import RunClient
-from topologies.errors import TopologyError
+from topologies.errors import TopologyError, UnknownName
 from topologies.run import ENV_RUN_ID, Run, clean_all, clean_run, pid_alive
 
 from .tables import format_table
@@ -55,7 +68,14 @@ COLUMNS = {
            "pids", "object", "object_pid", "cpu_seconds", "memory_mb_used", "memory_mb_peak"],
     "errors": ["router", "at", "vm", "service", "step", "reason"],
     "retired": ["router", "at", "vm", "service", "reason"],
+    "services": ["service", "instance_id", "router", "address", "port", "consumes", "produces",
+                 "share", "used_share", "cpu", "used_cpu", "leases", "remaining_s"],
+    "leases": ["lease_id", "holder", "service", "instance", "share", "cpu", "granted_s",
+               "remaining_s"],
+    "grant": ["service", "instance", "address", "port", "lease_id", "granted_s"],
 }
+#: ``moat up --broker none``: a run without a service broker.
+NO_BROKER = "none"
 
 
 class CliError(Exception):
@@ -75,14 +95,31 @@ def pick_run(run_id: str | None) -> RunClient:
 # --- up / down ---------------------------------------------------------------------------
 
 
+def broker_router(topo: str, broker: str | None) -> str | None:
+    """``--broker``: a router of ``topo`` (checked before anything starts), ``none``, or by
+    default the topology's HOA router."""
+    from topologies.catalog import make_topo
+
+    spec = make_topo(topo)
+    if broker is None:
+        return spec.hoa
+    if broker == NO_BROKER:
+        return None
+    if broker not in spec.router_names():
+        raise UnknownName("router", broker, spec.router_names(), f"topology {topo}")
+    return broker
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     _require_root()
+    broker = broker_router(args.topo, args.broker)
     run = Run()
     env = dict(os.environ, **{ENV_RUN_ID: run.run_id})
     out = open(f"/tmp/moat-up-{run.run_id}.log", "wb")  # noqa: SIM115 - handed to the child
     holder = subprocess.Popen(
         [sys.executable, "-m", "experiments.holder", "--run-id", run.run_id, "--topo", args.topo,
-         "--objects", args.objects, "--adv-interval", str(args.adv_interval)],
+         "--objects", args.objects, "--adv-interval", str(args.adv_interval),
+         "--broker", broker or NO_BROKER],
         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
         start_new_session=True,
     )
@@ -182,8 +219,22 @@ def collect(client: RunClient, what: str, routers: list[str],
     return rows
 
 
+def service_rows(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per instance of the broker's directory."""
+    return [dict(inst, remaining_s=(inst.get("lifecycle") or {}).get("remaining_s"))
+            for service in services for inst in service["instances"]]
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     client = pick_run(args.run)
+    if args.what in ("services", "leases"):
+        data: Any = client.services() if args.what == "services" else client.leases()
+        if args.json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            print(format_table(service_rows(data) if args.what == "services" else data,
+                               COLUMNS[args.what]))
+        return 0
     routers = [client.check_router(args.router)] if args.router else client.routers()
     data = collect(client, args.what, routers, args.lines)
     if args.json:
@@ -274,6 +325,64 @@ def cmd_vm(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the service broker, as a corresponding object --------------------------------------
+
+
+def _print_grant(grant: dict[str, Any]) -> None:
+    hops = grant["hops"]
+    print(format_table(hops, COLUMNS["grant"]))
+    print(f"granted {grant['target']!r}: {len(hops)} hop(s), group {grant['group']}, "
+          f"good for {min(h['granted_s'] for h in hops):g} s")
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """``moat service list|request|call``: the broker's side a CO sees."""
+    client = pick_run(args.run)
+    if args.action == "list":
+        services = client.services(args.host)
+        print(json.dumps(services, indent=2) if args.json
+              else format_table(service_rows(services), COLUMNS["services"]))
+        return 0
+    if args.host is None:
+        raise CliError(f"moat service {args.action} needs --from HOST "
+                       f"(hosts: {', '.join(client.co_hosts()) or 'none'})")
+    if args.action == "request":
+        grant = client.lease_request(args.host, args.target, args.share, args.cpu, args.duration)
+        if args.json:
+            print(json.dumps(grant, indent=2))
+        else:
+            _print_grant(grant)
+        return 0
+    if args.file is None:
+        raise CliError("moat service call needs the FILE to run the path on")
+    out = Path(args.out) if args.out else None
+    result = client.service_call(args.host, args.target, Path(args.file), out,
+                                 args.share, args.cpu)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif "text" in result and out is None:
+        sys.stdout.write(result["text"])
+    elif "result" in result:
+        print(json.dumps(result["result"], indent=2))
+    print(" -> ".join(result["hops"]) + (f": {result.get('bytes')} bytes of {result['format']}"
+                                        if "format" in result else "")
+          + (f" written to {out}" if out else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_lease(args: argparse.Namespace) -> int:
+    """``moat lease renew|cancel LEASE``, as the CO that holds it."""
+    client = pick_run(args.run)
+    if args.action == "renew":
+        hop = client.lease_renew(args.lease, args.duration)
+        print(json.dumps(hop, indent=2) if args.json
+              else f"lease {hop['lease_id']} renewed: {hop['granted_s']:g} s")
+    else:
+        client.lease_cancel(args.lease)
+        print(f"lease {args.lease} cancelled")
+    return 0
+
+
 # --- foreground CLI, experiments, benchmarks ---------------------------------------------
 
 
@@ -285,7 +394,8 @@ def cmd_cli(args: argparse.Namespace) -> int:
     from topologies.catalog import make_topo
 
     with MoatNetwork(make_topo(args.topo), objects=args.objects.split(","),
-                     advertise_interval=args.adv_interval) as moat:
+                     advertise_interval=args.adv_interval,
+                     broker=broker_router(args.topo, args.broker)) as moat:
         print(f"run {moat.run.run_id}; MOAT commands: bindings visitors agents objects move "
               "migrate vm resolve; "
               "Mininet's: help")
@@ -335,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--topo", default="patent", help="patent | scale[,n_foreign=N,routers_per_net=M]")
         p.add_argument("--objects", default="counter", help="comma-separated object names")
         p.add_argument("--adv-interval", type=float, default=1.0, help="advertisement interval (s)")
+        p.add_argument("--broker", help="the router that runs the service broker "
+                                        "(default: the HOA's router; 'none': no broker)")
 
     p = sub.add_parser("up", help="start a network in the background and print its run id")
     add_topo(p)
@@ -346,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.set_defaults(func=cmd_clean)
     p = sub.add_parser("show", help="tables from the agents of a running network")
-    p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors", "retired"])
+    p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors",
+                                    "retired", "services", "leases"])
     p.add_argument("router", nargs="?")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -399,6 +512,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vm)
+    p = sub.add_parser("service", help="the service broker as a corresponding object sees it")
+    p.add_argument("action", choices=["list", "request", "call"])
+    p.add_argument("target", nargs="?", help="request: a service or a goal ('text -> rtf'); "
+                                             "call: that, or a lease of an earlier request")
+    p.add_argument("file", nargs="?", help="call: the document to run the path on")
+    p.add_argument("--from", dest="host", help="the host acting as corresponding object (co14)")
+    p.add_argument("--share", type=float, default=10.0, help="percent of the service")
+    p.add_argument("--cpu", type=float, default=0.1, help="cores")
+    p.add_argument("--duration", default="any", help='seconds, or "any" (the broker\'s default)')
+    p.add_argument("--out", help="call: write the resulting document here")
+    p.add_argument("--run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_service)
+    p = sub.add_parser("lease", help="renew or cancel a lease of an earlier service request")
+    p.add_argument("action", choices=["renew", "cancel"])
+    p.add_argument("lease")
+    p.add_argument("--duration", default="any", help='renew: seconds, or "any"')
+    p.add_argument("--run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lease)
     p = sub.add_parser("cli", help="a network in the foreground with Mininet's CLI + MOAT commands")
     add_topo(p)
     p.set_defaults(func=cmd_cli)
