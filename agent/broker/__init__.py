@@ -1,4 +1,4 @@
-"""The service broker's pure logic (patent Fig. 10 and Fig. 12; DESIGN.md §8).
+"""The service broker (patent Fig. 10 and Fig. 12; docs/architecture.md).
 
 No sockets, threads or timers: every module takes an injected clock, and the broker network
 role wraps :class:`~agent.broker.broker.Broker` (the CO side wraps
@@ -12,22 +12,9 @@ role wraps :class:`~agent.broker.broker.Broker` (the CO side wraps
 ``paths``       dynamic service paths over formats (networkx)
 ``broker``      the facade
 ``errors``      typed errors with machine-readable reasons
+``role``        the broker role (in-band messages), ``advertiser`` the broker advertisements,
+``instances``   a router's service instances: registration, LEASE_REVOKE
+
+Import the module you need: this package imports nothing itself, so a sandboxed object that
+checks credentials (``credentials``) does not load networkx with ``paths``.
 """
-
-from agent.broker.admission import Admission, AdmissionPolicy, Decision
-from agent.broker.broker import Broker, Grant, HopGrant
-from agent.broker.credentials import Claims, RevocationList, ServiceKeys, Verified, Verifier
-from agent.broker.directory import Instance, Lifecycle, ServiceDirectory
-from agent.broker.errors import (BadRequest, BrokerError, CredentialError, LeaseDenied,
-                                 UnknownLease)
-from agent.broker.goals import Goal
-from agent.broker.leases import ANY, Lease, LeasePolicy, LeaseRequest, LeaseTable
-from agent.broker.renewal import LeaseRenewalManager
-
-__all__ = [
-    "ANY", "Admission", "AdmissionPolicy", "BadRequest", "Broker", "BrokerError", "Claims",
-    "CredentialError", "Decision", "Goal", "Grant", "HopGrant", "Instance", "Lease",
-    "LeaseDenied", "LeasePolicy", "LeaseRenewalManager", "LeaseRequest", "LeaseTable",
-    "Lifecycle", "RevocationList", "ServiceDirectory", "ServiceKeys", "UnknownLease",
-    "Verified", "Verifier",
-]

@@ -8,8 +8,11 @@ import json
 
 import pytest
 
-from agent.broker import (Broker, CredentialError, Grant, Instance, LeaseDenied, LeasePolicy,
-                          Lifecycle, UnknownLease, Verifier)
+from agent.broker.broker import Broker, Grant
+from agent.broker.credentials import Verifier
+from agent.broker.directory import Instance, Lifecycle
+from agent.broker.errors import CredentialError, LeaseDenied, UnknownLease
+from agent.broker.leases import LeasePolicy
 from agent.broker.errors import BadRequest
 from fakeclock import FakeClock
 

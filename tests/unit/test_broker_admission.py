@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.broker import (Admission, AdmissionPolicy, Decision, Instance, LeaseRequest,
-                          Lifecycle, ServiceDirectory)
+from agent.broker.admission import Admission, AdmissionPolicy, Decision
+from agent.broker.directory import Instance, Lifecycle, ServiceDirectory
+from agent.broker.leases import LeaseRequest
 from agent.broker.errors import BadRequest, LeaseDenied
 from fakeclock import FakeClock
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.broker import Admission, Broker, Goal, Instance, ServiceDirectory
+from agent.broker.admission import Admission
+from agent.broker.broker import Broker
+from agent.broker.directory import Instance, ServiceDirectory
+from agent.broker.goals import Goal
 from agent.broker.errors import BadRequest, LeaseDenied
 from agent.broker.paths import cost_function, plan
 from fakeclock import FakeClock

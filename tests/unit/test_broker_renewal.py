@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 
-from agent.broker import ANY, Broker, Instance, LeasePolicy
+from agent.broker.broker import Broker
+from agent.broker.directory import Instance
+from agent.broker.leases import ANY, LeasePolicy
 from agent.broker.errors import UnknownLease
 from agent.broker.renewal import LeaseExpired, LeaseRenewalManager
 from fakeclock import FakeClock
