@@ -181,9 +181,21 @@ def _object_sources(src: Path) -> list[tuple[Path, dict[str, Any]]]:
     for d in candidates:
         doc = _json_object(_read_limited(d / OBJECT_FILE, MAX_METADATA_BYTES, OBJECT_FILE),
                            str(d / OBJECT_FILE))
-        _check_keys(doc, {"entry"}, {"name", "version", "resources"}, str(d / OBJECT_FILE))
+        _check_keys(doc, {"entry"}, {"name", "version", "resources", "consumes", "produces"},
+                    str(d / OBJECT_FILE))
         out.append((d, doc))
     return out
+
+
+def _formats(docs: list[dict[str, Any]]) -> tuple[str, str]:
+    """The formats the service converts (``consumes``/``produces`` of its objects' object.json,
+    for the service broker's paths): one pair for the whole service, or none."""
+    pairs = {(str(d.get("consumes", "")), str(d.get("produces", ""))) for d in docs
+             if "consumes" in d or "produces" in d}
+    if len(pairs) > 1:
+        raise ManifestError(f"the objects declare different conversions {sorted(pairs)}: a "
+                            "service converts one format into one other")
+    return pairs.pop() if pairs else ("", "")
 
 
 def package_service(
@@ -223,7 +235,9 @@ def package_service(
     staging = _staging_dir(out)
     try:
         objects = []
+        docs = []
         for obj_dir, doc in _object_sources(src):
+            docs.append(doc)
             name = doc.get("name", obj_dir.name)
             obj_version = doc.get("version", version)
             _check_re(name, NAME_RE, "object name")
@@ -232,7 +246,9 @@ def package_service(
             digest = build_archive(obj_dir, staging / archive)
             objects.append(ObjectEntry(name, obj_version, archive, digest, doc["entry"],
                                        Resources.from_json(doc.get("resources", {}))))
-        manifest = Manifest(service, version, provider, tuple(objects))
+        consumes, produces = _formats(docs)
+        manifest = Manifest(service, version, provider, tuple(objects), consumes=consumes,
+                            produces=produces)
         _atomic_write(staging / MANIFEST_FILE, manifest.to_bytes())
         _atomic_write(staging / POLICY_FILE, pol.to_bytes())
         sign_service(staging, key)

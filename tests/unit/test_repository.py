@@ -540,3 +540,25 @@ def test_sshd_config_is_key_only() -> None:
                      "ForceCommand internal-sftp -R -d /r/repo -l INFO"):
         assert expected in lines, expected
     assert "Include" not in text
+
+
+def _declare(obj_dir: Path, **formats: str) -> None:
+    doc = json.loads((obj_dir / "object.json").read_text())
+    (obj_dir / "object.json").write_text(json.dumps({**doc, **formats}))
+
+
+def test_a_converters_formats_go_from_object_json_into_the_signed_manifest(tmp_path, src, keys) -> None:
+    """The broker chains services by these formats (text -> html -> rtf)."""
+    _declare(src / "counter", consumes="text", produces="html")
+    signed = package_service(src, "conv", "1.0", "acme", keys[0], tmp_path / "svc")
+    assert (signed.manifest.consumes, signed.manifest.produces) == ("text", "html")
+    installed = install_service(tmp_path / "svc", [load_public_key(keys[1])], tmp_path / "inst")
+    assert installed.manifest.produces == "html"
+
+
+def test_objects_declaring_different_conversions_are_refused(tmp_path, src, keys) -> None:
+    _declare(src / "counter", consumes="text", produces="html")
+    _declare(src / "logger", consumes="text", produces="word")
+    with pytest.raises(ManifestError, match="different conversions"):
+        package_service(src, "conv", "1.0", "acme", keys[0], tmp_path / "svc")
+    assert not (tmp_path / "svc").exists()
