@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -119,6 +120,9 @@ class VirtualMachine:
     only: list[str] = field(default_factory=list)
     #: Its objects serve only requests with a valid service credential (Fig. 10, 164).
     leased: bool = False
+    #: Tells this VM from an earlier one of the same name on this router: credentials name
+    #: the instance, and one issued for a removed VM must not be honoured by its successor.
+    epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     #: The share of the service (percent) this VM's instance offers the broker.
     share: float = MAX_SHARE
 
@@ -187,7 +191,7 @@ class VmManager:
 
     def instance_id(self, vm: VirtualMachine) -> str:
         """The VM's service instance as the broker knows it (and its credentials name)."""
-        return f"{self.router}/{vm.name}"
+        return f"{self.router}/{vm.name}@{vm.epoch}"
 
     def _emit(self, event: str, vm: VirtualMachine) -> None:
         """Tell the listeners; a listener's failure is its own, never the VM's."""

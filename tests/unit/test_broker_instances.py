@@ -346,7 +346,16 @@ def test_listeners_hear_a_removal_and_their_failures_are_theirs() -> None:
     m.listeners += [broken, lambda event, vm: heard.append((event, m.instance_id(vm)))]
     m.vms["v"] = m._configure({"vm": "v", "kind": "service", "service": "s"})
     assert asyncio.run(m.remove("v")) is not None
-    assert heard == [("removed", "r22a/v")]
+    assert [event for event, _ in heard] == ["removed"] and heard[0][1].startswith("r22a/v@")
+
+
+def test_a_vm_provisioned_again_under_its_name_is_another_instance() -> None:
+    """Credentials name the instance: one issued for a removed VM must not be honoured by
+    the next VM of the same name on the same router."""
+    m = manager()
+    first = m.instance_id(m._configure({"vm": "v", "kind": "service", "service": "s"}))
+    again = m.instance_id(m._configure({"vm": "v", "kind": "service", "service": "s"}))
+    assert first.startswith("r22a/v@") and again.startswith("r22a/v@") and first != again
 
 
 # --- manifest formats ---------------------------------------------------------------------
