@@ -563,9 +563,26 @@ def _call(client: BrokerClient, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def send_prepared(broker: str, ctype: ControlType, body: dict[str, Any], txid: int,
+                  timeout: float = BROKER_TIMEOUT) -> dict[str, Any]:
+    """One message exactly as given (already signed, or deliberately not: a replay, a wrong
+    key, a malformed body) and the broker's whole answer, refusal codes included."""
+    try:
+        return asyncio.run(peer_call(broker, ctype, body, timeout=timeout, txid=txid))
+    except PeerRefused as exc:
+        return exc.answer
+    except PeerError as exc:
+        raise BrokerUnreachable(str(exc)) from None
+
+
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.cmd == "discover":
         return {"ok": True, **discover_broker(args.timeout, args.mode).as_dict()}
+    if args.cmd == "send":
+        body = json.loads(Path(args.body).read_text())
+        if not isinstance(body, dict):
+            raise CoError("the body must be a JSON object")
+        return send_prepared(args.broker, ControlType[args.type.upper()], body, args.txid)
     key = load_key(Path(args.keys), args.co)
     broker = args.broker or discover_broker(args.discover_timeout).broker
     client = BrokerClient(broker, args.co, key)
@@ -591,6 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("discover", help="find the broker: listen, solicit, or both")
     p.add_argument("--mode", choices=["listen", "solicit", "both"], default="both")
     p.add_argument("--timeout", type=float, default=DISCOVER_TIMEOUT)
+
+    p = sub.add_parser("send", help="send a prepared (signed or not) message as it is and "
+                                    "print the broker's whole answer (tests, experiments)")
+    p.add_argument("broker")
+    p.add_argument("type", help="a ControlType name, e.g. lease_request")
+    p.add_argument("body", help="a file with the JSON body (its auth included)")
+    p.add_argument("--txid", type=int, default=0, help="the transaction id it was signed for")
 
     def co(p: argparse.ArgumentParser) -> None:
         p.add_argument("--co", required=True, help="this CO's id (its key's id)")
