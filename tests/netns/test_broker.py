@@ -97,15 +97,10 @@ def tables(net: MoatNetwork) -> tuple:
 # --- finding the broker (step 200) ------------------------------------------------------------
 
 
-def test_co14_hears_the_broker_advertised_by_its_router(net: MoatNetwork) -> None:
-    found = net.client.tool("co14", "nodetools.co", "discover", "--mode", "listen",
-                            "--timeout", "5")
-    assert found["ok"] and found["broker"] == BROKER and found["port"] == 4340
-    assert found["how"] == "advertisement" and found["sender"] == "10.14.0.1"  # r20a, TTL 1
-    assert found["router"] == "r20a"
-
-
 def test_slow_advertisements_leave_solicitation_to_find_the_broker() -> None:
+    """A network of its own (advertisements every 60 s), so this test comes first in the
+    module: the module's network (``net``) is made lazily by the next test, and only one
+    Mininet network runs at a time (the bridge names are fixed)."""
     with MoatNetwork(PatentTopo(), broker_advertise_interval=60.0) as m:
         for router in m.topo.router_names():
             assert m.client.call(router, "status")["broker"]["address"] == BROKER
@@ -120,6 +115,14 @@ def test_slow_advertisements_leave_solicitation_to_find_the_broker() -> None:
                               "--timeout", "2")
         assert found["ok"] and found["broker"] == BROKER and found["how"] == "solicited"
         assert found["delay"] < 1.0 and found["sender"] == "10.14.0.1"
+
+
+def test_co14_hears_the_broker_advertised_by_its_router(net: MoatNetwork) -> None:
+    found = net.client.tool("co14", "nodetools.co", "discover", "--mode", "listen",
+                            "--timeout", "5")
+    assert found["ok"] and found["broker"] == BROKER and found["port"] == 4340
+    assert found["how"] == "advertisement" and found["sender"] == "10.14.0.1"  # r20a, TTL 1
+    assert found["router"] == "r20a"
 
 
 # --- refusals change nothing --------------------------------------------------------------------
