@@ -36,6 +36,10 @@ from agent.core.role import InBand, Role
 
 log = logging.getLogger(__name__)
 
+#: How long a cancel waits for the instance's router to confirm the revocation before the
+#: CO is answered (the push goes on in the background after that).
+REVOKE_WAIT_S = 0.8
+
 
 class CoKeyAuth:
     """Authenticates a CO's message: HMAC under the key of the CO named in ``auth.key_id``."""
@@ -114,7 +118,11 @@ class BrokerRole(Role):
 
     async def on_cancel(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         lease = self.broker.cancel(str(body.get("lease_id")), holder_of(msg))
-        self.push_revocations()
+        pushed = self.push_revocations()
+        if pushed:
+            # Answer once the instance's router has it (bounded): when the CO hears "cancelled",
+            # the object already refuses the lease's credential.
+            await asyncio.wait(pushed, timeout=REVOKE_WAIT_S)
         return {"ok": True, "lease_id": lease.lease_id}
 
     async def on_list(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
@@ -135,16 +143,20 @@ class BrokerRole(Role):
     def housekeeping(self) -> None:
         self.broker.expire()
 
-    def push_revocations(self) -> None:
-        """Send each instance's router the leases cancelled since the last push."""
+    def push_revocations(self) -> list[asyncio.Task]:
+        """Send each instance's router the leases cancelled since the last push; returns the
+        sending tasks."""
         by_address: dict[str, list[dict[str, Any]]] = {}
         for row in self.broker.take_revocations():
             address = row.pop("address")
             by_address.setdefault(address, []).append(row)
+        tasks = []
         for address, revoked in by_address.items():
             task = asyncio.get_running_loop().create_task(self._push(address, revoked))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            tasks.append(task)
+        return tasks
 
     async def _push(self, address: str, revoked: list[dict[str, Any]]) -> None:
         try:
