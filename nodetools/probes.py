@@ -105,7 +105,8 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
     try:
         return asyncio.run(peer_call(dst, mtype, body, timeout=timeout))
     except PeerError as exc:
-        return {"ok": False, "error": str(exc)}
+        # A refusal's whole answer (a broker's carries its reason code and detail).
+        return {**getattr(exc, "answer", {}), "ok": False, "error": str(exc)}
 
 
 def service(dst: str, port: int, body: dict, timeout: float = 5.0, tcp: bool = False) -> dict:
