@@ -15,11 +15,12 @@ import shutil
 import socket
 import stat
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from agent.core.wait import wait_until
 
 from agent.core.control import ControlClient, ControlServer
 from agent.core.errors import ConfigError, ControlError
@@ -209,10 +210,7 @@ def test_concurrent_clients(sock_dir: Path) -> None:
     def body(path: Path):
         with ThreadPoolExecutor(4) as pool:
             blocked = pool.submit(ControlClient(path).call, "wait")
-            deadline = time.monotonic() + 10
-            while ("wait", {}) not in calls and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert ("wait", {}) in calls
+            wait_until(lambda: ("wait", {}) in calls, 10, interval=0.005, what="the wait call")
             # served while "wait" is still pending: one client cannot stall the agent
             fast = [ControlClient(path).call("echo", i=i) for i in range(3)]
             assert not blocked.done()

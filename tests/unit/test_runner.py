@@ -11,6 +11,8 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
+from agent.core.wait import async_wait_until
+
 from agent.objects.counter import Counter
 from agent.hosting.runner import MAX_BODY, UDP_REPLY_LIMIT, ObjectServer, load_object, start_service
 from agent.sdk import MobileObject
@@ -156,11 +158,7 @@ def encoded(seq: int, client: str = "co", txid: int | None = None, **body: Any) 
 
 async def until(predicate: Callable[[], bool], what: str) -> None:
     """Wait for a condition the server reaches on its own (it shares this event loop)."""
-    deadline = asyncio.get_running_loop().time() + WAIT
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    await async_wait_until(predicate, WAIT, interval=0.005, what=what)
 
 
 async def udp_call(port: int, data: bytes) -> dict:
