@@ -39,13 +39,14 @@ import socket
 import sys
 import time
 import uuid
-from collections import Counter
 from typing import Any, Callable, Tuple, Union
 
 from packets import ControlMessage, ControlType, MalformedMessage
-from packets.control import HEADER, MAX_BODY, frame_length
+from packets.control import HEADER, frame_length
 
 from agent.core import rpc
+from agent.hosting.credential_check import CredentialCheck
+from agent.hosting.streams import StreamPeer
 from agent.sdk import MobileObject, RequestError
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,6 @@ STREAM_IDLE_TIMEOUT = 30.0
 #: Requests of one TCP connection that may wait in the warm-up queue at once; more are
 #: dropped, so that one connection cannot fill the queue with 1 MiB requests.
 MAX_STREAM_PENDING = 8
-#: Reply bytes a TCP client may leave unread before its connection is dropped: replies are
-#: remembered for duplicates, so a client that keeps asking and never reads would otherwise
-#: grow the object's memory without bound.
-STREAM_BACKLOG_LIMIT = 2 * MAX_BODY
 
 
 def load_object(spec: str) -> MobileObject:
@@ -96,121 +93,8 @@ def parse_request(data: bytes) -> ControlMessage:
     return msg
 
 
-class StreamPeer:
-    """Where a request that came over TCP is answered: the connection it came on.
-
-    A UDP request is answered at its source address, a plain ``(host, port)`` tuple, which is
-    also what a checkpoint carries for requests still pending. A connection cannot move with
-    the object, so requests queued from one stay out of the checkpoint: when this instance
-    stops, the connection closes, and the client asks again (same client and sequence number,
-    which the next instance's filter serves once).
-    """
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.label = str(writer.get_extra_info("peername"))
-        #: Requests of this connection in the warm-up queue, not answered yet.
-        self.pending = 0
-        self._settled = asyncio.Event()
-        self._settled.set()
-
-    def queued(self) -> None:
-        self.pending += 1
-        self._settled.clear()
-
-    def dequeued(self) -> None:
-        self.pending -= 1
-        if self.pending <= 0:
-            self.pending = 0
-            self._settled.set()
-
-    async def settled(self) -> None:
-        """Until none of this connection's requests waits in the queue any more."""
-        await self._settled.wait()
-
-    def send(self, data: bytes) -> None:
-        """Queue one encoded reply on the connection (a closed one drops it: the reply stays
-        remembered for a client that asks again)."""
-        if self.writer.is_closing():
-            return
-        backlog = self.writer.transport.get_write_buffer_size()
-        if backlog > STREAM_BACKLOG_LIMIT:
-            log.info("TCP client %s leaves %d reply bytes unread: dropping the connection",
-                     self.label, backlog)
-            self.writer.transport.abort()
-            return
-        self.writer.write(data)
-
-    def __repr__(self) -> str:
-        return f"StreamPeer({self.label})"
-
-
 #: Where a reply goes: a UDP source address, a TCP connection, or nowhere (None).
 ReplyTo = Union[Tuple[Any, ...], StreamPeer, None]
-
-
-#: Key lengths accepted for a service key (a derived key is 32 bytes: HMAC-SHA-256).
-MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64
-
-
-class CredentialCheck:
-    """The object's check of service credentials (patent Fig. 10, 164; Fig. 12 step 210).
-
-    One service key and instance, set by the router (``credentials``), and the revocation
-    list the broker's LEASE_REVOKEs feed (``revoke``). Without a key every credential reads
-    ``forged``: a leased object never serves before its router has configured it.
-    The broker's credential module is imported only here, so an open object does not load it.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        from agent.broker.credentials import RevocationList, Verifier
-
-        self.service = ""
-        self.instance = ""
-        self.revocations = RevocationList()
-        self.verifier = Verifier({}, self.revocations, clock=clock)
-        self.refused: Counter[str] = Counter()
-        self.accepted = 0
-
-    def configure(self, service: Any, instance: Any, key_hex: Any) -> None:
-        """Take the service key (hex) for ``service`` and this ``instance``; ValueError
-        (the RPC's refusal) for anything malformed."""
-        from agent.broker import wire
-
-        wire.check_name(service, "service")
-        wire.check_name(instance, "instance")
-        if not isinstance(key_hex, str) or not MIN_KEY_BYTES * 2 <= len(key_hex) <= MAX_KEY_BYTES * 2:
-            raise ValueError(f"key must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes in hex")
-        key = bytes.fromhex(key_hex)
-        self.service, self.instance = service, instance
-        self.verifier.keys = {service: key}
-
-    def revoke(self, doc: Any) -> int:
-        """Add cancelled leases (``{"revoked": [{"lease_id", "until"}]}``, checked), forget
-        those past their credentials' expiry; return how many are held."""
-        from agent.broker.credentials import RevocationList
-
-        self.revocations.merge(RevocationList.from_dict(doc))
-        self.revocations.prune(time.time())
-        return len(self.revocations)
-
-    def refusal(self, token: Any) -> str | None:
-        """None if ``token`` is a valid credential for this service and instance, else the
-        reason (:class:`agent.broker.errors.CredentialError`)."""
-        from agent.broker.errors import CredentialError
-
-        try:
-            self.verifier.verify(token, self.service or "-", instance=self.instance or None)
-        except CredentialError as exc:
-            return exc.reason
-        self.accepted += 1
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        """For ``stats`` (never the key)."""
-        return {"service": self.service, "instance": self.instance,
-                "configured": bool(self.verifier.keys), "accepted": self.accepted,
-                "refused": dict(self.refused), "revocations": len(self.revocations)}
 
 
 class ObjectServer(asyncio.DatagramProtocol):

@@ -14,7 +14,8 @@ import pytest
 from agent.core.wait import async_wait_until
 
 from agent.objects.counter import Counter
-from agent.hosting.runner import MAX_BODY, UDP_REPLY_LIMIT, ObjectServer, load_object, start_service
+from agent.hosting.runner import UDP_REPLY_LIMIT, ObjectServer, load_object, start_service
+from packets.control import MAX_BODY
 from agent.sdk import MobileObject
 from nodetools import probes
 from packets import ControlMessage, ControlType

@@ -1,0 +1,75 @@
+"""The object's own check of service credentials (patent Fig. 10, 164).
+
+A leased object (its VM's PROVISION said ``"leased": true``) serves only requests carrying a
+credential the broker issued with a lease; :mod:`agent.hosting.runner` asks this module on
+every request. The key comes from the router over the object channel, never on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable
+
+#: Key lengths accepted for a service key (a derived key is 32 bytes: HMAC-SHA-256).
+MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64
+
+
+class CredentialCheck:
+    """The object's check of service credentials (patent Fig. 10, 164; Fig. 12 step 210).
+
+    One service key and instance, set by the router (``credentials``), and the revocation
+    list the broker's LEASE_REVOKEs feed (``revoke``). Without a key every credential reads
+    ``forged``: a leased object never serves before its router has configured it.
+    The broker's credential module is imported only here, so an open object does not load it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        from agent.broker.credentials import RevocationList, Verifier
+
+        self.service = ""
+        self.instance = ""
+        self.revocations = RevocationList()
+        self.verifier = Verifier({}, self.revocations, clock=clock)
+        self.refused: Counter[str] = Counter()
+        self.accepted = 0
+
+    def configure(self, service: Any, instance: Any, key_hex: Any) -> None:
+        """Take the service key (hex) for ``service`` and this ``instance``; ValueError
+        (the RPC's refusal) for anything malformed."""
+        from agent.broker import wire
+
+        wire.check_name(service, "service")
+        wire.check_name(instance, "instance")
+        if not isinstance(key_hex, str) or not MIN_KEY_BYTES * 2 <= len(key_hex) <= MAX_KEY_BYTES * 2:
+            raise ValueError(f"key must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes in hex")
+        key = bytes.fromhex(key_hex)
+        self.service, self.instance = service, instance
+        self.verifier.keys = {service: key}
+
+    def revoke(self, doc: Any) -> int:
+        """Add cancelled leases (``{"revoked": [{"lease_id", "until"}]}``, checked), forget
+        those past their credentials' expiry; return how many are held."""
+        from agent.broker.credentials import RevocationList
+
+        self.revocations.merge(RevocationList.from_dict(doc))
+        self.revocations.prune(time.time())
+        return len(self.revocations)
+
+    def refusal(self, token: Any) -> str | None:
+        """None if ``token`` is a valid credential for this service and instance, else the
+        reason (:class:`agent.broker.errors.CredentialError`)."""
+        from agent.broker.errors import CredentialError
+
+        try:
+            self.verifier.verify(token, self.service or "-", instance=self.instance or None)
+        except CredentialError as exc:
+            return exc.reason
+        self.accepted += 1
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """For ``stats`` (never the key)."""
+        return {"service": self.service, "instance": self.instance,
+                "configured": bool(self.verifier.keys), "accepted": self.accepted,
+                "refused": dict(self.refused), "revocations": len(self.revocations)}
