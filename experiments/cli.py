@@ -16,8 +16,8 @@
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
-    sudo moat run handoff|tour
-    sudo moat bench packets|registration|tunnel|provision
+    sudo moat run handoff|tour|service-path
+    sudo moat bench packets|registration|tunnel|provision|broker
     moat repo keygen|package|publish|verify|show ...
 
 ``--run ID`` picks a network when several are up; by default the newest live one. Every
@@ -413,6 +413,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .handoff import main as handoff_main
 
         return handoff_main(args.rest)
+    if args.experiment == "service-path":
+        from .service_path import main as service_path_main
+
+        return service_path_main(args.rest)
     raise CliError(f"unknown experiment {args.experiment!r}")
 
 
@@ -428,6 +432,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_main(args.rest) or 0
     if args.which == "tunnel":
         from .bench_tunnel import main as bench_main
+
+        return bench_main(args.rest) or 0
+    if args.which == "broker":
+        from .bench_broker import main as bench_main
 
         return bench_main(args.rest) or 0
     from .bench_registration import main as bench_main
@@ -536,12 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_topo(p)
     p.set_defaults(func=cmd_cli)
     p = sub.add_parser("run", help="run an experiment")
-    p.add_argument("experiment", choices=["handoff", "tour"])
+    p.add_argument("experiment", choices=["handoff", "tour", "service-path"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")
     p = sub.add_parser("bench", help="run a benchmark")
-    p.add_argument("which", choices=["packets", "registration", "tunnel", "provision"])
+    p.add_argument("which", choices=["packets", "registration", "tunnel", "provision", "broker"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
