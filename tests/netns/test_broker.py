@@ -8,7 +8,6 @@ and a cancelled lease's credential is refused ``revoked``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -18,9 +17,8 @@ import pytest
 
 from agent.core.msgauth import sign_hmac
 from agent.core.wait import wait_until
-from agent.vm.manifest import MANIFEST_FILE, Manifest
-from agent.vm.repository import package_service, publish_service, verify_service
-from agent.vm.signing import load_private_key, sign_service
+from agent.vm.repository import package_service, publish_service
+from agent.vm.signing import load_private_key
 from packets import ControlType
 from topologies.client import CO_KEYS_FILE, BrokerRefusal
 from topologies.moatnet import MoatNetwork
@@ -36,15 +34,11 @@ TEXT = "Mobile objects {move}\\between routers.\n\nCafé and braces } too."
 
 
 def package_converter(m: MoatNetwork, tmp: Path, name: str, consumes: str, produces: str) -> Path:
-    """The service signed with the run's provider key, its manifest declaring the formats it
-    converts (package_service does not take them yet: the manifest is re-signed here)."""
-    key = load_private_key(m.provider_key)
-    signed = package_service(SERVICES / name, name, "1.0", "acme", key, tmp / name)
-    manifest = Manifest.from_bytes((signed.path / MANIFEST_FILE).read_bytes())
-    (signed.path / MANIFEST_FILE).write_bytes(
-        dataclasses.replace(manifest, consumes=consumes, produces=produces).to_bytes())
-    sign_service(signed.path, key)
-    verify_service(signed.path, [key.public_key()])
+    """The service signed with the run's provider key; its object.json declares the formats
+    it converts, which packaging puts in the signed manifest."""
+    signed = package_service(SERVICES / name, name, "1.0", "acme", load_private_key(m.provider_key),
+                             tmp / name)
+    assert (signed.manifest.consumes, signed.manifest.produces) == (consumes, produces)
     return signed.path
 
 

@@ -26,7 +26,8 @@ SERVICES = REPO / "services"
 BROKER, ROUTER, CO = "r22b", "r22a", "co14"
 VM, PORT = "leased-html", 5111
 CO_KEY = secrets.token_bytes(32)
-INSTANCE = f"{ROUTER}/{VM}"
+#: Instance ids are "<router>/<vm>@<epoch>": a VM provisioned again is another instance.
+INSTANCE = f"{ROUTER}/{VM}@"
 
 #: The corresponding object's side, run inside co14: LEASE_* messages signed with its own key
 #: (read from stdin, never the command line), and service requests until one is refused.
@@ -104,6 +105,13 @@ def call(m: MoatNetwork, tmp: Path, **body: Any) -> dict:
     return m.probe(CO, "service", router_address(m), str(PORT), f"@{req}")
 
 
+def instance(m: MoatNetwork, prefix: str) -> tuple[str, dict] | None:
+    """The broker's entry of the one instance whose id starts with ``prefix``, if listed."""
+    found = [(iid, e) for iid, e in listed(m).items() if iid.startswith(prefix)]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
 def listed(m: MoatNetwork) -> dict[str, dict]:
     """The broker's directory (``moat show services``): instance id -> instance."""
     return {i["instance_id"]: i for s in m.agent(BROKER).call("services") for i in s["instances"]}
@@ -126,12 +134,12 @@ def test_a_leased_service_from_registration_to_revocation(net: BrokerNetwork, tm
     assert answer["ok"], answer
 
     # registered with the broker, with its capacity (Fig. 12 directory, step 208)
-    entry = net.wait_for(lambda: listed(net).get(INSTANCE), timeout=10)
+    iid, entry = net.wait_for(lambda: instance(net, INSTANCE), timeout=10)
     assert (entry["service"], entry["address"], entry["port"], entry["router"]) == \
         ("text2html", router_address(net), PORT, ROUTER)
     assert (entry["share"], entry["cpu"]) == (40.0, 0.5)
     assert entry["objects"] == ["text2html"] and entry["lifecycle"]["max_duration_s"] == 600
-    assert net.agent(ROUTER).call("instances")["registered"] == {INSTANCE: "text2html"}
+    assert net.agent(ROUTER).call("instances")["registered"] == {iid: "text2html"}
 
     # no credential, a forged one: refused with the reason, the object untouched
     missing = call(net, tmp_path)
@@ -144,11 +152,11 @@ def test_a_leased_service_from_registration_to_revocation(net: BrokerNetwork, tm
                                          "duration": 60})
     assert grant["ok"], grant
     (hop,) = grant["grant"]["hops"]
-    assert (hop["instance"], hop["address"], hop["port"]) == (INSTANCE, router_address(net), PORT)
+    assert (hop["instance"], hop["address"], hop["port"]) == (iid, router_address(net), PORT)
     served = call(net, tmp_path, credential=hop["credential"], client="co14-lease", seq=1)
     assert served["ok"] is True, served
     assert served["served_by"] == ROUTER and "<html" in served["result"]["html"].lower()
-    usage = listed(net)[INSTANCE]
+    usage = listed(net)[iid]
     assert usage["leases"] == 1 and usage["used_share"] == 10
 
     # cancelled: the broker pushes the revocation, the object refuses within a second
@@ -160,7 +168,7 @@ def test_a_leased_service_from_registration_to_revocation(net: BrokerNetwork, tm
 
     # removed: the broker no longer lists it
     net.agent(ROUTER).call("vm_remove", name=VM)
-    net.wait_for(lambda: INSTANCE not in listed(net), timeout=5)
+    net.wait_for(lambda: iid not in listed(net), timeout=5)
     assert net.agent(ROUTER).call("instances")["registered"] == {}
 
 
@@ -171,11 +179,11 @@ def test_an_open_service_serves_without_credentials_and_is_listed(net: BrokerNet
     answer = net.provision("r22c", vm="open-html", kind="service", service="text2html",
                            port=PORT, resources={"cpu": 0.5, "memory_mb": 256, "pids": 64})
     assert answer["ok"], answer
-    entry = net.wait_for(lambda: listed(net).get("r22c/open-html"), timeout=10)
+    iid, entry = net.wait_for(lambda: instance(net, "r22c/open-html@"), timeout=10)
     assert (entry["share"], entry["cpu"]) == (100.0, 0.5)
     address = str(net.topo.addresses("r22c")[0].ip)
     req = tmp_path / "open.json"
     req.write_text(json.dumps({"text": "hello"}))
     assert net.probe(CO, "service", address, str(PORT), f"@{req}")["ok"] is True
     net.agent("r22c").call("vm_remove", name="open-html")
-    net.wait_for(lambda: "r22c/open-html" not in listed(net), timeout=5)
+    net.wait_for(lambda: iid not in listed(net), timeout=5)
