@@ -393,7 +393,7 @@ class Recorder:
 
     def until(self, t: float) -> None:
         """Sample every :data:`SAMPLE_S` until ``t`` s after the start (pacing the plan)."""
-        while (left := t - self.now()) > 0:
+        while t - self.now() > 0:
             self.sample()
             time.sleep(min(SAMPLE_S, max(0.0, t - self.now())))
 
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run(args)
     print()
     print(format_report(out["rows"], out["summary"]))
-    print(f"broker messages decoded by moat.lua: "
+    print("broker messages decoded by moat.lua: "
           + "; ".join(f"{k}: {v}" for k, v in out["summary"]["broker_messages"].items()))
     print(f"results in {out['dest']} ({', '.join(out['summary']['plots'])}, summary.json, "
           "requests.csv, services.csv, documents/, captures/)")
