@@ -49,6 +49,7 @@ from topologies.base import MoatTopo
 from topologies.client import RunClient, write_co_keys, write_objects
 from topologies.errors import TopologyError
 from topologies.net import build_net, root_namespace_names
+from topologies.netfilter import open_bridges
 from topologies.run import ENV_RUN_ID, Run, clean_run, stop_child
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,8 @@ class MoatNetwork:
         previous = os.environ.get(ENV_RUN_ID)
         os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons
         try:
+            # Before any bridge exists: bridged traffic must not meet a DROP policy.
+            open_bridges(self.run.state.bridges, self.run.run_id, self._record_forward_rules)
             self.net = build_net(self.topo)
             self.net.start()
             self.run.state.node_pids = {n.name: n.pid for n in self.net.hosts}
@@ -339,6 +342,11 @@ class MoatNetwork:
                 os.environ[ENV_RUN_ID] = previous
         log.info("run %s up in %s", self.run.run_id, self.run.dir)
         return self
+
+    def _record_forward_rules(self, rules: list[dict]) -> None:
+        """Save the FORWARD rules about to be added in ``run.json`` (clean_run removes them)."""
+        self.run.state.forward_rules = rules
+        self.run.save()
 
     def wait_agents(self, timeout: float) -> None:
         """Block until every router's agent answers ``ping``, or raise TopologyError (at

@@ -2,7 +2,8 @@
 
 Every process a run starts (Mininet's node shells, agent daemons, object processes)
 carries ``MOAT_RUN_ID=<id>`` in its environment, every root-namespace interface the run
-creates (bridges, switch-side veth ends) is recorded in ``run.json`` before it is built, and
+creates (bridges, switch-side veth ends) is recorded in ``run.json`` before it is built, as
+is every FORWARD rule it adds for its bridges (each also commented ``moat-run:<run-id>``), and
 every cgroup it makes is named ``moat-<run-id>-...``. ``moat clean`` therefore finds a run's leftovers by its id even after the process
 that made them was killed with SIGKILL, and never touches anything by a broad name.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Iterable
 
 from agent.core.wait import WaitTimeout, wait_until
+from topologies.netfilter import remove_run_rules
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class RunState:
     bridges: list[str] = field(default_factory=list)
     node_pids: dict[str, int] = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    #: FORWARD rules letting the bridges' traffic through (topologies.netfilter), recorded
+    #: before they are added: ``{"tool": "iptables", "rule": [...]}``.
+    forward_rules: list[dict] = field(default_factory=list)
 
 
 class Run:
@@ -259,6 +264,8 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
             if _link_exists(name):
                 subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
                 removed.append(f"link {name}")
+    # The recorded rules, and any other rule tagged with this run id (run.json gone).
+    removed += remove_run_rules(run_id, state.forward_rules if state is not None else [])
     run_dir = base / run_id
     if run_dir.exists() and not keep_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
