@@ -12,10 +12,13 @@ stamp="$venv/.moat-bootstrap"
 apt_packages=(
   mininet iproute2 bridge-utils iputils-ping iptables tshark openssh-server
   iperf3 dnsmasq-base python3-venv python3-pip ethtool procps psmisc ruby tcpdump
+  # A bare debian:12 container lacks these: .ci/run runs make, pip needs the CA
+  # certificates, the unit tests parse the CI workflow with yaml.
+  make ca-certificates python3-yaml
 )
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "bootstrap.sh: run as root (sudo make setup)" >&2
+  echo "bootstrap.sh: run as root (sudo make setup, or as root: make setup)" >&2
   exit 1
 fi
 
