@@ -71,7 +71,7 @@ COLUMNS = {
     "services": ["service", "instance_id", "router", "address", "port", "consumes", "produces",
                  "share", "used_share", "cpu", "used_cpu", "leases", "remaining_s"],
     "leases": ["lease_id", "holder", "service", "instance", "share", "cpu", "granted_s",
-               "remaining_s"],
+               "remaining"],
     "grant": ["service", "instance", "address", "port", "lease_id", "granted_s"],
 }
 #: ``moat up --broker none``: a run without a service broker.
@@ -303,6 +303,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
         body.update(interface=args.interface, address=args.address)
     if args.port:
         body["port"] = args.port
+    if args.leased:
+        body["leased"] = True
+    if args.share is not None:
+        body["share"] = args.share
     answer = client.provision(args.router, body, mobile=mobile or None, key=args.key)
     if args.json:
         print(json.dumps(answer, indent=2, default=str))
@@ -508,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the service's OBJECT as mobile object NAME of this run (its home "
                         "address and credentials): it registers with its home agent and can migrate")
     p.add_argument("--objects", help="only these objects of the service (comma-separated)")
+    p.add_argument("--leased", action="store_true",
+                   help="its objects serve only requests with a service credential from the broker")
+    p.add_argument("--share", type=float,
+                   help="the percent of the service this VM offers the broker (default 100)")
     p.add_argument("--key", help="the provider's private key that signs the PROVISION "
                                  "(default: the run's provider key)")
     p.add_argument("--run")

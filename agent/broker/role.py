@@ -92,7 +92,7 @@ class BrokerRole(Role):
     def in_band(self) -> dict[ControlType, InBand]:
         co, router = self.co_auth, self.router_auth
         return {
-            ControlType.LEASE_REQUEST: InBand(self.on_request, co),
+            ControlType.LEASE_REQUEST: InBand(self.on_request, co, answer=ControlType.LEASE_GRANT),
             ControlType.LEASE_RENEW: InBand(self.on_renew, co),
             ControlType.LEASE_CANCEL: InBand(self.on_cancel, co),
             ControlType.SERVICE_LIST: InBand(self.on_list, co),

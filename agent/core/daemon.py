@@ -98,7 +98,7 @@ class AgentDaemon:
             await role.start()
         self.control = ControlServer(cfg.socket_path, self.handle_command)
         await self.control.start()
-        self.peers = PeerServer(self.on_peer_message)
+        self.peers = PeerServer(self.on_peer_message, answer_type=self.answer_type)
         await self.peers.start()
         jobs = [Periodic("housekeeping", HOUSEKEEPING_PERIOD, self.housekeeping)]
         for role in self.roles:
@@ -159,6 +159,11 @@ class AgentDaemon:
         if asyncio.iscoroutine(result):
             result = await result
         return result
+
+    def answer_type(self, ctype: ControlType) -> ControlType:
+        """The type of the answer to an in-band ``ctype`` (the role's choice, else ``ctype``)."""
+        entry = self.in_band.get(ctype)
+        return entry.answer if entry is not None and entry.answer is not None else ctype
 
     async def on_peer_message(self, msg: ControlMessage) -> dict:
         """An in-band message: authenticated for its type's role, then served by it."""

@@ -108,12 +108,16 @@ def refusal(exc: Exception) -> dict[str, Any]:
 
 class PeerServer:
     """TCP 4340: in-band control messages from other routers and sites (one message per
-    connection at a time; answers carry the request's type and transaction id). A handler
+    connection at a time; answers carry the request's transaction id, and its type unless
+    ``answer_type`` says otherwise). A handler
     that raises is answered ``{"ok": false, "error": ...}``; a malformed frame closes the
     connection and is counted."""
 
-    def __init__(self, handler: Handler, port: int = CONTROL_PORT, host: str = "0.0.0.0") -> None:
+    def __init__(self, handler: Handler, port: int = CONTROL_PORT, host: str = "0.0.0.0",
+                 answer_type: Callable[[ControlType], ControlType] = lambda t: t) -> None:
         self.handler = handler
+        #: The type an answer carries, given the request's (most answer with the same type).
+        self.answer_type = answer_type
         self.port = port
         self.host = host
         self.server: asyncio.AbstractServer | None = None
@@ -145,7 +149,7 @@ class PeerServer:
                 except Exception as exc:  # noqa: BLE001 - answer with the reason
                     log.info("in-band %s refused: %s", msg.type.name, exc)
                     body = refusal(exc)
-                writer.write(ControlMessage(msg.type, msg.txid, body).encode())
+                writer.write(ControlMessage(self.answer_type(msg.type), msg.txid, body).encode())
                 await writer.drain()
         except (ConnectionError, OSError):
             return

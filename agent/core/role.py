@@ -39,6 +39,9 @@ class InBand:
 
     handler: InBandHandler
     authenticate: Authenticator
+    #: The type of the answer on the wire (LEASE_REQUEST is answered by a LEASE_GRANT);
+    #: None: the request's own type.
+    answer: Optional[ControlType] = None
 
 
 @dataclass(frozen=True)

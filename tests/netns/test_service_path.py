@@ -89,12 +89,12 @@ def test_the_captures_decode_broker_messages_with_the_lua_dissector(outcome: dic
     pcap = outcome["dest"] / "captures" / "home_lan.pcap"
     assert pcap.exists() and (outcome["dest"] / "captures" / "foreign_lan_14.pcap").exists()
     answers = subprocess.run([tshark, "-X", f"lua_script:{LUA}", "-r", str(pcap), "-Y",
-                              "moat.type == 3 && tcp.srcport == 4340", "-V"],
+                              "moat.type == 4 && tcp.srcport == 4340", "-V"],
                              capture_output=True, text=True, timeout=120)
     assert answers.returncode == 0, answers.stderr[-500:]
-    # The broker answers in the request's type (the in-band framing echoes it, so no
-    # lease_grant goes on the wire): its answers decode as lease_request with the grant.
-    assert "Type: lease_request (3)" in answers.stdout
+    # The broker answers a LEASE_REQUEST with a LEASE_GRANT carrying the grant (or the refusal).
+    assert "Type: lease_grant (4)" in answers.stdout
     assert "Member: grant" in answers.stdout and "/grant/target:text -> rtf" in answers.stdout
     counts = outcome["summary"]["broker_messages"]["home_lan"]
-    assert counts.get("lease_request", 0) >= 2 * 5 and counts.get("lease_cancel", 0) >= 2
+    assert counts.get("lease_request", 0) >= 5 and counts.get("lease_grant", 0) >= 5
+    assert counts.get("lease_cancel", 0) >= 2

@@ -230,3 +230,39 @@ def test_a_garbled_answer_is_a_peer_error() -> None:
 
     with pytest.raises(PeerError, match="no valid answer"):
         asyncio.run(main())
+
+
+def test_an_in_band_answer_takes_the_type_its_role_names() -> None:
+    class Lessor(Role):
+        name = "lessor"
+
+        def in_band(self) -> dict[ControlType, InBand]:
+            async def grant(msg: ControlMessage, body: dict) -> dict:
+                return {"ok": True}
+            return {ControlType.LEASE_REQUEST: InBand(grant, lambda m: m.body,
+                                                       answer=ControlType.LEASE_GRANT),
+                    ControlType.SERVICE_LIST: InBand(grant, lambda m: m.body)}
+
+    daemon = AgentDaemon(config(), roles=[Lessor])
+    assert daemon.answer_type(ControlType.LEASE_REQUEST) == ControlType.LEASE_GRANT
+    assert daemon.answer_type(ControlType.SERVICE_LIST) == ControlType.SERVICE_LIST
+    assert daemon.answer_type(ControlType.MIGRATE) == ControlType.MIGRATE
+
+    async def main() -> ControlMessage:
+        from agent.core.peer import read_message
+
+        server = PeerServer(daemon.on_peer_message, port=0, host="127.0.0.1",
+                            answer_type=daemon.answer_type)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(ControlMessage(ControlType.LEASE_REQUEST, 5, {}).encode())
+            await writer.drain()
+            answer = await asyncio.wait_for(read_message(reader), 5)
+            writer.close()
+            return answer
+        finally:
+            await server.stop()
+
+    answer = asyncio.run(main())
+    assert (answer.type, answer.txid, answer.body) == (ControlType.LEASE_GRANT, 5, {"ok": True})
