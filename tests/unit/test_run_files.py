@@ -86,7 +86,7 @@ SERVICES = [{"service": "text2html", "instances": [{
     "processing_cost": 1.0, "used_share": 10.0, "used_cpu": 0.1, "free_share": 90.0,
     "free_cpu": 0.9, "alive": True, "leases": 1}]}]
 LEASE_ROW = {"lease_id": "L1", "holder": "co14", "service": "text2html", "instance": "r22a/th",
-             "share": 10.0, "cpu": 0.1, "granted_s": 60.0, "remaining_s": 59.0}
+             "share": 10.0, "cpu": 0.1, "granted_s": 60.0, "remaining": 59.25}
 
 
 def _credential(spi: int) -> Credential:
@@ -232,7 +232,7 @@ def test_show_services_and_leases_ask_the_broker_router(fake_run, capsys) -> Non
     assert json.loads(capsys.readouterr().out) == SERVICES
     assert cli.main(["show", "leases", "--run", RUN_ID]) == 0
     table = capsys.readouterr().out
-    assert "L1" in table and "co14" in table and "remaining_s" in table
+    assert "L1" in table and "co14" in table and "59.25" in table  # the broker's "remaining"
     assert cli.main(["service", "list", "--run", RUN_ID]) == 0
     table = capsys.readouterr().out
     assert "r22a/th" in table and "text" in table and "used_share" in table
