@@ -1,6 +1,6 @@
 """topologies.netfilter's decisions against a fake machine (sysctl files + an iptables that
 keeps a FORWARD chain in memory): nothing to do, add rules, refuse with what to change, and
-cleanup removing exactly the run's rules. tests/netns/test_netfilter.py does it for real."""
+cleanup removing exactly the run's rules. tests/netns/test_netfilter_host.py does it for real."""
 
 from __future__ import annotations
 
