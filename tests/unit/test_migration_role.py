@@ -12,6 +12,7 @@ import pytest
 from agent.core.config import AgentConfig, Interface
 from agent.core.errors import ControlError
 from agent.core.peer import PeerRefused
+from agent.core.wait import async_wait_until
 from agent.hosting import migration as migration_mod
 from agent.hosting.migration import MigrationFailed, MigrationRole
 from agent.hosting.objects import HostedObject, HostingRole
@@ -188,15 +189,23 @@ def test_unknown_mode_and_object_are_refused(monkeypatch) -> None:
 
 # --- target side ---------------------------------------------------------------------------
 
-def test_arrival_that_never_registers_is_undone(monkeypatch) -> None:
+#: A warm arrival, as a make-before-break source sends it.
+ARRIVAL = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
+           "config": {"name": "counter"}, "resources": None}
+
+
+def empty_target() -> tuple[FakeHosting, MigrationRole]:
+    """A target router that hosts nothing yet."""
     hosting = FakeHosting()
     hosting.objects.clear()
-    role = MigrationRole(FakeAgent(hosting))
-    body = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
-            "config": {"name": "counter"}, "resources": None}
+    return hosting, MigrationRole(FakeAgent(hosting))
+
+
+def test_arrival_that_never_registers_is_undone(monkeypatch) -> None:
+    hosting, role = empty_target()
 
     async def arrive() -> dict:
-        return await role.on_migrate(None, body)  # type: ignore[arg-type]
+        return await role.on_migrate(None, ARRIVAL)  # type: ignore[arg-type]
 
     original = role._wait_registered
     monkeypatch.setattr(role, "_wait_registered", lambda name: original(name, timeout=0.05))
@@ -206,17 +215,13 @@ def test_arrival_that_never_registers_is_undone(monkeypatch) -> None:
     assert "counter" not in hosting.objects
 
 
-def test_arrival_answers_with_its_registration(monkeypatch) -> None:
-    hosting = FakeHosting()
-    hosting.objects.clear()
-    role = MigrationRole(FakeAgent(hosting))
-    body = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
-            "config": {"name": "counter"}, "resources": None}
+def test_arrival_answers_with_its_registration() -> None:
+    hosting, role = empty_target()
 
     async def arrive() -> dict:
-        task = asyncio.create_task(role.on_migrate(None, body))  # type: ignore[arg-type]
-        while "counter" not in hosting.objects:
-            await asyncio.sleep(0)
+        task = asyncio.create_task(role.on_migrate(None, ARRIVAL))  # type: ignore[arg-type]
+        await async_wait_until(lambda: "counter" in hosting.objects, 5, interval=0,
+                               what="the arriving object hosted")
         hosting.objects["counter"].client.registered = True  # type: ignore[union-attr]
         return await task
 
