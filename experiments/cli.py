@@ -351,7 +351,8 @@ def cmd_service(args: argparse.Namespace) -> int:
         raise CliError(f"moat service {args.action} needs --from HOST "
                        f"(hosts: {', '.join(client.co_hosts()) or 'none'})")
     if args.action == "request":
-        grant = client.lease_request(args.host, args.target, args.share, args.cpu, args.duration)
+        grant = client.lease_request(args.host, args.target, args.share, args.cpu, args.duration,
+                                     measure=args.measure)
         if args.json:
             print(json.dumps(grant, indent=2))
         else:
@@ -537,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", type=float, default=10.0, help="percent of the service")
     p.add_argument("--cpu", type=float, default=0.1, help="cores")
     p.add_argument("--duration", default="any", help='seconds, or "any" (the broker\'s default)')
+    p.add_argument("--measure", action="store_true",
+                   help="request: the CO measures its round trip to each instance, and the "
+                        "broker ranks paths by it instead of routing hops")
     p.add_argument("--out", help="call: write the resulting document here")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")

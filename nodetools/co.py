@@ -350,6 +350,34 @@ def output_of(fmt: str, result: dict[str, Any]) -> bytes:
 # --- steps 202-230: the broker client ---------------------------------------------------------
 
 
+#: Instances a CO measures before a request, at most, and how long one handshake may take.
+MAX_MEASURED = 32
+MEASURE_TIMEOUT = 0.5
+
+
+async def measure_costs(services: list[dict[str, Any]], timeout: float = MEASURE_TIMEOUT
+                        ) -> dict[str, float]:
+    """The CO's measured cost to each instance the broker lists: the TCP handshake round trip
+    (ms) to the instance's service address and port (objects serve TCP there), all at once.
+    An instance that does not answer within ``timeout`` is left out."""
+    targets = [(str(i["instance_id"]), str(i["address"]), int(i["port"]))
+               for s in services for i in s.get("instances", [])
+               if isinstance(i, dict) and {"instance_id", "address", "port"} <= set(i)]
+
+    async def one(iid: str, address: str, port: int) -> tuple[str, float] | None:
+        start = time.perf_counter()
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+        except (OSError, asyncio.TimeoutError, ValueError):
+            return None
+        rtt_ms = (time.perf_counter() - start) * 1000
+        writer.close()
+        return iid, round(rtt_ms, 3)
+
+    found = await asyncio.gather(*(one(*t) for t in targets[:MAX_MEASURED]))
+    return dict(f for f in found if f is not None)
+
+
 class BrokerClient:
     """One corresponding object talking to the broker and to the services it leases.
 
@@ -399,10 +427,14 @@ class BrokerClient:
         return services
 
     async def arequest(self, target: str, share: float, cpu: float,
-                       duration: Duration = ANY) -> Grant:
-        body = {"request": {"target": target, "share": share, "cpu": cpu,
-                            "duration": duration},
-                "co_address": self.co_address}
+                       duration: Duration = ANY, measure: bool = False) -> Grant:
+        """With ``measure`` the request carries this CO's measured round trips to the listed
+        instances (:func:`measure_costs`), which the broker then prefers to its hop counts."""
+        body: dict[str, Any] = {"request": {"target": target, "share": share, "cpu": cpu,
+                                            "duration": duration},
+                                "co_address": self.co_address}
+        if measure:
+            body["costs"] = await measure_costs(await self.alist_services())
         answer = await self._exchange(ControlType.LEASE_REQUEST, body)
         return _checked(Grant.from_dict, answer.get("grant"))
 
@@ -419,10 +451,11 @@ class BrokerClient:
         """The broker's directory (service name list 160 with each instance's usage)."""
         return asyncio.run(self.alist_services())
 
-    def request(self, target: str, share: float, cpu: float, duration: Duration = ANY) -> Grant:
+    def request(self, target: str, share: float, cpu: float, duration: Duration = ANY,
+                measure: bool = False) -> Grant:
         """Lease ``share`` % and ``cpu`` cores of a service or a goal for ``duration``
         seconds (or ``"any"``): the grant, one hop per service of the path."""
-        return asyncio.run(self.arequest(target, share, cpu, duration))
+        return asyncio.run(self.arequest(target, share, cpu, duration, measure))
 
     def renew(self, lease_id: str, duration: Duration = ANY) -> HopGrant:
         """Renew one lease (Jini: now + the newly granted duration); its hop, with a new
@@ -589,7 +622,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.cmd == "list":
         return {"ok": True, "broker": broker, "services": client.list_services()}
     if args.cmd == "request":
-        grant = client.request(args.target, args.share, args.cpu, _duration(args.duration))
+        grant = client.request(args.target, args.share, args.cpu, _duration(args.duration),
+                               measure=args.measure)
         return {"ok": True, "broker": broker, "grant": grant.as_dict()}
     if args.cmd == "renew":
         return {"ok": True, "hop": client.renew(args.lease, _duration(args.duration)).as_dict()}
@@ -629,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", type=float, default=10.0, help="percent of the service")
     p.add_argument("--cpu", type=float, default=0.1, help="cores")
     p.add_argument("--duration", default=ANY, help='seconds, or "any"')
+    p.add_argument("--measure", action="store_true",
+                   help="measure the round trip to each instance and let the broker use it")
     for name in ("renew", "cancel"):
         p = sub.add_parser(name, help=f"{name} one lease")
         co(p)

@@ -378,12 +378,13 @@ class RunClient:
         return self.call(self.broker(), "leases")
 
     def lease_request(self, host: str, target: str, share: float, cpu: float,
-                      duration: float | str = "any") -> dict:
+                      duration: float | str = "any", measure: bool = False) -> dict:
         """CO ``host`` leases ``target`` (a service, or a goal ``"text -> rtf"``); the grant,
         also kept in the run directory for :meth:`lease_renew`, :meth:`lease_cancel` and
-        :meth:`service_call`."""
+        :meth:`service_call`. ``measure``: the CO measures its round trip to each instance
+        and the broker ranks paths by those instead of routing hops."""
         answer = self.co(host, "request", target, "--share", str(share), "--cpu", str(cpu),
-                         "--duration", str(duration))
+                         "--duration", str(duration), *(["--measure"] if measure else []))
         grant = answer["grant"]
         self._save_grant(host, grant)
         return grant

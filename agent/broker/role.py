@@ -28,6 +28,7 @@ from packets import ControlMessage, ControlType
 from agent.broker.broker import Broker
 from agent.broker.credentials import ServiceKeys
 from agent.broker.directory import Instance
+from agent.broker import wire
 from agent.broker.errors import BadRequest, LeaseDenied
 from agent.broker.leases import LeasePolicy
 from agent.core.msgauth import MessageAuthError, ReplayCache, strip, verify_hmac
@@ -35,6 +36,11 @@ from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
 
 log = logging.getLogger(__name__)
+
+#: A request may carry measured costs for this many instances, at most.
+MAX_COSTS = 256
+#: The cost of an instance the CO could not measure (it did not answer its handshake).
+UNMEASURED_MS = 1000.0
 
 #: How long a cancel waits for the instance's router to confirm the revocation before the
 #: CO is answered (the push goes on in the background after that).
@@ -87,6 +93,8 @@ class BrokerRole(Role):
         self.co_auth = CoKeyAuth(cfg.co_keys)
         self.router_auth = RouterKeyAuth(key)
         self.hops = cfg.network_hops
+        #: The requesting CO's measured round trips (instance id -> ms), for one request.
+        self._measured: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def in_band(self) -> dict[ControlType, InBand]:
@@ -108,8 +116,12 @@ class BrokerRole(Role):
 
     async def on_request(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         co_network = body.pop("co_address", None)
-        grant = self.broker.request_from(holder_of(msg), body.get("request"),
-                                         co_network if isinstance(co_network, str) else None)
+        self._measured = measured_costs(body.pop("costs", None))
+        try:
+            grant = self.broker.request_from(holder_of(msg), body.get("request"),
+                                             co_network if isinstance(co_network, str) else None)
+        finally:
+            self._measured = {}
         return {"ok": True, "grant": grant.as_dict()}
 
     async def on_renew(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +178,11 @@ class BrokerRole(Role):
             log.warning("revocation of %d lease(s) at %s not delivered: %s", len(revoked), address, exc)
 
     def network_cost(self, co_address: str | None, instance: Instance) -> float:
-        """Hops between the CO's network and the instance's router (0 when unknown)."""
+        """The cost between the CO and the instance: the round trip the CO measured (ms),
+        when its request carries measurements; else the hops between the CO's network and
+        the instance's router in the run's routing (0 when unknown)."""
+        if self._measured:
+            return self._measured.get(instance.instance_id, UNMEASURED_MS)
         if not co_address:
             return 0.0
         try:
@@ -197,3 +213,19 @@ def _duration(body: dict[str, Any]) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     raise BadRequest('duration must be a number of seconds or "any"')
+
+
+def measured_costs(doc: Any) -> dict[str, float]:
+    """A request's ``costs`` (instance id -> measured round trip, ms), checked."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict) or len(doc) > MAX_COSTS:
+        raise BadRequest(f"costs must map at most {MAX_COSTS} instance ids to milliseconds")
+    out: dict[str, float] = {}
+    for iid, ms in doc.items():
+        wire.check_name(iid, "costs instance id")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms <= UNMEASURED_MS:
+            raise BadRequest(f"costs[{iid!r}] must be a number of milliseconds from 0 to "
+                             f"{UNMEASURED_MS:g}")
+        out[iid] = float(ms)
+    return out

@@ -183,3 +183,32 @@ def test_oversized_and_malformed_datagrams_are_counted_not_answered() -> None:
     role.on_datagram(b"x" * (MAX_SOLICIT + 1), ("10.14.0.9", 4340))
     role.on_datagram(b"MO\x01\x0e", ("10.14.0.9", 4340))
     assert role.malformed == 2 and role.answered == 0
+
+
+def test_measured_round_trips_outrank_routing_hops() -> None:
+    """By hops from net 14, r22c's text2html is nearer; the CO measured r22a's as faster."""
+    d = daemon()
+    for router in ("r22a", "r22c"):
+        register(d, instance(f"text2html-{router}", router, "text", "html"), 100 + len(router))
+    register(d, instance("html2rtf", "r22c", "html", "rtf"), 110)
+    ask = {"request": {"target": "text -> rtf", "share": 10, "cpu": 0.1}, "co_address": "10.14.0.9"}
+    by_hops = call(d, ControlType.LEASE_REQUEST, ask, txid=2)["grant"]
+    assert by_hops["hops"][0]["instance"] == "r22c/text2html-r22c"
+    measured = {"r22a/text2html-r22a": 0.2, "r22c/text2html-r22c": 4.0, "r22c/html2rtf": 0.3}
+    by_rtt = call(d, ControlType.LEASE_REQUEST, dict(ask, costs=measured), txid=3)["grant"]
+    assert by_rtt["hops"][0]["instance"] == "r22a/text2html-r22a"
+    assert d.require(BrokerRole)._measured == {}  # one request's measurements only
+
+
+@pytest.mark.parametrize("costs", [["r22a"], {"r22a/x": -1}, {"r22a/x": 1e9},
+                                   {"r22a/x": True}, {"bad name!": 1.0},
+                                   {f"i{n}": 1.0 for n in range(300)}])
+def test_malformed_costs_are_refused_and_grant_nothing(costs: Any) -> None:
+    from agent.broker.errors import BadRequest
+
+    d = daemon()
+    register(d, instance("counter", "r22c"), 100)
+    with pytest.raises(BadRequest):
+        call(d, ControlType.LEASE_REQUEST,
+             {"request": {"target": "counter", "share": 1, "cpu": 0.1}, "costs": costs}, txid=2)
+    assert d.require(BrokerRole).broker.leases() == []

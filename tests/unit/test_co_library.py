@@ -323,3 +323,27 @@ def test_the_command_prints_one_json_line_with_the_reason(path: Broker, tmp_path
     assert revoked["ok"] is False and revoked["reason"] == "revoked"
     nokey = run("list", "--co", "co12", "--keys", str(keys), "--broker", "127.0.0.1")
     assert nokey["ok"] is False and "no key for co12" in nokey["error"]
+
+
+def test_measure_costs_times_a_handshake_per_instance_and_skips_the_silent() -> None:
+    """The CO's measured cost: a TCP handshake to each listed instance, on loopback here."""
+    from nodetools.co import measure_costs
+
+    async def main() -> dict[str, float]:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        closed = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        dead = closed.sockets[0].getsockname()[1]
+        closed.close()
+        await closed.wait_closed()
+        services = [{"service": "s", "instances": [
+            {"instance_id": "r1/a@1", "address": "127.0.0.1", "port": port},
+            {"instance_id": "r1/b@1", "address": "127.0.0.1", "port": dead},
+            {"instance_id": "broken"}]}]
+        try:
+            return await measure_costs(services, timeout=1.0)
+        finally:
+            server.close()
+
+    costs = asyncio.run(main())
+    assert list(costs) == ["r1/a@1"] and 0 < costs["r1/a@1"] < 1000
