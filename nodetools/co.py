@@ -53,12 +53,15 @@ from agent.broker.broker import Grant, HopGrant
 from agent.broker.errors import BadRequest, BrokerError, LeaseDenied, UnknownLease
 from agent.broker.leases import ANY, Duration, check_duration
 from agent.broker.renewal import LeaseRenewalManager, ManagedLease, Renewal
-from agent.core.msgauth import sign_hmac
+from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
 from agent.core.peer import PeerError, PeerRefused, peer_call
 from agent.core.wait import WaitTimeout, wait_until
 from nodetools import probes
 
 log = logging.getLogger(__name__)
+
+#: The type of the broker's answer to each request (the others answer in their own type).
+ANSWER_TYPES = {ControlType.LEASE_REQUEST: ControlType.LEASE_GRANT}
 
 ALL_SYSTEMS = "224.0.0.1"
 ALL_ROUTERS = "224.0.0.2"
@@ -398,6 +401,7 @@ class BrokerClient:
         self.port = port
         self.timeout = timeout
         self._co_address = co_address
+        self._replays = ReplayCache()
         #: Service requests carry (client, seq) for the objects' at-most-once filter.
         self.client = f"{co_id}-{secrets.token_hex(4)}"
         self.seq = 0
@@ -412,12 +416,24 @@ class BrokerClient:
         txid = secrets.randbits(32)
         signed = sign_hmac(ctype, txid, body, self._key, key_id=self.co_id)
         try:
-            return await peer_call(self.broker_address, ctype, signed, timeout=self.timeout,
-                                   txid=txid, port=self.port)
+            answer = await peer_call(self.broker_address, ctype, signed, timeout=self.timeout,
+                                     txid=txid, port=self.port)
         except PeerRefused as exc:
             raise BrokerRefused.from_answer(exc.answer) from None
         except PeerError as exc:
             raise BrokerUnreachable(str(exc)) from None
+        return self._authentic(ANSWER_TYPES.get(ctype, ctype), txid, answer)
+
+    def _authentic(self, answer_type: ControlType, txid: int, answer: dict[str, Any]
+                   ) -> dict[str, Any]:
+        """An accepted answer only if the broker signed it for this CO (HMAC under this CO's
+        key over the answer's type, our transaction id and the body; fresh nonce): a host
+        advertising itself as the broker cannot hand out grants."""
+        try:
+            verify_hmac(answer_type, txid, answer, self._key, self._replays)
+        except MessageAuthError as exc:
+            raise BrokerUnreachable(f"an answer not from the broker: {exc}") from None
+        return strip(answer)
 
     async def alist_services(self) -> list[dict[str, Any]]:
         answer = await self._exchange(ControlType.SERVICE_LIST, {})

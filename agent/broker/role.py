@@ -31,12 +31,14 @@ from agent.broker.directory import Instance
 from agent.broker import wire
 from agent.broker.errors import BadRequest, LeaseDenied
 from agent.broker.leases import LeasePolicy
-from agent.core.msgauth import MessageAuthError, ReplayCache, strip, verify_hmac
+from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
 from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
 
 log = logging.getLogger(__name__)
 
+#: The key id of the broker's authenticator on its answers to a CO.
+BROKER_KEY_ID = "broker"
 #: A request may carry measured costs for this many instances, at most.
 MAX_COSTS = 256
 #: The cost of an instance the CO could not measure (it did not answer its handshake).
@@ -122,11 +124,11 @@ class BrokerRole(Role):
                                              co_network if isinstance(co_network, str) else None)
         finally:
             self._measured = {}
-        return {"ok": True, "grant": grant.as_dict()}
+        return self._signed(msg, ControlType.LEASE_GRANT, {"ok": True, "grant": grant.as_dict()})
 
     async def on_renew(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         hop = self.broker.renew(str(body.get("lease_id")), holder_of(msg), _duration(body))
-        return {"ok": True, "hop": hop.as_dict()}
+        return self._signed(msg, msg.type, {"ok": True, "hop": hop.as_dict()})
 
     async def on_cancel(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         lease = self.broker.cancel(str(body.get("lease_id")), holder_of(msg))
@@ -135,10 +137,19 @@ class BrokerRole(Role):
             # Answer once the instance's router has it (bounded): when the CO hears "cancelled",
             # the object already refuses the lease's credential.
             await asyncio.wait(pushed, timeout=REVOKE_WAIT_S)
-        return {"ok": True, "lease_id": lease.lease_id}
+        return self._signed(msg, msg.type, {"ok": True, "lease_id": lease.lease_id})
 
     async def on_list(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "services": self.broker.services()}
+        return self._signed(msg, msg.type, {"ok": True, "services": self.broker.services()})
+
+    def _signed(self, msg: ControlMessage, answer_type: ControlType,
+                body: dict[str, Any]) -> dict[str, Any]:
+        """An accepted answer, authenticated for the CO that asked: an HMAC under its own key
+        (key id ``broker``) over the answer's type, the request's transaction id and the body,
+        so a host posing as the broker cannot hand it a grant. Refusals go unsigned: like a
+        Mobile IP denial, a refusal grants nothing."""
+        key = self.co_auth.keys[holder_of(msg)]
+        return sign_hmac(answer_type, msg.txid, body, key, key_id=BROKER_KEY_ID)
 
     # --- the routers' messages -----------------------------------------------------------
 

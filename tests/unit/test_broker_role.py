@@ -212,3 +212,17 @@ def test_malformed_costs_are_refused_and_grant_nothing(costs: Any) -> None:
         call(d, ControlType.LEASE_REQUEST,
              {"request": {"target": "counter", "share": 1, "cpu": 0.1}, "costs": costs}, txid=2)
     assert d.require(BrokerRole).broker.leases() == []
+
+
+def test_accepted_answers_are_signed_for_the_co_that_asked() -> None:
+    from agent.core.msgauth import ReplayCache, verify_hmac
+
+    d = daemon()
+    register(d, instance("counter", "r22c"), 100)
+    answer = call(d, ControlType.LEASE_REQUEST,
+                  {"request": {"target": "counter", "share": 1, "cpu": 0.1}}, txid=7)
+    assert answer["auth"]["key_id"] == "broker"
+    verify_hmac(ControlType.LEASE_GRANT, 7, answer, CO_KEY, ReplayCache())  # raises if not
+    from agent.core.msgauth import MessageAuthError
+    with pytest.raises(MessageAuthError):  # not valid for another CO's key
+        verify_hmac(ControlType.LEASE_GRANT, 7, answer, bytes(32), ReplayCache())

@@ -347,3 +347,32 @@ def test_measure_costs_times_a_handshake_per_instance_and_skips_the_silent() -> 
 
     costs = asyncio.run(main())
     assert list(costs) == ["r1/a@1"] and 0 < costs["r1/a@1"] < 1000
+
+
+@pytest.mark.parametrize("signer", [None, bytes(32), CO_KEY])
+def test_a_grant_not_signed_by_the_broker_for_this_co_is_refused(signer: bytes | None) -> None:
+    """A host advertising itself as the broker cannot hand a CO a grant: accepted answers
+    must carry the broker's HMAC under this CO's key, over LEASE_GRANT and our txid."""
+    hop = {"service": "s", "instance": "r1/s@1", "address": "127.0.0.1", "port": 4341,
+           "credential": "x.y", "lease_id": "L", "granted_s": 60.0, "expires_at": 1.0}
+    fake = {"ok": True, "grant": {"target": "s", "group": "g", "hops": [hop]}}
+
+    async def impostor(msg: ControlMessage) -> dict:
+        if signer is None:
+            return fake
+        # signer CO_KEY: the right key, but over the request's own type, not LEASE_GRANT
+        return sign_hmac(msg.type if signer == CO_KEY else ControlType.LEASE_GRANT,
+                         msg.txid, fake, signer, key_id="broker")
+
+    async def main() -> None:
+        server = PeerServer(impostor, port=0, host="127.0.0.1")
+        await server.start()
+        try:
+            client = co.BrokerClient("127.0.0.1", "co14", CO_KEY, port=server.port, timeout=2,
+                                     co_address="127.0.0.1")
+            await client.arequest("s", 10, 0.1)
+        finally:
+            await server.stop()
+
+    with pytest.raises(co.BrokerUnreachable, match="not from the broker"):
+        asyncio.run(main())
