@@ -414,7 +414,7 @@ class RunClient:
     def lease_renew(self, lease_id: str, duration: float | str = "any") -> dict:
         """Renew one kept lease as the CO that holds it; its hop with the new credential."""
         record = self.find_grant(lease_id)
-        hop = self.co(record["host"], "renew", lease_id, "--duration", str(duration))["hop"]
+        hop = self.co(record["host"], "renew", "--duration", str(duration), "--", lease_id)["hop"]
         grant = record["grant"]
         grant["hops"] = [hop if h["lease_id"] == lease_id else h for h in grant["hops"]]
         self._save_grant(record["host"], grant)
@@ -424,7 +424,7 @@ class RunClient:
         """Cancel one kept lease (the broker frees it and revokes its credential); the grant
         forgets it, and goes when no lease is left."""
         record = self.find_grant(lease_id)
-        self.co(record["host"], "cancel", lease_id)
+        self.co(record["host"], "cancel", "--", lease_id)
         grant = record["grant"]
         grant["hops"] = [h for h in grant["hops"] if h["lease_id"] != lease_id]
         if grant["hops"]:

@@ -131,7 +131,7 @@ class Broker:
         wall_clock: Clock = time.time,
         network_cost: NetworkCost | None = None,
         keys: ServiceKeys | None = None,
-        new_id: Callable[[], str] = lambda: secrets.token_urlsafe(16),
+        new_id: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
         self._clock = clock
         self._wall = wall_clock
@@ -254,7 +254,7 @@ class Broker:
 
     def _lease_all(self, holder: str, req: LeaseRequest, instances: list[Instance]) -> Grant:
         """A lease, a reservation and a credential per instance; all or nothing."""
-        group = secrets.token_urlsafe(8)
+        group = secrets.token_hex(8)
         granted: list[Lease] = []
         try:
             hops = []

@@ -167,7 +167,7 @@ class LeaseTable:
         policy: LeasePolicy | None = None,
         clock: Clock = time.monotonic,
         on_end: Callable[[Lease, EndReason], None] | None = None,
-        new_id: Callable[[], str] = lambda: secrets.token_urlsafe(16),
+        new_id: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
         self.policy = policy or LeasePolicy()
         self._clock = clock

@@ -66,7 +66,8 @@ def test_grant_expires_now_plus_granted_and_ids_are_unguessable() -> None:
     leases = [env.grant(requested=30.0) for _ in range(3)]
     assert {lease.expires_at for lease in leases} == {1030.0}
     assert len({lease.lease_id for lease in leases}) == 3
-    assert all(len(lease.lease_id) >= 22 for lease in leases)  # 128 bits, base64url
+    # 128 bits, in hex: never starts with "-", so no command line takes an id for an option
+    assert all(len(lease.lease_id) == 32 and int(lease.lease_id, 16) >= 0 for lease in leases)
 
 
 def test_renew_sets_expiration_to_now_plus_new_grant_even_if_shorter() -> None:
