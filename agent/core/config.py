@@ -21,6 +21,21 @@ from agent.core.errors import ConfigError
 ROLES = frozenset({"home", "foreign"})
 
 
+PARTS = ("primary", "duplicate", "secondary")
+
+
+def _part(value: Any) -> str:
+    if value not in PARTS:
+        raise ConfigError(f"part must be one of {PARTS}, not {value!r}")
+    return str(value)
+
+
+def _part_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+        raise ConfigError(f"part_id must be an integer in [0, 65535], not {value!r}")
+    return value
+
+
 def _flag(value: Any, name: str) -> bool:
     """A JSON boolean; the string "false" must not read as True."""
     if isinstance(value, bool):
@@ -277,6 +292,11 @@ class ObjectConfig:
     reverse_tunnel: bool = False
     #: Register through this FOA address when it is heard (else: lowest address first).
     preferred_agent: str | None = None
+    #: Which part of its service this instance is (patent Fig. 6): "primary" (the mobile
+    #: object itself), "duplicate" (a full copy, 108/110) or "secondary" (a part, 112/114).
+    #: Sent in the object-part NVSE of every registration; the HOA shows it per binding.
+    part: str = "primary"
+    part_id: int = 0
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ObjectConfig":
@@ -292,6 +312,8 @@ class ObjectConfig:
                 simultaneous=_flag(data.get("simultaneous", False), "simultaneous"),
                 reverse_tunnel=_flag(data.get("reverse_tunnel", False), "reverse_tunnel"),
                 preferred_agent=data.get("preferred_agent"),
+                part=_part(data.get("part", "primary")),
+                part_id=_part_id(data.get("part_id", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad object configuration: {exc!r}") from None

@@ -11,6 +11,8 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+#: What an instance may be of its service (patent Fig. 6).
+PARTS = ("primary", "duplicate", "secondary")
 #: Key lengths accepted for a service key (a derived key is 32 bytes: HMAC-SHA-256).
 MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64
 
@@ -29,22 +31,26 @@ class CredentialCheck:
 
         self.service = ""
         self.instance = ""
+        self.part = "primary"
         self.revocations = RevocationList()
         self.verifier = Verifier({}, self.revocations, clock=clock)
         self.refused: Counter[str] = Counter()
         self.accepted = 0
 
-    def configure(self, service: Any, instance: Any, key_hex: Any) -> None:
-        """Take the service key (hex) for ``service`` and this ``instance``; ValueError
-        (the RPC's refusal) for anything malformed."""
+    def configure(self, service: Any, instance: Any, key_hex: Any, part: Any = "primary") -> None:
+        """Take the service key (hex) for ``service`` and this ``instance`` (a ``part`` of
+        the service: primary, duplicate or secondary); ValueError (the RPC's refusal) for
+        anything malformed."""
         from agent.broker import wire
 
         wire.check_name(service, "service")
         wire.check_name(instance, "instance")
         if not isinstance(key_hex, str) or not MIN_KEY_BYTES * 2 <= len(key_hex) <= MAX_KEY_BYTES * 2:
             raise ValueError(f"key must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes in hex")
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}")
         key = bytes.fromhex(key_hex)
-        self.service, self.instance = service, instance
+        self.service, self.instance, self.part = service, instance, part
         self.verifier.keys = {service: key}
 
     def revoke(self, doc: Any) -> int:
@@ -68,8 +74,15 @@ class CredentialCheck:
         self.accepted += 1
         return None
 
+    def silent(self, reason: str) -> bool:
+        """Whether a refusal for ``reason`` goes unanswered, so that a CO gets exactly one
+        answer when the HOA bicasts its request to every instance of the service (patent:
+        duplicates 108/110 share the home address). A credential for a sibling instance is
+        that sibling's to answer; a duplicate leaves every other refusal to the primary."""
+        return reason == "wrong_instance" or self.part != "primary"
+
     def describe(self) -> dict[str, Any]:
         """For ``stats`` (never the key)."""
-        return {"service": self.service, "instance": self.instance,
+        return {"service": self.service, "instance": self.instance, "part": self.part,
                 "configured": bool(self.verifier.keys), "accepted": self.accepted,
                 "refused": dict(self.refused), "revocations": len(self.revocations)}

@@ -122,7 +122,7 @@ class ObjectServer(asyncio.DatagramProtocol):
         # the warm-up queue had no room for; tcp_refused: connections over max_streams.
         self.stats = {"served": 0, "duplicates": 0, "stale": 0, "malformed": 0, "errors": 0,
                       "queued": 0, "too_large": 0, "dropped": 0, "tcp_refused": 0,
-                      "refused": 0, "started": time.time()}
+                      "refused": 0, "left_to_sibling": 0, "started": time.time()}
         self.transport: asyncio.DatagramTransport | None = None
         #: Open TCP connections; bounds (attributes so that tests can shrink them).
         self.streams: set[StreamPeer] = set()
@@ -215,6 +215,11 @@ class ObjectServer(asyncio.DatagramProtocol):
             if reason is not None:
                 self.stats["refused"] += 1
                 self.credentials.refused[reason] += 1
+                if self.credentials.silent(reason):
+                    # Bicast: every instance of the service gets this request; the one the
+                    # credential names (or, for a bad one, the primary) answers, once.
+                    self.stats["left_to_sibling"] += 1
+                    return
                 self._reply(msg.txid, {"ok": False, "error": f"credential refused: {reason}",
                                        "credential_error": reason, "client": client, "seq": seq},
                             dest)
@@ -359,7 +364,8 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
         return server.credentials
 
     def credentials(args: dict[str, Any]) -> dict[str, Any]:
-        check(args).configure(args.get("service"), args.get("instance"), args.get("key"))
+        check(args).configure(args.get("service"), args.get("instance"), args.get("key"),
+                              args.get("part", "primary"))
         return {"service": args["service"], "instance": args["instance"]}
 
     def revoke(args: dict[str, Any]) -> dict[str, int]:

@@ -52,6 +52,8 @@ class ServiceCredentials:
     service: str
     instance: str
     key: bytes = b""
+    #: primary, duplicate or secondary: a duplicate leaves refusals to the primary.
+    part: str = "primary"
 
     def __repr__(self) -> str:  # never the key in a log line
         return f"ServiceCredentials({self.service!r}, {self.instance!r})"
@@ -157,7 +159,8 @@ class ObjectProcess:
             await self.call("stats")  # answers once it serves (or queues): the start is complete
             if self.credentials is not None:
                 await self.call("credentials", service=self.credentials.service,
-                                instance=self.credentials.instance, key=self.credentials.key.hex())
+                                instance=self.credentials.instance, key=self.credentials.key.hex(),
+                                part=self.credentials.part)
             if state is not None:
                 await self.call("set_state", state=state, serve=not warm)
         except ObjectProcessError:

@@ -28,6 +28,9 @@ class Binding:
     nai: str = ""
     identification: int = 0
     reverse_tunnel: bool = False
+    #: The part of its service the registering instance is (object-part NVSE): "primary",
+    #: "duplicate" or "secondary"; duplicates are the patent's duplicate bindings (108/110).
+    part: str = "primary"
 
     @property
     def expires_at(self) -> float:
@@ -92,6 +95,7 @@ class BindingTable:
         nai: str = "",
         identification: int = 0,
         reverse_tunnel: bool = False,
+        part: str = "primary",
     ) -> UpdateResult:
         """Apply an accepted registration (RFC 5944 §3.6.1.2 semantics).
 
@@ -121,7 +125,7 @@ class BindingTable:
         key = same[0].gre_key if same else next(self._keys)
         binding = Binding(
             home_address, care_of_address, care_of_name, key, lifetime, now, nai,
-            identification, reverse_tunnel,
+            identification, reverse_tunnel, part,
         )
         self._store(home_address, kept + [binding])
         return UpdateResult(binding, removed, not was_away, False)

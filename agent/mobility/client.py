@@ -265,7 +265,7 @@ class RegistrationClient:
         rrq = RegistrationRequest(
             cfg.home_address, cfg.home_agent, coa, self._last_ident,
             cfg.lifetime if lifetime is None else lifetime, flags,
-            [NaiExtension(cfg.nai), ObjectPart(PartRole.PRIMARY, 0, "")],
+            [NaiExtension(cfg.nai), ObjectPart(PartRole[cfg.part.upper()], cfg.part_id, "")],
         )
         data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, cfg.mobile_home.spi, cfg.mobile_home.key)
         return append_auth(data, ExtType.MOBILE_FOREIGN_AUTH, cfg.mobile_foreign.spi, cfg.mobile_foreign.key)

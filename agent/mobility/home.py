@@ -31,7 +31,7 @@ from packets import (
     replay_ok,
     verify_auth,
 )
-from packets.extensions import CareOfName, GreKey, NaiExtension
+from packets.extensions import CareOfName, GreKey, NaiExtension, ObjectPart
 
 from agent.mobility.bindings import BindingTable, TooManyBindings, UpdateResult
 from agent.core.config import Credential, HomeConfig, HomeObject
@@ -116,6 +116,7 @@ class HomeAgent:
             return ReplyCode.HA_IDENTIFICATION_MISMATCH, None
         names = rrq.find(CareOfName)
         nais = rrq.find(NaiExtension)
+        parts = rrq.find(ObjectPart)
         lifetime = min(rrq.lifetime, self.config.max_lifetime)
         try:
             update = self.bindings.register(
@@ -127,6 +128,7 @@ class HomeAgent:
                 nais[0].nai if nais else obj.nai,
                 rrq.identification,
                 bool(rrq.flags & RequestFlags.T),
+                parts[0].role.name.lower() if parts else "primary",
             )
         except TooManyBindings:
             return ReplyCode.HA_TOO_MANY_SIMULTANEOUS_BINDINGS, None

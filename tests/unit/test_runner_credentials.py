@@ -87,7 +87,6 @@ def test_a_valid_credential_is_served_and_the_object_never_sees_it() -> None:
     (token()[:-2] + "AA", "forged"),                        # tampered MAC
     (token(expires_in=-1.0), "expired"),
     (token(service="html2rtf"), "wrong_service"),           # authentic, another service
-    (token(instance="r22c/vm2"), "wrong_instance"),
     (12345, "forged"),
 ])
 def test_refusals_carry_the_reason_and_are_not_remembered(credential: Any, reason: str) -> None:
@@ -191,3 +190,36 @@ def test_queued_requests_are_checked_when_replayed() -> None:
     server.serve()
     assert [b["ok"] for b in transport.sent] == [True, False]
     assert transport.sent[1]["credential_error"] == "missing"
+
+
+# --- duplicates: exactly one answer when the HOA bicasts (issue 11, item 4) ----------------
+
+
+def test_a_credential_for_a_sibling_instance_is_left_to_it_unanswered() -> None:
+    server, transport, commands = leased_server()
+    server.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 1, {
+        "client": "co14", "seq": 1, "credential": token(instance="r20b/vm2@ab")}).encode(), ADDR)
+    assert transport.sent == [] and server.obj.calls == []
+    assert server.stats["left_to_sibling"] == 1
+    assert commands["stats"]({})["credentials"]["refused"] == {"wrong_instance": 1}
+    assert send(server, transport, 2, token())["ok"] is True  # its own lease still served
+
+
+@pytest.mark.parametrize("credential", [None, token(expires_in=-1.0), "garbage"])
+def test_a_duplicate_leaves_every_refusal_to_the_primary(credential: Any) -> None:
+    server, transport, commands = leased_server(configure=False)
+    commands["credentials"]({"service": SERVICE, "instance": INSTANCE, "key": KEY.hex(),
+                             "part": "duplicate"})
+    body: dict[str, Any] = {"client": "co14", "seq": 1}
+    if credential is not None:
+        body["credential"] = credential
+    server.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 1, body).encode(), ADDR)
+    assert transport.sent == [] and server.stats["refused"] == 1
+    assert send(server, transport, 2, token())["result"] == {"n": 1}  # its own lease: served
+
+
+def test_a_part_other_than_primary_duplicate_or_secondary_is_refused() -> None:
+    _, _, commands = leased_server(configure=False)
+    with pytest.raises(ValueError, match="part"):
+        commands["credentials"]({"service": SERVICE, "instance": INSTANCE, "key": KEY.hex(),
+                                 "part": "boss"})
