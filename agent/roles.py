@@ -12,6 +12,7 @@ from agent.broker.advertiser import BrokerAdvertiserRole
 from agent.broker.instances import ServiceInstancesRole
 from agent.broker.role import BrokerRole
 from agent.core.role import Role
+from agent.distribution.role import DistributionRole
 from agent.hosting.migration import MigrationRole
 from agent.hosting.objects import HostingRole
 from agent.mobility.agent_role import ObjectAgentRole
@@ -25,6 +26,7 @@ ROLES: tuple[type[Role], ...] = (
     HostingRole,
     MigrationRole,
     ServiceInstancesRole,
+    DistributionRole,
     BrokerAdvertiserRole,
     BrokerRole,
 )

@@ -135,6 +135,8 @@ class ControlType(enum.IntEnum):
     SERVICE_REPLY = 8
     MIGRATE = 9
     STATE_TRANSFER = 10
+    #: Between routers (Fig. 12, steps 210-214): a capacity query, a reservation, its
+    #: release, and the start of a duplicate under a reservation; answered with VM_OFFER.
     VM_NEGOTIATE = 11
     VM_OFFER = 12
     #: The service broker on a LAN (periodic, TTL 1 to 224.0.0.1, or the answer to a
@@ -148,3 +150,9 @@ class ControlType(enum.IntEnum):
     LEASE_REVOKE = 17
     #: A corresponding object asks the broker which services it knows.
     SERVICE_LIST = 18
+    #: The broker asks the router of a service's primary instance to grow the service by a
+    #: lease it cannot meet (Fig. 12, steps 210-222): find room, negotiate, move all or part.
+    SERVICE_GROW = 19
+    #: The broker tells an instance's router that a duplicate holds no lease any more:
+    #: stop it, free its resources, delete its binding (Fig. 12, step 230).
+    INSTANCE_RELEASE = 20

@@ -210,10 +210,13 @@ class MoatNetwork:
         if address is None:
             return None
         cfg = BrokerConfig(address, advertise_interval=self.broker_advertise_interval)
+        # Every router: a primary looks for room for its duplicates among the run's routers,
+        # nearest to the CO first.
+        cfg.network_hops = self.topo.network_hops()
+        cfg.routers = {r: str(self.topo.addresses(r)[0].ip) for r in self.topo.router_names()}
         if router == self.broker:
             cfg.serve = True
             cfg.co_keys = dict(self.keyring.co_keys)
-            cfg.network_hops = self.topo.network_hops()
         return cfg
 
     def vm_baseline(self, router: str) -> dict[str, Any] | None:

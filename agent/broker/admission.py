@@ -8,7 +8,8 @@ what its live leases hold. Every lease that ends gives its share and CPU back (s
 
 When nothing fits, the patent does not simply refuse: the mobile object finds another VM and
 moves all or part of the service there (steps 210-222). That decision is the one seam here,
-:class:`AdmissionPolicy`; its default refuses.
+:class:`AdmissionPolicy`: its default refuses; :class:`GrowthPolicy` (the broker role's)
+decides to grow the service from its primary, which :mod:`agent.distribution` carries out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from agent.broker.directory import Instance, ServiceDirectory
-from agent.broker.errors import LeaseDenied
+from agent.broker.errors import LeaseDenied, NeedsGrowth
 from agent.broker.leases import LeaseRequest
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,13 @@ class Held:
 
 @dataclass(frozen=True)
 class Decision:
-    """What :meth:`AdmissionPolicy.on_refusal` decided: admit on ``instance``, or refuse."""
+    """What :meth:`AdmissionPolicy.on_refusal` decided: admit on ``instance``, refuse, or
+    grow the service from ``grow_from`` (its primary) and ask again."""
 
     instance: Optional[Instance] = None
     reason: str = "no_capacity"
     detail: str = ""
+    grow_from: Optional[Instance] = None
 
     @classmethod
     def refuse(cls, reason: str = "no_capacity", detail: str = "") -> "Decision":
@@ -67,21 +70,55 @@ class Decision:
     def admit(cls, instance: Instance) -> "Decision":
         return cls(instance, "", "")
 
+    @classmethod
+    def grow(cls, primary: Instance, detail: str = "") -> "Decision":
+        return cls(None, "no_capacity", detail, primary)
+
 
 class AdmissionPolicy:
     """What to do when no registered instance can take a request (step 208 → 210).
 
-    This is the seam for moving a service: the next step replaces :meth:`on_refusal` with
-    "discover a VM on another router (210), negotiate resources (212), resolve dependencies
-    (214), and move all (duplicate object, 222) or part (secondary object, 218) of the
-    service", register the new instance in ``directory`` and return ``Decision.admit`` on
-    it. :class:`Admission` checks again that the returned instance fits, so a policy cannot
-    over-commit. The default refuses with the reason it is given.
+    This is the seam for moving a service. A policy may admit on an instance it names
+    (:class:`Admission` checks again that it fits, so a policy cannot over-commit), refuse,
+    or decide to grow the service (``Decision.grow``): placing a duplicate takes the network,
+    so :meth:`Admission.admit` raises :class:`NeedsGrowth` and the broker role does it
+    (:mod:`agent.distribution`) before asking again. The default refuses with the reason it
+    is given.
     """
 
     def on_refusal(self, request: LeaseRequest, directory: ServiceDirectory,
                    admission: "Admission", reason: str, detail: str) -> Decision:
         return Decision.refuse(reason, detail)
+
+
+class GrowthPolicy(AdmissionPolicy):
+    """Move all of the service (patent Fig. 12, steps 208 → 210-222) rather than refuse.
+
+    The rule: when no instance has room because every live one is full (not because the
+    service's lifecycle is over), and the service has a *movable* primary (a mobile object
+    whose router the broker can reach), and fewer than ``max_instances`` instances, and the
+    request would fit a fresh instance of it, then grow from that primary. Otherwise refuse.
+    """
+
+    def __init__(self, max_instances: int = 3) -> None:
+        self.max_instances = max_instances
+
+    def on_refusal(self, request: LeaseRequest, directory: ServiceDirectory,
+                   admission: "Admission", reason: str, detail: str) -> Decision:
+        if reason != "no_capacity":
+            return Decision.refuse(reason, detail)
+        instances = directory.lookup(request.target)
+        primaries = [i for i in instances if i.movable and admission.alive(i)]
+        if not primaries:
+            return Decision.refuse(reason, detail + " (and it cannot grow: no mobile primary)")
+        if len({i.instance_id for i in directory.lookup(primaries[0].service)}) \
+                >= self.max_instances:
+            return Decision.refuse(reason, detail + f" (and it already runs "
+                                               f"{self.max_instances} instances)")
+        primary = min(primaries, key=lambda i: i.instance_id)
+        if not Capacity(primary.share, primary.cpu).covers(request.share, request.cpu):
+            return Decision.refuse(reason, detail + " (more than one whole instance offers)")
+        return Decision.grow(primary, detail)
 
 
 class Admission:
@@ -129,6 +166,8 @@ class Admission:
             return min(fitting, key=self._ranking(cost))
         reason, detail = self._why_not(request, candidates)
         decision = self.policy.on_refusal(request, self.directory, self, reason, detail)
+        if decision.grow_from is not None:
+            raise NeedsGrowth(decision.grow_from, decision.detail or detail)
         if decision.instance is not None and self.fits(decision.instance, request.share,
                                                         request.cpu):
             log.info("policy placed %s on %s", request.target, decision.instance.instance_id)

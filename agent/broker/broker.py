@@ -143,6 +143,8 @@ class Broker:
         self.revocations = RevocationList()
         #: Revocations not yet told to the instances' routers (see :meth:`take_revocations`).
         self._outbox: list[dict[str, Any]] = []
+        #: Duplicates left without a lease, not yet told to their routers (step 230).
+        self._releases: list[dict[str, Any]] = []
         self.stats: Counter[str] = Counter()
 
     # --- instances ------------------------------------------------------------------------
@@ -208,6 +210,13 @@ class Broker:
         ended = self.table.expire(now)
         self.revocations.prune(self._wall())
         return ended
+
+    def take_releases(self) -> list[dict[str, Any]]:
+        """Duplicates whose last lease ended since the last call (``instance_id``,
+        ``router_address``): already out of the directory; the network role tells their
+        routers to stop them, which deletes their bindings (Fig. 12, step 230)."""
+        out, self._releases = self._releases, []
+        return out
 
     def take_revocations(self) -> list[dict[str, Any]]:
         """Leases cancelled since the last call, each with its instance's service and address:
@@ -291,6 +300,24 @@ class Broker:
             instance = self.directory.get(lease.instance)
             if why == "cancelled" and instance is not None:
                 self._outbox.append({"lease_id": lease.lease_id, "until": until,
-                                     "service": instance.service, "address": instance.address})
+                                     "service": instance.service,
+                                     # its router, not a home address all instances share
+                                     "address": instance.router_address or instance.address})
         log.info("lease %s… of %s on %s ended: %s", lease.lease_id[:6], lease.holder,
                  lease.instance, why)
+        if why != "instance_removed":  # the CO finished with it (steps 220-226)
+            self._release_if_idle(lease.instance)
+
+    def _release_if_idle(self, instance_id: str) -> None:
+        """A duplicate exists for its leases only: with none left it leaves the directory
+        (no new lease lands on it) and goes into the release outbox. The primary stays."""
+        instance = self.directory.get(instance_id)
+        if instance is None or instance.part != "duplicate" or not instance.router_address:
+            return
+        if self.admission.leases_on(instance_id):
+            return
+        self.directory.remove(instance_id)
+        self._releases.append({"instance_id": instance_id,
+                               "router_address": instance.router_address})
+        self.stats["released"] += 1
+        log.info("duplicate %s holds no lease: released", instance_id)

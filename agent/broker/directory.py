@@ -26,6 +26,8 @@ from agent.broker.leases import MAX_CPU, MAX_SHARE
 log = logging.getLogger(__name__)
 
 MAX_PROCESSING_COST = 1e6
+#: What an instance may be of its service (a secondary is its primary's, not the broker's).
+PARTS = ("primary", "duplicate")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ class Instance:
     produces: str = ""
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     processing_cost: float = 1.0
+    #: What the instance is of its service (Fig. 6): "primary" or "duplicate".
+    part: str = "primary"
+    #: Where its router takes in-band messages; given only by an instance whose service is a
+    #: mobile object, which can grow (a duplicate) and be released when it holds no lease.
+    router_address: str = ""
 
     def __post_init__(self) -> None:
         for attr in ("service", "instance_id", "router"):
@@ -97,6 +104,14 @@ class Instance:
         wire.check_number(self.share, "share", gt=0, le=MAX_SHARE)
         wire.check_number(self.cpu, "cpu", gt=0, le=MAX_CPU)
         wire.check_number(self.processing_cost, "processing_cost", ge=0, le=MAX_PROCESSING_COST)
+        if self.part not in PARTS:
+            raise BadRequest(f"part must be one of {PARTS}, not {self.part!r}")
+        if self.router_address:
+            try:
+                ipaddress.ip_address(self.router_address)
+            except ValueError:
+                raise BadRequest(f"router address {self.router_address!r} is not an IP "
+                                 "address") from None
         if bool(self.consumes) != bool(self.produces):
             raise BadRequest("an instance declares both consumes and produces, or neither")
         for fmt in (self.consumes, self.produces):
@@ -118,7 +133,13 @@ class Instance:
                 "share": self.share, "cpu": self.cpu, "objects": list(self.objects),
                 "consumes": self.consumes, "produces": self.produces,
                 "lifecycle": self.lifecycle.as_dict(now),
-                "processing_cost": self.processing_cost}
+                "processing_cost": self.processing_cost, "part": self.part,
+                "router_address": self.router_address}
+
+    @property
+    def movable(self) -> bool:
+        """Whether the broker may ask its router to grow the service (a mobile primary)."""
+        return self.part == "primary" and bool(self.router_address)
 
     @classmethod
     def from_dict(cls, doc: Any, now: float) -> "Instance":
@@ -127,7 +148,7 @@ class Instance:
         doc = wire.as_mapping(doc, what)
         wire.only_keys(doc, {"service", "instance_id", "address", "port", "router", "share",
                              "cpu", "objects", "consumes", "produces", "lifecycle",
-                             "processing_cost"}, what)
+                             "processing_cost", "part", "router_address"}, what)
         return cls(
             service=wire.name(doc, "service", what),
             instance_id=wire.name(doc, "instance_id", what),
@@ -142,6 +163,8 @@ class Instance:
             lifecycle=Lifecycle.from_dict(doc.get("lifecycle", {}), now),
             processing_cost=wire.number(doc, "processing_cost", what, default=1.0, ge=0,
                                         le=MAX_PROCESSING_COST),
+            part=wire.text(doc, "part", what, default="primary", max_len=16),
+            router_address=wire.text(doc, "router_address", what, default="", max_len=64),
         )
 
 

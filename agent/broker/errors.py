@@ -71,3 +71,14 @@ class CredentialError(BrokerError):
 
     REASONS = frozenset({"missing", "forged", "expired", "revoked", "wrong_service",
                          "wrong_instance"})
+
+
+class NeedsGrowth(LeaseDenied):
+    """No instance can take the lease, and the admission policy chose to grow the service
+    from :attr:`instance` (its primary, Fig. 12 step 208 → 210). The network role asks that
+    instance's router to place a duplicate, then asks admission again; if it cannot, the CO
+    is refused ``no_capacity`` with why."""
+
+    def __init__(self, instance: object, detail: str = "") -> None:
+        super().__init__("no_capacity", detail)
+        self.instance = instance

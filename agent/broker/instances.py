@@ -131,6 +131,10 @@ def instance_doc(vm: Any, router: str, instance_id: str, router_address: str,
         "produces": produces,
         "lifecycle": {"max_duration_s": None if max_s is None else float(max_s),
                       "uptime_s": round(max(0.0, now - float(since)), 3)},
+        "part": getattr(vm, "part", "primary"),
+        # A mobile object's service can grow (duplicates) and shrink: the broker needs to
+        # reach its router, not the object's home address (every instance answers there).
+        "router_address": router_address if vm.mobile else "",
     }
     from agent.broker.directory import Instance
 

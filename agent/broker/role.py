@@ -29,8 +29,10 @@ from agent.broker.broker import Broker
 from agent.broker.credentials import ServiceKeys
 from agent.broker.directory import Instance
 from agent.broker import wire
-from agent.broker.errors import BadRequest, LeaseDenied
-from agent.broker.leases import LeasePolicy
+from agent.broker.admission import GrowthPolicy
+from agent.broker.errors import BadRequest, LeaseDenied, NeedsGrowth
+from agent.broker.growth import Growth
+from agent.broker.leases import LeasePolicy, LeaseRequest
 from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
 from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
@@ -91,7 +93,9 @@ class BrokerRole(Role):
         self.router_key = key
         keys = ServiceKeys.derived(key) if key else ServiceKeys()
         self.broker = Broker(LeasePolicy(default_s=cfg.lease_default_s, max_s=cfg.lease_max_s),
+                             admission_policy=GrowthPolicy(cfg.max_instances),
                              keys=keys, network_cost=self.network_cost)
+        self.growth = Growth(self.broker, key)
         self.co_auth = CoKeyAuth(cfg.co_keys)
         self.router_auth = RouterKeyAuth(key)
         self.hops = cfg.network_hops
@@ -113,18 +117,39 @@ class BrokerRole(Role):
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self.growth.cancel()
 
     # --- the CO's messages ---------------------------------------------------------------
 
     async def on_request(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
-        co_network = body.pop("co_address", None)
-        self._measured = measured_costs(body.pop("costs", None))
+        co_address = body.pop("co_address", None)
+        co_address = co_address if isinstance(co_address, str) else None
+        measured = measured_costs(body.pop("costs", None))
+        holder, request = holder_of(msg), body.get("request")
         try:
-            grant = self.broker.request_from(holder_of(msg), body.get("request"),
-                                             co_network if isinstance(co_network, str) else None)
+            grant = self._request(holder, request, co_address, measured)
+        except NeedsGrowth as need:
+            # Step 208 → 210: grow the service from its primary, one growth per service at
+            # a time, then ask admission again (a request that waited may now fit).
+            primary = need.instance
+            assert isinstance(primary, Instance)
+            async with self.growth.lock(primary.service):
+                try:
+                    grant = self._request(holder, request, co_address, measured)
+                except NeedsGrowth as again:
+                    req = LeaseRequest.from_dict(request)
+                    await self.growth.grow(again.instance, req.share, req.cpu,  # type: ignore[arg-type]
+                                           req.target, co_address)
+                    grant = self._request(holder, request, co_address, measured)
+        return self._signed(msg, ControlType.LEASE_GRANT, {"ok": True, "grant": grant.as_dict()})
+
+    def _request(self, holder: str, request: Any, co_address: str | None,
+                 measured: dict[str, float]) -> Any:
+        self._measured = measured
+        try:
+            return self.broker.request_from(holder, request, co_address)
         finally:
             self._measured = {}
-        return self._signed(msg, ControlType.LEASE_GRANT, {"ok": True, "grant": grant.as_dict()})
 
     async def on_renew(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         hop = self.broker.renew(str(body.get("lease_id")), holder_of(msg), _duration(body))
@@ -132,6 +157,7 @@ class BrokerRole(Role):
 
     async def on_cancel(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         lease = self.broker.cancel(str(body.get("lease_id")), holder_of(msg))
+        self.growth.push_releases()
         pushed = self.push_revocations()
         if pushed:
             # Answer once the instance's router has it (bounded): when the CO hears "cancelled",
@@ -165,6 +191,7 @@ class BrokerRole(Role):
 
     def housekeeping(self) -> None:
         self.broker.expire()
+        self.growth.push_releases()
 
     def push_revocations(self) -> list[asyncio.Task]:
         """Send each instance's router the leases cancelled since the last push; returns the
@@ -212,6 +239,10 @@ class BrokerRole(Role):
 
     def cmd_leases(self) -> list[dict]:
         return self.broker.leases()
+
+    def cmd_growth(self) -> list[dict]:
+        """Every growth asked of a primary's router: when, for what, where, how long."""
+        return list(self.growth.history)
 
     def status(self) -> dict[str, Any]:
         return {"broker_stats": dict(self.broker.stats)}

@@ -131,6 +131,11 @@ class BrokerConfig:
     #: Hops from each network (prefix) to each router (name): the path cost between a
     #: corresponding object's network and a service instance.
     network_hops: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Every router of the run (name -> address for TCP 4340): where a service's primary
+    #: looks for room for a duplicate (Fig. 12, step 210).
+    routers: dict[str, str] = field(default_factory=dict)
+    #: Instances of one service at most (the primary and its duplicates).
+    max_instances: int = 3
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "BrokerConfig":
@@ -143,6 +148,8 @@ class BrokerConfig:
             lease_max_s=float(data.get("lease_max_s", 300.0)),
             network_hops={str(n): {str(r): int(h) for r, h in hops.items()}
                           for n, hops in data.get("network_hops", {}).items()},
+            routers={str(r): str(a) for r, a in data.get("routers", {}).items()},
+            max_instances=int(data.get("max_instances", 3)),
         )
 
 

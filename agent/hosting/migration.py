@@ -131,7 +131,7 @@ class MigrationRole(Role):
             name = body["config"]["name"]
             await self._start_arriving(body)
             try:
-                status = await self._wait_registered(name)
+                status = await self.wait_registered(name)
             except MigrationFailed:
                 await self._drop(name)
                 raise
@@ -149,7 +149,7 @@ class MigrationRole(Role):
         result = await self.hosting.cmd_object_restore(body["name"], body["state"], serve=True)
         return {"ok": True, "replayed": result.get("replayed", 0)}
 
-    async def _wait_registered(self, name: str, timeout: float = REGISTER_TIMEOUT) -> dict:
+    async def wait_registered(self, name: str, timeout: float = REGISTER_TIMEOUT) -> dict:
         """Until the object's client holds an accepted registration (or is home)."""
         client = self.hosting.client(name)
 

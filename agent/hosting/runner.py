@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -65,6 +66,8 @@ STREAM_IDLE_TIMEOUT = 30.0
 #: Requests of one TCP connection that may wait in the warm-up queue at once; more are
 #: dropped, so that one connection cannot fill the queue with 1 MiB requests.
 MAX_STREAM_PENDING = 8
+#: Source networks counted apart in the stats (more count as "other").
+MAX_NETWORKS = 64
 
 
 def load_object(spec: str) -> MobileObject:
@@ -118,6 +121,8 @@ class ObjectServer(asyncio.DatagramProtocol):
         self.warming = warm
         self.queue: list[tuple[ControlMessage, ReplyTo]] = []
         self.seen: dict[str, list] = {}  # client -> [seq, reply body]
+        #: Requests per source network (/24), for placing duplicates near the traffic.
+        self.by_network: dict[str, int] = {}
         # too_large: UDP replies replaced by the "ask again over TCP" reply; dropped: requests
         # the warm-up queue had no room for; tcp_refused: connections over max_streams.
         self.stats = {"served": 0, "duplicates": 0, "stale": 0, "malformed": 0, "errors": 0,
@@ -143,6 +148,7 @@ class ObjectServer(asyncio.DatagramProtocol):
 
     def _accept(self, msg: ControlMessage, dest: ReplyTo) -> None:
         """A well-formed request from either transport: serve it, or queue it while warm."""
+        self._count_source(dest)
         if not self.warming:
             self._serve(msg, dest)
             return
@@ -154,6 +160,23 @@ class ObjectServer(asyncio.DatagramProtocol):
         self.stats["queued"] += 1
         if isinstance(dest, StreamPeer):
             dest.queued()
+
+    def _count_source(self, dest: ReplyTo) -> None:
+        """Requests per source network (/24): where the object's traffic comes from, which
+        its router weighs when it places a duplicate (Fig. 12: optimise the service's
+        path). Bounded: networks beyond the first :data:`MAX_NETWORKS` count as "other"."""
+        if isinstance(dest, StreamPeer):
+            peer = dest.writer.get_extra_info("peername")
+            host = peer[0] if isinstance(peer, tuple) and peer else None
+        else:
+            host = dest[0] if isinstance(dest, tuple) and dest else None
+        try:
+            network = str(ipaddress.ip_network(f"{host}/24", strict=False)) if host else "other"
+        except ValueError:
+            network = "other"
+        if network not in self.by_network and len(self.by_network) >= MAX_NETWORKS:
+            network = "other"
+        self.by_network[network] = self.by_network.get(network, 0) + 1
 
     async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One TCP connection (the ``asyncio.start_server`` callback): requests back to back,
@@ -353,7 +376,7 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
     def stats(_args: dict[str, Any]) -> dict[str, Any]:
         out = dict(server.stats, warming=server.warming, instance=server.instance,
                    pid=os.getpid(), state=server.obj.get_state(),
-                   leased=server.credentials is not None)
+                   leased=server.credentials is not None, by_network=dict(server.by_network))
         if server.credentials is not None:
             out["credentials"] = server.credentials.describe()
         return out

@@ -37,6 +37,10 @@ class VmBaseline:
     memory_mb: int = 512
     pids: int = 128
     policy: dict[str, Any] = field(default_factory=dict)
+    #: What all of this router's VMs together may take (cores, MiB): what it offers when
+    #: another router looks for room for a duplicate (Fig. 12, steps 210-212).
+    capacity_cpu: float = 2.0
+    capacity_memory_mb: int = 2048
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "VmBaseline":
@@ -81,6 +85,8 @@ class VirtualMachine:
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     #: The share of the service (percent) this VM's instance offers the broker.
     share: float = MAX_SHARE
+    #: What this VM's instance is of its service (Fig. 6): "primary" or "duplicate".
+    part: str = "primary"
 
     def describe(self) -> dict[str, Any]:
         hidden = ("objects", "mobile")
@@ -106,6 +112,8 @@ class VirtualMachine:
             body["leased"] = True
         if self.share != MAX_SHARE:
             body["share"] = self.share
+        if self.part != "primary":
+            body["part"] = self.part
         return body
 
 

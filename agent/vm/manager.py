@@ -150,6 +150,11 @@ class VmManager:
             self._record(msg.body, err)
             raise err from None
 
+    def record_error(self, vm: Any, service: Any, step: str, reason: str) -> None:
+        """A refusal that is not a PROVISION's (a duplicate that could not be placed, say),
+        listed with them in ``moat show errors``."""
+        self._record({"vm": vm, "service": service}, ProvisionError(step, reason))
+
     def _record(self, body: dict[str, Any], exc: ProvisionError) -> None:
         self.errors.append({"at": time.time(), "vm": body.get("vm"), "service": body.get("service"),
                             "step": exc.step, "reason": exc.reason})
@@ -188,6 +193,9 @@ class VmManager:
                             int(res["egress_kbit"]) if res.get("egress_kbit") else None, wanted, policy)
         vm.mobile, vm.only = self._mobile_part(body)
         vm.leased, vm.share = self._broker_terms(body)
+        vm.part = str(body.get("part", "primary"))
+        if vm.part not in ("primary", "duplicate"):
+            raise ProvisionError("message", f"part must be primary or duplicate, not {vm.part!r}")
         vm.steps.append(("configured", time.time()))
         return vm
 
@@ -283,7 +291,7 @@ class VmManager:
         if vm.leased:
             assert self.service_key is not None  # checked by _configure
             credentials = ServiceCredentials(vm.service, self.instance_id(vm),
-                                             self.service_key(vm.service))
+                                             self.service_key(vm.service), vm.part)
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
         states = states or {}

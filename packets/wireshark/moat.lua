@@ -59,6 +59,8 @@ local control_types = {
     [16] = "service_deregister",
     [17] = "lease_revoke",
     [18] = "service_list",
+    [19] = "service_grow",
+    [20] = "instance_release",
 }
 
 ---------------------------------------------------------------------------------------------

@@ -207,8 +207,8 @@ def test_arrival_that_never_registers_is_undone(monkeypatch) -> None:
     async def arrive() -> dict:
         return await role.on_migrate(None, ARRIVAL)  # type: ignore[arg-type]
 
-    original = role._wait_registered
-    monkeypatch.setattr(role, "_wait_registered", lambda name: original(name, timeout=0.05))
+    original = role.wait_registered
+    monkeypatch.setattr(role, "wait_registered", lambda name: original(name, timeout=0.05))
     with pytest.raises(MigrationFailed, match="did not register"):
         asyncio.run(arrive())
     assert hosting.log[-1] == ("stop", "counter", True)  # stopped and deregistered

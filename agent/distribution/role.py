@@ -1,0 +1,369 @@
+"""The distribution role: a router grows a service it runs, or hosts and releases a duplicate
+(patent Fig. 12, steps 210-230). Runs on every router of a run with a broker and VMs.
+
+On the primary's router, acting for the mobile object (SERVICE_GROW from the broker):
+
+1. **discover** (210): ask every router of the run for its room (VM_NEGOTIATE ``query``,
+   router HMAC; answered VM_OFFER), side by side and bounded in time;
+2. **place**: keep routers where a duplicate may go and that have the VM's CPU and memory
+   free (:func:`agent.distribution.capacity.placeable`), in the README's order
+   (:func:`agent.distribution.capacity.rank`: hops from the CO's network, then the object's
+   traffic from that network through the home network, then free CPU);
+3. **negotiate** (212): reserve the room at the first candidate (``reserve``); a refusal
+   means the next one;
+4. **all or part** (216): :func:`agent.distribution.decide.all_or_part`;
+5. **move all** (222): the object's checkpoint (taken while it serves) goes to the target
+   with the service's VM description (``start``); the target fetches and verifies the
+   service from the remote site itself (Fig. 5: dependencies resolved, 214), starts the
+   duplicate from the checkpoint, and the duplicate registers through its FOA with ``S`` and
+   the object-part NVSE ``duplicate``: its FOA gives it its own care-of address and name, the
+   HOA a second binding, and the HOA bicasts. The primary registers with ``S`` from then on,
+   so its renewals keep the duplicate's binding.
+
+On any router, for the broker: INSTANCE_RELEASE stops a duplicate that holds no lease: its
+objects stop, its cgroups and files go, and its deregistration deletes its binding.
+
+Every failure leaves the service as it was (the primary serves, the CO's other leases hold)
+and is listed in ``moat show errors`` on the router that saw it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import time
+from typing import Any
+
+from packets import ControlMessage, ControlType
+
+from agent.broker import wire
+from agent.broker.errors import BadRequest
+from agent.core.errors import ControlError
+from agent.core.peer import PeerError, PeerRefused, RouterKeyAuth, peer_call
+from agent.core.role import InBand, Role
+from agent.distribution.capacity import NoRoom, Offer, Reservations, Room, placeable, rank
+from agent.distribution.decide import all_or_part
+from agent.vm.role import VmRole
+
+log = logging.getLogger(__name__)
+
+#: One capacity query, seconds: a router that does not answer in time is not a candidate.
+QUERY_TIMEOUT_S = 1.5
+#: One reservation, seconds.
+RESERVE_TIMEOUT_S = 2.0
+#: Starting a duplicate: fetch and verify from the site, start, register through an FOA.
+START_TIMEOUT_S = 25.0
+ACTIONS = ("query", "reserve", "release", "start")
+
+
+class GrowRefused(ControlError):
+    """The service could not grow (no room anywhere, every candidate refused, the duplicate
+    failed): the broker refuses the lease with this text; the primary serves on."""
+
+
+class DistributionRole(Role):
+    """Grows services from their primary, hosts duplicates under reservations, releases them."""
+
+    name = "distribution"
+
+    @classmethod
+    def wanted(cls, config: Any) -> bool:
+        return config.broker is not None and config.vm is not None
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        cfg = self.config
+        assert cfg.broker is not None
+        key = bytes.fromhex(cfg.router_key) if cfg.router_key else None
+        self.key = key
+        self.auth = RouterKeyAuth(key)
+        self.routers = dict(cfg.broker.routers)
+        self.hops = cfg.broker.network_hops
+        self.reservations = Reservations()
+        self.address = cfg.interfaces[0].address
+        first = cfg.interfaces[0]
+        self.network = str(ipaddress.ip_interface(f"{first.address}/{first.prefix}").network)
+        self._subnets = [ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
+                         for i in cfg.interfaces]
+        self.stats = {"grown": 0, "grow_refused": 0, "duplicates_hosted": 0, "released": 0,
+                      "queries": 0, "reservations_refused": 0}
+
+    @property
+    def vm(self) -> Any:
+        role = self.agent.role(VmRole)
+        if role is None or role.manager is None:
+            raise ControlError(f"{self.config.name} runs no virtual machines")
+        return role.manager
+
+    def in_band(self) -> dict[ControlType, InBand]:
+        return {
+            ControlType.VM_NEGOTIATE: InBand(self.on_negotiate, self.auth,
+                                             answer=ControlType.VM_OFFER),
+            ControlType.SERVICE_GROW: InBand(self.on_grow, self.auth),
+            ControlType.INSTANCE_RELEASE: InBand(self.on_release, self.auth),
+        }
+
+    def housekeeping(self) -> None:
+        for gone in self.reservations.expire():
+            log.info("reservation %s for %s ran out unused", gone.reservation_id, gone.service)
+
+    # --- the target's side: room, reservations, the duplicate's start --------------------
+
+    def room(self) -> Room:
+        """What this router's VMs leave free of its VM capacity (reservations not counted)."""
+        base = self.vm.baseline
+        used = Room.total(Room(vm.cpu, vm.memory_mb) for vm in self.vm.vms.values())
+        return Room(float(base.capacity_cpu), int(base.capacity_memory_mb)).minus(used)
+
+    def offer(self, home_address: str) -> dict[str, Any]:
+        free = self.room().minus(self.reservations.held())
+        hosted = sorted({str(c.get("name")) for vm in self.vm.vms.values()
+                         for c in vm.mobile.values()})
+        home = any(ipaddress.ip_address(home_address) in net for net in self._subnets)
+        return Offer(self.config.name, self.address, self.network, free, tuple(hosted),
+                     home).as_dict()
+
+    async def on_negotiate(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        action = body.get("action")
+        if action not in ACTIONS:
+            raise BadRequest(f"action must be one of {ACTIONS}")
+        if action == "query":
+            self.stats["queries"] += 1
+            home = wire.text(body, "home_address", "query", max_len=64)
+            try:
+                ipaddress.ip_address(home)
+            except ValueError:
+                raise BadRequest(f"home address {home!r} is not an IP address") from None
+            return {"ok": True, **self.offer(home)}
+        rid = wire.text(body, "reservation", action, max_len=64)
+        if action == "reserve":
+            room = Room(wire.number(body, "cpu", "reserve", gt=0, le=64),
+                        int(wire.integer(body, "memory_mb", "reserve", lo=1, hi=1 << 20)))
+            try:
+                self.reservations.reserve(rid, wire.name(body, "service", "reserve"), room,
+                                          self.room())
+            except NoRoom as exc:
+                self.stats["reservations_refused"] += 1
+                raise ControlError(f"no room on {self.config.name}: {exc}") from None
+            return {"ok": True, "reservation": rid, "router": self.config.name}
+        if action == "release":
+            return {"ok": True, "released": self.reservations.release(rid) is not None}
+        return await self._start_duplicate(rid, body)
+
+    async def _start_duplicate(self, rid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Start the duplicate the reservation is for (steps 214 and 222); undo it all on
+        any failure (the VM manager removes what it started and records why)."""
+        from agent.broker.instances import instance_doc
+        from agent.hosting.migration import MigrationRole
+
+        if self.reservations.get(rid) is None:
+            raise ControlError(f"no reservation {rid} on {self.config.name} (expired?)")
+        vm_body, state = body.get("vm"), body.get("state")
+        if not isinstance(vm_body, dict) or vm_body.get("part") != "duplicate":
+            raise BadRequest("start needs the duplicate's VM description")
+        objects, mobile = vm_body.get("objects"), vm_body.get("mobile")
+        if not isinstance(objects, list) or len(objects) != 1 or not isinstance(mobile, dict) \
+                or set(mobile) != set(objects):
+            raise BadRequest("a duplicate runs exactly one mobile object")
+        wire.check_name(vm_body.get("vm"), "vm")
+        (obj,) = objects
+        name = str(mobile[obj].get("name"))
+        try:
+            await self.vm.provision(vm_body, states={obj: state})
+            status = await self.agent.require(MigrationRole).wait_registered(name)
+        except Exception as exc:
+            if vm_body["vm"] in self.vm.vms:
+                await self.vm.remove(vm_body["vm"])
+                self.vm.record_error(vm_body["vm"], vm_body.get("service"), "duplicate",
+                                     f"did not register: {exc}")
+            raise ControlError(f"duplicate of {name} failed on {self.config.name}: {exc}") \
+                from None
+        finally:
+            self.reservations.release(rid)  # the VM now holds the room (or nothing does)
+        vm = self.vm.vms[vm_body["vm"]]
+        self.stats["duplicates_hosted"] += 1
+        doc = instance_doc(vm, self.config.name, self.vm.instance_id(vm), self.address,
+                           time.time())
+        return {"ok": True, "instance": doc, "registration": status.get("registration")}
+
+    async def on_release(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        """The broker: this duplicate holds no lease any more (step 230)."""
+        iid = wire.text(body, "instance_id", "release", max_len=128)
+        vms = [vm for vm in self.vm.vms.values() if self.vm.instance_id(vm) == iid]
+        if not vms:
+            return {"ok": True, "released": False}  # gone already: nothing to do
+        vm = vms[0]
+        if vm.part != "duplicate":
+            raise ControlError(f"{iid} is the service's primary: it is not released")
+        started = time.monotonic()
+        await self.vm.remove(vm.name)  # stops it; its deregistration deletes its binding
+        self.stats["released"] += 1
+        log.info("released duplicate %s", iid)
+        return {"ok": True, "released": True,
+                "ms": round((time.monotonic() - started) * 1000, 1)}
+
+    # --- the primary's side: grow ----------------------------------------------------------
+
+    async def on_grow(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.grow(body)
+        except GrowRefused as exc:
+            self.stats["grow_refused"] += 1
+            self.vm.record_error(body.get("instance_id"), body.get("service"), "grow", str(exc))
+            raise
+
+    async def grow(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Steps 210-222 for the broker's SERVICE_GROW; the new instance's document."""
+        iid = wire.text(body, "instance_id", "grow", max_len=128)
+        target = wire.text(body, "target", "grow", max_len=260)
+        co_address = wire.text(body, "co_address", "grow", default="", max_len=64)
+        steps: list[tuple[str, float]] = []
+        started = time.monotonic()
+
+        def step(what: str) -> None:
+            steps.append((what, round((time.monotonic() - started) * 1000, 1)))
+
+        vm = next((v for v in self.vm.vms.values() if self.vm.instance_id(v) == iid), None)
+        if vm is None or vm.part != "primary" or len(vm.mobile) != 1:
+            raise GrowRefused(f"{iid} is not a primary with one mobile object here")
+        (obj, config), = vm.mobile.items()
+        name, home = str(config["name"]), str(config["home_address"])
+        move = all_or_part(target, vm.service, list(vm.objects))
+        if not move.whole:
+            raise GrowRefused(f"the lease asks for part {move.part!r} of {vm.service}: "
+                              "moving a part (secondary objects) is not built yet")
+        need = Room(vm.cpu, vm.memory_mb)
+        offers = await self._query_all(home)
+        step(f"asked {len(self.routers)} routers for room, {len(offers)} answered")
+        traffic = await self._traffic(vm.name, obj)
+        candidates = rank(placeable(offers, name, need), self._co_hops(co_address), traffic)
+        step(f"candidates: {[o.router for o in candidates]}")
+        if not candidates:
+            raise GrowRefused(f"no router on a foreign network without {name} has "
+                              f"{need.cpu:g} CPU and {need.memory_mb} MiB free")
+        tried: list[dict[str, str]] = []
+        for offer in candidates:
+            rid = secrets.token_hex(8)
+            try:
+                await peer_call(offer.address, ControlType.VM_NEGOTIATE,
+                                {"action": "reserve", "reservation": rid, "service": vm.service,
+                                 "cpu": need.cpu, "memory_mb": need.memory_mb},
+                                key=self.key, timeout=RESERVE_TIMEOUT_S)
+            except PeerError as exc:
+                tried.append({"router": offer.router, "refused": _why(exc)})
+                step(f"{offer.router} refused the reservation")
+                continue
+            step(f"reserved {need.cpu:g} CPU, {need.memory_mb} MiB on {offer.router}")
+            answer = await self._duplicate(vm, obj, config, offer, rid, step)
+            tried.append({"router": offer.router, "refused": ""})
+            self.stats["grown"] += 1
+            return {"ok": True, "instance": answer["instance"], "router": offer.router,
+                    "tried": tried, "steps": steps}
+        raise GrowRefused("every candidate refused: " + "; ".join(
+            f"{t['router']}: {t['refused']}" for t in tried))
+
+    async def _duplicate(self, vm: Any, obj: str, config: dict[str, Any], offer: Offer,
+                         rid: str, step: Any) -> dict[str, Any]:
+        """Step 222 at ``offer``'s router under reservation ``rid``."""
+        hosted = self._primary_client(str(config["name"]))
+        state = await self.vm.call(vm.name, obj, "get_state")
+        step("took the primary's checkpoint (it serves on)")
+        # From now on the primary's renewals keep the other bindings (RFC 5944's S).
+        if hosted is not None:
+            hosted.config.simultaneous = True
+        part_id = 1 + sum(1 for v in self.vm.vms.values() if v.part == "duplicate")
+        dup_config = dict(config, part="duplicate", part_id=part_id, simultaneous=True)
+        vm_body = dict(vm.provision_body(), vm=f"{vm.name}-d{secrets.token_hex(2)}",
+                       objects=[obj], mobile={obj: dup_config}, part="duplicate")
+        try:
+            answer = await peer_call(offer.address, ControlType.VM_NEGOTIATE,
+                                     {"action": "start", "reservation": rid, "vm": vm_body,
+                                      "state": state}, key=self.key, timeout=START_TIMEOUT_S)
+        except PeerError as exc:
+            await self._release_reservation(offer, rid)
+            raise GrowRefused(f"the duplicate on {offer.router} failed: {_why(exc)}") from None
+        step(f"duplicate serves on {offer.router}, registered with S")
+        return answer
+
+    async def _release_reservation(self, offer: Offer, rid: str) -> None:
+        try:
+            await peer_call(offer.address, ControlType.VM_NEGOTIATE,
+                            {"action": "release", "reservation": rid}, key=self.key,
+                            timeout=RESERVE_TIMEOUT_S)
+        except PeerError as exc:  # it runs out by itself
+            log.info("reservation %s on %s not released: %s", rid, offer.router, exc)
+
+    def _primary_client(self, name: str) -> Any:
+        from agent.hosting.objects import HostingRole
+
+        hosting = self.agent.role(HostingRole)
+        hosted = hosting.objects.get(name) if hosting is not None else None
+        return hosted.client if hosted is not None else None
+
+    async def _query_all(self, home_address: str) -> list[Offer]:
+        """Every router's offer (this one's too, unasked), side by side; silent or refusing
+        routers are not candidates."""
+        async def ask(router: str, address: str) -> Offer | None:
+            if router == self.config.name:
+                return Offer.from_dict(self.offer(home_address))
+            try:
+                answer = await peer_call(address, ControlType.VM_NEGOTIATE,
+                                         {"action": "query", "home_address": home_address},
+                                         key=self.key, timeout=QUERY_TIMEOUT_S)
+                return Offer.from_dict(answer)
+            except (PeerError, BadRequest) as exc:
+                log.debug("no offer from %s: %s", router, exc)
+                return None
+
+        answers = await asyncio.gather(*(ask(r, a) for r, a in sorted(self.routers.items())))
+        return [a for a in answers if a is not None]
+
+    async def _traffic(self, vm_name: str, obj: str) -> dict[str, int]:
+        """Requests the object received per source network (its own stats)."""
+        try:
+            stats = await self.vm.call(vm_name, obj, "stats")
+        except Exception as exc:  # noqa: BLE001 - the order then ignores traffic
+            log.info("no traffic figures from %s: %s", obj, exc)
+            return {}
+        by_network = stats.get("by_network") if isinstance(stats, dict) else None
+        return {str(k): int(v) for k, v in (by_network or {}).items()
+                if isinstance(v, int) and not isinstance(v, bool)}
+
+    def _co_hops(self, co_address: str) -> dict[str, int]:
+        if not co_address:
+            return {}
+        try:
+            address = ipaddress.ip_address(co_address)
+        except ValueError:
+            return {}
+        for prefix, hops in self.hops.items():
+            if address in ipaddress.ip_network(prefix, strict=False):
+                return dict(hops)
+        return {}
+
+    # --- control commands ----------------------------------------------------------------
+
+    def cmd_room(self) -> dict[str, Any]:
+        """This router's VM room and its reservations."""
+        room = self.room()
+        return {"capacity_cpu": self.vm.baseline.capacity_cpu,
+                "capacity_memory_mb": self.vm.baseline.capacity_memory_mb,
+                "free_cpu": room.cpu, "free_memory_mb": room.memory_mb,
+                "reservations": self.reservations.snapshot(), "stats": dict(self.stats)}
+
+    def cmd_room_hold(self, cpu: float, memory_mb: int = 1, seconds: float = 60.0) -> dict:
+        """Hold room as if a VM were about to arrive (an operator keeping room free, or an
+        experiment filling a router): a reservation that runs out after ``seconds``."""
+        rid = f"held-{secrets.token_hex(4)}"
+        try:
+            self.reservations.reserve(rid, "operator", Room(float(cpu), int(memory_mb)),
+                                      self.room(), ttl_s=float(seconds))
+        except (NoRoom, TypeError, ValueError) as exc:
+            raise ControlError(f"cannot hold room: {exc}") from None
+        return {"reservation": rid, "cpu": cpu, "memory_mb": memory_mb, "seconds": seconds}
+
+
+def _why(exc: PeerError) -> str:
+    return exc.reason if isinstance(exc, PeerRefused) else str(exc)
