@@ -68,7 +68,7 @@ ALL_ROUTERS = "224.0.0.2"
 #: How long discovery waits by default: a few advertisement intervals of a default run.
 DISCOVER_TIMEOUT = 3.0
 #: One exchange with the broker, seconds.
-BROKER_TIMEOUT = 10.0
+BROKER_TIMEOUT = 40.0
 #: One service request (each hop), seconds.
 SERVICE_TIMEOUT = 10.0
 #: An advertisement is a header and a small body; bigger datagrams are not decoded.

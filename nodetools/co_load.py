@@ -50,7 +50,8 @@ class Load(asyncio.DatagramProtocol):
         })
 
 
-async def run(dst: str, port: int, rate: float, duration: float, client: str, op: str) -> Load:
+async def run(dst: str, port: int, rate: float, duration: float, client: str, op: str,
+              credential: str | None = None) -> Load:
     loop = asyncio.get_running_loop()
     transport, load = await loop.create_datagram_endpoint(lambda: Load(client), remote_addr=(dst, port))
     stop = asyncio.Event()
@@ -63,6 +64,8 @@ async def run(dst: str, port: int, rate: float, duration: float, client: str, op
         seq += 1
         load.sent[seq] = time.time()
         body = {"client": client, "seq": seq, "op": op}
+        if credential is not None:
+            body["credential"] = credential
         transport.sendto(ControlMessage(ControlType.SERVICE_REQUEST, seq & 0xFFFFFFFF, body).encode())
         delay = start + seq * period - time.monotonic()
         if delay > 0:
@@ -77,8 +80,11 @@ async def run(dst: str, port: int, rate: float, duration: float, client: str, op
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodetools.co_load")
-    parser.add_argument("--dst", required=True)
-    parser.add_argument("--port", type=int, default=SERVICE_PORT)
+    parser.add_argument("--dst", help="the object's address (default: the grant's)")
+    parser.add_argument("--port", type=int, help=f"default: the grant's, else {SERVICE_PORT}")
+    parser.add_argument("--grant", type=Path,
+                        help="a grant kept by `moat lease request` (run directory): requests "
+                             "carry its first hop's credential and go to its address")
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--client", default="co")
@@ -88,9 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.rate <= MAX_RATE or not 0 < args.duration <= MAX_DURATION:
         parser.error(f"rate must be in (0, {MAX_RATE}] and duration in (0, {MAX_DURATION}]")
+    credential = None
+    dst, port = args.dst, args.port
+    if args.grant is not None:
+        try:
+            hop = json.loads(args.grant.read_text())["grant"]["hops"][0]
+            credential = str(hop["credential"])
+            dst, port = dst or str(hop["address"]), port or int(hop["port"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            parser.error(f"cannot read a grant from {args.grant}: {exc!r}")
+    if not dst:
+        parser.error("--dst or --grant is required")
     if args.ready:
         args.ready.touch()
-    load = asyncio.run(run(args.dst, args.port, args.rate, args.duration, args.client, args.op))
+    load = asyncio.run(run(dst, port or SERVICE_PORT, args.rate, args.duration, args.client,
+                           args.op, credential))
     with args.out.open("w") as f:
         for seq, sent in sorted(load.sent.items()):
             f.write(json.dumps({"seq": seq, "sent": sent, "replies": load.replies.get(seq, [])}) + "\n")

@@ -62,7 +62,7 @@ GRANTS_DIR = "grants"
 #: A grant's group id as the broker makes them (token_urlsafe): safe as a file name.
 _GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: One exchange with the broker through the CO library, discovery included (seconds).
-CO_TIMEOUT = 30.0
+CO_TIMEOUT = 50.0
 CONTROL_TIMEOUT = 10.0
 MIGRATE_TIMEOUT = 60.0
 PROVISION_TIMEOUT = 120.0
@@ -328,6 +328,27 @@ class RunClient:
         if port is not None:
             args += ["--port", str(port)]
         return self.tool(host, CO_LOAD, *args, timeout=60 + count / rate)
+
+    def leased_requests(self, ref: str, count: int = 20, rate: float = 50.0,
+                        op: str = "incr") -> dict:
+        """Send ``count`` requests with the credential of kept lease (or grant) ``ref``, from
+        the CO that holds it, to its instance's address; return the summary with, per
+        request, how many answers came and who served them (``replies``: [[seq, [served_by,
+        ...]], ...]): under bicast each must come once, from the lease's instance."""
+        record = self.find_grant(ref)
+        host = record["host"]
+        self._clients += 1
+        out = self.run.dir / f"requests-{self._clients}.jsonl"
+        summary = self.tool(host, CO_LOAD, "--grant", str(self._grant_path(record["grant"]["group"])),
+                            "--rate", str(rate), "--duration", str(count / rate), "--op", op,
+                            "--out", str(out), "--client", f"{host}-{self._clients}",
+                            timeout=60 + count / rate)
+        rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        summary["replies"] = [[r["seq"], [x.get("served_by") for x in r["replies"]]] for r in rows]
+        summary["rtt_ms"] = [round((r["replies"][0]["at"] - r["sent"]) * 1000, 3)
+                             for r in rows if r["replies"]]
+        summary["results"] = [r["replies"][0].get("result") for r in rows if r["replies"]]
+        return summary
 
     def resolve(self, host: str, name: str) -> dict:
         """Ask the run's DNS server, from inside ``host``, for ``name``'s address:
