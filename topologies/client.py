@@ -499,3 +499,40 @@ class RunClient:
         path = self._grant_path(str(grant.get("group")))
         path.parent.mkdir(mode=0o700, exist_ok=True)
         return _write_private_json(path, {"host": host, "grant": grant})
+
+    # --- leased load in the background (the leases experiment) -----------------------------
+
+    def keep_grant(self, host: str, grant: dict) -> Path:
+        """Keep ``grant`` like :meth:`lease_request` keeps its own, for a grant a CO acting
+        from ``host`` obtained through its own broker client (an experiment's second CO
+        identity on a host): later calls name its leases (:meth:`leased_load`,
+        :meth:`leased_requests`)."""
+        self.check_node(host)
+        return self._save_grant(host, grant)
+
+    def leased_load(self, ref: str, rate: float, duration: float, client: str | None = None,
+                    op: str = "incr") -> tuple[subprocess.Popen, Path]:
+        """Start ``python -m nodetools.co_load`` in the background, inside the host that holds
+        kept lease (or grant) ``ref``, with its credential, at ``rate`` requests/s for
+        ``duration`` s; the process and the file its per-request log is written to when it
+        ends (:meth:`read_load` reads it). ``client`` names it for the objects' at-most-once
+        filter (default: a new name)."""
+        record = self.find_grant(ref)
+        host = record["host"]
+        self._clients += 1
+        out = self.run.dir / f"load-{self._clients}.jsonl"
+        argv = [sys.executable, "-m", CO_LOAD,
+                "--grant", str(self._grant_path(record["grant"]["group"])),
+                "--rate", str(rate), "--duration", str(duration), "--op", op,
+                "--out", str(out), "--client", client or f"{host}-{self._clients}"]
+        return self.popen(host, argv, stdin=subprocess.DEVNULL), out
+
+    @staticmethod
+    def read_load(path: Path) -> list[dict]:
+        """A load generator's log: per request ``seq``, ``sent`` (wall clock) and ``replies``
+        (each ``at``, ``served_by``, ``instance``, ``result``, ``ok``); empty if none."""
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]

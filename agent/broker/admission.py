@@ -149,18 +149,26 @@ class Admission:
         """Whether ``instance`` is alive and has ``share`` and ``cpu`` free."""
         return self.alive(instance) and self.free(instance).covers(share, cpu)
 
-    def admit(self, request: LeaseRequest, cost: CostFn | None = None) -> Instance:
+    def admit(self, request: LeaseRequest, cost: CostFn | None = None,
+              reachable: Callable[[Instance], bool] | None = None) -> Instance:
         """The instance that should serve ``request`` (a service, not a goal), or LeaseDenied.
 
-        Among instances that fit, the cheapest by ``cost`` wins when given, else the one with
-        the most free share (then CPU). Nothing is reserved: :meth:`hold` does, once the
-        lease exists. When nothing fits, :attr:`policy` decides (the move-service seam).
+        Only instances the CO ``reachable`` are considered. Among those that fit, the
+        cheapest by ``cost`` wins when given, else the one with the most free share (then
+        CPU). Nothing is reserved: :meth:`hold` does, once the lease exists. When nothing
+        fits, :attr:`policy` decides (the move-service seam) — unless the CO reaches only a
+        full instance on its own network, which no new instance elsewhere would change.
         """
         if request.goal is not None:
             raise ValueError("admit() takes a service request; goals go through paths")
-        candidates = self.directory.lookup(request.target)
-        if not candidates:
+        every = self.directory.lookup(request.target)
+        if not every:
             raise LeaseDenied("unknown_service", f"no instance offers {request.target!r}")
+        candidates = [i for i in every if reachable is None or reachable(i)]
+        if len(candidates) < len(every) and not any(
+                self.fits(i, request.share, request.cpu) for i in candidates):
+            raise LeaseDenied("no_capacity", f"the instance of {request.target!r} on the CO's "
+                              "own network is full, and the CO reaches no other")
         fitting = [i for i in candidates if self.fits(i, request.share, request.cpu)]
         if fitting:
             return min(fitting, key=self._ranking(cost))
@@ -182,6 +190,13 @@ class Admission:
             raise LeaseDenied("no_capacity", f"{instance.instance_id} no longer has "
                                              f"{share:g}% and {cpu:g} CPU free")
         self._held[lease_id] = Held(instance.instance_id, share, cpu)
+
+    def move(self, lease_id: str, instance: Instance) -> None:
+        """What ``lease_id`` holds moves to ``instance`` (a duplicate took it over), even
+        beyond its capacity: the lease exists and its CO now reaches only that instance."""
+        held = self._held.get(lease_id)
+        if held is not None:
+            self._held[lease_id] = Held(instance.instance_id, held.share, held.cpu)
 
     def release(self, lease_id: str) -> Held | None:
         """Give back what ``lease_id`` held (step 230); idempotent, None if nothing was held."""

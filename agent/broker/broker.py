@@ -47,6 +47,8 @@ Clock = Callable[[], float]
 NetworkCost = Callable[[str | None, Instance], float]
 #: Revocations outlive the credential by this much, for the rounding of expiry to ms.
 REVOKE_MARGIN_S = 1.0
+#: A duplicate that has held no lease for this long since it started is released.
+IDLE_DUPLICATE_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -130,12 +132,15 @@ class Broker:
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
         network_cost: NetworkCost | None = None,
+        network_of: Callable[[str | None], str] | None = None,
         keys: ServiceKeys | None = None,
         new_id: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
         self._clock = clock
         self._wall = wall_clock
         self._network_cost = network_cost or (lambda co_network, instance: 0.0)
+        #: A CO's address -> its LAN prefix ("" unknown), for reachability and adoption.
+        self._network_of = network_of or (lambda address: "")
         self.directory = ServiceDirectory()
         self.admission = Admission(self.directory, admission_policy, clock)
         self.table = LeaseTable(lease_policy, clock, self._on_end, new_id)
@@ -145,13 +150,23 @@ class Broker:
         self._outbox: list[dict[str, Any]] = []
         #: Duplicates left without a lease, not yet told to their routers (step 230).
         self._releases: list[dict[str, Any]] = []
+        #: When each instance joined the directory (broker clock), for idle duplicates.
+        self._joined: dict[str, float] = {}
         self.stats: Counter[str] = Counter()
 
     # --- instances ------------------------------------------------------------------------
 
     def register_instance(self, instance: Instance) -> bytes:
-        """Add (or update) an instance; return its service's key, for the role to give it."""
-        self.directory.register(instance)
+        """Add (or update) an instance; return its service's key, for the role to give it.
+
+        A new instance on a network takes over the leases its service granted to COs on
+        that network (their foreign agent now delivers the home address to it, so only it
+        receives their requests): their share and CPU move to it and their renewals name it.
+        """
+        old = self.directory.register(instance)
+        self._joined.setdefault(instance.instance_id, self._clock())
+        if old is None and instance.network:
+            self._adopt(instance)
         return self.keys.key(instance.service)
 
     def register_from(self, doc: Any) -> bytes:
@@ -163,6 +178,7 @@ class Broker:
         ended = [lease for lease in self.table.on_instance(instance_id)
                  if self.table.end(lease.lease_id, "instance_removed") is not None]
         self.directory.remove(instance_id)
+        self._joined.pop(instance_id, None)
         return ended
 
     def service_key(self, service: str) -> bytes:
@@ -178,7 +194,7 @@ class Broker:
             self._check_holder(holder)
             req = LeaseRequest(target, share, cpu, duration)
             instances = self._place(req, co_network)
-            grant = self._lease_all(holder, req, instances)
+            grant = self._lease_all(holder, req, instances, self._network_of(co_network))
         except LeaseDenied as exc:
             self.stats[f"denied_{exc.reason}"] += 1
             raise
@@ -206,9 +222,17 @@ class Broker:
         return self.table.cancel(lease_id, holder)
 
     def expire(self, now: float | None = None) -> list[Lease]:
-        """Housekeeping: end leases that ran out, and prune revocations past their expiry."""
+        """Housekeeping: end leases that ran out, prune revocations past their expiry, and
+        release duplicates that no lease has reached for :data:`IDLE_DUPLICATE_S` (one
+        placed near the traffic before any lease wanted it)."""
         ended = self.table.expire(now)
         self.revocations.prune(self._wall())
+        now = self._clock() if now is None else now
+        for instance in list(self.directory):
+            since = self._joined.get(instance.instance_id)
+            if instance.part == "duplicate" and since is not None \
+                    and now - since >= IDLE_DUPLICATE_S:
+                self._release_if_idle(instance.instance_id)
         return ended
 
     def take_releases(self) -> list[dict[str, Any]]:
@@ -257,11 +281,12 @@ class Broker:
 
         goal = req.goal
         if goal is None:
-            return [self.admission.admit(req, cost)]
+            return [self.admission.admit(req, cost, self.reachable(co_network, req.target))]
         return plan(goal, self.directory.converters(),
                     lambda i: self.admission.fits(i, req.share, req.cpu), cost)
 
-    def _lease_all(self, holder: str, req: LeaseRequest, instances: list[Instance]) -> Grant:
+    def _lease_all(self, holder: str, req: LeaseRequest, instances: list[Instance],
+                   co_network: str = "") -> Grant:
         """A lease, a reservation and a credential per instance; all or nothing."""
         group = secrets.token_hex(8)
         granted: list[Lease] = []
@@ -270,7 +295,8 @@ class Broker:
             for instance in instances:
                 limit = instance.lifecycle.remaining(self._clock())
                 lease = self.table.grant(holder, instance.service, instance.instance_id,
-                                         req.share, req.cpu, req.duration, limit, group)
+                                         req.share, req.cpu, req.duration, limit, group,
+                                         co_network)
                 granted.append(lease)
                 self.admission.hold(lease.lease_id, instance, req.share, req.cpu)
                 hops.append(self._hop(lease, instance))
@@ -308,6 +334,26 @@ class Broker:
         if why != "instance_removed":  # the CO finished with it (steps 220-226)
             self._release_if_idle(lease.instance)
 
+    def _adopt(self, instance: Instance) -> None:
+        for lease in self.table.on_instance_from(instance.service, instance.network,
+                                                 instance.instance_id):
+            self.admission.move(lease.lease_id, instance)
+            log.info("lease %s… of %s (on %s) moves to %s on its network", lease.lease_id[:6],
+                     lease.holder, lease.instance, instance.instance_id)
+            self.table.reassign(lease.lease_id, instance.instance_id)
+            self.stats["adopted"] += 1
+
+    def reachable(self, co_address: str | None, service: str) -> Callable[[Instance], bool]:
+        """Which instances of ``service`` a CO at ``co_address`` reaches: the one on its own
+        network if there is one (its foreign agent delivers the home address there), else
+        every instance (its requests reach the home network, where the HOA bicasts)."""
+        network = self._network_of(co_address)
+        local = {i.instance_id for i in self.directory.lookup(service)
+                 if network and i.network == network}
+        if not local:
+            return lambda instance: True
+        return lambda instance: instance.instance_id in local
+
     def _release_if_idle(self, instance_id: str) -> None:
         """A duplicate exists for its leases only: with none left it leaves the directory
         (no new lease lands on it) and goes into the release outbox. The primary stays."""
@@ -317,6 +363,7 @@ class Broker:
         if self.admission.leases_on(instance_id):
             return
         self.directory.remove(instance_id)
+        self._joined.pop(instance_id, None)
         self._releases.append({"instance_id": instance_id,
                                "router_address": instance.router_address})
         self.stats["released"] += 1

@@ -89,6 +89,9 @@ class Instance:
     #: Where its router takes in-band messages; given only by an instance whose service is a
     #: mobile object, which can grow (a duplicate) and be released when it holds no lease.
     router_address: str = ""
+    #: The LAN prefix of its router: COs on that network reach this instance only (their
+    #: foreign agent delivers the home address here); "" when not given.
+    network: str = ""
 
     def __post_init__(self) -> None:
         for attr in ("service", "instance_id", "router"):
@@ -112,6 +115,11 @@ class Instance:
             except ValueError:
                 raise BadRequest(f"router address {self.router_address!r} is not an IP "
                                  "address") from None
+        if self.network:
+            try:
+                ipaddress.ip_network(self.network)
+            except ValueError:
+                raise BadRequest(f"network {self.network!r} is not an IP prefix") from None
         if bool(self.consumes) != bool(self.produces):
             raise BadRequest("an instance declares both consumes and produces, or neither")
         for fmt in (self.consumes, self.produces):
@@ -134,7 +142,7 @@ class Instance:
                 "consumes": self.consumes, "produces": self.produces,
                 "lifecycle": self.lifecycle.as_dict(now),
                 "processing_cost": self.processing_cost, "part": self.part,
-                "router_address": self.router_address}
+                "router_address": self.router_address, "network": self.network}
 
     @property
     def movable(self) -> bool:
@@ -148,7 +156,7 @@ class Instance:
         doc = wire.as_mapping(doc, what)
         wire.only_keys(doc, {"service", "instance_id", "address", "port", "router", "share",
                              "cpu", "objects", "consumes", "produces", "lifecycle",
-                             "processing_cost", "part", "router_address"}, what)
+                             "processing_cost", "part", "router_address", "network"}, what)
         return cls(
             service=wire.name(doc, "service", what),
             instance_id=wire.name(doc, "instance_id", what),
@@ -165,6 +173,7 @@ class Instance:
                                         le=MAX_PROCESSING_COST),
             part=wire.text(doc, "part", what, default="primary", max_len=16),
             router_address=wire.text(doc, "router_address", what, default="", max_len=64),
+            network=wire.text(doc, "network", what, default="", max_len=64),
         )
 
 

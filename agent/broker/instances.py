@@ -28,6 +28,7 @@ was told until the credentials would have expired, for objects of the service th
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from pathlib import Path
@@ -110,7 +111,7 @@ def formats(installed: str) -> tuple[str, str]:
 
 
 def instance_doc(vm: Any, router: str, instance_id: str, router_address: str,
-                 now: float) -> dict[str, Any]:
+                 now: float, network: str = "") -> dict[str, Any]:
     """The SERVICE_REGISTER ``instance`` of ``vm`` (see
     :meth:`agent.broker.directory.Instance.from_dict`), its uptime at wall-clock ``now``.
     Checked here with the broker's own field rules, so a VM the broker would refuse is an
@@ -135,6 +136,7 @@ def instance_doc(vm: Any, router: str, instance_id: str, router_address: str,
         # A mobile object's service can grow (duplicates) and shrink: the broker needs to
         # reach its router, not the object's home address (every instance answers there).
         "router_address": router_address if vm.mobile else "",
+        "network": network if vm.mobile else "",
     }
     from agent.broker.directory import Instance
 
@@ -182,6 +184,8 @@ class ServiceInstancesRole(Role):
         self.router_key = key
         self.router_auth = RouterKeyAuth(key)
         self.router_address = self.config.interfaces[0].address
+        first = self.config.interfaces[0]
+        self.network = str(ipaddress.ip_interface(f"{first.address}/{first.prefix}").network)
         self._clock = clock
         self.vms: Any = None  # agent.vm.manager.VmManager, once started
         #: What the broker should know: instance id -> VM (its doc is built when sent).
@@ -281,7 +285,8 @@ class ServiceInstancesRole(Role):
     async def _register(self, iid: str, vm: Any) -> None:
         self._stale.discard(iid)
         try:
-            doc = instance_doc(vm, self.config.name, iid, self.router_address, self._clock())
+            doc = instance_doc(vm, self.config.name, iid, self.router_address, self._clock(),
+                               self.network)
         except InstanceError as exc:
             self.stats["refused"] += 1
             log.error("not registering %s with the broker: %s", iid, exc)

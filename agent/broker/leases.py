@@ -144,6 +144,9 @@ class Lease:
     granted_at: float
     expires_at: float
     group: str = ""
+    #: The LAN prefix the CO asked from (""; unknown): a CO on a network where an instance
+    #: runs reaches only that instance, so a duplicate started there takes its leases over.
+    co_network: str = ""
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.expires_at - now)
@@ -188,7 +191,8 @@ class LeaseTable:
         return [lease for lease in self._leases.values() if lease.instance == instance]
 
     def grant(self, holder: str, service: str, instance: str, share: float, cpu: float,
-              requested: Duration, limit_s: float | None = None, group: str = "") -> Lease:
+              requested: Duration, limit_s: float | None = None, group: str = "",
+              co_network: str = "") -> Lease:
         """A new lease for ``holder`` on ``instance`` (capacity is admission's business)."""
         if not holder:
             raise LeaseDenied("bad_credentials", "the request names no holder")
@@ -201,7 +205,7 @@ class LeaseTable:
         if lease_id in self._leases:  # 128 random bits: only a broken new_id gets here
             raise RuntimeError("lease id collision")
         lease = Lease(lease_id, holder, service, instance, share, cpu, granted, now,
-                      now + granted, group)
+                      now + granted, group, co_network)
         self._leases[lease_id] = lease
         log.debug("granted %s on %s to %s for %.1fs", service, instance, holder, granted)
         return lease
@@ -249,6 +253,16 @@ class LeaseTable:
         for lease in gone:
             self._end(lease, "expired")
         return gone
+
+    def on_instance_from(self, service: str, co_network: str, other_than: str) -> list[Lease]:
+        """Live leases of ``service`` asked from ``co_network`` on another instance than
+        ``other_than``."""
+        return [lease for lease in self._leases.values() if lease.service == service
+                and lease.co_network == co_network and lease.instance != other_than]
+
+    def reassign(self, lease_id: str, instance: str) -> None:
+        """The lease is served by ``instance`` from now on (its renewals name it)."""
+        self._leases[lease_id].instance = instance
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = self._clock()

@@ -94,7 +94,8 @@ class BrokerRole(Role):
         keys = ServiceKeys.derived(key) if key else ServiceKeys()
         self.broker = Broker(LeasePolicy(default_s=cfg.lease_default_s, max_s=cfg.lease_max_s),
                              admission_policy=GrowthPolicy(cfg.max_instances),
-                             keys=keys, network_cost=self.network_cost)
+                             keys=keys, network_cost=self.network_cost,
+                             network_of=self.network_of)
         self.growth = Growth(self.broker, key)
         self.co_auth = CoKeyAuth(cfg.co_keys)
         self.router_auth = RouterKeyAuth(key)
@@ -221,16 +222,22 @@ class BrokerRole(Role):
         the instance's router in the run's routing (0 when unknown)."""
         if self._measured:
             return self._measured.get(instance.instance_id, UNMEASURED_MS)
+        network = self.network_of(co_address)
+        return float(self.hops[network].get(instance.router, 0)) if network else 0.0
+
+    def network_of(self, co_address: str | None) -> str:
+        """The run's network (a key of the hop table) that ``co_address`` is on; "" when
+        unknown."""
         if not co_address:
-            return 0.0
+            return ""
         try:
             address = ipaddress.ip_address(co_address)
         except ValueError:
-            return 0.0
-        for prefix, hops in self.hops.items():
+            return ""
+        for prefix in self.hops:  # "10.14.0.0/24": what instances give as their network
             if address in ipaddress.ip_network(prefix, strict=False):
-                return float(hops.get(instance.router, 0))
-        return 0.0
+                return prefix
+        return ""
 
     # --- control commands ----------------------------------------------------------------
 

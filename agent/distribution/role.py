@@ -42,9 +42,10 @@ from agent.broker import wire
 from agent.broker.errors import BadRequest
 from agent.core.errors import ControlError
 from agent.core.peer import PeerError, PeerRefused, RouterKeyAuth, peer_call
-from agent.core.role import InBand, Role
+from agent.core.role import InBand, Periodic, Role
 from agent.distribution.capacity import NoRoom, Offer, Reservations, Room, placeable, rank
 from agent.distribution.decide import all_or_part
+from agent.distribution.traffic import TrafficRule, TrafficWatch
 from agent.vm.role import VmRole
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ RESERVE_TIMEOUT_S = 2.0
 #: Starting a duplicate: fetch and verify from the site, start, register through an FOA.
 START_TIMEOUT_S = 25.0
 ACTIONS = ("query", "reserve", "release", "start")
+#: How often the primaries' request counters are sampled for the traffic rule, seconds.
+TRAFFIC_PERIOD_S = 1.0
 
 
 class GrowRefused(ControlError):
@@ -87,6 +90,10 @@ class DistributionRole(Role):
         self.network = str(ipaddress.ip_interface(f"{first.address}/{first.prefix}").network)
         self._subnets = [ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
                          for i in cfg.interfaces]
+        self.rule = TrafficRule()
+        self.watches: dict[str, TrafficWatch] = {}
+        #: Duplicates placed by the traffic rule (for ``room`` and the experiment).
+        self.placements: list[dict[str, Any]] = []
         self.stats = {"grown": 0, "grow_refused": 0, "duplicates_hosted": 0, "released": 0,
                       "queries": 0, "reservations_refused": 0}
 
@@ -108,6 +115,61 @@ class DistributionRole(Role):
     def housekeeping(self) -> None:
         for gone in self.reservations.expire():
             log.info("reservation %s for %s ran out unused", gone.reservation_id, gone.service)
+
+    def periodic(self) -> list[Periodic]:
+        return [Periodic("traffic", TRAFFIC_PERIOD_S, self.watch_traffic)]
+
+    # --- the traffic rule (patent: "optimize the path of the service") -----------------------
+
+    async def watch_traffic(self) -> None:
+        """Sample each local primary's requests per network; place a duplicate on a network
+        the rule (:mod:`agent.distribution.traffic`) finds hot."""
+        primaries = {vm.name: vm for vm in self._vms() if vm.part == "primary"
+                     and vm.leased and len(vm.mobile) == 1 and vm.running_since is not None}
+        for gone in set(self.watches) - set(primaries):
+            del self.watches[gone]
+        for vm in primaries.values():
+            (obj, config), = vm.mobile.items()
+            watch = self.watches.setdefault(vm.name, TrafficWatch(self.rule))
+            watch.sample(await self._traffic(vm.name, obj))
+            hot = watch.hot_network(self.network, set())
+            if hot is None:
+                continue
+            counts = watch.window()
+            watch.fired()
+            await self._place_near(vm, obj, config, hot, counts)
+
+    async def _place_near(self, vm: Any, obj: str, config: dict[str, Any], network: str,
+                          counts: dict[str, int]) -> None:
+        steps: list[tuple[str, float]] = []
+        started = time.monotonic()
+
+        def step(what: str) -> None:
+            steps.append((what, round((time.monotonic() - started) * 1000, 1)))
+
+        need = Room(vm.cpu, vm.memory_mb)
+        name = str(config["name"])
+        offers = await self._query_all(str(config["home_address"]))
+        candidates = [o for o in placeable(offers, name, need) if o.network == network]
+        if not candidates:
+            log.info("traffic of %s comes from %s, but no router there can take a duplicate",
+                     name, network)
+            return
+        step(f"most requests come from {network} through the home network: {counts}")
+        try:
+            answer = await self._place(vm, obj, config, need,
+                                       rank(candidates, {}, {network: 1}), steps, step)
+        except GrowRefused as exc:
+            self.vm.record_error(self.vm.instance_id(vm), vm.service, "traffic", str(exc))
+            return
+        self.placements.append({"at": time.time(), "object": name, "network": network,
+                                "router": answer["router"], "steps": steps})
+        del self.placements[:-100]
+        log.info("placed a duplicate of %s on %s near its traffic", name, answer["router"])
+
+    def _vms(self) -> list[Any]:
+        role = self.agent.role(VmRole)
+        return list(role.manager.vms.values()) if role is not None and role.manager else []
 
     # --- the target's side: room, reservations, the duplicate's start --------------------
 
@@ -185,7 +247,7 @@ class DistributionRole(Role):
         vm = self.vm.vms[vm_body["vm"]]
         self.stats["duplicates_hosted"] += 1
         doc = instance_doc(vm, self.config.name, self.vm.instance_id(vm), self.address,
-                           time.time())
+                           time.time(), self.network)
         return {"ok": True, "instance": doc, "registration": status.get("registration")}
 
     async def on_release(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +305,12 @@ class DistributionRole(Role):
         if not candidates:
             raise GrowRefused(f"no router on a foreign network without {name} has "
                               f"{need.cpu:g} CPU and {need.memory_mb} MiB free")
+        return await self._place(vm, obj, config, need, candidates, steps, step)
+
+    async def _place(self, vm: Any, obj: str, config: dict[str, Any], need: Room,
+                     candidates: list[Offer], steps: list[tuple[str, float]],
+                     step: Any) -> dict[str, Any]:
+        """Steps 212-222 over ``candidates`` in order: reserve, then start the duplicate."""
         tried: list[dict[str, str]] = []
         for offer in candidates:
             rid = secrets.token_hex(8)
@@ -346,12 +414,41 @@ class DistributionRole(Role):
     # --- control commands ----------------------------------------------------------------
 
     def cmd_room(self) -> dict[str, Any]:
-        """This router's VM room and its reservations."""
+        """This router's VM room and its reservations, and what the traffic rule did."""
         room = self.room()
         return {"capacity_cpu": self.vm.baseline.capacity_cpu,
                 "capacity_memory_mb": self.vm.baseline.capacity_memory_mb,
                 "free_cpu": room.cpu, "free_memory_mb": room.memory_mb,
-                "reservations": self.reservations.snapshot(), "stats": dict(self.stats)}
+                "reservations": self.reservations.snapshot(), "stats": dict(self.stats),
+                "traffic_rule": dict(self.rule.__dict__),
+                "traffic": {vm: w.window() for vm, w in self.watches.items()},
+                "placements": list(self.placements)}
+
+    def cmd_traffic_rule(self, enabled: bool | None = None, window_s: float | None = None,
+                         min_requests: int | None = None, share: float | None = None,
+                         cooldown_s: float | None = None) -> dict[str, Any]:
+        """Show or change the traffic rule's thresholds on this router."""
+        current = dict(self.rule.__dict__)
+        for key, value in (("enabled", enabled), ("window_s", window_s),
+                           ("min_requests", min_requests), ("share", share),
+                           ("cooldown_s", cooldown_s)):
+            if value is not None:
+                current[key] = value
+        try:
+            rule = TrafficRule(enabled=bool(current["enabled"]),
+                               window_s=float(current["window_s"]),
+                               min_requests=int(current["min_requests"]),
+                               share=float(current["share"]),
+                               cooldown_s=float(current["cooldown_s"]))
+        except (TypeError, ValueError) as exc:
+            raise ControlError(f"bad traffic rule: {exc}") from None
+        if not (rule.window_s > 0 and rule.min_requests >= 1 and 0 < rule.share <= 1
+                and rule.cooldown_s >= 0):
+            raise ControlError("window_s > 0, min_requests >= 1, 0 < share <= 1, cooldown_s >= 0")
+        self.rule = rule
+        for watch in self.watches.values():
+            watch.rule = rule
+        return dict(rule.__dict__)
 
     def cmd_room_hold(self, cpu: float, memory_mb: int = 1, seconds: float = 60.0) -> dict:
         """Hold room as if a VM were about to arrive (an operator keeping room free, or an

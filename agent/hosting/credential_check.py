@@ -7,6 +7,7 @@ every request. The key comes from the router over the object channel, never on t
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import Counter
 from typing import Any, Callable
@@ -32,15 +33,19 @@ class CredentialCheck:
         self.service = ""
         self.instance = ""
         self.part = "primary"
+        #: The LANs of this instance's router: a CO there reaches this instance only.
+        self.networks: list[Any] = []
+        self.local_siblings = 0
         self.revocations = RevocationList()
         self.verifier = Verifier({}, self.revocations, clock=clock)
         self.refused: Counter[str] = Counter()
         self.accepted = 0
 
-    def configure(self, service: Any, instance: Any, key_hex: Any, part: Any = "primary") -> None:
+    def configure(self, service: Any, instance: Any, key_hex: Any, part: Any = "primary",
+                  networks: Any = ()) -> None:
         """Take the service key (hex) for ``service`` and this ``instance`` (a ``part`` of
-        the service: primary, duplicate or secondary); ValueError (the RPC's refusal) for
-        anything malformed."""
+        the service: primary, duplicate or secondary) on a router whose LANs are
+        ``networks``; ValueError (the RPC's refusal) for anything malformed."""
         from agent.broker import wire
 
         wire.check_name(service, "service")
@@ -49,6 +54,9 @@ class CredentialCheck:
             raise ValueError(f"key must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes in hex")
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}")
+        if not isinstance(networks, (list, tuple)) or len(networks) > 16:
+            raise ValueError("networks must be a list of at most 16 prefixes")
+        self.networks = [ipaddress.ip_network(str(n)) for n in networks]
         key = bytes.fromhex(key_hex)
         self.service, self.instance, self.part = service, instance, part
         self.verifier.keys = {service: key}
@@ -62,17 +70,38 @@ class CredentialCheck:
         self.revocations.prune(time.time())
         return len(self.revocations)
 
-    def refusal(self, token: Any) -> str | None:
+    def refusal(self, token: Any, source: str | None = None) -> str | None:
         """None if ``token`` is a valid credential for this service and instance, else the
-        reason (:class:`agent.broker.errors.CredentialError`)."""
+        reason (:class:`agent.broker.errors.CredentialError`).
+
+        A valid credential naming another instance of the service is honoured when the
+        request comes from this router's own network (``source``): a CO there reaches only
+        this instance (its foreign agent delivers the home address here), so it is this
+        instance's to answer — the broker moved that lease here when this instance started.
+        From anywhere else it came through the HOA's bicast, and the named sibling answers."""
         from agent.broker.errors import CredentialError
 
         try:
             self.verifier.verify(token, self.service or "-", instance=self.instance or None)
         except CredentialError as exc:
-            return exc.reason
+            if exc.reason != "wrong_instance" or not self._local(source):
+                return exc.reason
+            try:
+                self.verifier.verify(token, self.service or "-")
+            except CredentialError as again:
+                return again.reason
+            self.local_siblings += 1
         self.accepted += 1
         return None
+
+    def _local(self, source: str | None) -> bool:
+        if not source or not self.networks:
+            return False
+        try:
+            address = ipaddress.ip_address(source)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
 
     def silent(self, reason: str) -> bool:
         """Whether a refusal for ``reason`` goes unanswered, so that a CO gets exactly one
@@ -84,5 +113,6 @@ class CredentialCheck:
     def describe(self) -> dict[str, Any]:
         """For ``stats`` (never the key)."""
         return {"service": self.service, "instance": self.instance, "part": self.part,
+                "networks": [str(n) for n in self.networks], "local_siblings": self.local_siblings,
                 "configured": bool(self.verifier.keys), "accepted": self.accepted,
                 "refused": dict(self.refused), "revocations": len(self.revocations)}

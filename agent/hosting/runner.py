@@ -82,6 +82,14 @@ def load_object(spec: str) -> MobileObject:
     return obj
 
 
+def _source(dest: "ReplyTo") -> str | None:
+    """The address a request came from (UDP source, or TCP peer)."""
+    if isinstance(dest, StreamPeer):
+        peer = dest.writer.get_extra_info("peername")
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+    return str(dest[0]) if isinstance(dest, tuple) and dest else None
+
+
 def parse_request(data: bytes) -> ControlMessage:
     """One service request with a client and a sequence number, or :class:`MalformedMessage`.
     UDP and TCP requests are checked by this one function, so both count the same way."""
@@ -165,11 +173,7 @@ class ObjectServer(asyncio.DatagramProtocol):
         """Requests per source network (/24): where the object's traffic comes from, which
         its router weighs when it places a duplicate (Fig. 12: optimise the service's
         path). Bounded: networks beyond the first :data:`MAX_NETWORKS` count as "other"."""
-        if isinstance(dest, StreamPeer):
-            peer = dest.writer.get_extra_info("peername")
-            host = peer[0] if isinstance(peer, tuple) and peer else None
-        else:
-            host = dest[0] if isinstance(dest, tuple) and dest else None
+        host = _source(dest)
         try:
             network = str(ipaddress.ip_network(f"{host}/24", strict=False)) if host else "other"
         except ValueError:
@@ -234,7 +238,7 @@ class ObjectServer(asyncio.DatagramProtocol):
         if self.credentials is not None:
             # Before the filter: a refusal is not remembered (the client may retry the same
             # seq with a credential), and a duplicate is not answered to one without.
-            reason = self.credentials.refusal(msg.body.get("credential"))
+            reason = self.credentials.refusal(msg.body.get("credential"), _source(dest))
             if reason is not None:
                 self.stats["refused"] += 1
                 self.credentials.refused[reason] += 1
@@ -388,7 +392,7 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
 
     def credentials(args: dict[str, Any]) -> dict[str, Any]:
         check(args).configure(args.get("service"), args.get("instance"), args.get("key"),
-                              args.get("part", "primary"))
+                              args.get("part", "primary"), args.get("networks", []))
         return {"service": args["service"], "instance": args["instance"]}
 
     def revoke(args: dict[str, Any]) -> dict[str, int]:

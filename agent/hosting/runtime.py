@@ -54,6 +54,8 @@ class ServiceCredentials:
     key: bytes = b""
     #: primary, duplicate or secondary: a duplicate leaves refusals to the primary.
     part: str = "primary"
+    #: The router's LAN prefixes: COs there reach only this instance.
+    networks: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never the key in a log line
         return f"ServiceCredentials({self.service!r}, {self.instance!r})"
@@ -160,7 +162,8 @@ class ObjectProcess:
             if self.credentials is not None:
                 await self.call("credentials", service=self.credentials.service,
                                 instance=self.credentials.instance, key=self.credentials.key.hex(),
-                                part=self.credentials.part)
+                                part=self.credentials.part,
+                                networks=list(self.credentials.networks))
             if state is not None:
                 await self.call("set_state", state=state, serve=not warm)
         except ObjectProcessError:

@@ -77,6 +77,9 @@ class VmManager:
         self._replays: Any = None  # agent.core.msgauth.ReplayCache of PROVISION nonces
         self.shaper = EgressShaper()
         self._next_key = 0
+        #: This router's LAN prefixes (its leased objects honour a sibling's credential from
+        #: there: a CO on its network reaches only it).
+        self.networks: list[str] = []
         #: Without it, a PROVISION asking for a leased service is refused.
         self.service_key = service_key
         self.listeners: list[VmListener] = []
@@ -291,7 +294,8 @@ class VmManager:
         if vm.leased:
             assert self.service_key is not None  # checked by _configure
             credentials = ServiceCredentials(vm.service, self.instance_id(vm),
-                                             self.service_key(vm.service), vm.part)
+                                             self.service_key(vm.service), vm.part,
+                                             tuple(self.networks))
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
         states = states or {}

@@ -11,6 +11,7 @@ objects are hosted by :class:`agent.hosting.objects.HostingRole`.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 from typing import Any
 
@@ -52,6 +53,8 @@ class VmRole(Role):
         self.manager = VmManager(VmBaseline.from_json(cfg.vm), cfg.name, cfg.run_id,
                                  {i.name: i.address for i in cfg.interfaces},
                                  cgroups=hosting.cgroups, host=hosting, service_key=service_key)
+        self.manager.networks = [str(ipaddress.ip_interface(f"{i.address}/{i.prefix}").network)
+                                 for i in cfg.interfaces if i.advertise]
 
     async def stop(self) -> None:
         if self.manager is not None:
