@@ -164,9 +164,19 @@ class Manifest:
     #: The formats a converter takes and gives ("text" -> "html"); both empty otherwise.
     consumes: str = ""
     produces: str = ""
+    #: Other services this one needs (the patent's dependencies, Fig. 12 step 214): a VM
+    #: fetches and verifies each from the remote site too, or refuses the service.
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_re(self.service, NAME_RE, "service name")
+        if not isinstance(self.requires, tuple) or len(self.requires) > 16:
+            raise ManifestError(f"service {self.service}: requires is a list of at most 16 "
+                                "services")
+        for other in self.requires:
+            _check_re(other, NAME_RE, "required service")
+        if self.service in self.requires:
+            raise ManifestError(f"service {self.service} requires itself")
         _check_re(self.version, VERSION_RE, "service version")
         for attr in ("consumes", "produces"):
             value = getattr(self, attr)
@@ -193,20 +203,25 @@ class Manifest:
     def from_bytes(cls, data: bytes) -> "Manifest":
         doc = _json_object(data, MANIFEST_FILE)
         _check_keys(doc, {"format", "service", "version", "provider", "objects"},
-                    {"consumes", "produces"}, MANIFEST_FILE)
+                    {"consumes", "produces", "requires"}, MANIFEST_FILE)
         if doc["format"] != FORMAT:
             raise ManifestError(f"{MANIFEST_FILE}: unsupported format {doc['format']!r}")
         if not isinstance(doc["objects"], list):
             raise ManifestError(f"{MANIFEST_FILE}: objects must be a list")
         objects = tuple(ObjectEntry.from_json(o) for o in doc["objects"])
+        requires = doc.get("requires", [])
+        if not isinstance(requires, list):
+            raise ManifestError(f"{MANIFEST_FILE}: requires must be a list of service names")
         return cls(doc["service"], doc["version"], doc["provider"], objects,
-                   doc.get("consumes", ""), doc.get("produces", ""))
+                   doc.get("consumes", ""), doc.get("produces", ""), tuple(requires))
 
     def to_json(self) -> dict[str, Any]:
         doc = {"format": FORMAT, "service": self.service, "version": self.version,
                "provider": self.provider, "objects": [o.to_json() for o in self.objects]}
         if self.consumes:  # absent otherwise: a manifest without formats keeps its bytes
             doc.update(consumes=self.consumes, produces=self.produces)
+        if self.requires:
+            doc["requires"] = list(self.requires)
         return doc
 
     def to_bytes(self) -> bytes:

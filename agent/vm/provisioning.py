@@ -61,6 +61,38 @@ async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] 
     vm.policy = {**verified.policy.to_json(), **vm.policy}  # the VM's terms override the provider's
     vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})",
                      now()))
+    if verified.manifest.requires:
+        await resolve_dependencies(baseline, vm, verified.manifest.requires, dest, now)
+
+
+async def resolve_dependencies(baseline: Any, vm: Any, services: tuple[str, ...], dest: Path,
+                               now: Callable[[], float] = time.time) -> None:
+    """Fig. 12 step 214: every service the manifest requires is fetched from the remote site
+    and verified against the VM's authorized providers, and installed beside the service
+    (``<installed>/requires/<service>``, removed with the VM); any that cannot be is a
+    refusal at step ``dependencies``."""
+    from agent.vm.errors import RepositoryError
+    from agent.vm.fetch import fetch_service
+    from agent.vm.repository import install_service
+    from agent.vm.signing import load_public_key
+
+    site, storage = baseline.site, Path(baseline.storage)
+    keys = [load_public_key(Path(k)) for k in vm.authorized]
+    for service in services:
+        fetched = storage / "fetched" / f"{vm.name}-requires-{service}"
+        try:
+            await asyncio.to_thread(
+                fetch_service, site.address, site.port, site.user, site.client_key,
+                site.known_host_key, service, fetched, cache_dir=storage / "cache", replace=True)
+            verified = await asyncio.to_thread(install_service, fetched, keys,
+                                               dest / "requires" / service, replace=True)
+        except (RepositoryError, OSError) as exc:
+            raise ProvisionError("dependencies", f"{vm.service} requires {service}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        finally:
+            await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
+        vm.steps.append((f"dependency {service} {verified.manifest.version} fetched and "
+                         f"verified (signer {verified.key_id})", now()))
 
 
 def _check_part(vm: Any, manifest: Any) -> None:

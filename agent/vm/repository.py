@@ -181,7 +181,8 @@ def _object_sources(src: Path) -> list[tuple[Path, dict[str, Any]]]:
     for d in candidates:
         doc = _json_object(_read_limited(d / OBJECT_FILE, MAX_METADATA_BYTES, OBJECT_FILE),
                            str(d / OBJECT_FILE))
-        _check_keys(doc, {"entry"}, {"name", "version", "resources", "consumes", "produces"},
+        _check_keys(doc, {"entry"}, {"name", "version", "resources", "consumes", "produces",
+                                     "requires"},
                     str(d / OBJECT_FILE))
         out.append((d, doc))
     return out
@@ -196,6 +197,18 @@ def _formats(docs: list[dict[str, Any]]) -> tuple[str, str]:
         raise ManifestError(f"the objects declare different conversions {sorted(pairs)}: a "
                             "service converts one format into one other")
     return pairs.pop() if pairs else ("", "")
+
+
+def _requires(docs: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The services the objects say they need (``requires`` of their object.json): the
+    union, sorted, for the manifest."""
+    out: set[str] = set()
+    for doc in docs:
+        names = doc.get("requires", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ManifestError("requires must be a list of service names")
+        out.update(names)
+    return tuple(sorted(out))
 
 
 def package_service(
@@ -248,7 +261,7 @@ def package_service(
                                        Resources.from_json(doc.get("resources", {}))))
         consumes, produces = _formats(docs)
         manifest = Manifest(service, version, provider, tuple(objects), consumes=consumes,
-                            produces=produces)
+                            produces=produces, requires=_requires(docs))
         _atomic_write(staging / MANIFEST_FILE, manifest.to_bytes())
         _atomic_write(staging / POLICY_FILE, pol.to_bytes())
         sign_service(staging, key)

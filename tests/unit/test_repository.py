@@ -562,3 +562,38 @@ def test_objects_declaring_different_conversions_are_refused(tmp_path, src, keys
     with pytest.raises(ManifestError, match="different conversions"):
         package_service(src, "conv", "1.0", "acme", keys[0], tmp_path / "svc")
     assert not (tmp_path / "svc").exists()
+
+
+# --- dependencies (Fig. 12, step 214; issue 11) ---------------------------------------------
+
+
+def test_the_services_an_object_requires_go_into_the_signed_manifest(tmp_path: Path, src: Path,
+                                                                     keys) -> None:
+    doc = json.loads((src / "logger" / "object.json").read_text())
+    (src / "logger" / "object.json").write_text(json.dumps(dict(doc, requires=["text2html"])))
+    doc = json.loads((src / "counter" / "object.json").read_text())
+    (src / "counter" / "object.json").write_text(json.dumps(dict(doc, requires=["word2rtf",
+                                                                                "text2html"])))
+    package_service(src, "counter", "1.0", "acme", keys[0], tmp_path / "svc")
+    manifest = verify_service(tmp_path / "svc", [keys[1]]).manifest
+    assert manifest.requires == ("text2html", "word2rtf")  # the union, sorted
+    assert Manifest.from_bytes(manifest.to_bytes()) == manifest
+
+
+def test_a_manifest_without_requirements_keeps_its_bytes(service: Path) -> None:
+    raw = (service / "manifest.json").read_bytes()
+    assert b"requires" not in raw
+    assert Manifest.from_bytes(raw).to_bytes() == raw
+
+
+@pytest.mark.parametrize("requires, match", [
+    ("text2html", "list of service names"),
+    (["../x"], "required service"),
+    (["counter"], "requires itself"),
+    ([f"s{i}" for i in range(17)], "at most 16"),
+])
+def test_bad_requirements_are_refused(service: Path, requires, match: str) -> None:
+    doc = json.loads((service / "manifest.json").read_bytes())
+    doc["requires"] = requires
+    with pytest.raises(ManifestError, match=match):
+        Manifest.from_bytes(json.dumps(doc).encode())
