@@ -16,7 +16,7 @@
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
-    sudo moat run handoff|tour|service-path
+    sudo moat run handoff|tour|service-path|leases
     sudo moat bench packets|registration|tunnel|provision|broker
     moat repo keygen|package|publish|verify|show ...
 
@@ -58,7 +58,8 @@ UP_TIMEOUT = 60.0
 DOWN_TIMEOUT = 30.0
 
 COLUMNS = {
-    "bindings": ["router", "home_address", "care_of_address", "care_of_name", "gre_key", "lifetime", "remaining"],
+    "bindings": ["router", "home_address", "care_of_address", "care_of_name", "part", "gre_key", "lifetime",
+                 "remaining"],
     "visitors": ["router", "home_address", "home_agent", "local_address", "care_of_name", "lifetime", "remaining"],
     "agents": ["router", "address", "interface", "flags", "sequence", "care_of_addresses", "age"],
     "objects": ["router", "name", "home_address", "vm", "pid", "cpu_seconds", "memory_mb_used", "at_home",
@@ -68,10 +69,13 @@ COLUMNS = {
            "pids", "object", "object_pid", "cpu_seconds", "memory_mb_used", "memory_mb_peak"],
     "errors": ["router", "at", "vm", "service", "step", "reason"],
     "retired": ["router", "at", "vm", "service", "reason"],
-    "services": ["service", "instance_id", "router", "address", "port", "consumes", "produces",
-                 "share", "used_share", "cpu", "used_cpu", "leases", "remaining_s"],
-    "leases": ["lease_id", "holder", "service", "instance", "share", "cpu", "granted_s",
+    "services": ["service", "instance_id", "part", "router", "network", "address", "port", "consumes",
+                 "produces", "share", "used_share", "cpu", "used_cpu", "leases", "remaining_s"],
+    "leases": ["lease_id", "holder", "service", "instance", "co_network", "share", "cpu", "granted_s",
                "remaining"],
+    "growth": ["at", "service", "from", "share", "cpu", "router", "instance", "ms", "error"],
+    "room": ["router", "capacity_cpu", "free_cpu", "capacity_memory_mb", "free_memory_mb", "reservations",
+             "placements"],
     "grant": ["service", "instance", "address", "port", "lease_id", "granted_s"],
 }
 #: ``moat up --broker none``: a run without a service broker.
@@ -211,6 +215,10 @@ def collect(client: RunClient, what: str, routers: list[str],
             rows += [_flatten_object(router, o) for o in result]
         elif what == "vm":
             rows += [_flatten_vm(router, vm) for vm in result for vm in _per_object(vm)]
+        elif what == "room":
+            if result is not None:
+                rows.append(dict(result, router=router, reservations=len(result["reservations"]),
+                                 placements=len(result["placements"])))
         elif what in ("errors", "retired"):
             rows += [dict(e, router=router, at=time.strftime("%H:%M:%S", time.localtime(e["at"])))
                      for e in result]
@@ -227,13 +235,16 @@ def service_rows(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     client = pick_run(args.run)
-    if args.what in ("services", "leases"):
-        data: Any = client.services() if args.what == "services" else client.leases()
+    if args.what in ("services", "leases", "growth"):
+        data: Any = {"services": client.services, "leases": client.leases,
+                     "growth": lambda: client.call(client.broker(), "growth")}[args.what]()
         if args.json:
             print(json.dumps(data, indent=2, default=str))
         else:
-            print(format_table(service_rows(data) if args.what == "services" else data,
-                               COLUMNS[args.what]))
+            rows = service_rows(data) if args.what == "services" else data
+            if args.what == "growth":
+                rows = [dict(r, at=time.strftime("%H:%M:%S", time.localtime(r["at"]))) for r in rows]
+            print(format_table(rows, COLUMNS[args.what]))
         return 0
     routers = [client.check_router(args.router)] if args.router else client.routers()
     data = collect(client, args.what, routers, args.lines)
@@ -422,6 +433,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .service_path import main as service_path_main
 
         return service_path_main(args.rest)
+    if args.experiment == "leases":
+        from .leases import main as leases_main
+
+        return leases_main(args.rest)
     raise CliError(f"unknown experiment {args.experiment!r}")
 
 
@@ -472,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_clean)
     p = sub.add_parser("show", help="tables from the agents of a running network")
     p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors",
-                                    "retired", "services", "leases"])
+                                    "retired", "services", "leases", "growth", "room"])
     p.add_argument("router", nargs="?")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -556,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_topo(p)
     p.set_defaults(func=cmd_cli)
     p = sub.add_parser("run", help="run an experiment")
-    p.add_argument("experiment", choices=["handoff", "tour", "service-path"])
+    p.add_argument("experiment", choices=["handoff", "tour", "service-path", "leases"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")
