@@ -35,6 +35,7 @@ from .extensions import (
     AuthExtension,
     CareOfName,
     GreKey,
+    MobileNetwork,
     NaiExtension,
     ObjectPart,
     UnknownExtension,
@@ -51,7 +52,7 @@ from .mobileip import (
 
 __all__ = [
     "AdvFlags", "AgentAdvertisement", "AgentSolicitation", "AuthExtension", "CareOfName",
-    "CONTROL_PORT", "ControlMessage", "ControlType", "ExtType", "GreHeader", "GreKey", "MIP_PORT",
+    "CONTROL_PORT", "ControlMessage", "ControlType", "ExtType", "GreHeader", "GreKey", "MIP_PORT", "MobileNetwork",
     "MOAT_VENDOR_ID", "MalformedMessage", "NaiExtension", "NvseType", "ObjectPart", "PartRole",
     "RegistrationReply", "RegistrationRequest", "ReplyCode", "RequestFlags", "SERVICE_PORT",
     "UnknownExtension", "VendorExtension", "append_auth", "bytes_before", "decode_discovery",

@@ -63,6 +63,10 @@ class NvseType(enum.IntEnum):
     CARE_OF_NAME = 1  # UTF-8 name given by the FOA, unique on the foreign network
     OBJECT_PART = 2  # role, part id, parent object name
     GRE_KEY = 3  # 4-byte GRE key of the binding, told by the HOA in an accepted reply
+    #: The object's mobile network prefix (4-byte address, 1-byte length), after NEMO for
+    #: Mobile IPv4 (RFC 5177): the addresses of its secondary objects, which the HOA sends
+    #: to the object's care-of address and the object, as their home agent, on to them.
+    MOBILE_NETWORK = 4
 
 
 class PartRole(enum.IntEnum):
@@ -109,6 +113,8 @@ class ReplyCode(enum.IntEnum):
     HA_POORLY_FORMED_REQUEST = 134
     HA_TOO_MANY_SIMULTANEOUS_BINDINGS = 135
     HA_UNKNOWN_HA_ADDRESS = 136
+    #: RFC 5177: the object may not register this mobile network prefix.
+    HA_PREFIX_NOT_AUTHORIZED = 142
 
     @property
     def accepted(self) -> bool:

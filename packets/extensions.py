@@ -17,6 +17,7 @@ unknown non-skippable ones make the message malformed.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Union
@@ -75,6 +76,33 @@ class ObjectPart:
 
 
 @dataclass(frozen=True)
+class MobileNetwork:
+    """NVSE: the object's mobile network prefix (NEMO, RFC 5177): its secondaries' addresses."""
+
+    prefix: str
+    length: int
+
+    ext_type = ExtType.NVSE
+
+    def __post_init__(self) -> None:
+        try:
+            network = ipaddress.IPv4Network(f"{self.prefix}/{self.length}")
+        except (ValueError, TypeError) as exc:
+            raise MalformedMessage(f"mobile network {self.prefix}/{self.length}: {exc}") from None
+        if not 24 <= self.length <= 32:
+            raise MalformedMessage(f"mobile network /{self.length}: MOAT allows /24 to /32")
+        del network
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"{self.prefix}/{self.length}")
+
+    def body(self) -> bytes:
+        return (_NVSE_HEAD.pack(0, MOAT_VENDOR_ID, NvseType.MOBILE_NETWORK)
+                + ipaddress.IPv4Address(self.prefix).packed + bytes((self.length,)))
+
+
+@dataclass(frozen=True)
 class GreKey:
     """NVSE: the GRE key of the binding (= binding id), so the FOA accepts exactly the
     tunnel packets of this binding."""
@@ -128,7 +156,8 @@ class UnknownExtension:
 
 
 Extension = Union[
-    NaiExtension, CareOfName, ObjectPart, GreKey, VendorExtension, AuthExtension, UnknownExtension
+    NaiExtension, CareOfName, ObjectPart, GreKey, MobileNetwork, VendorExtension, AuthExtension,
+    UnknownExtension
 ]
 
 
@@ -162,6 +191,11 @@ def _decode_nvse(body: bytes, offset: int) -> Extension:
             raise MalformedMessage(f"unknown object-part role {role}", offset) from None
         parent = utf8(value[_PART_HEAD.size :], "parent object", offset)
         return ObjectPart(part_role, part_id, parent)
+    if nvse_type == NvseType.MOBILE_NETWORK:
+        if len(value) != 5:
+            raise MalformedMessage(f"mobile-network NVSE value is {len(value)} bytes, not 5",
+                                   offset)
+        return MobileNetwork(str(ipaddress.IPv4Address(value[:4])), value[4])
     if nvse_type == NvseType.GRE_KEY:
         if len(value) != 4:
             raise MalformedMessage(f"GRE-key NVSE value is {len(value)} bytes, not 4", offset)

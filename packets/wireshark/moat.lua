@@ -31,6 +31,7 @@ local nvse_types = {
     [1] = "care_of_name",
     [2] = "object_part",
     [3] = "gre_key",
+    [4] = "mobile_network",
 }
 
 local part_roles = {
@@ -77,6 +78,8 @@ local nf = {
     part_id = ProtoField.uint16("moat.nvse.part.part_id", "Part id", base.DEC),
     parent = ProtoField.string("moat.nvse.part.parent", "Parent object", base.UNICODE),
     gre_key = ProtoField.uint32("moat.nvse.gre_key", "GRE key (binding id)", base.DEC),
+    prefix = ProtoField.ipv4("moat.nvse.mobile_network.prefix", "Mobile network prefix"),
+    prefix_len = ProtoField.uint8("moat.nvse.mobile_network.length", "Prefix length", base.DEC),
     value = ProtoField.bytes("moat.nvse.value", "Value"),
 }
 moat_nvse.fields = {
@@ -127,6 +130,14 @@ function moat_nvse.dissector(tvb, pinfo, tree)
         end
         subtree:add(nf.gre_key, tvb(2, 4))
         subtree:append_text(": GRE key " .. tvb(2, 4):uint())
+    elseif nvse_type == 4 then
+        if len ~= 7 then
+            subtree:add_proto_expert_info(ef_nvse_short, "mobile network needs 5 bytes after the type")
+            return len
+        end
+        subtree:add(nf.prefix, tvb(2, 4))
+        subtree:add(nf.prefix_len, tvb(6, 1))
+        subtree:append_text(": mobile network " .. tostring(tvb(2, 4):ipv4()) .. "/" .. tvb(6, 1):uint())
     else
         if len > 2 then
             subtree:add(nf.value, tvb(2))

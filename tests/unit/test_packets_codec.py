@@ -328,7 +328,8 @@ def test_encode_oversized_or_overflowing_extension_is_malformed():
 
 def test_reply_code_numbers_are_rfc5944():
     numbers = {int(c) for c in ReplyCode}
-    assert numbers == {0, 1, *range(64, 83), 88, *range(128, 137)}
+    assert numbers == {0, 1, *range(64, 83), 88, *range(128, 137), 142}  # 142: RFC 5177
+    assert ReplyCode.HA_PREFIX_NOT_AUTHORIZED == 142
     assert ReplyCode.FA_REASON_UNSPECIFIED == 64
     assert ReplyCode.FA_MN_FAILED_AUTH == 67
     assert ReplyCode.FA_LIFETIME_TOO_LONG == 69
@@ -747,3 +748,24 @@ def test_gre_key_nvse_layout_and_strictness() -> None:
     assert decode_extensions(raw, 0)[0] == [GreKey(0x01020304)]
     with pytest.raises(MalformedMessage, match="GRE-key"):
         decode_extensions(bytes([134, 10, 0, 0]) + MOAT_VENDOR_ID.to_bytes(4, "big") + b"\x00\x03\x01\x02", 0)
+
+
+# --- the mobile-network NVSE (NEMO, RFC 5177; issue 11) ------------------------------------
+
+
+def test_mobile_network_nvse_round_trip_and_checks():
+    from packets import MobileNetwork, NaiExtension
+    from packets.extensions import decode_extensions, encode_extension
+
+    ext = MobileNetwork("10.16.0.224", 30)
+    raw = encode_extension(NaiExtension("svc@home")) + encode_extension(ext)
+    decoded, _ = decode_extensions(raw, 0)
+    assert decoded[1] == ext and str(decoded[1].network) == "10.16.0.224/30"
+    with pytest.raises(MalformedMessage):
+        MobileNetwork("10.16.0.225", 30)  # host bits set
+    with pytest.raises(MalformedMessage):
+        MobileNetwork("10.16.0.0", 16)  # wider than MOAT allows
+    bad = bytearray(encode_extension(ext))
+    bad[1] -= 1  # one byte short
+    with pytest.raises(MalformedMessage):
+        decode_extensions(bytes(bad[:-1]), 0)

@@ -13,6 +13,8 @@ max_examples over this file is kept >= 10,000 (see TOTAL_EXAMPLES and its test).
 
 from __future__ import annotations
 
+import ipaddress
+
 import struct
 
 from hypothesis import HealthCheck, given, settings
@@ -37,6 +39,7 @@ from packets import (
     RequestFlags,
     UnknownExtension,
     VendorExtension,
+    MobileNetwork,
     GreKey,
     append_auth,
     decode_discovery,
@@ -218,8 +221,11 @@ extension = st.one_of(
     st.builds(VendorExtension, st.integers(0, 2**32 - 1).filter(lambda v: v != MOAT_VENDOR_ID),
               st.integers(0, 0xFFFF), st.binary(max_size=40)),
     st.builds(GreKey, st.integers(0, 2**32 - 1)),
-    st.builds(VendorExtension, st.just(MOAT_VENDOR_ID), st.integers(4, 0xFFFF),
+    st.builds(VendorExtension, st.just(MOAT_VENDOR_ID), st.integers(5, 0xFFFF),
               st.binary(max_size=40)),
+    st.builds(lambda n, length: MobileNetwork(
+                  str(ipaddress.IPv4Network((n, length), strict=False).network_address), length),
+              st.integers(0, 2**32 - 1), st.integers(24, 32)),
     st.builds(UnknownExtension,
               st.integers(128, 255).filter(lambda t: t not in (ExtType.MN_NAI, ExtType.NVSE)),
               st.binary(max_size=40)),
