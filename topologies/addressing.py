@@ -16,8 +16,10 @@ a capture tells where it lives without looking anything up:
            corresponding-object host ``co<N>`` = .30 on each foreign network
   .100–.199 **mobile-object home addresses** (reserved on the home network 16; no
            node is ever configured with one — the agent's VMs claim them)
-  .200–.254 reserved for addresses the agents create at run time (virtual interfaces
+  .200–.223 reserved for addresses the agents create at run time (virtual interfaces
            of Fig. 5 step 66, co-located care-of addresses)
+  .224–.251 **mobile network prefixes**: a ``/30`` per mobile object (the first seven),
+           the addresses of its secondary objects (NEMO, RFC 5177)
   ======== ======================================================================
 
 * **Backbone.** Border routers are joined by point-to-point links, each a ``/30`` taken
@@ -57,6 +59,7 @@ __all__ = [
     "backbone_subnet",
     "backbone_pair",
     "mo_home_addresses",
+    "mobile_network_prefixes",
     "check_ifname",
 ]
 
@@ -77,6 +80,11 @@ HOST_OCTETS: range = range(20, 100)
 MO_HOME_OCTETS: range = range(100, 200)
 #: Host octets the agents may claim at run time (virtual interfaces, care-of addresses).
 AGENT_OCTETS: range = range(200, 255)
+#: Mobile network prefixes (NEMO, RFC 5177): ``/30`` blocks ``.224``–``.251`` of the home LAN,
+#: one per mobile object for the first seven objects of a run; the addresses its secondary
+#: objects answer on (the HOA sends them to the object, the object on to them).
+MOBILE_NETWORK_OCTETS: range = range(224, 252, 4)
+MOBILE_NETWORK_LENGTH = 30
 
 BORDER_OCTET: int = 1
 DNS_OCTET: int = 23
@@ -125,6 +133,12 @@ def mo_home_addresses(network: int = HOME_NETWORK) -> list[IPv4Address]:
     """All reserved mobile-object home addresses on ``network`` (``.100``–``.199``)."""
     base = lan_subnet(network).network_address
     return [ipaddress.IPv4Address(int(base) + o) for o in MO_HOME_OCTETS]
+
+
+def mobile_network_prefixes(network: int = HOME_NETWORK) -> list[IPv4Network]:
+    """The mobile network prefixes on the home network ``network`` (``.224/30``–``.248/30``)."""
+    base = int(lan_subnet(network).network_address)
+    return [IPv4Network((base + o, MOBILE_NETWORK_LENGTH)) for o in MOBILE_NETWORK_OCTETS]
 
 
 def check_ifname(name: str) -> str:

@@ -44,7 +44,7 @@ from agent.core.config import (
 from agent.core.control import ControlClient
 from agent.core.errors import ControlError
 from agent.core.wait import WaitTimeout, wait_until
-from topologies.addressing import mo_home_addresses
+from topologies.addressing import mo_home_addresses, mobile_network_prefixes
 from topologies.base import MoatTopo
 from topologies.client import RunClient, write_co_keys, write_objects
 from topologies.errors import TopologyError
@@ -100,6 +100,8 @@ class MobileObject:
 
     name: str
     home_address: str
+    #: Its mobile network prefix (its secondaries' addresses); "" beyond the seventh object.
+    network_prefix: str = ""
 
     @property
     def nai(self) -> str:
@@ -145,7 +147,9 @@ class MoatNetwork:
         #: FOAs whose Foreign-Home credential the HOA trusts (default: all of them).
         self.trusted_foas = list(foreign_agents if trusted_foas is None else trusted_foas)
         homes = iter(mo_home_addresses())
-        self.objects = {n: MobileObject(n, str(next(homes))) for n in (objects or ["counter"])}
+        prefixes = iter(mobile_network_prefixes())
+        self.objects = {n: MobileObject(n, str(next(homes)), str(next(prefixes, "")))
+                        for n in (objects or ["counter"])}
         self.keyring = Keyring()
         for name in self.objects:
             self.keyring.add_object(name)
@@ -181,7 +185,8 @@ class MoatNetwork:
         home = foreign = None
         if "home" in roles:
             home = HomeConfig(
-                objects=[HomeObject(o.home_address, o.nai, self.keyring.mobile_home[o.name])
+                objects=[HomeObject(o.home_address, o.nai, self.keyring.mobile_home[o.name],
+                                    o.network_prefix)
                          for o in self.objects.values()],
                 trusted_foas=[self.keyring.foreign_home[r] for r in self.trusted_foas],
                 home_interface=ifaces[0].name,
@@ -238,7 +243,8 @@ class MoatNetwork:
         the run directory, where :class:`RunClient` (and so ``moat``) reads them."""
         home_agent = str(self.topo.addresses(self.hoa)[0].ip)
         return [ObjectConfig(o.name, o.home_address, home_agent, o.nai,
-                             self.keyring.mobile_home[o.name], self.keyring.mobile_foreign[o.name])
+                             self.keyring.mobile_home[o.name], self.keyring.mobile_foreign[o.name],
+                             network_prefix=o.network_prefix)
                 for o in self.objects.values()]
 
     def object_config(self, name: str, **overrides: Any) -> ObjectConfig:

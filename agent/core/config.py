@@ -11,6 +11,8 @@ credential sets of the patent map onto RFC 5944 security associations:
 
 from __future__ import annotations
 
+import ipaddress
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,15 @@ def _part_id(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
         raise ConfigError(f"part_id must be an integer in [0, 65535], not {value!r}")
     return value
+
+
+def _prefix(value: Any) -> str:
+    if value in ("", None):
+        return ""
+    try:
+        return str(ipaddress.IPv4Network(str(value)))
+    except ValueError as exc:
+        raise ConfigError(f"network_prefix {value!r}: {exc}") from None
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -83,6 +94,9 @@ class HomeObject:
     home_address: str
     nai: str
     mobile_home: Credential
+    #: The mobile network prefix it may register ("10.16.0.224/30"; "" none): its
+    #: secondary objects' addresses (NEMO, RFC 5177).
+    network_prefix: str = ""
 
 
 @dataclass
@@ -236,7 +250,8 @@ class AgentConfig:
                 h = data["home"]
                 home = HomeConfig(
                     objects=[
-                        HomeObject(o["home_address"], o["nai"], Credential.from_json(o["mobile_home"]))
+                        HomeObject(o["home_address"], o["nai"], Credential.from_json(o["mobile_home"]),
+                                   str(o.get("network_prefix", "")))
                         for o in h.get("objects", [])
                     ],
                     trusted_foas=[Credential.from_json(c) for c in h.get("trusted_foas", [])],
@@ -304,6 +319,9 @@ class ObjectConfig:
     #: Sent in the object-part NVSE of every registration; the HOA shows it per binding.
     part: str = "primary"
     part_id: int = 0
+    #: The mobile network prefix it registers with its home agent ("" none): where its
+    #: secondary objects answer; it is their home agent.
+    network_prefix: str = ""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ObjectConfig":
@@ -321,6 +339,7 @@ class ObjectConfig:
                 preferred_agent=data.get("preferred_agent"),
                 part=_part(data.get("part", "primary")),
                 part_id=_part_id(data.get("part_id", 0)),
+                network_prefix=_prefix(data.get("network_prefix", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad object configuration: {exc!r}") from None

@@ -161,15 +161,10 @@ class ObjectAgentRole(Role):
             self._send(decision.reply, addr)
             log.info("HOA: %s for %s via %s (coa %s, lifetime %d)", decision.code.name,
                      rrq.home_address, addr[0], rrq.care_of_address, rrq.lifetime)
-            # Tunnel first, then claim the address on the home LAN: traffic the gratuitous
+            # Tunnel first, then claim the addresses on the home LAN: traffic the gratuitous
             # ARP attracts must find the tunnel already there.
             self.sync_home()
-            update = decision.update
-            if update is not None and self.proxy_arp is not None:
-                if update.first_away:
-                    self.proxy_arp.start(rrq.home_address)
-                if update.now_home:
-                    self.proxy_arp.stop(rrq.home_address)
+            self._sync_proxy_arp()
             return
         log.info("request for %s from %s is for no role of this agent; dropped",
                  rrq.home_address, addr[0])
@@ -207,6 +202,17 @@ class ObjectAgentRole(Role):
         if self.home is not None and self.dataplane is not None:
             self.dataplane.sync_home(self.home)
 
+    def _sync_proxy_arp(self) -> None:
+        """Answer ARP on the home link for every address the bindings serve (home addresses
+        and registered mobile network prefixes), and for no other."""
+        if self.home is None or self.proxy_arp is None:
+            return
+        served = set(self.home.bindings.served())
+        for address in sorted(served - self.proxy_arp.addresses):
+            self.proxy_arp.start(address)
+        for address in sorted(self.proxy_arp.addresses - served):
+            self.proxy_arp.stop(address)
+
     async def sync_foreign(self) -> None:
         if self.foreign is not None and self.dataplane is not None:
             await self.dataplane.sync_foreign(self.foreign)
@@ -215,10 +221,8 @@ class ObjectAgentRole(Role):
         if self.home is not None:
             for b in self.home.bindings.expire():
                 log.info("HOA: binding %s -> %s expired", b.home_address, b.care_of_address)
-            if self.proxy_arp is not None:
-                for address in self.proxy_arp.addresses - self.home.bindings.away():
-                    self.proxy_arp.stop(address)
             self.sync_home()
+            self._sync_proxy_arp()
         if self.foreign is not None:
             for v in self.foreign.visitors.expire():
                 log.info("FOA: visitor %s expired", v.home_address)

@@ -7,6 +7,7 @@ reacts to the bindings it returns (stop proxy ARP, remove tunnels).
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,9 @@ class Binding:
     #: The part of its service the registering instance is (object-part NVSE): "primary",
     #: "duplicate" or "secondary"; duplicates are the patent's duplicate bindings (108/110).
     part: str = "primary"
+    #: The mobile network prefix registered with it ("" none): sent to the same care-of
+    #: address (NEMO, RFC 5177).
+    network_prefix: str = ""
 
     @property
     def expires_at(self) -> float:
@@ -96,6 +100,7 @@ class BindingTable:
         identification: int = 0,
         reverse_tunnel: bool = False,
         part: str = "primary",
+        network_prefix: str = "",
     ) -> UpdateResult:
         """Apply an accepted registration (RFC 5944 §3.6.1.2 semantics).
 
@@ -125,7 +130,7 @@ class BindingTable:
         key = same[0].gre_key if same else next(self._keys)
         binding = Binding(
             home_address, care_of_address, care_of_name, key, lifetime, now, nai,
-            identification, reverse_tunnel, part,
+            identification, reverse_tunnel, part, network_prefix,
         )
         self._store(home_address, kept + [binding])
         return UpdateResult(binding, removed, not was_away, False)
@@ -141,8 +146,21 @@ class BindingTable:
         return gone
 
     def away(self) -> set[str]:
-        """Home addresses that have at least one binding (the HOA proxies ARP for these)."""
+        """Home addresses that have at least one binding."""
         return set(self._by_home)
+
+    def served(self) -> dict[str, list[Binding]]:
+        """Every address the HOA answers for on the home link and tunnels, with the bindings
+        it goes to: each away object's home address, and the addresses of the mobile network
+        prefixes registered with its bindings (NEMO: its secondaries')."""
+        out: dict[str, list[Binding]] = {}
+        for home, bindings in self._by_home.items():
+            out[home] = list(bindings)
+            for b in bindings:
+                if b.network_prefix:
+                    for address in ipaddress.IPv4Network(b.network_prefix):
+                        out.setdefault(str(address), []).append(b)
+        return out
 
     def snapshot(self) -> list[dict]:
         now = self._clock()

@@ -9,6 +9,8 @@ answer, and deregisters directly with its HOA when it hears it at home.
 
 from __future__ import annotations
 
+import ipaddress
+
 import asyncio
 import logging
 import socket
@@ -23,6 +25,7 @@ from packets import (
     ExtType,
     MalformedMessage,
     NaiExtension,
+    MobileNetwork,
     ObjectPart,
     PartRole,
     RegistrationReply,
@@ -262,10 +265,13 @@ class RegistrationClient:
         if cfg.reverse_tunnel:
             flags |= RequestFlags.T
         self._last_ident = new_identification(last=self._last_ident)
+        exts: list = [NaiExtension(cfg.nai), ObjectPart(PartRole[cfg.part.upper()], cfg.part_id, "")]
+        if cfg.network_prefix:  # NEMO: the HOA sends this prefix here too (our secondaries)
+            network = ipaddress.IPv4Network(cfg.network_prefix)
+            exts.append(MobileNetwork(str(network.network_address), network.prefixlen))
         rrq = RegistrationRequest(
             cfg.home_address, cfg.home_agent, coa, self._last_ident,
-            cfg.lifetime if lifetime is None else lifetime, flags,
-            [NaiExtension(cfg.nai), ObjectPart(PartRole[cfg.part.upper()], cfg.part_id, "")],
+            cfg.lifetime if lifetime is None else lifetime, flags, exts,
         )
         data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, cfg.mobile_home.spi, cfg.mobile_home.key)
         return append_auth(data, ExtType.MOBILE_FOREIGN_AUTH, cfg.mobile_foreign.spi, cfg.mobile_foreign.key)

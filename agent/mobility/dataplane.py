@@ -36,9 +36,8 @@ class DataPlane:
 
     def sync_home(self, home: HomeAgent) -> None:
         """HOA: tunnel each away object's home address to every live binding (bicast)."""
-        wanted: dict[str, list[tuple[str, int]]] = {}
-        for b in home.bindings:
-            wanted.setdefault(b.home_address, []).append((b.care_of_address, b.gre_key))
+        wanted = {address: [(b.care_of_address, b.gre_key) for b in bindings]
+                  for address, bindings in home.bindings.served().items()}
         for address in set(self._home_peers) | set(wanted):
             peers = sorted(wanted.get(address, []))
             if self._home_peers.get(address) == peers:

@@ -11,7 +11,8 @@ Checks, in order (each failure leaves the binding table untouched):
 2. the home address is one this agent serves, else 136;
 3. Mobile-Home authentication under that object's key, else 131;
 4. the Identification passes the replay check, else 133;
-5. ``S`` registrations beyond the cap, else 135.
+5. a mobile network prefix (NEMO) only if it is the object's own, else 142;
+6. ``S`` registrations beyond the cap, else 135.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from packets import (
     replay_ok,
     verify_auth,
 )
-from packets.extensions import CareOfName, GreKey, NaiExtension, ObjectPart
+from packets.extensions import CareOfName, GreKey, MobileNetwork, NaiExtension, ObjectPart
 
 from agent.mobility.bindings import BindingTable, TooManyBindings, UpdateResult
 from agent.core.config import Credential, HomeConfig, HomeObject
@@ -117,6 +118,10 @@ class HomeAgent:
         names = rrq.find(CareOfName)
         nais = rrq.find(NaiExtension)
         parts = rrq.find(ObjectPart)
+        networks = rrq.find(MobileNetwork)
+        prefix = str(networks[0].network) if networks else ""
+        if prefix and prefix != obj.network_prefix:
+            return ReplyCode.HA_PREFIX_NOT_AUTHORIZED, None
         lifetime = min(rrq.lifetime, self.config.max_lifetime)
         try:
             update = self.bindings.register(
@@ -129,6 +134,7 @@ class HomeAgent:
                 rrq.identification,
                 bool(rrq.flags & RequestFlags.T),
                 parts[0].role.name.lower() if parts else "primary",
+                prefix,
             )
         except TooManyBindings:
             return ReplyCode.HA_TOO_MANY_SIMULTANEOUS_BINDINGS, None

@@ -368,3 +368,48 @@ def test_add_object_at_runtime(env: Env) -> None:
     assert env.ha.handle(request(env, home=home3, mh=(0x1003, key))).code == 136
     env.ha.add_object(HomeObject(home3, "late@home.moat", Credential(0x1003, key)))
     assert env.ha.handle(request(env, home=home3, mh=(0x1003, key))).code == ReplyCode.ACCEPTED
+
+
+# --- mobile network prefixes (NEMO, RFC 5177; issue 11) --------------------------------------
+
+
+def with_prefix(ident: int, prefix: tuple[str, int], home: str = HOME,
+                mh: tuple[int, bytes] = (MH_SPI, MH_KEY)) -> RegistrationRequest:
+    from packets import MobileNetwork
+
+    rrq = RegistrationRequest(home, HA, COA1, ident, 60, RequestFlags.G,
+                              [NaiExtension(NAI), MobileNetwork(*prefix)])
+    return via_foa(append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, mh[0], mh[1]))
+
+
+def prefix_env() -> Env:
+    env = Env()
+    env.cfg.objects[0].network_prefix = "10.0.1.224/30"
+    env.ha = HomeAgent(env.cfg, HA, clock=env.clock, wall_clock=env.wall)
+    return env
+
+
+def test_an_object_registers_its_own_mobile_network_and_the_hoa_serves_it() -> None:
+    env = prefix_env()
+    decision = env.ha.handle(with_prefix(env.ident(), ("10.0.1.224", 30)))
+    assert decision.code == ReplyCode.ACCEPTED
+    assert decision.update.binding.network_prefix == "10.0.1.224/30"
+    served = env.ha.bindings.served()
+    assert sorted(served) == ["10.0.1.10", "10.0.1.224", "10.0.1.225", "10.0.1.226",
+                              "10.0.1.227"]
+    assert {b.care_of_address for bs in served.values() for b in bs} == {COA1}
+    assert len(env.ha.bindings) == 1  # one binding: the secondaries are the object's business
+
+
+@pytest.mark.parametrize("prefix, object_prefix", [
+    (("10.0.1.228", 30), "10.0.1.224/30"),  # another object's prefix
+    (("10.0.1.224", 29), "10.0.1.224/30"),  # wider than its own
+    (("10.0.1.224", 30), ""),               # it has none
+])
+def test_a_prefix_that_is_not_the_objects_own_is_refused_142(prefix, object_prefix: str) -> None:
+    env = Env()
+    env.cfg.objects[0].network_prefix = object_prefix
+    env.ha = HomeAgent(env.cfg, HA, clock=env.clock, wall_clock=env.wall)
+    decision = env.ha.handle(with_prefix(env.ident(), prefix))
+    assert decision.code == ReplyCode.HA_PREFIX_NOT_AUTHORIZED
+    assert len(env.ha.bindings) == 0 and env.ha.bindings.served() == {}

@@ -187,14 +187,16 @@ def test_a_relayed_request_for_our_home_agent_address_goes_to_the_hoa() -> None:
     role, rec = object_agent(["home"])
     decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED,
                                update=SimpleNamespace(first_away=True, now_home=False))
-    role.home = SimpleNamespace(handle=lambda rrq: decision, bindings=[])
+    served = {"10.16.0.100": ["binding"], "10.16.0.224": ["binding"]}  # with its prefix
+    role.home = SimpleNamespace(handle=lambda rrq: decision,
+                                bindings=SimpleNamespace(served=lambda: served))
     started: list[str] = []
-    role.proxy_arp = SimpleNamespace(start=started.append, stop=lambda a: None)
+    role.proxy_arp = SimpleNamespace(start=started.append, stop=lambda a: None, addresses=set())
     role.dataplane = SimpleNamespace(sync_home=lambda home: rec.log.append(("tunnel",)))
     role.on_registration(request("10.12.0.1", mobile_foreign=False), ("10.12.0.1", 434))
     # the reply, then the tunnel, then the claim on the home LAN (traffic finds the tunnel)
     assert rec.log == [("send", ("10.12.0.1", 434)), ("tunnel",)]
-    assert started == ["10.16.0.100"]
+    assert started == ["10.16.0.100", "10.16.0.224"]
 
 
 def test_malformed_registration_messages_are_counted() -> None:
