@@ -12,6 +12,7 @@ packet or a bug in one message must never stop the agent.
 from __future__ import annotations
 
 import asyncio
+import socket
 import logging
 from typing import Any
 
@@ -29,7 +30,7 @@ from agent.core.role import Role
 from agent.mobility.arp import ProxyArp
 from agent.mobility.dataplane import DataPlane
 from agent.mobility.discovery_role import DiscoveryRole
-from agent.mobility.foreign import ForeignAgent
+from agent.mobility.foreign import ForeignAgent, nested_home_credential
 from agent.mobility.home import HomeAgent
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ class ObjectAgentRole(Role):
             address = next(i.address for i in cfg.interfaces if i.name == self.home_interface)
             self.home = HomeAgent(cfg.home, address)
         if "foreign" in cfg.roles and cfg.foreign is not None:
-            self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses)
+            nested = nested_home_credential(bytes.fromhex(cfg.router_key)) \
+                if cfg.router_key else None
+            self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses, nested_home=nested)
         self.dataplane: DataPlane | None = None
         self._mip: asyncio.DatagramTransport | None = None
         self._malformed = 0
@@ -95,8 +98,12 @@ class ObjectAgentRole(Role):
         tunnel.start()
         log.info("GRE tunnel backend: %s", tunnel.backend)
         self.dataplane = DataPlane(tunnel, self.config.addresses)
-        self._mip, _ = await loop.create_datagram_endpoint(
-            lambda: _MipProtocol(self), local_addr=("0.0.0.0", MIP_PORT), reuse_port=False)
+        # SO_REUSEADDR: an object's nested home agent (its secondaries', NEMO) binds UDP 434
+        # on the object's home address on the same router; the kernel gives it its packets.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", MIP_PORT))
+        self._mip, _ = await loop.create_datagram_endpoint(lambda: _MipProtocol(self), sock=sock)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

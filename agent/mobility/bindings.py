@@ -188,6 +188,8 @@ class Visitor:
     gre_key: int | None = None
     care_of_address: str = ""
     reverse_tunnel: bool = False
+    #: Its mobile network prefix (NEMO): routed to the same router as its home address.
+    network_prefix: str = ""
 
     def as_dict(self, now: float) -> dict:
         d = asdict(self)

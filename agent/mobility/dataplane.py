@@ -32,6 +32,8 @@ class DataPlane:
         self.addresses = addresses
         self._home_peers: dict[str, list[tuple[str, int]]] = {}
         self._foreign_paths: dict[str, ForeignPath] = {}
+        #: Visitors' mobile network prefixes (NEMO) -> the LAN router that runs the object.
+        self._prefix_routes: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
     def sync_home(self, home: HomeAgent) -> None:
@@ -74,7 +76,24 @@ class DataPlane:
                              new[0], address, new[2] or "this router")
                 else:
                     self._foreign_paths.pop(address, None)
+            await self._sync_prefixes(foreign)
             await self._settle()
+
+    async def _sync_prefixes(self, foreign: ForeignAgent) -> None:
+        """A visitor's mobile network prefix goes where its home address goes: to the LAN
+        router that runs the object (which tunnels on to its secondaries). A visitor on this
+        router needs none: its nested home agent's host routes are here already."""
+        wanted = {v.network_prefix: v.local_address for v in foreign.visitors.snapshot_objects()
+                  if v.network_prefix and v.gre_key is not None
+                  and v.local_address not in self.addresses}
+        for prefix in [p for p in self._prefix_routes if wanted.get(p) != self._prefix_routes[p]]:
+            await set_route(prefix, None)
+            del self._prefix_routes[prefix]
+        for prefix, via in wanted.items():
+            if prefix not in self._prefix_routes:
+                await set_route(prefix, via)
+                self._prefix_routes[prefix] = via
+                log.info("FOA data plane: mobile network %s via %s", prefix, via)
 
     async def _settle(self) -> None:
         """Wait for the tunnel's queued kernel changes (decapsulation, reverse routes)."""
@@ -102,15 +121,23 @@ class DataPlane:
             for address in list(self._foreign_paths):
                 await set_local_route(address, None)
             self._foreign_paths.clear()
+            for prefix in list(self._prefix_routes):
+                await set_route(prefix, None)
+            self._prefix_routes.clear()
         await self.tunnel.aclose()
 
 
 async def set_local_route(address: str, via: str | None) -> None:
     """``address``/32 via the LAN router ``via`` (None: remove the route)."""
+    await set_route(f"{address}/32", via)
+
+
+async def set_route(destination: str, via: str | None) -> None:
+    """``destination`` (a prefix) via the LAN router ``via`` (None: remove the route)."""
     try:
         if via is None:
-            await netlink.route_del(f"{address}/32")
+            await netlink.route_del(destination)
         else:
-            await netlink.route_replace(f"{address}/32", via)
+            await netlink.route_replace(destination, via)
     except AgentError as exc:
-        log.warning("route %s via %s: %s", address, via, exc)
+        log.warning("route %s via %s: %s", destination, via, exc)

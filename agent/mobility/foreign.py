@@ -8,6 +8,8 @@ The daemon keeps the pending table and the sockets.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -25,10 +27,21 @@ from packets import (
 )
 from packets.auth import find_auth
 from packets import RequestFlags
-from packets.extensions import GreKey, NaiExtension, encode_extension
+from packets.extensions import GreKey, MobileNetwork, NaiExtension, encode_extension
 
 from agent.mobility.bindings import Visitor, VisitorList
-from agent.core.config import ForeignConfig
+from agent.core.config import Credential, ForeignConfig
+
+#: The SPI of the nested home agents' Foreign-Home authenticator (see nested_home_credential).
+NESTED_HOME_SPI = 3000
+
+
+def nested_home_credential(router_key: bytes) -> Credential:
+    """The credential a mobile object's router signs its nested home agent's replies with
+    (NEMO: the object is the home agent of its secondaries), and every FOA of the run
+    accepts: derived from the run's router key, so no new key is handed out."""
+    return Credential(NESTED_HOME_SPI,
+                      hmac.new(router_key, b"moat nested home agent", hashlib.sha256).digest())
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +76,14 @@ class ForeignAgent:
         name: str,
         care_of_addresses: set[str],
         clock: Callable[[], float] = time.monotonic,
+        nested_home: Credential | None = None,
     ) -> None:
         assert config.foreign_home is not None
         self.config = config
+        #: The run's nested home agents (mobile objects acting as home agent of their
+        #: secondaries) sign their replies under this credential, derived from the router
+        #: key: an acceptance must carry it or the HOA's Foreign-Home authenticator.
+        self.nested_home = nested_home
         self.name = name
         self.care_of_addresses = care_of_addresses
         self.clock = clock
@@ -132,7 +150,10 @@ class ForeignAgent:
             return None
         fh = self.config.foreign_home
         assert fh is not None
-        fh_ok = verify_auth(rrp, ExtType.FOREIGN_HOME_AUTH, {fh.spi: fh.key})
+        keys = {fh.spi: fh.key}
+        if self.nested_home is not None:
+            keys[self.nested_home.spi] = self.nested_home.key
+        fh_ok = verify_auth(rrp, ExtType.FOREIGN_HOME_AUTH, keys)
         if rrp.accepted and not fh_ok:
             # An acceptance must come from the HOA; a denial grants nothing and an HOA that
             # does not trust us cannot sign it, so denials are relayed (the object still checks
@@ -144,6 +165,7 @@ class ForeignAgent:
         self.stats["replies"] += 1
         rrq = pending.request
         if rrp.accepted and rrp.lifetime > 0:
+            networks = rrq.find(MobileNetwork)
             keys = rrp.find(GreKey)
             self.visitors.add(Visitor(
                 rrq.home_address, rrq.home_agent, pending.object_address, pending.object_port,
@@ -151,6 +173,7 @@ class ForeignAgent:
                 pending.care_of_name, rrp.lifetime, self.clock(),
                 keys[0].key if keys else None, rrq.care_of_address,
                 bool(rrq.flags & RequestFlags.T),
+                str(networks[0].network) if networks else "",
             ))
         elif rrp.accepted:
             self.visitors.remove(rrq.home_address)
