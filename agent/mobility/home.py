@@ -66,6 +66,13 @@ class HomeAgent:
         self.objects: dict[str, HomeObject] = {o.home_address: o for o in config.objects}
         self._foa_keys = {c.spi: c.key for c in config.trusted_foas}
         self.stats = {code.name: 0 for code in ReplyCode}
+        #: Whether a relayed request must carry a Foreign-Home authenticator under a trusted
+        #: FOA key (the HOA: yes; an object as its secondaries' home agent: no, RFC 5944
+        #: makes it optional, and the Mobile-Home key is still checked).
+        self.require_foreign_auth = True
+        #: What replies are signed with (Foreign-Home) when the request's FOA key is not
+        #: known here: a nested home agent's router-key credential.
+        self.reply_credential: Credential | None = None
 
     def add_object(self, obj: HomeObject) -> None:
         self.objects[obj.home_address] = obj
@@ -100,12 +107,13 @@ class HomeAgent:
                 key = self._foa_keys.get(ext.spi)  # type: ignore[union-attr]
                 if key is not None:
                     return Credential(ext.spi, key)  # type: ignore[union-attr]
-        return None
+        return self.reply_credential
 
     def _decide(self, rrq: RegistrationRequest) -> tuple[ReplyCode, UpdateResult | None]:
         # An object back home deregisters directly (RFC 5944 §3.6.1.2): no FOA, no FH auth.
         direct = rrq.lifetime == 0 and rrq.care_of_address == rrq.home_address
-        if not direct and not verify_auth(rrq, ExtType.FOREIGN_HOME_AUTH, self._foa_keys):
+        if not direct and self.require_foreign_auth \
+                and not verify_auth(rrq, ExtType.FOREIGN_HOME_AUTH, self._foa_keys):
             return ReplyCode.HA_FA_FAILED_AUTH, None
         obj = self.objects.get(rrq.home_address)
         if obj is None:

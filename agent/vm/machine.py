@@ -85,8 +85,16 @@ class VirtualMachine:
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     #: The share of the service (percent) this VM's instance offers the broker.
     share: float = MAX_SHARE
-    #: What this VM's instance is of its service (Fig. 6): "primary" or "duplicate".
+    #: What this VM's instance is of its service (Fig. 6): "primary", "duplicate" or
+    #: "secondary" (a part of it, whose home agent is the primary object's router).
     part: str = "primary"
+    #: Parts of the service that run here beside the primary object, on addresses of its
+    #: mobile network prefix, without registering (they are at home: NEMO).
+    at_home: list[str] = field(default_factory=list)
+    #: Parts that run elsewhere as secondaries: part -> the router that runs them.
+    moved: dict[str, str] = field(default_factory=dict)
+    #: A secondary's: the address of the primary object's router (where the part goes back).
+    parent_router: str = ""
 
     def describe(self) -> dict[str, Any]:
         hidden = ("objects", "mobile")
@@ -114,7 +122,15 @@ class VirtualMachine:
             body["share"] = self.share
         if self.part != "primary":
             body["part"] = self.part
+        if self.parent_router:
+            body["parent_router"] = self.parent_router
         return body
+
+    def primary_object(self) -> tuple[str, dict[str, Any]] | None:
+        """(manifest name, registration config) of the VM's own mobile object — not a part
+        of it running at home or as a secondary — or None."""
+        own = [(o, c) for o, c in self.mobile.items() if c.get("part", "primary") != "secondary"]
+        return own[0] if len(own) == 1 else None
 
 
 class ObjectHost(Protocol):
@@ -122,7 +138,7 @@ class ObjectHost(Protocol):
     registration client, its home address) and stop hosting it (deregistering)."""
 
     async def host_object(self, config: Any, process: Any, *, warm: bool, state: Any,
-                          vm: tuple[str, str] | None) -> dict[str, Any]: ...
+                          vm: tuple[str, str] | None, register: bool = True) -> dict[str, Any]: ...
 
     async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict[str, Any]: ...
 

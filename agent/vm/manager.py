@@ -197,8 +197,10 @@ class VmManager:
         vm.mobile, vm.only = self._mobile_part(body)
         vm.leased, vm.share = self._broker_terms(body)
         vm.part = str(body.get("part", "primary"))
-        if vm.part not in ("primary", "duplicate"):
-            raise ProvisionError("message", f"part must be primary or duplicate, not {vm.part!r}")
+        if vm.part not in ("primary", "duplicate", "secondary"):
+            raise ProvisionError("message", f"part must be primary, duplicate or secondary, "
+                                 f"not {vm.part!r}")
+        vm.parent_router = str(body.get("parent_router", ""))
         vm.steps.append(("configured", time.time()))
         return vm
 
@@ -299,9 +301,12 @@ class VmManager:
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
         states = states or {}
+        self._parts_at_home(vm)
         for obj in self._part(vm):
             if names is not None and obj.name not in names:
                 continue
+            if obj.name in vm.moved:
+                continue  # it runs elsewhere as a secondary
             mobile = vm.mobile.get(obj.name)
             config = ObjectConfig.from_json(mobile) if mobile else None
             process = ObjectProcess(
@@ -323,9 +328,34 @@ class VmManager:
                 else:
                     assert self.host is not None
                     await self.host.host_object(config, process, warm=warm, state=state,
-                                                vm=(vm.name, obj.name))
+                                                vm=(vm.name, obj.name),
+                                                register=obj.name not in vm.at_home)
             except (ObjectProcessError, AgentError) as exc:
                 raise ProvisionError("initialise", f"{obj.name}: {exc}") from None
+
+    def _parts_at_home(self, vm: VirtualMachine) -> None:
+        """A primary whose object has a mobile network prefix runs the service's other
+        objects as its *parts*: each on an address of the prefix, registered with nobody
+        while it runs here (the object is their home agent, NEMO), movable as a secondary."""
+        from agent.core.config import ObjectConfig
+        from agent.distribution.nested import part_configs
+
+        own = vm.primary_object()
+        if vm.part != "primary" or own is None:
+            return
+        primary = ObjectConfig.from_json(own[1])
+        parts = [o.name for o in self._part(vm) if o.name not in vm.mobile or o.name in vm.at_home
+                 or o.name in vm.moved]
+        if not primary.network_prefix or not parts:
+            return
+        try:
+            configs = part_configs(primary, parts)
+        except ValueError as exc:
+            raise ProvisionError("mobile objects", str(exc)) from None
+        for name, config in configs.items():
+            vm.mobile[name] = config.to_json()
+            if name not in vm.moved and name not in vm.at_home:
+                vm.at_home.append(name)
 
     async def enforce(self) -> list[dict[str, Any]]:
         """Remove every VM whose lifecycle policy is used up (transactions served, or time

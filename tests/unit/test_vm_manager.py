@@ -95,13 +95,15 @@ class FakeHost:
 
     def __init__(self) -> None:
         self.hosted: dict[str, Any] = {}
+        self.registering: dict[str, bool] = {}
         self.stopped: list[tuple[str, bool]] = []
         self.calls: list[dict[str, Any]] = []
 
     async def host_object(self, config: Any, process: Any, *, warm: bool, state: Any,
-                          vm: tuple[str, str] | None) -> dict[str, Any]:
+                          vm: tuple[str, str] | None, register: bool = True) -> dict[str, Any]:
         await process.start(warm=warm, state=state)
         self.hosted[config.name] = process
+        self.registering[config.name] = register
         self.calls.append({"config": config, "vm": vm, "warm": warm})
         return {}
 
@@ -528,3 +530,30 @@ def test_an_object_that_does_not_answer_its_stats_does_not_block_enforcement(env
 
     env.manager.vms["v1"].objects["logger"].call = dead  # type: ignore[method-assign]
     assert [e["vm"] for e in enforce(env)] == ["v1"]
+
+
+def test_the_other_objects_of_an_object_with_a_mobile_network_run_as_its_parts(env: Env) -> None:
+    """Protects NEMO parts (issue 11): with a mobile network prefix, the service's other
+    objects serve on the prefix's addresses, with the object as their home agent and a
+    Mobile-Home key derived from its own, and do not register while they run beside it."""
+    cfg = {"name": "cam", "home_address": "10.0.1.10", "home_agent": "10.0.1.1",
+           "nai": "cam@home.moat", "mobile_home": {"spi": 4097, "key": "aa" * 16},
+           "mobile_foreign": {"spi": 8194, "key": "bb" * 16},
+           "network_prefix": "10.0.1.224/30"}
+    env.provision(mobile={"counter": cfg})
+    vm = env.manager.vms["v1"]
+    assert vm.at_home == ["logger"] and vm.primary_object()[0] == "counter"
+    part = vm.mobile["logger"]
+    assert (part["home_address"], part["home_agent"], part["part"]) == \
+        ("10.0.1.224", "10.0.1.10", "secondary")
+    assert part["mobile_foreign"]["spi"] == 8194 and part["mobile_home"]["key"] != "aa" * 16
+    assert env.host.registering == {"cam": True, "logger": False}
+    assert env.host.hosted_process("logger").address == "10.0.1.224"
+
+
+def test_without_a_mobile_network_the_other_objects_serve_on_the_vm(env: Env) -> None:
+    cfg = {"name": "cam", "home_address": "10.0.1.10", "home_agent": "10.0.1.1",
+           "nai": "cam@home.moat", "mobile_home": {"spi": 4097, "key": "aa" * 16},
+           "mobile_foreign": {"spi": 8194, "key": "bb" * 16}}
+    env.provision(mobile={"counter": cfg})
+    assert env.manager.vms["v1"].at_home == [] and env.host.registering == {"cam": True}
