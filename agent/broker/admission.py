@@ -150,14 +150,16 @@ class Admission:
         return self.alive(instance) and self.free(instance).covers(share, cpu)
 
     def admit(self, request: LeaseRequest, cost: CostFn | None = None,
-              reachable: Callable[[Instance], bool] | None = None) -> Instance:
+              reachable: Callable[[Instance], bool] | None = None,
+              pinned: bool = False) -> Instance:
         """The instance that should serve ``request`` (a service, not a goal), or LeaseDenied.
 
         Only instances the CO ``reachable`` are considered. Among those that fit, the
         cheapest by ``cost`` wins when given, else the one with the most free share (then
         CPU). Nothing is reserved: :meth:`hold` does, once the lease exists. When nothing
-        fits, :attr:`policy` decides (the move-service seam) — unless the CO reaches only a
-        full instance on its own network, which no new instance elsewhere would change.
+        fits, :attr:`policy` decides (the move-service seam) — unless the CO is ``pinned``:
+        it reaches only a full instance on its own network, which no new instance elsewhere
+        would change.
         """
         if request.goal is not None:
             raise ValueError("admit() takes a service request; goals go through paths")
@@ -165,8 +167,7 @@ class Admission:
         if not every:
             raise LeaseDenied("unknown_service", f"no instance offers {request.target!r}")
         candidates = [i for i in every if reachable is None or reachable(i)]
-        if len(candidates) < len(every) and not any(
-                self.fits(i, request.share, request.cpu) for i in candidates):
+        if pinned and not any(self.fits(i, request.share, request.cpu) for i in candidates):
             raise LeaseDenied("no_capacity", f"the instance of {request.target!r} on the CO's "
                               "own network is full, and the CO reaches no other")
         fitting = [i for i in candidates if self.fits(i, request.share, request.cpu)]

@@ -165,7 +165,7 @@ class Broker:
         """
         old = self.directory.register(instance)
         self._joined.setdefault(instance.instance_id, self._clock())
-        if old is None and instance.network:
+        if old is None and instance.network and instance.part == "duplicate":
             self._adopt(instance)
         return self.keys.key(instance.service)
 
@@ -230,7 +230,7 @@ class Broker:
         now = self._clock() if now is None else now
         for instance in list(self.directory):
             since = self._joined.get(instance.instance_id)
-            if instance.part == "duplicate" and since is not None \
+            if instance.part != "primary" and since is not None \
                     and now - since >= IDLE_DUPLICATE_S:
                 self._release_if_idle(instance.instance_id)
         return ended
@@ -281,7 +281,8 @@ class Broker:
 
         goal = req.goal
         if goal is None:
-            return [self.admission.admit(req, cost, self.reachable(co_network, req.target))]
+            reachable, pinned = self.reachable(co_network, req.target)
+            return [self.admission.admit(req, cost, reachable, pinned)]
         return plan(goal, self.directory.converters(),
                     lambda i: self.admission.fits(i, req.share, req.cpu), cost)
 
@@ -335,30 +336,42 @@ class Broker:
             self._release_if_idle(lease.instance)
 
     def _adopt(self, instance: Instance) -> None:
+        same_address = {i.instance_id for i in self.directory.lookup(instance.service)
+                        if i.address == instance.address}
         for lease in self.table.on_instance_from(instance.service, instance.network,
                                                  instance.instance_id):
+            if lease.instance not in same_address:
+                continue
             self.admission.move(lease.lease_id, instance)
             log.info("lease %s… of %s (on %s) moves to %s on its network", lease.lease_id[:6],
                      lease.holder, lease.instance, instance.instance_id)
             self.table.reassign(lease.lease_id, instance.instance_id)
             self.stats["adopted"] += 1
 
-    def reachable(self, co_address: str | None, service: str) -> Callable[[Instance], bool]:
+    def reachable(self, co_address: str | None,
+                  service: str) -> tuple[Callable[[Instance], bool] | None, bool]:
         """Which instances of ``service`` a CO at ``co_address`` reaches: the one on its own
         network if there is one (its foreign agent delivers the home address there), else
-        every instance (its requests reach the home network, where the HOA bicasts)."""
+        every instance (its requests reach the home network, where the HOA bicasts): None.
+        And whether the CO is *pinned*: an instance on its network answers on the movable
+        primary's own address, so no new instance elsewhere would reach it."""
         network = self._network_of(co_address)
-        local = {i.instance_id for i in self.directory.lookup(service)
-                 if network and i.network == network}
-        if not local:
-            return lambda instance: True
-        return lambda instance: instance.instance_id in local
+        local_addresses = {i.address for i in self.directory.lookup(service)
+                           if network and i.network == network}
+        if not local_addresses:
+            return None, False
+        movable = {i.address for i in self.directory.lookup(service) if i.movable}
+        # Instances answering on an address that one on the CO's network answers on: only
+        # that one is reached. A secondary (its own address) does not hide the primary.
+        return (lambda instance: (instance.address not in local_addresses
+                                  or instance.network == network),
+                bool(local_addresses & movable))
 
     def _release_if_idle(self, instance_id: str) -> None:
         """A duplicate exists for its leases only: with none left it leaves the directory
         (no new lease lands on it) and goes into the release outbox. The primary stays."""
         instance = self.directory.get(instance_id)
-        if instance is None or instance.part != "duplicate" or not instance.router_address:
+        if instance is None or instance.part == "primary" or not instance.router_address:
             return
         if self.admission.leases_on(instance_id):
             return

@@ -26,8 +26,9 @@ from agent.broker.leases import MAX_CPU, MAX_SHARE
 log = logging.getLogger(__name__)
 
 MAX_PROCESSING_COST = 1e6
-#: What an instance may be of its service (a secondary is its primary's, not the broker's).
-PARTS = ("primary", "duplicate")
+#: What an instance may be of its service (Fig. 6): the mobile object, a full copy of it, a
+#: part of it on another router (whose home agent is the mobile object).
+PARTS = ("primary", "duplicate", "secondary")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from agent.core.peer import PeerError, PeerRefused, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Periodic, Role
 from agent.distribution.capacity import NoRoom, Offer, Reservations, Room, placeable, rank
 from agent.distribution.decide import all_or_part
+from agent.distribution.parts import PartMover, PartMoveFailed
 from agent.distribution.traffic import TrafficRule, TrafficWatch
 from agent.vm.role import VmRole
 
@@ -56,7 +57,7 @@ QUERY_TIMEOUT_S = 1.5
 RESERVE_TIMEOUT_S = 2.0
 #: Starting a duplicate: fetch and verify from the site, start, register through an FOA.
 START_TIMEOUT_S = 25.0
-ACTIONS = ("query", "reserve", "release", "start")
+ACTIONS = ("query", "reserve", "release", "start", "restore", "cancel", "return")
 #: How often the primaries' request counters are sampled for the traffic rule, seconds.
 TRAFFIC_PERIOD_S = 1.0
 
@@ -90,11 +91,14 @@ class DistributionRole(Role):
         self.network = str(ipaddress.ip_interface(f"{first.address}/{first.prefix}").network)
         self._subnets = [ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
                          for i in cfg.interfaces]
+        self.parts = PartMover(lambda: self.vm, self._hosting, key, self.address)
         self.rule = TrafficRule()
         self.watches: dict[str, TrafficWatch] = {}
         #: Duplicates placed by the traffic rule (for ``room`` and the experiment).
         self.placements: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task] = set()
         self.stats = {"grown": 0, "grow_refused": 0, "duplicates_hosted": 0, "released": 0,
+                      "parts_moved": 0,
                       "queries": 0, "reservations_refused": 0}
 
     @property
@@ -112,9 +116,29 @@ class DistributionRole(Role):
             ControlType.INSTANCE_RELEASE: InBand(self.on_release, self.auth),
         }
 
+    async def start(self) -> None:
+        role = self.agent.role(VmRole)
+        if role is not None and role.manager is not None:
+            role.manager.listeners.append(self._on_vm_event)
+
+    async def stop(self) -> None:
+        await self.parts.close()
+
+    def _on_vm_event(self, event: str, vm: Any) -> None:
+        if event == "removed" and vm.name in self.parts.nested:
+            task = self.agent.loop.create_task(self.parts.forget(vm.name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _hosting(self) -> Any:
+        from agent.hosting.objects import HostingRole
+
+        return self.agent.require(HostingRole)
+
     def housekeeping(self) -> None:
         for gone in self.reservations.expire():
             log.info("reservation %s for %s ran out unused", gone.reservation_id, gone.service)
+        self.parts.housekeeping()
 
     def periodic(self) -> list[Periodic]:
         return [Periodic("traffic", TRAFFIC_PERIOD_S, self.watch_traffic)]
@@ -124,12 +148,12 @@ class DistributionRole(Role):
     async def watch_traffic(self) -> None:
         """Sample each local primary's requests per network; place a duplicate on a network
         the rule (:mod:`agent.distribution.traffic`) finds hot."""
-        primaries = {vm.name: vm for vm in self._vms() if vm.part == "primary"
-                     and vm.leased and len(vm.mobile) == 1 and vm.running_since is not None}
+        primaries = {vm.name: vm for vm in self._vms() if vm.part == "primary" and vm.leased
+                     and vm.primary_object() is not None and vm.running_since is not None}
         for gone in set(self.watches) - set(primaries):
             del self.watches[gone]
         for vm in primaries.values():
-            (obj, config), = vm.mobile.items()
+            obj, config = vm.primary_object()
             watch = self.watches.setdefault(vm.name, TrafficWatch(self.rule))
             watch.sample(await self._traffic(vm.name, obj))
             hot = watch.hot_network(self.network, set())
@@ -199,6 +223,8 @@ class DistributionRole(Role):
             except ValueError:
                 raise BadRequest(f"home address {home!r} is not an IP address") from None
             return {"ok": True, **self.offer(home)}
+        if action in ("restore", "cancel", "return"):
+            return await self._on_move_step(action, body)
         rid = wire.text(body, "reservation", action, max_len=64)
         if action == "reserve":
             room = Room(wire.number(body, "cpu", "reserve", gt=0, le=64),
@@ -212,35 +238,58 @@ class DistributionRole(Role):
             return {"ok": True, "reservation": rid, "router": self.config.name}
         if action == "release":
             return {"ok": True, "released": self.reservations.release(rid) is not None}
-        return await self._start_duplicate(rid, body)
+        return await self._start_instance(rid, body)
 
-    async def _start_duplicate(self, rid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Start the duplicate the reservation is for (steps 214 and 222); undo it all on
-        any failure (the VM manager removes what it started and records why)."""
+    async def _on_move_step(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``restore``: a secondary started here gets its part's final state and serves;
+        ``cancel``: a secondary or duplicate started here goes again; ``return``: a part of a
+        primary here comes back from its secondary, with the secondary's state."""
+        if action == "return":
+            part = wire.name(body, "part", "return")
+            vm = next((v for v in self.vm.vms.values() if part in v.moved), None)
+            if vm is None:
+                raise ControlError(f"no part {part!r} of a VM here runs elsewhere")
+            await self.parts.come_back(vm, part, body.get("state"))
+            return {"ok": True, "part": part}
+        vm = self.vm.vms.get(wire.name(body, "vm", action))
+        if vm is None or vm.part == "primary":
+            raise ControlError(f"no secondary or duplicate VM {body.get('vm')!r} here")
+        if action == "cancel":
+            await self.vm.remove(vm.name)
+            return {"ok": True}
+        result = await self._hosting().cmd_object_restore(wire.name(body, "name", "restore"),
+                                                         body.get("state"), serve=True)
+        return {"ok": True, "replayed": (result or {}).get("replayed", 0)}
+
+    async def _start_instance(self, rid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Start the duplicate or secondary the reservation is for (steps 214, 218, 222);
+        undo it all on any failure (the VM manager removes what it started and records
+        why). A secondary starts warm: it queues until its part's final state arrives."""
         from agent.broker.instances import instance_doc
         from agent.hosting.migration import MigrationRole
 
         if self.reservations.get(rid) is None:
             raise ControlError(f"no reservation {rid} on {self.config.name} (expired?)")
         vm_body, state = body.get("vm"), body.get("state")
-        if not isinstance(vm_body, dict) or vm_body.get("part") != "duplicate":
-            raise BadRequest("start needs the duplicate's VM description")
+        if not isinstance(vm_body, dict) or vm_body.get("part") not in ("duplicate", "secondary"):
+            raise BadRequest("start needs a duplicate's or secondary's VM description")
+        warm = vm_body["part"] == "secondary" and body.get("warm") is True
         objects, mobile = vm_body.get("objects"), vm_body.get("mobile")
         if not isinstance(objects, list) or len(objects) != 1 or not isinstance(mobile, dict) \
                 or set(mobile) != set(objects):
-            raise BadRequest("a duplicate runs exactly one mobile object")
+            raise BadRequest("a duplicate or secondary runs exactly one mobile object")
         wire.check_name(vm_body.get("vm"), "vm")
         (obj,) = objects
         name = str(mobile[obj].get("name"))
         try:
-            await self.vm.provision(vm_body, states={obj: state})
+            await self.vm.provision(vm_body, warm=warm, states={obj: state})
             status = await self.agent.require(MigrationRole).wait_registered(name)
         except Exception as exc:
             if vm_body["vm"] in self.vm.vms:
                 await self.vm.remove(vm_body["vm"])
-                self.vm.record_error(vm_body["vm"], vm_body.get("service"), "duplicate",
+                self.vm.record_error(vm_body["vm"], vm_body.get("service"), vm_body["part"],
                                      f"did not register: {exc}")
-            raise ControlError(f"duplicate of {name} failed on {self.config.name}: {exc}") \
+            raise ControlError(f"{vm_body['part']} {name} failed on {self.config.name}: {exc}") \
                 from None
         finally:
             self.reservations.release(rid)  # the VM now holds the room (or nothing does)
@@ -251,20 +300,34 @@ class DistributionRole(Role):
         return {"ok": True, "instance": doc, "registration": status.get("registration")}
 
     async def on_release(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
-        """The broker: this duplicate holds no lease any more (step 230)."""
+        """The broker: this duplicate or secondary holds no lease any more (step 230). A
+        secondary first gives its part back to the primary's router, with its state."""
         iid = wire.text(body, "instance_id", "release", max_len=128)
         vms = [vm for vm in self.vm.vms.values() if self.vm.instance_id(vm) == iid]
         if not vms:
             return {"ok": True, "released": False}  # gone already: nothing to do
         vm = vms[0]
-        if vm.part != "duplicate":
+        if vm.part == "primary":
             raise ControlError(f"{iid} is the service's primary: it is not released")
         started = time.monotonic()
+        if vm.part == "secondary":
+            await self._give_back(vm)
         await self.vm.remove(vm.name)  # stops it; its deregistration deletes its binding
         self.stats["released"] += 1
         log.info("released duplicate %s", iid)
         return {"ok": True, "released": True,
                 "ms": round((time.monotonic() - started) * 1000, 1)}
+
+    async def _give_back(self, vm: Any) -> None:
+        (obj,) = list(vm.objects) or list(vm.mobile)
+        try:
+            state = await self.vm.call(vm.name, obj, "get_state")
+            await peer_call(vm.parent_router, ControlType.VM_NEGOTIATE,
+                            {"action": "return", "part": obj, "state": state}, key=self.key,
+                            timeout=RESERVE_TIMEOUT_S * 5)
+        except (PeerError, Exception) as exc:  # noqa: BLE001 - released all the same
+            self.vm.record_error(vm.name, vm.service, "release",
+                                 f"part {obj} not given back to {vm.parent_router}: {exc}")
 
     # --- the primary's side: grow ----------------------------------------------------------
 
@@ -288,14 +351,13 @@ class DistributionRole(Role):
             steps.append((what, round((time.monotonic() - started) * 1000, 1)))
 
         vm = next((v for v in self.vm.vms.values() if self.vm.instance_id(v) == iid), None)
-        if vm is None or vm.part != "primary" or len(vm.mobile) != 1:
+        if vm is None or vm.part != "primary" or vm.primary_object() is None:
             raise GrowRefused(f"{iid} is not a primary with one mobile object here")
-        (obj, config), = vm.mobile.items()
+        obj, config = vm.primary_object()
         name, home = str(config["name"]), str(config["home_address"])
-        move = all_or_part(target, vm.service, list(vm.objects))
+        move = all_or_part(target, vm.service, [*vm.objects, *vm.moved])
         if not move.whole:
-            raise GrowRefused(f"the lease asks for part {move.part!r} of {vm.service}: "
-                              "moving a part (secondary objects) is not built yet")
+            return await self._move_part(vm, move.part, iid, home, co_address, steps, step)
         need = Room(vm.cpu, vm.memory_mb)
         offers = await self._query_all(home)
         step(f"asked {len(self.routers)} routers for room, {len(offers)} answered")
@@ -307,6 +369,53 @@ class DistributionRole(Role):
                               f"{need.cpu:g} CPU and {need.memory_mb} MiB free")
         return await self._place(vm, obj, config, need, candidates, steps, step)
 
+    async def _move_part(self, vm: Any, part: str, iid: str, home: str, co_address: str,
+                         steps: list[tuple[str, float]], step: Any) -> dict[str, Any]:
+        """Step 218: ``part`` moves to the best candidate as a secondary object."""
+        if part in vm.moved:
+            raise GrowRefused(f"part {part!r} already runs as a secondary on {vm.moved[part]}")
+        if part not in vm.at_home:
+            raise GrowRefused(f"{part!r} is not a part of {vm.service} that can move: its "
+                              "object has no mobile network prefix")
+        need = Room(vm.cpu, vm.memory_mb)
+        offers = await self._query_all(home)
+        step(f"asked {len(self.routers)} routers for room for part {part}, "
+             f"{len(offers)} answered")
+        # Not on the primary's own network: there its FOA would deliver the part's address
+        # by itself, without the nested tunnel.
+        candidates = rank([o for o in placeable(offers, part, need) if o.network != self.network],
+                          self._co_hops(co_address), {})
+        step(f"candidates: {[o.router for o in candidates]}")
+        if not candidates:
+            raise GrowRefused(f"no router on another foreign network has {need.cpu:g} CPU and "
+                              f"{need.memory_mb} MiB free for part {part}")
+        tried: list[dict[str, str]] = []
+        for offer in candidates:
+            rid = secrets.token_hex(8)
+            try:
+                await self._reserve(offer, rid, vm.service, need)
+            except PeerError as exc:
+                tried.append({"router": offer.router, "refused": _why(exc)})
+                continue
+            step(f"reserved {need.cpu:g} CPU, {need.memory_mb} MiB on {offer.router}")
+            try:
+                answer = await self.parts.move(vm, part, offer, rid, iid, step)
+            except PartMoveFailed as exc:
+                await self._release_reservation(offer, rid)
+                raise GrowRefused(str(exc)) from None
+            tried.append({"router": offer.router, "refused": ""})
+            self.stats["parts_moved"] += 1
+            return {"ok": True, "instance": answer["instance"], "router": offer.router,
+                    "tried": tried, "steps": steps}
+        raise GrowRefused("every candidate refused: " + "; ".join(
+            f"{t['router']}: {t['refused']}" for t in tried))
+
+    async def _reserve(self, offer: Offer, rid: str, service: str, need: Room) -> None:
+        await peer_call(offer.address, ControlType.VM_NEGOTIATE,
+                        {"action": "reserve", "reservation": rid, "service": service,
+                         "cpu": need.cpu, "memory_mb": need.memory_mb},
+                        key=self.key, timeout=RESERVE_TIMEOUT_S)
+
     async def _place(self, vm: Any, obj: str, config: dict[str, Any], need: Room,
                      candidates: list[Offer], steps: list[tuple[str, float]],
                      step: Any) -> dict[str, Any]:
@@ -315,10 +424,7 @@ class DistributionRole(Role):
         for offer in candidates:
             rid = secrets.token_hex(8)
             try:
-                await peer_call(offer.address, ControlType.VM_NEGOTIATE,
-                                {"action": "reserve", "reservation": rid, "service": vm.service,
-                                 "cpu": need.cpu, "memory_mb": need.memory_mb},
-                                key=self.key, timeout=RESERVE_TIMEOUT_S)
+                await self._reserve(offer, rid, vm.service, need)
             except PeerError as exc:
                 tried.append({"router": offer.router, "refused": _why(exc)})
                 step(f"{offer.router} refused the reservation")
@@ -342,7 +448,9 @@ class DistributionRole(Role):
         if hosted is not None:
             hosted.config.simultaneous = True
         part_id = 1 + sum(1 for v in self.vm.vms.values() if v.part == "duplicate")
-        dup_config = dict(config, part="duplicate", part_id=part_id, simultaneous=True)
+        # Without the mobile network: the parts' addresses go to the primary only.
+        dup_config = dict(config, part="duplicate", part_id=part_id, simultaneous=True,
+                          network_prefix="")
         vm_body = dict(vm.provision_body(), vm=f"{vm.name}-d{secrets.token_hex(2)}",
                        objects=[obj], mobile={obj: dup_config}, part="duplicate")
         try:
@@ -449,6 +557,10 @@ class DistributionRole(Role):
         for watch in self.watches.values():
             watch.rule = rule
         return dict(rule.__dict__)
+
+    def cmd_nested(self) -> dict[str, Any]:
+        """The nested home agents here: per primary VM, its secondaries' bindings."""
+        return self.parts.bindings()
 
     def cmd_room_hold(self, cpu: float, memory_mb: int = 1, seconds: float = 60.0) -> dict:
         """Hold room as if a VM were about to arrive (an operator keeping room free, or an

@@ -35,6 +35,7 @@ class CredentialCheck:
         self.part = "primary"
         #: The LANs of this instance's router: a CO there reaches this instance only.
         self.networks: list[Any] = []
+        self.aliases: set[str] = set()
         self.local_siblings = 0
         self.revocations = RevocationList()
         self.verifier = Verifier({}, self.revocations, clock=clock)
@@ -42,7 +43,7 @@ class CredentialCheck:
         self.accepted = 0
 
     def configure(self, service: Any, instance: Any, key_hex: Any, part: Any = "primary",
-                  networks: Any = ()) -> None:
+                  networks: Any = (), aliases: Any = ()) -> None:
         """Take the service key (hex) for ``service`` and this ``instance`` (a ``part`` of
         the service: primary, duplicate or secondary) on a router whose LANs are
         ``networks``; ValueError (the RPC's refusal) for anything malformed."""
@@ -57,6 +58,11 @@ class CredentialCheck:
         if not isinstance(networks, (list, tuple)) or len(networks) > 16:
             raise ValueError("networks must be a list of at most 16 prefixes")
         self.networks = [ipaddress.ip_network(str(n)) for n in networks]
+        if not isinstance(aliases, (list, tuple)) or len(aliases) > 4:
+            raise ValueError("aliases must be a list of at most 4 instance ids")
+        for alias in aliases:
+            wire.check_name(alias, "alias")
+        self.aliases = set(aliases)
         key = bytes.fromhex(key_hex)
         self.service, self.instance, self.part = service, instance, part
         self.verifier.keys = {service: key}
@@ -84,13 +90,16 @@ class CredentialCheck:
         try:
             self.verifier.verify(token, self.service or "-", instance=self.instance or None)
         except CredentialError as exc:
-            if exc.reason != "wrong_instance" or not self._local(source):
+            if exc.reason != "wrong_instance":
                 return exc.reason
             try:
-                self.verifier.verify(token, self.service or "-")
+                verified = self.verifier.verify(token, self.service or "-")
             except CredentialError as again:
                 return again.reason
-            self.local_siblings += 1
+            if verified.instance not in self.aliases:
+                if not self._local(source):
+                    return exc.reason
+                self.local_siblings += 1
         self.accepted += 1
         return None
 
@@ -107,8 +116,9 @@ class CredentialCheck:
         """Whether a refusal for ``reason`` goes unanswered, so that a CO gets exactly one
         answer when the HOA bicasts its request to every instance of the service (patent:
         duplicates 108/110 share the home address). A credential for a sibling instance is
-        that sibling's to answer; a duplicate leaves every other refusal to the primary."""
-        return reason == "wrong_instance" or self.part != "primary"
+        that sibling's to answer; a duplicate leaves every other refusal to the primary (a
+        secondary answers its own: it alone receives its part's address)."""
+        return reason == "wrong_instance" or self.part == "duplicate"
 
     def describe(self) -> dict[str, Any]:
         """For ``stats`` (never the key)."""

@@ -392,7 +392,8 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
 
     def credentials(args: dict[str, Any]) -> dict[str, Any]:
         check(args).configure(args.get("service"), args.get("instance"), args.get("key"),
-                              args.get("part", "primary"), args.get("networks", []))
+                              args.get("part", "primary"), args.get("networks", []),
+                              args.get("aliases", []))
         return {"service": args["service"], "instance": args["instance"]}
 
     def revoke(args: dict[str, Any]) -> dict[str, int]:

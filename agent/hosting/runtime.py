@@ -56,6 +56,8 @@ class ServiceCredentials:
     part: str = "primary"
     #: The router's LAN prefixes: COs there reach only this instance.
     networks: tuple[str, ...] = ()
+    #: Other instance ids whose credentials this one honours (a secondary: its primary's).
+    aliases: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never the key in a log line
         return f"ServiceCredentials({self.service!r}, {self.instance!r})"
@@ -163,7 +165,8 @@ class ObjectProcess:
                 await self.call("credentials", service=self.credentials.service,
                                 instance=self.credentials.instance, key=self.credentials.key.hex(),
                                 part=self.credentials.part,
-                                networks=list(self.credentials.networks))
+                                networks=list(self.credentials.networks),
+                                aliases=list(self.credentials.aliases))
             if state is not None:
                 await self.call("set_state", state=state, serve=not warm)
         except ObjectProcessError:

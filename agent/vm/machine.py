@@ -95,6 +95,9 @@ class VirtualMachine:
     moved: dict[str, str] = field(default_factory=dict)
     #: A secondary's: the address of the primary object's router (where the part goes back).
     parent_router: str = ""
+    #: A secondary's: the primary's instance id (credentials issued for the part there, before
+    #: it moved, are honoured here: only this instance receives the part's address).
+    parent_instance: str = ""
 
     def describe(self) -> dict[str, Any]:
         hidden = ("objects", "mobile")
@@ -123,7 +126,7 @@ class VirtualMachine:
         if self.part != "primary":
             body["part"] = self.part
         if self.parent_router:
-            body["parent_router"] = self.parent_router
+            body.update(parent_router=self.parent_router, parent_instance=self.parent_instance)
         return body
 
     def primary_object(self) -> tuple[str, dict[str, Any]] | None:

@@ -88,6 +88,11 @@ class VmManager:
         """The VM's service instance as the broker knows it (and its credentials name)."""
         return f"{self.router}/{vm.name}@{vm.epoch}"
 
+    def changed(self, vm: VirtualMachine) -> None:
+        """The VM runs a service still, but differently (a part left or came back): its
+        listeners learn it like a start."""
+        self._emit("started", vm)
+
     def _emit(self, event: str, vm: VirtualMachine) -> None:
         """Tell the listeners; a listener's failure is its own, never the VM's."""
         for listener in list(self.listeners):
@@ -201,6 +206,7 @@ class VmManager:
             raise ProvisionError("message", f"part must be primary, duplicate or secondary, "
                                  f"not {vm.part!r}")
         vm.parent_router = str(body.get("parent_router", ""))
+        vm.parent_instance = str(body.get("parent_instance", ""))
         vm.steps.append(("configured", time.time()))
         return vm
 
@@ -297,7 +303,8 @@ class VmManager:
             assert self.service_key is not None  # checked by _configure
             credentials = ServiceCredentials(vm.service, self.instance_id(vm),
                                              self.service_key(vm.service), vm.part,
-                                             tuple(self.networks))
+                                             tuple(self.networks),
+                                             (vm.parent_instance,) if vm.parent_instance else ())
         if self._cgroups is None:
             self._cgroups = CgroupManager(self.run_id, owner=self.router)
         states = states or {}

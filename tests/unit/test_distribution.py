@@ -644,7 +644,7 @@ class FakeManager:
             return self.state
         return {"by_network": {"10.14.0.0/24": 5}}
 
-    async def provision(self, body: dict, states: dict | None = None) -> dict:
+    async def provision(self, body: dict, states: dict | None = None, warm: bool = False) -> dict:
         self.provisioned.append((body, states or {}))
         if self.fail_provision is not None:
             raise self.fail_provision
@@ -804,7 +804,7 @@ def test_a_duplicate_that_does_not_start_or_register_leaves_nothing() -> None:
                "memory_mb": 256}
     negotiate(role, reserve)
     manager.fail_provision = RuntimeError("TamperedArchive: sha256 differs")
-    with pytest.raises(ControlError, match="duplicate of svc failed on r20a: TamperedArchive"):
+    with pytest.raises(ControlError, match="duplicate svc failed on r20a: TamperedArchive"):
         negotiate(role, {"action": "start", "reservation": "r1", "vm": dup_body(), "state": {}})
     assert manager.vms == {} and len(role.reservations) == 0
 
@@ -992,7 +992,7 @@ def test_a_duplicate_that_fails_at_the_target_releases_its_reservation(monkeypat
 
 @pytest.mark.parametrize("change, message", [
     ({"instance_id": "r18b/nothing@e1"}, "not a primary"),
-    ({"target": "renderer"}, "moving a part"),
+    ({"target": "renderer"}, "not a part of count-svc that can move"),
 ])
 def test_grow_refuses_what_it_cannot_grow(monkeypatch, change: dict, message: str) -> None:
     peer = FakePeer()

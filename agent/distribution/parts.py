@@ -1,0 +1,162 @@
+"""Moving a part of a service: secondary objects (patent Fig. 12, step 218).
+
+The primary object's router moves one *part* of its service — an object that ran beside the
+primary on an address of its mobile network prefix — to another router's VM, make before
+break, and becomes the part's home agent (:mod:`agent.distribution.nested`):
+
+1. the target starts the part *warm* (it queues requests) from the part's checkpoint, in a VM
+   of the same service that runs that object only (``part: secondary``), and the part
+   registers through the target's FOA with the primary's home address as its home agent;
+2. the part stops here: held, its address off this router's loopback, its final checkpoint
+   taken; from now on this router's host route for the address sends its packets into the
+   nested tunnel, to the secondary;
+3. the final checkpoint goes to the target (``restore``), which replays its queue through
+   the at-most-once filter and serves.
+
+A failure before step 2 leaves the part serving here; after it, the part restarts here from
+its final checkpoint and the target's VM is cancelled. A secondary released by the broker
+(its last lease ended) gives its part back (``return``): the part restarts here from the
+secondary's state, then the secondary's VM goes and its binding with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any, Callable
+
+from packets import ControlType
+
+from agent.core.config import ObjectConfig
+from agent.core.errors import ControlError
+from agent.core.peer import PeerError, PeerRefused, peer_call
+from agent.distribution.capacity import Offer
+from agent.distribution.nested import NestedHomeAgent
+
+log = logging.getLogger(__name__)
+
+#: Starting a secondary: fetch and verify from the site, start, register via its FOA.
+START_TIMEOUT_S = 25.0
+RESTORE_TIMEOUT_S = 10.0
+
+
+class PartMoveFailed(ControlError):
+    """The part could not move; it serves where it was."""
+
+
+class PartMover:
+    """The primary's side of secondaries: its nested home agents and the moves."""
+
+    def __init__(self, vms: Callable[[], Any], hosting: Callable[[], Any], key: bytes | None,
+                 router_address: str) -> None:
+        self._vms = vms
+        self._hosting = hosting
+        self.key = key
+        self.router_address = router_address
+        #: Per primary VM: the nested home agent of its parts.
+        self.nested: dict[str, NestedHomeAgent] = {}
+
+    async def nested_for(self, vm: Any) -> NestedHomeAgent:
+        """The nested home agent of ``vm``'s object (started on the first move)."""
+        agent = self.nested.get(vm.name)
+        if agent is not None:
+            return agent
+        if self.key is None:
+            raise PartMoveFailed("no router key: no nested home agent can sign its replies")
+        own = vm.primary_object()
+        primary = ObjectConfig.from_json(own[1])
+        parts = {name: ObjectConfig.from_json(vm.mobile[name]) for name in
+                 [*vm.at_home, *vm.moved]}
+        agent = NestedHomeAgent(primary, parts, self.key, f"mnh{len(self.nested)}")
+        try:
+            await agent.start()
+        except Exception as exc:  # noqa: BLE001 - no nested home agent: the part stays
+            await agent.close()
+            raise PartMoveFailed(f"nested home agent of {primary.name}: {exc!r}") from None
+        self.nested[vm.name] = agent
+        return agent
+
+    async def move(self, vm: Any, part: str, offer: Offer, rid: str, parent_instance: str,
+                   step: Callable[[str], None]) -> dict[str, Any]:
+        """Steps 1-3 of the module docstring at ``offer``'s router, under reservation
+        ``rid``; the secondary's instance document."""
+        if part not in vm.at_home:
+            raise PartMoveFailed(f"{part} does not run beside its object here")
+        await self.nested_for(vm)
+        step("nested home agent listening on the object's home address")
+        manager = self._vms()
+        config = dict(vm.mobile[part])
+        state = await manager.call(vm.name, part, "get_state")
+        body = dict(vm.provision_body(), vm=f"{vm.name}-s{secrets.token_hex(2)}",
+                    objects=[part], mobile={part: config}, part="secondary",
+                    parent_router=self.router_address, parent_instance=parent_instance)
+        try:
+            answer = await self._call(offer.address, {"action": "start", "reservation": rid,
+                                                      "vm": body, "state": state, "warm": True},
+                                      START_TIMEOUT_S)
+        except PeerError as exc:
+            raise PartMoveFailed(f"the secondary on {offer.router} failed: {_why(exc)}") from None
+        step(f"secondary {part} registered on {offer.router} with the nested home agent")
+        stopped = await self._hosting().cmd_object_stop(config["name"], deregister=False)
+        final = stopped.get("state")
+        process = vm.objects.pop(part, None)
+        if process is not None:
+            await process.stop()
+        vm.at_home.remove(part)
+        vm.moved[part] = offer.router
+        step(f"{part} stopped here with its final checkpoint (its address is now tunnelled)")
+        try:
+            if final is None:
+                raise PartMoveFailed(f"{part} gave no checkpoint")
+            await self._call(offer.address, {"action": "restore", "vm": body["vm"],
+                                             "name": config["name"], "state": final},
+                             RESTORE_TIMEOUT_S)
+        except (PeerError, PartMoveFailed) as exc:
+            await self._call_quietly(offer.address, {"action": "cancel", "vm": body["vm"]})
+            await self.come_back(vm, part, final if final is not None else state)
+            raise PartMoveFailed(f"the state of {part} did not reach {offer.router}: "
+                                 f"{_why(exc) if isinstance(exc, PeerError) else exc}; "
+                                 "it serves here again") from None
+        step(f"secondary {part} restored its state and serves")
+        manager.changed(vm)  # the primary's instance no longer offers the part
+        return answer
+
+    async def come_back(self, vm: Any, part: str, state: Any) -> None:
+        """``part`` runs here again, from ``state`` (a move that failed half-way, or a
+        secondary given back)."""
+        vm.moved.pop(part, None)
+        if part not in vm.at_home:
+            vm.at_home.append(part)
+        await self._vms().restart_object(vm.name, part, state)
+        self._vms().changed(vm)
+        log.info("part %s of %s runs beside its object again", part, vm.service)
+
+    def housekeeping(self) -> None:
+        for agent in self.nested.values():
+            agent.housekeeping()
+
+    def bindings(self) -> dict[str, list[dict[str, Any]]]:
+        return {vm: agent.bindings() for vm, agent in self.nested.items()}
+
+    async def forget(self, vm_name: str) -> None:
+        agent = self.nested.pop(vm_name, None)
+        if agent is not None:
+            await agent.close()
+
+    async def close(self) -> None:
+        for name in list(self.nested):
+            await self.forget(name)
+
+    async def _call(self, address: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return await peer_call(address, ControlType.VM_NEGOTIATE, body, key=self.key,
+                               timeout=timeout)
+
+    async def _call_quietly(self, address: str, body: dict[str, Any]) -> None:
+        try:
+            await self._call(address, body, RESTORE_TIMEOUT_S)
+        except PeerError as exc:
+            log.warning("%s at %s failed: %s", body.get("action"), address, exc)
+
+
+def _why(exc: PeerError) -> str:
+    return exc.reason if isinstance(exc, PeerRefused) else str(exc)
