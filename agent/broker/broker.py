@@ -35,7 +35,7 @@ from agent.broker import wire
 from agent.broker.admission import Admission, AdmissionPolicy
 from agent.broker.credentials import Claims, RevocationList, ServiceKeys, issue
 from agent.broker.directory import Instance, ServiceDirectory
-from agent.broker.errors import BadRequest, BrokerError, LeaseDenied, UnknownLease
+from agent.broker.errors import BadRequest, BrokerError, LeaseDenied, NeedsGrowth, UnknownLease
 from agent.broker.leases import ANY, Duration, EndReason, Lease, LeasePolicy, LeaseRequest, \
     LeaseTable
 from agent.broker.paths import plan
@@ -195,6 +195,8 @@ class Broker:
             req = LeaseRequest(target, share, cpu, duration)
             instances = self._place(req, co_network)
             grant = self._lease_all(holder, req, instances, self._network_of(co_network))
+        except NeedsGrowth:
+            raise  # not a refusal yet: the role grows the service and asks again
         except LeaseDenied as exc:
             self.stats[f"denied_{exc.reason}"] += 1
             raise
@@ -297,7 +299,7 @@ class Broker:
                 limit = instance.lifecycle.remaining(self._clock())
                 lease = self.table.grant(holder, instance.service, instance.instance_id,
                                          req.share, req.cpu, req.duration, limit, group,
-                                         co_network)
+                                         co_network, req.target if req.goal is None else "")
                 granted.append(lease)
                 self.admission.hold(lease.lease_id, instance, req.share, req.cpu)
                 hops.append(self._hop(lease, instance))
@@ -311,7 +313,7 @@ class Broker:
         expires = self._wall() + lease.granted_s
         claims = Claims(lease.lease_id, instance.service, instance.instance_id, expires,
                         lease.holder)
-        return HopGrant(instance.service, instance.instance_id, instance.address,
+        return HopGrant(instance.service, instance.instance_id, instance.address_of(lease.target),
                         instance.port, issue(claims, self.keys.key(instance.service)),
                         lease.lease_id, lease.granted_s, expires, instance.consumes,
                         instance.produces)

@@ -93,6 +93,9 @@ class Instance:
     #: The LAN prefix of its router: COs on that network reach this instance only (their
     #: foreign agent delivers the home address here); "" when not given.
     network: str = ""
+    #: Objects that answer on an address of their own (the parts of a mobile object, on its
+    #: mobile network prefix): a lease naming one goes there.
+    object_addresses: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for attr in ("service", "instance_id", "router"):
@@ -116,6 +119,14 @@ class Instance:
             except ValueError:
                 raise BadRequest(f"router address {self.router_address!r} is not an IP "
                                  "address") from None
+        if len(self.object_addresses) > 64:
+            raise BadRequest("at most 64 object addresses")
+        for obj, address in self.object_addresses.items():
+            wire.check_name(obj, "object")
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise BadRequest(f"address of {obj} {address!r} is not an IP address") from None
         if self.network:
             try:
                 ipaddress.ip_network(self.network)
@@ -143,7 +154,12 @@ class Instance:
                 "consumes": self.consumes, "produces": self.produces,
                 "lifecycle": self.lifecycle.as_dict(now),
                 "processing_cost": self.processing_cost, "part": self.part,
-                "router_address": self.router_address, "network": self.network}
+                "router_address": self.router_address, "network": self.network,
+                "object_addresses": dict(self.object_addresses)}
+
+    def address_of(self, target: str) -> str:
+        """Where a lease for ``target`` (the service or one of its objects) is served."""
+        return self.object_addresses.get(target, self.address)
 
     @property
     def movable(self) -> bool:
@@ -157,7 +173,8 @@ class Instance:
         doc = wire.as_mapping(doc, what)
         wire.only_keys(doc, {"service", "instance_id", "address", "port", "router", "share",
                              "cpu", "objects", "consumes", "produces", "lifecycle",
-                             "processing_cost", "part", "router_address", "network"}, what)
+                             "processing_cost", "part", "router_address", "network",
+                             "object_addresses"}, what)
         return cls(
             service=wire.name(doc, "service", what),
             instance_id=wire.name(doc, "instance_id", what),
@@ -175,7 +192,13 @@ class Instance:
             part=wire.text(doc, "part", what, default="primary", max_len=16),
             router_address=wire.text(doc, "router_address", what, default="", max_len=64),
             network=wire.text(doc, "network", what, default="", max_len=64),
+            object_addresses=_addresses(doc.get("object_addresses", {})),
         )
+
+
+def _addresses(doc: Any) -> dict[str, str]:
+    doc = wire.as_mapping(doc, "object_addresses")
+    return {str(k): str(v) for k, v in doc.items()}
 
 
 class ServiceDirectory:

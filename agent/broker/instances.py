@@ -73,10 +73,13 @@ class InstanceError(Exception):
 
 def service_address(vm: Any, router_address: str) -> str:
     """Where the VM's service answers: its virtual interface's address; the home address of
-    its one object when that object is mobile; else this router's (first) address (a virtual
-    service answers on every address of the router)."""
+    its one object when that object is mobile (its parts have their own addresses); else
+    this router's (first) address (a virtual service answers on every address of the router)."""
     if vm.kind == "interface":
         return str(vm.address)
+    own = vm.primary_object() if hasattr(vm, "primary_object") else None
+    if own is not None and vm.part == "primary" and (vm.at_home or vm.moved):
+        return str(own[1]["home_address"])
     names = list(vm.objects) or list(vm.mobile)
     if len(names) == 1 and names[0] in vm.mobile:
         return str(vm.mobile[names[0]]["home_address"])
@@ -137,6 +140,8 @@ def instance_doc(vm: Any, router: str, instance_id: str, router_address: str,
         # reach its router, not the object's home address (every instance answers there).
         "router_address": router_address if vm.mobile else "",
         "network": network if vm.mobile else "",
+        "object_addresses": {str(c["name"]): str(c["home_address"])
+                             for obj, c in vm.mobile.items() if obj in getattr(vm, "at_home", ())},
     }
     from agent.broker.directory import Instance
 

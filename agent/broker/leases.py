@@ -147,6 +147,8 @@ class Lease:
     #: The LAN prefix the CO asked from (""; unknown): a CO on a network where an instance
     #: runs reaches only that instance, so a duplicate started there takes its leases over.
     co_network: str = ""
+    #: What the CO asked for (a service or one of its objects): the hop goes to its address.
+    target: str = ""
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.expires_at - now)
@@ -192,7 +194,7 @@ class LeaseTable:
 
     def grant(self, holder: str, service: str, instance: str, share: float, cpu: float,
               requested: Duration, limit_s: float | None = None, group: str = "",
-              co_network: str = "") -> Lease:
+              co_network: str = "", target: str = "") -> Lease:
         """A new lease for ``holder`` on ``instance`` (capacity is admission's business)."""
         if not holder:
             raise LeaseDenied("bad_credentials", "the request names no holder")
@@ -205,7 +207,7 @@ class LeaseTable:
         if lease_id in self._leases:  # 128 random bits: only a broken new_id gets here
             raise RuntimeError("lease id collision")
         lease = Lease(lease_id, holder, service, instance, share, cpu, granted, now,
-                      now + granted, group, co_network)
+                      now + granted, group, co_network, target)
         self._leases[lease_id] = lease
         log.debug("granted %s on %s to %s for %.1fs", service, instance, holder, granted)
         return lease

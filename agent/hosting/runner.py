@@ -156,7 +156,6 @@ class ObjectServer(asyncio.DatagramProtocol):
 
     def _accept(self, msg: ControlMessage, dest: ReplyTo) -> None:
         """A well-formed request from either transport: serve it, or queue it while warm."""
-        self._count_source(dest)
         if not self.warming:
             self._serve(msg, dest)
             return
@@ -253,6 +252,7 @@ class ObjectServer(asyncio.DatagramProtocol):
                 return
             msg = ControlMessage(msg.type, msg.txid,
                                  {k: v for k, v in msg.body.items() if k != "credential"})
+        self._count_source(dest)  # what this instance serves (not a sibling's, under bicast)
         last = self.seen.get(client)
         if last is not None and seq <= last[0]:
             # A queued UDP request the checkpoint already answered was answered by the other
