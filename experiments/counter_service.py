@@ -25,6 +25,37 @@ def counter_source(root: Path, cpu: float = 0.2, memory_mb: int = 96, pids: int 
     return src.parent
 
 
+def pair_source(root: Path, parts: tuple[str, ...] = ("tally",), cpu: float = 0.2,
+                memory_mb: int = 96, pids: int = 16) -> Path:
+    """A service source tree with the counter and, as further objects of the same service,
+    counters named ``parts``: a mobile counter's *parts* (on its mobile network prefix),
+    which can move as secondary objects. Returns the tree."""
+    tree = counter_source(root, cpu, memory_mb, pids)
+    for part in parts:
+        dst = tree / part
+        dst.mkdir()
+        shutil.copy(REPO / "agent" / "objects" / "counter.py", dst / "counter_object.py")
+        (dst / "object.json").write_text(json.dumps(
+            {"entry": OBJECT_ENTRY, "resources": {"cpu": cpu, "memory_mb": memory_mb,
+                                                  "pids": pids}}))
+    return tree
+
+
+def publish_pair(m: Any, service: str, parts: tuple[str, ...] = ("tally",),
+                 version: str = "1.0", workdir: Path | None = None) -> Path:
+    """:func:`publish_counter` for :func:`pair_source`'s service."""
+    from agent.vm.repository import package_service, publish_service
+
+    tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="moat-pair-"))
+    try:
+        signed = package_service(pair_source(tmp / version, parts), service, version, "acme",
+                                 m.provider_key, tmp / version / "out")
+        return publish_service(signed.path, m.net[m.site].repo_root)
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def publish_counter(m: Any, service: str, version: str = "1.0", key: Path | None = None,
                     cpu: float = 0.2, workdir: Path | None = None) -> Path:
     """Package the counter as ``service`` ``version``, signed with ``key`` (default: the
