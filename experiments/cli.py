@@ -74,6 +74,8 @@ COLUMNS = {
     "leases": ["lease_id", "holder", "service", "instance", "co_network", "share", "cpu", "granted_s",
                "remaining"],
     "growth": ["at", "service", "from", "share", "cpu", "router", "instance", "ms", "error"],
+    "nested": ["router", "vm", "home_address", "care_of_address", "care_of_name", "part", "gre_key",
+               "remaining"],
     "room": ["router", "capacity_cpu", "free_cpu", "capacity_memory_mb", "free_memory_mb", "reservations",
              "placements"],
     "grant": ["service", "instance", "address", "port", "lease_id", "granted_s"],
@@ -215,6 +217,9 @@ def collect(client: RunClient, what: str, routers: list[str],
             rows += [_flatten_object(router, o) for o in result]
         elif what == "vm":
             rows += [_flatten_vm(router, vm) for vm in result for vm in _per_object(vm)]
+        elif what == "nested":
+            rows += [dict(b, router=router, vm=vm) for vm, bindings in (result or {}).items()
+                     for b in bindings]
         elif what == "room":
             if result is not None:
                 rows.append(dict(result, router=router, reservations=len(result["reservations"]),
@@ -487,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_clean)
     p = sub.add_parser("show", help="tables from the agents of a running network")
     p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors",
-                                    "retired", "services", "leases", "growth", "room"])
+                                    "retired", "services", "leases", "growth", "room",
+                                    "nested"])
     p.add_argument("router", nargs="?")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
