@@ -26,6 +26,7 @@ from agent.core.daemon import AgentDaemon
 from agent.core.errors import ControlError
 from agent.core.msgauth import sign_hmac
 from agent.core.peer import PeerError, PeerRefused
+from agent.distribution import grow as grow_mod
 from agent.distribution import role as dist_mod
 from agent.distribution.capacity import (MAX_RESERVATIONS, NoRoom, Offer, Reservations, Room,
                                          placeable, rank)
@@ -893,6 +894,7 @@ class FakePeer:
 def grower(monkeypatch, peer: FakePeer) -> tuple[DistributionRole, FakeManager]:
     """r18b (net 12) running the primary ``cnt`` of mobile object svc."""
     monkeypatch.setattr(dist_mod, "peer_call", peer)
+    monkeypatch.setattr(grow_mod, "peer_call", peer)
     manager = FakeManager("r18b")
     manager.vms["cnt"] = vm("cnt")
     return DistributionRole(FakeDistAgent("r18b", "10.12.0.2", manager)), manager
