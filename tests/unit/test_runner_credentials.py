@@ -223,3 +223,43 @@ def test_a_part_other_than_primary_duplicate_or_secondary_is_refused() -> None:
     with pytest.raises(ValueError, match="part"):
         commands["credentials"]({"service": SERVICE, "instance": INSTANCE, "key": KEY.hex(),
                                  "part": "boss"})
+
+
+def test_an_object_counts_the_requests_it_serves_per_source_network() -> None:
+    """The traffic rule's input: requests this instance serves, per /24 — not those it
+    leaves to a sibling under bicast, nor refusals."""
+    server, transport, commands = leased_server()
+    send(server, transport, 1, token())
+    server.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 2, {
+        "client": "co14", "seq": 2, "credential": token()}).encode(), ("10.12.0.30", 5000))
+    server.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 3, {
+        "client": "co14", "seq": 3, "credential": token(instance="r20a/x@1")}).encode(),
+        ("10.16.0.23", 5000))  # a sibling's: left unanswered, not counted
+    send(server, transport, 4, "garbage")  # refused: not counted
+    assert commands["stats"]({})["by_network"] == {"10.14.0.0/24": 1, "10.12.0.0/24": 1}
+
+
+def test_a_sibling_credential_from_the_instances_own_network_is_served() -> None:
+    """A CO on this router's network reaches only this instance: a genuine credential for a
+    sibling instance of the service is honoured from there (the broker moved that lease)."""
+    server, transport, commands = leased_server(configure=False)
+    commands["credentials"]({"service": SERVICE, "instance": INSTANCE, "key": KEY.hex(),
+                             "networks": ["10.14.0.0/24"]})
+    reply = send(server, transport, 1, token(instance="r18b/vm@1"))  # from 10.14.0.30
+    assert reply["ok"] is True
+    server.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 2, {
+        "client": "x", "seq": 2, "credential": token(instance="r18b/vm@1")}).encode(),
+        ("10.16.0.23", 5000))
+    assert transport.sent[-1] is reply  # from elsewhere: the sibling's to answer
+
+
+def test_a_secondary_honours_its_primarys_credentials_and_answers_refusals() -> None:
+    server, transport, commands = leased_server(configure=False)
+    commands["credentials"]({"service": SERVICE, "instance": INSTANCE, "key": KEY.hex(),
+                             "part": "secondary", "aliases": ["r18b/pair@1"]})
+    assert send(server, transport, 1, token(instance="r18b/pair@1"))["ok"] is True
+    assert send(server, transport, 2, token(expires_in=-1.0))["credential_error"] == "expired"
+    server.datagram_received(ControlMessage(ControlType.SERVICE_REQUEST, 3, {
+        "client": "co14", "seq": 3, "credential": token(instance="r9/other@1")}).encode(),
+        ("10.16.0.23", 5000))
+    assert server.stats["left_to_sibling"] == 1
