@@ -165,7 +165,8 @@ class Broker:
         """
         old = self.directory.register(instance)
         self._joined.setdefault(instance.instance_id, self._clock())
-        if old is None and instance.network and instance.part == "duplicate":
+        if old is None and instance.network and instance.part == "duplicate" \
+                and (instance.gateway or not self._gateway_on(instance)):
             self._adopt(instance)
         return self.keys.key(instance.service)
 
@@ -337,6 +338,13 @@ class Broker:
         if why != "instance_removed":  # the CO finished with it (steps 220-226)
             self._release_if_idle(lease.instance)
 
+    def _gateway_on(self, instance: Instance) -> bool:
+        """Whether another instance on ``instance``'s network, at the same address, runs on
+        that network's FOA (it, not ``instance``, receives the network's requests)."""
+        return any(i.gateway for i in self.directory.lookup(instance.service)
+                   if i.instance_id != instance.instance_id and i.network == instance.network
+                   and i.address == instance.address)
+
     def _adopt(self, instance: Instance) -> None:
         same_address = {i.instance_id for i in self.directory.lookup(instance.service)
                         if i.address == instance.address}
@@ -358,16 +366,23 @@ class Broker:
         And whether the CO is *pinned*: an instance on its network answers on the movable
         primary's own address, so no new instance elsewhere would reach it."""
         network = self._network_of(co_address)
-        local_addresses = {i.address for i in self.directory.lookup(service)
-                           if network and i.network == network}
-        if not local_addresses:
+        local = [i for i in self.directory.lookup(service) if network and i.network == network]
+        if not local:
             return None, False
+        # Per address, the instance the CO's network delivers it to: the one on its FOA's
+        # own router if there is one, else the one there (a secondary, on its own address,
+        # does not hide the primary).
+        reached: dict[str, set[str]] = {}
+        for i in local:
+            reached.setdefault(i.address, set())
+        for address in reached:
+            here = [i for i in local if i.address == address]
+            chosen = [i for i in here if i.gateway] or here
+            reached[address] = {i.instance_id for i in chosen}
         movable = {i.address for i in self.directory.lookup(service) if i.movable}
-        # Instances answering on an address that one on the CO's network answers on: only
-        # that one is reached. A secondary (its own address) does not hide the primary.
-        return (lambda instance: (instance.address not in local_addresses
-                                  or instance.network == network),
-                bool(local_addresses & movable))
+        return (lambda instance: (instance.address not in reached
+                                  or instance.instance_id in reached[instance.address]),
+                bool(set(reached) & movable))
 
     def _release_if_idle(self, instance_id: str) -> None:
         """A duplicate exists for its leases only: with none left it leaves the directory

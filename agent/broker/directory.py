@@ -93,6 +93,9 @@ class Instance:
     #: The LAN prefix of its router: COs on that network reach this instance only (their
     #: foreign agent delivers the home address here); "" when not given.
     network: str = ""
+    #: Whether its router is its network's foreign agent: when two instances of one object
+    #: run on a network, the COs there reach the one on the FOA (it answers locally).
+    gateway: bool = False
     #: Objects that answer on an address of their own (the parts of a mobile object, on its
     #: mobile network prefix): a lease naming one goes there.
     object_addresses: dict[str, str] = field(default_factory=dict)
@@ -155,6 +158,7 @@ class Instance:
                 "lifecycle": self.lifecycle.as_dict(now),
                 "processing_cost": self.processing_cost, "part": self.part,
                 "router_address": self.router_address, "network": self.network,
+                "gateway": self.gateway,
                 "object_addresses": dict(self.object_addresses)}
 
     def address_of(self, target: str) -> str:
@@ -174,7 +178,7 @@ class Instance:
         wire.only_keys(doc, {"service", "instance_id", "address", "port", "router", "share",
                              "cpu", "objects", "consumes", "produces", "lifecycle",
                              "processing_cost", "part", "router_address", "network",
-                             "object_addresses"}, what)
+                             "object_addresses", "gateway"}, what)
         return cls(
             service=wire.name(doc, "service", what),
             instance_id=wire.name(doc, "instance_id", what),
@@ -193,6 +197,7 @@ class Instance:
             router_address=wire.text(doc, "router_address", what, default="", max_len=64),
             network=wire.text(doc, "network", what, default="", max_len=64),
             object_addresses=_addresses(doc.get("object_addresses", {})),
+            gateway=doc.get("gateway", False) is True,
         )
 
 

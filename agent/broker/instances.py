@@ -114,7 +114,7 @@ def formats(installed: str) -> tuple[str, str]:
 
 
 def instance_doc(vm: Any, router: str, instance_id: str, router_address: str,
-                 now: float, network: str = "") -> dict[str, Any]:
+                 now: float, network: str = "", gateway: bool = False) -> dict[str, Any]:
     """The SERVICE_REGISTER ``instance`` of ``vm`` (see
     :meth:`agent.broker.directory.Instance.from_dict`), its uptime at wall-clock ``now``.
     Checked here with the broker's own field rules, so a VM the broker would refuse is an
@@ -140,6 +140,7 @@ def instance_doc(vm: Any, router: str, instance_id: str, router_address: str,
         # reach its router, not the object's home address (every instance answers there).
         "router_address": router_address if vm.mobile else "",
         "network": network if vm.mobile else "",
+        "gateway": bool(gateway and vm.mobile),
         "object_addresses": {str(c["name"]): str(c["home_address"])
                              for obj, c in vm.mobile.items() if obj in getattr(vm, "at_home", ())},
     }
@@ -291,7 +292,7 @@ class ServiceInstancesRole(Role):
         self._stale.discard(iid)
         try:
             doc = instance_doc(vm, self.config.name, iid, self.router_address, self._clock(),
-                               self.network)
+                               self.network, "foreign" in self.config.roles)
         except InstanceError as exc:
             self.stats["refused"] += 1
             log.error("not registering %s with the broker: %s", iid, exc)

@@ -38,6 +38,15 @@ def _part_id(value: Any) -> int:
     return value
 
 
+def _address(value: Any) -> str:
+    if value in ("", None):
+        return ""
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError as exc:
+        raise ConfigError(f"care_of_address {value!r}: {exc}") from None
+
+
 def _prefix(value: Any) -> str:
     if value in ("", None):
         return ""
@@ -322,6 +331,10 @@ class ObjectConfig:
     #: The mobile network prefix it registers with its home agent ("" none): where its
     #: secondary objects answer; it is their home agent.
     network_prefix: str = ""
+    #: Register with this care-of address of the FOA rather than the one it advertises
+    #: first ("" none): a duplicate on an FOA's own router, beside an instance of the same
+    #: object behind it, takes the FOA's second address (patent: "a second care-of-address").
+    care_of_address: str = ""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ObjectConfig":
@@ -340,6 +353,7 @@ class ObjectConfig:
                 part=_part(data.get("part", "primary")),
                 part_id=_part_id(data.get("part_id", 0)),
                 network_prefix=_prefix(data.get("network_prefix", "")),
+                care_of_address=_address(data.get("care_of_address", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad object configuration: {exc!r}") from None

@@ -484,6 +484,22 @@ async def neighbour_del(address: str, ifname: str) -> None:
     await default().run(op_neighbour("del", address, ifname), f"remove neighbour {address} on {ifname}")
 
 
+async def neighbour_of(address: str) -> tuple[str, str] | None:
+    """(interface, link-layer address) of on-link neighbour ``address`` as the kernel knows
+    it now (any state with an address), or None."""
+    dst = _address(address)
+
+    def run(ipr: Any) -> tuple[str, str] | None:
+        for msg in ipr.get_neighbours(dst=dst):
+            lladdr = msg.get_attr("NDA_LLADDR")
+            if lladdr:
+                links = ipr.get_links(msg["ifindex"])
+                return (links[0].get_attr("IFLA_IFNAME") if links else "", str(lladdr))
+        return None
+
+    return await default().run(run, f"neighbour {dst}")
+
+
 async def link_set(ifname: str, *, up: bool | None = None, mtu: int | None = None,
                    txqlen: int | None = None) -> None:
     """Set a link's state, MTU and queue length."""

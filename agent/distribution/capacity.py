@@ -9,6 +9,7 @@ negotiator that dies half-way holds nothing for long.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -122,43 +123,71 @@ class Offer:
     objects: tuple[str, ...] = ()
     #: Whether the router is on the home network (duplicates go to foreign networks).
     home: bool = False
+    #: Home addresses registered through this router as their FOA (objects behind it).
+    visiting: tuple[str, ...] = ()
+    #: Whether its FOA can deliver by GRE key to a router behind it (as frames) while it
+    #: answers on the same home address itself: its tunnel is the userspace one.
+    frames: bool = False
 
     @classmethod
     def from_dict(cls, doc: Any) -> "Offer":
         what = "offer"
         doc = wire.as_mapping(doc, what)
         wire.only_keys(doc, {"ok", "router", "address", "network", "free_cpu", "free_memory_mb",
-                             "objects", "home", "auth"}, what)
-        home = doc.get("home", False)
-        if not isinstance(home, bool):
-            raise BadRequest("offer.home must be true or false")
+                             "objects", "home", "auth", "visiting", "frames"}, what)
+        home, frames = doc.get("home", False), doc.get("frames", False)
+        if not isinstance(home, bool) or not isinstance(frames, bool):
+            raise BadRequest("offer.home and offer.frames must be true or false")
+        visiting = doc.get("visiting", [])
+        if not isinstance(visiting, list) or len(visiting) > 1024:
+            raise BadRequest("offer.visiting must be a list of at most 1024 addresses")
+        for address in visiting:
+            try:
+                ipaddress.ip_address(address)
+            except (ValueError, TypeError):
+                raise BadRequest(f"offer.visiting: {address!r} is not an address") from None
         return cls(router=wire.name(doc, "router", what),
                    address=wire.text(doc, "address", what, max_len=64),
                    network=wire.text(doc, "network", what, max_len=64),
                    free=Room(wire.number(doc, "free_cpu", what, ge=0, le=1024),
                              int(wire.integer(doc, "free_memory_mb", what, lo=0, hi=1 << 30))),
                    objects=tuple(wire.names(doc, "objects", what, default=())),
-                   home=home)
+                   home=home, visiting=tuple(str(a) for a in visiting), frames=frames)
 
     def as_dict(self) -> dict[str, Any]:
         return {"router": self.router, "address": self.address, "network": self.network,
                 "free_cpu": round(self.free.cpu, 6), "free_memory_mb": self.free.memory_mb,
-                "objects": list(self.objects), "home": self.home}
+                "objects": list(self.objects), "home": self.home,
+                "visiting": list(self.visiting), "frames": self.frames}
 
 
-def placeable(offers: Iterable[Offer], obj: str, need: Room) -> list[Offer]:
-    """Where a duplicate of mobile object ``obj`` may go (step 210): a router on a foreign
-    network with ``need`` free, on a network where no instance of ``obj`` runs yet.
+def placeable(offers: Iterable[Offer], obj: str, need: Room, home_address: str = "") -> list[Offer]:
+    """Where a duplicate of mobile object ``obj`` (home address ``home_address``) may go
+    (step 210): a router on a foreign network with ``need`` free that does not run ``obj``,
 
-    Why those exclusions: every instance of a mobile object answers on the object's home
-    address. At home the HOA's proxy ARP and a router holding that address would both answer
-    for it, and two instances behind one foreign agent would share its care-of address and its
-    visitor entry (the FOA delivers a home address to one router). One instance per foreign
-    network keeps every binding's care-of address distinct."""
+    * on a network where no instance of ``obj`` runs yet, or
+    * on the foreign agent of a network where one instance runs *behind* it (registered
+      through it), when that FOA can deliver to it by GRE key (``frames``): the patent's
+      104 and 108 on one network, at the FOA's first and second care-of addresses.
+
+    Never at home: every instance answers on the object's home address, and there the HOA's
+    proxy ARP and a router holding that address would both answer for it. Never two behind
+    one FOA, nor beside an instance on an FOA's own router: the FOA tells instances apart by
+    GRE key only for the one behind it, and its own router takes the rest."""
     offers = list(offers)
-    taken = {o.network for o in offers if obj in o.objects}
-    return [o for o in offers
-            if not o.home and o.network not in taken and o.free.covers(need)]
+    running: dict[str, list[Offer]] = {}
+    for o in offers:
+        if obj in o.objects:
+            running.setdefault(o.network, []).append(o)
+    out = []
+    for o in offers:
+        if o.home or obj in o.objects or not o.free.covers(need):
+            continue
+        there = running.get(o.network, [])
+        if not there or (len(there) == 1 and o.frames and home_address
+                         and home_address in o.visiting):
+            out.append(o)
+    return out
 
 
 def rank(offers: Iterable[Offer], co_hops: dict[str, int], traffic: dict[str, int]) -> list[Offer]:

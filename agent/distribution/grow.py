@@ -90,7 +90,8 @@ class PrimarySide:
         need = Room(vm.cpu, vm.memory_mb)
         name = str(config["name"])
         offers = await self._query_all(str(config["home_address"]))
-        candidates = [o for o in placeable(offers, name, need) if o.network == network]
+        candidates = [o for o in placeable(offers, name, need, str(config["home_address"]))
+                      if o.network == network]
         if not candidates:
             log.info("traffic of %s comes from %s, but no router there can take a duplicate",
                      name, network)
@@ -140,7 +141,7 @@ class PrimarySide:
         offers = await self._query_all(home)
         step(f"asked {len(self.routers)} routers for room, {len(offers)} answered")
         traffic = await self._traffic(vm.name, obj)
-        candidates = rank(placeable(offers, name, need), self._co_hops(co_address), traffic)
+        candidates = rank(placeable(offers, name, need, home), self._co_hops(co_address), traffic)
         step(f"candidates: {[o.router for o in candidates]}")
         if not candidates:
             raise GrowRefused(f"no router on a foreign network without {name} has "
@@ -167,6 +168,7 @@ class PrimarySide:
         if not candidates:
             raise GrowRefused(f"no router on another foreign network has {need.cpu:g} CPU and "
                               f"{need.memory_mb} MiB free for part {part}")
+
         async def move(offer: Offer, rid: str) -> dict[str, Any]:
             try:
                 return await self.parts.move(vm, part, offer, rid, iid, step)

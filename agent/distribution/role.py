@@ -151,8 +151,35 @@ class DistributionRole(PrimarySide, Role):
         hosted = sorted({str(c.get("name")) for vm in self.vm.vms.values()
                          for c in vm.mobile.values()})
         home = any(ipaddress.ip_address(home_address) in net for net in self._subnets)
+        foreign, frames = self._foreign_agent()
+        visiting = sorted({v.home_address for v in foreign.visitors.snapshot_objects()}) \
+            if foreign is not None else []
         return Offer(self.config.name, self.address, self.network, free, tuple(hosted),
-                     home).as_dict()
+                     home, tuple(visiting), frames).as_dict()
+
+    def _foreign_agent(self) -> tuple[Any, bool]:
+        """This router's FOA logic (None if it is none) and whether its tunnel can deliver
+        by GRE key to a router behind it (the userspace one can)."""
+        from agent.mobility.agent_role import ObjectAgentRole
+
+        role = self.agent.role(ObjectAgentRole)
+        foreign = getattr(role, "foreign", None)
+        dataplane = getattr(role, "dataplane", None)
+        backend = getattr(getattr(dataplane, "tunnel", None), "backend", "")
+        return foreign, backend == "userspace"
+
+    def second_care_of(self, home_address: str) -> str:
+        """An address of this router that no visitor of ``home_address`` uses as its care-of
+        address ("" when it is no FOA or has no such visitor): a duplicate here, beside an
+        instance behind this FOA, registers with it (patent: "a second care-of-address")."""
+        foreign, _frames = self._foreign_agent()
+        if foreign is None:
+            return ""
+        used = {v.care_of_address for v in foreign.visitors.of(home_address)}
+        if not used:
+            return ""
+        free = [i.address for i in self.config.interfaces if i.address not in used]
+        return free[-1] if free else ""
 
     async def on_negotiate(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         action = body.get("action")
@@ -224,6 +251,9 @@ class DistributionRole(PrimarySide, Role):
         wire.check_name(vm_body.get("vm"), "vm")
         (obj,) = objects
         name = str(mobile[obj].get("name"))
+        second = self.second_care_of(str(mobile[obj].get("home_address")))
+        if second and vm_body["part"] == "duplicate":
+            mobile[obj] = dict(mobile[obj], care_of_address=second)
         try:
             await self.vm.provision(vm_body, warm=warm, states={obj: state})
             status = await self.agent.require(MigrationRole).wait_registered(name)
@@ -239,7 +269,7 @@ class DistributionRole(PrimarySide, Role):
         vm = self.vm.vms[vm_body["vm"]]
         self.stats["duplicates_hosted"] += 1
         doc = instance_doc(vm, self.config.name, self.vm.instance_id(vm), self.address,
-                           time.time(), self.network)
+                           time.time(), self.network, "foreign" in self.config.roles)
         return {"ok": True, "instance": doc, "registration": status.get("registration")}
 
     async def on_release(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:

@@ -198,30 +198,44 @@ class Visitor:
 
 
 class VisitorList:
-    """The FOA's visitors by home address, with expiry."""
+    """The FOA's visitors by home address and care-of address, with expiry.
+
+    An object has one visitor entry per care-of address this FOA issued it: two instances of
+    one object (a duplicate on this router beside the primary behind it, patent 104/108)
+    register through one FOA with different care-of addresses (patent: "a second
+    care-of-address and a second care-of-name")."""
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
-        self._visitors: dict[str, Visitor] = {}
+        self._visitors: dict[tuple[str, str], Visitor] = {}
 
     def __len__(self) -> int:
         return len(self._visitors)
 
-    def get(self, home_address: str) -> Visitor | None:
-        return self._visitors.get(home_address)
+    def get(self, home_address: str, care_of_address: str | None = None) -> Visitor | None:
+        """The visitor of ``home_address`` at ``care_of_address`` (None: any of its)."""
+        if care_of_address is not None:
+            return self._visitors.get((home_address, care_of_address))
+        return next((v for (h, _), v in self._visitors.items() if h == home_address), None)
+
+    def of(self, home_address: str) -> list[Visitor]:
+        return [v for (h, _), v in self._visitors.items() if h == home_address]
 
     def add(self, visitor: Visitor) -> None:
-        self._visitors[visitor.home_address] = visitor
+        self._visitors[(visitor.home_address, visitor.care_of_address)] = visitor
 
-    def remove(self, home_address: str) -> Visitor | None:
-        return self._visitors.pop(home_address, None)
+    def remove(self, home_address: str, care_of_address: str | None = None) -> Visitor | None:
+        """Forget the visitor at ``care_of_address`` (None: every visitor of the object);
+        returns one removed."""
+        keys = [k for k in self._visitors if k[0] == home_address
+                and (care_of_address is None or k[1] == care_of_address)]
+        gone = [self._visitors.pop(k) for k in keys]
+        return gone[0] if gone else None
 
     def expire(self) -> list[Visitor]:
         now = self._clock()
-        gone = [v for v in self._visitors.values() if v.registered_at + v.lifetime <= now]
-        for v in gone:
-            del self._visitors[v.home_address]
-        return gone
+        gone = [k for k, v in self._visitors.items() if v.registered_at + v.lifetime <= now]
+        return [self._visitors.pop(k) for k in gone]
 
     def snapshot(self) -> list[dict]:
         now = self._clock()

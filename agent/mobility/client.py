@@ -259,6 +259,8 @@ class RegistrationClient:
     def build_request(self, agent: AgentSeen, lifetime: int | None = None) -> bytes:
         cfg = self.config
         coa = agent.advertisement.care_of_addresses[0] if agent.advertisement.care_of_addresses else agent.address
+        if cfg.care_of_address:
+            coa = cfg.care_of_address
         flags = RequestFlags.G
         if cfg.simultaneous:
             flags |= RequestFlags.S

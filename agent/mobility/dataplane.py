@@ -19,9 +19,14 @@ from agent.mobility.home import HomeAgent
 
 log = logging.getLogger(__name__)
 
+#: How often and how long the FOA looks for a router's MAC after asking the kernel for it.
+ARP_POLLS, ARP_POLL_S = 25, 0.02
+
 #: A visitor's path at the FOA: (HOA address, GRE key, LAN router that runs it or None for
-#: this router, reverse tunnel).
-ForeignPath = tuple[str, int, Optional[str], bool]
+#: this router, reverse tunnel, delivered as frames to that router rather than routed).
+ForeignPath = tuple[str, int, Optional[str], bool, bool]
+#: A visitor: (home address, care-of address).
+VisitorKey = tuple[str, str]
 
 
 class DataPlane:
@@ -31,7 +36,9 @@ class DataPlane:
         self.tunnel = tunnel
         self.addresses = addresses
         self._home_peers: dict[str, list[tuple[str, int]]] = {}
-        self._foreign_paths: dict[str, ForeignPath] = {}
+        self._foreign_paths: dict[VisitorKey, ForeignPath] = {}
+        #: Home addresses routed to the LAN router that runs them.
+        self._routes: dict[str, str] = {}
         #: Visitors' mobile network prefixes (NEMO) -> the LAN router that runs the object.
         self._prefix_routes: dict[str, str] = {}
         self._lock = asyncio.Lock()
@@ -55,29 +62,104 @@ class DataPlane:
                 self._home_peers.pop(address, None)
 
     async def sync_foreign(self, foreign: ForeignAgent) -> None:
-        """FOA: accept each visitor's tunnel and route its home address to its router.
+        """FOA: accept each visitor's tunnel and deliver its home address to its router.
 
         Returns once the routes are in place: the FOA relays a registration reply only after
-        this, so no tunnelled packet reaches it before it knows where to deliver it."""
+        this, so no tunnelled packet reaches it before it knows where to deliver it.
+
+        Normally a route (home address via the LAN router that runs the object) delivers.
+        When two instances of one object visit (patent 104/108: one on this very router,
+        one behind it, at two care-of addresses), no route can tell them apart — and this
+        router would take every packet for the home address itself — so the tunnel hands the
+        one behind it its packets as frames to that router (by GRE key)."""
         async with self._lock:
-            for address, old, new in self._foreign_changes(foreign):
+            wanted = self._wanted_paths(foreign)
+            for key in sorted(set(self._foreign_paths) | set(wanted)):
+                old, new = self._foreign_paths.get(key), wanted.get(key)
+                if old == new:
+                    continue
+                address = key[0]
                 if old is not None:
                     self.tunnel.forget(old[0], old[1])
                     if old[3]:
                         self.tunnel.set_reverse(address, None)
-                    await set_local_route(address, None)
+                    if old[4]:
+                        self._set_delivery(old, None)
                 if new is not None:
                     self.tunnel.accept(new[0], new[1])
-                    await set_local_route(address, new[2])
+                    if new[4] and not await self._deliver_as_frames(new):
+                        new = new[:4] + (False,)  # type: ignore[assignment]
                     if new[3]:
                         self.tunnel.set_reverse(address, (new[0], new[1]))
-                    self._foreign_paths[address] = new
-                    log.info("FOA data plane: GRE key %d from %s delivers %s via %s", new[1],
-                             new[0], address, new[2] or "this router")
+                    self._foreign_paths[key] = new
+                    log.info("FOA data plane: GRE key %d from %s delivers %s via %s%s", new[1],
+                             new[0], address, new[2] or "this router",
+                             " (frames)" if new[4] else "")
                 else:
-                    self._foreign_paths.pop(address, None)
+                    self._foreign_paths.pop(key, None)
+            await self._sync_routes()
             await self._sync_prefixes(foreign)
             await self._settle()
+
+    def _wanted_paths(self, foreign: ForeignAgent) -> dict[VisitorKey, ForeignPath]:
+        by_home: dict[str, list[Any]] = {}
+        for v in foreign.visitors.snapshot_objects():
+            if v.gre_key is not None:
+                by_home.setdefault(v.home_address, []).append(v)
+        wanted: dict[VisitorKey, ForeignPath] = {}
+        for home, visitors in by_home.items():
+            shared = len(visitors) > 1
+            for v in visitors:
+                via = None if v.local_address in self.addresses else v.local_address
+                wanted[(home, v.care_of_address)] = (v.home_agent, v.gre_key, via,
+                                                     v.reverse_tunnel, shared and via is not None)
+        return wanted
+
+    async def _sync_routes(self) -> None:
+        """One route per home address whose only visitor is routed (not this router, not
+        delivered as frames)."""
+        wanted: dict[str, str] = {}
+        homes: dict[str, int] = {}
+        for (home, _coa), path in self._foreign_paths.items():
+            homes[home] = homes.get(home, 0) + 1
+            if path[2] is not None and not path[4]:
+                wanted[home] = path[2]
+        wanted = {h: via for h, via in wanted.items() if homes[h] == 1}
+        for home in [h for h in self._routes if self._routes[h] != wanted.get(h)]:
+            await set_local_route(home, None)
+            del self._routes[home]
+        for home, via in wanted.items():
+            if self._routes.get(home) != via:
+                await set_local_route(home, via)
+                self._routes[home] = via
+
+    async def _deliver_as_frames(self, path: ForeignPath) -> bool:
+        """Look up the router's MAC and tell the tunnel; False (logged) when it cannot."""
+        via = path[2]
+        assert via is not None
+        try:
+            neighbour = await netlink.neighbour_of(via)
+            if neighbour is None:
+                _provoke_arp(via)
+                for _ in range(ARP_POLLS):
+                    await asyncio.sleep(ARP_POLL_S)
+                    neighbour = await netlink.neighbour_of(via)
+                    if neighbour is not None:
+                        break
+            if neighbour is None:
+                raise AgentError(f"no link-layer address for {via}")
+            self._set_delivery(path, neighbour)
+            return True
+        except AgentError as exc:
+            log.warning("FOA data plane: cannot deliver key %d to %s as frames: %s", path[1],
+                        via, exc)
+            return False
+
+    def _set_delivery(self, path: ForeignPath, via: tuple[str, str] | None) -> None:
+        try:
+            self.tunnel.set_delivery(path[0], path[1], via)
+        except AgentError as exc:
+            log.warning("FOA data plane: %s", exc)
 
     async def _sync_prefixes(self, foreign: ForeignAgent) -> None:
         """A visitor's mobile network prefix goes where its home address goes: to the LAN
@@ -102,29 +184,30 @@ class DataPlane:
         except AgentError as exc:  # refused changes are logged and undone by the tunnel
             log.warning("FOA data plane: %s", exc)
 
-    def _foreign_changes(self, foreign: ForeignAgent
-                         ) -> list[tuple[str, ForeignPath | None, ForeignPath | None]]:
-        """(home address, installed path, wanted path) for every path that must change."""
-        wanted: dict[str, ForeignPath] = {}
-        for v in foreign.visitors.snapshot_objects():
-            if v.gre_key is None:
-                continue
-            via = None if v.local_address in self.addresses else v.local_address
-            wanted[v.home_address] = (v.home_agent, v.gre_key, via, v.reverse_tunnel)
-        return [(a, self._foreign_paths.get(a), wanted.get(a))
-                for a in sorted(set(self._foreign_paths) | set(wanted))
-                if self._foreign_paths.get(a) != wanted.get(a)]
-
     async def close(self) -> None:
         """Remove every local route this data plane added, then close the tunnel."""
         async with self._lock:
-            for address in list(self._foreign_paths):
+            for address in list(self._routes):
                 await set_local_route(address, None)
+            self._routes.clear()
             self._foreign_paths.clear()
             for prefix in list(self._prefix_routes):
                 await set_route(prefix, None)
             self._prefix_routes.clear()
         await self.tunnel.aclose()
+
+
+def _provoke_arp(address: str) -> None:
+    """Make the kernel resolve an on-link ``address`` (a datagram to its discard port). The
+    FOA has just exchanged registration messages with that router, so its entry is normally
+    there already."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"", (address, 9))
+        except OSError:
+            pass
 
 
 async def set_local_route(address: str, via: str | None) -> None:

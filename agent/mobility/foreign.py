@@ -97,15 +97,18 @@ class ForeignAgent:
 
         Two different objects with the same name get ``-2``, ``-3``... appended.
         """
-        current = self.visitors.get(rrq.home_address)
+        current = self.visitors.get(rrq.home_address, rrq.care_of_address)
         if current is not None:
             return current.care_of_name  # a renewal keeps its name
         nais = rrq.find(NaiExtension)
         base = (nais[0].nai.split("@", 1)[0] if nais else rrq.home_address) + f".{self.name}"
-        taken = {v.care_of_name for v in self.visitors.snapshot_objects() if v.home_address != rrq.home_address}
+        taken = {v.care_of_name for v in self.visitors.snapshot_objects()
+                 if (v.home_address, v.care_of_address) != (rrq.home_address, rrq.care_of_address)}
         # Names handed out in relays not yet answered are taken too, or two same-named objects
         # registering at once would both be given the base name.
-        taken |= {p.care_of_name for p in self.pending.values() if p.request.home_address != rrq.home_address}
+        taken |= {p.care_of_name for p in self.pending.values()
+                  if (p.request.home_address, p.request.care_of_address)
+                  != (rrq.home_address, rrq.care_of_address)}
         name, n = base, 1
         while name in taken:
             n += 1
@@ -126,7 +129,7 @@ class ForeignAgent:
         if rrq.care_of_address not in self.care_of_addresses:
             return self.deny(rrq, ReplyCode.FA_INVALID_COA)
         pending_others = {p.request.home_address for p in self.pending.values()} - {rrq.home_address}
-        if (self.visitors.get(rrq.home_address) is None
+        if (self.visitors.get(rrq.home_address, rrq.care_of_address) is None
                 and len(self.visitors) + len(pending_others) >= self.config.max_visitors):
             return self.deny(rrq, ReplyCode.FA_INSUFFICIENT_RESOURCES)
         mf = find_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH)
@@ -176,7 +179,7 @@ class ForeignAgent:
                 str(networks[0].network) if networks else "",
             ))
         elif rrp.accepted:
-            self.visitors.remove(rrq.home_address)
+            self.visitors.remove(rrq.home_address, rrq.care_of_address)
         has_fh = find_auth(rrp, ExtType.FOREIGN_HOME_AUTH) is not None
         out = bytes_before(rrp, ExtType.FOREIGN_HOME_AUTH) if has_fh else rrp.raw
         if rrp.accepted:  # the object learns its care-of-name (patent Fig. 7, 122)

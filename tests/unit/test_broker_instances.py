@@ -144,7 +144,7 @@ def test_instance_doc_of_a_virtual_service(tmp_path: Path) -> None:
                    "objects": ["text2html"], "consumes": "text", "produces": "html",
                    "lifecycle": {"max_duration_s": 120.0, "uptime_s": 12.5},
                    "part": "primary", "router_address": "", "network": "",  # not mobile
-                   "object_addresses": {}}
+                   "gateway": False, "object_addresses": {}}
     inst = Instance.from_dict(doc, 1000.0)
     assert inst.lifecycle.remaining(1000.0) == pytest.approx(107.5)
     json.dumps(doc)

@@ -335,6 +335,13 @@ class Tunnel:
     def forget(self, remote: str, key: int) -> None:
         raise NotImplementedError
 
+    def set_delivery(self, remote: str, key: int, via: tuple[str, str] | None) -> None:
+        """Deliver what arrives from ``(remote, key)`` as a frame to the on-link neighbour
+        ``via`` = (interface, MAC), not through the routing table (None: the table again):
+        an FOA whose own router answers on the same home address for another instance.
+        Backends that cannot raise :class:`TunnelError`."""
+        raise TunnelError(f"the {self.backend} backend cannot deliver to a neighbour directly")
+
     def set_reverse(self, inner_src: str, peer: tuple[str, int] | None) -> None:
         raise NotImplementedError
 

@@ -66,6 +66,10 @@ class UserspaceTunnel(Tunnel):
         self._reverse_route = False
         self._pktinfo = True  # send with IP_PKTINFO (source = local) until the kernel refuses
         self._closed = False
+        #: (remote, key) -> (interface, MAC): delivered as frames to that neighbour.
+        self.deliveries: dict[tuple[str, int], tuple[str, str]] = {}
+        self._frames: socket.socket | None = None
+        self._peer: tuple[str, int] | None = None  # of the last packet decapsulated
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -172,6 +176,9 @@ class UserspaceTunnel(Tunnel):
             except OSError:
                 pass
             self.tun_fd = None
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None
 
     # --- tables ------------------------------------------------------------------------------
 
@@ -185,6 +192,28 @@ class UserspaceTunnel(Tunnel):
         elif self.peers.pop(inner_dst, None) is not None:
             self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name),
                         f"remove route {inner_dst}/32")
+
+    def set_delivery(self, remote: str, key: int, via: tuple[str, str] | None) -> None:
+        peer = check_peer((remote, key))
+        if via is None:
+            self.deliveries.pop(peer, None)
+            return
+        if self._frames is None:
+            self._frames = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
+                                         socket.htons(ETH_P_IP))
+            self._frames.setblocking(False)
+        self.deliveries[peer] = via
+
+    def _to_neighbour(self, inner: bytes, via: tuple[str, str]) -> None:
+        ifname, mac = via
+        try:
+            assert self._frames is not None
+            self._frames.sendto(inner, (ifname, ETH_P_IP, 0, 0, bytes.fromhex(mac.replace(":", ""))))
+            self._counters["decapsulated"] += 1
+        except OSError as exc:
+            self._counters["dropped_send_error"] += 1
+            self._limit(f"frame-{ifname}", logging.INFO, "frame to %s on %s failed: %s", mac,
+                        ifname, exc)
 
     def accept(self, remote: str, key: int) -> None:
         self.accepted.add(check_peer((remote, key)))
@@ -318,7 +347,12 @@ class UserspaceTunnel(Tunnel):
                 self._counters["dropped_malformed"] += 1
                 log.exception("decapsulation failed")
                 continue
-            if inner is not None and self.tun_fd is not None:
+            if inner is None:
+                continue
+            via = self.deliveries.get(self._peer) if self.deliveries else None
+            if via is not None:
+                self._to_neighbour(inner, via)
+            elif self.tun_fd is not None:
                 self._to_tun(inner)
 
     def _to_tun(self, inner: bytes) -> None:
@@ -349,4 +383,5 @@ class UserspaceTunnel(Tunnel):
             self._limit(f"unknown-{outer.src}-{gre.key}", logging.INFO,
                         "GRE from %s key %s not accepted: dropped", outer.src, gre.key)
             return None
+        self._peer = (outer.src, gre.key)
         return inner[: inner_header.total_length]
