@@ -84,7 +84,7 @@ local nf = {
 }
 moat_nvse.fields = {
     nf.type, nf.care_of_name, nf.role, nf.part_reserved, nf.part_id, nf.parent, nf.gre_key,
-    nf.value,
+    nf.prefix, nf.prefix_len, nf.value,
 }
 
 local ef_nvse_short = ProtoExpert.new(
