@@ -1,34 +1,65 @@
-"""Lease-driven distribution — ``sudo moat run leases`` (patent Fig. 12, steps 208-230).
+"""Lease-driven distribution — ``sudo moat run leases`` (patent Fig. 12, steps 208-230):
+moving all of a service (*duplicates*) and moving a part of it (*secondaries*).
 
-In the patent's topology the counter runs leased as the mobile object ``svc`` (home address
-10.16.0.100) in a VM on r18b (foreign network 12): the service ``count-svc``, whose *primary*
-instance offers 100 % of the service on 1 CPU. The service broker (on the HOA's router r22b)
-grants leases on it; corresponding objects (COs) on networks 12 and 14 — the hosts' own
-identities ``co12`` and ``co14`` and more identities on the same hosts, ``co12-b``, ``co14-b``
-and ``co14-c``, each with its own broker key — arrive over time, each asking for about a
-third of the service (and as much of its CPU), then keep a load of leased requests running
-(``python -m nodetools.co_load --grant``, ``--rate`` per second: every request carries the
-lease's credential, to the home address) until they finish, by cancelling the lease or by
-letting it expire (the load stops 0.8 s before).
+In the patent's topology the service ``pair-svc`` runs leased in a VM on r18b (foreign
+network 12), its *primary* instance offering 100 % of the service on 1 CPU. It has two
+objects: the counter, which runs as the mobile object ``svc`` (home address 10.16.0.100), and
+a part, ``tally`` (another counter), which runs beside it at 10.16.0.224, an address of
+``svc``'s mobile network prefix 10.16.0.224/30 (the HOA holds one binding, ``svc``'s, with
+the prefix). The service broker (on the HOA's router r22b) grants leases on the service
+(target ``pair-svc``: served by the counter at the home address) or on the part (target
+``tally``: served at the part's address). Corresponding objects (COs) — the hosts' own
+identities ``co12``, ``co14`` and ``dns23`` (home network) and more identities on the same
+hosts, ``co12-b``, ``co14-b`` and ``co14-c``, each with its own broker key — arrive over time,
+each asking for a share of the service (and as much of its CPU), then keep a load of leased
+requests running (``python -m nodetools.co_load --grant``, ``--rate`` per second: every
+request carries the lease's credential, to the hop's address) until they finish, by
+cancelling the lease or by letting it expire (the load stops 0.8 s before).
 
-Each cycle (``--cycles``; shares, identities, hold times and endings drawn from ``--seed``):
+**Duplicate cycles** (``--cycles``, target ``pair-svc``; shares, identities, hold times and
+endings drawn from ``--seed``):
 
 * **A** (net 14, 28-33 %) leases the primary alone: its requests cross the backbone to the
   home network, where the HOA tunnels them to r18b's FOA (net 14 → primary: the baseline).
 * **B** and **C** (net 12, 30-33 % each) lease the primary too (its own network's instance).
 * **D** (net 14, 30-45 %) does not fit beside them: admission finds no room (step 208) and
   the broker asks r18b to grow the service: r18b queries every router for room, reserves it
-  on r20a (the only foreign network without an instance), and starts a *duplicate* there from
-  the primary's checkpoint (steps 210-222). The duplicate registers through its FOA with S:
-  the HOA holds two bindings for 10.16.0.100 and bicasts. D's lease is on the duplicate.
-  The duplicate also takes over A's lease (A's network now reaches only it: r20a delivers
-  the home address locally), so A's later requests are answered on net 14 — the same CO's
-  latency before and after the duplicate.
+  on r20a (the only foreign network without an instance), and starts a *duplicate* of the
+  counter there from the primary's checkpoint (steps 210-222). The duplicate registers
+  through its FOA with S: the HOA holds two bindings for 10.16.0.100 and bicasts. D's lease
+  is on the duplicate. The duplicate also takes over A's lease (A's network now reaches only
+  it: r20a delivers the home address locally), so A's later requests are answered on net 14
+  — the same CO's latency before and after the duplicate.
 * **E** (net 12) asks for more than the primary has left: denied ``no_capacity`` (a CO on a
   network with an instance reaches only that one, and a duplicate never shares a network).
 * B and C end one by cancel and one by expiry; so do A and D, the duplicate's last lease
   ending by cancel in some cycles and by expiry in others. The broker then releases the
   duplicate: its VM stops, its binding goes, and the next cycle starts from the primary alone.
+
+**The secondaries phase** (after the cycles, target ``tally``):
+
+* **P** (``dns23``, home network, 45-55 %) leases the part at home: its requests go HOA →
+  r18a (GRE) → r18b.
+* **Q** (net 14, 15-25 %) leases the part at home too: across the backbone and the HOA.
+* **S** (net 14, 42-60 %) does not fit beside them: the broker asks r18b to grow, and r18b
+  moves the *part* (step 218), make before break: a *secondary* starts warm on r20a from the
+  part's checkpoint and registers through r20a's FOA with ``svc`` (10.16.0.100) as its home
+  agent; r18b's nested home agent keeps its binding (``nested``) and tunnels to it; the part
+  stops on r18b and its final checkpoint restores the secondary, which replays what it
+  queued. The HOA's table still shows only the primary. S's lease is on the secondary.
+  P's and Q's leases stay on the primary's instance, and the secondary honours them: P's
+  requests now cross two tunnels (HOA → r18a, then r18b → r20a: the *nesting*), Q's are
+  answered on net 14 (r20a delivers the part's address itself).
+* P and Q end (one by cancel, one by expiry), then S (by cancel or expiry, from the seed):
+  the broker releases the secondary, which gives the part back to r18b with its state; its
+  binding leaves r18b's nested table.
+* **R** (net 12, 10-30 %) then leases the part, at home again on r18b: its count continues
+  from the secondary's last.
+
+P and Q end before S on purpose: a secondary's give-back is not make before break (the
+secondary serves on while its state goes back, so what it serves in that time is missing from
+the part's state when the part restarts on r18b), so no request of the part is in flight when
+it goes back.
 
 The default rate (20 requests/s per CO) stays under the primary router's traffic rule (200
 requests in 5 s, 75 % from one foreign network); from about 40/s A's load alone makes r18b
@@ -37,40 +68,56 @@ place the duplicate before D asks (reported as ``traffic rule placed a duplicate
 What is measured, and how:
 
 * **Exactly once**: every request of every CO's load (its log: ``seq``, send time, each reply
-  with ``served_by`` and the object's ``count``) must get one reply, from the router of the
-  lease's instance when it was sent (the broker's ``leases`` tell when a lease moved) — none
-  with 0, none with 2 (under bicast both instances get a request from the home network; the
-  one the credential does not name stays silent).
-* **Counters**: per instance (router and the object process's id), the counts it returned
-  are distinct and contiguous; the primary's start at 1; a duplicate's first count minus one
-  is its checkpoint, which must lie between the primary's count when the growing request was
-  sent and its count when the grant came back.
+  with ``served_by`` and the object's ``count``) must get one reply, from the router that
+  should serve it when it was sent: for a lease of the service, its instance's (the broker's
+  ``leases`` tell when a lease moved); for a lease of the part on the primary's instance,
+  r18b while the part is at home and the secondary's router while r18b's nested table holds
+  its binding — none with 0, none with 2 (under bicast both instances get a request from the
+  home network; the one the credential does not name stays silent).
+* **Counters**: per object and instance (router and the object process's id), the counts it
+  returned are distinct and contiguous. The counter's primary starts at 1; a duplicate's
+  first count minus one is its checkpoint, which must lie between the primary's count when
+  the growing request was sent and its count when the grant came back. The part's processes,
+  in time order (at home, secondary, at home again), continue one sequence: each one's first
+  count is one more than the last count of the one before (its state moved whole), and the
+  part's final count on r18b (``object_stats``) is its last count served.
 * **Grant latency**: ``request_ms``, from sending the LEASE_REQUEST to the grant decoded, by
   the CO's own process (``time.perf_counter`` inside the CO host; HMAC, TCP 4340 and the
-  broker included). Ordinary grants against growing ones: the ratio is the cost of growing
-  as the CO sees it.
-* **Growth**: ``growth_ms``, the broker's own time from SERVICE_GROW sent to the duplicate's
-  instance back (its ``growth`` command: query, reserve, checkpoint, fetch and verify from
-  the remote site, start, registration through the FOA), with the primary router's steps;
-  ``first_answer_ms``: from the growing request sent to the duplicate's first reply at that
-  CO (this includes starting the load generator, about 0.3 s of Python).
-* **Release**: from the duplicate's last lease ending (the cancel's answer at the CO; for an
-  expiry, the broker's expiry time, from the ``remaining`` of its ``leases`` command) to the
-  first sample without the duplicate's binding at the HOA: an upper bound, sampled every
-  0.25 s.
+  broker included). Ordinary grants against growing ones (duplicate, part move): the ratio is
+  the cost of growing as the CO sees it.
+* **Growth** (duplicates and part moves alike): ``growth_ms``, the broker's own time from
+  SERVICE_GROW sent to the new instance back (its ``growth`` command: query, reserve,
+  checkpoint, fetch and verify from the remote site, start, registration through the FOA;
+  for a part also the stop on r18b and the restore), with the primary router's steps;
+  ``first_answer_ms``: from the growing request sent to the new instance's first reply at
+  that CO (this includes starting the load generator, about 0.3 s of Python);
+  ``first_served_ms``: to the new instance's first reply at any CO (for a part: P's and Q's
+  requests, queued by the warm secondary, come first).
+* **Release**: from the new instance's last lease ending (the cancel's answer at the CO; for
+  an expiry, the broker's expiry time, from the ``remaining`` of its ``leases`` command) to
+  the first sample without its binding (the HOA's for a duplicate, r18b's nested table for a
+  secondary): an upper bound, sampled every 0.25 s; for a secondary also when the primary's
+  instance listed the part again.
 * **Latency**: each reply's round trip at the CO (``co_load``'s send and receive times),
-  grouped by the CO's network, the instance that served it and whether a duplicate was bound
-  when it was sent: net 14 → primary (backbone, home network, GRE to net 12) against net 14 →
-  duplicate (its own network).
-* **Samples**, every 0.25 s in a thread: the broker's ``services`` (share used per instance)
-  and ``leases`` (each one's instance and remaining time), the HOA's ``bindings`` (count and
-  part of each).
+  grouped by the CO's network, the instance that served it and the phase when it was sent
+  (for the service: what the HOA held; for the part: at home, *moving* — from the
+  secondary's registration, less one sampling period, to its restore, by the primary
+  router's steps: requests then queue in the warm secondary — or away); and per lease that
+  moved (A to the duplicate; P and Q to the secondary) its median
+  before and after: net 14 → primary (backbone, home network, GRE to net 12) against net 14
+  → duplicate; home → part on r18b (one tunnel) against home → secondary (two); net 14 →
+  part on r18b against net 14 → secondary (its own network).
+* **Samples**, every 0.25 s in a thread: the broker's ``services`` (share used per instance,
+  its objects) and ``leases`` (each one's instance and remaining time), the HOA's
+  ``bindings`` and r18b's ``nested`` bindings.
+* **Captures**: GRE packets whose inner destination is the part's address, by outer source
+  and destination (tshark): HOA → r18a on the home LAN, then 10.16.0.100 → r20a on net 12.
 
 Writes ``results/leases/<run-id>/``: summary.json, events.csv (the printed event table),
-leases.csv (one row per lease), requests.csv (per request: CO, seq, instance, answers, RTT),
-samples.csv (share per instance and bindings, every 0.25 s), shares.png, bindings.png,
-latency.png and captures/ (home LAN, foreign LANs 12 and 14; the broker's and the routers'
-messages decode with packets/wireshark/moat.lua).
+leases.csv (one row per lease), requests.csv (per request: CO, seq, object, instance,
+answers, RTT), samples.csv (share per instance and bindings, every 0.25 s), shares.png,
+bindings.png, latency.png and captures/ (home LAN, foreign LANs 12 and 14; the broker's and
+the routers' messages decode with packets/wireshark/moat.lua).
 """
 
 from __future__ import annotations
@@ -80,6 +127,7 @@ import bisect
 import contextlib
 import dataclasses
 import heapq
+import ipaddress
 import json
 import logging
 import random
@@ -100,23 +148,36 @@ from .tables import format_table
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "leases"
-SERVICE = "count-svc"
+SERVICE = "pair-svc"
+#: The service's part (its second object): it runs beside the counter on an address of the
+#: counter's mobile network prefix, and moves as a secondary.
+PART = "tally"
 #: The mobile object the service's counter runs as, and where its primary runs.
 OBJECT = "svc"
 PRIMARY = "r18b"
-VM_NAME = "cnt"
+VM_NAME = "pair"
 VM_CPU = 1.0
 VM_MEMORY_MB = 256
-#: The counter's own resources in its archive (the VM's are :data:`VM_CPU`).
+#: Each object's own resources in its archive (the VM's are :data:`VM_CPU`).
 OBJECT_CPU = 0.2
 #: The CO identities and the host each acts from (each has its own key in co_keys.json).
-COS = {"co12": "co12", "co12-b": "co12", "co14": "co14", "co14-b": "co14", "co14-c": "co14"}
+COS = {"co12": "co12", "co12-b": "co12", "co14": "co14", "co14-b": "co14", "co14-c": "co14",
+       "dns23": "dns23"}
 EXTRA_COS = ("co12-b", "co14-b", "co14-c")
-NETWORK_OF_HOST = {"co12": "12", "co14": "14"}
-#: When each role of a cycle asks (s from the cycle's start), and what the plan makes of its
-#: lease; see the module docstring.
+#: The network of each CO host (16: the home network).
+NETWORK_OF_HOST = {"co12": "12", "co14": "14", "dns23": "16"}
+#: When each role of a duplicate cycle asks (s from the cycle's start), and what the plan
+#: makes of its lease; see the module docstring.
 AT = {"A": 0.0, "B": 2.5, "C": 3.2, "D": 4.0, "E": 6.5}
 EXPECT = {"A": "adopted", "B": "primary", "C": "primary", "D": "grows", "E": "denied"}
+#: The same for the secondaries phase (R's time depends on S's end).
+PART_AT = {"P": 0.0, "Q": 0.7, "S": 2.8}
+PART_EXPECT = {"P": "nested", "Q": "nested", "S": "moves", "R": "home"}
+#: In the plan: how late a growing lease's grant comes (measured: about 1.1-1.4 s).
+GROWTH_DELAY_S = 1.5
+#: R asks this long after S's planned end (the secondary released, its part back on r18b).
+RETURN_WAIT_S = 3.0
+R_HOLD_S = 2.0
 #: Lease length asked by COs that cancel (they cancel long before it).
 CANCEL_DURATION_S = 60.0
 #: A CO's load stops this long before its lease ends (an expired credential is refused).
@@ -129,24 +190,26 @@ MAX_RATE = 200.0
 DRIVER_TIMEOUT = 40.0
 SETTLE_TIMEOUT = 20.0
 
-LEASE_COLUMNS = ["n", "cycle", "role", "t_s", "co", "net", "share", "hold", "end", "expect",
-                 "outcome", "reason", "router", "part", "moved_to", "moved_s", "request_ms",
-                 "growth_ms", "ended", "ended_s", "sent", "once", "none", "more",
+LEASE_COLUMNS = ["n", "cycle", "role", "t_s", "co", "net", "target", "share", "hold", "end",
+                 "expect", "outcome", "reason", "router", "part", "moved_to", "moved_s",
+                 "request_ms", "growth_ms", "ended", "ended_s", "sent", "once", "none", "more",
                  "rtt_ms_median"]
 EVENT_COLUMNS = ["t_s", "event", "co", "instance", "detail"]
-REQUEST_COLUMNS = ["n", "co", "net", "cycle", "lease_router", "lease_part", "expected", "seq",
-                   "sent_s", "answers", "served_by", "instance", "ok", "count", "rtt_ms",
-                   "phase"]
-SAMPLE_COLUMNS = ["t_s", "instance", "router", "part", "used_share", "share", "leases",
-                  "bindings", "binding_parts", "care_of"]
-GROWTH_COLUMNS = ["n", "co", "router", "growth_ms", "request_ms", "ordinary_ms", "ratio",
-                  "binding_s", "first_answer_ms"]
-RELEASE_COLUMNS = ["instance", "leases", "last_end", "last_end_s", "binding_gone_s",
-                   "release_ms", "directory_gone_s"]
-INSTANCE_COLUMNS = ["served_by", "process", "part", "answers", "first", "last", "distinct",
-                    "contiguous", "checkpoint", "checkpoint_ok", "consistent"]
+REQUEST_COLUMNS = ["n", "co", "net", "cycle", "object", "lease_router", "lease_part",
+                   "expected", "seq", "sent_s", "answers", "served_by", "instance", "ok",
+                   "count", "rtt_ms", "phase"]
+SAMPLE_COLUMNS = ["t_s", "instance", "router", "part", "objects", "used_share", "share",
+                  "leases", "bindings", "binding_parts", "care_of", "nested", "nested_care_of"]
+GROWTH_COLUMNS = ["n", "co", "kind", "router", "growth_ms", "request_ms", "ordinary_ms", "ratio",
+                  "binding_s", "first_answer_ms", "first_served_ms", "others_rtt_ms_max"]
+RELEASE_COLUMNS = ["kind", "instance", "leases", "last_end", "last_end_s", "binding_gone_s",
+                   "release_ms", "directory_gone_s", "part_back_s"]
+INSTANCE_COLUMNS = ["object", "served_by", "process", "part", "answers", "first", "last",
+                    "distinct", "contiguous", "checkpoint", "checkpoint_ok", "consistent"]
 LATENCY_COLUMNS = ["net", "instance", "phase", "answered", "rtt_ms_median", "rtt_ms_p90",
                    "rtt_ms_min"]
+MOVE_COLUMNS = ["cycle", "role", "co", "net", "object", "before", "before_ms", "after", "after_ms",
+                "path_after"]
 
 
 class ExperimentError(RuntimeError):
@@ -159,10 +222,13 @@ class ExperimentError(RuntimeError):
 @dataclass(frozen=True)
 class Step:
     """One CO's lease in the plan: asked at ``at`` (s from the start) by ``co`` (acting from
-    ``host``) for ``share`` % and ``cpu`` cores, used for ``hold`` s from its grant, then
-    ended by ``end`` (``cancel`` or ``expire``). ``expect``: what the plan makes of it
-    (``primary``; ``adopted``: on the primary, then taken over by the duplicate on its CO's
-    network; ``grows``: the lease that does not fit; ``denied``)."""
+    ``host``) for ``share`` % and ``cpu`` cores of ``target`` (the service or its part), used
+    for ``hold`` s from its grant, then ended by ``end`` (``cancel`` or ``expire``).
+    ``expect``: what the plan makes of it (``primary``; ``adopted``: on the primary, then
+    taken over by the duplicate on its CO's network; ``grows``: the lease that does not fit,
+    on a new duplicate; ``denied``; ``nested``: the part on the primary, then served by the
+    secondary; ``moves``: the part's lease that does not fit, on the new secondary;
+    ``home``: the part at home on the primary)."""
 
     n: int
     cycle: int
@@ -175,6 +241,7 @@ class Step:
     hold: float
     end: str
     expect: str
+    target: str = SERVICE
 
     @property
     def duration(self) -> float:
@@ -190,18 +257,26 @@ def _cpu(share: float) -> float:
     return round(share / 100.0 * VM_CPU, 3)
 
 
+def _identities(host: str) -> list[str]:
+    return [c for c, h in COS.items() if h == host]
+
+
 def plan_cycles(cycles: int, seed: int) -> list[Step]:
-    """``cycles`` cycles of the module docstring's roles A-E, each starting once the previous
-    one's leases have all ended, with shares, identities, hold times and endings drawn from
-    ``seed``. The shares make the plan's outcome certain: A, B and C fit the primary
-    together, D does not fit beside them (the growth), A and D fit one instance, and E asks
-    more than the primary has left."""
+    """``cycles`` duplicate cycles of the module docstring's roles A-E, each starting once the
+    previous one's leases have all ended, with shares, identities, hold times and endings
+    drawn from ``seed``. The shares make the plan's outcome certain: A, B and C fit the
+    primary together, D does not fit beside them (the growth), A and D fit one instance, and
+    E asks more than the primary has left."""
+    return _plan_cycles(cycles, seed)[0]
+
+
+def _plan_cycles(cycles: int, seed: int) -> tuple[list[Step], float]:
+    """:func:`plan_cycles` and when the next phase may start."""
     if not 1 <= cycles <= MAX_CYCLES:
         raise ValueError(f"--cycles must be in [1, {MAX_CYCLES}], not {cycles}")
     rng = random.Random(seed)
     offset = rng.randint(0, 1)
-    net12 = [c for c, h in COS.items() if h == "co12"]
-    net14 = [c for c, h in COS.items() if h == "co14"]
+    net12, net14 = _identities("co12"), _identities("co14")
     steps: list[Step] = []
     start = 0.0
     for cycle in range(1, cycles + 1):
@@ -231,15 +306,67 @@ def plan_cycles(cycles: int, seed: int) -> list[Step]:
                               share[role], _cpu(share[role]), round(end[role] - AT[role], 2),
                               way[role], EXPECT[role]))
         start = round(start + max(end.values()) + CYCLE_GAP_S, 2)
+    return steps, start
+
+
+def plan_parts(start: float, cycle: int, first_n: int, seed: int) -> list[Step]:
+    """The secondaries phase of the module docstring (roles P, Q, S, R on the part), from
+    ``start`` s, numbered from ``first_n``, drawn from ``seed``. The shares make the outcome
+    certain: P and Q fit the part at home together, S does not fit beside them (the part
+    moves) but fits a fresh secondary; P and Q end before S, R asks once the part is back."""
+    rng = random.Random(f"parts-{seed}")
+    q, s = rng.sample(_identities("co14"), 2)
+    r = rng.choice(_identities("co12"))
+    share = {"P": round(rng.uniform(45, 55), 1), "Q": round(rng.uniform(15, 25), 1),
+             "S": round(rng.uniform(42, 60), 1), "R": round(rng.uniform(10, 30), 1)}
+    ways = ["cancel", "expire"]
+    rng.shuffle(ways)
+    end = {"P": round(rng.uniform(7.0, 8.0), 2), "Q": round(rng.uniform(7.0, 8.0), 2),
+           "S": round(rng.uniform(9.5, 10.5), 2)}
+    way = {"P": ways[0], "Q": ways[1], "S": rng.choice(["cancel", "expire"]), "R": "cancel"}
+    at = dict(PART_AT, R=round(end["S"] + GROWTH_DELAY_S + RETURN_WAIT_S, 2))
+    end["R"] = at["R"] + R_HOLD_S
+    who = {"P": "dns23", "Q": q, "S": s, "R": r}
+    return [Step(first_n + k, cycle, role, round(start + at[role], 2), who[role],
+                 COS[who[role]], share[role], _cpu(share[role]), round(end[role] - at[role], 2),
+                 way[role], PART_EXPECT[role], PART)
+            for k, role in enumerate("PQSR")]
+
+
+def plan(cycles: int, seed: int, parts: bool = True) -> list[Step]:
+    """The whole run: the duplicate cycles, then (``parts``) the secondaries phase."""
+    steps, start = _plan_cycles(cycles, seed)
+    if parts:
+        steps += plan_parts(start, cycles + 1, len(steps) + 1, seed)
     return steps
+
+
+def plan_end(steps: Sequence[Step]) -> float:
+    """When the plan's last lease ends (nominally, growth delays included)."""
+    return max(s.at + s.hold + (GROWTH_DELAY_S if s.expect in ("grows", "moves") else 0.0)
+               for s in steps if s.expect != "denied")
 
 
 # --- analysis (pure) ------------------------------------------------------------------------
 
 
 def router_of(instance_id: str | None) -> str | None:
-    """The router of a broker instance id (``r20a/cnt-d9ba9@37f8b2cd``)."""
+    """The router of a broker instance id (``r20a/pair-d9ba9@37f8b2cd``)."""
     return instance_id.split("/", 1)[0] if instance_id else None
+
+
+def object_of(target: str | None) -> str:
+    """The object a lease's requests reach: the part for a lease of the part, else the
+    service's mobile object (the counter)."""
+    return PART if target == PART else OBJECT
+
+
+def part_label(router: str | None, obj: str = OBJECT, primary: str = PRIMARY) -> str:
+    """What serves ``obj`` on ``router``: the counter's ``primary`` or a ``duplicate``; the
+    ``part`` at home beside the primary or a ``secondary``."""
+    if obj == PART:
+        return "part" if router == primary else "secondary"
+    return "primary" if router == primary else "duplicate"
 
 
 def median(values: Iterable[float]) -> float | None:
@@ -255,49 +382,145 @@ def percentile(values: Iterable[float], q: float) -> float | None:
 
 
 def sample_from(t: float, services: list[dict[str, Any]], bindings: list[dict[str, Any]],
-                leases: list[dict[str, Any]]) -> dict[str, Any]:
-    """One sample from the broker's ``services`` and ``leases`` and the HOA's ``bindings``."""
+                leases: list[dict[str, Any]],
+                nested: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """One sample from the broker's ``services`` and ``leases``, the HOA's ``bindings`` and
+    the primary router's ``nested`` bindings (per VM: its secondaries)."""
     return {"t_s": round(t, 3),
             "instances": [{"instance_id": i["instance_id"], "router": i.get("router"),
                            "part": i.get("part", "primary"), "used_share": i.get("used_share"),
-                           "share": i.get("share"), "leases": i.get("leases")}
+                           "share": i.get("share"), "leases": i.get("leases"),
+                           "objects": list(i.get("objects") or []),
+                           "network": i.get("network") or ""}
                           for s in services if s.get("service") == SERVICE
                           for i in s["instances"]],
             "bindings": [{"care_of_address": b.get("care_of_address"), "part": b.get("part"),
-                          "gre_key": b.get("gre_key")} for b in bindings],
+                          "gre_key": b.get("gre_key"),
+                          "network_prefix": b.get("network_prefix") or ""} for b in bindings],
             "leases": {row["lease_id"]: {"remaining": row.get("remaining"),
-                                         "instance": row.get("instance")} for row in leases}}
+                                         "instance": row.get("instance"),
+                                         "target": row.get("target")} for row in leases},
+            "nested": [{"vm": vm, "home_address": b.get("home_address"),
+                        "care_of_address": b.get("care_of_address"), "part": b.get("part")}
+                       for vm, rows in sorted((nested or {}).items()) for b in rows]}
 
 
 def sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The samples as CSV rows: one per instance per sample, with that sample's bindings."""
+    """The samples as CSV rows: one per instance per sample, with that sample's bindings at
+    the HOA and in the primary's nested table."""
     rows = []
     for s in samples:
-        binds = s["bindings"]
+        binds, nested = s["bindings"], s.get("nested", [])
         common = {"t_s": s["t_s"], "bindings": len(binds),
                   "binding_parts": ",".join(str(b["part"]) for b in binds),
-                  "care_of": ",".join(str(b["care_of_address"]) for b in binds)}
+                  "care_of": ",".join(str(b["care_of_address"]) for b in binds),
+                  "nested": len(nested),
+                  "nested_care_of": ",".join(f"{b['home_address']}@{b['care_of_address']}"
+                                             for b in nested)}
         for i in s["instances"] or [{}]:
             rows.append(dict(common, instance=i.get("instance_id"), router=i.get("router"),
-                             part=i.get("part"), used_share=i.get("used_share"),
-                             share=i.get("share"), leases=i.get("leases")))
+                             part=i.get("part"), objects="+".join(i.get("objects") or []),
+                             used_share=i.get("used_share"), share=i.get("share"),
+                             leases=i.get("leases")))
     return rows
 
 
 def duplicate_bound(samples: list[dict[str, Any]]) -> list[tuple[float, bool]]:
-    """(time, a duplicate's binding present) per sample, in time order."""
+    """(time, a duplicate's binding present at the HOA) per sample, in time order."""
     return [(s["t_s"], any(b["part"] == "duplicate" for b in s["bindings"])) for s in samples]
 
 
-#: What the HOA held when a request was sent (the latest sample before it).
+def part_away(samples: list[dict[str, Any]],
+              windows: Iterable[tuple[float, float]] = ()) -> list[tuple[float, bool]]:
+    """(time, a secondary's binding present in the primary's nested table) per sample, and
+    (time, True) at the end of each part move (``windows``: :func:`part_windows`; the
+    secondary serves from then, maybe between two samples), in time order."""
+    flags = [(s["t_s"], bool(s.get("nested"))) for s in samples] + \
+        [(end, True) for _, end in windows]
+    return sorted(flags, key=lambda f: f[0])
+
+
+def part_windows(growth: Iterable[dict[str, Any]], t0: float) -> list[tuple[float, float]]:
+    """Per part move (s from ``t0``): from its secondary's registration, as the primary's
+    router reported it in its steps less one sampling period (the report comes after the
+    secondary's FOA delivers the part's address to it, so requests from that network already
+    queue there), to the secondary restored from the part's final checkpoint (it serves):
+    the broker's growth record's start plus the steps' times."""
+    out = []
+    for g in growth:
+        steps = [(str(s[0]), float(s[1])) for s in g.get("steps") or [] if len(s) == 2]
+        registered = next((ms for what, ms in steps if "registered" in what
+                           and what.startswith("secondary")), None)
+        restored = next((ms for what, ms in steps if "restored" in what), None)
+        if g.get("instance") and registered is not None and restored is not None:
+            start = g["at"] - t0
+            out.append((round(start + registered / 1000.0 - SAMPLE_S, 3),
+                        round(start + restored / 1000.0, 3)))
+    return out
+
+
+#: What the HOA held when a request of the service was sent (the latest sample before it).
 ONE_BINDING, TWO_BINDINGS = "primary bound", "duplicate bound too"
+#: Where the part was when a request of the part was sent (r18b's nested table and the part
+#: moves' steps).
+PART_HOME, PART_MOVING, PART_AWAY = "part at home", "part moving", "part away"
+
+
+def _latest(flags: list[tuple[float, bool]], t: float) -> bool:
+    i = bisect.bisect_right([x for x, _ in flags], t) - 1
+    return i >= 0 and flags[i][1]
 
 
 def phase_at(bound: list[tuple[float, bool]], t: float) -> str:
     """:data:`TWO_BINDINGS` if the latest sample at or before ``t`` saw a duplicate's
     binding at the HOA, else :data:`ONE_BINDING`."""
-    i = bisect.bisect_right([x for x, _ in bound], t) - 1
-    return TWO_BINDINGS if i >= 0 and bound[i][1] else ONE_BINDING
+    return TWO_BINDINGS if _latest(bound, t) else ONE_BINDING
+
+
+def part_phase(away: list[tuple[float, bool]], t: float,
+               windows: Iterable[tuple[float, float]] = ()) -> str:
+    """:data:`PART_MOVING` within a part move's window (:func:`part_windows`); else
+    :data:`PART_AWAY` if the latest sample at or before ``t`` saw a secondary's binding in
+    the primary's nested table (or a move ended), else :data:`PART_HOME`."""
+    if any(a <= t <= b for a, b in windows):
+        return PART_MOVING
+    return PART_AWAY if _latest(away, t) else PART_HOME
+
+
+def _in_network(address: Any, network: str) -> bool:
+    try:
+        return ipaddress.ip_address(str(address)) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+
+
+def net_label(network: str) -> str:
+    """``10.14.0.0/24`` -> ``14`` (how the experiment names networks)."""
+    try:
+        return str(ipaddress.ip_network(network, strict=False).network_address).split(".")[1]
+    except (ValueError, IndexError):
+        return "?"
+
+
+def part_history(samples: list[dict[str, Any]]) -> list[tuple[float, str | None]]:
+    """Per sample: the secondary serving the part — the instance (listed by the broker as a
+    secondary, at any time) whose network holds the care-of address of the nested binding,
+    the latest one listed by then — or None while the part is at home."""
+    secondaries: dict[str, tuple[float, str]] = {}
+    for s in samples:
+        for i in s["instances"]:
+            if i["part"] == "secondary" and i["instance_id"] not in secondaries:
+                secondaries[i["instance_id"]] = (s["t_s"], i.get("network") or "")
+    out: list[tuple[float, str | None]] = []
+    for s in samples:
+        where: str | None = None
+        for b in s.get("nested", []):
+            found = sorted((t, iid) for iid, (t, net) in secondaries.items()
+                           if _in_network(b["care_of_address"], net))
+            before = [x for x in found if x[0] <= s["t_s"] + 2.0]
+            where = (before[-1] if before else found[0])[1] if found else "?/secondary"
+        out.append((s["t_s"], where))
+    return out
 
 
 def lease_history(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, str]]]:
@@ -308,6 +531,19 @@ def lease_history(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, 
         for lid, info in s["leases"].items():
             out[lid].append((s["t_s"], info["instance"]))
     return out
+
+
+def served_history(lease: dict[str, Any], history: list[tuple[float, str]],
+                   parts: list[tuple[float, str | None]]) -> list[tuple[float, str]]:
+    """(time, the instance that serves ``lease``): its broker instance's (``history``), but
+    for a lease of the part on the primary's instance, the secondary while r18b's nested
+    table holds its binding (``parts``: :func:`part_history`) — the secondary honours the
+    part's credentials issued before it moved."""
+    if lease.get("target") != PART or lease.get("part") != "primary":
+        return list(history)
+    end = lease.get("ended_s")
+    return [(t, where or lease["instance_id"]) for t, where in parts
+            if t >= lease["t_s"] - SAMPLE_S and (end is None or t <= end + SAMPLE_S)]
 
 
 def instance_at(history: list[tuple[float, str]], t: float, granted: str) -> str:
@@ -327,10 +563,15 @@ def expected_routers(history: list[tuple[float, str]], t: float, granted: str,
 
 def request_rows(lease: dict[str, Any], records: list[dict[str, Any]], t0: float,
                  bound: list[tuple[float, bool]],
-                 history: list[tuple[float, str]] = ()) -> list[dict[str, Any]]:
+                 history: Sequence[tuple[float, str]] = (),
+                 away: Sequence[tuple[float, bool]] = (),
+                 windows: Sequence[tuple[float, float]] = ()) -> list[dict[str, Any]]:
     """Per request of one lease's load (``co_load`` records): answers, who served, RTT, and
-    the lease's instance when it was sent (``history``: :func:`lease_history`)."""
-    history = list(history)
+    who should serve it when it was sent (``history``: :func:`served_history`); its phase:
+    what the HOA held (``bound``) for the service, where the part was (``away``,
+    ``windows``) for the part."""
+    history, away = list(history), list(away)
+    obj = object_of(lease.get("target"))
     rows = []
     for r in records:
         replies = sorted(r.get("replies") or [], key=lambda x: x["at"])
@@ -339,8 +580,8 @@ def request_rows(lease: dict[str, Any], records: list[dict[str, Any]], t0: float
         sent = r["sent"] - t0
         now = router_of(instance_at(history, sent, lease["instance_id"]))
         rows.append({"n": lease["n"], "co": lease["co"], "net": lease["net"],
-                     "cycle": lease["cycle"], "lease_router": now,
-                     "lease_part": "primary" if now == PRIMARY else "duplicate",
+                     "cycle": lease["cycle"], "object": obj, "lease_router": now,
+                     "lease_part": part_label(now, obj),
                      "expected": ",".join(sorted(expected_routers(history, sent,
                                                                   lease["instance_id"]))),
                      "seq": r["seq"], "sent_s": round(sent, 4),
@@ -351,22 +592,25 @@ def request_rows(lease: dict[str, Any], records: list[dict[str, Any]], t0: float
                      "count": result.get("count"),
                      "rtt_ms": round((first["at"] - r["sent"]) * 1000, 3) if replies else None,
                      "first_at_s": round(first["at"] - t0, 4) if replies else None,
-                     "phase": phase_at(bound, sent)})
+                     "phase": part_phase(away, sent, windows) if obj == PART
+                     else phase_at(bound, sent)})
     return rows
 
 
 def exactly_once(requests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Replies per request: once, none, more; answered by another instance than the lease's;
-    refused (an error reply); the unanswered ones by (CO network, lease's instance, phase)."""
+    """Replies per request: once, none, more; answered by another instance than the one that
+    should; refused (an error reply); the unanswered ones by (CO network, instance, phase)."""
     out = {"sent": len(requests), "once": 0, "none": 0, "more": 0, "wrong_instance": 0,
            "refused": 0}
     unanswered: Counter[str] = Counter()
     by_co: dict[str, Counter[str]] = defaultdict(Counter)
+    by_object: dict[str, Counter[str]] = defaultdict(Counter)
     for q in requests:
         n = q["answers"]
         key = "once" if n == 1 else "none" if n == 0 else "more"
         out[key] += 1
         by_co[q["co"]][key] += 1
+        by_object[q.get("object", OBJECT)][key] += 1
         if n == 0:
             unanswered[f"net {q['net']} -> {q['lease_part']} on {q['lease_router']} "
                        f"({q['phase']})"] += 1
@@ -379,6 +623,7 @@ def exactly_once(requests: list[dict[str, Any]]) -> dict[str, Any]:
         and not out["refused"]
     out["unanswered"] = dict(sorted(unanswered.items()))
     out["by_co"] = {co: dict(c) for co, c in sorted(by_co.items())}
+    out["by_object"] = {o: dict(c) for o, c in sorted(by_object.items())}
     return out
 
 
@@ -403,51 +648,81 @@ def parts_of(samples: list[dict[str, Any]]) -> dict[str, str]:
     return {i["instance_id"]: i["part"] for s in samples for i in s["instances"]}
 
 
+def _growth_kind(g: dict[str, Any], parts: dict[str, str]) -> str:
+    """``duplicate`` or ``secondary``: from the directory, else from the router's steps."""
+    kind = parts.get(g.get("instance") or "")
+    if kind in ("duplicate", "secondary"):
+        return kind
+    steps = " ".join(str(s[0]) for s in g.get("steps") or [] if s)
+    return "secondary" if "for part" in steps or "secondary" in str(g.get("error")) \
+        else "duplicate"
+
+
 def growth_rows(leases: list[dict[str, Any]], growth: list[dict[str, Any]],
                 requests: list[dict[str, Any]], samples: list[dict[str, Any]],
                 t0: float) -> list[dict[str, Any]]:
-    """Per growth the broker made: its time, the growing lease's request_ms against the
-    median of ordinary grants, when the HOA showed the duplicate's binding and when the CO
-    had its first answer from the duplicate (s and ms from the growing request sent)."""
+    """Per growth the broker made (a duplicate or a part moved): its time, the growing
+    lease's request_ms against the median of ordinary grants, when the new binding showed
+    (at the HOA; in r18b's nested table for a secondary), when the growing CO had its first
+    answer from the new instance, and when any CO had (s and ms from the growing request
+    sent); the largest round trip of the other leases' requests of the object sent while it
+    grew (a part's requests queue in the warm secondary)."""
+    parts = parts_of(samples)
     ordinary = median(l["request_ms"] for l in leases
                       if l["outcome"] == "granted" and not l.get("grew"))
-    bound = duplicate_bound(samples)
+    flags = {"duplicate": duplicate_bound(samples), "secondary": part_away(samples)}
     rows = []
     for g in growth:
+        kind = _growth_kind(g, parts)
+        obj = PART if kind == "secondary" else OBJECT
         lease = next((l for l in leases if l.get("instance_id") == g.get("instance")
                       and l.get("grew")), None)
         row: dict[str, Any] = {"n": lease["n"] if lease else None,
-                               "co": lease["co"] if lease else None,
+                               "co": lease["co"] if lease else None, "kind": kind,
                                "router": g.get("router"), "growth_ms": g.get("ms"),
                                "error": g.get("error"), "at_s": round(g["at"] - t0, 3),
                                "steps": g.get("steps", []), "ordinary_ms": ordinary}
         if lease is not None:
-            row.update(request_ms=lease["request_ms"], start_s=lease["t_s"],
+            start = lease["t_s"]
+            row.update(request_ms=lease["request_ms"], start_s=start,
                        end_s=lease["granted_at_s"])
             if ordinary:
                 row["ratio"] = round(lease["request_ms"] / ordinary, 1)
-            seen = next((t for t, dup in bound if dup and t >= lease["t_s"]), None)
-            row["binding_s"] = None if seen is None else round(seen - lease["t_s"], 3)
+            seen = next((t for t, on in flags[kind] if on and t >= start), None)
+            row["binding_s"] = None if seen is None else round(seen - start, 3)
             firsts = [q["first_at_s"] for q in requests
                       if q["n"] == lease["n"] and q["first_at_s"] is not None]
             if firsts:
-                row["first_answer_ms"] = round((min(firsts) - lease["t_s"]) * 1000, 1)
+                row["first_answer_ms"] = round((min(firsts) - start) * 1000, 1)
+            served = [q["first_at_s"] for q in requests
+                      if q.get("object", OBJECT) == obj and q["first_at_s"] is not None
+                      and q["first_at_s"] >= start
+                      and str(q["served_by"]).split(",")[0] == g.get("router")]
+            if served:
+                row["first_served_ms"] = round((min(served) - start) * 1000, 1)
+            others = [q["rtt_ms"] for q in requests
+                      if q["n"] != lease["n"] and q.get("object", OBJECT) == obj
+                      and q["rtt_ms"] is not None
+                      and start <= q["sent_s"] <= lease["granted_at_s"] + 0.5]
+            row["others_rtt_ms_max"] = max(others, default=None)
         rows.append(row)
     return rows
 
 
 def release_rows(leases: list[dict[str, Any]], samples: list[dict[str, Any]]) -> list[dict]:
-    """Per duplicate: how its last lease ended, and when its binding left the HOA and the
-    instance left the broker's directory (first sample without), ms after that end."""
+    """Per duplicate or secondary: how its last lease ended, and when its binding left (the
+    HOA's table; r18b's nested table for a secondary), when the instance left the broker's
+    directory and, for a secondary, when the primary listed the part again (first sample
+    after; ms after that end)."""
     parts = parts_of(samples)
     rows = []
     for iid, part in parts.items():
-        if part != "duplicate":
+        if part not in ("duplicate", "secondary"):
             continue
         mine = [l for l in leases if l["outcome"] == "granted"
                 and (l.get("final_instance") or l.get("instance_id")) == iid]
         ended = [l for l in mine if l.get("ended_s") is not None]
-        row: dict[str, Any] = {"instance": iid, "leases": len(mine)}
+        row: dict[str, Any] = {"kind": part, "instance": iid, "leases": len(mine)}
         if ended and len(ended) == len(mine):
             last = max(ended, key=lambda l: l["ended_s"])
             end = last["ended_s"]
@@ -455,8 +730,15 @@ def release_rows(leases: list[dict[str, Any]], samples: list[dict[str, Any]]) ->
             present = [s["t_s"] for s in samples
                        if any(i["instance_id"] == iid for i in s["instances"])]
             after = [s for s in samples if s["t_s"] >= end]
-            gone = next((s["t_s"] for s in after
-                         if not any(b["part"] == "duplicate" for b in s["bindings"])), None)
+            if part == "duplicate":
+                gone = next((s["t_s"] for s in after
+                             if not any(b["part"] == "duplicate" for b in s["bindings"])), None)
+            else:
+                gone = next((s["t_s"] for s in after if not s.get("nested")), None)
+                row["part_back_s"] = next(
+                    (s["t_s"] for s in after if any(i["part"] == "primary"
+                                                    and PART in i.get("objects", [])
+                                                    for i in s["instances"])), None)
             left = next((s["t_s"] for s in samples if present and s["t_s"] > present[-1]),
                         None)
             row.update(binding_gone_s=gone, directory_gone_s=left,
@@ -467,31 +749,43 @@ def release_rows(leases: list[dict[str, Any]], samples: list[dict[str, Any]]) ->
 
 def instance_rows(requests: list[dict[str, Any]], growths: list[dict[str, Any]],
                   primary: str = PRIMARY) -> list[dict[str, Any]]:
-    """Per instance that answered (router and object process): the counts it returned are
-    distinct and contiguous; the primary's start at 1; a duplicate starts from a checkpoint
-    between the primary's count when its growing request was sent and when it was granted.
-    ``growths`` need ``start_s`` and ``end_s`` (the growing request's send and grant)."""
-    groups: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+    """Per object and instance that answered (router and object process): the counts it
+    returned are distinct and contiguous. The counter: the primary's start at 1; a duplicate
+    starts from a checkpoint between the primary's count when its growing request was sent
+    and when it was granted (``growths`` need ``start_s`` and ``end_s``). The part: its
+    processes in time order continue one sequence (each one's checkpoint, its first count
+    minus one, is the last count of the one before; the first one's is 0)."""
+    groups: dict[tuple[str, str, str], list[tuple[float, int]]] = defaultdict(list)
     for q in requests:
         if q["answers"] == 1 and q["ok"] and isinstance(q["count"], int):
-            groups[(q["served_by"], q["instance"])].append((q["first_at_s"], q["count"]))
-    prim = sorted(v for (by, _), vs in groups.items() if by == primary for v in vs)
+            groups[(q.get("object", OBJECT), q["served_by"], q["instance"])].append(
+                (q["first_at_s"], q["count"]))
+    prim = sorted(v for (obj, by, _), vs in groups.items()
+                  if obj == OBJECT and by == primary for v in vs)
+    dup_growths = [g for g in growths if g.get("kind", "duplicate") == "duplicate"
+                   and g.get("start_s") is not None]
     rows = []
-    for (by, process), answers in sorted(groups.items(), key=lambda kv: min(kv[1])[0]):
+    part_last = 0
+    for (obj, by, process), answers in sorted(groups.items(), key=lambda kv: min(kv[1])[0]):
         counts = [c for _, c in answers]
         first_t = min(t for t, _ in answers)
-        row: dict[str, Any] = {"served_by": by, "process": process,
-                               "part": "primary" if by == primary else "duplicate",
+        row: dict[str, Any] = {"object": obj, "served_by": by, "process": process,
+                               "part": part_label(by, obj, primary),
                                "answers": len(counts), "first": min(counts),
                                "last": max(counts), "first_s": first_t,
                                "distinct": len(set(counts)) == len(counts),
                                "contiguous": max(counts) - min(counts) + 1 == len(counts)}
-        if by == primary:
+        if obj == PART:
+            row["checkpoint"] = min(counts) - 1
+            row["checkpoint_ok"] = row["checkpoint"] == part_last
+            row["checkpoint_bounds"] = [part_last, part_last]
+            part_last = max(counts)
+        elif by == primary:
             row["checkpoint"] = 0
             row["checkpoint_ok"] = min(counts) == 1
         else:
-            g = max((g for g in growths if g.get("start_s") is not None
-                     and g["start_s"] <= first_t), key=lambda g: g["start_s"], default=None)
+            g = max((g for g in dup_growths if g["start_s"] <= first_t),
+                    key=lambda g: g["start_s"], default=None)
             checkpoint = min(counts) - 1
             row["checkpoint"] = checkpoint
             if g is None:
@@ -508,77 +802,158 @@ def instance_rows(requests: list[dict[str, Any]], growths: list[dict[str, Any]],
 
 def latency_rows(requests: list[dict[str, Any]], primary: str = PRIMARY) -> list[dict]:
     """Median, 90th percentile and minimum RTT of answered requests by the CO's network, the
-    instance that served them and whether a duplicate was bound when they were sent."""
+    instance that served them (primary, duplicate, part at home, secondary) and the phase
+    (what was bound when they were sent)."""
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for q in requests:
         if q["answers"] >= 1 and q["rtt_ms"] is not None:
             by = str(q["served_by"]).split(",")[0]
-            part = "primary" if by == primary else "duplicate"
-            groups[(q["net"], f"{part} ({by})", q["phase"])].append(q["rtt_ms"])
+            label = part_label(by, q.get("object", OBJECT), primary)
+            groups[(q["net"], f"{label} ({by})", q["phase"])].append(q["rtt_ms"])
     return [{"net": net, "instance": inst, "phase": phase, "answered": len(v),
              "rtt_ms_median": median(v), "rtt_ms_p90": percentile(v, 0.9),
              "rtt_ms_min": min(v)}
             for (net, inst, phase), v in sorted(groups.items())]
 
 
+def move_rows(leases: list[dict[str, Any]], requests: list[dict[str, Any]],
+              networks: dict[str, str] | None = None, settle: float = 0.5) -> list[dict]:
+    """The latency a CO sees before and after its lease moved (A to the duplicate; P and Q to
+    the secondary): the median RTT of its requests served by its first router, sent before
+    the move, and of those served by the new one, sent ``settle`` s after it (not the
+    queued ones). ``networks``: instance id -> its network (the path after)."""
+    networks = networks or {}
+    rows = []
+    for l in leases:
+        if l["outcome"] != "granted" or l.get("moved_s") is None:
+            continue
+        mine = [q for q in requests if q["n"] == l["n"] and q["rtt_ms"] is not None
+                and q["answers"] == 1]
+        before = [q["rtt_ms"] for q in mine
+                  if q["served_by"] == l["router"] and q["sent_s"] < l["moved_s"]]
+        after = [q["rtt_ms"] for q in mine
+                 if q["served_by"] == l["moved_to"] and q["sent_s"] > l["moved_s"] + settle]
+        obj = object_of(l.get("target"))
+        rows.append({"cycle": l["cycle"], "role": l["role"], "co": l["co"], "net": l["net"],
+                     "object": obj,
+                     "before": f"{part_label(l['router'], obj)} ({l['router']})",
+                     "before_ms": median(before),
+                     "after": f"{part_label(l['moved_to'], obj)} ({l['moved_to']})",
+                     "after_ms": median(after),
+                     "path_after": l.get("moved_path") or moved_path(l, networks),
+                     "before_n": len(before), "after_n": len(after)})
+    return rows
+
+
+def moved_path(lease: dict[str, Any], networks: dict[str, str]) -> str:
+    """How a moved lease's requests reach its new instance: on the CO's own network (its FOA
+    delivers there), or through the nesting (HOA -> the primary's router -> the secondary),
+    or through the HOA."""
+    if net_label(networks.get(lease.get("moved_instance") or "", "")) == lease["net"]:
+        return "its own network"
+    if lease.get("target") == PART:
+        return f"nested: HOA -> {lease['router']} -> {lease['moved_to']}"
+    return f"HOA -> {lease['moved_to']}"
+
+
 def sample_events(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Instances entering and leaving the broker's directory and bindings appearing and
-    going at the HOA, at the first sample that showed the change."""
+    """Instances entering and leaving the broker's directory, the part leaving and coming
+    back to the primary's objects, bindings appearing and going at the HOA and in the
+    primary's nested table, at the first sample that showed the change."""
     events = []
     prev_inst: dict[str, dict[str, Any]] = {}
     prev_bind: set[tuple[str, str]] = set()
+    prev_nested: set[tuple[str, str]] = set()
+    prev_home: bool | None = None
     for s in samples:
         inst = {i["instance_id"]: i for i in s["instances"]}
         binds = {(str(b["care_of_address"]), str(b["part"])) for b in s["bindings"]}
+        nested = {(str(b["home_address"]), str(b["care_of_address"]))
+                  for b in s.get("nested", [])}
+        home = any(i["part"] == "primary" and PART in i.get("objects", [])
+                   for i in s["instances"])
         for iid in sorted(set(inst) - set(prev_inst)):
             events.append({"t_s": s["t_s"], "event": "instance listed by the broker",
                            "instance": iid, "detail": inst[iid]["part"]})
         for iid in sorted(set(prev_inst) - set(inst)):
             events.append({"t_s": s["t_s"], "event": "instance left the directory",
                            "instance": iid, "detail": prev_inst[iid]["part"]})
+        if prev_home is not None and home != prev_home and any(
+                i["part"] == "primary" for i in s["instances"]):
+            events.append({"t_s": s["t_s"], "event": f"primary lists {PART} again" if home
+                           else f"primary no longer lists {PART}",
+                           "instance": next(i["instance_id"] for i in s["instances"]
+                                            if i["part"] == "primary"),
+                           "detail": "part at home" if home else "part moved"})
         for care_of, part in sorted(binds - prev_bind):
             events.append({"t_s": s["t_s"], "event": "binding at the HOA",
                            "detail": f"{part} via {care_of} ({len(binds)} bound)"})
         for care_of, part in sorted(prev_bind - binds):
             events.append({"t_s": s["t_s"], "event": "binding gone",
                            "detail": f"{part} via {care_of} ({len(binds)} bound)"})
-        prev_inst, prev_bind = inst, binds
+        for address, care_of in sorted(nested - prev_nested):
+            events.append({"t_s": s["t_s"], "event": f"nested binding at {PRIMARY}",
+                           "detail": f"{address} via {care_of} (HOA: {len(binds)} bound)"})
+        for address, care_of in sorted(prev_nested - nested):
+            events.append({"t_s": s["t_s"], "event": "nested binding gone",
+                           "detail": f"{address} via {care_of}"})
+        prev_inst, prev_bind, prev_nested = inst, binds, nested
+        if any(i["part"] == "primary" for i in s["instances"]):
+            prev_home = home
     return events
 
 
 def lease_events(leases: list[dict[str, Any]], growth: list[dict[str, Any]]) -> list[dict]:
-    """Grants, denials, cancels and expiries of the plan's leases, and the broker's growths."""
+    """Grants, denials, moves, cancels and expiries of the plan's leases, and the broker's
+    growths (duplicates and part moves)."""
     events = []
     for l in leases:
+        what = "" if l.get("target", SERVICE) == SERVICE else f" ({l['target']})"
         if l["outcome"] == "granted":
             detail = f"{l['share']:g}% for {l['hold']:g} s, {l['request_ms']:.1f} ms"
             if l.get("grew"):
                 detail += f" (grew: {l.get('growth_ms')} ms)"
-            events.append({"t_s": l["t_s"], "event": f"lease {l['role']} -> {l['part']}",
+            events.append({"t_s": l["t_s"], "event": f"lease {l['role']}{what} -> {l['part']}",
                            "co": l["co"], "instance": l["instance_id"], "detail": detail})
             if l.get("moved_s") is not None:
-                events.append({"t_s": l["moved_s"], "event": f"lease {l['role']} moved",
-                               "co": l["co"], "instance": l["final_instance"],
-                               "detail": f"taken over from {l['router']} (CO's network)"})
+                if l.get("target") == PART:
+                    detail = (f"its credential for {l['router']} honoured; "
+                              f"{l.get('moved_path') or ''}")
+                    name = f"lease {l['role']} served by the secondary"
+                else:
+                    detail = f"taken over from {l['router']} (CO's network)"
+                    name = f"lease {l['role']} moved"
+                events.append({"t_s": l["moved_s"], "event": name, "co": l["co"],
+                               "instance": l.get("moved_instance") or l["final_instance"],
+                               "detail": detail})
             if l.get("ended_s") is not None:
                 events.append({"t_s": l["ended_s"], "event": f"lease {l['role']} {l['ended']}",
                                "co": l["co"],
                                "instance": l.get("final_instance") or l["instance_id"],
                                "detail": f"after {l['ended_s'] - l['t_s']:.1f} s"})
         else:
-            events.append({"t_s": l["t_s"], "event": f"lease {l['role']} denied", "co": l["co"],
+            events.append({"t_s": l["t_s"], "event": f"lease {l['role']}{what} denied",
+                           "co": l["co"],
                            "detail": f"{l['share']:g}%: {l.get('reason')}: "
                                      f"{str(l.get('detail') or '').split(',')[0][:80]}"})
     for g in growth:
-        what = f"duplicate on {g.get('router')}" if g.get("instance") else f"failed: {g.get('error')}"
-        events.append({"t_s": g["at_s"], "event": "growth", "instance": g.get("instance"),
+        kind = g.get("kind", "duplicate")
+        if not g.get("instance"):
+            what = f"failed: {g.get('error')}"
+        elif kind == "secondary":
+            what = f"{PART} moved to {g.get('router')} (secondary)"
+        else:
+            what = f"duplicate on {g.get('router')}"
+        events.append({"t_s": g["at_s"], "event": "part move" if kind == "secondary"
+                       else "growth", "instance": g.get("instance"),
                        "detail": f"{what} in {g.get('ms')} ms"})
     return events
 
 
 def first_answer_events(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"t_s": i["first_s"], "event": f"first answer from the {i['part']}",
-             "instance": f"{i['served_by']} ({i['process']})", "detail": f"count {i['first']}"}
+             "instance": f"{i['served_by']} ({i['process']})",
+             "detail": f"{i.get('object', OBJECT)} count {i['first']}"}
             for i in instances]
 
 
@@ -596,61 +971,129 @@ def as_planned(lease: dict[str, Any]) -> bool:
     if not granted:
         return False
     if expect == "grows":
-        return bool(lease.get("grew"))
-    if expect == "adopted":
+        return bool(lease.get("grew")) and lease["part"] == "duplicate"
+    if expect == "moves":
+        return bool(lease.get("grew")) and lease["part"] == "secondary"
+    if expect in ("adopted", "nested"):
         return lease["part"] == "primary" and lease.get("moved_to") not in (None, PRIMARY)
+    if expect == "home":
+        return lease["part"] == "primary" and not lease.get("moved_to")
     return lease["part"] == expect and not lease.get("moved_to")
+
+
+def gre_pairs(lines: Iterable[str], address: str) -> dict[str, int]:
+    """GRE packets whose inner destination is ``address``, by outer source -> destination,
+    from tshark's ``-e ip.src -e ip.dst`` fields (one line per packet: outer and inner
+    addresses comma-separated)."""
+    out: Counter[str] = Counter()
+    for line in lines:
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) != 2:
+            continue
+        srcs, dsts = fields[0].split(","), fields[1].split(",")
+        if len(srcs) >= 2 and len(dsts) >= 2 and dsts[-1] == address:
+            out[f"{srcs[0]}->{dsts[0]}"] += 1
+    return dict(sorted(out.items()))
 
 
 def summarise(leases: list[dict[str, Any]], requests: list[dict[str, Any]],
               growths: list[dict[str, Any]], releases: list[dict[str, Any]],
               instances: list[dict[str, Any]], samples: list[dict[str, Any]],
-              primary_count: int | None = None) -> dict[str, Any]:
+              primary_count: int | None = None, part_count: int | None = None,
+              moves: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The figures the report prints (see the module docstring for how each is measured)."""
     granted = [l for l in leases if l["outcome"] == "granted"]
     ordinary = [l["request_ms"] for l in granted if not l.get("grew")]
-    growing = [l["request_ms"] for l in granted if l.get("grew")]
-    ord_med, grow_med = median(ordinary), median(growing)
+    growing = [l["request_ms"] for l in granted if l.get("grew") and l["part"] != "secondary"]
+    moving = [l["request_ms"] for l in granted if l.get("grew") and l["part"] == "secondary"]
+    ord_med, grow_med, move_med = median(ordinary), median(growing), median(moving)
     lat = latency_rows(requests)
+    dups = [g for g in growths if g.get("kind", "duplicate") == "duplicate"]
+    secs = [g for g in growths if g.get("kind") == "secondary"]
 
-    def rtt(net: str, part: str, phase: str | None = None) -> float | None:
+    def rtt(net: str, label: str, phase: str | None = None) -> float | None:
         values = [q["rtt_ms"] for q in requests if q["answers"] >= 1 and q["net"] == net
-                  and (q["served_by"] == PRIMARY) == (part == "primary")
+                  and part_label(str(q["served_by"]).split(",")[0],
+                                 q.get("object", OBJECT)) == label
                   and (phase is None or q["phase"] == phase) and q["rtt_ms"] is not None]
         return median(values)
 
-    primary_rows = [i for i in instances if i["part"] == "primary"]
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 1) if a and b else None
+
+    counter_rows = [i for i in instances if i.get("object", OBJECT) == OBJECT]
+    primary_rows = [i for i in counter_rows if i["part"] == "primary"]
     if primary_count is not None and primary_rows:
         primary_rows[0]["object_count"] = primary_count
         primary_rows[0]["consistent"] = primary_rows[0]["consistent"] and \
             primary_rows[0]["last"] <= primary_count
+    part_rows = [i for i in instances if i.get("object") == PART]
+    if part_count is not None and part_rows:
+        part_rows[-1]["object_count"] = part_count
+        part_rows[-1]["consistent"] = part_rows[-1]["consistent"] and \
+            part_rows[-1]["last"] == part_count
+    part_counts = sorted(q["count"] for q in requests if q.get("object") == PART
+                         and q["answers"] == 1 and q["ok"] and isinstance(q["count"], int))
     return {
         "requests": exactly_once(requests),
         "leases": {"asked": len(leases), "granted": len(granted),
                    "denied": len(leases) - len(granted),
                    "on": dict(Counter(l["part"] for l in granted)),
-                   "moved": sum(1 for l in granted if l.get("moved_to")),
+                   "of": dict(Counter(l.get("target", SERVICE) for l in granted)),
+                   "moved": sum(1 for l in granted if l.get("moved_to")
+                                and l.get("target") != PART),
+                   "nested": sum(1 for l in granted if l.get("moved_to")
+                                 and l.get("target") == PART),
                    "denials": dict(Counter(l.get("reason") for l in leases
                                            if l["outcome"] != "granted")),
                    "as_planned": sum(1 for l in leases if as_planned(l)),
-                   "grew": sum(1 for l in granted if l.get("grew")),
+                   "grew": sum(1 for l in granted if l.get("grew") and l["part"] != "secondary"),
+                   "parts_moved": sum(1 for l in granted
+                                      if l.get("grew") and l["part"] == "secondary"),
                    "ended": dict(Counter(l.get("ended") or "open" for l in granted))},
         "grant_ms": {"ordinary_median": ord_med, "growing_median": grow_med,
-                     "ratio": round(grow_med / ord_med, 1) if ord_med and grow_med else None},
-        "growth_ms_median": median(g.get("growth_ms") for g in growths if not g.get("error")),
+                     "ratio": ratio(grow_med, ord_med), "moving_median": move_med,
+                     "moving_ratio": ratio(move_med, ord_med)},
+        "growth_ms_median": median(g.get("growth_ms") for g in dups if not g.get("error")),
+        "part_move_ms_median": median(g.get("growth_ms") for g in secs if not g.get("error")),
         "growth_failed": sum(1 for g in growths if g.get("error")),
-        "first_answer_ms_median": median(g.get("first_answer_ms") for g in growths),
+        "first_answer_ms_median": median(g.get("first_answer_ms") for g in dups),
+        "first_served_ms_median": median(g.get("first_served_ms") for g in dups),
+        "part_first_answer_ms_median": median(g.get("first_answer_ms") for g in secs),
+        "part_first_served_ms_median": median(g.get("first_served_ms") for g in secs),
+        "part_move_others_rtt_ms_max": max((g["others_rtt_ms_max"] for g in secs
+                                            if g.get("others_rtt_ms_max") is not None),
+                                           default=None),
         "release_ms_max": max((r["release_ms"] for r in releases
-                               if r.get("release_ms") is not None), default=None),
+                               if r.get("release_ms") is not None
+                               and r.get("kind", "duplicate") == "duplicate"), default=None),
+        "part_release_ms_max": max((r["release_ms"] for r in releases
+                                    if r.get("release_ms") is not None
+                                    and r.get("kind") == "secondary"), default=None),
+        "part_back_ms_max": max((round((r["part_back_s"] - r["last_end_s"]) * 1000, 1)
+                                 for r in releases if r.get("part_back_s") is not None
+                                 and r.get("last_end_s") is not None), default=None),
         "releases": {"total": len(releases),
-                     "by": dict(Counter(r.get("last_end") or "not released" for r in releases))},
+                     "by": dict(Counter(f"{r.get('kind', 'duplicate')} "
+                                        f"{r.get('last_end') or 'not released'}"
+                                        for r in releases))},
         "counters_consistent": bool(instances) and all(i["consistent"] for i in instances),
+        "part_counts": {"answers": len(part_counts),
+                        "one_sequence": part_counts == list(range(1, len(part_counts) + 1)),
+                        "final": part_count},
         "rtt_ms": {"net14_to_primary": rtt("14", "primary", ONE_BINDING),
                    "net14_to_duplicate": rtt("14", "duplicate"),
-                   "net12_to_primary": rtt("12", "primary")},
+                   "net12_to_primary": rtt("12", "primary"),
+                   "home_to_part": rtt("16", "part"),
+                   "home_to_secondary": rtt("16", "secondary"),
+                   "net14_to_part": rtt("14", "part"),
+                   "net14_to_secondary": rtt("14", "secondary"),
+                   "net12_to_part": rtt("12", "part")},
         "max_bindings": max((len(s["bindings"]) for s in samples), default=0),
+        "max_nested": max((len(s.get("nested", [])) for s in samples), default=0),
         "max_instances": max((len(s["instances"]) for s in samples), default=0),
         "latency": lat,
+        "moves": moves or [],
     }
 
 
@@ -658,50 +1101,85 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The headline figures as a two-column table."""
     q, ls, g = summary["requests"], summary["leases"], summary["grant_ms"]
     rtt = summary["rtt_ms"]
-    rows = [("requests sent", q["sent"]), ("answered exactly once", q["once"]),
+    by_obj = q.get("by_object", {})
+    pc = summary.get("part_counts", {})
+    rows = [("requests sent", q["sent"]),
+            ("  of the counter / of the part", " / ".join(
+                str(sum(by_obj.get(o, {}).values())) for o in (OBJECT, PART))),
+            ("answered exactly once", q["once"]),
             ("unanswered", q["none"]), ("answered twice or more", q["more"]),
             ("answered by another instance", q["wrong_instance"]),
             ("refused (error reply)", q["refused"]),
             ("leases granted / denied", f"{ls['granted']} / {ls['denied']}"),
             ("leases as the plan expected", f"{ls['as_planned']} of {ls['asked']}"),
-            ("leases granted on primary / duplicate", f"{ls['on'].get('primary', 0)} / "
-                                                      f"{ls['on'].get('duplicate', 0)}"),
+            ("leases granted on primary / duplicate / secondary",
+             " / ".join(str(ls["on"].get(p, 0)) for p in ("primary", "duplicate",
+                                                          "secondary"))),
             ("leases taken over by a duplicate on the CO's network", ls["moved"]),
+            ("leases of the part served by the secondary (nested)", ls.get("nested", 0)),
             ("denials", ", ".join(f"{k}: {v}" for k, v in sorted(ls["denials"].items()))
              or "none"),
             ("leases ended by cancel / expiry", f"{ls['ended'].get('cancelled', 0)} / "
                                                 f"{ls['ended'].get('expired', 0)}"),
             ("growths (duplicates placed)", ls["grew"]),
+            ("part moves (secondaries placed)", ls.get("parts_moved", 0)),
             ("grant ms, ordinary (median)", g["ordinary_median"]),
-            ("grant ms, growing (median)", g["growing_median"]),
+            ("grant ms, growing a duplicate (median)", g["growing_median"]),
             ("growing / ordinary", g["ratio"]),
-            ("growth ms at the broker (median)", summary["growth_ms_median"]),
-            ("growing request -> first duplicate answer ms (median)",
+            ("grant ms, moving the part (median)", g.get("moving_median")),
+            ("moving / ordinary", g.get("moving_ratio")),
+            ("growth ms at the broker, duplicate (median)", summary["growth_ms_median"]),
+            ("growth ms at the broker, part move (median)", summary.get("part_move_ms_median")),
+            ("lease that did not fit -> duplicate's first answer to that CO ms (median)",
              summary["first_answer_ms_median"]),
-            ("duplicates released (by last lease's end)",
+            ("lease that did not fit -> duplicate's first answer to any CO ms (median)",
+             summary.get("first_served_ms_median")),
+            ("lease that did not fit -> secondary's first answer to that CO ms (median)",
+             summary.get("part_first_answer_ms_median")),
+            ("lease that did not fit -> secondary's first answer to any CO ms (median)",
+             summary.get("part_first_served_ms_median")),
+            ("largest RTT ms of the part's other COs while it moved",
+             summary.get("part_move_others_rtt_ms_max")),
+            ("released (kind, last lease's end)",
              ", ".join(f"{k}: {v}" for k, v in sorted(summary["releases"]["by"].items()))),
-            ("release: last lease end -> binding gone ms (max, sampled)",
+            ("release: last lease end -> duplicate's binding gone ms (max, sampled)",
              summary["release_ms_max"]),
+            ("release: last lease end -> nested binding gone ms (max, sampled)",
+             summary.get("part_release_ms_max")),
+            ("release: last lease end -> primary lists the part again ms (max, sampled)",
+             summary.get("part_back_ms_max")),
             ("RTT ms net 14 -> primary (median)", rtt["net14_to_primary"]),
             ("RTT ms net 14 -> duplicate (median)", rtt["net14_to_duplicate"]),
             ("RTT ms net 12 -> primary (median)", rtt["net12_to_primary"]),
+            ("RTT ms home -> part on r18b (median)", rtt.get("home_to_part")),
+            ("RTT ms home -> secondary, nested (median)", rtt.get("home_to_secondary")),
+            ("RTT ms net 14 -> part on r18b (median)", rtt.get("net14_to_part")),
+            ("RTT ms net 14 -> secondary (median)", rtt.get("net14_to_secondary")),
+            ("RTT ms net 12 -> part on r18b (median)", rtt.get("net12_to_part")),
             ("bindings at the HOA (max)", summary["max_bindings"]),
+            (f"nested bindings at {PRIMARY} (max)", summary.get("max_nested", 0)),
             ("instances in the directory (max)", summary["max_instances"]),
+            ("part's counts one sequence across its moves",
+             f"{pc.get('one_sequence')} ({pc.get('answers')} answers, final "
+             f"{pc.get('final')})" if pc.get("answers") else None),
             ("counters consistent per instance", summary["counters_consistent"])]
     return [{"what": w, "value": v} for w, v in rows]
 
 
 def format_report(events: list[dict[str, Any]], full: dict[str, Any]) -> str:
     """What the experiment prints: the event table, growths, releases, instances, latency,
-    the summary table and the verdict line."""
+    the moves, the summary table and the verdict line."""
     s = full["summary"]
     q = s["requests"]
     parts = [format_table(events, EVENT_COLUMNS), "",
-             "growths:", format_table(full["growths"], GROWTH_COLUMNS), "",
+             "growths (duplicates and part moves):",
+             format_table(full["growths"], GROWTH_COLUMNS), "",
              "releases:", format_table(full["releases"], RELEASE_COLUMNS), "",
              "instances (counts they returned):",
              format_table(full["instances"], INSTANCE_COLUMNS), "",
              "round trips at the COs:", format_table(s["latency"], LATENCY_COLUMNS), "",
+             "a CO's round trip before and after its lease moved (median ms):",
+             format_table(s.get("moves", []), MOVE_COLUMNS), "",
              format_table(summary_rows(s), ["what", "value"]), ""]
     verdict = (f"{q['sent']} leased requests: {q['once']} answered exactly once, "
                f"{q['none']} unanswered, {q['more']} answered twice or more; "
@@ -730,7 +1208,8 @@ def _instance_label(iid: str, part: str) -> str:
 
 def _mark_growths(ax: Any, growths: list[dict[str, Any]], releases: list[dict[str, Any]]) -> None:
     for g in growths:
-        ax.axvline(g["at_s"], color="C3", lw=0.8, ls="--")
+        ax.axvline(g["at_s"], color="C4" if g.get("kind") == "secondary" else "C3", lw=0.8,
+                   ls="--")
     for r in releases:
         if r.get("last_end_s") is not None:
             ax.axvline(r["last_end_s"], color="C2", lw=0.8, ls=":")
@@ -756,7 +1235,8 @@ def plot_shares(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
     _mark_growths(ax, growths, releases)
     ax.set_ylim(0, 110)
     ax.set_ylabel("share used (%)")
-    ax.set_xlabel("time (s); red dashed: growth asked; green dotted: a duplicate's last lease ended")
+    ax.set_xlabel("time (s); dashed: growth asked (red: duplicate, purple: part move); "
+                  "green dotted: a duplicate's or secondary's last lease ended")
     ax.set_title(f"Share of {SERVICE} held by leases per instance (broker's 'services', "
                  f"every {SAMPLE_S:g} s)")
     ax.legend(fontsize=7, loc="upper right")
@@ -769,21 +1249,28 @@ def plot_shares(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
 
 def plot_bindings(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
                   releases: list[dict[str, Any]], dest: Path) -> Path:
-    """Bindings of the object's home address at the HOA over time, by part."""
+    """Bindings over time: the HOA's for the object's home address, by part (primary,
+    duplicate), and the primary router's nested table (the part's secondary)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 3))
+    fig, ax = plt.subplots(figsize=(11, 3.4))
     t = [s["t_s"] for s in samples]
     prim = [sum(1 for b in s["bindings"] if b["part"] != "duplicate") for s in samples]
     dup = [sum(1 for b in s["bindings"] if b["part"] == "duplicate") for s in samples]
-    ax.fill_between(t, 0, prim, step="post", color="C0", alpha=0.6, label="primary")
-    ax.fill_between(t, prim, [p + d for p, d in zip(prim, dup)], step="post", color="C1",
-                    alpha=0.7, label="duplicate")
+    nested = [len(s.get("nested", [])) for s in samples]
+    top1 = [p + d for p, d in zip(prim, dup)]
+    top2 = [x + n for x, n in zip(top1, nested)]
+    ax.fill_between(t, 0, prim, step="post", color="C0", alpha=0.6,
+                    label=f"HOA: primary ({OBJECT}, with its prefix)")
+    ax.fill_between(t, prim, top1, step="post", color="C1", alpha=0.7, label="HOA: duplicate")
+    ax.fill_between(t, top1, top2, step="post", color="C4", alpha=0.6, hatch="//",
+                    label=f"nested at {PRIMARY}: secondary ({PART})")
     _mark_growths(ax, growths, releases)
-    ax.set_ylim(0, max([2.5] + [p + d + 0.5 for p, d in zip(prim, dup)]))
+    ax.set_ylim(0, max([2.5] + [x + 0.5 for x in top2]))
     ax.set_yticks(range(0, int(ax.get_ylim()[1]) + 1))
     ax.set_ylabel("bindings")
     ax.set_xlabel("time (s)")
-    ax.set_title(f"Bindings of {OBJECT}'s home address at the HOA (bicast while 2)")
+    ax.set_title(f"Bindings: the HOA's for {OBJECT}'s home address (bicast while 2) and "
+                 f"{OBJECT}'s own (nested) table on {PRIMARY}")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = dest / "bindings.png"
@@ -792,22 +1279,30 @@ def plot_bindings(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
     return path
 
 
+def _net_name(net: str) -> str:
+    return "home" if net == NETWORK_OF_HOST["dns23"] else f"net {net}"
+
+
 def plot_latency(requests: list[dict[str, Any]], latency: list[dict[str, Any]],
                  growths: list[dict[str, Any]], releases: list[dict[str, Any]],
-                 dest: Path) -> Path:
+                 dest: Path, moves: Sequence[dict[str, Any]] = ()) -> Path:
     """Each request's RTT over time by the CO's network and the instance that served it;
-    unanswered ones as red crosses; medians per group below."""
+    unanswered ones as red crosses; below, the median (and 90th percentile) per group, and
+    per lease that moved its median before and after the move."""
     plt = _pyplot()
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(11, 6.5),
-                                 gridspec_kw={"height_ratios": [2.2, 1]})
+    fig = plt.figure(figsize=(12, 8.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=[2.0, 1.35], width_ratios=[1.5, 1])
+    ax = fig.add_subplot(grid[0, :])
+    bx = fig.add_subplot(grid[1, 0])
+    cx = fig.add_subplot(grid[1, 1])
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for q in requests:
         if q["answers"] >= 1 and q["rtt_ms"] is not None:
             by = str(q["served_by"]).split(",")[0]
-            part = "primary" if by == PRIMARY else "duplicate"
-            groups[f"net {q['net']} -> {part} ({by})"].append((q["sent_s"], q["rtt_ms"]))
+            part = part_label(by, q.get("object", OBJECT))
+            groups[f"{_net_name(q['net'])} -> {part} ({by})"].append((q["sent_s"], q["rtt_ms"]))
     for k, (label, points) in enumerate(sorted(groups.items())):
-        ax.plot([t for t, _ in points], [r for _, r in points], ".", ms=2.5, color=f"C{k}",
+        ax.plot([t for t, _ in points], [r for _, r in points], ".", ms=2.5, color=f"C{k % 10}",
                 label=label)
     top = max([1.0] + [r for pts in groups.values() for _, r in pts])
     lost = [q["sent_s"] for q in requests if q["answers"] == 0]
@@ -817,17 +1312,35 @@ def plot_latency(requests: list[dict[str, Any]], latency: list[dict[str, Any]],
     _mark_growths(ax, growths, releases)
     ax.set_yscale("log")
     ax.set_ylabel("round trip (ms)")
-    ax.set_xlabel("time (s)")
+    ax.set_xlabel("time (s); dashed: growth asked (red: duplicate, purple: part move)")
     ax.set_title("Leased requests at the COs: round trip by network and serving instance")
-    ax.legend(fontsize=7, loc="upper right", markerscale=3)
-    labels = [f"net {r['net']} -> {r['instance']}\n{r['phase']}" for r in latency]
-    bx.bar(range(len(latency)), [r["rtt_ms_median"] or 0 for r in latency], color="C0",
-           label="median")
-    bx.plot(range(len(latency)), [r["rtt_ms_p90"] or 0 for r in latency], "_", ms=18,
-            color="C3", label="90th percentile")
-    bx.set_xticks(range(len(latency)), labels, fontsize=7)
-    bx.set_ylabel("RTT (ms)")
-    bx.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right", markerscale=3, ncol=2)
+    labels = [f"{_net_name(r['net'])} -> {r['instance']}, {r['phase']} (n={r['answered']})"
+              for r in latency]
+    y = range(len(latency))
+    bx.barh(y, [r["rtt_ms_median"] or 0 for r in latency], color="C0", label="median")
+    bx.plot([r["rtt_ms_p90"] or 0 for r in latency], y, "|", ms=9, color="C3",
+            label="90th percentile")
+    bx.set_yticks(list(y), labels, fontsize=6.5)
+    bx.invert_yaxis()
+    bx.set_xscale("log")
+    bx.set_xlabel("RTT (ms), log")
+    bx.set_title("per network, instance and phase", fontsize=9)
+    bx.legend(fontsize=7, loc="lower right")
+    moves = list(moves)
+    y = range(len(moves))
+    cx.barh([k - 0.2 for k in y], [m.get("before_ms") or 0 for m in moves], height=0.4,
+            color="C7", label="before the move")
+    cx.barh([k + 0.2 for k in y], [m.get("after_ms") or 0 for m in moves], height=0.4,
+            color="C2", label="after")
+    cx.set_yticks(list(y), [f"{m['role']}{m.get('cycle', '')} {m['co']} "
+                            f"({_net_name(m['net'])}, {m['object']})\n"
+                            f"{m['before']} -> {m['after']}\n{m['path_after']}"
+                            for m in moves], fontsize=6.5)
+    cx.invert_yaxis()
+    cx.set_xlabel("median RTT (ms)")
+    cx.set_title("a CO's latency before and after its lease moved", fontsize=9)
+    cx.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = dest / "latency.png"
     fig.savefig(path, dpi=120)
@@ -845,7 +1358,8 @@ def plot_all(requests: list[dict[str, Any]], full: dict[str, Any], samples: list
         return []
     g, r = full["growths"], full["releases"]
     return [plot_shares(samples, g, r, dest), plot_bindings(samples, g, r, dest),
-            plot_latency(requests, full["summary"]["latency"], g, r, dest)]
+            plot_latency(requests, full["summary"]["latency"], g, r, dest,
+                         full["summary"].get("moves", []))]
 
 
 # --- the CO driver (runs inside a CO host) -------------------------------------------------------
@@ -877,7 +1391,8 @@ def _driver_op(client: Any, op: dict[str, Any]) -> dict[str, Any]:
         if op["op"] == "cancel":
             out: dict[str, Any] = {"ok": True, "lease_id": client.cancel(op["lease_id"])}
         else:
-            grant = client.request(SERVICE, op["share"], op["cpu"], op["duration"])
+            grant = client.request(op.get("target", SERVICE), op["share"], op["cpu"],
+                                   op["duration"])
             out = {"ok": True, "grant": grant.as_dict()}
     except CoError as exc:
         out = exc.as_dict()
@@ -909,7 +1424,9 @@ class Driver:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else b""
         if not line:
-            err = self.proc.stderr.read1(4000) if self.proc.poll() is not None and self.proc.stderr else b""
+            err = b""
+            if self.proc.poll() is not None and self.proc.stderr is not None:
+                err = self.proc.stderr.read1(4000)
             raise ExperimentError(f"the CO driver in {self.host} did not answer {op['op']}: "
                                   f"{err.decode(errors='replace')[-500:]}")
         return json.loads(line)
@@ -928,8 +1445,9 @@ class Driver:
 
 
 class Sampler(threading.Thread):
-    """Every :data:`SAMPLE_S`: the broker's ``services`` and ``leases`` and the HOA's
-    ``bindings``, against the run's wall clock (``t0``)."""
+    """Every :data:`SAMPLE_S`: the broker's ``services`` and ``leases``, the HOA's
+    ``bindings`` and the primary router's ``nested`` bindings, against the run's wall clock
+    (``t0``)."""
 
     def __init__(self, client: Any, hoa: str, t0: float) -> None:
         super().__init__(name="leases-sampler", daemon=True)
@@ -946,7 +1464,7 @@ class Sampler(threading.Thread):
         t = time.time() - self.t0
         try:
             s = sample_from(t, self.client.services(), self.client.call(self.hoa, "bindings"),
-                            self.client.leases())
+                            self.client.leases(), self.client.call(PRIMARY, "nested"))
         except (ControlError, OSError) as exc:
             self.failed += 1
             log.debug("sample at %.2f s failed: %s", t, exc)
@@ -971,11 +1489,12 @@ class Sampler(threading.Thread):
 
 
 def provision_primary(moat: Any) -> dict[str, Any]:
-    """Publish the counter as ``count-svc`` and provision it leased on r18b as the mobile
-    object ``svc`` (the primary); wait until the broker lists it."""
-    from .counter_service import publish_counter
+    """Publish the counter and its part as ``pair-svc`` and provision it leased on r18b, the
+    counter as the mobile object ``svc`` (the primary; the part beside it on svc's mobile
+    network prefix); wait until the broker lists it."""
+    from .counter_service import publish_pair
 
-    publish_counter(moat, SERVICE, cpu=OBJECT_CPU)
+    publish_pair(moat, SERVICE, parts=(PART,))
     answer = moat.provision(PRIMARY, vm=VM_NAME, kind="service", service=SERVICE,
                             mobile={"counter": OBJECT}, leased=True,
                             resources={"cpu": VM_CPU, "memory_mb": VM_MEMORY_MB, "pids": 64})
@@ -988,7 +1507,8 @@ def provision_primary(moat: Any) -> dict[str, Any]:
 def lease_row(step: Step, answer: dict[str, Any], t0: float) -> dict[str, Any]:
     """A lease of the plan from its CO driver's answer (times from ``t0``, wall clock)."""
     row: dict[str, Any] = {"n": step.n, "cycle": step.cycle, "role": step.role, "co": step.co,
-                           "host": step.host, "net": step.net, "share": step.share,
+                           "host": step.host, "net": step.net, "target": step.target,
+                           "share": step.share,
                            "cpu": step.cpu, "hold": step.hold, "end": step.end,
                            "duration": step.duration, "expect": step.expect,
                            "t_s": round(answer["sent_at"] - t0, 3),
@@ -997,17 +1517,18 @@ def lease_row(step: Step, answer: dict[str, Any], t0: float) -> dict[str, Any]:
     if not answer.get("ok"):
         return dict(row, outcome="denied", reason=answer.get("reason"),
                     detail=answer.get("detail") or answer.get("error"), router=None,
-                    part=None, instance_id=None, lease_id=None)
+                    part=None, instance_id=None, lease_id=None, address=None)
     hop = answer["grant"]["hops"][0]
     return dict(row, outcome="granted", reason=None, instance_id=hop["instance"],
                 router=router_of(hop["instance"]), lease_id=hop["lease_id"],
-                granted_s=hop["granted_s"], part=None)
+                granted_s=hop["granted_s"], part=None, address=hop.get("address"))
 
 
 def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[str, Any]:
     """Run the plan: each lease at its time from its CO's host, its load started at once,
     its cancel (if it cancels) ``hold`` s after its grant; sample throughout; then wait
-    (bounded) until every lease has ended and the duplicate's binding is gone."""
+    (bounded) until every lease has ended, the duplicate's binding is gone and no part is
+    away."""
     from agent.core.wait import WaitTimeout, wait_until
 
     client = moat.client
@@ -1036,8 +1557,9 @@ def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[st
                 row.update(ended="cancelled" if answer.get("ok") else "cancel refused",
                            ended_s=round(answer["done_at"] - t0, 3), cancel_ms=answer.get("ms"))
                 continue
-            answer = driver.ask({"op": "request", "co": step.co, "share": step.share,
-                                 "cpu": step.cpu, "duration": step.duration})
+            answer = driver.ask({"op": "request", "co": step.co, "target": step.target,
+                                 "share": step.share, "cpu": step.cpu,
+                                 "duration": step.duration})
             row = lease_row(step, answer, t0)
             leases.append(row)
             rows_by_n[n] = row
@@ -1054,13 +1576,14 @@ def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[st
         def quiet() -> bool:
             s = sampler.latest()
             return s is not None and s["t_s"] > max(l["granted_at_s"] for l in leases) \
-                and not s["leases"] and len(s["bindings"]) == 1 and len(s["instances"]) == 1
+                and not s["leases"] and len(s["bindings"]) == 1 \
+                and len(s["instances"]) == 1 and not s.get("nested")
 
         try:
             wait_until(quiet, SETTLE_TIMEOUT, interval=SAMPLE_S, what="every lease ended")
             settled = True
         except WaitTimeout:
-            log.warning("leases or the duplicate still there %.0f s after the plan",
+            log.warning("leases, a duplicate or a secondary still there %.0f s after the plan",
                         SETTLE_TIMEOUT)
         time.sleep(2 * SAMPLE_S)  # a last sample or two of the quiet state
     finally:
@@ -1082,10 +1605,11 @@ def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[st
 
 def analyse(out: dict[str, Any], growth: list[dict[str, Any]], read_load: Any,
             primary_count: int | None = None,
-            placements: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+            placements: Sequence[dict[str, Any]] = (),
+            part_count: int | None = None) -> dict[str, Any]:
     """Every figure of the run from what :func:`execute` gathered, the broker's ``growth``
-    history, the load logs (``read_load(path)``), the primary's final count and the
-    duplicates its router placed by the traffic rule."""
+    history, the load logs (``read_load(path)``), the counter's and the part's final counts
+    on the primary's router and the duplicates its router placed by the traffic rule."""
     t0, leases, samples = out["t0"], out["leases"], out["samples"]
     parts = parts_of(samples)
     grown = {g.get("instance"): g for g in growth if g.get("instance")}
@@ -1093,39 +1617,50 @@ def analyse(out: dict[str, Any], growth: list[dict[str, Any]], read_load: Any,
         if l["outcome"] == "granted":
             l["part"] = parts.get(l["instance_id"]) or ("primary" if l["router"] == PRIMARY
                                                         else "duplicate")
-            # The lease that made the duplicate: the first one granted on it.
+            # The lease that made the duplicate or secondary: the first one granted on it.
             g = grown.get(l["instance_id"])
             l["grew"] = g is not None and l is next(
                 x for x in leases if x.get("instance_id") == l["instance_id"])
             l["growth_ms"] = g.get("ms") if l["grew"] and g else None
     ended_times(leases, samples)
-    bound = duplicate_bound(samples)
+    windows = part_windows(growth, t0)
+    bound, away = duplicate_bound(samples), part_away(samples, windows)
+    where_part = part_history(samples)
     history = lease_history(samples)
+    networks = {i["instance_id"]: i.get("network") or "" for s in samples
+                for i in s["instances"]}
+    served: dict[int, list[tuple[float, str]]] = {}
     for l in leases:
         if l["outcome"] != "granted":
             continue
         seen = history.get(l["lease_id"], [])
         l["final_instance"] = seen[-1][1] if seen else l["instance_id"]
-        moved = next((t for t, iid in seen if iid != l["instance_id"]), None)
+        served[l["n"]] = served_history(l, seen, where_part)
+        moved = next(((t, iid) for t, iid in served[l["n"]] if iid != l["instance_id"]), None)
         if moved is not None:
-            l["moved_to"], l["moved_s"] = router_of(l["final_instance"]), moved
+            l["moved_s"], l["moved_instance"] = moved
+            l["moved_to"] = router_of(moved[1])
+            l["moved_path"] = moved_path(l, networks)
     requests: list[dict[str, Any]] = []
     by_n = {l["n"]: l for l in leases}
     for load in out["loads"]:
         lease = by_n[load["n"]]
         requests += request_rows(lease, read_load(load["out"]), t0, bound,
-                                 history.get(lease["lease_id"], []))
+                                 served.get(lease["n"], []), away, windows)
     for l in leases:
         mine = [q for q in requests if q["n"] == l["n"]]
         l.update(sent=len(mine), once=sum(1 for q in mine if q["answers"] == 1),
                  none=sum(1 for q in mine if q["answers"] == 0),
                  more=sum(1 for q in mine if q["answers"] > 1),
                  rtt_ms_median=median(q["rtt_ms"] for q in mine))
-    growth_history = [dict(g, at_s=round(g["at"] - t0, 3)) for g in growth]
+    growth_history = [dict(g, at_s=round(g["at"] - t0, 3), kind=_growth_kind(g, parts))
+                      for g in growth]
     growths = growth_rows(leases, growth, requests, samples, t0)
     releases = release_rows(leases, samples)
     instances = instance_rows(requests, growths)
-    summary = summarise(leases, requests, growths, releases, instances, samples, primary_count)
+    moves = move_rows(leases, requests, networks)
+    summary = summarise(leases, requests, growths, releases, instances, samples, primary_count,
+                        part_count, moves)
     traffic = [{"t_s": p["at"] - t0, "event": "traffic rule placed a duplicate",
                 "instance": p.get("router"), "detail": f"requests from {p.get('network')}"}
                for p in placements]
@@ -1135,15 +1670,31 @@ def analyse(out: dict[str, Any], growth: list[dict[str, Any]], read_load: Any,
             "instances": instances, "summary": summary, "events": events}
 
 
-def message_counts(pcaps: Iterable[Path]) -> dict[str, dict[str, Any]]:
-    """Per capture: MOAT control messages by type (moat.lua) and the protocol events."""
+def part_address(leases: Iterable[dict[str, Any]]) -> str | None:
+    """The part's address, as the broker's grants for it gave it."""
+    return next((l["address"] for l in leases if l.get("target") == PART and l.get("address")),
+                None)
+
+
+def nested_gre(pcap: Path, address: str, timeout: float = 60.0) -> dict[str, int]:
+    """:func:`gre_pairs` of a capture (tshark)."""
+    proc = subprocess.run(["tshark", "-r", str(pcap), "-Y", f"gre && ip.dst == {address}",
+                           "-T", "fields", "-e", "ip.src", "-e", "ip.dst"],
+                          capture_output=True, text=True, timeout=timeout)
+    return gre_pairs(proc.stdout.splitlines(), address) if proc.returncode == 0 else {}
+
+
+def message_counts(pcaps: Iterable[Path], address: str | None = None) -> dict[str, dict]:
+    """Per capture: MOAT control messages by type (moat.lua), the protocol events and the
+    GRE packets carrying requests to the part's ``address`` (by outer addresses)."""
     import shutil
 
     from .service_path import broker_message_counts
 
     if shutil.which("tshark") is None:
         return {}
-    return {p.stem: {"moat": broker_message_counts(p), "events": count_events(p)}
+    return {p.stem: {"moat": broker_message_counts(p), "events": count_events(p),
+                     "gre_to_part": nested_gre(p, address) if address else {}}
             for p in pcaps}
 
 
@@ -1153,16 +1704,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from topologies.catalog import make_topo
     from topologies.moatnet import MoatNetwork
 
-    steps = plan_cycles(args.cycles, args.seed)
+    steps = plan(args.cycles, args.seed, args.parts)
     topo = make_topo(args.topo)
     moat = MoatNetwork(topo, objects=[OBJECT])
     for co in EXTRA_COS:  # more CO identities, each with its own key, on the same hosts
         moat.keyring.add_co(co)
     with moat, contextlib.ExitStack() as stack:
-        print(f"run {moat.run.run_id}: {len(steps)} leases of {SERVICE} in {args.cycles} "
-              f"cycle(s) from {', '.join(COS)}, "
+        print(f"run {moat.run.run_id}: {len(steps)} leases of {SERVICE} and its part {PART} "
+              f"in {args.cycles} duplicate cycle(s)"
+              f"{' and a secondaries phase' if args.parts else ''} from {', '.join(COS)}, "
               f"{args.rate:g} requests/s each (primary on {PRIMARY}, broker on {moat.broker}, "
-              f"seed {args.seed})")
+              f"seed {args.seed}; the plan lasts {plan_end(steps):.0f} s)")
         for name, bridge in (("home_lan", "s16"), ("foreign_lan_12", "s12"),
                              ("foreign_lan_14", "s14")):
             stack.enter_context(moat.capture(bridge, name))
@@ -1182,10 +1734,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a figure missing, not the run
             log.warning("no final count from the primary: %s", exc)
             primary_count = None
+        part_count = None
+        if any(s.target == PART for s in steps):
+            try:
+                stats = moat.client.call(PRIMARY, "object_stats", name=PART)
+                part_count = int(stats["state"]["count"])
+            except Exception as exc:  # noqa: BLE001 - a figure missing, not the run
+                log.warning("no final count of the part on the primary: %s", exc)
         stack.close()
         dest = results_dir(EXPERIMENT, moat.run.run_id, args.out)
         copy_captures(moat.run.dir / "captures", dest)
-        full = analyse(out, growth, moat.client.read_load, primary_count, placements)
+        full = analyse(out, growth, moat.client.read_load, primary_count, placements,
+                       part_count)
     samples = out["samples"]
     summary = dict(full["summary"], settled=out["settled"],
                    sample_failures=out["sample_failures"], samples=len(samples),
@@ -1198,14 +1758,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_csv(dest / "samples.csv", sample_rows(samples), SAMPLE_COLUMNS)
     doc = {"experiment": EXPERIMENT, "run_id": moat.run.run_id, "seed": args.seed,
            "cycles": args.cycles, "rate": args.rate, "topo": args.topo,
-           "service": SERVICE, "object": OBJECT, "primary": PRIMARY,
+           "service": SERVICE, "object": OBJECT, "part": PART, "primary": PRIMARY,
+           "part_address": part_address(full["leases"]),
            "vm": {"cpu": VM_CPU, "memory_mb": VM_MEMORY_MB},
            "plan": [dict(dataclasses.asdict(s), duration=s.duration) for s in steps],
            "summary": summary, "growths": full["growths"], "releases": full["releases"],
+           "moves": summary["moves"],
            "instances": full["instances"], "leases": full["leases"],
            "traffic_placements": [dict(p, at_s=round(p["at"] - out["t0"], 3))
                                   for p in placements],
-           "captures": message_counts(sorted((dest / "captures").glob("*.pcap"))),
+           "captures": message_counts(sorted((dest / "captures").glob("*.pcap")),
+                                      part_address(full["leases"])),
            "plots": [p.name for p in pngs]}
     write_json(dest / "summary.json", doc)
     return {"summary": doc, "events": full["events"], "dest": dest}
@@ -1215,8 +1778,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moat run leases", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=3,
-                        help=f"cycles of arrivals, growth and release (default 3, at most "
-                             f"{MAX_CYCLES}; about 15 s each)")
+                        help=f"duplicate cycles of arrivals, growth and release (default 3, at "
+                             f"most {MAX_CYCLES}; about 15 s each)")
+    parser.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the cycles, the secondaries phase: the part moves, "
+                             "is served through the nesting and comes back (default: on; "
+                             "about 19 s)")
     parser.add_argument("--rate", type=float, default=20.0,
                         help=f"leased requests per second of each CO (default 20, at most "
                              f"{MAX_RATE:g}; from about 40 the traffic rule places the "
@@ -1248,6 +1815,11 @@ def main(argv: list[str] | None = None) -> int:
         print("control messages decoded by moat.lua: " + "; ".join(
             f"{k}: " + ", ".join(f"{t} {n}" for t, n in v["moat"].items())
             for k, v in caps.items()))
+        gre = {k: v.get("gre_to_part") for k, v in caps.items() if v.get("gre_to_part")}
+        if gre:
+            print("GRE to the part's address in the captures (outer source -> destination): "
+                  + "; ".join(f"{k}: " + ", ".join(f"{p} {n}" for p, n in v.items())
+                              for k, v in gre.items()))
     print(f"results in {out['dest']} ({', '.join(out['summary']['plots'])}, summary.json, "
           "events.csv, leases.csv, requests.csv, samples.csv, captures/)")
     print(f"done in {time.monotonic() - t0:.1f} s")

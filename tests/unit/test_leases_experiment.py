@@ -1,6 +1,8 @@
 """The pure parts of ``moat run leases`` (experiments/leases.py), without root: the plan from
-the seed, the exactly-once and counter checks, lease moves (adoption), expiry and release
-times from the samples, the event table, the summary and the report, the plots.
+the seed (duplicate cycles and the secondaries phase), the exactly-once and counter checks,
+lease moves (adoption by a duplicate; a part's leases served by its secondary through the
+nesting), expiry and release times from the samples, the event table, the summary and the
+report, the captures' GRE counts, the plots.
 
 The network run itself is ``sudo moat run leases`` (it needs namespaces)."""
 
@@ -117,7 +119,7 @@ def lease(n: int, role: str, co: str, net: str, iid: str | None, t: float, grant
           request_ms: float, **more: Any) -> dict[str, Any]:
     row = {"n": n, "cycle": 1, "role": role, "co": co, "host": f"co{net}", "net": net,
            "share": 30.0, "cpu": 0.3, "hold": 6.0, "end": "expire", "duration": 6.0,
-           "expect": {"A": "adopted", "B": "primary", "D": "grows", "E": "denied"}[role],
+           "expect": {"A": "adopted", "B": "primary", "D": "grows", "E": "denied"}.get(role),
            "t_s": t, "request_ms": request_ms, "granted_at_s": granted,
            "outcome": "granted" if iid else "denied", "reason": None if iid else "no_capacity",
            "detail": None if iid else "the instance of 'count-svc' on the CO's own network "
@@ -225,7 +227,8 @@ def test_growth_and_release_figures(analysed: dict[str, Any]) -> None:
     assert r["directory_gone_s"] == 10.0
     s = analysed["summary"]
     assert s["release_ms_max"] == pytest.approx(200.0)
-    assert s["releases"] == {"total": 1, "by": {"expired": 1}}
+    assert s["releases"] == {"total": 1, "by": {"duplicate expired": 1}}
+    assert r["kind"] == "duplicate" and r.get("part_back_s") is None
     assert s["growth_ms_median"] == 1290.0 and s["max_bindings"] == 2
 
 
@@ -286,9 +289,11 @@ def test_report_and_summary_rows(analysed: dict[str, Any]) -> None:
     full = dict(analysed)
     text = lx.format_report(analysed["events"], full)
     assert "every request answered exactly once by its lease's instance: True" in text
-    assert "growths:" in text and "releases:" in text and "round trips at the COs:" in text
+    assert "growths (duplicates and part moves):" in text and "releases:" in text
+    assert "round trips at the COs:" in text and "before and after its lease moved" in text
     rows = {r["what"]: r["value"] for r in lx.summary_rows(analysed["summary"])}
     assert rows["unanswered"] == 0 and rows["growths (duplicates placed)"] == 1
+    assert rows["part moves (secondaries placed)"] == 0
     assert rows["leases as the plan expected"] == "4 of 4"
     assert rows["leases taken over by a duplicate on the CO's network"] == 1
 
@@ -333,6 +338,340 @@ def test_parser_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> Non
         with pytest.raises(SystemExit):
             lx.main(argv)
     args = lx.build_parser().parse_args([])
-    assert (args.cycles, args.rate, args.seed, args.topo) == (3, 20.0, 1, "patent")
-    plan = [dataclasses.asdict(s) for s in lx.plan_cycles(args.cycles, args.seed)]
-    assert len(plan) == 15
+    assert (args.cycles, args.rate, args.seed, args.topo, args.parts) == \
+        (3, 20.0, 1, "patent", True)
+    assert lx.build_parser().parse_args(["--no-parts"]).parts is False
+    plan = [dataclasses.asdict(s) for s in lx.plan(args.cycles, args.seed, args.parts)]
+    assert len(plan) == 15 + 4
+    # The defaults stay well inside the run's time budget (setup and analysis add ~20 s).
+    assert lx.plan_end(lx.plan(args.cycles, args.seed)) < 75
+
+
+# --- the secondaries phase -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_parts_plan_makes_the_outcome_certain(seed: int) -> None:
+    steps = lx.plan(3, seed)
+    cycles = [s for s in steps if s.target == lx.SERVICE]
+    parts = [s for s in steps if s.target == lx.PART]
+    assert cycles == lx.plan_cycles(3, seed)  # the duplicate cycles as before
+    assert [s.n for s in steps] == list(range(1, len(steps) + 1))
+    by = {s.role: s for s in parts}
+    assert sorted(by) == ["P", "Q", "R", "S"] and {s.cycle for s in parts} == {4}
+    assert [by[r].expect for r in "PQSR"] == ["nested", "nested", "moves", "home"]
+    p, q, s, r = (by[x] for x in "PQSR")
+    assert p.co == "dns23" and p.net == "16"  # the home network: it will cross the nesting
+    assert q.net == s.net == "14" and q.co != s.co and r.net == "12"
+    assert p.share + q.share <= 100 - 1  # P and Q fit the part at home together
+    assert p.share + q.share + s.share > 100 + 1  # S does not: the part moves
+    assert s.share <= 100 - 1 and r.share <= 100 - 1  # S fits a fresh secondary
+    assert sorted([p.end, q.end]) == ["cancel", "expire"] and r.end == "cancel"
+    # The phase starts once every lease of the cycles has ended (a duplicate is released
+    # within 0.3 s), and the part moves long after: a secondary cannot register through
+    # r20a while a duplicate of its object runs there.
+    assert min(x.at for x in parts) >= lx.plan_end(cycles) + 1.0 - 1e-9
+    assert s.at > lx.plan_end(cycles) + 3.0
+    # P and Q end before S (no request of the part in flight when it goes back); R asks
+    # well after S ended (the secondary released, the part back).
+    s_end = s.at + lx.GROWTH_DELAY_S + s.hold
+    assert max(p.at + p.hold, q.at + q.hold) < s_end - 1.0
+    assert r.at > s_end + 2.5
+    for x in parts:
+        assert x.cpu == pytest.approx(x.share / 100 * lx.VM_CPU, abs=1e-3) and x.hold > 1.0
+
+
+def test_the_parts_phase_can_be_left_out() -> None:
+    assert lx.plan(2, 5, parts=False) == lx.plan_cycles(2, 5)
+
+
+SEC = "r20a/pair-s1@cccc3333"
+PRIM = "r18b/pair@aaaa1111"
+
+
+def make_part_samples() -> list[dict[str, Any]]:
+    """Every 0.25 s over 12.5 s: the primary (with the part, except in [4, 9.5)); the
+    secondary listed in [3.75, 8.75), its nested binding at r18b in [3.75, 9.5); leases L11
+    (P, home) on the primary until cancelled at 7.0, L12 (Q, net 14) on the primary until
+    it expires at 7.5, L13 (S) on the secondary until cancelled at 8.5, L14 (R) on the
+    primary in [11, 12)."""
+    samples = []
+    for k in range(51):
+        t = k * 0.25
+        home = not 4.0 <= t < 9.5
+        services = [{"service": lx.SERVICE, "instances": [
+            {"instance_id": PRIM, "router": "r18b", "part": "primary", "used_share": 70.0,
+             "share": 100.0, "leases": 2, "objects": ["svc", "tally"] if home else ["svc"],
+             "network": "10.12.0.0/24"}]}]
+        if 3.75 <= t < 8.75:
+            services[0]["instances"].append(
+                {"instance_id": SEC, "router": "r20a", "part": "secondary", "used_share": 45.0,
+                 "share": 100.0, "leases": 1, "objects": ["tally"], "network": "10.14.0.0/24"})
+        bindings = [{"care_of_address": "10.12.0.1", "part": "primary", "gre_key": 1,
+                     "network_prefix": "10.16.0.224/30"}]
+        nested = {"pair": [{"home_address": "10.16.0.224", "care_of_address": "10.14.0.1",
+                            "part": "secondary"}] if 3.75 <= t < 9.5 else []}
+        leases = []
+        if 0.25 <= t < 7.0:
+            leases.append({"lease_id": "L11", "instance": PRIM, "remaining": 60 - t,
+                           "target": "tally"})
+        if 0.75 <= t < 7.5:
+            leases.append({"lease_id": "L12", "instance": PRIM, "remaining": 7.5 - t,
+                           "target": "tally"})
+        if 3.75 <= t < 8.5:
+            leases.append({"lease_id": "L13", "instance": SEC, "remaining": 60 - t,
+                           "target": "tally"})
+        if 11.0 <= t < 12.0:
+            leases.append({"lease_id": "L14", "instance": PRIM, "remaining": 60 - t,
+                           "target": "tally"})
+        samples.append(lx.sample_from(t, services, bindings, leases, nested))
+    return samples
+
+
+#: (n, role, co, net, send times, RTT ms at home / away)
+PART_LOADS = [(11, "P", "dns23", "16", [x / 10 for x in range(3, 66, 2)], 1.3, 1.7),
+              (12, "Q", "co14", "14", [x / 10 for x in range(8, 70, 2)], 1.28, 0.8),
+              (13, "S", "co14-b", "14", [x / 10 for x in range(40, 78, 2)], None, 0.75),
+              (14, "R", "co12", "12", [x / 10 for x in range(111, 120, 2)], 0.8, None)]
+#: The part stops on r18b at 3.8 s (the growth's step); the secondary serves from 3.85 s
+#: (what it queued first); the part is back on r18b (a new process) from 9.3 s.
+STOP, SERVES, BACK = 3.8, 3.85, 9.3
+
+
+def make_part_out(give_back_stale: int = 0) -> tuple[dict[str, Any], dict[Path, list[dict]],
+                                                    list[dict]]:
+    """The secondaries phase as execute() gathers it: one counter (the part) across its
+    processes; ``give_back_stale``: the part comes back that many counts behind."""
+    leases = [lease(11, "P", "dns23", "16", PRIM, 0.2, 0.21, 4.0, end="cancel",
+                    ended="cancelled", ended_s=7.0),
+              lease(12, "Q", "co14", "14", PRIM, 0.7, 0.71, 3.5),
+              lease(13, "S", "co14-b", "14", SEC, 2.0, 3.85, 1850.0, end="cancel",
+                    ended="cancelled", ended_s=8.5),
+              lease(14, "R", "co12", "12", PRIM, 11.0, 11.01, 3.0, end="cancel",
+                    ended="cancelled", ended_s=12.0)]
+    for row, expect in zip(leases, ("nested", "nested", "moves", "home")):
+        row.update(target=lx.PART, expect=expect, cycle=4, address="10.16.0.224")
+    sends = sorted((t, n, home, away) for n, _, _, _, ts, home, away in PART_LOADS for t in ts)
+    logs: dict[Path, list[dict]] = {Path(f"/load-{n}"): [] for n, *_ in PART_LOADS}
+    count = last_away = 0
+    for seq, (t, n, home, away) in enumerate(sends, 1):
+        if t < STOP or t >= BACK:
+            router, process, rtt = "r18b", "t1" if t < STOP else "t2", home
+            if t >= BACK and count == last_away:
+                count -= give_back_stale
+        else:
+            router, process = "r20a", "s1"
+            rtt = (SERVES - t) * 1000 + away if t < SERVES else away
+        count += 1
+        if router == "r20a":
+            last_away = count
+        logs[Path(f"/load-{n}")].append({
+            "seq": seq, "sent": T0 + t, "replies": [{
+                "at": T0 + t + rtt / 1000, "served_by": router, "instance": process,
+                "ok": True, "result": {"count": count}}]})
+    out = {"t0": T0, "leases": leases, "samples": make_part_samples(), "sample_failures": 0,
+           "settled": True, "loads": [{"n": n, "out": Path(f"/load-{n}")} for n, *_ in PART_LOADS]}
+    growth = [{"at": T0 + 2.0, "service": lx.SERVICE, "from": PRIM, "share": 45.0, "cpu": 0.45,
+               "instance": SEC, "router": "r20a", "tried": [],
+               "steps": [["asked 6 routers for room for part tally, 6 answered", 5.0],
+                         ["secondary tally registered on r20a with the nested home agent",
+                          1700.0],
+                         ["tally stopped here with its final checkpoint (its address is now "
+                          "tunnelled)", 1800.0],
+                         ["secondary tally restored its state and serves", 1840.0]],
+               "ms": 1845.0}]
+    return out, logs, growth
+
+
+@pytest.fixture()
+def parts_run() -> dict[str, Any]:
+    out, logs, growth = make_part_out()
+    return lx.analyse(out, growth, lambda path: logs[path], part_count=None)
+
+
+def test_the_parts_requests_exactly_once_across_the_nesting(parts_run: dict[str, Any]) -> None:
+    q = parts_run["summary"]["requests"]
+    assert q["sent"] == sum(len(ts) for *_, ts, _, _ in PART_LOADS)
+    assert (q["once"], q["none"], q["more"], q["wrong_instance"], q["refused"]) == \
+        (q["sent"], 0, 0, 0, 0)
+    assert q["exact"] is True and q["by_object"] == {"tally": {"once": q["sent"]}}
+    p = [r for r in parts_run["requests"] if r["n"] == 11]
+    # P's lease stays on the primary's instance; the secondary serves it while away.
+    assert {r["lease_router"] for r in p if r["sent_s"] < 3.2} == {"r18b"}
+    assert {r["lease_router"] for r in p if 4.3 < r["sent_s"] < 6.9} == {"r20a"}
+    assert {r["lease_part"] for r in p} == {"part", "secondary"}
+    assert any(r["expected"] == "r18b,r20a" for r in p)
+    # Moving: from the secondary's registration (less a sampling period) to its restore, by
+    # the growth's steps; then away (the restore and the samples' nested binding).
+    assert {r["phase"] for r in p if r["sent_s"] < 3.45} == {lx.PART_HOME}
+    assert {r["phase"] for r in p if 3.45 <= r["sent_s"] <= 3.84} == {lx.PART_MOVING}
+    assert {r["phase"] for r in p if r["sent_s"] > 3.84} == {lx.PART_AWAY}
+
+
+def test_a_reply_from_the_secondary_while_the_part_is_home_is_wrong() -> None:
+    out, logs, growth = make_part_out()
+    record = next(r for r in logs[Path("/load-14")])  # R, long after the part came back
+    record["replies"][0]["served_by"] = "r20a"
+    full = lx.analyse(out, growth, lambda path: logs[path])
+    assert full["summary"]["requests"]["wrong_instance"] == 1
+    assert full["summary"]["requests"]["exact"] is False
+
+
+def test_part_leases_moves_and_paths(parts_run: dict[str, Any]) -> None:
+    by = {l["role"]: l for l in parts_run["leases"]}
+    assert by["P"]["part"] == "primary" and by["P"]["moved_to"] == "r20a"
+    assert by["P"]["moved_s"] == 3.75 and by["P"]["moved_instance"] == SEC
+    assert by["P"]["moved_path"] == "nested: HOA -> r18b -> r20a"
+    assert by["Q"]["moved_path"] == "its own network"
+    # The broker's table keeps P and Q on the primary (no adoption for a secondary).
+    assert by["P"]["final_instance"] == PRIM and by["Q"]["final_instance"] == PRIM
+    assert by["S"]["part"] == "secondary" and by["S"]["grew"] and by["S"]["growth_ms"] == 1845.0
+    assert not by["R"].get("moved_to") and by["R"]["part"] == "primary"
+    assert by["Q"]["ended"] == "expired" and by["Q"]["ended_s"] == pytest.approx(7.5)
+    assert all(lx.as_planned(l) for l in parts_run["leases"])
+    ls = parts_run["summary"]["leases"]
+    assert (ls["parts_moved"], ls["grew"], ls["nested"], ls["moved"]) == (1, 0, 2, 0)
+    assert ls["on"] == {"primary": 3, "secondary": 1} and ls["of"] == {"tally": 4}
+
+
+def test_part_move_release_and_give_back_figures(parts_run: dict[str, Any]) -> None:
+    (g,) = parts_run["growths"]
+    assert g["kind"] == "secondary" and g["n"] == 13 and g["growth_ms"] == 1845.0
+    assert g["binding_s"] == pytest.approx(3.75 - 2.0)  # the nested binding, not the HOA's
+    assert g["first_answer_ms"] == pytest.approx((4.0 + 0.00075 - 2.0) * 1000, abs=0.5)
+    # P's and Q's requests queued by the warm secondary are answered first.
+    assert g["first_served_ms"] == pytest.approx((SERVES - 2.0) * 1000, abs=1.5)
+    assert g["others_rtt_ms_max"] >= 40  # sent at 3.8 s, answered at 3.85 s
+    (r,) = parts_run["releases"]
+    assert r["kind"] == "secondary" and r["instance"] == SEC and r["leases"] == 1
+    assert r["last_end"] == "cancelled" and r["last_end_s"] == 8.5
+    assert r["binding_gone_s"] == 9.5 and r["release_ms"] == pytest.approx(1000.0)
+    assert r["directory_gone_s"] == 8.75 and r["part_back_s"] == 9.5
+    s = parts_run["summary"]
+    assert s["part_move_ms_median"] == 1845.0 and s["growth_ms_median"] is None
+    assert s["part_release_ms_max"] == pytest.approx(1000.0) and s["release_ms_max"] is None
+    assert s["part_back_ms_max"] == pytest.approx(1000.0)
+    assert s["releases"]["by"] == {"secondary cancelled": 1}
+    assert s["grant_ms"]["moving_median"] == 1850.0 and s["grant_ms"]["growing_median"] is None
+    assert s["max_nested"] == 1 and s["max_bindings"] == 1
+
+
+def test_the_parts_counts_are_one_sequence(parts_run: dict[str, Any]) -> None:
+    rows = parts_run["instances"]
+    assert [(i["served_by"], i["process"], i["part"]) for i in rows] == \
+        [("r18b", "t1", "part"), ("r20a", "s1", "secondary"), ("r18b", "t2", "part")]
+    assert all(i["object"] == "tally" and i["checkpoint_ok"] and i["consistent"] for i in rows)
+    assert rows[1]["checkpoint"] == rows[0]["last"] and rows[2]["checkpoint"] == rows[1]["last"]
+    pc = parts_run["summary"]["part_counts"]
+    assert pc["one_sequence"] is True and pc["answers"] == rows[2]["last"]
+
+
+def test_a_stale_give_back_and_a_wrong_final_count_are_caught() -> None:
+    out, logs, growth = make_part_out(give_back_stale=3)
+    full = lx.analyse(out, growth, lambda path: logs[path])
+    back = full["instances"][-1]
+    assert back["checkpoint"] == full["instances"][1]["last"] - 3 and not back["checkpoint_ok"]
+    assert full["summary"]["part_counts"]["one_sequence"] is False
+    assert full["summary"]["counters_consistent"] is False
+    out, logs, growth = make_part_out()
+    last = max(r["replies"][0]["result"]["count"] for r in logs[Path("/load-14")])
+    assert lx.analyse(out, growth, lambda path: logs[path],
+                      part_count=last)["summary"]["counters_consistent"] is True
+    out, logs, growth = make_part_out()
+    full = lx.analyse(out, growth, lambda path: logs[path], part_count=last - 1)
+    assert full["instances"][-1]["object_count"] == last - 1
+    assert full["summary"]["counters_consistent"] is False
+
+
+def test_part_latency_before_and_after(parts_run: dict[str, Any]) -> None:
+    lat = {(r["net"], r["instance"], r["phase"]): r for r in parts_run["summary"]["latency"]}
+    assert lat[("16", "part (r18b)", lx.PART_HOME)]["rtt_ms_median"] == pytest.approx(1.3)
+    assert lat[("16", "secondary (r20a)", lx.PART_AWAY)]["rtt_ms_median"] == pytest.approx(1.7)
+    rtt = parts_run["summary"]["rtt_ms"]
+    assert rtt["home_to_part"] == pytest.approx(1.3) and rtt["net12_to_part"] == pytest.approx(0.8)
+    assert rtt["net14_to_part"] == pytest.approx(1.28)
+    assert rtt["net14_to_secondary"] == pytest.approx(0.8, abs=0.06)  # Q's and S's
+    moves = {m["role"]: m for m in parts_run["summary"]["moves"]}
+    assert set(moves) == {"P", "Q"}
+    assert (moves["P"]["before_ms"], moves["P"]["after_ms"]) == (pytest.approx(1.3),
+                                                                 pytest.approx(1.7))
+    assert (moves["Q"]["before_ms"], moves["Q"]["after_ms"]) == (pytest.approx(1.28),
+                                                                 pytest.approx(0.8))
+    assert moves["P"]["before"] == "part (r18b)" and moves["P"]["after"] == "secondary (r20a)"
+    assert moves["P"]["path_after"].startswith("nested")
+
+
+def test_adoption_latency_before_and_after(analysed: dict[str, Any]) -> None:
+    (m,) = analysed["summary"]["moves"]
+    assert m["role"] == "A" and m["object"] == "svc" and m["path_after"] == "HOA -> r20a"
+    assert (m["before_ms"], m["after_ms"]) == (pytest.approx(1.5), pytest.approx(0.9))
+
+
+def test_part_events(parts_run: dict[str, Any]) -> None:
+    events = parts_run["events"]
+    names = [e["event"] for e in events]
+    for expected in ("lease P (tally) -> primary", "lease S (tally) -> secondary", "part move",
+                     "nested binding at r18b", "lease P served by the secondary",
+                     "lease Q served by the secondary", "primary no longer lists tally",
+                     "first answer from the secondary", "lease S cancelled",
+                     "nested binding gone", "primary lists tally again",
+                     "instance left the directory"):
+        assert expected in names, expected
+    assert "binding at the HOA" in names and "binding gone" not in names  # HOA: one binding
+    move = next(e for e in events if e["event"] == "part move")
+    assert "tally moved to r20a (secondary)" in move["detail"]
+    served = next(e for e in events if e["event"] == "lease P served by the secondary")
+    assert "nested: HOA -> r18b -> r20a" in served["detail"]
+    back = next(e for e in events if e["event"] == "primary lists tally again")
+    assert back["t_s"] == 9.5
+    assert names.count("first answer from the part") == 2  # at home, and at home again
+
+
+def test_part_report_and_sample_rows(parts_run: dict[str, Any]) -> None:
+    text = lx.format_report(parts_run["events"], parts_run)
+    assert "every request answered exactly once by its lease's instance: True" in text
+    rows = {r["what"]: r["value"] for r in lx.summary_rows(parts_run["summary"])}
+    assert rows["part moves (secondaries placed)"] == 1
+    assert rows["leases of the part served by the secondary (nested)"] == 2
+    assert rows["part's counts one sequence across its moves"].startswith("True")
+    at5 = [r for r in lx.sample_rows(make_part_samples()) if r["t_s"] == 5.0]
+    assert {r["instance"] for r in at5} == {PRIM, SEC}
+    assert all(r["nested"] == 1 and r["nested_care_of"] == "10.16.0.224@10.14.0.1" for r in at5)
+    assert {r["objects"] for r in at5} == {"svc", "tally"}
+    assert lx.part_address(parts_run["leases"]) == "10.16.0.224"
+
+
+def test_part_history_and_stops() -> None:
+    samples = make_part_samples()
+    where = dict(lx.part_history(samples))
+    assert where[3.5] is None and where[3.75] == SEC and where[9.0] == SEC  # listed or not
+    assert where[9.5] is None
+    _, _, growth = make_part_out()
+    windows = lx.part_windows(growth, T0)
+    assert windows == [(pytest.approx(2.0 + 1.7 - lx.SAMPLE_S), pytest.approx(3.84))]
+    away = lx.part_away(samples)
+    assert lx.part_phase(away, 3.6) == lx.PART_HOME  # the binding shows from the 3.75 sample
+    assert lx.part_phase(away, 3.8) == lx.PART_AWAY and lx.part_phase(away, 9.6) == lx.PART_HOME
+    assert lx.part_phase(away, 3.6, windows) == lx.PART_MOVING
+    away = lx.part_away(samples, [(3.5, 3.6)])  # a move ending between two samples
+    assert lx.part_phase(away, 3.59) == lx.PART_HOME and lx.part_phase(away, 3.61) == lx.PART_AWAY
+    assert lx.part_windows([dict(growth[0], instance=None)], T0) == []  # a failed move
+    assert lx.net_label("10.14.0.0/24") == "14" and lx.net_label("") == "?"
+
+
+def test_gre_pairs_count_tunnelled_requests_to_the_part() -> None:
+    lines = ["10.16.0.2,10.16.0.23\t10.12.0.1,10.16.0.224",
+             "10.16.0.2,10.14.0.7\t10.12.0.1,10.16.0.224",
+             "10.16.0.100,10.16.0.23\t10.14.0.1,10.16.0.224",
+             "10.16.0.2,10.16.0.23\t10.12.0.1,10.16.0.100",  # to the object, not the part
+             "10.16.0.224\t10.16.0.23",  # a reply, not tunnelled
+             "garbage"]
+    assert lx.gre_pairs(lines, "10.16.0.224") == {"10.16.0.100->10.14.0.1": 1,
+                                                  "10.16.0.2->10.12.0.1": 2}
+
+
+def test_part_plots(parts_run: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = lx.plot_all(parts_run["requests"], parts_run, make_part_samples(), tmp_path)
+    assert [p.name for p in paths] == ["shares.png", "bindings.png", "latency.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
