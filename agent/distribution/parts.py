@@ -121,15 +121,25 @@ class PartMover:
         manager.changed(vm)  # the primary's instance no longer offers the part
         return answer
 
-    async def come_back(self, vm: Any, part: str, state: Any) -> None:
+    async def come_back(self, vm: Any, part: str, state: Any, warm: bool = False) -> None:
         """``part`` runs here again, from ``state`` (a move that failed half-way, or a
-        secondary given back)."""
+        secondary given back; ``warm``: it queues until the secondary's final state comes,
+        :meth:`restore`)."""
         vm.moved.pop(part, None)
         if part not in vm.at_home:
             vm.at_home.append(part)
-        await self._vms().restart_object(vm.name, part, state)
+        await self._vms().restart_object(vm.name, part, state, warm=warm)
         self._vms().changed(vm)
         log.info("part %s of %s runs beside its object again", part, vm.service)
+
+    async def restore(self, part: str, state: Any) -> dict[str, Any]:
+        """A part given back warm gets the secondary's final state, replays what it queued
+        meanwhile through the at-most-once filter, and serves."""
+        vm = next((v for v in self._vms().vms.values() if part in v.at_home), None)
+        if vm is None:
+            raise PartMoveFailed(f"no part {part!r} runs here")
+        name = str(vm.mobile[part]["name"])
+        return await self._hosting().cmd_object_restore(name, state, serve=True) or {}
 
     def housekeeping(self) -> None:
         for agent in self.nested.values():

@@ -41,7 +41,7 @@ from packets import ControlMessage, ControlType
 from agent.broker import wire
 from agent.broker.errors import BadRequest
 from agent.core.errors import ControlError
-from agent.core.peer import PeerError, RouterKeyAuth, peer_call
+from agent.core.peer import RouterKeyAuth, peer_call
 from agent.core.role import InBand, Periodic, Role
 from agent.distribution.capacity import NoRoom, Offer, Reservations, Room
 from agent.distribution.grow import RESERVE_TIMEOUT_S, GrowRefused, PrimarySide
@@ -219,8 +219,11 @@ class DistributionRole(PrimarySide, Role):
             vm = next((v for v in self.vm.vms.values() if part in v.moved), None)
             if vm is None:
                 raise ControlError(f"no part {part!r} of a VM here runs elsewhere")
-            await self.parts.come_back(vm, part, body.get("state"))
+            await self.parts.come_back(vm, part, body.get("state"), warm=body.get("warm") is True)
             return {"ok": True, "part": part}
+        if action == "restore" and "part" in body:  # a part given back, warm, gets its state
+            result = await self.parts.restore(wire.name(body, "part", "restore"), body.get("state"))
+            return {"ok": True, "replayed": result.get("replayed", 0)}
         vm = self.vm.vms.get(wire.name(body, "vm", action))
         if vm is None or vm.part == "primary":
             raise ControlError(f"no secondary or duplicate VM {body.get('vm')!r} here")
@@ -292,15 +295,27 @@ class DistributionRole(PrimarySide, Role):
                 "ms": round((time.monotonic() - started) * 1000, 1)}
 
     async def _give_back(self, vm: Any) -> None:
+        """The move in reverse, make before break: the part restarts warm beside its object
+        (from this state; its address back on that router, so new requests queue there),
+        then the secondary deregisters and stops with its final checkpoint, which the part
+        at home restores before it replays its queue. Nothing counted here is lost."""
         (obj,) = list(vm.objects) or list(vm.mobile)
+        name = str(vm.mobile[obj]["name"])
         try:
             state = await self.vm.call(vm.name, obj, "get_state")
-            await peer_call(vm.parent_router, ControlType.VM_NEGOTIATE,
-                            {"action": "return", "part": obj, "state": state}, key=self.key,
-                            timeout=RESERVE_TIMEOUT_S * 5)
-        except (PeerError, Exception) as exc:  # noqa: BLE001 - released all the same
+            await self._to_parent(vm, {"action": "return", "part": obj, "state": state,
+                                       "warm": True})
+            stopped = await self._hosting().cmd_object_stop(name, deregister=True)
+            final = stopped.get("state")
+            await self._to_parent(vm, {"action": "restore", "part": obj,
+                                       "state": final if final is not None else state})
+        except Exception as exc:  # noqa: BLE001 - released all the same
             self.vm.record_error(vm.name, vm.service, "release",
                                  f"part {obj} not given back to {vm.parent_router}: {exc}")
+
+    async def _to_parent(self, vm: Any, body: dict[str, Any]) -> dict[str, Any]:
+        return await peer_call(vm.parent_router, ControlType.VM_NEGOTIATE, body, key=self.key,
+                               timeout=RESERVE_TIMEOUT_S * 5)
 
     # --- control commands ----------------------------------------------------------------
 

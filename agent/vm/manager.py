@@ -479,16 +479,17 @@ class VmManager:
         else:
             self._emit("started", vm)  # still an instance, with fewer objects
 
-    async def restart_object(self, vm_name: str, obj: str, state: Any) -> None:
+    async def restart_object(self, vm_name: str, obj: str, state: Any, warm: bool = False) -> None:
         """Start object ``obj`` of a VM again from ``state`` (a migration that failed after
-        the object had stopped here): same code, sandbox and registration as before."""
+        the object had stopped here, a part coming back): same code, sandbox and registration
+        as before; ``warm``: queue requests until a newer state arrives."""
         vm = self.vms.get(vm_name)
         if vm is None:
             raise ProvisionError("initialise", f"no VM {vm_name} on {self.router} to restart {obj} in")
         old = vm.objects.pop(obj, None)
         if old is not None:
             await old.stop()
-        await self._start_objects(vm, {obj: state}, names=[obj])
+        await self._start_objects(vm, {obj: state}, warm=warm, names=[obj])
 
     async def remove(self, name: str) -> dict[str, Any] | None:
         """Stop a VM's objects (mobile ones deregister: their binding goes too), remove its

@@ -147,7 +147,8 @@ def test_a_lease_that_does_not_fit_grows_a_duplicate_on_the_cos_network(
     assert record["from"] == primary["instance"] and record["router"] == "r20a", record
     assert record["tried"] == [{"router": "r20a", "refused": ""}], record
     steps = [s for s, _ in record["steps"]]
-    assert steps[0].startswith("asked ") and steps[1] == "candidates: ['r20a']", steps
+    # r20a (net 14, co14's own) before r18a (the FOA in front of the primary): fewer hops.
+    assert steps[0].startswith("asked ") and steps[1] == "candidates: ['r20a', 'r18a']", steps
     assert steps[2:] == ["reserved 1 CPU, 256 MiB on r20a",
                          "took the primary's checkpoint (it serves on)",
                          "duplicate serves on r20a, registered with S"], steps
@@ -203,10 +204,12 @@ def test_a_request_through_the_home_network_is_bicast_and_answered_once(
     assert len(instances(net, SERVICE)) == 2 and len(binding_of(net, "svc")) == 2
 
 
-def test_a_third_request_is_refused_when_every_foreign_network_runs_an_instance(
+def test_a_third_request_is_refused_when_no_router_that_could_take_it_has_room(
         net: MoatNetwork, primary: dict, grown: dict) -> None:
     """Asked from the home network (site24), whose requests the HOA bicasts to every
-    instance: neither has 60 % free, and no foreign network is left for another."""
+    instance: neither has 60 % free, net 14 runs an instance already, and r18a — net 12's
+    FOA, which could run a second instance in front of the primary — has its room held."""
+    net.agent("r18a").call("room_hold", cpu=2.0, memory_mb=1, seconds=5.0)
     leases = sorted(lease["lease_id"] for lease in net.client.leases())
     with pytest.raises(BrokerRefusal) as err:
         net.client.lease_request("site24", SERVICE, 60, 0.6, 60)
@@ -314,6 +317,8 @@ def test_a_target_without_room_is_no_candidate_and_one_that_refuses_is_passed_ov
     leases = sorted(lease["lease_id"] for lease in net.client.leases())
     held = net.agent("r20a").call("room_hold", cpu=2.0, memory_mb=1, seconds=5.0)
     assert held["reservation"].startswith("held-")
+    # r18a, in front of the primary, could take a second instance of net 12: no room there.
+    net.agent("r18a").call("room_hold", cpu=2.0, memory_mb=1, seconds=10.0)
     with pytest.raises(BrokerRefusal) as err:
         net.client.lease_request("co14", SERVICE, 60, 0.6, 60)
     assert err.value.reason == "no_capacity", err.value.answer
@@ -324,7 +329,7 @@ def test_a_target_without_room_is_no_candidate_and_one_that_refuses_is_passed_ov
     net.wait_for(lambda: net.agent("r20a").call("room")["reservations"] == [], 8)
 
     for _ in range(MAX_RESERVATIONS):
-        net.agent("r20a").call("room_hold", cpu=0.001, memory_mb=1, seconds=60.0)
+        net.agent("r20a").call("room_hold", cpu=0.001, memory_mb=1, seconds=10.0)
     with pytest.raises(BrokerRefusal) as err:
         net.client.lease_request("co14", SERVICE, 60, 0.6, 60)
     assert err.value.reason == "no_capacity", err.value.answer
@@ -342,3 +347,49 @@ def test_a_target_without_room_is_no_candidate_and_one_that_refuses_is_passed_ov
     count = stats(net, "r18b", "svc")["state"]["count"]
     assert_answered_once(net.client.leased_requests(primary["lease"], 5, 100), "r18b",
                          first=count + 1)
+
+
+# --- three instances: two on one foreign network (patent 104, 108, 110) ----------------------
+
+
+def test_a_third_instance_runs_on_the_foa_in_front_of_the_primary_at_a_second_care_of(
+        net: MoatNetwork, primary: dict) -> None:
+    """With the rooms free again: dns23 (home network) takes 30 % beside co12 on the
+    primary; co14's and site24's 60 % do not fit, and net 14 and then r18a — the FOA of the
+    primary's network — each run a duplicate, r18a at its second care-of address
+    (10.255.0.2). The HOA holds three bindings and bicasts; r18a delivers the primary's
+    packets to r18b as frames by GRE key, answers its own, and takes over co12's lease (co12
+    now reaches it first). Every lease is answered once, by the instance that holds it."""
+    for router in ("r18a", "r20a"):  # the holds of the tests above run out
+        net.wait_for(lambda: net.agent(router).call("room")["reservations"] == [], 20)
+    dns = net.client.lease_request("dns23", SERVICE, 30, 0.3, 120)["hops"][0]
+    assert dns["instance"] == primary["instance"], dns
+    asked = [net.client.lease_request(co, SERVICE, 60, 0.6, 120)["hops"][0]["lease_id"]
+             for co in ("co14", "site24")]
+    found = instances(net, SERVICE)
+    assert sorted(i["router"] for i in found.values()) == ["r18a", "r18b", "r20a"], found
+    assert sorted(b["care_of_address"] for b in binding_of(net, "svc")) == \
+        ["10.12.0.1", "10.14.0.1", "10.255.0.2"]
+    home = primary["home"]
+    visitors = sorted((v["care_of_address"], v["local_address"])
+                      for v in net.agent("r18a").call("visitors") if v["home_address"] == home)
+    assert visitors == [("10.12.0.1", "10.12.0.2"), ("10.255.0.2", "10.12.0.1")]
+    holders = {lease["lease_id"]: lease["instance"].split("/")[0]
+               for lease in net.client.leases()}
+    assert holders[primary["lease"]] == "r18a", "co12's lease follows its network's instance"
+    assert holders[dns["lease_id"]] == "r18b"
+
+    def once_by(lease: str, router: str) -> None:
+        summary = net.client.leased_requests(lease, 10, 100)
+        assert summary["answered"] == summary["sent"] == 10, summary
+        assert [by for _, by in summary["replies"]] == [[router]] * 10, summary["replies"]
+
+    once_by(dns["lease_id"], "r18b")  # bicast from home; r18a hands it to r18b as frames
+    for lease in [primary["lease"], *asked]:
+        once_by(lease, holders[lease])
+    for lease in [primary["lease"], *asked]:
+        net.client.lease_cancel(lease)
+    net.wait_for(lambda: len(binding_of(net, "svc")) == 1, 15)
+    assert [(v["care_of_address"], v["local_address"]) for v in net.agent("r18a").call("visitors")
+            if v["home_address"] == home] == [("10.12.0.1", "10.12.0.2")]
+    once_by(dns["lease_id"], "r18b")  # routed to r18b again

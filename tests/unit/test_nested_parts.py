@@ -473,8 +473,8 @@ class FakeManager:
     def changed(self, vm: Any) -> None:
         self.changed_vms.append(vm.name)
 
-    async def restart_object(self, vm_name: str, obj: str, state: Any) -> None:
-        self.log.append(("restart", vm_name, obj, state))
+    async def restart_object(self, vm_name: str, obj: str, state: Any, warm: bool = False) -> None:
+        self.log.append(("restart", vm_name, obj, state) + (("warm",) if warm else ()))
 
 
 class FakeHosting:
