@@ -503,6 +503,28 @@ def test_decapsulates_accepted_binding_into_the_tun(tun) -> None:
     assert t.stats["decapsulated"] == 3
 
 
+def test_a_binding_with_a_delivery_goes_as_a_frame_to_that_neighbour_not_the_tun(tun) -> None:
+    """An FOA that runs an instance of the object itself hands the instance behind it its
+    packets as frames (by GRE key), never to its own stack (issue 11)."""
+    t, fake_tun, sock = tun
+    frames: list[tuple[bytes, tuple]] = []
+    t._frames = type("Frames", (), {"sendto": lambda self, data, to: frames.append((data, to)),
+                                    "close": lambda self: None})()
+    t.accept(HOA, 42)
+    t.accept(HOA, 43)
+    t.set_delivery(HOA, 42, ("eth0", "02:00:00:00:12:02"))
+    pkt = inner_packet()
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(pkt)))
+    sock.incoming.append(outer_packet(GreHeader(key=43).encode(pkt)))
+    t._from_wire()
+    assert frames == [(pkt, ("eth0", 0x0800, 0, 0, bytes.fromhex("020000001202")))]
+    assert fake_tun.to_kernel() == [pkt]  # key 43: this router's own instance
+    t.set_delivery(HOA, 42, None)
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(pkt)))
+    t._from_wire()
+    assert len(frames) == 1 and fake_tun.to_kernel() == [pkt]  # routed again
+
+
 def test_scapy_built_gre_is_accepted() -> None:
     t = UserspaceTunnel(asyncio.new_event_loop(), FOA)
     t.accept(HOA, 7)

@@ -197,17 +197,16 @@ class UserspaceTunnel(Tunnel):
         peer = check_peer((remote, key))
         if via is None:
             self.deliveries.pop(peer, None)
-            return
-        if self._frames is None:
-            self._frames = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
-                                         socket.htons(ETH_P_IP))
-            self._frames.setblocking(False)
-        self.deliveries[peer] = via
+        else:
+            self.deliveries[peer] = via
 
     def _to_neighbour(self, inner: bytes, via: tuple[str, str]) -> None:
         ifname, mac = via
         try:
-            assert self._frames is not None
+            if self._frames is None:  # a packet socket: the frame skips the routing table
+                self._frames = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
+                                             socket.htons(ETH_P_IP))
+                self._frames.setblocking(False)
             self._frames.sendto(inner, (ifname, ETH_P_IP, 0, 0, bytes.fromhex(mac.replace(":", ""))))
             self._counters["decapsulated"] += 1
         except OSError as exc:
