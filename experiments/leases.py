@@ -56,10 +56,12 @@ endings drawn from ``--seed``):
 * **R** (net 12, 10-30 %) then leases the part, at home again on r18b: its count continues
   from the secondary's last.
 
-P and Q end before S on purpose: a secondary's give-back is not make before break (the
-secondary serves on while its state goes back, so what it serves in that time is missing from
-the part's state when the part restarts on r18b), so no request of the part is in flight when
-it goes back.
+P and Q end before S on purpose: a secondary's give-back was not make before break (the
+secondary served on while its state went back, so what it served in that time was missing
+from the part's state when the part restarted on r18b), so no request of the part is in
+flight when it goes back. ``--return-under-load`` keeps P's load running across the
+give-back instead (P then ends in the middle of R's lease): the counters' check (one
+sequence) shows whether the part came back with all of its state.
 
 The default rate (20 requests/s per CO) stays under the primary router's traffic rule (200
 requests in 5 s, 75 % from one foreign network); from about 40/s A's load alone makes r18b
@@ -309,11 +311,14 @@ def _plan_cycles(cycles: int, seed: int) -> tuple[list[Step], float]:
     return steps, start
 
 
-def plan_parts(start: float, cycle: int, first_n: int, seed: int) -> list[Step]:
+def plan_parts(start: float, cycle: int, first_n: int, seed: int,
+               across_return: bool = False) -> list[Step]:
     """The secondaries phase of the module docstring (roles P, Q, S, R on the part), from
     ``start`` s, numbered from ``first_n``, drawn from ``seed``. The shares make the outcome
     certain: P and Q fit the part at home together, S does not fit beside them (the part
-    moves) but fits a fresh secondary; P and Q end before S, R asks once the part is back."""
+    moves) but fits a fresh secondary, P and R fit the part at home together; P and Q end
+    before S, R asks once the part is back. ``across_return``: P's load runs on across the
+    give-back instead, to the middle of R's."""
     rng = random.Random(f"parts-{seed}")
     q, s = rng.sample(_identities("co14"), 2)
     r = rng.choice(_identities("co12"))
@@ -326,6 +331,8 @@ def plan_parts(start: float, cycle: int, first_n: int, seed: int) -> list[Step]:
     way = {"P": ways[0], "Q": ways[1], "S": rng.choice(["cancel", "expire"]), "R": "cancel"}
     at = dict(PART_AT, R=round(end["S"] + GROWTH_DELAY_S + RETURN_WAIT_S, 2))
     end["R"] = at["R"] + R_HOLD_S
+    if across_return:
+        end["P"] = round(at["R"] + R_HOLD_S / 2, 2)
     who = {"P": "dns23", "Q": q, "S": s, "R": r}
     return [Step(first_n + k, cycle, role, round(start + at[role], 2), who[role],
                  COS[who[role]], share[role], _cpu(share[role]), round(end[role] - at[role], 2),
@@ -333,11 +340,11 @@ def plan_parts(start: float, cycle: int, first_n: int, seed: int) -> list[Step]:
             for k, role in enumerate("PQSR")]
 
 
-def plan(cycles: int, seed: int, parts: bool = True) -> list[Step]:
+def plan(cycles: int, seed: int, parts: bool = True, across_return: bool = False) -> list[Step]:
     """The whole run: the duplicate cycles, then (``parts``) the secondaries phase."""
     steps, start = _plan_cycles(cycles, seed)
     if parts:
-        steps += plan_parts(start, cycles + 1, len(steps) + 1, seed)
+        steps += plan_parts(start, cycles + 1, len(steps) + 1, seed, across_return)
     return steps
 
 
@@ -1704,7 +1711,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from topologies.catalog import make_topo
     from topologies.moatnet import MoatNetwork
 
-    steps = plan(args.cycles, args.seed, args.parts)
+    steps = plan(args.cycles, args.seed, args.parts, args.return_under_load)
     topo = make_topo(args.topo)
     moat = MoatNetwork(topo, objects=[OBJECT])
     for co in EXTRA_COS:  # more CO identities, each with its own key, on the same hosts
@@ -1784,6 +1791,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the cycles, the secondaries phase: the part moves, "
                              "is served through the nesting and comes back (default: on; "
                              "about 19 s)")
+    parser.add_argument("--return-under-load", action="store_true",
+                        help="P's load (home network, through the nesting) runs on while the "
+                             "secondary gives its part back, to R's lease (default: P and Q "
+                             "end before S; see the module docstring)")
     parser.add_argument("--rate", type=float, default=20.0,
                         help=f"leased requests per second of each CO (default 20, at most "
                              f"{MAX_RATE:g}; from about 40 the traffic rule places the "

@@ -385,6 +385,19 @@ def test_the_parts_phase_can_be_left_out() -> None:
     assert lx.plan(2, 5, parts=False) == lx.plan_cycles(2, 5)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_the_home_load_may_run_across_the_give_back(seed: int) -> None:
+    quiet = {s.role: s for s in lx.plan(1, seed) if s.target == lx.PART}
+    loud = {s.role: s for s in lx.plan(1, seed, across_return=True) if s.target == lx.PART}
+    assert {r: s for r, s in loud.items() if r != "P"} == \
+        {r: s for r, s in quiet.items() if r != "P"}
+    p, s, r = loud["P"], loud["S"], loud["R"]
+    assert p.at + p.hold > s.at + lx.GROWTH_DELAY_S + s.hold + 2.5  # across the give-back
+    assert r.at + 0.5 < p.at + p.hold < r.at + r.hold  # and into R's lease
+    assert p.share + r.share <= 100 - 1  # both at home on the primary
+    assert lx.build_parser().parse_args(["--return-under-load"]).return_under_load is True
+
+
 SEC = "r20a/pair-s1@cccc3333"
 PRIM = "r18b/pair@aaaa1111"
 
