@@ -163,7 +163,9 @@ class Admission:
         """
         if request.goal is not None:
             raise ValueError("admit() takes a service request; goals go through paths")
-        every = self.directory.lookup(request.target)
+        # A secondary serves its part only, never the whole service.
+        every = [i for i in self.directory.lookup(request.target)
+                 if i.part != "secondary" or request.target in i.objects]
         if not every:
             raise LeaseDenied("unknown_service", f"no instance offers {request.target!r}")
         candidates = [i for i in every if reachable is None or reachable(i)]

@@ -369,19 +369,25 @@ class Broker:
         local = [i for i in self.directory.lookup(service) if network and i.network == network]
         if not local:
             return None, False
+        # What the CO sends to is the target's address (a part's own, or the object's).
+        address_of = {i.instance_id: i.address_of(service) for i in self.directory.lookup(service)}
         # Per address, the instance the CO's network delivers it to: the one on its FOA's
         # own router if there is one, else the one there (a secondary, on its own address,
         # does not hide the primary).
         reached: dict[str, set[str]] = {}
         for i in local:
-            reached.setdefault(i.address, set())
+            reached.setdefault(address_of[i.instance_id], set())
         for address in reached:
-            here = [i for i in local if i.address == address]
+            here = [i for i in local if address_of[i.instance_id] == address]
             chosen = [i for i in here if i.gateway] or here
             reached[address] = {i.instance_id for i in chosen}
+        # Pinned: the CO's network delivers the object's home address itself (no duplicate
+        # elsewhere would reach it). A part's address is the object's router's to forward.
         movable = {i.address for i in self.directory.lookup(service) if i.movable}
-        return (lambda instance: (instance.address not in reached
-                                  or instance.instance_id in reached[instance.address]),
+        return (lambda instance: (address_of.get(instance.instance_id, instance.address)
+                                  not in reached
+                                  or instance.instance_id in reached[address_of.get(
+                                      instance.instance_id, instance.address)]),
                 bool(set(reached) & movable))
 
     def _release_if_idle(self, instance_id: str) -> None:

@@ -67,6 +67,8 @@ class Growth:
             answer = await self._call(primary.router_address, ControlType.SERVICE_GROW, body,
                                       key=self.key, timeout=GROW_TIMEOUT_S)
             self.broker.register_from(answer.get("instance"))
+            if answer.get("primary") is not None:  # it gave a part away: it offers less
+                self.broker.register_from(answer["primary"])
             instance = self.broker.directory.get(str(answer["instance"]["instance_id"]))
             assert instance is not None
         except PeerRefused as exc:

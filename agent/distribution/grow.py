@@ -160,9 +160,13 @@ class PrimarySide:
         offers = await self._query_all(home)
         step(f"asked {len(self.routers)} routers for room for part {part}, "
              f"{len(offers)} answered")
-        # Not on the primary's own network: there its FOA would deliver the part's address
-        # by itself, without the nested tunnel.
-        candidates = rank([o for o in placeable(offers, part, need) if o.network != self.network],
+        # Not on the primary's own network (its FOA would deliver the part's address by
+        # itself, without the nested tunnel), nor where an instance of the object runs (the
+        # object's home address, the part's home agent, is local there).
+        name = str(vm.primary_object()[1]["name"])
+        taken = {o.network for o in offers if name in o.objects}
+        candidates = rank([o for o in placeable(offers, part, need)
+                           if o.network != self.network and o.network not in taken],
                           self._co_hops(co_address), {})
         step(f"candidates: {[o.router for o in candidates]}")
         if not candidates:
@@ -178,6 +182,8 @@ class PrimarySide:
 
         answer = await self._first_that_reserves(vm.service, need, candidates, steps, step, move)
         self.stats["parts_moved"] += 1
+        # The primary no longer offers the part: the broker learns it with the answer.
+        answer["primary"] = self.instance_doc(vm)
         return answer
 
     async def _reserve(self, offer: Offer, rid: str, service: str, need: Room) -> None:

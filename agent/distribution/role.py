@@ -238,7 +238,6 @@ class DistributionRole(PrimarySide, Role):
         """Start the duplicate or secondary the reservation is for (steps 214, 218, 222);
         undo it all on any failure (the VM manager removes what it started and records
         why). A secondary starts warm: it queues until its part's final state arrives."""
-        from agent.broker.instances import instance_doc
         from agent.hosting.migration import MigrationRole
 
         if self.reservations.get(rid) is None:
@@ -271,9 +270,15 @@ class DistributionRole(PrimarySide, Role):
             self.reservations.release(rid)  # the VM now holds the room (or nothing does)
         vm = self.vm.vms[vm_body["vm"]]
         self.stats["duplicates_hosted"] += 1
-        doc = instance_doc(vm, self.config.name, self.vm.instance_id(vm), self.address,
-                           time.time(), self.network, "foreign" in self.config.roles)
-        return {"ok": True, "instance": doc, "registration": status.get("registration")}
+        return {"ok": True, "instance": self.instance_doc(vm),
+                "registration": status.get("registration")}
+
+    def instance_doc(self, vm: Any) -> dict[str, Any]:
+        """``vm``'s instance as the broker registers it (what SERVICE_REGISTER sends)."""
+        from agent.broker.instances import instance_doc
+
+        return instance_doc(vm, self.config.name, self.vm.instance_id(vm), self.address,
+                            time.time(), self.network, "foreign" in self.config.roles)
 
     async def on_release(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         """The broker: this duplicate or secondary holds no lease any more (step 230). A
