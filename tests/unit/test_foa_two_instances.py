@@ -199,3 +199,30 @@ def test_cos_on_a_network_with_two_instances_get_the_one_on_the_foa() -> None:
     # From the home network the HOA bicasts: either instance is reached.
     reachable, pinned = broker.reachable("10.16.0.23", "count-svc")
     assert reachable is None and pinned is False
+
+
+def test_a_secondary_serves_its_part_only_and_a_part_never_pins_a_co() -> None:
+    """The broker: a lease on the whole service never goes to a secondary (it runs one part);
+    a CO on the primary's network asking for a part is not pinned to the full primary (its
+    FOA routes the part's address to the object's router, which forwards it to wherever the
+    part runs)."""
+    nets = {"10.12.0.30": "10.12.0.0/24"}
+    broker = Broker(network_of=lambda address: nets.get(address or "", ""))
+    primary = Instance("pair-svc", "r18b/p@1", HOME, 4341, "r18b", share=100.0, cpu=1.0,
+                       objects=("svc", "tally"), part="primary", router_address="10.12.0.2",
+                       network="10.12.0.0/24", object_addresses={"tally": "10.16.0.224"})
+    broker.register_instance(primary)
+    broker.request("co12", "tally", 100, 1.0, co_network="10.12.0.30")  # fills the primary
+    reachable, pinned = broker.reachable("10.12.0.30", "tally")
+    assert pinned is False
+    _, pinned_for_service = broker.reachable("10.12.0.30", "pair-svc")
+    assert pinned_for_service is True  # the object's own address: its network delivers it
+    secondary = Instance("pair-svc", "r20a/s@1", "10.16.0.224", 4341, "r20a", share=100.0,
+                         cpu=1.0, objects=("tally",), part="secondary",
+                         router_address="10.14.0.1", network="10.14.0.0/24")
+    broker.register_instance(secondary)
+    with pytest.raises(Exception) as refused:  # the service: only the (full) primary offers it
+        broker.request("co14", "pair-svc", 50, 0.5, co_network="10.14.0.30")
+    assert getattr(refused.value, "reason", "") == "no_capacity"
+    hop = broker.request("co14", "tally", 50, 0.5, co_network="10.14.0.30").hops[0]
+    assert (hop.instance, hop.address) == ("r20a/s@1", "10.16.0.224")
