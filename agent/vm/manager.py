@@ -345,7 +345,7 @@ class VmManager:
         objects as its *parts*: each on an address of the prefix, registered with nobody
         while it runs here (the object is their home agent, NEMO), movable as a secondary."""
         from agent.core.config import ObjectConfig
-        from agent.distribution.nested import part_configs
+        from agent.vm.parts import part_configs
 
         own = vm.primary_object()
         if vm.part != "primary" or own is None:
