@@ -69,7 +69,9 @@ def test_registration_from_net12_creates_binding_and_visitor(net: MoatNetwork) -
     assert visitors[0]["local_address"] == "10.12.0.2"  # the router that runs the object
     status = net.agent("r18b").call("objects")[0]
     assert status["registration"]["care_of_name"] == b["care_of_name"]
-    assert net.agent(HOA).call("status")["proxy_arp"] == ["10.16.0.100"]
+    # The home address and the object's mobile network prefix (NEMO), 10.16.0.224/30.
+    assert net.agent(HOA).call("status")["proxy_arp"] == [
+        "10.16.0.100", "10.16.0.224", "10.16.0.225", "10.16.0.226", "10.16.0.227"]
 
 
 def test_wrong_mobile_foreign_key_gets_67_and_tries_other_foa(net: MoatNetwork) -> None:
