@@ -308,6 +308,53 @@ def test_a_duplicate_that_fails_at_the_target_leaves_nothing_there(
     net.wait_for(lambda: not binding_of(net, "svc2"), 10)
 
 
+def test_a_dependency_the_target_cannot_fetch_refuses_the_duplicate(
+        net: MoatNetwork, tmp_path: Path) -> None:
+    """Step 214: needy-svc's object requires base-svc. r18a fetched and verified both when it
+    was provisioned; once base-svc is gone from the remote site, r20a cannot resolve the
+    dependency, refuses the duplicate at step ``dependencies``, and the primary serves on."""
+    import json
+    import shutil
+
+    from agent.vm.repository import package_service, publish_service
+    from experiments.counter_service import counter_source
+
+    publish(net, tmp_path / "base", "base-svc", net.provider_key)
+    src = counter_source(tmp_path / "needy")
+    doc = json.loads((src / "counter" / "object.json").read_text())
+    (src / "counter" / "object.json").write_text(json.dumps(dict(doc, requires=["base-svc"])))
+    signed = package_service(src, "needy-svc", "1.0", "acme", net.provider_key, tmp_path / "out")
+    assert signed.manifest.requires == ("base-svc",)
+    publish_service(signed.path, net.net[net.site].repo_root)
+    answer = net.provision("r18a", vm="needy", kind="service", service="needy-svc",
+                           mobile={"counter": "svc2"}, leased=True, resources=RESOURCES)
+    assert answer["ok"], answer
+    try:
+        steps = [s for s, _ in answer["vm"]["steps"]]
+        assert any(s.startswith("dependency base-svc 1.0 fetched and verified") for s in steps), \
+            steps
+        net.wait_for(lambda: instances(net, "needy-svc"), 15)
+        net.wait_for(lambda: binding_of(net, "svc2"), 15)
+        lease = net.client.lease_request("co12", "needy-svc", 60, 0.6, 300)["hops"][0]["lease_id"]
+        published = Path(net.net[net.site].repo_root) / "base-svc"  # a link to its version
+        target = published.resolve()
+        published.unlink()
+        shutil.rmtree(target)
+
+        with pytest.raises(BrokerRefusal) as err:
+            net.client.lease_request("co14", "needy-svc", 60, 0.6, 60)
+        assert err.value.reason == "no_capacity", err.value.answer
+        assert "the duplicate on r20a failed" in err.value.detail, err.value.detail
+        error = [e for e in net.agent("r20a").call("errors") if e["service"] == "needy-svc"][0]
+        assert error["step"] == "dependencies" and "requires base-svc" in error["reason"], error
+        assert net.agent("r20a").call("vm") == [] and len(binding_of(net, "svc2")) == 1
+        assert_answered_once(net.client.leased_requests(lease, 5, 100), "r18a", first=1)
+        net.client.lease_cancel(lease)
+    finally:
+        net.agent("r18a").call("vm_remove", name="needy")
+    net.wait_for(lambda: not binding_of(net, "svc2"), 10)
+
+
 def test_a_target_without_room_is_no_candidate_and_one_that_refuses_is_passed_over(
         net: MoatNetwork, primary: dict) -> None:
     """r20a's room held (as if VMs were about to arrive): first all of it, so r20a offers too
