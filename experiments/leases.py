@@ -9,34 +9,53 @@ a part, ``tally`` (another counter), which runs beside it at 10.16.0.224, an add
 the prefix). The service broker (on the HOA's router r22b) grants leases on the service
 (target ``pair-svc``: served by the counter at the home address) or on the part (target
 ``tally``: served at the part's address). Corresponding objects (COs) — the hosts' own
-identities ``co12``, ``co14`` and ``dns23`` (home network) and more identities on the same
-hosts, ``co12-b``, ``co14-b`` and ``co14-c``, each with its own broker key — arrive over time,
-each asking for a share of the service (and as much of its CPU), then keep a load of leased
-requests running (``python -m nodetools.co_load --grant``, ``--rate`` per second: every
-request carries the lease's credential, to the hop's address) until they finish, by
-cancelling the lease or by letting it expire (the load stops 0.8 s before).
+identities ``co12``, ``co14``, ``dns23`` and ``site24`` (both on the home network) and more
+identities on the same hosts, ``co12-b``, ``co14-b`` and ``co14-c``, each with its own broker
+key — arrive over time, each asking for a share of the service (and as much of its CPU), then
+keep a load of leased requests running (``python -m nodetools.co_load --grant``, ``--rate``
+per second: every request carries the lease's credential, to the hop's address) until they
+finish, by cancelling the lease or by letting it expire (the load stops 0.8 s before).
 
 **Duplicate cycles** (``--cycles``, target ``pair-svc``; shares, identities, hold times and
-endings drawn from ``--seed``):
+endings drawn from ``--seed``). Each one takes the service from one instance to three (the
+patent's 104, 108 and 110: r18b, r20a and r18a) and back:
 
 * **A** (net 14, 28-33 %) leases the primary alone: its requests cross the backbone to the
   home network, where the HOA tunnels them to r18b's FOA (net 14 → primary: the baseline).
 * **B** and **C** (net 12, 30-33 % each) lease the primary too (its own network's instance).
-* **D** (net 14, 30-45 %) does not fit beside them: admission finds no room (step 208) and
-  the broker asks r18b to grow the service: r18b queries every router for room, reserves it
-  on r20a (the only foreign network without an instance), and starts a *duplicate* of the
-  counter there from the primary's checkpoint (steps 210-222). The duplicate registers
-  through its FOA with S: the HOA holds two bindings for 10.16.0.100 and bicasts. D's lease
-  is on the duplicate. The duplicate also takes over A's lease (A's network now reaches only
-  it: r20a delivers the home address locally), so A's later requests are answered on net 14
-  — the same CO's latency before and after the duplicate.
-* **E** (net 12) asks for more than the primary has left: denied ``no_capacity`` (a CO on a
-  network with an instance reaches only that one, and a duplicate never shares a network).
-* B and C end one by cancel and one by expiry; so do A and D, the duplicate's last lease
-  ending by cancel in some cycles and by expiry in others. The broker then releases the
-  duplicate: its VM stops, its binding goes, and the next cycle starts from the primary alone.
+* **D** (net 14, so that A and D hold 72-78 %) does not fit beside them: admission finds no
+  room (step 208) and the broker asks r18b to grow the service: r18b queries every router for
+  room, reserves it on r20a (the only foreign network without an instance), and starts a
+  *duplicate* of the counter there from the primary's checkpoint (steps 210-222). The
+  duplicate registers through its FOA with S: the HOA holds two bindings for 10.16.0.100 and
+  bicasts. D's lease is on the duplicate. The duplicate also takes over A's lease (A's
+  network now reaches only it: r20a delivers the home address locally), so A's later
+  requests are answered on net 14 — the same CO's latency before and after the duplicate.
+* **H** (a home-network CO, ``dns23`` or ``site24``) asks for a share that fits the primary
+  beside B and C but not the duplicate: its lease is on the primary, and its requests reach
+  r18b through the HOA's bicast.
+* **E** (net 12) asks for more than the primary has left: denied ``no_capacity`` at once (a
+  CO on a network with an instance reaches only that one: it is *pinned*).
+* **F** (the other home-network CO) asks for more than the primary and the duplicate have
+  left: the broker grows the service again, and now the only candidate is **r18a**, the FOA
+  of the primary's network, in front of the primary (net 14 runs an instance; placement
+  tries the CO's own network first, fewest hops). r18b starts a second duplicate there, which
+  registers through r18a's FOA at its *second care-of address* 10.255.0.2: the HOA holds
+  **three bindings** for 10.16.0.100 (care-of 10.12.0.1 the primary, 10.14.0.1 and
+  10.255.0.2 the duplicates) and bicasts to all three; r18a, which now holds the home
+  address itself, hands the primary behind it its packets as frames by GRE key. r18a's
+  instance takes over B's and C's leases (net 12 now reaches it first: it sits on their
+  gateway), and F's lease is on it (it then fits there, one hop nearer the home network than
+  the primary). H's requests still reach the primary: bicast by the HOA, handed on by r18a
+  as frames; the instance their credential names answers, the two others stay silent.
+* B, C and F end, by cancel and by expiry: with the last of them the broker releases r18a's
+  instance and its binding goes (3 → 2). Then A and D end, one by cancel, one by expiry, and
+  r20a's goes (2 → 1); H ends on the primary meanwhile. Each duplicate's last lease ends by
+  cancel in some cycles and by expiry in others (r18a's and r20a's by different ones). The
+  next cycle starts from the primary alone.
 
-**The secondaries phase** (after the cycles, target ``tally``):
+**The secondaries phase** (after the cycles, target ``tally``; no duplicate runs any more: a
+part never moves to a network where its object runs, its home agent being local there):
 
 * **P** (``dns23``, home network, 45-55 %) leases the part at home: its requests go HOA →
   r18a (GRE) → r18b.
@@ -50,18 +69,15 @@ endings drawn from ``--seed``):
   P's and Q's leases stay on the primary's instance, and the secondary honours them: P's
   requests now cross two tunnels (HOA → r18a, then r18b → r20a: the *nesting*), Q's are
   answered on net 14 (r20a delivers the part's address itself).
-* P and Q end (one by cancel, one by expiry), then S (by cancel or expiry, from the seed):
-  the broker releases the secondary, which gives the part back to r18b with its state; its
-  binding leaves r18b's nested table.
-* **R** (net 12, 10-30 %) then leases the part, at home again on r18b: its count continues
-  from the secondary's last.
-
-P and Q end before S on purpose: a secondary's give-back was not make before break (the
-secondary served on while its state went back, so what it served in that time was missing
-from the part's state when the part restarted on r18b), so no request of the part is in
-flight when it goes back. ``--return-under-load`` keeps P's load running across the
-give-back instead (P then ends in the middle of R's lease): the counters' check (one
-sequence) shows whether the part came back with all of its state.
+* Q ends, then S (by cancel or expiry, from the seed): the broker releases the secondary,
+  which gives the part back to r18b make before break too (the part restarts warm at home,
+  the secondary stops and its final checkpoint is restored there); its binding leaves r18b's
+  nested table. P's load runs on through the give-back (its requests cross the nesting until
+  the part is back at home, then one tunnel), into:
+* **R** (net 12, 10-30 %), which then leases the part, at home again on r18b: the part's
+  counts across all of its processes must form one sequence (none lost or repeated in either
+  move). ``--no-return-under-load`` ends P before S instead (no request of the part in
+  flight when it goes back).
 
 The default rate (20 requests/s per CO) stays under the primary router's traffic rule (200
 requests in 5 s, 75 % from one foreign network); from about 40/s A's load alone makes r18b
@@ -74,12 +90,17 @@ What is measured, and how:
   should serve it when it was sent: for a lease of the service, its instance's (the broker's
   ``leases`` tell when a lease moved); for a lease of the part on the primary's instance,
   r18b while the part is at home and the secondary's router while r18b's nested table holds
-  its binding — none with 0, none with 2 (under bicast both instances get a request from the
-  home network; the one the credential does not name stays silent).
+  its binding — none with 0, none with 2 (under bicast every instance gets a request from
+  the home network; those the credential does not name stay silent). Two figures single out
+  the third instance: per router whose new instance took over leases (r20a: A's; r18a: B's
+  and C's), how many of those leases' requests sent once the broker named it it answered
+  exactly once; and per number of HOA bindings, how many requests of the home CO on the
+  primary (H) r18b answered exactly once (with three bound, through r18a's frames by key).
 * **Counters**: per object and instance (router and the object process's id), the counts it
   returned are distinct and contiguous. The counter's primary starts at 1; a duplicate's
-  first count minus one is its checkpoint, which must lie between the primary's count when
-  the growing request was sent and its count when the grant came back. The part's processes,
+  (r20a's and r18a's alike: each starts from the primary's checkpoint) first count minus one
+  is its checkpoint, which must lie between the primary's count when the growing request
+  was sent and its count when the grant came back. The part's processes,
   in time order (at home, secondary, at home again), continue one sequence: each one's first
   count is one more than the last count of the one before (its state moved whole), and the
   part's final count on r18b (``object_stats``) is its last count served.
@@ -97,18 +118,23 @@ What is measured, and how:
   requests, queued by the warm secondary, come first).
 * **Release**: from the new instance's last lease ending (the cancel's answer at the CO; for
   an expiry, the broker's expiry time, from the ``remaining`` of its ``leases`` command) to
-  the first sample without its binding (the HOA's for a duplicate, r18b's nested table for a
-  secondary): an upper bound, sampled every 0.25 s; for a secondary also when the primary's
-  instance listed the part again.
+  the first sample without its binding (for a duplicate its own at the HOA, told apart by
+  care-of address: the one that appeared when the broker first listed it, and how many
+  bindings the HOA then held; r18b's nested table for a secondary): an upper bound, sampled
+  every 0.25 s; for a secondary also when the primary's instance listed the part again.
+* **Bindings**: the HOA's number of bindings for 10.16.0.100 over the run (each change once:
+  ``1 -> 2 -> 3 -> 2 -> 1`` per cycle), its maximum (3) and every care-of address it bound.
 * **Latency**: each reply's round trip at the CO (``co_load``'s send and receive times),
   grouped by the CO's network, the instance that served it and the phase when it was sent
-  (for the service: what the HOA held; for the part: at home, *moving* — from the
+  (for the service: how many bindings the HOA held; for the part: at home, *moving* — from the
   secondary's registration, less one sampling period, to its restore, by the primary
   router's steps: requests then queue in the warm secondary — or away); and per lease that
-  moved (A to the duplicate; P and Q to the secondary) its median
+  moved (A to the duplicate on r20a; B and C to r18a's; P and Q to the secondary) its median
   before and after: net 14 → primary (backbone, home network, GRE to net 12) against net 14
-  → duplicate; home → part on r18b (one tunnel) against home → secondary (two); net 14 →
-  part on r18b against net 14 → secondary (its own network).
+  → duplicate; net 12 → primary (through r18a) against net 12 → r18a; home → part on r18b
+  (one tunnel) against home → secondary (two); net 14 → part on r18b against net 14 →
+  secondary (its own network). Also home → primary with three bound (frames by key through
+  r18a) against fewer, and home → r18a's instance (F).
 * **Samples**, every 0.25 s in a thread: the broker's ``services`` (share used per instance,
   its objects) and ``leases`` (each one's instance and remaining time), the HOA's
   ``bindings`` and r18b's ``nested`` bindings.
@@ -162,16 +188,23 @@ VM_CPU = 1.0
 VM_MEMORY_MB = 256
 #: Each object's own resources in its archive (the VM's are :data:`VM_CPU`).
 OBJECT_CPU = 0.2
-#: The CO identities and the host each acts from (each has its own key in co_keys.json).
+#: The CO identities and the host each acts from (each has its own key in co_keys.json; every
+#: end host of the run has one, ``dns23`` and ``site24`` on the home network too).
 COS = {"co12": "co12", "co12-b": "co12", "co14": "co14", "co14-b": "co14", "co14-c": "co14",
-       "dns23": "dns23"}
+       "dns23": "dns23", "site24": "site24"}
 EXTRA_COS = ("co12-b", "co14-b", "co14-c")
 #: The network of each CO host (16: the home network).
-NETWORK_OF_HOST = {"co12": "12", "co14": "14", "dns23": "16"}
+NETWORK_OF_HOST = {"co12": "12", "co14": "14", "dns23": "16", "site24": "16"}
+#: The router in front of the primary: its network's FOA, where a second instance on the
+#: primary's network runs (at the FOA's second care-of address), the third of the service.
+GATEWAY = "r18a"
 #: When each role of a duplicate cycle asks (s from the cycle's start), and what the plan
 #: makes of its lease; see the module docstring.
-AT = {"A": 0.0, "B": 2.5, "C": 3.2, "D": 4.0, "E": 6.5}
-EXPECT = {"A": "adopted", "B": "primary", "C": "primary", "D": "grows", "E": "denied"}
+AT = {"A": 0.0, "B": 2.5, "C": 3.2, "D": 4.0, "H": 5.8, "E": 6.5, "F": 7.0}
+EXPECT = {"A": "adopted", "B": "adopted", "C": "adopted", "D": "grows", "H": "primary",
+          "E": "denied", "F": "grows"}
+#: The roles whose request grows the service (a duplicate on r20a; a third instance on r18a).
+GROWING = ("D", "F")
 #: The same for the secondaries phase (R's time depends on S's end).
 PART_AT = {"P": 0.0, "Q": 0.7, "S": 2.8}
 PART_EXPECT = {"P": "nested", "Q": "nested", "S": "moves", "R": "home"}
@@ -202,10 +235,11 @@ REQUEST_COLUMNS = ["n", "co", "net", "cycle", "object", "lease_router", "lease_p
                    "count", "rtt_ms", "phase"]
 SAMPLE_COLUMNS = ["t_s", "instance", "router", "part", "objects", "used_share", "share",
                   "leases", "bindings", "binding_parts", "care_of", "nested", "nested_care_of"]
-GROWTH_COLUMNS = ["n", "co", "kind", "router", "growth_ms", "request_ms", "ordinary_ms", "ratio",
-                  "binding_s", "first_answer_ms", "first_served_ms", "others_rtt_ms_max"]
-RELEASE_COLUMNS = ["kind", "instance", "leases", "last_end", "last_end_s", "binding_gone_s",
-                   "release_ms", "directory_gone_s", "part_back_s"]
+GROWTH_COLUMNS = ["n", "co", "kind", "router", "care_of", "growth_ms", "request_ms", "ordinary_ms",
+                  "ratio", "binding_s", "first_answer_ms", "first_served_ms", "others_rtt_ms_max"]
+RELEASE_COLUMNS = ["kind", "instance", "care_of", "leases", "last_end", "last_end_s",
+                   "binding_gone_s", "release_ms", "bindings_after", "directory_gone_s",
+                   "part_back_s"]
 INSTANCE_COLUMNS = ["object", "served_by", "process", "part", "answers", "first", "last",
                     "distinct", "contiguous", "checkpoint", "checkpoint_ok", "consistent"]
 LATENCY_COLUMNS = ["net", "instance", "phase", "answered", "rtt_ms_median", "rtt_ms_p90",
@@ -264,11 +298,14 @@ def _identities(host: str) -> list[str]:
 
 
 def plan_cycles(cycles: int, seed: int) -> list[Step]:
-    """``cycles`` duplicate cycles of the module docstring's roles A-E, each starting once the
-    previous one's leases have all ended, with shares, identities, hold times and endings
-    drawn from ``seed``. The shares make the plan's outcome certain: A, B and C fit the
-    primary together, D does not fit beside them (the growth), A and D fit one instance, and
-    E asks more than the primary has left."""
+    """``cycles`` duplicate cycles of the module docstring's roles A-F and H, each starting
+    once the previous one's leases have all ended, with shares, identities, hold times and
+    endings drawn from ``seed``. The shares make the plan's outcome certain: A, B and C fit
+    the primary together, D does not fit beside them (the duplicate on r20a), A and D fit one
+    instance; H fits the primary beside B and C but not the duplicate beside A and D; E asks
+    more than the primary has left; F fits neither the primary beside B, C and H nor the
+    duplicate (the third instance, on r18a), but fits r18a's instance beside B and C (the
+    leases it takes over), which is nearer the home network than the primary."""
     return _plan_cycles(cycles, seed)[0]
 
 
@@ -279,46 +316,65 @@ def _plan_cycles(cycles: int, seed: int) -> tuple[list[Step], float]:
     rng = random.Random(seed)
     offset = rng.randint(0, 1)
     net12, net14 = _identities("co12"), _identities("co14")
+    home = _identities("dns23") + _identities("site24")
     steps: list[Step] = []
     start = 0.0
     for cycle in range(1, cycles + 1):
-        c12, c14 = net12[:], net14[:]
+        c12, c14, c16 = net12[:], net14[:], home[:]
         rng.shuffle(c12)
         rng.shuffle(c14)
-        who = {"A": c14[0], "B": c12[0], "C": c12[1], "D": c14[1], "E": c12[rng.randint(0, 1)]}
+        rng.shuffle(c16)
+        who = {"A": c14[0], "B": c12[0], "C": c12[1], "D": c14[1], "E": c12[rng.randint(0, 1)],
+               "H": c16[0], "F": c16[1]}
         share = {"A": round(rng.uniform(28, 33), 1), "B": round(rng.uniform(30, 33), 1),
-                 "C": round(rng.uniform(30, 33), 1), "D": round(rng.uniform(30, 45), 1)}
-        share["E"] = round(100.0 - share["B"] - share["C"] + rng.uniform(5, 10), 1)
+                 "C": round(rng.uniform(30, 33), 1)}
+        # A and D leave the duplicate 22-28 % free: H and F do not fit there.
+        share["D"] = round(rng.uniform(72, 78) - share["A"], 1)
+        primary_free = 100.0 - share["B"] - share["C"]  # once A moved: 34-40 %
+        duplicate_free = 100.0 - share["A"] - share["D"]
+        share["H"] = round(rng.uniform(duplicate_free + 1.5, primary_free - 1.0), 1)
+        share["E"] = round(primary_free + rng.uniform(5, 10), 1)
+        share["F"] = round(rng.uniform(max(duplicate_free, primary_free - share["H"]) + 1.5,
+                                       primary_free - 1.0), 1)
+        # When each lease ends (s from the cycle's start; a growing lease's grant comes about
+        # GROWTH_DELAY_S late, its hold is counted from there). The duplicate on r20a keeps
+        # A and D until F's growth is long done (F must not fit it); r18a's instance loses
+        # its last lease well before r20a's: the HOA's table shrinks 3 -> 2 -> 1. The last
+        # lease of each ends by cancel and by expiry in alternate cycles.
         end: dict[str, float] = {}
         way: dict[str, str] = {}
+        last20 = ("cancel", "expire")[(cycle + offset) % 2]
+        last18 = "expire" if last20 == "cancel" else "cancel"
+        first_role, last_role = rng.sample(["A", "D"], 2)
+        end[first_role] = round(rng.uniform(10.0, 10.6), 2)
+        way[first_role] = "expire" if last20 == "cancel" else "cancel"
+        end[last_role], way[last_role] = round(rng.uniform(13.6, 14.0), 2), last20
+        *early, last = rng.sample(["B", "C", "F"], 3)
         ways = ["cancel", "expire"]
         rng.shuffle(ways)
-        for role, w in zip(("B", "C"), ways):
-            end[role], way[role] = round(rng.uniform(9.0, 11.0), 2), w
-        # The duplicate's last lease ends by cancel and by expiry in alternate cycles.
-        last_way = ("cancel", "expire")[(cycle + offset) % 2]
-        first_role, last_role = rng.sample(["A", "D"], 2)
-        end[first_role] = round(rng.uniform(8.0, 9.0), 2)
-        way[first_role] = "expire" if last_way == "cancel" else "cancel"
-        end[last_role], way[last_role] = round(rng.uniform(11.5, 12.5), 2), last_way
+        for role, w in zip(early, ways):
+            end[role], way[role] = round(rng.uniform(10.6, 11.2), 2), w
+        end[last], way[last] = round(rng.uniform(11.9, 12.3), 2), last18
+        end["H"], way["H"] = round(rng.uniform(10.6, 11.6), 2), rng.choice(["cancel", "expire"])
         end["E"], way["E"] = AT["E"] + 2.0, "cancel"  # denied: never held
-        for role in sorted(who):
+        for role in sorted(who, key=AT.__getitem__):
             at = round(start + AT[role], 2)
+            hold = end[role] - AT[role] - (GROWTH_DELAY_S if role in GROWING else 0.0)
             steps.append(Step(len(steps) + 1, cycle, role, at, who[role], COS[who[role]],
-                              share[role], _cpu(share[role]), round(end[role] - AT[role], 2),
+                              share[role], _cpu(share[role]), round(hold, 2),
                               way[role], EXPECT[role]))
         start = round(start + max(end.values()) + CYCLE_GAP_S, 2)
     return steps, start
 
 
 def plan_parts(start: float, cycle: int, first_n: int, seed: int,
-               across_return: bool = False) -> list[Step]:
+               across_return: bool = True) -> list[Step]:
     """The secondaries phase of the module docstring (roles P, Q, S, R on the part), from
     ``start`` s, numbered from ``first_n``, drawn from ``seed``. The shares make the outcome
     certain: P and Q fit the part at home together, S does not fit beside them (the part
-    moves) but fits a fresh secondary, P and R fit the part at home together; P and Q end
-    before S, R asks once the part is back. ``across_return``: P's load runs on across the
-    give-back instead, to the middle of R's."""
+    moves) but fits a fresh secondary, P and R fit the part at home together; Q ends before
+    S, R asks once the part is back. ``across_return`` (the default): P's load runs on across
+    the give-back, to the middle of R's lease; without it P ends before S too."""
     rng = random.Random(f"parts-{seed}")
     q, s = rng.sample(_identities("co14"), 2)
     r = rng.choice(_identities("co12"))
@@ -340,7 +396,7 @@ def plan_parts(start: float, cycle: int, first_n: int, seed: int,
             for k, role in enumerate("PQSR")]
 
 
-def plan(cycles: int, seed: int, parts: bool = True, across_return: bool = False) -> list[Step]:
+def plan(cycles: int, seed: int, parts: bool = True, across_return: bool = True) -> list[Step]:
     """The whole run: the duplicate cycles, then (``parts``) the secondaries phase."""
     steps, start = _plan_cycles(cycles, seed)
     if parts:
@@ -432,9 +488,55 @@ def sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def duplicate_bound(samples: list[dict[str, Any]]) -> list[tuple[float, bool]]:
-    """(time, a duplicate's binding present at the HOA) per sample, in time order."""
-    return [(s["t_s"], any(b["part"] == "duplicate" for b in s["bindings"])) for s in samples]
+def hoa_bound(samples: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """(time, how many bindings the HOA held for the object's home address) per sample, in
+    time order."""
+    return [(s["t_s"], len(s["bindings"])) for s in samples]
+
+
+def binding_counts(samples: list[dict[str, Any]]) -> list[int]:
+    """The HOA's number of bindings over the run, each change once (``[1, 2, 3, 2, 1]``)."""
+    out: list[int] = []
+    for _, n in hoa_bound(samples):
+        if not out or out[-1] != n:
+            out.append(n)
+    return out
+
+
+def binding_episodes(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each stretch of samples in which the HOA held one binding (by care-of address and
+    part): its care-of address, part, the first sample that showed it (``start``) and the
+    first that no longer did (``end``, None if it lasted to the end), in order of start."""
+    open_: dict[tuple[str, str], dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+    for s in samples:
+        now = {(str(b["care_of_address"]), str(b["part"])) for b in s["bindings"]}
+        for key in sorted(set(open_) - now):
+            open_.pop(key)["end"] = s["t_s"]
+        for key in sorted(now - set(open_)):
+            episode = {"care_of": key[0], "part": key[1], "start": s["t_s"], "end": None}
+            open_[key] = episode
+            out.append(episode)
+    return out
+
+
+def instance_bindings(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per duplicate the broker listed: its binding at the HOA (:func:`binding_episodes`),
+    the duplicate's binding that appeared nearest to the instance's first listing (a
+    duplicate registers with the HOA through its FOA, then with the broker)."""
+    first: dict[str, float] = {}
+    for s in samples:
+        for i in s["instances"]:
+            if i["part"] == "duplicate":
+                first.setdefault(i["instance_id"], s["t_s"])
+    episodes = [e for e in binding_episodes(samples) if e["part"] == "duplicate"]
+    out: dict[str, dict[str, Any]] = {}
+    for iid, t in sorted(first.items(), key=lambda kv: kv[1]):
+        free = [e for e in episodes if all(e is not x for x in out.values())
+                and (e["end"] is None or e["end"] > t)]
+        if free:
+            out[iid] = min(free, key=lambda e: abs(e["start"] - t))
+    return out
 
 
 def part_away(samples: list[dict[str, Any]],
@@ -467,21 +569,24 @@ def part_windows(growth: Iterable[dict[str, Any]], t0: float) -> list[tuple[floa
 
 
 #: What the HOA held when a request of the service was sent (the latest sample before it).
-ONE_BINDING, TWO_BINDINGS = "primary bound", "duplicate bound too"
+ONE_BINDING, TWO_BINDINGS, THREE_BINDINGS = ("primary bound", "duplicate bound too",
+                                             "two duplicates bound too")
 #: Where the part was when a request of the part was sent (r18b's nested table and the part
 #: moves' steps).
 PART_HOME, PART_MOVING, PART_AWAY = "part at home", "part moving", "part away"
 
 
-def _latest(flags: list[tuple[float, bool]], t: float) -> bool:
+def _latest(flags: Sequence[tuple[float, Any]], t: float, default: Any = False) -> Any:
     i = bisect.bisect_right([x for x, _ in flags], t) - 1
-    return i >= 0 and flags[i][1]
+    return flags[i][1] if i >= 0 else default
 
 
-def phase_at(bound: list[tuple[float, bool]], t: float) -> str:
-    """:data:`TWO_BINDINGS` if the latest sample at or before ``t`` saw a duplicate's
-    binding at the HOA, else :data:`ONE_BINDING`."""
-    return TWO_BINDINGS if _latest(bound, t) else ONE_BINDING
+def phase_at(bound: list[tuple[float, int]], t: float) -> str:
+    """What the latest sample at or before ``t`` saw at the HOA (``bound``:
+    :func:`hoa_bound`): :data:`THREE_BINDINGS`, :data:`TWO_BINDINGS` or
+    :data:`ONE_BINDING`."""
+    n = _latest(bound, t, 1)
+    return THREE_BINDINGS if n >= 3 else TWO_BINDINGS if n == 2 else ONE_BINDING
 
 
 def part_phase(away: list[tuple[float, bool]], t: float,
@@ -610,6 +715,7 @@ def exactly_once(requests: list[dict[str, Any]]) -> dict[str, Any]:
     out = {"sent": len(requests), "once": 0, "none": 0, "more": 0, "wrong_instance": 0,
            "refused": 0}
     unanswered: Counter[str] = Counter()
+    unanswered_at: dict[str, list[float]] = defaultdict(list)
     by_co: dict[str, Counter[str]] = defaultdict(Counter)
     by_object: dict[str, Counter[str]] = defaultdict(Counter)
     for q in requests:
@@ -619,8 +725,10 @@ def exactly_once(requests: list[dict[str, Any]]) -> dict[str, Any]:
         by_co[q["co"]][key] += 1
         by_object[q.get("object", OBJECT)][key] += 1
         if n == 0:
-            unanswered[f"net {q['net']} -> {q['lease_part']} on {q['lease_router']} "
-                       f"({q['phase']})"] += 1
+            key = f"net {q['net']} -> {q['lease_part']} on {q['lease_router']} ({q['phase']})"
+            unanswered[key] += 1
+            if "sent_s" in q:
+                unanswered_at[key].append(q["sent_s"])
         allowed = set(str(q.get("expected") or q["lease_router"]).split(","))
         if n and any(s not in allowed for s in str(q["served_by"]).split(",")):
             out["wrong_instance"] += 1
@@ -629,6 +737,7 @@ def exactly_once(requests: list[dict[str, Any]]) -> dict[str, Any]:
     out["exact"] = bool(requests) and out["once"] == out["sent"] and not out["wrong_instance"] \
         and not out["refused"]
     out["unanswered"] = dict(sorted(unanswered.items()))
+    out["unanswered_at"] = {k: sorted(v) for k, v in sorted(unanswered_at.items())}
     out["by_co"] = {co: dict(c) for co, c in sorted(by_co.items())}
     out["by_object"] = {o: dict(c) for o, c in sorted(by_object.items())}
     return out
@@ -670,14 +779,16 @@ def growth_rows(leases: list[dict[str, Any]], growth: list[dict[str, Any]],
                 t0: float) -> list[dict[str, Any]]:
     """Per growth the broker made (a duplicate or a part moved): its time, the growing
     lease's request_ms against the median of ordinary grants, when the new binding showed
-    (at the HOA; in r18b's nested table for a secondary), when the growing CO had its first
+    (the duplicate's own at the HOA, by care-of address: :func:`instance_bindings`; in
+    r18b's nested table for a secondary), when the growing CO had its first
     answer from the new instance, and when any CO had (s and ms from the growing request
     sent); the largest round trip of the other leases' requests of the object sent while it
     grew (a part's requests queue in the warm secondary)."""
     parts = parts_of(samples)
     ordinary = median(l["request_ms"] for l in leases
                       if l["outcome"] == "granted" and not l.get("grew"))
-    flags = {"duplicate": duplicate_bound(samples), "secondary": part_away(samples)}
+    nested = part_away(samples)
+    bound = instance_bindings(samples)
     rows = []
     for g in growth:
         kind = _growth_kind(g, parts)
@@ -695,7 +806,12 @@ def growth_rows(leases: list[dict[str, Any]], growth: list[dict[str, Any]],
                        end_s=lease["granted_at_s"])
             if ordinary:
                 row["ratio"] = round(lease["request_ms"] / ordinary, 1)
-            seen = next((t for t, on in flags[kind] if on and t >= start), None)
+            if kind == "secondary":
+                seen = next((t for t, on in nested if on and t >= start), None)
+            else:
+                episode = bound.get(str(g.get("instance")))
+                seen = episode["start"] if episode else None
+                row["care_of"] = episode["care_of"] if episode else None
             row["binding_s"] = None if seen is None else round(seen - start, 3)
             firsts = [q["first_at_s"] for q in requests
                       if q["n"] == lease["n"] and q["first_at_s"] is not None]
@@ -717,11 +833,12 @@ def growth_rows(leases: list[dict[str, Any]], growth: list[dict[str, Any]],
 
 
 def release_rows(leases: list[dict[str, Any]], samples: list[dict[str, Any]]) -> list[dict]:
-    """Per duplicate or secondary: how its last lease ended, and when its binding left (the
-    HOA's table; r18b's nested table for a secondary), when the instance left the broker's
-    directory and, for a secondary, when the primary listed the part again (first sample
-    after; ms after that end)."""
+    """Per duplicate or secondary: how its last lease ended, and when its binding left (its
+    own at the HOA, by care-of address, and how many the HOA then held; r18b's nested table
+    for a secondary), when the instance left the broker's directory and, for a secondary,
+    when the primary listed the part again (first sample after; ms after that end)."""
     parts = parts_of(samples)
+    bound = instance_bindings(samples)
     rows = []
     for iid, part in parts.items():
         if part not in ("duplicate", "secondary"):
@@ -730,6 +847,9 @@ def release_rows(leases: list[dict[str, Any]], samples: list[dict[str, Any]]) ->
                 and (l.get("final_instance") or l.get("instance_id")) == iid]
         ended = [l for l in mine if l.get("ended_s") is not None]
         row: dict[str, Any] = {"kind": part, "instance": iid, "leases": len(mine)}
+        episode = bound.get(iid)
+        if part == "duplicate":
+            row["care_of"] = episode["care_of"] if episode else None
         if ended and len(ended) == len(mine):
             last = max(ended, key=lambda l: l["ended_s"])
             end = last["ended_s"]
@@ -738,8 +858,9 @@ def release_rows(leases: list[dict[str, Any]], samples: list[dict[str, Any]]) ->
                        if any(i["instance_id"] == iid for i in s["instances"])]
             after = [s for s in samples if s["t_s"] >= end]
             if part == "duplicate":
-                gone = next((s["t_s"] for s in after
-                             if not any(b["part"] == "duplicate" for b in s["bindings"])), None)
+                gone = episode["end"] if episode else None
+                row["bindings_after"] = next((len(s["bindings"]) for s in samples
+                                              if s["t_s"] == gone), None)
             else:
                 gone = next((s["t_s"] for s in after if not s.get("nested")), None)
                 row["part_back_s"] = next(
@@ -1003,6 +1124,41 @@ def gre_pairs(lines: Iterable[str], address: str) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def takeover(leases: list[dict[str, Any]],
+             requests: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per router whose new instance took over leases of the service (the CO's network now
+    reaches it): how many leases, how many of their requests were sent once it held them
+    (the broker's ``leases`` named it; :func:`instance_at`) and how many of those it
+    answered exactly once."""
+    out: dict[str, dict[str, int]] = {}
+    moved = {l["n"]: l["moved_to"] for l in leases if l["outcome"] == "granted"
+             and l.get("moved_to") and l.get("target", SERVICE) != PART}
+    for n, router in moved.items():
+        row = out.setdefault(router, {"leases": 0, "sent": 0, "once_by_it": 0})
+        row["leases"] += 1
+        mine = [q for q in requests if q["n"] == n and q["lease_router"] == router]
+        row["sent"] += len(mine)
+        row["once_by_it"] += sum(1 for q in mine if q["answers"] == 1
+                                 and q["served_by"] == router)
+    return dict(sorted(out.items()))
+
+
+def home_on_primary(requests: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Requests of the service from home-network COs whose lease is on the primary, by what
+    the HOA held when they were sent (it bicasts to every instance; with three bound, the
+    FOA in front of the primary hands them on as frames by GRE key): sent, and answered
+    exactly once by the primary."""
+    out: dict[str, dict[str, int]] = {}
+    for q in requests:
+        if q["net"] != NETWORK_OF_HOST["dns23"] or q.get("object", OBJECT) != OBJECT \
+                or q["lease_router"] != PRIMARY:
+            continue
+        row = out.setdefault(q["phase"], {"sent": 0, "once_by_primary": 0})
+        row["sent"] += 1
+        row["once_by_primary"] += int(q["answers"] == 1 and q["served_by"] == PRIMARY)
+    return dict(sorted(out.items()))
+
+
 def summarise(leases: list[dict[str, Any]], requests: list[dict[str, Any]],
               growths: list[dict[str, Any]], releases: list[dict[str, Any]],
               instances: list[dict[str, Any]], samples: list[dict[str, Any]],
@@ -1018,10 +1174,12 @@ def summarise(leases: list[dict[str, Any]], requests: list[dict[str, Any]],
     dups = [g for g in growths if g.get("kind", "duplicate") == "duplicate"]
     secs = [g for g in growths if g.get("kind") == "secondary"]
 
-    def rtt(net: str, label: str, phase: str | None = None) -> float | None:
+    def rtt(net: str, label: str, phase: str | None = None,
+            router: str | None = None) -> float | None:
         values = [q["rtt_ms"] for q in requests if q["answers"] >= 1 and q["net"] == net
                   and part_label(str(q["served_by"]).split(",")[0],
                                  q.get("object", OBJECT)) == label
+                  and (router is None or str(q["served_by"]).split(",")[0] == router)
                   and (phase is None or q["phase"] == phase) and q["rtt_ms"] is not None]
         return median(values)
 
@@ -1095,8 +1253,26 @@ def summarise(leases: list[dict[str, Any]], requests: list[dict[str, Any]],
                    "home_to_secondary": rtt("16", "secondary"),
                    "net14_to_part": rtt("14", "part"),
                    "net14_to_secondary": rtt("14", "secondary"),
-                   "net12_to_part": rtt("12", "part")},
+                   "net12_to_part": rtt("12", "part"),
+                   "net12_to_gateway": rtt("12", "duplicate", router=GATEWAY),
+                   "home_to_gateway": rtt("16", "duplicate", router=GATEWAY),
+                   "home_to_primary_three_bound": rtt("16", "primary", THREE_BINDINGS),
+                   "home_to_primary_fewer_bound": median(
+                       q["rtt_ms"] for q in requests if q["answers"] >= 1 and q["net"] == "16"
+                       and q.get("object", OBJECT) == OBJECT and q["served_by"] == PRIMARY
+                       and q["phase"] != THREE_BINDINGS and q["rtt_ms"] is not None)},
         "max_bindings": max((len(s["bindings"]) for s in samples), default=0),
+        "binding_counts": binding_counts(samples),
+        "care_of_bound": sorted({f"{b['care_of_address']} ({b['part']})" for s in samples
+                                 for b in s["bindings"]}),
+        "growth_ms_by_router": {r: median(g.get("growth_ms") for g in dups
+                                          if g.get("router") == r and not g.get("error"))
+                                for r in sorted({str(g.get("router")) for g in dups
+                                                 if g.get("router")})},
+        "third_instances": sum(1 for g in dups if g.get("router") == GATEWAY
+                               and not g.get("error")),
+        "takeover": takeover(leases, requests),
+        "home_on_primary": home_on_primary(requests),
         "max_nested": max((len(s.get("nested", [])) for s in samples), default=0),
         "max_instances": max((len(s["instances"]) for s in samples), default=0),
         "latency": lat,
@@ -1123,12 +1299,20 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
              " / ".join(str(ls["on"].get(p, 0)) for p in ("primary", "duplicate",
                                                           "secondary"))),
             ("leases taken over by a duplicate on the CO's network", ls["moved"]),
+            ("  by router: leases, their requests answered once by it / sent after", ", ".join(
+                f"{r}: {v['leases']}, {v['once_by_it']} / {v['sent']}"
+                for r, v in summary.get("takeover", {}).items()) or None),
+            ("home COs on the primary: answered once by r18b / sent, by HOA bindings", ", ".join(
+                f"{phase}: {v['once_by_primary']} / {v['sent']}"
+                for phase, v in summary.get("home_on_primary", {}).items()) or None),
             ("leases of the part served by the secondary (nested)", ls.get("nested", 0)),
             ("denials", ", ".join(f"{k}: {v}" for k, v in sorted(ls["denials"].items()))
              or "none"),
             ("leases ended by cancel / expiry", f"{ls['ended'].get('cancelled', 0)} / "
                                                 f"{ls['ended'].get('expired', 0)}"),
             ("growths (duplicates placed)", ls["grew"]),
+            (f"  of them third instances, on {GATEWAY} in front of the primary",
+             summary.get("third_instances", 0)),
             ("part moves (secondaries placed)", ls.get("parts_moved", 0)),
             ("grant ms, ordinary (median)", g["ordinary_median"]),
             ("grant ms, growing a duplicate (median)", g["growing_median"]),
@@ -1136,6 +1320,8 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             ("grant ms, moving the part (median)", g.get("moving_median")),
             ("moving / ordinary", g.get("moving_ratio")),
             ("growth ms at the broker, duplicate (median)", summary["growth_ms_median"]),
+            ("  by router (median)", ", ".join(
+                f"{r}: {v}" for r, v in summary.get("growth_ms_by_router", {}).items())),
             ("growth ms at the broker, part move (median)", summary.get("part_move_ms_median")),
             ("lease that did not fit -> duplicate's first answer to that CO ms (median)",
              summary["first_answer_ms_median"]),
@@ -1163,7 +1349,15 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             ("RTT ms net 14 -> part on r18b (median)", rtt.get("net14_to_part")),
             ("RTT ms net 14 -> secondary (median)", rtt.get("net14_to_secondary")),
             ("RTT ms net 12 -> part on r18b (median)", rtt.get("net12_to_part")),
-            ("bindings at the HOA (max)", summary["max_bindings"]),
+            ("RTT ms net 12 -> duplicate on r18a (median)", rtt.get("net12_to_gateway")),
+            ("RTT ms home -> duplicate on r18a (median)", rtt.get("home_to_gateway")),
+            ("RTT ms home -> primary, 3 bound: frames by key via r18a (median)",
+             rtt.get("home_to_primary_three_bound")),
+            ("RTT ms home -> primary, 1-2 bound (median)", rtt.get("home_to_primary_fewer_bound")),
+            ("HOA bindings (max)", summary["max_bindings"]),
+            ("HOA bindings over time", " -> ".join(str(n) for n in
+                                                   summary.get("binding_counts", []))),
+            ("care-of addresses bound at the HOA", ", ".join(summary.get("care_of_bound", []))),
             (f"nested bindings at {PRIMARY} (max)", summary.get("max_nested", 0)),
             ("instances in the directory (max)", summary["max_instances"]),
             ("part's counts one sequence across its moves",
@@ -1192,7 +1386,16 @@ def format_report(events: list[dict[str, Any]], full: dict[str, Any]) -> str:
                f"{q['none']} unanswered, {q['more']} answered twice or more; "
                f"every request answered exactly once by its lease's instance: {q['exact']}")
     if q["unanswered"]:
-        verdict += "\nunanswered: " + "; ".join(f"{k}: {v}" for k, v in q["unanswered"].items())
+        at = q.get("unanswered_at", {})
+
+        def when(key: str) -> str:
+            times = at.get(key) or []
+            more = f", ... ({len(times) - 12} more)" if len(times) > 12 else ""
+            return f" (sent at {', '.join(f'{t:.2f}' for t in times[:12])}{more} s)" \
+                if times else ""
+
+        verdict += "\nunanswered: " + "; ".join(f"{k}: {v}{when(k)}"
+                                                for k, v in q["unanswered"].items())
     parts.append(verdict)
     return "\n".join(parts)
 
@@ -1215,8 +1418,9 @@ def _instance_label(iid: str, part: str) -> str:
 
 def _mark_growths(ax: Any, growths: list[dict[str, Any]], releases: list[dict[str, Any]]) -> None:
     for g in growths:
-        ax.axvline(g["at_s"], color="C4" if g.get("kind") == "secondary" else "C3", lw=0.8,
-                   ls="--")
+        color = "C4" if g.get("kind") == "secondary" else "C3" if g.get("router") == GATEWAY \
+            else "C1"
+        ax.axvline(g["at_s"], color=color, lw=0.8, ls="--")
     for r in releases:
         if r.get("last_end_s") is not None:
             ax.axvline(r["last_end_s"], color="C2", lw=0.8, ls=":")
@@ -1242,8 +1446,9 @@ def plot_shares(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
     _mark_growths(ax, growths, releases)
     ax.set_ylim(0, 110)
     ax.set_ylabel("share used (%)")
-    ax.set_xlabel("time (s); dashed: growth asked (red: duplicate, purple: part move); "
-                  "green dotted: a duplicate's or secondary's last lease ended")
+    ax.set_xlabel(f"time (s); dashed: growth asked (orange: duplicate, red: duplicate on "
+                  f"{GATEWAY}, purple: part move); green dotted: a duplicate's or "
+                  "secondary's last lease ended")
     ax.set_title(f"Share of {SERVICE} held by leases per instance (broker's 'services', "
                  f"every {SAMPLE_S:g} s)")
     ax.legend(fontsize=7, loc="upper right")
@@ -1256,27 +1461,42 @@ def plot_shares(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
 
 def plot_bindings(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
                   releases: list[dict[str, Any]], dest: Path) -> Path:
-    """Bindings over time: the HOA's for the object's home address, by part (primary,
-    duplicate), and the primary router's nested table (the part's secondary)."""
+    """Bindings over time: the HOA's for the object's home address, by part and care-of
+    address (the primary; a duplicate on net 14; a duplicate at the second care-of address
+    of the FOA in front of the primary), and the primary router's nested table (the part's
+    secondary)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(11, 3.4))
+    fig, ax = plt.subplots(figsize=(11, 3.6))
     t = [s["t_s"] for s in samples]
-    prim = [sum(1 for b in s["bindings"] if b["part"] != "duplicate") for s in samples]
-    dup = [sum(1 for b in s["bindings"] if b["part"] == "duplicate") for s in samples]
-    nested = [len(s.get("nested", [])) for s in samples]
-    top1 = [p + d for p, d in zip(prim, dup)]
-    top2 = [x + n for x, n in zip(top1, nested)]
-    ax.fill_between(t, 0, prim, step="post", color="C0", alpha=0.6,
-                    label=f"HOA: primary ({OBJECT}, with its prefix)")
-    ax.fill_between(t, prim, top1, step="post", color="C1", alpha=0.7, label="HOA: duplicate")
-    ax.fill_between(t, top1, top2, step="post", color="C4", alpha=0.6, hatch="//",
-                    label=f"nested at {PRIMARY}: secondary ({PART})")
+    routers = {r.get("care_of"): r["instance"].split("/")[0] for r in releases
+               if r.get("care_of")}
+    routers.update({g.get("care_of"): g.get("router") for g in growths if g.get("care_of")})
+    layers = [(f"HOA: primary ({OBJECT}, with its prefix)", "C0",
+               lambda s: sum(1 for b in s["bindings"] if b["part"] != "duplicate"))]
+    care_ofs = sorted({str(b["care_of_address"]) for s in samples for b in s["bindings"]
+                       if b["part"] == "duplicate"})
+    for k, care_of in enumerate(care_ofs):
+        where = f" on {routers[care_of]}" if routers.get(care_of) else ""
+        color = "C3" if routers.get(care_of) == GATEWAY else ("C1", "C5", "C8")[k % 3]
+        layers.append((f"HOA: duplicate{where} via {care_of}", color,
+                       lambda s, c=care_of: sum(1 for b in s["bindings"]
+                                                if b["part"] == "duplicate"
+                                                and str(b["care_of_address"]) == c)))
+    layers.append((f"nested at {PRIMARY}: secondary ({PART})", "C4",
+                   lambda s: len(s.get("nested", []))))
+    bottom = [0] * len(samples)
+    for label, color, count in layers:
+        top = [b + count(s) for b, s in zip(bottom, samples)]
+        nested = label.startswith("nested")
+        ax.fill_between(t, bottom, top, step="post", color=color, alpha=0.6 if nested else 0.7,
+                        hatch="//" if nested else None, label=label)
+        bottom = top
     _mark_growths(ax, growths, releases)
-    ax.set_ylim(0, max([2.5] + [x + 0.5 for x in top2]))
+    ax.set_ylim(0, max([3.5] + [x + 0.5 for x in bottom]))
     ax.set_yticks(range(0, int(ax.get_ylim()[1]) + 1))
     ax.set_ylabel("bindings")
     ax.set_xlabel("time (s)")
-    ax.set_title(f"Bindings: the HOA's for {OBJECT}'s home address (bicast while 2) and "
+    ax.set_title(f"Bindings: the HOA's for {OBJECT}'s home address (bicast while 2 or 3) and "
                  f"{OBJECT}'s own (nested) table on {PRIMARY}")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -1297,8 +1517,11 @@ def plot_latency(requests: list[dict[str, Any]], latency: list[dict[str, Any]],
     unanswered ones as red crosses; below, the median (and 90th percentile) per group, and
     per lease that moved its median before and after the move."""
     plt = _pyplot()
-    fig = plt.figure(figsize=(12, 8.5))
-    grid = fig.add_gridspec(2, 2, height_ratios=[2.0, 1.35], width_ratios=[1.5, 1])
+    moves = list(moves)
+    # The lower panels grow with their rows (a label per latency group, two lines per move).
+    lower = max(3.4, 0.15 * len(latency), 0.42 * len(moves))
+    fig = plt.figure(figsize=(12, 5.6 + lower))
+    grid = fig.add_gridspec(2, 2, height_ratios=[5.0, lower], width_ratios=[1.5, 1])
     ax = fig.add_subplot(grid[0, :])
     bx = fig.add_subplot(grid[1, 0])
     cx = fig.add_subplot(grid[1, 1])
@@ -1319,7 +1542,8 @@ def plot_latency(requests: list[dict[str, Any]], latency: list[dict[str, Any]],
     _mark_growths(ax, growths, releases)
     ax.set_yscale("log")
     ax.set_ylabel("round trip (ms)")
-    ax.set_xlabel("time (s); dashed: growth asked (red: duplicate, purple: part move)")
+    ax.set_xlabel(f"time (s); dashed: growth asked (orange: duplicate, red: duplicate on "
+                  f"{GATEWAY}, purple: part move)")
     ax.set_title("Leased requests at the COs: round trip by network and serving instance")
     ax.legend(fontsize=7, loc="upper right", markerscale=3, ncol=2)
     labels = [f"{_net_name(r['net'])} -> {r['instance']}, {r['phase']} (n={r['answered']})"
@@ -1334,15 +1558,14 @@ def plot_latency(requests: list[dict[str, Any]], latency: list[dict[str, Any]],
     bx.set_xlabel("RTT (ms), log")
     bx.set_title("per network, instance and phase", fontsize=9)
     bx.legend(fontsize=7, loc="lower right")
-    moves = list(moves)
     y = range(len(moves))
     cx.barh([k - 0.2 for k in y], [m.get("before_ms") or 0 for m in moves], height=0.4,
             color="C7", label="before the move")
     cx.barh([k + 0.2 for k in y], [m.get("after_ms") or 0 for m in moves], height=0.4,
             color="C2", label="after")
     cx.set_yticks(list(y), [f"{m['role']}{m.get('cycle', '')} {m['co']} "
-                            f"({_net_name(m['net'])}, {m['object']})\n"
-                            f"{m['before']} -> {m['after']}\n{m['path_after']}"
+                            f"({_net_name(m['net'])}, {m['object']}): {m['path_after']}\n"
+                            f"{m['before']} -> {m['after']}"
                             for m in moves], fontsize=6.5)
     cx.invert_yaxis()
     cx.set_xlabel("median RTT (ms)")
@@ -1631,7 +1854,7 @@ def analyse(out: dict[str, Any], growth: list[dict[str, Any]], read_load: Any,
             l["growth_ms"] = g.get("ms") if l["grew"] and g else None
     ended_times(leases, samples)
     windows = part_windows(growth, t0)
-    bound, away = duplicate_bound(samples), part_away(samples, windows)
+    bound, away = hoa_bound(samples), part_away(samples, windows)
     where_part = part_history(samples)
     history = lease_history(samples)
     networks = {i["instance_id"]: i.get("network") or "" for s in samples
@@ -1785,16 +2008,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moat run leases", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=3,
-                        help=f"duplicate cycles of arrivals, growth and release (default 3, at "
-                             f"most {MAX_CYCLES}; about 15 s each)")
+                        help=f"duplicate cycles of arrivals, growths to three instances and "
+                             f"releases (default 3, at most {MAX_CYCLES}; about 16 s each)")
     parser.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
                         help="after the cycles, the secondaries phase: the part moves, "
                              "is served through the nesting and comes back (default: on; "
                              "about 19 s)")
-    parser.add_argument("--return-under-load", action="store_true",
+    parser.add_argument("--return-under-load", action=argparse.BooleanOptionalAction,
+                        default=True,
                         help="P's load (home network, through the nesting) runs on while the "
-                             "secondary gives its part back, to R's lease (default: P and Q "
-                             "end before S; see the module docstring)")
+                             "secondary gives its part back, into R's lease (default: on; "
+                             "--no-return-under-load: P and Q end before S)")
     parser.add_argument("--rate", type=float, default=20.0,
                         help=f"leased requests per second of each CO (default 20, at most "
                              f"{MAX_RATE:g}; from about 40 the traffic rule places the "

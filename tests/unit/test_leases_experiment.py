@@ -1,8 +1,10 @@
 """The pure parts of ``moat run leases`` (experiments/leases.py), without root: the plan from
-the seed (duplicate cycles and the secondaries phase), the exactly-once and counter checks,
-lease moves (adoption by a duplicate; a part's leases served by its secondary through the
-nesting), expiry and release times from the samples, the event table, the summary and the
-report, the captures' GRE counts, the plots.
+the seed (duplicate cycles up to three instances, and the secondaries phase), the
+exactly-once and counter checks, lease moves (adoption by a duplicate, by the third instance
+on the FOA in front of the primary; a part's leases served by its secondary through the
+nesting), the HOA's bindings over time and each duplicate's own by care-of address, expiry
+and release times from the samples, the event table, the summary and the report, the
+captures' GRE counts, the plots.
 
 The network run itself is ``sudo moat run leases`` (it needs namespaces)."""
 
@@ -29,47 +31,84 @@ def test_plan_is_a_function_of_the_seed() -> None:
     assert lx.plan_cycles(3, 7) != lx.plan_cycles(3, 8)
 
 
+def nominal_end(step: lx.Step) -> float:
+    """When a lease of the plan ends: its hold counts from its grant, which a growth makes
+    about GROWTH_DELAY_S late."""
+    return step.at + step.hold + (lx.GROWTH_DELAY_S if step.expect == "grows" else 0.0)
+
+
 @pytest.mark.parametrize("seed", range(25))
 def test_plan_shares_make_the_outcome_certain(seed: int) -> None:
     steps = lx.plan_cycles(4, seed)
-    assert len(steps) == 4 * 5
+    assert len(steps) == 4 * 7
     for cycle in range(1, 5):
         by = {s.role: s for s in steps if s.cycle == cycle}
-        a, b, c, d, e = (by[r].share for r in "ABCDE")
+        a, b, c, d, e, f, h = (by[r].share for r in "ABCDEFH")
         assert a + b + c <= 100 - 1  # A, B and C fit the primary together
-        assert a + b + c + d > 100 + 1  # D does not: the growth
+        assert a + b + c + d > 100 + 1  # D does not: the duplicate on r20a
         assert a + d <= 100 - 1  # A (taken over) and D fit one duplicate
+        assert h <= 100 - b - c - 1  # H fits the primary beside B and C (A moved) ...
+        assert h > 100 - a - d + 1  # ... and not the duplicate: it is on the primary
         assert e > 100 - b - c + 1  # E asks more than the primary has left after A moved
-        assert [by[r].expect for r in "ABCDE"] == ["adopted", "primary", "primary", "grows",
-                                                   "denied"]
+        # F fits neither the primary beside B, C and H nor the duplicate: the third instance.
+        assert f > 100 - b - c - h + 1 and f > 100 - a - d + 1
+        # r18a's instance takes over B and C; F then fits it (and the primary, which is one
+        # hop further from the home network: r18a wins).
+        assert f <= 100 - b - c - 1 and f <= 100 - h
+        assert [by[r].expect for r in "ABCDHEF"] == ["adopted", "adopted", "adopted", "grows",
+                                                     "primary", "denied", "grows"]
         assert {by[r].net for r in "AD"} == {"14"} and {by[r].net for r in "BCE"} == {"12"}
+        assert by["H"].net == by["F"].net == "16" and {by["H"].co, by["F"].co} == \
+            {"dns23", "site24"}
         assert by["A"].co != by["D"].co and by["B"].co != by["C"].co
         for s in by.values():
             assert s.cpu == pytest.approx(s.share / 100 * lx.VM_CPU, abs=1e-3)
             assert s.duration == (s.hold if s.end == "expire" else lx.CANCEL_DURATION_S)
-            assert s.hold > lx.LOAD_MARGIN_S
-        assert sorted(by[r].end for r in "BC") == ["cancel", "expire"]
+            assert s.hold > lx.LOAD_MARGIN_S + 0.9  # every load sends a second or more
+        assert [s.role for s in steps if s.cycle == cycle] == list("ABCDHEF")  # time order
+        grown = by["D"].at + lx.GROWTH_DELAY_S
+        assert by["H"].at >= grown and by["E"].at >= grown and by["F"].at > by["H"].at
+        third = by["F"].at + lx.GROWTH_DELAY_S
+        # A and D hold the duplicate until long after F's growth: F never fits it.
+        assert min(nominal_end(by[r]) for r in "AD") > third + 1.0
+        # B, C, F and H are served for a while with three instances.
+        assert min(nominal_end(by[r]) for r in "BCFH") > third + 1.5
+        # r18a's instance loses its last lease well before r20a's: 3 -> 2 -> 1.
+        assert max(nominal_end(by[r]) for r in "BCF") + 1.0 < \
+            max(nominal_end(by[r]) for r in "AD")
         assert sorted(by[r].end for r in "AD") == ["cancel", "expire"]
-        assert by["E"].at > by["D"].at + 2  # after the growth
-    # Cycles do not overlap: the next one starts after every lease of this one has ended
-    # (D's grant comes about 1.3 s late: the growth).
+        assert {by[r].end for r in "BCF"} == {"cancel", "expire"}
+    # Cycles do not overlap: the next one starts after every lease of this one has ended.
     for cycle in range(1, 4):
-        ends = [s.at + s.hold + (1.5 if s.role == "D" else 0) for s in steps
-                if s.cycle == cycle and s.role != "E"]
+        ends = [nominal_end(s) for s in steps if s.cycle == cycle and s.role != "E"]
         nxt = min(s.at for s in steps if s.cycle == cycle + 1)
-        assert nxt > max(ends)
+        assert nxt > max(ends) + 2.0
+
+
+def test_the_third_instance_is_nearer_the_home_network_than_the_primary() -> None:
+    """Why F's lease lands on r18a's instance: the broker ranks the instances that fit by
+    routing hops from the CO's network, and r18a is the primary's gateway."""
+    from topologies.patent import PatentTopo
+
+    hops = PatentTopo().network_hops()["10.16.0.0/24"]
+    assert hops[lx.GATEWAY] < hops[lx.PRIMARY]
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_the_duplicates_last_lease_ends_by_cancel_and_by_expiry_in_turn(seed: int) -> None:
+def test_the_duplicates_last_leases_end_by_cancel_and_by_expiry_in_turn(seed: int) -> None:
     steps = lx.plan_cycles(4, seed)
     lasts = []
     for cycle in range(1, 5):
-        a, d = (next(s for s in steps if s.cycle == cycle and s.role == r) for r in "AD")
-        # D's grant is late by the growth (about 1.3 s): A must still end clearly apart.
-        a_end, d_end = a.at + a.hold, d.at + 1.3 + d.hold
-        assert abs(a_end - d_end) > 1.0
-        lasts.append((a if a_end > d_end else d).end)
+        by = {s.role: s for s in steps if s.cycle == cycle}
+        a, d = (nominal_end(by[r]) for r in "AD")
+        # D's grant is late by the growth (about 1 s): A must still end clearly apart.
+        assert abs(a - d) > 2.0
+        last20 = max("AD", key=lambda r: nominal_end(by[r]))
+        last18 = max("BCF", key=lambda r: nominal_end(by[r]))
+        assert nominal_end(by[last18]) > max(nominal_end(by[r]) for r in "BCF"
+                                             if r != last18) + 0.6
+        assert by[last20].end != by[last18].end  # one release by cancel, one by expiry
+        lasts.append(by[last20].end)
     assert lasts[0::2] == [lasts[0]] * 2 and lasts[1::2] == [lasts[1]] * 2
     assert {lasts[0], lasts[1]} == {"cancel", "expire"}
 
@@ -306,6 +345,11 @@ def test_report_names_unanswered_requests() -> None:
     text = lx.format_report(full["events"], full)
     assert "every request answered exactly once by its lease's instance: False" in text
     assert "unanswered: net 14 -> duplicate on r20a" in text
+    # When they were sent, to set beside the event table (growths, releases).
+    sent = [round(r["sent"] - T0, 2) for r in logs[Path("/load-1")][-3:]]
+    assert f"(sent at {', '.join(f'{t:.2f}' for t in sent)} s)" in text
+    key, = full["summary"]["requests"]["unanswered_at"]
+    assert full["summary"]["requests"]["unanswered_at"][key] == pytest.approx(sent)
 
 
 def test_sample_rows_one_per_instance_with_bindings() -> None:
@@ -318,11 +362,13 @@ def test_sample_rows_one_per_instance_with_bindings() -> None:
 
 
 def test_phase_from_the_latest_sample() -> None:
-    bound = lx.duplicate_bound(make_samples())
+    bound = lx.hoa_bound(make_samples())
     assert lx.phase_at(bound, -1.0) == lx.ONE_BINDING
     assert lx.phase_at(bound, 4.99) == lx.ONE_BINDING
     assert lx.phase_at(bound, 5.1) == lx.TWO_BINDINGS
     assert lx.phase_at(bound, 10.1) == lx.ONE_BINDING
+    assert lx.phase_at([(0.0, 1), (1.0, 3), (2.0, 2)], 1.5) == lx.THREE_BINDINGS
+    assert lx.binding_counts(make_samples()) == [1, 2, 1]
 
 
 def test_plots(analysed: dict[str, Any], tmp_path: Path) -> None:
@@ -338,12 +384,14 @@ def test_parser_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> Non
         with pytest.raises(SystemExit):
             lx.main(argv)
     args = lx.build_parser().parse_args([])
-    assert (args.cycles, args.rate, args.seed, args.topo, args.parts) == \
-        (3, 20.0, 1, "patent", True)
+    assert (args.cycles, args.rate, args.seed, args.topo, args.parts,
+            args.return_under_load) == (3, 20.0, 1, "patent", True, True)
     assert lx.build_parser().parse_args(["--no-parts"]).parts is False
-    plan = [dataclasses.asdict(s) for s in lx.plan(args.cycles, args.seed, args.parts)]
-    assert len(plan) == 15 + 4
-    # The defaults stay well inside the run's time budget (setup and analysis add ~20 s).
+    assert lx.build_parser().parse_args(["--no-return-under-load"]).return_under_load is False
+    plan = [dataclasses.asdict(s) for s in lx.plan(args.cycles, args.seed, args.parts,
+                                                   args.return_under_load)]
+    assert len(plan) == 3 * 7 + 4
+    # The defaults stay well inside the run's time budget (setup and analysis add ~25 s).
     assert lx.plan_end(lx.plan(args.cycles, args.seed)) < 75
 
 
@@ -368,15 +416,18 @@ def test_parts_plan_makes_the_outcome_certain(seed: int) -> None:
     assert s.share <= 100 - 1 and r.share <= 100 - 1  # S fits a fresh secondary
     assert sorted([p.end, q.end]) == ["cancel", "expire"] and r.end == "cancel"
     # The phase starts once every lease of the cycles has ended (a duplicate is released
-    # within 0.3 s), and the part moves long after: a secondary cannot register through
-    # r20a while a duplicate of its object runs there.
+    # within 0.3 s), and the part moves long after: a part never moves to a network where
+    # its object runs (r20a's duplicate must be gone).
     assert min(x.at for x in parts) >= lx.plan_end(cycles) + 1.0 - 1e-9
     assert s.at > lx.plan_end(cycles) + 3.0
-    # P and Q end before S (no request of the part in flight when it goes back); R asks
-    # well after S ended (the secondary released, the part back).
+    # Q ends before S; P's load runs on across the give-back (the default), into R's lease;
+    # R asks well after S ended (the secondary released, the part back).
     s_end = s.at + lx.GROWTH_DELAY_S + s.hold
-    assert max(p.at + p.hold, q.at + q.hold) < s_end - 1.0
+    assert q.at + q.hold < s_end - 1.0
     assert r.at > s_end + 2.5
+    assert r.at + 0.5 < p.at + p.hold < r.at + r.hold
+    quiet = {x.role: x for x in lx.plan(3, seed, across_return=False) if x.target == lx.PART}
+    assert quiet["P"].at + quiet["P"].hold < s_end - 1.0  # without it P ends before S
     for x in parts:
         assert x.cpu == pytest.approx(x.share / 100 * lx.VM_CPU, abs=1e-3) and x.hold > 1.0
 
@@ -387,15 +438,15 @@ def test_the_parts_phase_can_be_left_out() -> None:
 
 @pytest.mark.parametrize("seed", range(10))
 def test_the_home_load_may_run_across_the_give_back(seed: int) -> None:
-    quiet = {s.role: s for s in lx.plan(1, seed) if s.target == lx.PART}
-    loud = {s.role: s for s in lx.plan(1, seed, across_return=True) if s.target == lx.PART}
+    quiet = {s.role: s for s in lx.plan(1, seed, across_return=False) if s.target == lx.PART}
+    loud = {s.role: s for s in lx.plan(1, seed) if s.target == lx.PART}
     assert {r: s for r, s in loud.items() if r != "P"} == \
         {r: s for r, s in quiet.items() if r != "P"}
     p, s, r = loud["P"], loud["S"], loud["R"]
     assert p.at + p.hold > s.at + lx.GROWTH_DELAY_S + s.hold + 2.5  # across the give-back
     assert r.at + 0.5 < p.at + p.hold < r.at + r.hold  # and into R's lease
     assert p.share + r.share <= 100 - 1  # both at home on the primary
-    assert lx.build_parser().parse_args(["--return-under-load"]).return_under_load is True
+    assert lx.plan(1, seed) == lx.plan(1, seed, across_return=True)  # the default
 
 
 SEC = "r20a/pair-s1@cccc3333"
@@ -686,5 +737,249 @@ def test_gre_pairs_count_tunnelled_requests_to_the_part() -> None:
 def test_part_plots(parts_run: dict[str, Any], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     paths = lx.plot_all(parts_run["requests"], parts_run, make_part_samples(), tmp_path)
+    assert [p.name for p in paths] == ["shares.png", "bindings.png", "latency.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+# --- three instances: the third on the FOA in front of the primary ------------------------------
+
+G = "r18a/pair-d2@dddd4444"
+GATEWAY_CARE_OF = "10.255.0.2"  # r18a's second care-of address (its backbone address)
+
+
+def make_three_samples() -> list[dict[str, Any]]:
+    """Every 0.25 s over 14 s: the primary always (care-of 10.12.0.1); the duplicate on r20a
+    (care-of 10.14.0.1) listed and bound in [5, 12); the third instance on r18a (care-of
+    10.255.0.2) listed and bound in [8, 10.5). Leases: L1 (A, net 14) on the primary, taken
+    over by r20a's at 5.0, cancelled at 9.0; L2 (B, net 12) on the primary, taken over by
+    r18a's at 8.0, cancelled at 10.0; L4 (D) on r20a's from 5.0 until it expires at 11.9;
+    L6 (F, home) on r18a's from 8.0 until it expires at 10.3; L7 (H, home) on the primary
+    in [6, 12)."""
+    samples = []
+    for k in range(57):
+        t = k * 0.25
+        services = [{"service": lx.SERVICE, "instances": [
+            {"instance_id": P, "router": "r18b", "part": "primary", "used_share": 60.0,
+             "share": 100.0, "leases": 2, "objects": ["svc", "tally"],
+             "network": "10.12.0.0/24"}]}]
+        bindings = [{"care_of_address": "10.12.0.1", "part": "primary", "gre_key": 1}]
+        if 5.0 <= t < 12.0:
+            services[0]["instances"].append({"instance_id": D, "router": "r20a",
+                                             "part": "duplicate", "used_share": 75.0,
+                                             "share": 100.0, "leases": 2, "objects": ["svc"],
+                                             "network": "10.14.0.0/24"})
+            bindings.append({"care_of_address": "10.14.0.1", "part": "duplicate",
+                             "gre_key": 2})
+        if 8.0 <= t < 10.5:
+            services[0]["instances"].append({"instance_id": G, "router": "r18a",
+                                             "part": "duplicate", "used_share": 64.0,
+                                             "share": 100.0, "leases": 2, "objects": ["svc"],
+                                             "network": "10.12.0.0/24"})
+            bindings.append({"care_of_address": GATEWAY_CARE_OF, "part": "duplicate",
+                             "gre_key": 3})
+        leases = []
+        if 0.5 <= t < 9.0:
+            leases.append({"lease_id": "L1", "instance": D if t >= 5.0 else P,
+                           "remaining": 60.0 - t})
+        if 1.0 <= t < 10.0:
+            leases.append({"lease_id": "L2", "instance": G if t >= 8.0 else P,
+                           "remaining": 60.0 - t})
+        if 5.0 <= t < 11.75:
+            leases.append({"lease_id": "L4", "instance": D, "remaining": 11.9 - t})
+        if 8.0 <= t < 10.25:
+            leases.append({"lease_id": "L6", "instance": G, "remaining": 10.3 - t})
+        if 6.0 <= t < 12.0:
+            leases.append({"lease_id": "L7", "instance": P, "remaining": 60.0 - t})
+        samples.append(lx.sample_from(t, services, bindings, leases))
+    return samples
+
+
+#: (n, send times, RTT ms per router that serves it)
+THREE_LOADS = {1: [x / 10 for x in range(10, 86, 5)],
+               2: [x / 10 for x in range(12, 97, 4)],
+               4: [x / 10 for x in range(52, 112, 3)],
+               6: [x / 10 for x in range(82, 98, 2)],
+               7: [x / 10 for x in range(62, 112, 4)]}
+
+
+def three_router(n: int, t: float) -> str:
+    """Who answers lease ``n``'s request sent at ``t``."""
+    if n == 4 or (n == 1 and t >= 5.0):
+        return "r20a"
+    if n == 6 or (n == 2 and t >= 8.0):
+        return "r18a"
+    return "r18b"
+
+
+def three_rtt(n: int, t: float, router: str) -> float:
+    if n == 7:
+        return 1.6 if 8.0 <= t < 10.5 else 1.2  # frames by key through r18a while 3 bound
+    return {("r18b", 1): 1.5, ("r18b", 2): 0.7, ("r18a", 2): 0.5, ("r18a", 6): 1.1}.get(
+        (router, n), 0.9)
+
+
+def make_three_out() -> tuple[dict[str, Any], dict[Path, list[dict]], list[dict]]:
+    leases = [lease(1, "A", "co14-c", "14", P, 0.4, 0.41, 8.0, end="cancel",
+                    ended="cancelled", ended_s=9.0),
+              lease(2, "B", "co12", "12", P, 0.9, 0.91, 6.0, end="cancel", ended="cancelled",
+                    ended_s=10.0, expect="adopted"),
+              lease(4, "D", "co14", "14", D, 3.7, 5.0, 1300.0),
+              lease(5, "E", "co12-b", "12", None, 6.5, 6.51, 7.0),
+              lease(7, "H", "dns23", "16", P, 5.8, 5.81, 5.0, expect="primary"),
+              lease(6, "F", "site24", "16", G, 7.0, 8.0, 1000.0, expect="grows")]
+    sends = sorted((t, n) for n, ts in THREE_LOADS.items() for t in ts)
+    counts: dict[str, int] = {"r18b": 0}
+    logs: dict[Path, list[dict]] = {Path(f"/load-{n}"): [] for n in THREE_LOADS}
+    for seq, (t, n) in enumerate(sends, 1):
+        for router, taken in (("r20a", 4.5), ("r18a", 7.5)):  # checkpoints of the primary
+            if t >= taken and router not in counts:
+                counts[router] = counts["r18b"]
+        router = three_router(n, t)
+        counts[router] += 1
+        logs[Path(f"/load-{n}")].append({
+            "seq": seq, "sent": T0 + t, "replies": [{
+                "at": T0 + t + three_rtt(n, t, router) / 1000, "served_by": router,
+                "instance": f"{router}-p", "ok": True, "result": {"count": counts[router]}}]})
+    out = {"t0": T0, "leases": leases, "samples": make_three_samples(), "sample_failures": 0,
+           "settled": True, "loads": [{"n": n, "out": Path(f"/load-{n}")} for n in THREE_LOADS]}
+    growth = [{"at": T0 + 3.71, "service": lx.SERVICE, "from": P, "share": 30.0, "cpu": 0.3,
+               "instance": D, "router": "r20a", "tried": [], "steps": [["x", 1.0]],
+               "ms": 1290.0},
+              {"at": T0 + 7.01, "service": lx.SERVICE, "from": P, "share": 33.0, "cpu": 0.33,
+               "instance": G, "router": "r18a", "tried": [], "steps": [["x", 1.0]],
+               "ms": 990.0}]
+    return out, logs, growth
+
+
+@pytest.fixture()
+def three() -> dict[str, Any]:
+    out, logs, growth = make_three_out()
+    return lx.analyse(out, growth, lambda path: logs[path])
+
+
+def test_three_bindings_at_the_hoa_and_how_they_go(three: dict[str, Any]) -> None:
+    s = three["summary"]
+    assert s["max_bindings"] == 3 and s["binding_counts"] == [1, 2, 3, 2, 1]
+    assert s["care_of_bound"] == ["10.12.0.1 (primary)", "10.14.0.1 (duplicate)",
+                                  "10.255.0.2 (duplicate)"]
+    assert s["third_instances"] == 1 and s["max_instances"] == 3
+    rel = {r["instance"]: r for r in three["releases"]}
+    # r18a's: its last lease F expired at 10.3; its binding (and only its) left at 10.5.
+    assert rel[G]["care_of"] == GATEWAY_CARE_OF and rel[G]["last_end"] == "expired"
+    assert rel[G]["last_end_s"] == pytest.approx(10.3)
+    assert rel[G]["binding_gone_s"] == 10.5 and rel[G]["bindings_after"] == 2
+    assert rel[G]["release_ms"] == pytest.approx(200.0)
+    # r20a's: D expired at 11.9, its binding left at 12.0; the HOA is back to one.
+    assert rel[D]["care_of"] == "10.14.0.1" and rel[D]["bindings_after"] == 1
+    assert rel[D]["release_ms"] == pytest.approx(100.0)
+    rows = {r["what"]: r["value"] for r in lx.summary_rows(s)}
+    assert rows["HOA bindings (max)"] == 3
+    assert rows["HOA bindings over time"] == "1 -> 2 -> 3 -> 2 -> 1"
+    assert rows["  of them third instances, on r18a in front of the primary"] == 1
+    events = three["events"]
+    came = next(e for e in events if e["event"] == "binding at the HOA"
+                and GATEWAY_CARE_OF in e["detail"])
+    assert came["t_s"] == 8.0 and "(3 bound)" in came["detail"]
+    went = next(e for e in events if e["event"] == "binding gone"
+                and GATEWAY_CARE_OF in e["detail"])
+    assert went["t_s"] == 10.5 and "(2 bound)" in went["detail"]
+
+
+def test_the_third_growth_and_its_takeover(three: dict[str, Any]) -> None:
+    g = next(r for r in three["growths"] if r["router"] == "r18a")
+    assert g["n"] == 6 and g["co"] == "site24" and g["care_of"] == GATEWAY_CARE_OF
+    assert g["binding_s"] == pytest.approx(1.0)  # 8.0, from F's request at 7.0
+    assert g["first_served_ms"] == pytest.approx((8.0005 - 7.0) * 1000, abs=1)  # B's, first
+    assert next(r for r in three["growths"] if r["router"] == "r20a")["care_of"] == "10.14.0.1"
+    by = {l["role"]: l for l in three["leases"]}
+    assert by["B"]["moved_to"] == "r18a" and by["B"]["moved_s"] == 8.0
+    assert by["B"]["moved_path"] == "its own network" and by["B"]["final_instance"] == G
+    assert by["F"]["grew"] and by["F"]["part"] == "duplicate"
+    assert by["H"]["part"] == "primary" and not by["H"].get("moved_to")
+    assert all(lx.as_planned(l) for l in three["leases"])
+    s = three["summary"]
+    assert s["leases"]["moved"] == 2 and s["leases"]["grew"] == 2
+    assert s["growth_ms_by_router"] == {"r18a": 990.0, "r20a": 1290.0}
+    b_after = [t for t in THREE_LOADS[2] if t >= 8.0]
+    assert s["takeover"]["r18a"] == {"leases": 1, "sent": len(b_after),
+                                     "once_by_it": len(b_after)}
+    assert s["takeover"]["r20a"]["leases"] == 1
+    assert s["takeover"]["r20a"]["once_by_it"] == s["takeover"]["r20a"]["sent"] > 0
+    q = s["requests"]
+    assert q["exact"] is True and q["none"] == q["more"] == q["wrong_instance"] == 0
+    # Each duplicate starts from the primary's checkpoint, r18a's too.
+    rows = {i["served_by"]: i for i in three["instances"]}
+    assert set(rows) == {"r18b", "r20a", "r18a"}
+    assert all(i["checkpoint_ok"] and i["consistent"] for i in rows.values())
+    assert rows["r18a"]["checkpoint"] > rows["r20a"]["checkpoint"]
+    moves = {m["role"]: m for m in s["moves"]}
+    assert moves["B"]["before"] == "primary (r18b)" and moves["B"]["after"] == "duplicate (r18a)"
+    assert (moves["B"]["before_ms"], moves["B"]["after_ms"]) == (pytest.approx(0.7),
+                                                                 pytest.approx(0.5))
+
+
+def test_the_home_co_on_the_primary_while_three_are_bound(three: dict[str, Any]) -> None:
+    s = three["summary"]
+    h = s["home_on_primary"]
+    three_bound = [t for t in THREE_LOADS[7] if 8.0 <= t < 10.5]
+    assert h[lx.THREE_BINDINGS] == {"sent": len(three_bound),
+                                    "once_by_primary": len(three_bound)}
+    assert h[lx.TWO_BINDINGS]["sent"] == len(THREE_LOADS[7]) - len(three_bound)
+    rtt = s["rtt_ms"]
+    assert rtt["home_to_primary_three_bound"] == pytest.approx(1.6)
+    assert rtt["home_to_primary_fewer_bound"] == pytest.approx(1.2)
+    assert rtt["net12_to_gateway"] == pytest.approx(0.5)
+    assert rtt["home_to_gateway"] == pytest.approx(1.1)
+    assert rtt["net14_to_duplicate"] == pytest.approx(0.9)
+    lat = {(r["net"], r["instance"], r["phase"]) for r in s["latency"]}
+    assert ("16", "primary (r18b)", lx.THREE_BINDINGS) in lat
+    assert ("12", "duplicate (r18a)", lx.THREE_BINDINGS) in lat
+    rows = {r["what"]: r["value"] for r in lx.summary_rows(s)}
+    assert f"{lx.THREE_BINDINGS}: {len(three_bound)} / {len(three_bound)}" in \
+        rows["home COs on the primary: answered once by r18b / sent, by HOA bindings"]
+
+
+def test_a_home_request_answered_by_two_instances_or_a_late_reply_are_caught() -> None:
+    out, logs, growth = make_three_out()
+    h = next(r for r in logs[Path("/load-7")] if r["sent"] - T0 >= 9.0)
+    h["replies"].append(dict(h["replies"][0], served_by="r18a"))  # r18a answered it too
+    b = next(r for r in logs[Path("/load-2")] if r["sent"] - T0 >= 9.0)
+    b["replies"][0]["served_by"] = "r18b"  # the primary, a second after the takeover
+    full = lx.analyse(out, growth, lambda path: logs[path])
+    q = full["summary"]["requests"]
+    assert q["more"] == 1 and q["wrong_instance"] == 2 and q["exact"] is False
+    assert full["summary"]["home_on_primary"][lx.THREE_BINDINGS]["once_by_primary"] == \
+        full["summary"]["home_on_primary"][lx.THREE_BINDINGS]["sent"] - 1
+    t = full["summary"]["takeover"]["r18a"]
+    assert t["once_by_it"] == t["sent"] - 1
+
+
+def test_instance_bindings_tell_duplicates_apart_by_care_of_and_time() -> None:
+    def sample(t: float, dups: list[tuple[str, str]]) -> dict[str, Any]:
+        services = [{"service": lx.SERVICE, "instances": [
+            {"instance_id": iid, "router": iid.split("/")[0], "part": "duplicate"}
+            for iid, _ in dups]}]
+        bindings = [{"care_of_address": "10.12.0.1", "part": "primary"}] + \
+            [{"care_of_address": c, "part": "duplicate"} for _, c in dups]
+        return lx.sample_from(t, services, bindings, [])
+
+    d1, d2, g = "r20a/a@1", "r20a/b@2", "r18a/c@3"
+    samples = [sample(0.0, []), sample(0.25, [(d1, "10.14.0.1")]),
+               sample(0.5, [(d1, "10.14.0.1"), (g, GATEWAY_CARE_OF)]),
+               sample(0.75, [(g, GATEWAY_CARE_OF)]), sample(1.0, []),
+               sample(1.25, [(d2, "10.14.0.1")]), sample(1.5, [])]
+    bound = lx.instance_bindings(samples)
+    assert (bound[d1]["care_of"], bound[d1]["start"], bound[d1]["end"]) == \
+        ("10.14.0.1", 0.25, 0.75)
+    assert (bound[g]["care_of"], bound[g]["start"], bound[g]["end"]) == \
+        (GATEWAY_CARE_OF, 0.5, 1.0)
+    assert (bound[d2]["care_of"], bound[d2]["start"], bound[d2]["end"]) == \
+        ("10.14.0.1", 1.25, 1.5)
+    assert lx.binding_counts(samples) == [1, 2, 3, 2, 1, 2, 1]
+
+
+def test_three_instance_plots(three: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = lx.plot_all(three["requests"], three, make_three_samples(), tmp_path)
     assert [p.name for p in paths] == ["shares.png", "bindings.png", "latency.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
