@@ -252,14 +252,19 @@ class DistributionRole(PrimarySide, Role):
             raise BadRequest("a duplicate or secondary runs exactly one mobile object")
         wire.check_name(vm_body.get("vm"), "vm")
         (obj,) = objects
-        name = str(mobile[obj].get("name"))
-        second = self.second_care_of(str(mobile[obj].get("home_address")))
-        if second and vm_body["part"] == "duplicate":
+        name, home = str(mobile[obj].get("name")), str(mobile[obj].get("home_address"))
+        second = self.second_care_of(home) if vm_body["part"] == "duplicate" else ""
+        if second:
             mobile[obj] = dict(mobile[obj], care_of_address=second)
+            # Before this router holds the home address (which it then delivers to itself),
+            # the instance behind its FOA gets its packets as frames by GRE key.
+            await self._frames_for(home, True)
         try:
             await self.vm.provision(vm_body, warm=warm, states={obj: state})
             status = await self.agent.require(MigrationRole).wait_registered(name)
         except Exception as exc:
+            if second:
+                await self._frames_for(home, False)
             if vm_body["vm"] in self.vm.vms:
                 await self.vm.remove(vm_body["vm"])
                 self.vm.record_error(vm_body["vm"], vm_body.get("service"), vm_body["part"],
@@ -272,6 +277,21 @@ class DistributionRole(PrimarySide, Role):
         self.stats["duplicates_hosted"] += 1
         return {"ok": True, "instance": self.instance_doc(vm),
                 "registration": status.get("registration")}
+
+    async def _frames_for(self, home_address: str, on: bool) -> None:
+        """Whether this router's FOA hands visitors of ``home_address`` behind it their
+        packets as frames (it holds that address itself: a routed packet would stay here)."""
+        from agent.mobility.agent_role import ObjectAgentRole
+
+        role = self.agent.role(ObjectAgentRole)
+        dataplane = getattr(role, "dataplane", None)
+        if dataplane is None:
+            return
+        if on:
+            dataplane.frames_for.add(home_address)
+        else:
+            dataplane.frames_for.discard(home_address)
+        await role.sync_foreign()
 
     def instance_doc(self, vm: Any) -> dict[str, Any]:
         """``vm``'s instance as the broker registers it (what SERVICE_REGISTER sends)."""
@@ -294,6 +314,9 @@ class DistributionRole(PrimarySide, Role):
         if vm.part == "secondary":
             await self._give_back(vm)
         await self.vm.remove(vm.name)  # stops it; its deregistration deletes its binding
+        for config in vm.mobile.values():  # its home address is gone from here: routed again
+            if config.get("care_of_address"):
+                await self._frames_for(str(config.get("home_address")), False)
         self.stats["released"] += 1
         log.info("released duplicate %s", iid)
         return {"ok": True, "released": True,

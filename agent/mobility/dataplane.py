@@ -41,6 +41,9 @@ class DataPlane:
         self._routes: dict[str, str] = {}
         #: Visitors' mobile network prefixes (NEMO) -> the LAN router that runs the object.
         self._prefix_routes: dict[str, str] = {}
+        #: Home addresses this router is about to hold (or holds) itself, beside a visitor
+        #: behind it: that visitor gets its packets as frames even while it visits alone.
+        self.frames_for: set[str] = set()
         self._lock = asyncio.Lock()
 
     def sync_home(self, home: HomeAgent) -> None:
@@ -108,7 +111,7 @@ class DataPlane:
                 by_home.setdefault(v.home_address, []).append(v)
         wanted: dict[VisitorKey, ForeignPath] = {}
         for home, visitors in by_home.items():
-            shared = len(visitors) > 1
+            shared = len(visitors) > 1 or home in self.frames_for
             for v in visitors:
                 via = None if v.local_address in self.addresses else v.local_address
                 wanted[(home, v.care_of_address)] = (v.home_agent, v.gre_key, via,

@@ -226,3 +226,19 @@ def test_a_secondary_serves_its_part_only_and_a_part_never_pins_a_co() -> None:
     assert getattr(refused.value, "reason", "") == "no_capacity"
     hop = broker.request("co14", "tally", 50, 0.5, co_network="10.14.0.30").hops[0]
     assert (hop.instance, hop.address) == ("r20a/s@1", "10.16.0.224")
+
+
+def test_the_foa_switches_to_frames_before_its_router_takes_the_home_address(
+        kernel: dict[str, Any]) -> None:
+    """A duplicate about to start on the FOA's router: from before its home address is added
+    there, the instance behind gets its packets as frames (a routed one would stay here)."""
+    net, tunnel = Network(), FakeTunnel()
+    dataplane = DataPlane(tunnel, {LAN, BACKBONE})
+    net.register(BEHIND, LAN)
+    dataplane.frames_for.add(HOME)
+    asyncio.run(dataplane.sync_foreign(net.foa))
+    key = net.foa.visitors.get(HOME, LAN).gre_key
+    assert tunnel.deliveries == {(HOA, key): ("r18a-eth0", MAC)} and kernel["routes"] == {}
+    dataplane.frames_for.discard(HOME)
+    asyncio.run(dataplane.sync_foreign(net.foa))
+    assert tunnel.deliveries == {} and kernel["routes"] == {f"{HOME}/32": BEHIND}
