@@ -27,7 +27,7 @@ from agent.distribution.capacity import MAX_RESERVATIONS
 from topologies.client import BrokerRefusal
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
-from vm_services import publish
+from vm_services import cgroup_dirs, last_error, publish
 
 HOA = "r22b"  # also the broker
 SERVICE = "count-svc"
@@ -101,28 +101,6 @@ def assert_answered_once(summary: dict, router: str, first: int) -> None:
     assert n > 0 and summary["answered"] == n, summary
     assert [by for _, by in summary["replies"]] == [[router]] * n, summary["replies"]
     assert summary["results"] == [{"count": first + i} for i in range(n)], summary["results"]
-
-
-def cgroup_dirs(pid: int, run_id: str) -> list[Path]:
-    """The directories of the run's cgroups ``pid`` is in (v1 hierarchies or v2)."""
-    dirs = []
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if run_id not in path:
-            continue
-        # v1: mounted per controller (or per joined controllers); v2: the root or "unified".
-        mounts = {controllers, *controllers.split(",")} if controllers else {"", "unified"}
-        for mount in mounts:
-            d = Path("/sys/fs/cgroup") / mount / path.lstrip("/")
-            if d.is_dir():
-                dirs.append(d)
-    return dirs
-
-
-def last_error(m: MoatNetwork, router: str) -> dict:
-    errors = m.agent(router).call("errors")
-    assert errors, f"{router} lists no error"
-    return errors[-1]
 
 
 # --- growing -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from experiments.counter_service import publish_pair
 from topologies.client import BrokerRefusal
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
+from vm_services import cgroup_dirs, last_error
 
 HOA = "r22b"  # also the broker
 SERVICE = "pair-svc"
@@ -155,27 +156,6 @@ def assert_answered_once(summary: dict, routers: list[str], first: int) -> list[
     assert runs == routers, f"served by {runs}, not {routers}"
     assert summary["results"] == [{"count": first + i} for i in range(n)], summary["results"]
     return served
-
-
-def cgroup_dirs(pid: int, run_id: str) -> list[Path]:
-    """The directories of the run's cgroups ``pid`` is in (v1 hierarchies or v2)."""
-    dirs = []
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if run_id not in path:
-            continue
-        mounts = {controllers, *controllers.split(",")} if controllers else {"", "unified"}
-        for mount in mounts:
-            d = Path("/sys/fs/cgroup") / mount / path.lstrip("/")
-            if d.is_dir():
-                dirs.append(d)
-    return dirs
-
-
-def last_error(m: MoatNetwork, router: str) -> dict:
-    errors = m.agent(router).call("errors")
-    assert errors, f"{router} lists no error"
-    return errors[-1]
 
 
 def tshark(pcap: Path, home: Path, dfilter: str, *fields: str) -> list[list[str]]:
