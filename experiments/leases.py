@@ -1,5 +1,7 @@
 """Lease-driven distribution — ``sudo moat run leases`` (patent Fig. 12, steps 208-230):
-moving all of a service (*duplicates*) and moving a part of it (*secondaries*).
+moving all of a service (*duplicates*) and moving a part of it (*secondaries*), and placing
+a duplicate near the service's traffic (*the traffic rule*: "optimize the path of the
+service").
 
 In the patent's topology the service ``pair-svc`` runs leased in a VM on r18b (foreign
 network 12), its *primary* instance offering 100 % of the service on 1 CPU. It has two
@@ -54,6 +56,32 @@ patent's 104, 108 and 110: r18b, r20a and r18a) and back:
   cancel in some cycles and by expiry in others (r18a's and r20a's by different ones). The
   next cycle starts from the primary alone.
 
+**The traffic phase** (after the cycles, from the primary alone; ``--no-traffic`` leaves it
+out). The primary's router samples its object's requests per source network (/24) every
+second, and **the rule** (``agent/distribution/traffic.py``; README, *Traffic*): when, over
+its window, at least ``min_requests`` requests reached the primary and at least ``share`` of
+them came from one foreign network other than its own (they crossed the backbone and the
+HOA's tunnel), it places a duplicate on that network, once per cooldown. Its defaults (200
+requests in 5 s, 75 %, 30 s) stay above the cycles' loads on purpose; as the phase starts the
+experiment sets r18b's rule through its ``traffic_rule`` control command to 120 requests in
+3 s, 75 %, cooldown 30 s (:data:`TRAFFIC_RULE`), and restores what it held once the phase's
+leases have ended.
+
+* **U** (net 12, 10-20 %, 10 requests/s) leases the primary: its requests come from the
+  primary's own network, which the rule never picks.
+* **T** (net 14, 25-40 %, 60 requests/s) leases the primary too (it fits: no lease grows the
+  service) and its requests cross the backbone to it. About 2 s into T's load the window
+  holds 120 requests or more, over 75 % of them from net 14: r18b fires and, acting for the
+  object, asks every router for room, reserves it on r20a and starts a duplicate there from
+  the primary's checkpoint (the steps of a growth, but no lease asked for it: the broker is
+  asked for no growth; r18b's ``room`` lists the placement, its first step naming the
+  window's counts). The duplicate registers through r20a's FOA with S (two bindings at the
+  HOA) and with the broker, which hands it T's lease (net 14 now reaches only it): T's
+  requests are answered on its own network, no longer across the backbone. T's load runs on
+  across the placement; U's stays on the primary.
+* T ends (by cancel or expiry, from the seed): the broker releases the duplicate and its
+  binding goes (2 → 1). U ends on the primary, and the rule is restored.
+
 **The secondaries phase** (after the cycles, target ``tally``; no duplicate runs any more: a
 part never moves to a network where its object runs, its home agent being local there):
 
@@ -79,9 +107,10 @@ part never moves to a network where its object runs, its home agent being local 
   move). ``--no-return-under-load`` ends P before S instead (no request of the part in
   flight when it goes back).
 
-The default rate (20 requests/s per CO) stays under the primary router's traffic rule (200
-requests in 5 s, 75 % from one foreign network); from about 40/s A's load alone makes r18b
-place the duplicate before D asks (reported as ``traffic rule placed a duplicate``).
+Outside the traffic phase the primary router's rule has its defaults, and the default rate
+(20 requests/s per CO) stays under them (200 requests in 5 s, 75 % from one foreign
+network); from about 40/s A's load alone makes r18b place the duplicate before D asks
+(reported as ``traffic rule placed a duplicate`` too).
 
 What is measured, and how:
 
@@ -100,10 +129,12 @@ What is measured, and how:
   returned are distinct and contiguous. The counter's primary starts at 1; a duplicate's
   (r20a's and r18a's alike: each starts from the primary's checkpoint) first count minus one
   is its checkpoint, which must lie between the primary's count when the growing request
-  was sent and its count when the grant came back. The part's processes,
-  in time order (at home, secondary, at home again), continue one sequence: each one's first
-  count is one more than the last count of the one before (its state moved whole), and the
-  part's final count on r18b (``object_stats``) is its last count served.
+  was sent and its count when the grant came back (for the duplicate the traffic rule
+  placed: the primary's count when the rule fired and when the duplicate served). The
+  part's processes, in time order (at home, secondary, at home again), continue one
+  sequence: each one's first count is one more than the last count of the one before (its
+  state moved whole), and the part's final count on r18b (``object_stats``) is its last
+  count served.
 * **Grant latency**: ``request_ms``, from sending the LEASE_REQUEST to the grant decoded, by
   the CO's own process (``time.perf_counter`` inside the CO host; HMAC, TCP 4340 and the
   broker included). Ordinary grants against growing ones (duplicate, part move): the ratio is
@@ -123,18 +154,32 @@ What is measured, and how:
   bindings the HOA then held; r18b's nested table for a secondary): an upper bound, sampled
   every 0.25 s; for a secondary also when the primary's instance listed the part again.
 * **Bindings**: the HOA's number of bindings for 10.16.0.100 over the run (each change once:
-  ``1 -> 2 -> 3 -> 2 -> 1`` per cycle), its maximum (3) and every care-of address it bound.
+  ``1 -> 2 -> 3 -> 2 -> 1`` per cycle, ``1 -> 2 -> 1`` in the traffic phase), its maximum (3)
+  and every care-of address it bound.
+* **The traffic rule**: the thresholds set and restored (the ``traffic_rule`` command's
+  answers); per placement (r18b's ``room`` ``placements``) the window's counts when it fired
+  (its first step) and their share from the placement's network; when it fired: the
+  placement's record time (r18b's wall clock, taken once the duplicate serves) less its
+  steps' time to ``duplicate serves`` (r18b's own clock, from the rule firing: query,
+  reserve, checkpoint, start, registration through the FOA); from T's first request sent
+  to the rule firing; from the rule firing to the duplicate serving (its steps), to its
+  first reply at T's CO (``co_load``'s receive time: every namespace shares the host's
+  clock), to its binding at the HOA and T's lease on it (samples); T's median round trip
+  before (served by r18b) and after (served by r20a, sent 0.5 s after the lease moved); the
+  growths the broker made meanwhile (0: no lease asked); T's and U's requests answered
+  once; the release, as for any duplicate.
 * **Latency**: each reply's round trip at the CO (``co_load``'s send and receive times),
   grouped by the CO's network, the instance that served it and the phase when it was sent
   (for the service: how many bindings the HOA held; for the part: at home, *moving* — from the
   secondary's registration, less one sampling period, to its restore, by the primary
   router's steps: requests then queue in the warm secondary — or away); and per lease that
-  moved (A to the duplicate on r20a; B and C to r18a's; P and Q to the secondary) its median
-  before and after: net 14 → primary (backbone, home network, GRE to net 12) against net 14
-  → duplicate; net 12 → primary (through r18a) against net 12 → r18a; home → part on r18b
-  (one tunnel) against home → secondary (two); net 14 → part on r18b against net 14 →
-  secondary (its own network). Also home → primary with three bound (frames by key through
-  r18a) against fewer, and home → r18a's instance (F).
+  moved (A to the duplicate on r20a; B and C to r18a's; T to the duplicate the traffic rule
+  placed on r20a; P and Q to the secondary) its median before and after: net 14 → primary
+  (backbone, home network, GRE to net 12) against net 14 → duplicate; net 12 → primary
+  (through r18a) against net 12 → r18a; home → part on r18b (one tunnel) against home →
+  secondary (two); net 14 → part on r18b against net 14 → secondary (its own network). Also
+  home → primary with three bound (frames by key through r18a) against fewer, and home →
+  r18a's instance (F).
 * **Samples**, every 0.25 s in a thread: the broker's ``services`` (share used per instance,
   its objects) and ``leases`` (each one's instance and remaining time), the HOA's
   ``bindings`` and r18b's ``nested`` bindings.
@@ -151,6 +196,7 @@ the routers' messages decode with packets/wireshark/moat.lua).
 from __future__ import annotations
 
 import argparse
+import ast
 import bisect
 import contextlib
 import dataclasses
@@ -205,6 +251,21 @@ EXPECT = {"A": "adopted", "B": "adopted", "C": "adopted", "D": "grows", "H": "pr
           "E": "denied", "F": "grows"}
 #: The roles whose request grows the service (a duplicate on r20a; a third instance on r18a).
 GROWING = ("D", "F")
+#: The traffic phase (between the cycles and the secondaries): when U (net 12, the primary's
+#: own network) and T (net 14) ask, s from the phase's start, and what the plan makes of them.
+TRAFFIC_AT = {"U": 0.0, "T": 0.5}
+TRAFFIC_EXPECT = {"U": "primary", "T": "placed"}
+#: The traffic rule on the primary's router during the phase (its ``traffic_rule`` command;
+#: what it held before is restored after): T's load alone crosses it in about 2 s.
+TRAFFIC_RULE = {"window_s": 3.0, "min_requests": 120, "share": 0.75, "cooldown_s": 30.0}
+#: T's and U's loads (requests/s): T's crosses the rule, U's stays on its own network.
+TRAFFIC_RATE = 60.0
+TRAFFIC_LOW_RATE = 10.0
+#: Where the rule places the duplicate: T's network and its router.
+TRAFFIC_NETWORK = "10.14.0.0/24"
+TRAFFIC_ROUTER = "r20a"
+#: When the rule is restored: this long after the phase's last lease ended (nominally).
+TRAFFIC_RESTORE_S = 0.5
 #: The same for the secondaries phase (R's time depends on S's end).
 PART_AT = {"P": 0.0, "Q": 0.7, "S": 2.8}
 PART_EXPECT = {"P": "nested", "Q": "nested", "S": "moves", "R": "home"}
@@ -225,10 +286,12 @@ MAX_RATE = 200.0
 DRIVER_TIMEOUT = 40.0
 SETTLE_TIMEOUT = 20.0
 
-LEASE_COLUMNS = ["n", "cycle", "role", "t_s", "co", "net", "target", "share", "hold", "end",
-                 "expect", "outcome", "reason", "router", "part", "moved_to", "moved_s",
+LEASE_COLUMNS = ["n", "cycle", "role", "t_s", "co", "net", "target", "share", "rate", "hold",
+                 "end", "expect", "outcome", "reason", "router", "part", "moved_to", "moved_s",
                  "request_ms", "growth_ms", "ended", "ended_s", "sent", "once", "none", "more",
                  "rtt_ms_median"]
+PLACEMENT_COLUMNS = ["network", "router", "window", "window_share", "trigger_s", "placed_s",
+                     "checkpoint_ms", "placement_ms"]
 EVENT_COLUMNS = ["t_s", "event", "co", "instance", "detail"]
 REQUEST_COLUMNS = ["n", "co", "net", "cycle", "object", "lease_router", "lease_part",
                    "expected", "seq", "sent_s", "answers", "served_by", "instance", "ok",
@@ -264,7 +327,9 @@ class Step:
     taken over by the duplicate on its CO's network; ``grows``: the lease that does not fit,
     on a new duplicate; ``denied``; ``nested``: the part on the primary, then served by the
     secondary; ``moves``: the part's lease that does not fit, on the new secondary;
-    ``home``: the part at home on the primary)."""
+    ``home``: the part at home on the primary; ``placed``: on the primary, then taken over
+    by the duplicate the traffic rule placed on its CO's network). ``rate``: its load's
+    requests per second (None: the run's ``--rate``)."""
 
     n: int
     cycle: int
@@ -278,6 +343,7 @@ class Step:
     end: str
     expect: str
     target: str = SERVICE
+    rate: float | None = None
 
     @property
     def duration(self) -> float:
@@ -396,12 +462,53 @@ def plan_parts(start: float, cycle: int, first_n: int, seed: int,
             for k, role in enumerate("PQSR")]
 
 
-def plan(cycles: int, seed: int, parts: bool = True, across_return: bool = True) -> list[Step]:
-    """The whole run: the duplicate cycles, then (``parts``) the secondaries phase."""
+def plan_traffic(start: float, cycle: int, first_n: int, seed: int) -> tuple[list[Step], float]:
+    """The traffic phase of the module docstring (roles U and T on the service), from
+    ``start`` s, numbered from ``first_n``, drawn from ``seed``; and when the next phase may
+    start. U (net 12, :data:`TRAFFIC_LOW_RATE`) and T (net 14, :data:`TRAFFIC_RATE`) fit the
+    primary together with room to spare (no lease grows the service); T's load alone crosses
+    :data:`TRAFFIC_RULE` within its window, U's never could (its network is the primary's
+    own); T ends first (its duplicate is released), U a little after."""
+    rng = random.Random(f"traffic-{seed}")
+    t = rng.choice(_identities("co14"))
+    u = rng.choice(_identities("co12"))
+    share = {"T": round(rng.uniform(25, 40), 1), "U": round(rng.uniform(10, 20), 1)}
+    end = {"T": round(rng.uniform(10.0, 10.6), 2), "U": round(rng.uniform(11.0, 11.5), 2)}
+    way = {"T": rng.choice(["cancel", "expire"]), "U": rng.choice(["cancel", "expire"])}
+    who = {"T": t, "U": u}
+    rate = {"T": TRAFFIC_RATE, "U": TRAFFIC_LOW_RATE}
+    steps = [Step(first_n + k, cycle, role, round(start + TRAFFIC_AT[role], 2), who[role],
+                  COS[who[role]], share[role], _cpu(share[role]),
+                  round(end[role] - TRAFFIC_AT[role], 2), way[role], TRAFFIC_EXPECT[role],
+                  rate=rate[role])
+             for k, role in enumerate(sorted(TRAFFIC_AT, key=TRAFFIC_AT.__getitem__))]
+    return steps, round(start + max(end.values()) + CYCLE_GAP_S, 2)
+
+
+def plan(cycles: int, seed: int, parts: bool = True, across_return: bool = True,
+         traffic: bool = True) -> list[Step]:
+    """The whole run: the duplicate cycles, then (``traffic``) the traffic phase, then
+    (``parts``) the secondaries phase."""
     steps, start = _plan_cycles(cycles, seed)
+    cycle = cycles + 1
+    if traffic:
+        more, start = plan_traffic(start, cycle, len(steps) + 1, seed)
+        steps += more
+        cycle += 1
     if parts:
-        steps += plan_parts(start, cycles + 1, len(steps) + 1, seed, across_return)
+        steps += plan_parts(start, cycle, len(steps) + 1, seed, across_return)
     return steps
+
+
+def traffic_schedule(steps: Sequence[Step]) -> list[tuple[float, str]]:
+    """When the traffic rule is set to :data:`TRAFFIC_RULE` on the primary's router (as the
+    traffic phase starts) and restored (once its leases have ended, nominally): ``[(at,
+    "rule"), (at, "restore")]``, or none without a traffic phase."""
+    phase = [s for s in steps if s.role in TRAFFIC_AT]
+    if not phase:
+        return []
+    return [(min(s.at for s in phase), "rule"),
+            (round(max(s.at + s.hold for s in phase) + TRAFFIC_RESTORE_S, 2), "restore")]
 
 
 def plan_end(steps: Sequence[Step]) -> float:
@@ -1106,6 +1213,9 @@ def as_planned(lease: dict[str, Any]) -> bool:
         return lease["part"] == "primary" and lease.get("moved_to") not in (None, PRIMARY)
     if expect == "home":
         return lease["part"] == "primary" and not lease.get("moved_to")
+    if expect == "placed":
+        return lease["part"] == "primary" and not lease.get("grew") \
+            and lease.get("moved_to") == TRAFFIC_ROUTER
     return lease["part"] == expect and not lease.get("moved_to")
 
 
@@ -1157,6 +1267,163 @@ def home_on_primary(requests: list[dict[str, Any]]) -> dict[str, dict[str, int]]
         row["sent"] += 1
         row["once_by_primary"] += int(q["answers"] == 1 and q["served_by"] == PRIMARY)
     return dict(sorted(out.items()))
+
+
+# --- the traffic rule (pure) ----------------------------------------------------------------------
+
+
+def window_of(steps: Iterable[Sequence[Any]]) -> dict[str, int]:
+    """The rule's window when it fired, per source network, from the placement's first step
+    (``most requests come from NET through the home network: {NET: count, ...}``, written by
+    the primary's router); empty if no step says it."""
+    for step in steps:
+        what = str(step[0]) if step else ""
+        if what.startswith("most requests come from") and "{" in what:
+            try:
+                counts = ast.literal_eval(what[what.index("{"):])
+            except (ValueError, SyntaxError):
+                return {}
+            if isinstance(counts, dict):
+                return {str(k): int(v) for k, v in counts.items() if isinstance(v, int)}
+    return {}
+
+
+def placement_rows(placements: Iterable[dict[str, Any]], t0: float) -> list[dict[str, Any]]:
+    """Per duplicate the traffic rule placed (the primary router's ``room`` ``placements``):
+    its network and router, the window's counts when the rule fired, its total and the
+    share of the placement's network; when the placement was recorded (``placed_s``, s from
+    ``t0``: the router's wall clock, once the duplicate serves) and how long it took on the
+    router's own clock (``placement_ms``: its steps are ms from the rule firing to
+    ``duplicate serves on ROUTER``, the registration through its FOA), hence when the rule
+    fired (``trigger_s``)."""
+    rows = []
+    for p in placements:
+        steps = [(str(x[0]), float(x[1])) for x in p.get("steps") or [] if len(x) == 2]
+        serves = next((ms for what, ms in steps if what.startswith("duplicate serves")),
+                      steps[-1][1] if steps else 0.0)
+        window = window_of(steps)
+        total = sum(window.values())
+        network = str(p.get("network"))
+        placed = p["at"] - t0
+        checkpoint = next((ms for what, ms in steps if "checkpoint" in what), None)
+        rows.append({"network": network, "router": p.get("router"), "object": p.get("object"),
+                     "window": window, "window_total": total,
+                     "window_share": round(window.get(network, 0) / total, 3) if total else None,
+                     "trigger_s": round(placed - serves / 1000.0, 3), "placed_s": round(placed, 3),
+                     "placement_ms": serves, "checkpoint_ms": checkpoint, "steps": steps})
+    return rows
+
+
+def _window_text(row: dict[str, Any]) -> str:
+    counts = ", ".join(f"{net} {n}" for net, n in sorted(row["window"].items(),
+                                                          key=lambda kv: -kv[1]))
+    share = row.get("window_share")
+    return f"{counts} ({share * 100:.0f} % from {row['network']})" if share is not None \
+        else counts or "?"
+
+
+def traffic_summary(placed: list[dict[str, Any]], leases: list[dict[str, Any]],
+                    requests: list[dict[str, Any]], moves: list[dict[str, Any]],
+                    releases: list[dict[str, Any]], samples: list[dict[str, Any]],
+                    growth_history: list[dict[str, Any]],
+                    actions: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The traffic phase's figures (see the module docstring): the rule set, the placement
+    it made (:func:`placement_rows`: the first one made once T's load ran), its window, the
+    times from T's load to the rule firing, to the duplicate serving and to its first answer
+    at T's CO; the HOA's new binding and the lease's move by the samples; T's round trip
+    before and after (:func:`move_rows`); growths the broker was asked for meanwhile (a
+    lease that did not fit; none expected); T's and U's requests answered once; the
+    release. Empty without a traffic phase and without placements."""
+    phase = [l for l in leases if l.get("role") in TRAFFIC_AT]
+    if not phase and not placed:
+        return {}
+    rule = next((a for a in actions if a["what"] == "rule"), None)
+    restore = next((a for a in actions if a["what"] == "restore"), None)
+    out: dict[str, Any] = {
+        "rule": {k: v for k, v in (rule or {}).get("result", {}).items() if k != "before"},
+        "rule_before": (rule or {}).get("result", {}).get("before"),
+        "rule_set_s": rule["t_s"] if rule else None,
+        "rule_restored_s": restore["t_s"] if restore else None,
+        "rule_restored": (restore or {}).get("result"),
+        "placements": len(placed)}
+    t = next((l for l in phase if l["role"] == "T" and l["outcome"] == "granted"), None)
+    start = min((l["t_s"] for l in phase), default=None)
+    mine = [q for q in requests if t is not None and q["n"] == t["n"]]
+    first_sent = min((q["sent_s"] for q in mine), default=None)
+    row = next((p for p in placed if first_sent is None or p["trigger_s"] >= first_sent),
+               placed[0] if placed else None)
+    if t is not None:
+        ends = [l.get("ended_s") for l in phase if l.get("ended_s") is not None]
+        end = max(ends, default=None)
+        out.update(co=t["co"], share=t["share"], rate=t.get("rate"), net=t["net"],
+                   sent=len(mine), once=sum(1 for q in mine if q["answers"] == 1),
+                   phase_s=[start, end],
+                   growths_asked=sum(1 for g in growth_history if start is not None
+                                     and start <= g["at_s"] <= (end or float("inf"))))
+        move = next((m for m in moves if m["role"] == "T" and m["cycle"] == t["cycle"]), {})
+        out.update(rtt_before_ms=move.get("before_ms"), rtt_after_ms=move.get("after_ms"),
+                   before=move.get("before"), after=move.get("after"),
+                   path_after=move.get("path_after"), before_n=move.get("before_n"),
+                   after_n=move.get("after_n"), lease_moved_s=t.get("moved_s"),
+                   moved_to=t.get("moved_to"))
+        others = [q for q in requests if any(l["n"] == q["n"] and l["role"] != "T"
+                                             for l in phase)]
+        out["others"] = {"sent": len(others),
+                         "once": sum(1 for q in others if q["answers"] == 1),
+                         "served_by": sorted({str(q["served_by"]) for q in others
+                                              if q["answers"] >= 1})}
+        final = t.get("final_instance")
+        release = next((r for r in releases if r["instance"] == final), None)
+        if release is not None and final != t["instance_id"]:
+            out.update(instance=final, last_end=release.get("last_end"),
+                       release_ms=release.get("release_ms"),
+                       binding_gone_s=release.get("binding_gone_s"))
+        episode = instance_bindings(samples).get(str(final))
+        out["binding_s"] = episode["start"] if episode else None
+        out["binding_care_of"] = episode["care_of"] if episode else None
+    if row is not None:
+        out.update(network=row["network"], router=row["router"], window=row["window"],
+                   window_total=row["window_total"], window_share=row["window_share"],
+                   trigger_s=row["trigger_s"], placed_s=row["placed_s"],
+                   placement_ms=row["placement_ms"])
+        trig = row["trigger_s"]
+
+        def since(x: float | None) -> float | None:
+            return None if x is None else round((x - trig) * 1000, 1)
+
+        if first_sent is not None:
+            out["load_to_trigger_ms"] = round((trig - first_sent) * 1000, 1)
+            firsts = [q["first_at_s"] for q in mine if q["first_at_s"] is not None
+                      and str(q["served_by"]).split(",")[0] == row["router"]]
+            out["first_answer_s"] = min(firsts, default=None)
+            out["trigger_to_first_answer_ms"] = since(out["first_answer_s"])
+            out["trigger_to_binding_ms"] = since(out.get("binding_s"))
+            out["trigger_to_lease_moved_ms"] = since(out.get("lease_moved_s"))
+    return out
+
+
+def traffic_events(placed: list[dict[str, Any]],
+                   actions: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The rule set and restored on the primary's router, and per placement: the rule firing
+    (with its window) and the duplicate serving."""
+    events = []
+    for a in actions:
+        result = a.get("result") or {}
+        rule = ", ".join(f"{k} {result[k]:g}" for k in ("window_s", "min_requests", "share",
+                                                         "cooldown_s")
+                         if isinstance(result.get(k), (int, float)))
+        name = {"rule": f"traffic rule set on {PRIMARY}",
+                "restore": f"traffic rule restored on {PRIMARY}"}.get(a["what"], a["what"])
+        events.append({"t_s": a["t_s"], "event": name,
+                       "detail": rule or f"failed: {result.get('error')}"})
+    for p in placed:
+        events.append({"t_s": p["trigger_s"], "event": "traffic rule fired",
+                       "instance": PRIMARY, "detail": f"window: {_window_text(p)}"})
+        events.append({"t_s": p["placed_s"], "event": "traffic rule placed a duplicate",
+                       "instance": p["router"],
+                       "detail": f"on {p['network']} in {p['placement_ms']:.0f} ms, "
+                                 "no lease asked for it"})
+    return events
 
 
 def summarise(leases: list[dict[str, Any]], requests: list[dict[str, Any]],
@@ -1364,7 +1631,54 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
              f"{pc.get('one_sequence')} ({pc.get('answers')} answers, final "
              f"{pc.get('final')})" if pc.get("answers") else None),
             ("counters consistent per instance", summary["counters_consistent"])]
+    rows += traffic_rows(summary.get("traffic") or {})
     return [{"what": w, "value": v} for w, v in rows]
+
+
+def traffic_rows(t: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The traffic phase's lines of the summary table (none without it)."""
+    if not t:
+        return []
+    rule = t.get("rule") or {}
+
+    def pair(a: Any, b: Any) -> str:
+        return f"{a} / {b}"
+
+    window = ", ".join(f"{n} {c}" for n, c in sorted((t.get("window") or {}).items(),
+                                                      key=lambda kv: -kv[1]))
+    share = t.get("window_share")
+    return [
+        (f"traffic rule on {PRIMARY} in the phase: window s, min requests, share, cooldown s",
+         ", ".join(f"{rule[k]:g}" for k in ("window_s", "min_requests", "share", "cooldown_s")
+                   if isinstance(rule.get(k), (int, float))) or None),
+        ("  restored after the phase to", ", ".join(
+            f"{t['rule_restored'][k]:g}" for k in ("window_s", "min_requests", "share",
+                                                    "cooldown_s")
+            if isinstance(t["rule_restored"].get(k), (int, float)))
+         if isinstance(t.get("rule_restored"), dict) else None),
+        ("  duplicates it placed / growths a lease asked for meanwhile",
+         pair(f"{t.get('placements', 0)}" + (f" (on {t['router']})" if t.get("router") else ""),
+              t.get("growths_asked"))),
+        ("  window when it fired: requests by source network",
+         f"{window} ({share * 100:.0f} % from {t.get('network')}, "
+         f"{t.get('window_total')} in all)" if share is not None else None),
+        (f"  T ({t.get('co')}, net {t.get('net')}, {t.get('rate')}/s): its first request -> "
+         "rule fired ms", t.get("load_to_trigger_ms")),
+        ("  rule fired -> duplicate serving ms (the primary router's steps)",
+         t.get("placement_ms")),
+        ("  rule fired -> duplicate's first answer at T's CO ms",
+         t.get("trigger_to_first_answer_ms")),
+        ("  rule fired -> its binding at the HOA / T's lease on it ms (sampled)",
+         pair(t.get("trigger_to_binding_ms"), t.get("trigger_to_lease_moved_ms"))),
+        ("  T's RTT ms before (net 14 -> primary) / after (-> duplicate, its own network)",
+         pair(t.get("rtt_before_ms"), t.get("rtt_after_ms"))),
+        ("  T's requests answered once / sent", pair(t.get("once"), t.get("sent"))),
+        ("  U's (net 12) answered once / sent, by", f"{(t.get('others') or {}).get('once')} / "
+         f"{(t.get('others') or {}).get('sent')}, "
+         f"{','.join((t.get('others') or {}).get('served_by') or [])}"),
+        ("  T's lease ended -> duplicate's binding gone ms (sampled)",
+         f"{t.get('release_ms')} ({t.get('last_end')})" if t.get("last_end") else None),
+    ]
 
 
 def format_report(events: list[dict[str, Any]], full: dict[str, Any]) -> str:
@@ -1380,8 +1694,15 @@ def format_report(events: list[dict[str, Any]], full: dict[str, Any]) -> str:
              format_table(full["instances"], INSTANCE_COLUMNS), "",
              "round trips at the COs:", format_table(s["latency"], LATENCY_COLUMNS), "",
              "a CO's round trip before and after its lease moved (median ms):",
-             format_table(s.get("moves", []), MOVE_COLUMNS), "",
-             format_table(summary_rows(s), ["what", "value"]), ""]
+             format_table(s.get("moves", []), MOVE_COLUMNS), ""]
+    placed = full.get("placements") or full.get("traffic_placements")
+    if placed:
+        parts += ["duplicates placed by the traffic rule (window: requests by source network "
+                  "when it fired; s from the start, ms from the rule firing, on the primary "
+                  "router's clock):",
+                  format_table([dict(p, window=_window_text(p)) for p in placed],
+                               PLACEMENT_COLUMNS), ""]
+    parts += [format_table(summary_rows(s), ["what", "value"]), ""]
     verdict = (f"{q['sent']} leased requests: {q['once']} answered exactly once, "
                f"{q['none']} unanswered, {q['more']} answered twice or more; "
                f"every request answered exactly once by its lease's instance: {q['exact']}")
@@ -1418,8 +1739,8 @@ def _instance_label(iid: str, part: str) -> str:
 
 def _mark_growths(ax: Any, growths: list[dict[str, Any]], releases: list[dict[str, Any]]) -> None:
     for g in growths:
-        color = "C4" if g.get("kind") == "secondary" else "C3" if g.get("router") == GATEWAY \
-            else "C1"
+        color = "C4" if g.get("kind") == "secondary" else "C9" if g.get("kind") == "traffic" \
+            else "C3" if g.get("router") == GATEWAY else "C1"
         ax.axvline(g["at_s"], color=color, lw=0.8, ls="--")
     for r in releases:
         if r.get("last_end_s") is not None:
@@ -1447,8 +1768,8 @@ def plot_shares(samples: list[dict[str, Any]], growths: list[dict[str, Any]],
     ax.set_ylim(0, 110)
     ax.set_ylabel("share used (%)")
     ax.set_xlabel(f"time (s); dashed: growth asked (orange: duplicate, red: duplicate on "
-                  f"{GATEWAY}, purple: part move); green dotted: a duplicate's or "
-                  "secondary's last lease ended")
+                  f"{GATEWAY}, purple: part move, cyan: traffic rule fired); green dotted: "
+                  "a duplicate's or secondary's last lease ended")
     ax.set_title(f"Share of {SERVICE} held by leases per instance (broker's 'services', "
                  f"every {SAMPLE_S:g} s)")
     ax.legend(fontsize=7, loc="upper right")
@@ -1543,7 +1864,7 @@ def plot_latency(requests: list[dict[str, Any]], latency: list[dict[str, Any]],
     ax.set_yscale("log")
     ax.set_ylabel("round trip (ms)")
     ax.set_xlabel(f"time (s); dashed: growth asked (orange: duplicate, red: duplicate on "
-                  f"{GATEWAY}, purple: part move)")
+                  f"{GATEWAY}, purple: part move, cyan: traffic rule fired)")
     ax.set_title("Leased requests at the COs: round trip by network and serving instance")
     ax.legend(fontsize=7, loc="upper right", markerscale=3, ncol=2)
     labels = [f"{_net_name(r['net'])} -> {r['instance']}, {r['phase']} (n={r['answered']})"
@@ -1587,6 +1908,8 @@ def plot_all(requests: list[dict[str, Any]], full: dict[str, Any], samples: list
         log.warning("no plots: %s", exc)
         return []
     g, r = full["growths"], full["releases"]
+    g = g + [{"at_s": p["trigger_s"], "kind": "traffic", "router": p["router"]}
+             for p in full.get("placements", [])]
     return [plot_shares(samples, g, r, dest), plot_bindings(samples, g, r, dest),
             plot_latency(requests, full["summary"]["latency"], g, r, dest,
                          full["summary"].get("moves", []))]
@@ -1740,6 +2063,7 @@ def lease_row(step: Step, answer: dict[str, Any], t0: float) -> dict[str, Any]:
                            "host": step.host, "net": step.net, "target": step.target,
                            "share": step.share,
                            "cpu": step.cpu, "hold": step.hold, "end": step.end,
+                           "rate": step.rate,
                            "duration": step.duration, "expect": step.expect,
                            "t_s": round(answer["sent_at"] - t0, 3),
                            "request_ms": answer.get("ms"),
@@ -1754,17 +2078,40 @@ def lease_row(step: Step, answer: dict[str, Any], t0: float) -> dict[str, Any]:
                 granted_s=hop["granted_s"], part=None, address=hop.get("address"))
 
 
-def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[str, Any]:
-    """Run the plan: each lease at its time from its CO's host, its load started at once,
-    its cancel (if it cancels) ``hold`` s after its grant; sample throughout; then wait
-    (bounded) until every lease has ended, the duplicate's binding is gone and no part is
-    away."""
+class RuleActions:
+    """The traffic phase's actions on the primary's router (:func:`traffic_schedule`):
+    ``rule`` keeps the rule it holds and sets :data:`TRAFFIC_RULE`; ``restore`` puts back
+    what it held. Each returns the rule as the router then holds it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.saved: dict[str, Any] = {}
+
+    def __call__(self, what: str) -> dict[str, Any]:
+        if what == "rule":
+            self.saved = dict(self.client.call(PRIMARY, "traffic_rule"))
+            return dict(self.client.call(PRIMARY, "traffic_rule", **TRAFFIC_RULE),
+                        before=self.saved)
+        if what == "restore" and self.saved:
+            return dict(self.client.call(PRIMARY, "traffic_rule", **self.saved))
+        raise ValueError(f"no action {what!r}")
+
+
+def execute(moat: Any, steps: list[Step], rate: float, progress: Any,
+            actions: Sequence[tuple[float, str]] = (), act: Any = None) -> dict[str, Any]:
+    """Run the plan: each lease at its time from its CO's host, its load started at once
+    (at its step's rate, else ``rate``), its cancel (if it cancels) ``hold`` s after its
+    grant; each of ``actions`` (``(at, what)``: :func:`traffic_schedule`) at its time, by
+    ``act(what)`` (default :class:`RuleActions`); sample throughout; then wait (bounded)
+    until every lease has ended, the duplicate's binding is gone and no part is away."""
     from agent.core.wait import WaitTimeout, wait_until
 
     client = moat.client
+    act = act or RuleActions(client)
     drivers: dict[str, Driver] = {}
     leases: list[dict[str, Any]] = []
     loads: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = []
     by_n = {s.n: s for s in steps}
     rows_by_n: dict[int, dict[str, Any]] = {}
     t0 = time.time()
@@ -1774,11 +2121,21 @@ def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[st
         for host in sorted(set(COS.values())):
             drivers[host] = Driver(client, host, [co for co, h in COS.items() if h == host])
         sampler.start()
-        queue = [(s.at, 0, s.n, "request") for s in steps]
+        queue = [(s.at, 0, s.n, "request") for s in steps] + \
+            [(at, -1, -k, what) for k, (at, what) in enumerate(actions, 1)]
         heapq.heapify(queue)
         while queue:
             at, _, n, kind = heapq.heappop(queue)
             time.sleep(max(0.0, t0 + at - time.time()))
+            if n < 0:  # an action on the primary's router
+                sent = time.time()
+                try:
+                    result: Any = act(kind)
+                except Exception as exc:  # noqa: BLE001 - a figure missing, not the run
+                    log.warning("%s on %s failed: %s", kind, PRIMARY, exc)
+                    result = {"error": str(exc)}
+                done.append({"t_s": round(sent - t0, 3), "what": kind, "result": result})
+                continue
             step = by_n[n]
             driver = drivers[step.host]
             if kind == "cancel":
@@ -1795,7 +2152,7 @@ def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[st
             rows_by_n[n] = row
             if row["outcome"] == "granted":
                 client.keep_grant(step.host, answer["grant"])
-                proc, out = client.leased_load(row["lease_id"], rate,
+                proc, out = client.leased_load(row["lease_id"], step.rate or rate,
                                                max(0.5, step.hold - LOAD_MARGIN_S),
                                                client=f"{step.co}-{step.n}")
                 loads.append({"n": n, "proc": proc, "out": out})
@@ -1830,7 +2187,7 @@ def execute(moat: Any, steps: list[Step], rate: float, progress: Any) -> dict[st
                 log.warning("load of lease %d failed: %s", load["n"],
                             err.decode(errors="replace")[-300:])
     return {"t0": t0, "leases": leases, "loads": loads, "samples": sampler.samples,
-            "sample_failures": sampler.failed, "settled": settled}
+            "sample_failures": sampler.failed, "settled": settled, "actions": done}
 
 
 def analyse(out: dict[str, Any], growth: list[dict[str, Any]], read_load: Any,
@@ -1887,17 +2244,23 @@ def analyse(out: dict[str, Any], growth: list[dict[str, Any]], read_load: Any,
                       for g in growth]
     growths = growth_rows(leases, growth, requests, samples, t0)
     releases = release_rows(leases, samples)
-    instances = instance_rows(requests, growths)
+    placed = placement_rows(placements, t0)
+    # A duplicate the traffic rule placed starts from the checkpoint its router took between
+    # the rule firing and the duplicate serving.
+    instances = instance_rows(requests, growths + [
+        {"kind": "duplicate", "start_s": p["trigger_s"], "end_s": p["placed_s"]}
+        for p in placed])
     moves = move_rows(leases, requests, networks)
     summary = summarise(leases, requests, growths, releases, instances, samples, primary_count,
                         part_count, moves)
-    traffic = [{"t_s": p["at"] - t0, "event": "traffic rule placed a duplicate",
-                "instance": p.get("router"), "detail": f"requests from {p.get('network')}"}
-               for p in placements]
+    summary["traffic"] = traffic_summary(placed, leases, requests, moves, releases, samples,
+                                         growth_history, out.get("actions", []))
     events = event_rows(lease_events(leases, growth_history), sample_events(samples),
-                        first_answer_events(instances), traffic)
+                        first_answer_events(instances),
+                        traffic_events(placed, out.get("actions", [])))
     return {"leases": leases, "requests": requests, "growths": growths, "releases": releases,
-            "instances": instances, "summary": summary, "events": events}
+            "instances": instances, "summary": summary, "events": events,
+            "placements": placed}
 
 
 def part_address(leases: Iterable[dict[str, Any]]) -> str | None:
@@ -1934,7 +2297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from topologies.catalog import make_topo
     from topologies.moatnet import MoatNetwork
 
-    steps = plan(args.cycles, args.seed, args.parts, args.return_under_load)
+    steps = plan(args.cycles, args.seed, args.parts, args.return_under_load, args.traffic)
     topo = make_topo(args.topo)
     moat = MoatNetwork(topo, objects=[OBJECT])
     for co in EXTRA_COS:  # more CO identities, each with its own key, on the same hosts
@@ -1942,6 +2305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with moat, contextlib.ExitStack() as stack:
         print(f"run {moat.run.run_id}: {len(steps)} leases of {SERVICE} and its part {PART} "
               f"in {args.cycles} duplicate cycle(s)"
+              f"{', a traffic phase' if args.traffic else ''}"
               f"{' and a secondaries phase' if args.parts else ''} from {', '.join(COS)}, "
               f"{args.rate:g} requests/s each (primary on {PRIMARY}, broker on {moat.broker}, "
               f"seed {args.seed}; the plan lasts {plan_end(steps):.0f} s)")
@@ -1950,10 +2314,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.enter_context(moat.capture(bridge, name))
         provision_primary(moat)
         bar = tqdm(total=len(steps), desc="leases", unit="lease", file=sys.stderr)
-        out = execute(moat, steps, args.rate, bar)
+        out = execute(moat, steps, args.rate, bar, traffic_schedule(steps))
         bar.close()
         growth = moat.client.call(moat.broker, "growth")
-        try:  # duplicates the traffic rule placed (none expected at the default rate)
+        try:  # duplicates the traffic rule placed (in the traffic phase only, by default)
             placements = moat.client.call(PRIMARY, "room").get("placements", [])
         except Exception as exc:  # noqa: BLE001 - a figure missing, not the run
             log.warning("no traffic placements from %s: %s", PRIMARY, exc)
@@ -1995,8 +2359,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            "summary": summary, "growths": full["growths"], "releases": full["releases"],
            "moves": summary["moves"],
            "instances": full["instances"], "leases": full["leases"],
-           "traffic_placements": [dict(p, at_s=round(p["at"] - out["t0"], 3))
-                                  for p in placements],
+           "traffic_placements": full["placements"],
+           "traffic_actions": out.get("actions", []),
            "captures": message_counts(sorted((dest / "captures").glob("*.pcap")),
                                       part_address(full["leases"])),
            "plots": [p.name for p in pngs]}
@@ -2014,15 +2378,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the cycles, the secondaries phase: the part moves, "
                              "is served through the nesting and comes back (default: on; "
                              "about 19 s)")
+    parser.add_argument("--traffic", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the cycles, the traffic phase: the traffic rule on "
+                             f"{PRIMARY} set to {TRAFFIC_RULE['min_requests']} requests in "
+                             f"{TRAFFIC_RULE['window_s']:g} s, {TRAFFIC_RULE['share']:.0%} from "
+                             f"one foreign network, places a duplicate near a net-14 CO's "
+                             f"load of {TRAFFIC_RATE:g}/s (default: on; about 14 s)")
     parser.add_argument("--return-under-load", action=argparse.BooleanOptionalAction,
                         default=True,
                         help="P's load (home network, through the nesting) runs on while the "
                              "secondary gives its part back, into R's lease (default: on; "
                              "--no-return-under-load: P and Q end before S)")
     parser.add_argument("--rate", type=float, default=20.0,
-                        help=f"leased requests per second of each CO (default 20, at most "
-                             f"{MAX_RATE:g}; from about 40 the traffic rule places the "
-                             f"duplicate before the lease that does not fit)")
+                        help=f"leased requests per second of each CO of the cycles and the "
+                             f"secondaries phase (default 20, at most {MAX_RATE:g}; from about "
+                             f"40 the default traffic rule places the duplicate before the "
+                             f"lease that does not fit)")
     parser.add_argument("--seed", type=int, default=1,
                         help="seed of the shares, identities, hold times and endings")
     parser.add_argument("--topo", default="patent",

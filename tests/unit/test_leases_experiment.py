@@ -384,15 +384,17 @@ def test_parser_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> Non
         with pytest.raises(SystemExit):
             lx.main(argv)
     args = lx.build_parser().parse_args([])
-    assert (args.cycles, args.rate, args.seed, args.topo, args.parts,
-            args.return_under_load) == (3, 20.0, 1, "patent", True, True)
+    assert (args.cycles, args.rate, args.seed, args.topo, args.parts, args.traffic,
+            args.return_under_load) == (3, 20.0, 1, "patent", True, True, True)
     assert lx.build_parser().parse_args(["--no-parts"]).parts is False
+    assert lx.build_parser().parse_args(["--no-traffic"]).traffic is False
     assert lx.build_parser().parse_args(["--no-return-under-load"]).return_under_load is False
     plan = [dataclasses.asdict(s) for s in lx.plan(args.cycles, args.seed, args.parts,
-                                                   args.return_under_load)]
-    assert len(plan) == 3 * 7 + 4
-    # The defaults stay well inside the run's time budget (setup and analysis add ~25 s).
-    assert lx.plan_end(lx.plan(args.cycles, args.seed)) < 75
+                                                   args.return_under_load, args.traffic)]
+    assert len(plan) == 3 * 7 + 2 + 4
+    # The defaults stay well inside the run's time budget (setup and analysis add ~25 s):
+    # under 2 minutes in all.
+    assert lx.plan_end(lx.plan(args.cycles, args.seed)) < 90
 
 
 # --- the secondaries phase -----------------------------------------------------------------------
@@ -401,12 +403,13 @@ def test_parser_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize("seed", range(25))
 def test_parts_plan_makes_the_outcome_certain(seed: int) -> None:
     steps = lx.plan(3, seed)
-    cycles = [s for s in steps if s.target == lx.SERVICE]
+    cycles = [s for s in steps if s.target == lx.SERVICE and s.role not in lx.TRAFFIC_AT]
+    before = [s for s in steps if s.target == lx.SERVICE]  # the cycles and the traffic phase
     parts = [s for s in steps if s.target == lx.PART]
     assert cycles == lx.plan_cycles(3, seed)  # the duplicate cycles as before
     assert [s.n for s in steps] == list(range(1, len(steps) + 1))
     by = {s.role: s for s in parts}
-    assert sorted(by) == ["P", "Q", "R", "S"] and {s.cycle for s in parts} == {4}
+    assert sorted(by) == ["P", "Q", "R", "S"] and {s.cycle for s in parts} == {5}
     assert [by[r].expect for r in "PQSR"] == ["nested", "nested", "moves", "home"]
     p, q, s, r = (by[x] for x in "PQSR")
     assert p.co == "dns23" and p.net == "16"  # the home network: it will cross the nesting
@@ -415,11 +418,11 @@ def test_parts_plan_makes_the_outcome_certain(seed: int) -> None:
     assert p.share + q.share + s.share > 100 + 1  # S does not: the part moves
     assert s.share <= 100 - 1 and r.share <= 100 - 1  # S fits a fresh secondary
     assert sorted([p.end, q.end]) == ["cancel", "expire"] and r.end == "cancel"
-    # The phase starts once every lease of the cycles has ended (a duplicate is released
-    # within 0.3 s), and the part moves long after: a part never moves to a network where
-    # its object runs (r20a's duplicate must be gone).
-    assert min(x.at for x in parts) >= lx.plan_end(cycles) + 1.0 - 1e-9
-    assert s.at > lx.plan_end(cycles) + 3.0
+    # The phase starts once every lease of the cycles and the traffic phase has ended (a
+    # duplicate is released within 0.3 s), and the part moves long after: a part never
+    # moves to a network where its object runs (r20a's duplicate must be gone).
+    assert min(x.at for x in parts) >= lx.plan_end(before) + 1.0 - 1e-9
+    assert s.at > lx.plan_end(before) + 3.0
     # Q ends before S; P's load runs on across the give-back (the default), into R's lease;
     # R asks well after S ended (the secondary released, the part back).
     s_end = s.at + lx.GROWTH_DELAY_S + s.hold
@@ -433,7 +436,13 @@ def test_parts_plan_makes_the_outcome_certain(seed: int) -> None:
 
 
 def test_the_parts_phase_can_be_left_out() -> None:
-    assert lx.plan(2, 5, parts=False) == lx.plan_cycles(2, 5)
+    assert lx.plan(2, 5, parts=False, traffic=False) == lx.plan_cycles(2, 5)
+    only_traffic = lx.plan(2, 5, parts=False)
+    assert only_traffic[:-2] == lx.plan_cycles(2, 5)
+    assert [s.role for s in only_traffic[-2:]] == ["U", "T"]
+    # Without the traffic phase the secondaries phase starts where it would have.
+    parts = [s for s in lx.plan(2, 5, traffic=False) if s.target == lx.PART]
+    assert parts[0].at == lx._plan_cycles(2, 5)[1] and parts[0].cycle == 3
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -981,5 +990,287 @@ def test_instance_bindings_tell_duplicates_apart_by_care_of_and_time() -> None:
 def test_three_instance_plots(three: dict[str, Any], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     paths = lx.plot_all(three["requests"], three, make_three_samples(), tmp_path)
+    assert [p.name for p in paths] == ["shares.png", "bindings.png", "latency.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+# --- the traffic phase: the rule places a duplicate near a CO's load -----------------------------
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_traffic_plan_makes_the_outcome_certain(seed: int) -> None:
+    steps = lx.plan(3, seed)
+    phase = [s for s in steps if s.role in lx.TRAFFIC_AT]
+    cycles = [s for s in steps if s.target == lx.SERVICE and s.role not in lx.TRAFFIC_AT]
+    parts = [s for s in steps if s.target == lx.PART]
+    assert [s.role for s in phase] == ["U", "T"] and {s.cycle for s in phase} == {4}
+    u, t = phase
+    assert (u.net, t.net) == ("12", "14") and (u.expect, t.expect) == ("primary", "placed")
+    assert (u.rate, t.rate) == (lx.TRAFFIC_LOW_RATE, lx.TRAFFIC_RATE)
+    assert u.target == t.target == lx.SERVICE
+    # Both fit the primary with room to spare: no lease grows the service.
+    assert u.share + t.share <= 100 - 30
+    rule = lx.TRAFFIC_RULE
+    # T's load alone fills the window past min_requests, and T's share of what reaches the
+    # primary is over the rule's share; U's network is the primary's own (never picked).
+    assert t.rate * rule["window_s"] >= 1.3 * rule["min_requests"]
+    assert t.rate / (t.rate + u.rate) >= rule["share"] + 0.05
+    # T's load runs long enough for the rule to fire (its window filled, sampled every
+    # second), the duplicate to start (about 0.7 s) and several seconds after.
+    fire = t.at + 0.5 + rule["min_requests"] / t.rate + 1.0
+    assert t.at + t.hold - lx.LOAD_MARGIN_S > fire + 1.5 + 3.0
+    assert t.at + t.hold < u.at + u.hold  # T ends first: its duplicate goes, U stays on
+    # The phase starts from the primary alone (the cycles' last duplicate released) and the
+    # secondaries' after it (the rule's duplicate released: a part never moves beside it).
+    assert min(s.at for s in phase) >= lx.plan_end(cycles) + 2.0 - 1e-9
+    assert min(s.at for s in parts) >= lx.plan_end(phase) + 2.0 - 1e-9
+    (rule_at, what), (restore_at, undo) = lx.traffic_schedule(steps)
+    assert (what, undo) == ("rule", "restore")
+    assert rule_at == u.at <= t.at and restore_at > max(s.at + s.hold for s in phase)
+    assert restore_at < min(s.at for s in parts)
+    assert lx.traffic_schedule(lx.plan(3, seed, traffic=False)) == []
+
+
+def test_window_of_reads_the_placements_first_step() -> None:
+    steps = [["most requests come from 10.14.0.0/24 through the home network: "
+              "{'10.14.0.0/24': 129, '10.12.0.0/24': 27}", 4.4], ["reserved ...", 5.2]]
+    assert lx.window_of(steps) == {"10.14.0.0/24": 129, "10.12.0.0/24": 27}
+    assert lx.window_of([["most requests come from x: {not a dict", 1.0]]) == {}
+    assert lx.window_of([["reserved 1 CPU", 1.0], []]) == {}
+
+
+TD = "r20a/pair-d9@eeee5555"
+#: The rule fires at 3.0 s, the duplicate serves from 3.7 (r20a's FOA delivers net 14's
+#: requests to it), r18b records the placement at 3.75, the broker lists it at 4.0.
+T_FIRE, T_SERVES, T_PLACED, T_LISTED = 3.0, 3.7, 3.75, 4.0
+PLACEMENT = {"at": T0 + T_PLACED, "object": "svc", "network": lx.TRAFFIC_NETWORK, "router": "r20a",
+             "steps": [["most requests come from 10.14.0.0/24 through the home network: "
+                        "{'10.14.0.0/24': 130, '10.12.0.0/24': 27}", 4.4],
+                       ["reserved 1 CPU, 256 MiB on r20a", 5.2],
+                       ["took the primary's checkpoint (it serves on)", 5.8],
+                       ["duplicate serves on r20a, registered with S", 750.0]]}
+DEFAULT_RULE = {"window_s": 5.0, "min_requests": 200, "share": 0.75, "cooldown_s": 30.0,
+                "enabled": True}
+ACTIONS = [{"t_s": 0.25, "what": "rule",
+            "result": dict(lx.TRAFFIC_RULE, enabled=True, before=DEFAULT_RULE)},
+           {"t_s": 11.5, "what": "restore", "result": DEFAULT_RULE}]
+
+
+def make_traffic_samples() -> list[dict[str, Any]]:
+    """Every 0.25 s over 12 s: the primary always; the rule's duplicate on r20a listed and
+    bound (care-of 10.14.0.1) in [4, 9). L21 (U, net 12) on the primary until it expires at
+    11.0; L22 (T, net 14) on the primary from 0.5, taken over by the duplicate at 4.0,
+    cancelled at 8.9."""
+    samples = []
+    for k in range(49):
+        t = k * 0.25
+        services = [{"service": lx.SERVICE, "instances": [
+            {"instance_id": P, "router": "r18b", "part": "primary", "used_share": 55.0,
+             "share": 100.0, "leases": 2, "objects": ["svc", "tally"],
+             "network": "10.12.0.0/24"}]}]
+        bindings = [{"care_of_address": "10.12.0.1", "part": "primary", "gre_key": 1}]
+        if T_LISTED <= t < 9.0:
+            services[0]["instances"].append({"instance_id": TD, "router": "r20a",
+                                             "part": "duplicate", "used_share": 38.0,
+                                             "share": 100.0, "leases": 1, "objects": ["svc"],
+                                             "network": "10.14.0.0/24"})
+            bindings.append({"care_of_address": "10.14.0.1", "part": "duplicate",
+                             "gre_key": 2})
+        leases = []
+        if 0.25 <= t < 11.0:
+            leases.append({"lease_id": "L21", "instance": P, "remaining": 11.0 - t})
+        if 0.5 <= t < 8.9:
+            leases.append({"lease_id": "L22", "instance": TD if t >= T_LISTED else P,
+                           "remaining": 60.0 - t})
+        samples.append(lx.sample_from(t, services, bindings, leases))
+    return samples
+
+
+def make_traffic_out(placements: bool = True, shift: int = 0) -> tuple[
+        dict[str, Any], dict[Path, list[dict]], list[dict]]:
+    """The traffic phase as execute() gathers it, the load logs and r18b's placements (the
+    broker's growth history is empty: no lease asked); ``shift``: the duplicate's counts off
+    its checkpoint by that much."""
+    leases = [lease(21, "U", "co12-b", "12", P, 0.25, 0.26, 2.5, expect="primary", rate=10.0),
+              lease(22, "T", "co14-c", "14", P, 0.5, 0.51, 2.6, expect="placed", rate=60.0,
+                    end="cancel", ended="cancelled", ended_s=8.9)]
+    for row in leases:
+        row["cycle"] = 4
+    sends = sorted([(x / 10, 21) for x in range(3, 106)] + [(x / 20, 22) for x in range(16, 161)])
+    counts: dict[str, int] = {"r18b": 0}
+    logs: dict[Path, list[dict]] = {Path("/load-21"): [], Path("/load-22"): []}
+    for seq, (t, n) in enumerate(sends, 1):
+        if t >= T_FIRE + 0.0058 and "r20a" not in counts:  # the checkpoint (r18b's steps)
+            counts["r20a"] = counts["r18b"] + shift
+        router = "r20a" if n == 22 and t >= T_SERVES else "r18b"
+        counts[router] += 1
+        rtt = 0.7 if n == 21 else 1.0 if router == "r18b" else 0.6
+        logs[Path(f"/load-{n}")].append({
+            "seq": seq, "sent": T0 + t, "replies": [{
+                "at": T0 + t + rtt / 1000, "served_by": router, "instance": f"{router}-p",
+                "ok": True, "result": {"count": counts[router]}}]})
+    out = {"t0": T0, "leases": leases, "samples": make_traffic_samples(), "sample_failures": 0,
+           "settled": True, "actions": ACTIONS,
+           "loads": [{"n": n, "out": Path(f"/load-{n}")} for n in (21, 22)]}
+    return out, logs, [PLACEMENT] if placements else []
+
+
+@pytest.fixture()
+def traffic() -> dict[str, Any]:
+    out, logs, placements = make_traffic_out()
+    return lx.analyse(out, [], lambda path: logs[path], placements=placements)
+
+
+def test_placement_rows_time_the_rule_from_the_routers_steps() -> None:
+    (p,) = lx.placement_rows([PLACEMENT], T0)
+    assert p["window"] == {"10.14.0.0/24": 130, "10.12.0.0/24": 27}
+    assert p["window_total"] == 157 and p["window_share"] == pytest.approx(130 / 157, abs=1e-3)
+    assert p["placed_s"] == pytest.approx(T_PLACED) and p["placement_ms"] == 750.0
+    assert p["trigger_s"] == pytest.approx(T_FIRE) and p["checkpoint_ms"] == 5.8
+    # Without a "duplicate serves" step, the last step's time.
+    (q,) = lx.placement_rows([dict(PLACEMENT, steps=PLACEMENT["steps"][:3])], T0)
+    assert q["trigger_s"] == pytest.approx(T_PLACED - 0.0058, abs=1e-3)
+
+
+def test_the_rules_duplicate_takes_over_t_exactly_once(traffic: dict[str, Any]) -> None:
+    q = traffic["summary"]["requests"]
+    assert q["exact"] is True and q["sent"] == 103 + 145
+    by = {l["role"]: l for l in traffic["leases"]}
+    assert by["T"]["moved_to"] == "r20a" and by["T"]["moved_s"] == T_LISTED
+    assert by["T"]["final_instance"] == TD and not by["T"]["grew"]
+    assert not by["U"].get("moved_to") and by["U"]["ended"] == "expired"
+    assert all(lx.as_planned(l) for l in traffic["leases"])
+    assert traffic["summary"]["leases"]["grew"] == 0 and traffic["growths"] == []
+    # T's requests answered by r20a before the broker listed it (its FOA delivered them
+    # there first) are within the move's slack: not another instance's.
+    early = [r for r in traffic["requests"] if r["n"] == 22 and T_SERVES <= r["sent_s"] < T_LISTED]
+    assert early and all(r["served_by"] == "r20a" and "r20a" in r["expected"] for r in early)
+
+
+def test_the_traffic_figures(traffic: dict[str, Any]) -> None:
+    t = traffic["summary"]["traffic"]
+    assert t["rule"] == dict(lx.TRAFFIC_RULE, enabled=True)
+    assert t["rule_before"] == t["rule_restored"] == DEFAULT_RULE
+    assert (t["rule_set_s"], t["rule_restored_s"]) == (0.25, 11.5)
+    assert t["placements"] == 1 and t["router"] == "r20a" and t["network"] == lx.TRAFFIC_NETWORK
+    assert t["window"] == {"10.14.0.0/24": 130, "10.12.0.0/24": 27} and t["window_total"] == 157
+    assert t["trigger_s"] == pytest.approx(T_FIRE) and t["placement_ms"] == 750.0
+    assert t["load_to_trigger_ms"] == pytest.approx((T_FIRE - 0.8) * 1000)
+    assert t["trigger_to_first_answer_ms"] == pytest.approx((T_SERVES + 0.0006 - T_FIRE) * 1000,
+                                                            abs=0.2)
+    assert t["trigger_to_binding_ms"] == t["trigger_to_lease_moved_ms"] == \
+        pytest.approx((T_LISTED - T_FIRE) * 1000)
+    assert (t["rtt_before_ms"], t["rtt_after_ms"]) == (pytest.approx(1.0), pytest.approx(0.6))
+    assert t["before"] == "primary (r18b)" and t["after"] == "duplicate (r20a)"
+    assert t["path_after"] == "its own network" and t["growths_asked"] == 0
+    assert (t["sent"], t["once"]) == (145, 145) and t["co"] == "co14-c" and t["rate"] == 60.0
+    assert t["others"] == {"sent": 103, "once": 103, "served_by": ["r18b"]}
+    assert t["instance"] == TD and t["last_end"] == "cancelled"
+    assert t["release_ms"] == pytest.approx(100.0) and t["binding_care_of"] == "10.14.0.1"
+    rows = {r["what"]: r["value"] for r in lx.summary_rows(traffic["summary"])}
+    assert rows["traffic rule on r18b in the phase: window s, min requests, share, cooldown s"] \
+        == "3, 120, 0.75, 30"
+    assert rows["  restored after the phase to"] == "5, 200, 0.75, 30"
+    assert rows["  duplicates it placed / growths a lease asked for meanwhile"] == "1 (on r20a) / 0"
+    assert rows["  window when it fired: requests by source network"].startswith(
+        "10.14.0.0/24 130, 10.12.0.0/24 27 (83 % from 10.14.0.0/24")
+    assert rows["  T's RTT ms before (net 14 -> primary) / after (-> duplicate, its own network)"] \
+        == "1.0 / 0.6"
+    assert rows["  T's requests answered once / sent"] == "145 / 145"
+    assert rows["HOA bindings over time"] == "1 -> 2 -> 1"
+
+
+def test_traffic_events(traffic: dict[str, Any]) -> None:
+    events = traffic["events"]
+    assert [e["t_s"] for e in events] == sorted(e["t_s"] for e in events)
+    by = {e["event"]: e for e in events}
+    assert by["traffic rule set on r18b"]["t_s"] == 0.25
+    assert "min_requests 120" in by["traffic rule set on r18b"]["detail"]
+    assert by["traffic rule fired"]["t_s"] == T_FIRE
+    assert by["traffic rule fired"]["detail"] == \
+        "window: 10.14.0.0/24 130, 10.12.0.0/24 27 (83 % from 10.14.0.0/24)"
+    placed = by["traffic rule placed a duplicate"]
+    assert placed["t_s"] == T_PLACED and placed["instance"] == "r20a"
+    assert "no lease asked" in placed["detail"] and "750 ms" in placed["detail"]
+    assert by["lease T moved"]["t_s"] == T_LISTED and by["lease T moved"]["instance"] == TD
+    assert by["binding at the HOA"]["t_s"] == T_LISTED
+    assert by["binding gone"]["t_s"] == 9.0
+    assert by["traffic rule restored on r18b"]["t_s"] == 11.5
+    assert "growth" not in by  # the broker grew nothing
+    names = [e["event"] for e in events]
+    assert names.index("traffic rule fired") < names.index("first answer from the duplicate") \
+        < names.index("traffic rule placed a duplicate") < names.index("lease T moved")
+
+
+def test_the_rules_duplicate_starts_from_the_checkpoint_taken_after_it_fired(
+        traffic: dict[str, Any]) -> None:
+    rows = {i["served_by"]: i for i in traffic["instances"]}
+    dup = rows["r20a"]
+    lo, hi = dup["checkpoint_bounds"]
+    assert lo <= dup["checkpoint"] <= hi and dup["checkpoint_ok"] and dup["consistent"]
+    assert traffic["summary"]["counters_consistent"] is True
+    out, logs, placements = make_traffic_out(shift=40)  # counts not from that checkpoint
+    full = lx.analyse(out, [], lambda path: logs[path], placements=placements)
+    bad = next(i for i in full["instances"] if i["served_by"] == "r20a")
+    assert bad["checkpoint_ok"] is False and full["summary"]["counters_consistent"] is False
+
+
+def test_a_rule_that_never_fired_is_reported() -> None:
+    out, logs, _ = make_traffic_out()
+    full = lx.analyse(out, [], lambda path: logs[path], placements=[])
+    t = full["summary"]["traffic"]
+    assert t["placements"] == 0 and "trigger_s" not in t
+    by = {l["role"]: l for l in full["leases"]}
+    # T was expected to move to the rule's duplicate on r20a, and nowhere else.
+    assert lx.as_planned(dict(by["T"], moved_to=None)) is False
+    assert lx.as_planned(dict(by["T"], moved_to="r18a")) is False
+    assert lx.as_planned(dict(by["T"], grew=True)) is False
+    rows = {r["what"]: r["value"] for r in lx.summary_rows(full["summary"])}
+    assert rows["  duplicates it placed / growths a lease asked for meanwhile"] == "0 / 0"
+    assert rows["  window when it fired: requests by source network"] is None
+    assert "duplicates placed by the traffic rule" not in lx.format_report(full["events"], full)
+
+
+def test_no_traffic_phase_no_traffic_figures(analysed: dict[str, Any]) -> None:
+    assert analysed["summary"]["traffic"] == {} and analysed["placements"] == []
+    assert not any(r["what"].startswith("traffic rule") for r in
+                   lx.summary_rows(analysed["summary"]))
+
+
+def test_traffic_report(traffic: dict[str, Any]) -> None:
+    text = lx.format_report(traffic["events"], traffic)
+    assert "duplicates placed by the traffic rule" in text
+    assert "10.14.0.0/24 130, 10.12.0.0/24 27 (83 % from 10.14.0.0/24)" in text
+    assert "every request answered exactly once by its lease's instance: True" in text
+    # The report from summary.json's document (its placements under traffic_placements).
+    doc = {k: traffic[k] for k in ("growths", "releases", "instances", "summary")}
+    doc["traffic_placements"] = traffic["placements"]
+    assert "duplicates placed by the traffic rule" in lx.format_report(traffic["events"], doc)
+
+
+def test_rule_actions_set_and_restore_the_rule_on_the_primary() -> None:
+    class Client:
+        def __init__(self) -> None:
+            self.rule = dict(DEFAULT_RULE)
+            self.calls: list[tuple[str, str, dict]] = []
+
+        def call(self, router: str, cmd: str, **args: Any) -> dict[str, Any]:
+            self.calls.append((router, cmd, args))
+            self.rule.update(args)
+            return dict(self.rule)
+
+    client = Client()
+    act = lx.RuleActions(client)
+    set_ = act("rule")
+    assert set_["before"] == DEFAULT_RULE and set_["min_requests"] == 120
+    assert client.calls[1] == ("r18b", "traffic_rule", lx.TRAFFIC_RULE)
+    assert act("restore") == DEFAULT_RULE and client.rule == DEFAULT_RULE
+    with pytest.raises(ValueError):
+        act("nothing")
+
+
+def test_traffic_plots(traffic: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = lx.plot_all(traffic["requests"], traffic, make_traffic_samples(), tmp_path)
     assert [p.name for p in paths] == ["shares.png", "bindings.png", "latency.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
