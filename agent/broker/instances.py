@@ -236,6 +236,8 @@ class ServiceInstancesRole(Role):
     def on_vm_event(self, event: str, vm: Any) -> None:
         """A VM started a service (or changed) or went: record it, send it in the background."""
         iid = self.vms.instance_id(vm)
+        if event == "started" and not getattr(vm, "ready", True):
+            return  # a duplicate or secondary not registered with its home agent yet
         if event == "started":
             self.desired[iid] = vm
             self._stale.add(iid)

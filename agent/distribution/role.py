@@ -274,6 +274,8 @@ class DistributionRole(PrimarySide, Role):
         finally:
             self.reservations.release(rid)  # the VM now holds the room (or nothing does)
         vm = self.vm.vms[vm_body["vm"]]
+        vm.ready = True
+        self.vm.changed(vm)  # now the broker may hear of it (and move leases to it)
         self.stats["duplicates_hosted"] += 1
         return {"ok": True, "instance": self.instance_doc(vm),
                 "registration": status.get("registration")}

@@ -95,6 +95,10 @@ class VirtualMachine:
     moved: dict[str, str] = field(default_factory=dict)
     #: A secondary's: the address of the primary object's router (where the part goes back).
     parent_router: str = ""
+    #: Whether its instance may be offered to the broker yet: a duplicate or secondary only
+    #: once it is registered with its home agent (before, a failed start would take the
+    #: leases the broker moved to it down with it).
+    ready: bool = True
     #: A secondary's: the primary's instance id (credentials issued for the part there, before
     #: it moved, are honoured here: only this instance receives the part's address).
     parent_instance: str = ""

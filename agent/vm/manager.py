@@ -206,6 +206,7 @@ class VmManager:
             raise ProvisionError("message", f"part must be primary, duplicate or secondary, "
                                  f"not {vm.part!r}")
         vm.parent_router = str(body.get("parent_router", ""))
+        vm.ready = vm.part == "primary"  # the distribution role says when the others are
         vm.parent_instance = str(body.get("parent_instance", ""))
         vm.steps.append(("configured", time.time()))
         return vm

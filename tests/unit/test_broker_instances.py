@@ -205,6 +205,26 @@ def test_started_registers_and_removed_deregisters(broker: FakeBroker) -> None:
     asyncio.run(scenario())
 
 
+def test_a_duplicate_is_offered_to_the_broker_only_once_it_is_ready(broker: FakeBroker) -> None:
+    """A duplicate or secondary VM starts (``started``) before it has registered with its
+    home agent; the broker hears of it only when the distribution role says it is ready."""
+    async def scenario() -> None:
+        role, manager = await _started_role()
+        vm = FakeVm(running_since=time.time())
+        vm.ready = False  # type: ignore[attr-defined]
+        manager.vms[vm.name] = vm
+        role.on_vm_event("started", vm)
+        await _settle(role)
+        assert broker.directory == {} and not role.pending
+        vm.ready = True  # type: ignore[attr-defined]
+        role.on_vm_event("started", vm)
+        await _settle(role)
+        assert list(broker.directory) == ["r22a/vm1"]
+        await role.stop()
+
+    asyncio.run(scenario())
+
+
 def test_an_unreachable_broker_is_retried_at_housekeeping(broker: FakeBroker) -> None:
     async def scenario() -> None:
         role, manager = await _started_role()

@@ -632,6 +632,10 @@ class FakeManager:
         self.removed: list[str] = []
         self.fail_provision: Exception | None = None
         self.state: Any = {"state": {"count": 41}, "seen": {}}
+        self.changes: list[str] = []
+
+    def changed(self, v: VirtualMachine) -> None:
+        self.changes.append(v.name)
 
     def instance_id(self, v: VirtualMachine) -> str:
         return f"{self.router}/{v.name}@{v.epoch}"
@@ -796,6 +800,8 @@ def test_start_runs_the_duplicate_from_the_checkpoint_and_frees_the_reservation(
     Instance.from_dict(doc, 0.0)  # what the broker registers
     assert answer["registration"] == {"care_of_address": "10.14.0.1"}
     assert len(role.reservations) == 0 and role.stats["duplicates_hosted"] == 1
+    # Offered to the broker only once registered with its home agent (then "started" again).
+    assert manager.changes == ["cnt-d1"] and manager.vms["cnt-d1"].ready
     assert negotiate(role, {"action": "query", "home_address": HOME})["objects"] == ["svc"]
 
 
