@@ -38,7 +38,6 @@ import contextlib
 import json
 import logging
 import random
-import select
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .co_driver import HostDriver
 from .results import copy_captures, results_dir, write_csv, write_json
 from .tables import format_table
 
@@ -299,43 +299,12 @@ def _driver_op(client: Any, op: dict[str, Any], document: dict[str, Any],
             "rtf_ms": round((t2 - t1) * 1000, 3), "rtf": rtf}
 
 
-class Driver:
+class Driver(HostDriver):
     """The main process's end of one host's :func:`co_driver` (a child inside the host)."""
 
     def __init__(self, client: Any, host: str, cos: list[str]) -> None:
-        self.host = host
-        self.proc = client.popen(host, [sys.executable, "-c",
-                                        "from experiments.service_path import co_driver; co_driver()"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
-        self._send({"broker": client.params["broker_address"], "cos": cos,
-                    "keys": str(client.run.dir / "co_keys.json"), "document": DOCUMENT})
-
-    def _send(self, doc: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(doc) + "\n").encode())
-        self.proc.stdin.flush()
-
-    def ask(self, op: dict[str, Any], timeout: float = DRIVER_TIMEOUT) -> dict[str, Any]:
-        """Send one operation and read its answer (bounded by ``timeout``)."""
-        self._send(op)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else b""
-        if not line:
-            err = self.proc.stderr.read1(4000) if self.proc.poll() is not None and self.proc.stderr else b""
-            raise ExperimentError(f"the CO driver in {self.host} did not answer {op['op']}: "
-                                  f"{err.decode(errors='replace')[-500:]}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._send({"op": "quit"})
-        try:
-            self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
+        super().__init__(client, host, cos, "experiments.service_path", {"document": DOCUMENT}, ExperimentError,
+                         DRIVER_TIMEOUT)
 
 
 # --- the network side ----------------------------------------------------------------------------
