@@ -124,7 +124,7 @@ class BrokerRefused(CoError):
         reason = answer.get("reason")
         detail = answer.get("detail")
         error = answer.get("error")
-        return cls(reason if isinstance(reason, str) and wire.NAME_RE.match(reason) else "refused",
+        return cls(reason if isinstance(reason, str) and wire.NAME_RE.fullmatch(reason) else "refused",
                    detail[:500] if isinstance(detail, str) else "",
                    error[:500] if isinstance(error, str) else "")
 
@@ -495,7 +495,7 @@ class BrokerClient:
             return reply["result"]
         error = str(reply.get("error", "no result"))[:500]
         coded = reply.get("credential_error")
-        if isinstance(coded, str) and wire.NAME_RE.match(coded):
+        if isinstance(coded, str) and wire.NAME_RE.fullmatch(coded):
             raise ServiceRefused(hop, coded, error)
         raise ServiceRefused(hop, "no_reply" if error.startswith("no reply") else "service_error",
                              error)

@@ -491,7 +491,7 @@ class RunClient:
         return sorted(names)
 
     def _grant_path(self, group: str) -> Path:
-        if not _GROUP_RE.match(group):
+        if not _GROUP_RE.fullmatch(group):
             raise TopologyError(f"grant group {group!r} cannot name a file")
         return self.run.dir / GRANTS_DIR / f"{group}.json"
 

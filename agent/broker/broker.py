@@ -274,7 +274,7 @@ class Broker:
 
     @staticmethod
     def _check_holder(holder: Any) -> None:
-        if not isinstance(holder, str) or not wire.NAME_RE.match(holder):
+        if not isinstance(holder, str) or not wire.NAME_RE.fullmatch(holder):
             raise LeaseDenied("bad_credentials", "the request carries no valid holder id")
 
     def _place(self, req: LeaseRequest, co_network: str | None) -> list[Instance]:

@@ -74,7 +74,7 @@ def integer(doc: Mapping[str, Any], key: str, what: str, *, lo: int, hi: int,
 
 
 def check_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise BadRequest(f"{what} {value!r} is not a valid name (must match {NAME_RE.pattern})")
     return value
 

@@ -10,6 +10,7 @@ VM role and the migration role call :meth:`HostingRole.host_object` and
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,19 @@ from agent.mobility.client import RegistrationClient
 from agent.mobility.discovery_role import DiscoveryRole
 
 log = logging.getLogger(__name__)
+
+
+def check_home_address(home_address: str, home_agent: str, own: set[str]) -> None:
+    """A home address a router may put on its loopback: a unicast IPv4 address on its home
+    agent's network (/24, MOAT's home LAN), not the home agent's own nor one of the router's
+    ``own`` addresses; ValueError otherwise (issue 12: it arrives in PROVISION, MIGRATE and
+    VM_NEGOTIATE messages)."""
+    home, agent = ipaddress.IPv4Address(home_address), ipaddress.IPv4Address(home_agent)
+    network = ipaddress.IPv4Network(f"{agent}/24", strict=False)
+    if home not in network or home in (network.network_address, network.broadcast_address) \
+            or home == agent or str(home) in own:
+        raise ValueError(f"home address {home} is not an address of its home agent's network "
+                         f"{network} this router may take")
 
 
 @dataclass
@@ -149,6 +163,10 @@ class HostingRole(Role):
         registration client. Used for placed objects and by the VM for its mobile objects."""
         if obj.name in self.objects:
             raise ControlError(f"object {obj.name} already runs here")
+        try:
+            check_home_address(obj.home_address, obj.home_agent, self.config.addresses)
+        except ValueError as exc:
+            raise ControlError(f"object {obj.name}: {exc}") from None
         hosted = HostedObject(obj.name, obj.home_address, vm=vm)
         self.objects[obj.name] = hosted
         try:

@@ -8,7 +8,7 @@ reacts to the bindings it returns (stop proxy ARP, remove tunnels).
 from __future__ import annotations
 
 import ipaddress
-import itertools
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -74,7 +74,6 @@ class BindingTable:
         self.max_bindings = max_bindings
         self._clock = clock
         self._by_home: dict[str, list[Binding]] = {}
-        self._keys = itertools.count(1)
         #: Last Identification accepted per home address, for the replay check.
         self.last_identification: dict[str, int] = {}
 
@@ -127,13 +126,22 @@ class BindingTable:
             removed, kept = [], others
         else:
             removed, kept = others, []
-        key = same[0].gre_key if same else next(self._keys)
+        key = same[0].gre_key if same else self._new_key()
         binding = Binding(
             home_address, care_of_address, care_of_name, key, lifetime, now, nai,
             identification, reverse_tunnel, part, network_prefix,
         )
         self._store(home_address, kept + [binding])
         return UpdateResult(binding, removed, not was_away, False)
+
+    def _new_key(self) -> int:
+        """A GRE key no live binding has, drawn at random (1 to 2**32-1): a key an attacker
+        cannot guess cannot be forged into the FOA's tunnel (issue 12)."""
+        taken = {b.gre_key for b in self}
+        while True:
+            key = secrets.randbelow(0xFFFFFFFF) + 1
+            if key not in taken:
+                return key
 
     def expire(self) -> list[Binding]:
         """Remove and return every binding whose lifetime has run out."""

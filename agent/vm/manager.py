@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ from agent.vm.shaping import EgressShaper
 log = logging.getLogger(__name__)
 
 KINDS = ("interface", "service")
+#: What a VM may be called: it names directories and cgroups on the router.
+VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RUN_TIMEOUT = 10.0
 
 #: Told of a VM's events: ("started" | "removed", the VM). Must not block; may raise (logged).
@@ -177,6 +180,11 @@ class VmManager:
             raise ProvisionError("message", f"missing field {exc}") from None
         if kind not in KINDS:
             raise ProvisionError("message", f"kind must be one of {KINDS}")
+        if not VM_NAME_RE.fullmatch(name):
+            # It names directories this router removes and replaces as root: "../x" must
+            # touch nothing (issue 12).
+            raise ProvisionError("message", f"VM name {name[:80]!r} must match "
+                                 f"{VM_NAME_RE.pattern}")
         if name in self.vms:
             raise ProvisionError("message", f"VM {name} exists on {self.router}")
         interface = body.get("interface")

@@ -73,7 +73,7 @@ def _check_keys(data: Mapping[str, Any], required: set[str], optional: set[str],
 
 
 def _check_re(value: Any, regex: re.Pattern[str], what: str) -> str:
-    if not isinstance(value, str) or not regex.match(value):
+    if not isinstance(value, str) or not regex.fullmatch(value):
         raise ManifestError(f"{what} {value!r} is invalid (must match {regex.pattern})")
     return value
 

@@ -289,3 +289,14 @@ def test_visitor_expire(clock: FakeClock) -> None:
     clock.advance(10)
     assert vl.expire() == [b]
     assert len(vl) == 0 and vl.snapshot() == []
+
+
+def test_gre_keys_are_unpredictable_and_unique_among_live_bindings(clock) -> None:
+    """Issue 12: keys drawn at random, never one a live binding has (not 1, 2, 3...)."""
+    table = BindingTable(4, clock)
+    keys = [table.register(f"10.16.0.{100 + i}", "10.12.0.1", "x", 60, False).binding.gre_key
+            for i in range(64)]
+    assert len(set(keys)) == 64 and all(1 <= k <= 0xFFFFFFFF for k in keys)
+    assert keys != list(range(1, 65))
+    renewed = table.register("10.16.0.100", "10.12.0.1", "x", 60, False).binding.gre_key
+    assert renewed == keys[0], "a renewal keeps its binding's key"

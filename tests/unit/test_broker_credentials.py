@@ -155,3 +155,13 @@ def test_derived_keys_are_per_service_and_need_no_exchange() -> None:
         keys.rotate("text2html")
     with pytest.raises(ValueError):
         ServiceKeys.derived(b"short")
+
+
+def test_a_name_with_a_trailing_newline_is_not_a_name() -> None:
+    """``$`` matches before a final newline: names are checked whole (issue 12)."""
+    from agent.broker import wire
+    from agent.broker.errors import BadRequest
+
+    assert wire.check_name("r22a/vm1@ab", "instance") == "r22a/vm1@ab"
+    with pytest.raises(BadRequest):
+        wire.check_name("r22a/vm1\n", "instance")

@@ -557,3 +557,16 @@ def test_without_a_mobile_network_the_other_objects_serve_on_the_vm(env: Env) ->
            "mobile_foreign": {"spi": 8194, "key": "bb" * 16}}
     env.provision(mobile={"counter": cfg})
     assert env.manager.vms["v1"].at_home == [] and env.host.registering == {"cam": True}
+
+
+@pytest.mark.parametrize("name", ["../victim", "a/b", "", ".hidden", "x" * 65, "v1\n"])
+def test_a_vm_name_that_could_name_another_directory_is_refused_and_touches_nothing(
+        env: Env, name: str) -> None:
+    """Issue 12: a VM's name becomes directories the router removes and replaces as root."""
+    victim = env.storage / "victim"
+    victim.mkdir(parents=True)
+    (victim / "keep").write_text("mine")
+    err = env.refused(vm=name)
+    assert err.step == "message" and "must match" in err.reason
+    assert (victim / "keep").read_text() == "mine" and env.manager.vms == {}
+    assert env.running() == [] and env.leftovers("fetched") == []

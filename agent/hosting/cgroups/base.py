@@ -90,7 +90,7 @@ class Limits:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or name in (".", ".."):
+    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise CgroupError(f"bad cgroup name {name!r} (letters, digits, _.:@+- only)")
     return name
 
@@ -104,4 +104,4 @@ def run_prefix(run_id: str | None) -> str:
 
 
 def is_agent_leaf(name: str) -> bool:
-    return bool(_AGENT_LEAF_RE.match(name))
+    return bool(_AGENT_LEAF_RE.fullmatch(name))
