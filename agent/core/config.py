@@ -198,7 +198,7 @@ class AgentConfig:
     #: ``moat`` experiments); a provisioned VM's objects take their manifest's instead.
     object_resources: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECT_RESOURCES))
     #: The run's router key (hex): MIGRATE and STATE_TRANSFER carry an HMAC under it
-    #: (agent.core.msgauth). None: this agent neither signs nor checks them (a hand-made config).
+    #: (agent.core.msgauth). None: this agent sends them unsigned and refuses every one it gets.
     router_key: str | None = None
     #: The run's service broker; None: no broker in this run.
     broker: BrokerConfig | None = None

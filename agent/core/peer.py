@@ -76,19 +76,23 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
 
 class RouterKeyAuth:
     """Authenticates messages one router sends another: HMAC under the run's router key, with
-    a replay cache. Without a key (a hand-made configuration) nothing is checked."""
+    a replay cache. Without a key (a hand-made configuration) every such message is refused:
+    authentication fails closed (issue 12)."""
 
     def __init__(self, key: bytes | None, cache: ReplayCache | None = None) -> None:
         self.key = key
         self.cache = cache if cache is not None else ReplayCache()
 
     def __call__(self, msg: ControlMessage) -> dict[str, Any]:
-        if self.key:
-            try:
-                verify_hmac(msg.type, msg.txid, msg.body, self.key, self.cache)
-            except MessageAuthError as exc:
-                log.warning("in-band %s refused: %s", msg.type.name, exc)
-                raise ControlError(f"{msg.type.name} refused: {exc}") from None
+        if not self.key:
+            log.warning("in-band %s refused: this router has no router key", msg.type.name)
+            raise ControlError(f"{msg.type.name} refused: this router has no router key to "
+                               "check it with")
+        try:
+            verify_hmac(msg.type, msg.txid, msg.body, self.key, self.cache)
+        except MessageAuthError as exc:
+            log.warning("in-band %s refused: %s", msg.type.name, exc)
+            raise ControlError(f"{msg.type.name} refused: {exc}") from None
         return strip(msg.body)
 
 

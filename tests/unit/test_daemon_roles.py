@@ -144,6 +144,14 @@ def test_router_key_auth_checks_type_and_txid() -> None:
     assert auth(ControlMessage(ControlType.MIGRATE, 1, body)) == {"a": 1}
 
 
+def test_router_key_auth_without_a_key_fails_closed() -> None:
+    """Issue 12: a router without the run's key refuses every router message, signed or not."""
+    auth = RouterKeyAuth(None, ReplayCache())
+    for body in ({"a": 1}, sign_hmac(ControlType.MIGRATE, 1, {"a": 1}, KEY)):
+        with pytest.raises(ControlError, match="no router key"):
+            auth(ControlMessage(ControlType.MIGRATE, 1, body))
+
+
 def test_periodic_job_runs_at_once_and_survives_a_failure() -> None:
     calls: list[int] = []
 
