@@ -256,8 +256,7 @@ class MoatNetwork:
         for router in self.topo.router_names():
             cfg = self.agent_config(router)
             path = self.run.dir / f"{router}.json"
-            cfg.write(path)
-            os.chmod(path, 0o600)  # holds keys
+            cfg.write(path)  # root-only from creation: it holds keys
             info = self.topo.nodeInfo(router)
             info["daemon_argv"] = [sys.executable, "-m", "agent", "--config", str(path)]
             info["daemon_log"] = str(self.run.dir / f"{router}.out")

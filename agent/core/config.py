@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,7 +250,17 @@ class AgentConfig:
         return conv(asdict(self))
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2))
+        """Write it root-only from creation (it holds keys): a new file is made 0600 and
+        renamed into place, so no reader ever sees it with wider permissions (issue 12)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.to_json(), indent=2))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "AgentConfig":

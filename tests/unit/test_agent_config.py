@@ -212,3 +212,23 @@ def test_object_flags_must_be_json_booleans() -> None:
     assert ObjectConfig.from_json(dict(base, simultaneous=True)).simultaneous is True
     with pytest.raises(ConfigError):
         ObjectConfig.from_json(dict(base, simultaneous="false"))
+
+
+def test_a_written_configuration_is_root_only_from_creation(tmp_path) -> None:
+    """Issue 12: it holds keys; it is never readable by others, not even for a moment."""
+    import os
+    import stat
+
+    from agent.core.config import AgentConfig, Interface
+
+    cfg = AgentConfig("r1", str(tmp_path), [], [Interface("eth0", "10.0.0.1")],
+                      router_key="ab" * 32)
+    path = tmp_path / "r1.json"
+    old = os.umask(0o022)
+    try:
+        cfg.write(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert AgentConfig.load(path).router_key == "ab" * 32
+    assert [p.name for p in tmp_path.iterdir()] == ["r1.json"]  # no temporary left
