@@ -24,6 +24,11 @@ from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, 
 log = logging.getLogger(__name__)
 
 PEER_TIMEOUT = 15.0
+#: Connections TCP 4340 serves at once: more are closed at once (work before authentication
+#: is bounded, issue 12). Growing a service opens one per router; a run has far fewer.
+MAX_CONNECTIONS = 64
+#: A connection must deliver a whole message within this, or it is closed.
+READ_DEADLINE = 10.0
 
 
 class PeerError(AgentError):
@@ -126,6 +131,10 @@ class PeerServer:
         self.host = host
         self.server: asyncio.AbstractServer | None = None
         self.malformed = 0
+        self.max_connections = MAX_CONNECTIONS
+        self.connections = 0
+        #: Connections closed at once because ``max_connections`` were open.
+        self.refused = 0
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
@@ -138,10 +147,24 @@ class PeerServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 100 == 0:  # rate-limited: a flood logs little
+                log.warning("TCP %d: %d connections open, refused %d so far", self.port,
+                            self.connections, self.refused)
+            writer.transport.abort()
+            return
+        self.connections += 1
+        try:
+            await self._messages(reader, writer)
+        finally:
+            self.connections -= 1
+
+    async def _messages(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(read_message(reader), PEER_TIMEOUT * 4)
+                    msg = await asyncio.wait_for(read_message(reader), READ_DEADLINE)
                 except asyncio.IncompleteReadError:
                     return
                 except (MalformedMessage, asyncio.TimeoutError) as exc:

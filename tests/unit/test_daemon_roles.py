@@ -209,6 +209,43 @@ def test_a_handler_exception_is_answered_as_a_refusal() -> None:
         asyncio.run(_exchange(handler, {}))
 
 
+def test_tcp_4340_serves_a_bounded_number_of_connections(monkeypatch) -> None:
+    """Issue 12: connections that send nothing (or half a message) cannot pile up: beyond
+    the limit new ones are closed at once, and a silent one is closed at the read deadline;
+    then a real exchange is served again."""
+    from agent.core import peer as peer_mod
+
+    monkeypatch.setattr(peer_mod, "READ_DEADLINE", 0.3)
+
+    async def handler(msg: ControlMessage) -> dict:
+        return {"ok": True}
+
+    async def main() -> None:
+        server = PeerServer(handler, port=0, host="127.0.0.1")
+        server.max_connections = 2
+        await server.start()
+        try:
+            idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+            reader, _ = await asyncio.open_connection("127.0.0.1", server.port)
+            assert await asyncio.wait_for(reader.read(), 2) == b""  # closed at once
+            assert server.refused == 1
+            for r, _ in idle:  # the silent ones go at the read deadline
+                assert await asyncio.wait_for(r.read(), 2) == b""
+            for _, w in idle:
+                w.close()
+            answer = await peer_call("127.0.0.1", ControlType.MIGRATE, {}, port=server.port,
+                                     timeout=5)
+            assert answer == {"ok": True}
+            from agent.core.wait import async_wait_until
+
+            await async_wait_until(lambda: server.connections == 0, 2, interval=0.01,
+                                   what="the served connection closed")
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
 def test_peer_call_to_nobody_is_a_peer_error() -> None:
     async def main() -> None:
         server = PeerServer(lambda m: None, port=0, host="127.0.0.1")  # type: ignore[arg-type]
