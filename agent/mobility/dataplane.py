@@ -9,6 +9,7 @@ housekeeping tick is cheap and idempotent.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any, Optional
 
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 ARP_POLLS, ARP_POLL_S = 25, 0.02
 
 #: A visitor's path at the FOA: (HOA address, GRE key, LAN router that runs it or None for
-#: this router, reverse tunnel, delivered as frames to that router rather than routed).
-ForeignPath = tuple[str, int, Optional[str], bool, bool]
+#: this router, reverse tunnel, delivered as frames to that router rather than routed, the
+#: inner destinations it may carry: its home address and mobile network).
+ForeignPath = tuple[str, int, Optional[str], bool, bool, frozenset]
 #: A visitor: (home address, care-of address).
 VisitorKey = tuple[str, str]
 
@@ -90,8 +92,9 @@ class DataPlane:
                         self._set_delivery(old, None)
                 if new is not None:
                     self.tunnel.accept(new[0], new[1])
+                    self.tunnel.restrict(new[0], new[1], new[5])
                     if new[4] and not await self._deliver_as_frames(new):
-                        new = new[:4] + (False,)  # type: ignore[assignment]
+                        new = new[:4] + (False,) + new[5:]  # type: ignore[assignment]
                     if new[3]:
                         self.tunnel.set_reverse(address, (new[0], new[1]))
                     self._foreign_paths[key] = new
@@ -114,8 +117,11 @@ class DataPlane:
             shared = len(visitors) > 1 or home in self.frames_for
             for v in visitors:
                 via = None if v.local_address in self.addresses else v.local_address
+                serves = frozenset([home, *(str(a) for a in (
+                    ipaddress.IPv4Network(v.network_prefix) if v.network_prefix else ()))])
                 wanted[(home, v.care_of_address)] = (v.home_agent, v.gre_key, via,
-                                                     v.reverse_tunnel, shared and via is not None)
+                                                     v.reverse_tunnel, shared and via is not None,
+                                                     serves)
         return wanted
 
     async def _sync_routes(self) -> None:

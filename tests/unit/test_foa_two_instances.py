@@ -62,6 +62,10 @@ class FakeTunnel:
         self.accepted: set[tuple[str, int]] = set()
         self.deliveries: dict[tuple[str, int], tuple[str, str]] = {}
 
+    def restrict(self, remote: str, key: int, destinations: Any) -> None:
+        self.serves = getattr(self, "serves", {})
+        self.serves[(remote, key)] = destinations
+
     def accept(self, remote: str, key: int) -> None:
         self.accepted.add((remote, key))
 
@@ -242,3 +246,12 @@ def test_the_foa_switches_to_frames_before_its_router_takes_the_home_address(
     dataplane.frames_for.discard(HOME)
     asyncio.run(dataplane.sync_foreign(net.foa))
     assert tunnel.deliveries == {} and kernel["routes"] == {f"{HOME}/32": BEHIND}
+
+
+def test_the_foa_tells_its_tunnel_what_each_visitor_may_receive(kernel: dict[str, Any]) -> None:
+    """Issue 12: each (HOA, key) carries packets for its visitor's home address only."""
+    net, tunnel = Network(), FakeTunnel()
+    net.register(BEHIND, LAN)
+    asyncio.run(DataPlane(tunnel, {LAN, BACKBONE}).sync_foreign(net.foa))
+    key = net.foa.visitors.get(HOME, LAN).gre_key
+    assert tunnel.serves == {(HOA, key): frozenset({HOME})}

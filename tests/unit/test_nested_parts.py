@@ -166,6 +166,10 @@ class FakeTunnel:
         else:
             self.peers.pop(inner_dst, None)
 
+    def restrict(self, remote: str, key: int, destinations: Any) -> None:
+        self.serves = getattr(self, "serves", {})
+        self.serves[(remote, key)] = destinations
+
     def accept(self, remote: str, key: int) -> None:
         self.accepted.add((remote, key))
 

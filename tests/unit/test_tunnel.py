@@ -525,6 +525,21 @@ def test_a_binding_with_a_delivery_goes_as_a_frame_to_that_neighbour_not_the_tun
     assert len(frames) == 1 and fake_tun.to_kernel() == [pkt]  # routed again
 
 
+def test_a_restricted_binding_decapsulates_only_for_its_visitor(tun) -> None:
+    """Issue 12: an FOA drops what a known (remote, key) carries for anyone but its visitor."""
+    t, fake_tun, sock = tun
+    t.accept(HOA, 42)
+    t.restrict(HOA, 42, frozenset({OBJ}))
+    for_visitor, for_other = inner_packet(), inner_packet(dst="10.12.0.99")
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(for_visitor)))
+    sock.incoming.append(outer_packet(GreHeader(key=42).encode(for_other)))
+    t._from_wire()
+    assert fake_tun.to_kernel() == [for_visitor]
+    assert t.stats["dropped_not_visitor"] == 1 and t.stats["decapsulated"] == 1
+    t.forget(HOA, 42)
+    assert (HOA, 42) not in t.destinations
+
+
 def test_scapy_built_gre_is_accepted() -> None:
     t = UserspaceTunnel(asyncio.new_event_loop(), FOA)
     t.accept(HOA, 7)

@@ -44,6 +44,7 @@ STAT_KEYS = (
     "dropped_no_peer",       # routed into the tunnel but no peer for its dst nor reverse src
     "dropped_send_error",    # sendto/write failed (buffer full, no route to the remote...)
     "dropped_loop",          # our own GRE routed back into the tunnel
+    "dropped_not_visitor",   # decapsulated for an address the (remote, key) does not serve
 )
 
 
@@ -334,6 +335,11 @@ class Tunnel:
 
     def forget(self, remote: str, key: int) -> None:
         raise NotImplementedError
+
+    def restrict(self, remote: str, key: int, destinations: frozenset[str] | None) -> None:
+        """Decapsulate from ``(remote, key)`` only packets for ``destinations`` (an FOA's
+        visitor: its home address and mobile network), dropping the rest (issue 12). The
+        kernel backend decapsulates in the kernel and does not check (documented)."""
 
     def set_delivery(self, remote: str, key: int, via: tuple[str, str] | None) -> None:
         """Deliver what arrives from ``(remote, key)`` as a frame to the on-link neighbour

@@ -66,6 +66,8 @@ class UserspaceTunnel(Tunnel):
         self._reverse_route = False
         self._pktinfo = True  # send with IP_PKTINFO (source = local) until the kernel refuses
         self._closed = False
+        #: (remote, key) -> the inner destinations it may carry (an FOA's visitor).
+        self.destinations: dict[tuple[str, int], frozenset[str]] = {}
         #: (remote, key) -> (interface, MAC): delivered as frames to that neighbour.
         self.deliveries: dict[tuple[str, int], tuple[str, str]] = {}
         self._frames: socket.socket | None = None
@@ -218,7 +220,16 @@ class UserspaceTunnel(Tunnel):
         self.accepted.add(check_peer((remote, key)))
 
     def forget(self, remote: str, key: int) -> None:
-        self.accepted.discard(check_peer((remote, key)))
+        peer = check_peer((remote, key))
+        self.accepted.discard(peer)
+        self.destinations.pop(peer, None)
+
+    def restrict(self, remote: str, key: int, destinations: frozenset[str] | None) -> None:
+        peer = check_peer((remote, key))
+        if destinations is None:
+            self.destinations.pop(peer, None)
+        else:
+            self.destinations[peer] = frozenset(destinations)
 
     def set_reverse(self, inner_src: str, peer: tuple[str, int] | None) -> None:
         inner_src = check_address(inner_src, "inner source")
@@ -381,6 +392,13 @@ class UserspaceTunnel(Tunnel):
             self._counters["dropped_unknown_peer"] += 1
             self._limit(f"unknown-{outer.src}-{gre.key}", logging.INFO,
                         "GRE from %s key %s not accepted: dropped", outer.src, gre.key)
+            return None
+        allowed = self.destinations.get((outer.src, gre.key))
+        if allowed is not None and inner_header.dst not in allowed:
+            self._counters["dropped_not_visitor"] += 1
+            self._limit(f"not-visitor-{outer.src}-{gre.key}", logging.INFO,
+                        "GRE from %s key %s for %s, not its visitor: dropped", outer.src,
+                        gre.key, inner_header.dst)
             return None
         self._peer = (outer.src, gre.key)
         return inner[: inner_header.total_length]
