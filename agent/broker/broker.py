@@ -366,29 +366,27 @@ class Broker:
         And whether the CO is *pinned*: an instance on its network answers on the movable
         primary's own address, so no new instance elsewhere would reach it."""
         network = self._network_of(co_address)
-        local = [i for i in self.directory.lookup(service) if network and i.network == network]
+        instances = self.directory.lookup(service)
+        local = [i for i in instances if network and i.network == network]
         if not local:
             return None, False
-        # What the CO sends to is the target's address (a part's own, or the object's).
-        address_of = {i.instance_id: i.address_of(service) for i in self.directory.lookup(service)}
-        # Per address, the instance the CO's network delivers it to: the one on its FOA's
-        # own router if there is one, else the one there (a secondary, on its own address,
-        # does not hide the primary).
+        # What the CO sends to: the target's address (a part's own, or the object's).
+        address = {i.instance_id: i.address_of(service) for i in instances}
+        # Per address that an instance on the CO's network answers on, the instance(s) the
+        # network delivers it to: the one on its FOA's own router if there is one.
         reached: dict[str, set[str]] = {}
-        for i in local:
-            reached.setdefault(address_of[i.instance_id], set())
-        for address in reached:
-            here = [i for i in local if address_of[i.instance_id] == address]
-            chosen = [i for i in here if i.gateway] or here
-            reached[address] = {i.instance_id for i in chosen}
+        for a in {address[i.instance_id] for i in local}:
+            here = [i for i in local if address[i.instance_id] == a]
+            reached[a] = {i.instance_id for i in [i for i in here if i.gateway] or here}
+
+        def reaches(instance: Instance) -> bool:
+            a = address.get(instance.instance_id, instance.address)
+            return a not in reached or instance.instance_id in reached[a]
+
         # Pinned: the CO's network delivers the object's home address itself (no duplicate
         # elsewhere would reach it). A part's address is the object's router's to forward.
-        movable = {i.address for i in self.directory.lookup(service) if i.movable}
-        return (lambda instance: (address_of.get(instance.instance_id, instance.address)
-                                  not in reached
-                                  or instance.instance_id in reached[address_of.get(
-                                      instance.instance_id, instance.address)]),
-                bool(set(reached) & movable))
+        movable = {i.address for i in instances if i.movable}
+        return reaches, bool(set(reached) & movable)
 
     def _release_if_idle(self, instance_id: str) -> None:
         """A duplicate exists for its leases only: with none left it leaves the directory

@@ -19,7 +19,6 @@ served well within a second. Expiry needs no message: the credential carries its
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Any
 
@@ -226,18 +225,8 @@ class BrokerRole(Role):
         return float(self.hops[network].get(instance.router, 0)) if network else 0.0
 
     def network_of(self, co_address: str | None) -> str:
-        """The run's network (a key of the hop table) that ``co_address`` is on; "" when
-        unknown."""
-        if not co_address:
-            return ""
-        try:
-            address = ipaddress.ip_address(co_address)
-        except ValueError:
-            return ""
-        for prefix in self.hops:  # "10.14.0.0/24": what instances give as their network
-            if address in ipaddress.ip_network(prefix, strict=False):
-                return prefix
-        return ""
+        """The run's network that ``co_address`` is on ("" when unknown)."""
+        return self.config.broker.network_of(co_address)
 
     # --- control commands ----------------------------------------------------------------
 

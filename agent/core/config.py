@@ -161,6 +161,18 @@ class BrokerConfig:
     #: Instances of one service at most (the primary and its duplicates).
     max_instances: int = 3
 
+    def network_of(self, address: str | None) -> str:
+        """The run's network (a key of :attr:`network_hops`, ``"10.14.0.0/24"``) that
+        ``address`` is on; "" when unknown or not an address."""
+        if not address:
+            return ""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return ""
+        return next((prefix for prefix in self.network_hops
+                     if ip in ipaddress.ip_network(prefix, strict=False)), "")
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "BrokerConfig":
         return cls(

@@ -11,7 +11,6 @@ in-band dispatch. It uses the role's ``vm``, ``key``, ``routers``, ``hops``, ``n
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
 import time
@@ -36,6 +35,18 @@ QUERY_TIMEOUT_S = 1.5
 RESERVE_TIMEOUT_S = 2.0
 #: Starting a duplicate: fetch and verify from the site, start, register through an FOA.
 START_TIMEOUT_S = 25.0
+
+
+class Steps:
+    """What one growth did, each step with the milliseconds since it began: the broker's
+    ``growth`` record and the ``room`` command show them. Call it with each step's text."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, float]] = []
+        self._started = time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        self.done.append((what, round((time.monotonic() - self._started) * 1000, 1)))
 
 
 class GrowRefused(ControlError):
@@ -81,11 +92,7 @@ class PrimarySide:
 
     async def _place_near(self, vm: Any, obj: str, config: dict[str, Any], network: str,
                           counts: dict[str, int]) -> None:
-        steps: list[tuple[str, float]] = []
-        started = time.monotonic()
-
-        def step(what: str) -> None:
-            steps.append((what, round((time.monotonic() - started) * 1000, 1)))
+        step = Steps()
 
         need = Room(vm.cpu, vm.memory_mb)
         name = str(config["name"])
@@ -99,12 +106,12 @@ class PrimarySide:
         step(f"most requests come from {network} through the home network: {counts}")
         try:
             answer = await self._place(vm, obj, config, need,
-                                       rank(candidates, {}, {network: 1}), steps, step)
+                                       rank(candidates, {}, {network: 1}), step)
         except GrowRefused as exc:
             self.vm.record_error(self.vm.instance_id(vm), vm.service, "traffic", str(exc))
             return
         self.placements.append({"at": time.time(), "object": name, "network": network,
-                                "router": answer["router"], "steps": steps})
+                                "router": answer["router"], "steps": step.done})
         del self.placements[:-100]
         log.info("placed a duplicate of %s on %s near its traffic", name, answer["router"])
 
@@ -123,11 +130,7 @@ class PrimarySide:
         iid = wire.text(body, "instance_id", "grow", max_len=128)
         target = wire.text(body, "target", "grow", max_len=260)
         co_address = wire.text(body, "co_address", "grow", default="", max_len=64)
-        steps: list[tuple[str, float]] = []
-        started = time.monotonic()
-
-        def step(what: str) -> None:
-            steps.append((what, round((time.monotonic() - started) * 1000, 1)))
+        step = Steps()
 
         vm = next((v for v in self.vm.vms.values() if self.vm.instance_id(v) == iid), None)
         if vm is None or vm.part != "primary" or vm.primary_object() is None:
@@ -136,7 +139,7 @@ class PrimarySide:
         name, home = str(config["name"]), str(config["home_address"])
         move = all_or_part(target, vm.service, [*vm.objects, *vm.moved])
         if not move.whole:
-            return await self._move_part(vm, move.part, iid, home, co_address, steps, step)
+            return await self._move_part(vm, move.part, iid, home, co_address, step)
         need = Room(vm.cpu, vm.memory_mb)
         offers = await self._query_all(home)
         step(f"asked {len(self.routers)} routers for room, {len(offers)} answered")
@@ -146,10 +149,10 @@ class PrimarySide:
         if not candidates:
             raise GrowRefused(f"no router on a foreign network without {name} has "
                               f"{need.cpu:g} CPU and {need.memory_mb} MiB free")
-        return await self._place(vm, obj, config, need, candidates, steps, step)
+        return await self._place(vm, obj, config, need, candidates, step)
 
     async def _move_part(self, vm: Any, part: str, iid: str, home: str, co_address: str,
-                         steps: list[tuple[str, float]], step: Any) -> dict[str, Any]:
+                         step: "Steps") -> dict[str, Any]:
         """Step 218: ``part`` moves to the best candidate as a secondary object."""
         if part in vm.moved:
             raise GrowRefused(f"part {part!r} already runs as a secondary on {vm.moved[part]}")
@@ -180,7 +183,7 @@ class PrimarySide:
                 await self._release_reservation(offer, rid)
                 raise GrowRefused(str(exc)) from None
 
-        answer = await self._first_that_reserves(vm.service, need, candidates, steps, step, move)
+        answer = await self._first_that_reserves(vm.service, need, candidates, step, move)
         self.stats["parts_moved"] += 1
         # The primary no longer offers the part: the broker learns it with the answer.
         answer["primary"] = self.instance_doc(vm)
@@ -193,20 +196,17 @@ class PrimarySide:
                         key=self.key, timeout=RESERVE_TIMEOUT_S)
 
     async def _place(self, vm: Any, obj: str, config: dict[str, Any], need: Room,
-                     candidates: list[Offer], steps: list[tuple[str, float]],
-                     step: Any) -> dict[str, Any]:
+                     candidates: list[Offer], step: "Steps") -> dict[str, Any]:
         """Steps 212-222 over ``candidates`` in order: reserve, then start the duplicate."""
         async def duplicate(offer: Offer, rid: str) -> dict[str, Any]:
             return await self._duplicate(vm, obj, config, offer, rid, step)
 
-        answer = await self._first_that_reserves(vm.service, need, candidates, steps, step,
-                                                 duplicate)
+        answer = await self._first_that_reserves(vm.service, need, candidates, step, duplicate)
         self.stats["grown"] += 1
         return answer
 
     async def _first_that_reserves(self, service: str, need: Room, candidates: list[Offer],
-                                   steps: list[tuple[str, float]], step: Any,
-                                   start: Any) -> dict[str, Any]:
+                                   step: "Steps", start: Any) -> dict[str, Any]:
         """Step 212 over ``candidates`` in order: the first that reserves ``need`` gets the
         new instance (``start(offer, reservation id)``, which raises GrowRefused on failure);
         a refusal means the next candidate."""
@@ -223,7 +223,7 @@ class PrimarySide:
             answer = await start(offer, rid)
             tried.append({"router": offer.router, "refused": ""})
             return {"ok": True, "instance": answer["instance"], "router": offer.router,
-                    "tried": tried, "steps": steps}
+                    "tried": tried, "steps": step.done}
         raise GrowRefused("every candidate refused: " + "; ".join(
             f"{t['router']}: {t['refused']}" for t in tried))
 
@@ -236,7 +236,7 @@ class PrimarySide:
         # From now on the primary's renewals keep the other bindings (RFC 5944's S).
         if hosted is not None:
             hosted.config.simultaneous = True
-        part_id = 1 + sum(1 for v in self.vm.vms.values() if v.part == "duplicate")
+        part_id = self.stats["grown"] + 1  # this primary's duplicates, in order
         # Without the mobile network: the parts' addresses go to the primary only.
         dup_config = dict(config, part="duplicate", part_id=part_id, simultaneous=True,
                           network_prefix="")
@@ -297,16 +297,8 @@ class PrimarySide:
                 if isinstance(v, int) and not isinstance(v, bool)}
 
     def _co_hops(self, co_address: str) -> dict[str, int]:
-        if not co_address:
-            return {}
-        try:
-            address = ipaddress.ip_address(co_address)
-        except ValueError:
-            return {}
-        for prefix, hops in self.hops.items():
-            if address in ipaddress.ip_network(prefix, strict=False):
-                return dict(hops)
-        return {}
+        """Hops from the CO's network to each router (none known: {})."""
+        return dict(self.hops.get(self.config.broker.network_of(co_address), {}))
 
 
 def _why(exc: PeerError) -> str:
