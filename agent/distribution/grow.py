@@ -69,6 +69,7 @@ class PrimarySide:
     stats: dict[str, int]
     config: Any
     agent: Any
+    _hosting: Any  # the role's: this router's HostingRole
 
     # --- the traffic rule (patent: "optimize the path of the service") -----------------------
 
@@ -261,10 +262,7 @@ class PrimarySide:
             log.info("reservation %s on %s not released: %s", rid, offer.router, exc)
 
     def _primary_client(self, name: str) -> Any:
-        from agent.hosting.objects import HostingRole
-
-        hosting = self.agent.role(HostingRole)
-        hosted = hosting.objects.get(name) if hosting is not None else None
+        hosted = self._hosting().objects.get(name)
         return hosted.client if hosted is not None else None
 
     async def _query_all(self, home_address: str) -> list[Offer]:
