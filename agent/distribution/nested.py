@@ -96,8 +96,8 @@ class NestedHomeAgent:
         try:
             msg = decode_registration(data)
         except MalformedMessage as exc:
-            self.malformed += 1
-            log.info("nested home agent: malformed message from %s: %s", addr[0], exc)
+            self.malformed += 1  # counted, logged at debug: a flood writes no log
+            log.debug("nested home agent: malformed message from %s: %s", addr[0], exc)
             return
         if not isinstance(msg, RegistrationRequest) or msg.home_agent != self.primary.home_address:
             self.malformed += 1
@@ -105,9 +105,13 @@ class NestedHomeAgent:
         decision = self.home.handle(msg)
         assert self._transport is not None
         self._transport.sendto(decision.reply, addr)
-        log.info("nested home agent of %s: %s for %s via %s (coa %s)", self.primary.name,
-                 decision.code.name, msg.home_address, addr[0], msg.care_of_address)
-        self.sync()
+        # Accepted registrations are few (one per part and lifetime); refusals, which anyone
+        # can provoke before authentication, go to debug (the HOA's counters keep them).
+        log.log(logging.INFO if decision.update is not None else logging.DEBUG,
+                "nested home agent of %s: %s for %s via %s (coa %s)", self.primary.name,
+                decision.code.name, msg.home_address, addr[0], msg.care_of_address)
+        if decision.update is not None:
+            self.sync()
 
     def sync(self) -> None:
         """The tunnel follows the bindings (a host route per away part into ``mnh<k>``)."""
