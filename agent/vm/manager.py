@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from packets.codes import SERVICE_PORT
 
-from agent.core import netlink
+from agent.core import fields, netlink
 from agent.core.errors import AgentError
 from agent.vm.errors import ProvisionError
 from agent.vm.machine import MAX_SHARE, ObjectHost, SiteAccess, VirtualMachine, VmBaseline
@@ -52,9 +52,16 @@ from agent.vm.shaping import EgressShaper
 log = logging.getLogger(__name__)
 
 KINDS = ("interface", "service")
-#: What a VM may be called: it names directories and cgroups on the router.
-VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: What a VM may be called: it names directories and cgroups on the router (the pattern
+#: :func:`agent.core.fields.name` checks whole).
+VM_NAME_RE = re.compile(rf"^{fields.NAME_RE.pattern}$")
 RUN_TIMEOUT = 10.0
+#: Most CPUs a PROVISION may ask for (the manifest's limit for one object).
+MAX_VM_CPU = 1024.0
+#: Objects one PROVISION may name (``objects``, ``mobile``).
+MAX_OBJECTS = 64
+#: How far ahead of this router's clock a migrating VM's ``running_since`` may be, seconds.
+MAX_CLOCK_SKEW_S = 3600.0
 
 #: Told of a VM's events: ("started" | "removed", the VM). Must not block; may raise (logged).
 VmListener = Callable[[str, "VirtualMachine"], None]
@@ -67,11 +74,15 @@ class VmManager:
 
     def __init__(self, baseline: VmBaseline, router: str, run_id: str | None,
                  addresses: dict[str, str], cgroups: Any = None, host: ObjectHost | None = None,
-                 service_key: ServiceKey | None = None) -> None:
+                 service_key: ServiceKey | None = None,
+                 prefixes: dict[str, int] | None = None) -> None:
         self.baseline = baseline
         self.router = router
         self.run_id = run_id
         self.addresses = addresses  # interface -> address
+        #: interface -> its prefix length (24 when not given): a virtual interface's address
+        #: must be on that interface's network.
+        self.prefixes = dict(prefixes or {})
         self.host = host
         self.vms: dict[str, VirtualMachine] = {}
         self.errors: list[dict[str, Any]] = []
@@ -123,8 +134,8 @@ class VmManager:
             vm.last_update_check = time.time()
             # A VM that arrives with a migrating object keeps the service's age: a duration
             # limit counts from the service's first start, not from this move.
-            since = body.get("running_since")
-            vm.running_since = float(since) if isinstance(since, (int, float)) else time.time()
+            since = body.get("running_since")  # checked by _configure
+            vm.running_since = float(since) if since is not None else time.time()
             log.info("VM %s on %s runs %s %s", vm.name, self.router, vm.service, vm.version)
             self._emit("started", vm)
             return vm.describe()
@@ -173,51 +184,111 @@ class VmManager:
         log.warning("provisioning of %s refused at %s: %s", body.get("vm"), exc.step, exc.reason)
 
     def _configure(self, body: dict[str, Any]) -> VirtualMachine:
+        """Step 1 on a PROVISION body: every field checked (:mod:`agent.core.fields`) before
+        anything is fetched, added or started; a bad one is a refusal at step ``message``
+        (or the step it belongs to) that touches nothing."""
         base = self.baseline
+        for key in ("vm", "kind", "service"):
+            if key not in body:
+                raise ProvisionError("message", f"missing field {key!r}")
         try:
-            name, kind, service = str(body["vm"]), str(body["kind"]), str(body["service"])
-        except KeyError as exc:
-            raise ProvisionError("message", f"missing field {exc}") from None
-        if kind not in KINDS:
-            raise ProvisionError("message", f"kind must be one of {KINDS}")
-        if not VM_NAME_RE.fullmatch(name):
-            # It names directories this router removes and replaces as root: "../x" must
+            name = fields.name(body["vm"], "vm")
+            kind = fields.one_of(body["kind"], "kind", KINDS)
+            # Both name directories this router removes and replaces as root: "../x" must
             # touch nothing (issue 12).
-            raise ProvisionError("message", f"VM name {name[:80]!r} must match "
-                                 f"{VM_NAME_RE.pattern}")
+            service = fields.name(body["service"], "service")
+            port = fields.port(body.get("port", SERVICE_PORT), "port")
+            res = dict(fields.mapping(body.get("resources", {}), "resources", max_items=4))
+            wanted = body.get("credentials", base.authorized_keys)
+            if not isinstance(wanted, list) or len(wanted) > 16 \
+                    or not all(isinstance(k, str) for k in wanted):
+                raise fields.FieldError("credentials", wanted,
+                                        "must be a list of at most 16 provider key files")
+            cpu, memory_mb, pids, egress = self._resources(res)
+            policy = self._policy(body.get("policy", {}))
+            part = fields.one_of(body.get("part", "primary"), "part",
+                                 ("primary", "duplicate", "secondary"))
+            parent_router = body.get("parent_router", "")
+            if parent_router != "":
+                fields.address(parent_router, "parent_router")
+            parent_instance = body.get("parent_instance", "")
+            if parent_instance != "":
+                fields.identifier(parent_instance, "parent_instance")
+            since = body.get("running_since")
+            if since is not None:
+                fields.number(since, "running_since", ge=0, le=time.time() + MAX_CLOCK_SKEW_S)
+        except fields.FieldError as exc:
+            raise ProvisionError("message", str(exc)) from None
         if name in self.vms:
             raise ProvisionError("message", f"VM {name} exists on {self.router}")
         interface = body.get("interface")
         if kind == "interface":
-            if interface not in self.addresses:
+            if not isinstance(interface, str) or interface not in self.addresses:
                 raise ProvisionError("virtual interface", f"no interface {interface!r} on {self.router}")
-            address = str(body.get("address") or "")
-            if not address:
+            if not body.get("address"):
                 raise ProvisionError("virtual interface", "a virtual interface needs an address")
+            own = self.addresses[interface]
+            network = f"{own}/{self.prefixes.get(interface, 24)}"
+            try:
+                # An address of that interface's network, not one the router already has.
+                address = fields.address(body.get("address"), "address", within=[network],
+                                         exclude=self.addresses.values())
+            except fields.FieldError as exc:
+                raise ProvisionError("virtual interface", str(exc)) from None
         else:
             address, interface = "0.0.0.0", None
-        wanted = [str(k) for k in body.get("credentials", base.authorized_keys)]
         extra = [k for k in wanted if k not in base.authorized_keys]
         if extra:
             raise ProvisionError("credentials", f"credentials may only restrict the baseline; "
                                  f"not authorized here: {extra}")
-        res = body.get("resources", {})
-        policy = {**base.policy, **body.get("policy", {})}  # may restrict or enhance (step 70)
-        vm = VirtualMachine(name, kind, service, address, interface, int(body.get("port", SERVICE_PORT)),
-                            float(res.get("cpu", base.cpu)), int(res.get("memory_mb", base.memory_mb)),
-                            int(res.get("pids", base.pids)),
-                            int(res["egress_kbit"]) if res.get("egress_kbit") else None, wanted, policy)
+        policy = {**base.policy, **policy}  # may restrict or enhance (step 70)
+        vm = VirtualMachine(name, kind, service, address, interface, port, cpu, memory_mb, pids,
+                            egress, list(wanted), policy)
         vm.mobile, vm.only = self._mobile_part(body)
         vm.leased, vm.share = self._broker_terms(body)
-        vm.part = str(body.get("part", "primary"))
-        if vm.part not in ("primary", "duplicate", "secondary"):
-            raise ProvisionError("message", f"part must be primary, duplicate or secondary, "
-                                 f"not {vm.part!r}")
-        vm.parent_router = str(body.get("parent_router", ""))
+        vm.part = part
+        vm.parent_router = parent_router
         vm.ready = vm.part == "primary"  # the distribution role says when the others are
-        vm.parent_instance = str(body.get("parent_instance", ""))
+        vm.parent_instance = parent_instance
         vm.steps.append(("configured", time.time()))
         return vm
+
+    def _resources(self, res: dict[str, Any]) -> tuple[float, int, int, int | None]:
+        """(cpu, memory_mb, pids, egress_kbit) of a PROVISION's ``resources``, each in
+        range; what it leaves out is the baseline's."""
+        base = self.baseline
+        unknown = set(res) - {"cpu", "memory_mb", "pids", "egress_kbit"}
+        if unknown:
+            raise fields.FieldError("resources", sorted(unknown), "are unknown fields")
+        cpu = fields.number(res.get("cpu", base.cpu), "resources.cpu", gt=0, le=MAX_VM_CPU)
+        memory_mb = fields.integer(res.get("memory_mb", base.memory_mb), "resources.memory_mb",
+                                   1, 1 << 20)
+        pids = fields.integer(res.get("pids", base.pids), "resources.pids", 1, 1 << 16)
+        egress = res.get("egress_kbit")
+        if egress in (None, 0):
+            return cpu, memory_mb, pids, None
+        return cpu, memory_mb, pids, fields.integer(egress, "resources.egress_kbit", 8, 10 ** 8)
+
+    @staticmethod
+    def _policy(doc: Any) -> dict[str, Any]:
+        """A PROVISION's lifecycle ``policy``: only the lifecycle policy's fields, each
+        valid by :class:`agent.vm.manifest.LifecyclePolicy`'s rules."""
+        from agent.vm.errors import ManifestError
+        from agent.vm.manifest import LifecyclePolicy
+
+        doc = dict(fields.mapping(doc, "policy", max_items=8))
+        known = {"max_transactions", "max_duration_s", "update_check_interval_s", "shareable",
+                 "extensible"}
+        for key, value in doc.items():
+            if key not in known:
+                raise fields.FieldError("policy", key, f"is not one of {sorted(known)}")
+            if value is None and key not in ("shareable", "extensible"):
+                continue
+            try:
+                LifecyclePolicy(**{key: value})
+            except ManifestError as exc:
+                raise fields.FieldError(f"policy.{key}", value, f"is refused: {exc}") from None
+        return doc
 
     def _broker_terms(self, body: dict[str, Any]) -> tuple[bool, float]:
         """``leased`` (a JSON boolean, default false) and ``share`` (percent in (0, 100],
@@ -237,25 +308,33 @@ class VmManager:
 
     def _mobile_part(self, body: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """The ``mobile`` (object -> registration config) and ``objects`` (a part of the
-        service) fields, checked before anything is fetched."""
-        from agent.core.config import ConfigError, ObjectConfig
-
+        service) fields, checked before anything is fetched: object names, and every
+        registration field (:func:`agent.core.fields.object_config`: a home address on its
+        home agent's network that is none of this router's, a prefix on the home network)."""
         mobile = body.get("mobile") or {}
         only = body.get("objects") or []
         if not isinstance(mobile, dict) or not isinstance(only, list):
             raise ProvisionError("message", "mobile must map object names to configurations "
                                  "and objects must be a list of object names")
+        try:
+            only = fields.names(only, "objects", max_items=MAX_OBJECTS)
+            fields.mapping(mobile, "mobile", max_items=MAX_OBJECTS)
+            for obj in mobile:
+                fields.name(obj, "mobile object")
+        except fields.FieldError as exc:
+            raise ProvisionError("message", str(exc)) from None
         if mobile and self.host is None:
             raise ProvisionError("mobile objects", f"{self.router} cannot host mobile objects")
         names = set()
         for obj, cfg in mobile.items():
             try:
-                names.add(ObjectConfig.from_json(cfg).name)
-            except (ConfigError, AttributeError, TypeError) as exc:
+                names.add(fields.object_config(cfg, f"mobile.{obj}",
+                                               own=self.addresses.values()).name)
+            except fields.FieldError as exc:
                 raise ProvisionError("mobile objects", f"{obj}: {exc}") from None
         if len(names) != len(mobile):
             raise ProvisionError("mobile objects", "two objects with one mobile name")
-        return {str(k): dict(v) for k, v in mobile.items()}, [str(o) for o in only]
+        return {str(k): dict(v) for k, v in mobile.items()}, list(only)
 
     async def _fetch_verify_install(self, vm: VirtualMachine) -> None:
         await fetch_verify_install(self.baseline, vm, now=lambda: time.time())

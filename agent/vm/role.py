@@ -52,7 +52,8 @@ class VmRole(Role):
             service_key = functools.partial(derive_service_key, bytes.fromhex(cfg.router_key))
         self.manager = VmManager(VmBaseline.from_json(cfg.vm), cfg.name, cfg.run_id,
                                  {i.name: i.address for i in cfg.interfaces},
-                                 cgroups=hosting.cgroups, host=hosting, service_key=service_key)
+                                 cgroups=hosting.cgroups, host=hosting, service_key=service_key,
+                                 prefixes={i.name: i.prefix for i in cfg.interfaces})
         self.manager.networks = [str(ipaddress.ip_interface(f"{i.address}/{i.prefix}").network)
                                  for i in cfg.interfaces if i.advertise]
 
