@@ -12,6 +12,8 @@ import re
 from typing import Any, Mapping
 
 from agent.broker.errors import BadRequest
+from agent.core import fields
+from agent.core.fields import FieldError
 
 #: Service, instance, object, format and holder names: printable, no spaces, bounded.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
@@ -100,3 +102,22 @@ def names(doc: Mapping[str, Any], key: str, what: str, *, max_items: int = 64,
     if not isinstance(value, (list, tuple)) or len(value) > max_items:
         raise BadRequest(f"{what}.{key} must be a list of at most {max_items} names")
     return tuple(check_name(v, f"{what}.{key}[]") for v in value)
+
+
+def field(check: Any, *args: Any, **kw: Any) -> Any:
+    """Run one of :mod:`agent.core.fields`' checks; its refusal as :class:`BadRequest`, so a
+    corresponding object or router gets the broker's ``bad_request`` reason."""
+    try:
+        return check(*args, **kw)
+    except FieldError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def address(doc: Mapping[str, Any], key: str, what: str, *, default: Any = _MISSING,
+            within: Any = None) -> Any:
+    """A unicast IPv4 address (:func:`agent.core.fields.address`); ``default`` when absent
+    (or equal to it)."""
+    value = _get(doc, key, default, what)
+    if default is not _MISSING and value == default:
+        return value
+    return field(fields.address, value, f"{what}.{key}", within=within)

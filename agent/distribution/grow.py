@@ -20,6 +20,8 @@ from packets import ControlMessage, ControlType
 
 from agent.broker import wire
 from agent.broker.errors import BadRequest
+from agent.broker.leases import LeaseRequest
+from agent.core import fields
 from agent.core.errors import ControlError
 from agent.core.peer import PeerError, PeerRefused, peer_call
 from agent.distribution.capacity import Offer, Room, placeable, rank
@@ -128,9 +130,10 @@ class PrimarySide:
 
     async def grow(self, body: dict[str, Any]) -> dict[str, Any]:
         """Steps 210-222 for the broker's SERVICE_GROW; the new instance's document."""
-        iid = wire.text(body, "instance_id", "grow", max_len=128)
+        iid = wire.field(fields.identifier, body.get("instance_id"), "grow.instance_id")
         target = wire.text(body, "target", "grow", max_len=260)
-        co_address = wire.text(body, "co_address", "grow", default="", max_len=64)
+        LeaseRequest(target, 1.0, 1.0)  # a service or object name, or a goal: else BadRequest
+        co_address = wire.address(body, "co_address", "grow", default="")
         step = Steps()
 
         vm = next((v for v in self.vm.vms.values() if self.vm.instance_id(v) == iid), None)

@@ -40,6 +40,7 @@ from packets import ControlMessage, ControlType
 
 from agent.broker import wire
 from agent.broker.errors import BadRequest
+from agent.core import fields
 from agent.core.errors import ControlError
 from agent.core.peer import RouterKeyAuth, peer_call
 from agent.core.role import InBand, Periodic, Role
@@ -187,15 +188,11 @@ class DistributionRole(PrimarySide, Role):
             raise BadRequest(f"action must be one of {ACTIONS}")
         if action == "query":
             self.stats["queries"] += 1
-            home = wire.text(body, "home_address", "query", max_len=64)
-            try:
-                ipaddress.ip_address(home)
-            except ValueError:
-                raise BadRequest(f"home address {home!r} is not an IP address") from None
+            home = wire.address(body, "home_address", "query")
             return {"ok": True, **self.offer(home)}
         if action in ("restore", "cancel", "return"):
             return await self._on_move_step(action, body)
-        rid = wire.text(body, "reservation", action, max_len=64)
+        rid = wire.field(fields.token, body.get("reservation"), f"{action}.reservation")
         if action == "reserve":
             room = Room(wire.number(body, "cpu", "reserve", gt=0, le=64),
                         int(wire.integer(body, "memory_mb", "reserve", lo=1, hi=1 << 20)))
@@ -215,23 +212,25 @@ class DistributionRole(PrimarySide, Role):
         ``cancel``: a secondary or duplicate started here goes again; ``return``: a part of a
         primary here comes back from its secondary, with the secondary's state."""
         if action == "return":
-            part = wire.name(body, "part", "return")
+            part = wire.field(fields.name, body.get("part"), "return.part")
             vm = next((v for v in self.vm.vms.values() if part in v.moved), None)
             if vm is None:
                 raise ControlError(f"no part {part!r} of a VM here runs elsewhere")
             await self.parts.come_back(vm, part, body.get("state"), warm=body.get("warm") is True)
             return {"ok": True, "part": part}
         if action == "restore" and "part" in body:  # a part given back, warm, gets its state
-            result = await self.parts.restore(wire.name(body, "part", "restore"), body.get("state"))
+            result = await self.parts.restore(wire.field(fields.name, body.get("part"),
+                                                         "restore.part"), body.get("state"))
             return {"ok": True, "replayed": result.get("replayed", 0)}
-        vm = self.vm.vms.get(wire.name(body, "vm", action))
+        vm = self.vm.vms.get(wire.field(fields.name, body.get("vm"), f"{action}.vm"))
         if vm is None or vm.part == "primary":
             raise ControlError(f"no secondary or duplicate VM {body.get('vm')!r} here")
         if action == "cancel":
             await self.vm.remove(vm.name)
             return {"ok": True}
-        result = await self._hosting().cmd_object_restore(wire.name(body, "name", "restore"),
-                                                         body.get("state"), serve=True)
+        result = await self._hosting().cmd_object_restore(
+            wire.field(fields.name, body.get("name"), "restore.name"), body.get("state"),
+            serve=True)
         return {"ok": True, "replayed": (result or {}).get("replayed", 0)}
 
     async def _start_instance(self, rid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -250,9 +249,18 @@ class DistributionRole(PrimarySide, Role):
         if not isinstance(objects, list) or len(objects) != 1 or not isinstance(mobile, dict) \
                 or set(mobile) != set(objects):
             raise BadRequest("a duplicate or secondary runs exactly one mobile object")
-        wire.check_name(vm_body.get("vm"), "vm")
-        (obj,) = objects
-        name, home = str(mobile[obj].get("name")), str(mobile[obj].get("home_address"))
+        vm_name = wire.field(fields.name, vm_body.get("vm"), "start.vm.vm")
+        (obj,) = wire.field(fields.names, objects, "start.vm.objects")
+        config = wire.field(fields.mapping, mobile[obj], f"start.vm.mobile.{obj}")
+        # Checked before this router uses them (its FOA's frames, the care-of address): the
+        # rest of the VM description is checked by the VM manager before anything starts.
+        name = wire.field(fields.name, config.get("name"), f"start.vm.mobile.{obj}.name")
+        home = wire.field(fields.home_address, config.get("home_address"),
+                          config.get("home_agent"), f"start.vm.mobile.{obj}.home_address",
+                          own=self.config.addresses)
+        if vm_name in self.vm.vms:
+            # Never taken for one this start made: a failure below would remove it.
+            raise BadRequest(f"start.vm.vm {vm_name!r}: a VM of that name runs here")
         second = self.second_care_of(home) if vm_body["part"] == "duplicate" else ""
         if second:
             mobile[obj] = dict(mobile[obj], care_of_address=second)
@@ -305,7 +313,7 @@ class DistributionRole(PrimarySide, Role):
     async def on_release(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         """The broker: this duplicate or secondary holds no lease any more (step 230). A
         secondary first gives its part back to the primary's router, with its state."""
-        iid = wire.text(body, "instance_id", "release", max_len=128)
+        iid = wire.field(fields.identifier, body.get("instance_id"), "release.instance_id")
         vms = [vm for vm in self.vm.vms.values() if self.vm.instance_id(vm) == iid]
         if not vms:
             return {"ok": True, "released": False}  # gone already: nothing to do
