@@ -41,6 +41,7 @@ from agent.broker import wire
 from agent.broker.credentials import RevocationList
 from agent.broker.errors import BadRequest
 from agent.broker.leases import MAX_CPU, MAX_SHARE
+from agent.core import fields
 from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
 from agent.vm.role import VmRole
@@ -165,7 +166,7 @@ def revocations_by_service(body: dict[str, Any]) -> dict[str, list[dict[str, Any
         wire.only_keys(row, {"lease_id", "until", "service"}, "revoked lease")
         service = wire.name(row, "service", "revoked lease")
         out.setdefault(service, []).append({
-            "lease_id": wire.text(row, "lease_id", "revoked lease", max_len=128),
+            "lease_id": wire.field(fields.token, row.get("lease_id"), "revoked lease.lease_id"),
             "until": wire.number(row, "until", "revoked lease", ge=0)})
     return out
 

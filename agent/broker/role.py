@@ -32,6 +32,7 @@ from agent.broker.admission import GrowthPolicy
 from agent.broker.errors import BadRequest, LeaseDenied, NeedsGrowth
 from agent.broker.growth import Growth
 from agent.broker.leases import LeasePolicy, LeaseRequest
+from agent.core import fields
 from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
 from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
@@ -123,7 +124,8 @@ class BrokerRole(Role):
 
     async def on_request(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         co_address = body.pop("co_address", None)
-        co_address = co_address if isinstance(co_address, str) else None
+        if co_address is not None:  # where the CO is: it picks instances and where to grow
+            co_address = wire.field(fields.address, co_address, "LEASE_REQUEST.co_address")
         measured = measured_costs(body.pop("costs", None))
         holder, request = holder_of(msg), body.get("request")
         try:
@@ -152,11 +154,11 @@ class BrokerRole(Role):
             self._measured = {}
 
     async def on_renew(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
-        hop = self.broker.renew(str(body.get("lease_id")), holder_of(msg), _duration(body))
+        hop = self.broker.renew(_lease_id(body, "LEASE_RENEW"), holder_of(msg), _duration(body))
         return self._signed(msg, msg.type, {"ok": True, "hop": hop.as_dict()})
 
     async def on_cancel(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
-        lease = self.broker.cancel(str(body.get("lease_id")), holder_of(msg))
+        lease = self.broker.cancel(_lease_id(body, "LEASE_CANCEL"), holder_of(msg))
         self.growth.push_releases()
         pushed = self.push_revocations()
         if pushed:
@@ -180,11 +182,31 @@ class BrokerRole(Role):
     # --- the routers' messages -----------------------------------------------------------
 
     async def on_register(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
-        self.broker.register_from(body.get("instance"))
+        self.broker.register_from(self.check_instance(body.get("instance")))
         return {"ok": True}
 
+    @staticmethod
+    def check_instance(doc: Any) -> Any:
+        """A SERVICE_REGISTER ``instance``: on top of the directory's own checks, every
+        address it gives (where it answers, its router, its parts) is a unicast IPv4 address
+        in canonical form (:func:`agent.core.fields.address`) and its network an IPv4 prefix:
+        a router cannot send COs to a multicast, loopback or malformed address."""
+        doc = wire.as_mapping(doc, "instance")
+        for key in ("address", "router_address"):
+            if doc.get(key, "") != "" or key == "address":
+                wire.field(fields.address, doc.get(key), f"instance.{key}")
+        parts = wire.as_mapping(doc.get("object_addresses", {}), "instance.object_addresses")
+        if len(parts) > 64:
+            raise BadRequest("instance.object_addresses: at most 64")
+        for obj, address in parts.items():
+            wire.field(fields.address, address, f"instance.object_addresses.{obj}")
+        if doc.get("network", "") != "":
+            wire.field(fields.prefix, doc.get("network"), "instance.network")
+        return doc
+
     async def on_deregister(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
-        ended = self.broker.remove_instance(str(body.get("instance_id")))
+        ended = self.broker.remove_instance(
+            wire.field(fields.identifier, body.get("instance_id"), "SERVICE_DEREGISTER.instance_id"))
         return {"ok": True, "leases_ended": len(ended)}
 
     # --- revocations and housekeeping ----------------------------------------------------
@@ -242,6 +264,10 @@ class BrokerRole(Role):
 
     def status(self) -> dict[str, Any]:
         return {"broker_stats": dict(self.broker.stats)}
+
+
+def _lease_id(body: dict[str, Any], what: str) -> str:
+    return wire.field(fields.token, body.get("lease_id"), f"{what}.lease_id")
 
 
 def _duration(body: dict[str, Any]) -> Any:
