@@ -22,8 +22,9 @@ talking to an object moved to net 12) to bypass the home network.
 Parameters (also from the command line, ``--topo patent,backbone_bw=10,triangle=True``):
 ``backbone_bw`` Mbit/s (default 100; ``None`` = unshaped), ``backbone_delay`` (e.g.
 ``"5ms"``) and ``backbone_loss`` (%) — both need netem and degrade to a logged warning
-where it is missing — ``lan_bw`` Mbit/s for the LAN links (default unshaped) and
-``triangle``.
+where it is missing — ``lan_bw`` Mbit/s for the LAN links (default unshaped),
+``triangle`` and ``attacker`` (default off): a host ``att12`` at 10.12.0.66 on net 12, from
+which ``moat run attacks`` attacks the run (it holds no key of the run).
 
 Run it with Mininet directly (as root, from the repository root)::
 
@@ -54,9 +55,13 @@ from typing import Any  # noqa: E402
 from topologies.base import MoatTopo, as_bool, check_bw, check_delay, check_loss  # noqa: E402
 from topologies.errors import TopologyParamError  # noqa: E402
 
-__all__ = ["PatentTopo", "topos"]
+__all__ = ["PatentTopo", "topos", "ATTACKER_HOST", "ATTACKER_OCTET"]
 
 log = logging.getLogger(__name__)
+
+#: The attack suite's host (``attacker=True``) and its octet on net 12.
+ATTACKER_HOST = "att12"
+ATTACKER_OCTET = 66
 
 
 class PatentTopo(MoatTopo):
@@ -69,6 +74,7 @@ class PatentTopo(MoatTopo):
         backbone_loss: float | None = None,
         lan_bw: float | None = None,
         triangle: bool | str = False,
+        attacker: bool | str = False,
         **_ignored: Any,
     ) -> None:
         """Lay out Figs. 1/6; see the module docstring for the parameters."""
@@ -83,6 +89,11 @@ class PatentTopo(MoatTopo):
         self.add_home_network()
         self.add_foreign_network(12, ["r18a", "r18b"], co_host="co12")
         self.add_foreign_network(14, ["r20a"], co_host="co14")
+        self.attacker = as_bool(attacker, "attacker")
+        if self.attacker:
+            # On the LAN of the FOA r18a and the hosting router r18b: on-link to both, so its
+            # advertisements and replayed registrations reach them as a local host's would.
+            self.add_end_host(ATTACKER_HOST, 12, ATTACKER_OCTET, role="attacker")
 
         self.add_backbone("r22a", "r18a", bw=bw, delay=delay, loss=loss)
         self.add_backbone("r22a", "r20a", bw=bw, delay=delay, loss=loss)
