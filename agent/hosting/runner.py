@@ -46,6 +46,9 @@ from packets import ControlMessage, ControlType, MalformedMessage
 from packets.control import HEADER, frame_length
 
 from agent.core import rpc
+from agent.core.errors import AgentError
+from agent.hosting.at_most_once import (MAX_CLIENT_LEN, MAX_SEQ, RequestMemory, Verdict,
+                                        encoded_size)
 from agent.hosting.credential_check import CredentialCheck
 from agent.hosting.streams import StreamPeer
 from agent.sdk import MobileObject, RequestError
@@ -96,12 +99,38 @@ def parse_request(data: bytes) -> ControlMessage:
     msg = ControlMessage.decode(data)
     if msg.type != ControlType.SERVICE_REQUEST:
         raise MalformedMessage(f"{msg.type.name} is not a service request")
-    try:
-        str(msg.body["client"])
-        int(msg.body["seq"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MalformedMessage(f"service request without client and seq: {exc!r}") from None
+    client, seq = msg.body.get("client"), msg.body.get("seq")
+    if not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_LEN:
+        raise MalformedMessage(f"service request without a client id of 1 to {MAX_CLIENT_LEN} "
+                               f"characters: {client!r:.80}")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+        raise MalformedMessage(f"service request without a seq in [0, {MAX_SEQ}]: {seq!r:.80}")
     return msg
+
+
+class CheckpointError(AgentError):
+    """The object's state cannot be checkpointed: it is not strict JSON (NaN, infinity, a
+    type JSON has not). The router is answered with this and the object keeps serving."""
+
+
+def _pending_requests(raw: Any) -> list[tuple[ControlMessage, tuple[str, int]]]:
+    """A checkpoint's pending requests, each checked like one from the wire."""
+    if not isinstance(raw, list) or len(raw) > MAX_QUEUE:
+        raise ValueError(f"checkpoint: pending is not a list of at most {MAX_QUEUE} requests")
+    out = []
+    for item in raw:
+        try:
+            txid, body, (host, port) = item
+            if isinstance(txid, bool) or not isinstance(txid, int) or not isinstance(body, dict) \
+                    or not isinstance(host, str) or isinstance(port, bool) \
+                    or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+                raise ValueError("wrong types")
+            msg = ControlMessage(ControlType.SERVICE_REQUEST, txid, body)
+            parse_request(msg.encode())
+        except (TypeError, ValueError, MalformedMessage) as exc:
+            raise ValueError(f"checkpoint: a pending request is malformed: {exc}") from None
+        out.append((msg, (host, port)))
+    return out
 
 
 #: Where a reply goes: a UDP source address, a TCP connection, or nowhere (None).
@@ -128,14 +157,16 @@ class ObjectServer(asyncio.DatagramProtocol):
         self.instance = uuid.uuid4().hex[:8]
         self.warming = warm
         self.queue: list[tuple[ControlMessage, ReplyTo]] = []
-        self.seen: dict[str, list] = {}  # client -> [seq, reply body]
+        #: At-most-once memory per client, bounded (agent.hosting.at_most_once).
+        self.seen = RequestMemory()
         #: Requests per source network (/24), for placing duplicates near the traffic.
         self.by_network: dict[str, int] = {}
         # too_large: UDP replies replaced by the "ask again over TCP" reply; dropped: requests
         # the warm-up queue had no room for; tcp_refused: connections over max_streams.
         self.stats = {"served": 0, "duplicates": 0, "stale": 0, "malformed": 0, "errors": 0,
                       "queued": 0, "too_large": 0, "dropped": 0, "tcp_refused": 0,
-                      "refused": 0, "left_to_sibling": 0, "started": time.time()}
+                      "refused": 0, "left_to_sibling": 0, "seq_refused": 0,
+                      "started": time.time()}
         self.transport: asyncio.DatagramTransport | None = None
         #: Open TCP connections; bounds (attributes so that tests can shrink them).
         self.streams: set[StreamPeer] = set()
@@ -253,16 +284,26 @@ class ObjectServer(asyncio.DatagramProtocol):
             msg = ControlMessage(msg.type, msg.txid,
                                  {k: v for k, v in msg.body.items() if k != "credential"})
         self._count_source(dest)  # what this instance serves (not a sibling's, under bicast)
-        last = self.seen.get(client)
-        if last is not None and seq <= last[0]:
+        verdict, remembered = self.seen.check(client, seq)
+        if verdict is Verdict.DUPLICATE:
             # A queued UDP request the checkpoint already answered was answered by the other
             # instance (bicast): no second reply. A TCP connection reached only this
             # instance, so a duplicate on it is answered (the retry of a too_large reply).
-            if seq == last[0] and (not replay or isinstance(dest, StreamPeer)):
+            if not replay or isinstance(dest, StreamPeer):
                 self.stats["duplicates"] += 1
-                self._reply(msg.txid, last[1], dest)
+                self._reply(msg.txid, remembered or {}, dest)
             else:
                 self.stats["stale"] += 1
+            return
+        if verdict is Verdict.STALE:
+            self.stats["stale"] += 1
+            return
+        if verdict is Verdict.AHEAD:
+            # Not served and not remembered: one spoofed request cannot move the filter.
+            self.stats["seq_refused"] += 1
+            self._reply(msg.txid, {"ok": False, "client": client, "seq": seq, "seq_error": "ahead",
+                                   "error": f"seq {seq} is too far ahead of this client's "
+                                            "last: refused"}, dest)
             return
         try:
             if msg.body.get("from_service") and not self.extensible:
@@ -277,7 +318,18 @@ class ObjectServer(asyncio.DatagramProtocol):
             log.exception("object %s failed on a request", self.name)
             body = {"ok": False, "error": f"object error: {exc!r}"}
         body.update(client=client, seq=seq)
-        self.seen[client] = [seq, body]
+        try:
+            size = encoded_size(body)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # A reply that is not JSON (NaN, a set) is never remembered as such: the memory
+            # travels in the checkpoint, which must stay strict JSON.
+            self.stats["errors"] += 1
+            log.warning("object %s: its reply to %s seq %d is not JSON: %s", self.name,
+                        client, seq, exc)
+            body = {"ok": False, "error": f"object error: its reply is not JSON: {exc}",
+                    "client": client, "seq": seq}
+            size = encoded_size(body)
+        self.seen.remember(client, seq, body, size)  # a huge reply: remembered as a short error
         self.stats["served"] += 1
         self._reply(msg.txid, body, dest)
 
@@ -322,31 +374,43 @@ class ObjectServer(asyncio.DatagramProtocol):
 
     def checkpoint(self) -> dict[str, Any]:
         """A JSON copy: it must not change when this instance serves the next request, and an
-        object whose state is not JSON fails here, at its origin, not at the target."""
+        object whose state is not strict JSON (NaN, a set) fails here, at its origin, with a
+        :class:`CheckpointError`, not at the target or halfway through a move."""
         # Requests received but not served yet (a held or warm instance) travel too: the
         # next instance answers them, so a request that reached this one is not lost.
         pending = [[m.txid, m.body, list(a)] for m, a in self.queue if isinstance(a, tuple)]
-        state = {"object": self.obj.get_state(), "seen": self.seen,
-                 "served": self.stats["served"], "pending": pending}
-        if self.credentials is not None and len(self.credentials.revocations):
-            # Cancelled leases move with the object: its next process must not honour them.
-            state["revocations"] = self.credentials.revocations.as_dict()
-        return json.loads(json.dumps(state))
+        try:
+            state = {"object": self.obj.get_state(), "seen": self.seen.to_json(),
+                     "served": self.stats["served"], "pending": pending}
+            if self.credentials is not None and len(self.credentials.revocations):
+                # Cancelled leases move with the object: its next process must not honour them.
+                state["revocations"] = self.credentials.revocations.as_dict()
+            return json.loads(json.dumps(state, allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"object {self.name}: its state cannot be checkpointed "
+                                  f"(not strict JSON): {exc}") from None
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (a checkpoint from another router: every field checked
+        first; a bad one raises ValueError and changes nothing)."""
+        if not isinstance(state, dict) or "object" not in state:
+            raise ValueError("checkpoint: not an object with an 'object' state")
+        served = state.get("served", 0)
+        if isinstance(served, bool) or not isinstance(served, int) or served < 0:
+            raise ValueError(f"checkpoint: served must be a count, not {served!r:.80}")
+        pending = _pending_requests(state.get("pending", []))
+        seen = RequestMemory(self.seen.max_clients, self.seen.max_bytes, self.seen.reply_limit)
+        seen.merge(state.get("seen", {}))  # validates (ValueError) before anything changes
         self.obj.set_state(state["object"])
         # Transactions served travel with the object: a lifecycle limit counts the service's
         # use, wherever (and in whichever version) it ran.
-        self.stats["served"] += int(state.get("served", 0))
-        for client, (seq, body) in state.get("seen", {}).items():
-            mine = self.seen.get(client)
-            if mine is None or seq > mine[0]:
-                self.seen[client] = [seq, body]
+        self.stats["served"] += served
+        self.seen.merge(state.get("seen", {}))
         if self.credentials is not None and state.get("revocations"):
             self.credentials.revoke(state["revocations"])
-        for txid, body, addr in state.get("pending", []):
+        for entry in pending:
             if len(self.queue) < MAX_QUEUE:
-                self.queue.append((ControlMessage(ControlType.SERVICE_REQUEST, int(txid), body), tuple(addr)))
+                self.queue.append(entry)
 
     def hold(self) -> int:
         """Stop serving, keep receiving: requests queue (and go into the checkpoint) while
@@ -400,9 +464,10 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
         return {"revocations": check(args).revoke({"revoked": args.get("revoked")})}
 
     def stop_now(_args: dict[str, Any]) -> dict[str, Any]:
-        state = server.checkpoint()  # the final state, answered before the process ends
+        # The process ends after this answer even when the state cannot be checkpointed
+        # (the router is then answered the CheckpointError): a stop always stops.
         stop.set()
-        return state
+        return server.checkpoint()  # the final state, answered before the process ends
 
     return {
         "get_state": lambda _args: server.checkpoint(),
