@@ -308,9 +308,12 @@ def _raw_ip_socket() -> socket.socket:
 def icmp_packet(payload: bytes, src: str, dst: str, ttl: int) -> bytes:
     """An IP/ICMP packet carrying ``payload`` (an ICMP message, checksum included), crafted
     with Scapy so the TTL and the source are whatever the attack wants."""
-    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet import IP
+    from scapy.packet import Raw
 
-    return bytes(IP(src=src, dst=dst, ttl=ttl) / ICMP(payload))
+    # Raw, not ICMP(payload): a fuzzed payload may be too short for Scapy to parse as ICMP,
+    # and the bytes must go out exactly as mutated.
+    return bytes(IP(src=src, dst=dst, ttl=ttl, proto=1) / Raw(payload))
 
 
 def cmd_icmp(spec: dict[str, Any]) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def run_class(ctx: Context, name: str, fn: Callable[[Context], Result], target: 
     t0 = time.monotonic()
     try:
         sent, observed, refused, detail = fn(ctx)
-    except (TopologyError, AgentError, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one class that cannot run is its row, not the end
         log.exception("attack %s failed to run", name)
         sent, observed, refused, detail = "?", f"the attack did not run: {exc}", False, {}
     detail["seconds"] = round(time.monotonic() - t0, 2)
@@ -123,16 +123,24 @@ def _codes(answers: list[dict[str, Any]]) -> list[int]:
 
 def registration_replay(ctx: Context) -> Result:
     captured = ctx.captured.get("rrq") or []
+    relayed = ctx.captured.get("relayed") or []
     if not captured:
         return "nothing (no registration captured)", "no request to replay", False, {}
     payloads = [p.hex() for p in captured[-3:]]
+    # The object's requests to the FOA, and the FOA's relayed ones (Foreign-Home signed, from
+    # the backbone) to the HOA: those pass every authenticator, so only the Identification
+    # check (133) stands between them and the binding.
+    hoa_payloads = payloads + [p.hex() for p in relayed[-3:]]
     to_foa = ctx.attack("udp", {"dst": ctx.addr(ctx.foa), "port": 434, "payloads": payloads, "listen_s": 1.5})
-    to_hoa = ctx.attack("udp", {"dst": ctx.addr(ctx.hoa), "port": 434, "payloads": payloads, "listen_s": 1.5})
+    to_hoa = ctx.attack("udp", {"dst": ctx.addr(ctx.hoa), "port": 434, "payloads": hoa_payloads,
+                                "listen_s": 1.5})
     codes = _codes(to_foa["answers"]) + _codes(to_hoa["answers"])
-    refused = not any(c in ACCEPTED for c in codes)
-    return (f"{2 * len(payloads)} captured RRQs (UDP 434) to {ctx.foa} and {ctx.hoa}",
-            f"answers with codes {codes or 'none'}", refused,
-            {"foa_answers": to_foa["answers"], "hoa_answers": to_hoa["answers"]})
+    relayed_codes = _codes(to_hoa["answers"])[len(payloads):]
+    refused = not any(c in ACCEPTED for c in codes) and (not relayed or 133 in relayed_codes)
+    return (f"{len(payloads)} captured RRQs to {ctx.foa}; those + {len(relayed[-3:])} captured "
+            f"relayed ones to {ctx.hoa} (UDP 434)",
+            f"FOA codes {_codes(to_foa['answers']) or 'none'}; HOA codes {_codes(to_hoa['answers']) or 'none'}",
+            refused, {"foa_answers": to_foa["answers"], "hoa_answers": to_hoa["answers"]})
 
 
 def _object_spis(ctx: Context) -> tuple[int, int, str]:
@@ -147,12 +155,17 @@ def forged_authenticators(ctx: Context) -> Result:
     bad_mh = wire.forged_request(home, hoa, coa, nai, mh)
     bad_fh = wire.forged_request(home, hoa, coa, nai, mh, fh_spi=2000)
     bad_mf = wire.forged_request(home, hoa, coa, nai, mh, mf_spi=mf)
-    a = ctx.attack("udp", {"dst": hoa, "port": 434, "payloads": [bad_mh.hex(), bad_fh.hex()], "listen_s": 1.5})
+    # A deregistration goes to the HOA directly (no FOA, no Foreign-Home): only Mobile-Home
+    # protects it, so this one must meet 131.
+    bad_dereg = wire.forged_request(home, hoa, home, nai, mh, lifetime=0)
+    a = ctx.attack("udp", {"dst": hoa, "port": 434, "payloads": [bad_mh.hex(), bad_fh.hex(), bad_dereg.hex()],
+                           "listen_s": 1.5})
     b = ctx.attack("udp", {"dst": foa, "port": 434, "payloads": [bad_mf.hex()], "listen_s": 1.5})
     codes_hoa, codes_foa = _codes(a["answers"]), _codes(b["answers"])
     refused = (not any(c in ACCEPTED for c in codes_hoa + codes_foa)
-               and set(codes_hoa) <= {131, 132} and set(codes_foa) <= {67})
-    return ("2 RRQs to the HOA (wrong MH; wrong FH), 1 to the FOA (wrong MF), UDP 434",
+               and bool(codes_hoa) and set(codes_hoa) <= {131, 132} and set(codes_foa) <= {67})
+    return ("3 RRQs to the HOA (wrong MH; wrong FH; a deregistration with a wrong MH), 1 to the "
+            "FOA (wrong MF), UDP 434",
             f"HOA codes {codes_hoa or 'none'}, FOA codes {codes_foa or 'none'}", refused,
             {"hoa": a["answers"], "foa": b["answers"]})
 
@@ -237,8 +250,6 @@ def _send_in_band(ctx: Context, dst_router: str, messages: dict[str, bytes]) -> 
 def forged_in_band(ctx: Context) -> Result:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from agent.core import msgauth
-
     wrong = os.urandom(32)
     victim_router = ctx.hosting
     bodies: dict[str, tuple[ControlType, dict[str, Any]]] = {
@@ -262,12 +273,12 @@ def forged_in_band(ctx: Context) -> Result:
         for name, (ctype, body) in table.items():
             msgs[f"{name} unsigned"] = wire.control(ctype, body)
             if ctype == ControlType.PROVISION:
-                msgs[f"{name} wrong key"] = wire.control(ctype, msgauth.sign_ed25519(
-                    int(ctype), 7, body, attacker_key, "provider"), 7)
+                msgs[f"{name} wrong key"] = wire.ed25519_signed(ctype, body, attacker_key, "provider",
+                                                                ctx.addr(targets))
             else:
                 key_id = "co12" if ctype in (ControlType.LEASE_REQUEST, ControlType.LEASE_RENEW,
                                              ControlType.LEASE_CANCEL) else "routers"
-                msgs[f"{name} wrong key"] = wire.hmac_signed(ctype, body, wrong, targets, key_id)
+                msgs[f"{name} wrong key"] = wire.hmac_signed(ctype, body, wrong, ctx.addr(targets), key_id)
         results.update({f"{k} -> {targets}": v for k, v in _send_in_band(ctx, targets, msgs).items()})
     # Signed with the run's router key for another router (the third), sent to the victim's.
     other = wire.hmac_signed(ControlType.VM_NEGOTIATE, {"action": "query"}, _router_key(ctx),

@@ -69,18 +69,22 @@ def normal_traffic(moat: MoatNetwork, ctx: classes.Context, migrate: bool) -> di
 
 def harvest(ctx: classes.Context) -> None:
     """The registration requests and in-band messages the captures hold so far."""
-    hosting = ctx.addr(HOSTING)
+    hosting, hoa = ctx.addr(HOSTING), ctx.addr(ctx.hoa)
     rrq: list[bytes] = []
+    relayed: list[bytes] = []
     control: list[tuple[str, str, bytes]] = []
     for pcap in sorted(ctx.captures.glob("*.pcap")):
         try:
             if pcap.stem == "foreign_lan_12":
                 rrq += [p for s, _d, p in wire.udp_payloads(pcap, 434) if s == hosting and p[:1] == b"\x01"]
+            if pcap.stem.startswith("backbone"):
+                relayed += [p for _s, d, p in wire.udp_payloads(pcap, 434) if d == hoa and p[:1] == b"\x01"]
             control += wire.control_messages(pcap)
         except Exception as exc:  # noqa: BLE001 - a pcap still being written may end mid-packet
             log.warning("reading %s: %s", pcap, exc)
     seen = set()
     ctx.captured["rrq"] = rrq
+    ctx.captured["relayed"] = relayed
     ctx.captured["control"] = [c for c in control if not (c[2] in seen or seen.add(c[2]))]
 
 
@@ -104,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         harvest(ctx)
         baseline = {"idle_rss_kib": {r: state.agent_rss(moat.client, r) for r in moat.client.routers()},
                     "traffic": steps, "captured_rrq": len(ctx.captured["rrq"]),
+                    "captured_relayed": len(ctx.captured["relayed"]),
                     "captured_control": len(ctx.captured["control"]),
                     "machine": f"{platform.machine()} x{__import__('os').cpu_count()}, "
                                f"Python {platform.python_version()}"}

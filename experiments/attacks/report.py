@@ -7,7 +7,7 @@ three, never given).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import AttackClass

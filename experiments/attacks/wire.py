@@ -100,12 +100,13 @@ def control_messages(pcap: Path, port: int = 4340) -> list[tuple[str, str, bytes
 
 def forged_request(home: str, home_agent: str, care_of: str, nai: str, mh_spi: int,
                    mf_spi: int | None = None, key: bytes | None = None,
-                   fh_spi: int | None = None) -> bytes:
+                   fh_spi: int | None = None, lifetime: int = 60) -> bytes:
     """A registration request for ``home`` with authenticators under a key the attacker
     guessed (``key``, random by default): Mobile-Home under ``mh_spi``, then Mobile-Foreign
-    under ``mf_spi`` (for an FOA) or Foreign-Home under ``fh_spi`` (as if relayed)."""
+    under ``mf_spi`` (for an FOA) or Foreign-Home under ``fh_spi`` (as if relayed); lifetime
+    0 with ``care_of == home`` is a deregistration, which goes to the HOA directly."""
     key = key or os.urandom(32)
-    rrq = RegistrationRequest(home, home_agent, care_of, new_identification(), 60,
+    rrq = RegistrationRequest(home, home_agent, care_of, new_identification(), lifetime,
                               RequestFlags.G, [NaiExtension(nai)])
     data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, mh_spi, key)
     if mf_spi is not None:
