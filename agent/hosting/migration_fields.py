@@ -1,0 +1,77 @@
+"""Field checks for MIGRATE and STATE_TRANSFER bodies (issue 12), kept apart from the
+migration role so the rule for each field is in one place and unit-testable.
+
+:func:`check_migrate` and :func:`check_state_transfer` raise
+:class:`agent.core.fields.FieldError` for the first field that fails, before the target
+starts, stops or restores anything: the object's name, NAI, home agent and home address (on
+the home agent's network, none of this router's), its code entry, resources, the VM
+description's name and objects, and the flags. The VM description itself is checked in full
+again by the VM manager (:meth:`agent.vm.manager.VmManager.provision`) before any fetch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from agent.core import fields
+
+ACTIONS = ("start", "cancel")
+#: A directly placed object's sandbox: CPUs, MiB, processes (the manifest's bounds).
+MAX_CPU = 1024.0
+
+
+def check_migrate(body: Any, own: Iterable[str] = ()) -> dict[str, Any]:
+    """A MIGRATE body, every field the target uses checked; ``own``: this router's
+    addresses (an object's home address is never one of them). Returns the body."""
+    body = dict(fields.mapping(body, "MIGRATE", max_items=16))
+    action = fields.one_of(body.get("action"), "MIGRATE.action", ACTIONS)
+    if action == "cancel":
+        fields.name(body.get("name"), "MIGRATE.name")
+        return body
+    config = fields.object_config(body.get("config"), "MIGRATE.config", own=own)
+    fields.flag(body.get("warm", False), "MIGRATE.warm")
+    vm = body.get("vm")
+    if vm:
+        vm = fields.mapping(vm, "MIGRATE.vm", max_items=32)
+        fields.name(vm.get("vm"), "MIGRATE.vm.vm")
+        objects = fields.names(vm.get("objects"), "MIGRATE.vm.objects", max_items=1)
+        mobile = fields.mapping(vm.get("mobile"), "MIGRATE.vm.mobile", max_items=1)
+        if len(objects) != 1 or list(mobile) != objects:
+            raise fields.FieldError("MIGRATE.vm", sorted(mobile),
+                                    "must run exactly the one mobile object it moves")
+        moved = fields.object_config(mobile[objects[0]], "MIGRATE.vm.mobile", own=own)
+        if moved.name != config.name or moved.home_address != config.home_address:
+            raise fields.FieldError("MIGRATE.vm.mobile", moved.name,
+                                    "is not the object the MIGRATE moves")
+    else:
+        fields.spec(body.get("spec"), "MIGRATE.spec")
+        resources = body.get("resources")
+        if resources is not None:
+            check_resources(resources, "MIGRATE.resources")
+    return body
+
+
+def check_resources(doc: Any, field: str) -> dict[str, Any]:
+    """A directly placed object's sandbox resources: ``cpu`` (0, 1024], ``memory_mb``
+    [1, 1 MiB], ``pids`` [1, 65536], nothing else."""
+    doc = dict(fields.mapping(doc, field, max_items=3))
+    unknown = set(doc) - {"cpu", "memory_mb", "pids"}
+    if unknown:
+        raise fields.FieldError(field, sorted(unknown), "are unknown fields")
+    if "cpu" in doc:
+        fields.number(doc["cpu"], f"{field}.cpu", gt=0, le=MAX_CPU)
+    if "memory_mb" in doc:
+        fields.integer(doc["memory_mb"], f"{field}.memory_mb", 1, 1 << 20)
+    if "pids" in doc:
+        fields.integer(doc["pids"], f"{field}.pids", 1, 1 << 16)
+    return doc
+
+
+def check_state_transfer(body: Any) -> dict[str, Any]:
+    """A STATE_TRANSFER body: the object's name and a state (the object's own checkpoint,
+    which only it interprets)."""
+    body = dict(fields.mapping(body, "STATE_TRANSFER", max_items=4))
+    fields.name(body.get("name"), "STATE_TRANSFER.name")
+    if "state" not in body:
+        raise fields.FieldError("STATE_TRANSFER.state", None, "is missing")
+    return body
