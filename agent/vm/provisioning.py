@@ -47,6 +47,7 @@ async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] 
             manifest, _policy, _kid = await asyncio.to_thread(inspect_service, fetched)
         except RepositoryError as exc:
             raise ProvisionError("manifest", f"{type(exc).__name__}: {exc}") from None
+        _check_service(manifest.service, vm.service, "manifest")
         _check_part(vm, manifest)
         vm.steps.append(("resources sufficient", now()))
         dest = storage / "installed" / vm.name
@@ -73,6 +74,8 @@ async def resolve_dependencies(baseline: Any, vm: Any, services: tuple[str, ...]
     refusal at step ``dependencies``."""
     from agent.vm.errors import RepositoryError
     from agent.vm.fetch import fetch_service
+    from agent.vm.files import _read_limited
+    from agent.vm.manifest import MANIFEST_FILE, MAX_METADATA_BYTES, Manifest
     from agent.vm.repository import install_service
     from agent.vm.signing import load_public_key
 
@@ -84,6 +87,9 @@ async def resolve_dependencies(baseline: Any, vm: Any, services: tuple[str, ...]
             await asyncio.to_thread(
                 fetch_service, site.address, site.port, site.user, site.client_key,
                 site.known_host_key, service, fetched, cache_dir=storage / "cache", replace=True)
+            claimed = Manifest.from_bytes(await asyncio.to_thread(
+                _read_limited, fetched / MANIFEST_FILE, MAX_METADATA_BYTES, "manifest"))
+            _check_service(claimed.service, service, "dependencies")
             verified = await asyncio.to_thread(install_service, fetched, keys,
                                                dest / "requires" / service, replace=True)
         except (RepositoryError, OSError) as exc:
@@ -93,6 +99,16 @@ async def resolve_dependencies(baseline: Any, vm: Any, services: tuple[str, ...]
             await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
         vm.steps.append((f"dependency {service} {verified.manifest.version} fetched and "
                          f"verified (signer {verified.key_id})", now()))
+
+
+def _check_service(got: str, asked: str, step: str) -> None:
+    """The fetched manifest is the one asked for: a correctly signed manifest of another
+    service (the site's link pointing elsewhere, a cache mix-up) is refused, not installed
+    under this service's name. :func:`agent.vm.fetch.download_service` checks it too; this
+    holds whatever brought the copy."""
+    if got != asked:
+        raise ProvisionError(step, f"asked for service {asked!r}, the fetched manifest is for "
+                             f"{got!r}")
 
 
 def _check_part(vm: Any, manifest: Any) -> None:
