@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,12 +15,25 @@ from agent.core.errors import ConfigError
 from agent.roles import ROLES
 
 
+def open_log(path: Path) -> None:
+    """Make the agent's log file 0600 from creation (the mode given to ``open(2)``, never a
+    ``chmod`` after): it names objects, routers and errors that may quote what they carry.
+    A file already there (an agent restarted in its run) is narrowed to 0600 if wider."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def setup_logging(config: AgentConfig) -> None:
-    """Log to the run directory (one file per agent) and to stderr."""
+    """Log to the run directory (one file per agent, root's only) and to stderr."""
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
     root = logging.getLogger()
     root.setLevel(config.log_level)
-    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    Path(config.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    open_log(config.log_path)  # FileHandler then appends to the file made here
     for handler in (logging.FileHandler(config.log_path), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         root.addHandler(handler)

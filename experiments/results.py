@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,11 +33,25 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) ->
 
 
 def copy_captures(capture_dir: Path, dest: Path) -> list[Path]:
+    """Copy a run's pcaps into ``dest/captures``, root-only like the originals: the
+    directory is made 0700 and each copy 0600 by the system calls that create them (a
+    capture may hold whatever crossed the wire), never widened and narrowed after."""
     out = dest / "captures"
-    out.mkdir(exist_ok=True)
+    try:
+        os.mkdir(out, 0o700)
+    except FileExistsError:
+        if stat.S_IMODE(os.lstat(out).st_mode) & 0o077:
+            os.chmod(out, 0o700)
     copied = []
     for pcap in sorted(capture_dir.glob("*.pcap")):
-        copied.append(Path(shutil.copy2(pcap, out / pcap.name)))
+        target = out / pcap.name
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as dst, open(pcap, "rb") as src:
+            shutil.copyfileobj(src, dst)
+        st = pcap.stat()
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        copied.append(target)
     return copied
 
 

@@ -5,21 +5,26 @@ addresses through a dynamic name service (DNS) server 23 on network 16".
 
 dnsmasq is authoritative for the run's domain only: ``no-resolv`` (it forwards nothing, so
 no query leaves the emulated network), ``no-hosts`` (not the machine's ``/etc/hosts``),
-names from one hosts file of the run, answered on the host's own address. A name of the
-domain it does not know gets NXDOMAIN. It runs in the foreground through the node's daemon
-hook (stopped and reaped with the node), logs every query to its log, and the node waits
-until it answers before the build goes on.
+names from ``host-record`` lines of its configuration, answered on the host's own address.
+A name of the domain it does not know gets NXDOMAIN. It runs in the foreground through the
+node's daemon hook (stopped and reaped with the node), logs every query to its log, and the
+node waits until it answers before the build goes on.
+
+Its directory and files are root's alone (0700, 0600; the daemon's umask is 077): dnsmasq
+reads its configuration as root before it drops to ``nobody``, so the names are in the
+configuration rather than in a hosts file it would have to read afterwards, and it writes
+no pid file (the node holds its pid).
 
 Node params: ``run_dir`` (default ``<run>/<node>``), ``domain`` (default ``home.moat``),
-``names`` — ``{name: address}`` for the hosts file (short names; the domain is appended).
+``names`` — ``{name: address}`` (short names; the domain is appended).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
-from pathlib import Path
 from typing import Any, Mapping
 
 import topologies._mininet  # noqa: F401  - first: repairs logging (see module)
@@ -27,8 +32,9 @@ import topologies._mininet  # noqa: F401  - first: repairs logging (see module)
 from nodetools.dns import parse_a_answer, query  # the client side, re-exported
 from topologies.errors import DaemonError
 from topologies.nodes import ServerHost
+from topologies.run import write_private_file
 
-__all__ = ["DnsServer", "DNSMASQ", "dnsmasq_config_text", "hosts_text", "query", "parse_a_answer"]
+__all__ = ["DnsServer", "DNSMASQ", "dnsmasq_config_text", "host_records", "query", "parse_a_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +43,35 @@ DEFAULT_DOMAIN = "home.moat"
 READY_TIMEOUT = 10.0
 
 
-def hosts_text(names: Mapping[str, str], domain: str) -> str:
-    """``/etc/hosts`` lines: each short name and its fully qualified form."""
+#: One DNS label: no dot, space or comma can reach dnsmasq's configuration through a name.
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
+
+
+def host_records(names: Mapping[str, str], domain: str) -> list[str]:
+    """dnsmasq ``host-record`` lines: each short name, its fully qualified form and its
+    IPv4 address (the reverse name too)."""
+    if not all(_NAME_RE.fullmatch(label) for label in domain.split(".")):
+        raise DaemonError(f"bad DNS domain {domain!r}")
     lines = []
     for name, address in sorted(names.items()):
         socket.inet_aton(address)  # refuses what is not an IPv4 address
-        if not name or any(c.isspace() for c in name) or "." in name:
-            raise DaemonError(f"bad DNS name {name!r} (a short name, no dots)")
-        lines.append(f"{address} {name}.{domain} {name}")
-    return "\n".join(lines) + "\n"
+        if address.count(".") != 3:
+            raise DaemonError(f"bad IPv4 address {address!r} for {name!r}")
+        if not _NAME_RE.fullmatch(name):
+            raise DaemonError(f"bad DNS name {name!r} (a short name: letters, digits, '_', '-')")
+        lines.append(f"host-record={name}.{domain},{name},{address}")
+    return lines
 
 
-def dnsmasq_config_text(address: str, domain: str, hosts: Path, pid_file: Path, port: int = 53) -> str:
+def dnsmasq_config_text(address: str, domain: str, names: Mapping[str, str], port: int = 53) -> str:
     return "\n".join([
         "# MOAT: the run's name server (topologies/dns.py); nothing from /etc.",
         "no-resolv", "no-hosts", "no-poll", "bind-interfaces",
         f"listen-address={address}", f"port={port}",
-        f"addn-hosts={hosts}", f"domain={domain}", f"local=/{domain}/", "expand-hosts",
-        f"pid-file={pid_file}", "log-queries", "log-facility=-",
+        f"domain={domain}", f"local=/{domain}/",
+        *host_records(names, domain),
+        "pid-file=",  # none: the node holds dnsmasq's pid
+        "log-queries", "log-facility=-",
         "",
     ])
 
@@ -69,16 +86,11 @@ class DnsServer(ServerHost):
         if not os.access(DNSMASQ, os.X_OK):
             raise DaemonError(f"{self.name}: {DNSMASQ} not found: install dnsmasq-base "
                               "(scripts/bootstrap.sh does)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o755)  # dnsmasq reads its hosts file after dropping root
         self.domain = domain
         self.address = str(params.get("ip", "")).split("/")[0]
-        self.hosts_path = self.run_dir / "hosts"
-        self.hosts_path.write_text(hosts_text(dict(names or {}), domain))
-        os.chmod(self.hosts_path, 0o644)
         self.config_path = self.run_dir / "dnsmasq.conf"
-        self.config_path.write_text(dnsmasq_config_text(self.address, domain, self.hosts_path,
-                                                        self.run_dir / "dnsmasq.pid"))
+        write_private_file(self.config_path,
+                           dnsmasq_config_text(self.address, domain, dict(names or {})))
         params.setdefault("daemon_log", str(self.run_dir / "dnsmasq.log"))
         result = super().config(**params)
         self._wait_ready()

@@ -22,6 +22,7 @@ import atexit
 import logging
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 import weakref
@@ -70,6 +71,14 @@ def _sysctl(node: Node, key: str, value: object) -> None:
         raise RouteInstallError(f"{node.name}: sysctl {key}={value}: {out}")
 
 
+def open_private_log(path: Path) -> IO[bytes]:
+    """``path`` opened for appending, made 0600 if new (the mode is given to ``open(2)``, so
+    there is no moment it is readable by others) and never through a symbolic link. A
+    daemon's output may carry what its configuration holds (keys in an error message)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 class ManagedDaemonMixin:
     """Start one long-running process inside a Mininet node and stop it with the node.
 
@@ -80,6 +89,9 @@ class ManagedDaemonMixin:
     daemon_argv: ClassVar[Sequence[str] | None] = None
     #: Seconds to wait after SIGTERM before SIGKILL.
     daemon_stop_timeout: ClassVar[float] = 5.0
+    #: The daemon's umask (``None``: the caller's). Server daemons that write into the run
+    #: directory (sshd's pid file) get 077, so what they create is root-only from creation.
+    daemon_umask: ClassVar[int | None] = None
 
     name: str
     params: dict[str, Any]
@@ -133,9 +145,12 @@ class ManagedDaemonMixin:
             raise DaemonError(f"{self.name}: empty daemon argv")
         path = Path(log_path) if log_path else self.default_daemon_log()
         path.parent.mkdir(parents=True, exist_ok=True)
-        logf: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed in stop_daemon
+        logf = open_private_log(path)
         full_env = dict(os.environ)
         full_env.update(env or {})
+        extra: dict[str, Any] = {}
+        if self.daemon_umask is not None:
+            extra["umask"] = self.daemon_umask
         try:
             proc = self.popen(
                 [str(a) for a in argv],
@@ -144,6 +159,7 @@ class ManagedDaemonMixin:
                 stderr=subprocess.STDOUT,
                 env=full_env,
                 cwd=None if cwd is None else str(cwd),
+                **extra,
             )
         except OSError as exc:
             logf.close()
@@ -335,10 +351,14 @@ class MoatHost(ManagedDaemonMixin, Host):
 class ServerHost(MoatHost):
     """A host that runs one server daemon (the remote site's sshd, the DNS server's dnsmasq)
     with its files in a directory of the run: ``<run>/<node>`` under ``MOAT_RUN_ID``, else
-    one of its own (plain ``mn --custom``), removed with the node."""
+    one of its own (plain ``mn --custom``), removed with the node. The directory is root-only
+    (0700) and the daemon runs with umask 077: what either writes there is root's alone."""
+
+    daemon_umask: ClassVar[int | None] = 0o077
 
     def setup_run_dir(self, run_dir: str | os.PathLike[str] | None, kind: str) -> Path:
-        """Set and make :attr:`run_dir` (an explicit one, the run's, or a fresh one)."""
+        """Set and make :attr:`run_dir` (an explicit one, the run's, or a fresh one), 0700:
+        made so by ``mkdir``, or narrowed to it if it existed wider (never widened)."""
         from topologies.run import ENV_RUN_ID, run_root
 
         self._made_run_dir = False
@@ -351,8 +371,15 @@ class ServerHost(MoatHost):
             base.mkdir(parents=True, exist_ok=True)
             self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-{kind}-", dir=base))
             self._made_run_dir = True
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.run_dir, 0o700)
+        except FileExistsError:
+            pass
         self.run_dir = self.run_dir.resolve()
+        st = os.lstat(self.run_dir)
+        if st.st_mode & 0o077:
+            os.chmod(self.run_dir, stat.S_IMODE(st.st_mode) & 0o700)
         return self.run_dir
 
     def wait_for_log(self, marker: str, what: str, timeout: float) -> None:

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 
-from topologies.dns import dnsmasq_config_text, hosts_text, parse_a_answer, query
+from topologies.dns import dnsmasq_config_text, host_records, parse_a_answer, query
 from topologies.errors import DaemonError
 
 
-def test_hosts_file_names_each_object_short_and_qualified() -> None:
-    text = hosts_text({"counter": "10.16.0.100", "r22b": "10.16.0.2"}, "home.moat")
-    assert text.splitlines() == ["10.16.0.100 counter.home.moat counter", "10.16.0.2 r22b.home.moat r22b"]
-    for bad in ({"a b": "10.0.0.1"}, {"a.b": "10.0.0.1"}, {"x": "not-an-address"}):
+def test_host_records_name_each_object_short_and_qualified() -> None:
+    lines = host_records({"counter": "10.16.0.100", "r22b": "10.16.0.2"}, "home.moat")
+    assert lines == ["host-record=counter.home.moat,counter,10.16.0.100",
+                     "host-record=r22b.home.moat,r22b,10.16.0.2"]
+    for bad in ({"a b": "10.0.0.1"}, {"a.b": "10.0.0.1"}, {"a,b": "10.0.0.1"}, {"x": "not-an-address"},
+                {"x": "10.1"}, {"x\nserver=8.8.8.8": "10.0.0.1"}):
         with pytest.raises((DaemonError, OSError)):
-            hosts_text(bad, "home.moat")
+            host_records(bad, "home.moat")
+    with pytest.raises(DaemonError):
+        host_records({"x": "10.0.0.1"}, "home.moat\nserver=8.8.8.8")
 
 
 def test_dnsmasq_answers_only_from_the_run_and_forwards_nothing() -> None:
-    text = dnsmasq_config_text("10.16.0.23", "home.moat", Path("/run/x/hosts"), Path("/run/x/pid"))
+    text = dnsmasq_config_text("10.16.0.23", "home.moat", {"counter": "10.16.0.100"})
     lines = set(text.splitlines())
     assert {"no-resolv", "no-hosts", "bind-interfaces", "listen-address=10.16.0.23",
-            "addn-hosts=/run/x/hosts", "local=/home.moat/"} <= lines
-    assert not any(line.startswith("server=") for line in lines)
+            "host-record=counter.home.moat,counter,10.16.0.100", "local=/home.moat/",
+            "pid-file="} <= lines
+    assert not any(line.startswith(("server=", "addn-hosts=")) for line in lines)
 
 
 def answer(name: str, addresses: list[str], rcode: int = 0) -> bytes:
