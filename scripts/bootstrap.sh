@@ -42,6 +42,15 @@ if ! getent passwd moat-object >/dev/null; then
           --shell /usr/sbin/nologin moat-object
 fi
 
+# The remote site's SFTP account (topologies/site.py): unprivileged, no home, no shell,
+# chrooted into the repository by the site's sshd. Password '*' (none can match) rather than
+# a locked '!': sshd without PAM refuses a locked account even for key logins.
+if ! getent passwd moat-site >/dev/null; then
+  echo "bootstrap: creating system user moat-site"
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+          --shell /usr/sbin/nologin --password '*' moat-site
+fi
+
 # Debian's openssh-server enables a system sshd; MOAT starts its own per remote site, so the
 # system one is left as the distribution configured it.
 

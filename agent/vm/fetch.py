@@ -51,6 +51,7 @@ from agent.vm.errors import (
     SiteUnreachable,
 )
 from agent.vm.files import _move_into_place, _remove, _staging_dir, sha256_file
+from agent.vm.machine import SITE_USER
 from agent.vm.manifest import (
     MANIFEST_FILE,
     MAX_METADATA_BYTES,
@@ -366,6 +367,9 @@ def fetch_service(
     :class:`AuthenticationFailed`, :class:`ServiceNotFound`, :class:`FetchError` or any
     verification error of :mod:`agent.vm.repository`.
     """
+    if username == "root":
+        raise AuthenticationFailed(f"refusing to log in to the remote site {host}:{port} as root: "
+                                   f"its SFTP account is an unprivileged one ({SITE_USER})")
     expected = load_host_key(known_host_key)
     client_key = load_client_key(key_path)
     cache = ArchiveCache(cache_dir) if cache_dir is not None else None
@@ -401,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Fetch one service from a MOAT remote site.")
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, default=22)
-    parser.add_argument("--user", default="root")
+    parser.add_argument("--user", default=SITE_USER,
+                        help=f"the site's SFTP account (default {SITE_USER}, never root)")
     parser.add_argument("--key", required=True, help="the VM's private key")
     parser.add_argument("--host-key", required=True,
                         help="the site's public host key (file or 'ssh-ed25519 AAAA...')")

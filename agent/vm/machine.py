@@ -15,6 +15,11 @@ from typing import Any, Protocol
 MAX_SHARE = 100.0
 
 
+#: The remote site's SFTP account: an unprivileged system user, chrooted into the
+#: repository and read-only there (topologies/site.py); never root.
+SITE_USER = "moat-site"
+
+
 @dataclass
 class SiteAccess:
     """How this router reaches the remote site's repository (SFTP)."""
@@ -22,7 +27,7 @@ class SiteAccess:
     address: str
     known_host_key: str  # path of the site's public host key
     client_key: str  # path of this router's private key
-    user: str = "root"
+    user: str = SITE_USER
     port: int = 22
 
 

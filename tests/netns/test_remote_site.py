@@ -1,5 +1,7 @@
 """Root tests: the remote site runs a real sshd in its own namespace and a VM fetches a
-signed service from it over SFTP (paramiko), from another namespace.
+signed service from it over SFTP (paramiko), from another namespace, as the site's
+unprivileged account: root is refused, and the account reads the repository it is chrooted
+in and can change nothing there.
 
 A tiny network of its own (bridge ``s99``, hosts ``site99`` and ``vm99`` on 10.99.0.0/24)
 so it can run next to tests that use the patent topology's bridges. Every fetch runs
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import stat
 import subprocess
 import sys
 import textwrap
@@ -31,7 +35,7 @@ from agent.vm.signing import generate_keypair
 from topologies.links import MoatLink
 from topologies.net import build_net
 from topologies.nodes import MoatHost
-from topologies.site import RemoteSite
+from topologies.site import SFTP_ROOT, SITE_USER, RemoteSite
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE_IP = "10.99.0.24"
@@ -53,6 +57,55 @@ class SiteTopo(Topo):
         self.addHost("vm99", cls=MoatHost, ip=f"{VM_IP}/24")
         self.addLink("site99", "s99", cls=MoatLink)
         self.addLink("vm99", "s99", cls=MoatLink)
+
+
+#: Run inside vm99: ``SITE_IP KEY``; prints what the site let it do, as JSON.
+SFTP_PROBE = textwrap.dedent("""
+    import json, socket, sys, paramiko
+    host, key = sys.argv[1], paramiko.Ed25519Key.from_private_key_file(sys.argv[2])
+    seen = {}
+
+    def login(user):
+        t = paramiko.Transport(socket.create_connection((host, 22), timeout=5))
+        t.start_client(timeout=5)
+        t.auth_publickey(user, key)
+        return t
+
+    def attempt(name, fn):
+        try:
+            fn()
+            seen[name] = "DONE"
+        except (OSError, paramiko.SSHException) as exc:
+            seen[name] = f"refused: {exc!r}"
+
+    try:
+        login("root").close()
+        seen["root"] = "ACCEPTED"
+    except paramiko.AuthenticationException as exc:
+        seen["root"] = f"refused: {exc!r}"
+    seen["probe"] = "refused" if seen["root"].startswith("refused") else "ACCEPTED"
+    t = login("moat-site")
+    seen["site_user"] = "in"
+    sftp = paramiko.SFTPClient.from_transport(t)
+    seen["listing"] = sorted(sftp.listdir("/"))
+    with sftp.open("/counter/manifest.json") as f:
+        seen["read_manifest"] = len(f.read())
+
+    def put():
+        with sftp.open("/planted", "w") as f:
+            f.write("x")
+
+    attempt("put", put)
+    attempt("mkdir", lambda: sftp.mkdir("/counter/planted"))
+    attempt("remove", lambda: sftp.remove("/counter/manifest.json"))
+    attempt("rename", lambda: sftp.rename("/counter", "/gone"))
+    attempt("chmod", lambda: sftp.chmod("/counter/manifest.json", 0o666))
+    attempt("outside", lambda: sftp.stat("/../../etc/passwd") and sftp.open("/etc/passwd").read())
+    attempt("authorized_keys", lambda: sftp.open("/../authorized_keys").read())
+    attempt("host_key", lambda: sftp.open("/../../ssh_host_ed25519_key").read())
+    t.close()
+    print(json.dumps(seen))
+""")
 
 
 def _alive(pid: int) -> bool:
@@ -174,6 +227,31 @@ def test_site_serves_signed_service_over_sftp(tmp_path: Path) -> None:
         assert code == 0, err
         assert out.startswith("refused"), out
         assert "password" not in out.split("refused", 1)[1], out  # not even offered
+
+        # The same authorized key as root: refused (PermitRootLogin no, AllowUsers); as the
+        # site's account: in, chrooted in the repository, which it can read and not change.
+        code, out, err = _run_in(vm, [sys.executable, "-c", SFTP_PROBE, SITE_IP, str(vm_key)])
+        assert code == 0, err[-2000:]
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["root"].startswith("refused"), seen
+        assert seen["probe"] == "refused", seen  # the probe fails as it should for root
+        assert seen["site_user"] == "in" and "counter" in seen["listing"], seen
+        assert seen["read_manifest"] > 0, seen
+        for attempt in ("put", "mkdir", "remove", "rename", "chmod", "outside", "authorized_keys",
+                        "host_key"):
+            assert seen[attempt].startswith("refused"), (attempt, seen)
+        assert sorted(p.name for p in site.repo_root.iterdir()) == sorted(seen["listing"])
+        assert not (site.repo_root / "planted").exists()
+        # On the site: everything of sshd's is root's alone, the key file the account's group's.
+        for name in ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "sshd_config", "sshd.pid",
+                     "sshd.log"):
+            st = (run_dir / name).stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), name
+        assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+        keys = site.authorized_keys_path.stat()
+        assert stat.S_IMODE(keys.st_mode) == 0o640 and keys.st_gid == pwd.getpwnam(SITE_USER).pw_gid
+        # The machine's own namespace sees only the empty mount points.
+        assert not any((SFTP_ROOT / "repo").iterdir())
 
         # Nobody listening on that port, or no such host: a clear SiteUnreachable, bounded.
         for host, port in ((SITE_IP, "2222"), ("10.99.0.99", "22")):

@@ -526,20 +526,25 @@ def test_repo_cli(tmp_path: Path, src: Path, capsys) -> None:
     assert repo_cli.main(["keygen", str(keys)]) == 1  # refuses to overwrite
 
 
-def test_sshd_config_is_key_only() -> None:
+def test_sshd_config_is_key_only_and_its_account_is_not_root() -> None:
+    from topologies.errors import DaemonError
     from topologies.site import sshd_config_text
 
     text = sshd_config_text(address="10.16.0.24", port=22, host_key=Path("/r/hk"),
                             authorized_keys=Path("/r/ak"), pid_file=Path("/r/pid"),
-                            repo_dir=Path("/r/repo"), user="root")
+                            repo_dir=Path("/r/repo"), user="moat-site")
     lines = set(text.splitlines())
     for expected in ("PasswordAuthentication no", "KbdInteractiveAuthentication no",
                      "PubkeyAuthentication yes", "UsePAM no", "ListenAddress 10.16.0.24",
-                     "PermitRootLogin prohibit-password", "HostKey /r/hk",
-                     "AuthorizedKeysFile /r/ak", "PidFile /r/pid",
-                     "ForceCommand internal-sftp -R -d /r/repo -l INFO"):
+                     "PermitRootLogin no", "AllowUsers moat-site", "StrictModes yes",
+                     "HostKey /r/hk", "AuthorizedKeysFile /r/ak", "PidFile /r/pid",
+                     "ChrootDirectory /r/repo",
+                     "ForceCommand internal-sftp -R -d / -l INFO"):
         assert expected in lines, expected
     assert "Include" not in text
+    with pytest.raises(DaemonError):
+        sshd_config_text(address=None, port=22, host_key=Path("/r/hk"), authorized_keys=Path("/r/ak"),
+                         pid_file=Path("/r/pid"), repo_dir=Path("/r/repo"), user="root")
 
 
 def _declare(obj_dir: Path, **formats: str) -> None:
