@@ -7,7 +7,8 @@ keys: the attacker knows only what the suite hands it (bytes captured on the wir
 
 Commands (each SPEC is a dict; payloads are hex strings):
 
-* ``udp`` — ``{dst, port, payloads, listen_s, rate}``: each payload once from one socket;
+* ``udp`` — ``{dst, port, payloads, listen_s, rate, src_port, spoof}``: each payload once from
+  one socket (or, where ``spoof[i]`` is ``{src, sport}``, from that address by raw socket);
   answers decoded (Mobile IP replies on 434: code; MOAT control on 4340/4341: the body).
 * ``tcp`` — ``{dst, port, payloads, timeout}``: each payload on its own connection, one answer
   read back (a MOAT control message), or how the connection ended.
@@ -174,16 +175,25 @@ def cmd_udp(spec: dict[str, Any]) -> dict[str, Any]:
         sock.bind(("0.0.0.0", int(spec["src_port"])))
     answers: list[dict[str, Any]] = []
     pacer = Pacer(float(spec.get("rate", 0)))
+    spoof = spec.get("spoof") or [None] * len(payloads)
+    raw = _raw_ip_socket() if any(spoof) else None
     sent = 0
     for i, data in enumerate(payloads):
         pacer.wait(i)
-        sock.sendto(data, (dst, port))
+        if spoof[i]:
+            # From another host's address and port (on-link): its answer goes to that host.
+            assert raw is not None
+            raw.sendto(udp_packet(data, str(spoof[i]["src"]), int(spoof[i]["sport"]), dst, port), (dst, 0))
+        else:
+            sock.sendto(data, (dst, port))
         sent += 1
         # Between sends read what came: a forged answer right after a replay is the race of
         # the FOA-impersonation class.
         _collect(sock, port, time.monotonic() + float(spec.get("gap_s", 0)), answers)
     _collect(sock, port, time.monotonic() + float(spec.get("listen_s", 1.0)), answers)
     sock.close()
+    if raw is not None:
+        raw.close()
     return {"sent": sent, "answers": answers}
 
 
@@ -314,6 +324,14 @@ def icmp_packet(payload: bytes, src: str, dst: str, ttl: int) -> bytes:
     # Raw, not ICMP(payload): a fuzzed payload may be too short for Scapy to parse as ICMP,
     # and the bytes must go out exactly as mutated.
     return bytes(IP(src=src, dst=dst, ttl=ttl, proto=1) / Raw(payload))
+
+
+def udp_packet(payload: bytes, src: str, sport: int, dst: str, dport: int) -> bytes:
+    """An IP/UDP datagram from a source address and port of the attack's choosing (Scapy)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.packet import Raw
+
+    return bytes(IP(src=src, dst=dst, ttl=64) / UDP(sport=sport, dport=dport) / Raw(payload))
 
 
 def cmd_icmp(spec: dict[str, Any]) -> dict[str, Any]:

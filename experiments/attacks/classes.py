@@ -183,36 +183,49 @@ def binding_hijack(ctx: Context) -> Result:
             f"codes {codes or 'none'}", refused, {"hoa": a["answers"], "foa": b["answers"]})
 
 
+def _foreign_stats(ctx: Context) -> dict[str, int]:
+    status = ctx.client.call(ctx.foa, "status")
+    return dict(status.get("foreign_stats") or {})
+
+
 def foa_impersonation(ctx: Context) -> Result:
-    from packets import RegistrationReply, ReplyCode
+    from packets import RegistrationReply, ReplyCode, decode_registration
 
     adv = wire.advertisement(ctx.attacker_address)
     sent_adv = ctx.attack("icmp", {"dst": "224.0.0.1", "src": ctx.attacker_address, "ttl": 1,
                                    "payloads": [adv.hex()], "count": 5, "rate": 5})
-    captured = ctx.captured.get("rrq") or []
+    captured = (ctx.captured.get("rrq") or [])[-3:]
     forged_code = int(ReplyCode.HA_ADMIN_PROHIBITED)
+    before = _foreign_stats(ctx)
     answers: list[dict[str, Any]] = []
-    if captured:
-        from packets import decode_registration
-
-        rrq = decode_registration(captured[-1])
+    for data in captured:
+        rrq = decode_registration(data)
         denial = RegistrationReply(forged_code, rrq.home_address, rrq.home_agent,
                                    rrq.identification).encode()
-        # The replay makes the FOA relay; the forged denial answers the relay from att12.
-        out = ctx.attack("udp", {"dst": ctx.addr(ctx.foa), "port": 434,
-                                 "payloads": [captured[-1].hex(), denial.hex()], "listen_s": 1.5})
-        answers = out["answers"]
+        # The request replayed from the object's own address and port (spoofed on the link),
+        # so the FOA relays it; at once a forged denial from att12 answers that relay before
+        # the HOA can. Only the relayed-to HOA may answer it.
+        out = ctx.attack("udp", {
+            "dst": ctx.addr(ctx.foa), "port": 434, "src_port": 434, "listen_s": 0.5,
+            "payloads": [data.hex(), denial.hex()],
+            "spoof": [{"src": ctx.addr(ctx.hosting), "sport": ctx.captured.get("rrq_sport", 434)}, None]})
+        answers += out["answers"]
+    after = _foreign_stats(ctx)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)
+             if after.get(k, 0) != before.get(k, 0)}
     codes = _codes(answers)
-    took_forged = forged_code in codes
+    dropped = delta.get("wrong_source_replies", 0)
     hosting_agents = ctx.client.call(ctx.hosting, "objects")
     via_attacker = [o.get("name") for o in hosting_agents
                     if isinstance(o, dict) and (o.get("registration") or {}).get("agent") == ctx.attacker_address]
-    refused = not took_forged and not via_attacker and bool(captured)
-    return (f"{sent_adv.get('sent')} advertisements as FOA (ICMP 9, TTL 1); a replayed RRQ + "
-            f"a forged denial ({forged_code}) from {ctx.attacker_address} to the FOA",
-            f"codes back to the attacker {codes or 'none'} (forged one relayed: {took_forged}); "
-            f"objects registered via the attacker: {via_attacker or 'none'}", refused,
-            {"answers": answers})
+    refused = (bool(captured) and forged_code not in codes and not via_attacker
+               and dropped >= len(captured))
+    return (f"{sent_adv.get('sent')} advertisements as FOA (ICMP 9, TTL 1); {len(captured)} x (a "
+            f"replayed RRQ spoofed from {ctx.hosting} + a forged denial {forged_code} from "
+            f"{ctx.attacker_address}) to the FOA",
+            f"FOA counters {delta or 'unchanged'}; forged replies dropped as from the wrong source: "
+            f"{dropped}/{len(captured)}; objects registered via the attacker: {via_attacker or 'none'}",
+            refused, {"answers": answers, "foa_stats_delta": delta})
 
 
 def advertisement_spoofing(ctx: Context) -> Result:
@@ -236,7 +249,7 @@ def advertisement_spoofing(ctx: Context) -> Result:
 # --- in band ---------------------------------------------------------------------------------
 
 
-def _router_key(ctx: Context) -> bytes:
+def router_key(ctx: Context) -> bytes:
     cfg = json.loads((ctx.client.run.dir / f"{ctx.hosting}.json").read_text())
     return bytes.fromhex(cfg["router_key"])
 
@@ -281,7 +294,7 @@ def forged_in_band(ctx: Context) -> Result:
                 msgs[f"{name} wrong key"] = wire.hmac_signed(ctype, body, wrong, ctx.addr(targets), key_id)
         results.update({f"{k} -> {targets}": v for k, v in _send_in_band(ctx, targets, msgs).items()})
     # Signed with the run's router key for another router (the third), sent to the victim's.
-    other = wire.hmac_signed(ControlType.VM_NEGOTIATE, {"action": "query"}, _router_key(ctx),
+    other = wire.hmac_signed(ControlType.VM_NEGOTIATE, {"action": "query"}, router_key(ctx),
                              ctx.addr(ctx.third))
     results.update({f"VM_NEGOTIATE for {ctx.third} -> {victim_router}": v
                     for v in _send_in_band(ctx, victim_router, {"x": other}).values()})

@@ -72,20 +72,36 @@ def harvest(ctx: classes.Context) -> None:
     hosting, hoa = ctx.addr(HOSTING), ctx.addr(ctx.hoa)
     rrq: list[bytes] = []
     relayed: list[bytes] = []
+    ports: list[int] = []
     control: list[tuple[str, str, bytes]] = []
     for pcap in sorted(ctx.captures.glob("*.pcap")):
         try:
             if pcap.stem == "foreign_lan_12":
-                rrq += [p for s, _d, p in wire.udp_payloads(pcap, 434) if s == hosting and p[:1] == b"\x01"]
+                mine = [(p, sport) for s, _d, p, sport in wire.udp_payloads(pcap, 434)
+                        if s == hosting and p[:1] == b"\x01"]
+                rrq += [p for p, _ in mine]
+                ports += [sport for _, sport in mine]
             if pcap.stem.startswith("backbone"):
-                relayed += [p for _s, d, p in wire.udp_payloads(pcap, 434) if d == hoa and p[:1] == b"\x01"]
+                relayed += [p for _s, d, p, _sp in wire.udp_payloads(pcap, 434) if d == hoa and p[:1] == b"\x01"]
             control += wire.control_messages(pcap)
         except Exception as exc:  # noqa: BLE001 - a pcap still being written may end mid-packet
             log.warning("reading %s: %s", pcap, exc)
     seen = set()
     ctx.captured["rrq"] = rrq
     ctx.captured["relayed"] = relayed
+    ctx.captured["rrq_sport"] = ports[-1] if ports else 434
     ctx.captured["control"] = [c for c in control if not (c[2] in seen or seen.add(c[2]))]
+
+
+def positive_control(ctx: classes.Context) -> bool:
+    """The suite can see an acceptance: an authentic VM_NEGOTIATE query, signed with the run's
+    key for the hosting router, sent from att12, is answered ok. Without this, a suite whose
+    messages never arrived would look like one whose messages were all refused."""
+    msg = wire.hmac_signed(wire.ControlType.VM_NEGOTIATE, {"action": "query"},
+                           classes.router_key(ctx), ctx.addr(HOSTING))
+    out = ctx.attack("tcp", {"dst": ctx.addr(HOSTING), "port": 4340, "payloads": [msg.hex()], "timeout": 8})
+    answer = out["results"][0].get("answer") or {}
+    return answer.get("ok") is True
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,10 +122,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               flood_scale=args.flood_scale)
         steps = normal_traffic(moat, ctx, migrate="in_band_replay" in names or "wire_secrets" in names)
         harvest(ctx)
+        positive = positive_control(ctx)
         baseline = {"idle_rss_kib": {r: state.agent_rss(moat.client, r) for r in moat.client.routers()},
                     "traffic": steps, "captured_rrq": len(ctx.captured["rrq"]),
                     "captured_relayed": len(ctx.captured["relayed"]),
                     "captured_control": len(ctx.captured["control"]),
+                    "positive_control": positive,
                     "machine": f"{platform.machine()} x{__import__('os').cpu_count()}, "
                                f"Python {platform.python_version()}"}
         rows = []

@@ -51,8 +51,8 @@ def is_auth_refusal(answer: dict[str, Any] | None) -> bool:
     return bool(AUTH_REFUSAL.search(text))
 
 
-def udp_payloads(pcap: Path, port: int) -> list[tuple[str, str, bytes]]:
-    """(source, destination, payload) of every UDP datagram to ``port`` in ``pcap``."""
+def udp_payloads(pcap: Path, port: int) -> list[tuple[str, str, bytes, int]]:
+    """(source, destination, payload, source port) of every UDP datagram to ``port``."""
     from scapy.layers.inet import IP, UDP
     from scapy.utils import PcapReader
 
@@ -60,7 +60,7 @@ def udp_payloads(pcap: Path, port: int) -> list[tuple[str, str, bytes]]:
     with PcapReader(str(pcap)) as reader:
         for pkt in reader:
             if IP in pkt and UDP in pkt and pkt[UDP].dport == port:
-                out.append((pkt[IP].src, pkt[IP].dst, bytes(pkt[UDP].payload)))
+                out.append((pkt[IP].src, pkt[IP].dst, bytes(pkt[UDP].payload), int(pkt[UDP].sport)))
     return out
 
 

@@ -115,7 +115,7 @@ def test_control_messages_come_out_of_a_pcap_reassembled(tmp_path: Path) -> None
     wrpcap(str(path), pkts)
     msgs = wire.control_messages(path)
     assert [m for _s, _d, m in msgs] == [small, big]
-    assert wire.udp_payloads(path, 434) == [("10.12.0.2", "10.12.0.1", rrq)]
+    assert wire.udp_payloads(path, 434) == [("10.12.0.2", "10.12.0.1", rrq, 434)]
 
 
 def test_run_keys_and_the_capture_scan(tmp_path: Path) -> None:
