@@ -7,15 +7,26 @@ recomputed after mutating so the mutation reaches the parser). Whatever is throw
 decoder returns a value or raises MalformedMessage. Anything that decodes re-encodes to bytes
 that decode to an equal message: decode(encode(decode(x))) == decode(x).
 
-Examples per test are fixed and derandomized so CI runs the same cases every time; the sum of
-max_examples over this file is kept >= 10,000 (see TOTAL_EXAMPLES and its test).
+(c) Valid messages must decode: for every codec, messages built by the encoder from random
+fields within range decode, through every decoder that takes them, to an object equal to
+the one encoded (issue 12: without this, a decoder that refused everything would pass (a)
+and (b); ``test_a_decoder_that_refuses_everything_fails_the_valid_properties`` shows it does
+not).
+
+Examples per test are fixed and derandomized so CI runs the same cases every time. The unit
+suite runs about FUZZ_TOTAL examples over this file (a few seconds); ``MOAT_FUZZ_EXAMPLES``
+sets another total (``MOAT_FUZZ_EXAMPLES=100000`` for a long run), shared out in the same
+proportions (see TOTAL_EXAMPLES and its test).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-
+import os
 import struct
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,15 +61,35 @@ from packets._wire import internet_checksum
 from packets.codes import MOAT_VENDOR_ID
 from packets.control import HEADER, frame_length
 
-N_RANDOM = 2000
-N_PREFIXED = 2000
-N_REGISTRATION = 2000
-N_ADVERT = 2000
-N_SOLICIT = 300
-N_CONTROL = 2000
-N_GRE = 2000
+#: Examples over this file by default: a few seconds of the unit suite.
+DEFAULT_TOTAL = 1200
+FUZZ_TOTAL = int(os.environ.get("MOAT_FUZZ_EXAMPLES", DEFAULT_TOTAL))
+#: Each test's share of the total (parts of SHARES_SUM).
+SHARES = {"random": 20, "prefixed": 20, "registration": 20, "advert": 20, "solicit": 3,
+          "control": 20, "gre": 20, "valid_registration": 10, "valid_advert": 6,
+          "valid_control": 6, "valid_gre": 6}
+SHARES_SUM = sum(SHARES.values())
+
+
+def share(part: str) -> int:
+    """This test's examples: its share of FUZZ_TOTAL, at least 10."""
+    return max(10, -(-FUZZ_TOTAL * SHARES[part] // SHARES_SUM))
+
+
+N_RANDOM = share("random")
+N_PREFIXED = share("prefixed")
+N_REGISTRATION = share("registration")
+N_ADVERT = share("advert")
+N_SOLICIT = share("solicit")
+N_CONTROL = share("control")
+N_GRE = share("gre")
+N_VALID_REGISTRATION = share("valid_registration")
+N_VALID_ADVERT = share("valid_advert")
+N_VALID_CONTROL = share("valid_control")
+N_VALID_GRE = share("valid_gre")
 TOTAL_EXAMPLES = (
     N_RANDOM + N_PREFIXED + N_REGISTRATION + N_ADVERT + N_SOLICIT + N_CONTROL + N_GRE
+    + N_VALID_REGISTRATION + N_VALID_ADVERT + N_VALID_CONTROL + N_VALID_GRE
 )
 
 
@@ -389,5 +420,101 @@ def test_mutated_gre(hdr, payload, data):
 # --------------------------------------------------------------------------------------------
 
 
-def test_suite_runs_at_least_10000_examples():
-    assert TOTAL_EXAMPLES >= 10_000
+def test_suite_runs_the_examples_asked_for():
+    """The tests together run at least FUZZ_TOTAL examples (MOAT_FUZZ_EXAMPLES or the
+    default), every test some."""
+    assert TOTAL_EXAMPLES >= FUZZ_TOTAL >= 1
+    assert min(N_RANDOM, N_SOLICIT, N_VALID_GRE) >= 10
+
+
+# --------------------------------------------------------------------------------------------
+# (c) valid messages decode, to what was encoded
+# --------------------------------------------------------------------------------------------
+
+
+def expect_decodes(name: str, data: bytes, expected) -> None:
+    """Decoder ``name`` must take ``data`` (a valid message) and return ``expected``."""
+    decode, _redecode = DECODERS[name]
+    try:
+        value = decode(data)
+    except MalformedMessage as exc:
+        raise AssertionError(f"{name} refused a valid message: {exc.reason}") from None
+    assert value == expected, (name, value, expected)
+
+
+@fuzz_settings(N_VALID_REGISTRATION)
+@given(st.one_of(requests, replies), st.sampled_from([None, "home", "home+foreign"]),
+       st.integers(256, 2**32 - 1))
+def test_valid_registrations_decode_to_what_was_encoded(msg, auth, spi):
+    name = "RegistrationRequest.decode" if isinstance(msg, RegistrationRequest) \
+        else "RegistrationReply.decode"
+    wire = msg.encode()
+    added = []
+    if auth is not None:  # real authenticators, as agents send them: the last extensions
+        wire = append_auth(wire, ExtType.MOBILE_HOME_AUTH, spi, b"k")
+        added.append(AuthExtension(ExtType.MOBILE_HOME_AUTH, spi, wire[-32:]))
+        if auth == "home+foreign":
+            wire = append_auth(wire, ExtType.MOBILE_FOREIGN_AUTH, 300, b"f")
+            added.append(AuthExtension(ExtType.MOBILE_FOREIGN_AUTH, 300, wire[-32:]))
+    expected = dataclasses.replace(msg, extensions=[*msg.extensions, *added])
+    expect_decodes(name, wire, expected)
+    expect_decodes("decode_registration", wire, expected)
+
+
+@fuzz_settings(N_VALID_ADVERT)
+@given(advertisements)
+def test_valid_advertisements_decode_to_what_was_encoded(adv):
+    wire = adv.encode()
+    for name in ("AgentAdvertisement.decode", "AgentAdvertisement.decode(no checksum)",
+                 "decode_discovery", "decode_discovery(no checksum)"):
+        expect_decodes(name, wire, adv)
+
+
+def test_a_solicitation_decodes():
+    wire = AgentSolicitation().encode()
+    for name in ("AgentSolicitation.decode", "decode_discovery",
+                 "decode_discovery(no checksum)"):
+        decode, _ = DECODERS[name]
+        assert isinstance(decode(wire), AgentSolicitation), name
+
+
+@fuzz_settings(N_VALID_CONTROL)
+@given(st.lists(controls, min_size=1, max_size=3))
+def test_valid_control_messages_decode_to_what_was_encoded(msgs):
+    stream = b""
+    for msg in msgs:
+        wire = msg.encode()
+        expect_decodes("ControlMessage.decode", wire, msg)
+        expect_decodes("frame_length", wire, len(wire))
+        stream += wire
+    # Back to back on TCP: frame_length splits the stream into the same messages.
+    got, pos = [], 0
+    while pos < len(stream):
+        end = pos + frame_length(stream[pos:])
+        got.append(ControlMessage.decode(stream[pos:end]))
+        pos = end
+    assert got == msgs
+
+
+@fuzz_settings(N_VALID_GRE)
+@given(gre_headers, st.binary(max_size=1500))
+def test_valid_gre_packets_decode_to_what_was_encoded(hdr, payload):
+    wire = hdr.encode(payload)
+    expect_decodes("decode_gre", wire, (hdr, payload))
+    expect_decodes("decode_gre(no checksum)", wire, (hdr, payload))
+
+
+def test_a_decoder_that_refuses_everything_fails_the_valid_properties(monkeypatch):
+    """The point of (c): a decoder that refuses all input passes the mutation tests (it
+    only ever raises MalformedMessage), and fails the valid-input ones."""
+    def refuse(data, *a, **kw):
+        raise MalformedMessage("refused")
+
+    msg = ControlMessage(ControlType.PROVISION, 7, {"vm": "v1"})
+    for name in DECODERS:
+        monkeypatch.setitem(DECODERS, name, (refuse, None))
+    assert check("ControlMessage.decode", msg.encode()) is False  # (a)/(b) would pass it
+    with pytest.raises(AssertionError, match="refused a valid message"):
+        expect_decodes("ControlMessage.decode", msg.encode(), msg)
+    with pytest.raises(AssertionError):
+        test_valid_gre_packets_decode_to_what_was_encoded()
