@@ -222,15 +222,16 @@ class DistributionRole(PrimarySide, Role):
             result = await self.parts.restore(wire.field(fields.name, body.get("part"),
                                                          "restore.part"), body.get("state"))
             return {"ok": True, "replayed": result.get("replayed", 0)}
-        vm = self.vm.vms.get(wire.field(fields.name, body.get("vm"), f"{action}.vm"))
+        vm_name = wire.field(fields.name, body.get("vm"), f"{action}.vm")
+        name = wire.field(fields.name, body.get("name"), "restore.name") \
+            if action == "restore" else ""
+        vm = self.vm.vms.get(vm_name)
         if vm is None or vm.part == "primary":
             raise ControlError(f"no secondary or duplicate VM {body.get('vm')!r} here")
         if action == "cancel":
             await self.vm.remove(vm.name)
             return {"ok": True}
-        result = await self._hosting().cmd_object_restore(
-            wire.field(fields.name, body.get("name"), "restore.name"), body.get("state"),
-            serve=True)
+        result = await self._hosting().cmd_object_restore(name, body.get("state"), serve=True)
         return {"ok": True, "replayed": (result or {}).get("replayed", 0)}
 
     async def _start_instance(self, rid: str, body: dict[str, Any]) -> dict[str, Any]:
