@@ -19,6 +19,7 @@ served well within a second. Expiry needs no message: the credential carries its
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any
 
@@ -100,6 +101,9 @@ class BrokerRole(Role):
         self.co_auth = CoKeyAuth(cfg.co_keys)
         self.router_auth = RouterKeyAuth(key)
         self.hops = cfg.network_hops
+        #: A broker on loopback (a test's) takes loopback addresses from the wire too.
+        self.loopback = any(ipaddress.ip_address(i.address).is_loopback
+                            for i in self.config.interfaces)
         #: The requesting CO's measured round trips (instance id -> ms), for one request.
         self._measured: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -125,7 +129,8 @@ class BrokerRole(Role):
     async def on_request(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         co_address = body.pop("co_address", None)
         if co_address is not None:  # where the CO is: it picks instances and where to grow
-            co_address = wire.field(fields.address, co_address, "LEASE_REQUEST.co_address")
+            co_address = wire.field(fields.address, co_address, "LEASE_REQUEST.co_address",
+                                    loopback=self.loopback)
         measured = measured_costs(body.pop("costs", None))
         holder, request = holder_of(msg), body.get("request")
         try:
@@ -185,8 +190,7 @@ class BrokerRole(Role):
         self.broker.register_from(self.check_instance(body.get("instance")))
         return {"ok": True}
 
-    @staticmethod
-    def check_instance(doc: Any) -> Any:
+    def check_instance(self, doc: Any) -> Any:
         """A SERVICE_REGISTER ``instance``: on top of the directory's own checks, every
         address it gives (where it answers, its router, its parts) is a unicast IPv4 address
         in canonical form (:func:`agent.core.fields.address`) and its network an IPv4 prefix:
@@ -194,12 +198,14 @@ class BrokerRole(Role):
         doc = wire.as_mapping(doc, "instance")
         for key in ("address", "router_address"):
             if doc.get(key, "") != "" or key == "address":
-                wire.field(fields.address, doc.get(key), f"instance.{key}")
+                wire.field(fields.address, doc.get(key), f"instance.{key}",
+                           loopback=self.loopback)
         parts = wire.as_mapping(doc.get("object_addresses", {}), "instance.object_addresses")
         if len(parts) > 64:
             raise BadRequest("instance.object_addresses: at most 64")
         for obj, address in parts.items():
-            wire.field(fields.address, address, f"instance.object_addresses.{obj}")
+            wire.field(fields.address, address, f"instance.object_addresses.{obj}",
+                       loopback=self.loopback)
         if doc.get("network", "") != "":
             wire.field(fields.prefix, doc.get("network"), "instance.network")
         return doc

@@ -145,18 +145,20 @@ def _networks(within: Iterable[Any]) -> list[ipaddress.IPv4Network]:
 
 
 def address(value: Any, field: str, *, within: Iterable[Any] | None = None,
-            exclude: Iterable[str] = ()) -> str:
+            exclude: Iterable[str] = (), loopback: bool = False) -> str:
     """A unicast IPv4 address in dotted-quad form (no IPv6, no leading zeros, not 0/8,
     loopback, link-local, multicast, reserved or broadcast); with ``within``, a host address
     of one of those networks (not its network or broadcast address); never one of
-    ``exclude``."""
+    ``exclude``. ``loopback``: 127/8 is taken too (a run whose routers are on loopback)."""
     try:
         ip = ipaddress.IPv4Address(value) if isinstance(value, str) else None
     except ValueError:
         ip = None
     if ip is None or str(ip) != value:
         raise FieldError(field, value, "is not an IPv4 address")
-    if any(ip in net for net in _NOT_UNICAST) or ip == ipaddress.IPv4Address("255.255.255.255"):
+    if loopback and ip.is_loopback:
+        pass
+    elif any(ip in net for net in _NOT_UNICAST) or ip == ipaddress.IPv4Address("255.255.255.255"):
         raise FieldError(field, value, "is not a unicast address")
     if within is not None:
         nets = _networks(within)
