@@ -12,7 +12,6 @@ packet or a bug in one message must never stop the agent.
 from __future__ import annotations
 
 import asyncio
-import socket
 import logging
 from typing import Any
 
@@ -32,25 +31,16 @@ from agent.mobility.dataplane import DataPlane
 from agent.mobility.discovery_role import DiscoveryRole
 from agent.mobility.foreign import ForeignAgent, nested_home_credential
 from agent.mobility.home import HomeAgent
+from agent.mobility.mipsocket import MipSocket
+from agent.mobility.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 #: A relayed request whose reply has not come within this many seconds is forgotten.
 PENDING_TIMEOUT = 5.0
-
-
-class _MipProtocol(asyncio.DatagramProtocol):
-    def __init__(self, role: "ObjectAgentRole") -> None:
-        self.role = role
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        try:
-            self.role.on_registration(data, addr)
-        except Exception:  # noqa: BLE001 - one bad message must not stop the agent
-            log.exception("registration handler failed on a message from %s", addr[0])
-
-    def error_received(self, exc: Exception) -> None:
-        log.info("UDP 434 error: %s", exc)
+#: Refused, malformed and unexpected messages on UDP 434: one log line per kind per this many
+#: seconds at most (they arrive before any authentication).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class ObjectAgentRole(Role):
@@ -74,8 +64,12 @@ class ObjectAgentRole(Role):
                 if cfg.router_key else None
             self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses, nested_home=nested)
         self.dataplane: DataPlane | None = None
-        self._mip: asyncio.DatagramTransport | None = None
+        self._mip: MipSocket | None = None
         self._malformed = 0
+        self.refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
+        #: The FOA's data plane must be reconciled on the next housekeeping tick: set when
+        #: visitors expired or a reconciliation left something undone.
+        self._foreign_dirty = False
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -98,12 +92,7 @@ class ObjectAgentRole(Role):
         tunnel.start()
         log.info("GRE tunnel backend: %s", tunnel.backend)
         self.dataplane = DataPlane(tunnel, self.config.addresses)
-        # SO_REUSEADDR: an object's nested home agent (its secondaries', NEMO) binds UDP 434
-        # on the object's home address on the same router; the kernel gives it its packets.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", MIP_PORT))
-        self._mip, _ = await loop.create_datagram_endpoint(lambda: _MipProtocol(self), sock=sock)
+        self._mip = MipSocket(loop, self._on_datagram)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -136,28 +125,49 @@ class ObjectAgentRole(Role):
 
     # --- registration --------------------------------------------------------------------
 
-    def on_registration(self, data: bytes, addr: tuple) -> None:
+    def _on_datagram(self, data: bytes, addr: tuple, ifindex: int, dest: str) -> None:
+        try:
+            self.on_registration(data, addr, ifindex, dest)
+        except Exception:  # noqa: BLE001 - one bad message must not stop the agent
+            self.refusals("handler", logging.ERROR,
+                          "registration handler failed on a message from %s", addr[0],
+                          exc_info=True)
+
+    def interface_name(self, ifindex: int) -> str:
+        """The name of interface ``ifindex`` ("lo" for the loopback, "" when unknown)."""
+        if ifindex == 0:
+            return ""
+        if ifindex == 1:
+            return "lo"
+        return self.agent.iface_by_index.get(ifindex, f"ifindex {ifindex}")
+
+    def on_registration(self, data: bytes, addr: tuple, ifindex: int = 0,
+                        dest: str = "") -> None:
+        """One UDP 434 datagram from ``addr``, heard on ``ifindex``, sent to ``dest``."""
         try:
             msg = decode_registration(data)
         except MalformedMessage as exc:
             self._malformed += 1
-            log.info("malformed registration message from %s:%d: %s", addr[0], addr[1], exc)
+            self.refusals("malformed", logging.INFO, "malformed registration message from %s:%d: %s",
+                          addr[0], addr[1], exc)
             return
         if isinstance(msg, RegistrationRequest):
-            self._on_request(msg, addr)
+            self._on_request(msg, addr, ifindex, dest)
         else:
             self._on_reply(msg, addr)
 
-    def _send(self, data: bytes, addr: tuple) -> None:
+    def _send(self, data: bytes, addr: tuple, source: str | None = None) -> None:
         assert self._mip is not None
-        self._mip.sendto(data, addr)
+        self._mip.sendto(data, addr, source)
 
-    def _on_request(self, rrq: RegistrationRequest, addr: tuple) -> None:
+    def _on_request(self, rrq: RegistrationRequest, addr: tuple, ifindex: int = 0,
+                    dest: str = "") -> None:
         from_object = find_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH) is not None
         if self.foreign is not None and from_object and rrq.care_of_address in self.config.addresses:
-            relay = self.foreign.handle_request(rrq, addr[0], addr[1])
+            relay = self.foreign.handle_request(rrq, addr[0], addr[1], self.interface_name(ifindex))
             if relay.to_object is not None:
-                log.info("FOA: denied %s from %s: %s", rrq.home_address, addr[0], relay.code.name)
+                self.refusals("foa-denied", logging.INFO, "FOA: denied %s from %s: %s",
+                              rrq.home_address, addr[0], relay.code.name)
                 self._send(relay.to_object, addr)
             if relay.to_home_agent is not None:
                 log.info("FOA: relaying registration of %s to HOA %s", rrq.home_address, rrq.home_agent)
@@ -165,7 +175,14 @@ class ObjectAgentRole(Role):
             return
         if self.home is not None and rrq.home_agent in self.config.addresses:
             decision = self.home.handle(rrq)
-            self._send(decision.reply, addr)
+            # From the address the request was sent to (RFC 5944 §3.8.3.1): the FOA relayed
+            # to that address and accepts a reply from it only.
+            self._send(decision.reply, addr, dest if dest in self.config.addresses else None)
+            if decision.update is None:
+                self.refusals("hoa-denied", logging.INFO, "HOA: %s for %s via %s (coa %s)",
+                              decision.code.name, rrq.home_address, addr[0],
+                              rrq.care_of_address)
+                return  # nothing changed: no data plane work for a refusal
             log.info("HOA: %s for %s via %s (coa %s, lifetime %d)", decision.code.name,
                      rrq.home_address, addr[0], rrq.care_of_address, rrq.lifetime)
             # Tunnel first, then claim the addresses on the home LAN: traffic the gratuitous
@@ -173,17 +190,20 @@ class ObjectAgentRole(Role):
             self.sync_home()
             self._sync_proxy_arp()
             return
-        log.info("request for %s from %s is for no role of this agent; dropped",
-                 rrq.home_address, addr[0])
+        self.refusals("no-role", logging.INFO,
+                      "request for %s from %s is for no role of this agent; dropped",
+                      rrq.home_address, addr[0])
 
     def _on_reply(self, rrp: RegistrationReply, addr: tuple) -> None:
         if self.foreign is None:
-            log.info("reply from %s but this agent is no FOA; dropped", addr[0])
+            self.refusals("not-foa", logging.INFO, "reply from %s but this agent is no FOA; dropped",
+                          addr[0])
             return
-        out = self.foreign.handle_reply(rrp)
+        out = self.foreign.handle_reply(rrp, addr[0])
         if out is None:
-            log.info("unexpected or unauthenticated reply from %s for %s; dropped", addr[0],
-                     rrp.home_address)
+            self.refusals("bad-reply", logging.INFO,
+                          "reply from %s for %s answers no relay of ours to that HOA, or fails "
+                          "its authentication; dropped", addr[0], rrp.home_address)
             return
         pending, data = out
         log.info("FOA: reply %s for %s relayed to %s", rrp.code, rrp.home_address, pending.object_address)
@@ -222,19 +242,30 @@ class ObjectAgentRole(Role):
 
     async def sync_foreign(self) -> None:
         if self.foreign is not None and self.dataplane is not None:
-            await self.dataplane.sync_foreign(self.foreign)
+            if not await self.dataplane.sync_foreign(self.foreign):
+                self._foreign_dirty = True  # something was left undone: retry next tick
 
     def housekeeping(self) -> None:
+        """Expire bindings, visitors and relays; reconcile the data plane only when that
+        changed something (or a reconciliation is to be retried).
+
+        The tables hand out only what expired (a heap of expiry times), so a tick with
+        nothing to do costs O(log n), not a scan of every binding and visitor."""
         if self.home is not None:
-            for b in self.home.bindings.expire():
+            gone = self.home.bindings.expire()
+            for b in gone:
                 log.info("HOA: binding %s -> %s expired", b.home_address, b.care_of_address)
-            self.sync_home()
-            self._sync_proxy_arp()
+            if gone:
+                self.sync_home()
+                self._sync_proxy_arp()
         if self.foreign is not None:
-            for v in self.foreign.visitors.expire():
+            left = self.foreign.visitors.expire()
+            for v in left:
                 log.info("FOA: visitor %s expired", v.home_address)
             self.foreign.expire_pending(PENDING_TIMEOUT)
-            self._spawn(self.sync_foreign())
+            if left or self._foreign_dirty:
+                self._foreign_dirty = False
+                self._spawn(self.sync_foreign())
 
     # --- control commands and status -----------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 The role logic (:mod:`agent.mobility.home`, :mod:`agent.mobility.foreign`) only keeps tables;
 this module makes the kernel and the GRE backend match them, comparing what it installed
-last time with what the tables want now, so calling it after every change and on every
-housekeeping tick is cheap and idempotent.
+last time with what the tables want now, so calling it again is idempotent. The object
+agent calls it after every change, and again when a reconciliation left something undone.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ class DataPlane:
             else:
                 self._home_peers.pop(address, None)
 
-    async def sync_foreign(self, foreign: ForeignAgent) -> None:
-        """FOA: accept each visitor's tunnel and deliver its home address to its router.
+    async def sync_foreign(self, foreign: ForeignAgent) -> bool:
+        """FOA: accept each visitor's tunnel and deliver its home address to its router;
+        False when some path could not be set up as wanted (call again to retry).
 
         Returns once the routes are in place: the FOA relays a registration reply only after
         this, so no tunnelled packet reaches it before it knows where to deliver it.
@@ -106,6 +107,7 @@ class DataPlane:
             await self._sync_routes()
             await self._sync_prefixes(foreign)
             await self._settle()
+            return all(self._foreign_paths.get(k) == v for k, v in wanted.items())
 
     def _wanted_paths(self, foreign: ForeignAgent) -> dict[VisitorKey, ForeignPath]:
         by_home: dict[str, list[Any]] = {}

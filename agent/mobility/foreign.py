@@ -56,6 +56,11 @@ class Pending:
     care_of_name: str
     mf_spi: int
     sent_at: float
+    #: The interface the request arrived on ("" unknown): with ``object_address``, where the
+    #: visitor is bound while the registration lives.
+    interface: str = ""
+    #: The HOA the request was relayed to: only a reply from this address answers it.
+    relayed_to: str = ""
 
 
 @dataclass
@@ -90,7 +95,8 @@ class ForeignAgent:
         self.visitors = VisitorList(clock)
         self.pending: dict[tuple[str, int], Pending] = {}
         self._object_keys = {c.spi: c.key for c in config.trusted_objects}
-        self.stats = {"relayed": 0, "denied": 0, "replies": 0, "bad_replies": 0}
+        self.stats = {"relayed": 0, "denied": 0, "replies": 0, "bad_replies": 0,
+                      "bound_elsewhere": 0, "wrong_source_replies": 0}
 
     def care_of_name_for(self, rrq: RegistrationRequest) -> str:
         """``<object name>.<this FOA>``: unique on the foreign network because FOA names are.
@@ -120,10 +126,34 @@ class ForeignAgent:
         reply = RegistrationReply(code, rrq.home_address, rrq.home_agent, rrq.identification, 0)
         return Relay(code, to_object=reply.encode())
 
-    def handle_request(self, rrq: RegistrationRequest, src: str, port: int) -> Relay:
-        """An object's request: check it, then relay it to its HOA."""
+    def bound_elsewhere(self, rrq: RegistrationRequest, src: str, interface: str) -> bool:
+        """Whether the visitor (home address, care-of address) of ``rrq`` is bound to another
+        place than ``src`` on ``interface``: by a live visitor entry or a relay in flight.
+
+        A visitor is bound to the source address and interface its registration first came
+        from, for as long as that registration lives; a request for it from anywhere else
+        (a replay from another host) must not move its route there."""
+        here = (src, interface)
+        visitor = self.visitors.get(rrq.home_address, rrq.care_of_address)
+        if visitor is not None and (visitor.local_address, visitor.local_interface) != here:
+            return True
+        return any((p.object_address, p.interface) != here for p in self.pending.values()
+                   if (p.request.home_address, p.request.care_of_address)
+                   == (rrq.home_address, rrq.care_of_address))
+
+    def handle_request(self, rrq: RegistrationRequest, src: str, port: int,
+                       interface: str = "") -> Relay:
+        """An object's request from ``src``:``port``, heard on ``interface``: check it, then
+        relay it to its HOA.
+
+        A request for a visitor bound elsewhere (:meth:`bound_elsewhere`) is refused with 65
+        (administratively prohibited, RFC 5944 §3.7.2: the FOA's policy forbids it; the
+        request itself is well formed and authentic) and changes nothing."""
         if not verify_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH, self._object_keys):
             return self.deny(rrq, ReplyCode.FA_MN_FAILED_AUTH)
+        if self.bound_elsewhere(rrq, src, interface):
+            self.stats["bound_elsewhere"] += 1
+            return self.deny(rrq, ReplyCode.FA_ADMIN_PROHIBITED)
         if rrq.lifetime > self.config.max_lifetime:
             return self.deny(rrq, ReplyCode.FA_LIFETIME_TOO_LONG)
         if rrq.care_of_address not in self.care_of_addresses:
@@ -139,17 +169,29 @@ class ForeignAgent:
         assert fh is not None
         relayed = bytes_before(rrq, ExtType.MOBILE_FOREIGN_AUTH) + encode_extension(CareOfName(coname))
         relayed = append_auth(relayed, ExtType.FOREIGN_HOME_AUTH, fh.spi, fh.key)
+        # Re-inserted at the end: the table stays in the order the relays were sent, so
+        # expire_pending looks only at the ones due.
+        self.pending.pop((rrq.home_address, rrq.identification), None)
         self.pending[(rrq.home_address, rrq.identification)] = Pending(
-            rrq, src, port, coname, mf[1].spi, self.clock()
+            rrq, src, port, coname, mf[1].spi, self.clock(), interface, rrq.home_agent
         )
         self.stats["relayed"] += 1
         return Relay(ReplyCode.ACCEPTED, to_home_agent=relayed)
 
-    def handle_reply(self, rrp: RegistrationReply) -> tuple[Pending, bytes] | None:
-        """The HOA's reply: check Foreign-Home, update visitors, build the object's reply."""
+    def handle_reply(self, rrp: RegistrationReply, source: str) -> tuple[Pending, bytes] | None:
+        """The HOA's reply from ``source``: check it answers a relay of ours (home address and
+        Identification) and comes from the HOA that relay went to, check Foreign-Home, update
+        visitors, build the object's reply.
+
+        A reply from any other source, acceptance or denial, is dropped (counted in
+        ``wrong_source_replies``) and leaves the relay pending: the real HOA's answer still
+        goes through."""
         pending = self.pending.get((rrp.home_address, rrp.identification))
         if pending is None:
             self.stats["bad_replies"] += 1
+            return None
+        if source != pending.relayed_to:
+            self.stats["wrong_source_replies"] += 1
             return None
         fh = self.config.foreign_home
         assert fh is not None
@@ -161,8 +203,7 @@ class ForeignAgent:
             # An acceptance must come from the HOA; a denial grants nothing and an HOA that
             # does not trust us cannot sign it, so denials are relayed (the object still checks
             # the Mobile-Home authenticator).
-            self.stats["bad_replies"] += 1
-            log.warning("acceptance for %s fails Foreign-Home auth; dropped", rrp.home_address)
+            self.stats["bad_replies"] += 1  # the caller logs it, rate-limited
             return None
         del self.pending[(rrp.home_address, rrp.identification)]
         self.stats["replies"] += 1
@@ -177,6 +218,7 @@ class ForeignAgent:
                 keys[0].key if keys else None, rrq.care_of_address,
                 bool(rrq.flags & RequestFlags.T),
                 str(networks[0].network) if networks else "",
+                pending.interface,
             ))
         elif rrp.accepted:
             self.visitors.remove(rrq.home_address, rrq.care_of_address)
@@ -191,5 +233,9 @@ class ForeignAgent:
     def expire_pending(self, timeout: float) -> list[Pending]:
         """Forget relays the HOA never answered (the object retransmits on its own)."""
         now = self.clock()
-        gone = [k for k, p in self.pending.items() if now - p.sent_at > timeout]
+        gone = []
+        for key, pending in self.pending.items():  # oldest first (see handle_request)
+            if now - pending.sent_at <= timeout:
+                break
+            gone.append(key)
         return [self.pending.pop(k) for k in gone]

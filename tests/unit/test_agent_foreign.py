@@ -93,7 +93,7 @@ class World:
         """The whole exchange; returns the object's reply."""
         relay = self.foa.handle_request(self.object_request(home, **kw), OBJ_ADDR, OBJ_PORT)
         assert relay.to_home_agent is not None, relay
-        out = self.foa.handle_reply(self.hoa_reply(relay.to_home_agent))
+        out = self.foa.handle_reply(self.hoa_reply(relay.to_home_agent), HA)
         assert out is not None
         return RegistrationReply.decode(out[1])
 
@@ -208,7 +208,7 @@ def test_accepted_reply_reaches_object_signed_and_makes_a_visitor(world: World) 
     assert hoa_rrp.code == ReplyCode.ACCEPTED
     world.clock.advance(0.25)
 
-    result = world.foa.handle_reply(hoa_rrp)
+    result = world.foa.handle_reply(hoa_rrp, HA)
     assert result is not None
     pending, out = result
     assert pending.object_address == OBJ_ADDR and pending.object_port == OBJ_PORT
@@ -253,12 +253,12 @@ def test_reply_for_unknown_request_is_dropped(world: World) -> None:
     other = RegistrationReply.decode(
         append_auth(RegistrationReply(0, HOME, HA, rrq.identification + 1, 60).encode(),
                     ExtType.FOREIGN_HOME_AUTH, FH_SPI, FH_KEY))
-    assert world.foa.handle_reply(other) is None
+    assert world.foa.handle_reply(other, HA) is None
     assert world.foa.stats["bad_replies"] == 1
     assert (HOME, rrq.identification) in world.foa.pending  # the real one is still awaited
-    assert world.foa.handle_reply(rrp) is not None
+    assert world.foa.handle_reply(rrp, HA) is not None
     # a second copy of the same reply has nothing pending any more
-    assert world.foa.handle_reply(rrp) is None
+    assert world.foa.handle_reply(rrp, HA) is None
 
 
 def test_acceptance_with_bad_foreign_home_auth_is_dropped(world: World) -> None:
@@ -267,7 +267,7 @@ def test_acceptance_with_bad_foreign_home_auth_is_dropped(world: World) -> None:
     forged = RegistrationReply(0, HOME, HA, rrq.identification, 60, [GreKey(7)]).encode()
     forged = append_auth(forged, ExtType.MOBILE_HOME_AUTH, *MH[HOME])
     forged = append_auth(forged, ExtType.FOREIGN_HOME_AUTH, FH_SPI, b"not the FH key")
-    assert world.foa.handle_reply(RegistrationReply.decode(forged)) is None
+    assert world.foa.handle_reply(RegistrationReply.decode(forged), HA) is None
     assert world.foa.stats["bad_replies"] == 1
     assert world.foa.visitors.get(HOME) is None
     assert (HOME, rrq.identification) in world.foa.pending
@@ -278,7 +278,7 @@ def test_acceptance_without_foreign_home_auth_is_dropped(world: World) -> None:
     world.foa.handle_request(rrq, OBJ_ADDR, OBJ_PORT)
     bare = append_auth(RegistrationReply(0, HOME, HA, rrq.identification, 60).encode(),
                        ExtType.MOBILE_HOME_AUTH, *MH[HOME])
-    assert world.foa.handle_reply(RegistrationReply.decode(bare)) is None
+    assert world.foa.handle_reply(RegistrationReply.decode(bare), HA) is None
     assert world.foa.stats["bad_replies"] == 1
     assert len(world.foa.visitors) == 0
 
@@ -291,7 +291,7 @@ def test_denial_from_hoa_that_does_not_trust_us_is_relayed() -> None:
     assert hoa_rrp.code == ReplyCode.HA_FA_FAILED_AUTH
     assert find_auth(hoa_rrp, ExtType.FOREIGN_HOME_AUTH) is None
 
-    result = world.foa.handle_reply(hoa_rrp)
+    result = world.foa.handle_reply(hoa_rrp, HA)
     assert result is not None
     rrp = RegistrationReply.decode(result[1])
     assert rrp.code == ReplyCode.HA_FA_FAILED_AUTH
@@ -308,7 +308,7 @@ def test_signed_denial_from_hoa_is_relayed_without_fh(world: World) -> None:
     data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, MH[HOME][0], b"bad mh")
     data = append_auth(data, ExtType.MOBILE_FOREIGN_AUTH, MF_SPI, MF_KEY)
     relay = world.foa.handle_request(RegistrationRequest.decode(data), OBJ_ADDR, OBJ_PORT)
-    _, out = world.foa.handle_reply(world.hoa_reply(relay.to_home_agent))
+    _, out = world.foa.handle_reply(world.hoa_reply(relay.to_home_agent), HA)
     rrp = RegistrationReply.decode(out)
     assert rrp.code == ReplyCode.HA_MN_FAILED_AUTH
     assert find_auth(rrp, ExtType.FOREIGN_HOME_AUTH) is None
@@ -344,8 +344,8 @@ def test_same_name_objects_registering_at_once_get_distinct_care_of_names(world:
     n1 = RegistrationRequest.decode(r1.to_home_agent).find(CareOfName)[0].name
     n2 = RegistrationRequest.decode(r2.to_home_agent).find(CareOfName)[0].name
     assert n1 != n2
-    world.foa.handle_reply(world.hoa_reply(r1.to_home_agent))
-    world.foa.handle_reply(world.hoa_reply(r2.to_home_agent))
+    world.foa.handle_reply(world.hoa_reply(r1.to_home_agent), HA)
+    world.foa.handle_reply(world.hoa_reply(r2.to_home_agent), HA)
     names = {v.care_of_name for v in world.foa.visitors.snapshot_objects()}
     assert names == {n1, n2}
 
@@ -378,7 +378,7 @@ def test_expire_pending(world: World) -> None:
     assert [p.request.identification for p in gone] == [r_old.identification]
     assert list(world.foa.pending) == [(HOME3, r_new.identification)]
     # the late reply finds nothing pending
-    assert world.foa.handle_reply(world.hoa_reply(relay_old.to_home_agent)) is None
+    assert world.foa.handle_reply(world.hoa_reply(relay_old.to_home_agent), HA) is None
     assert world.foa.visitors.get(HOME) is None
     world.clock.advance(10)
     assert len(world.foa.expire_pending(5.0)) == 1

@@ -220,7 +220,7 @@ def test_built_request_is_accepted_through_foa_and_hoa(clock: FakeClock) -> None
     assert relay.to_home_agent is not None
     decision = hoa.handle(RegistrationRequest.decode(relay.to_home_agent))
     assert decision.code == ReplyCode.ACCEPTED
-    _, out = foa.handle_reply(RegistrationReply.decode(decision.reply))
+    _, out = foa.handle_reply(RegistrationReply.decode(decision.reply), HA)
     rrp = RegistrationReply.decode(out)
     assert rrp.code == ReplyCode.ACCEPTED and rrp.lifetime == 45
     assert verify_auth(rrp, ExtType.MOBILE_HOME_AUTH, {MH.spi: MH.key})

@@ -148,7 +148,7 @@ class Recorder:
     def __init__(self) -> None:
         self.log: list[tuple] = []
 
-    def sendto(self, data: bytes, addr: tuple) -> None:
+    def sendto(self, data: bytes, addr: tuple, source: str | None = None) -> None:
         self.log.append(("send", addr))
 
 
@@ -168,7 +168,7 @@ def request(coa: str, ha: str = "10.16.0.2", mobile_foreign: bool = True) -> byt
 def test_an_objects_request_for_our_care_of_address_goes_to_the_foa() -> None:
     role, rec = object_agent(["foreign"])
     seen: list = []
-    role.foreign = SimpleNamespace(handle_request=lambda rrq, a, p: seen.append((rrq.care_of_address, a, p))
+    role.foreign = SimpleNamespace(handle_request=lambda rrq, a, p, i: seen.append((rrq.care_of_address, a, p))
                                    or SimpleNamespace(to_object=None, to_home_agent=b"relayed",
                                                       code=ReplyCode.ACCEPTED))
     role.on_registration(request("10.12.0.1"), ("10.12.0.50", 40000))
@@ -208,7 +208,7 @@ def test_malformed_registration_messages_are_counted() -> None:
 def test_the_foa_relays_a_reply_only_after_its_data_plane_is_in_place() -> None:
     role, rec = object_agent(["foreign"])
     pending = SimpleNamespace(object_address="10.12.0.50", object_port=40000)
-    role.foreign = SimpleNamespace(handle_reply=lambda rrp: (pending, b"to object"))
+    role.foreign = SimpleNamespace(handle_reply=lambda rrp, source: (pending, b"to object"))
 
     class SlowPlane:
         async def sync_foreign(self, foreign: Any) -> None:
@@ -315,3 +315,71 @@ def test_an_object_runs_once_per_router(hosting) -> None:
         asyncio.run(role.host_object(obj(), FakeProcess(log), register=False))  # type: ignore[arg-type]
     with pytest.raises(ControlError, match="no object 'ghost'"):
         asyncio.run(role.cmd_object_stop("ghost"))
+
+
+def test_the_foa_is_told_the_interface_a_request_arrived_on() -> None:
+    role, rec = object_agent(["foreign"])
+    seen: list = []
+    role.foreign = SimpleNamespace(handle_request=lambda rrq, a, p, i: seen.append(i)
+                                   or SimpleNamespace(to_object=None, to_home_agent=b"relayed",
+                                                      code=ReplyCode.ACCEPTED))
+    eth2 = role.agent.ifindex["eth2"]
+    role.on_registration(request("10.12.0.1"), ("10.12.0.50", 40000), eth2, "10.12.0.1")
+    role.on_registration(request("10.12.0.1"), ("10.12.0.1", 40000), 1, "10.12.0.1")
+    assert seen == ["eth2", "lo"]
+
+
+def test_the_hoa_answers_from_the_address_the_request_was_sent_to() -> None:
+    """RFC 5944 §3.8.3.1: the FOA relayed to that address and takes a reply only from it."""
+    role, _ = object_agent(["home"])
+    sent: list = []
+    role._mip = SimpleNamespace(sendto=lambda data, addr, source=None: sent.append((addr, source)))
+    decision = SimpleNamespace(reply=b"reply", code=ReplyCode.HA_FA_FAILED_AUTH, update=None)
+    role.home = SimpleNamespace(handle=lambda rrq: decision)
+    role.dataplane = SimpleNamespace(sync_home=lambda home: pytest.fail("a refusal syncs nothing"))
+    role.on_registration(request("10.12.0.1", mobile_foreign=False), ("10.12.0.1", 434), 3,
+                         "10.16.0.2")
+    role.on_registration(request("10.12.0.1", mobile_foreign=False), ("10.12.0.1", 434), 3,
+                         "224.0.0.1")  # not one of ours: the kernel chooses
+    assert sent == [(("10.12.0.1", 434), "10.16.0.2"), (("10.12.0.1", 434), None)]
+
+
+def test_the_foa_passes_the_replys_source_to_the_relay_check() -> None:
+    role, rec = object_agent(["foreign"])
+    sources: list = []
+    role.foreign = SimpleNamespace(handle_reply=lambda rrp, source: sources.append(source))
+    reply = RegistrationReply(ReplyCode.HA_ADMIN_PROHIBITED, "10.16.0.100", "10.16.0.2", 1, 0)
+    role.on_registration(reply.encode(), ("10.99.0.9", 434))
+    assert sources == ["10.99.0.9"] and rec.log == []
+
+
+def test_refused_and_malformed_registration_packets_log_a_bounded_number_of_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    role, _ = object_agent(["home", "foreign"])
+    with caplog.at_level("DEBUG", logger="agent.mobility.agent_role"):
+        for n in range(5000):
+            role.on_registration(b"\x01\x00" + bytes([n % 256]), ("10.12.0.66", 1000 + n))
+            role.on_registration(request("10.99.0.1", ha="10.99.0.2"), ("10.12.0.66", 2))
+    assert role.malformed == 5000
+    assert role.refusals.counts == {"malformed": 5000, "no-role": 5000}
+    assert len(caplog.records) <= 4  # the first of each kind, then one per interval at most
+
+
+def test_a_housekeeping_tick_with_nothing_expired_does_no_data_plane_work() -> None:
+    role, _ = object_agent(["home", "foreign"])
+    expired: dict[str, list] = {"home": [], "foreign": []}
+    role.home = SimpleNamespace(bindings=SimpleNamespace(expire=lambda: expired["home"],
+                                                         served=lambda: {}))
+    role.foreign = SimpleNamespace(visitors=SimpleNamespace(expire=lambda: expired["foreign"]),
+                                   expire_pending=lambda timeout: [])
+    synced: list = []
+    role.dataplane = SimpleNamespace(sync_home=lambda home: synced.append("home"))
+    role._spawn = lambda coro: (coro.close(), synced.append("foreign"))  # type: ignore
+    role.proxy_arp = None
+    for _ in range(100):
+        role.housekeeping()
+    assert synced == []
+    expired["home"] = [SimpleNamespace(home_address="10.16.0.100", care_of_address="10.12.0.1")]
+    expired["foreign"] = [SimpleNamespace(home_address="10.14.0.100")]
+    role.housekeeping()
+    assert synced == ["home", "foreign"]

@@ -51,7 +51,7 @@ class Network:
         relay = self.foa.handle_request(RegistrationRequest.decode(data), router, 40000)
         assert relay.to_home_agent is not None, relay
         reply = self.hoa.handle(RegistrationRequest.decode(relay.to_home_agent)).reply
-        assert self.foa.handle_reply(RegistrationReply.decode(reply)) is not None
+        assert self.foa.handle_reply(RegistrationReply.decode(reply), HOA) is not None
         return RegistrationReply.decode(reply)
 
 

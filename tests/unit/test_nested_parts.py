@@ -239,7 +239,7 @@ class Nested:
         """Through the FOA and back: the home agent's reply and what the FOA made of it."""
         rrp = self.decide(self.relayed(self.request(part, **kw)))
         assert rrp is not None
-        return rrp, self.foa.handle_reply(rrp)
+        return rrp, self.foa.handle_reply(rrp, rrp.home_agent)
 
 
 def test_a_parts_registration_is_accepted_without_a_foreign_home_key_and_tunnelled() -> None:
@@ -364,7 +364,7 @@ def test_an_foa_without_the_runs_nested_credential_drops_the_acceptance() -> Non
 def test_a_denial_is_relayed_even_unsigned_for_the_foa() -> None:
     env = Nested(foa_router_key=None)
     rrp = env.decide(env.relayed(env.request(mh=Credential(PART_SPI_BASE, b"a guess"))))
-    out = env.foa.handle_reply(rrp)
+    out = env.foa.handle_reply(rrp, rrp.home_agent)
     assert out is not None and RegistrationReply.decode(out[1]).code == \
         ReplyCode.HA_MN_FAILED_AUTH
     assert len(env.foa.visitors) == 0
@@ -422,7 +422,7 @@ class ObjectAway:
         data = append_auth(data, ExtType.MOBILE_FOREIGN_AUTH, mf.spi, mf.key)
         relay = self.foa.handle_request(RegistrationRequest.decode(data), router, 40000)
         decision = self.hoa.handle(RegistrationRequest.decode(relay.to_home_agent))
-        out = self.foa.handle_reply(RegistrationReply.decode(decision.reply))
+        out = self.foa.handle_reply(RegistrationReply.decode(decision.reply), HOA)
         assert out is not None
         return RegistrationReply.decode(decision.reply)
 

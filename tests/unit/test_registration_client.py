@@ -169,7 +169,7 @@ def foa_relay(foa: ForeignAgent, hoa: HomeAgent) -> Agent:
             return [relay.to_object]
         assert relay.to_home_agent is not None
         decision = hoa.handle(RegistrationRequest.decode(relay.to_home_agent))
-        out = foa.handle_reply(RegistrationReply.decode(decision.reply))
+        out = foa.handle_reply(RegistrationReply.decode(decision.reply), hoa.address)
         return [] if out is None else [out[1]]
 
     return answer
