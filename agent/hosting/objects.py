@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ from agent.mobility.client import RegistrationClient
 from agent.mobility.discovery_role import DiscoveryRole
 
 log = logging.getLogger(__name__)
+
+#: Killed objects remembered for ``status`` (the oldest are forgotten).
+MAX_KILLED = 64
 
 
 def check_home_address(home_address: str, home_agent: str, own: set[str]) -> None:
@@ -79,6 +84,9 @@ class HostingRole(Role):
         #: One cgroup manager for every object this router runs (VM or placed directly).
         self.cgroups = CgroupManager(self.config.run_id, owner=self.config.name)
         self.discovery: DiscoveryRole | None = None
+        #: Objects this router stopped and killed because they misbehaved (did not answer,
+        #: answered garbage), newest last, with why: ``moat show status`` reports them.
+        self.killed: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def start(self) -> None:
         self.discovery = self.agent.role(DiscoveryRole)
@@ -98,7 +106,8 @@ class HostingRole(Role):
                 hosted.client.on_advertisement(adv, source, ifindex)
 
     def status(self) -> dict[str, Any]:
-        return {"objects": sorted(self.objects)}
+        return {"objects": sorted(self.objects),
+                "killed_objects": [dict(v, name=k) for k, v in self.killed.items()]}
 
     # --- lookups -------------------------------------------------------------------------
 
@@ -196,12 +205,18 @@ class HostingRole(Role):
                                   announce=discovery.announce_home)
 
     async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
-        """Stop hosting an object; returns its status and its final state (if it ran here)."""
+        """Stop hosting an object; returns its status, its final state (if it ran here and
+        could give one) and ``errors``: what failed on the way. Whatever fails, the process
+        is stopped (killed if it must be) and the object is no longer hosted here."""
         hosted = self.objects.pop(name, None)
         if hosted is None:
             raise ControlError(f"no object {name!r} here")
+        errors: list[str] = []
         if hosted.client is not None:
-            await hosted.client.stop(deregister=deregister)
+            try:
+                await hosted.client.stop(deregister=deregister)
+            except (AgentError, OSError) as exc:
+                errors.append(f"registration client: {exc}")
         state = None
         if hosted.process is not None:
             # Hold first: from now on the object queues what it receives (the queue goes into
@@ -209,14 +224,33 @@ class HostingRole(Role):
             # the kernel would refuse: a request counted, its reply lost. Then the address:
             # packets still arriving are routed on to the object's new place instead of
             # hitting a closing socket (port unreachable).
-            if hosted.process.running:
+            try:
+                if hosted.process.running:
+                    try:
+                        await hosted.process.call("hold")
+                    except ObjectProcessError as exc:
+                        errors.append(str(exc))
                 try:
-                    await hosted.process.call("hold")
-                except ObjectProcessError as exc:
-                    log.warning("%s", exc)
-            await self._home_address(hosted.home_address, add=False)
-            state = await hosted.process.stop()
-        return dict(hosted.status(), state=state)
+                    await self._home_address(hosted.home_address, add=False)
+                except ControlError as exc:
+                    errors.append(str(exc))
+            finally:  # never left running, whatever the steps before did
+                state = await hosted.process.stop()
+        for error in errors:
+            log.warning("stopping object %s: %s", name, error)
+        return dict(hosted.status(), state=state, errors=errors)
+
+    async def kill(self, name: str, reason: str) -> dict:
+        """Stop and kill an object that misbehaves (its process no longer answers, or answers
+        garbage), deregistered, and remember why for ``status``."""
+        log.warning("object %s killed: %s", name, reason)
+        self.killed[name] = {"reason": reason, "at": time.time()}
+        self.killed.move_to_end(name)
+        while len(self.killed) > MAX_KILLED:
+            self.killed.popitem(last=False)
+        if name not in self.objects:
+            return {"name": name, "state": None, "errors": []}
+        return await self.cmd_object_stop(name, deregister=True)
 
     async def _home_address(self, address: str, add: bool) -> None:
         """The object's home address on this router's loopback, so the kernel delivers it."""
