@@ -50,8 +50,8 @@ SEQ_AHEAD = 1 << 16
 #: Clients remembered at once.
 MAX_CLIENTS = 1024
 #: Bytes the whole memory may hold (JSON of ids, seqs and replies): with the object's own
-#: state it must fit a MIGRATE/STATE_TRANSFER body (1 MiB).
-MAX_BYTES = 512 << 10
+#: state it must fit a move's checkpoint (agent.hosting.migration.MAX_CHECKPOINT_BYTES).
+MAX_BYTES = 320 << 10
 #: A reply bigger than this is remembered as an error saying it was too large to keep.
 REPLY_LIMIT = 256 << 10
 #: Longest client id accepted on the wire.

@@ -20,10 +20,12 @@ number, over TCP, where the filter below answers it from memory (the object does
 request twice). Both transports go through one path: the filter, the warm-up queue, stats.
 
 At-most-once semantics live here, not in each object: the runtime remembers, per client, the
-last sequence number and reply. A duplicate gets the remembered reply again, an older
-request is dropped, and that memory travels with the object's state, so during a
-make-before-break move (both instances receiving every request) the new instance neither
-double-counts nor misses a request. A new instance started *warm* queues requests until its
+sequence numbers it served and the last reply (:mod:`agent.hosting.at_most_once`: bounded,
+and not silenced by one spoofed request). A duplicate of the last gets the remembered reply
+again, a request served already is dropped, and that memory travels with the object's state,
+so during a make-before-break move (both instances receiving every request) the new instance
+neither double-counts nor misses a request. A checkpoint is strict JSON: an object whose state
+is not (NaN, say) is refused a checkpoint, with a :class:`CheckpointError`, and serves on. A new instance started *warm* queues requests until its
 state arrives, then replays the queue through the same filter.
 """
 
