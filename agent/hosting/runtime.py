@@ -72,9 +72,13 @@ class ObjectProcessError(AgentError):
 class ObjectProcess:
     """One running object, child of the agent daemon, in its sandbox.
 
-    ``label`` names its cgroup, working directory and log (``objects_dir/label`` and
-    ``objects_dir/label.log``) and must be unique on the router; ``code_dir`` is put on the
-    object's ``PYTHONPATH`` before this repository (a VM's installed service code).
+    ``label`` only names it in log lines. Its uid, and the name of its cgroup, working
+    directory and log (``objects_dir/<name>`` and ``objects_dir/<name>.log``), are the
+    agent's choice (:mod:`agent.hosting.object_uids`), never built from a name a provider
+    chose; :meth:`sandbox_info` shows them. The working directory is removed and the uid given
+    back once the object has stopped (its final checkpoint comes over the socketpair, not
+    from a file). ``code_dir`` is put on the object's ``PYTHONPATH`` before this repository
+    (a VM's installed service code).
     """
 
     def __init__(self, name: str, spec: str, address: str, port: int, router: str, *,
@@ -91,6 +95,8 @@ class ObjectProcess:
         #: Set: the object serves only requests with a valid credential for this service.
         self.credentials = credentials
         self.sandbox: Any = None  # agent.hosting.sandbox.ObjectSandbox once started
+        self.identity: Any = None  # agent.hosting.object_uids.ObjectIdentity while it holds one
+        self.workdir: Path | None = None
         self._channel: rpc.RpcClient | None = None
         self._lock = asyncio.Lock()
 
@@ -112,6 +118,10 @@ class ObjectProcess:
     def exit_info(self) -> dict[str, Any] | None:
         return self.sandbox.exit_info() if self.sandbox is not None else None
 
+    def sandbox_info(self) -> dict[str, Any] | None:
+        """The uid and gid it runs as and its sandbox's name (working directory, log, cgroup)."""
+        return self.identity.describe() if self.identity is not None else None
+
     def _effective_limits(self) -> Limits:
         """The limits, or none with a warning where the machine has no usable cgroups (a
         container without them): the object still runs unprivileged and isolated."""
@@ -125,21 +135,23 @@ class ObjectProcess:
     async def start(self, warm: bool = False, state: Any = None) -> None:
         """Start the object; with ``state`` it continues from that checkpoint (and serves
         at once unless ``warm``: then it queues requests until :meth:`call` ``serve``)."""
-        from agent.hosting.sandbox import (ObjectSandbox, SandboxSpec, ensure_object_user, make_workdir,
-                              minimal_env, open_log)
+        from agent.hosting.object_uids import default_pool
+        from agent.hosting.sandbox import ObjectSandbox, SandboxSpec, make_workdir, minimal_env, open_log
 
         if self.sandbox is not None:
             raise ObjectProcessError(f"object {self.name} was already started")
         try:
-            uid, gid = ensure_object_user()
-            workdir = make_workdir(self.objects_dir, self.label, uid, gid)
+            self.identity = ident = default_pool().claim()
+            self.workdir = workdir = make_workdir(self.objects_dir, ident.name, ident.uid, ident.gid)
         except AgentError as exc:
+            self._release()
             raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None
+        log.info("object %s (%s) runs as uid %d in %s", self.name, self.label, ident.uid, workdir)
         pythonpath = f"{self.code_dir}:{REPO}" if self.code_dir else str(REPO)
         parent, child = socket.socketpair()
-        spec = SandboxSpec(workdir, uid, gid, self._effective_limits(),
+        spec = SandboxSpec(workdir, ident.uid, ident.gid, self._effective_limits(),
                            env=minimal_env(workdir, PYTHONPATH=pythonpath), pass_fds=(child.fileno(),))
-        self.sandbox = ObjectSandbox(self.label, spec, self.cgroups)
+        self.sandbox = ObjectSandbox(ident.name, spec, self.cgroups)
         argv = [sys.executable, "-m", "agent.hosting.runner", "--spec", self.spec, "--name", self.name,
                 "--address", self.address, "--port", str(self.port), "--router", self.router,
                 "--control-fd", str(child.fileno())]
@@ -149,11 +161,12 @@ class ObjectProcess:
             argv.append("--not-extensible")
         if self.credentials is not None:
             argv.append("--leased")  # fails closed until the key arrives below
-        log_fd = open_log(self.objects_dir / f"{self.label}.log")
+        log_fd = open_log(self.objects_dir / f"{ident.name}.log")
         try:
             await self.sandbox.start(argv, stdout=log_fd, stderr=log_fd)
         except AgentError as exc:
             parent.close()
+            self._release()
             raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None
         finally:
             child.close()
@@ -225,8 +238,30 @@ class ObjectProcess:
             except asyncio.TimeoutError:
                 log.warning("object %s did not exit within %.0fs: killed", self.name, STOP_TIMEOUT)
         await self._close_channel()
-        await self.sandbox.close()
+        try:
+            await self.sandbox.close()
+        finally:
+            self._release()
         return state
+
+    def _release(self) -> None:
+        """Once its processes are gone: remove its working directory, give its uid back."""
+        from agent.hosting.object_uids import default_pool
+        from agent.hosting.sandbox import remove_workdir
+
+        workdir, self.workdir = self.workdir, None
+        ident, self.identity = self.identity, None
+        try:
+            if workdir is not None:
+                remove_workdir(workdir)
+        except AgentError as exc:
+            log.warning("object %s: %s", self.name, exc)
+        finally:
+            if ident is not None:
+                try:
+                    default_pool().release(ident)
+                except (AgentError, OSError) as exc:
+                    log.warning("object %s: uid %d not released: %s", self.name, ident.uid, exc)
 
     async def _close_channel(self) -> None:
         channel, self._channel = self._channel, None

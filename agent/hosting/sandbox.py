@@ -1,5 +1,6 @@
-"""Controlled exec of mobile objects: own cgroup, unprivileged user, rlimits, private working
-directory, read-only view of the rest of the filesystem, no inherited file descriptors.
+"""Controlled exec of mobile objects: own cgroup, own uid, own PID namespace, rlimits, a
+private size-limited working directory and /tmp, read-only view of the rest of the
+filesystem, no inherited file descriptors.
 
 Design: no ``preexec_fn``. The agent is an asyncio program with threads (the default
 executor, the child watcher), and Python code between fork and exec in a threaded process
@@ -7,17 +8,39 @@ can deadlock; it could also not join a cgroup "before the object runs" without a
 Instead the agent starts a tiny launcher, :mod:`agent.hosting.sandbox_exec`, as root with
 ``close_fds=True``, an explicit ``pass_fds``, ``start_new_session=True`` and an empty
 environment (``python -I -S``: no site-packages, no PYTHON* variables). The launcher joins
-the cgroup first, then isolates the filesystem, sets rlimits, closes stray fds, drops to the
-object's user (``setgroups``, ``setresgid``, ``setresuid``, ``no_new_privs``) and
-``execve``s the object with exactly the spec's environment. So the object's first
-instruction already runs limited, accounted and unprivileged: there is no window to close,
-unlike ``prlimit()``/``cgroup.procs`` written by the parent after the fork. The launcher
-reports failures on a close-on-exec pipe; EOF on it means the object's program is running.
-The cost is one short-lived interpreter start per object start (tens of milliseconds).
+the cgroup first, then forks into a new PID namespace (the object is its PID 1; the launcher
+stays outside as a relay that ends the way the object ended, so the agent still reads the
+object's exit status), isolates the filesystem, sets rlimits, closes stray fds, drops to the
+object's uid (``setgroups``, ``setresgid``, ``setresuid``, ``no_new_privs``) and ``execve``s
+the object with exactly the spec's environment. So the object's first instruction already
+runs limited, accounted and unprivileged: there is no window to close, unlike
+``prlimit()``/``cgroup.procs`` written by the parent after the fork. The launcher reports
+failures on a close-on-exec pipe; EOF on it means the object's program is running. The cost
+is one short-lived interpreter start per object start (tens of milliseconds) and the relay,
+a waiting interpreter (about 4 MiB, in the object's cgroup, so counted in its memory).
 
-The object's user is the system user ``moat-object`` (:func:`ensure_object_user`; the
-bootstrap script creates it too). Its working directory is made by root, owned by
-``moat-object``, mode 0700, under a run directory (:func:`make_workdir`).
+Isolation between objects (each holds on its own, the next one does not rely on it):
+
+* a uid and gid of its own per object (:mod:`agent.hosting.object_uids`: from a dedicated
+  range, no passwd entry), so no object may signal, trace or read another's processes or
+  files: its working directory is 0700 and its ``/proc/<pid>`` files are its own;
+* a PID namespace of its own with its own ``/proc``: another object's processes, and the
+  router's, are not even visible (``kill`` finds no such process); when the object's main
+  process exits, everything it left behind is killed with it;
+* a private mount namespace in which every filesystem is read-only; its only writable space
+  is one tmpfs of ``disk_bytes`` (its working directory and its private ``/tmp``). That is
+  the disk quota: a write past it fails with ENOSPC and nothing is killed. tmpfs and not a
+  filesystem image or project quotas because it needs neither a block device nor
+  filesystem support, and the kernel removes it with the object's last process, whatever
+  the agent does. Its pages are memory and count toward the object's memory limit, so the
+  agent keeps the quota at most half that limit (:func:`disk_quota`): ENOSPC comes before
+  the OOM killer unless the object's own memory already fills the other half.
+
+The working directory's name is chosen by the agent (:mod:`agent.hosting.object_uids`),
+never built from a provider's name; :func:`make_workdir` makes it as root, owned by the
+object's uid, mode 0700 (with ``isolate_fs`` it is only the mount point of the tmpfs: the
+object's files never reach the router's disk), and :func:`remove_workdir` removes it once
+the object has stopped.
 
 Exit reasons (:meth:`ObjectSandbox.exit_reason`): ``"killed: oom"`` when the cgroup's OOM
 kill counter rose, ``"pids limit"`` when a fork was refused by ``pids.max``, ``"killed:
@@ -30,7 +53,6 @@ import asyncio
 import json
 import logging
 import os
-import pwd
 import resource
 import shutil
 import stat
@@ -45,8 +67,9 @@ from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
 
-OBJECT_USER = "moat-object"
 MiB = 1 << 20
+DISK_QUOTA = 64 * MiB  # working directory and /tmp together, at most half the memory limit
+DISK_INODES = 16384
 DEFAULT_RLIMITS: dict[str, tuple[int, int]] = {
     "NOFILE": (256, 256),
     "FSIZE": (256 * MiB, 256 * MiB),  # a bigger write gets SIGXFSZ
@@ -62,32 +85,7 @@ class SandboxError(AgentError):
     """An object that could not be started in its sandbox."""
 
 
-# --- the object's user and working directory ---------------------------------------------
-
-
-def useradd_command(name: str = OBJECT_USER) -> list[str]:
-    return ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-            "/nonexistent", "--shell", "/usr/sbin/nologin", name]
-
-
-def ensure_object_user(name: str = OBJECT_USER) -> tuple[int, int]:
-    """(uid, gid) of the objects' system user; made with useradd if missing (root only)."""
-    try:
-        pw = pwd.getpwnam(name)
-        return pw.pw_uid, pw.pw_gid
-    except KeyError:
-        pass
-    if os.geteuid() != 0:
-        raise SandboxError(f"user {name} does not exist and only root can create it "
-                           f"(run: sudo {' '.join(useradd_command(name))})")
-    if shutil.which("useradd") is None:
-        raise SandboxError(f"user {name} does not exist and useradd is not installed")
-    done = subprocess.run(useradd_command(name), capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 9):  # 9: made meanwhile by another agent
-        raise SandboxError(f"useradd {name} failed: {done.stderr.strip() or done.returncode}")
-    log.info("created system user %s", name)
-    pw = pwd.getpwnam(name)
-    return pw.pw_uid, pw.pw_gid
+# --- the object's working directory -------------------------------------------------------
 
 
 def _may_traverse(st: os.stat_result, uid: int, gid: int) -> bool:
@@ -101,11 +99,13 @@ def _may_traverse(st: os.stat_result, uid: int, gid: int) -> bool:
 
 
 def make_workdir(parent: Path, name: str, uid: int, gid: int) -> Path:
-    """``parent/name``: made by root, owned by the object's user, mode 0700.
+    """``parent/name``, new: made by root, owned by the object's uid, mode 0700.
 
+    ``name`` is the agent's choice (:mod:`agent.hosting.object_uids`), never a provider's.
     ``parent`` (the run's directory for objects) must belong to root and not be writable
     by anyone else, so the object cannot rename or replace its own directory, and every
-    directory above must let the object's user pass.
+    directory above must let the object's user pass. An existing ``parent/name`` is refused:
+    a directory is never handed from one object to the next.
     """
     if not name or "/" in name or name in (".", ".."):
         raise SandboxError(f"bad working directory name {name!r}")
@@ -124,7 +124,7 @@ def make_workdir(parent: Path, name: str, uid: int, gid: int) -> Path:
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        pass
+        raise SandboxError(f"working directory {path} exists already") from None
     # Through an fd opened with O_NOFOLLOW: never chown what a symlink points to.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -138,6 +138,26 @@ def make_workdir(parent: Path, name: str, uid: int, gid: int) -> Path:
     return path
 
 
+def remove_workdir(path: Path) -> None:
+    """Remove a stopped object's working directory and everything in it (symlinks are
+    removed, never followed). Gone already is fine."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SandboxError(f"cannot remove working directory {path}: {exc}") from None
+
+
+def disk_quota(limits: Limits, quota: int = DISK_QUOTA) -> int:
+    """The size of an object's tmpfs: ``quota``, but at most half its memory limit (tmpfs
+    pages are charged to the object's memory cgroup: past the limit the OOM killer would
+    answer a write that should fail with ENOSPC)."""
+    if limits.memory_bytes:
+        return max(MiB, min(quota, limits.memory_bytes // 2))
+    return quota
+
+
 def open_log(path: Path) -> int:
     """An append-only fd for an object's output, never following a symlink (the object
     may own the directory the log is in). The caller closes it after spawn()."""
@@ -145,9 +165,12 @@ def open_log(path: Path) -> int:
                    0o640)
 
 
-def minimal_env(workdir: Path, **extra: str) -> dict[str, str]:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
-           "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+def minimal_env(workdir: Path, private_tmp: bool = True, **extra: str) -> dict[str, str]:
+    """PATH, HOME (the working directory), TMPDIR (the private /tmp, or the working directory
+    where the object shares the router's /tmp: ``private_tmp`` False), a UTF-8 locale."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir),
+           "TMPDIR": "/tmp" if private_tmp else str(workdir), "LANG": "C.UTF-8",
+           "LC_ALL": "C.UTF-8"}
     env.update(extra)
     return env
 
@@ -158,7 +181,10 @@ def minimal_env(workdir: Path, **extra: str) -> dict[str, str]:
 @dataclass
 class SandboxSpec:
     """How one object runs. ``rlimits`` maps resource names without ``RLIMIT_`` (NOFILE,
-    FSIZE, CORE, AS, ...) to (soft, hard); ``env`` None means :func:`minimal_env`."""
+    FSIZE, CORE, AS, ...) to (soft, hard); ``env`` None means :func:`minimal_env`.
+    ``uid``/``gid`` are the object's own (never 0); ``disk_bytes`` None means
+    :func:`disk_quota` of ``limits``; ``expose``: paths under /tmp the object must still read
+    once its private /tmp covers the router's (its code; PYTHONPATH entries are added)."""
 
     workdir: Path
     uid: int
@@ -169,7 +195,11 @@ class SandboxSpec:
     pass_fds: tuple[int, ...] = ()
     umask: int = 0o077
     extra_groups: tuple[int, ...] = ()
-    isolate_fs: bool = True  # everything read-only but the workdir (private mount namespace)
+    isolate_fs: bool = True  # everything read-only but its tmpfs (private mount namespace)
+    isolate_pids: bool = True  # its own PID namespace and /proc
+    disk_bytes: int | None = None
+    disk_inodes: int = DISK_INODES
+    expose: tuple[str, ...] = ()
     no_new_privs: bool = True
     die_with_agent: bool = True
 
@@ -177,16 +207,22 @@ class SandboxSpec:
         for name in self.rlimits:
             if not hasattr(resource, "RLIMIT_" + name):
                 raise SandboxError(f"unknown rlimit {name}")
+        if self.uid <= 0 or self.gid <= 0:
+            raise SandboxError(f"an object never runs as uid {self.uid} / gid {self.gid}")
+        env = self.env if self.env is not None else minimal_env(self.workdir, self.isolate_fs)
+        expose = [*self.expose, *(p for p in env.get("PYTHONPATH", "").split(":") if p)]
         return {
             "argv": list(argv),
-            "env": self.env if self.env is not None else minimal_env(self.workdir),
+            "env": env,
             "cwd": str(self.workdir),
             "uid": self.uid, "gid": self.gid, "groups": list(self.extra_groups),
             "umask": self.umask,
             "cgroup_procs": [str(p) for p in cgroup.procs_files()] if cgroup else [],
             "rlimits": {k: list(v) for k, v in self.rlimits.items()},
             "pass_fds": list(self.pass_fds),
-            "isolate_fs": self.isolate_fs, "writable": [str(self.workdir)],
+            "isolate_fs": self.isolate_fs, "isolate_pids": self.isolate_pids,
+            "disk_bytes": self.disk_bytes if self.disk_bytes is not None else disk_quota(self.limits),
+            "disk_inodes": self.disk_inodes, "expose": expose,
             "no_new_privs": self.no_new_privs,
             "parent_pid": os.getpid() if self.die_with_agent else 0,
         }
@@ -194,8 +230,10 @@ class SandboxSpec:
 
 async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = None, *,
                 stdin: Any = DEVNULL, stdout: Any = DEVNULL,
-                stderr: Any = DEVNULL) -> asyncio.subprocess.Process:
-    """Start ``argv`` under ``spec`` in ``cgroup``; returns once the object's program runs.
+                stderr: Any = DEVNULL) -> tuple[asyncio.subprocess.Process, int]:
+    """Start ``argv`` under ``spec`` in ``cgroup``; returns once the object's program runs:
+    the launcher's process (the relay, whose exit status is the object's) and the object's
+    pid as the agent sees it (the relay's own with ``isolate_pids`` off).
 
     stdin/stdout/stderr take what :func:`asyncio.create_subprocess_exec` takes (DEVNULL by
     default; an fd from :func:`open_log` for a log file; PIPE)."""
@@ -237,15 +275,30 @@ async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = 
         raise SandboxError(f"sandbox launcher for {argv[0]} hung for {SPAWN_TIMEOUT}s") from None
     finally:
         transport.close()
-    if report:
+    object_pid, error = _read_report(report)
+    if error is not None or (spec.isolate_pids and object_pid is None):
         await proc.wait()
+        error = error or {"stage": "pid namespace", "error": "the launcher named no process"}
+        raise SandboxError(f"cannot start {argv[0]} in its sandbox ({error.get('stage')}): "
+                           f"{error.get('error')}")
+    return proc, object_pid if object_pid is not None else proc.pid
+
+
+def _read_report(report: bytes) -> tuple[int | None, dict[str, Any] | None]:
+    """The launcher's status lines: the object's pid ({"pid"}) and the first failure."""
+    pid, error = None, None
+    for line in report.splitlines():
         try:
-            info = json.loads(report)
+            info = json.loads(line)
         except ValueError:
-            info = {"stage": "?", "error": report.decode(errors="replace")}
-        raise SandboxError(f"cannot start {argv[0]} in its sandbox ({info.get('stage')}): "
-                           f"{info.get('error')}")
-    return proc
+            info = None
+        if not isinstance(info, dict):
+            error = error or {"stage": "?", "error": line.decode(errors="replace")}
+        elif set(info) == {"pid"} and isinstance(info["pid"], int) and info["pid"] > 0:
+            pid = info["pid"]
+        else:
+            error = error or info
+    return pid, error
 
 
 # --- one object ---------------------------------------------------------------------------
@@ -267,6 +320,7 @@ class ObjectSandbox:
         self.manager = manager
         self.cgroup: Cgroup | None = None
         self.proc: asyncio.subprocess.Process | None = None
+        self._object_pid: int | None = None
         self._base: dict[str, int] = {}
         self._final: dict[str, Any] | None = None
         self._closed = False
@@ -279,7 +333,8 @@ class ObjectSandbox:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        """The object's main process as the agent sees it (PID 1 of its namespace inside)."""
+        return self._object_pid
 
     def _counters(self) -> dict[str, int | None]:
         cg = self.cgroup
@@ -299,7 +354,7 @@ class ObjectSandbox:
             log.warning("object %s runs without a cgroup (no limits, no measurements)", self.name)
         self._base = {k: v or 0 for k, v in self._counters().items()}
         try:
-            self.proc = await spawn(argv, self.spec, self.cgroup, **stdio)
+            self.proc, self._object_pid = await spawn(argv, self.spec, self.cgroup, **stdio)
         except BaseException:
             await self.close()
             raise
@@ -368,6 +423,8 @@ class ObjectSandbox:
         if self.cgroup is not None and self.cgroup.exists():
             await asyncio.to_thread(self.cgroup.kill_all)
         elif self.proc is not None and self.proc.returncode is None:
+            # The relay: still the agent's unreaped child, so its pid cannot have been reused;
+            # the object dies with it (PR_SET_PDEATHSIG), and its namespace with the object.
             try:
                 os.killpg(self.proc.pid, 9)
             except ProcessLookupError:

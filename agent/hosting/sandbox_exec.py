@@ -1,25 +1,42 @@
 """The controlled-exec launcher: the first and only code that runs between the agent's fork
 and the object's program. Started (as root) by :func:`agent.hosting.sandbox.spawn` as::
 
-    python -I -S agent/sandbox_exec.py SPEC_FD STATUS_FD
+    python -I -S agent/hosting/sandbox_exec.py SPEC_FD STATUS_FD
 
 It reads a JSON spec from SPEC_FD and then, in this order:
 
-1. joins the object's cgroup (its own pid into every ``cgroup.procs``), so everything after,
-   the object included, is limited and accounted from its first instruction;
-2. optionally moves into a private mount namespace in which every filesystem is read-only
-   except the object's working directory (``isolate_fs``);
-3. sets the rlimits (as root, so hard limits may be raised as well as lowered);
-4. closes every fd except 0, 1, 2 and the ones to pass (``close_fds`` did it already; this is
+1. ties itself to the agent (``PR_SET_PDEATHSIG``: it dies with the agent) and joins the
+   object's cgroup (its own pid into every ``cgroup.procs``), so everything after, the
+   object included, is limited and accounted from its first instruction;
+2. with ``isolate_pids``: ``unshare(CLONE_NEWPID)`` and a fork. The parent stays outside as
+   a *relay*: it reports the child's pid (as the agent sees it) on STATUS_FD, closes every
+   other fd, waits for the child and ends the way the child ended (the same exit code, or
+   killed by the same signal), so the agent reads the object's own status. The child is PID
+   1 of a new PID namespace: it sees and can signal only its own processes, and when it
+   exits the kernel kills everything it left behind. It dies with the relay
+   (``PR_SET_PDEATHSIG``), so SIGKILL to the relay or to the cgroup ends the namespace;
+3. moves into a private mount namespace (propagation from the agent's still flows in) with a
+   fresh ``/proc`` of its PID namespace (only its own processes) and, with ``isolate_fs``,
+   every filesystem remounted read-only, then one size-limited tmpfs (``disk_bytes``) that
+   holds both the working directory (its subdirectory ``work``, bound onto the working
+   directory's path) and a private ``/tmp`` (its subdirectory ``tmp``, bound onto /tmp).
+   That tmpfs is the object's quota: a write past it fails with ENOSPC, nothing is killed;
+   it lives only in this mount namespace and is gone with the object's last process.
+   Paths the object must still read under the covered /tmp (``expose``: its code) are bound
+   back read-only at their own paths;
+4. sets the rlimits (as root, so hard limits may be raised as well as lowered);
+5. closes every fd except 0, 1, 2 and the ones to pass (``close_fds`` did it already; this is
    a second, independent sweep);
-5. drops privileges for good: ``setgroups(extra)``, ``setresgid``, ``setresuid``, and checks
-   that it cannot get them back; then ``PR_SET_NO_NEW_PRIVS`` (no setuid binary can raise
-   them again) and ``PR_SET_PDEATHSIG`` (the object dies with its agent);
-6. sets the umask, changes into the working directory (as the object's user, which proves
+6. drops privileges for good: ``setgroups(extra)``, ``setresgid``, ``setresuid`` (the object's
+   own uid and gid), and checks that it cannot get them back; then ``PR_SET_NO_NEW_PRIVS`` (no
+   setuid binary can raise them again) and ``PR_SET_PDEATHSIG`` again (a credential change
+   clears it), checking that its parent is still there;
+7. sets the umask, changes into the working directory (as the object's user, which proves
    the user can reach it) and ``execve``s the object with exactly the spec's environment.
 
-STATUS_FD is close-on-exec: on success the agent reads EOF; on any failure the launcher
-writes ``{"stage", "error", "errno"}`` there and exits 127 without running the object.
+STATUS_FD is close-on-exec: it carries JSON lines, ``{"pid": N}`` from the relay and, on any
+failure, ``{"stage", "error", "errno"}``, after which the launcher exits 127 without running
+the object; end of file with no error means the object's program is running.
 
 Only the standard library is used, and ``-I -S`` keeps the environment and site-packages
 out of the launcher, so nothing the object's user controls runs as root.
@@ -31,13 +48,16 @@ import ctypes
 import json
 import os
 import resource
+import select
+import signal
 import sys
 
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 0x20, 0x400, 0x800, 0x1000
 MS_REC, MS_SLAVE, MS_RELATIME, MS_STRICTATIME = 0x4000, 0x80000, 0x200000, 0x1000000
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PRIVATE_TMP = "/tmp"
 
 _MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
                 "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME,
@@ -75,8 +95,11 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def mount(source: str | None, target: str, flags: int) -> None:
-    _check(libc().mount(source.encode() if source else None, target.encode(), None, flags, None),
+def mount(source: str | None, target: str, flags: int, fstype: str | None = None,
+          data: str | None = None) -> None:
+    _check(libc().mount(source.encode() if source else None, target.encode(),
+                        fstype.encode() if fstype else None, flags,
+                        ctypes.c_char_p(data.encode()) if data else None),
            f"mount {target}")
 
 
@@ -107,15 +130,19 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def isolate_fs(writable: list[str]) -> None:
-    """A private mount namespace: everything read-only except ``writable`` (and /proc, /sys,
-    /dev, /dev/pts). New mounts and unmounts of the agent's namespace still propagate in."""
+def private_mounts(new_proc: bool) -> None:
+    """A mount namespace of its own (mounts and unmounts of the agent's still propagate in),
+    with a /proc of this process's PID namespace when ``new_proc``."""
     _check(libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount(None, "/", MS_REC | MS_SLAVE)
-    for w in writable:
-        mount(w, w, MS_BIND | MS_REC)
+    if new_proc:
+        mount("proc", "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "proc")
+
+
+def read_only_all() -> None:
+    """Every filesystem read-only, except /proc, /sys, /dev and /dev/pts."""
     for target, options in mountinfo():
-        if any(_under(target, w) for w in writable) or "ro" in options:
+        if "ro" in options:
             continue
         if target in _KEEP_RW or _under(target, "/proc") or _under(target, "/sys") \
                 or _under(target, "/dev/pts"):
@@ -127,9 +154,58 @@ def isolate_fs(writable: list[str]) -> None:
             mount(None, target, flags)
         except OSError as exc:
             # ENOENT: gone meanwhile; EACCES: a FUSE mount without allow_other, which no
-            # other user can reach either. Anything else leaves a writable fs: fail closed.
-            if exc.errno not in (2, 13):
+            # other user can reach either; EINVAL: a mount point covered by another mount
+            # (only the top one is reachable). Anything else leaves a writable fs: fail closed.
+            if exc.errno not in (2, 13, 22):
                 raise
+
+
+def _bind_fd(fd: int, target: str) -> None:
+    mount(f"/proc/self/fd/{fd}", target, MS_BIND | MS_REC)
+
+
+def _mkdirs(path: str) -> None:
+    """``path`` and its missing parents, root's, 0755 (the object may pass, not write)."""
+    if not os.path.isdir(path):
+        _mkdirs(os.path.dirname(path))
+        os.mkdir(path, 0o755)
+        os.chmod(path, 0o755)
+
+
+def private_space(workdir: str, size: int, inodes: int, uid: int, gid: int,
+                  expose: list[str]) -> None:
+    """The object's only writable space: one tmpfs of ``size`` bytes whose ``work`` is bound
+    onto ``workdir`` (owned by uid:gid, 0700) and whose ``tmp`` is bound onto /tmp (1777).
+    Paths in ``expose`` that lie under /tmp stay readable at their own paths (read-only)."""
+    keep = []
+    for path in expose:
+        if _under(path, PRIVATE_TMP) and os.path.exists(path):
+            keep.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
+    # Mounted on the working directory's (empty, root-made) directory for as long as it
+    # takes to make its two parts and hold them by fd; then both are bound where they belong.
+    mount("tmpfs", workdir, MS_NOSUID | MS_NODEV, "tmpfs",
+          f"size={size},nr_inodes={inodes},mode=0755,uid=0,gid=0")
+    work, tmp = os.path.join(workdir, "work"), os.path.join(workdir, "tmp")
+    os.mkdir(work, 0o700)
+    os.chown(work, uid, gid)
+    os.chmod(work, 0o700)
+    os.mkdir(tmp, 0o700)
+    os.chmod(tmp, 0o1777)
+    work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    tmp_fd = os.open(tmp, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    _bind_fd(tmp_fd, PRIVATE_TMP)
+    _mkdirs(workdir)  # under /tmp it is in the new one now, else it is the staging mount
+    _bind_fd(work_fd, workdir)
+    for path, fd in keep:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            _mkdirs(path)
+        else:
+            _mkdirs(os.path.dirname(path))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        _bind_fd(fd, path)
+        mount(None, path, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for fd in (work_fd, tmp_fd, *(fd for _, fd in keep)):
+        os.close(fd)
 
 
 def close_other_fds(keep: set[int]) -> None:
@@ -168,21 +244,84 @@ def which(name: str, path: str) -> str:
     raise FileNotFoundError(2, f"{name} not found in PATH {path!r}")
 
 
-def launch(spec: dict, status_fd: int) -> None:
-    stage = "cgroup"
+def _die_with_parent() -> None:
+    _check(libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+
+
+def relay(child: int) -> None:
+    """The relay's life after the fork: wait for the namespace's init and end as it ended."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ending by SIGSEGV dumps nothing
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except ChildProcessError:
+            os._exit(127)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is to be ignored
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 127)
+
+
+def fork_into_pid_namespace(status_fd: int) -> int:
+    """unshare(CLONE_NEWPID) and fork: returns (in the child, PID 1 of the new namespace) the
+    read end of a pipe whose end of file means the relay has gone. The parent never returns."""
+    _check(libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    alive_r, alive_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(alive_w)
+        return alive_r
     try:
+        os.close(alive_r)
+        os.write(status_fd, json.dumps({"pid": pid}).encode() + b"\n")
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        close_other_fds({0, 1, 2, alive_w})  # the object's socket and log, STATUS_FD too
+    finally:
+        relay(pid)
+    raise AssertionError("unreachable")
+
+
+def launch(spec: dict, status_fd: int) -> None:
+    stage = "prctl"
+    try:
+        if spec.get("parent_pid"):
+            _die_with_parent()
+            if os.getppid() != spec["parent_pid"]:
+                raise OSError(3, "the agent exited during the launch")
+        stage = "cgroup"
         pid = str(os.getpid())
         for procs in spec.get("cgroup_procs", []):
             with open(procs, "w") as f:
                 f.write(pid)
+        alive = None
+        if spec.get("isolate_pids"):
+            stage = "pid namespace"
+            alive = fork_into_pid_namespace(status_fd)
+        if spec.get("isolate_fs") or spec.get("isolate_pids"):
+            stage = "mount namespace"
+            private_mounts(new_proc=bool(spec.get("isolate_pids")))
         if spec.get("isolate_fs"):
             stage = "isolate_fs"
-            isolate_fs([os.path.realpath(w) for w in spec.get("writable", [])])
+            read_only_all()
+            stage = "private space"
+            os.umask(0o022)
+            private_space(os.path.realpath(spec["cwd"]), int(spec["disk_bytes"]),
+                          int(spec["disk_inodes"]), spec["uid"], spec["gid"],
+                          [os.path.realpath(p) for p in spec.get("expose", [])])
         stage = "rlimits"
         for name, (soft, hard) in spec.get("rlimits", {}).items():
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))
         stage = "fds"
         keep = {0, 1, 2, status_fd, *spec.get("pass_fds", [])}
+        if alive is not None:
+            keep.add(alive)
         close_other_fds(keep)
         for fd in spec.get("pass_fds", []):
             os.set_inheritable(fd, True)
@@ -192,8 +331,13 @@ def launch(spec: dict, status_fd: int) -> None:
         stage = "prctl"
         if spec.get("no_new_privs", True):
             _check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
-        if spec.get("parent_pid"):
-            _check(libc().prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "PR_SET_PDEATHSIG")
+        if alive is not None:
+            _die_with_parent()  # with the relay, whose end of the pipe closes when it goes
+            if select.select([alive], [], [], 0)[0]:
+                raise OSError(3, "the relay exited during the launch")
+            os.close(alive)
+        elif spec.get("parent_pid"):
+            _die_with_parent()
             if os.getppid() != spec["parent_pid"]:
                 raise OSError(3, "the agent exited during the launch")
         stage = "chdir"
@@ -231,7 +375,7 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001
         report = {"stage": "spec", "error": repr(exc), "errno": getattr(exc, "errno", None)}
     try:
-        os.write(status_fd, json.dumps(report).encode())
+        os.write(status_fd, json.dumps(report).encode() + b"\n")
     except OSError:
         pass
     return 127
