@@ -204,10 +204,11 @@ class HostingRole(Role):
         return RegistrationClient(obj, discovery.solicit, self.config.advertise_interval,
                                   announce=discovery.announce_home)
 
-    async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
+    async def cmd_object_stop(self, name: str, deregister: bool = True, kill: bool = False) -> dict:
         """Stop hosting an object; returns its status, its final state (if it ran here and
         could give one) and ``errors``: what failed on the way. Whatever fails, the process
-        is stopped (killed if it must be) and the object is no longer hosted here."""
+        is stopped (killed if it must be) and the object is no longer hosted here.
+        ``kill``: it misbehaves; it is killed without being asked anything."""
         hosted = self.objects.pop(name, None)
         if hosted is None:
             raise ControlError(f"no object {name!r} here")
@@ -225,7 +226,7 @@ class HostingRole(Role):
             # packets still arriving are routed on to the object's new place instead of
             # hitting a closing socket (port unreachable).
             try:
-                if hosted.process.running:
+                if hosted.process.running and not kill:
                     try:
                         await hosted.process.call("hold")
                     except ObjectProcessError as exc:
@@ -235,7 +236,7 @@ class HostingRole(Role):
                 except ControlError as exc:
                     errors.append(str(exc))
             finally:  # never left running, whatever the steps before did
-                state = await hosted.process.stop()
+                state = await hosted.process.stop(kill=kill)
         for error in errors:
             log.warning("stopping object %s: %s", name, error)
         return dict(hosted.status(), state=state, errors=errors)
@@ -250,7 +251,7 @@ class HostingRole(Role):
             self.killed.popitem(last=False)
         if name not in self.objects:
             return {"name": name, "state": None, "errors": []}
-        return await self.cmd_object_stop(name, deregister=True)
+        return await self.cmd_object_stop(name, deregister=True, kill=True)
 
     async def _home_address(self, address: str, add: bool) -> None:
         """The object's home address on this router's loopback, so the kernel delivers it."""

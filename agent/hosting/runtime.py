@@ -199,9 +199,11 @@ class ObjectProcess:
         self._channel = await rpc.RpcClient.over_socket(sock, name=f"object {self.name}",
                                                         limit=rpc.CHECKPOINT_LINE_LIMIT)
 
-    async def call(self, cmd: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
-        """The object's answer to ``cmd``; ObjectProcessError (caused by the RpcError) if
-        it refuses, does not answer in time, answers garbage or has gone."""
+    async def call(self, cmd: str, timeout: float | None = None, **args: Any) -> Any:
+        """The object's answer to ``cmd`` (within ``timeout``, :data:`CALL_TIMEOUT` by
+        default); ObjectProcessError (caused by the RpcError) if it refuses, does not answer
+        in time, answers garbage or has gone."""
+        timeout = CALL_TIMEOUT if timeout is None else timeout
         if self._channel is None:
             raise ObjectProcessError(f"object {self.name} is not running")
         async with self._lock:  # one command at a time, as the object serves them
@@ -219,13 +221,14 @@ class ObjectProcess:
                                       + (f": {info['reason']}" if info else f": {exc}"))
         return ObjectProcessError(f"object {self.name} did not answer {cmd}: {exc}")
 
-    async def stop(self) -> Any:
+    async def stop(self, kill: bool = False) -> Any:
         """Stop the object and return its final state (None if it could not give one);
-        kill what is left of it and remove its cgroup. Safe to repeat."""
+        kill what is left of it and remove its cgroup. Safe to repeat. ``kill``: it
+        misbehaves (does not answer, answers garbage): kill it at once, asking nothing."""
         if self.sandbox is None:
             return None
         state = None
-        if self.running and self._channel is not None:
+        if self.running and self._channel is not None and not kill:
             try:
                 state = await self.call("stop", timeout=STOP_TIMEOUT)
             except ObjectProcessError as exc:

@@ -148,14 +148,16 @@ def test_stopping_an_object_that_misbehaves_kills_it(tmp_path: Path, monkeypatch
 def test_kill_records_why_for_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "STOP_TIMEOUT", 0.5)
 
-    async def main() -> tuple[HostingRole, PlainSandbox]:
+    async def main() -> tuple[HostingRole, PlainSandbox, float]:
         obj = await object_on(tmp_path, SILENT_CHILD)
         role, _ = hosting_with(tmp_path, obj, monkeypatch)
         sandbox = obj.sandbox
+        started = asyncio.get_running_loop().time()
         await role.kill("counter", "did not answer get_state")
-        return role, sandbox
+        return role, sandbox, asyncio.get_running_loop().time() - started
 
-    role, sandbox = run(main)
+    role, sandbox, took = run(main)
+    assert took < 0.5  # killed at once: nothing is asked of a process known not to answer
     assert sandbox.proc.returncode == -9 and "counter" not in role.objects
     (killed,) = role.status()["killed_objects"]
     assert killed["name"] == "counter" and killed["reason"] == "did not answer get_state"
