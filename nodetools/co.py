@@ -414,7 +414,9 @@ class BrokerClient:
 
     async def _exchange(self, ctype: ControlType, body: dict[str, Any]) -> dict[str, Any]:
         txid = secrets.randbits(32)
-        signed = sign_hmac(ctype, txid, body, self._key, key_id=self.co_id)
+        # For the broker at the address it is sent to (issue 12: a receiver is signed for).
+        signed = sign_hmac(ctype, txid, body, self._key, key_id=self.co_id,
+                           to=self.broker_address)
         try:
             answer = await peer_call(self.broker_address, ctype, signed, timeout=self.timeout,
                                      txid=txid, port=self.port)
@@ -427,10 +429,10 @@ class BrokerClient:
     def _authentic(self, answer_type: ControlType, txid: int, answer: dict[str, Any]
                    ) -> dict[str, Any]:
         """An accepted answer only if the broker signed it for this CO (HMAC under this CO's
-        key over the answer's type, our transaction id and the body; fresh nonce): a host
-        advertising itself as the broker cannot hand out grants."""
+        key over the answer's type, our transaction id and the body, for this CO's id; fresh
+        nonce): a host advertising itself as the broker cannot hand out grants."""
         try:
-            verify_hmac(answer_type, txid, answer, self._key, self._replays)
+            verify_hmac(answer_type, txid, answer, self._key, self._replays, to={self.co_id})
         except MessageAuthError as exc:
             raise BrokerUnreachable(f"an answer not from the broker: {exc}") from None
         return strip(answer)

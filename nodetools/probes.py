@@ -5,7 +5,8 @@ itself, as real packets on the emulated network. Each prints one JSON line.
 
 * ``arp IFACE ADDRESS`` — who has ADDRESS? prints the MAC that answered (or null).
 * ``solicit IFACE`` — send an Agent Solicitation, print who advertised back and how fast.
-* ``control DST TYPE JSON`` — one MOAT control message over TCP 4340, print the answer.
+* ``control DST TYPE JSON`` — one MOAT control message over TCP 4340, print the answer
+  (``--sign-key``: signed for DST, its secrets sealed for DST).
 * ``service DST PORT JSON|@FILE [--tcp]`` — one service request, print the reply body. Over
   UDP, unless ``--tcp`` or the request does not fit one datagram; a reply too large for UDP
   is asked again over TCP (same client and seq: the object answers it from memory).
@@ -85,11 +86,29 @@ def solicit(iface: str, timeout: float = 3.0) -> dict:
     return {"agent": None, "delay": None}
 
 
+#: The routers' public sealing keys (name -> addresses, X25519 public key), written by the
+#: run beside its provider's key: a PROVISION's secrets are sealed for the router it goes to.
+PEERS_FILE = "peers.json"
+
+
+def seal_keys_from(path: Path) -> dict[str, bytes]:
+    """Public sealing key by router address, from a :data:`PEERS_FILE` (agent config format)."""
+    from agent.core.config import PeerRouter
+
+    doc = json.loads(path.read_text())
+    return {a: p.seal_key for n, p in ((n, PeerRouter.from_json(n, d)) for n, d in doc.items())
+            for a in p.addresses}
+
+
 def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
-            sign_key: str | None = None) -> dict:
+            sign_key: str | None = None, peers: str | None = None) -> dict:
     """One in-band control message over TCP 4340 (PROVISION from the remote site, say);
     returns the answer's body. ``sign_key``: the provider's Ed25519 private key file, to
-    sign it (routers accept only PROVISIONs signed by a provider they authorize)."""
+    sign it for router ``dst`` (routers accept only PROVISIONs signed by a provider they
+    authorize, for them); its secret fields (``mobile``: the objects' keys) are first sealed
+    for ``dst``'s X25519 key, from ``peers`` (default: :data:`PEERS_FILE` beside the key),
+    and the message is not sent if they cannot be. Without ``sign_key`` the body goes as it
+    is (a message prepared elsewhere, or a test of the router's checks)."""
     import asyncio
 
     from agent.core.peer import PeerError, peer_call
@@ -98,10 +117,17 @@ def control(dst: str, ctype: str, body: dict, timeout: float = 120.0,
     mtype = ControlType[ctype.upper()]
     if sign_key:
         from agent.core.msgauth import sign_ed25519
+        from agent.core.sealing import SealError, seal_body
         from agent.vm.signing import key_id, load_private_key
 
         private = load_private_key(sign_key)
-        body = sign_ed25519(mtype, 0, body, private, key_id(private.public_key()))
+        table = Path(peers) if peers else Path(sign_key).parent / PEERS_FILE
+        keys = seal_keys_from(table) if table.exists() else {}
+        try:
+            body = seal_body(body, keys.get(dst), ctype=mtype, txid=0, to=dst)
+        except SealError as exc:
+            return {"ok": False, "error": f"not sent: {exc}"}
+        body = sign_ed25519(mtype, 0, body, private, key_id(private.public_key()), to=dst)
     try:
         return asyncio.run(peer_call(dst, mtype, body, timeout=timeout))
     except PeerError as exc:
@@ -485,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("body", help="the JSON body, or @FILE (keeps credentials off the command line)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--sign-key", help="sign with this Ed25519 private key (a provider's PROVISION)")
+    p.add_argument("--peers", help=f"the routers' sealing keys (default: {PEERS_FILE} beside the key)")
     p = sub.add_parser("service")
     p.add_argument("dst")
     p.add_argument("port", type=int)
@@ -524,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         out = solicit(args.iface, args.timeout)
     elif args.cmd == "control":
         text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
-        out = control(args.dst, args.type, json.loads(text), args.timeout, args.sign_key)
+        out = control(args.dst, args.type, json.loads(text), args.timeout, args.sign_key,
+                      args.peers)
     elif args.cmd == "service":
         text = Path(args.body[1:]).read_text() if args.body.startswith("@") else args.body
         out = service(args.dst, args.port, json.loads(text), args.timeout, tcp=args.tcp)

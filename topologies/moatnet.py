@@ -21,6 +21,7 @@ every router advertises it and registers its VMs' services with it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -40,6 +41,7 @@ from agent.core.config import (
     HomeObject,
     Interface,
     ObjectConfig,
+    PeerRouter,
 )
 from agent.core.control import ControlClient
 from agent.core.errors import ControlError
@@ -80,6 +82,9 @@ class Keyring:
     router_key: str = field(default_factory=lambda: secrets.token_hex(32))
     #: Corresponding objects' keys (host -> key): their LEASE_* messages carry an HMAC under it.
     co_keys: dict[str, bytes] = field(default_factory=dict)
+    #: Routers' static X25519 key pairs (router -> (private, public)): secrets in in-band
+    #: messages are sealed for the receiving router's public key (agent.core.sealing).
+    seal_keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
     def add_object(self, name: str) -> None:
         n = len(self.mobile_home)
@@ -92,6 +97,23 @@ class Keyring:
     def add_co(self, host: str) -> None:
         """A fresh key for a host that may act as a corresponding object with the broker."""
         self.co_keys[host] = secrets.token_bytes(32)
+
+    def add_router(self, router: str) -> None:
+        """A fresh X25519 key pair for a router: its private key goes into its own (root-only)
+        configuration only, its public key to every sender."""
+        from agent.core.sealing import generate_keypair
+
+        self.seal_keys[router] = generate_keypair()
+
+    def all_secrets(self) -> dict[str, bytes]:
+        """Every secret key of the run, named ("mobile_home/counter": key): what must never
+        appear on the wire in clear (tests search captures for them)."""
+        out = {"router_key": bytes.fromhex(self.router_key)}
+        for kind in ("mobile_home", "mobile_foreign", "foreign_home"):
+            out.update({f"{kind}/{n}": c.key for n, c in getattr(self, kind).items()})
+        out.update({f"co_keys/{h}": k for h, k in self.co_keys.items()})
+        out.update({f"seal_key/{r}": private for r, (private, _) in self.seal_keys.items()})
+        return out
 
 
 @dataclass
@@ -155,6 +177,8 @@ class MoatNetwork:
             self.keyring.add_object(name)
         for router in self.foreign_agents:
             self.keyring.add_foa(router)
+        for router in topo.router_names():
+            self.keyring.add_router(router)
         if broker is not None:
             for host in topo.end_host_names():
                 self.keyring.add_co(host)
@@ -200,7 +224,25 @@ class MoatNetwork:
                            home=home, foreign=foreign, log_level=self.log_level,
                            tunnel_backend=self.tunnel_backend, vm=self.vm_baseline(router),
                            run_id=self.run.run_id, router_key=self.keyring.router_key,
-                           broker=self.broker_config(router))
+                           broker=self.broker_config(router),
+                           seal_key=self.keyring.seal_keys[router][0].hex(), peers=self.peers())
+
+    def peers(self) -> dict[str, PeerRouter]:
+        """Every router's addresses and public sealing key (what a sender seals secrets for)."""
+        return {r: PeerRouter([str(a.ip) for a in self.topo.addresses(r)],
+                              self.keyring.seal_keys[r][1])
+                for r in self.topo.router_names()}
+
+    def _write_peers(self, directory: Path) -> Path:
+        """The routers' public sealing keys as ``directory/peers.json`` (nothing secret in
+        it), for a sender outside the routers: the provider's site seals PROVISION with it."""
+        from nodetools.probes import PEERS_FILE
+
+        path = directory / PEERS_FILE
+        doc = {r: {"addresses": p.addresses, "seal_key": p.seal_key.hex()}
+               for r, p in self.peers().items()}
+        path.write_text(json.dumps(doc, indent=2))
+        return path
 
     def broker_address(self) -> str | None:
         """Where the broker answers: its router's first (LAN) address; None without one."""
@@ -279,10 +321,13 @@ class MoatNetwork:
         public = generate_client_key(key, f"moat-vm@{self.run.run_id}")
         # The run's service provider: routers' baselines authorize it; experiments sign with it.
         self.provider_key, self.provider_public_key = generate_keypair(self.run.dir / "provider", "provider")
+        # The provider seals its PROVISIONs' secrets for each router (nodetools.probes).
+        self._write_peers(self.provider_key.parent)
         for site in sites:
             site_dir = self.run.dir / site
             site_dir.mkdir(parents=True, exist_ok=True)
             (site_dir / "authorized_keys").write_text(public + "\n")
+            self._write_peers(site_dir)
             self.topo.nodeInfo(site)["run_dir"] = str(site_dir)
         self.site = sites[0]
 

@@ -189,7 +189,7 @@ class ServiceInstancesRole(Role):
         self.broker_address = self.config.broker.address
         key = bytes.fromhex(self.config.router_key) if self.config.router_key else None
         self.router_key = key
-        self.router_auth = RouterKeyAuth(key)
+        self.router_auth = RouterKeyAuth.of(self.config)
         self.router_address = self.config.interfaces[0].address
         first = self.config.interfaces[0]
         self.network = str(ipaddress.ip_interface(f"{first.address}/{first.prefix}").network)

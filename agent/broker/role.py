@@ -53,11 +53,14 @@ REVOKE_WAIT_S = 0.8
 
 
 class CoKeyAuth:
-    """Authenticates a CO's message: HMAC under the key of the CO named in ``auth.key_id``."""
+    """Authenticates a CO's message: HMAC under the key of the CO named in ``auth.key_id``,
+    signed for the broker (``receivers``: its addresses). Each CO has its own replay cache,
+    so one CO's messages never push another's out of memory."""
 
-    def __init__(self, keys: dict[str, bytes]) -> None:
+    def __init__(self, keys: dict[str, bytes], receivers: Any = ()) -> None:
         self.keys = keys
-        self.cache = ReplayCache()
+        self.receivers = frozenset(receivers)
+        self.caches: dict[str, ReplayCache] = {}
 
     def __call__(self, msg: ControlMessage) -> dict[str, Any]:
         auth = msg.body.get("auth")
@@ -65,8 +68,9 @@ class CoKeyAuth:
         key = self.keys.get(key_id) if isinstance(key_id, str) else None
         if key is None:
             raise LeaseDenied("bad_credentials", "unknown corresponding object")
+        cache = self.caches.setdefault(key_id, ReplayCache())
         try:
-            verify_hmac(msg.type, msg.txid, msg.body, key, self.cache)
+            verify_hmac(msg.type, msg.txid, msg.body, key, cache, to=self.receivers)
         except MessageAuthError as exc:
             raise LeaseDenied("bad_credentials", str(exc)) from None
         return strip(msg.body)
@@ -98,8 +102,9 @@ class BrokerRole(Role):
                              keys=keys, network_cost=self.network_cost,
                              network_of=self.network_of)
         self.growth = Growth(self.broker, key)
-        self.co_auth = CoKeyAuth(cfg.co_keys)
-        self.router_auth = RouterKeyAuth(key)
+        # COs send to the broker's address (it is one of this router's).
+        self.co_auth = CoKeyAuth(cfg.co_keys, {*self.config.addresses, cfg.address})
+        self.router_auth = RouterKeyAuth.of(self.config)
         self.hops = cfg.network_hops
         #: A broker on loopback (a test's) takes loopback addresses from the wire too.
         self.loopback = any(ipaddress.ip_address(i.address).is_loopback
@@ -179,10 +184,11 @@ class BrokerRole(Role):
                 body: dict[str, Any]) -> dict[str, Any]:
         """An accepted answer, authenticated for the CO that asked: an HMAC under its own key
         (key id ``broker``) over the answer's type, the request's transaction id and the body,
-        so a host posing as the broker cannot hand it a grant. Refusals go unsigned: like a
-        Mobile IP denial, a refusal grants nothing."""
-        key = self.co_auth.keys[holder_of(msg)]
-        return sign_hmac(answer_type, msg.txid, body, key, key_id=BROKER_KEY_ID)
+        so a host posing as the broker cannot hand it a grant; its receiver is the CO's id.
+        Refusals go unsigned: like a Mobile IP denial, a refusal grants nothing."""
+        holder = holder_of(msg)
+        return sign_hmac(answer_type, msg.txid, body, self.co_auth.keys[holder],
+                         key_id=BROKER_KEY_ID, to=holder)
 
     # --- the routers' messages -----------------------------------------------------------
 

@@ -190,6 +190,26 @@ class BrokerConfig:
 
 
 @dataclass
+class PeerRouter:
+    """Another router of the run as a sender of in-band messages sees it: its addresses and
+    its X25519 public key, which secrets sent to it are sealed for (agent.core.sealing)."""
+
+    addresses: list[str]
+    seal_key: bytes
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> "PeerRouter":
+        try:
+            addresses = [str(ipaddress.IPv4Address(str(a))) for a in data["addresses"]]
+            key = bytes.fromhex(data["seal_key"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad peer router {name!r}: {exc!r}") from None
+        if len(key) != 32 or not addresses:
+            raise ConfigError(f"peer router {name!r} needs addresses and a 32-byte seal_key")
+        return cls(addresses, key)
+
+
+@dataclass
 class AgentConfig:
     """Everything one daemon needs."""
 
@@ -215,10 +235,24 @@ class AgentConfig:
     router_key: str | None = None
     #: The run's service broker; None: no broker in this run.
     broker: BrokerConfig | None = None
+    #: This router's X25519 private key (hex): opens what other routers and the site seal
+    #: for it (agent.core.sealing). None: a message carrying secrets is refused.
+    seal_key: str | None = None
+    #: Every router of the run (name -> addresses, X25519 public key): secrets sent to one
+    #: are sealed for its key; a router not listed gets none.
+    peers: dict[str, PeerRouter] = field(default_factory=dict)
 
     @property
     def addresses(self) -> set[str]:
         return {i.address for i in self.interfaces}
+
+    def seal_keys(self) -> dict[str, bytes]:
+        """Public sealing key by router address (every address of every peer router)."""
+        return {a: p.seal_key for p in self.peers.values() for a in p.addresses}
+
+    def seal_private(self) -> bytes | None:
+        """This router's X25519 private key, or None."""
+        return bytes.fromhex(self.seal_key) if self.seal_key else None
 
     @property
     def socket_path(self) -> Path:
@@ -244,6 +278,13 @@ class AgentConfig:
             raise ConfigError("broker lease_default_s must be > 0 and <= lease_max_s")
         if self.broker is not None and self.broker.advertise_interval <= 0:
             raise ConfigError("broker advertise_interval must be > 0")
+        if self.seal_key is not None:
+            try:
+                ok = len(bytes.fromhex(self.seal_key)) == 32
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError("seal_key must be a 32-byte X25519 private key in hex")
         if self.tunnel_backend not in ("auto", "kernel", "userspace"):
             raise ConfigError(f"tunnel_backend must be auto, kernel or userspace, not {self.tunnel_backend!r}")
 
@@ -317,6 +358,9 @@ class AgentConfig:
                 object_resources={**DEFAULT_OBJECT_RESOURCES, **data.get("object_resources", {})},
                 router_key=data.get("router_key"),
                 broker=BrokerConfig.from_json(data["broker"]) if data.get("broker") else None,
+                seal_key=data.get("seal_key"),
+                peers={str(n): PeerRouter.from_json(str(n), p)
+                       for n, p in data.get("peers", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad agent configuration: {exc!r}") from None

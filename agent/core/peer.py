@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection, Mapping
 
 from packets import ControlMessage, ControlType, MalformedMessage
 from packets.codes import CONTROL_PORT
@@ -20,6 +20,7 @@ from packets.control import HEADER, frame_length
 
 from agent.core.errors import AgentError, ControlError
 from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
+from agent.core.sealing import SealError, open_body, seal_body
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,21 @@ async def read_message(reader: asyncio.StreamReader) -> ControlMessage:
 
 async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
                     timeout: float = PEER_TIMEOUT, txid: int = 0,
-                    key: bytes | None = None, port: int = CONTROL_PORT) -> dict[str, Any]:
+                    key: bytes | None = None, port: int = CONTROL_PORT,
+                    seal_keys: Mapping[str, bytes] | None = None) -> dict[str, Any]:
     """One request/answer with the agent at ``address``; with ``key`` (the run's router key)
-    the body carries an HMAC authenticator (:mod:`agent.core.msgauth`). Returns the answer's
-    body when it says ``ok``; raises :class:`PeerError` otherwise."""
+    the body's secret fields are sealed for that router (its public key in ``seal_keys``, by
+    address) and the body carries an HMAC authenticator for receiver ``address``
+    (:mod:`agent.core.msgauth`). Without ``key`` the body goes as it is (already signed).
+    Returns the answer's body when it says ``ok``; raises :class:`PeerError` otherwise, and
+    before sending anything when a secret could not be sealed."""
     if key is not None:
-        body = sign_hmac(ctype, txid, body, key)
+        try:
+            body = seal_body(body, (seal_keys or {}).get(address), ctype=ctype, txid=txid,
+                             to=address)
+        except SealError as exc:
+            raise PeerError(f"{ctype.name} to {address} not sent: {exc}") from None
+        body = sign_hmac(ctype, txid, body, key, to=address)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
@@ -79,14 +89,31 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
     return answer.body
 
 
-class RouterKeyAuth:
-    """Authenticates messages one router sends another: HMAC under the run's router key, with
-    a replay cache. Without a key (a hand-made configuration) every such message is refused:
-    authentication fails closed (issue 12)."""
+def open_secrets(msg: ControlMessage, body: dict[str, Any], private: bytes | None) -> dict[str, Any]:
+    """``body`` (authenticated, without its authenticator) with its sealed secrets opened
+    with this router's X25519 key ``private``; a :class:`SealError` refuses the message."""
+    return open_body(body, private, ctype=msg.type, txid=msg.txid, to=str(msg.body["auth"]["to"]))
 
-    def __init__(self, key: bytes | None, cache: ReplayCache | None = None) -> None:
+
+class RouterKeyAuth:
+    """Authenticates messages one router sends another: HMAC under the run's router key, for
+    one of this router's addresses (``receivers``), with a replay cache; then opens their
+    sealed secrets with this router's X25519 key ``seal_key``. Without a key or an address
+    (a hand-made configuration) every such message is refused, and without ``seal_key``
+    every one with secrets: authentication fails closed (issue 12)."""
+
+    def __init__(self, key: bytes | None, receivers: Collection[str] = (),
+                 seal_key: bytes | None = None, cache: ReplayCache | None = None) -> None:
         self.key = key
+        self.receivers = frozenset(receivers)
+        self.seal_key = seal_key
         self.cache = cache if cache is not None else ReplayCache()
+
+    @classmethod
+    def of(cls, config: Any) -> "RouterKeyAuth":
+        """The check of the router configured by ``config`` (an AgentConfig)."""
+        key = bytes.fromhex(config.router_key) if config.router_key else None
+        return cls(key, config.addresses, config.seal_private())
 
     def __call__(self, msg: ControlMessage) -> dict[str, Any]:
         if not self.key:
@@ -94,11 +121,11 @@ class RouterKeyAuth:
             raise ControlError(f"{msg.type.name} refused: this router has no router key to "
                                "check it with")
         try:
-            verify_hmac(msg.type, msg.txid, msg.body, self.key, self.cache)
-        except MessageAuthError as exc:
+            verify_hmac(msg.type, msg.txid, msg.body, self.key, self.cache, to=self.receivers)
+            return open_secrets(msg, strip(msg.body), self.seal_key)
+        except (MessageAuthError, SealError) as exc:
             log.warning("in-band %s refused: %s", msg.type.name, exc)
             raise ControlError(f"{msg.type.name} refused: {exc}") from None
-        return strip(msg.body)
 
 
 Handler = Callable[[ControlMessage], Awaitable[dict[str, Any]]]

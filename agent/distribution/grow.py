@@ -61,6 +61,7 @@ class PrimarySide:
 
     vm: Any
     key: bytes | None
+    seal_keys: dict[str, bytes]
     routers: dict[str, str]
     hops: dict[str, dict[str, int]]
     network: str
@@ -249,7 +250,8 @@ class PrimarySide:
         try:
             answer = await peer_call(offer.address, ControlType.VM_NEGOTIATE,
                                      {"action": "start", "reservation": rid, "vm": vm_body,
-                                      "state": state}, key=self.key, timeout=START_TIMEOUT_S)
+                                      "state": state}, key=self.key, timeout=START_TIMEOUT_S,
+                                     seal_keys=self.seal_keys)
         except PeerError as exc:
             await self._release_reservation(offer, rid)
             raise GrowRefused(f"the duplicate on {offer.router} failed: {_why(exc)}") from None

@@ -48,10 +48,12 @@ class PartMover:
     """The primary's side of secondaries: its nested home agents and the moves."""
 
     def __init__(self, vms: Callable[[], Any], hosting: Callable[[], Any], key: bytes | None,
-                 router_address: str) -> None:
+                 router_address: str, seal_keys: dict[str, bytes] | None = None) -> None:
         self._vms = vms
         self._hosting = hosting
         self.key = key
+        #: The routers' public keys by address: a part's VM and state are sealed for its target.
+        self.seal_keys = seal_keys or {}
         self.router_address = router_address
         #: Per primary VM: the nested home agent of its parts.
         self.nested: dict[str, NestedHomeAgent] = {}
@@ -159,7 +161,7 @@ class PartMover:
 
     async def _call(self, address: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         return await peer_call(address, ControlType.VM_NEGOTIATE, body, key=self.key,
-                               timeout=timeout)
+                               timeout=timeout, seal_keys=self.seal_keys)
 
     async def _call_quietly(self, address: str, body: dict[str, Any]) -> None:
         try:

@@ -74,7 +74,10 @@ class DistributionRole(PrimarySide, Role):
         assert cfg.broker is not None
         key = bytes.fromhex(cfg.router_key) if cfg.router_key else None
         self.key = key
-        self.auth = RouterKeyAuth(key)
+        self.auth = RouterKeyAuth.of(cfg)
+        #: The routers' public keys by address: a VM's keys and a checkpoint sent to one are
+        #: sealed for it (agent.core.sealing).
+        self.seal_keys = cfg.seal_keys()
         self.routers = dict(cfg.broker.routers)
         self.hops = cfg.broker.network_hops
         self.reservations = Reservations()
@@ -83,7 +86,8 @@ class DistributionRole(PrimarySide, Role):
         self.network = str(ipaddress.ip_interface(f"{first.address}/{first.prefix}").network)
         self._subnets = [ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
                          for i in cfg.interfaces]
-        self.parts = PartMover(lambda: self.vm, self._hosting, key, self.address)
+        self.parts = PartMover(lambda: self.vm, self._hosting, key, self.address,
+                               seal_keys=self.seal_keys)
         self.rule = TrafficRule()
         self.watches: dict[str, TrafficWatch] = {}
         #: Duplicates placed by the traffic rule (for ``room`` and the experiment).
@@ -354,7 +358,7 @@ class DistributionRole(PrimarySide, Role):
 
     async def _to_parent(self, vm: Any, body: dict[str, Any]) -> dict[str, Any]:
         return await peer_call(vm.parent_router, ControlType.VM_NEGOTIATE, body, key=self.key,
-                               timeout=RESERVE_TIMEOUT_S * 5)
+                               timeout=RESERVE_TIMEOUT_S * 5, seal_keys=self.seal_keys)
 
     # --- control commands ----------------------------------------------------------------
 

@@ -94,7 +94,11 @@ class MigrationRole(Role):
     def __init__(self, agent: Any) -> None:
         super().__init__(agent)
         self.router_key = bytes.fromhex(self.config.router_key) if self.config.router_key else None
-        self.auth = RouterKeyAuth(self.router_key)
+        #: Signed for this router's addresses, secrets sealed for its key (agent.core.peer).
+        self.auth = RouterKeyAuth.of(self.config)
+        #: The routers' public keys (by address): a move's configuration, VM and checkpoint
+        #: are sealed for the target (agent.core.sealing).
+        self.seal_keys = self.config.seal_keys()
         #: Failure injection for experiments and tests: point -> how many times to refuse.
         self.faults: dict[str, int] = {}
 
@@ -113,7 +117,8 @@ class MigrationRole(Role):
 
     async def _call(self, target: str, ctype: ControlType, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await peer_call(target, ctype, body, key=self.router_key)
+            return await peer_call(target, ctype, body, key=self.router_key,
+                                   seal_keys=self.seal_keys)
         except PeerError as exc:
             raise MigrationFailed(str(exc)) from None
 

@@ -166,7 +166,9 @@ class VmManager:
             for path in self.baseline.authorized_keys:
                 key = load_public_key(Path(path))
                 keys[key_id(key)] = key
-            return verify_ed25519(msg.type, msg.txid, msg.body, keys, self._replays)
+            # Signed for this router: one of its addresses (issue 12).
+            return verify_ed25519(msg.type, msg.txid, msg.body, keys, self._replays,
+                                  to=set(self.addresses.values()))
         except (MessageAuthError, RepositoryError, OSError) as exc:
             err = ProvisionError("authorization", f"PROVISION not accepted: {exc}")
             self._record(msg.body, err)

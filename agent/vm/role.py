@@ -3,9 +3,10 @@
 The patent's router hosts VMs that the remote site configures (PROVISION, Fig. 5) and that
 retire when their lifecycle policy is used up or upgrade when the site publishes a new
 version. :class:`agent.vm.manager.VmManager` holds that logic; this role plugs it into the
-agent: PROVISION on TCP 4340 (authenticated by the provider's Ed25519 signature), the
-lifecycle timer, and the ``vm``/``retired``/``errors``/``vm_remove`` commands. A VM's mobile
-objects are hosted by :class:`agent.hosting.objects.HostingRole`.
+agent: PROVISION on TCP 4340 (authenticated by the provider's Ed25519 signature for this
+router, its objects' keys sealed for it), the lifecycle timer, and the
+``vm``/``retired``/``errors``/``vm_remove`` commands. A VM's mobile objects are hosted by
+:class:`agent.hosting.objects.HostingRole`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from packets import ControlMessage, ControlType
 from agent.broker.credentials import derive_service_key
 from agent.core.errors import ControlError
 from agent.core.msgauth import strip
+from agent.core.peer import open_secrets
+from agent.core.sealing import SealError
 from agent.core.role import InBand, Periodic, Role
 from agent.hosting.objects import HostingRole
 from agent.vm.manager import VmBaseline, VmManager
@@ -79,9 +82,17 @@ class VmRole(Role):
         return {ControlType.PROVISION: InBand(self.on_provision, self.authenticate)}
 
     def authenticate(self, msg: ControlMessage) -> dict[str, Any]:
-        """A PROVISION signed by one of the baseline's authorized providers (Fig. 5)."""
-        self._manager().authorize(msg)
-        return strip(msg.body)
+        """A PROVISION signed by one of the baseline's authorized providers (Fig. 5) for this
+        router, its ``mobile`` part (the objects' keys) opened: it is sealed for this
+        router's X25519 key (agent.core.sealing), and refused if it came in clear."""
+        manager = self._manager()
+        manager.authorize(msg)
+        try:
+            return open_secrets(msg, strip(msg.body), self.config.seal_private())
+        except SealError as exc:
+            manager.record_error(msg.body.get("vm"), msg.body.get("service"), "authorization",
+                                 f"PROVISION not accepted: {exc}")
+            raise ControlError(f"PROVISION refused: {exc}") from None
 
     async def on_provision(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "vm": await self._manager().provision(body)}

@@ -41,7 +41,8 @@ args = json.loads(sys.stdin.read())
 
 async def broker(ctype, body, txid):
     ctype = ControlType[ctype]
-    signed = sign_hmac(ctype, txid, body, bytes.fromhex(args["key"]), key_id=args["co"])
+    signed = sign_hmac(ctype, txid, body, bytes.fromhex(args["key"]), key_id=args["co"],
+                       to=args["broker"])
     try:
         return await peer_call(args["broker"], ctype, signed, txid=txid, timeout=5)
     except PeerRefused as exc:

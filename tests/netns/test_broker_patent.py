@@ -78,7 +78,7 @@ def send_signed(net: MoatNetwork, tmp: Path, ctype: ControlType, body: dict, key
     """``body`` signed and sent from co14 ``times`` times, byte for byte the same: the
     broker's answers (with their reason codes)."""
     path = tmp / f"{ctype.name}-{key_id}.json"
-    path.write_text(json.dumps(sign_hmac(ctype, 7, body, key, key_id=key_id)))
+    path.write_text(json.dumps(sign_hmac(ctype, 7, body, key, key_id=key_id, to=BROKER)))
     return [net.client.tool("co14", "nodetools.co", "send", BROKER, ctype.name, str(path),
                             "--txid", "7") for _ in range(times)]
 

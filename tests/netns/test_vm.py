@@ -219,7 +219,7 @@ def test_only_a_signed_provision_from_an_authorized_provider_configures_a_vm(net
     assert net.agent("r20a").call("vm") == []
 
     key = load_private_key(net.provider_key)
-    signed = sign_ed25519(ControlType.PROVISION, 0, body, key, key_id(key.public_key()))
+    signed = sign_ed25519(ControlType.PROVISION, 0, body, key, key_id(key.public_key()), to=target)
     assert send(net.site, "provision", signed)["ok"]
     replayed = send("co12", "provision", signed)  # captured on the wire, sent again
     assert not replayed["ok"] and "replayed" in replayed["error"], replayed

@@ -282,7 +282,7 @@ def test_lease_revoke_goes_to_every_object_of_that_service(broker: FakeBroker) -
                        "vm4": FakeVm("vm4", leased=False, objects={"e": FakeProcess("e")})}
         until = time.time() + 30
         body = {"revoked": [{"lease_id": "L1", "until": until, "service": "text2html"}]}
-        signed = sign_hmac(ControlType.LEASE_REVOKE, 7, body, ROUTER_KEY)
+        signed = sign_hmac(ControlType.LEASE_REVOKE, 7, body, ROUTER_KEY, to="10.16.0.2")
         msg = ControlMessage(ControlType.LEASE_REVOKE, 7, signed)
         inband = role.in_band()[ControlType.LEASE_REVOKE]
         answer = await inband.handler(msg, inband.authenticate(msg))
@@ -304,10 +304,14 @@ def test_lease_revoke_needs_the_router_key(broker: FakeBroker) -> None:
     async def scenario() -> None:
         role, _ = await _started_role()
         body = {"revoked": [{"lease_id": "L1", "until": 1.0, "service": "text2html"}]}
-        signed = sign_hmac(ControlType.LEASE_REVOKE, 7, body, bytes(32))
+        signed = sign_hmac(ControlType.LEASE_REVOKE, 7, body, bytes(32), to="10.16.0.2")
         with pytest.raises(ControlError):
             role.in_band()[ControlType.LEASE_REVOKE].authenticate(
                 ControlMessage(ControlType.LEASE_REVOKE, 7, signed))
+        other = sign_hmac(ControlType.LEASE_REVOKE, 8, body, ROUTER_KEY, to="10.16.0.9")
+        with pytest.raises(ControlError, match="not for this receiver"):  # another router's
+            role.in_band()[ControlType.LEASE_REVOKE].authenticate(
+                ControlMessage(ControlType.LEASE_REVOKE, 8, other))
 
     asyncio.run(scenario())
 

@@ -53,14 +53,21 @@ def instance(service: str, router: str, consumes: str = "", produces: str = "",
             "consumes": consumes, "produces": produces}
 
 
+#: Where COs send broker messages (the broker's address), and the broker router's own address
+#: (where routers send theirs): what each is signed for.
+BROKER = "10.16.0.2"
+ROUTER = "127.0.0.1"
+
+
 def call(d: AgentDaemon, ctype: ControlType, body: dict, key: bytes = CO_KEY, key_id: str = "co14",
-         txid: int = 1) -> dict:
-    signed = sign_hmac(ctype, txid, body, key, key_id=key_id)
+         txid: int = 1, to: str = BROKER) -> dict:
+    signed = sign_hmac(ctype, txid, body, key, key_id=key_id, to=to)
     return asyncio.run(d.on_peer_message(ControlMessage(ctype, txid, signed)))
 
 
 def register(d: AgentDaemon, doc: dict, txid: int) -> dict:
-    return call(d, ControlType.SERVICE_REGISTER, {"instance": doc}, ROUTER_KEY, "routers", txid)
+    return call(d, ControlType.SERVICE_REGISTER, {"instance": doc}, ROUTER_KEY, "routers", txid,
+                to=ROUTER)
 
 
 def test_request_renew_cancel_through_the_daemon() -> None:
@@ -111,11 +118,41 @@ def test_only_routers_register_services() -> None:
     assert d.require(BrokerRole).cmd_services() == []
 
 
+def test_a_co_message_for_another_receiver_is_refused() -> None:
+    """Issue 12: a CO's message names the broker it is sent to (its address)."""
+    d = daemon()
+    register(d, instance("counter", "r22c"), 100)
+    with pytest.raises(LeaseDenied, match="not for this receiver"):
+        call(d, ControlType.LEASE_REQUEST, {"request": {"target": "counter", "share": 1, "cpu": 0.1}},
+             txid=2, to="10.16.0.9")
+    with pytest.raises(Exception, match="not for this receiver"):  # a router's too
+        call(d, ControlType.SERVICE_REGISTER, {"instance": instance("text", "r22c")}, ROUTER_KEY,
+             "routers", 101, to="10.20.0.1")
+    assert d.require(BrokerRole).broker.leases() == []
+
+
+def test_one_cos_flood_does_not_evict_another_cos_replay_memory() -> None:
+    """Each CO has its own replay cache: one CO's messages never push another's out."""
+    d = daemon()
+    auth = d.require(BrokerRole).co_auth
+    auth.keys["co12"] = bytes(range(32))
+    msg = ControlMessage(ControlType.SERVICE_LIST, 5, sign_hmac(
+        ControlType.SERVICE_LIST, 5, {}, CO_KEY, key_id="co14", to=BROKER))
+    auth(msg)
+    for txid in range(10, 10 + 50):
+        auth(ControlMessage(ControlType.SERVICE_LIST, txid, sign_hmac(
+            ControlType.SERVICE_LIST, txid, {}, bytes(range(32)), key_id="co12", to=BROKER)))
+    assert len(auth.caches["co14"]) == 1 and len(auth.caches["co12"]) == 50
+    with pytest.raises(LeaseDenied, match="replayed"):
+        auth(msg)
+
+
 def test_a_replayed_request_is_refused_and_grants_nothing() -> None:
     d = daemon()
     register(d, instance("counter", "r22c"), 100)
     body = sign_hmac(ControlType.LEASE_REQUEST, 2,
-                     {"request": {"target": "counter", "share": 10, "cpu": 0.1}}, CO_KEY, key_id="co14")
+                     {"request": {"target": "counter", "share": 10, "cpu": 0.1}}, CO_KEY, key_id="co14",
+                     to=BROKER)
     msg = ControlMessage(ControlType.LEASE_REQUEST, 2, body)
     asyncio.run(d.on_peer_message(msg))
     with pytest.raises(LeaseDenied):
@@ -141,13 +178,14 @@ def test_cancel_pushes_the_revocation_to_the_instances_router(no_network: list) 
     async def main() -> None:
         d.loop = asyncio.get_running_loop()
         await d.on_peer_message(ControlMessage(ControlType.SERVICE_REGISTER, 100, sign_hmac(
-            ControlType.SERVICE_REGISTER, 100, {"instance": instance("counter", "r22c")}, ROUTER_KEY)))
+            ControlType.SERVICE_REGISTER, 100, {"instance": instance("counter", "r22c")}, ROUTER_KEY,
+            to=ROUTER)))
         body = {"request": {"target": "counter", "share": 10, "cpu": 0.1}}
         grant = await d.on_peer_message(ControlMessage(ControlType.LEASE_REQUEST, 2, sign_hmac(
-            ControlType.LEASE_REQUEST, 2, body, CO_KEY, key_id="co14")))
+            ControlType.LEASE_REQUEST, 2, body, CO_KEY, key_id="co14", to=BROKER)))
         lease_id = grant["grant"]["hops"][0]["lease_id"]
         await d.on_peer_message(ControlMessage(ControlType.LEASE_CANCEL, 3, sign_hmac(
-            ControlType.LEASE_CANCEL, 3, {"lease_id": lease_id}, CO_KEY, key_id="co14")))
+            ControlType.LEASE_CANCEL, 3, {"lease_id": lease_id}, CO_KEY, key_id="co14", to=BROKER)))
         # Delivered before the CO hears "cancelled": its next call is refused, not served.
         assert sent and sent[0][0] == "10.16.0.4" and sent[0][1] == ControlType.LEASE_REVOKE
         assert sent[0][2]["revoked"][0]["lease_id"] == lease_id
@@ -222,7 +260,9 @@ def test_accepted_answers_are_signed_for_the_co_that_asked() -> None:
     answer = call(d, ControlType.LEASE_REQUEST,
                   {"request": {"target": "counter", "share": 1, "cpu": 0.1}}, txid=7)
     assert answer["auth"]["key_id"] == "broker"
-    verify_hmac(ControlType.LEASE_GRANT, 7, answer, CO_KEY, ReplayCache())  # raises if not
+    verify_hmac(ControlType.LEASE_GRANT, 7, answer, CO_KEY, ReplayCache(), to={"co14"})
     from agent.core.msgauth import MessageAuthError
     with pytest.raises(MessageAuthError):  # not valid for another CO's key
-        verify_hmac(ControlType.LEASE_GRANT, 7, answer, bytes(32), ReplayCache())
+        verify_hmac(ControlType.LEASE_GRANT, 7, answer, bytes(32), ReplayCache(), to={"co14"})
+    with pytest.raises(MessageAuthError, match="not for this receiver"):  # nor for another CO
+        verify_hmac(ControlType.LEASE_GRANT, 7, answer, CO_KEY, ReplayCache(), to={"co12"})

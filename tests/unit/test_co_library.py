@@ -67,7 +67,7 @@ class Broker:
         body = sign_hmac(ControlType.SERVICE_REGISTER, 1, {"instance": {
             "service": service, "instance_id": f"vm-{service}", "address": "127.0.0.1",
             "port": port, "router": "r22a", "consumes": consumes, "produces": produces,
-            "objects": [service]}}, ROUTER_KEY)
+            "objects": [service]}}, ROUTER_KEY, to="127.0.0.1")
         answer = asyncio.run(self.daemon.on_peer_message(
             ControlMessage(ControlType.SERVICE_REGISTER, 1, body)))
         assert answer["ok"], answer
@@ -349,6 +349,32 @@ def test_measure_costs_times_a_handshake_per_instance_and_skips_the_silent() -> 
     assert list(costs) == ["r1/a@1"] and 0 < costs["r1/a@1"] < 1000
 
 
+def test_a_grant_signed_for_another_co_is_refused() -> None:
+    """The broker's answer names the CO it is for: one signed for co12 (same key here) is
+    not an answer to co14."""
+    hop = {"service": "s", "instance": "r1/s@1", "address": "127.0.0.1", "port": 4341,
+           "credential": "x.y", "lease_id": "L", "granted_s": 60.0, "expires_at": 1.0}
+    fake = {"ok": True, "grant": {"target": "s", "group": "g", "hops": [hop]}}
+
+    async def for_another(msg: ControlMessage) -> dict:
+        assert msg.body["auth"]["to"] == "127.0.0.1"  # the CO signs for the broker's address
+        return sign_hmac(ControlType.LEASE_GRANT, msg.txid, fake, CO_KEY, key_id="broker",
+                         to="co12")
+
+    async def main() -> None:
+        server = PeerServer(for_another, port=0, host="127.0.0.1")
+        await server.start()
+        try:
+            client = co.BrokerClient("127.0.0.1", "co14", CO_KEY, port=server.port, timeout=2,
+                                     co_address="127.0.0.1")
+            await client.arequest("s", 10, 0.1)
+        finally:
+            await server.stop()
+
+    with pytest.raises(co.BrokerUnreachable, match="not for this receiver"):
+        asyncio.run(main())
+
+
 @pytest.mark.parametrize("signer", [None, bytes(32), CO_KEY])
 def test_a_grant_not_signed_by_the_broker_for_this_co_is_refused(signer: bytes | None) -> None:
     """A host advertising itself as the broker cannot hand a CO a grant: accepted answers
@@ -362,7 +388,7 @@ def test_a_grant_not_signed_by_the_broker_for_this_co_is_refused(signer: bytes |
             return fake
         # signer CO_KEY: the right key, but over the request's own type, not LEASE_GRANT
         return sign_hmac(msg.type if signer == CO_KEY else ControlType.LEASE_GRANT,
-                         msg.txid, fake, signer, key_id="broker")
+                         msg.txid, fake, signer, key_id="broker", to="co14")
 
     async def main() -> None:
         server = PeerServer(impostor, port=0, host="127.0.0.1")

@@ -21,6 +21,7 @@ from agent.core.role import InBand, Periodic, Role
 from packets import ControlMessage, ControlType
 
 KEY = bytes(range(32))
+ME = "127.0.0.1"  # the receiver's address, which router messages to it are signed for
 
 
 def config() -> AgentConfig:
@@ -47,7 +48,7 @@ class Echo(Role):
         self.ticks += 1
 
     def in_band(self) -> dict[ControlType, InBand]:
-        return {ControlType.MIGRATE: InBand(self.on_migrate, RouterKeyAuth(KEY))}
+        return {ControlType.MIGRATE: InBand(self.on_migrate, RouterKeyAuth(KEY, {ME}))}
 
     async def on_migrate(self, msg: ControlMessage, body: dict) -> dict:
         self.served.append(body)
@@ -114,17 +115,20 @@ def test_housekeeping_reaches_every_role_even_after_one_fails() -> None:
 def test_in_band_message_is_authenticated_before_its_handler_runs() -> None:
     daemon = AgentDaemon(config(), roles=[Echo])
     echo = daemon.require(Echo)
-    signed = sign_hmac(ControlType.MIGRATE, 7, {"n": 1}, KEY)
+    signed = sign_hmac(ControlType.MIGRATE, 7, {"n": 1}, KEY, to=ME)
     answer = asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 7, signed)))
     assert answer == {"ok": True, "seen": 1}
     assert echo.served == [{"n": 1}]  # the authenticator is stripped
-    forged = sign_hmac(ControlType.MIGRATE, 8, {"n": 2}, b"\x00" * 32)
+    forged = sign_hmac(ControlType.MIGRATE, 8, {"n": 2}, b"\x00" * 32, to=ME)
     with pytest.raises(ControlError, match="MIGRATE refused"):
         asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 8, forged)))
     with pytest.raises(ControlError, match="MIGRATE refused"):  # a replay of the first
         asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 7, signed)))
     with pytest.raises(ControlError, match="MIGRATE refused"):  # no authenticator at all
         asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 9, {"n": 3})))
+    other = sign_hmac(ControlType.MIGRATE, 10, {"n": 4}, KEY, to="10.20.0.1")
+    with pytest.raises(ControlError, match="not for this receiver"):  # for another router
+        asyncio.run(daemon.on_peer_message(ControlMessage(ControlType.MIGRATE, 10, other)))
     assert echo.served == [{"n": 1}]
 
 
@@ -135,8 +139,8 @@ def test_in_band_type_no_role_serves_is_refused() -> None:
 
 
 def test_router_key_auth_checks_type_and_txid() -> None:
-    auth = RouterKeyAuth(KEY, ReplayCache())
-    body = sign_hmac(ControlType.MIGRATE, 1, {"a": 1}, KEY)
+    auth = RouterKeyAuth(KEY, {ME}, cache=ReplayCache())
+    body = sign_hmac(ControlType.MIGRATE, 1, {"a": 1}, KEY, to=ME)
     with pytest.raises(ControlError):  # same body, another type
         auth(ControlMessage(ControlType.STATE_TRANSFER, 1, body))
     with pytest.raises(ControlError):  # same body, another transaction id
@@ -146,8 +150,8 @@ def test_router_key_auth_checks_type_and_txid() -> None:
 
 def test_router_key_auth_without_a_key_fails_closed() -> None:
     """Issue 12: a router without the run's key refuses every router message, signed or not."""
-    auth = RouterKeyAuth(None, ReplayCache())
-    for body in ({"a": 1}, sign_hmac(ControlType.MIGRATE, 1, {"a": 1}, KEY)):
+    auth = RouterKeyAuth(None, {ME}, cache=ReplayCache())
+    for body in ({"a": 1}, sign_hmac(ControlType.MIGRATE, 1, {"a": 1}, KEY, to=ME)):
         with pytest.raises(ControlError, match="no router key"):
             auth(ControlMessage(ControlType.MIGRATE, 1, body))
 

@@ -535,7 +535,8 @@ def broker_daemon() -> AgentDaemon:
 
 def signed(ctype: ControlType, body: dict, txid: int, key: bytes = CO_KEY,
            key_id: str = "co14") -> ControlMessage:
-    return ControlMessage(ctype, txid, sign_hmac(ctype, txid, body, key, key_id=key_id))
+    return ControlMessage(ctype, txid, sign_hmac(ctype, txid, body, key, key_id=key_id,
+                                                 to="10.16.0.2"))
 
 
 def lease_request(share: float, txid: int, holder: str = "co14") -> ControlMessage:

@@ -235,10 +235,10 @@ def wire(body: dict[str, Any], txid: int = 7) -> ControlMessage:
 
 
 def signed(env: Env, key: Path, kid: str | None = None, txid: int = 7, now: float | None = None,
-           **body: Any) -> ControlMessage:
+           to: str = "10.0.2.2", **body: Any) -> ControlMessage:
     pub = load_public_key(Path(str(key)[:-4] + ".pub"))
     return wire(sign_ed25519(ControlType.PROVISION, txid, env.body(**body), load_private_key(key),
-                             kid or key_id(pub), now=now), txid)
+                             kid or key_id(pub), now=now, to=to), txid)
 
 
 def test_authorize_accepts_a_provision_signed_by_an_authorized_provider(env: Env) -> None:
@@ -287,6 +287,12 @@ def test_authorize_refuses_a_replayed_provision(env: Env) -> None:
     msg = signed(env, env.acme[0])
     env.manager.authorize(msg)
     refusal(env, msg, "replayed")
+
+
+def test_authorize_refuses_a_provision_signed_for_another_router(env: Env) -> None:
+    """Issue 12: a PROVISION names the router it is for (the address it is sent to)."""
+    refusal(env, signed(env, env.acme[0], to="10.0.9.9"), "not for this receiver")
+    assert env.manager.vms == {}
 
 
 def test_authorize_refuses_a_stale_or_future_provision(env: Env) -> None:

@@ -1,0 +1,212 @@
+"""Secrets in in-band messages, sealed for the receiving router (issue 12, item 1).
+
+A MIGRATE carries the moving object's registration configuration (its Mobile-Home and
+Mobile-Foreign keys) and checkpoint, a STATE_TRANSFER the checkpoint, PROVISION's ``mobile``
+part the objects' keys, VM_NEGOTIATE's ``start`` a duplicate's or part's VM with its keys.
+Everything on TCP 4340 is readable by whoever captures it, so those fields travel *sealed*
+for the one router that receives the message: :func:`secret_fields` says which fields of
+which message are secret, :func:`seal_body` moves them into ``body["sealed"]`` and
+:func:`open_body` puts them back on the receiver, before the handler sees the body. The rest
+of the body stays readable in captures (Wireshark's JSON tree shows ``action``, ``name``,
+``spec``, ...).
+
+The box is an ECIES-style sealed box: every router has a static X25519 key pair (the run's
+Keyring makes it; the private key is in the router's root-only agent configuration, every
+router's public key in every configuration and in the provider's directory). The sender
+makes an ephemeral X25519 key, derives a one-time key with HKDF-SHA256 from the shared secret
+(salt: both public keys; info: the message type and the receiver), and encrypts the secret
+fields' canonical JSON with ChaCha20-Poly1305, whose associated data binds the message type,
+transaction id and receiver. So only that receiver can open it, and a box moved to another
+message, type or receiver fails to open. A sealed body is also signed (the authenticator
+covers the box), so a box cannot be swapped without the router key either.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any, Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from agent.core.errors import AgentError
+from packets import ControlType
+
+ALG = "x25519-hkdf-sha256-chacha20poly1305"
+SEALED = "sealed"
+KEY_BYTES = 32
+NONCE_BYTES = 12
+#: The fields of each message type that are secret (always sealed) ...
+_ALWAYS: dict[int, tuple[str, ...]] = {
+    ControlType.MIGRATE: ("config", "state", "vm"),
+    ControlType.STATE_TRANSFER: ("state",),
+    ControlType.VM_NEGOTIATE: ("state",),
+    ControlType.PROVISION: ("mobile",),
+}
+#: ... and those secret when they hold a document rather than a name (VM_NEGOTIATE's ``vm``
+#: is a VM description with its objects' keys in ``start``, a VM's name in ``cancel``).
+_WHEN_DOCUMENT: dict[int, tuple[str, ...]] = {ControlType.VM_NEGOTIATE: ("vm",)}
+
+
+class SealError(AgentError):
+    """A sealed part that cannot be made or opened, or a secret sent in clear."""
+
+
+def secret_fields(ctype: int, body: Mapping[str, Any]) -> list[str]:
+    """The fields of ``body`` (a message of type ``ctype``) that must not cross the wire in
+    clear, in a fixed order."""
+    names = [n for n in _ALWAYS.get(int(ctype), ()) if n in body]
+    names += [n for n in _WHEN_DOCUMENT.get(int(ctype), ()) if isinstance(body.get(n), dict)]
+    return sorted(names)
+
+
+def may_seal(ctype: int) -> bool:
+    """Whether a message of type ``ctype`` may carry a sealed part at all."""
+    return int(ctype) in _ALWAYS or int(ctype) in _WHEN_DOCUMENT
+
+
+def generate_keypair() -> tuple[bytes, bytes]:
+    """A new static X25519 key pair, (private, public), 32 raw bytes each."""
+    private = X25519PrivateKey.generate()
+    return _raw_private(private), _raw_public(private.public_key())
+
+
+def public_of(private: bytes) -> bytes:
+    """The public key of a raw X25519 private key."""
+    return _raw_public(_private(private).public_key())
+
+
+def _raw_private(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+def _raw_public(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _private(raw: bytes) -> X25519PrivateKey:
+    if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:
+        raise SealError("an X25519 private key is 32 bytes")
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def _public(raw: bytes) -> X25519PublicKey:
+    if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:
+        raise SealError("an X25519 public key is 32 bytes")
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def _canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _box_key(shared: bytes, epk: bytes, rpk: bytes, ctype: int, to: str) -> bytes:
+    info = b"moat sealed v1|" + _canonical({"type": int(ctype), "to": to})
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=epk + rpk, info=info).derive(shared)
+
+
+def _aad(ctype: int, txid: int, to: str) -> bytes:
+    return _canonical({"v": 1, "type": int(ctype), "txid": int(txid), "to": to})
+
+
+def seal(doc: Any, public: bytes, *, ctype: int, txid: int, to: str) -> dict[str, str]:
+    """``doc`` (JSON) sealed for the holder of X25519 ``public``, receiver ``to`` of a
+    message of type ``ctype`` with transaction id ``txid``."""
+    rpk = _public(public)
+    ephemeral = X25519PrivateKey.generate()
+    epk = _raw_public(ephemeral.public_key())
+    key = _box_key(ephemeral.exchange(rpk), epk, _raw_public(rpk), ctype, to)
+    nonce = os.urandom(NONCE_BYTES)
+    try:
+        plain = _canonical(doc)
+    except (TypeError, ValueError) as exc:
+        raise SealError(f"cannot seal a value that is not JSON: {exc}") from None
+    ct = ChaCha20Poly1305(key).encrypt(nonce, plain, _aad(ctype, txid, to))
+    return {"alg": ALG, "epk": _b64(epk), "nonce": _b64(nonce), "ct": _b64(ct)}
+
+
+def open_sealed(box: Any, private: bytes, *, ctype: int, txid: int, to: str) -> Any:
+    """What :func:`seal` sealed, if ``private`` is the receiver's key and the box belongs to
+    this message (type, txid, receiver); :class:`SealError` else."""
+    if not isinstance(box, dict) or box.get("alg") != ALG:
+        raise SealError(f"a sealed part must be {{'alg': {ALG!r}, 'epk', 'nonce', 'ct'}}")
+    try:
+        epk, nonce, ct = (_unb64(box[k]) for k in ("epk", "nonce", "ct"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SealError(f"malformed sealed part: {exc!r}") from None
+    if len(nonce) != NONCE_BYTES:
+        raise SealError("malformed sealed part: the nonce is 12 bytes")
+    own = _private(private)
+    key = _box_key(own.exchange(_public(epk)), epk, _raw_public(own.public_key()), ctype, to)
+    try:
+        plain = ChaCha20Poly1305(key).decrypt(nonce, ct, _aad(ctype, txid, to))
+    except InvalidTag:
+        raise SealError("the sealed part does not open: sealed for another receiver or "
+                        "message, or changed on the way") from None
+    try:
+        return json.loads(plain)
+    except ValueError as exc:
+        raise SealError(f"the sealed part is not JSON: {exc}") from None
+
+
+def seal_body(body: Mapping[str, Any], public: bytes | None, *, ctype: int, txid: int,
+              to: str) -> dict[str, Any]:
+    """``body`` with its secret fields (:func:`secret_fields`) moved into ``body["sealed"]``
+    for the receiver; unchanged when it has none. Without the receiver's ``public`` key a
+    body with secrets is a :class:`SealError`: it is never sent in clear."""
+    secrets = secret_fields(ctype, body)
+    if not secrets:
+        return dict(body)
+    if SEALED in body:
+        raise SealError(f"the body already has a {SEALED!r} field")
+    if public is None:
+        raise SealError(f"no public key for receiver {to}: its {', '.join(secrets)} "
+                        "would cross the wire in clear")
+    out = {k: v for k, v in body.items() if k not in secrets}
+    out[SEALED] = seal({k: body[k] for k in secrets}, public, ctype=ctype, txid=txid, to=to)
+    return out
+
+
+def open_body(body: Mapping[str, Any], private: bytes | None, *, ctype: int, txid: int,
+              to: str) -> dict[str, Any]:
+    """The receiver's view of ``body``: the sealed fields opened and put back. Refuses
+    (:class:`SealError`) a secret field sent in clear, a sealed part it cannot open, and
+    sealed fields that are not secret fields of this message or that clash with clear
+    ones."""
+    clear = {k: v for k, v in body.items() if k != SEALED}
+    exposed = secret_fields(ctype, clear)
+    if exposed:
+        raise SealError(f"{', '.join(exposed)} must be sealed for the receiver, not sent in clear")
+    if SEALED not in body:
+        return clear
+    if not may_seal(ctype):
+        raise SealError("nothing of this message type is sealed")
+    if private is None:
+        raise SealError("this router has no sealing key to open the message with")
+    opened = open_sealed(body[SEALED], private, ctype=ctype, txid=txid, to=to)
+    if not isinstance(opened, dict) or not opened:
+        raise SealError("the sealed part must be a non-empty object of fields")
+    allowed = set(_ALWAYS.get(int(ctype), ())) | set(_WHEN_DOCUMENT.get(int(ctype), ()))
+    odd = sorted(set(opened) - allowed)
+    if odd:
+        raise SealError(f"sealed fields {odd[:4]} are not secret fields of this message")
+    clash = sorted(set(opened) & set(clear))
+    if clash:
+        raise SealError(f"fields {clash} are both sealed and in clear")
+    return {**clear, **opened}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError("not a base64 string")
+    return base64.b64decode(text, validate=True)
