@@ -269,7 +269,7 @@ def forged_in_band(ctx: Context) -> Result:
         "PROVISION": (ControlType.PROVISION, {"vm": "att", "kind": "service", "service": "nosuch"}),
         "MIGRATE": (ControlType.MIGRATE, {"action": "cancel", "name": ctx.victim}),
         "STATE_TRANSFER": (ControlType.STATE_TRANSFER, {"name": ctx.victim, "state": {}}),
-        "VM_NEGOTIATE": (ControlType.VM_NEGOTIATE, {"action": "query"}),
+        "VM_NEGOTIATE": (ControlType.VM_NEGOTIATE, {"action": "query", "home_address": ctx.home}),
         "LEASE_REVOKE": (ControlType.LEASE_REVOKE, {"lease_id": "x", "credential": "x"}),
     }
     broker_bodies = {
@@ -294,7 +294,8 @@ def forged_in_band(ctx: Context) -> Result:
                 msgs[f"{name} wrong key"] = wire.hmac_signed(ctype, body, wrong, ctx.addr(targets), key_id)
         results.update({f"{k} -> {targets}": v for k, v in _send_in_band(ctx, targets, msgs).items()})
     # Signed with the run's router key for another router (the third), sent to the victim's.
-    other = wire.hmac_signed(ControlType.VM_NEGOTIATE, {"action": "query"}, router_key(ctx),
+    other = wire.hmac_signed(ControlType.VM_NEGOTIATE, {"action": "query", "home_address": ctx.home},
+                             router_key(ctx),
                              ctx.addr(ctx.third))
     results.update({f"VM_NEGOTIATE for {ctx.third} -> {victim_router}": v
                     for v in _send_in_band(ctx, victim_router, {"x": other}).values()})
@@ -382,23 +383,36 @@ def flood_udp_434(ctx: Context) -> Result:
             f"{out.get('answers_seen')} answers", refused, detail)
 
 
+#: What an agent may grow by under one flood (MiB): the issue measured 80 MiB for 100,000
+#: spoofed advertisements and 203 MiB for 200 half-sent frames.
+FLOOD_GROWTH_MIB = 32
+
+
 def flood_icmp_9(ctx: Context) -> Result:
     n = _scaled(ctx, 20_000)
     base = ".".join(ctx.attacker_address.split(".")[:3] + ["100"])
+    off_base = "10.99.0.1"
+    rss = {r: state.agent_rss(ctx.client, r) for r in (ctx.foa, ctx.hosting)}
     out = ctx.attack("icmp", {"dst": "224.0.0.1", "src": base, "ttl": 1, "vary_source": True,
                               "sources": 150, "payloads": [wire.advertisement(base).hex()], "count": n,
                               "rate": 4000}, timeout=120)
-    off = ctx.attack("icmp", {"dst": "224.0.0.1", "src": "10.99.0.1", "ttl": 1, "vary_source": True,
-                              "sources": 5000, "payloads": [wire.advertisement("10.99.0.1").hex()],
+    off = ctx.attack("icmp", {"dst": "224.0.0.1", "src": off_base, "ttl": 1, "vary_source": True,
+                              "sources": 5000, "payloads": [wire.advertisement(off_base).hex()],
                               "count": n, "rate": 4000}, timeout=120)
     time.sleep(0.5)
-    heard = {r: len(ctx.client.call(r, "agents")) for r in (ctx.foa, ctx.hosting)}
-    detail: dict[str, Any] = {"on_link": out, "off_link": off, "heard": heard}
+    heard = {r: [str(a.get("address")) for a in ctx.client.call(r, "agents")] for r in (ctx.foa, ctx.hosting)}
+    off_heard = {r: sum(1 for a in hs if a.startswith("10.99.")) for r, hs in heard.items()}
+    growth = {r: round(((state.agent_rss(ctx.client, r) or 0) - (rss[r] or 0)) / 1024, 1) for r in rss}
+    detail: dict[str, Any] = {"on_link": out, "off_link": off, "heard": {r: len(h) for r, h in heard.items()},
+                              "off_link_heard": off_heard, "rss_growth_mib": growth}
     _after_flood(ctx, detail)
-    refused = all(h <= 64 for h in heard.values())
+    # On-link sources are at most a /24's worth; an off-link one must never be recorded.
+    refused = (not any(off_heard.values()) and all(len(h) <= 256 for h in heard.values())
+               and all(g < FLOOD_GROWTH_MIB for g in growth.values()))
     return (f"{out.get('sent')} advertisements from 150 on-link sources + {off.get('sent')} from "
             "5,000 off-link ones (ICMP 9, TTL 1)",
-            f"agents heard: {heard}", refused, detail)
+            f"agents heard {detail['heard']} (off-link among them {off_heard}); agent memory "
+            f"+{growth} MiB", refused, detail)
 
 
 def flood_udp_4340(ctx: Context) -> Result:
@@ -437,6 +451,7 @@ def flood_service_4341(ctx: Context) -> Result:
 
 def at_most_once_poisoning(ctx: Context) -> Result:
     victim_client = "victim-co12"
+    obj_rss_before = _object_rss(ctx)
     poison = _service_request(victim_client, 1 << 40)
     a = ctx.attack("udp", {"dst": ctx.home, "port": 4341, "payloads": [poison.hex()], "listen_s": 0.5})
     try:
@@ -456,13 +471,30 @@ def at_most_once_poisoning(ctx: Context) -> Result:
     except (AgentError, OSError, TypeError) as exc:
         seen, size = -1, -1
         log.warning("object_state: %s", exc)
+    obj_rss_after = _object_rss(ctx)
     bounded = 0 <= seen < n // 2
     refused = answered >= 8 and bounded
     return (f"1 SERVICE_REQUEST as {victim_client} with seq 2^40, then {b.get('sent')} from fake "
             f"client ids (UDP 4341) to {ctx.home}",
             f"real client answered {answered}/10; at-most-once table {seen} clients, checkpoint "
-            f"{size} bytes", refused, {"poison_answers": a["answers"], "fake": b.get("sent"),
-                                       "seen": seen, "checkpoint_bytes": size})
+            f"{size} bytes; object memory {_mib(obj_rss_before)} -> {_mib(obj_rss_after)} MiB", refused,
+            {"poison_answers": a["answers"], "fake": b.get("sent"), "seen": seen,
+             "checkpoint_bytes": size, "object_rss_kib": [obj_rss_before, obj_rss_after]})
+
+
+def _mib(kib: int | None) -> str:
+    return "?" if kib is None else f"{kib / 1024:.1f}"
+
+
+def _object_rss(ctx: Context) -> int | None:
+    """The victim object's process memory (KiB), from its router's ``objects``."""
+    try:
+        for o in ctx.client.call(ctx.hosting, "objects"):
+            if isinstance(o, dict) and o.get("name") == ctx.victim and o.get("pid"):
+                return state.rss_kib(int(o["pid"]))
+    except (AgentError, OSError, ValueError):
+        return None
+    return None
 
 
 # --- the wire, the fuzz ---------------------------------------------------------------------
@@ -483,7 +515,8 @@ def fuzz(ctx: Context) -> Result:
     mh, mf, nai = _object_spis(ctx)
     rrqs = rrqs or [wire.forged_request(ctx.home, ctx.addr(ctx.hoa), ctx.addr(ctx.foa), nai, mh, mf_spi=mf)]
     controls = [m for _s, _d, m in (ctx.captured.get("control") or [])
-                if len(m) < 4096][:4] or [wire.control(ControlType.VM_NEGOTIATE, {"action": "query"})]
+                if len(m) < 4096][:4] or [wire.control(ControlType.VM_NEGOTIATE,
+                                                       {"action": "query", "home_address": ctx.home})]
     seeds_434 = [r.hex() for r in rrqs]
     targets = [
         {"proto": "udp", "dst": ctx.addr(ctx.hoa), "port": 434, "seeds": seeds_434, "weight": 3},

@@ -97,10 +97,12 @@ def positive_control(ctx: classes.Context) -> bool:
     """The suite can see an acceptance: an authentic VM_NEGOTIATE query, signed with the run's
     key for the hosting router, sent from att12, is answered ok. Without this, a suite whose
     messages never arrived would look like one whose messages were all refused."""
-    msg = wire.hmac_signed(wire.ControlType.VM_NEGOTIATE, {"action": "query"},
+    msg = wire.hmac_signed(wire.ControlType.VM_NEGOTIATE, {"action": "query", "home_address": ctx.home},
                            classes.router_key(ctx), ctx.addr(HOSTING))
     out = ctx.attack("tcp", {"dst": ctx.addr(HOSTING), "port": 4340, "payloads": [msg.hex()], "timeout": 8})
     answer = out["results"][0].get("answer") or {}
+    if answer.get("ok") is not True:
+        log.warning("positive control refused: %s", out["results"][0])
     return answer.get("ok") is True
 
 
