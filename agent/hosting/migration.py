@@ -14,18 +14,27 @@ MOAT's control framing, so captures show the whole exchange (docs/architecture.m
 
 Any failure leaves the object serving at the source with its state: before the source stops
 nothing changed there; after, it restarts from the checkpoint it kept and registers again.
-The target undoes whatever it started.
+The target undoes whatever it started. Before anything stops, the source takes a checkpoint
+and checks it: one that is not strict JSON (:class:`CheckpointInvalid`) or too large for a
+move (:class:`CheckpointTooLarge`, over :data:`MAX_CHECKPOINT_BYTES`) refuses the move and
+the object serves on. An object that no longer answers its router (time-out, garbage, gone),
+or that cannot be started again here, cannot be left serving: it is killed, deregistered and
+reported (:class:`ObjectKilled`; ``moat show status`` lists it with why), never left
+half-stopped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from packets import ControlMessage, ControlType
+from packets.control import MAX_BODY
 
+from agent.core import rpc
 from agent.core.errors import AgentError, ControlError
 from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
@@ -40,10 +49,28 @@ REGISTER_TIMEOUT = 10.0
 MODES = ("make-before-break", "break-before-make")
 #: In-band messages failure injection can refuse (what a move does when the target breaks).
 FAULT_POINTS = ("migrate_start", "state_transfer")
+#: Largest checkpoint (strict JSON, bytes) a move carries: it travels sealed, in base64 (4/3),
+#: in one MIGRATE or STATE_TRANSFER body of at most MAX_BODY, with the object's configuration
+#: and VM; 32 KiB are left for those and the authenticator.
+MAX_CHECKPOINT_BYTES = MAX_BODY * 3 // 4 - (32 << 10)
 
 
 class MigrationFailed(AgentError):
-    """A move that did not happen; the object still serves where it was."""
+    """A move that did not happen; the object still serves where it was (unless
+    :class:`ObjectKilled`)."""
+
+
+class CheckpointInvalid(MigrationFailed):
+    """The object's checkpoint is not strict JSON (NaN, a non-object): it cannot move."""
+
+
+class CheckpointTooLarge(MigrationFailed):
+    """The object's checkpoint is over :data:`MAX_CHECKPOINT_BYTES`: it cannot move."""
+
+
+class ObjectKilled(MigrationFailed):
+    """The object could not be left serving at the source (it no longer answered, or could
+    not start again): it was stopped, killed and deregistered there."""
 
 
 @dataclass
@@ -60,6 +87,10 @@ class MigrationReport:
     target_registration: dict[str, Any] | None = None
     #: The target's registration round trip (request sent to reply received), ms.
     registration_rtt_ms: float | None = None
+    #: The failure's type (CheckpointTooLarge, ObjectKilled, ...), "" when it moved.
+    error_type: str = ""
+    #: The move failed and the object could not be left serving: it was killed.
+    killed: bool = False
 
     def step(self, what: str) -> None:
         self.steps.append((what, time.time()))
@@ -121,6 +152,8 @@ class MigrationRole(Role):
                                    seal_keys=self.seal_keys)
         except PeerError as exc:
             raise MigrationFailed(str(exc)) from None
+        except (AgentError, TypeError, ValueError) as exc:  # encoding or sealing the body
+            raise MigrationFailed(f"cannot send {ctype.name} to {target}: {exc}") from None
 
     def _injected(self, point: str) -> None:
         if self.faults.get(point, 0) > 0:
@@ -205,13 +238,18 @@ class MigrationRole(Role):
         report = MigrationReport(name, mode, self.config.name, target_name or target)
         move = _Move(hosted, hosted.client.config.to_json())
         try:
+            await self._check_source(move, report)
             if mode == "make-before-break":
                 await self._migrate_mbb(move, target, report)
             else:
                 await self._migrate_bbm(move, target, report)
             report.ok = True
+        except ObjectKilled as exc:
+            report.error, report.error_type, report.killed = str(exc), type(exc).__name__, True
+            report.step(f"failed: {exc}; the object was stopped and killed on {self.config.name}")
+            return report.as_dict()
         except (MigrationFailed, ObjectProcessError, ControlError) as exc:
-            report.error = str(exc)
+            report.error, report.error_type = str(exc), type(exc).__name__
             report.step(f"failed: {exc}; the object keeps serving on {self.config.name}")
             return report.as_dict()
         if move.vm is not None and self.vm is not None:
@@ -236,14 +274,63 @@ class MigrationRole(Role):
             body["vm"] = self.vm.migration_body(*move.vm, config)
         return body
 
+    async def _check_source(self, move: _Move, report: MigrationReport) -> None:
+        """Before anything stops: the object answers its router with a checkpoint a move can
+        carry. A refusal (its state is not JSON) or a checkpoint that cannot move leaves it
+        serving; no answer at all (time-out, garbage, gone) means it cannot serve either:
+        it is killed and reported."""
+        name = move.hosted.name
+        assert move.hosted.process is not None
+        try:
+            state = await move.hosted.process.call("get_state")
+        except ObjectProcessError as exc:
+            if isinstance(exc.__cause__, rpc.RpcRemoteError):
+                raise MigrationFailed(f"object {name} gave no checkpoint: {exc}") from None
+            await self.hosting.kill(name, f"did not answer its router before a move: {exc}")
+            raise ObjectKilled(f"object {name} no longer answers its router: {exc}") from None
+        size = self.check_checkpoint(name, state)
+        report.step(f"source checkpoint checked ({size} bytes)")
+
+    @staticmethod
+    def check_checkpoint(name: str, state: Any) -> int:
+        """The checkpoint's size as strict JSON; CheckpointInvalid or CheckpointTooLarge if
+        a move cannot carry it."""
+        if not isinstance(state, dict):
+            raise CheckpointInvalid(f"object {name}'s checkpoint is not a JSON object")
+        try:
+            size = len(json.dumps(state, separators=(",", ":"), allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CheckpointInvalid(f"object {name}'s checkpoint is not strict JSON: {exc}") from None
+        if size > MAX_CHECKPOINT_BYTES:
+            raise CheckpointTooLarge(f"object {name}'s checkpoint is {size} bytes, more than the "
+                                     f"{MAX_CHECKPOINT_BYTES} a move can carry")
+        return size
+
+    async def _final_state(self, move: _Move, stopped: dict[str, Any]) -> Any:
+        """The checkpoint the source stopped with, checked; an object that gave none is gone
+        (its process is stopped and killed) and cannot be started again with its state."""
+        state = stopped.get("state")
+        if state is None:
+            why = "; ".join(stopped.get("errors") or []) or "it did not give one"
+            await self.hosting.kill(move.hosted.name, f"no final checkpoint at a move's stop: {why}")
+            raise ObjectKilled(f"object {move.hosted.name} gave no final checkpoint ({why}): "
+                               "it cannot be started again with its state")
+        return state
+
     async def _restart(self, move: _Move, state: Any) -> None:
         """The move failed after the object stopped here: start it again from ``state``,
-        the way it ran (in its VM, or placed directly), and register it again."""
-        if move.vm is not None and self.vm is not None:
-            await self.vm.restart_object(*move.vm, state)
-        else:
-            await self.hosting.cmd_object_start(move.config, spec=move.spec, state=state,
-                                                resources=move.resources)
+        the way it ran (in its VM, or placed directly), and register it again. If it cannot
+        start, it is killed (whatever part of it started) and reported."""
+        try:
+            if move.vm is not None and self.vm is not None:
+                await self.vm.restart_object(*move.vm, state)
+            else:
+                await self.hosting.cmd_object_start(move.config, spec=move.spec, state=state,
+                                                    resources=move.resources)
+        except (AgentError, TypeError, ValueError) as exc:
+            await self.hosting.kill(move.hosted.name, f"could not start again after a failed move: {exc}")
+            raise ObjectKilled(f"object {move.hosted.name} could not start again on "
+                               f"{self.config.name} after the failed move: {exc}") from None
 
     async def _migrate_mbb(self, move: _Move, target: str, report: MigrationReport) -> None:
         """Make the new place reachable first, then hand the state over at one instant.
@@ -267,32 +354,35 @@ class MigrationRole(Role):
             await hosted.client.deregister()  # lifetime 0 for this care-of address only
             report.step("source binding deregistered")
         stopped = await self.hosting.cmd_object_stop(hosted.name, deregister=False)
-        state = stopped["state"]
+        try:
+            state = await self._final_state(move, stopped)
+        except ObjectKilled:
+            await self._cancel(target, hosted.name)
+            raise
         report.step("source stopped with its final checkpoint")
         try:
-            if state is None:
-                raise MigrationFailed("the source gave no checkpoint")
+            self.check_checkpoint(hosted.name, state)  # it may have grown since the check
             await self._call(target, ControlType.STATE_TRANSFER, {"name": hosted.name, "state": state})
             report.step("target restored, replayed its queue and serves")
         except MigrationFailed:
             await self._cancel(target, hosted.name)
-            if state is not None:
-                report.step("transfer failed: restart at source from the checkpoint")
-                await self._restart(move, state)
+            report.step("transfer failed: restart at source from the checkpoint")
+            await self._restart(move, state)
             raise
 
     async def _migrate_bbm(self, move: _Move, target: str, report: MigrationReport) -> None:
         report.step("stop source, keep checkpoint")
         stopped = await self.hosting.cmd_object_stop(move.hosted.name, deregister=False)
-        state = stopped["state"]
-        if state is None:
-            raise MigrationFailed("the source gave no checkpoint")
+        state = await self._final_state(move, stopped)
         try:
+            self.check_checkpoint(move.hosted.name, state)  # it may have grown since the check
             answer = await self._call(target, ControlType.MIGRATE, self._start_body(move, False, state))
-        except MigrationFailed:
+        except (AgentError, TypeError, ValueError) as exc:  # the start body too: never half-stopped
             report.step("target failed: restart at source from the checkpoint")
             await self._restart(move, state)
-            raise
+            if isinstance(exc, MigrationFailed):
+                raise
+            raise MigrationFailed(f"cannot send MIGRATE start: {exc}") from None
         report.target_registration = answer.get("registration")
         report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
         report.step("target serving and registered")

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 
 from agent.core.config import AgentConfig, Interface
+from agent.core import rpc
 from agent.core.errors import ControlError
 from agent.core.peer import PeerRefused
 from agent.core.wait import async_wait_until
 from agent.hosting import migration as migration_mod
 from agent.hosting.migration import MigrationFailed, MigrationRole
 from agent.hosting.objects import HostedObject, HostingRole
+from agent.hosting.runtime import ObjectProcessError
 from packets import ControlType
 
 CHECKPOINT = {"state": {"count": 41}, "seen": {"co14": 41}}
@@ -37,20 +39,48 @@ class FakeClient:
         return {"registration": reg, "at_home": False, "attempts": [{"rtt": 0.0004}]}
 
 
-class FakeHosting:
-    """The parts of HostingRole that migration uses, recording what it is asked."""
+class FakeProcess:
+    """An object process whose ``get_state`` answers ``state``, or fails with ``error``
+    (an ObjectProcessError caused by that RpcError, as ObjectProcess raises it)."""
 
-    def __init__(self, checkpoint: Any = CHECKPOINT) -> None:
+    def __init__(self, state: Any = CHECKPOINT, error: rpc.RpcError | None = None) -> None:
+        self.spec = "agent.objects.counter:Counter"
+        self.state, self.error = state, error
+        self.calls: list[str] = []
+
+    async def call(self, cmd: str, **_: Any) -> Any:
+        self.calls.append(cmd)
+        if self.error is not None:
+            raise ObjectProcessError(f"object counter did not answer {cmd}: {self.error}") from self.error
+        assert cmd == "get_state"
+        return self.state
+
+
+class FakeHosting:
+    """The parts of HostingRole that migration uses, recording what it is asked. ``checkpoint``
+    is the final state a stop gives; ``process`` answers the checkpoint taken before."""
+
+    def __init__(self, checkpoint: Any = CHECKPOINT, process: FakeProcess | None = None,
+                 restart_fails: bool = False) -> None:
         self.checkpoint = checkpoint
         self.objects: dict[str, HostedObject] = {}
         self.log: list[tuple] = []
-        self.put("counter")
+        self.killed: dict[str, str] = {}
+        self.restart_fails = restart_fails
+        self.put("counter", process)
 
-    def put(self, name: str) -> None:
+    def put(self, name: str, process: FakeProcess | None = None) -> None:
         hosted = HostedObject(name, "10.16.0.100", client=FakeClient(name))  # type: ignore[arg-type]
-        hosted.process = SimpleNamespace(spec="agent.objects.counter:Counter")  # type: ignore[assignment]
+        hosted.process = process or FakeProcess()  # type: ignore[assignment]
         hosted.resources = {"cpu": 1.0, "memory_mb": 256, "pids": 64}
         self.objects[name] = hosted
+
+    async def kill(self, name: str, reason: str) -> dict:
+        self.killed[name] = reason
+        if name in self.objects:
+            self.objects.pop(name)
+            self.log.append(("stop", name, True))
+        return {}
 
     def hosted(self, name: str) -> HostedObject:
         if name not in self.objects:
@@ -68,6 +98,8 @@ class FakeHosting:
     async def cmd_object_start(self, config: dict, spec: str | None = None, warm: bool = False,
                                state: Any = None, resources: Any = None, **_: Any) -> dict:
         self.log.append(("start", config["name"], spec, state, resources, warm))
+        if self.restart_fails:
+            raise ObjectProcessError(f"object {config['name']} did not answer set_state")
         self.put(config["name"])
         return {}
 
@@ -111,8 +143,9 @@ class FakePeer:
 
 
 def migrate(mode: str, refuse: set[str] = frozenset(), checkpoint: Any = CHECKPOINT,
-            monkeypatch: Any = None) -> tuple[dict, FakeHosting, FakePeer]:
-    hosting = FakeHosting(checkpoint)
+            monkeypatch: Any = None, hosting: FakeHosting | None = None
+            ) -> tuple[dict, FakeHosting, FakePeer]:
+    hosting = hosting or FakeHosting(checkpoint)
     peer = FakePeer(refuse)
     monkeypatch.setattr(migration_mod, "peer_call", peer)
     role = MigrationRole(FakeAgent(hosting))
@@ -149,10 +182,14 @@ def test_failed_state_transfer_cancels_the_target_and_restarts_from_the_checkpoi
     assert "counter" in hosting.objects
 
 
-def test_a_source_without_checkpoint_cancels_and_reports(monkeypatch) -> None:
+def test_a_source_without_final_checkpoint_cancels_and_reports_it_killed(monkeypatch) -> None:
+    """It answered before the move and gave no final state at its stop: it cannot be started
+    again with its state, so it is reported killed (its process is gone), not 'serving'."""
     report, hosting, peer = migrate("make-before-break", checkpoint=None, monkeypatch=monkeypatch)
-    assert not report["ok"] and "no checkpoint" in report["error"]
+    assert not report["ok"] and "no final checkpoint" in report["error"]
+    assert report["killed"] is True and "killed" in report["steps"][-1][0]
     assert peer.kinds() == ["MIGRATE_start", "MIGRATE_cancel"]
+    assert "no final checkpoint" in hosting.killed["counter"]
 
 
 def test_target_refusing_start_in_make_before_break_leaves_the_source_untouched(monkeypatch) -> None:
@@ -241,3 +278,91 @@ def test_injected_fault_refuses_the_next_state_transfer_once() -> None:
     assert asyncio.run(role.on_state_transfer(None, msg_body)) == {"ok": True, "replayed": 2}  # type: ignore[arg-type]
     with pytest.raises(ControlError, match="fault point"):
         role.cmd_inject_fault("nowhere")
+
+
+# --- objects that misbehave, checkpoints that cannot move (issue 12) ---------------------------
+
+MODES = ["make-before-break", "break-before-make"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_checkpoint_too_large_to_move_is_refused_before_anything_stops(monkeypatch, mode) -> None:
+    big = {"object": {"blob": "x" * migration_mod.MAX_CHECKPOINT_BYTES}, "seen": {}}
+    hosting = FakeHosting(process=FakeProcess(big))
+    report, hosting, peer = migrate(mode, monkeypatch=monkeypatch, hosting=hosting)
+    assert not report["ok"] and report["error_type"] == "CheckpointTooLarge"
+    assert f"more than the {migration_mod.MAX_CHECKPOINT_BYTES}" in report["error"]
+    assert peer.sent == [] and hosting.log == []  # nothing sent, nothing stopped
+    assert "counter" in hosting.objects and not report["killed"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_checkpoint_that_is_not_strict_json_is_refused_before_anything_stops(monkeypatch, mode) -> None:
+    """What the real runner refuses itself (CheckpointError), a process answering it anyway
+    (NaN decodes from its channel) is refused here: the move could not encode it."""
+    for state in ({"object": {"ratio": float("nan")}}, ["not", "a", "checkpoint"]):
+        hosting = FakeHosting(process=FakeProcess(state))
+        report, hosting, peer = migrate(mode, monkeypatch=monkeypatch, hosting=hosting)
+        assert not report["ok"] and report["error_type"] == "CheckpointInvalid", report
+        assert peer.sent == [] and hosting.log == [] and "counter" in hosting.objects
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_object_refusing_its_checkpoint_keeps_serving(monkeypatch, mode) -> None:
+    refused = rpc.RpcRemoteError("get_state", "object counter: its state cannot be "
+                                 "checkpointed (not strict JSON): Out of range float values")
+    hosting = FakeHosting(process=FakeProcess(error=refused))
+    report, hosting, peer = migrate(mode, monkeypatch=monkeypatch, hosting=hosting)
+    assert not report["ok"] and "not strict JSON" in report["error"]
+    assert peer.sent == [] and hosting.log == [] and hosting.killed == {}
+    assert "counter" in hosting.objects and "keeps serving on r22c" in report["steps"][-1][0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("error", [rpc.RpcTimeout("no answer to get_state within 5s"),
+                                   rpc.RpcProtocolError("bad answer to get_state: not JSON"),
+                                   rpc.RpcClosed("channel closed by the peer")],
+                         ids=["silent", "garbage", "gone"])
+def test_an_object_that_no_longer_answers_is_killed_and_reported(monkeypatch, mode, error) -> None:
+    hosting = FakeHosting(process=FakeProcess(error=error))
+    report, hosting, peer = migrate(mode, monkeypatch=monkeypatch, hosting=hosting)
+    assert not report["ok"] and report["killed"] is True and report["error_type"] == "ObjectKilled"
+    assert str(error) in report["error"] and str(error) in hosting.killed["counter"]
+    assert peer.sent == []  # the target never heard of it
+    assert hosting.log == [("stop", "counter", True)] and "counter" not in hosting.objects
+
+
+def test_a_final_checkpoint_too_large_restarts_the_object_at_the_source(monkeypatch) -> None:
+    """The checkpoint grew between the check and the stop (a held instance's queue): the
+    target is cancelled and the object starts again here from that final state."""
+    final = {"object": {"blob": "x" * migration_mod.MAX_CHECKPOINT_BYTES}, "seen": {}}
+    report, hosting, peer = migrate("make-before-break", checkpoint=final, monkeypatch=monkeypatch)
+    assert not report["ok"] and report["error_type"] == "CheckpointTooLarge"
+    assert peer.kinds() == ["MIGRATE_start", "MIGRATE_cancel"]
+    assert hosting.log[-1][:4] == ("start", "counter", "agent.objects.counter:Counter", final)
+    assert "counter" in hosting.objects and not report["killed"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_object_that_cannot_restart_at_the_source_is_reported_killed(monkeypatch, mode) -> None:
+    refuse = {"STATE_TRANSFER"} if mode == "make-before-break" else {"MIGRATE_start"}
+    hosting = FakeHosting(restart_fails=True)
+    report, hosting, peer = migrate(mode, refuse=refuse, monkeypatch=monkeypatch, hosting=hosting)
+    assert not report["ok"] and report["killed"] is True
+    assert "did not answer set_state" in report["error"]
+    assert "could not start again" in hosting.killed["counter"]
+    assert "keeps serving" not in report["steps"][-1][0]
+
+
+def test_a_body_that_cannot_be_sent_fails_the_move_cleanly(monkeypatch) -> None:
+    """An encoding error in the transport (here a ValueError) is a failed move, with the
+    object started again from its checkpoint, not an exception out of the handler."""
+    async def broken(target: str, ctype: ControlType, body: dict, **kw: Any) -> dict:
+        raise ValueError("Out of range float values are not JSON compliant")
+
+    hosting = FakeHosting()
+    monkeypatch.setattr(migration_mod, "peer_call", broken)
+    report = asyncio.run(MigrationRole(FakeAgent(hosting)).cmd_migrate(
+        "counter", "10.14.0.1", mode="break-before-make"))
+    assert not report["ok"] and "cannot send MIGRATE" in report["error"]
+    assert hosting.log[-1][:2] == ("start", "counter") and "counter" in hosting.objects
