@@ -39,6 +39,7 @@ from packets import (
 from packets.codes import MIP_PORT
 
 from agent.core.config import ObjectConfig
+from agent.mobility.heard import HeardTable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ RETRANSMIT_TIMEOUT = 1.0
 #: How long to keep listening for more agents before the first registration.
 COLLECT_WINDOW = 0.05
 RETRIES = 3
+#: Agents an object remembers at most (the ones heard longest ago are forgotten first):
+#: advertisements are unauthenticated, so a flood of spoofed ones must take bounded memory.
+MAX_AGENTS = 64
 
 
 @dataclass
@@ -128,7 +132,8 @@ class RegistrationClient:
         self._announce = announce
         self.interval = advertise_interval
         self.clock = clock
-        self.agents: dict[str, AgentSeen] = {}
+        #: Agents heard, by address, each until its advertisement's lifetime runs out.
+        self.agents: HeardTable[AgentSeen] = HeardTable(MAX_AGENTS, clock)
         self.current: Registration | None = None
         self.at_home = False
         self.history: list[Attempt] = []
@@ -172,7 +177,7 @@ class RegistrationClient:
 
     def on_advertisement(self, adv: AgentAdvertisement, source: str, ifindex: int) -> None:
         previous = self.agents.get(source)
-        self.agents[source] = AgentSeen(source, adv, ifindex, self.clock())
+        self.agents.put(source, AgentSeen(source, adv, ifindex, self.clock()), adv.lifetime)
         if previous is not None and adv.sequence < previous.advertisement.sequence and adv.sequence < 256:
             # RFC 5944 §2.4.1: the agent rebooted and lost its state; register again.
             if self.current and self.current.agent == source:
@@ -227,8 +232,9 @@ class RegistrationClient:
                 attempt = await self.deregister(direct=True)
                 if attempt.code in _ACCEPTED:
                     self.at_home = True
-                    seen = self.agents[self.config.home_agent]
-                    self._announce(seen.ifindex, self.config.home_address)
+                    seen = self.agents.get(self.config.home_agent)
+                    if seen is not None:  # not forgotten while we deregistered
+                        self._announce(seen.ifindex, self.config.home_address)
             return
         self.at_home = False
         cur = self.current

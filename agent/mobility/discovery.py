@@ -17,6 +17,8 @@ from typing import Callable
 
 from packets import AgentAdvertisement, AgentSolicitation, MalformedMessage, decode_discovery
 
+from agent.mobility.ratelog import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 ALL_SYSTEMS = "224.0.0.1"
@@ -51,6 +53,7 @@ class DiscoverySocket:
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
         self.malformed = 0
+        self._refusals = RateLimitedLog(log, 10.0)
         loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def close(self) -> None:
@@ -102,7 +105,8 @@ class DiscoverySocket:
                 msg = decode_discovery(icmp)
             except MalformedMessage as exc:
                 self.malformed += 1
-                log.info("malformed discovery message from %s: %s", addr[0], exc)
+                self._refusals("malformed", logging.INFO,
+                               "malformed discovery message from %s: %s", addr[0], exc)
                 continue
             try:
                 self._handler(Heard(msg, addr[0], ifindex, ttl))

@@ -9,22 +9,58 @@ home agent advertises only on its home link.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
+import socket
 import time
 from typing import Any, Callable
 
 from packets import AdvFlags, AgentAdvertisement, AgentSolicitation
 
+from agent.core.config import Interface
 from agent.core.role import Periodic, Role
 from agent.mobility.arp import announce
 from agent.mobility.discovery import ALL_ROUTERS, ALL_SYSTEMS, DiscoverySocket, Heard
+from agent.mobility.heard import HeardTable
+from agent.mobility.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+#: Agents a router remembers at most (the ones heard longest ago are forgotten first).
+MAX_HEARD = 256
+#: Refused advertisements: one log line per reason per this many seconds at most.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+def link_of(interface: Interface) -> ipaddress.IPv4Network:
+    """The prefix of the link ``interface`` is on."""
+    return ipaddress.IPv4Network(f"{interface.address}/{interface.prefix}", strict=False)
+
+
+def advertisement_refusal(ttl: int, source: str,
+                          link: ipaddress.IPv4Network | None) -> str | None:
+    """Why an advertisement heard on the interface whose prefix is ``link`` (None: not one of
+    the agent's interfaces) must be dropped, or None to take it.
+
+    RFC 5944 §2.1: an agent sends its advertisements with TTL 1 to its own link, so one that
+    arrives with another TTL was forwarded or forged, and one whose source is not on the
+    link it came in on (inside that interface's prefix) is not from a neighbour agent."""
+    if ttl != 1:
+        return "ttl"
+    if link is None:
+        return "off-link"
+    try:
+        address = int.from_bytes(socket.inet_pton(socket.AF_INET, source), "big")
+    except (OSError, TypeError):
+        return "off-link"
+    return None if address & int(link.netmask) == int(link.network_address) else "off-link"
 
 #: Called with (advertisement, source address, interface index) for each one heard.
 AdvertisementListener = Callable[[AgentAdvertisement, str, int], None]
 
 
+@functools.lru_cache(maxsize=256)  # 8 bits of flags: bounded
 def flag_letters(flags: AdvFlags) -> str:
     """'RFGT' rather than an integer, as the RFC and Wireshark write them."""
     return "".join(f.name or "" for f in AdvFlags if f in flags)
@@ -38,10 +74,16 @@ class DiscoveryRole(Role):
     def __init__(self, agent: Any) -> None:
         super().__init__(agent)
         self.advertising = {i.name: i.advertise for i in self.config.interfaces}
+        #: Each interface's link prefix, for the on-link check of advertisements.
+        self.links = {i.name: link_of(i) for i in self.config.interfaces}
         #: Set by the ``advertising`` command: the agent falls silent (it left the link).
         self.paused = False
         self.sequence = 0
-        self.heard: dict[str, dict[str, Any]] = {}
+        #: Agents heard, by source address, each until its advertisement's lifetime ends.
+        self.heard: HeardTable[dict[str, Any]] = HeardTable(MAX_HEARD)
+        #: Advertisements dropped, by reason ("ttl", "off-link").
+        self.refused: dict[str, int] = {"ttl": 0, "off-link": 0}
+        self._refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
         #: Who wants each advertisement heard (the hosted objects' registration clients).
         self.listeners: list[AdvertisementListener] = []
         #: What this router advertises as, per interface (set by the object agent role):
@@ -99,12 +141,20 @@ class DiscoveryRole(Role):
                 self.advertise(ifname)  # RFC 5944 §2.4: answer at once
             return
         adv = heard.message
-        self.heard[heard.source] = {
-            "address": heard.source, "interface": self.agent.iface_by_index.get(heard.ifindex, "?"),
+        ifname = self.agent.iface_by_index.get(heard.ifindex)
+        reason = advertisement_refusal(heard.ttl, heard.source,
+                                       self.links.get(ifname) if ifname else None)
+        if reason is not None:
+            self.refused[reason] += 1
+            self._refusals(reason, logging.INFO, "advertisement from %s on %s dropped: %s "
+                           "(TTL %d)", heard.source, ifname or heard.ifindex, reason, heard.ttl)
+            return
+        self.heard.put(heard.source, {
+            "address": heard.source, "interface": ifname,
             "sequence": adv.sequence, "flags": flag_letters(adv.flags),
             "care_of_addresses": adv.care_of_addresses, "ttl": heard.ttl,
             "heard_at": time.time(),
-        }
+        }, adv.lifetime)
         for listener in list(self.listeners):
             listener(adv, heard.source, heard.ifindex)
 
@@ -125,9 +175,13 @@ class DiscoveryRole(Role):
             except OSError as exc:
                 log.warning("gratuitous ARP for %s on %s failed: %s", address, ifname, exc)
 
+    def status(self) -> dict[str, Any]:
+        return {"agents_heard": len(self.heard), "advertisements_refused": dict(self.refused)}
+
     # --- control commands ----------------------------------------------------------------
 
     def cmd_agents(self) -> list[dict]:
+        self.heard.prune()
         now = time.time()
         return [dict(h, age=round(now - h["heard_at"], 3)) for h in self.heard.values()]
 

@@ -59,3 +59,31 @@ def test_object_detects_movement_when_its_agent_goes_silent(net: MoatNetwork) ->
     finally:
         net.agent("r18a").call("advertising", enabled=True)
         net.agent("r18b").call("object_stop", name="counter", deregister=True)
+
+
+SPOOF = """
+from scapy.all import Ether, IP, Raw, sendp
+from packets import AdvFlags, AgentAdvertisement
+for n, (src, ttl) in enumerate([("10.12.0.77", 2), ("10.99.0.1", 1), ("10.12.0.78", 1)]):
+    adv = AgentAdvertisement(1 + n, 120, AdvFlags.F | AdvFlags.G, [src], [(src, 0)], 9000)
+    sendp(Ether(dst="01:00:5e:00:00:01") / IP(src=src, dst="224.0.0.1", ttl=ttl, proto=1)
+          / Raw(adv.encode()), iface="co12-eth0", verbose=False)
+"""
+
+
+def test_advertisements_need_ttl_1_and_an_on_link_source(net: MoatNetwork) -> None:
+    """Issue 12: a forwarded (TTL 2) or off-link advertisement is dropped and counted; an
+    on-link one with TTL 1 from the same host is heard (so the check is what drops them)."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    before = net.agent("r18b").call("status")["advertisements_refused"]
+    out = net.net["co12"].cmd(f"cd {repo} && {sys.executable} -c '{SPOOF}' 2>&1")
+    heard = net.wait_for(lambda: [a for a in net.agent("r18b").call("agents")
+                                  if a["address"] == "10.12.0.78"], timeout=5)
+    assert heard, out
+    addresses = {a["address"] for a in net.agent("r18b").call("agents")}
+    assert not addresses & {"10.12.0.77", "10.99.0.1"}
+    after = net.agent("r18b").call("status")["advertisements_refused"]
+    assert after["ttl"] == before["ttl"] + 1 and after["off-link"] == before["off-link"] + 1
