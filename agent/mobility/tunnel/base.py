@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -155,32 +156,64 @@ def read_sysctl(path: str) -> str | None:
 class RpFilter:
     """Decapsulated packets come in on the tunnel device with sources routed elsewhere.
 
-    Reverse-path filtering must be off on the tunnel device; the kernel uses the larger of
-    ``all`` and the device's value, so a strict (1) ``all`` is lowered to loose (2) while the
-    tunnel runs, and restored on close.
+    Reverse-path filtering must be off on the tunnel device, and only there. The kernel uses
+    the larger of ``all`` and the device's value, so while ``all`` is above 0 no device can
+    be off. :meth:`relax_all` therefore moves ``all``'s value down onto every other interface
+    (and ``default``, for interfaces made later), each keeping max(its own, ``all``) — what
+    the kernel applied to it anyway — and then sets ``all`` to 0: the filtering of every
+    other interface is unchanged and the tunnel device alone is off. :meth:`restore` puts
+    back every value it changed.
     """
 
-    ALL = "/proc/sys/net/ipv4/conf/all/rp_filter"
+    CONF = "/proc/sys/net/ipv4/conf"
 
-    def __init__(self) -> None:
-        self._saved: str | None = None
+    def __init__(self, conf: str = CONF) -> None:
+        self.conf = conf
+        #: Path -> value before relax_all changed it.
+        self._saved: dict[str, str] = {}
+        #: Tunnel devices that stay off (see relax_device).
+        self._exempt: set[str] = set()
 
     @staticmethod
-    def device(ifname: str) -> None:
-        write_sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter", "0")
+    def device(ifname: str, conf: str = CONF) -> None:
+        """Turn reverse-path filtering off on the tunnel device ``ifname``."""
+        write_sysctl(f"{conf}/{ifname}/rp_filter", "0")
         # A tunnel carries IPv4 only; no IPv6 link-local chatter into it.
         write_sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
 
+    def relax_device(self, ifname: str) -> None:
+        """:meth:`device`, and keep ``ifname`` off when :meth:`relax_all` runs later."""
+        self._exempt.add(ifname)
+        self.device(ifname, self.conf)
+
     def relax_all(self) -> None:
-        if read_sysctl(self.ALL) == "1" and write_sysctl(self.ALL, "2"):
-            self._saved = "1"
-            log.warning("net.ipv4.conf.all.rp_filter was strict (1): loose (2) while the tunnel runs, "
-                        "so decapsulated packets are not dropped")
+        """Let the tunnel devices be off without relaxing any other interface (see above)."""
+        all_path = f"{self.conf}/all/rp_filter"
+        value = read_sysctl(all_path)
+        if value not in ("1", "2"):
+            return  # 0 (or unreadable): each interface's own value applies already
+        try:
+            names = sorted(os.listdir(self.conf))
+        except OSError as exc:
+            log.warning("cannot list %s: %s; rp_filter left as it is", self.conf, exc)
+            return
+        for name in names:
+            if name == "all" or name in self._exempt:
+                continue
+            path = f"{self.conf}/{name}/rp_filter"
+            own = read_sysctl(path)
+            if own is not None and own.isdigit() and int(own) < int(value) \
+                    and write_sysctl(path, value):
+                self._saved[path] = own
+        if write_sysctl(all_path, "0"):
+            self._saved[all_path] = value
+            log.info("net.ipv4.conf.all.rp_filter %s moved onto each interface, so that only "
+                     "the tunnel devices are off", value)
 
     def restore(self) -> None:
-        if self._saved is not None:
-            write_sysctl(self.ALL, self._saved)
-            self._saved = None
+        for path, value in self._saved.items():
+            write_sysctl(path, value)
+        self._saved.clear()
 
 
 class LogLimiter:

@@ -79,7 +79,7 @@ class UserspaceTunnel(Tunnel):
         """Make the TUN device and the raw socket; the device comes up via the netlink queue."""
         fd = self._open_tun()
         try:
-            self._rp.device(self.name)
+            self._rp.relax_device(self.name)
             self._rp.relax_all()
             sock = self._open_socket()
         except BaseException:
