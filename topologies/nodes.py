@@ -222,8 +222,15 @@ class ManagedDaemonMixin:
             super().terminate()  # type: ignore[misc]
 
 
+#: Reverse-path filtering on a router (net.ipv4.conf.<name>.rp_filter; the kernel applies
+#: max(all, <interface>)): ``all`` 0 so each interface's own value counts, loose (2) on every
+#: interface and for interfaces made later (``default``), off on ``lo``. The agent turns it off
+#: on its tunnel devices only (agent/mobility/tunnel/base.py RpFilter).
+RP_FILTER_ALL, RP_FILTER_INTERFACE, RP_FILTER_LO = 0, 2, 0
+
+
 class MoatRouter(ManagedDaemonMixin, Node):
-    """A router: forwarding on, rp_filter off, computed static routes, optional daemon.
+    """A router: forwarding on, loose rp_filter, computed static routes, optional daemon.
 
     Node params (besides Mininet's ``ip``/``mac``): ``routes`` — list of ``(prefix, via)``;
     ``daemon_argv``, ``daemon_log``, ``daemon_env``, ``daemon_cwd`` — see
@@ -243,13 +250,16 @@ class MoatRouter(ManagedDaemonMixin, Node):
     ) -> dict[str, Any]:
         """Configure addresses (Mininet), then forwarding, filtering, routes and daemon.
 
-        rp_filter is turned off on ``all``, ``default`` and every interface because mobile
-        objects make routing asymmetric on purpose: a foreign router forwards replies
-        whose source is a *home* address (triangular routing), and tunnel endpoints hand
-        decapsulated packets to the stack from interfaces the reverse route does not point
-        at; strict or loose filtering would drop both. ``default`` also covers the TUN and
-        GRE devices the agents create later. ICMP redirects are off by default so that
-        traffic keeps the paths the topology computed (and the captures show them).
+        rp_filter is loose (2) on every interface and on ``default`` (interfaces made later),
+        ``all`` is 0 so that the per-interface values count, and ``lo`` is 0. Strict (1)
+        cannot be used on a router's LAN or backbone interfaces: mobile objects make routing
+        asymmetric on purpose (a foreign router forwards replies whose source is a *home*
+        address, triangular routing, so they arrive on interfaces the reverse route does
+        not point at). Loose still drops a packet whose source no route reaches (routers
+        have no default route), such as a spoofed outside address on a backbone link. The
+        agent turns filtering off on its tunnel devices alone, where decapsulated packets
+        come in. ICMP redirects are off by default so that traffic keeps the paths the
+        topology computed (and the captures show them).
 
         accept_local is on for the same reason: while an object moves, its home address is
         on this router (the new place) and a reply the old place sent from it a moment
@@ -260,8 +270,10 @@ class MoatRouter(ManagedDaemonMixin, Node):
         _sysctl(self, "net.ipv4.ip_forward", 1)
         names = ["all", "default"] + [i.name for i in self.intfList() if i.name != "lo"]
         for name in names:
-            _sysctl(self, f"net.ipv4.conf.{name}.rp_filter", 0)
+            _sysctl(self, f"net.ipv4.conf.{name}.rp_filter", RP_FILTER_INTERFACE)
             _sysctl(self, f"net.ipv4.conf.{name}.accept_local", 1)
+        _sysctl(self, "net.ipv4.conf.all.rp_filter", RP_FILTER_ALL)
+        _sysctl(self, "net.ipv4.conf.lo.rp_filter", RP_FILTER_LO)
         if not send_redirects:
             for name in names:
                 _sysctl(self, f"net.ipv4.conf.{name}.send_redirects", 0)

@@ -74,8 +74,13 @@ def test_patent_net_router_configuration() -> None:
             node = net[name]
             assert isinstance(node, MoatRouter)
             assert node.cmd("cat /proc/sys/net/ipv4/ip_forward").strip() == "1"
-            for key in ("all", "default", f"{name}-eth0"):
-                assert node.cmd(f"cat /proc/sys/net/ipv4/conf/{key}/rp_filter").strip() == "0"
+            # Loose on every interface and for later ones, all 0 (so each interface's own
+            # value counts: the kernel applies max(all, <if>)), off on lo.
+            rp = {key: node.cmd(f"cat /proc/sys/net/ipv4/conf/{key}/rp_filter").strip()
+                  for key in ["all", "default", "lo"] + [i.name for i in node.intfList()
+                                                        if i.name != "lo"]}
+            assert rp.pop("all") == "0" and rp.pop("lo") == "0", (name, rp)
+            assert set(rp.values()) == {"2"}, (name, rp)
             table = node.cmd("ip -4 route show").splitlines()
             for route in topo.routes(name):
                 assert any(
@@ -210,3 +215,41 @@ def test_build_refuses_leftover_interfaces() -> None:
             build_net(PatentTopo())
         assert net.pingAll(timeout=2) == 0  # the running net was not disturbed
     assert root_namespace_conflicts(topo) == []
+
+
+SPOOF = ("import socket, sys; from scapy.all import IP, ICMP; "
+         "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW); "
+         "s.sendto(bytes(IP(src=sys.argv[1], dst=sys.argv[2]) / ICMP()), (sys.argv[2], 0))")
+
+
+def rp_filter_drops(node) -> int:
+    """The node's count of packets dropped by reverse-path filtering (IPReversePathFilter)."""
+    lines = [line.split() for line in node.cmd("cat /proc/net/netstat").splitlines()]
+    for names, values in zip(lines, lines[1:]):
+        if names and names[0] == "TcpExt:" and values[0] == "TcpExt:" \
+                and "IPReversePathFilter" in names:
+            return int(values[names.index("IPReversePathFilter")])
+    raise AssertionError("no IPReversePathFilter counter")
+
+
+def test_a_spoofed_source_on_a_backbone_link_is_dropped_by_rp_filter() -> None:
+    """Issue 12: r22a sends r18a (over their backbone link) one echo request from an address
+    no route reaches, and one from its own backbone address: the first is dropped by r18a's
+    reverse-path filter, the second is not."""
+    import sys
+
+    topo = PatentTopo()
+    repo = Path(__file__).resolve().parents[2]
+    with running_net(topo) as net:
+        sender, target = net["r22a"], net["r18a"]
+        # r22a's address on the link: r18a's next hop towards the home network
+        own = next(r.via for r in topo.routes("r18a") if r.prefix.startswith("10.16."))
+        send = f"cd {repo} && {sys.executable} -c '{SPOOF}'"
+        before = rp_filter_drops(target)
+        for n, source in enumerate(["198.51.100.9", own, "198.51.100.9"]):
+            out = sender.cmd(f"{send} {source} 10.12.0.1 2>&1")
+            assert not out.strip(), out
+            if source != own:  # packets on one link arrive in order: the count is exact
+                wait_until(lambda: rp_filter_drops(target) >= before + 1 + n // 2, 5,
+                           what="r18a's rp_filter to drop the spoofed packet")
+        assert rp_filter_drops(target) == before + 2  # the packet from r22a's own address passed
