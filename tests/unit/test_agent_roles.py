@@ -383,3 +383,28 @@ def test_a_housekeeping_tick_with_nothing_expired_does_no_data_plane_work() -> N
     expired["foreign"] = [SimpleNamespace(home_address="10.14.0.100")]
     role.housekeeping()
     assert synced == ["home", "foreign"]
+
+
+def test_a_reconciliation_left_undone_is_retried_on_the_next_tick() -> None:
+    role, _ = object_agent(["foreign"])
+    role.foreign = SimpleNamespace(visitors=SimpleNamespace(expire=lambda: []),
+                                   expire_pending=lambda timeout: [])
+    results = [False, True]
+    calls: list[int] = []
+
+    class Plane:
+        async def sync_foreign(self, foreign: Any) -> bool:
+            calls.append(1)
+            return results.pop(0)
+
+    role.dataplane = Plane()  # type: ignore[assignment]
+
+    async def main() -> None:
+        role.agent.loop = asyncio.get_running_loop()
+        await role.sync_foreign()  # after a reply: something could not be set up
+        for _ in range(3):
+            role.housekeeping()
+            await asyncio.gather(*role._tasks)
+
+    asyncio.run(main())
+    assert len(calls) == 2  # one retry, then nothing more to do
