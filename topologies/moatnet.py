@@ -52,7 +52,7 @@ from topologies.client import RunClient, write_co_keys, write_objects
 from topologies.errors import TopologyError
 from topologies.net import build_net, root_namespace_names
 from topologies.netfilter import open_bridges
-from topologies.run import ENV_RUN_ID, Run, clean_run, stop_child
+from topologies.run import ENV_RUN_ID, Run, clean_run, private_umask, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,9 @@ class MoatNetwork:
         from the topology's remote site, storage is private to the router."""
         if self.site is None:
             return None
-        storage = self.run.dir / "vm" / router
+        # In the run's sandbox directory: the VM's objects must reach their code and working
+        # directories, and the run directory is root's alone (topologies.run).
+        storage = self.run.sandbox_dir / "vm" / router
         return {
             "authorized_keys": [str(self.provider_public_key)],
             "storage": str(storage),
@@ -363,11 +365,12 @@ class MoatNetwork:
         self.run.state.bridges = list(self.topo.switches())
         self.run.state.root_links = [n for n in root_namespace_names(self.topo)
                                      if n not in self.run.state.bridges]
-        self._prepare_site()
-        self._prepare_dns()
-        self._prepare_nodes()
-        write_objects(self.run, self._object_configs())
-        write_co_keys(self.run, self.keyring.co_keys)
+        with private_umask():  # keys, public ones too, and configurations: root's alone
+            self._prepare_site()
+            self._prepare_dns()
+            self._prepare_nodes()
+            write_objects(self.run, self._object_configs())
+            write_co_keys(self.run, self.keyring.co_keys)
         self.run.state.params.update(site=self.site, dns=self.dns, hoa=self.hoa,
                                      addresses=self._node_addresses(), broker=self.broker,
                                      broker_address=self.broker_address(),
@@ -505,13 +508,19 @@ class MoatNetwork:
         """Capture on ``interface`` (of ``node``, or a bridge in the root namespace) into
         ``captures/<name>.pcap`` while the block runs."""
         path = self.run.dir / "captures" / f"{name}.pcap"
-        argv = ["tcpdump", "-i", interface, "--immediate-mode", "-U", "-w", str(path), "-s", "0"]
+        # Root-only from creation: Debian's tcpdump would switch to its own user before it
+        # creates the file (owned by tcpdump, 0644); ``-Z root`` keeps root, umask 077 makes
+        # the file 0600 as it is created.
+        argv = ["tcpdump", "-Z", "root", "-i", interface, "--immediate-mode", "-U", "-w", str(path),
+                "-s", "0"]
         if bpf:
             argv.append(bpf)
         if node is not None:
-            proc = self.net[node].popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = self.net[node].popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        umask=0o077)
         else:
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    umask=0o077)
         try:
             wait_for_marker(proc, proc.stderr, b"listening on")
             yield path

@@ -9,27 +9,43 @@ that made them was killed with SIGKILL, and never touches anything by a broad na
 
 Layout::
 
-    $MOAT_RUN_ROOT (default /tmp/moat)/<run-id>/
-        run.json          what was created (pids, interfaces, sockets)
-        <node>.json       an agent's configuration
-        <node>.sock       an agent's control socket
-        <node>.log        an agent's log
-        captures/         pcaps
+    $MOAT_RUN_ROOT (default /tmp/moat, root's, 0755)/
+        <run-id>/             0700 root: everything the run writes, secrets included
+            run.json          what was created (pids, interfaces, sockets)
+            <node>.json       an agent's configuration
+            <node>.sock       an agent's control socket
+            <node>.log        an agent's log
+            captures/         pcaps (0700; files 0600, written by root)
+            objects -> ../sandbox/<run-id>/objects
+            vm      -> ../sandbox/<run-id>/vm
+        sandbox/<run-id>/     0755 root: only what sandboxed objects must reach (their
+                              working directories, the VMs' installed code); no secret
+
+The run directory is root-only from its creation (``os.mkdir(path, 0o700)``: the mode is
+given to the system call, never widened by a umask and never set by a ``chmod`` after), so
+no other user, a sandboxed object included, can enter it, and every file MOAT writes in it
+is made 0600 from creation as well (:func:`write_private_file`, :func:`private_umask`).
+Objects run as other users and must reach their working directories and code, so those
+live beside it, in the run's sandbox directory; the two links keep the agents' paths
+(``<run>/objects``, ``<run>/vm/<router>``) working for root, while an object is only ever
+given the resolved path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from agent.core.wait import WaitTimeout, wait_until
 from topologies.netfilter import remove_run_rules
@@ -40,10 +56,92 @@ ENV_RUN_ID = "MOAT_RUN_ID"
 ENV_RUN_ROOT = "MOAT_RUN_ROOT"
 DEFAULT_RUN_ROOT = "/tmp/moat"
 STATE_FILE = "run.json"
+#: ``<run root>/sandbox/<run-id>``: what the run's sandboxed objects may reach (no secret).
+SANDBOX_DIR = "sandbox"
+#: Links in the run directory to the run's sandbox directory (see the module docstring).
+SANDBOX_LINKS = ("objects", "vm")
+#: A private file or directory of a run: read and written by its owner (root) only.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+class RunDirError(OSError):
+    """A run directory (or the run root above it) that is not safe to keep secrets in."""
 
 
 def run_root() -> Path:
     return Path(os.environ.get(ENV_RUN_ROOT, DEFAULT_RUN_ROOT))
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Run the block with umask 077: files and directories it creates (through code that
+    does not give a mode, e.g. ``Path.write_text``, ``mkdir()``, a key generator) are owner-
+    only from creation. The umask is per process, so keep the block short and free of
+    threads that must create shared files."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def write_private_file(path: Path, data: str | bytes, mode: int = PRIVATE_FILE_MODE,
+                       group: int | None = None) -> Path:
+    """Write ``path`` atomically with ``mode`` from creation: a new temporary file beside it
+    is made with ``mode`` by ``open(O_CREAT | O_EXCL | O_NOFOLLOW)`` (optionally given to
+    ``group`` before anything is written), filled, flushed and renamed over ``path``. No
+    reader ever sees it with wider permissions or half written; nothing is chmod-ed after."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if group is not None:
+            os.fchown(fd, -1, group)
+        if os.fstat(fd).st_mode & 0o777 != mode:
+            os.fchmod(fd, mode)  # a umask took bits away; never adds more than ``mode``
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as fh:
+            fd = -1
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_private_dir(path: Path) -> Path:
+    """``os.mkdir(path, 0o700)``: owner-only from creation (a umask can only take bits away
+    from 0700). An existing directory must be a real one (not a link), ours, and private."""
+    path = Path(path)
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise RunDirError(f"{path} exists and is not a private directory of uid "
+                              f"{os.geteuid()} (mode {oct(stat.S_IMODE(st.st_mode))})") from None
+    return path
+
+
+def ensure_run_root(base: Path) -> Path:
+    """The run root (``/tmp/moat``): made 0755 if missing; an existing one must be a real
+    directory of ours that nobody else can write (else another user could swap a run's
+    directory or its sandbox directory for a link of their own)."""
+    base = Path(base)
+    try:
+        os.mkdir(base, 0o755)
+    except FileExistsError:
+        pass
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise RunDirError(f"run root {base} must be a directory owned by uid {os.geteuid()} "
+                          f"and writable by it only (mode {oct(stat.S_IMODE(st.st_mode))})")
+    return base
 
 
 def new_run_id() -> str:
@@ -75,7 +173,13 @@ class Run:
 
     def __init__(self, run_id: str | None = None, root: Path | None = None) -> None:
         self.run_id = run_id or new_run_id()
-        self.dir = (root or run_root()) / self.run_id
+        if not self.run_id or "/" in self.run_id or self.run_id.startswith(".") \
+                or self.run_id == SANDBOX_DIR:
+            raise ValueError(f"bad run id {self.run_id!r}")
+        self.root = root or run_root()
+        self.dir = self.root / self.run_id
+        #: What the run's sandboxed objects may reach (see the module docstring).
+        self.sandbox_dir = self.root / SANDBOX_DIR / self.run_id
         self.state = RunState(self.run_id)
 
     @classmethod
@@ -86,16 +190,22 @@ class Run:
         return run
 
     def create(self) -> "Run":
-        self.dir.mkdir(parents=True, exist_ok=False)
-        (self.dir / "captures").mkdir()
+        """Make the run directory root-only (0700) from its creation, its ``captures``
+        (0700), its sandbox directory (0755, for the objects) and the links to it."""
+        ensure_run_root(self.root)
+        os.mkdir(self.dir, PRIVATE_DIR_MODE)  # FileExistsError: never reuse a directory
+        make_private_dir(self.dir / "captures")
+        ensure_run_root(self.root / SANDBOX_DIR)
+        os.mkdir(self.sandbox_dir, 0o755)
+        for name in SANDBOX_LINKS:
+            os.mkdir(self.sandbox_dir / name, 0o755)
+            os.symlink(self.sandbox_dir / name, self.dir / name)
         self.state.owner_pid = os.getpid()
         self.save()
         return self
 
     def save(self) -> None:
-        tmp = self.dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self.state), indent=2))
-        tmp.replace(self.dir / STATE_FILE)
+        write_private_file(self.dir / STATE_FILE, json.dumps(asdict(self.state), indent=2))
 
     def write_private(self, stem: str, text: str) -> Path:
         """A new file ``<stem>-<random>.json`` in the run directory that only root can read
@@ -104,7 +214,7 @@ class Run:
         if not stem.isidentifier():
             raise ValueError(f"bad file stem {stem!r}")
         path = self.dir / f"{stem}-{secrets.token_hex(6)}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         return path
@@ -119,6 +229,8 @@ def list_runs(root: Path | None = None) -> list[Run]:
     runs = []
     if base.is_dir():
         for d in base.iterdir():
+            if d.name == SANDBOX_DIR:
+                continue
             try:
                 runs.append(Run.load(d.name, base))
             except (OSError, ValueError, TypeError):
@@ -270,6 +382,10 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
     if run_dir.exists() and not keep_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(f"dir {run_dir}")
+    sandbox = base / SANDBOX_DIR / run_id
+    if run_id != SANDBOX_DIR and "/" not in run_id and sandbox.exists() and not keep_dir:
+        shutil.rmtree(sandbox, ignore_errors=True)
+        removed.append(f"dir {sandbox}")
     for line in removed:
         log.info("clean %s: removed %s", run_id, line)
     return removed
@@ -281,5 +397,8 @@ def clean_all(root: Path | None = None) -> dict[str, list[str]]:
     base = root or run_root()
     ids = set(_run_ids_by_pid().values()) | set(_run_ids_by_cmdline().values())
     if base.is_dir():
-        ids |= {d.name for d in base.iterdir() if d.is_dir()}
+        ids |= {d.name for d in base.iterdir() if d.is_dir() and d.name != SANDBOX_DIR}
+    if (base / SANDBOX_DIR).is_dir():
+        ids |= {d.name for d in (base / SANDBOX_DIR).iterdir() if d.is_dir()}
+    ids.discard(SANDBOX_DIR)
     return {rid: clean_run(rid, base) for rid in sorted(ids)}
