@@ -9,12 +9,12 @@ negotiator that dies half-way holds nothing for long.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from agent.broker import wire
+from agent.core import fields
 from agent.broker.errors import BadRequest
 
 Clock = Callable[[], float]
@@ -142,13 +142,12 @@ class Offer:
         if not isinstance(visiting, list) or len(visiting) > 1024:
             raise BadRequest("offer.visiting must be a list of at most 1024 addresses")
         for address in visiting:
-            try:
-                ipaddress.ip_address(address)
-            except (ValueError, TypeError):
-                raise BadRequest(f"offer.visiting: {address!r} is not an address") from None
+            wire.field(fields.address, address, "offer.visiting[]")
+        # Where this router's reserve and start go next, and the network it serves: a
+        # unicast IPv4 address and an IPv4 prefix (agent.core.fields), nothing else.
         return cls(router=wire.name(doc, "router", what),
-                   address=wire.text(doc, "address", what, max_len=64),
-                   network=wire.text(doc, "network", what, max_len=64),
+                   address=wire.address(doc, "address", what),
+                   network=wire.field(fields.prefix, doc.get("network"), "offer.network"),
                    free=Room(wire.number(doc, "free_cpu", what, ge=0, le=1024),
                              int(wire.integer(doc, "free_memory_mb", what, lo=0, hi=1 << 30))),
                    objects=tuple(wire.names(doc, "objects", what, default=())),

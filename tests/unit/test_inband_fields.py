@@ -303,6 +303,19 @@ def test_a_release_with_a_bad_instance_id_is_refused_and_removes_nothing(iid: An
     assert dist.release(role, "r20a/cnt-d1@e1")["released"] is True
 
 
+@pytest.mark.parametrize("change", [
+    {"address": "10.14.0.1\n"}, {"address": "::1"}, {"address": "224.0.0.2"},
+    {"network": "10.14.0.1/24"}, {"network": "net14"}, {"visiting": ["10.16.0.100", "x"]},
+])
+def test_an_offer_with_a_bad_address_is_refused(change: dict) -> None:
+    """VM_OFFER: its address is where the reservation and the start go next."""
+    from agent.distribution.capacity import Offer
+
+    assert Offer.from_dict(dict(dist.GOOD_OFFER, visiting=["10.16.0.100"])).address == "10.14.0.1"
+    with pytest.raises(BadRequest):
+        Offer.from_dict({**dist.GOOD_OFFER, **change})
+
+
 # --- the broker's messages ----------------------------------------------------------------------
 
 
