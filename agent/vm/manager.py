@@ -276,12 +276,14 @@ class VmManager:
         """A PROVISION's lifecycle ``policy``: only the lifecycle policy's fields, each
         valid by :class:`agent.vm.manifest.LifecyclePolicy`'s rules."""
         from agent.vm.errors import ManifestError
-        from agent.vm.manifest import LifecyclePolicy
+        from agent.vm.manifest import FORMAT, LifecyclePolicy
 
-        doc = dict(fields.mapping(doc, "policy", max_items=8))
+        doc = dict(fields.mapping(doc, "policy", max_items=8))  # the five fields and format
         known = {"max_transactions", "max_duration_s", "update_check_interval_s", "shareable",
                  "extensible"}
         for key, value in doc.items():
+            if key == "format" and value == FORMAT:
+                continue  # a policy as the manifest writes it (a VM moving on, a duplicate)
             if key not in known:
                 raise fields.FieldError("policy", key, f"is not one of {sorted(known)}")
             if value is None and key not in ("shareable", "extensible"):

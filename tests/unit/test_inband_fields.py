@@ -173,6 +173,7 @@ BAD_PROVISIONS: list[tuple[dict[str, Any], str]] = [
     ({"policy": {"extensible": "no"}}, "message"),
     ({"policy": {"evil": 1}}, "message"),
     ({"policy": "x"}, "message"),
+    ({"policy": {"format": 2}}, "message"),
     ({"credentials": "abc"}, "message"),
     ({"credentials": [1]}, "message"),
     ({"objects": ["../x"]}, "message"),
@@ -197,6 +198,17 @@ def test_a_good_provision_with_every_checked_field_is_taken(env: Env) -> None:
                        mobile={"counter": object_config()}, running_since=env.clock.now - 5)
     assert vm["address"] == "10.0.2.77" and vm["port"] == 4342 and vm["cpu"] == 0.5
     assert env.addresses == [("add", "10.0.2.77", 32, "eth1")]
+
+
+def test_the_body_a_vm_sends_on_passes_the_checks(env: Env) -> None:
+    """What a migration or a duplicate sends (VirtualMachine.provision_body: the policy as
+    the manifest writes it, running_since, credentials, ...) is taken by the target."""
+    env.provision(mobile={"counter": object_config()}, policy={"max_transactions": 5})
+    body = dict(env.manager.vms["v1"].provision_body(), vm="v2", objects=["counter"],
+                mobile={"counter": object_config(name="cam2", home_address="10.0.1.11")},
+                part="duplicate")
+    assert "format" in body["policy"]
+    assert asyncio.run(env.manager.provision(body))["name"] == "v2"
 
 
 @pytest.mark.parametrize("change, step", BAD_PROVISIONS,
