@@ -147,7 +147,8 @@ class ObjectProcess:
             self._release()
             raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None
         log.info("object %s (%s) runs as uid %d in %s", self.name, self.label, ident.uid, workdir)
-        pythonpath = f"{self.code_dir}:{REPO}" if self.code_dir else str(REPO)
+        # Resolved: the object's view of the filesystem holds no symlink it was not shown.
+        pythonpath = f"{Path(self.code_dir).resolve()}:{REPO}" if self.code_dir else str(REPO)
         parent, child = socket.socketpair()
         spec = SandboxSpec(workdir, ident.uid, ident.gid, self._effective_limits(),
                            env=minimal_env(workdir, PYTHONPATH=pythonpath), pass_fds=(child.fileno(),))

@@ -178,9 +178,12 @@ def private_space(workdir: str, size: int, inodes: int, uid: int, gid: int,
     onto ``workdir`` (owned by uid:gid, 0700) and whose ``tmp`` is bound onto /tmp (1777).
     Paths in ``expose`` that lie under /tmp stay readable at their own paths (read-only)."""
     keep = []
-    for path in expose:
-        if _under(path, PRIVATE_TMP) and os.path.exists(path):
-            keep.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
+    for given in expose:
+        # At the path as given and as resolved (a symlink on the way need not exist in the
+        # new /tmp, and one from elsewhere may lead under it).
+        for path in dict.fromkeys((os.path.normpath(given), os.path.realpath(given))):
+            if _under(path, PRIVATE_TMP) and path != PRIVATE_TMP and os.path.exists(path):
+                keep.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
     # Mounted on the working directory's (empty, root-made) directory for as long as it
     # takes to make its two parts and hold them by fd; then both are bound where they belong.
     mount("tmpfs", workdir, MS_NOSUID | MS_NODEV, "tmpfs",
@@ -314,7 +317,7 @@ def launch(spec: dict, status_fd: int) -> None:
             os.umask(0o022)
             private_space(os.path.realpath(spec["cwd"]), int(spec["disk_bytes"]),
                           int(spec["disk_inodes"]), spec["uid"], spec["gid"],
-                          [os.path.realpath(p) for p in spec.get("expose", [])])
+                          [os.path.abspath(p) for p in spec.get("expose", [])])
         stage = "rlimits"
         for name, (soft, hard) in spec.get("rlimits", {}).items():
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))

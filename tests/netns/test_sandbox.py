@@ -691,3 +691,34 @@ def test_object_processes_get_their_own_uid_and_leave_no_directory(manager, run_
         assert (objects / f"{info['sandbox']}.log").is_file()
     assert sorted(p.name for p in objects.iterdir()) == sorted(f"{i['sandbox']}.log" for i in infos)
     assert not (run_dir / "evil").exists() and not (run_dir.parent / "counter").exists()
+
+
+def test_code_under_the_routers_tmp_stays_readable_and_read_only(manager, user, run_dir) -> None:
+    """The private /tmp covers the router's: code on PYTHONPATH under it (a VM's installed
+    service, reached through a link as a run's ``vm`` link) is bound back, read-only, at the
+    path given and the resolved one, even below a directory the object could not enter."""
+    hidden = run_dir / "private"
+    hidden.mkdir(mode=0o700)
+    code = hidden / "installed" / "svc"
+    code.mkdir(parents=True)
+    (code / "probe_module.py").write_text("WHERE = __file__\n")
+    (code / "probe_module.py").chmod(0o666)  # so only the read-only mount refuses a write
+    (run_dir / "vm").symlink_to(hidden / "installed")
+    given = run_dir / "vm" / "svc"
+    spec = spec_for(run_dir, user, "code")
+    spec.env = minimal_env(spec.workdir, PYTHONPATH=str(given))
+    check = ("import json, sys, probe_module\n"
+             "try:\n    open(probe_module.WHERE, 'a').close(); err = 0\n"
+             "except OSError as e:\n    err = e.errno\n"
+             "print(json.dumps({'where': probe_module.WHERE, 'write': err}))\n")
+
+    async def main() -> dict:
+        async with ObjectSandbox("code", spec, manager) as sb:
+            proc = await sb.start([sys.executable, "-S", "-c", check],  # not -I: PYTHONPATH
+                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert await sb.wait() == 0, err
+            return json.loads(out)
+
+    res = asyncio.run(main())
+    assert res == {"where": str(given / "probe_module.py"), "write": errno.EROFS}
