@@ -107,11 +107,26 @@ def run_class(ctx: Context, name: str, fn: Callable[[Context], Result], target: 
     changes = state.diff(before, after, keys)
     pings = state.alive(ctx.client)
     detail["changes"] = changes
+    if changes:
+        detail["victim_client"] = _client_status(ctx)
     if not all(pings.values()):
         detail["not_answering"] = sorted(r for r, ok in pings.items() if not ok)
     alive = all(pings.values()) and detail.pop("legit_ok", True)
     return Row(cls, target, sent, observed, refused, not changes, alive, rss_before,
                state.agent_rss(ctx.client, target), detail)
+
+
+def _client_status(ctx: Context) -> dict[str, Any]:
+    """The victim's registration client as its router reports it: where it is registered,
+    the agents it heard, its last attempts (what a state change came through)."""
+    try:
+        for o in ctx.client.call(ctx.hosting, "objects"):
+            if isinstance(o, dict) and o.get("name") == ctx.victim:
+                return {"registration": o.get("registration"), "agents": len(o.get("agents") or []),
+                        "attempts": (o.get("attempts") or [])[-6:], "bad_replies": o.get("bad_replies")}
+    except (AgentError, OSError) as exc:
+        return {"error": str(exc)}
+    return {}
 
 
 def _codes(answers: list[dict[str, Any]]) -> list[int]:
@@ -393,6 +408,7 @@ def flood_icmp_9(ctx: Context) -> Result:
     base = ".".join(ctx.attacker_address.split(".")[:3] + ["100"])
     off_base = "10.99.0.1"
     rss = {r: state.agent_rss(ctx.client, r) for r in (ctx.foa, ctx.hosting)}
+    attempts_before = {(a.get("agent"), a.get("at")) for a in _client_status(ctx).get("attempts") or []}
     out = ctx.attack("icmp", {"dst": "224.0.0.1", "src": base, "ttl": 1, "vary_source": True,
                               "sources": 150, "payloads": [wire.advertisement(base).hex()], "count": n,
                               "rate": 4000}, timeout=120)
@@ -403,16 +419,22 @@ def flood_icmp_9(ctx: Context) -> Result:
     heard = {r: [str(a.get("address")) for a in ctx.client.call(r, "agents")] for r in (ctx.foa, ctx.hosting)}
     off_heard = {r: sum(1 for a in hs if a.startswith("10.99.")) for r, hs in heard.items()}
     growth = {r: round(((state.agent_rss(ctx.client, r) or 0) - (rss[r] or 0)) / 1024, 1) for r in rss}
+    # The victim's client must not be talked into registering through a spoofed agent (nor
+    # lose the FOA it is registered with among thousands of new ones).
+    real = {ctx.addr(r) for r in ctx.client.routers()}
+    lured = [a for a in _client_status(ctx).get("attempts") or []
+             if (a.get("agent"), a.get("at")) not in attempts_before and a.get("agent") not in real]
     detail: dict[str, Any] = {"on_link": out, "off_link": off, "heard": {r: len(h) for r, h in heard.items()},
-                              "off_link_heard": off_heard, "rss_growth_mib": growth}
+                              "off_link_heard": off_heard, "rss_growth_mib": growth,
+                              "victim_attempts_via_spoofed_agents": lured}
     _after_flood(ctx, detail)
     # On-link sources are at most a /24's worth; an off-link one must never be recorded.
     refused = (not any(off_heard.values()) and all(len(h) <= 256 for h in heard.values())
-               and all(g < FLOOD_GROWTH_MIB for g in growth.values()))
+               and all(g < FLOOD_GROWTH_MIB for g in growth.values()) and not lured)
     return (f"{out.get('sent')} advertisements from 150 on-link sources + {off.get('sent')} from "
             "5,000 off-link ones (ICMP 9, TTL 1)",
             f"agents heard {detail['heard']} (off-link among them {off_heard}); agent memory "
-            f"+{growth} MiB", refused, detail)
+            f"+{growth} MiB; victim's registrations tried via spoofed agents: {len(lured)}", refused, detail)
 
 
 def flood_udp_4340(ctx: Context) -> Result:
