@@ -18,8 +18,9 @@ writable by root only all the way up, and reads ``authorized_keys`` as the user 
 path would do. The site therefore bind-mounts, in its own mount namespace only (Mininet
 gives each host one; made a slave of the machine's so nothing propagates out), the
 repository (read-only) on ``SFTP_ROOT/repo`` and the ``authorized_keys`` file (0640,
-group ``moat-site``) on ``SFTP_ROOT/authorized_keys`` (:data:`SFTP_ROOT`: ``/run/moat/site``). The rest of the
-site's directory (host key, configuration, log, pid file) stays 0600 in a 0700 directory.
+group ``moat-site``) on ``SFTP_ROOT/authorized_keys`` (:data:`SFTP_ROOT` is
+``/run/moat/site``). The rest of the site's directory (host key, configuration, log, pid
+file) stays 0600 in a 0700 directory.
 
 ``sshd -D -e`` runs through the :class:`topologies.nodes.ManagedDaemonMixin` hook inside the
 node's namespace, so it stops (SIGTERM, bounded wait, SIGKILL) and is reaped with the node.
