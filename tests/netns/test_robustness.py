@@ -55,3 +55,56 @@ def test_mutated_control_messages_to_every_agent(net: MoatNetwork) -> None:
         assert [o["name"] for o in net.agent(router).call("objects")] == hosted[router]
         assert net.agent(router).call("vm") == []
     assert net.agent("r18b").call("register", name="counter")["code"] == 0
+
+
+NAN_SPEC = "agent.objects.misbehaving:NaNCounter"
+
+
+def test_a_nan_state_fails_a_migration_cleanly_and_the_object_serves_on(net: MoatNetwork) -> None:
+    """Issue 12: an object whose state holds a NaN cannot be checkpointed. Each mode of move
+    is refused before anything stops (the checkpoint is taken and checked first); the object
+    keeps serving at its source with its state, and the target runs nothing."""
+    where = net.where("counter")
+    if where is not None:
+        net.agent(where).call("object_stop", name="counter", deregister=True)
+    net.place_object("counter", "r18b", spec=NAN_SPEC)
+
+    def count() -> int:
+        return net.agent("r18b").call("object_stats", name="counter")["state"]["count"]
+
+    first = net.requests("co14", "counter", 10)["answered"]
+    assert first >= 3 and count() == first  # from here on its state holds a NaN
+    for mode in ("make-before-break", "break-before-make"):
+        report = net.migrate("counter", "r20a", mode)
+        assert not report["ok"] and "not strict JSON" in report["error"], report
+        assert not report["killed"]
+        assert not any("stopped" in step for step, _at in report["steps"]), report["steps"]
+        assert net.where("counter") == "r18b"
+        assert net.agent("r20a").call("objects") == []
+    assert count() == first, "the state stayed with the object"
+    again = net.requests("co14", "counter", 10)["answered"]
+    assert again > 0 and count() == first + again
+    assert net.agent("r18b").call("status")["killed_objects"] == []
+    net.agent("r18b").call("object_stop", name="counter", deregister=True)
+
+
+def test_a_checkpoint_too_large_to_move_is_refused_and_the_object_serves_on(net: MoatNetwork) -> None:
+    """Issue 12: a checkpoint over what a move can carry is refused with CheckpointTooLarge
+    before anything stops; the object serves on at its source with its state."""
+    where = net.where("counter")
+    if where is not None:
+        net.agent(where).call("object_stop", name="counter", deregister=True)
+    net.place_object("counter", "r18b", spec="agent.objects.misbehaving:Hoarder")
+
+    def count() -> int:
+        return net.agent("r18b").call("object_stats", name="counter")["state"]["count"]
+
+    first = net.requests("co14", "counter", 10, rate=20)["answered"]
+    assert first >= 8 and count() == first  # over 800 KB of state
+    report = net.migrate("counter", "r20a", "make-before-break")
+    assert not report["ok"] and report["error_type"] == "CheckpointTooLarge", report
+    assert "a move can carry" in report["error"] and not report["killed"]
+    assert net.where("counter") == "r18b" and net.agent("r20a").call("objects") == []
+    again = net.requests("co14", "counter", 5, rate=20)["answered"]
+    assert again > 0 and count() == first + again
+    net.agent("r18b").call("object_stop", name="counter", deregister=True)
