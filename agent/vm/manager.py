@@ -335,7 +335,8 @@ class VmManager:
                 names.add(fields.object_config(cfg, f"mobile.{obj}",
                                                own=self.addresses.values()).name)
             except fields.FieldError as exc:
-                raise ProvisionError("mobile objects", f"{obj}: {exc}") from None
+                raise ProvisionError("mobile objects", f"{obj}: bad object configuration: "
+                                     f"{exc}") from None
         if len(names) != len(mobile):
             raise ProvisionError("mobile objects", "two objects with one mobile name")
         return {str(k): dict(v) for k, v in mobile.items()}, list(only)
