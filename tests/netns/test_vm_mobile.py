@@ -6,12 +6,11 @@ itself), and when its lifecycle is used up it is removed together with its bindi
 
 from __future__ import annotations
 
-import pwd
 from pathlib import Path
 
 import pytest
 
-from agent.hosting.sandbox import OBJECT_USER
+from agent.hosting.object_uids import UID_FIRST, UID_LAST
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 from vm_services import publish
@@ -45,11 +44,11 @@ def memory_limit(pid: int) -> int:
 
 
 def assert_sandboxed(m: MoatNetwork, router: str, name: str, memory_mb: int) -> int:
-    """The object's process: the unprivileged user, a MOAT cgroup of this run with its
+    """The object's process: a uid of the object range (its own), a MOAT cgroup of this run with its
     memory limit; returns its pid."""
     objects = {o["name"]: o for o in m.agent(router).call("objects")}
     pid = objects[name]["pid"]
-    assert pid and uid_of(pid) == pwd.getpwnam(OBJECT_USER).pw_uid
+    assert pid and UID_FIRST <= uid_of(pid) <= UID_LAST
     assert m.run.run_id in Path(f"/proc/{pid}/cgroup").read_text()
     assert memory_limit(pid) == memory_mb << 20
     assert objects[name]["usage"]["memory_bytes"] > 0
