@@ -3,8 +3,9 @@ a socketpair, stop it.
 
 Every object — one placed on a router by an experiment, one a provisioned VM runs, one that
 arrives by migration — runs the same way: ``python -m agent.hosting.runner`` started by
-:mod:`agent.hosting.sandbox` in its own cgroup (CPU quota, memory, pids) as the unprivileged object
-user, in a private working directory, with nothing inherited but its end of the socketpair.
+:mod:`agent.hosting.sandbox` in its own cgroup (CPU quota, memory, pids) as a uid of its own, in
+its own PID namespace, with a private size-limited working directory and /tmp, and nothing
+inherited but its end of the socketpair.
 So a migrated object is held to the same limits at its new router as at its old one, and
 ``moat show objects`` / ``moat show vm`` can report what each one uses.
 
