@@ -35,12 +35,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# The unprivileged user mobile objects run as (agent/sandbox.py).
-if ! getent passwd moat-object >/dev/null; then
-  echo "bootstrap: creating system user moat-object"
-  useradd --system --user-group --no-create-home --home-dir /nonexistent \
-          --shell /usr/sbin/nologin moat-object
-fi
+# Mobile objects need no user account: each runs as a uid (and gid) of its own from the range
+# 620000-629999 (MOAT_OBJECT_UIDS=FIRST-LAST changes it), claimed by its agent, without a
+# passwd entry; a uid a user, a group or /etc/subuid holds is skipped
+# (agent/hosting/object_uids.py).
 
 # The remote site's SFTP account (topologies/site.py): unprivileged, no home, no shell,
 # chrooted into the repository by the site's sshd. Password '*' (none can match) rather than
