@@ -20,7 +20,7 @@ from packets.control import HEADER, frame_length
 
 from agent.core.errors import AgentError, ControlError
 from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
-from agent.core.sealing import SealError, open_body, seal_body
+from agent.core.sealing import SealError, open_body, seal_body, secret_fields
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
     """One request/answer with the agent at ``address``; with ``key`` (the run's router key)
     the body's secret fields are sealed for that router (its public key in ``seal_keys``, by
     address) and the body carries an HMAC authenticator for receiver ``address``
-    (:mod:`agent.core.msgauth`). Without ``key`` the body goes as it is (already signed).
-    Returns the answer's body when it says ``ok``; raises :class:`PeerError` otherwise, and
-    before sending anything when a secret could not be sealed."""
+    (:mod:`agent.core.msgauth`). Without ``key`` the body goes as it is (already signed),
+    unless it carries a secret in clear. Returns the answer's body when it says ``ok``;
+    raises :class:`PeerError` otherwise, and before sending anything when a secret could not
+    be sealed: no secret crosses the wire in clear (issue 12)."""
     if key is not None:
         try:
             body = seal_body(body, (seal_keys or {}).get(address), ctype=ctype, txid=txid,
@@ -72,6 +73,10 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
         except SealError as exc:
             raise PeerError(f"{ctype.name} to {address} not sent: {exc}") from None
         body = sign_hmac(ctype, txid, body, key, to=address)
+    elif secret_fields(ctype, body):
+        raise PeerError(f"{ctype.name} to {address} not sent: its "
+                        f"{', '.join(secret_fields(ctype, body))} would cross the wire in clear "
+                        "(no router key to seal and sign it with)")
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:

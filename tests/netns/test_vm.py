@@ -226,9 +226,13 @@ def test_only_a_signed_provision_from_an_authorized_provider_configures_a_vm(net
     assert [v["name"] for v in net.agent("r20a").call("vm")] == ["g"]
     net.agent("r20a").call("vm_remove", name="g")
 
+    # A MIGRATE without the routers' key is refused (one that carries an object's keys is not
+    # even sent: no secret crosses the wire in clear, issue 12).
     cfg = net.object_config("counter").to_json()
-    intruder = send("co12", "migrate", {"action": "start", "spec": "agent.objects.counter:Counter",
-                                        "warm": False, "config": cfg})
+    held = send("co12", "migrate", {"action": "start", "spec": "agent.objects.counter:Counter",
+                                    "warm": False, "config": cfg})
+    assert not held["ok"] and "not sent" in held["error"], held
+    intruder = send("co12", "migrate", {"action": "cancel", "name": "counter"})
     assert not intruder["ok"] and "MIGRATE refused" in intruder["error"], intruder
     assert net.agent("r20a").call("objects") == []
 

@@ -77,8 +77,9 @@ def test_without_the_receivers_public_key_nothing_is_sent() -> None:
 def test_a_receiver_refuses_secrets_in_clear_and_those_it_cannot_open() -> None:
     private, public = generate_keypair()
     clear = sign_hmac(ControlType.MIGRATE, 0, {"action": "start", "config": CONFIG}, KEY, to=HERE)
-    with pytest.raises(PeerRefused, match="must be sealed"):
-        exchange(RouterKeyAuth(KEY, {HERE}, private), clear)  # signed, but in clear
+    with pytest.raises(ControlError, match="must be sealed"):  # signed, but in clear (sent
+        # by hand: peer_call never sends it, see below)
+        RouterKeyAuth(KEY, {HERE}, private)(ControlMessage(ControlType.MIGRATE, 0, clear))
     other, _ = generate_keypair()
     with pytest.raises(PeerRefused, match="does not open"):  # sealed for another router
         exchange(RouterKeyAuth(KEY, {HERE}, other), {"action": "start", "config": CONFIG},
@@ -187,3 +188,13 @@ def test_a_replayed_cancel_is_refused_and_drops_nothing() -> None:
     with pytest.raises(ControlError, match="not after"):
         deliver(restarted, cancel)
     assert manager.removed == ["cnt-d1"] and "cnt-d1" in manager.vms
+
+
+def test_a_secret_is_not_sent_in_clear_even_without_a_router_key() -> None:
+    """peer_call without a key sends a prepared body as it is, but never one with a secret
+    field in clear: the receiver would refuse it, but the key would have crossed the wire."""
+    auth = RouterKeyAuth(KEY, {HERE}, generate_keypair()[0])
+    with pytest.raises(PeerError, match="would cross the wire in clear"):
+        exchange(auth, {"action": "start", "config": CONFIG})
+    with pytest.raises(PeerError, match="would cross the wire in clear"):
+        exchange(auth, {"vm": "m1", "mobile": {"counter": CONFIG}}, ControlType.PROVISION)
