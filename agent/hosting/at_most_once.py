@@ -58,8 +58,8 @@ REPLY_LIMIT = 256 << 10
 MAX_CLIENT_LEN = 128
 #: Largest sequence number accepted on the wire.
 MAX_SEQ = (1 << 63) - 1
-#: Bytes counted per client besides its id and reply (seqs, brackets, keys).
-_ENTRY_OVERHEAD = 64 + 20 * SERVED_MEMORY
+#: Bytes of one client's JSON besides its id, seqs and reply (keys, brackets, quotes).
+_ENTRY_OVERHEAD = 48
 
 
 class Verdict(Enum):
@@ -84,7 +84,14 @@ class ClientMemory:
     served: list[int] = field(default_factory=list)  # sorted, all above floor
     last: int = -1  # the seq whose reply is kept
     reply: dict[str, Any] | None = None
-    size: int = 0  # bytes counted for it
+    reply_size: int = 0  # bytes of the reply as JSON
+    size: int = 0  # bytes counted for it (see measure)
+
+    def measure(self, client: str) -> int:
+        """Its bytes in a checkpoint (JSON), kept in ``size``."""
+        seqs = sum(len(str(s)) + 1 for s in self.served) + len(str(self.floor)) + len(str(self.last))
+        self.size = len(client) + _ENTRY_OVERHEAD + seqs + self.reply_size
+        return self.size
 
     @property
     def top(self) -> int:
@@ -126,9 +133,10 @@ def parse_entry(client: Any, raw: Any) -> ClientMemory:
         raise ValueError(f"checkpoint: reply remembered for {client} is not an object")
     entry.reply = reply
     try:
-        entry.size = len(client) + _ENTRY_OVERHEAD + (encoded_size(reply) if reply else 0)
-    except (TypeError, ValueError) as exc:
+        entry.reply_size = encoded_size(reply) if reply else 0
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"checkpoint: reply remembered for {client} is not JSON: {exc}") from None
+    entry.measure(client)
     return entry
 
 
@@ -186,9 +194,8 @@ class RequestMemory:
             entry.served.sort()
         while len(entry.served) > SERVED_MEMORY:
             entry.floor = max(entry.floor, entry.served.pop(0))
-        entry.last, entry.reply = seq, body
-        entry.size = len(client) + _ENTRY_OVERHEAD + size
-        self.nbytes += entry.size
+        entry.last, entry.reply, entry.reply_size = seq, body, size
+        self.nbytes += entry.measure(client)
         self._bound(keep=client)
         return body
 
@@ -219,7 +226,7 @@ class RequestMemory:
                 self.nbytes -= mine.size
                 theirs = _combined(mine, theirs)
             self.clients[client] = theirs
-            self.nbytes += theirs.size
+            self.nbytes += theirs.measure(client)
         self._bound()
 
 
@@ -230,4 +237,4 @@ def _combined(a: ClientMemory, b: ClientMemory) -> ClientMemory:
     while len(served) > SERVED_MEMORY:
         floor = served.pop(0)
     latest = a if a.last >= b.last else b
-    return ClientMemory(floor, served, latest.last, latest.reply, latest.size)
+    return ClientMemory(floor, served, latest.last, latest.reply, latest.reply_size)
