@@ -247,7 +247,7 @@ class FakeProcess:
         self.log.append(("call", cmd))
         return {}
 
-    async def stop(self) -> Any:
+    async def stop(self, kill: bool = False) -> Any:
         self.log.append(("stop",))
         self.running = False
         return {"object": {"count": 3}}
