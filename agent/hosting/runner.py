@@ -446,7 +446,9 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
     def stats(_args: dict[str, Any]) -> dict[str, Any]:
         out = dict(server.stats, warming=server.warming, instance=server.instance,
                    pid=os.getpid(), state=server.obj.get_state(),
-                   leased=server.credentials is not None, by_network=dict(server.by_network))
+                   leased=server.credentials is not None, by_network=dict(server.by_network),
+                   at_most_once={"clients": len(server.seen), "bytes": server.seen.nbytes,
+                                 "evicted": server.seen.evicted})
         if server.credentials is not None:
             out["credentials"] = server.credentials.describe()
         return out

@@ -4,6 +4,7 @@ a migration, and a checkpoint's memory is checked before it is used."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from agent.hosting import at_most_once
 from agent.hosting.at_most_once import (MAX_BYTES, MAX_CLIENTS, SEQ_AHEAD, SERVED_MEMORY,
                                         RequestMemory, Verdict)
-from agent.hosting.runner import CheckpointError, ObjectServer
+from agent.hosting.runner import CheckpointError, ObjectServer, control_commands
 from agent.objects.counter import Counter
 from agent.sdk import MobileObject
 from packets import ControlMessage, ControlType
@@ -113,6 +114,10 @@ def test_100000_fake_client_ids_stay_within_the_bounds_and_the_checkpoint_migrat
     elapsed = time.monotonic() - started
     assert len(s.seen) <= MAX_CLIENTS and s.seen.nbytes <= MAX_BYTES
     assert s.seen.evicted >= 100_000 + 1 - MAX_CLIENTS
+    stats = control_commands(s, asyncio.Event())["stats"]({})
+    assert stats["at_most_once"] == {"clients": len(s.seen), "bytes": s.seen.nbytes,
+                                     "evicted": s.seen.evicted}
+    assert len(json.dumps(s.seen.to_json(), separators=(",", ":"))) <= s.seen.nbytes
     size = len(json.dumps(s.checkpoint(), separators=(",", ":")))
     assert size <= MAX_BYTES + 4096 < MAX_BODY, size  # fits a STATE_TRANSFER body
     assert elapsed < 60, elapsed
