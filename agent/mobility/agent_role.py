@@ -164,7 +164,8 @@ class ObjectAgentRole(Role):
                     dest: str = "") -> None:
         from_object = find_auth(rrq, ExtType.MOBILE_FOREIGN_AUTH) is not None
         if self.foreign is not None and from_object and rrq.care_of_address in self.config.addresses:
-            relay = self.foreign.handle_request(rrq, addr[0], addr[1], self.interface_name(ifindex))
+            relay = self.foreign.handle_request(rrq, addr[0], addr[1], self.interface_name(ifindex),
+                                                local_address=dest)
             if relay.to_object is not None:
                 self.refusals("foa-denied", logging.INFO, "FOA: denied %s from %s: %s",
                               rrq.home_address, addr[0], relay.code.name)
@@ -207,11 +208,14 @@ class ObjectAgentRole(Role):
             return
         pending, data = out
         log.info("FOA: reply %s for %s relayed to %s", rrp.code, rrp.home_address, pending.object_address)
-        self._spawn(self._relay_reply(data, (pending.object_address, pending.object_port)))
+        source = pending.local_address if pending.local_address in self.config.addresses else None
+        self._spawn(self._relay_reply(data, (pending.object_address, pending.object_port), source))
 
-    async def _relay_reply(self, data: bytes, to: tuple[str, int]) -> None:
+    async def _relay_reply(self, data: bytes, to: tuple[str, int], source: str | None = None) -> None:
+        """The object's reply, from the address it sent its request to (the object takes a
+        reply from that address only), once the data plane is in place."""
         await self.sync_foreign()  # before the object learns it may use the path
-        self._send(data, to)
+        self._send(data, to, source)
 
     def _spawn(self, coro: Any) -> None:
         task = self.agent.loop.create_task(coro)

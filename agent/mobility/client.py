@@ -140,6 +140,8 @@ class RegistrationClient:
         self.bad_replies = 0
         self._last_ident: int | None = None
         self._waiting: dict[int, asyncio.Future] = {}
+        #: Identification -> the address the request went to: the only one whose reply counts.
+        self._asked: dict[int, str] = {}
         self._transport: asyncio.DatagramTransport | None = transport
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -331,6 +333,7 @@ class RegistrationClient:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         self._waiting[ident] = fut
+        self._asked[ident] = dest
         start = self.clock()
         timeout = RETRANSMIT_TIMEOUT
         attempt = Attempt(dest, coa, None, None, start, 0)
@@ -352,6 +355,7 @@ class RegistrationClient:
                 attempt.error = f"no reply from {dest} after {RETRIES} tries"
         finally:
             self._waiting.pop(ident, None)
+            self._asked.pop(ident, None)
         self.history.append(attempt)
         del self.history[:-100]
         return attempt
@@ -365,6 +369,11 @@ class RegistrationClient:
             return
         fut = self._waiting.get(rrp.identification)
         if fut is None or fut.done():
+            return
+        if addr[0] != self._asked.get(rrp.identification):
+            # Only the agent asked answers (the FOA relays from the address it was sent to,
+            # the HOA answers from its own): a denial from anyone else must not end the try.
+            self.bad_replies += 1
             return
         cred = self.config.mobile_home
         # Only an acceptance must prove it comes from the HOA. A denial grants nothing, and

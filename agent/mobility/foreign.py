@@ -61,6 +61,9 @@ class Pending:
     interface: str = ""
     #: The HOA the request was relayed to: only a reply from this address answers it.
     relayed_to: str = ""
+    #: The address the object sent its request to ("" unknown): the reply goes from there,
+    #: and the object takes a reply only from the address it asked.
+    local_address: str = ""
 
 
 @dataclass
@@ -142,7 +145,7 @@ class ForeignAgent:
                    == (rrq.home_address, rrq.care_of_address))
 
     def handle_request(self, rrq: RegistrationRequest, src: str, port: int,
-                       interface: str = "") -> Relay:
+                       interface: str = "", local_address: str = "") -> Relay:
         """An object's request from ``src``:``port``, heard on ``interface``: check it, then
         relay it to its HOA.
 
@@ -173,7 +176,8 @@ class ForeignAgent:
         # expire_pending looks only at the ones due.
         self.pending.pop((rrq.home_address, rrq.identification), None)
         self.pending[(rrq.home_address, rrq.identification)] = Pending(
-            rrq, src, port, coname, mf[1].spi, self.clock(), interface, rrq.home_agent
+            rrq, src, port, coname, mf[1].spi, self.clock(), interface, rrq.home_agent,
+            local_address,
         )
         self.stats["relayed"] += 1
         return Relay(ReplyCode.ACCEPTED, to_home_agent=relayed)

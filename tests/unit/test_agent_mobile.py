@@ -244,6 +244,7 @@ def test_on_reply_requires_mobile_home_auth_on_acceptance(clock: FakeClock) -> N
 
         fut = loop.create_future()
         c._waiting[ident] = fut
+        c._asked[ident] = "10.0.2.1"  # what _exchange records: the agent asked
         c._on_reply(forged, ("10.0.2.1", 434))
         c._on_reply(forged_mh, ("10.0.2.1", 434))
         c._on_reply(b"\x03\x00junk", ("10.0.2.1", 434))
@@ -255,13 +256,18 @@ def test_on_reply_requires_mobile_home_auth_on_acceptance(clock: FakeClock) -> N
         # a denial needs no authenticator (an FOA has no key to sign it with)
         fut2 = loop.create_future()
         c._waiting[ident + 1] = fut2
+        c._asked[ident + 1] = "10.0.2.1"
+        # ... but only from the agent asked: a denial from another address is not believed
+        c._on_reply(RegistrationReply(ReplyCode.FA_MN_FAILED_AUTH, HOME, HA, ident + 1).encode(),
+                    ("10.0.2.66", 434))
+        assert not fut2.done() and c.bad_replies == 4
         c._on_reply(RegistrationReply(ReplyCode.FA_MN_FAILED_AUTH, HOME, HA, ident + 1).encode(),
                     ("10.0.2.1", 434))
         assert fut2.result().code == ReplyCode.FA_MN_FAILED_AUTH
 
         # a reply nobody waits for is ignored
         c._on_reply(RegistrationReply(0, HOME, HA, ident + 2).encode(), ("10.0.2.1", 434))
-        assert c.bad_replies == 3
+        assert c.bad_replies == 4
 
     asyncio.run(main())
 

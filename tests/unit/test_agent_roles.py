@@ -168,7 +168,7 @@ def request(coa: str, ha: str = "10.16.0.2", mobile_foreign: bool = True) -> byt
 def test_an_objects_request_for_our_care_of_address_goes_to_the_foa() -> None:
     role, rec = object_agent(["foreign"])
     seen: list = []
-    role.foreign = SimpleNamespace(handle_request=lambda rrq, a, p, i: seen.append((rrq.care_of_address, a, p))
+    role.foreign = SimpleNamespace(handle_request=lambda rrq, a, p, i, **kw: seen.append((rrq.care_of_address, a, p))
                                    or SimpleNamespace(to_object=None, to_home_agent=b"relayed",
                                                       code=ReplyCode.ACCEPTED))
     role.on_registration(request("10.12.0.1"), ("10.12.0.50", 40000))
@@ -207,7 +207,8 @@ def test_malformed_registration_messages_are_counted() -> None:
 
 def test_the_foa_relays_a_reply_only_after_its_data_plane_is_in_place() -> None:
     role, rec = object_agent(["foreign"])
-    pending = SimpleNamespace(object_address="10.12.0.50", object_port=40000)
+    pending = SimpleNamespace(object_address="10.12.0.50", object_port=40000,
+                              local_address="10.12.0.1")
     role.foreign = SimpleNamespace(handle_reply=lambda rrp, source: (pending, b"to object"))
 
     class SlowPlane:
@@ -320,7 +321,7 @@ def test_an_object_runs_once_per_router(hosting) -> None:
 def test_the_foa_is_told_the_interface_a_request_arrived_on() -> None:
     role, rec = object_agent(["foreign"])
     seen: list = []
-    role.foreign = SimpleNamespace(handle_request=lambda rrq, a, p, i: seen.append(i)
+    role.foreign = SimpleNamespace(handle_request=lambda rrq, a, p, i, **kw: seen.append(i)
                                    or SimpleNamespace(to_object=None, to_home_agent=b"relayed",
                                                       code=ReplyCode.ACCEPTED))
     eth2 = role.agent.ifindex["eth2"]
