@@ -133,7 +133,8 @@ class RegistrationClient:
         self.interval = advertise_interval
         self.clock = clock
         #: Agents heard, by address, each until its advertisement's lifetime runs out.
-        self.agents: HeardTable[AgentSeen] = HeardTable(MAX_AGENTS, clock)
+        #: Its current agent and its HOA are never evicted by newer ones.
+        self.agents: HeardTable[AgentSeen] = HeardTable(MAX_AGENTS, clock, keep=self._keep)
         self.current: Registration | None = None
         self.at_home = False
         self.history: list[Attempt] = []
@@ -174,6 +175,14 @@ class RegistrationClient:
                 log.warning("%s: deregistration on stop failed: %s", self.config.name, exc)
         if self._transport:
             self._transport.close()
+
+    def _keep(self, source: str) -> bool:
+        """Whether the agents table must keep ``source`` when full: a flood of spoofed
+        advertisements must not push out the agent this object is registered through (it
+        would look gone, and the object would register anew, perhaps via a spoofed one)."""
+        if self.current is not None and self.current.agent == source:
+            return True
+        return self.config is not None and source == self.config.home_agent
 
     # --- input from the daemon -----------------------------------------------------------
 

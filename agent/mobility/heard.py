@@ -21,11 +21,15 @@ V = TypeVar("V")
 class HeardTable(Generic[V]):
     """Source address → what was heard from it, pruned by lifetime and capped in size."""
 
-    def __init__(self, cap: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cap: int, clock: Callable[[], float] = time.monotonic,
+                 keep: Callable[[str], bool] = lambda source: False) -> None:
+        """``keep(source)`` names the few entries a full table must not evict (an object's
+        current agent: a flood of new ones must not make it look gone)."""
         if cap < 1:
             raise ValueError("cap must be >= 1")
         self.cap = cap
         self.clock = clock
+        self.keep = keep
         #: Oldest heard first: (expires at, value) by source.
         self._items: OrderedDict[str, tuple[float, V]] = OrderedDict()
         self._expiry = ExpiryHeap()
@@ -41,7 +45,10 @@ class HeardTable(Generic[V]):
         self._items[source] = (expires, value)
         self._expiry.push(expires, (source, expires))
         while len(self._items) > self.cap:
-            self._items.popitem(last=False)
+            victim = next((k for k in self._items if k != source and not self.keep(k)), None)
+            if victim is None:
+                break  # everything else is kept: the table may exceed the cap by those few
+            del self._items[victim]
             self.evicted += 1
         if len(self._expiry) > 4 * len(self._items) + 64:
             self._expiry.rebuild((at, (key, at)) for key, (at, _) in self._items.items())

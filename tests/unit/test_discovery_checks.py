@@ -108,3 +108,27 @@ def test_a_full_table_forgets_the_agent_heard_longest_ago() -> None:
     table.put("a1", 11, 100)  # heard again: now the newest
     table.put("a4", 4, 100)
     assert list(table) == ["a3", "a1", "a4"] and table.evicted == 1
+
+
+def test_a_flood_does_not_evict_the_agent_an_object_is_registered_through() -> None:
+    """Else the agent looks gone, and the object registers anew, perhaps via a spoofed one."""
+    from agent.mobility.client import Registration
+
+    clock = FakeClock(0.0)
+    client = RegistrationClient(config=None, solicit=lambda: None, clock=clock)  # type: ignore
+    client._wake = asyncio.Event()
+    client.on_advertisement(advert(), "10.12.0.1", 2)
+    client.current = Registration("10.12.0.1", "10.12.0.1", "c.r18a", 60, 0.0)
+    for n in range(10 * MAX_AGENTS):
+        client.on_advertisement(advert(), f"10.12.{1 + n // 256}.{n % 256}", 2)
+    assert "10.12.0.1" in client.agents and len(client.agents) == MAX_AGENTS
+    client.current = None  # no longer registered there: an ordinary entry again
+    client.on_advertisement(advert(), "10.12.9.9", 2)
+    assert "10.12.0.1" not in client.agents
+
+
+def test_a_table_whose_every_other_entry_is_kept_may_exceed_the_cap_by_those() -> None:
+    table: HeardTable[int] = HeardTable(2, FakeClock(0.0), keep=lambda s: s in {"a", "b"})
+    for key in ("a", "b", "c", "d"):
+        table.put(key, 0, 100)
+    assert list(table) == ["a", "b", "d"]
