@@ -2,8 +2,8 @@
 once (issue 12, items 1 and 3).
 
 One PatentTopo run captures every router's interfaces and every LAN bridge while the counter
-object migrates both ways and the remote site provisions a mobile object (MIGRATE,
-STATE_TRANSFER, PROVISION with ``mobile``); then every capture is searched for every key of
+object migrates both ways and the remote site provisions a mobile object that then migrates
+in its VM (MIGRATE, STATE_TRANSFER, PROVISION with ``mobile``); then every capture is searched for every key of
 the run (Mobile-Home, Mobile-Foreign, Foreign-Home, the router key, the COs' keys, the
 routers' X25519 private keys), raw, in hex and in base64 at any alignment. Then a
 signed router message is replayed to its receiver, sent to another router, and replayed again
@@ -75,6 +75,8 @@ def run(tmp_path_factory: pytest.TempPathFactory):
                                       mobile={"counter": "svc1"})
             assert provisioned["ok"], provisioned
             m.wait_for(lambda: binding_of(m, "svc1"), timeout=15)
+            moved = m.migrate("svc1", "r20a", "make-before-break")  # in its VM, with its keys
+            assert moved["ok"], moved.get("error")
             assert m.requests("co14", "svc1", 5)["answered"] == 5
         yield m
 
