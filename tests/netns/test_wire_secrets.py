@@ -3,10 +3,10 @@ once (issue 12, items 1 and 3).
 
 One PatentTopo run captures every router's interfaces and every LAN bridge while the counter
 object migrates both ways and the remote site provisions a mobile object that then migrates
-in its VM (MIGRATE, STATE_TRANSFER, PROVISION with ``mobile``); then every capture is searched for every key of
-the run (Mobile-Home, Mobile-Foreign, Foreign-Home, the router key, the COs' keys, the
-routers' X25519 private keys), raw, in hex and in base64 at any alignment. Then a
-signed router message is replayed to its receiver, sent to another router, and replayed again
+in its VM (MIGRATE, STATE_TRANSFER, PROVISION with ``mobile``); then every capture is
+searched for every key of the run (Mobile-Home, Mobile-Foreign, Foreign-Home, the router key,
+the COs' keys, the routers' X25519 private keys), raw, in hex and in base64 at any alignment.
+Then a signed router message is replayed to its receiver, sent to another router, and replayed again
 after its receiver's agent restarted.
 """
 
