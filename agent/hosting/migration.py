@@ -39,6 +39,7 @@ from agent.core.errors import AgentError, ControlError
 from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
 from agent.core.wait import WaitTimeout, async_wait_until
+from agent.hosting.migration_fields import check_migrate, check_state_transfer
 from agent.hosting.objects import HostedObject, HostingRole
 from agent.hosting.runtime import ObjectProcessError
 from agent.vm.role import VmRole
@@ -163,6 +164,7 @@ class MigrationRole(Role):
     # --- target side ---------------------------------------------------------------------
 
     async def on_migrate(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        body = check_migrate(body, own=self.config.addresses)  # every field before use
         action = body.get("action")
         self._injected(f"migrate_{action}")
         if action == "start":
@@ -183,6 +185,7 @@ class MigrationRole(Role):
         raise ControlError(f"unexpected MIGRATE action {action!r}")
 
     async def on_state_transfer(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        body = check_state_transfer(body)
         self._injected("state_transfer")
         result = await self.hosting.cmd_object_restore(body["name"], body["state"], serve=True)
         return {"ok": True, "replayed": result.get("replayed", 0)}

@@ -12,6 +12,7 @@ import pytest
 from agent.core.config import AgentConfig, Interface
 from agent.core import rpc
 from agent.core.errors import ControlError
+from agent.core.fields import FieldError
 from agent.core.peer import PeerRefused
 from agent.core.wait import async_wait_until
 from agent.hosting import migration as migration_mod
@@ -227,8 +228,13 @@ def test_unknown_mode_and_object_are_refused(monkeypatch) -> None:
 # --- target side ---------------------------------------------------------------------------
 
 #: A warm arrival, as a make-before-break source sends it.
+#: What a source sends (its fields pass the target's checks, agent/hosting/migration_fields.py).
 ARRIVAL = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
-           "config": {"name": "counter"}, "resources": None}
+           "config": {"name": "counter", "nai": "counter@moat", "home_address": "10.12.0.10",
+                      "home_agent": "10.12.0.1",
+                      "mobile_home": {"spi": 256, "key": "11" * 32},
+                      "mobile_foreign": {"spi": 1000, "key": "22" * 32}},
+           "resources": None}
 
 
 def empty_target() -> tuple[FakeHosting, MigrationRole]:
@@ -366,3 +372,23 @@ def test_a_body_that_cannot_be_sent_fails_the_move_cleanly(monkeypatch) -> None:
         "counter", "10.14.0.1", mode="break-before-make"))
     assert not report["ok"] and "cannot send MIGRATE" in report["error"]
     assert hosting.log[-1][:2] == ("start", "counter") and "counter" in hosting.objects
+
+
+@pytest.mark.parametrize("bad", [
+    {"name": "../victim"},
+    {"home_address": "10.14.0.10"},  # not on its home agent's network
+    {"nai": "counter@moat\n"},
+])
+def test_a_migrate_with_a_bad_field_is_refused_before_anything_is_hosted(bad: dict) -> None:
+    hosting, role = empty_target()
+    body = dict(ARRIVAL, config={**ARRIVAL["config"], **bad})
+    with pytest.raises(FieldError):
+        asyncio.run(role.on_migrate(None, body))  # type: ignore[arg-type]
+    assert hosting.objects == {} and hosting.log == []
+
+
+def test_a_state_transfer_without_a_valid_name_is_refused_before_a_restore() -> None:
+    hosting, role = empty_target()
+    with pytest.raises(FieldError):
+        asyncio.run(role.on_state_transfer(None, {"name": "a/b", "state": {}}))  # type: ignore[arg-type]
+    assert hosting.log == []
