@@ -265,8 +265,10 @@ class RunClient:
         key = key or self.run.dir / "provider" / "provider.key"
         path = self.run.write_private("provision", json.dumps(body))
         try:
+            # The routers' sealing keys are the run's, whichever provider key signs.
             return self.probe(site, "control", target, "provision", f"@{path}", "--sign-key",
-                              str(key), "--timeout", str(timeout), timeout=timeout + 30)
+                              str(key), "--peers", str(self.run.dir / "provider" / "peers.json"),
+                              "--timeout", str(timeout), timeout=timeout + 30)
         finally:
             path.unlink(missing_ok=True)
 

@@ -181,7 +181,8 @@ class MoatNetwork:
             self.keyring.add_router(router)
         if broker is not None:
             for host in topo.end_host_names():
-                self.keyring.add_co(host)
+                if topo.nodeInfo(host).get("role") != "attacker":  # an attacker holds no key
+                    self.keyring.add_co(host)
         self.net: Any = None
         self.site: str | None = None
         #: The DNS server's address (dnsmasq on dns23), once prepared.

@@ -3,7 +3,8 @@ objects' users themselves.
 
 A PatentTopo run provisions the counter from site24 (a VM on r22b: the site's SFTP account,
 the VM's storage, an object process) while tcpdump captures the home LAN. Then, with
-everything up, a probe runs as ``moat-object`` and as an arbitrary unprivileged uid (60001,
+everything up, a probe runs as an object's uid (the first and last of the objects' range,
+:mod:`agent.hosting.object_uids`) and as an arbitrary unprivileged uid (60001;
 ``setpriv --reuid --regid --clear-groups``), is handed every path under the run directory
 (it could not list them itself) and tries to read each file, list each directory and
 connect to each socket; it reports what it could. Nothing may be readable. The probe is
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import stat
 import subprocess
@@ -32,11 +32,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.hosting.object_uids import UID_FIRST, UID_LAST
 from experiments.counter_service import publish_counter
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 
-UNPRIVILEGED = [("moat-object", None), ("uid 60001", 60001)]
+UNPRIVILEGED = [(f"object uid {UID_FIRST}", UID_FIRST), (f"object uid {UID_LAST}", UID_LAST),
+                ("uid 60001", 60001)]
 #: Paths under the run directory that may be wider than 0600/0700 (relative, as prefixes).
 SITE_PUBLIC = ("site24/repo",)
 SITE_GROUP = ("site24/authorized_keys",)
@@ -83,17 +85,8 @@ def _as_user(uid: int, gid: int, paths: list[str]) -> dict:
 
 
 def _users() -> list[tuple[str, int, int]]:
-    out = []
-    for label, uid in UNPRIVILEGED:
-        if uid is None:
-            try:
-                pw = pwd.getpwnam(label)
-            except KeyError:
-                pytest.skip(f"user {label} missing (scripts/bootstrap.sh makes it)")
-            out.append((label, pw.pw_uid, pw.pw_gid))
-        else:
-            out.append((label, uid, uid))
-    return out
+    """(label, uid, gid) of each user the probe runs as (objects get uid = gid)."""
+    return [(label, uid, uid) for label, uid in UNPRIVILEGED]
 
 
 def _walk(root: Path) -> list[Path]:
