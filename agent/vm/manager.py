@@ -91,6 +91,7 @@ class VmManager:
         self._replays: Any = None  # agent.core.msgauth.ReplayCache of PROVISION nonces
         self.shaper = EgressShaper()
         self._next_key = 0
+        self._upgrades = 0  # numbers the directories upgrades install into
         #: This router's LAN prefixes (its leased objects honour a sibling's credential from
         #: there: a CO on its network reaches only it).
         self.networks: list[str] = []
@@ -341,8 +342,8 @@ class VmManager:
             raise ProvisionError("mobile objects", "two objects with one mobile name")
         return {str(k): dict(v) for k, v in mobile.items()}, list(only)
 
-    async def _fetch_verify_install(self, vm: VirtualMachine) -> None:
-        await fetch_verify_install(self.baseline, vm, now=lambda: time.time())
+    async def _fetch_verify_install(self, vm: VirtualMachine, dest: Path | None = None) -> None:
+        await fetch_verify_install(self.baseline, vm, now=lambda: time.time(), dest=dest)
 
     async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                           warm: bool = False) -> None:
@@ -488,10 +489,10 @@ class VmManager:
 
     async def check_updates(self) -> list[dict[str, Any]]:
         """Ask the remote site for a new version of each VM's service at the interval its
-        policy sets, and upgrade a running service without losing its state: the objects
-        stop with their checkpoints, the new version is fetched, verified and installed, and
-        the new objects start from those checkpoints. A refused upgrade restarts the old
-        version from the same checkpoints (and is recorded in the errors)."""
+        policy sets, and upgrade a running service without losing its state: the new
+        version is fetched, verified and installed beside the old one, the objects stop with
+        their checkpoints, and the new objects start from those checkpoints. A failed upgrade leaves or puts the old
+        version back with the same state (and is recorded in the errors): see :meth:`_upgrade`."""
         from agent.vm.fetch import fetch_service
         from agent.vm.errors import RepositoryError
         from agent.vm.repository import inspect_service
@@ -524,24 +525,89 @@ class VmManager:
         return done
 
     async def _upgrade(self, vm: VirtualMachine, version: str) -> dict[str, Any]:
-        old = vm.version
-        states: dict[str, Any] = {}
-        for name in list(vm.objects):
-            process = vm.objects.pop(name)
-            states[name] = await process.stop()  # its final checkpoint
-            if states[name] is None:
-                log.warning("upgrade of %s: %s gave no checkpoint", vm.name, name)
+        """Upgrade ``vm`` to ``version`` or roll back to the version it runs, with its state.
+
+        The new version is fetched, verified and installed *beside* the old one while the old
+        one serves: a remote site unreachable, a bad signature or a dependency missing stops
+        nothing. Every object must then answer a checkpoint (else nothing stops either); the
+        objects stop with their final checkpoints and the new version starts from them. If it
+        cannot start, or refuses a checkpoint, its objects are stopped, its files removed and
+        the old version starts again from the same checkpoints (``rolled_back``). Only a
+        success removes the old files."""
+        old = (vm.version, vm.installed, dict(vm.policy))
+        self._upgrades += 1
+        dest = Path(self.baseline.storage) / "versions" / vm.name / str(self._upgrades)
+        outcome: dict[str, Any] = {"vm": vm.name, "from": old[0], "to": version, "ok": False,
+                                   "rolled_back": False}
         try:
-            await self._fetch_verify_install(vm)
-            outcome = {"vm": vm.name, "from": old, "to": vm.version, "ok": True}
+            await self._fetch_verify_install(vm, dest=dest)
+            ahead = await self._checkpoints(vm)
+        except ProvisionError as exc:  # nothing stopped: the old version serves on
+            vm.version, vm.installed, vm.policy = old
+            await asyncio.to_thread(_remove_version, dest)
+            return self._upgrade_refused(vm, outcome, exc)
+        states = await self._stop_for_upgrade(vm, ahead)
+        try:
+            await self._start_objects(vm, states)
         except ProvisionError as exc:
-            self._record({"vm": vm.name, "service": vm.service}, ProvisionError(f"upgrade: {exc.step}", exc.reason))
-            outcome = {"vm": vm.name, "from": old, "to": version, "ok": False, "error": str(exc)}
-        await self._start_objects(vm, states)
-        vm.steps.append((f"upgraded {old} -> {vm.version}" if outcome["ok"] else f"upgrade to {version} refused", time.time()))
+            await self._stop_for_upgrade(vm, {})  # what of the new version started
+            vm.version, vm.installed, vm.policy = old
+            await asyncio.to_thread(_remove_version, dest)
+            outcome["rolled_back"] = True
+            try:
+                await self._start_objects(vm, states)
+            except ProvisionError as again:
+                log.error("VM %s: the old version %s does not start again either: %s; removed",
+                          vm.name, old[0], again)
+                self._upgrade_refused(vm, outcome, exc)
+                await self.remove(vm.name)
+                return dict(outcome, removed=True)
+            vm.steps.append((f"upgrade to {version} rolled back to {old[0]}", time.time()))
+            self._emit("started", vm)
+            return self._upgrade_refused(vm, outcome, exc)
+        if old[1] and old[1] != vm.installed:
+            await asyncio.to_thread(_remove_version, Path(old[1]))
+        outcome.update(to=vm.version, ok=True)
+        vm.steps.append((f"upgraded {old[0]} -> {vm.version}", time.time()))
         log.info("VM %s: %s", vm.name, outcome)
         self._emit("started", vm)  # the instance again (a new version may change its formats)
         return outcome
+
+    def _upgrade_refused(self, vm: VirtualMachine, outcome: dict[str, Any],
+                         exc: ProvisionError) -> dict[str, Any]:
+        self._record({"vm": vm.name, "service": vm.service}, ProvisionError(f"upgrade: {exc.step}", exc.reason))
+        outcome["error"] = str(exc)
+        vm.steps.append((f"upgrade to {outcome['to']} refused", time.time()))
+        log.warning("VM %s: %s", vm.name, outcome)
+        return outcome
+
+    async def _checkpoints(self, vm: VirtualMachine) -> dict[str, Any]:
+        """Every object's checkpoint, asked while it serves: an object that gives none is not
+        upgraded (its state would be lost); the fallback should its final one be missing."""
+        from agent.hosting.runtime import ObjectProcessError
+
+        states = {}
+        for name, process in vm.objects.items():
+            try:
+                states[name] = await process.call("get_state", timeout=RUN_TIMEOUT)
+            except (ObjectProcessError, AgentError, asyncio.TimeoutError) as exc:
+                raise ProvisionError("checkpoint", f"{name} gave no checkpoint: {exc}") from None
+            if states[name] is None:
+                raise ProvisionError("checkpoint", f"{name} gave no checkpoint")
+        return states
+
+    async def _stop_for_upgrade(self, vm: VirtualMachine, ahead: dict[str, Any]) -> dict[str, Any]:
+        """Stop the VM's objects; their final checkpoints (``ahead``'s if one gives none)."""
+        states: dict[str, Any] = {}
+        for name in list(vm.objects):
+            process = vm.objects.pop(name)
+            state = await process.stop()
+            if state is None and name in ahead:
+                log.warning("upgrade of %s: %s gave no final checkpoint: the one taken before "
+                            "it stopped is used", vm.name, name)
+                state = ahead[name]
+            states[name] = state
+        return states
 
     async def call(self, vm_name: str, obj: str, cmd: str, **args: Any) -> Any:
         return await self.vms[vm_name].objects[obj].call(cmd, timeout=RUN_TIMEOUT, **args)
@@ -609,8 +675,20 @@ class VmManager:
             await self.shaper.uncap(vm.shaper_key)
         if vm.installed:
             await asyncio.to_thread(shutil.rmtree, vm.installed, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, Path(self.baseline.storage) / "versions" / name,
+                                ignore_errors=True)  # upgrades' directories
         return vm.describe()
 
     async def close(self) -> None:
         for name in list(self.vms):
             await self.remove(name)
+
+
+def _remove_version(path: Path) -> None:
+    """Remove one installed version, and its VM's versions directory once it is empty."""
+    shutil.rmtree(path, ignore_errors=True)
+    if path.parent.parent.name == "versions":
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass  # another version of it (the one that runs) is still there

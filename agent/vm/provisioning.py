@@ -18,10 +18,12 @@ from typing import Any, Callable
 from agent.vm.errors import ProvisionError
 
 
-async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] = time.time) -> None:
+async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] = time.time,
+                               dest: Path | None = None) -> None:
     """Fetch ``vm.service`` into a scratch copy, check its manifest and resources, verify and
     install it into the VM's directory; sets ``vm.version``, ``vm.installed``, ``vm.policy``.
-    ``now`` dates the steps (the manager's clock)."""
+    ``now`` dates the steps (the manager's clock); ``dest``: install there instead of the
+    VM's directory (an upgrade installs beside the version that runs, so it can roll back)."""
     from agent.vm.errors import RepositoryError
     from agent.vm.fetch import fetch_service
     from agent.vm.repository import inspect_service, install_service
@@ -50,7 +52,7 @@ async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] 
         _check_service(manifest.service, vm.service, "manifest")
         _check_part(vm, manifest)
         vm.steps.append(("resources sufficient", now()))
-        dest = storage / "installed" / vm.name
+        dest = dest if dest is not None else storage / "installed" / vm.name
         try:
             keys = [load_public_key(Path(k)) for k in vm.authorized]
             verified = await asyncio.to_thread(install_service, fetched, keys, dest, replace=True)
