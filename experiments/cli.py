@@ -16,7 +16,7 @@
     sudo moat down
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
-    sudo moat run handoff|tour|service-path|leases|attacks
+    sudo moat run handoff|tour|service-path|leases|attacks|faults
     sudo moat bench packets|registration|tunnel|provision|broker
     moat repo keygen|package|publish|verify|show ...
 
@@ -446,6 +446,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .attacks.driver import main as attacks_main
 
         return attacks_main(args.rest)
+    if args.experiment == "faults":
+        from .faults.driver import main as faults_main
+
+        return faults_main(args.rest)
     raise CliError(f"unknown experiment {args.experiment!r}")
 
 
@@ -581,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_topo(p)
     p.set_defaults(func=cmd_cli)
     p = sub.add_parser("run", help="run an experiment")
-    p.add_argument("experiment", choices=["handoff", "tour", "service-path", "leases", "attacks"])
+    p.add_argument("experiment", choices=["handoff", "tour", "service-path", "leases", "attacks", "faults"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")

@@ -1,0 +1,198 @@
+"""How ``moat run faults`` makes each fault in a running network, from the outside: kill -9 of
+an agent's process, a Mininet link down and up, a move with the target's migration role told
+to refuse a step (``inject_fault``), a move whose source or target agent is killed the moment
+the source logs a step. Nothing here edits an agent: it acts as an operator (or a crash) would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.core.errors import AgentError
+from agent.core.wait import WaitTimeout, wait_until
+from topologies.errors import TopologyError
+from topologies.run import ENV_RUN_ID
+
+log = logging.getLogger(__name__)
+
+#: How long an agent gets to answer ``ping`` after it was killed before the driver repairs it.
+RECOVER_TIMEOUT = 10.0
+#: A move's own bound (topologies.client.MIGRATE_TIMEOUT) plus a margin.
+MOVE_TIMEOUT = 75.0
+
+
+class InjectionError(AgentError):
+    """A fault could not be made as asked (its victim unknown, its event never seen)."""
+
+
+def agent_status(client: Any, router: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """``status`` of ``router``'s agent, or None when it does not answer."""
+    try:
+        status = client.call(router, "status", timeout=timeout)
+    except (AgentError, OSError, TopologyError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def restarts_of(status: dict[str, Any] | None) -> int | None:
+    """The restart count the agent reports (a supervisor's ``restarts`` field, wherever the
+    status puts it), or None when it reports none."""
+    if not status:
+        return None
+    for holder in (status, status.get("supervisor"), status.get("supervision")):
+        if isinstance(holder, dict) and isinstance(holder.get("restarts"), int):
+            return holder["restarts"]
+    return None
+
+
+def kill_agent(client: Any, router: str) -> int:
+    """kill -9 of ``router``'s agent process (the pid its ``status`` reports); the pid."""
+    status = agent_status(client, router)
+    if status is None or not isinstance(status.get("pid"), int):
+        raise InjectionError(f"{router}'s agent does not answer: nothing to kill")
+    os.kill(status["pid"], signal.SIGKILL)
+    log.info("killed %s's agent (pid %d)", router, status["pid"])
+    return status["pid"]
+
+
+def wait_agent_back(client: Any, router: str, old_pid: int, timeout: float = RECOVER_TIMEOUT) -> dict | None:
+    """The status of ``router``'s agent once a process other than ``old_pid`` answers, or None
+    when none does within ``timeout``."""
+    def back() -> dict | None:
+        status = agent_status(client, router, timeout=0.5)
+        return status if status and status.get("pid") != old_pid else None
+
+    try:
+        return wait_until(back, timeout, interval=0.05, what=f"{router}'s agent back")
+    except WaitTimeout:
+        return None
+
+
+def repair_agent(moat: Any, router: str, timeout: float = 20.0) -> str:
+    """Start ``router``'s agent again by hand (what nothing in the run did): stop whatever is
+    left of its daemon, start the same argv, wait for ``ping``. The repair's description, or
+    InjectionError when even that fails."""
+    node = moat.net[router]
+    node.stop_daemon(timeout=2.0)
+    argv = node.daemon_command()
+    node.start_daemon(argv, log_path=node.params.get("daemon_log"),
+                      env={ENV_RUN_ID: moat.run.run_id}, cwd=node.params.get("daemon_cwd"))
+    if agent_status(moat.client, router) is None:
+        try:
+            wait_until(lambda: agent_status(moat.client, router, timeout=0.5), timeout,
+                       interval=0.1, what=f"{router}'s agent started by hand")
+        except WaitTimeout:
+            raise InjectionError(f"{router}'s agent did not come back even when started by hand") from None
+    return f"{router}'s agent started again by the driver"
+
+
+def instances(client: Any, name: str) -> tuple[list[str], list[str]]:
+    """(routers listing object ``name``, routers whose agent did not answer)."""
+    where, dead = [], []
+    for router in client.routers():
+        try:
+            objects = client.call(router, "objects", timeout=2.0)
+        except (AgentError, OSError, TopologyError):
+            dead.append(router)
+            continue
+        if any(o.get("name") == name for o in objects):
+            where.append(router)
+    return where, dead
+
+
+def object_count(client: Any, router: str, name: str) -> int | None:
+    """The counter's own count on ``router`` (None if it does not answer)."""
+    try:
+        stats = client.call(router, "object_stats", name=name, timeout=3.0)
+        return int(stats["state"]["count"])
+    except (AgentError, OSError, TopologyError, KeyError, TypeError, ValueError):
+        return None
+
+
+def link(moat: Any, a: str, b: str, hold_s: float) -> dict[str, Any]:
+    """The link a-b down (both ends, Mininet's configLinkStatus) for ``hold_s``, then up."""
+    moat.net.configLinkStatus(a, b, "down")
+    down = time.time()
+    try:
+        time.sleep(hold_s)  # the fault's length, not a wait for anything
+    finally:
+        moat.net.configLinkStatus(a, b, "up")
+    return {"down_at": down, "up_at": time.time()}
+
+
+def supported_points(client: Any, router: str) -> tuple[str, ...]:
+    """The fault points ``router``'s migration role accepts (from its refusal of an unknown
+    one, which names them): what F3 has landed so far."""
+    try:
+        client.call(router, "inject_fault", point="?", count=0)
+    except AgentError as exc:
+        text = str(exc)
+        if "one of" in text:
+            return tuple(p.strip(" '\"()") for p in text.split("one of", 1)[1].split(",") if p.strip(" '\"()"))
+    return ()
+
+
+@dataclass
+class Move:
+    """A move in a thread: its report (or the error it ended with) and when it ended."""
+
+    report: dict[str, Any] | None = None
+    error: str = ""
+    ended: float | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    def join(self, timeout: float = MOVE_TIMEOUT) -> None:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.error = self.error or f"the move did not end within {timeout:.0f}s"
+
+
+def start_move(client: Any, name: str, target: str, mode: str) -> Move:
+    move = Move()
+
+    def go() -> None:
+        try:
+            move.report = client.migrate(name, target, mode)
+        except (AgentError, OSError, TopologyError) as exc:
+            move.error = f"{type(exc).__name__}: {exc}"
+        move.ended = time.time()
+
+    move.thread = threading.Thread(target=go, name=f"move-{name}", daemon=True)
+    move.thread.start()
+    return move
+
+
+def wait_log_line(path: Path, offset: int, needle: str, timeout: float, stop: Move) -> float | None:
+    """The wall-clock instant ``needle`` appears in ``path`` after byte ``offset`` (polled
+    every millisecond), or None when the move ended (or ``timeout`` passed) first."""
+    deadline = time.monotonic() + timeout
+    with path.open("rb") as f:
+        f.seek(offset)
+        buf = b""
+        data = needle.encode()
+        while time.monotonic() < deadline:
+            chunk = f.read()
+            if chunk:
+                buf = (buf + chunk)[-65536:]
+                if data in buf:
+                    return time.time()
+            elif stop.ended is not None:
+                return None
+            else:
+                time.sleep(0.001)
+    return None
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

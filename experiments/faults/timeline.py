@@ -1,0 +1,163 @@
+"""The pure analysis of ``moat run faults``: from the CO's per-request log (nodetools.co_load:
+``{"seq", "sent", "replies": [{"at", "served_by", "result": {"count"}, "ok"}]}``, wall clock)
+and the instant a fault was injected, whether service came back, how fast, what was lost,
+and whether the counter's state stayed exact.
+
+Definitions (the README's "Fault experiment" says the same):
+
+* lost: requests of the fault's window sent but never answered;
+* recovery time: from the fault to the first reply to a request sent after the window's last
+  unanswered request (0 when nothing was lost after the fault);
+* recovered: after the last unanswered request at least ``tail`` requests were answered and
+  the window's last request was answered (service is back and stays back);
+* exact: no count value was given to two different requests (none counted twice, no older
+  checkpoint serving, never two instances answering) and every copy of one request's reply
+  (make-before-break bicast) carries the same count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+__all__ = ["Request", "WindowResult", "TimelineError", "parse_requests", "analyse_window",
+           "count_owners", "state_check", "final_check"]
+
+
+class TimelineError(ValueError):
+    """A CO log line that is not a request record."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: who sent it (the load's client id: one per fault window), its seq, when it
+    was sent, the first reply's time (None: never answered) and the counts its replies carry."""
+
+    client: str
+    seq: int
+    sent: float
+    answered_at: float | None
+    counts: tuple[int, ...]
+    served_by: tuple[str, ...] = ()
+
+    @property
+    def answered(self) -> bool:
+        return self.answered_at is not None
+
+
+def _number(doc: dict[str, Any], key: str) -> float:
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TimelineError(f"request record field {key!r} is not a number: {value!r}")
+    return float(value)
+
+
+def parse_requests(records: Iterable[Any], client: str) -> list[Request]:
+    """:class:`Request` s from co_load's records; :class:`TimelineError` on a malformed one.
+    Replies that are not ``ok`` do not count as answers (the object refused)."""
+    out = []
+    for doc in records:
+        if not isinstance(doc, dict) or not isinstance(doc.get("replies"), list):
+            raise TimelineError(f"not a request record: {doc!r}")
+        seq, sent = int(_number(doc, "seq")), _number(doc, "sent")
+        times, counts, by = [], [], []
+        for reply in doc["replies"]:
+            if not isinstance(reply, dict):
+                raise TimelineError(f"request {seq}: a reply is not an object: {reply!r}")
+            if reply.get("ok") is not True:
+                continue
+            times.append(_number(reply, "at"))
+            result = reply.get("result")
+            count = result.get("count") if isinstance(result, dict) else None
+            if isinstance(count, int) and not isinstance(count, bool):
+                counts.append(count)
+            if isinstance(reply.get("served_by"), str):
+                by.append(reply["served_by"])
+        out.append(Request(client, seq, sent, min(times) if times else None, tuple(counts),
+                           tuple(sorted(set(by)))))
+    return sorted(out, key=lambda r: (r.sent, r.seq))
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """What one fault's window shows."""
+
+    sent: int
+    answered: int
+    lost: int
+    lost_after_fault: int
+    recovered: bool
+    recovery_s: float | None
+    served_before: bool
+    last_lost_s: float | None
+
+
+def analyse_window(requests: list[Request], fault_at: float, tail: int = 50) -> WindowResult:
+    """Loss and recovery of one window (its requests, the fault's wall-clock instant).
+
+    ``tail``: the answered requests needed after the last unanswered one to call service back
+    (50 at 200 requests/s: a quarter of a second without a loss)."""
+    if tail < 1:
+        raise ValueError("tail must be at least 1")
+    reqs = sorted(requests, key=lambda r: (r.sent, r.seq))
+    after = [r for r in reqs if r.sent >= fault_at]
+    before = [r for r in reqs if r.sent < fault_at]
+    lost = [r for r in reqs if not r.answered]
+    lost_after = [r for r in after if not r.answered]
+    served_before = any(r.answered for r in before)
+    if not after:
+        return WindowResult(len(reqs), len(reqs) - len(lost), len(lost), 0, False, None,
+                            served_before, None)
+    # The last loss that belongs to this fault: any unanswered request sent after it, or
+    # sent just before it whose reply the fault swallowed.
+    last_lost = max((r.sent for r in lost if r.sent >= fault_at - 1.0), default=None)
+    if last_lost is None:
+        back = [r for r in after if r.answered]
+        recovered = len(back) >= min(tail, len(after)) and after[-1].answered
+        return WindowResult(len(reqs), len(reqs) - len(lost), len(lost), 0, recovered,
+                            0.0 if recovered else None, served_before, None)
+    following = [r for r in after if r.sent > last_lost]
+    recovered = len(following) >= tail and all(r.answered for r in following)
+    recovery = None
+    if recovered:
+        first = min(r.answered_at for r in following if r.answered_at is not None)
+        recovery = round(max(0.0, first - fault_at), 4)
+    return WindowResult(len(reqs), len(reqs) - len(lost), len(lost), len(lost_after), recovered,
+                        recovery, served_before, round(last_lost - fault_at, 4))
+
+
+def count_owners(requests: Iterable[Request]) -> dict[int, set[tuple[str, int]]]:
+    """Count value -> the requests (client, seq) whose replies carried it."""
+    owners: dict[int, set[tuple[str, int]]] = {}
+    for r in requests:
+        for c in set(r.counts):
+            owners.setdefault(c, set()).add((r.client, r.seq))
+    return owners
+
+
+def state_check(earlier: Iterable[Request], window: Iterable[Request]) -> dict[str, Any]:
+    """Whether the window kept the counter exact, given every request answered before it in
+    the same epoch (the object's life since it was last placed): ``duplicates`` are count
+    values of the window also given to another request (the state went back or two instances
+    answered), ``inconsistent`` requests whose reply copies disagree."""
+    window = list(window)
+    owners = count_owners([*earlier, *window])
+    mine = {(r.client, r.seq) for r in window}
+    duplicates = sorted(c for c, who in owners.items() if len(who) > 1 and who & mine)
+    inconsistent = [r.seq for r in window if len(set(r.counts)) > 1]
+    return {"duplicates": len(duplicates), "duplicate_counts": duplicates[:20],
+            "inconsistent": len(inconsistent), "exact": not duplicates and not inconsistent}
+
+
+def final_check(requests: Iterable[Request], object_count: int | None) -> dict[str, Any]:
+    """At the end of an epoch: the object's own count against what the CO saw. Exact when no
+    count was given twice and the object counted every answered request and, beyond those,
+    at most the requests whose reply was lost (counted, but the reply never arrived)."""
+    reqs = list(requests)
+    answered = sum(1 for r in reqs if r.answered)
+    lost = len(reqs) - answered
+    dup = state_check([], reqs)
+    within = object_count is not None and answered <= object_count <= answered + lost
+    return {"answered": answered, "lost": lost, "object_count": object_count,
+            "counted_not_answered": None if object_count is None else object_count - answered,
+            "duplicates": dup["duplicates"], "exact": dup["exact"] and within}
