@@ -64,7 +64,8 @@ COLUMNS = {
     "agents": ["router", "address", "interface", "flags", "sequence", "care_of_addresses", "age"],
     "objects": ["router", "name", "home_address", "vm", "pid", "cpu_seconds", "memory_mb_used", "at_home",
                 "agent", "care_of_address", "care_of_name", "remaining"],
-    "status": ["router", "roles", "pid", "uptime", "bindings", "visitors", "objects", "malformed"],
+    "status": ["router", "state", "roles", "pid", "uptime", "restarts", "last_exit", "bindings", "visitors",
+               "objects", "malformed"],
     "vm": ["router", "name", "kind", "service", "version", "address", "port", "cpu", "memory_mb",
            "pids", "object", "object_pid", "cpu_seconds", "memory_mb_used", "memory_mb_peak"],
     "errors": ["router", "at", "vm", "service", "step", "reason"],
@@ -203,16 +204,50 @@ def _flatten_vm(router: str, vm: dict[str, Any]) -> dict[str, Any]:
                 memory_mb_peak=None if usage.get("memory_peak_bytes") is None else round(usage["memory_peak_bytes"] / mib, 1))
 
 
+def _log_lines(client: RunClient, router: str, lines: int) -> list[str]:
+    """The last ``lines`` of ``router``'s agent log: from the agent, or, when it does not
+    answer (down, restarting), from its log file and its supervisor's output."""
+    try:
+        return client.call(router, "log", lines=lines)
+    except ControlError:
+        state = client.agent_state(router)
+        if state["state"] == "up":
+            raise
+    out = [f"(agent {state['state']}, restarts {state['restarts']}, last exit: {state['last_exit'] or '-'})"]
+    for name in (f"{router}.log", f"{router}.out"):
+        try:
+            text = (client.run.dir / name).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        out += [f"-- {name}", *text[-int(lines):]]
+    return out
+
+
 def collect(client: RunClient, what: str, routers: list[str],
             lines: int = 30) -> list[dict[str, Any]] | dict[str, list[str]]:
     """Rows of table ``what`` from ``routers``' agents (``log``: lines per router)."""
     if what == "log":
-        return {r: client.call(r, "log", lines=lines) for r in routers}
+        return {r: _log_lines(client, r, lines) for r in routers}
     rows: list[dict[str, Any]] = []
     for router in routers:
-        result = client.call(router, what)
+        try:
+            result = client.call(router, what)
+        except ControlError:
+            state = client.agent_state(router)
+            if state["state"] == "up":
+                raise  # the agent answers: this is a refusal, not a dead agent
+            if what == "status":
+                rows.append(state)
+            else:  # the other agents' rows still show
+                print(f"moat: {router}: agent {state['state']} (restarts {state['restarts']}, "
+                      f"last exit: {state['last_exit'] or '-'}); its rows are missing", file=sys.stderr)
+            continue
         if what == "status":
-            rows.append(dict(result, router=router, roles=",".join(result["roles"]) or "-"))
+            sup = client.supervision(router) or {}
+            last = sup.get("last_exit") if isinstance(sup.get("last_exit"), dict) else {}
+            rows.append(dict(result, router=router, roles=",".join(result["roles"]) or "-",
+                             state="up (crash-loop)" if sup.get("crash_loop") else "up",
+                             restarts=sup.get("restarts", 0), last_exit=last.get("text")))
         elif what == "objects":
             rows += [_flatten_object(router, o) for o in result]
         elif what == "vm":

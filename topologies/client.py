@@ -107,6 +107,15 @@ def write_co_keys(run: Run, keys: dict[str, bytes]) -> Path:
     return _write_private_json(run.dir / CO_KEYS_FILE, {h: k.hex() for h, k in keys.items()})
 
 
+def _stopped(pid: int) -> bool:
+    """Is process ``pid`` stopped (SIGSTOP, a debugger)? It restarts nothing then."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] in (["T"], ["t"])
+
+
 class RunClient:
     """Act on the running network of ``run``: checked names, agent calls, objects, VMs."""
 
@@ -180,6 +189,38 @@ class RunClient:
     def call(self, router: str, cmd: str, timeout: float = CONTROL_TIMEOUT, **args: Any) -> Any:
         """One control call to ``router``'s agent (ControlError on a refusal)."""
         return self.agent(router, timeout).call(cmd, **args)
+
+    def supervision(self, router: str) -> dict[str, Any] | None:
+        """What ``router``'s supervisor last wrote (:mod:`agent.supervisor`), or None."""
+        from agent.supervisor import read_status, status_path
+
+        return read_status(status_path(self.run.dir, self.check_router(router)))
+
+    def agent_state(self, router: str, timeout: float = 2.0) -> dict[str, Any]:
+        """Is ``router``'s agent up? ``state``: ``up`` (it answers ``ping``), ``restarting``
+        (its supervisor restarts it), ``crash-loop`` (it keeps dying; the supervisor still
+        restarts it every few seconds) or ``down`` (no answer and nobody restarting it);
+        with the supervisor's ``restarts`` and ``last_exit``. Never raises for a dead agent."""
+        from agent.core.errors import ControlError
+        from topologies.run import pid_alive
+
+        sup = self.supervision(router) or {}
+        try:
+            self.call(router, "ping", timeout=timeout)
+            state = "up"
+        except ControlError:
+            pid = sup.get("supervisor_pid")
+            supervised = sup.get("state") in ("starting", "running", "restarting") and \
+                isinstance(pid, int) and pid_alive(pid) and not _stopped(pid)
+            if not supervised:
+                state = "down"
+            else:
+                state = "crash-loop" if sup.get("crash_loop") else "restarting"
+        last = sup.get("last_exit") if isinstance(sup.get("last_exit"), dict) else {}
+        return {"router": router, "state": state, "restarts": sup.get("restarts", 0),
+                "crash_loop": bool(sup.get("crash_loop")), "last_exit": last.get("text"),
+                "last_exit_at": last.get("at"), "supervisor": sup.get("state"),
+                "back_in_s": sup.get("last_back_in_s")}
 
     # --- facts of the run ------------------------------------------------------------------
 

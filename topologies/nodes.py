@@ -229,6 +229,28 @@ class ManagedDaemonMixin:
 RP_FILTER_ALL, RP_FILTER_INTERFACE, RP_FILTER_LO = 0, 2, 0
 
 
+def supervised_argv(argv: Sequence[str], node: str, log_path: Path) -> list[str]:
+    """``argv`` run under :mod:`agent.supervisor`, which restarts it when it dies (issue 13).
+
+    An agent's argv (``... -m agent --config FILE``) gets the status file and the control
+    socket of its configuration (``<run>/<router>.supervisor.json``, ``<run>/<router>.sock``),
+    where :class:`topologies.client.RunClient` finds them; any other daemon gets a status
+    file beside its log."""
+    import sys
+
+    argv = [str(a) for a in argv]
+    status = log_path.parent / f"{node}.supervisor.json"
+    extra: list[str] = []
+    if "--config" in argv[:-1] and "agent" in argv:
+        from agent.core.config import AgentConfig
+        from agent.supervisor import status_path
+
+        config = AgentConfig.load(Path(argv[argv.index("--config") + 1]))
+        status = status_path(config.run_dir, config.name)
+        extra = ["--socket", str(config.socket_path)]
+    return [sys.executable, "-m", "agent.supervisor", "--status", str(status), *extra, "--", *argv]
+
+
 class MoatRouter(ManagedDaemonMixin, Node):
     """A router: forwarding on, loose rp_filter, computed static routes, optional daemon.
 
@@ -236,7 +258,28 @@ class MoatRouter(ManagedDaemonMixin, Node):
     ``daemon_argv``, ``daemon_log``, ``daemon_env``, ``daemon_cwd`` — see
     :class:`ManagedDaemonMixin`; ``send_redirects`` (default False). Other params
     (``network``, ``role``, ``border``) are metadata for experiments and are ignored here.
+
+    A router's daemon (its agent) runs under :mod:`agent.supervisor` (``daemon_supervised``,
+    on by default): the node's daemon pid is the supervisor's, the agent is its child in the
+    same process group, so stopping the node (SIGTERM to the group, then SIGKILL) stops both
+    and a killed or crashed agent is started again within about a second.
     """
+
+    #: Run the daemon under :mod:`agent.supervisor` (restarts it with backoff).
+    daemon_supervised: ClassVar[bool] = True
+
+    def start_daemon(
+        self,
+        argv: Sequence[str],
+        log_path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """:meth:`ManagedDaemonMixin.start_daemon` of ``argv`` under the supervisor."""
+        if self.daemon_supervised and argv and "agent.supervisor" not in [str(a) for a in argv]:
+            path = Path(log_path) if log_path else self.default_daemon_log()
+            argv = supervised_argv(argv, self.name, path)
+        return super().start_daemon(argv, log_path=log_path, env=env, cwd=cwd)
 
     def config(  # type: ignore[override]
         self,
