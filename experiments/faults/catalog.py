@@ -67,7 +67,9 @@ def _migration_kills() -> list[Fault]:
 
 FAULTS: tuple[Fault, ...] = (
     Fault("link_r22a_r18a", "link", "the backbone link r22a-r18a down for 2 s, then up",
-          "none beyond the data plane: traffic must resume when the link returns", hold_s=2.0),
+          "routes back when a link comes back: the kernel flushes a link's static routes when "
+          "it goes down and nothing in a run installs them again (no routing daemon; the "
+          "router node could re-install its topology routes on link up)", hold_s=2.0),
     Fault("cut_transfer_mbb", "inject",
           "a make-before-break move r18b<->r20a whose STATE_TRANSFER the target refuses "
           "(inject_fault state_transfer)",

@@ -134,10 +134,15 @@ class Run:
         self.epoch += 1
         self.epoch_requests = []
 
-    def repair(self) -> list[str]:
-        """After a fault that did not recover: every agent answering, the counter at exactly
-        one router. What was done, in words (empty: nothing was needed)."""
+    def repair(self, fault: Fault) -> list[str]:
+        """After a fault that did not recover: the link's routes back, every agent answering,
+        the counter at exactly one router. What was done, in words (empty: nothing needed)."""
         done = []
+        if fault.kind == "link":
+            for router in LINK:
+                if inj.missing_routes(self.moat, router):
+                    inj.restore_routes(self.moat, router)
+                    done.append(f"{router}'s static routes installed again by the driver")
         for router in self.client.routers():
             if inj.agent_status(self.client, router) is None:
                 done.append(inj.repair_agent(self.moat, router))
@@ -174,7 +179,9 @@ class Run:
             return {"at": at, "victim": victim, "pid": pid, "ended": at}
         if fault.kind == "link":
             times = inj.link(self.moat, *LINK, fault.hold_s)
-            return {"at": times["down_at"], "victim": "-".join(LINK), "ended": times["up_at"]}
+            missing = {r: inj.missing_routes(self.moat, r) for r in LINK}
+            return {"at": times["down_at"], "victim": "-".join(LINK), "ended": times["up_at"],
+                    "routes_missing_after_up": {r: m for r, m in missing.items() if m}}
         target = OTHER if here != OTHER else HOSTING
         if fault.kind == "inject":
             points = inj.supported_points(client, target)
@@ -222,10 +229,22 @@ class Run:
         here = where[0]
         window = self.start_load()
         try:
+            before_note = ""
             if not self.serving(here):
-                self.stop_load(window)
-                return not_run_row(fault, f"{OBJECT} on {here} does not count the load's requests")
+                # The previous fault left it registered nowhere useful: start it afresh.
+                with contextlib.suppress(Exception):
+                    self.client.call(here, "object_stop", name=OBJECT, deregister=True, timeout=10)
+                self.place()
+                here = HOSTING
+                if not self.serving(here, timeout=10):
+                    self.stop_load(window)
+                    return not_run_row(fault, f"{OBJECT} does not count the load's requests, "
+                                              f"even placed again on {HOSTING}")
+                before_note = (f"{OBJECT} did not serve before this fault: placed again on {HOSTING} "
+                               f"(epoch {self.epoch})")
             time.sleep(self.args.baseline)  # the window's baseline, before the fault
+            restarts_before = {r: inj.supervisor_restarts(self.moat.run.dir, r)
+                               for r in self.client.routers()}
             try:
                 made = self.inject(fault, here)
             except inj.InjectionError as exc:
@@ -241,8 +260,12 @@ class Run:
             if window.proc is not None and window.proc.poll() is None:
                 self.stop_load(window)
         after_where, after_dead = self.where()
-        restarts = inj.restarts_of(back)  # what a supervisor reports (None: it reports none)
-        notes = []
+        restarts = None
+        if "pid" in made and victim in self.client.routers():
+            # What the supervisor counted (None: the agent runs unsupervised).
+            now, was = inj.supervisor_restarts(self.moat.run.dir, victim), restarts_before.get(victim)
+            restarts = now - (was or 0) if now is not None else inj.restarts_of(back)
+        notes = [before_note] if before_note else []
         if "pid" in made:
             notes.append(f"{victim} pid {made['pid']} -> "
                          f"{back.get('pid') if back else 'not back within %.0fs' % inj.RECOVER_TIMEOUT}")
@@ -252,7 +275,9 @@ class Run:
         result = analyse_window(window.requests, made["at"], tail=self.args.tail)
         state = state_check(self.epoch_requests, window.requests)
         self.epoch_requests.extend(window.requests)
-        repaired = self.repair() if (len(after_where) != 1 or after_dead) else []
+        if made.get("routes_missing_after_up"):
+            notes.append(f"routes gone after the link came back: {made['routes_missing_after_up']}")
+        repaired = self.repair(fault) if (len(after_where) != 1 or after_dead or not result.recovered) else []
         if repaired:
             notes.append("; ".join(repaired))
         return make_row(fault, result, state, fault_at=made["at"], victim=victim,

@@ -41,9 +41,17 @@ def agent_status(client: Any, router: str, timeout: float = 1.0) -> dict[str, An
     return status if isinstance(status, dict) else None
 
 
+def supervisor_restarts(run_dir: Path, router: str) -> int | None:
+    """The restarts ``router``'s supervisor counted (its status file, agent.supervisor), or
+    None when the router's agent runs unsupervised."""
+    from agent.supervisor import read_status, status_path
+
+    doc = read_status(status_path(run_dir, router))
+    return doc["restarts"] if doc and isinstance(doc.get("restarts"), int) else None
+
+
 def restarts_of(status: dict[str, Any] | None) -> int | None:
-    """The restart count the agent reports (a supervisor's ``restarts`` field, wherever the
-    status puts it), or None when it reports none."""
+    """The restart count an agent's ``status`` reports (wherever it puts it), or None."""
     if not status:
         return None
     for holder in (status, status.get("supervisor"), status.get("supervision")):
@@ -118,13 +126,32 @@ def object_count(client: Any, router: str, name: str) -> int | None:
 
 def link(moat: Any, a: str, b: str, hold_s: float) -> dict[str, Any]:
     """The link a-b down (both ends, Mininet's configLinkStatus) for ``hold_s``, then up."""
+    down = time.time()  # the fault starts with the first interface going down
     moat.net.configLinkStatus(a, b, "down")
-    down = time.time()
     try:
         time.sleep(hold_s)  # the fault's length, not a wait for anything
     finally:
         moat.net.configLinkStatus(a, b, "up")
     return {"down_at": down, "up_at": time.time()}
+
+
+def missing_routes(moat: Any, router: str) -> list[str]:
+    """The static routes the topology gave ``router`` (its ``routes`` node param) that its
+    routing table no longer has (a link that went down takes its routes with it)."""
+    node = moat.net[router]
+    missing = []
+    for prefix, via in node.params.get("routes") or []:
+        if not node.cmd(f"ip route show {prefix}").strip():
+            missing.append(f"{prefix} via {via}")
+    return missing
+
+
+def restore_routes(moat: Any, router: str) -> None:
+    """Install ``router``'s static routes again (what nothing in a run does by itself)."""
+    from topologies.nodes import install_routes
+
+    node = moat.net[router]
+    install_routes(node, node.params.get("routes") or [])
 
 
 def supported_points(client: Any, router: str) -> tuple[str, ...]:

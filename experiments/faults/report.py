@@ -163,7 +163,7 @@ def plot(requests: list[Any], rows: list[dict[str, Any]], dest: Path, bin_s: flo
     ax.set_xlabel("time (s, by send time)")
     ax.set_ylabel("requests per second")
     ax.set_title("Fault experiment: the CO's requests answered and lost (dashed: a fault; red: "
-                 "not recovered exact)", pad=110)
+                 "not recovered exact)", pad=90)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     out = dest / "timeline.png"
