@@ -165,6 +165,18 @@ def open_log(path: Path) -> int:
                    0o640)
 
 
+def interpreter_paths(argv: Sequence[str]) -> list[str]:
+    """What the object's program needs to be found once its private /tmp covers the
+    router's: the virtual environment its interpreter belongs to (a checkout under /tmp, as
+    CI clones one, has its ``.venv`` there), else the program itself. Code, never secrets."""
+    if not argv or not os.path.isabs(argv[0]):
+        return []
+    venv = os.path.dirname(os.path.dirname(argv[0]))
+    if os.path.exists(os.path.join(venv, "pyvenv.cfg")):
+        return [venv]
+    return [argv[0]]
+
+
 def minimal_env(workdir: Path, private_tmp: bool = True, **extra: str) -> dict[str, str]:
     """PATH, HOME (the working directory), TMPDIR (the private /tmp, or the working directory
     where the object shares the router's /tmp: ``private_tmp`` False), a UTF-8 locale."""
@@ -210,7 +222,8 @@ class SandboxSpec:
         if self.uid <= 0 or self.gid <= 0:
             raise SandboxError(f"an object never runs as uid {self.uid} / gid {self.gid}")
         env = self.env if self.env is not None else minimal_env(self.workdir, self.isolate_fs)
-        expose = [*self.expose, *(p for p in env.get("PYTHONPATH", "").split(":") if p)]
+        expose = [*self.expose, *(p for p in env.get("PYTHONPATH", "").split(":") if p),
+                  *interpreter_paths(argv)]
         return {
             "argv": list(argv),
             "env": env,
