@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
-REPO = Path(__file__).resolve().parent.parent
+#: The repository root (agent/hosting/runtime.py is two levels below it): on the object's
+#: PYTHONPATH, so it imports agent.sdk and packets wherever the checkout is.
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

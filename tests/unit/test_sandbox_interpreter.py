@@ -34,3 +34,10 @@ def test_the_launch_spec_exposes_the_interpreters_environment(tmp_path: Path) ->
     spec = SandboxSpec(workdir=tmp_path / "w", uid=620001, gid=620001)
     doc = spec.launch_spec([str(python), "-m", "agent.hosting.runner"], None)
     assert str(tmp_path / ".venv") in doc["expose"]
+
+
+def test_the_objects_pythonpath_holds_the_repository_root() -> None:
+    """Objects import ``agent`` and ``packets`` from the checkout, not through the venv."""
+    from agent.hosting.runtime import REPO
+
+    assert (REPO / "agent" / "sdk.py").is_file() and (REPO / "packets").is_dir()
