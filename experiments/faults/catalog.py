@@ -15,11 +15,22 @@ __all__ = ["Fault", "FAULTS", "ORDER", "SHORT", "by_name", "UnknownFault"]
 
 MBB, BBM = "make-before-break", "break-before-make"
 
-#: The source's log lines at each step of a move (MigrationReport.step), by short step name.
-MBB_STEPS = {"warm_start": "start warm instance at target, register with S",
-             "target_registered": "target registered (its instance queues requests)",
-             "source_stopped": "source stopped with its final checkpoint"}
-BBM_STEPS = {"source_stopping": "stop source, keep checkpoint"}
+#: The migration role's crash points (agent/hosting/migration.py CRASH_POINTS, issue 13 F3)
+#: measured per mode, each with the source's step log line (``MigrationReport.step``) at which
+#: a kill -9 from outside makes the same crash when the role does not offer the point yet
+#: ("": no step line marks it; the row is then not run).
+CRASHES = {
+    MBB: {"source_after_start": "target registered (its instance queues requests)",
+          "source_after_stop": "source stopped with its final checkpoint",
+          "source_after_transfer": "target restored",
+          "source_after_commit": "target committed: it serves",
+          "target_after_start": "",
+          "target_after_restore": ""},
+    BBM: {"source_after_stop": "stop source, keep checkpoint",
+          "source_after_start": "target registered with the checkpoint",
+          "source_after_commit": "target committed: it serves",
+          "target_after_start": ""},
+}
 
 
 class UnknownFault(ValueError):
@@ -32,9 +43,11 @@ class Fault:
 
     kinds: ``kill`` (kill -9 of the agent of ``victim``: hoa, foa or router, the object's
     hosting router), ``link`` (a backbone link down ``hold_s`` seconds, then up),
-    ``migration_kill`` (a move in ``mode``; kill -9 of ``victim``: source or target, when the
+    ``migration_crash`` (a move in ``mode`` whose ``victim``, source or target, dies at crash
+    point ``point`` of its migration role, or, where the role lacks it, is killed -9 when the
     source logs ``marker``), ``inject`` (a move in ``mode`` with the target's migration role
-    refusing ``point``, its ``inject_fault`` command), ``upgrade`` (the remote site
+    refusing or cutting ``point``, ``+``-joined when several, its ``inject_fault`` command),
+    ``upgrade`` (the remote site
     unreachable while a VM upgrades).
     """
 
@@ -51,17 +64,18 @@ class Fault:
     not_runnable: str = ""
 
 
-def _migration_kills() -> list[Fault]:
+def _migration_crashes() -> list[Fault]:
     out = []
-    for mode, steps, short in ((MBB, MBB_STEPS, "mbb"), (BBM, BBM_STEPS, "bbm")):
-        for step, marker in steps.items():
-            for victim in ("source", "target"):
-                out.append(Fault(
-                    f"{short}_{step}_kill_{victim}", "migration_kill",
-                    f"a {mode} move r18b<->r20a; kill -9 of the {victim}'s agent when the source "
-                    f"logs '{marker}'",
-                    "crash-safe migration (issue 13 item 4, F3) and agent supervision (F1)",
-                    victim=victim, mode=mode, marker=marker))
+    for mode, points in CRASHES.items():
+        short = "mbb" if mode == MBB else "bbm"
+        for point, marker in points.items():
+            victim = point.split("_", 1)[0]
+            out.append(Fault(
+                f"{short}_{point}", "migration_crash",
+                f"a {mode} move r18b<->r20a; the {victim}'s agent dies (SIGKILL) {point.split('_', 1)[1].replace('_', ' ')} "
+                f"(its crash point {point}; else kill -9 when the source logs '{marker or '-'}')",
+                "crash-safe migration (issue 13 item 4, F3) and agent supervision (F1)",
+                victim=victim, mode=mode, marker=marker, point=point))
     return out
 
 
@@ -80,7 +94,22 @@ FAULTS: tuple[Fault, ...] = (
           "(inject_fault migrate_start)",
           "crash-safe migration: restart at the source from the checkpoint (F3)",
           mode=BBM, point="migrate_start"),
-    *_migration_kills(),
+    Fault("transfer_cut_mbb", "inject",
+          "a make-before-break move whose target restores the state but its answer is lost "
+          "(inject_fault transfer_cut)",
+          "crash-safe migration: exactly one instance with the latest state (F3)",
+          mode=MBB, point="transfer_cut"),
+    Fault("commit_cut_mbb", "inject",
+          "a make-before-break move whose commit the target takes but its answer is lost "
+          "(inject_fault commit_cut)",
+          "crash-safe migration: the source learns the outcome, one instance serves (F3)",
+          mode=MBB, point="commit_cut"),
+    Fault("cancel_lost_mbb", "inject",
+          "a make-before-break move whose STATE_TRANSFER the target refuses and whose cancel is "
+          "lost too (inject_fault state_transfer + cancel_lost)",
+          "crash-safe migration: the warm target drops itself, the source serves (F3)",
+          mode=MBB, point="state_transfer+cancel_lost"),
+    *_migration_crashes(),
     Fault("kill_foa", "kill", "kill -9 of the FOA's agent (r18a, the object's foreign agent)",
           "agent supervision (F1), durable FOA visitors and re-registration on a restarted "
           "agent's advertisement sequence (F2)", victim="foa"),
@@ -91,9 +120,10 @@ FAULTS: tuple[Fault, ...] = (
     Fault("upgrade_site_down", "upgrade",
           "the remote site unreachable while the counter's VM upgrades",
           "upgrade rollback to the previous version with its state (issue 13 item 5, F3)",
-          not_runnable="the counter runs placed, not as a provisioned VM's mobile object, and this "
-                       "experiment has no step yet that publishes a new version and cuts the site "
-                       "mid-upgrade"),
+          not_runnable="no event marks an upgrade between its version probe (which must reach "
+                       "the site) and its fetch: the VM manager logs neither, so the site cannot be "
+                       "cut at that instant from outside; and the counter runs placed here, not as "
+                       "a provisioned VM's object (the rollback itself: tests/unit/test_vm_upgrade.py)"),
 )
 
 ORDER: tuple[str, ...] = tuple(f.name for f in FAULTS)

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.errors import AgentError
 from agent.core.wait import WaitTimeout, wait_until
+from topologies.errors import TopologyError
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 
@@ -184,38 +186,55 @@ class Run:
                     "routes_missing_after_up": {r: m for r, m in missing.items() if m}}
         target = OTHER if here != OTHER else HOSTING
         if fault.kind == "inject":
+            wanted = fault.point.split("+")
             points = inj.supported_points(client, target)
-            if fault.point not in points:
-                raise inj.InjectionError(f"{target}'s migration role has no fault point {fault.point!r} "
+            lacking = [p for p in wanted if p not in points]
+            if lacking:
+                raise inj.InjectionError(f"{target}'s migration role has no fault point {lacking} "
                                          f"(it offers {list(points)})")
-            client.call(target, "inject_fault", point=fault.point, count=1)
+            for point in wanted:
+                client.call(target, "inject_fault", point=point, count=1)
             at = time.time()
             move = inj.start_move(client, OBJECT, target, fault.mode)
             move.join()
-            with contextlib.suppress(Exception):
-                client.call(target, "inject_fault", point=fault.point, count=0)
+            inj.disarm(client, target, wanted)
             return {"at": at, "victim": target, "ended": move.ended or time.time(),
                     "move": _move_summary(move)}
-        if fault.kind == "migration_kill":
-            source_log = self.moat.run.dir / f"{here}.log"
-            offset = inj.log_size(source_log)
-            move = inj.start_move(client, OBJECT, target, fault.mode)
+        if fault.kind == "migration_crash":
             victim = here if fault.victim == "source" else target
-            needle = f"migrate {OBJECT} {here}->{target}: {fault.marker}"
             status = inj.agent_status(client, victim)
-            seen = inj.wait_log_line(source_log, offset, needle, inj.MOVE_TIMEOUT, move)
-            if seen is None:
-                move.join()
-                raise inj.InjectionError(f"the move ended before the source logged {fault.marker!r}: "
-                                         f"{_move_summary(move)}")
-            at = time.time()
             if status is None or not isinstance(status.get("pid"), int):
-                move.join()
                 raise inj.InjectionError(f"{victim}'s agent did not answer before the move: nothing to kill")
             pid = status["pid"]
-            os.kill(pid, signal.SIGKILL)
+            if fault.point in inj.supported_points(client, victim):
+                # The role's own crash point: it dies (SIGKILL) right after the step.
+                client.call(victim, "inject_fault", point=fault.point, count=1)
+                move = inj.start_move(client, OBJECT, target, fault.mode)
+                at = inj.wait_pid_gone(pid, inj.MOVE_TIMEOUT, move)
+                how = f"crash point {fault.point} on {victim}"
+                if at is None:
+                    move.join()
+                    inj.disarm(client, victim, [fault.point])
+                    raise inj.InjectionError(f"the move ended before crash point {fault.point} fired: "
+                                             f"{_move_summary(move)}")
+            elif fault.marker:
+                # Not offered (yet): kill -9 from outside the moment the source logs the step.
+                source_log = self.moat.run.dir / f"{here}.log"
+                offset = inj.log_size(source_log)
+                move = inj.start_move(client, OBJECT, target, fault.mode)
+                needle = f"migrate {OBJECT} {here}->{target}: {fault.marker}"
+                if inj.wait_log_line(source_log, offset, needle, inj.MOVE_TIMEOUT, move) is None:
+                    move.join()
+                    raise inj.InjectionError(f"the move ended before the source logged {fault.marker!r}: "
+                                             f"{_move_summary(move)}")
+                at = time.time()
+                os.kill(pid, signal.SIGKILL)
+                how = f"kill -9 of {victim} when the source logged '{fault.marker}' (no crash point {fault.point})"
+            else:
+                raise inj.InjectionError(f"{victim}'s migration role has no crash point {fault.point} "
+                                         f"and no step line of the source marks that instant")
             move.join()
-            return {"at": at, "victim": victim, "pid": pid, "marker_at": seen,
+            return {"at": at, "victim": victim, "pid": pid, "how": how,
                     "ended": max(at, move.ended or at), "move": _move_summary(move)}
         raise inj.InjectionError(f"no injector for fault kind {fault.kind!r}")
 
@@ -234,7 +253,12 @@ class Run:
                 # The previous fault left it registered nowhere useful: start it afresh.
                 with contextlib.suppress(Exception):
                     self.client.call(here, "object_stop", name=OBJECT, deregister=True, timeout=10)
-                self.place()
+                try:
+                    self.place()
+                except (AgentError, TopologyError) as exc:
+                    self.stop_load(window)
+                    return not_run_row(fault, f"{OBJECT} did not serve before the fault and could "
+                                              f"not be placed again on {HOSTING}: {exc}")
                 here = HOSTING
                 if not self.serving(here, timeout=10):
                     self.stop_load(window)
@@ -269,6 +293,8 @@ class Run:
         if "pid" in made:
             notes.append(f"{victim} pid {made['pid']} -> "
                          f"{back.get('pid') if back else 'not back within %.0fs' % inj.RECOVER_TIMEOUT}")
+        if made.get("how"):
+            notes.append(made["how"])
         move = made.get("move")
         if move:
             notes.append(f"move {'ok' if move['ok'] else 'failed'}: {move['error'] or move['last_step']}")
@@ -277,7 +303,12 @@ class Run:
         self.epoch_requests.extend(window.requests)
         if made.get("routes_missing_after_up"):
             notes.append(f"routes gone after the link came back: {made['routes_missing_after_up']}")
-        repaired = self.repair(fault) if (len(after_where) != 1 or after_dead or not result.recovered) else []
+        repaired: list[str] = []
+        if len(after_where) != 1 or after_dead or not result.recovered:
+            try:
+                repaired = self.repair(fault)
+            except (AgentError, TopologyError) as exc:
+                repaired = [f"the driver's repair failed: {type(exc).__name__}: {exc}"]
         if repaired:
             notes.append("; ".join(repaired))
         return make_row(fault, result, state, fault_at=made["at"], victim=victim,
@@ -317,8 +348,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {fault.name} ...", flush=True)
             try:
                 row = r.run_fault(fault)
-            except inj.InjectionError as exc:  # FaultRunError too: the run cannot go on
-                row = not_run_row(fault, f"the run could not go on: {exc}")
+            except (AgentError, TopologyError) as exc:  # an agent refused what the driver asked
+                log.warning("%s: %s", fault.name, exc)
+                row = not_run_row(fault, f"the driver could not go on: {type(exc).__name__}: {exc}")
             rows.append(row)
             verdict = ("holds" if row["holds"] else "not run" if row["status"] != "ran"
                        else "DOES NOT HOLD")

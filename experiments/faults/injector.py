@@ -166,6 +166,24 @@ def supported_points(client: Any, router: str) -> tuple[str, ...]:
     return ()
 
 
+def disarm(client: Any, router: str, points: list[str]) -> None:
+    """Leave no fault armed on ``router`` (a point that did not fire would hit the next move)."""
+    for point in points:
+        try:
+            client.call(router, "inject_fault", point=point, count=0, timeout=2.0)
+        except (AgentError, OSError, TopologyError):
+            pass  # a dead or restarted agent holds no armed point
+
+
+def pid_gone(pid: int) -> bool:
+    """``pid`` no longer runs (absent, or a zombie its parent has not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+
+
 @dataclass
 class Move:
     """A move in a thread: its report (or the error it ended with) and when it ended."""
@@ -215,6 +233,19 @@ def wait_log_line(path: Path, offset: int, needle: str, timeout: float, stop: Mo
                 return None
             else:
                 time.sleep(0.001)
+    return None
+
+
+def wait_pid_gone(pid: int, timeout: float, stop: "Move") -> float | None:
+    """The wall-clock instant ``pid`` died (polled every millisecond), or None when the move
+    ended (or ``timeout`` passed) with it alive."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid_gone(pid):
+            return time.time()
+        if stop.ended is not None:
+            return time.time() if pid_gone(pid) else None
+        time.sleep(0.001)
     return None
 
 

@@ -38,7 +38,8 @@ def make_row(fault: Fault, window: Any, state: dict[str, Any], *, fault_at: floa
     holds = recovered and bool(state["exact"]) and not repaired
     return {"name": fault.name, "kind": fault.kind, "status": "ran", "holds": holds,
             "recovered": recovered, "recovery_s": window.recovery_s if recovered else None,
-            "lost": window.lost, "lost_after_fault": window.lost_after_fault, "sent": window.sent,
+            "lost": window.lost, "lost_after_fault": window.lost_after_fault,
+            "lost_window": window.lost_window, "sent": window.sent,
             "served_before": window.served_before, "last_lost_s": window.last_lost_s,
             "exact": bool(state["exact"]), "duplicates": state["duplicates"],
             "victim": victim, "agent_restarts": agent_restarts, "instances": instances,
@@ -51,6 +52,7 @@ def not_run_row(fault: Fault, reason: str) -> dict[str, Any]:
     """The row of a fault this run could not make: why, and what it would measure."""
     return {"name": fault.name, "kind": fault.kind, "status": "not run", "holds": False,
             "recovered": False, "recovery_s": None, "lost": None, "lost_after_fault": None,
+            "lost_window": None,
             "sent": 0, "served_before": None, "last_lost_s": None, "exact": None,
             "duplicates": None, "victim": fault.victim, "agent_restarts": None,
             "instances": None, "repaired": "", "fault_at": None, "mechanism": fault.mechanism,

@@ -5,7 +5,9 @@ and whether the counter's state stayed exact.
 
 Definitions (the README's "Fault experiment" says the same):
 
-* lost: requests of the fault's window sent but never answered;
+* lost: requests sent from ``lead`` seconds before the fault (1 s: the window's baseline) to
+  the window's end and never answered (``lost_window``: the whole window's, which may hold
+  losses left by an earlier fault);
 * recovery time: from the fault to the first reply to a request sent after the window's last
   unanswered request (0 when nothing was lost after the fault);
 * recovered: after the last unanswered request at least ``tail`` requests were answered and
@@ -86,43 +88,46 @@ class WindowResult:
     answered: int
     lost: int
     lost_after_fault: int
+    lost_window: int
     recovered: bool
     recovery_s: float | None
     served_before: bool
     last_lost_s: float | None
 
 
-def analyse_window(requests: list[Request], fault_at: float, tail: int = 50) -> WindowResult:
+def analyse_window(requests: list[Request], fault_at: float, tail: int = 50,
+                   lead: float = 1.0) -> WindowResult:
     """Loss and recovery of one window (its requests, the fault's wall-clock instant).
 
     ``tail``: the answered requests needed after the last unanswered one to call service back
-    (50 at 200 requests/s: a quarter of a second without a loss)."""
-    if tail < 1:
-        raise ValueError("tail must be at least 1")
+    (50 at 200 requests/s: a quarter of a second without a loss). ``lead``: how long before
+    the fault a loss still counts as the fault's (a reply in flight when it struck)."""
+    if tail < 1 or lead < 0:
+        raise ValueError("tail must be at least 1 and lead at least 0")
     reqs = sorted(requests, key=lambda r: (r.sent, r.seq))
     after = [r for r in reqs if r.sent >= fault_at]
     before = [r for r in reqs if r.sent < fault_at]
-    lost = [r for r in reqs if not r.answered]
+    lost_all = [r for r in reqs if not r.answered]
+    lost = [r for r in lost_all if r.sent >= fault_at - lead]
     lost_after = [r for r in after if not r.answered]
     served_before = any(r.answered for r in before)
+    answered = len(reqs) - len(lost_all)
     if not after:
-        return WindowResult(len(reqs), len(reqs) - len(lost), len(lost), 0, False, None,
+        return WindowResult(len(reqs), answered, len(lost), 0, len(lost_all), False, None,
                             served_before, None)
-    # The last loss that belongs to this fault: any unanswered request sent after it, or
-    # sent just before it whose reply the fault swallowed.
-    last_lost = max((r.sent for r in lost if r.sent >= fault_at - 1.0), default=None)
-    if last_lost is None:
+    if not lost:
         back = [r for r in after if r.answered]
         recovered = len(back) >= min(tail, len(after)) and after[-1].answered
-        return WindowResult(len(reqs), len(reqs) - len(lost), len(lost), 0, recovered,
+        return WindowResult(len(reqs), answered, 0, 0, len(lost_all), recovered,
                             0.0 if recovered else None, served_before, None)
+    last_lost = max(r.sent for r in lost)
     following = [r for r in after if r.sent > last_lost]
     recovered = len(following) >= tail and all(r.answered for r in following)
     recovery = None
     if recovered:
         first = min(r.answered_at for r in following if r.answered_at is not None)
         recovery = round(max(0.0, first - fault_at), 4)
-    return WindowResult(len(reqs), len(reqs) - len(lost), len(lost), len(lost_after), recovered,
+    return WindowResult(len(reqs), answered, len(lost), len(lost_after), len(lost_all), recovered,
                         recovery, served_before, round(last_lost - fault_at, 4))
 
 

@@ -19,7 +19,7 @@ FAULT = catalog.by_name("kill_foa")
 
 def window(recovered: bool = True, recovery: float | None = 1.2, lost: int = 240) -> WindowResult:
     return WindowResult(sent=2000, answered=2000 - lost, lost=lost, lost_after_fault=lost,
-                        recovered=recovered, recovery_s=recovery if recovered else None,
+                        lost_window=lost, recovered=recovered, recovery_s=recovery if recovered else None,
                         served_before=True, last_lost_s=1.1 if lost else None)
 
 
@@ -111,19 +111,28 @@ def test_catalog_names_are_unique_and_short_is_a_subset() -> None:
     assert len(set(catalog.ORDER)) == len(catalog.ORDER)
     assert set(catalog.SHORT) <= set(catalog.ORDER)
     kinds = {f.kind for f in catalog.FAULTS}
-    assert kinds == {"kill", "link", "inject", "migration_kill", "upgrade"}
+    assert kinds == {"kill", "link", "inject", "migration_crash", "upgrade"}
     for f in catalog.FAULTS:
         assert f.mechanism and f.description
-        if f.kind == "migration_kill":
-            assert f.victim in ("source", "target") and f.marker and f.mode in (catalog.MBB, catalog.BBM)
+        if f.kind == "migration_crash":
+            assert f.victim in ("source", "target") and f.mode in (catalog.MBB, catalog.BBM)
+            assert f.point.startswith(f.victim + "_after_"), f.name
     with pytest.raises(catalog.UnknownFault):
         catalog.by_name("nosuch")
 
 
-def test_migration_markers_are_lines_the_source_logs() -> None:
-    """A kill is timed by the source's step log line: each marker must be a step the
-    migration role reports, or the fault would never fire."""
-    source = (Path(__file__).resolve().parents[2] / "agent" / "hosting" / "migration.py").read_text()
+def test_migration_faults_name_the_roles_points_and_step_lines() -> None:
+    """A crash row arms one of the migration role's crash points, an inject row its refuse or
+    cut points; where the role lacks a point, the kill is timed by the source's step log
+    line, so each marker must begin a step the role reports, or the fault would never fire."""
+    from agent.hosting import migration
+
+    source = Path(migration.__file__).read_text()
     for f in catalog.FAULTS:
-        if f.kind == "migration_kill":
-            assert f'report.step("{f.marker}")' in source, f.name
+        if f.kind == "migration_crash":
+            assert f.point in migration.CRASH_POINTS, f.name
+            if f.marker:
+                assert f'report.step("{f.marker}' in source, f.name
+        if f.kind == "inject":
+            for point in f.point.split("+"):
+                assert point in migration.FAULT_POINTS, (f.name, point)

@@ -65,9 +65,14 @@ def test_not_recovered_when_too_few_answers_follow_the_last_loss() -> None:
 
 
 def test_losses_long_before_the_fault_are_not_its_own() -> None:
-    reqs = load(1000, lost={5})  # 0.02 s into the window, the fault at 3 s
+    reqs = load(1000, lost={5, 395})  # 0.02 s and 1.97 s into the window, the fault at 3 s
     w = analyse_window(reqs, fault_at=1003.0)
-    assert w.recovered and w.recovery_s == 0.0 and w.lost == 1 and w.lost_after_fault == 0
+    assert w.recovered and w.recovery_s == 0.0
+    assert (w.lost, w.lost_after_fault, w.lost_window) == (0, 0, 2)
+    # a reply the fault swallowed in flight (sent 0.5 s before it) is the fault's
+    w = analyse_window(load(1000, lost={500}), fault_at=1003.0)
+    assert (w.lost, w.lost_after_fault) == (1, 0) and w.recovery_s == pytest.approx(0.002, abs=1e-6)
+    assert analyse_window(load(1000, lost={500}), fault_at=1003.0, lead=0.2).lost == 0
 
 
 def test_nothing_sent_after_the_fault_is_not_recovered() -> None:
@@ -78,6 +83,8 @@ def test_nothing_sent_after_the_fault_is_not_recovered() -> None:
 def test_tail_must_be_positive() -> None:
     with pytest.raises(ValueError):
         analyse_window(load(10), 1000.0, tail=0)
+    with pytest.raises(ValueError):
+        analyse_window(load(10), 1000.0, lead=-1)
 
 
 def test_state_exact_when_every_count_is_given_once() -> None:
