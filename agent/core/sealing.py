@@ -143,7 +143,11 @@ def open_sealed(box: Any, private: bytes, *, ctype: int, txid: int, to: str) -> 
     if len(nonce) != NONCE_BYTES:
         raise SealError("malformed sealed part: the nonce is 12 bytes")
     own = _private(private)
-    key = _box_key(own.exchange(_public(epk)), epk, _raw_public(own.public_key()), ctype, to)
+    try:
+        shared = own.exchange(_public(epk))
+    except ValueError:  # a low-order point: no shared secret to derive from
+        raise SealError("malformed sealed part: its ephemeral key is not usable") from None
+    key = _box_key(shared, epk, _raw_public(own.public_key()), ctype, to)
     try:
         plain = ChaCha20Poly1305(key).decrypt(nonce, ct, _aad(ctype, txid, to))
     except InvalidTag:

@@ -114,3 +114,12 @@ def test_secrets_never_go_in_clear_and_are_never_taken_in_clear(receiver) -> Non
     with pytest.raises(SealError, match="nothing of this message type"):
         other = {SEALED: seal({"x": 1}, public, ctype=ControlType.LEASE_REQUEST, txid=3, to="t")}
         open_body(other, private, ctype=ControlType.LEASE_REQUEST, txid=3, to="t")
+
+
+def test_a_low_order_ephemeral_key_is_a_seal_error_not_a_crash(receiver) -> None:
+    """An all-zero X25519 point gives no shared secret: refused as malformed, typed."""
+    private, public = receiver
+    box = seal({"k": 1}, public, ctype=ControlType.MIGRATE, txid=1, to="10.0.0.1")
+    box["epk"] = base64.b64encode(bytes(32)).decode()
+    with pytest.raises(SealError, match="malformed|does not open"):
+        open_sealed(box, private, ctype=ControlType.MIGRATE, txid=1, to="10.0.0.1")
