@@ -25,8 +25,11 @@ half-stopped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +42,8 @@ from agent.core.errors import AgentError, ControlError
 from agent.core.peer import PeerError, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
 from agent.core.wait import WaitTimeout, async_wait_until
+from agent.hosting.handover import (DEFAULT_DEADLINE, MAX_DEADLINE, MIN_DEADLINE, Arrivals,
+                                    HandoverError, HandoverStore, Phase, SourceRecord, new_epoch)
 from agent.hosting.migration_fields import check_migrate, check_state_transfer
 from agent.hosting.objects import HostedObject, HostingRole
 from agent.hosting.runtime import ObjectProcessError
@@ -48,8 +53,21 @@ log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT = 10.0
 MODES = ("make-before-break", "break-before-make")
-#: In-band messages failure injection can refuse (what a move does when the target breaks).
-FAULT_POINTS = ("migrate_start", "state_transfer")
+#: Failure injection (``inject_fault``), each point a step of a move (tests and
+#: ``moat run faults``). Messages the target refuses before it handles them:
+REFUSE_POINTS = ("migrate_start", "state_transfer", "migrate_commit", "migrate_cancel")
+#: Steps the target takes whose answer is then lost (to the source, a cut connection):
+CUT_POINTS = ("transfer_cut", "commit_cut")
+#: Steps after which this router's agent dies at once (SIGKILL: what ``kill -9`` does):
+CRASH_POINTS = ("source_after_start", "source_after_stop", "source_after_transfer",
+                "source_after_commit", "target_after_start", "target_after_restore")
+#: A lost cancel is a refused one (the target's instance must drop itself).
+ALIASES = {"cancel_lost": "migrate_cancel"}
+FAULT_POINTS = REFUSE_POINTS + CUT_POINTS + CRASH_POINTS + tuple(ALIASES)
+#: How often a source asks for a commit before it leaves the move to its resolver, and the
+#: resolver's back-off (seconds, doubling up to the last).
+COMMIT_TRIES = 3
+RESOLVE_BACKOFF = (0.2, 10.0)
 #: Largest checkpoint (strict JSON, bytes) a move carries: it travels sealed, in base64 (4/3),
 #: in one MIGRATE or STATE_TRANSFER body of at most MAX_BODY, with the object's configuration
 #: and VM; 32 KiB are left for those and the authenticator.
@@ -74,6 +92,16 @@ class ObjectKilled(MigrationFailed):
     not start again): it was stopped, killed and deregistered there."""
 
 
+class HandoverPending(MigrationFailed):
+    """The source asked the target to commit and got no answer: the move is undecided. The
+    object serves wherever the target's decision puts it; the source keeps its checkpoint and
+    asks again until the target answers (then it starts the object again only if aborted)."""
+
+
+class _Crashed(BaseException):
+    """Raised by :meth:`MigrationRole._crash` where a real agent would be dead (tests)."""
+
+
 @dataclass
 class MigrationReport:
     """What happened, step by step, with monotonic timestamps (seconds)."""
@@ -92,6 +120,10 @@ class MigrationReport:
     error_type: str = ""
     #: The move failed and the object could not be left serving: it was killed.
     killed: bool = False
+    #: The move's epoch (every message of it carries it: agent.hosting.handover).
+    epoch: str = ""
+    #: The commit went unanswered: the source's resolver will learn the decision.
+    pending: bool = False
 
     def step(self, what: str) -> None:
         self.steps.append((what, time.time()))
@@ -108,18 +140,22 @@ def _ms(seconds: float | None) -> float | None:
 class _Move:
     """What a migration needs to know about the object it moves, taken before it stops."""
 
-    def __init__(self, hosted: HostedObject, config: dict[str, Any]) -> None:
+    def __init__(self, hosted: HostedObject, config: dict[str, Any], target: str, mode: str,
+                 deadline: float) -> None:
         assert hosted.process is not None
         self.hosted = hosted
         self.config = config
         self.spec = hosted.process.spec
         self.resources = hosted.resources
         self.vm = hosted.vm
+        self.target, self.mode, self.deadline = target, mode, deadline
+        self.epoch = new_epoch()
 
 
 class MigrationRole(Role):
     """Both ends of a move: the source drives it (``migrate``), the target obeys MIGRATE and
-    STATE_TRANSFER, each authenticated with the run's router key."""
+    STATE_TRANSFER, each authenticated with the run's router key; both follow the hand-over
+    protocol of :mod:`agent.hosting.handover`."""
 
     name = "migration"
 
@@ -131,8 +167,18 @@ class MigrationRole(Role):
         #: The routers' public keys (by address): a move's configuration, VM and checkpoint
         #: are sealed for the target (agent.core.sealing).
         self.seal_keys = self.config.seal_keys()
-        #: Failure injection for experiments and tests: point -> how many times to refuse.
+        #: Failure injection for experiments and tests: point -> how many times it fires.
         self.faults: dict[str, int] = {}
+        self.store = HandoverStore(self.config.run_dir)
+        #: Target side: the moves arriving here and their decisions.
+        self.arrivals = Arrivals(persist=self.store.save_arrivals)
+        #: Source side: objects stopped for a move not decided yet (name -> record).
+        self.departures: dict[str, SourceRecord] = {}
+        self._decide = asyncio.Lock()
+        self._wake: asyncio.Event | None = None
+        #: The source's resolvers of undecided moves (agent.hosting.handover).
+        self._tasks: set[asyncio.Task] = set()
+        self._expiry: asyncio.Task | None = None
 
     @property
     def hosting(self) -> HostingRole:
@@ -147,6 +193,43 @@ class MigrationRole(Role):
         return {ControlType.MIGRATE: InBand(self.on_migrate, self.auth),
                 ControlType.STATE_TRANSFER: InBand(self.on_state_transfer, self.auth)}
 
+    async def start(self) -> None:
+        """After a crash: abort the arrivals that were not committed (drop what is left of
+        them) and resolve the moves this router had stopped an object for."""
+        for arrival in self.arrivals.load(self.store.arrivals()):
+            log.warning("move %s of %s was undecided when this agent stopped: aborted",
+                        arrival.epoch, arrival.name)
+            if arrival.name in self.hosting.objects:
+                await self._drop(arrival.name)
+        self._wake = asyncio.Event()
+        self._expiry = asyncio.get_running_loop().create_task(self._expiry_loop())
+        for record in self.store.records():
+            log.warning("move %s of %s to %s was %s when this agent stopped: resolving it",
+                        record.epoch, record.name, record.target, record.phase)
+            self.departures[record.name] = record
+            self._spawn(self.resolve(record, forever=True))
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *([self._expiry] if self._expiry is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def status(self) -> dict[str, Any]:
+        return {"arrivals": [a for a in self.arrivals.status() if a["phase"] in ("warm", "restored")],
+                "departures": [{"name": r.name, "epoch": r.epoch, "target": r.target,
+                                "phase": r.phase} for r in self.departures.values()]}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hand-over task failed: %s", task.exception())
+
     async def _call(self, target: str, ctype: ControlType, body: dict[str, Any]) -> dict[str, Any]:
         try:
             return await peer_call(target, ctype, body, key=self.router_key,
@@ -156,10 +239,37 @@ class MigrationRole(Role):
         except (AgentError, TypeError, ValueError) as exc:  # encoding or sealing the body
             raise MigrationFailed(f"cannot send {ctype.name} to {target}: {exc}") from None
 
-    def _injected(self, point: str) -> None:
+    # --- failure injection ---------------------------------------------------------------
+
+    def _fires(self, point: str) -> bool:
         if self.faults.get(point, 0) > 0:
             self.faults[point] -= 1
+            return True
+        return False
+
+    def _injected(self, point: str) -> None:
+        if self._fires(point):
             raise ControlError(f"injected fault: {point} refused")
+
+    def _crash_point(self, point: str) -> None:
+        if self._fires(point):
+            log.error("injected fault %s: this agent dies now (SIGKILL)", point)
+            self._crash()
+
+    def _crash(self) -> None:
+        """Die as ``kill -9`` would make it: nothing after this runs (tests replace it)."""
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise _Crashed("killed")  # not reached
+
+    def cmd_inject_fault(self, point: str, count: int = 1) -> dict:
+        """Make step ``point`` of the next ``count`` moves fail (:data:`FAULT_POINTS`): a
+        message the target refuses, an answer lost after the target acted, or this agent
+        dying (SIGKILL) right after a step."""
+        point = ALIASES.get(point, point)
+        if point not in FAULT_POINTS:
+            raise ControlError(f"fault point must be one of {FAULT_POINTS}")
+        self.faults[point] = int(count)
+        return dict(self.faults)
 
     # --- target side ---------------------------------------------------------------------
 
@@ -168,27 +278,114 @@ class MigrationRole(Role):
         action = body.get("action")
         self._injected(f"migrate_{action}")
         if action == "start":
-            name = body["config"]["name"]
-            await self._start_arriving(body)
-            try:
-                status = await self.wait_registered(name)
-            except MigrationFailed:
-                await self._drop(name)
-                raise
-            rtts = [a["rtt"] for a in status["attempts"] if a["rtt"] is not None]
-            return {"ok": True, "registration": status["registration"], "at_home": status["at_home"],
-                    "registration_rtt": rtts[-1] if rtts else None}
+            return await self._arrive(body)
+        if action == "commit":
+            return await self._commit_arrival(body["name"], body["epoch"])
         if action == "cancel":
-            if body["name"] in self.hosting.objects:
-                await self._drop(body["name"])
-            return {"ok": True}
+            async with self._decide:
+                phase, arrival = self.arrivals.abort(body["name"], body.get("epoch"))
+                if arrival is not None and arrival.name in self.hosting.objects:
+                    await self._drop(arrival.name)
+            return {"ok": True, "phase": phase.value}
         raise ControlError(f"unexpected MIGRATE action {action!r}")
 
+    async def _arrive(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A MIGRATE start: host the object held (it queues requests and answers none) until
+        the source commits; registered (with ``S`` when warm: make-before-break)."""
+        name, epoch = body["config"]["name"], body["epoch"]
+        if name in self.hosting.objects:
+            raise ControlError(f"object {name} already runs on {self.config.name}")
+        self.arrivals.begin(name, epoch, float(body.get("deadline", DEFAULT_DEADLINE)),
+                            restored=body.get("state") is not None)
+        try:
+            await self._start_arriving(body)
+            status = await self.wait_registered(name)
+        except BaseException:
+            async with self._decide:
+                self.arrivals.abort(name, epoch)
+                if name in self.hosting.objects:
+                    await self._drop(name)
+            raise
+        self.arrivals.touch(name, epoch)
+        self._rearm()
+        self._crash_point("target_after_start")
+        rtts = [a["rtt"] for a in status["attempts"] if a["rtt"] is not None]
+        return {"ok": True, "registration": status["registration"], "at_home": status["at_home"],
+                "registration_rtt": rtts[-1] if rtts else None, "phase": "registered"}
+
     async def on_state_transfer(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
+        """The source's final checkpoint: taken, still held (it serves only on commit)."""
         body = check_state_transfer(body)
         self._injected("state_transfer")
-        result = await self.hosting.cmd_object_restore(body["name"], body["state"], serve=True)
-        return {"ok": True, "replayed": result.get("replayed", 0)}
+        name, epoch = body["name"], body["epoch"]
+        async with self._decide:
+            self.arrivals.restored(name, epoch)
+            try:
+                await self.hosting.cmd_object_restore(name, body["state"], serve=False)
+            except (AgentError, ObjectProcessError) as exc:
+                self.arrivals.abort(name, epoch)
+                if name in self.hosting.objects:
+                    await self._drop(name)
+                raise ControlError(f"{name} did not take its state on {self.config.name}: {exc}") from None
+        self._crash_point("target_after_restore")
+        if self._fires("transfer_cut"):
+            raise ControlError("injected fault: transfer_cut (the target restored, its answer is lost)")
+        return {"ok": True, "phase": Phase.RESTORED.value}
+
+    async def _commit_arrival(self, name: str, epoch: str) -> dict[str, Any]:
+        """The source's commit: the held instance serves (replaying its queue), then the
+        decision is kept. Idempotent: a repeat gets the decision taken; an unknown epoch was
+        aborted. An instance that cannot serve is dropped: the answer is ``aborted``."""
+        replayed = 0
+        async with self._decide:
+            arrival = self.arrivals.get(name, epoch)
+            if arrival is None or arrival.phase.decided:
+                phase = arrival.phase if arrival is not None else Phase.ABORTED
+                return {"ok": True, "phase": phase.value, "replayed": 0}
+            if arrival.phase is not Phase.RESTORED:
+                raise HandoverError(f"move {epoch} of {name} has no state yet: it cannot commit")
+            try:
+                answer = await self.hosting.process(name).call("serve")
+                replayed = int((answer or {}).get("replayed", 0))
+            except (AgentError, ObjectProcessError, TypeError, ValueError) as exc:
+                log.warning("move %s of %s: the instance cannot serve (%s): aborted", epoch, name, exc)
+                self.arrivals.abort(name, epoch)
+                if name in self.hosting.objects:
+                    await self._drop(name)
+                return {"ok": True, "phase": Phase.ABORTED.value, "replayed": 0}
+            phase, _new = self.arrivals.commit(name, epoch)
+        if self._fires("commit_cut"):
+            raise ControlError("injected fault: commit_cut (the target committed, its answer is lost)")
+        return {"ok": True, "phase": phase.value, "replayed": replayed}
+
+    async def expire(self) -> list[str]:
+        """Drop every arrival whose source went silent past its deadline (deregistered)."""
+        dropped = []
+        async with self._decide:
+            for arrival in self.arrivals.expired():
+                if arrival.name in self.hosting.objects:
+                    await self._drop(arrival.name)
+                dropped.append(arrival.name)
+        return dropped
+
+    def _rearm(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _expiry_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            due = self.arrivals.next_deadline()
+            delay = None if due is None else max(0.0, due - self.arrivals.clock())
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.expire()
+            except Exception:  # noqa: BLE001 - the loop must outlive one failed drop
+                log.exception("dropping expired arrivals failed")
 
     async def wait_registered(self, name: str, timeout: float = REGISTER_TIMEOUT) -> dict:
         """Until the object's client holds an accepted registration (or is home)."""
@@ -207,17 +404,17 @@ class MigrationRole(Role):
                                   f"{timeout:.0f}s (last attempt: {last})") from None
 
     async def _start_arriving(self, body: dict[str, Any]) -> None:
-        """Start a migrating object here: in a VM of its service when it came from one (this
-        router fetches and verifies the code itself, Fig. 5), else placed directly."""
-        warm, state = bool(body.get("warm", False)), body.get("state")
+        """Start a migrating object here, held: in a VM of its service when it came from one
+        (this router fetches and verifies the code itself, Fig. 5), else placed directly."""
+        state = body.get("state")
         vm_body = body.get("vm")
         if vm_body:
             if self.vm is None:
                 raise ControlError(f"{self.config.name} runs no virtual machines")
             (obj,) = vm_body["objects"]
-            await self.vm.provision(vm_body, warm=warm, states={obj: state})
+            await self.vm.provision(vm_body, warm=True, states={obj: state})
         else:
-            await self.hosting.cmd_object_start(body["config"], spec=body["spec"], warm=warm,
+            await self.hosting.cmd_object_start(body["config"], spec=body["spec"], warm=True,
                                                 state=state, resources=body.get("resources"))
 
     async def _drop(self, name: str) -> None:
@@ -231,25 +428,36 @@ class MigrationRole(Role):
     # --- source side ---------------------------------------------------------------------
 
     async def cmd_migrate(self, name: str, target: str, mode: str = "make-before-break",
-                          target_name: str = "") -> dict:
-        """Move object ``name`` (running here) to the router at address ``target``."""
+                          target_name: str = "", deadline: float = DEFAULT_DEADLINE) -> dict:
+        """Move object ``name`` (running here) to the router at address ``target``;
+        ``deadline``: how long the target waits for each next step before it drops its
+        instance (agent.hosting.handover)."""
         if mode not in MODES:
             raise ControlError(f"mode must be one of {MODES}")
+        if not MIN_DEADLINE <= float(deadline) <= MAX_DEADLINE:
+            raise ControlError(f"deadline must be in [{MIN_DEADLINE}, {MAX_DEADLINE}] seconds")
+        if name in self.departures:
+            raise ControlError(f"the last move of {name} is still undecided")
         hosted = self.hosting.hosted(name)
         if hosted.process is None or hosted.client is None:
             raise ControlError(f"object {name!r} does not run and register here")
         report = MigrationReport(name, mode, self.config.name, target_name or target)
-        move = _Move(hosted, hosted.client.config.to_json())
+        move = _Move(hosted, hosted.client.config.to_json(), target, mode, float(deadline))
+        report.epoch = move.epoch
         try:
             await self._check_source(move, report)
             if mode == "make-before-break":
-                await self._migrate_mbb(move, target, report)
+                await self._migrate_mbb(move, report)
             else:
-                await self._migrate_bbm(move, target, report)
+                await self._migrate_bbm(move, report)
             report.ok = True
         except ObjectKilled as exc:
             report.error, report.error_type, report.killed = str(exc), type(exc).__name__, True
             report.step(f"failed: {exc}; the object was stopped and killed on {self.config.name}")
+            return report.as_dict()
+        except HandoverPending as exc:
+            report.error, report.error_type, report.pending = str(exc), type(exc).__name__, True
+            report.step(f"undecided: {exc}; {self.config.name} keeps the checkpoint and asks again")
             return report.as_dict()
         except (MigrationFailed, ObjectProcessError, ControlError) as exc:
             report.error, report.error_type = str(exc), type(exc).__name__
@@ -259,18 +467,11 @@ class MigrationRole(Role):
             await self.vm.detach(*move.vm)
         return report.as_dict()
 
-    def cmd_inject_fault(self, point: str, count: int = 1) -> dict:
-        """Refuse the next ``count`` in-band ``migrate_start`` or ``state_transfer`` messages
-        (failure injection: what a migration does when the target breaks half-way)."""
-        if point not in FAULT_POINTS:
-            raise ControlError(f"fault point must be one of {FAULT_POINTS}")
-        self.faults[point] = int(count)
-        return dict(self.faults)
-
     def _start_body(self, move: _Move, warm: bool, state: Any = None) -> dict[str, Any]:
         config = dict(move.config, simultaneous=warm)
         body: dict[str, Any] = {"action": "start", "spec": move.spec, "warm": warm, "config": config,
-                                "resources": move.resources}
+                                "resources": move.resources, "epoch": move.epoch,
+                                "deadline": move.deadline}
         if state is not None:
             body["state"] = state
         if move.vm is not None:
@@ -320,37 +521,152 @@ class MigrationRole(Role):
                                "it cannot be started again with its state")
         return state
 
-    async def _restart(self, move: _Move, state: Any) -> None:
-        """The move failed after the object stopped here: start it again from ``state``,
-        the way it ran (in its VM, or placed directly), and register it again. If it cannot
-        start, it is killed (whatever part of it started) and reported."""
-        try:
-            if move.vm is not None and self.vm is not None:
-                await self.vm.restart_object(*move.vm, state)
-            else:
-                await self.hosting.cmd_object_start(move.config, spec=move.spec, state=state,
-                                                    resources=move.resources)
-        except (AgentError, TypeError, ValueError) as exc:
-            await self.hosting.kill(move.hosted.name, f"could not start again after a failed move: {exc}")
-            raise ObjectKilled(f"object {move.hosted.name} could not start again on "
-                               f"{self.config.name} after the failed move: {exc}") from None
+    def _keep(self, move: _Move, state: Any) -> SourceRecord:
+        """The final checkpoint, on disk before it goes anywhere (a full or read-only run
+        directory is logged; the move goes on with the record in memory only)."""
+        record = SourceRecord(
+            name=move.hosted.name, epoch=move.epoch, target=move.target, mode=move.mode,
+            phase="stopped", state=state, config=move.config, spec=move.spec,
+            resources=move.resources, vm=list(move.vm) if move.vm else None,
+            vm_body=self.vm.migration_body(*move.vm, move.config)
+            if move.vm is not None and self.vm is not None else None)
+        self.departures[record.name] = record
+        self._save(record)
+        return record
 
-    async def _migrate_mbb(self, move: _Move, target: str, report: MigrationReport) -> None:
+    def _save(self, record: SourceRecord) -> None:
+        try:
+            self.store.save(record)
+        except OSError as exc:
+            log.error("move %s of %s: its checkpoint is not on disk (%s): a crash of this agent "
+                      "now would lose it", record.epoch, record.name, exc)
+
+    def _done(self, record: SourceRecord) -> None:
+        self.departures.pop(record.name, None)
+        self.store.remove(record.name)
+
+    async def _restart(self, record: SourceRecord) -> None:
+        """The move failed after the object stopped here: start it again from the record's
+        checkpoint, the way it ran (in its VM, or placed directly), and register it again.
+        If it cannot start, it is killed (whatever part of it started) and reported."""
+        name = record.name
+        try:
+            if name in self.hosting.objects:
+                log.warning("%s already runs here again: not restarted", name)
+            elif record.vm is not None and self.vm is not None and record.vm[0] in self.vm.vms:
+                await self.vm.restart_object(*record.vm, record.state)
+            elif record.vm_body is not None and self.vm is not None:
+                (obj,) = record.vm_body["objects"]
+                await self.vm.provision(record.vm_body, states={obj: record.state})
+            else:
+                await self.hosting.cmd_object_start(record.config, spec=record.spec,
+                                                    state=record.state, resources=record.resources)
+        except (AgentError, TypeError, ValueError, KeyError) as exc:
+            self._done(record)
+            await self.hosting.kill(name, f"could not start again after a failed move: {exc}")
+            raise ObjectKilled(f"object {name} could not start again on "
+                               f"{self.config.name} after the failed move: {exc}") from None
+        self._done(record)
+
+    async def _abort(self, record: SourceRecord) -> Phase | None:
+        """Tell the target the move is off; its decision, None when it did not answer."""
+        try:
+            answer = await self._call(record.target, ControlType.MIGRATE,
+                                      {"action": "cancel", "name": record.name, "epoch": record.epoch})
+        except MigrationFailed as exc:
+            log.warning("could not cancel move %s of %s at %s: %s (it drops itself at its "
+                        "deadline)", record.epoch, record.name, record.target, exc)
+            return None
+        return _phase(answer)
+
+    async def _give_back(self, record: SourceRecord) -> None:
+        """Before any commit was sent: abort at the target and serve here again. A target
+        that did not hear the abort is held (silent) and drops itself at its deadline."""
+        await self._abort(record)
+        await self._restart(record)
+
+    async def _ask_commit(self, record: SourceRecord) -> Phase:
+        answer = await self._call(record.target, ControlType.MIGRATE,
+                                  {"action": "commit", "name": record.name, "epoch": record.epoch})
+        return _phase(answer)
+
+    async def _commit(self, record: SourceRecord, report: MigrationReport) -> None:
+        """Ask the target to commit (idempotent, a few times); served there: done;
+        aborted: serve here again; no answer: left to :meth:`resolve`."""
+        record.phase = "committing"
+        self._save(record)
+        delay, last = RESOLVE_BACKOFF[0], ""
+        for attempt in range(COMMIT_TRIES):
+            try:
+                phase = await self._ask_commit(record)
+            except MigrationFailed as exc:
+                last = str(exc)
+                await asyncio.sleep(delay * (2 ** attempt))
+                continue
+            self._crash_point("source_after_commit")
+            if phase is Phase.COMMITTED:
+                self._done(record)
+                report.step("target committed: it serves")
+                return
+            report.step("target aborted the move: restart at source from the checkpoint")
+            await self._restart(record)
+            raise MigrationFailed(f"{record.target} aborted move {record.epoch} of {record.name}")
+        self._spawn(self.resolve(record, forever=True))
+        raise HandoverPending(f"{record.target} did not answer the commit of move {record.epoch} "
+                              f"({last})")
+
+    async def resolve(self, record: SourceRecord, forever: bool = False) -> str:
+        """Settle a move this router stopped an object for (see the module docstring):
+        ``committed`` (the target serves) or ``restarted`` (the object serves here). A
+        ``committing`` record whose target does not answer is asked again with back-off."""
+        if record.phase == "stopped":
+            await self._give_back(record)
+            return "restarted"
+        delay = RESOLVE_BACKOFF[0]
+        while True:
+            try:
+                phase = await self._ask_commit(record)
+            except MigrationFailed as exc:
+                if not forever:
+                    raise HandoverPending(str(exc)) from None
+                log.warning("move %s of %s undecided: %s; asking again in %.1fs",
+                            record.epoch, record.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESOLVE_BACKOFF[1])
+                continue
+            if phase is Phase.COMMITTED:
+                log.info("move %s of %s committed at %s", record.epoch, record.name, record.target)
+                self._done(record)
+                if record.vm is not None and self.vm is not None and record.vm[0] in self.vm.vms:
+                    await self.vm.detach(*record.vm)
+                return "committed"
+            log.warning("move %s of %s aborted at %s: the object serves here again",
+                        record.epoch, record.name, record.target)
+            await self._restart(record)
+            return "restarted"
+
+    async def _migrate_mbb(self, move: _Move, report: MigrationReport) -> None:
         """Make the new place reachable first, then hand the state over at one instant.
 
         The target's warm instance is registered (with ``S``: the HOA bicasts) before the
         source stops, so every request from then on reaches the target, which queues it. The
         source's final checkpoint therefore covers exactly what the target must not replay,
         whichever way a request travelled (through the tunnel, or straight to a source that is
-        its client's own gateway).
+        its client's own gateway). The target serves only once the source commits.
         """
         hosted = move.hosted
         assert hosted.process is not None and hosted.client is not None
         report.step("start warm instance at target, register with S")
-        answer = await self._call(target, ControlType.MIGRATE, self._start_body(move, warm=True))
+        try:
+            answer = await self._call(move.target, ControlType.MIGRATE, self._start_body(move, warm=True))
+        except MigrationFailed:  # it may have started there all the same: it is held
+            await self._abort(SourceRecord(hosted.name, move.epoch, move.target, move.mode,
+                                           "stopped", None, move.config))
+            raise
         report.target_registration = answer.get("registration")
         report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
         report.step("target registered (its instance queues requests)")
+        self._crash_point("source_after_start")
         mine = hosted.client.current
         theirs = (answer.get("registration") or {}).get("care_of_address")
         if mine is not None and mine.care_of_address != theirs:
@@ -360,38 +676,49 @@ class MigrationRole(Role):
         try:
             state = await self._final_state(move, stopped)
         except ObjectKilled:
-            await self._cancel(target, hosted.name)
+            await self._abort(SourceRecord(hosted.name, move.epoch, move.target, move.mode,
+                                           "stopped", None, move.config))
             raise
-        report.step("source stopped with its final checkpoint")
+        record = self._keep(move, state)
+        report.step("source stopped with its final checkpoint (kept on disk)")
+        self._crash_point("source_after_stop")
         try:
             self.check_checkpoint(hosted.name, state)  # it may have grown since the check
-            await self._call(target, ControlType.STATE_TRANSFER, {"name": hosted.name, "state": state})
-            report.step("target restored, replayed its queue and serves")
+            await self._call(move.target, ControlType.STATE_TRANSFER,
+                             {"name": hosted.name, "epoch": move.epoch, "state": state})
+            report.step("target restored (held until the commit)")
         except MigrationFailed:
-            await self._cancel(target, hosted.name)
-            report.step("transfer failed: restart at source from the checkpoint")
-            await self._restart(move, state)
+            report.step("transfer failed: cancel at target, restart at source from the checkpoint")
+            await self._give_back(record)
             raise
+        self._crash_point("source_after_transfer")
+        await self._commit(record, report)
 
-    async def _migrate_bbm(self, move: _Move, target: str, report: MigrationReport) -> None:
+    async def _migrate_bbm(self, move: _Move, report: MigrationReport) -> None:
         report.step("stop source, keep checkpoint")
         stopped = await self.hosting.cmd_object_stop(move.hosted.name, deregister=False)
         state = await self._final_state(move, stopped)
+        record = self._keep(move, state)
+        self._crash_point("source_after_stop")
         try:
             self.check_checkpoint(move.hosted.name, state)  # it may have grown since the check
-            answer = await self._call(target, ControlType.MIGRATE, self._start_body(move, False, state))
+            answer = await self._call(move.target, ControlType.MIGRATE, self._start_body(move, False, state))
         except (AgentError, TypeError, ValueError) as exc:  # the start body too: never half-stopped
-            report.step("target failed: restart at source from the checkpoint")
-            await self._restart(move, state)
+            report.step("target failed: cancel at target, restart at source from the checkpoint")
+            await self._give_back(record)
             if isinstance(exc, MigrationFailed):
                 raise
             raise MigrationFailed(f"cannot send MIGRATE start: {exc}") from None
         report.target_registration = answer.get("registration")
         report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
-        report.step("target serving and registered")
+        report.step("target registered with the checkpoint (held until the commit)")
+        self._crash_point("source_after_start")
+        await self._commit(record, report)
 
-    async def _cancel(self, target: str, name: str) -> None:
-        try:
-            await self._call(target, ControlType.MIGRATE, {"action": "cancel", "name": name})
-        except MigrationFailed as exc:
-            log.warning("could not cancel %s at %s: %s", name, target, exc)
+
+def _phase(answer: dict[str, Any]) -> Phase:
+    """A target's decision from its answer; anything else is no answer at all."""
+    try:
+        return Phase(answer.get("phase"))
+    except ValueError:
+        raise MigrationFailed(f"the target answered no decision: {answer.get('phase')!r}") from None

@@ -3,7 +3,8 @@ migration role so the rule for each field is in one place and unit-testable.
 
 :func:`check_migrate` and :func:`check_state_transfer` raise
 :class:`agent.core.fields.FieldError` for the first field that fails, before the target
-starts, stops or restores anything: the object's name, NAI, home agent and home address (on
+starts, stops or restores anything: the action (start, commit, cancel), the move's epoch
+and deadline (agent.hosting.handover), the object's name, NAI, home agent and home address (on
 the home agent's network, none of this router's), its code entry, resources, the VM
 description's name and objects, and the flags. The VM description itself is checked in full
 again by the VM manager (:meth:`agent.vm.manager.VmManager.provision`) before any fetch.
@@ -14,8 +15,9 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from agent.core import fields
+from agent.hosting.handover import MAX_DEADLINE, MIN_DEADLINE
 
-ACTIONS = ("start", "cancel")
+ACTIONS = ("start", "commit", "cancel")
 #: A directly placed object's sandbox: CPUs, MiB, processes (the manifest's bounds).
 MAX_CPU = 1024.0
 
@@ -25,9 +27,14 @@ def check_migrate(body: Any, own: Iterable[str] = ()) -> dict[str, Any]:
     addresses (an object's home address is never one of them). Returns the body."""
     body = dict(fields.mapping(body, "MIGRATE", max_items=16))
     action = fields.one_of(body.get("action"), "MIGRATE.action", ACTIONS)
-    if action == "cancel":
+    if action in ("commit", "cancel"):
         fields.name(body.get("name"), "MIGRATE.name")
+        if action == "commit" or body.get("epoch") is not None:  # a cancel may name none
+            fields.token(body.get("epoch"), "MIGRATE.epoch")
         return body
+    fields.token(body.get("epoch"), "MIGRATE.epoch")
+    if body.get("deadline") is not None:
+        fields.number(body["deadline"], "MIGRATE.deadline", ge=MIN_DEADLINE, le=MAX_DEADLINE)
     config = fields.object_config(body.get("config"), "MIGRATE.config", own=own)
     fields.flag(body.get("warm", False), "MIGRATE.warm")
     vm = body.get("vm")
@@ -68,10 +75,11 @@ def check_resources(doc: Any, field: str) -> dict[str, Any]:
 
 
 def check_state_transfer(body: Any) -> dict[str, Any]:
-    """A STATE_TRANSFER body: the object's name and a state (the object's own checkpoint,
-    which only it interprets)."""
-    body = dict(fields.mapping(body, "STATE_TRANSFER", max_items=4))
+    """A STATE_TRANSFER body: the object's name, the move's epoch and a state (the object's
+    own checkpoint, which only it interprets)."""
+    body = dict(fields.mapping(body, "STATE_TRANSFER", max_items=6))
     fields.name(body.get("name"), "STATE_TRANSFER.name")
+    fields.token(body.get("epoch"), "STATE_TRANSFER.epoch")
     if "state" not in body:
         raise fields.FieldError("STATE_TRANSFER.state", None, "is missing")
     return body

@@ -343,7 +343,8 @@ class VmManager:
         return {str(k): dict(v) for k, v in mobile.items()}, list(only)
 
     async def _fetch_verify_install(self, vm: VirtualMachine, dest: Path | None = None) -> None:
-        await fetch_verify_install(self.baseline, vm, now=lambda: time.time(), dest=dest)
+        where = {"dest": dest} if dest is not None else {}  # else the VM's own directory
+        await fetch_verify_install(self.baseline, vm, now=lambda: time.time(), **where)
 
     async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                           warm: bool = False) -> None:

@@ -436,7 +436,7 @@ def migrate_start(**change: Any) -> dict[str, Any]:
                            network_prefix="10.16.0.224/30")
     body = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
             "config": config, "resources": {"cpu": 1.0, "memory_mb": 256, "pids": 64},
-            "state": {"count": 1}}
+            "state": {"count": 1}, "epoch": "5eed5eed5eed5eed", "deadline": 15.0}
     body.update(change)
     return body
 
@@ -469,13 +469,24 @@ BAD_MIGRATES = [
     vm_start(mobile={"logger": migrate_start()["config"]}),
     vm_start(mobile={"counter": object_config(name="other", home_address="10.16.0.100",
                                               home_agent="10.16.0.2", network_prefix="")}),
+    # The hand-over protocol (issue 13): every start and commit names its move's epoch.
+    migrate_start(epoch=None),
+    migrate_start(epoch="../x"),
+    migrate_start(deadline=0),
+    migrate_start(deadline=float("inf")),
+    migrate_start(deadline=True),
+    {"action": "commit", "name": "cam"},
+    {"action": "commit", "name": "cam", "epoch": "a b"},
+    {"action": "cancel", "name": "cam", "epoch": 7},
 ]
 
 
 def test_good_migrate_and_state_transfer_bodies_pass() -> None:
-    for body in (migrate_start(), vm_start(), {"action": "cancel", "name": "cam"}):
+    for body in (migrate_start(), vm_start(), {"action": "cancel", "name": "cam"},
+                 {"action": "cancel", "name": "cam", "epoch": "e1"},
+                 {"action": "commit", "name": "cam", "epoch": "e1"}):
         assert check_migrate(body, own=ROUTER) == body
-    assert check_state_transfer({"name": "cam", "state": {"count": 3}})["name"] == "cam"
+    assert check_state_transfer({"name": "cam", "epoch": "e1", "state": {"count": 3}})["name"] == "cam"
 
 
 @pytest.mark.parametrize("body", BAD_MIGRATES, ids=[json.dumps(b)[:70] for b in BAD_MIGRATES])
@@ -484,8 +495,10 @@ def test_a_migrate_with_a_bad_field_is_refused(body: dict) -> None:
         check_migrate(body, own=ROUTER)
 
 
-@pytest.mark.parametrize("body", [{"name": "../x", "state": {}}, {"name": "cam"}, "x",
-                                  {"name": None, "state": 1}])
+@pytest.mark.parametrize("body", [{"name": "../x", "epoch": "e1", "state": {}},
+                                  {"name": "cam", "epoch": "e1"}, "x",
+                                  {"name": None, "epoch": "e1", "state": 1},
+                                  {"name": "cam", "state": {}}, {"name": "cam", "epoch": "", "state": {}}])
 def test_a_state_transfer_with_a_bad_field_is_refused(body: Any) -> None:
     with pytest.raises(FieldError):
         check_state_transfer(body)

@@ -106,12 +106,25 @@ class FakeHosting:
 
     async def cmd_object_restore(self, name: str, state: Any, serve: bool = True) -> dict:
         self.log.append(("restore", name, state))
+        self.restored_serving = serve
         return {"replayed": 2}
 
 
+#: Each test's run directory (the hand-over records go to its handover/).
+RUN_DIR: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def run_dir(tmp_path) -> Any:
+    RUN_DIR[:] = [str(tmp_path)]
+    for router in ("r22c", "r14a"):
+        (tmp_path / router).mkdir()
+    return tmp_path
+
+
 class FakeAgent:
-    def __init__(self, hosting: FakeHosting) -> None:
-        self.config = AgentConfig(name="r22c", run_dir="/nonexistent", roles=[],
+    def __init__(self, hosting: FakeHosting, name: str = "r22c") -> None:
+        self.config = AgentConfig(name=name, run_dir=RUN_DIR[0] + "/" + name, roles=[],
                                   interfaces=[Interface("eth0", "10.16.0.3")], router_key="ab" * 32)
         self.hosting = hosting
 
@@ -136,8 +149,12 @@ class FakePeer:
             raise PeerRefused(target, f"{what} refused by the fake target")
         if what == "MIGRATE_start":
             return {"ok": True, "registration": {"care_of_address": "10.14.0.1"},
-                    "registration_rtt": 0.0005}
-        return {"ok": True}
+                    "registration_rtt": 0.0005, "phase": "registered"}
+        if what == "MIGRATE_commit":
+            return {"ok": True, "phase": "committed", "replayed": 2}
+        if what == "MIGRATE_cancel":
+            return {"ok": True, "phase": "aborted"}
+        return {"ok": True, "phase": "restored"}
 
     def kinds(self) -> list[str]:
         return [c.name if c != ControlType.MIGRATE else f"MIGRATE_{b['action']}" for c, b in self.sent]
@@ -157,10 +174,12 @@ def migrate(mode: str, refuse: set[str] = frozenset(), checkpoint: Any = CHECKPO
 def test_make_before_break_registers_the_target_before_the_source_stops(monkeypatch) -> None:
     report, hosting, peer = migrate("make-before-break", monkeypatch=monkeypatch)
     assert report["ok"], report
-    assert peer.kinds() == ["MIGRATE_start", "STATE_TRANSFER"]
+    assert peer.kinds() == ["MIGRATE_start", "STATE_TRANSFER", "MIGRATE_commit"]
     start = peer.sent[0][1]
     assert start["warm"] is True and start["config"]["simultaneous"] is True and "state" not in start
-    assert peer.sent[1][1] == {"name": "counter", "state": CHECKPOINT}
+    epoch = start["epoch"]
+    assert peer.sent[1][1] == {"name": "counter", "epoch": epoch, "state": CHECKPOINT}
+    assert peer.sent[2][1] == {"action": "commit", "name": "counter", "epoch": epoch}
     assert hosting.log == [("stop", "counter", False)]
     assert report["registration_rtt_ms"] == 0.5
 
@@ -177,6 +196,7 @@ def test_failed_state_transfer_cancels_the_target_and_restarts_from_the_checkpoi
     report, hosting, peer = migrate("make-before-break", refuse={"STATE_TRANSFER"}, monkeypatch=monkeypatch)
     assert not report["ok"] and "STATE_TRANSFER refused" in report["error"]
     assert peer.kinds() == ["MIGRATE_start", "STATE_TRANSFER", "MIGRATE_cancel"]
+    assert peer.sent[2][1]["epoch"] == peer.sent[0][1]["epoch"]
     restarted = hosting.log[-1]
     assert restarted[:4] == ("start", "counter", "agent.objects.counter:Counter", CHECKPOINT)
     assert restarted[4] == {"cpu": 1.0, "memory_mb": 256, "pids": 64}
@@ -203,7 +223,7 @@ def test_target_refusing_start_in_make_before_break_leaves_the_source_untouched(
 def test_break_before_make_sends_the_checkpoint_with_the_start(monkeypatch) -> None:
     report, hosting, peer = migrate("break-before-make", monkeypatch=monkeypatch)
     assert report["ok"], report
-    assert peer.kinds() == ["MIGRATE_start"]
+    assert peer.kinds() == ["MIGRATE_start", "MIGRATE_commit"]
     body = peer.sent[0][1]
     assert body["warm"] is False and body["state"] == CHECKPOINT and body["config"]["simultaneous"] is False
     assert hosting.log == [("stop", "counter", False)]
@@ -230,6 +250,7 @@ def test_unknown_mode_and_object_are_refused(monkeypatch) -> None:
 #: A warm arrival, as a make-before-break source sends it.
 #: What a source sends (its fields pass the target's checks, agent/hosting/migration_fields.py).
 ARRIVAL = {"action": "start", "spec": "agent.objects.counter:Counter", "warm": True,
+           "epoch": "e1", "deadline": 5.0,
            "config": {"name": "counter", "nai": "counter@moat", "home_address": "10.12.0.10",
                       "home_agent": "10.12.0.1",
                       "mobile_home": {"spi": 256, "key": "11" * 32},
@@ -277,11 +298,14 @@ def test_arrival_answers_with_its_registration() -> None:
 def test_injected_fault_refuses_the_next_state_transfer_once() -> None:
     hosting = FakeHosting()
     role = MigrationRole(FakeAgent(hosting))
+    role.arrivals.begin("counter", "e1", 5.0)
     role.cmd_inject_fault("state_transfer", 1)
-    msg_body = {"name": "counter", "state": CHECKPOINT}
+    msg_body = {"name": "counter", "epoch": "e1", "state": CHECKPOINT}
     with pytest.raises(ControlError, match="injected fault"):
         asyncio.run(role.on_state_transfer(None, msg_body))  # type: ignore[arg-type]
-    assert asyncio.run(role.on_state_transfer(None, msg_body)) == {"ok": True, "replayed": 2}  # type: ignore[arg-type]
+    assert asyncio.run(role.on_state_transfer(None, msg_body)) == {"ok": True, "phase": "restored"}  # type: ignore[arg-type]
+    assert hosting.log == [("restore", "counter", CHECKPOINT)]
+    assert hosting.restored_serving is False  # held: it serves only on the commit
     with pytest.raises(ControlError, match="fault point"):
         role.cmd_inject_fault("nowhere")
 
@@ -390,5 +414,5 @@ def test_a_migrate_with_a_bad_field_is_refused_before_anything_is_hosted(bad: di
 def test_a_state_transfer_without_a_valid_name_is_refused_before_a_restore() -> None:
     hosting, role = empty_target()
     with pytest.raises(FieldError):
-        asyncio.run(role.on_state_transfer(None, {"name": "a/b", "state": {}}))  # type: ignore[arg-type]
+        asyncio.run(role.on_state_transfer(None, {"name": "a/b", "epoch": "e1", "state": {}}))  # type: ignore[arg-type]
     assert hosting.log == []

@@ -1,0 +1,328 @@
+"""The hand-over protocol of a move: who may serve an object while it moves, and how both
+ends agree on it after a crash, a cut connection or a lost message (issue 13).
+
+Every move has an *epoch*: a random id the source picks, carried by every MIGRATE and
+STATE_TRANSFER of that move. The target alone decides, once per epoch, whether the move
+*commits* (its instance serves) or *aborts* (its instance is dropped and deregistered):
+the first of a ``commit`` message, an ``abort`` message or its deadline wins, and every
+later message of that epoch gets the same answer (idempotent). The source never lets go of
+the object without that answer:
+
+Target (:class:`Arrivals`), per object::
+
+    start ──> WARM ──STATE_TRANSFER──> RESTORED ──commit──> COMMITTED (serves)
+               │                         │
+               └──── abort / deadline ───┴──────────────> ABORTED (dropped, deregistered)
+
+A WARM or RESTORED instance never answers a request (it queues them); only a commit makes
+it serve (replaying its queue). Its deadline (the source's ``deadline`` seconds, renewed by
+each message of the move) drops it when the source goes silent: a lost abort, a source that
+died, a cut transfer. A break-before-make arrival starts RESTORED (its state came with it).
+The target keeps each decision (tombstones too) in ``<run>/handover/arrivals.json``; after a
+crash of its agent, an arrival that was not committed is aborted.
+
+Source (:class:`SourceRecord`), per object, ``<run>/handover/<name>.json`` (root-only,
+written atomically): written right after the object stopped, with the final checkpoint and
+what it takes to start it again, *before* the state goes anywhere; phase ``stopped``, then
+``committing`` just before the commit is sent. It is removed only once the target answered
+``committed`` (the move is done) or the object serves at the source again. Resolving a
+record (after any failure, or by the agent's next start after a crash):
+
+* ``stopped``: the target cannot have committed (no commit was sent). Abort it (best
+  effort) and start the object here from the record's checkpoint: a target that did not
+  hear the abort is still only WARM/RESTORED (silent) and drops itself at its deadline.
+* ``committing``: ask the target to commit (again). ``committed``: done. ``aborted``: start
+  here from the checkpoint. No answer: the record stays and is asked again with back-off;
+  the object is restarted only on an answer, because a target that did commit serves.
+
+So at every step exactly one instance answers, with the latest checkpoint: never two (a
+target serves only after a commit, which the source asks for only after it stopped, and the
+source restarts only once the target can no longer commit), never none for longer than the
+target's deadline or the two agents' restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.core.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+#: Default seconds a target waits for the next message of a move before it drops its instance.
+DEFAULT_DEADLINE = 15.0
+#: Bounds of a source's ``deadline`` (the MIGRATE field).
+MIN_DEADLINE, MAX_DEADLINE = 0.5, 600.0
+#: Decided arrivals remembered (so a late message of their epoch gets the same answer).
+MAX_DECIDED = 256
+HANDOVER_DIR = "handover"
+ARRIVALS_FILE = "arrivals.json"
+
+
+class HandoverError(AgentError):
+    """A message that does not fit the move's state (a transfer to an aborted arrival, a
+    second move of an object whose first is undecided)."""
+
+
+class Phase(str, Enum):
+    WARM = "warm"
+    RESTORED = "restored"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+    @property
+    def decided(self) -> bool:
+        return self in (Phase.COMMITTED, Phase.ABORTED)
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass
+class Arrival:
+    """One move arriving at the target: its object, epoch, phase and (monotonic) deadline."""
+
+    name: str
+    epoch: str
+    phase: Phase
+    deadline: float
+    timeout: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "epoch": self.epoch, "phase": self.phase.value}
+
+
+class Arrivals:
+    """The target's ledger: pure state, an injected clock, and ``persist`` called with the
+    whole ledger (as JSON-able list) after every decision or new arrival."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 persist: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        self.clock = clock
+        self.persist = persist
+        self.moves: dict[tuple[str, str], Arrival] = {}
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def pending(self, name: str) -> Arrival | None:
+        """The undecided arrival of ``name``, if any."""
+        for arrival in self.moves.values():
+            if arrival.name == name and not arrival.phase.decided:
+                return arrival
+        return None
+
+    def get(self, name: str, epoch: str) -> Arrival | None:
+        return self.moves.get((name, epoch))
+
+    def status(self) -> list[dict[str, Any]]:
+        return [a.as_dict() for a in self.moves.values()]
+
+    # --- transitions -----------------------------------------------------------------------
+
+    def begin(self, name: str, epoch: str, timeout: float, restored: bool = False) -> Arrival:
+        """A MIGRATE start: WARM (or RESTORED when its state came with it)."""
+        if (name, epoch) in self.moves:
+            raise HandoverError(f"move {epoch} of {name} already started here")
+        other = self.pending(name)
+        if other is not None:
+            raise HandoverError(f"{name} is already arriving here (move {other.epoch}, {other.phase.value})")
+        arrival = Arrival(name, epoch, Phase.RESTORED if restored else Phase.WARM,
+                          self.clock() + timeout, timeout)
+        self.moves[(name, epoch)] = arrival
+        self._changed()
+        return arrival
+
+    def restored(self, name: str, epoch: str) -> Arrival:
+        """A STATE_TRANSFER may be taken: the arrival is WARM (or RESTORED: a repeat)."""
+        arrival = self.moves.get((name, epoch))
+        if arrival is None or arrival.phase.decided:
+            why = "unknown here" if arrival is None else arrival.phase.value
+            raise HandoverError(f"move {epoch} of {name} is {why}: no state is taken")
+        arrival.phase = Phase.RESTORED
+        arrival.deadline = self.clock() + arrival.timeout
+        return arrival
+
+    def touch(self, name: str, epoch: str) -> None:
+        """A message of the move came: its deadline starts again."""
+        arrival = self.moves.get((name, epoch))
+        if arrival is not None and not arrival.phase.decided:
+            arrival.deadline = self.clock() + arrival.timeout
+
+    def commit(self, name: str, epoch: str) -> tuple[Phase, bool]:
+        """The source asks to commit: (the decision, whether it is new: then the caller
+        makes the instance serve). Only a RESTORED arrival commits; an unknown epoch was
+        aborted (it never started here, or this agent restarted before it committed)."""
+        arrival = self.moves.get((name, epoch))
+        if arrival is None:
+            return Phase.ABORTED, False
+        if arrival.phase.decided:
+            return arrival.phase, False
+        if arrival.phase is not Phase.RESTORED:
+            raise HandoverError(f"move {epoch} of {name} has no state yet: it cannot commit")
+        arrival.phase = Phase.COMMITTED
+        self._changed()
+        return Phase.COMMITTED, True
+
+    def abort(self, name: str, epoch: str | None) -> tuple[Phase, Arrival | None]:
+        """The source asks to abort (``epoch`` None: any undecided arrival of ``name``):
+        (the decision, the arrival to drop when it is new, else None)."""
+        arrival = self.moves.get((name, epoch)) if epoch else self.pending(name)
+        if arrival is None:
+            return Phase.ABORTED, None
+        if arrival.phase.decided:
+            return arrival.phase, None
+        arrival.phase = Phase.ABORTED
+        self._changed()
+        return Phase.ABORTED, arrival
+
+    def expired(self) -> list[Arrival]:
+        """Undecided arrivals past their deadline, now aborted: the caller drops each."""
+        now = self.clock()
+        gone = [a for a in self.moves.values() if not a.phase.decided and a.deadline <= now]
+        for arrival in gone:
+            arrival.phase = Phase.ABORTED
+            log.warning("move %s of %s: no word from its source within %.1fs: aborted",
+                        arrival.epoch, arrival.name, arrival.timeout)
+        if gone:
+            self._changed()
+        return gone
+
+    def next_deadline(self) -> float | None:
+        deadlines = [a.deadline for a in self.moves.values() if not a.phase.decided]
+        return min(deadlines) if deadlines else None
+
+    # --- persistence -----------------------------------------------------------------------
+
+    def load(self, records: list[dict[str, Any]]) -> list[Arrival]:
+        """A restarted agent's ledger: decisions are kept; an undecided arrival is aborted
+        (returned: the caller drops what is left of it)."""
+        undecided = []
+        for record in records[-MAX_DECIDED:]:
+            try:
+                name, epoch, phase = str(record["name"]), str(record["epoch"]), Phase(record["phase"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("handover ledger: unreadable entry %r skipped", record)
+                continue
+            arrival = Arrival(name, epoch, phase, 0.0, 0.0)
+            if not phase.decided:
+                arrival.phase = Phase.ABORTED
+                undecided.append(arrival)
+            self.moves[(name, epoch)] = arrival
+        if undecided:
+            self._changed()
+        return undecided
+
+    def _changed(self) -> None:
+        decided = [k for k, a in self.moves.items() if a.phase.decided]
+        for key in decided[:max(0, len(decided) - MAX_DECIDED)]:
+            del self.moves[key]
+        if self.persist is not None:
+            self.persist(self.status())
+
+
+@dataclass
+class SourceRecord:
+    """What a source keeps of an object it stopped for a move until the move is decided."""
+
+    name: str
+    epoch: str
+    target: str
+    mode: str
+    phase: str  # "stopped" | "committing"
+    state: Any
+    #: What starting it again takes: its registration config, and its code (spec and
+    #: resources) or its VM (the VM's name and object, and the provision body of that
+    #: object alone, which can bring the VM back after an agent restart).
+    config: dict[str, Any]
+    spec: str | None = None
+    resources: dict[str, Any] | None = None
+    vm: list[str] | None = None
+    vm_body: dict[str, Any] | None = None
+    #: Wall clock of the record's last write.
+    at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "SourceRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        record = cls(**{k: v for k, v in doc.items() if k in known})
+        if record.phase not in ("stopped", "committing") or not isinstance(record.config, dict):
+            raise ValueError(f"not a hand-over record: phase {record.phase!r}")
+        return record
+
+
+class HandoverStore:
+    """The run directory's ``handover/``: the source's records and the target's ledger,
+    root-only (0700 directory, 0600 files), each written atomically (a temporary file
+    beside it, fsynced, renamed)."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(run_dir) / HANDOVER_DIR
+
+    def _write(self, name: str, doc: Any) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)  # in the run directory, never made here
+        path = self.dir / name
+        tmp = self.dir / f".{name}.{secrets.token_hex(4)}.tmp"
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def save(self, record: SourceRecord) -> None:
+        """OSError (a full or read-only run directory) is the caller's to report."""
+        record.at = time.time()
+        self._write(f"{record.name}.json", record.to_json())
+
+    def remove(self, name: str) -> None:
+        try:
+            (self.dir / f"{name}.json").unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("hand-over record of %s not removed: %s", name, exc)
+
+    def records(self) -> list[SourceRecord]:
+        out = []
+        if not self.dir.is_dir():
+            return out
+        for path in sorted(self.dir.glob("*.json")):
+            if path.name == ARRIVALS_FILE:
+                continue
+            try:
+                out.append(SourceRecord.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("hand-over record %s unreadable: %s (left in place)", path, exc)
+        return out
+
+    def save_arrivals(self, ledger: list[dict[str, Any]]) -> None:
+        try:
+            self._write(ARRIVALS_FILE, ledger)
+        except OSError as exc:
+            log.error("hand-over ledger not written to %s: %s (kept in memory)", self.dir, exc)
+
+    def arrivals(self) -> list[dict[str, Any]]:
+        path = self.dir / ARRIVALS_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.error("hand-over ledger %s unreadable: %s", path, exc)
+            return []
+        return doc if isinstance(doc, list) else []
