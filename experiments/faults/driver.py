@@ -149,11 +149,14 @@ class Run:
             if inj.agent_status(self.client, router) is None:
                 done.append(inj.repair_agent(self.moat, router))
         where, _dead = self.where()
-        for extra in where[1:]:
-            with contextlib.suppress(Exception):
-                self.client.call(extra, "object_stop", name=OBJECT, deregister=True, timeout=10)
-            done.append(f"a second instance on {extra} stopped by the driver")
-        where, _dead = self.where()
+        if len(where) > 1:
+            # Which instance holds the latest state is what the fault put in doubt: stop
+            # them all and start afresh, rather than guess.
+            for router in where:
+                with contextlib.suppress(AgentError, TopologyError):
+                    self.client.call(router, "object_stop", name=OBJECT, deregister=True, timeout=10)
+            done.append(f"instances on {where} stopped by the driver")
+            where = []
         if not where:
             self.place()
             done.append(f"{OBJECT} placed again on {HOSTING} by the driver with a fresh state "
@@ -242,13 +245,21 @@ class Run:
         if fault.not_runnable:
             return not_run_row(fault, fault.not_runnable)
         where, dead = self.where()
+        before_note = ""
         if len(where) != 1 or dead:
-            return not_run_row(fault, f"before the fault {OBJECT} is at {where or 'no router'} and "
-                                      f"agents {dead} do not answer")
+            # What the previous fault left (an instance gone or doubled, an agent down).
+            try:
+                done = self.repair(fault)
+            except (AgentError, TopologyError) as exc:
+                done = [f"repair failed: {exc}"]
+            before_note = f"before this fault {OBJECT} was at {where or 'no router'}: {'; '.join(done)}"
+            where, dead = self.where()
+            if len(where) != 1 or dead:
+                return not_run_row(fault, f"before the fault {OBJECT} is at {where or 'no router'} and "
+                                          f"agents {dead} do not answer, even after a repair")
         here = where[0]
         window = self.start_load()
         try:
-            before_note = ""
             if not self.serving(here):
                 # The previous fault left it registered nowhere useful: start it afresh.
                 with contextlib.suppress(Exception):
