@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from packets import ControlMessage, ControlType
 
@@ -27,13 +27,53 @@ from agent.core.control import ControlServer
 from agent.core.errors import AgentError, ControlError
 from agent.core.peer import PeerServer
 from agent.core.role import Command, InBand, Periodic, Role
+from agent.core.runfiles import RunDirError
 
 log = logging.getLogger(__name__)
 
 #: How often every role's housekeeping (expiry of bindings, visitors, pending relays) runs.
 HOUSEKEEPING_PERIOD = 0.25
 
+#: Seconds between two tries to bind a control socket the run directory refused.
+CONTROL_RETRY = 2.0
+#: Seconds between two log lines of one failure that keeps happening.
+REPEAT_EVERY = 60.0
+
 R = TypeVar("R", bound=Role)
+
+
+class _Done(Exception):
+    """A periodic job that has nothing left to do ends its timer."""
+
+
+class RepeatedFailures:
+    """Logs a failure with its traceback the first time, then the same failure (where,
+    type, text) at most every ``every`` seconds with how often it happened: a timer that
+    fails every 0.25 s on a full run directory must not fill the log nor hide the reason.
+    A :class:`RunDirError` is logged as its sentence, without a traceback."""
+
+    def __init__(self, logger: logging.Logger, every: float = REPEAT_EVERY,
+                 clock: Callable[[], float] = time.monotonic, limit: int = 256) -> None:
+        self.logger, self.every, self.clock, self.limit = logger, every, clock, limit
+        self._seen: dict[tuple[str, str, str], list[float]] = {}  # key -> [last logged, count since]
+
+    def log(self, where: str, exc: BaseException, what: str) -> bool:
+        key = (where, type(exc).__name__, str(exc)[:200])
+        now = self.clock()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.every:
+            seen[1] += 1
+            return False
+        if seen is None and len(self._seen) >= self.limit:
+            self._seen.clear()
+        repeats = seen[1] if seen is not None else 0
+        self._seen[key] = [now, 0]
+        more = f" ({repeats} more times in {self.every:.0f} s)" if repeats else ""
+        if isinstance(exc, RunDirError):
+            self.logger.error("%s: %s: %s%s", where, what, exc, more)
+        else:
+            self.logger.error("%s %s%s", where, what, more, exc_info=exc)
+        return True
 
 
 class AgentDaemon:
@@ -49,6 +89,7 @@ class AgentDaemon:
         self._tasks: list[asyncio.Task] = []
         self.control: ControlServer | None = None
         self.peers: PeerServer | None = None
+        self._failures = RepeatedFailures(log)
         self.roles: list[Role] = [cls(self) for cls in roles if cls.wanted(config)]
         self.commands: dict[str, Command] = self._command_table()
         self.in_band: dict[ControlType, InBand] = self._in_band_table()
@@ -97,18 +138,38 @@ class AgentDaemon:
         for role in self.roles:
             await role.start()
         self.control = ControlServer(cfg.socket_path, self.handle_command)
-        await self.control.start()
+        control_up = await self._start_control()
         self.peers = PeerServer(self.on_peer_message, answer_type=self.answer_type)
         await self.peers.start()
         jobs = [Periodic("housekeeping", HOUSEKEEPING_PERIOD, self.housekeeping)]
         for role in self.roles:
             jobs.extend(role.periodic())
-        self._tasks = [asyncio.create_task(self._every(job), name=job.name) for job in jobs]
+        if not control_up:
+            jobs.append(Periodic("control socket", CONTROL_RETRY, self._retry_control))
+        self._tasks = [asyncio.create_task(self._every(job, self._failures), name=job.name) for job in jobs]
         log.info("agent %s up: roles=%s (%s) interfaces=%s pid=%d", cfg.name, cfg.roles,
                  ", ".join(r.name for r in self.roles),
                  [f"{i.name}={i.address}" for i in cfg.interfaces], os.getpid())
         await self._stop.wait()
         await self.shutdown()
+
+    async def _start_control(self) -> bool:
+        """Bind the control socket; when the run directory refuses it (read-only, gone),
+        say so and serve on without it (``_retry_control`` binds it once it can)."""
+        assert self.control is not None
+        try:
+            await self.control.start()
+        except OSError as exc:
+            self._failures.log("control socket", RunDirError(self.config.socket_path, exc),
+                               "the control socket cannot be made; serving without it, retrying "
+                               f"every {CONTROL_RETRY:g} s")
+            return False
+        return True
+
+    async def _retry_control(self) -> None:
+        if await self._start_control():
+            log.warning("control socket %s is up again", self.config.socket_path)
+            raise _Done
 
     async def shutdown(self) -> None:
         log.info("agent %s stopping", self.config.name)
@@ -121,7 +182,10 @@ class AgentDaemon:
             except Exception:  # noqa: BLE001 - stop the other roles all the same
                 log.exception("stopping role %s failed", role.name)
         if self.control is not None:
-            await self.control.stop()
+            try:
+                await self.control.stop()
+            except OSError as exc:  # the socket file cannot be removed: a read-only run directory
+                log.error("%s", RunDirError(self.config.socket_path, exc))
         if self.peers is not None:
             await self.peers.stop()
 
@@ -131,23 +195,27 @@ class AgentDaemon:
     # --- timers --------------------------------------------------------------------------
 
     @staticmethod
-    async def _every(job: Periodic) -> None:
-        """Run ``job`` now and then every period; a failure is logged, the timer goes on."""
+    async def _every(job: Periodic, failures: RepeatedFailures | None = None) -> None:
+        """Run ``job`` now and then every period; a failure is logged (a repeating one
+        rate-limited: a full run directory fails every tick), the timer goes on."""
+        failures = failures or RepeatedFailures(log)
         while True:
             try:
                 result = job.job()
                 if asyncio.iscoroutine(result):
                     await result
-            except Exception:  # noqa: BLE001
-                log.exception("%s failed", job.name)
+            except _Done:
+                return
+            except Exception as exc:  # noqa: BLE001
+                failures.log(job.name, exc, "failed")
             await asyncio.sleep(job.interval())
 
     def housekeeping(self) -> None:
         for role in self.roles:
             try:
                 role.housekeeping()
-            except Exception:  # noqa: BLE001 - the other roles' housekeeping still runs
-                log.exception("housekeeping of %s failed", role.name)
+            except Exception as exc:  # noqa: BLE001 - the other roles' housekeeping still runs
+                self._failures.log(f"housekeeping of {role.name}", exc, "failed")
 
     # --- dispatch ------------------------------------------------------------------------
 
