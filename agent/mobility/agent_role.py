@@ -7,6 +7,11 @@ a request is the FOA's or the HOA's by its fields: from an object (Mobile-Foreig
 authenticator) for one of our care-of addresses → relay as FOA; for one of our home-agent
 addresses → decide as HOA. Every handler catches and logs its own failures: a malformed
 packet or a bug in one message must never stop the agent.
+
+Both tables are durable (issue 13): every change is written to the router's journal
+(:mod:`agent.mobility.journal`) before it is answered, and :meth:`ObjectAgentRole.start`
+restores them with their remaining lifetimes and rebuilds the data plane from them (the
+same GRE keys, routes, proxy ARP) before it opens UDP 434.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from agent.mobility.dataplane import DataPlane
 from agent.mobility.discovery_role import DiscoveryRole
 from agent.mobility.foreign import ForeignAgent, nested_home_credential
 from agent.mobility.home import HomeAgent
+from agent.mobility.journal import Journal, Restored, journal_path
 from agent.mobility.mipsocket import MipSocket
 from agent.mobility.ratelog import RateLimitedLog
 
@@ -64,6 +70,8 @@ class ObjectAgentRole(Role):
                 if cfg.router_key else None
             self.foreign = ForeignAgent(cfg.foreign, cfg.name, cfg.addresses, nested_home=nested)
         self.dataplane: DataPlane | None = None
+        #: The durable copy of the tables (None until start, and for a router with no agent).
+        self.journal: Journal | None = None
         self._mip: MipSocket | None = None
         self._malformed = 0
         self.refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
@@ -92,13 +100,71 @@ class ObjectAgentRole(Role):
         tunnel.start()
         log.info("GRE tunnel backend: %s", tunnel.backend)
         self.dataplane = DataPlane(tunnel, self.config.addresses)
-        self._mip = MipSocket(loop, self._on_datagram)
+        restored = self.restore(Journal(journal_path(self.config.run_dir, self.config.name)))
+        await self.rebuild_dataplane(restored)
+        self._mip = MipSocket(loop, self._on_datagram)  # answers only from here on
+
+    def restore(self, journal: Journal) -> Restored:
+        """Load the tables from ``journal`` (what this router's agent held when it stopped
+        or died), write the first snapshot and keep the journal up to date from now on.
+
+        Only what this agent still serves comes back: bindings of home addresses it is the
+        HOA of, visitors if it is an FOA. Expired entries stay out (``Restored`` lists
+        them, for the data plane's leftovers)."""
+        restored = journal.load()
+        if self.home is not None:
+            served = self.home.objects
+            for b in restored.bindings:
+                if b.home_address in served:
+                    self.home.bindings.restore(b)
+                else:
+                    log.warning("journal: binding of %s dropped: not a home address served "
+                                "here", b.home_address)
+            for home, ident in restored.identifications.items():
+                if home in served:
+                    self.home.bindings.last_identification[home] = ident
+        if self.foreign is not None:
+            for v in restored.visitors[:self.foreign.config.max_visitors]:
+                self.foreign.visitors.restore(v)
+        journal.start(
+            self.home.bindings if self.home is not None else (),
+            self.foreign.visitors.snapshot_objects() if self.foreign is not None else (),
+            self.home.bindings.last_identification if self.home is not None else None)
+        if self.home is not None:
+            self.home.bindings.observer = journal
+        if self.foreign is not None:
+            self.foreign.visitors.observer = journal
+        self.journal = journal
+        log.info("journal %s: restored %d binding(s), %d visitor(s) (%d expired, %d torn, "
+                 "%d corrupt line(s) skipped)", journal.path,
+                 len(self.home.bindings) if self.home else 0,
+                 len(self.foreign.visitors) if self.foreign else 0,
+                 len(restored.expired_bindings) + len(restored.expired_visitors),
+                 restored.torn, restored.corrupt)
+        return restored
+
+    async def rebuild_dataplane(self, restored: Restored) -> None:
+        """Make the data plane match the restored tables before any registration is
+        answered: the HOA's tunnel peers (the journalled GRE keys) and proxy ARP, the FOA's
+        accepted keys and routes; remove the routes a visitor that expired while the agent
+        was down left behind."""
+        if self.dataplane is None:
+            return
+        if self.foreign is not None:
+            await self.dataplane.remove_leftovers(restored.expired_visitors, self.foreign)
+        self.sync_home()
+        self._sync_proxy_arp()
+        if self.foreign is not None and len(self.foreign.visitors):
+            await self.sync_foreign()
+        await self.dataplane.settle()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._mip is not None:
             self._mip.close()
+        if self.journal is not None:  # kept: the next start restores from it
+            self.journal.close()
         if self.proxy_arp is not None:
             self.proxy_arp.close()
         if self.dataplane is not None:
@@ -262,6 +328,8 @@ class ObjectAgentRole(Role):
             if gone:
                 self.sync_home()
                 self._sync_proxy_arp()
+        if self.journal is not None:
+            self.journal.retry()
         if self.foreign is not None:
             left = self.foreign.visitors.expire()
             for v in left:
@@ -287,4 +355,5 @@ class ObjectAgentRole(Role):
             "foreign_stats": self.foreign.stats if self.foreign else None,
             "proxy_arp": sorted(self.proxy_arp.addresses) if self.proxy_arp else None,
             "proxy_arp_answered": self.proxy_arp.answered if self.proxy_arp else None,
+            "journal": self.journal.status() if self.journal else None,
         }

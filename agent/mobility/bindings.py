@@ -4,6 +4,10 @@ Pure data structures with an injectable clock, so expiry and the simultaneous-bi
 unit-tested without a network. The daemon calls :meth:`BindingTable.expire` on a timer and
 reacts to the bindings it returns (stop proxy ARP, remove tunnels). Both tables keep a heap
 of expiry times, so a timer tick costs O(expired + log n) rather than a scan of every entry.
+
+Every change is also told to the table's :class:`TableObserver` (the role's journal,
+:mod:`agent.mobility.journal`), so that both tables survive a restart of the agent; what
+the journal brings back goes in through ``restore``, which tells nobody (issue 13).
 """
 
 from __future__ import annotations
@@ -14,9 +18,20 @@ import itertools
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 Clock = Callable[[], float]
+
+
+class TableObserver(Protocol):
+    """Told of every change to a :class:`BindingTable` or :class:`VisitorList`, after it is
+    made and before the caller answers anyone (the journal writes it durably here)."""
+
+    def binding_set(self, binding: "Binding") -> None: ...
+    def binding_removed(self, binding: "Binding") -> None: ...
+    def identification(self, home_address: str, identification: int) -> None: ...
+    def visitor_set(self, visitor: "Visitor") -> None: ...
+    def visitor_removed(self, visitor: "Visitor") -> None: ...
 
 
 @dataclass
@@ -80,6 +95,8 @@ class BindingTable:
         #: Last Identification accepted per home address, for the replay check.
         self.last_identification: dict[str, int] = {}
         self._expiry = ExpiryHeap()
+        #: Told of every change (None: nobody).
+        self.observer: TableObserver | None = None
 
     def __iter__(self) -> Iterator[Binding]:
         for bindings in self._by_home.values():
@@ -121,6 +138,7 @@ class BindingTable:
                 removed = [b for b in current if b.care_of_address == care_of_address]
                 kept = [b for b in current if b.care_of_address != care_of_address]
             self._store(home_address, kept)
+            self._removed(removed)
             return UpdateResult(None, removed, False, was_away and not kept)
         same = [b for b in current if b.care_of_address == care_of_address]
         others = [b for b in current if b.care_of_address != care_of_address]
@@ -136,10 +154,36 @@ class BindingTable:
             identification, reverse_tunnel, part, network_prefix,
         )
         self._store(home_address, kept + [binding])
+        self._push(binding)
+        self._removed(removed)
+        if self.observer is not None:
+            self.observer.binding_set(binding)
+        return UpdateResult(binding, removed, not was_away, False)
+
+    def restore(self, binding: Binding) -> None:
+        """Put back a binding the journal kept over a restart (its GRE key unchanged, so the
+        FOA's tunnel still matches), replacing one at the same care-of address. Tells no
+        observer: the journal holds it already."""
+        current = [b for b in self._by_home.get(binding.home_address, [])
+                   if b.care_of_address != binding.care_of_address]
+        self._store(binding.home_address, current + [binding])
+        self._push(binding)
+
+    def note_identification(self, home_address: str, identification: int) -> None:
+        """The Identification of an accepted request, for the replay check of the next."""
+        self.last_identification[home_address] = identification
+        if self.observer is not None:
+            self.observer.identification(home_address, identification)
+
+    def _push(self, binding: Binding) -> None:
         self._expiry.push(binding.expires_at, binding)
         if len(self._expiry) > 4 * len(self) + 64:  # renewals leave stale entries behind
             self._expiry.rebuild((b.expires_at, b) for b in self)
-        return UpdateResult(binding, removed, not was_away, False)
+
+    def _removed(self, bindings: list[Binding]) -> None:
+        if self.observer is not None:
+            for b in bindings:
+                self.observer.binding_removed(b)
 
     def _new_key(self) -> int:
         """A GRE key no live binding has, drawn at random (1 to 2**32-1): a key an attacker
@@ -158,6 +202,7 @@ class BindingTable:
             if any(b is binding for b in current):  # not renewed or removed since
                 gone.append(binding)
                 self._store(binding.home_address, [b for b in current if b is not binding])
+        self._removed(gone)
         return gone
 
     @property
@@ -214,9 +259,13 @@ class Visitor:
     #: place the visitor is bound to while it is registered.
     local_interface: str = ""
 
+    @property
+    def expires_at(self) -> float:
+        return self.registered_at + self.lifetime
+
     def as_dict(self, now: float) -> dict:
         d = asdict(self)
-        d["remaining"] = round(max(0.0, self.registered_at + self.lifetime - now), 3)
+        d["remaining"] = round(max(0.0, self.expires_at - now), 3)
         return d
 
 
@@ -263,6 +312,8 @@ class VisitorList:
         self._clock = clock
         self._visitors: dict[tuple[str, str], Visitor] = {}
         self._expiry = ExpiryHeap()
+        #: Told of every change (None: nobody).
+        self.observer: TableObserver | None = None
 
     def __len__(self) -> int:
         return len(self._visitors)
@@ -277,11 +328,16 @@ class VisitorList:
         return [v for (h, _), v in self._visitors.items() if h == home_address]
 
     def add(self, visitor: Visitor) -> None:
+        self.restore(visitor)
+        if self.observer is not None:
+            self.observer.visitor_set(visitor)
+
+    def restore(self, visitor: Visitor) -> None:
+        """:meth:`add` without telling the observer (a visitor the journal brought back)."""
         self._visitors[(visitor.home_address, visitor.care_of_address)] = visitor
-        self._expiry.push(visitor.registered_at + visitor.lifetime, visitor)
+        self._expiry.push(visitor.expires_at, visitor)
         if len(self._expiry) > 4 * len(self._visitors) + 64:
-            self._expiry.rebuild((v.registered_at + v.lifetime, v)
-                                 for v in self._visitors.values())
+            self._expiry.rebuild((v.expires_at, v) for v in self._visitors.values())
 
     def remove(self, home_address: str, care_of_address: str | None = None) -> Visitor | None:
         """Forget the visitor at ``care_of_address`` (None: every visitor of the object);
@@ -289,7 +345,13 @@ class VisitorList:
         keys = [k for k in self._visitors if k[0] == home_address
                 and (care_of_address is None or k[1] == care_of_address)]
         gone = [self._visitors.pop(k) for k in keys]
+        self._removed(gone)
         return gone[0] if gone else None
+
+    def _removed(self, visitors: list[Visitor]) -> None:
+        if self.observer is not None:
+            for v in visitors:
+                self.observer.visitor_removed(v)
 
     def expire(self) -> list[Visitor]:
         """Remove and return every visitor whose lifetime has run out (O(expired + log n))."""
@@ -298,6 +360,7 @@ class VisitorList:
             key = (visitor.home_address, visitor.care_of_address)
             if self._visitors.get(key) is visitor:  # not renewed or removed since
                 gone.append(self._visitors.pop(key))
+        self._removed(gone)
         return gone
 
     @property

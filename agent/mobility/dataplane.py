@@ -3,7 +3,9 @@
 The role logic (:mod:`agent.mobility.home`, :mod:`agent.mobility.foreign`) only keeps tables;
 this module makes the kernel and the GRE backend match them, comparing what it installed
 last time with what the tables want now, so calling it again is idempotent. The object
-agent calls it after every change, and again when a reconciliation left something undone.
+agent calls it after every change, and again when a reconciliation left something undone,
+and at start on the tables its journal restored (:meth:`DataPlane.remove_leftovers` first
+takes away what the previous process left in the kernel for visitors that expired since).
 """
 
 from __future__ import annotations
@@ -187,6 +189,27 @@ class DataPlane:
                 await set_route(prefix, via)
                 self._prefix_routes[prefix] = via
                 log.info("FOA data plane: mobile network %s via %s", prefix, via)
+
+    async def remove_leftovers(self, expired: list[Any], foreign: ForeignAgent) -> None:
+        """Remove the routes a previous agent process installed for visitors that expired
+        while no agent ran (a killed agent removes nothing; its TUN device and the routes
+        through it vanish with it, but routes via a LAN router stay). A home address or
+        prefix a live visitor still has is left to :meth:`sync_foreign`."""
+        live = foreign.visitors.snapshot_objects()
+        homes = {v.home_address for v in live}
+        prefixes = {v.network_prefix for v in live if v.network_prefix}
+        async with self._lock:
+            for v in expired:
+                if v.local_address in self.addresses:
+                    continue  # delivered here: no route was added for it
+                if v.home_address not in homes:
+                    await set_local_route(v.home_address, None)
+                if v.network_prefix and v.network_prefix not in prefixes:
+                    await set_route(v.network_prefix, None)
+
+    async def settle(self) -> None:
+        """Wait until the tunnel's queued kernel changes are done (refusals are logged)."""
+        await self._settle()
 
     async def _settle(self) -> None:
         """Wait for the tunnel's queued kernel changes (decapsulation, reverse routes)."""

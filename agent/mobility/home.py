@@ -146,5 +146,5 @@ class HomeAgent:
             )
         except TooManyBindings:
             return ReplyCode.HA_TOO_MANY_SIMULTANEOUS_BINDINGS, None
-        self.bindings.last_identification[rrq.home_address] = rrq.identification
+        self.bindings.note_identification(rrq.home_address, rrq.identification)
         return ReplyCode.ACCEPTED, update
