@@ -109,6 +109,9 @@ class Registration:
     care_of_name: str
     lifetime: int
     registered_at: float
+    #: The sequence number of the agent's newest advertisement heard (RFC 5944 §2.4.1):
+    #: one lower than this, below 256, means the agent restarted.
+    sequence: int = 0
 
 
 class RegistrationClient:
@@ -148,6 +151,8 @@ class RegistrationClient:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._next_wait = advertise_interval / 2
+        #: The current agent restarted: register again without waiting to hear others.
+        self._reregister = False
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -187,13 +192,21 @@ class RegistrationClient:
     # --- input from the daemon -----------------------------------------------------------
 
     def on_advertisement(self, adv: AgentAdvertisement, source: str, ifindex: int) -> None:
-        previous = self.agents.get(source)
         self.agents.put(source, AgentSeen(source, adv, ifindex, self.clock()), adv.lifetime)
-        if previous is not None and adv.sequence < previous.advertisement.sequence and adv.sequence < 256:
-            # RFC 5944 §2.4.1: the agent rebooted and lost its state; register again.
-            if self.current and self.current.agent == source:
-                log.info("%s: agent %s rebooted; re-registering", self.config.name, source)
+        cur = self.current
+        if cur is not None and cur.agent == source:
+            # RFC 5944 §2.4.1: an agent's sequence numbers start again at 0 when it restarts
+            # (after 0xffff they go on at 256): a lower one below 256 means it restarted and
+            # may have lost our registration. Register again at once (no collect window).
+            # Kept with the registration, not the agents table: an agent down for longer
+            # than its advertisement lifetime is forgotten there, and still restarted.
+            if adv.sequence < cur.sequence and adv.sequence < 256:
+                log.info("%s: agent %s restarted (sequence %d after %d); registering again",
+                         self.config.name, source, adv.sequence, cur.sequence)
                 self.current = None
+                self._reregister = True
+            else:
+                cur.sequence = adv.sequence
         self._wake.set()
 
     # --- decisions -----------------------------------------------------------------------
@@ -262,13 +275,14 @@ class RegistrationClient:
         if not options:
             self._solicit()
             return
-        if self.current is None:
+        if self.current is None and not self._reregister:
             # Several agents answer a solicitation at once; give them COLLECT_WINDOW to be
             # heard so the choice (lowest address) does not depend on who was fastest.
             first_heard = min(s.heard_at for s in options)
             if now - first_heard < COLLECT_WINDOW:
                 self._next_wait = COLLECT_WINDOW - (now - first_heard)
                 return
+        self._reregister = False
         await self.register()
 
     # --- registration --------------------------------------------------------------------
@@ -308,8 +322,10 @@ class RegistrationClient:
             last = await self._exchange(agent, self.build_request(agent, lifetime), agent.address)
             if last.code in _ACCEPTED:
                 if last.lifetime > 0:
+                    seen = self.agents.get(agent.address) or agent  # its newest advertisement
                     self.current = Registration(agent.address, last.care_of_address, last.care_of_name,
-                                                last.lifetime, last.at)
+                                                last.lifetime, last.at,
+                                                seen.advertisement.sequence)
                 return last
             log.info("%s: registration via %s failed (%s); trying another FOA",
                      self.config.name, agent.address, last.error or last.code)
