@@ -12,9 +12,16 @@ MOAT's control framing, so captures show the whole exchange (docs/architecture.m
 * **break-before-make**: the source stops (keeping the checkpoint), the target starts from it
   and registers without ``S``. Requests in between are lost.
 
-Any failure leaves the object serving at the source with its state: before the source stops
-nothing changed there; after, it restarts from the checkpoint it kept and registers again.
-The target undoes whatever it started. Before anything stops, the source takes a checkpoint
+Both follow the hand-over protocol of :mod:`agent.hosting.handover` (its docstring has the
+states): every message carries the move's epoch; the target starts the object *held* (it
+queues requests, answers none) and serves only on the source's ``commit``; the source writes
+its final checkpoint to the run directory right after the stop and deletes it only once the
+target answered ``committed`` or the object serves here again. A failure before the commit
+(the target refusing or dying, the transfer cut) cancels the move at the target (a lost
+cancel: the target drops itself at its deadline) and restarts the object here from that
+checkpoint; an unanswered commit leaves the move undecided until the target answers. After
+a crash, the restarted agent resolves what it had on disk (:meth:`MigrationRole.start`).
+Failure injection (``inject_fault``) arms each step: :data:`FAULT_POINTS`. Before anything stops, the source takes a checkpoint
 and checks it: one that is not strict JSON (:class:`CheckpointInvalid`) or too large for a
 move (:class:`CheckpointTooLarge`, over :data:`MAX_CHECKPOINT_BYTES`) refuses the move and
 the object serves on. An object that no longer answers its router (time-out, garbage, gone),
