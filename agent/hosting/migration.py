@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -302,8 +303,9 @@ class MigrationRole(Role):
         name, epoch = body["config"]["name"], body["epoch"]
         if name in self.hosting.objects:
             raise ControlError(f"object {name} already runs on {self.config.name}")
-        self.arrivals.begin(name, epoch, float(body.get("deadline", DEFAULT_DEADLINE)),
-                            restored=body.get("state") is not None)
+        arrival = self.arrivals.begin(name, epoch, float(body.get("deadline", DEFAULT_DEADLINE)),
+                                      restored=body.get("state") is not None)
+        arrival.deadline = math.inf  # while it starts (a VM's fetch may take long): then touched
         try:
             await self._start_arriving(body)
             status = await self.wait_registered(name)
