@@ -13,7 +13,9 @@ started by giving a router ``daemon_argv`` (a node param, or a class attribute o
 subclass, or by overriding :meth:`ManagedDaemonMixin.daemon_command`). The process runs
 inside the node's namespaces, in a session of its own, with stdout and stderr appended to
 ``daemon_log``. Stopping the node stops the daemon first — SIGTERM to its process group,
-a bounded wait, then SIGKILL — and reaps it, so a stopped net leaves no orphans.
+a bounded wait, then SIGKILL — and reaps it, so a stopped net leaves no orphans. A
+router's daemon runs under :mod:`agent.supervisor` (:func:`supervised_argv`), which restarts
+it when it dies and stays in the same process group, so the same stop ends both.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from mininet.node import Host, Node
 
 from topologies.errors import DaemonError, RouteInstallError
 
-__all__ = ["ManagedDaemonMixin", "MoatRouter", "MoatHost", "install_routes"]
+__all__ = ["ManagedDaemonMixin", "MoatRouter", "MoatHost", "install_routes", "supervised_argv"]
 
 log = logging.getLogger(__name__)
 
