@@ -105,7 +105,8 @@ def test_a_new_version_that_fails_rolls_back_to_the_old_one_with_its_state(env: 
     assert env.manager.errors[-1]["step"].startswith("upgrade")
 
 
-def test_the_remote_site_unreachable_during_an_upgrade_stops_nothing(env: Env) -> None:
+def test_the_remote_site_unreachable_during_an_upgrade_stops_nothing(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """The update check saw 2.0; the site is gone when the upgrade fetches it: the old
     version never stopped (no request lost) and keeps its state."""
     vm = env.manager.vms["v1"]
@@ -120,7 +121,7 @@ def test_the_remote_site_unreachable_during_an_upgrade_stops_nothing(env: Env) -
         return fetch(*args, **kw)
 
     from agent.vm import fetch as fetch_mod
-    pytest.MonkeyPatch().setattr(fetch_mod, "fetch_service", flaky)
+    monkeypatch.setattr(fetch_mod, "fetch_service", flaky)
     before = set(vm.objects.values())
     [outcome] = asyncio.run(env.manager.check_updates())
     assert env.fetches[-1] == "unreachable"
@@ -130,13 +131,14 @@ def test_the_remote_site_unreachable_during_an_upgrade_stops_nothing(env: Env) -
     assert env.leftovers("versions") == ["installed/v1"]
 
 
-def test_an_object_that_gives_no_checkpoint_is_not_upgraded(env: Env) -> None:
+def test_an_object_that_gives_no_checkpoint_is_not_upgraded(env: Env,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     async def silent(self: CountingProcess, cmd: str, timeout: float = 0, **args: Any) -> Any:
         raise runtime.ObjectProcessError(f"object {self.name} did not answer {cmd}")
 
     vm = env.manager.vms["v1"]
     before = set(vm.objects.values())
-    pytest.MonkeyPatch().setattr(CountingProcess, "call", silent)
+    monkeypatch.setattr(CountingProcess, "call", silent)
     outcome = upgrade(env)
     assert not outcome["ok"] and "gave no checkpoint" in outcome["error"]
     assert set(vm.objects.values()) == before and not any(p.stopped for p in before)
