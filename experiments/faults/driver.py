@@ -354,7 +354,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r = Run(moat, args)
         print(f"run {moat.run.run_id}: {len(faults)} faults, {args.rate:g} requests/s from {CO_HOST} "
               f"to {OBJECT} on {HOSTING}", flush=True)
-        r.place()
+        try:
+            r.place()
+        except (AgentError, TopologyError) as exc:
+            tail = "\n".join(inj.agent_log(moat.client, HOSTING))
+            raise FaultRunError(f"{OBJECT} could not be placed on {HOSTING}: {exc}\n"
+                                f"{HOSTING}'s agent log ends:\n{tail}") from None
         for fault in faults:
             print(f"  {fault.name} ...", flush=True)
             try:

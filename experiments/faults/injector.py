@@ -115,6 +115,14 @@ def instances(client: Any, name: str) -> tuple[list[str], list[str]]:
     return where, dead
 
 
+def agent_log(client: Any, router: str, lines: int = 30) -> list[str]:
+    """The last ``lines`` of ``router``'s agent log (empty when it does not answer)."""
+    try:
+        return list(client.call(router, "log", lines=lines, timeout=3.0))
+    except (AgentError, OSError, TopologyError, TypeError):
+        return []
+
+
 def object_count(client: Any, router: str, name: str) -> int | None:
     """The counter's own count on ``router`` (None if it does not answer)."""
     try:
