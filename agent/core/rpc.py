@@ -30,6 +30,7 @@ import asyncio
 import itertools
 import json
 import logging
+import secrets
 import socket
 import time
 from collections import OrderedDict
@@ -341,6 +342,46 @@ class RpcClient:
     async def over_socket(cls, sock: socket.socket, *, name: str, limit: int) -> RpcClient:
         """A client on a connected socket whose lines (both ways) are limited to ``limit``."""
         reader, writer = await open_stream(sock, limit)
+        return cls(reader, writer, name=name, request_limit=limit)
+
+    @classmethod
+    async def resume(cls, sock: socket.socket, *, name: str, limit: int,
+                     timeout: float) -> RpcClient:
+        """A client on a channel an earlier client used and left without warning (its
+        process died): it may have left half a request on the wire, answers unread, or read
+        half an answer. A newline ends any half request; then a ``ping`` with a random id is
+        sent, and every line up to its answer is discarded (a server answers in order), so
+        the new client starts on a clean line with nothing stale to come. The server may
+        refuse ``ping`` (an unknown command): the answer still carries the id.
+        RpcTimeout/RpcClosed when the peer does not answer."""
+        reader, writer = await open_stream(sock, limit)
+        nonce = secrets.randbits(62) + (1 << 62)  # never an id of the earlier client's count
+        try:
+            writer.write(b"\n" + encode_request(nonce, "ping", {}, limit))
+            await writer.drain()
+
+            async def skip_to_nonce() -> None:
+                while True:
+                    try:
+                        line = await read_line(reader)
+                    except RpcLineTooLong:
+                        continue
+                    if line is None:
+                        raise RpcClosed(f"{name}: closed while resuming")
+                    try:
+                        call_id, _answer = parse_answer(line)
+                    except RpcProtocolError:
+                        continue
+                    if call_id == nonce:
+                        return
+
+            await asyncio.wait_for(skip_to_nonce(), timeout)
+        except asyncio.TimeoutError:
+            writer.close()
+            raise RpcTimeout(f"{name}: no answer within {timeout:g}s while resuming") from None
+        except (OSError, RpcError) as exc:
+            writer.close()
+            raise RpcClosed(f"{name}: cannot resume: {exc}") from None
         return cls(reader, writer, name=name, request_limit=limit)
 
     @property

@@ -10,6 +10,7 @@ VM role and the migration role call :meth:`HostingRole.host_object` and
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -25,7 +26,9 @@ from agent.core import netlink
 from agent.core.config import ObjectConfig
 from agent.core.errors import AgentError, ControlError
 from agent.core.role import Role
+from agent.core.role import Periodic
 from agent.hosting.cgroups import CgroupManager, Limits
+from agent.hosting.hosted_registry import HostedRegistry, RegistryError
 from agent.hosting.runtime import ObjectProcess, ObjectProcessError
 from agent.mobility.client import RegistrationClient
 from agent.mobility.discovery_role import DiscoveryRole
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Killed objects remembered for ``status`` (the oldest are forgotten).
 MAX_KILLED = 64
+#: How often every hosted object's checkpoint is written to the registry: what an object
+#: whose processes died with no agent to see it restarts from.
+CHECKPOINT_PERIOD = 5.0
 
 
 def check_home_address(home_address: str, home_agent: str, own: set[str]) -> None:
@@ -87,11 +93,22 @@ class HostingRole(Role):
         #: Objects this router stopped and killed because they misbehaved (did not answer,
         #: answered garbage), newest last, with why: ``moat show status`` reports them.
         self.killed: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        #: Root-only: the registry of hosted objects and the sockets of their relays, so a
+        #: restarted agent takes over the objects that outlived its predecessor.
+        self.hosted_dir = Path(self.config.run_dir) / f"{self.config.name}-hosted"
+        self.registry = HostedRegistry(self.hosted_dir)
+        #: What the start found in the registry: objects taken over (running all along),
+        #: restarted from their last checkpoint, and let go (gone, nothing to restart from).
+        self.recovered: dict[str, list[str]] = {"adopted": [], "restarted": [], "lost": []}
 
     async def start(self) -> None:
         self.discovery = self.agent.role(DiscoveryRole)
         if self.discovery is not None:
             self.discovery.listeners.append(self.on_advertisement)
+        await self.recover()
+
+    def periodic(self) -> list[Periodic]:
+        return [Periodic("hosted checkpoints", CHECKPOINT_PERIOD, self.checkpoint_all)]
 
     async def stop(self) -> None:
         for name in list(self.objects):
@@ -107,7 +124,152 @@ class HostingRole(Role):
 
     def status(self) -> dict[str, Any]:
         return {"objects": sorted(self.objects),
-                "killed_objects": [dict(v, name=k) for k, v in self.killed.items()]}
+                "killed_objects": [dict(v, name=k) for k, v in self.killed.items()],
+                "recovered_objects": {k: list(v) for k, v in self.recovered.items()}}
+
+    # --- outliving the agent ---------------------------------------------------------------
+
+    def _survives(self, hosted: HostedObject) -> bool:
+        """Whether a later agent can take this object over: a client only, or a process with
+        a relay (a VM's objects are its VM's, which this registry does not hold)."""
+        return hosted.vm is None and (hosted.process is None
+                                      or getattr(hosted.process, "relay_dir", None) is not None)
+
+    def _remember(self, hosted: HostedObject, config: ObjectConfig, checkpoint: Any = None) -> None:
+        """Write ``hosted`` into the registry (a failure is logged: it serves on regardless)."""
+        if not self._survives(hosted):
+            return
+        entry = {"config": config.to_json(), "home_address": hosted.home_address,
+                 "register": hosted.client is not None, "resources": hosted.resources,
+                 "process": hosted.process.record() if hosted.process is not None else None,
+                 "checkpoint": checkpoint, "checkpoint_at": time.time() if checkpoint is not None else None}
+        try:
+            self.registry.put(hosted.name, entry)
+        except (RegistryError, ObjectProcessError) as exc:
+            log.error("object %s: %s (a restarted agent would not find it)", hosted.name, exc)
+
+    def _forget(self, name: str) -> None:
+        try:
+            self.registry.remove(name)
+        except RegistryError as exc:
+            log.error("object %s: %s", name, exc)
+
+    def record_checkpoint(self, name: str, state: Any) -> None:
+        """Keep ``state`` as the object's last checkpoint in the registry (a migration step
+        calls this too): what its processes restart from if they die with the agent."""
+        if name in self.registry.entries:
+            try:
+                self.registry.update(name, checkpoint=state, checkpoint_at=time.time())
+            except RegistryError as exc:
+                log.error("object %s: checkpoint not kept: %s", name, exc)
+
+    async def checkpoint_all(self) -> None:
+        """Every hosted object's checkpoint into the registry (one write)."""
+        changed = False
+        for name, hosted in list(self.objects.items()):
+            if hosted.process is None or name not in self.registry.entries or not hosted.process.running:
+                continue
+            try:
+                state = await hosted.process.call("get_state")
+            except ObjectProcessError as exc:
+                log.debug("object %s: no checkpoint now: %s", name, exc)
+                continue
+            if name in self.registry.entries:  # not stopped meanwhile
+                self.registry.entries[name] = dict(self.registry.entries[name], checkpoint=state,
+                                                   checkpoint_at=time.time())
+                changed = True
+        if changed:
+            try:
+                self.registry.save()
+            except RegistryError as exc:
+                log.error("%s", exc)
+
+    async def recover(self) -> None:
+        """Take over what the last agent of this router hosted (its registry): an object
+        whose processes are still there is adopted, running all along (same pid, state
+        exact); one whose processes are gone restarts from its last checkpoint; without one
+        it is let go and what it left (cgroup, directory, socket) is removed. Each object's
+        registration client starts again (it re-registers, which its agents take as a
+        renewal). One object's failure never stops the others or the agent."""
+        entries = self.registry.load()
+        if not entries:
+            return
+        for name, entry in entries.items():
+            try:
+                await self._recover_one(name, entry)
+            except Exception as exc:  # noqa: BLE001 - the other objects still come back
+                log.error("object %s not recovered: %s", name, exc)
+                self.recovered["lost"].append(name)
+                self.objects.pop(name, None)
+                self.registry.entries.pop(name, None)
+        try:
+            self.registry.save()
+        except RegistryError as exc:
+            log.error("%s", exc)
+
+    def _process_args(self) -> dict[str, Any]:
+        return {"objects_dir": Path(self.config.run_dir) / "objects", "cgroups": self.cgroups,
+                "relay_dir": self.hosted_dir}
+
+    async def _recover_one(self, name: str, entry: dict[str, Any]) -> None:
+        obj = ObjectConfig.from_json(entry["config"])
+        if obj.name != name:
+            raise ControlError(f"registry entry {name} holds object {obj.name}")
+        record = entry.get("process")
+        register = bool(entry.get("register", True))
+        process = None
+        if record is not None:
+            try:
+                process = await ObjectProcess.adopt(record, **self._process_args())
+            except (ObjectProcessError, ValueError) as exc:
+                log.warning("%s", exc)
+                await self._discard(record)
+                checkpoint = entry.get("checkpoint")
+                if checkpoint is None:
+                    raise ControlError(f"its processes are gone and it left no checkpoint") from None
+                self.registry.entries.pop(name, None)
+                restarted = ObjectProcess.from_record(record, **self._process_args())
+                await self.host_object(obj, restarted, state=checkpoint, register=register)
+                self.objects[name].resources = entry.get("resources")
+                self._remember(self.objects[name], obj, checkpoint)
+                self.recovered["restarted"].append(name)
+                log.warning("object %s restarted from its checkpoint of %s", name,
+                            time.ctime(entry.get("checkpoint_at") or 0))
+                return
+        hosted = HostedObject(name, obj.home_address, process=process, resources=entry.get("resources"))
+        self.objects[name] = hosted
+        if process is not None:
+            await self._home_address(obj.home_address, add=True)  # there already: no change
+        if register:
+            hosted.client = self._make_client(obj)
+            await hosted.client.start()
+        self._remember(hosted, obj, entry.get("checkpoint"))
+        self.recovered["adopted"].append(name)
+        log.info("object %s taken over from the previous agent (pid %s)", name,
+                 process.pid if process else None)
+
+    async def _discard(self, record: dict[str, Any]) -> None:
+        """Remove what an object that cannot be taken over left: whatever still runs in its
+        cgroup (it is that object's alone) and the cgroup, its relay's socket, its directory."""
+        from agent.hosting.sandbox import SandboxError, existing_cgroup, remove_workdir
+
+        relay = record.get("relay") if isinstance(record, dict) else None
+        relay = relay if isinstance(relay, dict) else {}
+        try:
+            cg = existing_cgroup(self.cgroups, str(relay["cgroup"])) if relay.get("cgroup") else None
+            if cg is not None:
+                await asyncio.to_thread(cg.remove)
+        except (AgentError, OSError) as exc:
+            log.warning("leftover cgroup %s: %s", relay.get("cgroup"), exc)
+        if isinstance(relay.get("socket"), str) and Path(relay["socket"]).parent == self.hosted_dir:
+            Path(relay["socket"]).unlink(missing_ok=True)
+        workdir = record.get("workdir") if isinstance(record, dict) else None
+        objects_dir = (Path(self.config.run_dir) / "objects").resolve()
+        if isinstance(workdir, str) and Path(workdir).resolve().parent == objects_dir:
+            try:
+                remove_workdir(Path(workdir))
+            except SandboxError as exc:
+                log.warning("%s", exc)
 
     # --- lookups -------------------------------------------------------------------------
 
@@ -157,12 +319,12 @@ class HostingRole(Role):
             except (KeyError, TypeError, ValueError, AgentError) as exc:
                 raise ControlError(f"bad resources {res}: {exc}") from None
             process = ObjectProcess(obj.name, spec, obj.home_address, SERVICE_PORT, self.config.name,
-                                    objects_dir=Path(self.config.run_dir) / "objects",
-                                    cgroups=self.cgroups, limits=limits,
-                                    label=f"{self.config.name}-{obj.name}")
+                                    limits=limits, label=f"{self.config.name}-{obj.name}",
+                                    **self._process_args())
         status = await self.host_object(obj, process, warm=warm, state=state, register=register)
         if spec is not None:
             self.objects[obj.name].resources = res
+            self._remember(self.objects[obj.name], obj, state)
         return status
 
     async def host_object(self, obj: ObjectConfig, process: ObjectProcess | None, *, warm: bool = False,
@@ -195,6 +357,7 @@ class HostingRole(Role):
         except Exception:
             await self.cmd_object_stop(obj.name, deregister=False)
             raise
+        self._remember(hosted, obj, state)
         return hosted.status()
 
     def _make_client(self, obj: ObjectConfig) -> RegistrationClient:
@@ -212,6 +375,7 @@ class HostingRole(Role):
         hosted = self.objects.pop(name, None)
         if hosted is None:
             raise ControlError(f"no object {name!r} here")
+        self._forget(name)  # stopped on purpose: a restarted agent must not bring it back
         errors: list[str] = []
         if hosted.client is not None:
             try:
@@ -286,6 +450,11 @@ class HostingRole(Role):
         await client.stop(deregister=deregister)
         status = hosted.status()
         hosted.client = None
+        if name in self.registry.entries:
+            try:
+                self.registry.update(name, register=False)
+            except RegistryError as exc:
+                log.error("object %s: %s", name, exc)
         return status
 
     async def cmd_register(self, name: str, lifetime: int | None = None) -> dict:

@@ -87,7 +87,8 @@ class ObjectProcess:
     def __init__(self, name: str, spec: str, address: str, port: int, router: str, *,
                  objects_dir: Path, cgroups: CgroupManager | None, limits: Limits,
                  label: str | None = None, code_dir: str | None = None,
-                 extensible: bool = True, credentials: ServiceCredentials | None = None) -> None:
+                 extensible: bool = True, credentials: ServiceCredentials | None = None,
+                 relay_dir: Path | None = None) -> None:
         self.name, self.spec, self.address, self.port, self.router = name, spec, address, port, router
         self.objects_dir = Path(objects_dir)
         self.cgroups = cgroups
@@ -97,6 +98,9 @@ class ObjectProcess:
         self.extensible = extensible
         #: Set: the object serves only requests with a valid credential for this service.
         self.credentials = credentials
+        #: A private directory for the relay's socket: the process outlives the agent and a
+        #: later agent re-attaches (:meth:`adopt`); None: it dies with the agent.
+        self.relay_dir = Path(relay_dir) if relay_dir is not None else None
         self.sandbox: Any = None  # agent.hosting.sandbox.ObjectSandbox once started
         self.identity: Any = None  # agent.hosting.object_uids.ObjectIdentity while it holds one
         self.workdir: Path | None = None
@@ -155,6 +159,18 @@ class ObjectProcess:
         parent, child = socket.socketpair()
         spec = SandboxSpec(workdir, ident.uid, ident.gid, self._effective_limits(),
                            env=minimal_env(workdir, PYTHONPATH=pythonpath), pass_fds=(child.fileno(),))
+        if self.relay_dir is not None:
+            from agent.hosting.hosted_registry import private_dir
+
+            try:
+                private_dir(self.relay_dir)
+            except (AgentError, OSError) as exc:
+                parent.close()
+                child.close()
+                self._release()
+                raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None
+            spec.relay_socket = self.relay_dir / f"{ident.name}.sock"
+            spec.keep_fd = parent.fileno()
         self.sandbox = ObjectSandbox(ident.name, spec, self.cgroups)
         argv = [sys.executable, "-m", "agent.hosting.runner", "--spec", self.spec, "--name", self.name,
                 "--address", self.address, "--port", str(self.port), "--router", self.router,
@@ -191,6 +207,97 @@ class ObjectProcess:
             raise
         log.info("object %s started (pid %s, warm=%s, cgroup=%s)", self.name, self.pid, warm,
                  self.sandbox.cgroup.name if self.sandbox.cgroup else None)
+
+    # --- outliving the agent ------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """What a later agent needs to take this running object over (:meth:`adopt`): how it
+        was started, who it runs as, and its relay's identity. Holds the service key: kept
+        only in the agent's root-only registry."""
+        if self.sandbox is None or self.identity is None:
+            raise ObjectProcessError(f"object {self.name} is not running")
+        creds = self.credentials
+        return {
+            "name": self.name, "spec": self.spec, "address": self.address, "port": self.port,
+            "router": self.router, "label": self.label, "code_dir": self.code_dir,
+            "extensible": self.extensible,
+            "limits": {"cpu_quota": self.limits.cpu_quota, "memory_bytes": self.limits.memory_bytes,
+                       "pids_max": self.limits.pids_max},
+            "credentials": None if creds is None else {
+                "service": creds.service, "instance": creds.instance, "key": creds.key.hex(),
+                "part": creds.part, "networks": list(creds.networks), "aliases": list(creds.aliases)},
+            "identity": {"uid": self.identity.uid, "gid": self.identity.gid, "name": self.identity.name},
+            "workdir": str(self.workdir) if self.workdir is not None else None,
+            "relay": self.sandbox.relay_record(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], *, objects_dir: Path,
+                    cgroups: CgroupManager | None, relay_dir: Path | None) -> ObjectProcess:
+        """A process object (not started) configured as ``record`` says; ValueError for a
+        record that is not one :meth:`record` wrote."""
+        try:
+            creds = record.get("credentials")
+            credentials = None if creds is None else ServiceCredentials(
+                str(creds["service"]), str(creds["instance"]), bytes.fromhex(creds["key"]),
+                str(creds.get("part", "primary")), tuple(map(str, creds.get("networks", []))),
+                tuple(map(str, creds.get("aliases", []))))
+            limits = Limits(**record["limits"])
+            code_dir = record.get("code_dir")
+            port = record["port"]
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+                raise ValueError(f"bad port {port!r}")
+            return cls(str(record["name"]), str(record["spec"]), str(record["address"]), port,
+                       str(record["router"]), objects_dir=objects_dir, cgroups=cgroups,
+                       limits=limits, label=str(record.get("label") or record["name"]),
+                       code_dir=None if code_dir is None else str(code_dir),
+                       extensible=bool(record.get("extensible", True)),
+                       credentials=credentials, relay_dir=relay_dir)
+        except (KeyError, TypeError, ValueError, AgentError) as exc:
+            raise ValueError(f"bad object record: {exc!r}") from None
+
+    @classmethod
+    async def adopt(cls, record: dict[str, Any], *, objects_dir: Path,
+                    cgroups: CgroupManager | None, relay_dir: Path | None) -> ObjectProcess:
+        """Take over the running object an earlier agent of this router started (its
+        :meth:`record`): proven to be the same processes (relay pid and start time, cgroup,
+        the object's pid as the relay names it), then its channel is resumed from a clean
+        line. ObjectProcessError if it cannot be (gone, not the same, not answering): nothing
+        of it is kept then, and the caller decides (restart from a checkpoint, or let go)."""
+        from agent.hosting.object_uids import ObjectIdentity
+        from agent.hosting.sandbox import ObjectSandbox, SandboxSpec, SandboxError
+
+        process = cls.from_record(record, objects_dir=objects_dir, cgroups=cgroups,
+                                  relay_dir=relay_dir)
+        try:
+            ident = record["identity"]
+            identity = ObjectIdentity(int(ident["uid"]), int(ident["gid"]), str(ident["name"]))
+            workdir = Path(record["workdir"])
+            relay = dict(record["relay"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ObjectProcessError(f"object {process.name}: bad record: {exc!r}") from None
+        spec = SandboxSpec(workdir, identity.uid, identity.gid, process._effective_limits())
+        if relay.get("socket"):
+            spec.relay_socket = Path(relay["socket"])
+        try:
+            sandbox, channel = await ObjectSandbox.adopt(identity.name, spec, cgroups, relay)
+        except (SandboxError, OSError) as exc:
+            raise ObjectProcessError(f"object {process.name} cannot be taken over: {exc}") from None
+        process.sandbox, process.identity, process.workdir = sandbox, identity, workdir
+        if channel is None:
+            await sandbox.close()
+            raise ObjectProcessError(f"object {process.name}: its relay has let its channel go")
+        try:
+            process._channel = await rpc.RpcClient.resume(
+                channel, name=f"object {process.name}", limit=rpc.CHECKPOINT_LINE_LIMIT,
+                timeout=CALL_TIMEOUT)
+        except rpc.RpcError as exc:
+            channel.close()
+            await process.stop(kill=True)
+            raise ObjectProcessError(f"object {process.name} does not answer: {exc}") from None
+        log.info("object %s taken over (pid %s, relay %s, uid %d)", process.name, process.pid,
+                 relay.get("relay_pid"), identity.uid)
+        return process
 
     async def revoke(self, revoked: list[dict[str, Any]], timeout: float = CALL_TIMEOUT) -> int:
         """Tell a leased object the leases cancelled early (``{"lease_id", "until"}``, wall
@@ -239,6 +346,11 @@ class ObjectProcess:
                 log.warning("%s", exc)
             # Closed before waiting: an object that never got the stop (garbled or hung
             # channel) reads end of stream, which stops it too; one that does not is killed.
+            # (Its relay first lets go of its own copy of our end: it keeps one so that the
+            # object outlives the agent.)
+            release = getattr(self.sandbox, "release_channel", None)  # test doubles: none
+            if release is not None:
+                await release()
             await self._close_channel()
             try:
                 await self.sandbox.wait(STOP_TIMEOUT)

@@ -55,6 +55,7 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -77,7 +78,9 @@ DEFAULT_RLIMITS: dict[str, tuple[int, int]] = {
 }
 LAUNCHER = Path(__file__).resolve().with_name("sandbox_exec.py")
 SPAWN_TIMEOUT = 10.0
-MAX_SPEC_BYTES = 60_000  # fits in a pipe buffer: written before the launcher starts
+MAX_SPEC_BYTES = 60_000
+#: The run id in the environment (topologies.run.ENV_RUN_ID; agent cannot import topologies).
+ENV_RUN_ID = "MOAT_RUN_ID"  # fits in a pipe buffer: written before the launcher starts
 DEVNULL = subprocess.DEVNULL
 
 
@@ -214,6 +217,11 @@ class SandboxSpec:
     expose: tuple[str, ...] = ()
     no_new_privs: bool = True
     die_with_agent: bool = True
+    #: A root-only Unix socket path: the relay outlives the agent and listens there for the
+    #: next one (:func:`attach_relay`), holding ``keep_fd`` (the agent's end of the object's
+    #: channel) so the object never reads end of stream; needs ``isolate_pids``.
+    relay_socket: Path | None = None
+    keep_fd: int | None = None
 
     def launch_spec(self, argv: Sequence[str], cgroup: Cgroup | None) -> dict[str, Any]:
         for name in self.rlimits:
@@ -237,7 +245,7 @@ class SandboxSpec:
             "disk_bytes": self.disk_bytes if self.disk_bytes is not None else disk_quota(self.limits),
             "disk_inodes": self.disk_inodes, "expose": expose,
             "no_new_privs": self.no_new_privs,
-            "parent_pid": os.getpid() if self.die_with_agent else 0,
+            "parent_pid": os.getpid() if self.die_with_agent and self.relay_socket is None else 0,
         }
 
 
@@ -254,7 +262,52 @@ async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = 
         raise SandboxError("empty argv")
     if os.geteuid() != 0:
         raise SandboxError("controlled exec needs root (to join cgroups and change user)")
-    payload = json.dumps(spec.launch_spec(argv, cgroup)).encode()
+    launch = spec.launch_spec(argv, cgroup)
+    relay_fds: tuple[int, ...] = ()
+    listener = None
+    if spec.relay_socket is not None:
+        if not spec.isolate_pids:
+            raise SandboxError("an object outlives its agent only through a relay (isolate_pids)")
+        listener = listen_relay_socket(spec.relay_socket)
+        relay_fds = (listener.fileno(),) + ((spec.keep_fd,) if spec.keep_fd is not None else ())
+        launch["relay"] = {"listen": listener.fileno(), "keep": spec.keep_fd}
+    try:
+        return await _spawn(argv, spec, launch, relay_fds, stdin=stdin, stdout=stdout,
+                            stderr=stderr)
+    finally:
+        if listener is not None:
+            listener.close()  # the relay holds it now
+
+
+def listen_relay_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` (replacing a stale one), mode 0600, for a relay.
+    Its directory must be root's and private: only root may connect (the relay also checks
+    the peer's uid)."""
+    path = Path(path)
+    if len(os.fsencode(path)) >= 108:
+        raise SandboxError(f"relay socket path too long: {path}")
+    st = path.parent.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SandboxError(f"{path.parent} must be private (0700, uid {os.geteuid()})")
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+    except OSError as exc:
+        sock.close()
+        raise SandboxError(f"relay socket {path}: {exc}") from None
+    return sock
+
+
+async def _spawn(argv: Sequence[str], spec: SandboxSpec, launch: dict[str, Any],
+                 relay_fds: tuple[int, ...], *, stdin: Any, stdout: Any,
+                 stderr: Any) -> tuple[asyncio.subprocess.Process, int]:
+    payload = json.dumps(launch).encode()
     if len(payload) > MAX_SPEC_BYTES:
         raise SandboxError(f"sandbox spec too large ({len(payload)} bytes)")
     spec_r, spec_w = os.pipe()
@@ -267,8 +320,8 @@ async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = 
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-S", str(LAUNCHER), str(spec_r), str(status_w),
             stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
-            pass_fds=(spec_r, status_w, *spec.pass_fds), start_new_session=True,
-            cwd="/", env={"PATH": "/usr/bin:/bin"},
+            pass_fds=(spec_r, status_w, *spec.pass_fds, *relay_fds), start_new_session=True,
+            cwd="/", env=launcher_env(),
         )
     except OSError as exc:
         os.close(status_r)
@@ -297,6 +350,25 @@ async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = 
     return proc, object_pid if object_pid is not None else proc.pid
 
 
+def existing_cgroup(manager: CgroupManager | None, name: str) -> Cgroup | None:
+    """A handle on object cgroup ``name`` if it exists already (never makes one)."""
+    if manager is None or manager.version is CgroupVersion.NONE:
+        return None
+    parent = manager.objects_cgroup()
+    if not name.startswith(manager.prefix) or not all((d / name).is_dir() for d in parent.dirs):
+        return None
+    return type(parent).create(parent, name, exist_ok=True)
+
+
+def launcher_env() -> dict[str, str]:
+    """The launcher's (and so the relay's) whole environment: PATH, and the run's id, by
+    which ``moat clean`` finds a relay that outlived its agent (the object dies with it)."""
+    env = {"PATH": "/usr/bin:/bin"}
+    if os.environ.get(ENV_RUN_ID):
+        env[ENV_RUN_ID] = os.environ[ENV_RUN_ID]
+    return env
+
+
 def _read_report(report: bytes) -> tuple[int | None, dict[str, Any] | None]:
     """The launcher's status lines: the object's pid ({"pid"}) and the first failure."""
     pid, error = None, None
@@ -312,6 +384,151 @@ def _read_report(report: bytes) -> tuple[int | None, dict[str, Any] | None]:
         else:
             error = error or info
     return pid, error
+
+
+# --- a relay that outlives its agent -------------------------------------------------------
+
+RELAY_TIMEOUT = 5.0
+
+
+def proc_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """The start time (clock ticks since boot) of live process ``pid``; None when it is gone
+    or a zombie. A pid and its start time name one process: a pid reused later differs."""
+    try:
+        stat_text = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat_text.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class RelayLink:
+    """The agent's connection to an object's relay (:func:`attach_relay`): it hears how the
+    object ended (the relay is not the agent's child any more) and may ``release`` it."""
+
+    def __init__(self, sock: socket.socket, relay_pid: int) -> None:
+        self.sock = sock
+        self.relay_pid = relay_pid
+        self.returncode: int | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+        self.done = asyncio.Event()
+
+    async def watch(self) -> None:
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self._reader is not None
+        try:
+            while self.returncode is None:
+                line = await self._reader.readline()
+                if not line:
+                    break
+                try:
+                    info = json.loads(line)
+                except ValueError:
+                    continue
+                code = info.get("exit") if isinstance(info, dict) else None
+                if isinstance(code, int) and not isinstance(code, bool):
+                    self.returncode = code
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if self.returncode is None:
+                # The relay went without a word: killed (SIGKILL to it or to the cgroup).
+                await wait_until_gone(self.relay_pid)
+                self.returncode = -9
+            self.done.set()
+
+    async def release(self) -> None:
+        """The relay closes its copy of the agent's end of the channel."""
+        if self._writer is not None and not self._writer.is_closing():
+            try:
+                self._writer.write(b"release\n")
+                await self._writer.drain()
+            except (OSError, RuntimeError):
+                pass
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self.sock.close()
+
+
+async def wait_until_gone(pid: int, timeout: float = 2.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while proc_start_time(pid) is not None:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _connect_relay(path: Path, timeout: float) -> tuple[socket.socket, dict[str, Any], int | None]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+        hello = json.loads(data) if data.endswith(b"\n") else None
+        if not isinstance(hello, dict) or not isinstance(hello.get("pid"), int):
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError(f"relay at {path} said {data[:80]!r}")
+        sock.settimeout(None)
+        return sock, hello, (fds[0] if fds else None)
+    except (OSError, ValueError) as exc:
+        sock.close()
+        raise SandboxError(f"cannot reach the relay at {path}: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def attach_relay(path: Path, relay_pid: int, object_pid: int,
+                       timeout: float = RELAY_TIMEOUT) -> tuple[RelayLink, socket.socket | None]:
+    """Connect to the relay of a running object (one that outlived the agent that started
+    it): a :class:`RelayLink` and the agent's end of the object's channel (None if the relay
+    released it). SandboxError if the relay is not the one recorded (``relay_pid``,
+    ``object_pid``) or does not answer."""
+    sock, hello, fd = await asyncio.to_thread(_connect_relay, Path(path), timeout)
+    channel = socket.socket(fileno=fd) if fd is not None else None
+    if hello.get("pid") != object_pid or hello.get("relay") != relay_pid:
+        sock.close()
+        if channel is not None:
+            channel.close()
+        raise SandboxError(f"relay at {path} runs pid {hello.get('pid')} (relay "
+                           f"{hello.get('relay')}), not {object_pid} (relay {relay_pid})")
+    link = RelayLink(sock, relay_pid)
+    await link.watch()
+    return link, channel
+
+
+class AdoptedRelay:
+    """What :class:`ObjectSandbox` needs of a relay that is not the agent's child: its pid,
+    the object's status once it ended (told by the relay over the :class:`RelayLink`)."""
+
+    def __init__(self, pid: int, link: RelayLink) -> None:
+        self.pid = pid
+        self.link = link
+
+    @property
+    def returncode(self) -> int | None:
+        return self.link.returncode
+
+    async def wait(self) -> int:
+        await self.link.done.wait()
+        assert self.link.returncode is not None
+        return self.link.returncode
 
 
 # --- one object ---------------------------------------------------------------------------
@@ -348,6 +565,62 @@ class ObjectSandbox:
     def pid(self) -> int | None:
         """The object's main process as the agent sees it (PID 1 of its namespace inside)."""
         return self._object_pid
+
+    def relay_record(self) -> dict[str, Any]:
+        """What identifies this object's processes for a later agent: the relay's pid and
+        start time, the object's pid, the cgroup's name and the relay's socket."""
+        relay = self.proc.pid if self.proc is not None else None
+        return {"relay_pid": relay, "relay_start": proc_start_time(relay) if relay else None,
+                "object_pid": self._object_pid,
+                "cgroup": self.cgroup.name if self.cgroup is not None else None,
+                "socket": str(self.spec.relay_socket) if self.spec.relay_socket else None}
+
+    @classmethod
+    async def adopt(cls, name: str, spec: SandboxSpec, manager: CgroupManager | None,
+                    record: dict[str, Any]) -> tuple[ObjectSandbox, socket.socket | None]:
+        """The sandbox of an object an earlier agent started (``record``: its
+        :meth:`relay_record`), once it is proven the same: the relay runs with the recorded
+        start time, sits in the object's cgroup and names the recorded object. Returns it
+        with the agent's end of the object's channel. SandboxError otherwise (nothing kept)."""
+        relay, start, obj = record.get("relay_pid"), record.get("relay_start"), record.get("object_pid")
+        path = record.get("socket")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (relay, start, obj)) \
+                or not isinstance(path, str):
+            raise SandboxError(f"object {name}: no relay recorded")
+        if proc_start_time(relay) != start:
+            raise SandboxError(f"object {name}: its relay (pid {relay}) has gone")
+        sandbox = cls(name, spec, manager)
+        cg_name = record.get("cgroup")
+        if cg_name is not None:
+            sandbox.cgroup = existing_cgroup(manager, str(cg_name))
+            if sandbox.cgroup is None or relay not in sandbox.cgroup.procs():
+                raise SandboxError(f"object {name}: relay {relay} is not in cgroup {cg_name}")
+        link, channel = await attach_relay(Path(path), relay, obj)
+        sandbox.proc = AdoptedRelay(relay, link)  # type: ignore[assignment]
+        sandbox._object_pid = obj
+        return sandbox, channel
+
+    async def release_channel(self) -> None:
+        """Tell the relay (if any) to let go of the agent's end of the channel, so closing
+        ours is an end of stream the object reads (it stops)."""
+        if self.spec.relay_socket is None or self.proc is None or self.proc.returncode is not None:
+            return
+        if isinstance(self.proc, AdoptedRelay):
+            await self.proc.link.release()
+            return
+        try:
+            sock, _hello, fd = await asyncio.to_thread(_connect_relay, self.spec.relay_socket, 1.0)
+        except SandboxError as exc:
+            log.debug("object %s: %s", self.name, exc)
+            return
+        if fd is not None:
+            os.close(fd)
+        try:
+            await asyncio.to_thread(sock.sendall, b"release\n")
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def _counters(self) -> dict[str, int | None]:
         cg = self.cgroup
@@ -436,12 +709,15 @@ class ObjectSandbox:
         if self.cgroup is not None and self.cgroup.exists():
             await asyncio.to_thread(self.cgroup.kill_all)
         elif self.proc is not None and self.proc.returncode is None:
-            # The relay: still the agent's unreaped child, so its pid cannot have been reused;
-            # the object dies with it (PR_SET_PDEATHSIG), and its namespace with the object.
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
+            # The relay: the agent's unreaped child, so its pid cannot have been reused (an
+            # adopted one is alive with its recorded start time while its link is open); the
+            # object dies with it (PR_SET_PDEATHSIG), and its namespace with the object.
+            adopted = isinstance(self.proc, AdoptedRelay)
+            if not adopted or proc_start_time(self.proc.pid) is not None:
+                try:
+                    os.killpg(self.proc.pid, 9)
+                except ProcessLookupError:
+                    pass
         if self.proc is not None:
             self._snapshot(await self._exited())
 
@@ -457,6 +733,13 @@ class ObjectSandbox:
                 else:
                     self._snapshot(await self._exited())
         finally:
+            if isinstance(self.proc, AdoptedRelay):
+                await self.proc.link.close()
+            if self.spec.relay_socket is not None:
+                try:
+                    Path(self.spec.relay_socket).unlink()
+                except OSError:
+                    pass
             if self.cgroup is not None:
                 try:
                     await asyncio.to_thread(self.cgroup.remove)

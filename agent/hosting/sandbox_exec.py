@@ -50,6 +50,8 @@ import os
 import resource
 import select
 import signal
+import socket
+import struct
 import sys
 
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
@@ -251,15 +253,29 @@ def _die_with_parent() -> None:
     _check(libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
 
 
-def relay(child: int) -> None:
-    """The relay's life after the fork: wait for the namespace's init and end as it ended."""
+def relay(child: int, listen: int | None = None, keep: int | None = None) -> None:
+    """The relay's life after the fork: wait for the namespace's init and end as it ended.
+
+    With ``listen`` (a listening Unix socket the agent made, root-only) and ``keep`` (the
+    agent's end of the object's channel), the relay outlives the agent: it holds ``keep``
+    open, so the object never reads end of stream when the agent dies, and hands it to the
+    next agent that connects as root (:func:`serve_agents`)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ending by SIGSEGV dumps nothing
+    conn = serve_agents(child, listen, keep) if listen is not None else None
     while True:
         try:
             _, status = os.waitpid(child, 0)
             break
         except ChildProcessError:
             os._exit(127)
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    if conn is not None:
+        try:  # the agent attached now reads the object's status here (it is not our parent)
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        except OSError:
+            pass
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
@@ -267,12 +283,73 @@ def relay(child: int) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # a signal whose default is to be ignored
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 127)
+    os._exit(code if os.WIFEXITED(status) else 127)
 
 
-def fork_into_pid_namespace(status_fd: int) -> int:
+def _peer_uid(conn: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    return uid
+
+
+def serve_agents(child: int, listen: int, keep: int | None) -> socket.socket | None:
+    """Until the object (``child``) exits: answer each agent that connects on ``listen``
+    (root only, others are closed at once) with ``{"pid": child}`` and, while the relay still
+    holds it, the channel's end ``keep`` (SCM_RIGHTS). The newest agent's connection is kept
+    (returned: it is told how the object ended); on it, ``release`` makes the relay close
+    ``keep``, so the object reads end of stream once that agent closes its own end."""
+    lsock = socket.socket(fileno=listen)
+    lsock.setblocking(True)
+    pidfd = os.pidfd_open(child)
+    conn: socket.socket | None = None
+    while True:
+        watch = [pidfd, lsock] + ([conn] if conn is not None else [])
+        try:
+            ready = select.select(watch, [], [])[0]
+        except InterruptedError:
+            continue
+        if pidfd in ready:
+            lsock.close()
+            return conn
+        if lsock in ready:
+            try:
+                new, _ = lsock.accept()
+            except OSError:
+                continue
+            try:
+                if _peer_uid(new) != 0:
+                    raise PermissionError("not root")
+                hello = json.dumps({"pid": child, "relay": os.getpid(),
+                                    "channel": keep is not None}).encode() + b"\n"
+                if keep is not None:
+                    socket.send_fds(new, [hello], [keep])
+                else:
+                    new.sendall(hello)
+            except OSError:
+                new.close()
+                continue
+            if conn is not None:
+                conn.close()
+            conn = new
+        elif conn is not None and conn in ready:
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                conn.close()
+                conn = None
+            elif b"release" in data and keep is not None:
+                os.close(keep)
+                keep = None
+
+
+def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None) -> int:
     """unshare(CLONE_NEWPID) and fork: returns (in the child, PID 1 of the new namespace) the
-    read end of a pipe whose end of file means the relay has gone. The parent never returns."""
+    read end of a pipe whose end of file means the relay has gone. The parent never returns;
+    with ``relay_fds`` ({"listen", "keep"}) it serves agents (:func:`serve_agents`)."""
+    relay_fds = relay_fds or {}
+    listen, keep = relay_fds.get("listen"), relay_fds.get("keep")
     _check(libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     alive_r, alive_w = os.pipe()
     pid = os.fork()
@@ -285,9 +362,11 @@ def fork_into_pid_namespace(status_fd: int) -> int:
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        close_other_fds({0, 1, 2, alive_w})  # the object's socket and log, STATUS_FD too
+        # The object's socket and log, STATUS_FD too; an agent's listening socket and its
+        # end of the channel stay when the relay outlives the agent.
+        close_other_fds({0, 1, 2, alive_w, *(fd for fd in (listen, keep) if fd is not None)})
     finally:
-        relay(pid)
+        relay(pid, listen, keep)
     raise AssertionError("unreachable")
 
 
@@ -306,7 +385,7 @@ def launch(spec: dict, status_fd: int) -> None:
         alive = None
         if spec.get("isolate_pids"):
             stage = "pid namespace"
-            alive = fork_into_pid_namespace(status_fd)
+            alive = fork_into_pid_namespace(status_fd, spec.get("relay"))
         if spec.get("isolate_fs") or spec.get("isolate_pids"):
             stage = "mount namespace"
             private_mounts(new_proc=bool(spec.get("isolate_pids")))
