@@ -147,7 +147,9 @@ class Run:
                     done.append(f"{router}'s static routes installed again by the driver")
         for router in self.client.routers():
             if inj.agent_status(self.client, router) is None:
-                done.append(inj.repair_agent(self.moat, router))
+                # Its supervisor may be backing off after several crashes: give it its time.
+                if inj.wait_agent_back(self.client, router, old_pid=-1) is None:
+                    done.append(inj.repair_agent(self.moat, router))
         where, _dead = self.where()
         if len(where) > 1:
             # Which instance holds the latest state is what the fault put in doubt: stop

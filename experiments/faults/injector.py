@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: How long an agent gets to answer ``ping`` after it was killed before the driver repairs it.
 RECOVER_TIMEOUT = 10.0
+#: How long a process may take to die after its connections closed.
+DEATH_GRACE = 2.0
 #: A move's own bound (topologies.client.MIGRATE_TIMEOUT) plus a margin.
 MOVE_TIMEOUT = 75.0
 
@@ -248,11 +250,16 @@ def wait_pid_gone(pid: int, timeout: float, stop: "Move") -> float | None:
     """The wall-clock instant ``pid`` died (polled every millisecond), or None when the move
     ended (or ``timeout`` passed) with it alive."""
     deadline = time.monotonic() + timeout
+    grace = None
     while time.monotonic() < deadline:
         if pid_gone(pid):
             return time.time()
         if stop.ended is not None:
-            return time.time() if pid_gone(pid) else None
+            # The move's caller sees the connection close while the dying process is still
+            # exiting (its files close before it becomes a zombie): a moment more.
+            grace = grace or time.monotonic() + DEATH_GRACE
+            if time.monotonic() > grace:
+                return None
         time.sleep(0.001)
     return None
 

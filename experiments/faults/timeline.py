@@ -154,15 +154,25 @@ def state_check(earlier: Iterable[Request], window: Iterable[Request]) -> dict[s
             "inconsistent": len(inconsistent), "exact": not duplicates and not inconsistent}
 
 
-def final_check(requests: Iterable[Request], object_count: int | None) -> dict[str, Any]:
-    """At the end of an epoch: the object's own count against what the CO saw. Exact when no
-    count was given twice and the object counted every answered request and, beyond those,
-    at most the requests whose reply was lost (counted, but the reply never arrived)."""
+def final_check(requests: Iterable[Request], object_count: int | None,
+                lead: float = 1.0) -> dict[str, Any]:
+    """At the end: the object's own count against what the CO saw last. Exact when no count
+    was given twice and the object's count is the highest count a reply carried plus at most
+    the requests left unanswered after that reply's request (counted, the reply lost; from
+    ``lead`` s before it, as requests may be served out of order). Independent of where the
+    count started (an object placed again may or may not start from zero)."""
     reqs = list(requests)
-    answered = sum(1 for r in reqs if r.answered)
-    lost = len(reqs) - answered
+    answered = [r for r in reqs if r.answered and r.counts]
     dup = state_check([], reqs)
-    within = object_count is not None and answered <= object_count <= answered + lost
-    return {"answered": answered, "lost": lost, "object_count": object_count,
-            "counted_not_answered": None if object_count is None else object_count - answered,
-            "duplicates": dup["duplicates"], "exact": dup["exact"] and within}
+    top = max((max(r.counts) for r in answered), default=None)
+    out: dict[str, Any] = {"answered": len(answered), "lost": sum(1 for r in reqs if not r.answered),
+                           "object_count": object_count, "highest_reply_count": top,
+                           "counted_not_answered": None, "duplicates": dup["duplicates"],
+                           "exact": False}
+    if top is None or object_count is None:
+        return out
+    top_sent = max(r.sent for r in answered if max(r.counts) == top)
+    tail_lost = sum(1 for r in reqs if not r.answered and r.sent >= top_sent - lead)
+    out["counted_not_answered"] = object_count - top
+    out["exact"] = dup["exact"] and top <= object_count <= top + tail_lost
+    return out

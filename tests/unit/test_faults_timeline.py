@@ -114,13 +114,20 @@ def test_bicast_copies_that_agree_are_exact() -> None:
 
 
 def test_final_check_allows_counted_requests_whose_reply_was_lost() -> None:
-    # seq 100's request was counted (count 100) but its reply lost: answered counts skip 100
-    reqs = load(200, lost={100}, counts={s: s for s in range(1, 201)})
-    assert final_check(reqs, 200) == {"answered": 199, "lost": 1, "object_count": 200,
-                                      "counted_not_answered": 1, "duplicates": 0, "exact": True}
-    assert not final_check(reqs, 198)["exact"]  # fewer counted than answered: state went back
-    assert not final_check(reqs, 202)["exact"]  # more counted than were even sent
+    # the last request (seq 200) was counted (count 200) but its reply lost
+    reqs = load(200, lost={200})
+    out = final_check(reqs, 200)
+    assert out["exact"] and out["counted_not_answered"] == 1 and out["highest_reply_count"] == 199
+    assert final_check(reqs, 199)["exact"]  # or it was lost before the object counted it
+    assert not final_check(reqs, 198)["exact"]  # fewer than a reply showed: the state went back
+    assert not final_check(reqs, 201)["exact"]  # more than were even sent after the last reply
     assert not final_check(reqs, None)["exact"]
+
+
+def test_final_check_does_not_care_where_the_count_started() -> None:
+    reqs = load(100, first_count=5001)  # an object placed again that kept its old count
+    assert final_check(reqs, 5100)["exact"]
+    assert not final_check(reqs + [Request("co", 101, 2000.0, 2000.1, (5050,))], 5100)["exact"]
 
 
 def test_parse_requests_reads_co_load_records() -> None:
