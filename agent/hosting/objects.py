@@ -6,6 +6,14 @@ registration client (:class:`agent.mobility.client.RegistrationClient`). Objects
 experiment (``object_start``) and the mobile objects of a provisioned VM both live here; the
 VM role and the migration role call :meth:`HostingRole.host_object` and
 :meth:`HostingRole.cmd_object_stop` rather than keeping tables of their own.
+
+A crash of the agent loses no object (issue 13): every object it starts outlives it (see
+:mod:`agent.hosting.sandbox`) and is written into the router's root-only registry
+(:mod:`agent.hosting.hosted_registry`) with its checkpoint every :data:`CHECKPOINT_PERIOD`
+s. At start the role takes over each object whose processes are still there (same pid,
+state exact), restarts from its checkpoint one whose processes died meanwhile, and starts
+each registration client again. Objects stopped on purpose leave the registry. A VM's
+objects are not in it: they die with the agent as before (the VM role keeps no registry).
 """
 
 from __future__ import annotations
@@ -226,7 +234,7 @@ class HostingRole(Role):
                 await self._discard(record)
                 checkpoint = entry.get("checkpoint")
                 if checkpoint is None:
-                    raise ControlError(f"its processes are gone and it left no checkpoint") from None
+                    raise ControlError("its processes are gone and it left no checkpoint") from None
                 self.registry.entries.pop(name, None)
                 restarted = ObjectProcess.from_record(record, **self._process_args())
                 await self.host_object(obj, restarted, state=checkpoint, register=register)

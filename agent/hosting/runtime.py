@@ -17,6 +17,11 @@ The socketpair speaks :mod:`agent.core.rpc` (requests and answers matched by id,
 :data:`~agent.core.rpc.CHECKPOINT_LINE_LIMIT`), so an answer that arrives after its call timed
 out is discarded instead of being taken for the next call's answer.
 
+An object started with a ``relay_dir`` outlives its agent (issue 13): its relay keeps the
+channel, :meth:`ObjectProcess.record` is what the agent's registry keeps of it, and
+:meth:`ObjectProcess.adopt` is how the next agent takes it over, resuming the channel from a
+clean line (:meth:`agent.core.rpc.RpcClient.resume`).
+
 A *leased* object (patent Fig. 10, 164) starts with ``--leased`` and refuses every request
 until :meth:`ObjectProcess.start` has handed it its :class:`ServiceCredentials` over the same
 socketpair (the key never appears on a command line or the network); a new process of the

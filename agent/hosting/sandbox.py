@@ -42,6 +42,14 @@ object's uid, mode 0700 (with ``isolate_fs`` it is only the mount point of the t
 object's files never reach the router's disk), and :func:`remove_workdir` removes it once
 the object has stopped.
 
+Outliving the agent (issue 13): with ``relay_socket`` the relay is not tied to the agent.
+It holds a copy of the agent's end of the object's channel and listens on a root-only Unix
+socket; a restarted agent proves the relay is the one recorded (pid and start time, its
+cgroup, the object's pid it names: :meth:`ObjectSandbox.adopt`), takes the channel back
+and hears the object's exit status over that connection (the relay is not its child any
+more). The relay carries ``MOAT_RUN_ID``, so ``moat clean`` finds it by the run's id, and the
+object dies with it.
+
 Exit reasons (:meth:`ObjectSandbox.exit_reason`): ``"killed: oom"`` when the cgroup's OOM
 kill counter rose, ``"pids limit"`` when a fork was refused by ``pids.max``, ``"killed:
 signal N"``, or ``"exited"`` (the status is in :meth:`ObjectSandbox.exit_info`).

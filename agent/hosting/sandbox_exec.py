@@ -5,13 +5,18 @@ and the object's program. Started (as root) by :func:`agent.hosting.sandbox.spaw
 
 It reads a JSON spec from SPEC_FD and then, in this order:
 
-1. ties itself to the agent (``PR_SET_PDEATHSIG``: it dies with the agent) and joins the
-   object's cgroup (its own pid into every ``cgroup.procs``), so everything after, the
-   object included, is limited and accounted from its first instruction;
+1. ties itself to the agent (``PR_SET_PDEATHSIG``: it dies with the agent) unless it is to
+   outlive it (a ``relay`` in the spec), and joins the object's cgroup (its own pid into
+   every ``cgroup.procs``), so everything after, the object included, is limited and
+   accounted from its first instruction;
 2. with ``isolate_pids``: ``unshare(CLONE_NEWPID)`` and a fork. The parent stays outside as
    a *relay*: it reports the child's pid (as the agent sees it) on STATUS_FD, closes every
    other fd, waits for the child and ends the way the child ended (the same exit code, or
-   killed by the same signal), so the agent reads the object's own status. The child is PID
+   killed by the same signal), so the agent reads the object's own status. With a
+   ``relay`` ({"listen", "keep"}: a listening root-only Unix socket and the agent's end of
+   the object's channel) it outlives the agent: it keeps ``keep`` open, so the object never
+   reads end of stream when the agent dies, hands it (SCM_RIGHTS) to each agent that
+   connects as root, and tells the one connected how the object ended. The child is PID
    1 of a new PID namespace: it sees and can signal only its own processes, and when it
    exits the kernel kills everything it left behind. It dies with the relay
    (``PR_SET_PDEATHSIG``), so SIGKILL to the relay or to the cgroup ends the namespace;

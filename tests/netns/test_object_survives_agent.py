@@ -12,6 +12,7 @@ value is the number of requests co14 saw answered — nothing lost, nothing coun
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -103,11 +104,9 @@ def test_an_object_whose_processes_died_with_no_agent_restarts_from_its_checkpoi
     checkpoint in its registry (written every few seconds), with its uid, address and
     registration; nothing of the dead one is left."""
     count = net.agent(ROUTER).call("object_stats", name="counter")["state"]["count"]
-    # Let a periodic checkpoint hold the count (nothing is sent meanwhile).
-    time.sleep(0)  # no request in flight: the last test's ended
     hosted_dir = net.run.dir / f"{ROUTER}-hosted"
-    import json
 
+    # A periodic checkpoint holds the count (no request is in flight: the last test's ended).
     def checkpointed() -> bool:
         doc = json.loads((hosted_dir / "objects.json").read_text())
         cp = doc["objects"]["counter"].get("checkpoint")
