@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from agent.core.errors import AgentError
 from packets import ControlMessage, ControlType
@@ -203,6 +205,32 @@ def _foreign_stats(ctx: Context) -> dict[str, int]:
     return dict(status.get("foreign_stats") or {})
 
 
+#: Forged denials sent after each relayed request, and their spacing (seconds).
+DENIALS, DENIAL_GAP_S = 30, 0.0005
+
+
+@contextmanager
+def hoa_deaf(ctx: Context) -> Iterator[None]:
+    """The HOA hears no UDP 434 for a moment (an iptables rule in its namespace, removed on
+    the way out): a relayed request stays pending at the FOA, so forged answers to it are
+    tested every time, not only when they win a race with the HOA's 1-3 ms answer."""
+    rule = ["INPUT", "-p", "udp", "--dport", "434", "-m", "comment", "--comment",
+            f"moat-attacks-{ctx.client.run_id}", "-j", "DROP"]
+
+    def iptables(*args: str) -> None:
+        proc = ctx.client.popen(ctx.hoa, ["iptables", "-w", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            raise TopologyError(f"iptables {' '.join(args[:1])} on {ctx.hoa}: {err.decode()[-300:]}")
+
+    iptables("-I", *rule)
+    try:
+        yield
+    finally:
+        iptables("-D", *rule)
+
+
 def foa_impersonation(ctx: Context) -> Result:
     from packets import RegistrationReply, ReplyCode, decode_registration
 
@@ -220,12 +248,14 @@ def foa_impersonation(ctx: Context) -> Result:
         # The request replayed from the object's own address and port (spoofed on the link),
         # so the FOA relays it; at once a forged denial from att12 answers that relay before
         # the HOA can. Only the relayed-to HOA may answer it.
-        # Several denials 0.4 ms apart: one of them lands between the relay and the HOA's
-        # answer (the HOA answers in 1-3 ms), whatever the FOA's own delay in relaying.
-        out = ctx.attack("udp", {
-            "dst": ctx.addr(ctx.foa), "port": 434, "src_port": 434, "listen_s": 0.5, "gap_s": 0.0004,
-            "payloads": [data.hex()] + [denial.hex()] * 6,
-            "spoof": [{"src": ctx.addr(ctx.hosting), "sport": ctx.captured.get("rrq_sport", 434)}] + [None] * 6})
+        # The HOA is kept deaf meanwhile (hoa_deaf), so the relay is pending when the
+        # denials (every 0.5 ms for 15 ms, after the FOA's own delay in relaying) arrive.
+        with hoa_deaf(ctx):
+            out = ctx.attack("udp", {
+                "dst": ctx.addr(ctx.foa), "port": 434, "src_port": 434, "listen_s": 0.5,
+                "gap_s": DENIAL_GAP_S, "payloads": [data.hex()] + [denial.hex()] * DENIALS,
+                "spoof": [{"src": ctx.addr(ctx.hosting), "sport": ctx.captured.get("rrq_sport", 434)}]
+                + [None] * DENIALS})
         answers += out["answers"]
     after = _foreign_stats(ctx)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)
@@ -240,7 +270,7 @@ def foa_impersonation(ctx: Context) -> Result:
     refused = bool(captured) and forged_code not in codes and not via_attacker and dropped >= 1
     return (f"{sent_adv.get('sent')} advertisements as FOA (ICMP 9, TTL 1); {len(captured)} x (a "
             f"replayed RRQ spoofed from {ctx.hosting} + a forged denial {forged_code} from "
-            f"{ctx.attacker_address}, 6 times 0.4 ms apart) to the FOA",
+            f"{ctx.attacker_address}, {DENIALS} times {DENIAL_GAP_S * 1000:.1f} ms apart) to the FOA",
             f"FOA counters {delta or 'unchanged'}; forged replies to a live relay dropped as from "
             f"the wrong source: {dropped}; objects registered via the attacker: {via_attacker or 'none'}",
             refused, {"answers": answers, "foa_stats_delta": delta})
