@@ -14,7 +14,6 @@ import json
 import logging
 import socket
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -23,8 +22,8 @@ import pytest
 from agent.core import rpc
 from agent.core.errors import AgentError
 from agent.hosting import runtime
-from agent.hosting.cgroups import Limits
-from agent.hosting.runtime import ObjectProcess, ObjectProcessError
+from agent.hosting.runtime import ObjectProcessError
+from plain_object import PlainSandbox, fake_child, object_on
 
 TEST_TIMEOUT = 30.0
 
@@ -311,50 +310,6 @@ def test_client_and_server_together() -> None:
 
 
 # --- ObjectProcess over a real child process ------------------------------------------------
-
-
-class PlainSandbox:
-    """What ObjectProcess uses of ObjectSandbox, for a plain child (no cgroup, same user)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.killed = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def wait(self, timeout: float | None = None) -> int:
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-    def exit_info(self) -> dict[str, Any] | None:
-        rc = self.proc.returncode
-        return None if rc is None else {"returncode": rc, "reason": "exited" if rc >= 0 else "killed"}
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            self.killed = True
-            self.proc.kill()
-        await self.proc.wait()
-
-
-async def object_on(tmp_path: Path, argv: list[str]) -> ObjectProcess:
-    """An ObjectProcess talking to ``argv`` (``{fd}`` replaced by the child's socketpair end)."""
-    obj = ObjectProcess("counter", "agent.objects.counter:Counter", "127.0.0.1", 0, "r1",
-                        objects_dir=tmp_path, cgroups=None, limits=Limits())
-    parent, child = socket.socketpair()
-    fd = child.fileno()
-    proc = await asyncio.create_subprocess_exec(*[a.replace("{fd}", str(fd)) for a in argv],
-                                                pass_fds=(fd,))
-    child.close()
-    obj.sandbox = PlainSandbox(proc)
-    await obj._open_channel(parent)
-    return obj
-
-
-def fake_child(body: str) -> list[str]:
-    prelude = "import json, signal, socket, sys\nf = socket.socket(fileno=int(sys.argv[1])).makefile('rwb')\n"
-    return [sys.executable, "-c", prelude + textwrap.dedent(body), "{fd}"]
 
 
 LATE_CHILD = fake_child("""

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -18,69 +16,27 @@ import pytest
 from agent.core.config import AgentConfig, Interface
 from agent.core.errors import ControlError
 from agent.hosting import runtime
-from agent.hosting.cgroups import Limits
 from agent.hosting.objects import HostedObject, HostingRole
 from agent.hosting.runtime import ObjectProcess, ObjectProcessError
+from plain_object import PlainSandbox, fake_child, object_on
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def fake_child_ignoring_term(body: str) -> list[str]:
+    """A scripted child that ignores SIGTERM: only a kill ends it."""
+    return fake_child(body, ignore_term=True)
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(asyncio.wait_for(main(), 60))
 
 
-class PlainSandbox:
-    """What ObjectProcess uses of ObjectSandbox, for a plain child (no cgroup, same user)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.killed = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def wait(self, timeout: float | None = None) -> int:
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-    def exit_info(self) -> dict[str, Any] | None:
-        rc = self.proc.returncode
-        return None if rc is None else {"returncode": rc, "reason": "exited" if rc >= 0 else "killed"}
-
-    def usage(self) -> dict[str, Any]:
-        return {"cpu_seconds": None, "memory_bytes": None, "memory_peak_bytes": None, "pids": None}
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            self.killed = True
-            self.proc.kill()
-        await self.proc.wait()
-
-
-async def object_on(tmp_path: Path, argv: list[str], env: dict[str, str] | None = None) -> ObjectProcess:
-    """An ObjectProcess talking to ``argv`` (``{fd}`` replaced by the child's socketpair end)."""
-    obj = ObjectProcess("counter", "agent.objects.counter:Counter", "127.0.0.1", 0, "r1",
-                        objects_dir=tmp_path, cgroups=None, limits=Limits())
-    parent, child = socket.socketpair()
-    fd = child.fileno()
-    proc = await asyncio.create_subprocess_exec(*[a.replace("{fd}", str(fd)) for a in argv],
-                                                pass_fds=(fd,), env=env)
-    child.close()
-    obj.sandbox = PlainSandbox(proc)
-    await obj._open_channel(parent)
-    return obj
-
-
-def fake_child(body: str) -> list[str]:
-    prelude = ("import json, signal, socket, sys\n"
-               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-               "f = socket.socket(fileno=int(sys.argv[1])).makefile('rwb')\n")
-    return [sys.executable, "-c", prelude + textwrap.dedent(body), "{fd}"]
 
 
 #: Answers every command with something that is not its answer, ignores the end of its
 #: channel and SIGTERM: only a kill ends it.
-GARBAGE_CHILD = fake_child("""
+GARBAGE_CHILD = fake_child_ignoring_term("""
     junk = [b"Traceback (most recent call last): not an answer",
             b'{"no": "id"}', b'{"id": 999999, "ok": true, "result": 1}',
             b'{"id": 1, "ok": "maybe"}', b"[" * 5000, b"\\xff\\xfe"]
@@ -91,7 +47,7 @@ GARBAGE_CHILD = fake_child("""
 """)
 
 #: Reads its commands and never answers; ignores the end of its channel and SIGTERM.
-SILENT_CHILD = fake_child("""
+SILENT_CHILD = fake_child_ignoring_term("""
     for line in f:
         pass
     signal.pause()
