@@ -248,3 +248,72 @@ def test_a_bad_entry_loses_only_that_object(hosting: HostingRole) -> None:
     asyncio.run(hosting.start())
     assert list(hosting.objects) == ["alive"] and hosting.recovered["lost"] == ["bad"]
     assert set(json.loads(hosting.registry.path.read_text())["objects"]) == {"alive"}
+
+
+# --- the relay's side (the launcher's code, in a forked process) -----------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the relay serves root only")
+def test_the_relay_hands_the_channel_to_each_agent_and_tells_how_the_object_ended(tmp_path: Path) -> None:
+    import signal
+
+    from agent.hosting import sandbox_exec
+
+    agent_end, object_end = socket.socketpair()
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = tmp_path / "relay.sock"
+    listen.bind(str(path))
+    listen.listen(4)
+    relay = os.fork()
+    if relay == 0:  # the relay: its object is a child that waits for a signal
+        try:
+            obj = os.fork()
+            if obj == 0:  # as the launcher's object does: no fd of the agent's or relay's
+                for s in (agent_end, object_end, listen):
+                    s.close()
+                signal.alarm(30)  # never outlives the test for long
+                signal.pause()
+                os._exit(0)
+            sandbox_exec.relay(obj, listen.fileno(), agent_end.fileno())
+        finally:
+            os._exit(127)
+    listen.close()
+    agent_end.close()  # the agent has died: only the relay holds its end now
+
+    def attach() -> tuple[socket.socket, dict, socket.socket | None]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(str(path))
+        data, fds, _f, _a = socket.recv_fds(s, 4096, 1)
+        return s, json.loads(data), (socket.socket(fileno=fds[0]) if fds else None)
+
+    try:
+        first, hello, channel = attach()
+        assert hello["relay"] == relay and hello["channel"] is True and channel is not None
+        channel.sendall(b"ping\n")  # the agent's end, handed over: the object reads it
+        object_end.settimeout(5)
+        assert object_end.recv(16) == b"ping\n"
+        second, hello2, channel2 = attach()  # a newer agent replaces the first
+        assert hello2["pid"] == hello["pid"] and channel2 is not None
+        assert first.recv(64) == b"", "the older agent's connection is closed"
+        second.sendall(b"release\n")
+        third, hello3, channel3 = attach()
+        assert hello3["channel"] is False and channel3 is None, "let go: not handed out again"
+        channel.close()
+        channel2.close()
+        assert object_end.recv(16) == b"", "end of stream once no agent holds the channel"
+        os.kill(hello["pid"], signal.SIGKILL)
+        third.settimeout(5)
+        assert json.loads(third.recv(256)) == {"exit": -9}
+        _, status = os.waitpid(relay, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    finally:
+        try:
+            os.kill(hello["pid"], signal.SIGKILL)
+        except (ProcessLookupError, NameError):
+            pass
+        try:
+            os.kill(relay, signal.SIGKILL)
+            os.waitpid(relay, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
