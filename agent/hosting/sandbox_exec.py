@@ -316,6 +316,18 @@ def serve_agents(child: int, listen: int, keep: int | None) -> socket.socket | N
         if pidfd in ready:
             lsock.close()
             return conn
+        # What the agent attached said first (a release), then a new agent.
+        if conn is not None and conn in ready:
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                conn.close()
+                conn = None
+            elif b"release" in data and keep is not None:
+                os.close(keep)
+                keep = None
         if lsock in ready:
             try:
                 new, _ = lsock.accept()
@@ -336,17 +348,6 @@ def serve_agents(child: int, listen: int, keep: int | None) -> socket.socket | N
             if conn is not None:
                 conn.close()
             conn = new
-        elif conn is not None and conn in ready:
-            try:
-                data = conn.recv(4096)
-            except OSError:
-                data = b""
-            if not data:
-                conn.close()
-                conn = None
-            elif b"release" in data and keep is not None:
-                os.close(keep)
-                keep = None
 
 
 def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None) -> int:
