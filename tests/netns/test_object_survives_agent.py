@@ -21,6 +21,7 @@ import pytest
 
 from agent.core.errors import ControlError
 from agent.core.wait import wait_until
+from agent.hosting.sandbox import proc_start_time
 from experiments.handoff import load_generator, read_requests, state_survived
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
@@ -125,6 +126,8 @@ def test_an_object_whose_processes_died_with_no_agent_restarts_from_its_checkpoi
     status = net.agent(ROUTER).call("status")
     assert status["recovered_objects"]["restarted"] == ["counter"], status["recovered_objects"]
     now = hosted(net)
-    assert now["pid"] != old_object and not os.path.exists(f"/proc/{old_object}")
+    assert now["pid"] != old_object
+    # Dead with its relay (PR_SET_PDEATHSIG); a zombie until whoever adopted it reaps it.
+    wait_until(lambda: proc_start_time(old_object) is None, 5, what="the old object gone")
     assert net.agent(ROUTER).call("object_stats", name="counter")["state"]["count"] == count
     assert net.requests("co14", "counter", 10)["answered"] > 0
