@@ -10,10 +10,10 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from fake_control import FakeControl
 
 from agent.core.wait import wait_until
 from agent.supervisor import Backoff, RestartPolicy, clear_stale_socket, describe_exit, ping, read_status
@@ -79,26 +79,6 @@ def test_exit_descriptions() -> None:
     assert describe_exit(2) == {"returncode": 2, "signal": None, "text": "exit status 2"}
 
 
-class _Pong(threading.Thread):
-    """A stand-in agent's control socket answering ``ping`` (one connection at a time)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(4)
-
-    def run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                if conn.recv(4096).startswith(b'{"id": 1, "cmd": "ping"'):
-                    conn.sendall(b'{"id": 1, "ok": true, "result": "pong"}\n')
-
-
 def test_stale_sockets_are_removed_and_live_or_foreign_ones_kept(tmp_path: Path) -> None:
     stale = tmp_path / "stale.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -107,7 +87,7 @@ def test_stale_sockets_are_removed_and_live_or_foreign_ones_kept(tmp_path: Path)
     assert clear_stale_socket(str(stale)) == "removed" and not stale.exists()
     assert clear_stale_socket(str(stale)) == "absent"
     live = tmp_path / "live.sock"
-    server = _Pong(live)
+    server = FakeControl(live)
     server.start()
     assert clear_stale_socket(str(live)) == "live" and live.exists()
     assert ping(str(live))

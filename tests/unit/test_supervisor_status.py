@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from fake_control import FakeControl
 
 from agent.core.errors import ControlError
 from agent.core.wait import wait_until
@@ -22,39 +21,12 @@ from topologies.client import RunClient
 from topologies.run import Run
 
 
-class _Agent(threading.Thread):
-    """Answers ``ping`` and ``status`` on a control socket, as an agent that is up."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(8)
-
-    def run(self) -> None:
-        import json
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                req = json.loads(conn.recv(65536))
-                result = "pong" if req["cmd"] == "ping" else {
-                    "name": "r1", "roles": ["home"], "pid": 4242, "uptime": 1.0, "bindings": 0}
-                if req["cmd"] not in ("ping", "status"):
-                    conn.sendall(json.dumps({"id": req["id"], "ok": False, "error": "unknown command"}).encode() + b"\n")
-                    continue
-                conn.sendall(json.dumps({"id": req["id"], "ok": True, "result": result}).encode() + b"\n")
-
-
 @pytest.fixture
 def client(tmp_path: Path):
     run = Run("test-run", root=tmp_path)
     run.dir.mkdir(parents=True)
     run.state.agents = {r: str(run.dir / f"{r}.sock") for r in ("r1", "r2", "r3", "r4")}
-    agent = _Agent(run.dir / "r1.sock")
+    agent = FakeControl(run.dir / "r1.sock")
     agent.start()
     yield RunClient(run)
     agent.sock.close()
