@@ -28,6 +28,10 @@ what it takes to start it again, *before* the state goes anywhere; phase ``stopp
 ``committed`` (the move is done) or the object serves at the source again. Resolving a
 record (after any failure, or by the agent's next start after a crash):
 
+* ``starting`` (make-before-break only, written before the MIGRATE start goes, without a
+  state): the object never stopped here, so it still runs here (it outlives its agent) and
+  the target holds at most a WARM instance, which cannot commit. Abort it at once, so the
+  target is free for the next move instead of refusing it until its deadline.
 * ``stopped``: the target cannot have committed (no commit was sent). Abort it (best
   effort) and start the object here from the record's checkpoint: a target that did not
   hear the abort is still only WARM/RESTORED (silent) and drops itself at its deadline.
@@ -229,6 +233,11 @@ class Arrivals:
             self.persist(self.status())
 
 
+#: A source record's phases: ``starting`` (a make-before-break start was sent, the object
+#: still runs here), ``stopped`` (the object stopped here with this checkpoint), ``committing``.
+PHASES = ("starting", "stopped", "committing")
+
+
 @dataclass
 class SourceRecord:
     """What a source keeps of an object it stopped for a move until the move is decided."""
@@ -237,7 +246,7 @@ class SourceRecord:
     epoch: str
     target: str
     mode: str
-    phase: str  # "stopped" | "committing"
+    phase: str  # "starting" | "stopped" | "committing"
     state: Any
     #: What starting it again takes: its registration config, and its code (spec and
     #: resources) or its VM (the VM's name and object, and the provision body of that
@@ -257,7 +266,7 @@ class SourceRecord:
     def from_json(cls, doc: dict[str, Any]) -> "SourceRecord":
         known = {f for f in cls.__dataclass_fields__}
         record = cls(**{k: v for k, v in doc.items() if k in known})
-        if record.phase not in ("stopped", "committing") or not isinstance(record.config, dict):
+        if record.phase not in PHASES or not isinstance(record.config, dict):
             raise ValueError(f"not a hand-over record: phase {record.phase!r}")
         return record
 

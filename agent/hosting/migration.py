@@ -628,6 +628,13 @@ class MigrationRole(Role):
         """Settle a move this router stopped an object for (see the module docstring):
         ``committed`` (the target serves) or ``restarted`` (the object serves here). A
         ``committing`` record whose target does not answer is asked again with back-off."""
+        if record.phase == "starting":
+            await self._abort(record)
+            self._done(record)
+            if record.name not in self.hosting.objects:
+                log.error("move %s of %s never stopped it here, yet it does not run here",
+                          record.epoch, record.name)
+            return "kept"
         if record.phase == "stopped":
             await self._give_back(record)
             return "restarted"
@@ -666,27 +673,32 @@ class MigrationRole(Role):
         hosted = move.hosted
         assert hosted.process is not None and hosted.client is not None
         report.step("start warm instance at target, register with S")
+        # On disk before the start goes: a crash of this agent from here until the object
+        # stops leaves the target a WARM instance that its restart cancels at once.
+        starting = SourceRecord(hosted.name, move.epoch, move.target, move.mode, "starting",
+                                None, move.config)
+        self.departures[starting.name] = starting
+        self._save(starting)
         try:
             answer = await self._call(move.target, ControlType.MIGRATE, self._start_body(move, warm=True))
-        except MigrationFailed:  # it may have started there all the same: it is held
-            await self._abort(SourceRecord(hosted.name, move.epoch, move.target, move.mode,
-                                           "stopped", None, move.config))
-            raise
-        report.target_registration = answer.get("registration")
-        report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
-        report.step("target registered (its instance queues requests)")
-        self._crash_point("source_after_start")
-        mine = hosted.client.current
-        theirs = (answer.get("registration") or {}).get("care_of_address")
-        if mine is not None and mine.care_of_address != theirs:
-            await hosted.client.deregister()  # lifetime 0 for this care-of address only
-            report.step("source binding deregistered")
-        stopped = await self.hosting.cmd_object_stop(hosted.name, deregister=False)
-        try:
+            report.target_registration = answer.get("registration")
+            report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
+            report.step("target registered (its instance queues requests)")
+            self._crash_point("source_after_start")
+            mine = hosted.client.current
+            theirs = (answer.get("registration") or {}).get("care_of_address")
+            if mine is not None and mine.care_of_address != theirs:
+                await hosted.client.deregister()  # lifetime 0 for this care-of address only
+                report.step("source binding deregistered")
+            stopped = await self.hosting.cmd_object_stop(hosted.name, deregister=False)
             state = await self._final_state(move, stopped)
-        except ObjectKilled:
-            await self._abort(SourceRecord(hosted.name, move.epoch, move.target, move.mode,
-                                           "stopped", None, move.config))
+        except _Crashed:
+            raise
+        except Exception:
+            # Failed before a final checkpoint was kept (the start refused or cut, the object
+            # gave no state): the target may hold a WARM instance, which cannot commit.
+            await self._abort(starting)
+            self._done(starting)
             raise
         record = self._keep(move, state)
         report.step("source stopped with its final checkpoint (kept on disk)")

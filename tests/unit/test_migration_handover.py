@@ -209,9 +209,11 @@ class Net:
         except _Crashed:
             return None
 
-    async def restart_source(self) -> None:
-        """The source's agent comes back (its objects died with it): it resolves its records."""
-        self.source_hosting.objects.clear()
+    async def restart_source(self, keep_objects: bool = False) -> None:
+        """The source's agent comes back (``keep_objects``: its objects outlived it, else
+        they died with it): it resolves its records."""
+        if not keep_objects:
+            self.source_hosting.objects.clear()
         self.source = self.role(self.source_hosting, "r22c")
         await self.source.start()
         await asyncio.gather(*self.source._tasks)
@@ -307,18 +309,49 @@ def test_the_source_dying_before_its_commit_restarts_from_its_checkpoint(net: Ne
     run(go)
 
 
-def test_the_source_dying_before_it_stopped_the_object_lets_the_target_expire(net: Net) -> None:
+def test_the_source_dying_before_it_stopped_the_object_cancels_the_target_on_restart(net: Net) -> None:
     """Make-before-break, the source dies once the target registered: the object never
-    stopped at the source (it outlives its agent, or is restarted by it: issue 13 item 3),
-    no record exists, and the silent target drops its warm instance at its deadline."""
+    stopped at the source (it outlives its agent: issue 13 item 3). Its ``starting`` record
+    (no state) makes the restarted source cancel the warm instance at once, so the target
+    takes the next move instead of refusing it until its deadline."""
     async def go() -> None:
         net.source.cmd_inject_fault("source_after_start")
         assert await net.migrate() is None
-        assert net.records() == [] and "counter" in net.source_hosting.objects
+        [record] = net.records()
+        assert (record.phase, record.state) == ("starting", None)
         assert net.serving() == ["source"]  # the target's instance is warm: it answers nothing
+        assert "counter" in net.target_hosting.objects
+        await net.restart_source(keep_objects=True)
+        assert net.sent[-1] == "MIGRATE_cancel"
+        assert ("stop", "counter", True) in net.target_hosting.log  # dropped, deregistered
+        assert net.records() == [] and net.source.departures == {}
+        assert net.serving() == ["source"] and net.source_started_from() is None
+        report = await net.migrate()  # the target is free: the next move goes through
+        assert report is not None and report["ok"], report
+        assert net.serving() == ["target"]
+    run(go)
+
+
+def test_the_source_dying_before_it_stopped_the_object_lets_the_target_expire(net: Net) -> None:
+    """Without its restart, the silent target drops its warm instance at its deadline."""
+    async def go() -> None:
+        net.source.cmd_inject_fault("source_after_start")
+        assert await net.migrate() is None
         assert await net.deadline_passes() == ["counter"]
         assert ("stop", "counter", True) in net.target_hosting.log
         assert net.serving() == ["source"]
+    run(go)
+
+
+def test_a_refused_start_leaves_no_record_and_the_next_move_goes(net: Net) -> None:
+    async def go() -> None:
+        net.target.cmd_inject_fault("migrate_start")
+        report = await net.migrate()
+        assert report is not None and not report["ok"] and "refused" in report["error"], report
+        assert net.records() == [] and net.source.departures == {}
+        assert net.serving() == ["source"]
+        report = await net.migrate()
+        assert report is not None and report["ok"], report
     run(go)
 
 
