@@ -74,6 +74,8 @@ ALIASES = {"cancel_lost": "migrate_cancel"}
 FAULT_POINTS = REFUSE_POINTS + CUT_POINTS + CRASH_POINTS + tuple(ALIASES)
 #: How often a source asks for a commit before it leaves the move to its resolver, and the
 #: resolver's back-off (seconds, doubling up to the last).
+#: Times a cancel that got no answer is sent again (with RESOLVE_BACKOFF's back-off).
+CANCEL_TRIES = 5
 COMMIT_TRIES = 3
 RESOLVE_BACKOFF = (0.2, 10.0)
 #: Largest checkpoint (strict JSON, bytes) a move carries: it travels sealed, in base64 (4/3),
@@ -578,15 +580,36 @@ class MigrationRole(Role):
         self._done(record)
 
     async def _abort(self, record: SourceRecord) -> Phase | None:
-        """Tell the target the move is off; its decision, None when it did not answer."""
+        """Tell the target the move is off; its decision, None when it did not answer (then
+        the cancel is sent again in the background, :meth:`_abort_again`)."""
         try:
-            answer = await self._call(record.target, ControlType.MIGRATE,
-                                      {"action": "cancel", "name": record.name, "epoch": record.epoch})
+            return await self._send_cancel(record)
         except MigrationFailed as exc:
-            log.warning("could not cancel move %s of %s at %s: %s (it drops itself at its "
-                        "deadline)", record.epoch, record.name, record.target, exc)
+            log.warning("could not cancel move %s of %s at %s: %s (asking again; it drops "
+                        "itself at its deadline anyway)", record.epoch, record.name, record.target, exc)
+            self._spawn(self._abort_again(record))
             return None
+
+    async def _send_cancel(self, record: SourceRecord) -> Phase:
+        answer = await self._call(record.target, ControlType.MIGRATE,
+                                  {"action": "cancel", "name": record.name, "epoch": record.epoch})
         return _phase(answer)
+
+    async def _abort_again(self, record: SourceRecord) -> None:
+        """A lost or refused cancel, sent again with back-off (:data:`CANCEL_TRIES` times): a
+        held instance the target drops now is one that no longer holds the object's home
+        address and the target's next move until its deadline. Idempotent at the target."""
+        delay = RESOLVE_BACKOFF[0]
+        for _ in range(CANCEL_TRIES):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESOLVE_BACKOFF[1])
+            try:
+                phase = await self._send_cancel(record)
+            except MigrationFailed:
+                continue
+            log.info("move %s of %s: cancel taken by %s on a later try (%s)",
+                     record.epoch, record.name, record.target, phase.value)
+            return
 
     async def _give_back(self, record: SourceRecord) -> None:
         """Before any commit was sent: abort at the target and serve here again. A target

@@ -395,10 +395,13 @@ def test_a_cut_transfer_restarts_the_source_and_drops_the_target(net: Net) -> No
     run(go)
 
 
-def test_a_cut_transfer_and_a_lost_cancel_never_make_two_instances_answer(net: Net) -> None:
+def test_a_cut_transfer_and_a_lost_cancel_never_make_two_instances_answer(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
     """The target restored and is registered beside the source, but held: it answers
-    nothing, and without word from the source it drops itself (deregistered) at its
-    deadline; a late commit of that move is refused as aborted."""
+    nothing, and without word from the source (every cancel lost) it drops itself
+    (deregistered) at its deadline; a late commit of that move is refused as aborted."""
+    monkeypatch.setattr(migration_mod, "CANCEL_TRIES", 0)
+
     async def go() -> None:
         net.target.cmd_inject_fault("transfer_cut")
         net.target.cmd_inject_fault("cancel_lost")
@@ -411,6 +414,22 @@ def test_a_cut_transfer_and_a_lost_cancel_never_make_two_instances_answer(net: N
         assert net.serving() == ["source"]
         answer = await net.target._commit_arrival("counter", report["epoch"])
         assert answer["phase"] == "aborted"
+    run(go)
+
+
+def test_a_lost_cancel_is_sent_again_and_the_target_drops_its_instance_before_its_deadline(
+        net: Net) -> None:
+    async def go() -> None:
+        net.target.cmd_inject_fault("transfer_cut")
+        net.target.cmd_inject_fault("cancel_lost")
+        report = await net.migrate()
+        assert report is not None and not report["ok"]
+        assert net.sent.count("MIGRATE_cancel") == 1
+        await asyncio.gather(*net.source._tasks)  # the cancel, sent again
+        assert net.sent.count("MIGRATE_cancel") == 2
+        assert ("stop", "counter", True) in net.target_hosting.log  # dropped, deregistered
+        assert net.target.arrivals.get("counter", report["epoch"]).phase is Phase.ABORTED
+        assert net.serving() == ["source"] and net.source_started_from() == FINAL
     run(go)
 
 
