@@ -48,6 +48,7 @@ __all__ = ["MAX_SHARE", "ObjectHost", "ProvisionError", "SiteAccess", "VirtualMa
            "VmBaseline", "VmListener", "VmManager"]
 from agent.vm.provisioning import fetch_verify_install
 from agent.vm.shaping import EgressShaper
+from agent.vm.upgrade_hold import UpgradeHold
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ class VmManager:
         self.shaper = EgressShaper()
         self._next_key = 0
         self._upgrades = 0  # numbers the directories upgrades install into
+        #: Armed (the ``upgrade_hold`` command), the next upgrade waits between its probe and
+        #: its fetch: a fault injection point (agent.vm.upgrade_hold).
+        self.upgrade_hold = UpgradeHold()
         #: This router's LAN prefixes (its leased objects honour a sibling's credential from
         #: there: a CO on its network reaches only it).
         self.networks: list[str] = []
@@ -522,6 +526,13 @@ class VmManager:
                 await asyncio.to_thread(shutil.rmtree, probe, ignore_errors=True)
             if version == vm.version:
                 continue
+            vm.steps.append((f"update check found {vm.service} {version} (runs {vm.version})",
+                             time.time()))
+            log.info("VM %s: the remote site has %s %s (runs %s)", vm.name, vm.service, version,
+                     vm.version)
+            await self.upgrade_hold.wait(vm.name, version)
+            if self.vms.get(vm.name) is not vm or vm.running_since is None:
+                continue  # removed (or taken away) while the upgrade was held
             done.append(await self._upgrade(vm, version))
         return done
 

@@ -5,7 +5,8 @@ retire when their lifecycle policy is used up or upgrade when the site publishes
 version. :class:`agent.vm.manager.VmManager` holds that logic; this role plugs it into the
 agent: PROVISION on TCP 4340 (authenticated by the provider's Ed25519 signature for this
 router, its objects' keys sealed for it), the lifecycle timer, and the
-``vm``/``retired``/``errors``/``vm_remove`` commands. A VM's mobile objects are hosted by
+``vm``/``retired``/``errors``/``vm_remove`` commands (and ``upgrade_hold``, a fault
+injection point of upgrades: agent.vm.upgrade_hold). A VM's mobile objects are hosted by
 :class:`agent.hosting.objects.HostingRole`.
 """
 
@@ -110,6 +111,21 @@ class VmRole(Role):
     def cmd_errors(self) -> list[dict]:
         """Refused provisionings (Fig. 5 steps 92-94), newest last."""
         return list(self.manager.errors) if self.manager else []
+
+    def cmd_upgrade_hold(self, action: str = "status", deadline_s: float = 30.0) -> dict:
+        """A fault injection point (tests, ``moat run faults``): ``arm`` holds the next
+        upgrade between its version probe and its fetch, at most ``deadline_s`` seconds;
+        ``release`` lets it go on; ``disarm`` both; ``status`` says whether one waits."""
+        hold = self._manager().upgrade_hold
+        if action == "arm":
+            hold.arm(deadline_s)
+        elif action == "release":
+            hold.release()
+        elif action == "disarm":
+            hold.disarm()
+        elif action != "status":
+            raise ControlError(f"action must be one of arm, release, disarm, status; not {action!r}")
+        return hold.status()
 
     async def cmd_vm_remove(self, name: str) -> Any:
         if self.manager is None or name not in self.manager.vms:
