@@ -1,11 +1,14 @@
 """How ``moat run faults`` makes each fault in a running network, from the outside: kill -9 of
 an agent's process, a Mininet link down and up, a move with the target's migration role told
 to refuse a step (``inject_fault``), a move whose source or target agent is killed the moment
-the source logs a step. Nothing here edits an agent: it acts as an operator (or a crash) would.
+the source logs a step, the remote site cut (iptables in its namespace) while a VM's upgrade
+waits between its probe and its fetch (the VM role's ``upgrade_hold``). Nothing here edits an
+agent: it acts as an operator (or a crash) would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -269,3 +272,116 @@ def log_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+# --- the remote site unreachable during an upgrade ------------------------------------------
+
+#: The remote site's SFTP port (what an upgrade's probe and fetch connect to).
+SITE_PORT = 22
+#: How long a VM's upgrade may be held between its probe and its fetch (the hold's deadline:
+#: should the driver die, the upgrade goes on by itself after this).
+HOLD_DEADLINE_S = 60.0
+#: How long an upgrade step may take to show: a probe (its check interval plus an SFTP
+#: session), a fetch that times out on a cut site (agent.vm.fetch.DEFAULT_TIMEOUT), a swap.
+UPGRADE_STEP_TIMEOUT = 30.0
+
+
+def site_cut(moat: Any, cut: bool) -> None:
+    """The remote site answers no SFTP connection (``cut``: an iptables DROP of TCP 22 in the
+    site's namespace: a connection attempt hangs, as to a site that went away) or does again.
+    Only the site's own namespace changes; a ``cut=False`` with no rule is a no-op."""
+    node = moat.net[moat.site]
+    rule = f"INPUT -p tcp --dport {SITE_PORT} -j DROP"
+    if cut:
+        out = node.cmd(f"iptables -w -I {rule} && echo CUT")
+        if "CUT" not in out:
+            raise InjectionError(f"cannot cut {moat.site}: iptables said {out.strip()[-300:]!r}")
+        return
+    while "GONE" not in node.cmd(f"iptables -w -C {rule} 2>/dev/null || echo GONE"):
+        node.cmd(f"iptables -w -D {rule}")
+
+
+def upgrade_hold(client: Any, router: str, action: str, deadline_s: float = HOLD_DEADLINE_S) -> dict:
+    """``router``'s VM role's upgrade hold (agent.vm.upgrade_hold): arm, release, disarm, status."""
+    return client.call(router, "upgrade_hold", action=action, deadline_s=deadline_s, timeout=3.0)
+
+
+def vm_of(client: Any, router: str, vm: str) -> dict[str, Any] | None:
+    """VM ``vm`` as ``router`` describes it (``vm`` command), or None."""
+    try:
+        vms = client.call(router, "vm", timeout=3.0)
+    except (AgentError, OSError, TopologyError):
+        return None
+    return next((v for v in vms if v.get("name") == vm), None)
+
+
+def wait_vm_step(client: Any, router: str, vm: str, text: str, timeout: float,
+                 after: float = 0.0) -> tuple[str, float] | None:
+    """The first step of VM ``vm`` on ``router`` that contains ``text``, dated after ``after``
+    (its text and the router's time for it), or None when none shows within ``timeout``."""
+    def seen() -> tuple[str, float] | None:
+        found = vm_of(client, router, vm)
+        for step, at in (found or {}).get("steps") or []:
+            if text in step and at > after:
+                return step, at
+        return None
+
+    try:
+        return wait_until(seen, timeout, interval=0.05, what=f"{vm} on {router}: {text!r}")
+    except WaitTimeout:
+        return None
+
+
+def upgrade_site_down(moat: Any, router: str, vm: str, publish: Any, version: str) -> dict[str, Any]:
+    """The remote site unreachable during an upgrade of VM ``vm`` on ``router``, timed by the
+    VM role's upgrade hold, not by a sleep: the hold armed, ``publish()`` puts ``version`` at
+    the site; once the update check found it (the upgrade waits in the hold) the site is cut
+    and the upgrade released, so its fetch finds the site gone; the refusal seen, the site
+    comes back and the next check upgrades. What happened, with wall-clock instants:
+    ``at`` (the site cut), ``ended`` (the upgrade done, or the site back if it never was)."""
+    client = moat.client
+    old = (vm_of(client, router, vm) or {}).get("version")
+    if not old:
+        raise InjectionError(f"{router} runs no VM {vm}: nothing to upgrade")
+    if old == version:
+        raise InjectionError(f"VM {vm} on {router} already runs {version}")
+    start = time.time()
+    upgrade_hold(client, router, "arm")
+    out: dict[str, Any] = {"victim": moat.site, "vm": vm, "from": old, "to": version}
+    cut = False
+    try:
+        publish()
+        try:
+            paused = wait_until(lambda: upgrade_hold(client, router, "status")["paused"],
+                                UPGRADE_STEP_TIMEOUT, interval=0.02, what=f"{vm}'s upgrade held")
+        except WaitTimeout:
+            raise InjectionError(f"{router}'s update check did not find {version} within "
+                                 f"{UPGRADE_STEP_TIMEOUT:.0f}s (no upgrade was held)") from None
+        if paused.get("to") != version:
+            raise InjectionError(f"the upgrade held is to {paused.get('to')!r}, not {version}")
+        site_cut(moat, True)
+        cut = True
+        out["at"] = time.time()
+        upgrade_hold(client, router, "release")
+        refused = wait_vm_step(client, router, vm, f"upgrade to {version} refused",
+                               UPGRADE_STEP_TIMEOUT, after=start)
+        out["refused"] = refused[0] if refused else None
+        out["refused_at"] = refused[1] if refused else None
+        errors = [e for e in client.call(router, "errors", timeout=3.0) if e.get("vm") == vm]
+        out["error"] = errors[-1] if errors and refused else None
+        now = vm_of(client, router, vm) or {}
+        out["version_after_refusal"] = now.get("version")
+        site_cut(moat, False)
+        cut = False
+        out["site_back_at"] = time.time()
+        upgraded = wait_vm_step(client, router, vm, f"upgraded {old} -> {version}",
+                                UPGRADE_STEP_TIMEOUT, after=start)
+        out["upgraded_at"] = upgraded[1] if upgraded else None
+        out["version_after"] = (vm_of(client, router, vm) or {}).get("version")
+        out["ended"] = max(out["site_back_at"], out["upgraded_at"] or 0.0)
+        return out
+    finally:
+        if cut:
+            site_cut(moat, False)
+        with contextlib.suppress(AgentError, OSError, TopologyError):
+            upgrade_hold(client, router, "disarm")
