@@ -8,10 +8,14 @@ registration credentials, the service key of a leased object: hence root-only), 
 registers, its VM, its resources, how its process was started and the identity of its relay
 (pid and start time, cgroup, socket), and its last checkpoint.
 
-Every write is atomic (a new 0600 file, fsync, rename), so a reader sees the old registry or
-the new one, never half of either. A registry that cannot be read (torn by a crash of the
-disk, edited by hand) is logged and ignored: the agent starts with no object rather than
-with wrong ones, and the file is kept aside for a person to read.
+Every write is atomic (a new 0600 file, fsync, rename: :func:`agent.core.runfiles.write_private`),
+so a reader sees the old registry or the new one, never half of either. A registry that
+cannot be read (torn by a crash of the disk, edited by hand) is logged and ignored: the agent
+starts with no object rather than with wrong ones, the file is kept aside for a person to
+read, and :attr:`HostedRegistry.load_error` says why (for ``status``).
+
+The VM role keeps its record of VMs the same way, in the same directory (another file and
+top-level key: :mod:`agent.vm.vm_record`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.errors import AgentError
+from agent.core.runfiles import RunDirError, write_private
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +54,6 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """``path`` replaced by ``data`` at once, with ``mode`` from its creation."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        if os.fstat(fd).st_mode & 0o777 != mode:
-            os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class HostedRegistry:
     """The objects of one router's agent, by name, kept on disk as they change.
 
@@ -79,39 +63,48 @@ class HostedRegistry:
         registry.remove("counter")
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, file: str = REGISTRY_FILE, key: str = "objects",
+                 what: str = "hosted-object registry") -> None:
         self.directory = Path(directory)
-        self.path = self.directory / REGISTRY_FILE
+        self.path = self.directory / file
+        #: The document's key for the entries, and what log lines call the file.
+        self.key, self.what = key, what
         self.entries: dict[str, dict[str, Any]] = {}
+        #: Why the last :meth:`load` found nothing usable in a file that was there (None: it
+        #: read the file, or there was none).
+        self.load_error: str | None = None
 
     def load(self) -> dict[str, dict[str, Any]]:
         """The entries on disk, taken as this registry's; {} when there are none or the file
-        is unusable (then kept aside as ``objects.json.bad-<random>`` and logged)."""
+        is unusable (then kept aside as ``<file>.bad-<random>``, logged, and
+        :attr:`load_error` set)."""
         self.entries = {}
+        self.load_error = None
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            log.error("hosted-object registry %s unreadable: %s", self.path, exc)
+            self.load_error = f"{self.what} {self.path} unreadable: {exc}"
+            log.error("%s", self.load_error)
             return {}
         try:
             doc = json.loads(raw)
             if not isinstance(doc, dict) or doc.get("version") != VERSION \
-                    or not isinstance(doc.get("objects"), dict) \
+                    or not isinstance(doc.get(self.key), dict) \
                     or not all(isinstance(k, str) and isinstance(v, dict)
-                               for k, v in doc["objects"].items()):
-                raise ValueError("not a registry of this version")
+                               for k, v in doc[self.key].items()):
+                raise ValueError(f"not a {self.what} of this version")
         except (ValueError, UnicodeDecodeError) as exc:
-            aside = self.path.with_name(f"{REGISTRY_FILE}.bad-{secrets.token_hex(3)}")
-            log.error("hosted-object registry %s is not usable (%s): ignored, kept as %s",
-                      self.path, exc, aside.name)
+            aside = self.path.with_name(f"{self.path.name}.bad-{secrets.token_hex(3)}")
+            self.load_error = f"{self.what} {self.path} is not usable ({exc}): ignored, kept as {aside.name}"
+            log.error("%s", self.load_error)
             try:
                 os.replace(self.path, aside)
             except OSError:
                 pass
             return {}
-        self.entries = dict(doc["objects"])
+        self.entries = dict(doc[self.key])
         return dict(self.entries)
 
     def put(self, name: str, entry: dict[str, Any]) -> None:
@@ -132,12 +125,12 @@ class HostedRegistry:
         """Write every entry; RegistryError (logged by the caller) when the disk refuses:
         the objects keep running, only a restarted agent would not find them."""
         try:
-            data = json.dumps({"version": VERSION, "objects": self.entries},
+            data = json.dumps({"version": VERSION, self.key: self.entries},
                               allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
-            raise RegistryError(f"hosted-object registry: an entry is not JSON: {exc}") from None
+            raise RegistryError(f"{self.what}: an entry is not JSON: {exc}") from None
         try:
             private_dir(self.directory)
-            write_atomic(self.path, data)
-        except (OSError, RegistryError) as exc:
-            raise RegistryError(f"hosted-object registry {self.path} not written: {exc}") from None
+            write_private(self.path, data, sync=True)
+        except (OSError, RegistryError, RunDirError) as exc:
+            raise RegistryError(f"{self.what} {self.path} not written: {exc}") from None

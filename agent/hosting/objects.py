@@ -18,7 +18,6 @@ objects are not in it: they die with the agent as before (the VM role keeps no r
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import time
@@ -38,6 +37,7 @@ from agent.core.role import Periodic
 from agent.hosting.cgroups import CgroupManager, Limits
 from agent.hosting.hosted_registry import HostedRegistry, RegistryError
 from agent.hosting.runtime import ObjectProcess, ObjectProcessError
+from agent.hosting.takeover import discard_leftovers, take_over
 from agent.mobility.client import RegistrationClient
 from agent.mobility.discovery_role import DiscoveryRole
 
@@ -227,57 +227,53 @@ class HostingRole(Role):
         register = bool(entry.get("register", True))
         process = None
         if record is not None:
-            try:
-                process = await ObjectProcess.adopt(record, **self._process_args())
-            except (ObjectProcessError, ValueError) as exc:
-                log.warning("%s", exc)
-                await self._discard(record)
-                checkpoint = entry.get("checkpoint")
-                if checkpoint is None:
-                    raise ControlError("its processes are gone and it left no checkpoint") from None
+            found = await take_over(record, entry.get("checkpoint"), discard=self._discard,
+                                    **self._process_args())
+            if not found.adopted:
                 self.registry.entries.pop(name, None)
-                restarted = ObjectProcess.from_record(record, **self._process_args())
-                await self.host_object(obj, restarted, state=checkpoint, register=register)
+                await self.host_object(obj, found.process, state=found.checkpoint, register=register)
                 self.objects[name].resources = entry.get("resources")
-                self._remember(self.objects[name], obj, checkpoint)
+                self._remember(self.objects[name], obj, found.checkpoint)
                 self.recovered["restarted"].append(name)
                 log.warning("object %s restarted from its checkpoint of %s", name,
                             time.ctime(entry.get("checkpoint_at") or 0))
                 return
-        hosted = HostedObject(name, obj.home_address, process=process, resources=entry.get("resources"))
-        self.objects[name] = hosted
-        if process is not None:
-            await self._home_address(obj.home_address, add=True)  # there already: no change
-        if register:
-            hosted.client = self._make_client(obj)
-            await hosted.client.start()
+            process = found.process
+        hosted = await self.adopt_object(obj, process, register=register,
+                                         resources=entry.get("resources"))
         self._remember(hosted, obj, entry.get("checkpoint"))
         self.recovered["adopted"].append(name)
         log.info("object %s taken over from the previous agent (pid %s)", name,
                  process.pid if process else None)
 
-    async def _discard(self, record: dict[str, Any]) -> None:
-        """Remove what an object that cannot be taken over left: whatever still runs in its
-        cgroup (it is that object's alone) and the cgroup, its relay's socket, its directory."""
-        from agent.hosting.sandbox import SandboxError, existing_cgroup, remove_workdir
-
-        relay = record.get("relay") if isinstance(record, dict) else None
-        relay = relay if isinstance(relay, dict) else {}
+    async def adopt_object(self, obj: ObjectConfig, process: ObjectProcess | None, *,
+                           register: bool, vm: tuple[str, str] | None = None,
+                           resources: dict[str, Any] | None = None) -> HostedObject:
+        """Host again an object whose ``process`` (adopted: running all along, see
+        :mod:`agent.hosting.takeover`) outlived the last agent: its home address is on the
+        loopback already; its registration client starts again (it re-registers, which its
+        agents take as a renewal). The VM role uses this for its VMs' mobile objects."""
+        if obj.name in self.objects:
+            raise ControlError(f"object {obj.name} already runs here")
+        hosted = HostedObject(obj.name, obj.home_address, process=process, vm=vm,
+                              resources=resources)
+        self.objects[obj.name] = hosted
         try:
-            cg = existing_cgroup(self.cgroups, str(relay["cgroup"])) if relay.get("cgroup") else None
-            if cg is not None:
-                await asyncio.to_thread(cg.remove)
-        except (AgentError, OSError) as exc:
-            log.warning("leftover cgroup %s: %s", relay.get("cgroup"), exc)
-        if isinstance(relay.get("socket"), str) and Path(relay["socket"]).parent == self.hosted_dir:
-            Path(relay["socket"]).unlink(missing_ok=True)
-        workdir = record.get("workdir") if isinstance(record, dict) else None
-        objects_dir = (Path(self.config.run_dir) / "objects").resolve()
-        if isinstance(workdir, str) and Path(workdir).resolve().parent == objects_dir:
-            try:
-                remove_workdir(Path(workdir))
-            except SandboxError as exc:
-                log.warning("%s", exc)
+            if process is not None:
+                await self._home_address(obj.home_address, add=True)  # there already: no change
+            if register:
+                hosted.client = self._make_client(obj)
+                await hosted.client.start()
+        except Exception:
+            self.objects.pop(obj.name, None)
+            raise
+        return hosted
+
+    async def _discard(self, record: dict[str, Any]) -> None:
+        """Remove what an object that cannot be taken over left (its cgroup and what still
+        runs there, its relay's socket, its directory)."""
+        await discard_leftovers(record, cgroups=self.cgroups, relay_dir=self.hosted_dir,
+                                objects_dir=Path(self.config.run_dir) / "objects")
 
     # --- lookups -------------------------------------------------------------------------
 
