@@ -93,6 +93,9 @@ class VmManager:
         self.shaper = EgressShaper()
         self._next_key = 0
         self._upgrades = 0  # numbers the directories upgrades install into
+        #: VM epoch -> the version it rolled back from: not tried again (each try stops the
+        #: objects), only a newer one is.
+        self._rolled_back: dict[str, str] = {}
         #: Armed (the ``upgrade_hold`` command), the next upgrade waits between its probe and
         #: its fetch: a fault injection point (agent.vm.upgrade_hold).
         self.upgrade_hold = UpgradeHold()
@@ -497,7 +500,9 @@ class VmManager:
         policy sets, and upgrade a running service without losing its state: the new
         version is fetched, verified and installed beside the old one, the objects stop with
         their checkpoints, and the new objects start from those checkpoints. A failed upgrade leaves or puts the old
-        version back with the same state (and is recorded in the errors): see :meth:`_upgrade`."""
+        version back with the same state (and is recorded in the errors): see :meth:`_upgrade`.
+        A version that was rolled back is not tried again (each try stops the objects); one
+        that could not be fetched is, at the next check."""
         from agent.vm.fetch import fetch_service
         from agent.vm.errors import RepositoryError
         from agent.vm.repository import inspect_service
@@ -524,7 +529,7 @@ class VmManager:
                 continue
             finally:
                 await asyncio.to_thread(shutil.rmtree, probe, ignore_errors=True)
-            if version == vm.version:
+            if version == vm.version or version == self._rolled_back.get(vm.epoch):
                 continue
             vm.steps.append((f"update check found {vm.service} {version} (runs {vm.version})",
                              time.time()))
@@ -566,6 +571,7 @@ class VmManager:
             vm.version, vm.installed, vm.policy = old
             await asyncio.to_thread(_remove_version, dest)
             outcome["rolled_back"] = True
+            self._rolled_back[vm.epoch] = version
             try:
                 await self._start_objects(vm, states)
             except ProvisionError as again:
@@ -580,6 +586,7 @@ class VmManager:
         if old[1] and old[1] != vm.installed:
             await asyncio.to_thread(_remove_version, Path(old[1]))
         outcome.update(to=vm.version, ok=True)
+        self._rolled_back.pop(vm.epoch, None)
         vm.steps.append((f"upgraded {old[0]} -> {vm.version}", time.time()))
         log.info("VM %s: %s", vm.name, outcome)
         self._emit("started", vm)  # the instance again (a new version may change its formats)

@@ -9,6 +9,7 @@ count (their state), hand it over at stop and may refuse one when they are the n
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,3 +144,29 @@ def test_an_object_that_gives_no_checkpoint_is_not_upgraded(env: Env,
     assert not outcome["ok"] and "gave no checkpoint" in outcome["error"]
     assert set(vm.objects.values()) == before and not any(p.stopped for p in before)
     assert vm.version == "1.0"
+
+
+def test_a_version_that_rolled_back_is_not_tried_again_but_a_newer_one_is(env: Env) -> None:
+    """Each try of a version that fails stops the objects: the update check leaves the one
+    that rolled back alone and upgrades to the next version the site publishes."""
+    broken = {"2.0"}  # the versions whose objects cannot start
+
+    def refuse(process: CountingProcess, state: Any) -> str | None:
+        installed = Path(str(process.kw["code_dir"])).parent / "manifest.json"
+        return "broken" if process.new_version and json.loads(installed.read_text())["version"] in broken else None
+
+    CountingProcess.refuse = staticmethod(refuse)
+    vm = env.manager.vms["v1"]
+    vm.policy["update_check_interval_s"] = 10
+    vm.last_update_check = env.clock.now - 60
+    [outcome] = asyncio.run(env.manager.check_updates())
+    assert outcome["rolled_back"] and vm.version == "1.0", outcome
+    started = len(env.journal)
+    env.clock.now += 11  # the next check is due: the site still has 2.0
+    assert asyncio.run(env.manager.check_updates()) == [] and len(env.journal) == started
+    assert vm.version == "1.0" and CountingProcess.counts == {"counter": 5, "logger": 2}
+    env.publish(version="3.0")
+    env.clock.now += 11
+    [again] = asyncio.run(env.manager.check_updates())
+    assert again["ok"] and vm.version == "3.0", again
+    assert CountingProcess.counts == {"counter": 5, "logger": 2}
