@@ -105,6 +105,12 @@ class VmManager:
         #: Without it, a PROVISION asking for a leased service is refused.
         self.service_key = service_key
         self.listeners: list[VmListener] = []
+        #: Set by the VM role: objects start with a relay there and outlive the agent
+        #: (issue 13); None: they die with it.
+        self.relay_dir: Path | None = None
+        #: Set by the VM role: the durable record of the VMs (agent.vm.vm_record.VmRecord),
+        #: kept at every change, from which a restarted agent rebuilds this table.
+        self.record: Any = None
 
     def instance_id(self, vm: VirtualMachine) -> str:
         """The VM's service instance as the broker knows it (and its credentials name)."""
@@ -116,12 +122,41 @@ class VmManager:
         self._emit("started", vm)
 
     def _emit(self, event: str, vm: VirtualMachine) -> None:
-        """Tell the listeners; a listener's failure is its own, never the VM's."""
+        """Tell the listeners; a listener's failure is its own, never the VM's. Every event
+        is a change the record keeps (a VM that went leaves it)."""
+        if event == "removed":
+            self.forget(vm.name)
+        else:
+            self.keep(vm)
         for listener in list(self.listeners):
             try:
                 listener(event, vm)
             except Exception:  # noqa: BLE001 - a listener's bug must not undo a VM
                 log.exception("VM listener failed on %s of %s", event, vm.name)
+
+    def keep(self, vm: VirtualMachine, states: dict[str, Any] | None = None) -> None:
+        """Write ``vm`` as it is now into the record (``states``: checkpoints its objects
+        just started from); a disk that refuses is logged: the VM serves on regardless."""
+        from agent.hosting.hosted_registry import RegistryError
+
+        if self.record is None or self.vms.get(vm.name) is not vm:
+            return
+        shaping = self.shaper.caps.get(vm.shaper_key, []) if vm.shaper_key is not None else []
+        try:
+            self.record.keep(vm, shaping, states)
+        except RegistryError as exc:
+            log.error("VM %s: %s (a restarted agent would not find it)", vm.name, exc)
+
+    def forget(self, name: str) -> None:
+        """Remove VM ``name`` from the record (removed on purpose: not brought back)."""
+        from agent.hosting.hosted_registry import RegistryError
+
+        if self.record is None:
+            return
+        try:
+            self.record.remove(name)
+        except RegistryError as exc:
+            log.error("VM %s: %s", name, exc)
 
     # --- Fig. 5 -------------------------------------------------------------------------
 
@@ -424,7 +459,8 @@ class VmManager:
                 objects_dir=Path(self.baseline.storage) / "objects", cgroups=self._cgroups,
                 limits=Limits(**obj.resources.limits_kwargs()), label=f"{vm.name}-{obj.name}",
                 code_dir=str(Path(vm.installed) / obj.name),
-                extensible=vm.policy.get("extensible") is not False, credentials=credentials)
+                extensible=vm.policy.get("extensible") is not False, credentials=credentials,
+                relay_dir=self.relay_dir)
             vm.objects[obj.name] = process  # from now on remove() stops it, whatever happens
             state = states.get(obj.name)
             try:
@@ -441,6 +477,7 @@ class VmManager:
                                                 register=obj.name not in vm.at_home)
             except (ObjectProcessError, AgentError) as exc:
                 raise ProvisionError("initialise", f"{obj.name}: {exc}") from None
+            self.keep(vm, {obj.name: state})  # a later agent finds it (or its checkpoint)
 
     def _parts_at_home(self, vm: VirtualMachine) -> None:
         """A primary whose object has a mobile network prefix runs the service's other
