@@ -209,6 +209,41 @@ class PeerRouter:
         return cls(addresses, key)
 
 
+@dataclass(frozen=True)
+class StaticRoute:
+    """One static route the topology gives this router (``ip route replace PREFIX via VIA``
+    at start): the static-routes role installs it again when a link that took it comes back
+    (agent.routing.static_routes), and touches no other route."""
+
+    #: The destination, ``a.b.c.d/len`` with no host bits.
+    prefix: str
+    #: The next hop, an IPv4 address on one of the router's links.
+    via: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> "StaticRoute":
+        if not isinstance(data, dict) or not isinstance(data.get("prefix"), str) \
+                or not isinstance(data.get("via"), str):
+            raise ConfigError(f"a static route is {{\"prefix\": \"a.b.c.d/len\", \"via\": "
+                              f"\"a.b.c.d\"}}, not {data!r}")
+        return cls(data["prefix"], data["via"])
+
+    def check(self) -> "StaticRoute":
+        """The same route in canonical form; :class:`ConfigError` when either part is not
+        IPv4 (a prefix without its length, or with host bits set, is refused too)."""
+        if not isinstance(self.prefix, str) or "/" not in self.prefix:
+            raise ConfigError(f"static route prefix {self.prefix!r} is not a.b.c.d/len")
+        try:
+            prefix = ipaddress.IPv4Network(self.prefix)
+        except ValueError as exc:
+            raise ConfigError(f"static route prefix {self.prefix!r}: {exc}") from None
+        try:
+            via = ipaddress.IPv4Address(self.via)
+        except ValueError as exc:
+            raise ConfigError(f"static route {self.prefix} next hop {self.via!r}: {exc}") from None
+        return StaticRoute(str(prefix), str(via))
+
+
 @dataclass
 class AgentConfig:
     """Everything one daemon needs."""
@@ -241,6 +276,9 @@ class AgentConfig:
     #: Every router of the run (name -> addresses, X25519 public key): secrets sent to one
     #: are sealed for its key; a router not listed gets none.
     peers: dict[str, PeerRouter] = field(default_factory=dict)
+    #: The static routes the topology installed on this router (its ``routes`` node param),
+    #: which the static-routes role keeps installed; empty: it has none to keep.
+    static_routes: list[StaticRoute] = field(default_factory=list)
 
     @property
     def addresses(self) -> set[str]:
@@ -287,6 +325,11 @@ class AgentConfig:
                 raise ConfigError("seal_key must be a 32-byte X25519 private key in hex")
         if self.tunnel_backend not in ("auto", "kernel", "userspace"):
             raise ConfigError(f"tunnel_backend must be auto, kernel or userspace, not {self.tunnel_backend!r}")
+        self.static_routes = [r.check() for r in self.static_routes]
+        prefixes = [r.prefix for r in self.static_routes]
+        twice = sorted({p for p in prefixes if prefixes.count(p) > 1})
+        if twice:
+            raise ConfigError(f"static routes name {twice} more than once (one next hop each)")
 
     # --- JSON ---------------------------------------------------------------------------
 
@@ -361,6 +404,7 @@ class AgentConfig:
                 seal_key=data.get("seal_key"),
                 peers={str(n): PeerRouter.from_json(str(n), p)
                        for n, p in data.get("peers", {}).items()},
+                static_routes=[StaticRoute.from_json(r) for r in data.get("static_routes", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad agent configuration: {exc!r}") from None
