@@ -17,9 +17,11 @@ from agent.hosting.migration import MigrationRole
 from agent.hosting.objects import HostingRole
 from agent.mobility.agent_role import ObjectAgentRole
 from agent.mobility.discovery_role import DiscoveryRole
+from agent.routing.static_routes import StaticRoutesRole
 from agent.vm.role import VmRole
 
 ROLES: tuple[type[Role], ...] = (
+    StaticRoutesRole,  # first: the routes the others reach other routers through
     DiscoveryRole,
     ObjectAgentRole,
     VmRole,

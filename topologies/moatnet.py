@@ -42,6 +42,7 @@ from agent.core.config import (
     Interface,
     ObjectConfig,
     PeerRouter,
+    StaticRoute,
 )
 from agent.core.control import ControlClient
 from agent.core.errors import ControlError
@@ -226,7 +227,10 @@ class MoatNetwork:
                            tunnel_backend=self.tunnel_backend, vm=self.vm_baseline(router),
                            run_id=self.run.run_id, router_key=self.keyring.router_key,
                            broker=self.broker_config(router),
-                           seal_key=self.keyring.seal_keys[router][0].hex(), peers=self.peers())
+                           seal_key=self.keyring.seal_keys[router][0].hex(), peers=self.peers(),
+                           # The routes its node installs (topologies.nodes), kept by the agent.
+                           static_routes=[StaticRoute(r.prefix, r.via)
+                                          for r in self.topo.routes(router)])
 
     def peers(self) -> dict[str, PeerRouter]:
         """Every router's addresses and public sealing key (what a sender seals secrets for)."""
