@@ -20,6 +20,14 @@ registers through that network's FOA with the object as its home agent — home 
   with the binding's key, with the object's home address as the outer source, through its own
   userspace tunnel (``mnh<k>``): a packet for a secondary crosses two tunnels, HOA → the
   object's FOA, then the object's router → the secondary's FOA, which the captures show.
+
+The bindings are durable (issue 13): with a journal (:mod:`agent.distribution.nested_store`,
+the format of :mod:`agent.mobility.journal`) every accepted registration, renewal,
+deregistration and expiry is on disk before the reply is sent, and :meth:`start` restores
+the bindings that the last agent of this router held, with their remaining lifetimes, their
+GRE keys and the last Identification of each part, and rebuilds the ``mnh<k>`` tunnel and
+its host routes from them before UDP 434 opens: a secondary's packets flow again at once,
+without the part registering again.
 """
 
 from __future__ import annotations
@@ -27,15 +35,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+import time
+from typing import Any, Callable
 
 from packets import MalformedMessage, RegistrationRequest, decode_registration
 from packets.codes import MIP_PORT
 
-from agent.core.config import HomeConfig, HomeObject, ObjectConfig
+from agent.core.config import HomeConfig, ObjectConfig
+from agent.distribution.nested_store import NestedSpec
 from agent.mobility.dataplane import DataPlane
 from agent.mobility.foreign import nested_home_credential
 from agent.mobility.home import HomeAgent
+from agent.mobility.journal import Journal, Restored
 from agent.vm.parts import MAX_PARTS, PART_SPI_BASE, part_configs, part_credential
 
 __all__ = ["MAX_PARTS", "PART_SPI_BASE", "NestedHomeAgent", "part_configs", "part_credential"]
@@ -58,39 +69,102 @@ class NestedHomeAgent:
     """UDP 434 on the object's home address, the parts' bindings, and a tunnel to them."""
 
     def __init__(self, primary: ObjectConfig, parts: dict[str, ObjectConfig],
-                 router_key: bytes, tunnel_name: str) -> None:
-        self.primary = primary
-        self.parts = parts
-        config = HomeConfig(objects=[HomeObject(c.home_address, c.nai, c.mobile_home)
-                                     for c in parts.values()], max_bindings=1)
-        self.home = HomeAgent(config, primary.home_address)
+                 router_key: bytes, tunnel_name: str, *, vm: str = "",
+                 journal: Journal | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self._setup(NestedSpec.of(vm, primary, parts), router_key, tunnel_name, journal,
+                    clock, wall_clock)
+
+    @classmethod
+    def from_spec(cls, spec: NestedSpec, router_key: bytes, tunnel_name: str, *,
+                  journal: Journal | None = None, clock: Callable[[], float] = time.monotonic,
+                  wall_clock: Callable[[], float] = time.time) -> "NestedHomeAgent":
+        """The nested home agent a description kept in the run directory asks for (its VM,
+        and the object with it, may be gone: the parts still run elsewhere)."""
+        agent = cls.__new__(cls)
+        agent._setup(spec, router_key, tunnel_name, journal, clock, wall_clock)
+        return agent
+
+    def _setup(self, spec: NestedSpec, router_key: bytes, tunnel_name: str,
+               journal: Journal | None, clock: Callable[[], float],
+               wall_clock: Callable[[], float]) -> None:
+        self.spec = spec
+        #: The object's name and home address (its parts' home agent address).
+        self.name = spec.object
+        self.address = spec.home_address
+        config = HomeConfig(objects=list(spec.parts.values()), max_bindings=1)
+        self.home = HomeAgent(config, spec.home_address, clock, wall_clock)
         self.home.require_foreign_auth = False
         self.home.reply_credential = nested_home_credential(router_key)
         self.tunnel_name = tunnel_name
         self.dataplane: DataPlane | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self.malformed = 0
+        #: Where the bindings are written before each reply (None: kept in memory only).
+        self.journal = journal
+        #: What :meth:`restore` brought back (None until it ran).
+        self.restored: Restored | None = None
+
+    def restore(self) -> Restored:
+        """Load the bindings the journal kept (only the parts this object has; each with
+        what is left of its lifetime and its GRE key; expired ones stay out), write the
+        journal's first snapshot and keep it up to date from now on."""
+        assert self.journal is not None
+        restored = self.journal.load()
+        for b in restored.bindings:
+            if b.home_address in self.home.objects:
+                self.home.bindings.restore(b)
+            else:
+                log.warning("nested journal %s: binding of %s dropped: not a part of %s",
+                            self.journal.path, b.home_address, self.name)
+        for home, ident in restored.identifications.items():
+            if home in self.home.objects:
+                self.home.bindings.last_identification[home] = ident
+        self.journal.start(self.home.bindings, (), self.home.bindings.last_identification)
+        self.home.bindings.observer = self.journal
+        self.restored = restored
+        if restored.bindings or restored.expired_bindings:
+            log.info("nested journal %s: restored %d binding(s) of %s's parts (%d expired, "
+                     "%d torn, %d corrupt line(s) skipped)", self.journal.path,
+                     len(self.home.bindings), self.name, len(restored.expired_bindings),
+                     restored.torn, restored.corrupt)
+        return restored
 
     async def start(self) -> None:
+        """The journal's bindings first (if not restored yet), then the tunnel and its host
+        routes for them, then UDP 434: no reply is sent before the data plane is back."""
         from agent.mobility.tunnel import open_tunnel
 
-        tunnel = await open_tunnel("userspace", local=self.primary.home_address,
-                                   name=self.tunnel_name)
+        if self.journal is not None and self.restored is None:
+            self.restore()
+        tunnel = await open_tunnel("userspace", local=self.address, name=self.tunnel_name)
         self.dataplane = DataPlane(tunnel, set())
+        try:
+            if len(self.home.bindings):  # restored: the tunnel to each part again
+                self.sync()
+                await self.dataplane.settle()
+            self._transport = await self._listen()
+        except BaseException:
+            await self.dataplane.close()
+            self.dataplane = None
+            raise
+        log.info("nested home agent of %s on %s:%d for %s (%d binding(s))", self.name,
+                 self.address, MIP_PORT, sorted(self.spec.parts), len(self.home.bindings))
+
+    async def _listen(self) -> asyncio.DatagramTransport:
+        """UDP 434 on the object's home address (free-bound: the address may not be on this
+        router's loopback while its VM restarts)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            sock.bind((self.primary.home_address, MIP_PORT))
+            sock.bind((self.address, MIP_PORT))
         except OSError:
             sock.close()
-            await tunnel.aclose()
             raise
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self),
-                                                                 sock=sock)
-        log.info("nested home agent of %s on %s:%d for %s", self.primary.name,
-                 self.primary.home_address, MIP_PORT, sorted(self.parts))
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+        return transport
 
     def on_datagram(self, data: bytes, addr: tuple) -> None:
         try:
@@ -99,16 +173,16 @@ class NestedHomeAgent:
             self.malformed += 1  # counted, logged at debug: a flood writes no log
             log.debug("nested home agent: malformed message from %s: %s", addr[0], exc)
             return
-        if not isinstance(msg, RegistrationRequest) or msg.home_agent != self.primary.home_address:
+        if not isinstance(msg, RegistrationRequest) or msg.home_agent != self.address:
             self.malformed += 1
             return
-        decision = self.home.handle(msg)
+        decision = self.home.handle(msg)  # journalled (fdatasync) before the reply below
         assert self._transport is not None
         self._transport.sendto(decision.reply, addr)
         # Accepted registrations are few (one per part and lifetime); refusals, which anyone
         # can provoke before authentication, go to debug (the HOA's counters keep them).
         log.log(logging.INFO if decision.update is not None else logging.DEBUG,
-                "nested home agent of %s: %s for %s via %s (coa %s)", self.primary.name,
+                "nested home agent of %s: %s for %s via %s (coa %s)", self.name,
                 decision.code.name, msg.home_address, addr[0], msg.care_of_address)
         if decision.update is not None:
             self.sync()
@@ -122,11 +196,21 @@ class NestedHomeAgent:
         for gone in self.home.bindings.expire():
             log.info("nested home agent: binding of %s expired", gone.home_address)
         self.sync()
+        if self.journal is not None:
+            self.journal.retry()
 
     def bindings(self) -> list[dict[str, Any]]:
         return self.home.bindings.snapshot()
 
+    def status(self) -> dict[str, Any] | None:
+        """The journal's status (None: not journalled)."""
+        return self.journal.status() if self.journal is not None else None
+
     async def close(self) -> None:
+        """Stop serving; the journal is kept (the next start of this router's agent
+        restores from it unless the object's files are discarded)."""
+        if self.journal is not None:
+            self.journal.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None

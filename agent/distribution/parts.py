@@ -17,10 +17,17 @@ A failure before step 2 leaves the part serving here; after it, the part restart
 its final checkpoint and the target's VM is cancelled. A secondary released by the broker
 (its last lease ended) gives its part back (``return``): the part restarts here from the
 secondary's state, then the secondary's VM goes and its binding with it.
+
+The nested home agents' bindings are durable (:mod:`agent.distribution.nested_store`): a
+restarted agent (:meth:`PartMover.resume`) is its parts' home agent again at once, with the
+bindings, GRE keys and tunnel its predecessor had, even if the object's VM died with it (the
+secondaries run on elsewhere); such a nested home goes when its last binding does. A VM
+removed here takes its nested home's files with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any, Callable
@@ -31,7 +38,10 @@ from agent.core.config import ObjectConfig
 from agent.core.errors import ControlError
 from agent.core.peer import PeerError, PeerRefused, peer_call
 from agent.distribution.capacity import Offer
+from agent.core.runfiles import RunDirError
+from agent.distribution import nested_store
 from agent.distribution.nested import NestedHomeAgent
+from agent.mobility.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,8 @@ class PartMover:
     """The primary's side of secondaries: its nested home agents and the moves."""
 
     def __init__(self, vms: Callable[[], Any], hosting: Callable[[], Any], key: bytes | None,
-                 router_address: str, seal_keys: dict[str, bytes] | None = None) -> None:
+                 router_address: str, seal_keys: dict[str, bytes] | None = None,
+                 run_dir: str | None = None, router: str = "") -> None:
         self._vms = vms
         self._hosting = hosting
         self.key = key
@@ -57,11 +68,59 @@ class PartMover:
         self.router_address = router_address
         #: Per primary VM: the nested home agent of its parts.
         self.nested: dict[str, NestedHomeAgent] = {}
+        #: Where the nested homes' journals and descriptions are kept (None: not kept).
+        self.run_dir = run_dir
+        self.router = router
+        #: VMs whose nested home came back from the run directory and that run no VM here
+        #: (yet): forgotten when their last binding goes.
+        self.orphans: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    def _tunnel_name(self) -> str:
+        taken = {agent.tunnel_name for agent in self.nested.values()}
+        return next(f"mnh{i}" for i in range(len(taken) + 1) if f"mnh{i}" not in taken)
+
+    def _journal(self, obj: str) -> Journal | None:
+        if self.run_dir is None:
+            return None
+        return Journal(nested_store.journal_path(self.run_dir, self.router, obj))
+
+    async def resume(self) -> list[str]:
+        """Start again every nested home the last agent of this router kept (its bindings
+        from its journal, its tunnel rebuilt, then UDP 434); one with no live binding left
+        is discarded. The VMs resumed."""
+        if self.run_dir is None:
+            return []
+        resumed = []
+        for spec in nested_store.load_specs(self.run_dir, self.router):
+            if spec.vm in self.nested:
+                continue
+            if self.key is None:
+                log.error("nested home of %s not restored: no router key", spec.object)
+                continue
+            agent = NestedHomeAgent.from_spec(spec, self.key, self._tunnel_name(),
+                                              journal=self._journal(spec.object))
+            agent.restore()
+            if not len(agent.home.bindings):
+                await agent.close()
+                nested_store.discard(self.run_dir, self.router, spec.object)
+                continue
+            try:
+                await agent.start()
+            except Exception as exc:  # noqa: BLE001 - the others still come back
+                await agent.close()
+                log.error("nested home of %s not restored: %r", spec.object, exc)
+                continue
+            self.nested[spec.vm] = agent
+            self.orphans.add(spec.vm)
+            resumed.append(spec.vm)
+        return resumed
 
     async def nested_for(self, vm: Any) -> NestedHomeAgent:
         """The nested home agent of ``vm``'s object (started on the first move)."""
         agent = self.nested.get(vm.name)
         if agent is not None:
+            self.orphans.discard(vm.name)  # its VM runs here again
             return agent
         if self.key is None:
             raise PartMoveFailed("no router key: no nested home agent can sign its replies")
@@ -69,7 +128,15 @@ class PartMover:
         primary = ObjectConfig.from_json(own[1])
         parts = {name: ObjectConfig.from_json(vm.mobile[name]) for name in
                  [*vm.at_home, *vm.moved]}
-        agent = NestedHomeAgent(primary, parts, self.key, f"mnh{len(self.nested)}")
+        if self.run_dir is not None:
+            try:  # before the journal: a journal never lacks its description
+                nested_store.save_spec(self.run_dir, self.router,
+                                       nested_store.NestedSpec.of(vm.name, primary, parts))
+            except RunDirError as exc:
+                log.error("nested home of %s: %s; its bindings will not outlive this agent",
+                          primary.name, exc)
+        agent = NestedHomeAgent(primary, parts, self.key, self._tunnel_name(), vm=vm.name,
+                                journal=self._journal(primary.name))
         try:
             await agent.start()
         except Exception as exc:  # noqa: BLE001 - no nested home agent: the part stays
@@ -144,20 +211,35 @@ class PartMover:
         return await self._hosting().cmd_object_restore(name, state, serve=True) or {}
 
     def housekeeping(self) -> None:
-        for agent in self.nested.values():
+        """Expiry and journal retries; a nested home with no VM here and no binding left
+        goes (its last secondary stopped or its bindings ran out)."""
+        for name, agent in list(self.nested.items()):
             agent.housekeeping()
+            if name in self.orphans and not len(agent.home.bindings):
+                self.orphans.discard(name)
+                log.info("nested home of %s: no VM here and no binding left: it goes",
+                         agent.name)
+                task = asyncio.get_running_loop().create_task(self.forget(name))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def bindings(self) -> dict[str, list[dict[str, Any]]]:
         return {vm: agent.bindings() for vm, agent in self.nested.items()}
 
     async def forget(self, vm_name: str) -> None:
+        """The object's VM left or stopped here: its nested home stops and its files go."""
         agent = self.nested.pop(vm_name, None)
+        self.orphans.discard(vm_name)
         if agent is not None:
             await agent.close()
+            if self.run_dir is not None:
+                nested_store.discard(self.run_dir, self.router, agent.name)
 
     async def close(self) -> None:
+        """The agent stops: every nested home stops, its files kept for the next start."""
         for name in list(self.nested):
-            await self.forget(name)
+            agent = self.nested.pop(name)
+            await agent.close()
 
     async def _call(self, address: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         return await peer_call(address, ControlType.VM_NEGOTIATE, body, key=self.key,

@@ -87,7 +87,7 @@ class DistributionRole(PrimarySide, Role):
         self._subnets = [ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
                          for i in cfg.interfaces]
         self.parts = PartMover(lambda: self.vm, self._hosting, key, self.address,
-                               seal_keys=self.seal_keys)
+                               seal_keys=self.seal_keys, run_dir=cfg.run_dir, router=cfg.name)
         self.rule = TrafficRule()
         self.watches: dict[str, TrafficWatch] = {}
         #: Duplicates placed by the traffic rule (for ``room`` and the experiment).
@@ -116,6 +116,8 @@ class DistributionRole(PrimarySide, Role):
         role = self.agent.role(VmRole)
         if role is not None and role.manager is not None:
             role.manager.listeners.append(self._on_vm_event)
+        # The parts' home agent again for objects whose parts run elsewhere (issue 13).
+        await self.parts.resume()
 
     async def stop(self) -> None:
         await self.parts.close()
