@@ -8,6 +8,14 @@ router, its objects' keys sealed for it), the lifecycle timer, and the
 ``vm``/``retired``/``errors``/``vm_remove`` commands (and ``upgrade_hold``, a fault
 injection point of upgrades: agent.vm.upgrade_hold). A VM's mobile objects are hosted by
 :class:`agent.hosting.objects.HostingRole`.
+
+A crash of the agent loses no VM (issue 13): the manager keeps a durable record of its VMs
+(:mod:`agent.vm.vm_record`, beside the hosting role's registry), their objects run with
+relays that outlive the agent, and their checkpoints are written every
+:data:`~agent.hosting.objects.CHECKPOINT_PERIOD` s. The next agent of the router rebuilds the
+VM table and takes the objects over (:mod:`agent.vm.recovery`) at its first lifecycle tick:
+after every role has started, so the hosting role can run the mobile objects' registration
+clients and the broker registration hears of the VMs again.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from agent.core.msgauth import strip
 from agent.core.peer import open_secrets
 from agent.core.sealing import SealError
 from agent.core.role import InBand, Periodic, Role
-from agent.hosting.objects import HostingRole
+from agent.hosting.objects import CHECKPOINT_PERIOD, HostingRole
 from agent.vm.manager import VmBaseline, VmManager
+from agent.vm.recovery import checkpoint_vms, empty_report, recover_vms
+from agent.vm.vm_record import VmRecord
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,11 @@ class VmRole(Role):
     def __init__(self, agent: Any) -> None:
         super().__init__(agent)
         self.manager: VmManager | None = None
+        #: What the start found in the record (``vm/object`` names; VMs removed), None
+        #: until the record has been taken over.
+        self.recovered: dict[str, list[str]] | None = None
+        #: Why the record could not be read (it was kept aside), for ``status``.
+        self.record_error: str | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -60,6 +75,11 @@ class VmRole(Role):
                                  prefixes={i.name: i.prefix for i in cfg.interfaces})
         self.manager.networks = [str(ipaddress.ip_interface(f"{i.address}/{i.prefix}").network)
                                  for i in cfg.interfaces if i.advertise]
+        # Read now (before any PROVISION can arrive); taken over at the first lifecycle tick.
+        self.manager.relay_dir = hosting.hosted_dir
+        self.manager.record = VmRecord(hosting.hosted_dir)
+        self.manager.record.load()
+        self.record_error = self.manager.record.load_error
 
     async def stop(self) -> None:
         if self.manager is not None:
@@ -71,10 +91,40 @@ class VmRole(Role):
         return self.manager
 
     def periodic(self) -> list[Periodic]:
-        return [Periodic("lifecycle", LIFECYCLE_PERIOD, self.lifecycle)] if self.config.vm else []
+        if not self.config.vm:
+            return []
+        return [Periodic("lifecycle", LIFECYCLE_PERIOD, self.lifecycle),
+                Periodic("vm checkpoints", CHECKPOINT_PERIOD, self.checkpoint)]
+
+    def status(self) -> dict[str, Any]:
+        if self.manager is None:
+            return {}
+        return {"recovered_vms": self.recovered, "vm_record_error": self.record_error}
+
+    async def recover(self) -> None:
+        """Take over the VMs the last agent of this router left (once; see the module)."""
+        if self.recovered is not None:
+            return
+        manager = self._manager()
+        self.recovered = empty_report()  # once, even if the take-over fails half-way
+        try:
+            self.recovered = await recover_vms(manager, self.agent.require(HostingRole))
+        except Exception as exc:  # noqa: BLE001 - the agent serves on without them
+            log.exception("VM record not taken over: %s", exc)
+            self.record_error = f"VM record not taken over: {exc!r}"
+        if any(self.recovered.values()):
+            log.warning("VMs taken over from the previous agent: %s", self.recovered)
+
+    async def checkpoint(self) -> None:
+        """Every VM object's checkpoint into the record (after the take-over only: before,
+        the table is not the record's yet)."""
+        if self.recovered is not None:
+            await checkpoint_vms(self._manager())
 
     async def lifecycle(self) -> None:
-        """Retire VMs whose lifecycle policy is used up; upgrade those with a new version."""
+        """Retire VMs whose lifecycle policy is used up; upgrade those with a new version
+        (first, once: take over what the last agent left)."""
+        await self.recover()
         manager = self._manager()
         await manager.enforce()
         await manager.check_updates()
