@@ -46,6 +46,10 @@ from .timeline import Request, analyse_window, final_check, parse_requests, stat
 log = logging.getLogger(__name__)
 
 OBJECT, HOSTING, OTHER, CO_HOST = "counter", "r18b", "r20a", "co14"
+#: The upgrade row's VM: only a provisioned VM upgrades, so for that row the counter runs as
+#: the mobile object of VM_NAME (service VM_SERVICE from the remote site) on HOSTING, on the
+#: same home address (the load is unchanged), from a fresh count.
+VM_NAME, VM_SERVICE, VM_VERSIONS = "counter-vm", "counter-svc", ("1.0", "2.0")
 LINK = ("r22a", "r18a")
 #: The FOA an object hosted on a router registers through (r20a is its own net's FOA).
 FOA_OF = {"r18b": "r18a", "r18a": "r18a", "r20a": "r20a"}
@@ -76,6 +80,8 @@ class Run:
     epoch_requests: list[Request] = field(default_factory=list)
     all_requests: list[Request] = field(default_factory=list)
     windows: int = 0
+    #: The VM the counter runs in (the upgrade row), or "" when it runs placed.
+    vm: str = ""
 
     @property
     def client(self) -> Any:
@@ -136,6 +142,40 @@ class Run:
         self.epoch += 1
         self.epoch_requests = []
 
+    def bound(self) -> bool:
+        home = self.moat.objects[OBJECT].home_address
+        return any(b.get("home_address") == home
+                   for b in self.client.call(self.moat.hoa, "bindings", timeout=2))
+
+    def as_vm(self, here: str) -> str:
+        """For the upgrade row: the placed counter stopped, and run instead as the mobile
+        object of a VM on HOSTING provisioned from the remote site (service VM_SERVICE 1.0,
+        an update check every second); a new epoch. Returns where it runs."""
+        from experiments.counter_service import publish_counter
+
+        self.client.call(here, "object_stop", name=OBJECT, deregister=True, timeout=10)
+        wait_until(lambda: not self.bound(), 20, interval=0.05, what=f"{OBJECT}'s binding gone")
+        publish_counter(self.moat, VM_SERVICE, VM_VERSIONS[0])
+        answer = self.moat.provision(HOSTING, vm=VM_NAME, kind="service", service=VM_SERVICE,
+                                     mobile={"counter": OBJECT}, policy={"update_check_interval_s": 1.0})
+        if not answer.get("ok"):
+            raise inj.InjectionError(f"{HOSTING} refused the VM for {OBJECT}: {answer.get('error') or answer}")
+        self.vm = VM_NAME
+        wait_until(self.bound, 20, interval=0.05, what=f"{OBJECT} of {VM_NAME} bound at the HOA")
+        self.epoch += 1
+        self.epoch_requests = []
+        return HOSTING
+
+    def placed_again(self) -> None:
+        """After the upgrade row: the VM removed (its object deregisters), the counter placed
+        on HOSTING again (a new epoch) unless a repair already did."""
+        with contextlib.suppress(AgentError, TopologyError):
+            self.client.call(HOSTING, "vm_remove", name=self.vm, timeout=60)
+        self.vm = ""
+        if not self.where()[0]:
+            wait_until(lambda: not self.bound(), 20, interval=0.05, what=f"{OBJECT}'s binding gone")
+            self.place()
+
     def repair(self, fault: Fault) -> list[str]:
         """After a fault that did not recover: the link's routes back, every agent answering,
         the counter at exactly one router. What was done, in words (empty: nothing needed)."""
@@ -189,6 +229,15 @@ class Run:
             missing = {r: inj.missing_routes(self.moat, r) for r in LINK}
             return {"at": times["down_at"], "victim": "-".join(LINK), "ended": times["up_at"],
                     "routes_missing_after_up": {r: m for r, m in missing.items() if m}}
+        if fault.kind == "upgrade":
+            from experiments.counter_service import publish_counter
+
+            if not self.vm:
+                raise inj.InjectionError(f"{OBJECT} runs as no VM's object: nothing upgrades")
+            made = inj.upgrade_site_down(self.moat, here, self.vm, lambda: publish_counter(
+                self.moat, VM_SERVICE, VM_VERSIONS[1]), VM_VERSIONS[1])
+            made["how"] = _upgrade_summary(made)
+            return made
         target = OTHER if here != OTHER else HOSTING
         if fault.kind == "inject":
             wanted = fault.point.split("+")
@@ -246,6 +295,8 @@ class Run:
     def run_fault(self, fault: Fault) -> dict[str, Any]:
         if fault.not_runnable:
             return not_run_row(fault, fault.not_runnable)
+        if self.vm and fault.kind != "upgrade":
+            self.placed_again()  # the rows but the upgrade's move and kill a placed counter
         where, dead = self.where()
         before_note = ""
         if len(where) != 1 or dead:
@@ -260,6 +311,11 @@ class Run:
                 return not_run_row(fault, f"before the fault {OBJECT} is at {where or 'no router'} and "
                                           f"agents {dead} do not answer, even after a repair")
         here = where[0]
+        if fault.kind == "upgrade" and not self.vm:
+            try:
+                here = self.as_vm(here)
+            except (AgentError, TopologyError, WaitTimeout) as exc:
+                return not_run_row(fault, f"{OBJECT} could not be run as {VM_NAME}'s object: {exc}")
         window = self.start_load()
         try:
             if not self.serving(here):
@@ -331,6 +387,21 @@ class Run:
                                 "agent_back": bool(back) if "pid" in made else None,
                                 "window_client": window.client, **{k: v for k, v in made.items()
                                                                     if k not in ("victim",)}})
+
+
+def _upgrade_summary(made: dict[str, Any]) -> str:
+    """The upgrade row's story in one line: refused while the site was cut, then upgraded."""
+    at = made["at"]
+    error = made.get("error") or {}
+    refused = (f"refused at +{made['refused_at'] - at:.1f}s ({error.get('step')}: "
+               f"{str(error.get('reason'))[:80]}), still {made.get('version_after_refusal')}"
+               if made.get("refused_at") else "NOT refused while the site was cut")
+    upgraded = (f"upgraded {made['from']} -> {made['to']} at +{made['upgraded_at'] - at:.1f}s "
+                f"(runs {made.get('version_after')})" if made.get("upgraded_at")
+                else f"NOT upgraded once the site was back (runs {made.get('version_after')})")
+    return (f"{made['victim']} cut while {made['vm']}'s upgrade {made['from']} -> {made['to']} "
+            f"was held after its probe: {refused}; site back at +{made['site_back_at'] - at:.1f}s, "
+            f"{upgraded}")
 
 
 def _move_summary(move: inj.Move) -> dict[str, Any]:
