@@ -48,7 +48,8 @@ class Fault:
     source logs ``marker``), ``inject`` (a move in ``mode`` with the target's migration role
     refusing or cutting ``point``, ``+``-joined when several, its ``inject_fault`` command),
     ``upgrade`` (the remote site
-    unreachable while a VM upgrades).
+    unreachable while a VM upgrades: cut while the VM role holds the upgrade between its
+    version probe and its fetch, its ``upgrade_hold`` command).
     """
 
     name: str
@@ -82,8 +83,9 @@ def _migration_crashes() -> list[Fault]:
 FAULTS: tuple[Fault, ...] = (
     Fault("link_r22a_r18a", "link", "the backbone link r22a-r18a down for 2 s, then up",
           "routes back when a link comes back: the kernel flushes a link's static routes when "
-          "it goes down and nothing in a run installs them again (no routing daemon; the "
-          "router node could re-install its topology routes on link up)", hold_s=2.0),
+          "it goes down; each end's static-routes role installs its topology routes again as "
+          "the link comes up with carrier (a netlink announcement; a look every second as "
+          "fallback)", hold_s=2.0),
     Fault("cut_transfer_mbb", "inject",
           "a make-before-break move r18b<->r20a whose STATE_TRANSFER the target refuses "
           "(inject_fault state_transfer)",
@@ -118,12 +120,11 @@ FAULTS: tuple[Fault, ...] = (
     Fault("kill_hoa", "kill", "kill -9 of the HOA's agent (r22b)",
           "agent supervision (F1) and durable HOA bindings, data plane rebuilt (F2)", victim="hoa"),
     Fault("upgrade_site_down", "upgrade",
-          "the remote site unreachable while the counter's VM upgrades",
-          "upgrade rollback to the previous version with its state (issue 13 item 5, F3)",
-          not_runnable="no event marks an upgrade between its version probe (which must reach "
-                       "the site) and its fetch: the VM manager logs neither, so the site cannot be "
-                       "cut at that instant from outside; and the counter runs placed here, not as "
-                       "a provisioned VM's object (the rollback itself: tests/unit/test_vm_upgrade.py)"),
+          "the remote site unreachable while the counter's VM upgrades: the counter runs as the "
+          "mobile object of a VM on r18b (service counter-svc 1.0, a fresh count); 2.0 is "
+          "published, site24 cut (iptables DROP of SFTP) while the upgrade is held after its "
+          "probe (upgrade_hold), the fetch fails, the site comes back, the next check upgrades",
+          "upgrade rollback to the previous version with its state (issue 13 item 5, F3)"),
 )
 
 ORDER: tuple[str, ...] = tuple(f.name for f in FAULTS)
