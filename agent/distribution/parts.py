@@ -128,6 +128,13 @@ class PartMover:
         primary = ObjectConfig.from_json(own[1])
         parts = {name: ObjectConfig.from_json(vm.mobile[name]) for name in
                  [*vm.at_home, *vm.moved]}
+        kept = next((name for name in self.orphans
+                     if self.nested[name].name == primary.name), None)
+        if kept is not None:
+            # Resumed for a VM of another name: it stops (the object's address has one
+            # UDP 434) and the new one restores its bindings from the same journal.
+            self.orphans.discard(kept)
+            await self.nested.pop(kept).close()
         if self.run_dir is not None:
             try:  # before the journal: a journal never lacks its description
                 nested_store.save_spec(self.run_dir, self.router,

@@ -383,3 +383,34 @@ def test_a_tunnel_name_is_never_taken_twice() -> None:
     assert parts._tunnel_name() == "mnh2"
     del parts.nested["a"]
     assert parts._tunnel_name() == "mnh0"
+
+
+def test_the_objects_vm_back_under_another_name_takes_the_resumed_bindings_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.vm.machine import VirtualMachine
+
+    keys = journalled(tmp_path, {"tally": 60})
+    started = Started(monkeypatch)
+    parts = mover(tmp_path)
+    primary = primary_config()
+    tally = part_configs(primary, ["tally", "gauge"])
+    vm = VirtualMachine(name="pair2", kind="service", service="pair-svc", address="0.0.0.0",
+                        interface=None, port=4341, cpu=1.0, memory_mb=256, pids=64,
+                        egress_kbit=None, authorized=[], policy={}, leased=True,
+                        mobile={"counter": primary.to_json(),
+                                **{n: c.to_json() for n, c in tally.items()}},
+                        at_home=["gauge"], moved={"tally": "r20a"})
+
+    async def run() -> NestedHomeAgent:
+        await parts.resume()
+        old = parts.nested["pair"]
+        agent = await parts.nested_for(vm)
+        assert agent is not old and old._transport is None and old.journal._fd is None
+        return agent
+
+    agent = asyncio.run(run())
+    assert list(parts.nested) == ["pair2"] and parts.orphans == set()
+    assert [(b["home_address"], b["gre_key"]) for b in agent.bindings()] == [(TALLY, keys[TALLY])]
+    assert started.tunnels[-1].peers == {TALLY: [(COA, keys[TALLY])]}
+    (spec,) = nested_store.load_specs(tmp_path, ROUTER)
+    assert spec.vm == "pair2"
