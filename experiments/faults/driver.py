@@ -368,6 +368,8 @@ class Run:
         if move:
             notes.append(f"move {'ok' if move['ok'] else 'failed'}: {move['error'] or move['last_step']}")
         result = analyse_window(window.requests, made["at"], tail=self.args.tail)
+        if fault.kind == "upgrade":
+            notes.append(_upgrade_losses(window.requests, made))
         state = state_check(self.epoch_requests, window.requests)
         self.epoch_requests.extend(window.requests)
         if made.get("routes_missing_after_up"):
@@ -402,6 +404,18 @@ def _upgrade_summary(made: dict[str, Any]) -> str:
     return (f"{made['victim']} cut while {made['vm']}'s upgrade {made['from']} -> {made['to']} "
             f"was held after its probe: {refused}; site back at +{made['site_back_at'] - at:.1f}s, "
             f"{upgraded}")
+
+
+def _upgrade_losses(requests: list[Any], made: dict[str, Any]) -> str:
+    """Which of the upgrade row's losses the cut site caused and which the upgrade's swap
+    (the objects stopped, the new version started) once the site was back."""
+    at, back = made["at"], made.get("site_back_at") or made["ended"]
+    lost = [r.sent for r in requests if not r.answered and r.sent >= at - 1.0]
+    cut = [t for t in lost if t < back]
+    swap = [t for t in lost if t >= back]
+    span = f" (sent +{min(swap) - at:.2f}..+{max(swap) - at:.2f}s)" if swap else ""
+    return (f"lost while the site was cut and the upgrade refused: {len(cut)}; "
+            f"after, during the upgrade's swap: {len(swap)}{span}")
 
 
 def _move_summary(move: inj.Move) -> dict[str, Any]:
