@@ -58,6 +58,7 @@ class VmRole(Role):
         self.recovered: dict[str, list[str]] | None = None
         #: Why the record could not be read (it was kept aside), for ``status``.
         self.record_error: str | None = None
+        self._recovering = False
 
     async def start(self) -> None:
         cfg = self.config
@@ -103,15 +104,16 @@ class VmRole(Role):
 
     async def recover(self) -> None:
         """Take over the VMs the last agent of this router left (once; see the module)."""
-        if self.recovered is not None:
+        if self._recovering:
             return
+        self._recovering = True  # once, even if the take-over fails half-way
         manager = self._manager()
-        self.recovered = empty_report()  # once, even if the take-over fails half-way
         try:
             self.recovered = await recover_vms(manager, self.agent.require(HostingRole))
         except Exception as exc:  # noqa: BLE001 - the agent serves on without them
             log.exception("VM record not taken over: %s", exc)
             self.record_error = f"VM record not taken over: {exc!r}"
+            self.recovered = empty_report()
         if any(self.recovered.values()):
             log.warning("VMs taken over from the previous agent: %s", self.recovered)
 
