@@ -18,10 +18,10 @@ A WARM or RESTORED instance never answers a request (it queues them); only a com
 it serve (replaying its queue). Its deadline (the source's ``deadline`` seconds, renewed by
 each message of the move) drops it when the source goes silent: a lost abort, a source that
 died, a cut transfer. A break-before-make arrival starts RESTORED (its state came with it).
-The target keeps each decision (tombstones too) in ``<run>/handover/arrivals.json``; after a
+The target keeps each decision (tombstones too) in ``<run>/handover/<router>/arrivals.json``; after a
 crash of its agent, an arrival that was not committed is aborted.
 
-Source (:class:`SourceRecord`), per object, ``<run>/handover/<name>.json`` (root-only,
+Source (:class:`SourceRecord`), per object, ``<run>/handover/<router>/<name>.json`` (root-only,
 written atomically): written right after the object stopped, with the final checkpoint and
 what it takes to start it again, *before* the state goes anywhere; phase ``stopped``, then
 ``committing`` just before the commit is sent. It is removed only once the target answered
@@ -272,15 +272,22 @@ class SourceRecord:
 
 
 class HandoverStore:
-    """The run directory's ``handover/``: the source's records and the target's ledger,
-    root-only (0700 directory, 0600 files), each written atomically (a temporary file
-    beside it, fsynced, renamed)."""
+    """One router's ``<run>/handover/<router>/``: its records as a source and its ledger as
+    a target, root-only (0700 directories, 0600 files), each written atomically (a temporary
+    file beside it, fsynced, renamed). Per router, since every router of a run shares the
+    run directory: a restarted agent must resolve only its own moves and abort only its own
+    arrivals, never the other end's (the source's restart once read the target's ledger and
+    dropped the very object it was serving)."""
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.dir = Path(run_dir) / HANDOVER_DIR
+    def __init__(self, run_dir: str | os.PathLike[str], router: str) -> None:
+        if not router or "/" in router or router.startswith("."):
+            raise ValueError(f"not a router name for a hand-over directory: {router!r}")
+        self.dir = Path(run_dir) / HANDOVER_DIR / router
 
     def _write(self, name: str, doc: Any) -> None:
-        self.dir.mkdir(mode=0o700, exist_ok=True)  # in the run directory, never made here
+        # Inside the run directory (which is never made here): handover/, then the router's.
+        for path in (self.dir.parent, self.dir):
+            path.mkdir(mode=0o700, exist_ok=True)
         path = self.dir / name
         tmp = self.dir / f".{name}.{secrets.token_hex(4)}.tmp"
         data = json.dumps(doc, separators=(",", ":")).encode()

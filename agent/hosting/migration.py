@@ -179,7 +179,7 @@ class MigrationRole(Role):
         self.seal_keys = self.config.seal_keys()
         #: Failure injection for experiments and tests: point -> how many times it fires.
         self.faults: dict[str, int] = {}
-        self.store = HandoverStore(self.config.run_dir)
+        self.store = HandoverStore(self.config.run_dir, self.config.name)
         #: Target side: the moves arriving here and their decisions.
         self.arrivals = Arrivals(persist=self.store.save_arrivals)
         #: Source side: objects stopped for a move not decided yet (name -> record).

@@ -104,22 +104,37 @@ def test_a_restarted_target_aborts_what_was_undecided_and_keeps_its_decisions() 
 
 
 def test_records_are_root_only_and_unreadable_ones_are_skipped(tmp_path: Path) -> None:
-    store = HandoverStore(tmp_path)
+    store = HandoverStore(tmp_path, "r22c")
     store.save(SourceRecord("counter", "e1", TARGET, "make-before-break", "stopped", FINAL,
                             {"name": "counter"}, spec="agent.objects.counter:Counter"))
-    (tmp_path / "handover" / "broken.json").write_text("{not json")
-    (tmp_path / "handover" / "odd.json").write_text(json.dumps({"name": "x", "phase": "flying"}))
+    mine = tmp_path / "handover" / "r22c"
+    (mine / "broken.json").write_text("{not json")
+    (mine / "odd.json").write_text(json.dumps({"name": "x", "phase": "flying"}))
     assert stat.S_IMODE((tmp_path / "handover").stat().st_mode) == 0o700
-    assert stat.S_IMODE((tmp_path / "handover" / "counter.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    assert stat.S_IMODE((mine / "counter.json").stat().st_mode) == 0o600
     [record] = store.records()
     assert (record.name, record.epoch, record.state) == ("counter", "e1", FINAL)
-    assert [p.name for p in (tmp_path / "handover").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in mine.iterdir() if p.name.startswith(".")] == []
     store.remove("counter")
     assert store.records() == []
 
 
+def test_each_router_of_a_run_reads_only_its_own_records_and_ledger(tmp_path: Path) -> None:
+    """The run directory is shared: a restarted source must not take the target's ledger
+    for its own (it would drop the object it serves) nor a target the source's records."""
+    source, target = HandoverStore(tmp_path, "r22c"), HandoverStore(tmp_path, "r14a")
+    source.save(SourceRecord("counter", "e1", TARGET, "make-before-break", "starting", None,
+                             {"name": "counter"}))
+    target.save_arrivals([{"name": "counter", "epoch": "e1", "phase": "warm"}])
+    assert [r.epoch for r in source.records()] == ["e1"] and source.arrivals() == []
+    assert target.records() == [] and [a["epoch"] for a in target.arrivals()] == ["e1"]
+    with pytest.raises(ValueError):
+        HandoverStore(tmp_path, "../r14a")
+
+
 def test_a_run_directory_that_is_gone_is_logged_not_fatal(tmp_path: Path, caplog) -> None:
-    store = HandoverStore(tmp_path / "gone")
+    store = HandoverStore(tmp_path / "gone", "r22c")
     with pytest.raises(OSError):
         store.save(SourceRecord("counter", "e1", TARGET, "break-before-make", "stopped", FINAL, {}))
     store.save_arrivals([{"name": "counter", "epoch": "e1", "phase": "warm"}])

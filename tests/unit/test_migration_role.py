@@ -110,21 +110,20 @@ class FakeHosting:
         return {"replayed": 2}
 
 
-#: Each test's run directory (the hand-over records go to its handover/).
+#: Each test's run directory, shared by its routers (hand-over records: handover/<router>/).
 RUN_DIR: list[str] = []
 
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path) -> Any:
     RUN_DIR[:] = [str(tmp_path)]
-    for router in ("r22c", "r14a"):
-        (tmp_path / router).mkdir()
     return tmp_path
 
 
 class FakeAgent:
     def __init__(self, hosting: FakeHosting, name: str = "r22c") -> None:
-        self.config = AgentConfig(name=name, run_dir=RUN_DIR[0] + "/" + name, roles=[],
+        # Every router of a run shares its run directory, as in a real run.
+        self.config = AgentConfig(name=name, run_dir=RUN_DIR[0], roles=[],
                                   interfaces=[Interface("eth0", "10.16.0.3")], router_key="ab" * 32)
         self.hosting = hosting
 
