@@ -517,6 +517,10 @@ def call_unix(path: Path | str, cmd: str, args: Mapping[str, Any] | None = None,
             raise RpcTimeout(f"no answer to {cmd} within {timeout:g}s") from None
         except OSError as exc:
             raise RpcClosed(f"connection to {path} failed: {exc}") from None
+    if not line.strip():
+        # End of stream before any answer: the server went away mid-call (a crash, a stop).
+        raise RpcClosed(f"{path} closed the connection before answering {cmd} "
+                        f"(the agent stopped or died during the call)")
     answer_id, answer = parse_answer(line)
     if answer_id != call_id:
         raise RpcProtocolError(f"answer id {answer_id} is not request id {call_id}")

@@ -391,3 +391,28 @@ def test_object_process_and_the_real_runner(tmp_path: Path) -> None:
     assert replayed == {"replayed": 0} and held == {"queued": 0}
     assert final["object"]["count"] == 41
     assert sandbox.proc.returncode == 0 and not sandbox.killed
+
+
+def test_a_server_that_closes_without_answering_is_reported_as_gone(tmp_path) -> None:
+    """A crash mid-call (end of stream, no line) says the agent went away, not 'bad JSON'."""
+    import socket as _socket
+    import threading
+
+    path = tmp_path / "dies.sock"
+    server = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def accept_and_close() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=accept_and_close)
+    thread.start()
+    try:
+        with pytest.raises(rpc.RpcClosed, match="closed the connection before answering migrate"):
+            rpc.call_unix(path, "migrate", {}, timeout=5)
+    finally:
+        thread.join(5)
+        server.close()
