@@ -72,9 +72,16 @@ class PartMover:
         self.run_dir = run_dir
         self.router = router
         #: VMs whose nested home came back from the run directory and that run no VM here
-        #: (yet): forgotten when their last binding goes.
+        #: (yet; the VM role takes VMs over after the roles started): forgotten when their
+        #: last binding goes, unless their VM is back by then.
         self.orphans: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+
+    def _runs_here(self, vm_name: str) -> bool:
+        try:
+            return vm_name in self._vms().vms
+        except Exception:  # noqa: BLE001 - no VM role (yet): no VM runs here
+            return False
 
     def _tunnel_name(self) -> str:
         taken = {agent.tunnel_name for agent in self.nested.values()}
@@ -222,6 +229,8 @@ class PartMover:
         goes (its last secondary stopped or its bindings ran out)."""
         for name, agent in list(self.nested.items()):
             agent.housekeeping()
+            if name in self.orphans and self._runs_here(name):
+                self.orphans.discard(name)  # its VM is back (taken over by this agent)
             if name in self.orphans and not len(agent.home.bindings):
                 self.orphans.discard(name)
                 log.info("nested home of %s: no VM here and no binding left: it goes",

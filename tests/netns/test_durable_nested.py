@@ -5,8 +5,9 @@ a secondary (as in test_secondaries_patent.py), so r18b is the part's home agent
 ``kill -9`` of r18b's agent: its supervisor restarts it, the restarted agent resumes the
 nested home from its journal (the same GRE key, the remaining lifetime, the ``mnh`` tunnel
 rebuilt), and the home network's requests for the part reach it again through HOA → r18b →
-r20a without the part registering again. (The object's VM dies with r18b's agent today, see
-docs/architecture.md §3; the part, on r20a, does not, and its home agent must not forget it.)
+r20a without the part registering again. (The restarted agent takes the object's VM over
+after its roles started, agent/vm/recovery.py; the nested home does not wait for it: it is
+back before UDP 434 of the object's address answers anything.)
 """
 
 from __future__ import annotations

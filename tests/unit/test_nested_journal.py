@@ -414,3 +414,29 @@ def test_the_objects_vm_back_under_another_name_takes_the_resumed_bindings_over(
     assert started.tunnels[-1].peers == {TALLY: [(COA, keys[TALLY])]}
     (spec,) = nested_store.load_specs(tmp_path, ROUTER)
     assert spec.vm == "pair2"
+
+
+def test_a_resumed_nested_home_whose_vm_is_taken_over_stays_without_bindings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journalled(tmp_path, {"tally": 60})
+    Started(monkeypatch)
+
+    class Manager:
+        vms: dict[str, Any] = {}
+
+    parts = PartMover(lambda: Manager, lambda: None, ROUTER_KEY, "10.12.0.2",
+                      run_dir=str(tmp_path), router=ROUTER)
+
+    async def run() -> None:
+        await parts.resume()
+        Manager.vms = {"pair": object()}  # the VM role took the VM over after the roles started
+        parts.housekeeping()
+        (binding,) = list(parts.nested["pair"].home.bindings)
+        parts.nested["pair"].home.bindings.register(binding.home_address,
+                                                    binding.care_of_address, "", 0, False)
+        parts.housekeeping()
+        await asyncio.gather(*parts._tasks)
+
+    asyncio.run(run())
+    assert list(parts.nested) == ["pair"] and parts.orphans == set()
+    assert nested_store.spec_path(tmp_path, ROUTER, "svc").exists()
