@@ -13,7 +13,8 @@ A crash of the agent loses no object (issue 13): every object it starts outlives
 s. At start the role takes over each object whose processes are still there (same pid,
 state exact), restarts from its checkpoint one whose processes died meanwhile, and starts
 each registration client again. Objects stopped on purpose leave the registry. A VM's
-objects are not in it: they die with the agent as before (the VM role keeps no registry).
+objects are not in it: the VM role keeps them in its own record and takes them over with the
+same code (:mod:`agent.hosting.takeover`, :mod:`agent.vm.recovery`, :meth:`HostingRole.adopt_object`).
 """
 
 from __future__ import annotations
