@@ -296,3 +296,33 @@ def test_checkpoints_of_running_vm_objects_are_written(takeover: dict[str, Any])
     entry = json.loads(manager.record.path.read_text())["vms"]["m2"]
     assert entry["objects"]["plain"]["checkpoint"] == {"object": {"count": 12}}
     assert entry["objects"]["plain"]["checkpoint_at"] is not None
+
+
+# --- the role: an unreadable record does not stop the agent -----------------------------------
+
+
+def test_an_unreadable_record_is_reported_and_the_role_serves_on(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from agent.vm.role import VmRole
+
+    hosted = tmp_path / "r2-hosted"
+    hosted.mkdir(mode=0o700)
+    (hosted / "vms.json").write_text('{"version": 1, "vms": {"m1": {"vm": ')  # torn
+    hosting = SimpleNamespace(cgroups=object(), hosted_dir=hosted)
+    config = SimpleNamespace(name=ROUTER, run_id="run1", router_key=None, interfaces=[],
+                             vm={"authorized_keys": [], "storage": str(tmp_path / "storage")})
+    agent = SimpleNamespace(config=config, require=lambda _cls: hosting)
+    role = VmRole(agent)
+
+    async def main() -> None:
+        await role.start()
+        assert role.status()["recovered_vms"] is None  # not taken over yet
+        await role.recover()
+
+    asyncio.run(main())
+    status = role.status()
+    assert "VM record" in status["vm_record_error"] and "not usable" in status["vm_record_error"]
+    assert status["recovered_vms"] == {"adopted": [], "restarted": [], "lost": [], "removed": []}
+    assert role.cmd_vm() == []
+    assert any(p.name.startswith("vms.json.bad-") for p in hosted.iterdir()), "kept for a person"
