@@ -8,6 +8,8 @@ outside: the fetch follows the probe within milliseconds. Armed (the VM role's
 it is released or its deadline passes, and says so (``paused``); a test or ``moat run faults``
 cuts the site in that pause and releases it. Off unless armed, one upgrade per arming, and
 never longer than the deadline: a forgotten hold delays one upgrade, it never stops them.
+While an upgrade waits, the VM role's lifecycle timer waits with it (retirements and other
+VMs' update checks come after), which is why the deadline is bounded (:data:`MAX_HOLD_S`).
 """
 
 from __future__ import annotations
