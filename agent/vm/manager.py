@@ -390,6 +390,9 @@ class VmManager:
 
     async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                           warm: bool = False) -> None:
+        # Recorded before the router changes anything for it: should the agent crash while
+        # it provisions, the next one finds a VM that never started and removes what it left.
+        self.keep(vm)
         if vm.kind == "interface":
             try:
                 await netlink.address_add(str(vm.address), 32, str(vm.interface))
@@ -413,6 +416,7 @@ class VmManager:
             except Exception as exc:  # noqa: BLE001 - netlink refusals are a refusal of the VM
                 raise ProvisionError("resources", f"egress cap: {exc!r}") from None
             vm.steps.append((f"egress capped at {vm.egress_kbit} kbit/s on {', '.join(capped)}", time.time()))
+            self.keep(vm)  # the classes and filters a removal takes away
         await self._start_objects(vm, states, warm)
 
     @staticmethod

@@ -115,7 +115,12 @@ class VmRecord(HostedRegistry):
               now: float | None = None) -> dict[str, Any]:
         """The entry of ``vm`` now: each object whose process can say how to find it again
         (started with a relay), with ``states``' checkpoint for it, or the one recorded
-        before for the same object."""
+        before for the same object.
+
+        An object recorded before that has no running process now is kept as it was (an
+        upgrade stops every object before it starts the new ones: a crash in between must
+        find them, to restart from their checkpoints), unless it left the VM: a mobile
+        object no longer in ``vm.mobile`` (it migrated), a part that runs elsewhere."""
         now = time.time() if now is None else now
         before = self.entries.get(vm.name, {}).get("objects", {})
         objects: dict[str, Any] = {}
@@ -131,7 +136,12 @@ class VmRecord(HostedRegistry):
                 checkpoint, at = states[name], now
             else:
                 checkpoint, at = old.get("checkpoint"), old.get("checkpoint_at")
-            objects[name] = {"process": record, "checkpoint": checkpoint, "checkpoint_at": at}
+            objects[name] = {"process": record, "checkpoint": checkpoint, "checkpoint_at": at,
+                             "mobile": name in vm.mobile}
+        for name, old in before.items():
+            left = name in vm.moved or (old.get("mobile") and name not in vm.mobile)
+            if name not in objects and not left:
+                objects[name] = old
         return {"vm": vm_to_json(vm), "objects": objects, "shaping": shaping_to_json(shaping)}
 
     def keep(self, vm: VirtualMachine, shaping: list[Any], states: dict[str, Any] | None = None) -> None:

@@ -102,13 +102,27 @@ def test_a_vm_round_trips_through_the_record_with_its_objects_and_cap(tmp_path: 
     assert entry["objects"]["logger"]["checkpoint"] is None
     assert shaping_from_json(entry["shaping"]) == cap
 
-    # A later keep without states carries the object's checkpoint over; an object that left
-    # is not in it any more.
-    del vm.objects["logger"]
+    # A later keep without states carries the object's checkpoint over.
     again.keep(vm, cap)
     entry = VmRecord(tmp_path / "r2-hosted").load()["m1"]
-    assert set(entry["objects"]) == {"counter"}
     assert entry["objects"]["counter"]["checkpoint"] == {"object": {"count": 7}}
+    # Objects stopped for an upgrade (not running, still the VM's) stay recorded as they
+    # were, to restart from their checkpoints should the agent crash before they start again.
+    vm.moved = {}
+    vm.objects = {}
+    again.keep(vm, cap)
+    assert VmRecord(tmp_path / "r2-hosted").load()["m1"]["objects"] == entry["objects"]
+    # An object that left is not in it any more: a part now run elsewhere, a mobile object
+    # that migrated (gone from the VM's mobile objects).
+    vm.moved = {"logger": "r3"}
+    again.keep(vm, cap)
+    assert set(VmRecord(tmp_path / "r2-hosted").load()["m1"]["objects"]) == {"counter"}
+    vm.mobile = {}
+    again.keep(vm, cap)
+    assert VmRecord(tmp_path / "r2-hosted").load()["m1"]["objects"] == {}
+    vm.mobile = {"counter": mobile_config("svc1")}
+    vm.objects = {"counter": FakeProcess("svc1", 41)}
+    again.keep(vm, cap, {"counter": {"object": {"count": 7}}})
     assert again.checkpoint("m1", "counter", {"object": {"count": 9}}) is True
     assert again.checkpoint("m1", "logger", {"object": {"count": 1}}) is False
     again.save()
@@ -244,21 +258,30 @@ def test_start_rebuilds_the_table_adopts_live_objects_and_restarts_dead_ones(
     m2 = vm_of("m2")
     m3 = vm_of("m3")  # its one object died and left no checkpoint: nothing to run
     m4 = vm_of("m4", running_since=None)  # the crash cut its provisioning
+    m5 = vm_of("m5", running_since=None, shaper_key=5, egress_kbit=800)  # ... before any object
     write_record(manager, {
         "m1": entry_of(m1, {"counter": (41, {"object": {"count": 3}})}, cap),
         "m2": entry_of(m2, {"plain": (42, None), "dead": (50, {"object": {"count": 5}})}),
         "m3": entry_of(m3, {"gone": (51, None)}),
         "m4": entry_of(m4, {"half": (52, {"object": {"count": 1}})}),
+        "m5": entry_of(m5, {}, cap),
         "bad": {"vm": {"name": "bad"}, "objects": {}},
     })
     manager.record.load()
     events: list[tuple[str, str]] = []
     manager.listeners.append(lambda event, vm: events.append((event, vm.name)))
+    uncapped: list[tuple[int, Any]] = []
+
+    async def uncap(key: int) -> None:
+        uncapped.append((key, manager.shaper.caps.pop(key, None)))
+
+    manager.shaper.uncap = uncap  # type: ignore[method-assign]
 
     report = asyncio.run(recover_vms(manager, host))
 
     assert report == {"adopted": ["m1/counter", "m2/plain"], "restarted": ["m2/dead", "m4/half"],
-                      "lost": ["m3/gone", "bad"], "removed": ["m3", "m4"]}
+                      "lost": ["m3/gone", "bad"], "removed": ["m3", "m4", "m5"]}
+    assert uncapped == [(5, shaping_from_json(cap))], "the cut VM's cap, exactly as it was added"
     assert set(manager.vms) == {"m1", "m2"}
     assert manager.vms["m1"].objects["counter"].pid == 41, "the same process, running all along"
     assert host.adopted == [("svc1", 41, True, ("m1", "counter"))], "it registers again"
@@ -268,7 +291,7 @@ def test_start_rebuilds_the_table_adopts_live_objects_and_restarts_dead_ones(
     # The egress cap as the shaper added it (removing the VM removes exactly that), and the
     # numbering of caps and upgrades goes on after the recorded ones.
     assert manager.shaper.caps[3] == shaping_from_json(cap)
-    assert manager._next_key == 3 and manager._upgrades == 2
+    assert manager._next_key == 5 and manager._upgrades == 2
     # The listeners (broker registration) learn the VMs again, and the removed ones' going.
     assert ("started", "m1") in events and ("started", "m2") in events
     assert ("removed", "m4") in events and ("removed", "m3") in events
