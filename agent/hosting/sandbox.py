@@ -89,6 +89,13 @@ SPAWN_TIMEOUT = 10.0
 MAX_SPEC_BYTES = 60_000
 #: The run id in the environment (topologies.run.ENV_RUN_ID; agent cannot import topologies).
 ENV_RUN_ID = "MOAT_RUN_ID"  # fits in a pipe buffer: written before the launcher starts
+#: How objects start (issue 14): "fork" from the router's fork server (a pre-imported
+#: runtime, :mod:`agent.hosting.forkserver`) or "exec" through a new launcher interpreter
+#: (the baseline). The environment variable sets the default for a process and its children
+#: (the agents of a run inherit it); :attr:`SandboxSpec.start` sets it for one object.
+ENV_SANDBOX_START = "MOAT_SANDBOX_START"
+START_MODES = ("fork", "exec")
+DEFAULT_START = "exec"
 DEVNULL = subprocess.DEVNULL
 
 
@@ -230,6 +237,8 @@ class SandboxSpec:
     #: channel) so the object never reads end of stream; needs ``isolate_pids``.
     relay_socket: Path | None = None
     keep_fd: int | None = None
+    #: "fork" or "exec" (:data:`START_MODES`); None: :func:`start_mode`'s default.
+    start: str | None = None
 
     def launch_spec(self, argv: Sequence[str], cgroup: Cgroup | None) -> dict[str, Any]:
         for name in self.rlimits:
@@ -257,6 +266,16 @@ class SandboxSpec:
         }
 
 
+def start_mode(spec: SandboxSpec | None = None) -> str:
+    """How ``spec``'s object starts: its own ``start``, else ``$MOAT_SANDBOX_START``, else
+    :data:`DEFAULT_START`. SandboxError for anything but :data:`START_MODES`."""
+    mode = (spec.start if spec is not None else None) or os.environ.get(ENV_SANDBOX_START) \
+        or DEFAULT_START
+    if mode not in START_MODES:
+        raise SandboxError(f"sandbox start {mode!r} is not one of {', '.join(START_MODES)}")
+    return mode
+
+
 async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = None, *,
                 stdin: Any = DEVNULL, stdout: Any = DEVNULL,
                 stderr: Any = DEVNULL) -> tuple[asyncio.subprocess.Process, int]:
@@ -270,6 +289,7 @@ async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = 
         raise SandboxError("empty argv")
     if os.geteuid() != 0:
         raise SandboxError("controlled exec needs root (to join cgroups and change user)")
+    mode = start_mode(spec)
     launch = spec.launch_spec(argv, cgroup)
     relay_fds: tuple[int, ...] = ()
     listener = None
@@ -280,8 +300,21 @@ async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = 
         relay_fds = (listener.fileno(),) + ((spec.keep_fd,) if spec.keep_fd is not None else ())
         launch["relay"] = {"listen": listener.fileno(), "keep": spec.keep_fd}
     try:
-        return await _spawn(argv, spec, launch, relay_fds, stdin=stdin, stdout=stdout,
-                            stderr=stderr)
+        payload = json.dumps(launch).encode()
+        if len(payload) > MAX_SPEC_BYTES:
+            raise SandboxError(f"sandbox spec too large ({len(payload)} bytes)")
+        if mode == "fork":
+            from agent.hosting.forkserver import ForkServerError, start_forked
+
+            try:
+                proc, status_r = await start_forked(launch, spec.pass_fds, launch.get("relay"),
+                                                    stdin, stdout, stderr, env=launcher_env())
+            except ForkServerError as exc:
+                raise SandboxError(f"cannot fork {argv[0]} in its sandbox: {exc}") from exc
+        else:
+            proc, status_r = await _exec_launcher(payload, spec, relay_fds, stdin=stdin,
+                                                  stdout=stdout, stderr=stderr)
+        return await _started(argv, spec, proc, status_r)
     finally:
         if listener is not None:
             listener.close()  # the relay holds it now
@@ -312,12 +345,10 @@ def listen_relay_socket(path: Path) -> socket.socket:
     return sock
 
 
-async def _spawn(argv: Sequence[str], spec: SandboxSpec, launch: dict[str, Any],
-                 relay_fds: tuple[int, ...], *, stdin: Any, stdout: Any,
-                 stderr: Any) -> tuple[asyncio.subprocess.Process, int]:
-    payload = json.dumps(launch).encode()
-    if len(payload) > MAX_SPEC_BYTES:
-        raise SandboxError(f"sandbox spec too large ({len(payload)} bytes)")
+async def _exec_launcher(payload: bytes, spec: SandboxSpec, relay_fds: tuple[int, ...], *,
+                         stdin: Any, stdout: Any, stderr: Any) -> tuple[Any, int]:
+    """The exec path: a new launcher interpreter, the spec on a pipe. Returns the launcher's
+    process and the read end of its status pipe."""
     spec_r, spec_w = os.pipe()
     status_r, status_w = os.pipe()
     try:
@@ -337,6 +368,13 @@ async def _spawn(argv: Sequence[str], spec: SandboxSpec, launch: dict[str, Any],
     finally:
         os.close(spec_r)
         os.close(status_w)
+    return proc, status_r
+
+
+async def _started(argv: Sequence[str], spec: SandboxSpec, proc: Any,
+                   status_r: int) -> tuple[Any, int]:
+    """Either path: read the launcher's status pipe to its end (the object's program runs)
+    or to its first failure."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
@@ -721,7 +759,11 @@ class ObjectSandbox:
             # adopted one is alive with its recorded start time while its link is open); the
             # object dies with it (PR_SET_PDEATHSIG), and its namespace with the object.
             adopted = isinstance(self.proc, AdoptedRelay)
-            if not adopted or proc_start_time(self.proc.pid) is not None:
+            from agent.hosting.forkserver import ForkedProcess
+
+            if isinstance(self.proc, ForkedProcess):
+                self.proc.kill()  # a forked launcher is not our child: through its pidfd
+            elif not adopted or proc_start_time(self.proc.pid) is not None:
                 try:
                     os.killpg(self.proc.pid, 9)
                 except ProcessLookupError:

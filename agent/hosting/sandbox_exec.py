@@ -45,6 +45,12 @@ the object; end of file with no error means the object's program is running.
 
 Only the standard library is used, and ``-I -S`` keeps the environment and site-packages
 out of the launcher, so nothing the object's user controls runs as root.
+
+The same steps serve the fork path (:mod:`agent.hosting.forkserver`): a forked child of the
+router's fork server calls :func:`launch` with a :class:`PidfdTie` (it is the fork server's
+child, not the agent's, so it watches the agent through a pidfd instead of
+``PR_SET_PDEATHSIG``), a ``report`` fd on which the relay writes how the object ended (the
+agent is not its parent) and its own last step instead of ``execve``.
 """
 
 from __future__ import annotations
@@ -58,12 +64,15 @@ import signal
 import socket
 import struct
 import sys
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not imported at run time: the launcher starts lean
+    from typing import Any, Callable
 
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 0x20, 0x400, 0x800, 0x1000
 MS_REC, MS_SLAVE, MS_RELATIME, MS_STRICTATIME = 0x4000, 0x80000, 0x200000, 0x1000000
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 PRIVATE_TMP = "/tmp"
 
 _MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
@@ -258,15 +267,76 @@ def _die_with_parent() -> None:
     _check(libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
 
 
-def relay(child: int, listen: int | None = None, keep: int | None = None) -> None:
+class ParentTie:
+    """How a launcher that is the agent's own child dies with it (the exec path):
+    ``PR_SET_PDEATHSIG``, and its parent checked to be the agent after each arming (the
+    agent may have gone just before). ``parent_pid`` 0: it outlives the agent."""
+
+    def __init__(self, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+        #: An fd the relay watches (readable: the agent has gone); none here, the relay
+        #: itself dies with the agent through PR_SET_PDEATHSIG.
+        self.watch: int | None = None
+
+    def arm(self) -> None:
+        if self.parent_pid:
+            _die_with_parent()
+            self.check()
+
+    def check(self) -> None:
+        if self.parent_pid and os.getppid() != self.parent_pid:
+            raise OSError(3, "the agent exited during the launch")
+
+    def rearm_object(self) -> None:
+        """After the credential change (which clears PR_SET_PDEATHSIG), for an object that
+        has no relay: it dies with its parent again."""
+        self.arm()
+
+
+class PidfdTie:
+    """How a launcher forked by the fork server dies with the agent (the fork path): its
+    parent is the fork server, so it watches the agent's pidfd (``agent_fd``, readable once
+    the agent has exited). The relay keeps watching it (:func:`relay`) and ends, the object
+    with it. An object without a relay cannot watch: it dies with its parent, the fork
+    server, which ends with the agent. ``agent_fd`` None: it outlives the agent."""
+
+    def __init__(self, agent_fd: int | None, server_pid: int) -> None:
+        self.watch = agent_fd
+        self.server_pid = server_pid
+
+    def arm(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.watch is not None and select.select([self.watch], [], [], 0)[0]:
+            raise OSError(3, "the agent exited during the launch")
+
+    def rearm_object(self) -> None:
+        # (the pidfd is closed by now: the object keeps no fd it was not given)
+        if self.watch is not None:
+            _die_with_parent()
+            if os.getppid() != self.server_pid:
+                raise OSError(3, "the fork server exited during the launch")
+
+
+def relay(child: int, listen: int | None = None, keep: int | None = None,
+          watch: int | None = None, report: int | None = None) -> None:
     """The relay's life after the fork: wait for the namespace's init and end as it ended.
 
     With ``listen`` (a listening Unix socket the agent made, root-only) and ``keep`` (the
     agent's end of the object's channel), the relay outlives the agent: it holds ``keep``
     open, so the object never reads end of stream when the agent dies, and hands it to the
-    next agent that connects as root (:func:`serve_agents`)."""
+    next agent that connects as root (:func:`serve_agents`). With ``watch`` (the agent's
+    pidfd, fork path) it kills itself, and so the object, once the agent has gone. With
+    ``report`` it writes ``{"exit": code}`` there before it ends (fork path: the agent is
+    not its parent and cannot wait for it)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ending by SIGSEGV dumps nothing
-    conn = serve_agents(child, listen, keep) if listen is not None else None
+    if listen is not None:
+        conn = serve_agents(child, listen, keep)
+    else:
+        conn = None
+        if watch is not None:
+            _watch_agent(child, watch)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -276,9 +346,15 @@ def relay(child: int, listen: int | None = None, keep: int | None = None) -> Non
         except InterruptedError:
             continue
     code = os.waitstatus_to_exitcode(status)
+    line = json.dumps({"exit": code}).encode() + b"\n"
     if conn is not None:
         try:  # the agent attached now reads the object's status here (it is not our parent)
-            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            conn.sendall(line)
+        except OSError:
+            pass
+    if report is not None:
+        try:
+            os.write(report, line)
         except OSError:
             pass
     if os.WIFSIGNALED(status):
@@ -289,6 +365,22 @@ def relay(child: int, listen: int | None = None, keep: int | None = None) -> Non
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # a signal whose default is to be ignored
     os._exit(code if os.WIFEXITED(status) else 127)
+
+
+def _watch_agent(child: int, watch: int) -> None:
+    """Until the object (``child``) exits; if the agent (pidfd ``watch``) goes first, the
+    relay kills itself (the object dies with it: PR_SET_PDEATHSIG)."""
+    pidfd = os.pidfd_open(child)
+    while True:
+        try:
+            ready = select.select([pidfd, watch], [], [])[0]
+        except InterruptedError:
+            continue
+        if pidfd in ready:
+            os.close(pidfd)
+            return
+        if watch in ready:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -350,10 +442,12 @@ def serve_agents(child: int, listen: int, keep: int | None) -> socket.socket | N
             conn = new
 
 
-def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None) -> int:
+def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None,
+                            watch: int | None = None, report: int | None = None) -> int:
     """unshare(CLONE_NEWPID) and fork: returns (in the child, PID 1 of the new namespace) the
     read end of a pipe whose end of file means the relay has gone. The parent never returns;
-    with ``relay_fds`` ({"listen", "keep"}) it serves agents (:func:`serve_agents`)."""
+    with ``relay_fds`` ({"listen", "keep"}) it serves agents (:func:`serve_agents`);
+    ``watch`` and ``report``: see :func:`relay`."""
     relay_fds = relay_fds or {}
     listen, keep = relay_fds.get("listen"), relay_fds.get("keep")
     _check(libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
@@ -370,19 +464,30 @@ def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None) -> in
             os.dup2(null, fd)
         # The object's socket and log, STATUS_FD too; an agent's listening socket and its
         # end of the channel stay when the relay outlives the agent.
-        close_other_fds({0, 1, 2, alive_w, *(fd for fd in (listen, keep) if fd is not None)})
+        close_other_fds({0, 1, 2, alive_w,
+                         *(fd for fd in (listen, keep, watch, report) if fd is not None)})
     finally:
-        relay(pid, listen, keep)
+        relay(pid, listen, keep, watch, report)
     raise AssertionError("unreachable")
 
 
-def launch(spec: dict, status_fd: int) -> None:
+def exec_program(spec: dict) -> None:
+    """The exec path's last step: the object's program, with exactly the spec's environment."""
+    env = spec.get("env", {})
+    argv = spec["argv"]
+    os.execve(which(argv[0], env.get("PATH", os.defpath)), argv, env)
+
+
+def launch(spec: dict, status_fd: int, *, run: Callable[[dict], None] = exec_program,
+           tie: ParentTie | PidfdTie | None = None, report: int | None = None) -> None:
+    """Confine this process as ``spec`` says (steps 1 to 7 of the module's docstring), then
+    ``run(spec)``: :func:`exec_program` here, the fork server's own step on the fork path.
+    ``tie``: how it dies with the agent (:class:`ParentTie` of ``spec["parent_pid"]`` by
+    default); ``report``: where the relay writes how the object ended."""
+    tie = tie if tie is not None else ParentTie(int(spec.get("parent_pid") or 0))
     stage = "prctl"
     try:
-        if spec.get("parent_pid"):
-            _die_with_parent()
-            if os.getppid() != spec["parent_pid"]:
-                raise OSError(3, "the agent exited during the launch")
+        tie.arm()
         stage = "cgroup"
         pid = str(os.getpid())
         for procs in spec.get("cgroup_procs", []):
@@ -391,7 +496,7 @@ def launch(spec: dict, status_fd: int) -> None:
         alive = None
         if spec.get("isolate_pids"):
             stage = "pid namespace"
-            alive = fork_into_pid_namespace(status_fd, spec.get("relay"))
+            alive = fork_into_pid_namespace(status_fd, spec.get("relay"), tie.watch, report)
         if spec.get("isolate_fs") or spec.get("isolate_pids"):
             stage = "mount namespace"
             private_mounts(new_proc=bool(spec.get("isolate_pids")))
@@ -424,18 +529,30 @@ def launch(spec: dict, status_fd: int) -> None:
             if select.select([alive], [], [], 0)[0]:
                 raise OSError(3, "the relay exited during the launch")
             os.close(alive)
-        elif spec.get("parent_pid"):
-            _die_with_parent()
-            if os.getppid() != spec["parent_pid"]:
-                raise OSError(3, "the agent exited during the launch")
+        else:
+            tie.rearm_object()
         stage = "chdir"
         os.chdir(spec["cwd"])
         stage = "exec"
-        env = spec.get("env", {})
-        argv = spec["argv"]
-        os.execve(which(argv[0], env.get("PATH", os.defpath)), argv, env)
+        run(spec)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the agent
         raise LaunchError(stage, exc) from exc
+
+
+def launch_and_report(spec: dict, status_fd: int, **how: Any) -> int:
+    """:func:`launch`; a failure is written to ``status_fd`` as ``{"stage", "error",
+    "errno"}`` and 127 returned (the object never ran)."""
+    try:
+        launch(spec, status_fd, **how)
+    except LaunchError as exc:
+        report = {"stage": exc.stage, "error": str(exc), "errno": exc.errno}
+    except Exception as exc:  # noqa: BLE001
+        report = {"stage": "spec", "error": repr(exc), "errno": getattr(exc, "errno", None)}
+    try:
+        os.write(status_fd, json.dumps(report).encode() + b"\n")
+    except OSError:
+        pass
+    return 127
 
 
 def _read_all(fd: int) -> bytes:
@@ -457,16 +574,14 @@ def main(argv: list[str]) -> int:
         os.set_inheritable(status_fd, False)  # closes at exec: EOF tells the agent "started"
         spec = json.loads(_read_all(spec_fd))
         os.close(spec_fd)
-        launch(spec, status_fd)
-    except LaunchError as exc:
-        report = {"stage": exc.stage, "error": str(exc), "errno": exc.errno}
     except Exception as exc:  # noqa: BLE001
         report = {"stage": "spec", "error": repr(exc), "errno": getattr(exc, "errno", None)}
-    try:
-        os.write(status_fd, json.dumps(report).encode() + b"\n")
-    except OSError:
-        pass
-    return 127
+        try:
+            os.write(status_fd, json.dumps(report).encode() + b"\n")
+        except OSError:
+            pass
+        return 127
+    return launch_and_report(spec, status_fd)
 
 
 if __name__ == "__main__":

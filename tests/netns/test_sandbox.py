@@ -1,7 +1,8 @@
 """Controlled exec on this machine's real cgroups (root): CPU quota, OOM kill, pids limit,
 a uid per object, its own PID namespace, a private size-limited working directory and /tmp,
 no inherited fds, two objects that cannot reach each other, and the object runtime itself
-started through the sandbox.
+started through the sandbox. Every test runs both ways an object can start (issue 14): forked
+by the router's fork server and exec'd through a new launcher.
 
 Behaviour checks with generous bounds, not benchmarks: an unlimited busy loop would use
 ~1.0 CPU-second per second, a limited one must stay near its quota.
@@ -37,6 +38,8 @@ from agent.hosting.cgroups import (
 )
 from agent.hosting.object_uids import default_pool
 from agent.hosting.sandbox import (
+    ENV_SANDBOX_START,
+    START_MODES,
     ObjectSandbox,
     SandboxError,
     SandboxSpec,
@@ -49,6 +52,13 @@ MiB = 1 << 20
 PY = [sys.executable, "-I", "-S", "-c"]
 REPO = Path(__file__).resolve().parents[2]
 DENIED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)
+
+
+@pytest.fixture(autouse=True, params=START_MODES)
+def start(request, monkeypatch) -> str:
+    """Each test forked from the fork server and exec'd through the launcher."""
+    monkeypatch.setenv(ENV_SANDBOX_START, request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
