@@ -53,5 +53,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _in_netns_dir(Path(str(item.path))):
             item.add_marker(pytest.mark.netns)
+            # One Mininet network at a time on a machine (bridge names are not scoped to the
+            # run yet): under pytest-xdist (`make test`: -n 2 --dist loadgroup) every netns
+            # test goes to one worker, in order, while the unit tests share the other.
+            item.add_marker(pytest.mark.xdist_group("netns"))
         if reason is not None and item.get_closest_marker("netns") is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
