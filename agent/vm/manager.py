@@ -605,6 +605,7 @@ class VmManager:
             await asyncio.to_thread(_remove_version, dest)
             return self._upgrade_refused(vm, outcome, exc)
         states = await self._stop_for_upgrade(vm, ahead)
+        self._keep_final(vm, states)
         try:
             await self._start_objects(vm, states)
         except ProvisionError as exc:
@@ -655,6 +656,21 @@ class VmManager:
             if states[name] is None:
                 raise ProvisionError("checkpoint", f"{name} gave no checkpoint")
         return states
+
+    def _keep_final(self, vm: VirtualMachine, states: dict[str, Any]) -> None:
+        """The final checkpoints of objects an upgrade stopped, into the record at once: an
+        agent that crashes before the new version runs restarts them from these, not from
+        the last periodic checkpoint (up to its period older), so their state stays exact."""
+        from agent.hosting.hosted_registry import RegistryError
+
+        if self.record is None:
+            return
+        kept = [name for name, state in states.items() if self.record.checkpoint(vm.name, name, state)]
+        if kept:
+            try:
+                self.record.save()
+            except RegistryError as exc:
+                log.error("VM %s: final checkpoints of %s not recorded: %s", vm.name, kept, exc)
 
     async def _stop_for_upgrade(self, vm: VirtualMachine, ahead: dict[str, Any]) -> dict[str, Any]:
         """Stop the VM's objects; their final checkpoints (``ahead``'s if one gives none)."""

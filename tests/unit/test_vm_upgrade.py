@@ -170,3 +170,46 @@ def test_a_version_that_rolled_back_is_not_tried_again_but_a_newer_one_is(env: E
     [again] = asyncio.run(env.manager.check_updates())
     assert again["ok"] and vm.version == "3.0", again
     assert CountingProcess.counts == {"counter": 5, "logger": 2}
+
+
+class _AgentDied(BaseException):
+    """The agent dying (kill -9) in the middle of an upgrade: nothing after it runs."""
+
+
+class SavedCheckpoints:
+    """Stands in for the VM record: what was saved of each object's checkpoint, and when."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] = {}
+        self.saved: dict[str, Any] = {}
+
+    def checkpoint(self, vm: str, obj: str, state: Any) -> bool:
+        self.pending[obj] = state
+        return True
+
+    def save(self) -> None:
+        self.saved.update(self.pending)
+
+    def keep(self, *args: Any, **kw: Any) -> None:
+        pass
+
+
+def test_a_crash_between_the_stop_and_the_new_start_finds_the_final_checkpoints_recorded(
+        env: Env) -> None:
+    """The objects stopped for the upgrade gave their final counts; the agent dies before
+    the new version runs: the record must already hold those counts (a restarted agent
+    starts them from it), not the last periodic checkpoint taken before."""
+    record = SavedCheckpoints()
+    env.manager.record = record
+
+    def die_at_new_start(process: CountingProcess, state: Any) -> str | None:
+        if process.new_version:
+            CountingProcess.counts[process.object_name] = -1  # never reached: it died first
+            raise _AgentDied()
+        return None
+
+    CountingProcess.refuse = staticmethod(die_at_new_start)
+    CountingProcess.counts.update(counter=7)  # served since the last periodic checkpoint
+    with pytest.raises(_AgentDied):
+        upgrade(env)
+    assert record.saved == {"counter": {"count": 7}, "logger": {"count": 2}}
