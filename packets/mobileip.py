@@ -172,3 +172,136 @@ def decode_registration(data: bytes) -> Registration:
     if data[0] == MessageType.REGISTRATION_REPLY:
         return RegistrationReply.decode(data)
     raise MalformedMessage(f"unknown Mobile IP message type {data[0]}", 0)
+
+
+# --- Binding revocation (after RFC 3543) ---------------------------------------------------
+#
+# When the home agent drops a binding because the object registered elsewhere (or went
+# home), the foreign agent that relayed it would keep its visitor entry, and its route for the
+# home address, until the registration's lifetime ran out. The home agent tells it at once,
+# with a Registration Revocation modelled on RFC 3543 §3.1 (same type number, UDP 434, a
+# Foreign-Home authenticator), acknowledged as in §3.2. MOAT's revocation adds one field to
+# the RFC's fixed part: the Identification of the registration it revokes, so the foreign
+# agent removes that registration's visitor entry and never a newer one (a revocation that
+# crosses a new registration through the same agent, or a replay, changes nothing).
+#
+# Revocation (30 bytes)::
+#
+#     type=7 | reserved(3) | home address | home agent | care-of address | revocation id(4)
+#     | flags A I + reserved(2) | registration identification(8)
+#
+# Acknowledgement (14 bytes, RFC 3543 §3.2)::
+#
+#     type=15 | reserved(3) | home address | revocation id(4) | flags I + reserved(2)
+
+#: Message types of RFC 3543 on UDP 434.
+REGISTRATION_REVOCATION = 7
+REVOCATION_ACK = 15
+
+_REV = struct.Struct("!B3x4s4s4sIHQ")
+_ACK = struct.Struct("!B3x4sIH")
+
+
+class RevocationFlags(enum.IntFlag):
+    """Flags of a revocation (RFC 3543 §3.1): ``A`` the home agent wants an acknowledgement,
+    ``I`` the mobile node is told (MOAT: never; the object has already moved)."""
+
+    A = 0x8000
+    I = 0x4000  # noqa: E741 - the RFC's name
+
+
+@dataclass
+class RegistrationRevocation:
+    """The home agent's notice that the binding at ``care_of_address`` is gone."""
+
+    home_address: str
+    home_agent: str
+    care_of_address: str
+    revocation_id: int
+    registration_id: int
+    flags: RevocationFlags = RevocationFlags.A
+    extensions: list[Extension] = field(default_factory=list)
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    ext_offsets: list[int] = field(default_factory=list, compare=False, repr=False)
+
+    FIXED_LEN = _REV.size
+
+    def encode(self) -> bytes:
+        check_uint(self.revocation_id, 32, "revocation id")
+        check_uint(self.registration_id, 64, "registration identification")
+        check_uint(int(self.flags), 16, "flags")
+        head = _REV.pack(
+            REGISTRATION_REVOCATION,
+            ip_to_bytes(self.home_address, "home address"),
+            ip_to_bytes(self.home_agent, "home agent"),
+            ip_to_bytes(self.care_of_address, "care-of address"),
+            self.revocation_id,
+            int(self.flags),
+            self.registration_id,
+        )
+        return head + b"".join(encode_extension(e) for e in self.extensions)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "RegistrationRevocation":
+        data = bytes(data)
+        if len(data) < _REV.size:
+            raise MalformedMessage(f"registration revocation is {len(data)} bytes < {_REV.size}")
+        mtype, home, agent, coa, rev_id, flags, reg_id = _REV.unpack_from(data)
+        if mtype != REGISTRATION_REVOCATION:
+            raise MalformedMessage(f"type {mtype} is not a registration revocation", 0)
+        exts, offsets = decode_extensions(data, _REV.size)
+        return cls(bytes_to_ip(home), bytes_to_ip(agent), bytes_to_ip(coa), rev_id, reg_id,
+                   RevocationFlags(flags), exts, data, offsets)
+
+    def find(self, kind: type) -> list[Extension]:
+        return [e for e in self.extensions if isinstance(e, kind)]
+
+
+@dataclass
+class RevocationAck:
+    """The foreign agent's acknowledgement of a revocation (RFC 3543 §3.2)."""
+
+    home_address: str
+    revocation_id: int
+    flags: RevocationFlags = RevocationFlags(0)
+    extensions: list[Extension] = field(default_factory=list)
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    ext_offsets: list[int] = field(default_factory=list, compare=False, repr=False)
+
+    FIXED_LEN = _ACK.size
+
+    def encode(self) -> bytes:
+        check_uint(self.revocation_id, 32, "revocation id")
+        check_uint(int(self.flags), 16, "flags")
+        head = _ACK.pack(REVOCATION_ACK, ip_to_bytes(self.home_address, "home address"),
+                         self.revocation_id, int(self.flags))
+        return head + b"".join(encode_extension(e) for e in self.extensions)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "RevocationAck":
+        data = bytes(data)
+        if len(data) < _ACK.size:
+            raise MalformedMessage(f"revocation acknowledgement is {len(data)} bytes < {_ACK.size}")
+        mtype, home, rev_id, flags = _ACK.unpack_from(data)
+        if mtype != REVOCATION_ACK:
+            raise MalformedMessage(f"type {mtype} is not a revocation acknowledgement", 0)
+        exts, offsets = decode_extensions(data, _ACK.size)
+        return cls(bytes_to_ip(home), rev_id, RevocationFlags(flags), exts, data, offsets)
+
+    def find(self, kind: type) -> list[Extension]:
+        return [e for e in self.extensions if isinstance(e, kind)]
+
+
+MobileIpMessage = Union[RegistrationRequest, RegistrationReply, RegistrationRevocation,
+                        RevocationAck]
+
+
+def decode_mobileip(data: bytes) -> MobileIpMessage:
+    """Decode anything an object agent takes on UDP 434: a request, a reply, a revocation
+    or its acknowledgement (:func:`decode_registration` stays limited to the first two,
+    for the tools that know only those)."""
+    if data and data[0] == REGISTRATION_REVOCATION:
+        return RegistrationRevocation.decode(data)
+    if data and data[0] == REVOCATION_ACK:
+        return RevocationAck.decode(data)
+    return decode_registration(data)

@@ -25,10 +25,10 @@ from packets import (
     MalformedMessage,
     RegistrationReply,
     RegistrationRequest,
-    decode_registration,
 )
 from packets.auth import find_auth
 from packets.codes import MIP_PORT, ExtType
+from packets.mobileip import RegistrationRevocation, RevocationAck, decode_mobileip
 
 from agent.core.role import Role
 from agent.mobility.arp import ProxyArp
@@ -39,6 +39,7 @@ from agent.mobility.home import HomeAgent
 from agent.mobility.journal import Journal, Restored, journal_path
 from agent.mobility.mipsocket import MipSocket
 from agent.mobility.ratelog import RateLimitedLog
+from agent.mobility.revocation import RevocationRefused
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class ObjectAgentRole(Role):
         #: visitors expired or a reconciliation left something undone.
         self._foreign_dirty = False
         self._tasks: set[asyncio.Task] = set()
+        #: Sends the HOA's revocations and their retries while any is unacknowledged.
+        self._revoking: asyncio.Task | None = None
 
     @property
     def is_agent(self) -> bool:
@@ -211,7 +214,7 @@ class ObjectAgentRole(Role):
                         dest: str = "") -> None:
         """One UDP 434 datagram from ``addr``, heard on ``ifindex``, sent to ``dest``."""
         try:
-            msg = decode_registration(data)
+            msg = decode_mobileip(data)
         except MalformedMessage as exc:
             self._malformed += 1
             self.refusals("malformed", logging.INFO, "malformed registration message from %s:%d: %s",
@@ -219,8 +222,12 @@ class ObjectAgentRole(Role):
             return
         if isinstance(msg, RegistrationRequest):
             self._on_request(msg, addr, ifindex, dest)
-        else:
+        elif isinstance(msg, RegistrationReply):
             self._on_reply(msg, addr)
+        elif isinstance(msg, RegistrationRevocation):
+            self._on_revocation(msg, addr)
+        else:
+            self._on_revocation_ack(msg, addr)
 
     def _send(self, data: bytes, addr: tuple, source: str | None = None) -> None:
         assert self._mip is not None
@@ -256,6 +263,8 @@ class ObjectAgentRole(Role):
             # ARP attracts must find the tunnel already there.
             self.sync_home()
             self._sync_proxy_arp()
+            if decision.notices:  # the FOAs of the bindings it removed forget them now
+                self._send_revocations()
             return
         self.refusals("no-role", logging.INFO,
                       "request for %s from %s is for no role of this agent; dropped",
@@ -276,6 +285,68 @@ class ObjectAgentRole(Role):
         log.info("FOA: reply %s for %s relayed to %s", rrp.code, rrp.home_address, pending.object_address)
         source = pending.local_address if pending.local_address in self.config.addresses else None
         self._spawn(self._relay_reply(data, (pending.object_address, pending.object_port), source))
+
+    # --- revocation (issue 18; agent.mobility.revocation) ---------------------------------
+
+    def _send_revocations(self) -> None:
+        """Send the HOA's due revocations now, and keep a task for their retries."""
+        assert self.home is not None
+        self._send_revocations_due()
+        if self.home.revoker.pending and (self._revoking is None or self._revoking.done()):
+            self._revoking = self.agent.loop.create_task(self._retry_revocations())
+            self._tasks.add(self._revoking)
+            self._revoking.add_done_callback(self._done)
+
+    async def _retry_revocations(self) -> None:
+        assert self.home is not None
+        revoker = self.home.revoker
+        while (at := revoker.next_due()) is not None:
+            await asyncio.sleep(max(0.0, at - revoker.clock()))
+            self._send_revocations_due()
+
+    def _send_revocations_due(self) -> None:
+        assert self.home is not None
+        for notice in self.home.revoker.due():
+            log.info("HOA: revoking %s at FOA %s (registration %#x, try %d)",
+                     notice.revocation.home_address, notice.to,
+                     notice.revocation.registration_id, notice.tries)
+            self._send(notice.data, (notice.to, MIP_PORT), self.home.address)
+
+    def _on_revocation(self, rev: RegistrationRevocation, addr: tuple) -> None:
+        """An HOA's revocation: the FOA checks it, forgets the visitor, takes its route away,
+        then acknowledges (from the care-of address it was sent to)."""
+        if self.foreign is None:
+            self.refusals("not-foa-revocation", logging.INFO,
+                          "revocation from %s but this agent is no FOA; dropped", addr[0])
+            return
+        try:
+            ack, gone = self.foreign.handle_revocation(rev, addr[0])
+        except RevocationRefused as exc:
+            self.refusals(f"revocation-{exc.reason}", logging.INFO,
+                          "FOA: revocation of %s from %s refused: %s", rev.home_address,
+                          addr[0], exc)
+            return
+        if gone is None:
+            self._send(ack, addr, rev.care_of_address)
+            return
+        log.info("FOA: visitor %s (via %s) revoked by its HOA %s", gone.home_address,
+                 gone.local_address, addr[0])
+        self._spawn(self._relay_reply(ack, addr, rev.care_of_address))  # route gone, then ack
+
+    def _on_revocation_ack(self, ack: RevocationAck, addr: tuple) -> None:
+        if self.home is None:
+            self.refusals("not-hoa-ack", logging.INFO,
+                          "revocation acknowledgement from %s but this agent is no HOA; "
+                          "dropped", addr[0])
+            return
+        try:
+            notice = self.home.revoker.on_ack(ack, addr[0])
+        except RevocationRefused as exc:
+            self.refusals(f"revocation-ack-{exc.reason}", logging.INFO,
+                          "HOA: revocation acknowledgement from %s refused: %s", addr[0], exc)
+            return
+        log.info("HOA: FOA %s acknowledged the revocation of %s (%.1f ms)", notice.to,
+                 notice.revocation.home_address, (self.home.revoker.clock() - notice.created) * 1000)
 
     async def _relay_reply(self, data: bytes, to: tuple[str, int], source: str | None = None) -> None:
         """The object's reply, from the address it sent its request to (the object takes a
@@ -352,6 +423,7 @@ class ObjectAgentRole(Role):
             "bindings": len(self.home.bindings) if self.home else None,
             "visitors": len(self.foreign.visitors) if self.foreign else None,
             "home_stats": {k: v for k, v in self.home.stats.items() if v} if self.home else None,
+            "revocations": self.home.revoker.status() if self.home else None,
             "foreign_stats": self.foreign.stats if self.foreign else None,
             "proxy_arp": sorted(self.proxy_arp.addresses) if self.proxy_arp else None,
             "proxy_arp_answered": self.proxy_arp.answered if self.proxy_arp else None,

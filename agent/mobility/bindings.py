@@ -53,6 +53,9 @@ class Binding:
     #: The mobile network prefix registered with it ("" none): sent to the same care-of
     #: address (NEMO, RFC 5177).
     network_prefix: str = ""
+    #: The SPI of the Foreign-Home authenticator the FOA relayed it under (0: none known):
+    #: what the HOA signs its revocation for that FOA with when the binding goes (§4.1).
+    foa_spi: int = 0
 
     @property
     def expires_at(self) -> float:
@@ -121,6 +124,7 @@ class BindingTable:
         reverse_tunnel: bool = False,
         part: str = "primary",
         network_prefix: str = "",
+        foa_spi: int = 0,
     ) -> UpdateResult:
         """Apply an accepted registration (RFC 5944 §3.6.1.2 semantics).
 
@@ -151,7 +155,7 @@ class BindingTable:
         key = same[0].gre_key if same else self._new_key()
         binding = Binding(
             home_address, care_of_address, care_of_name, key, lifetime, now, nai,
-            identification, reverse_tunnel, part, network_prefix,
+            identification, reverse_tunnel, part, network_prefix, foa_spi,
         )
         self._store(home_address, kept + [binding])
         self._push(binding)
@@ -258,6 +262,9 @@ class Visitor:
     #: The interface its registration came in on ("" unknown): with ``local_address``, the
     #: place the visitor is bound to while it is registered.
     local_interface: str = ""
+    #: The Identification of the registration that made or last renewed it: an HOA's
+    #: revocation removes it only if it revokes this registration or a later one.
+    identification: int = 0
 
     @property
     def expires_at(self) -> float:

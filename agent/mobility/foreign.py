@@ -30,6 +30,8 @@ from packets import RequestFlags
 from packets.extensions import GreKey, MobileNetwork, NaiExtension, encode_extension
 
 from agent.mobility.bindings import Visitor, VisitorList
+from agent.mobility.revocation import RevocationCheck, RevocationRefused
+from packets.mobileip import RegistrationRevocation
 from agent.core.config import Credential, ForeignConfig
 
 #: The SPI of the nested home agents' Foreign-Home authenticator (see nested_home_credential).
@@ -99,7 +101,14 @@ class ForeignAgent:
         self.pending: dict[tuple[str, int], Pending] = {}
         self._object_keys = {c.spi: c.key for c in config.trusted_objects}
         self.stats = {"relayed": 0, "denied": 0, "replies": 0, "bad_replies": 0,
-                      "bound_elsewhere": 0, "wrong_source_replies": 0}
+                      "bound_elsewhere": 0, "wrong_source_replies": 0,
+                      "revocations": 0, "revoked_visitors": 0, "refused_revocations": 0}
+        fh = config.foreign_home
+        hoa_keys = {fh.spi: fh.key}
+        if nested_home is not None:
+            hoa_keys[nested_home.spi] = nested_home.key
+        #: The HOAs' revocations (issue 18): checked under the same keys as their replies.
+        self.revocations = RevocationCheck(care_of_addresses, hoa_keys)
 
     def care_of_name_for(self, rrq: RegistrationRequest) -> str:
         """``<object name>.<this FOA>``: unique on the foreign network because FOA names are.
@@ -223,6 +232,7 @@ class ForeignAgent:
                 bool(rrq.flags & RequestFlags.T),
                 str(networks[0].network) if networks else "",
                 pending.interface,
+                rrq.identification,
             ))
         elif rrp.accepted:
             self.visitors.remove(rrq.home_address, rrq.care_of_address)
@@ -233,6 +243,28 @@ class ForeignAgent:
         key = self._object_keys[pending.mf_spi]
         out = append_auth(out, ExtType.MOBILE_FOREIGN_AUTH, pending.mf_spi, key)
         return pending, out
+
+    def handle_revocation(self, rev: RegistrationRevocation, source: str
+                          ) -> tuple[bytes, Visitor | None]:
+        """The HOA's revocation from ``source`` (:mod:`agent.mobility.revocation`): check it,
+        forget the visitor it revokes (journalled, as every removal), and return the signed
+        acknowledgement with the visitor removed (None: none was, e.g. a repeat, or the
+        entry is from a newer registration than the one revoked).
+
+        Raises :class:`RevocationRefused` for a revocation to drop unanswered (counted)."""
+        try:
+            act, cred = self.revocations.check(rev, source)
+        except RevocationRefused:
+            self.stats["refused_revocations"] += 1
+            raise
+        self.stats["revocations"] += 1
+        gone = None
+        visitor = self.visitors.get(rev.home_address, rev.care_of_address)
+        if act and visitor is not None and visitor.home_agent == rev.home_agent \
+                and visitor.identification <= rev.registration_id:
+            gone = self.visitors.remove(rev.home_address, rev.care_of_address)
+            self.stats["revoked_visitors"] += 1
+        return self.revocations.ack(rev, cred), gone
 
     def expire_pending(self, timeout: float) -> list[Pending]:
         """Forget relays the HOA never answered (the object retransmits on its own)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from packets import (
@@ -35,6 +35,7 @@ from packets import (
 from packets.extensions import CareOfName, GreKey, MobileNetwork, NaiExtension, ObjectPart
 
 from agent.mobility.bindings import BindingTable, TooManyBindings, UpdateResult
+from agent.mobility.revocation import Notice, Revoker, revoked_bindings
 from agent.core.config import Credential, HomeConfig, HomeObject
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class HomeDecision:
     code: ReplyCode
     reply: bytes
     update: UpdateResult | None = None
+    #: Revocations for the FOAs of the bindings this request removed (issue 18), due now.
+    notices: list[Notice] = field(default_factory=list)
 
 
 class HomeAgent:
@@ -73,6 +76,9 @@ class HomeAgent:
         #: What replies are signed with (Foreign-Home) when the request's FOA key is not
         #: known here: a nested home agent's router-key credential.
         self.reply_credential: Credential | None = None
+        #: Tells the FOA of every binding a registration removes (RFC 3543-style revocation).
+        self.revoker = Revoker(agent_address, self._foa_keys, lambda: self.reply_credential,
+                               clock, wall_clock)
 
     def add_object(self, obj: HomeObject) -> None:
         self.objects[obj.home_address] = obj
@@ -99,7 +105,10 @@ class HomeAgent:
         fh = self._fh_credential(rrq)
         if fh is not None:
             reply = append_auth(reply, ExtType.FOREIGN_HOME_AUTH, fh.spi, fh.key)
-        return HomeDecision(code, reply, update)
+        notices = []
+        if update is not None and update.removed:
+            notices = self.revoker.revoke(self.address, revoked_bindings(rrq, update.removed))
+        return HomeDecision(code, reply, update, notices)
 
     def _fh_credential(self, rrq: RegistrationRequest) -> Credential | None:
         for ext in rrq.extensions:
@@ -131,6 +140,9 @@ class HomeAgent:
         if prefix and prefix != obj.network_prefix:
             return ReplyCode.HA_PREFIX_NOT_AUTHORIZED, None
         lifetime = min(rrq.lifetime, self.config.max_lifetime)
+        fh = next((e for e in rrq.extensions
+                   if getattr(e, "ext_type", None) == ExtType.FOREIGN_HOME_AUTH), None)
+        foa_spi = fh.spi if fh is not None and fh.spi in self._foa_keys else 0  # type: ignore[union-attr]
         try:
             update = self.bindings.register(
                 rrq.home_address,
@@ -143,6 +155,7 @@ class HomeAgent:
                 bool(rrq.flags & RequestFlags.T),
                 parts[0].role.name.lower() if parts else "primary",
                 prefix,
+                foa_spi,
             )
         except TooManyBindings:
             return ReplyCode.HA_TOO_MANY_SIMULTANEOUS_BINDINGS, None

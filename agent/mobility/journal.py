@@ -156,6 +156,8 @@ def binding_fields(doc: dict[str, Any]) -> dict[str, Any]:
         "reverse_tunnel": fields.flag(doc.get("reverse_tunnel"), "reverse_tunnel"),
         "part": fields.one_of(doc.get("part"), "part", ("primary", "duplicate", "secondary")),
         "network_prefix": _optional_prefix(doc.get("network_prefix"), "network_prefix"),
+        # Absent from journals written before revocations (issue 18): none known.
+        "foa_spi": fields.integer(doc.get("foa_spi", 0), "foa_spi", 0, 0xFFFFFFFF),
     }
 
 
@@ -175,6 +177,8 @@ def visitor_fields(doc: dict[str, Any]) -> dict[str, Any]:
         "reverse_tunnel": fields.flag(doc.get("reverse_tunnel"), "reverse_tunnel"),
         "network_prefix": _optional_prefix(doc.get("network_prefix"), "network_prefix"),
         "local_interface": fields.text(doc.get("local_interface"), "local_interface", 15),
+        "identification": fields.integer(doc.get("identification", 0), "identification",
+                                         0, 2**64 - 1),
     }
 
 

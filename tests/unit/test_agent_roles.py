@@ -186,7 +186,8 @@ def test_a_request_for_someone_elses_care_of_address_is_not_relayed() -> None:
 def test_a_relayed_request_for_our_home_agent_address_goes_to_the_hoa() -> None:
     role, rec = object_agent(["home"])
     decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED,
-                               update=SimpleNamespace(first_away=True, now_home=False))
+                               update=SimpleNamespace(first_away=True, now_home=False),
+                               notices=[])
     served = {"10.16.0.100": ["binding"], "10.16.0.224": ["binding"]}  # with its prefix
     role.home = SimpleNamespace(handle=lambda rrq: decision,
                                 bindings=SimpleNamespace(served=lambda: served))
