@@ -8,6 +8,8 @@ the outage. The supervisor brings the agent back; it reads its registry, proves 
 is the one it started (pid and start time, cgroup, the object's pid) and takes the object
 over: ``objects`` lists it with the same pid, ``object_state`` answers, and the counter's
 value is the number of requests co14 saw answered — nothing lost, nothing counted twice.
+Both ways an object can start (issue 14): forked by the agent's fork server, which dies with
+the agent (the object must not), and exec'd through a launcher.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 
 from agent.core.errors import ControlError
 from agent.core.wait import wait_until
-from agent.hosting.sandbox import proc_start_time
+from agent.hosting.sandbox import ENV_SANDBOX_START, START_MODES, proc_start_time
 from experiments.handoff import load_generator, read_requests, state_survived
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
@@ -30,12 +32,26 @@ from topologies.run import processes_of_run
 ROUTER = "r18b"
 
 
+@pytest.fixture(scope="module", params=START_MODES)
+def start(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def net():
-    with MoatNetwork(PatentTopo(), advertise_interval=0.5) as m:
-        m.place_object("counter", ROUTER)
-        m.wait_for(lambda: m.agent("r22b").call("bindings"), timeout=15)
-        yield m
+def net(start: str):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ENV_SANDBOX_START, start)  # the agents inherit it
+        with MoatNetwork(PatentTopo(), advertise_interval=0.5) as m:
+            m.place_object("counter", ROUTER)
+            m.wait_for(lambda: m.agent("r22b").call("bindings"), timeout=15)
+            yield m
+
+
+def forked(pid: int) -> bool:
+    """The object runs in a process its agent's fork server forked (its command line is the
+    server's), not an exec'd runtime."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return b"agent.hosting.forkserver" in f.read()
 
 
 def agent_pid(m: MoatNetwork) -> int | None:
@@ -52,10 +68,11 @@ def hosted(m: MoatNetwork) -> dict:
 
 
 def test_the_object_serves_through_a_crash_of_its_agent_and_is_taken_over_exactly(
-        net: MoatNetwork, tmp_path) -> None:
+        net: MoatNetwork, start: str, tmp_path) -> None:
     before = hosted(net)
     object_pid = before["pid"]
     assert object_pid and os.path.exists(f"/proc/{object_pid}")
+    assert forked(object_pid) == (start == "fork")
     served_before = net.agent(ROUTER).call("object_stats", name="counter")["state"]["count"]
     assert served_before == 0
     out = tmp_path / "requests.jsonl"
@@ -99,7 +116,7 @@ def test_the_object_serves_through_a_crash_of_its_agent_and_is_taken_over_exactl
 
 
 def test_an_object_whose_processes_died_with_no_agent_restarts_from_its_checkpoint(
-        net: MoatNetwork) -> None:
+        net: MoatNetwork, start: str) -> None:
     """The fallback: kill -9 of the agent and of the object's relay (the object dies with
     it). The restarted agent finds the relay gone and starts the object again from the last
     checkpoint in its registry (written every few seconds), with its uid, address and
@@ -126,7 +143,7 @@ def test_an_object_whose_processes_died_with_no_agent_restarts_from_its_checkpoi
     status = net.agent(ROUTER).call("status")
     assert status["recovered_objects"]["restarted"] == ["counter"], status["recovered_objects"]
     now = hosted(net)
-    assert now["pid"] != old_object
+    assert now["pid"] != old_object and forked(now["pid"]) == (start == "fork")
     # Dead with its relay (PR_SET_PDEATHSIG); a zombie until whoever adopted it reaps it.
     wait_until(lambda: proc_start_time(old_object) is None, 5, what="the old object gone")
     assert net.agent(ROUTER).call("object_stats", name="counter")["state"]["count"] == count
