@@ -88,7 +88,8 @@ def test_a_valid_credential_is_served_and_the_object_never_sees_it() -> None:
     (token(expires_in=-1.0), "expired"),
     (token(service="html2rtf"), "wrong_service"),           # authentic, another service
     (12345, "forged"),
-])
+], ids=["none", "empty", "not-a-token", "other-key", "other-service-key", "tampered-mac",
+        "expired", "other-service", "number"])  # fixed ids: tokens hold the time they were made
 def test_refusals_carry_the_reason_and_are_not_remembered(credential: Any, reason: str) -> None:
     server, transport, commands = leased_server()
     reply = send(server, transport, 1, credential)
