@@ -10,12 +10,17 @@ the object without that answer:
 
 Target (:class:`Arrivals`), per object::
 
-    start ──> WARM ──STATE_TRANSFER──> RESTORED ──commit──> COMMITTED (serves)
-               │                         │
-               └──── abort / deadline ───┴──────────────> ABORTED (dropped, deregistered)
+    stop-copy:  start ──> WARM ──STATE_TRANSFER──> RESTORED ──commit──> COMMITTED (serves)
+    pre-copy:   start ──> WARM ──STATE_TRANSFER (precopy)──> PRECOPIED ──commit + delta──┘
+                           │               │                     │
+                           └─ abort / deadline ──────────────────┴──────> ABORTED (dropped)
 
-A WARM or RESTORED instance never answers a request (it queues them); only a commit makes
-it serve (replaying its queue). Its deadline (the source's ``deadline`` seconds, renewed by
+A WARM, PRECOPIED or RESTORED instance never answers a request (it queues them); only a
+commit makes it serve (replaying its queue). A PRECOPIED arrival holds, in its agent's memory
+only, a checkpoint the source took while it still served; its commit carries the final
+checkpoint as a merge patch against it (RFC 7386, :mod:`agent.hosting.merge_patch`) with the
+final checkpoint's digest, or whole: the target restores the result and serves in one step,
+and a result whose digest differs is refused (no decision: the source's cancel decides). Its deadline (the source's ``deadline`` seconds, renewed by
 each message of the move) drops it when the source goes silent: a lost abort, a source that
 died, a cut transfer. A break-before-make arrival starts RESTORED (its state came with it).
 The target keeps each decision (tombstones too) in ``<run>/handover/<router>/arrivals.json``; after a
@@ -38,6 +43,32 @@ record (after any failure, or by the agent's next start after a crash):
 * ``committing``: ask the target to commit (again). ``committed``: done. ``aborted``: start
   here from the checkpoint. No answer: the record stays and is asked again with back-off;
   the object is restarted only on an answer, because a target that did commit serves.
+
+Pre-copy (make-before-break, the default transfer): the source keeps its object *running,
+held*, instead of stopping it, so the object's latest state lives in its process (objects
+outlive their agent) as well as on disk. What is on disk before which message:
+
+1. ``starting`` record (no state), fsynced, before the MIGRATE start (as above).
+2. The pre-copy (STATE_TRANSFER ``precopy``: a checkpoint taken while the object serves)
+   needs nothing new on disk: the object still serves here, and a failure or a crash
+   resolves like ``starting`` (cancel the target; nothing ever stopped here).
+3. The source deregisters its binding and stops its registration client, holds the object,
+   takes its home address away and takes the final checkpoint (``get_state``: the held
+   object's queue is in it as ``pending``). Then, before the commit goes, the record
+   becomes ``committing`` with ``held`` set and the final checkpoint, fsynced; the hosted
+   registry's entry gets that checkpoint and ``register: false``, so an agent restarted
+   from here takes the held object over without registering it (it must not pull the
+   binding back from a target that may serve).
+4. One MIGRATE ``commit`` carries the patch (or the whole checkpoint) and the digest; the
+   target restores, serves and answers ``committed``. Only then does the source stop its
+   held instance and remove the record.
+
+A ``held`` record is resolved by a *cancel*, not a commit: the target answers ``aborted``
+if it never took the commit (the cancel decides) or ``committed`` if it did. Committed: the
+held instance here (taken over after a crash, or still hosted) is stopped. Aborted: it is
+stopped and the object starts here again from the newest of its state and the record's
+(never from a checkpoint older than the one the target might have served from). No answer:
+asked again with back-off, forever; nothing starts here meanwhile (held: it answers none).
 
 So at every step exactly one instance answers, with the latest checkpoint: never two (a
 target serves only after a commit, which the source asks for only after it stopped, and the
@@ -78,6 +109,7 @@ class HandoverError(AgentError):
 
 class Phase(str, Enum):
     WARM = "warm"
+    PRECOPIED = "precopied"
     RESTORED = "restored"
     COMMITTED = "committed"
     ABORTED = "aborted"
@@ -100,6 +132,8 @@ class Arrival:
     phase: Phase
     deadline: float
     timeout: float
+    #: The pre-copied checkpoint (PRECOPIED), in memory only: a restarted target aborts.
+    base: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "epoch": self.epoch, "phase": self.phase.value}
@@ -155,24 +189,36 @@ class Arrivals:
         arrival.deadline = self.clock() + arrival.timeout
         return arrival
 
+    def precopied(self, name: str, epoch: str, state: Any) -> Arrival:
+        """A pre-copy may be taken: the arrival is WARM (or PRECOPIED: a repeat, whose newer
+        checkpoint replaces the older)."""
+        arrival = self.moves.get((name, epoch))
+        if arrival is None or arrival.phase not in (Phase.WARM, Phase.PRECOPIED):
+            why = "unknown here" if arrival is None else arrival.phase.value
+            raise HandoverError(f"move {epoch} of {name} is {why}: no pre-copy is taken")
+        arrival.phase, arrival.base = Phase.PRECOPIED, state
+        arrival.deadline = self.clock() + arrival.timeout
+        return arrival
+
     def touch(self, name: str, epoch: str) -> None:
         """A message of the move came: its deadline starts again."""
         arrival = self.moves.get((name, epoch))
         if arrival is not None and not arrival.phase.decided:
             arrival.deadline = self.clock() + arrival.timeout
 
-    def commit(self, name: str, epoch: str) -> tuple[Phase, bool]:
+    def commit(self, name: str, epoch: str, final: bool = False) -> tuple[Phase, bool]:
         """The source asks to commit: (the decision, whether it is new: then the caller
-        makes the instance serve). Only a RESTORED arrival commits; an unknown epoch was
-        aborted (it never started here, or this agent restarted before it committed)."""
+        makes the instance serve). Only a RESTORED arrival commits, or any undecided one when
+        the commit carried the ``final`` state (pre-copy); an unknown epoch was aborted (it
+        never started here, or this agent restarted before it committed)."""
         arrival = self.moves.get((name, epoch))
         if arrival is None:
             return Phase.ABORTED, False
         if arrival.phase.decided:
             return arrival.phase, False
-        if arrival.phase is not Phase.RESTORED:
+        if arrival.phase is not Phase.RESTORED and not final:
             raise HandoverError(f"move {epoch} of {name} has no state yet: it cannot commit")
-        arrival.phase = Phase.COMMITTED
+        arrival.phase, arrival.base = Phase.COMMITTED, None
         self._changed()
         return Phase.COMMITTED, True
 
@@ -184,7 +230,7 @@ class Arrivals:
             return Phase.ABORTED, None
         if arrival.phase.decided:
             return arrival.phase, None
-        arrival.phase = Phase.ABORTED
+        arrival.phase, arrival.base = Phase.ABORTED, None
         self._changed()
         return Phase.ABORTED, arrival
 
@@ -234,7 +280,8 @@ class Arrivals:
 
 
 #: A source record's phases: ``starting`` (a make-before-break start was sent, the object
-#: still runs here), ``stopped`` (the object stopped here with this checkpoint), ``committing``.
+#: still runs here), ``stopped`` (the object stopped here with this checkpoint), ``committing``
+#: (with ``held``: the object runs here held, pre-copy; resolved by a cancel).
 PHASES = ("starting", "stopped", "committing")
 
 
@@ -256,6 +303,9 @@ class SourceRecord:
     resources: dict[str, Any] | None = None
     vm: list[str] | None = None
     vm_body: dict[str, Any] | None = None
+    #: Pre-copy: the object was not stopped here but *held* (it runs, answers none, and an
+    #: agent restarted meanwhile takes it over unregistered); resolved by a cancel.
+    held: bool = False
     #: Wall clock of the record's last write.
     at: float = field(default_factory=time.time)
 

@@ -5,10 +5,16 @@ MOAT's control framing, so captures show the whole exchange (docs/architecture.m
 
 * **make-before-break**: the target starts a *warm* instance (it queues requests) and
   registers it with ``S`` (the HOA bicasts to both); only then does the source deregister its
-  own binding and stop, keeping its final checkpoint, which it sends to the target; the
-  target replays its queue through the at-most-once filter and serves. Every request after
-  the target's registration reaches the target, so none is lost; they are only delayed by
-  the hand-over.
+  own binding and hand its final checkpoint over; the target replays its queue through the
+  at-most-once filter and serves. Every request after the target's registration reaches the
+  target, so none is lost; they are only delayed by the hand-over. Two transfers
+  (:data:`TRANSFERS`): ``precopy`` (the default) sends a checkpoint while the source still
+  serves, then holds the object (it keeps running, answering none), takes the final
+  checkpoint and sends only what changed (a merge patch) *with* the commit, in one round
+  trip; the target restores and serves at once, and only then does the source stop its held
+  instance. ``stop-copy`` (the baseline) stops the source first, then sends the whole
+  checkpoint and the commit in two round trips. A VM's object always moves stop-copy (its
+  VM's recovery, not the hosted registry, would take a held instance over).
 * **break-before-make**: the source stops (keeping the checkpoint), the target starts from it
   and registers without ``S``. Requests in between are lost.
 
@@ -52,6 +58,8 @@ from agent.core.role import InBand, Role
 from agent.core.wait import WaitTimeout, async_wait_until
 from agent.hosting.handover import (DEFAULT_DEADLINE, MAX_DEADLINE, MIN_DEADLINE, Arrivals,
                                     HandoverError, HandoverStore, Phase, SourceRecord, new_epoch)
+from agent.hosting import merge_patch
+from agent.hosting.hosted_registry import RegistryError
 from agent.hosting.migration_fields import check_migrate, check_state_transfer
 from agent.hosting.objects import HostedObject, HostingRole
 from agent.hosting.runtime import ObjectProcessError
@@ -61,6 +69,8 @@ log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT = 10.0
 MODES = ("make-before-break", "break-before-make")
+#: How make-before-break hands the state over (see the module docstring); the first is the default.
+TRANSFERS = ("precopy", "stop-copy")
 #: Failure injection (``inject_fault``), each point a step of a move (tests and
 #: ``moat run faults``). Messages the target refuses before it handles them:
 REFUSE_POINTS = ("migrate_start", "state_transfer", "migrate_commit", "migrate_cancel")
@@ -134,6 +144,10 @@ class MigrationReport:
     epoch: str = ""
     #: The commit went unanswered: the source's resolver will learn the decision.
     pending: bool = False
+    #: How the state went over (:data:`TRANSFERS`; break-before-make: "stop-copy").
+    transfer: str = "stop-copy"
+    #: Bytes of the final state the switch carried (pre-copy: the merge patch), when known.
+    final_bytes: int | None = None
 
     def step(self, what: str) -> None:
         self.steps.append((what, time.time()))
@@ -226,9 +240,10 @@ class MigrationRole(Role):
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def status(self) -> dict[str, Any]:
-        return {"arrivals": [a for a in self.arrivals.status() if a["phase"] in ("warm", "restored")],
+        return {"arrivals": [a for a in self.arrivals.status()
+                             if a["phase"] in ("warm", "precopied", "restored")],
                 "departures": [{"name": r.name, "epoch": r.epoch, "target": r.target,
-                                "phase": r.phase} for r in self.departures.values()]}
+                                "phase": r.phase, "held": r.held} for r in self.departures.values()]}
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -290,6 +305,8 @@ class MigrationRole(Role):
         if action == "start":
             return await self._arrive(body)
         if action == "commit":
+            if body.get("state") is not None:
+                return await self._switch_arrival(body)
             return await self._commit_arrival(body["name"], body["epoch"])
         if action == "cancel":
             async with self._decide:
@@ -329,6 +346,8 @@ class MigrationRole(Role):
         body = check_state_transfer(body)
         self._injected("state_transfer")
         name, epoch = body["name"], body["epoch"]
+        if body.get("precopy"):
+            return self._precopy_arrival(name, epoch, body["state"])
         async with self._decide:
             self.arrivals.restored(name, epoch)
             try:
@@ -342,6 +361,56 @@ class MigrationRole(Role):
         if self._fires("transfer_cut"):
             raise ControlError("injected fault: transfer_cut (the target restored, its answer is lost)")
         return {"ok": True, "phase": Phase.RESTORED.value}
+
+    def _precopy_arrival(self, name: str, epoch: str, state: Any) -> dict[str, Any]:
+        """A pre-copy: a checkpoint the source took while it served, kept (in memory) as the
+        base the commit's patch applies to; the instance stays held and untouched."""
+        self.arrivals.precopied(name, epoch, state)
+        self._crash_point("target_after_restore")
+        if self._fires("transfer_cut"):
+            raise ControlError("injected fault: transfer_cut (the target took the pre-copy, its "
+                               "answer is lost)")
+        return {"ok": True, "phase": Phase.PRECOPIED.value}
+
+    async def _switch_arrival(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A commit with the final state (pre-copy): the patch applied to the pre-copied
+        checkpoint must give exactly the checkpoint whose digest the source sent (else it is
+        refused, undecided: the source's cancel decides); then one step restores the held
+        instance and makes it serve (replaying its queue), and the decision is kept.
+        Idempotent like a commit; an instance that cannot serve is dropped: ``aborted``."""
+        name, epoch, state = body["name"], body["epoch"], body["state"]
+        async with self._decide:
+            arrival = self.arrivals.get(name, epoch)
+            if arrival is None or arrival.phase.decided:
+                phase = arrival.phase if arrival is not None else Phase.ABORTED
+                return {"ok": True, "phase": phase.value, "replayed": 0}
+            if body.get("delta"):
+                if arrival.phase is not Phase.PRECOPIED:
+                    raise HandoverError(f"move {epoch} of {name} has no pre-copy to patch")
+                try:
+                    final = merge_patch.apply(arrival.base, state["patch"])
+                    same = merge_patch.digest(final) == state["digest"]
+                except (ValueError, TypeError, RecursionError) as exc:
+                    raise HandoverError(f"move {epoch} of {name}: the patch does not apply: {exc}") from None
+                if not same:
+                    raise HandoverError(f"move {epoch} of {name}: the patched checkpoint is not the "
+                                        "source's (digest differs)")
+            else:
+                final = state
+            try:
+                answer = await self.hosting.cmd_object_restore(name, final, serve=True)
+                replayed = int((answer or {}).get("replayed", 0))
+            except (AgentError, ObjectProcessError, TypeError, ValueError) as exc:
+                log.warning("move %s of %s: the instance cannot take its state and serve (%s): "
+                            "aborted", epoch, name, exc)
+                self.arrivals.abort(name, epoch)
+                if name in self.hosting.objects:
+                    await self._drop(name)
+                return {"ok": True, "phase": Phase.ABORTED.value, "replayed": 0}
+            phase, _new = self.arrivals.commit(name, epoch, final=True)
+        if self._fires("commit_cut"):
+            raise ControlError("injected fault: commit_cut (the target committed, its answer is lost)")
+        return {"ok": True, "phase": phase.value, "replayed": replayed}
 
     async def _commit_arrival(self, name: str, epoch: str) -> dict[str, Any]:
         """The source's commit: the held instance serves (replaying its queue), then the
@@ -439,12 +508,16 @@ class MigrationRole(Role):
     # --- source side ---------------------------------------------------------------------
 
     async def cmd_migrate(self, name: str, target: str, mode: str = "make-before-break",
-                          target_name: str = "", deadline: float = DEFAULT_DEADLINE) -> dict:
+                          target_name: str = "", deadline: float = DEFAULT_DEADLINE,
+                          transfer: str = TRANSFERS[0]) -> dict:
         """Move object ``name`` (running here) to the router at address ``target``;
         ``deadline``: how long the target waits for each next step before it drops its
-        instance (agent.hosting.handover)."""
+        instance (agent.hosting.handover); ``transfer``: how make-before-break hands the
+        state over (:data:`TRANSFERS`; a VM's object and break-before-make: stop-copy)."""
         if mode not in MODES:
             raise ControlError(f"mode must be one of {MODES}")
+        if transfer not in TRANSFERS:
+            raise ControlError(f"transfer must be one of {TRANSFERS}")
         if not MIN_DEADLINE <= float(deadline) <= MAX_DEADLINE:
             raise ControlError(f"deadline must be in [{MIN_DEADLINE}, {MAX_DEADLINE}] seconds")
         if name in self.departures:
@@ -455,9 +528,13 @@ class MigrationRole(Role):
         report = MigrationReport(name, mode, self.config.name, target_name or target)
         move = _Move(hosted, hosted.client.config.to_json(), target, mode, float(deadline))
         report.epoch = move.epoch
+        precopy = mode == "make-before-break" and transfer == "precopy" and move.vm is None
+        report.transfer = "precopy" if precopy else "stop-copy"
         try:
             await self._check_source(move, report)
-            if mode == "make-before-break":
+            if precopy:
+                await self._migrate_precopy(move, report)
+            elif mode == "make-before-break":
                 await self._migrate_mbb(move, report)
             else:
                 await self._migrate_bbm(move, report)
@@ -532,12 +609,12 @@ class MigrationRole(Role):
                                "it cannot be started again with its state")
         return state
 
-    def _keep(self, move: _Move, state: Any) -> SourceRecord:
+    def _keep(self, move: _Move, state: Any, phase: str = "stopped", held: bool = False) -> SourceRecord:
         """The final checkpoint, on disk before it goes anywhere (a full or read-only run
         directory is logged; the move goes on with the record in memory only)."""
         record = SourceRecord(
             name=move.hosted.name, epoch=move.epoch, target=move.target, mode=move.mode,
-            phase="stopped", state=state, config=move.config, spec=move.spec,
+            phase=phase, held=held, state=state, config=move.config, spec=move.spec,
             resources=move.resources, vm=list(move.vm) if move.vm else None,
             vm_body=self.vm.migration_body(*move.vm, move.config)
             if move.vm is not None and self.vm is not None else None)
@@ -651,6 +728,8 @@ class MigrationRole(Role):
         """Settle a move this router stopped an object for (see the module docstring):
         ``committed`` (the target serves) or ``restarted`` (the object serves here). A
         ``committing`` record whose target does not answer is asked again with back-off."""
+        if record.held:
+            return await self._resolve_held(record, forever)
         if record.phase == "starting":
             await self._abort(record)
             self._done(record)
@@ -737,6 +816,197 @@ class MigrationRole(Role):
             raise
         self._crash_point("source_after_transfer")
         await self._commit(record, report)
+
+    async def _migrate_precopy(self, move: _Move, report: MigrationReport) -> None:
+        """Make-before-break with pre-copy: the target gets the state while the object still
+        serves here, and at the switch only what changed, with the commit (handover's
+        docstring says what is on disk before which message)."""
+        hosted = move.hosted
+        assert hosted.process is not None and hosted.client is not None
+        report.step("start warm instance at target, register with S")
+        starting = SourceRecord(hosted.name, move.epoch, move.target, move.mode, "starting",
+                                None, move.config)
+        self.departures[starting.name] = starting
+        self._save(starting)
+        try:
+            answer = await self._call(move.target, ControlType.MIGRATE, self._start_body(move, warm=True))
+            report.target_registration = answer.get("registration")
+            report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
+            report.step("target registered (its instance queues requests)")
+            self._crash_point("source_after_start")
+            base = await self._precopy(move, report)
+            self._crash_point("source_after_transfer")
+            await self._let_go_of_binding(move, answer, report)
+        except _Crashed:
+            raise
+        except Exception:
+            # Nothing stopped or held here: the object serves on; the target holds at most a
+            # WARM or PRECOPIED instance, which cannot commit without the final state.
+            await self._abort(starting)
+            self._done(starting)
+            raise
+        state = await self._hold_here(move, starting, report)
+        record = self._keep(move, state, phase="committing", held=True)
+        self._keep_held_in_registry(record)
+        report.step("source held with its final checkpoint (kept on disk)")
+        self._crash_point("source_after_stop")
+        await self._switch(record, base, report)
+
+    async def _precopy(self, move: _Move, report: MigrationReport) -> dict[str, Any]:
+        """A checkpoint taken while the object serves, checked and sent to the target."""
+        assert move.hosted.process is not None
+        try:
+            base = await move.hosted.process.call("get_state")
+        except ObjectProcessError as exc:
+            raise MigrationFailed(f"object {move.hosted.name} gave no pre-copy: {exc}") from None
+        size = self.check_checkpoint(move.hosted.name, base)
+        await self._call(move.target, ControlType.STATE_TRANSFER,
+                         {"name": move.hosted.name, "epoch": move.epoch, "state": base,
+                          "precopy": True})
+        report.step(f"target took the pre-copy ({size} bytes; the source still serves)")
+        return base
+
+    async def _let_go_of_binding(self, move: _Move, answer: dict[str, Any],
+                                 report: MigrationReport) -> None:
+        """Deregister this care-of address (the target's binding stays) and stop the
+        object's registration client, which would otherwise register here again while the
+        object is held."""
+        client = move.hosted.client
+        assert client is not None
+        mine = client.current
+        theirs = (answer.get("registration") or {}).get("care_of_address")
+        if mine is not None and mine.care_of_address != theirs:
+            await client.deregister()  # lifetime 0 for this care-of address only
+            report.step("source binding deregistered")
+        await client.stop(deregister=False)
+        move.hosted.client = None
+
+    async def _hold_here(self, move: _Move, starting: SourceRecord, report: MigrationReport) -> Any:
+        """Hold the object (it runs on, queueing what it gets, answering nothing), take its
+        home address away, and take its final checkpoint (the queue in it as ``pending``).
+        An object that does not answer, or gives no checkpoint, is killed (never left
+        half-stopped) after the target's instance is cancelled."""
+        hosted = move.hosted
+        assert hosted.process is not None
+        try:
+            await hosted.process.call("hold")
+            try:
+                await self.hosting._home_address(hosted.home_address, add=False)
+            except ControlError as exc:
+                log.warning("move %s of %s: %s", move.epoch, hosted.name, exc)
+            state = await hosted.process.call("get_state")
+            self.check_checkpoint(hosted.name, state)  # it may have grown since the check
+        except _Crashed:
+            raise
+        except (ObjectProcessError, MigrationFailed) as exc:
+            await self._abort(starting)
+            self._done(starting)
+            await self.hosting.kill(hosted.name, f"no final checkpoint at a move's hold: {exc}")
+            raise ObjectKilled(f"object {hosted.name} gave no final checkpoint ({exc}): "
+                               "it cannot be started again with its state") from None
+        report.step("source held, home address removed, final checkpoint taken")
+        return state
+
+    def _keep_held_in_registry(self, record: SourceRecord) -> None:
+        """The hosted registry's entry: the final checkpoint, and no registration, so an
+        agent restarted before the move is decided takes the held object over without
+        pulling the binding back from a target that may serve."""
+        registry = getattr(self.hosting, "registry", None)
+        if registry is None or record.name not in registry.entries:
+            return
+        try:
+            registry.update(record.name, register=False, checkpoint=record.state,
+                            checkpoint_at=time.time())
+        except RegistryError as exc:
+            log.error("move %s of %s: the hosted registry was not updated (%s): an agent "
+                      "restarted now would register the held object", record.epoch, record.name, exc)
+
+    def _commit_body(self, record: SourceRecord, patch: dict[str, Any] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"action": "commit", "name": record.name, "epoch": record.epoch}
+        if patch is None:
+            body["state"] = record.state
+        else:
+            body.update(delta=True, state={"patch": patch, "digest": merge_patch.digest(record.state)})
+        return body
+
+    async def _switch(self, record: SourceRecord, base: dict[str, Any], report: MigrationReport) -> None:
+        """One message: the commit with what changed since the pre-copy (or the whole final
+        checkpoint when a patch cannot say it, and on every repeat). Committed: stop the
+        held instance here; aborted: start here again from the newest state; no answer
+        after a few tries: left to :meth:`_resolve_held` (a cancel decides)."""
+        patch = merge_patch.diff(base, record.state)
+        body = self._commit_body(record, patch)
+        report.final_bytes = len(json.dumps(body["state"], separators=(",", ":")))
+        whole = len(json.dumps(record.state, separators=(",", ":")))
+        if patch is not None and report.final_bytes >= whole:  # a small checkpoint: it is shorter
+            patch, body, report.final_bytes = None, self._commit_body(record, None), whole
+        report.step(f"commit sent with the final state ({'patch' if patch is not None else 'whole'}, "
+                    f"{report.final_bytes} bytes)")
+        delay, last = RESOLVE_BACKOFF[0], ""
+        for attempt in range(COMMIT_TRIES):
+            try:
+                phase = _phase(await self._call(record.target, ControlType.MIGRATE, body))
+            except MigrationFailed as exc:
+                last = str(exc)
+                body = self._commit_body(record, None)  # a repeat carries it whole
+                await asyncio.sleep(delay * (2 ** attempt))
+                continue
+            self._crash_point("source_after_commit")
+            if phase is Phase.COMMITTED:
+                report.step("target committed: it serves")
+                await self._stop_held(record)
+                self._done(record)
+                report.step("source stopped its held instance")
+                return
+            report.step("target aborted the move: the object starts here again")
+            await self._restart_held(record)
+            raise MigrationFailed(f"{record.target} aborted move {record.epoch} of {record.name}")
+        self._spawn(self._resolve_held(record, forever=True))
+        raise HandoverPending(f"{record.target} did not answer the commit of move {record.epoch} "
+                              f"({last})")
+
+    async def _stop_held(self, record: SourceRecord) -> Any:
+        """Stop the held instance here, if it is (still, or taken over again) hosted: its
+        state (None: it gave none)."""
+        if record.name not in self.hosting.objects:
+            return None
+        stopped = await self.hosting.cmd_object_stop(record.name, deregister=False)
+        return stopped.get("state")
+
+    async def _restart_held(self, record: SourceRecord) -> None:
+        """The target can no longer commit: serve here again, from the held instance's own
+        state when it gives one (it is the record's plus what it queued since), else from
+        the record's."""
+        newest = await self._stop_held(record)
+        if isinstance(newest, dict):
+            record.state = newest
+        await self._restart(record)
+
+    async def _resolve_held(self, record: SourceRecord, forever: bool = False) -> str:
+        """A pre-copy move whose commit may have gone: a cancel decides (``aborted`` if the
+        target never took the commit, else ``committed``); asked again with back-off until
+        the target answers. Nothing serves here meanwhile (the instance is held)."""
+        delay = RESOLVE_BACKOFF[0]
+        while True:
+            try:
+                phase = await self._send_cancel(record)
+            except MigrationFailed as exc:
+                if not forever:
+                    raise HandoverPending(str(exc)) from None
+                log.warning("move %s of %s undecided: %s; asking again in %.1fs",
+                            record.epoch, record.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESOLVE_BACKOFF[1])
+                continue
+            if phase is Phase.COMMITTED:
+                log.info("move %s of %s committed at %s", record.epoch, record.name, record.target)
+                await self._stop_held(record)
+                self._done(record)
+                return "committed"
+            log.warning("move %s of %s aborted at %s: the object serves here again",
+                        record.epoch, record.name, record.target)
+            await self._restart_held(record)
+            return "restarted"
 
     async def _migrate_bbm(self, move: _Move, report: MigrationReport) -> None:
         report.step("stop source, keep checkpoint")

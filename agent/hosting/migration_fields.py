@@ -6,12 +6,15 @@ migration role so the rule for each field is in one place and unit-testable.
 starts, stops or restores anything: the action (start, commit, cancel), the move's epoch
 and deadline (agent.hosting.handover), the object's name, NAI, home agent and home address (on
 the home agent's network, none of this router's), its code entry, resources, the VM
-description's name and objects, and the flags. The VM description itself is checked in full
+description's name and objects, and the flags; a pre-copy commit's final state (a merge
+patch with the digest of what it gives, or the whole checkpoint) and a STATE_TRANSFER's
+``precopy`` flag. The VM description itself is checked in full
 again by the VM manager (:meth:`agent.vm.manager.VmManager.provision`) before any fetch.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 from agent.core import fields
@@ -20,6 +23,10 @@ from agent.hosting.handover import MAX_DEADLINE, MIN_DEADLINE
 ACTIONS = ("start", "commit", "cancel")
 #: A directly placed object's sandbox: CPUs, MiB, processes (the manifest's bounds).
 MAX_CPU = 1024.0
+#: A checkpoint's SHA-256, hex (agent.hosting.merge_patch.digest).
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+#: Members of a checkpoint (and of a merge patch of one) at its top level.
+MAX_CHECKPOINT_MEMBERS = 64
 
 
 def check_migrate(body: Any, own: Iterable[str] = ()) -> dict[str, Any]:
@@ -31,6 +38,8 @@ def check_migrate(body: Any, own: Iterable[str] = ()) -> dict[str, Any]:
         fields.name(body.get("name"), "MIGRATE.name")
         if action == "commit" or body.get("epoch") is not None:  # a cancel may name none
             fields.token(body.get("epoch"), "MIGRATE.epoch")
+        if action == "commit":
+            check_final_state(body)
         return body
     fields.token(body.get("epoch"), "MIGRATE.epoch")
     if body.get("deadline") is not None:
@@ -74,6 +83,30 @@ def check_resources(doc: Any, field: str) -> dict[str, Any]:
     return doc
 
 
+def check_final_state(body: dict[str, Any]) -> None:
+    """A pre-copy commit's final state, in ``state`` (sealed like every checkpoint): the
+    whole checkpoint (a JSON object), or with ``delta: true`` ``{"patch", "digest"}``: a
+    merge patch against the pre-copied checkpoint and the SHA-256 (hex) of the checkpoint it
+    gives, which the target checks before it restores anything. Neither: a stop-copy
+    commit (its state came before)."""
+    delta = fields.flag(body.get("delta", False), "MIGRATE.delta")
+    state = body.get("state")
+    if state is None:
+        if delta:
+            raise fields.FieldError("MIGRATE.state", None, "is missing (the delta)")
+        return
+    if not delta:
+        fields.mapping(state, "MIGRATE.state", max_items=MAX_CHECKPOINT_MEMBERS)
+        return
+    state = fields.mapping(state, "MIGRATE.state", max_items=2)
+    if set(state) != {"patch", "digest"}:
+        raise fields.FieldError("MIGRATE.state", sorted(state), "must be a patch and its digest")
+    fields.mapping(state["patch"], "MIGRATE.state.patch", max_items=MAX_CHECKPOINT_MEMBERS)
+    digest = state["digest"]
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise fields.FieldError("MIGRATE.state.digest", digest, "is not a SHA-256 in hex")
+
+
 def check_state_transfer(body: Any) -> dict[str, Any]:
     """A STATE_TRANSFER body: the object's name, the move's epoch and a state (the object's
     own checkpoint, which only it interprets)."""
@@ -82,4 +115,6 @@ def check_state_transfer(body: Any) -> dict[str, Any]:
     fields.token(body.get("epoch"), "STATE_TRANSFER.epoch")
     if "state" not in body:
         raise fields.FieldError("STATE_TRANSFER.state", None, "is missing")
+    if fields.flag(body.get("precopy", False), "STATE_TRANSFER.precopy"):
+        fields.mapping(body["state"], "STATE_TRANSFER.state", max_items=MAX_CHECKPOINT_MEMBERS)
     return body

@@ -217,10 +217,12 @@ class Net:
         except Exception as exc:  # noqa: BLE001 - a refusal, as the in-band server answers
             raise PeerError(f"{kind} refused by {address}: {exc}") from None
 
-    async def migrate(self, mode: str = "make-before-break") -> dict | None:
-        """The move; None when the source "died" during it."""
+    async def migrate(self, mode: str = "make-before-break", transfer: str = "stop-copy") -> dict | None:
+        """The move (these tests: the stop-copy transfer, test_precopy_migration the
+        pre-copy); None when the source "died" during it."""
         try:
-            return await self.source.cmd_migrate("counter", TARGET, mode=mode, deadline=5.0)
+            return await self.source.cmd_migrate("counter", TARGET, mode=mode, deadline=5.0,
+                                                 transfer=transfer)
         except _Crashed:
             return None
 

@@ -166,7 +166,8 @@ def migrate(mode: str, refuse: set[str] = frozenset(), checkpoint: Any = CHECKPO
     peer = FakePeer(refuse)
     monkeypatch.setattr(migration_mod, "peer_call", peer)
     role = MigrationRole(FakeAgent(hosting))
-    report = asyncio.run(role.cmd_migrate("counter", "10.14.0.1", mode=mode))
+    # These tests pin the stop-copy transfer; test_precopy_migration covers the pre-copy.
+    report = asyncio.run(role.cmd_migrate("counter", "10.14.0.1", mode=mode, transfer="stop-copy"))
     return report, hosting, peer
 
 
@@ -187,7 +188,8 @@ def test_make_before_break_deregisters_only_a_different_care_of_address(monkeypa
     hosting = FakeHosting()
     client = hosting.objects["counter"].client
     monkeypatch.setattr(migration_mod, "peer_call", FakePeer())
-    asyncio.run(MigrationRole(FakeAgent(hosting)).cmd_migrate("counter", "10.14.0.1"))
+    asyncio.run(MigrationRole(FakeAgent(hosting)).cmd_migrate("counter", "10.14.0.1",
+                                                              transfer="stop-copy"))
     assert client.deregistered == 1  # 10.12.0.1 != the target's 10.14.0.1
 
 
