@@ -9,7 +9,7 @@
     sudo moat lease renew LEASE [--duration D|any]
     sudo moat lease cancel LEASE
     sudo moat object start|stop|register|deregister OBJECT ROUTER [--run-code]
-    sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make]
+    sudo moat migrate OBJECT ROUTER [--mode make-before-break|break-before-make] [--transfer precopy|stop-copy]
     sudo moat provision ROUTER --vm NAME --service SVC [--kind interface --interface IF --address A]
                         [--mobile OBJECT=NAME] [--objects A,B] [--policy JSON]
     sudo moat vm remove ROUTER VM
@@ -315,7 +315,7 @@ def cmd_object(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    report = pick_run(args.run).migrate(args.object, args.router, args.mode)
+    report = pick_run(args.run).migrate(args.object, args.router, args.mode, transfer=args.transfer)
     source = report["source"]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -556,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("object")
     p.add_argument("router")
     p.add_argument("--mode", choices=["make-before-break", "break-before-make"], default="make-before-break")
+    p.add_argument("--transfer", choices=["precopy", "stop-copy"], default=None,
+                   help="how make-before-break hands the state over (default: the agent's, "
+                        "precopy; stop-copy is the old path)")
     p.add_argument("--run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_migrate)

@@ -13,7 +13,13 @@ Per handoff it measures, from the corresponding object's own log:
   the new place (0 when both overlap, as in make-before-break's bicast);
 * lost: requests sent between this move's start and the next move that never got a reply;
 * registration: the new place's registration round trip (request sent to reply received,
-  through the FOA and the HOA, as the object's client measured it).
+  through the FOA and the HOA, as the object's client measured it);
+* migration: the ``migrate`` call's wall time, request to report.
+
+``--transfer both`` (the default) makes every move of the itinerary twice per round and
+mode, once with the pre-copy transfer and once with the stop-copy baseline
+(agent.hosting.migration), so the summary gives each figure beside the baseline measured in
+the same run, and their ratio (this machine's speed varies about threefold between days).
 
 Writes ``results/handoff/<run-id>/``: summary.json, handoffs.csv, one CSV of requests per
 handoff, timeline.png, modes.png and pcaps of the home LAN, foreign LAN 12 and the backbone
@@ -46,8 +52,13 @@ CO_HOST = "co14"
 ITINERARY = [("net 12", "r18b"), ("net 14", "r20a"), ("home", "r22c")]
 HOME_ROUTER = "r22c"
 MODES = {"mbb": "make-before-break", "bbm": "break-before-make"}
-HANDOFF_COLUMNS = ["n", "round", "mode", "from", "to", "ok", "disruption_ms", "lost", "sent",
-                   "registration_ms", "migration_ms"]
+HANDOFF_COLUMNS = ["n", "round", "mode", "transfer", "from", "to", "ok", "disruption_ms", "lost",
+                   "sent", "registration_ms", "migration_ms"]
+TRANSFERS = {"precopy": ["precopy"], "stop-copy": ["stop-copy"], "both": ["precopy", "stop-copy"]}
+#: The baseline every figure is compared with (the old path).
+BASELINE = "stop-copy"
+#: The figures compared with the baseline (as new / baseline).
+COMPARED = ("disruption_ms_median", "disruption_ms_worst", "migration_ms_median")
 
 
 @contextlib.contextmanager
@@ -128,7 +139,8 @@ def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list
         ax.plot(lost, [top * 1.1] * len(lost), "x", color="red", ms=4, label="lost")
     for m in moves:
         ax.axvline(m["started"] - t0, color="grey", lw=0.8, ls="--")
-        short = "MBB" if m["mode"] == "make-before-break" else "BBM"
+        short = ("MBB" if m["mode"] == "make-before-break" else "BBM") + \
+            ("/pre" if m.get("transfer") == "precopy" else "")
         ax.text(m["started"] - t0, top * 1.2, f"{short}→{m['to']}", rotation=90, fontsize=7, va="bottom")
     for by, c in colours.items():
         ax.plot([], [], ".", color=c, label=f"served by {by}")
@@ -142,14 +154,16 @@ def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    modes = sorted({r["mode"] for r in rows})
+    groups = sorted({(r["mode"], r.get("asked", "")) for r in rows})
+    names = [f"{m}\n{t}" if t else m for m, t in groups]
     for ax, metric, label in ((axes[0], "disruption_ms", "disruption (ms)"), (axes[1], "lost", "requests lost")):
-        med = [statistics.median([r[metric] or 0 for r in rows if r["mode"] == m]) for m in modes]
-        worst = [max([r[metric] or 0 for r in rows if r["mode"] == m]) for m in modes]
-        x = range(len(modes))
+        mine = [[r[metric] or 0 for r in rows if (r["mode"], r.get("asked", "")) == g] for g in groups]
+        med = [statistics.median(v) for v in mine]
+        worst = [max(v) for v in mine]
+        x = range(len(groups))
         ax.bar([i - 0.2 for i in x], med, 0.4, label="median")
         ax.bar([i + 0.2 for i in x], worst, 0.4, label="worst")
-        ax.set_xticks(list(x), modes)
+        ax.set_xticks(list(x), names, fontsize=7)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle("make-before-break vs break-before-make")
@@ -164,14 +178,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     modes = list(MODES.values()) if args.mode == "both" else [MODES[args.mode]]
-    n_moves = args.rounds * len(modes) * len(ITINERARY)
+    transfers = TRANSFERS[args.transfer]
+    n_moves = args.rounds * len(modes) * len(transfers) * len(ITINERARY)
     duration = 3 + n_moves * (args.dwell + 1.5)
     moat = MoatNetwork(make_topo(args.topo), objects=[OBJECT], advertise_interval=args.adv_interval,
                        tunnel_backend=args.backend)
     moves: list[dict[str, Any]] = []
     with moat, contextlib.ExitStack() as stack:
-        print(f"run {moat.run.run_id}: {n_moves} handoffs ({', '.join(modes)}; {args.rounds} rounds), "
-              f"{args.rate:g} requests/s from {CO_HOST}")
+        print(f"run {moat.run.run_id}: {n_moves} handoffs ({', '.join(modes)}; "
+              f"{' and '.join(transfers)}; {args.rounds} rounds), {args.rate:g} requests/s from {CO_HOST}")
         for name, intf, node in (("home_lan", "s16", None), ("foreign_lan_12", "s12", None),
                                  ("backbone_r22a_r18a", "r22a-eth1", "r22a")):
             stack.enter_context(moat.capture(intf, name, node=node))
@@ -195,13 +210,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar = tqdm(total=n_moves, desc="handoffs", unit="move", file=sys.stderr)
             here = HOME_ROUTER
             for rnd in range(1, args.rounds + 1):
-                for mode in modes:
+                for mode, transfer in ((m, t) for m in modes for t in transfers):
                     for _network, router in ITINERARY:
                         started = time.time()
-                        report = moat.migrate(OBJECT, router, mode)
+                        report = moat.client.migrate(OBJECT, router, mode, transfer=transfer)
                         finished = time.time()
                         reg = report.get("target_registration") or {}
-                        moves.append({"n": len(moves) + 1, "round": rnd, "mode": mode, "from": here,
+                        # What the agent used (a VM's object and break-before-make: stop-copy).
+                        moves.append({"n": len(moves) + 1, "round": rnd, "mode": mode,
+                                      "asked": transfer, "transfer": report.get("transfer", transfer),
+                                      "from": here,
                                       "to": router, "ok": report["ok"], "error": report["error"],
                                       "started": started, "finished": finished,
                                       "migration_ms": round((finished - started) * 1000, 1),
@@ -229,27 +247,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "first_reply": min((r["at"] for r in q["replies"]), default=None),
                     "served_by": ",".join(sorted({r["served_by"] for r in q["replies"]}))} for q in window],
                   ["seq", "sent", "replies", "first_reply", "served_by"])
-    per_mode = {}
-    for mode in modes:
-        mine = [r for r in rows if r["mode"] == mode]
-        d = [r["disruption_ms"] for r in mine if r["disruption_ms"] is not None]
-        per_mode[mode] = {
-            "handoffs": len(mine), "failed": sum(1 for r in mine if not r["ok"]),
-            "disruption_ms_median": statistics.median(d) if d else None,
-            "disruption_ms_worst": max(d) if d else None,
-            "lost_median": statistics.median([r["lost"] for r in mine]) if mine else None,
-            "lost_worst": max([r["lost"] for r in mine]) if mine else None,
-            "lost_total": sum(r["lost"] for r in mine),
-        }
+    # "modes": the moves made with the first transfer asked (pre-copy by default);
+    # "baseline": those made with stop-copy in the same run; "ratio": the first over the second.
+    per_mode = {mode: figures([r for r in rows if r["mode"] == mode and r["asked"] == transfers[0]])
+                for mode in modes}
+    baseline = {mode: figures([r for r in rows if r["mode"] == mode and r["asked"] == BASELINE])
+                for mode in modes} if transfers[0] != BASELINE and BASELINE in transfers else {}
+    ratio = {mode: {k: _ratio(per_mode[mode][k], baseline[mode][k]) for k in COMPARED}
+             for mode in baseline}
     summary = {"experiment": "handoff", "run_id": moat.run.run_id, "rate": args.rate,
                "rounds": args.rounds, "adv_interval": args.adv_interval, "backend": args.backend,
                "from_site": args.from_site,
-               "topology": args.topo, "requests": len(requests), "modes": per_mode,
+               "topology": args.topo, "requests": len(requests), "transfers": transfers,
+               "modes": per_mode, "baseline": baseline, "ratio": ratio,
                "state": survived, "handoffs": rows,
                "capture_events": {p.stem: count_events(p) for p in sorted((dest / "captures").glob("*.pcap"))},
                "plots": [p.name for p in pngs]}
     write_json(dest / "summary.json", summary)
     return {"summary": summary, "dest": dest}
+
+
+def figures(mine: list[dict[str, Any]]) -> dict[str, Any]:
+    """One group of moves' figures: disruption, loss, the migrate call's time."""
+    d = [r["disruption_ms"] for r in mine if r["disruption_ms"] is not None]
+    m = [r["migration_ms"] for r in mine if r["ok"]]
+    return {
+        "handoffs": len(mine), "failed": sum(1 for r in mine if not r["ok"]),
+        "disruption_ms_median": statistics.median(d) if d else None,
+        "disruption_ms_worst": max(d) if d else None,
+        "lost_median": statistics.median([r["lost"] for r in mine]) if mine else None,
+        "lost_worst": max([r["lost"] for r in mine]) if mine else None,
+        "lost_total": sum(r["lost"] for r in mine),
+        "migration_ms_median": statistics.median(m) if m else None,
+    }
+
+
+def _ratio(new: float | None, old: float | None) -> float | None:
+    """new / old, rounded; None when either is missing or the baseline is 0."""
+    if new is None or old is None or old <= 0:
+        return None
+    return round(new / old, 3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the itinerary per mode")
     parser.add_argument("--adv-interval", type=float, default=1.0, help="agent advertisement interval (s)")
     parser.add_argument("--mode", choices=["both", "mbb", "bbm"], default="both")
+    parser.add_argument("--transfer", choices=sorted(TRANSFERS), default="both",
+                        help="how the state goes over: precopy, stop-copy (the old path), or both "
+                             "(default: each move made both ways, the figures with their ratio)")
     parser.add_argument("--backend", choices=["auto", "userspace", "kernel"], default="auto",
                         help="GRE backend (auto: kernel where the kernel has GRE)")
     parser.add_argument("--topo", default="patent", help="patent[,backbone_bw=...,...]")
@@ -279,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(summary["handoffs"], HANDOFF_COLUMNS))
     print()
-    print(format_table([{"mode": m, **v} for m, v in summary["modes"].items()],
-                       ["mode", "handoffs", "failed", "disruption_ms_median", "disruption_ms_worst",
-                        "lost_median", "lost_worst", "lost_total"]))
+    groups = [{"mode": m, "transfer": summary["transfers"][0], **v} for m, v in summary["modes"].items()]
+    groups += [{"mode": m, "transfer": BASELINE, **v} for m, v in summary["baseline"].items()]
+    groups += [{"mode": m, "transfer": "ratio", **v} for m, v in summary["ratio"].items()]
+    print(format_table(groups, ["mode", "transfer", "handoffs", "failed", *COMPARED,
+                                "lost_median", "lost_worst", "lost_total"]))
     st = summary["state"]
     print(f"\ncounter state: {st['answered']} requests answered, final count {st['final_count']} "
           f"(object says {st['object_count']}); every request counted exactly once: {st['exact']}")

@@ -265,17 +265,20 @@ class RunClient:
             args.update(spec=spec, resources=resources)
         return self.call(router, "object_start", **args)
 
-    def migrate(self, name: str, router: str, mode: str = "make-before-break") -> dict:
+    def migrate(self, name: str, router: str, mode: str = "make-before-break",
+                transfer: str | None = None) -> dict:
         """Move running object ``name`` to ``router`` with its state; the source agent's
         report (``ok``, ``error``, timed ``steps``, and ``source``). A failed move leaves the
-        object serving where it was."""
+        object serving where it was. ``transfer``: ``precopy`` or ``stop-copy`` (None: the
+        agent's default, pre-copy; agent.hosting.migration)."""
         self.check_object(name)
         target = self.address(self.check_router(router))
         source = self.where(name)
         if source is None:
             raise TopologyError(f"object {name} runs nowhere in run {self.run_id}")
+        extra = {} if transfer is None else {"transfer": transfer}
         report = self.call(source, "migrate", timeout=MIGRATE_TIMEOUT, name=name, target=target,
-                           mode=mode, target_name=router)
+                           mode=mode, target_name=router, **extra)
         return dict(report, source=source)
 
     # --- the remote site -------------------------------------------------------------------

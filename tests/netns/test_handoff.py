@@ -26,6 +26,12 @@ def test_short_handoff_run(tmp_path) -> None:
     state = summary["state"]
     assert state["consistent"] and state["monotonic"] and state["exact"], state
     assert state["object_count"] == state["final_count"]
+    # Each move made with pre-copy (the default) and with the stop-copy baseline, same run.
+    assert [r["transfer"] for r in summary["handoffs"] if r["mode"] == "make-before-break"] == \
+        ["precopy"] * 3 + ["stop-copy"] * 3
+    base = summary["baseline"]["make-before-break"]
+    assert base["failed"] == 0 and base["lost_total"] == 0, summary["handoffs"]
+    assert set(summary["ratio"]["make-before-break"]) >= {"disruption_ms_median", "migration_ms_median"}
     dest = out["dest"]
     for name in ("summary.json", "handoffs.csv", "timeline.png", "modes.png", "handoff_01.csv"):
         assert (dest / name).stat().st_size > 0, name
