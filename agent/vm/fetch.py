@@ -13,6 +13,16 @@ the metadata arrives (an unknown signer or bad signature costs no archive downlo
 whole service again before it is renamed to ``dest``; any refusal removes the temporary
 directory, so ``dest`` is either the complete service or untouched.
 
+With a :class:`~agent.vm.version_cache.VersionCache` the three metadata files are the
+version probe: they name the version and its digest, and a version kept whole is taken from
+the cache (checked: digest, archive hashes, signature when keys are given) instead of
+downloaded; a version downloaded is kept. With a
+:class:`~agent.vm.session_pool.SessionPool` the fetch runs on the router's kept session to
+the site (opened, and re-opened after a failure, by :func:`open_session`: the same pinned
+host key check every time) instead of a new one. ``allow_offline``: a site that cannot be
+reached is not a refusal when the cache holds the version the site served last; that copy
+is given instead (``FetchResult.offline``), to be verified like any other.
+
 Every network wait is bounded (``timeout`` for connecting, the SSH banner, key exchange and
 authentication; ``io_timeout`` for each SFTP request), and connection failures are
 :class:`SiteUnreachable`.
@@ -62,11 +72,13 @@ from agent.vm.manifest import (
 )
 from agent.vm.repository import VerifiedService, verify_service
 from agent.vm.signing import SIGNATURE_FILE, verify_metadata
+from agent.vm.version_cache import VersionCache, service_digest
 
 __all__ = [
     "FetchResult",
     "fetch_service",
     "download_service",
+    "open_session",
     "load_host_key",
     "load_client_key",
     "generate_client_key",
@@ -98,6 +110,13 @@ class FetchResult:
     cached: list[str] = field(default_factory=list)  # archives taken from the cache
     verified: VerifiedService | None = None
     seconds: float = 0.0
+    #: The whole version came from the version cache (only the metadata was read).
+    version_cached: bool = False
+    #: The site could not be reached: the cache's copy of its last version was given.
+    offline: bool = False
+    #: How the SFTP session came: "new" (opened for this fetch), "kept", "reopened" (the
+    #: pool's), or "" (none: offline).
+    session: str = ""
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -107,7 +126,8 @@ class FetchResult:
                 "version": self.version, "downloaded": self.downloaded,
                 "bytes_downloaded": self.bytes_downloaded, "cached": self.cached,
                 "verified": self.verified.to_json() if self.verified else None,
-                "seconds": round(self.seconds, 4)}
+                "seconds": round(self.seconds, 4), "version_cached": self.version_cached,
+                "offline": self.offline, "session": self.session}
 
 
 # --- keys --------------------------------------------------------------------------------
@@ -238,12 +258,14 @@ def download_service(
     cache: ArchiveCache | None = None,
     trusted_keys: Iterable[Any] | None = None,
     replace: bool = False,
+    versions: VersionCache | None = None,
 ) -> FetchResult:
     """Download ``service`` from ``repo_path`` on an open SFTP session into ``dest``.
 
     The service path is resolved once (``normalize`` follows the repository's
     ``<service>`` link to an immutable version directory), so a publish during the
-    download cannot mix two versions.
+    download cannot mix two versions. ``versions``: the metadata is the probe; a version
+    kept whole is copied from there, one downloaded is kept.
     """
     _check_re(service, NAME_RE, "service name")
     started = time.monotonic()
@@ -273,9 +295,14 @@ def download_service(
             raise RepositoryError(f"asked for service {service!r}, the manifest is for "
                                   f"{manifest.service!r}")
         result.version = manifest.version
+        digest = kept = None
+        if versions is not None:
+            digest = service_digest(*((staging / n).read_bytes() for n in METADATA_FILES))
+            kept = versions.get(service, manifest.version, digest, trusted)
         for obj in manifest.objects:
             local = staging / obj.archive
-            hit = cache.get(service, manifest.version, obj.sha256) if cache else None
+            hit = (kept.path / obj.archive if kept is not None
+                   else cache.get(service, manifest.version, obj.sha256) if cache else None)
             if hit is not None:
                 shutil.copyfile(hit, local)
                 result.cached.append(obj.archive)
@@ -283,6 +310,15 @@ def download_service(
             _get(sftp, _remote_join(remote, obj.archive), local, MAX_ARCHIVE_BYTES, result)
             if cache is not None and sha256_file(local) == obj.sha256:
                 cache.put(service, manifest.version, obj.sha256, local)
+        if versions is not None and digest is not None:
+            if kept is not None:
+                result.version_cached = True
+                versions.seen(service, manifest.version, digest)
+            elif all(sha256_file(staging / o.archive) == o.sha256 for o in manifest.objects):
+                # Only a version whose archives are the manifest's is kept (verification
+                # refuses the others anyway).
+                versions.put(service, manifest.version, digest, staging,
+                             [o.archive for o in manifest.objects])
         if trusted is not None:
             result.verified = verify_service(staging, trusted)
         _move_into_place(staging, dest, replace)
@@ -293,6 +329,23 @@ def download_service(
         v = result.verified
         result.verified = VerifiedService(dest, v.manifest, v.policy, v.key_id)
     result.seconds = time.monotonic() - started
+    return result
+
+
+def copy_cached(entry: Any, dest: Path, replace: bool, result: FetchResult) -> FetchResult:
+    """Give the version cache's ``entry`` (a :class:`~agent.vm.version_cache.CachedVersion`)
+    as the fetched copy at ``dest``, all-or-nothing (the site was not reached)."""
+    staging = _staging_dir(dest)
+    try:
+        for name in (*METADATA_FILES, *(o.archive for o in entry.manifest.objects)):
+            shutil.copyfile(entry.path / name, staging / name)
+        _move_into_place(staging, dest, replace)
+    except BaseException:
+        _remove(staging)
+        raise
+    result.version = entry.version
+    result.cached = [o.archive for o in entry.manifest.objects]
+    result.version_cached = result.offline = True
     return result
 
 
@@ -341,6 +394,34 @@ def _connect(host: str, port: int, username: str, client_key: paramiko.PKey,
         raise
 
 
+def open_session(site: Any, timeout: float = DEFAULT_TIMEOUT,
+                 io_timeout: float = DEFAULT_IO_TIMEOUT) -> tuple[paramiko.Transport, Any]:
+    """Open one authenticated SFTP session to ``site`` (a
+    :class:`~agent.vm.session_pool.SiteKey`): the host key compared with the pinned one
+    before anything else, the unprivileged account, the client key. Returns (transport,
+    sftp); the caller closes both. The one way every session is opened, a kept one's first
+    and every re-opened one alike."""
+    if site.user == "root":
+        raise AuthenticationFailed(f"refusing to log in to the remote site {site.host}:{site.port} "
+                                   f"as root: its SFTP account is an unprivileged one ({SITE_USER})")
+    expected = load_host_key(site.known_host_key)
+    client_key = load_client_key(site.client_key)
+    transport = _connect(site.host, site.port, site.user, client_key, expected, timeout)
+    try:
+        try:
+            sftp = paramiko.SFTPClient.from_transport(transport)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise SiteUnreachable(f"{site.host}:{site.port} did not open an SFTP session: "
+                                  f"{exc}") from None
+        if sftp is None:
+            raise SiteUnreachable(f"{site.host}:{site.port} did not open an SFTP session")
+        sftp.get_channel().settimeout(io_timeout)
+        return transport, sftp
+    except BaseException:
+        transport.close()
+        raise
+
+
 def fetch_service(
     host: str,
     port: int,
@@ -356,6 +437,9 @@ def fetch_service(
     replace: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     io_timeout: float = DEFAULT_IO_TIMEOUT,
+    pool: Any = None,
+    versions: VersionCache | None = None,
+    allow_offline: bool = False,
 ) -> FetchResult:
     """Fetch ``service`` from the remote site ``host:port`` into ``dest``.
 
@@ -363,38 +447,83 @@ def fetch_service(
     ``repo_path`` is the repository on the site, relative to the SFTP start directory (the
     MOAT site starts SFTP sessions in its repository, so ``"."``). ``cache_dir`` enables
     the archive cache; ``trusted_keys`` (provider public keys) enables verification.
+    ``pool`` (a :class:`~agent.vm.session_pool.SessionPool`): use the router's kept session
+    to the site; ``versions``: the version cache; ``allow_offline``: an unreachable site
+    gives the cache's copy of the version it served last (see the module docstring).
+    Blocking (run it in a worker thread).
     Raises :class:`SiteUnreachable`, :class:`HostKeyMismatch`,
     :class:`AuthenticationFailed`, :class:`ServiceNotFound`, :class:`FetchError` or any
     verification error of :mod:`agent.vm.repository`.
     """
+    from agent.vm.session_pool import site_key
+
+    _check_re(service, NAME_RE, "service name")
     if username == "root":
         raise AuthenticationFailed(f"refusing to log in to the remote site {host}:{port} as root: "
                                    f"its SFTP account is an unprivileged one ({SITE_USER})")
-    expected = load_host_key(known_host_key)
-    client_key = load_client_key(key_path)
+    started = time.monotonic()
+    if isinstance(known_host_key, paramiko.PKey):
+        known_host_key = f"{known_host_key.get_name()} {known_host_key.get_base64()}"
+    site = site_key(host, port, username, key_path, known_host_key)
     cache = ArchiveCache(cache_dir) if cache_dir is not None else None
-    transport = _connect(host, port, username, client_key, expected, timeout)
-    try:
-        try:
-            sftp = paramiko.SFTPClient.from_transport(transport)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise SiteUnreachable(f"{host}:{port} did not open an SFTP session: {exc}") from None
-        if sftp is None:
-            raise SiteUnreachable(f"{host}:{port} did not open an SFTP session")
-        sftp.get_channel().settimeout(io_timeout)
+    trusted = list(trusted_keys) if trusted_keys is not None else None
+
+    def use(sftp: Any) -> FetchResult:
         try:
             return download_service(sftp, service, dest, repo_path=repo_path, cache=cache,
-                                    trusted_keys=trusted_keys, replace=replace)
-        except (socket.timeout, EOFError, paramiko.SSHException) as exc:
-            raise SiteUnreachable(f"the SFTP session with {host}:{port} failed: {exc!r}") from None
+                                    trusted_keys=trusted, replace=replace, versions=versions)
         except RepositoryError:
             raise
+        except (socket.timeout, EOFError, paramiko.SSHException):
+            raise  # the session's failure: the pool re-opens, else SiteUnreachable below
         except OSError as exc:  # a refused SFTP request, or a local write failure
+            if pool is not None and not _alive(sftp):
+                raise  # the session died under the request: the pool's to re-open
             raise FetchError(f"fetching {service} from {host}:{port} failed: {exc}") from None
-        finally:
-            sftp.close()
-    finally:
-        transport.close()
+
+    try:
+        if pool is not None:
+            result, how = pool.run(site, use, timeout=timeout, io_timeout=io_timeout)
+        else:
+            transport, sftp = open_session(site, timeout, io_timeout)
+            try:
+                try:
+                    result, how = use(sftp), "new"
+                except (socket.timeout, EOFError, paramiko.SSHException, OSError) as exc:
+                    raise SiteUnreachable(f"the SFTP session with {host}:{port} failed: "
+                                          f"{exc!r}") from None
+            finally:
+                sftp.close()
+                transport.close()
+    except SiteUnreachable as exc:
+        entry = _last_known(versions, service, trusted) if allow_offline else None
+        if entry is None:
+            raise
+        log.warning("%s; starting the cached %s %s, the version it served last", exc, service,
+                    entry.version)
+        result = copy_cached(entry, Path(dest), replace, FetchResult(Path(dest), service, ""))
+        how = ""
+    result.session = how
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _alive(sftp: Any) -> bool:
+    try:
+        channel = sftp.get_channel()
+        return channel is not None and not channel.closed and channel.get_transport().is_active()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _last_known(versions: VersionCache | None, service: str, trusted: Any) -> Any:
+    """The cache's checked copy of the version the site served last, or None."""
+    if versions is None:
+        return None
+    latest = versions.latest(service)
+    if latest is None:
+        return None
+    return versions.get(service, latest[0], latest[1], trusted)
 
 
 # --- command line --------------------------------------------------------------------------

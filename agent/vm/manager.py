@@ -46,9 +46,12 @@ from agent.vm.machine import MAX_SHARE, ObjectHost, SiteAccess, VirtualMachine, 
 
 __all__ = ["MAX_SHARE", "ObjectHost", "ProvisionError", "SiteAccess", "VirtualMachine",
            "VmBaseline", "VmListener", "VmManager"]
+from agent.vm.fetch import open_session
 from agent.vm.provisioning import fetch_verify_install
+from agent.vm.session_pool import SessionPool
 from agent.vm.shaping import EgressShaper
 from agent.vm.upgrade_hold import UpgradeHold
+from agent.vm.version_cache import VersionCache
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,13 @@ class VmManager:
         #: Set by the VM role: the durable record of the VMs (agent.vm.vm_record.VmRecord),
         #: kept at every change, from which a restarted agent rebuilds this table.
         self.record: Any = None
+        #: Warm provisioning (issue 14): the kept SFTP session to the site, and the signed
+        #: versions already fetched. Either can be turned off (``vm_warm``) to measure the
+        #: old path: a new session, and every archive fetched, per provisioning.
+        self.pool = SessionPool(open_session)
+        self.versions = VersionCache(Path(baseline.storage) / "service-cache")
+        self.keep_sessions = True
+        self.cache_versions = True
 
     def instance_id(self, vm: VirtualMachine) -> str:
         """The VM's service instance as the broker knows it (and its credentials name)."""
@@ -386,7 +396,33 @@ class VmManager:
 
     async def _fetch_verify_install(self, vm: VirtualMachine, dest: Path | None = None) -> None:
         where = {"dest": dest} if dest is not None else {}  # else the VM's own directory
-        await fetch_verify_install(self.baseline, vm, now=lambda: time.time(), **where)
+        # A new VM may start the cached version the site served last when the site cannot
+        # be reached (verified like any other); an upgrade never does: it needs the site.
+        await fetch_verify_install(self.baseline, vm, now=lambda: time.time(), **where,
+                                   **self._warm(allow_offline=dest is None))
+
+    def _warm(self, allow_offline: bool = False) -> dict[str, Any]:
+        """The warm-provisioning arguments of a fetch, as :meth:`warm` set them."""
+        return {"pool": self.pool if self.keep_sessions else None,
+                "versions": self.versions if self.cache_versions else None,
+                "allow_offline": allow_offline and self.cache_versions}
+
+    async def warm(self, keep_sessions: bool | None = None,
+                   cache_versions: bool | None = None) -> dict[str, Any]:
+        """Turn the kept session and the version cache on or off (``None``: leave it); the
+        old path, a new session and a full fetch per provisioning, is what a benchmark
+        compares with. Returns both settings and the pool's and cache's counters."""
+        for name, value in (("keep_sessions", keep_sessions), ("cache_versions", cache_versions)):
+            if value is not None and not isinstance(value, bool):
+                raise ProvisionError("message", f"{name} must be true or false, not {value!r}")
+        if keep_sessions is not None:
+            # Off: fetches open sessions of their own; the kept ones stay (idle) for when it
+            # is on again, and close with the agent.
+            self.keep_sessions = keep_sessions
+        if cache_versions is not None:
+            self.cache_versions = cache_versions
+        return {"keep_sessions": self.keep_sessions, "cache_versions": self.cache_versions,
+                "sessions": self.pool.status(), "versions": self.versions.status()}
 
     async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                           warm: bool = False) -> None:
@@ -559,11 +595,13 @@ class VmManager:
             if site is None:
                 continue
             probe = Path(self.baseline.storage) / "fetched" / f"{vm.name}-check"
+            warm = self._warm()  # never offline: the probe asks the site
+            warm = {k: v for k, v in warm.items() if v is not None and k != "allow_offline"}
             try:
                 await asyncio.to_thread(
                     fetch_service, site.address, site.port, site.user, site.client_key,
                     site.known_host_key, vm.service, probe,
-                    cache_dir=Path(self.baseline.storage) / "cache", replace=True)
+                    cache_dir=Path(self.baseline.storage) / "cache", replace=True, **warm)
                 version = (await asyncio.to_thread(inspect_service, probe))[0].version
             except RepositoryError as exc:
                 log.info("update check for %s failed: %s", vm.name, exc)
@@ -758,6 +796,7 @@ class VmManager:
     async def close(self) -> None:
         for name in list(self.vms):
             await self.remove(name)
+        await asyncio.to_thread(self.pool.close)  # the kept SFTP sessions end with the agent
 
 
 def _remove_version(path: Path) -> None:

@@ -19,13 +19,21 @@ from agent.vm.errors import ProvisionError
 
 
 async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] = time.time,
-                               dest: Path | None = None) -> None:
+                               dest: Path | None = None, *, pool: Any = None,
+                               versions: Any = None, allow_offline: bool = False) -> None:
     """Fetch ``vm.service`` into a scratch copy, check its manifest and resources, verify and
     install it into the VM's directory; sets ``vm.version``, ``vm.installed``, ``vm.policy``.
     ``now`` dates the steps (the manager's clock); ``dest``: install there instead of the
-    VM's directory (an upgrade installs beside the version that runs, so it can roll back)."""
+    VM's directory (an upgrade installs beside the version that runs, so it can roll back).
+
+    Warm provisioning (issue 14): ``pool`` is the router's
+    :class:`~agent.vm.session_pool.SessionPool` (the fetch runs on its kept session to the
+    site), ``versions`` its :class:`~agent.vm.version_cache.VersionCache` (a version kept
+    whole is not downloaded again: only its metadata, the probe, is read), and
+    ``allow_offline`` lets a site that cannot be reached give the cache's copy of the version
+    it served last. Whatever brought the copy, it is checked and verified here (signature,
+    hashes, every archive member) before it is installed."""
     from agent.vm.errors import RepositoryError
-    from agent.vm.fetch import fetch_service
     from agent.vm.repository import inspect_service, install_service
     from agent.vm.signing import load_public_key
 
@@ -34,16 +42,13 @@ async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] 
         raise ProvisionError("fetch", "this router knows no remote site")
     storage = Path(baseline.storage)
     fetched = storage / "fetched" / f"{vm.name}-{vm.service}"
-    await asyncio.to_thread(shutil.rmtree, fetched, ignore_errors=True)
     try:
         try:
             result = await asyncio.to_thread(
-                fetch_service, site.address, site.port, site.user, site.client_key,
-                site.known_host_key, vm.service, fetched, cache_dir=storage / "cache", replace=True)
+                _fetch, site, vm.service, fetched, storage, pool, versions, allow_offline)
         except RepositoryError as exc:
             raise ProvisionError("fetch", f"{type(exc).__name__}: {exc}") from None
-        vm.steps.append((f"fetched ({result.bytes_downloaded} bytes, {len(result.cached)} cached)",
-                         now()))
+        vm.steps.append((f"fetched ({_how(result)})", now()))
         try:
             # Reads, hashes and checks the archive: off the loop.
             manifest, _policy, _kid = await asyncio.to_thread(inspect_service, fetched)
@@ -65,17 +70,47 @@ async def fetch_verify_install(baseline: Any, vm: Any, now: Callable[[], float] 
     vm.steps.append((f"verified and installed {vm.service} {vm.version} (signer {verified.key_id})",
                      now()))
     if verified.manifest.requires:
-        await resolve_dependencies(baseline, vm, verified.manifest.requires, dest, now)
+        await resolve_dependencies(baseline, vm, verified.manifest.requires, dest, now,
+                                   pool=pool, versions=versions, allow_offline=allow_offline)
+
+
+def _fetch(site: Any, service: str, fetched: Path, storage: Path, pool: Any, versions: Any,
+           allow_offline: bool) -> Any:
+    """One fetch into a clean scratch copy (blocking: run in a worker thread)."""
+    from agent.vm import fetch as fetch_mod
+
+    shutil.rmtree(fetched, ignore_errors=True)
+    warm: dict[str, Any] = {}
+    if pool is not None:
+        warm["pool"] = pool
+    if versions is not None:
+        warm.update(versions=versions, allow_offline=allow_offline)
+    return fetch_mod.fetch_service(
+        site.address, site.port, site.user, site.client_key, site.known_host_key, service,
+        fetched, cache_dir=storage / "cache", replace=True, **warm)
+
+
+def _how(result: Any) -> str:
+    """What a fetch did, for the VM's steps: bytes read, archives not read, the session."""
+    parts = [f"{getattr(result, 'bytes_downloaded', 0)} bytes", f"{len(result.cached)} cached"]
+    if getattr(result, "offline", False):
+        parts.append("site unreachable: the cached version it served last")
+    elif getattr(result, "version_cached", False):
+        parts.append("version cached")
+    session = getattr(result, "session", "")
+    if session:
+        parts.append(f"{session} session")
+    return ", ".join(parts)
 
 
 async def resolve_dependencies(baseline: Any, vm: Any, services: tuple[str, ...], dest: Path,
-                               now: Callable[[], float] = time.time) -> None:
+                               now: Callable[[], float] = time.time, *, pool: Any = None,
+                               versions: Any = None, allow_offline: bool = False) -> None:
     """Fig. 12 step 214: every service the manifest requires is fetched from the remote site
     and verified against the VM's authorized providers, and installed beside the service
     (``<installed>/requires/<service>``, removed with the VM); any that cannot be is a
     refusal at step ``dependencies``."""
     from agent.vm.errors import RepositoryError
-    from agent.vm.fetch import fetch_service
     from agent.vm.files import _read_limited
     from agent.vm.manifest import MANIFEST_FILE, MAX_METADATA_BYTES, Manifest
     from agent.vm.repository import install_service
@@ -86,9 +121,8 @@ async def resolve_dependencies(baseline: Any, vm: Any, services: tuple[str, ...]
     for service in services:
         fetched = storage / "fetched" / f"{vm.name}-requires-{service}"
         try:
-            await asyncio.to_thread(
-                fetch_service, site.address, site.port, site.user, site.client_key,
-                site.known_host_key, service, fetched, cache_dir=storage / "cache", replace=True)
+            await asyncio.to_thread(_fetch, site, service, fetched, storage, pool, versions,
+                                    allow_offline)
             claimed = Manifest.from_bytes(await asyncio.to_thread(
                 _read_limited, fetched / MANIFEST_FILE, MAX_METADATA_BYTES, "manifest"))
             _check_service(claimed.service, service, "dependencies")

@@ -5,7 +5,7 @@ retire when their lifecycle policy is used up or upgrade when the site publishes
 version. :class:`agent.vm.manager.VmManager` holds that logic; this role plugs it into the
 agent: PROVISION on TCP 4340 (authenticated by the provider's Ed25519 signature for this
 router, its objects' keys sealed for it), the lifecycle timer, and the
-``vm``/``retired``/``errors``/``vm_remove`` commands (and ``upgrade_hold``, a fault
+``vm``/``retired``/``errors``/``vm_remove``/``vm_warm`` commands (and ``upgrade_hold``, a fault
 injection point of upgrades: agent.vm.upgrade_hold). A VM's mobile objects are hosted by
 :class:`agent.hosting.objects.HostingRole`.
 
@@ -178,6 +178,13 @@ class VmRole(Role):
         elif action != "status":
             raise ControlError(f"action must be one of arm, release, disarm, status; not {action!r}")
         return hold.status()
+
+    async def cmd_vm_warm(self, keep_sessions: bool | None = None,
+                          cache_versions: bool | None = None) -> dict:
+        """Warm provisioning (issue 14): the kept SFTP session to the site and the version
+        cache, each on or off (the old path, for a benchmark's baseline), with their
+        counters (sessions opened, re-opened, reused; cache hits, misses, refused)."""
+        return await self._manager().warm(keep_sessions, cache_versions)
 
     async def cmd_vm_remove(self, name: str) -> Any:
         if self.manager is None or name not in self.manager.vms:

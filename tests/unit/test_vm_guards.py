@@ -118,8 +118,8 @@ def test_a_dependency_substituted_by_another_service_is_refused(env: Env,
     env.site["ledger-svc"] = env.site["billing-svc"]
     original = provisioning.fetch_verify_install
 
-    async def with_dependency(baseline: Any, vm: Any, now: Any = None) -> None:
-        await original(baseline, vm, now)
+    async def with_dependency(baseline: Any, vm: Any, now: Any = None, **warm: Any) -> None:
+        await original(baseline, vm, now, **warm)
         await needs(baseline, vm)
 
     monkeypatch.setattr("agent.vm.manager.fetch_verify_install", with_dependency)
