@@ -16,7 +16,11 @@ MOAT's control framing, so captures show the whole exchange (docs/architecture.m
   checkpoint and the commit in two round trips. A VM's object always moves stop-copy (its
   VM's recovery, not the hosted registry, would take a held instance over).
 * **break-before-make**: the source stops (keeping the checkpoint), the target starts from it
-  and registers without ``S``. Requests in between are lost.
+  and registers without ``S``. Requests in between are lost. With the ``precopy`` transfer
+  (nothing goes before the break, so nothing is pre-copied) the source *holds* its object
+  instead of stopping it, and the MIGRATE start carries the checkpoint and ``commit``: the
+  target serves as soon as it is registered and answers ``committed`` (one round trip); only
+  then does the source stop its held instance.
 
 Both follow the hand-over protocol of :mod:`agent.hosting.handover` (its docstring has the
 states): every message carries the move's epoch; the target starts the object *held* (it
@@ -338,8 +342,11 @@ class MigrationRole(Role):
         self._rearm()
         self._crash_point("target_after_start")
         rtts = [a["rtt"] for a in status["attempts"] if a["rtt"] is not None]
+        phase = "registered"
+        if body.get("commit"):  # break-before-make in one round trip: serve now
+            phase = (await self._commit_arrival(name, epoch))["phase"]
         return {"ok": True, "registration": status["registration"], "at_home": status["at_home"],
-                "registration_rtt": rtts[-1] if rtts else None, "phase": "registered"}
+                "registration_rtt": rtts[-1] if rtts else None, "phase": phase}
 
     async def on_state_transfer(self, msg: ControlMessage, body: dict[str, Any]) -> dict[str, Any]:
         """The source's final checkpoint: taken, still held (it serves only on commit)."""
@@ -528,12 +535,14 @@ class MigrationRole(Role):
         report = MigrationReport(name, mode, self.config.name, target_name or target)
         move = _Move(hosted, hosted.client.config.to_json(), target, mode, float(deadline))
         report.epoch = move.epoch
-        precopy = mode == "make-before-break" and transfer == "precopy" and move.vm is None
+        precopy = transfer == "precopy" and move.vm is None
         report.transfer = "precopy" if precopy else "stop-copy"
         try:
             await self._check_source(move, report)
-            if precopy:
+            if precopy and mode == "make-before-break":
                 await self._migrate_precopy(move, report)
+            elif precopy:
+                await self._migrate_bbm_held(move, report)
             elif mode == "make-before-break":
                 await self._migrate_mbb(move, report)
             else:
@@ -844,6 +853,7 @@ class MigrationRole(Role):
             # WARM or PRECOPIED instance, which cannot commit without the final state.
             await self._abort(starting)
             self._done(starting)
+            await self._register_again(move)
             raise
         state = await self._hold_here(move, starting, report)
         record = self._keep(move, state, phase="committing", held=True)
@@ -851,6 +861,20 @@ class MigrationRole(Role):
         report.step("source held with its final checkpoint (kept on disk)")
         self._crash_point("source_after_stop")
         await self._switch(record, base, report)
+
+    async def _register_again(self, move: _Move) -> None:
+        """After a move that failed before the hold: register this care-of address again
+        (without ``S``), which replaces at the HOA the binding the target's instance may
+        still hold (a target that died keeps it until its lifetime ends), as the restarted
+        object of a stop-copy move does. Best effort: the client's own loop renews anyway."""
+        client = move.hosted.client
+        if client is None or move.hosted.name not in self.hosting.objects:
+            return
+        try:
+            await client.register()
+        except Exception as exc:  # noqa: BLE001 - the move's own error is what is reported
+            log.warning("move %s of %s: registering here again failed: %s", move.epoch,
+                        move.hosted.name, exc)
 
     async def _precopy(self, move: _Move, report: MigrationReport) -> dict[str, Any]:
         """A checkpoint taken while the object serves, checked and sent to the target."""
@@ -881,7 +905,7 @@ class MigrationRole(Role):
         await client.stop(deregister=False)
         move.hosted.client = None
 
-    async def _hold_here(self, move: _Move, starting: SourceRecord, report: MigrationReport) -> Any:
+    async def _hold_here(self, move: _Move, starting: SourceRecord | None, report: MigrationReport) -> Any:
         """Hold the object (it runs on, queueing what it gets, answering nothing), take its
         home address away, and take its final checkpoint (the queue in it as ``pending``).
         An object that does not answer, or gives no checkpoint, is killed (never left
@@ -899,8 +923,9 @@ class MigrationRole(Role):
         except _Crashed:
             raise
         except (ObjectProcessError, MigrationFailed) as exc:
-            await self._abort(starting)
-            self._done(starting)
+            if starting is not None:
+                await self._abort(starting)
+                self._done(starting)
             await self.hosting.kill(hosted.name, f"no final checkpoint at a move's hold: {exc}")
             raise ObjectKilled(f"object {hosted.name} gave no final checkpoint ({exc}): "
                                "it cannot be started again with its state") from None
@@ -1007,6 +1032,59 @@ class MigrationRole(Role):
                         record.epoch, record.name, record.target)
             await self._restart_held(record)
             return "restarted"
+
+    async def _migrate_bbm_held(self, move: _Move, report: MigrationReport) -> None:
+        """Break-before-make in one round trip: hold here (record ``committing``, ``held``,
+        on disk first), then a MIGRATE start with the checkpoint and ``commit``; the target
+        serves once registered. A lost answer is decided by a cancel (:meth:`_decide_held`)."""
+        report.step("hold source, keep checkpoint")
+        client = move.hosted.client
+        if client is not None:  # no renewal from here: the target's registration replaces it
+            await client.stop(deregister=False)
+            move.hosted.client = None
+        state = await self._hold_here(move, None, report)
+        record = self._keep(move, state, phase="committing", held=True)
+        self._keep_held_in_registry(record)
+        self._crash_point("source_after_stop")
+        try:
+            body = dict(self._start_body(move, False, state), commit=True)
+            answer = await self._call(move.target, ControlType.MIGRATE, body)
+            phase = _phase(answer)
+        except (AgentError, TypeError, ValueError) as exc:  # the start body too: never half-stopped
+            await self._decide_held(record, report, exc)
+            return
+        report.target_registration = answer.get("registration")
+        report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
+        report.step("target registered with the checkpoint and serves")
+        self._crash_point("source_after_start")
+        if phase is not Phase.COMMITTED:
+            report.step("target aborted the move: the object starts here again")
+            await self._restart_held(record)
+            raise MigrationFailed(f"{record.target} aborted move {record.epoch} of {record.name}")
+        await self._stop_held(record)
+        self._done(record)
+        report.step("source stopped its held instance")
+
+    async def _decide_held(self, record: SourceRecord, report: MigrationReport, exc: Exception) -> None:
+        """The message that could commit got no answer: a cancel decides. Committed (only
+        its answer was lost): the move is done. Aborted: the object serves here again and
+        the move failed. No answer: undecided, left to :meth:`_resolve_held`."""
+        try:
+            phase = await self._send_cancel(record)
+        except MigrationFailed as again:
+            self._spawn(self._resolve_held(record, forever=True))
+            raise HandoverPending(f"{record.target} did not answer move {record.epoch} ({exc}; "
+                                  f"then {again})") from None
+        if phase is Phase.COMMITTED:
+            report.step("target had committed (its answer was lost): it serves")
+            await self._stop_held(record)
+            self._done(record)
+            return
+        report.step("target failed: cancelled there, the object starts here again")
+        await self._restart_held(record)
+        if isinstance(exc, MigrationFailed):
+            raise exc
+        raise MigrationFailed(f"cannot send MIGRATE start: {exc}") from None
 
     async def _migrate_bbm(self, move: _Move, report: MigrationReport) -> None:
         report.step("stop source, keep checkpoint")

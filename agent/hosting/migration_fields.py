@@ -45,7 +45,9 @@ def check_migrate(body: Any, own: Iterable[str] = ()) -> dict[str, Any]:
     if body.get("deadline") is not None:
         fields.number(body["deadline"], "MIGRATE.deadline", ge=MIN_DEADLINE, le=MAX_DEADLINE)
     config = fields.object_config(body.get("config"), "MIGRATE.config", own=own)
-    fields.flag(body.get("warm", False), "MIGRATE.warm")
+    warm = fields.flag(body.get("warm", False), "MIGRATE.warm")
+    if fields.flag(body.get("commit", False), "MIGRATE.commit") and (warm or body.get("state") is None):
+        raise fields.FieldError("MIGRATE.commit", True, "needs the state and no warm start")
     vm = body.get("vm")
     if vm:
         vm = fields.mapping(vm, "MIGRATE.vm", max_items=32)

@@ -394,7 +394,7 @@ def test_a_body_that_cannot_be_sent_fails_the_move_cleanly(monkeypatch) -> None:
     hosting = FakeHosting()
     monkeypatch.setattr(migration_mod, "peer_call", broken)
     report = asyncio.run(MigrationRole(FakeAgent(hosting)).cmd_migrate(
-        "counter", "10.14.0.1", mode="break-before-make"))
+        "counter", "10.14.0.1", mode="break-before-make", transfer="stop-copy"))
     assert not report["ok"] and "cannot send MIGRATE" in report["error"]
     assert hosting.log[-1][:2] == ("start", "counter") and "counter" in hosting.objects
 

@@ -36,6 +36,9 @@ class LiveClient(FakeClient):
     async def stop(self, deregister: bool = True) -> None:
         self.stopped = True
 
+    async def register(self) -> None:
+        self.history.append("register")
+
 
 class LiveProcess:
     """The source's object: serving until held; each get_state answers the next state."""
@@ -227,6 +230,8 @@ def test_a_refused_precopy_leaves_the_source_serving_untouched(net: PrecopyNet) 
         assert net.serving() == ["source"] and net.source_started_from() is None  # never stopped
         assert ("stop", "counter", True) in net.target_hosting.log
         assert net.records() == []
+        # registered again without S: the HOA drops a binding the target may have kept
+        assert net.source_hosting.objects["counter"].client.history == ["register"]  # type: ignore[union-attr]
     run(go)
 
 
@@ -371,10 +376,97 @@ def test_a_source_whose_object_gives_no_final_checkpoint_is_killed_and_the_targe
     run(go)
 
 
-def test_a_vm_object_and_break_before_make_move_stop_copy(net: PrecopyNet) -> None:
+def test_an_unknown_transfer_is_refused(net: PrecopyNet) -> None:
     async def go() -> None:
-        report = await net.migrate("break-before-make")
-        assert report is not None and report["ok"] and report["transfer"] == "stop-copy", report
         with pytest.raises(Exception, match="transfer must be one of"):
             await net.source.cmd_migrate("counter", TARGET, transfer="teleport")
+        assert net.sent == [] and net.serving() == ["source"]
     run(go)
+
+
+# --- break-before-make in one round trip ----------------------------------------------------------
+
+
+@pytest.fixture
+def bbm(net: PrecopyNet) -> PrecopyNet:
+    """No pre-copy: the object answers the check, then (held) the final checkpoint."""
+    net.source_hosting.objects["counter"].process.states = [CHECK, FINAL]  # type: ignore[union-attr]
+    return net
+
+
+def test_break_before_make_holds_and_commits_with_the_start(bbm: PrecopyNet) -> None:
+    net = bbm
+
+    async def go() -> None:
+        report = await net.migrate("break-before-make")
+        assert report is not None and report["ok"] and report["transfer"] == "precopy", report
+        assert net.sent == ["MIGRATE_start"]
+        [start] = [e for e in net.target_hosting.log if e[0] == "start"]
+        assert start[3] == FINAL and start[5] is True  # the final state, started held
+        assert net.serving() == ["target"]
+        assert net.target.arrivals.get("counter", report["epoch"]).phase is Phase.COMMITTED
+        assert ("stop", "counter", False) in net.source_hosting.log and net.records() == []
+    run(go)
+
+
+def test_break_before_make_source_dying_after_the_hold_serves_again_here(bbm: PrecopyNet) -> None:
+    net = bbm
+
+    async def go() -> None:
+        net.source.cmd_inject_fault("source_after_stop")
+        assert await net.migrate("break-before-make") is None
+        [record] = net.records()
+        assert (record.phase, record.held, record.state) == ("committing", True, FINAL)
+        await net.restart_source(keep_objects=True)
+        assert net.sent == ["MIGRATE_cancel"]
+        assert net.serving() == ["source"] and net.source_started_from() == FINAL
+    run(go)
+
+
+def test_break_before_make_source_dying_after_the_start_lets_the_target_serve(bbm: PrecopyNet) -> None:
+    net = bbm
+
+    async def go() -> None:
+        net.source.cmd_inject_fault("source_after_start")
+        assert await net.migrate("break-before-make") is None
+        await net.restart_source(keep_objects=True)
+        assert net.serving() == ["target"] and net.source_started_from() is None
+        assert "counter" not in net.source_hosting.objects and net.records() == []
+    run(go)
+
+
+def test_break_before_make_lost_start_answer_is_decided_by_a_cancel(bbm: PrecopyNet) -> None:
+    net = bbm
+
+    async def go() -> None:
+        net.target.cmd_inject_fault("commit_cut")
+        report = await net.migrate("break-before-make")
+        assert report is not None and report["ok"], report  # committed: only the answer was lost
+        assert net.sent == ["MIGRATE_start", "MIGRATE_cancel"]
+        assert net.serving() == ["target"] and net.records() == []
+    run(go)
+
+
+def test_break_before_make_target_dying_before_its_commit(bbm: PrecopyNet) -> None:
+    """No answer to the start nor to the cancel: undecided, nothing serves (held here, the
+    target down); the restarted target aborts, and the source's cancel then restarts it here."""
+    net = bbm
+
+    async def go() -> None:
+        net.target.cmd_inject_fault("target_after_start")
+        report = await net.migrate("break-before-make")
+        assert report is not None and report["pending"], report
+        assert net.serving() == []
+        await net.restart_target(keep_objects=True)
+        await asyncio.gather(*net.source._tasks)
+        assert net.serving() == ["source"] and net.source_started_from() == FINAL
+        assert "counter" not in net.target_hosting.objects and net.records() == []
+    run(go)
+
+
+def test_a_start_with_commit_needs_the_state() -> None:
+    from test_migration_role import ARRIVAL
+    with pytest.raises(FieldError, match="commit"):
+        check_migrate(dict(ARRIVAL, commit=True, warm=True))
+    with pytest.raises(FieldError, match="commit"):
+        check_migrate(dict(ARRIVAL, commit="yes", state=FINAL))
