@@ -919,16 +919,24 @@ class MigrationRole(Role):
             except ControlError as exc:
                 log.warning("move %s of %s: %s", move.epoch, hosted.name, exc)
             state = await hosted.process.call("get_state")
-            self.check_checkpoint(hosted.name, state)  # it may have grown since the check
         except _Crashed:
             raise
-        except (ObjectProcessError, MigrationFailed) as exc:
+        except ObjectProcessError as exc:
             if starting is not None:
                 await self._abort(starting)
                 self._done(starting)
             await self.hosting.kill(hosted.name, f"no final checkpoint at a move's hold: {exc}")
             raise ObjectKilled(f"object {hosted.name} gave no final checkpoint ({exc}): "
                                "it cannot be started again with its state") from None
+        try:
+            self.check_checkpoint(hosted.name, state)  # it may have grown since the check
+        except MigrationFailed:
+            # It cannot move, but it can serve here again, from that state.
+            if starting is not None:
+                await self._abort(starting)
+            report.step("final checkpoint cannot move: the object starts here again")
+            await self._restart_held(self._keep(move, state, held=True))
+            raise
         report.step("source held, home address removed, final checkpoint taken")
         return state
 

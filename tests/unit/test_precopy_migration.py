@@ -470,3 +470,20 @@ def test_a_start_with_commit_needs_the_state() -> None:
         check_migrate(dict(ARRIVAL, commit=True, warm=True))
     with pytest.raises(FieldError, match="commit"):
         check_migrate(dict(ARRIVAL, commit="yes", state=FINAL))
+
+
+@pytest.mark.parametrize("mode", ["make-before-break", "break-before-make"])
+def test_a_final_checkpoint_too_large_serves_here_again_from_it(net: PrecopyNet, mode: str) -> None:
+    """It grew past what a move carries while held: the target is cancelled (if it heard of
+    the move) and the object starts here again from that final state, not killed."""
+    big = dict(FINAL, object={"blob": "x" * migration_mod.MAX_CHECKPOINT_BYTES})
+    net.source_hosting.objects["counter"].process.states = (  # type: ignore[union-attr]
+        [CHECK, PRECOPY, big] if mode == "make-before-break" else [CHECK, big])
+
+    async def go() -> None:
+        report = await net.migrate(mode)
+        assert report is not None and report["error_type"] == "CheckpointTooLarge", report
+        assert not report["killed"] and net.records() == []
+        assert net.source_started_from() == big and net.serving() == ["source"]
+        assert "counter" not in net.target_hosting.objects
+    run(go)
