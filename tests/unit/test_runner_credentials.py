@@ -206,7 +206,8 @@ def test_a_credential_for_a_sibling_instance_is_left_to_it_unanswered() -> None:
     assert send(server, transport, 2, token())["ok"] is True  # its own lease still served
 
 
-@pytest.mark.parametrize("credential", [None, token(expires_in=-1.0), "garbage"])
+@pytest.mark.parametrize("credential", [None, token(expires_in=-1.0), "garbage"],
+                         ids=["none", "expired", "garbage"])  # fixed: a token holds its time
 def test_a_duplicate_leaves_every_refusal_to_the_primary(credential: Any) -> None:
     server, transport, commands = leased_server(configure=False)
     commands["credentials"]({"service": SERVICE, "instance": INSTANCE, "key": KEY.hex(),
