@@ -96,6 +96,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_IO_TIMEOUT = 10.0
 METADATA_FILES = (MANIFEST_FILE, POLICY_FILE, SIGNATURE_FILE)
+#: Files up to this size are read with plain requests: prefetching (a thread and a window of
+#: pipelined reads) costs more round trips than it saves on the small metadata files.
+PREFETCH_ABOVE = 32 * 1024
 
 
 @dataclass
@@ -235,10 +238,10 @@ def _get(sftp: SFTPLike, remote: str, local: Path, limit: int, result: FetchResu
         raise FetchError(f"{remote} is {size} bytes, more than the {limit} allowed")
     n = 0
     with sftp.open(remote, "rb") as src, open(local, "xb") as dst:
-        if size and hasattr(src, "prefetch"):
+        if size and size > PREFETCH_ABOVE and hasattr(src, "prefetch"):
             src.prefetch(size)  # pipelined reads: one round trip per window, not per chunk
         while True:
-            chunk = src.read(1 << 16)
+            chunk = src.read(max(1 << 16, (size or 0) + 1))
             if not chunk:
                 break
             n += len(chunk)

@@ -121,6 +121,10 @@ class VmManager:
         self.versions = VersionCache(Path(baseline.storage) / "service-cache")
         self.keep_sessions = True
         self.cache_versions = True
+        #: VM name -> {moment: wall time} of its last provisioning, beyond its steps: when
+        #: the PROVISION arrived, the record was written, the interface came up, the objects
+        #: started, the listeners were told (``vm_warm`` shows them; the benchmark reads them).
+        self.timings: dict[str, dict[str, float]] = {}
 
     def instance_id(self, vm: VirtualMachine) -> str:
         """The VM's service instance as the broker knows it (and its credentials name)."""
@@ -184,6 +188,7 @@ class VmManager:
             await self._fetch_verify_install(vm)
             await self._initialise(vm, states, warm)
             vm.steps.append(("initialised", time.time()))
+            self._mark(vm.name, "initialised")
             vm.last_update_check = time.time()
             # A VM that arrives with a migrating object keeps the service's age: a duration
             # limit counts from the service's first start, not from this move.
@@ -191,6 +196,7 @@ class VmManager:
             vm.running_since = float(since) if since is not None else time.time()
             log.info("VM %s on %s runs %s %s", vm.name, self.router, vm.service, vm.version)
             self._emit("started", vm)
+            self._mark(vm.name, "listeners told")
             return vm.describe()
         except ProvisionError as exc:
             self._record(body, exc)
@@ -204,6 +210,16 @@ class VmManager:
                 await self.remove(vm.name)
             raise err from exc
 
+    def _mark(self, name: Any, moment: str, fresh: bool = False) -> None:
+        """Note when ``moment`` of VM ``name``'s provisioning happened (:attr:`timings`)."""
+        if not isinstance(name, str) or not VM_NAME_RE.match(name):
+            return
+        if fresh:
+            self.timings.pop(name, None)
+        self.timings.setdefault(name, {})[moment] = time.time()
+        while len(self.timings) > 16:
+            self.timings.pop(next(iter(self.timings)))
+
     def authorize(self, msg: Any) -> str:
         """A PROVISION must be signed by one of the VM's authorized providers (the patent:
         the router configures a VM only for an authorized remote site); returns the
@@ -214,6 +230,8 @@ class VmManager:
 
         if self._replays is None:
             self._replays = ReplayCache()
+        self._mark(msg.body.get("vm") if isinstance(msg.body, dict) else None, "received",
+                   fresh=True)
         try:
             keys = {}
             for path in self.baseline.authorized_keys:
@@ -422,18 +440,21 @@ class VmManager:
         if cache_versions is not None:
             self.cache_versions = cache_versions
         return {"keep_sessions": self.keep_sessions, "cache_versions": self.cache_versions,
-                "sessions": self.pool.status(), "versions": self.versions.status()}
+                "sessions": self.pool.status(), "versions": self.versions.status(),
+                "timings": {k: dict(v) for k, v in self.timings.items()}}
 
     async def _initialise(self, vm: VirtualMachine, states: dict[str, Any] | None = None,
                           warm: bool = False) -> None:
         # Recorded before the router changes anything for it: should the agent crash while
         # it provisions, the next one finds a VM that never started and removes what it left.
         self.keep(vm)
+        self._mark(vm.name, "recorded")
         if vm.kind == "interface":
             try:
                 await netlink.address_add(str(vm.address), 32, str(vm.interface))
             except netlink.NetlinkError as exc:
                 raise ProvisionError("virtual interface", str(exc)) from None
+            self._mark(vm.name, "interface up")
         if vm.egress_kbit:
             self._next_key += 1
             vm.shaper_key = self._next_key
@@ -453,7 +474,9 @@ class VmManager:
                 raise ProvisionError("resources", f"egress cap: {exc!r}") from None
             vm.steps.append((f"egress capped at {vm.egress_kbit} kbit/s on {', '.join(capped)}", time.time()))
             self.keep(vm)  # the classes and filters a removal takes away
+        self._mark(vm.name, "objects starting")
         await self._start_objects(vm, states, warm)
+        self._mark(vm.name, "objects started")
 
     @staticmethod
     def _part(vm: VirtualMachine) -> list[Any]:
