@@ -11,7 +11,7 @@ the object without that answer:
 Target (:class:`Arrivals`), per object::
 
     stop-copy:  start ──> WARM ──STATE_TRANSFER──> RESTORED ──commit──> COMMITTED (serves)
-    pre-copy:   start ──> WARM ──STATE_TRANSFER (precopy)──> PRECOPIED ──commit + delta──┘
+    pre-copy:   start (with a pre-copy) ──> PRECOPIED ──────────────────commit + delta──┘
                            │               │                     │
                            └─ abort / deadline ──────────────────┴──────> ABORTED (dropped)
 
@@ -49,10 +49,11 @@ held*, instead of stopping it, so the object's latest state lives in its process
 outlive their agent) as well as on disk. What is on disk before which message:
 
 1. ``starting`` record (no state), fsynced, before the MIGRATE start (as above).
-2. The pre-copy (STATE_TRANSFER ``precopy``: a checkpoint taken while the object serves)
-   needs nothing new on disk: the object still serves here, and a failure or a crash
-   resolves like ``starting`` (cancel the target; nothing ever stopped here).
-3. The source deregisters its binding and stops its registration client, holds the object,
+2. The pre-copy (a checkpoint taken while the object serves, sent with the MIGRATE start,
+   ``precopy``) needs nothing new on disk: the object still serves here, and a failure or
+   a crash resolves like ``starting`` (cancel the target; nothing ever stopped here).
+3. The source deregisters its binding and stops its registration client while it holds the
+   object (the deregistration's round trip overlaps the hold),
    takes its home address away and takes the final checkpoint (``get_state``: the held
    object's queue is in it as ``pending``). Then, before the commit goes, the record
    becomes ``committing`` with ``held`` set and the final checkpoint, fsynced; the hosted

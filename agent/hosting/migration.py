@@ -8,8 +8,9 @@ MOAT's control framing, so captures show the whole exchange (docs/architecture.m
   own binding and hand its final checkpoint over; the target replays its queue through the
   at-most-once filter and serves. Every request after the target's registration reaches the
   target, so none is lost; they are only delayed by the hand-over. Two transfers
-  (:data:`TRANSFERS`): ``precopy`` (the default) sends a checkpoint while the source still
-  serves, then holds the object (it keeps running, answering none), takes the final
+  (:data:`TRANSFERS`): ``precopy`` (the default) sends a checkpoint taken while the source
+  still serves with the MIGRATE start (the target keeps it, its instance held and
+  untouched), then, once the target is registered, holds the object (it keeps running, answering none), takes the final
   checkpoint and sends only what changed (a merge patch) *with* the commit, in one round
   trip; the target restores and serves at once, and only then does the source stop its held
   instance. ``stop-copy`` (the baseline) stops the source first, then sends the whole
@@ -178,6 +179,8 @@ class _Move:
         self.vm = hosted.vm
         self.target, self.mode, self.deadline = target, mode, deadline
         self.epoch = new_epoch()
+        #: The checkpoint taken (and checked) before anything else: a pre-copy's base.
+        self.base: dict[str, Any] | None = None
 
 
 class MigrationRole(Role):
@@ -326,8 +329,14 @@ class MigrationRole(Role):
         name, epoch = body["config"]["name"], body["epoch"]
         if name in self.hosting.objects:
             raise ControlError(f"object {name} already runs on {self.config.name}")
+        precopy = bool(body.get("precopy"))
+        if precopy:  # a pre-copy comes with this start: it may be refused (a lost pre-copy)
+            self._injected("state_transfer")
         arrival = self.arrivals.begin(name, epoch, float(body.get("deadline", DEFAULT_DEADLINE)),
-                                      restored=body.get("state") is not None)
+                                      restored=body.get("state") is not None and not precopy)
+        if precopy:  # kept as the commit's base; the instance starts held, without it
+            self.arrivals.precopied(name, epoch, body["state"])
+            body = {k: v for k, v in body.items() if k != "state"}
         arrival.deadline = math.inf  # while it starts (a VM's fetch may take long): then touched
         try:
             await self._start_arriving(body)
@@ -341,6 +350,11 @@ class MigrationRole(Role):
         self.arrivals.touch(name, epoch)
         self._rearm()
         self._crash_point("target_after_start")
+        if precopy:
+            self._crash_point("target_after_restore")  # it took the pre-copy
+            if self._fires("transfer_cut"):
+                raise ControlError("injected fault: transfer_cut (the target took the pre-copy, "
+                                   "its answer is lost)")
         rtts = [a["rtt"] for a in status["attempts"] if a["rtt"] is not None]
         phase = "registered"
         if body.get("commit"):  # break-before-make in one round trip: serve now
@@ -353,8 +367,6 @@ class MigrationRole(Role):
         body = check_state_transfer(body)
         self._injected("state_transfer")
         name, epoch = body["name"], body["epoch"]
-        if body.get("precopy"):
-            return self._precopy_arrival(name, epoch, body["state"])
         async with self._decide:
             self.arrivals.restored(name, epoch)
             try:
@@ -368,16 +380,6 @@ class MigrationRole(Role):
         if self._fires("transfer_cut"):
             raise ControlError("injected fault: transfer_cut (the target restored, its answer is lost)")
         return {"ok": True, "phase": Phase.RESTORED.value}
-
-    def _precopy_arrival(self, name: str, epoch: str, state: Any) -> dict[str, Any]:
-        """A pre-copy: a checkpoint the source took while it served, kept (in memory) as the
-        base the commit's patch applies to; the instance stays held and untouched."""
-        self.arrivals.precopied(name, epoch, state)
-        self._crash_point("target_after_restore")
-        if self._fires("transfer_cut"):
-            raise ControlError("injected fault: transfer_cut (the target took the pre-copy, its "
-                               "answer is lost)")
-        return {"ok": True, "phase": Phase.PRECOPIED.value}
 
     async def _switch_arrival(self, body: dict[str, Any]) -> dict[str, Any]:
         """A commit with the final state (pre-copy): the patch applied to the pre-copied
@@ -590,6 +592,7 @@ class MigrationRole(Role):
             await self.hosting.kill(name, f"did not answer its router before a move: {exc}")
             raise ObjectKilled(f"object {name} no longer answers its router: {exc}") from None
         size = self.check_checkpoint(name, state)
+        move.base = state
         report.step(f"source checkpoint checked ({size} bytes)")
 
     @staticmethod
@@ -838,14 +841,13 @@ class MigrationRole(Role):
         self.departures[starting.name] = starting
         self._save(starting)
         try:
-            answer = await self._call(move.target, ControlType.MIGRATE, self._start_body(move, warm=True))
+            body = dict(self._start_body(move, warm=True), state=move.base, precopy=True)
+            answer = await self._call(move.target, ControlType.MIGRATE, body)
             report.target_registration = answer.get("registration")
             report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
-            report.step("target registered (its instance queues requests)")
+            report.step("target registered with the pre-copy (its instance queues requests)")
             self._crash_point("source_after_start")
-            base = await self._precopy(move, report)
             self._crash_point("source_after_transfer")
-            await self._let_go_of_binding(move, answer, report)
         except _Crashed:
             raise
         except Exception:
@@ -855,7 +857,26 @@ class MigrationRole(Role):
             self._done(starting)
             await self._register_again(move)
             raise
-        state = await self._hold_here(move, starting, report)
+        # The deregistration's round trip overlaps the hold: what reaches this router after
+        # the hold queues in the object (and travels as pending); after its home address
+        # went, it is routed on to the home agent, which tunnels it to the target.
+        letting_go = asyncio.ensure_future(self._let_go_of_binding(move, answer, report))
+        try:
+            state = await self._hold_here(move, starting, report)
+        except BaseException:
+            await asyncio.gather(letting_go, return_exceptions=True)
+            raise
+        try:
+            await letting_go
+        except _Crashed:
+            raise
+        except Exception as exc:  # the binding here could not be dropped: serve here again
+            await self._abort(starting)
+            report.step("source binding not deregistered: the object starts here again")
+            await self._restart_held(self._keep(move, state, held=True))
+            raise MigrationFailed(f"could not deregister {move.hosted.name} here: {exc}") from None
+        assert move.base is not None
+        base = move.base
         record = self._keep(move, state, phase="committing", held=True)
         self._keep_held_in_registry(record)
         report.step("source held with its final checkpoint (kept on disk)")
@@ -875,20 +896,6 @@ class MigrationRole(Role):
         except Exception as exc:  # noqa: BLE001 - the move's own error is what is reported
             log.warning("move %s of %s: registering here again failed: %s", move.epoch,
                         move.hosted.name, exc)
-
-    async def _precopy(self, move: _Move, report: MigrationReport) -> dict[str, Any]:
-        """A checkpoint taken while the object serves, checked and sent to the target."""
-        assert move.hosted.process is not None
-        try:
-            base = await move.hosted.process.call("get_state")
-        except ObjectProcessError as exc:
-            raise MigrationFailed(f"object {move.hosted.name} gave no pre-copy: {exc}") from None
-        size = self.check_checkpoint(move.hosted.name, base)
-        await self._call(move.target, ControlType.STATE_TRANSFER,
-                         {"name": move.hosted.name, "epoch": move.epoch, "state": base,
-                          "precopy": True})
-        report.step(f"target took the pre-copy ({size} bytes; the source still serves)")
-        return base
 
     async def _let_go_of_binding(self, move: _Move, answer: dict[str, Any],
                                  report: MigrationReport) -> None:

@@ -7,8 +7,8 @@ starts, stops or restores anything: the action (start, commit, cancel), the move
 and deadline (agent.hosting.handover), the object's name, NAI, home agent and home address (on
 the home agent's network, none of this router's), its code entry, resources, the VM
 description's name and objects, and the flags; a pre-copy commit's final state (a merge
-patch with the digest of what it gives, or the whole checkpoint) and a STATE_TRANSFER's
-``precopy`` flag. The VM description itself is checked in full
+patch with the digest of what it gives, or the whole checkpoint) and a start's
+``precopy`` (its state a pre-copy: a warm start of a directly placed object only). The VM description itself is checked in full
 again by the VM manager (:meth:`agent.vm.manager.VmManager.provision`) before any fetch.
 """
 
@@ -48,6 +48,11 @@ def check_migrate(body: Any, own: Iterable[str] = ()) -> dict[str, Any]:
     warm = fields.flag(body.get("warm", False), "MIGRATE.warm")
     if fields.flag(body.get("commit", False), "MIGRATE.commit") and (warm or body.get("state") is None):
         raise fields.FieldError("MIGRATE.commit", True, "needs the state and no warm start")
+    if fields.flag(body.get("precopy", False), "MIGRATE.precopy"):
+        if not warm or body.get("vm") or body.get("commit"):
+            raise fields.FieldError("MIGRATE.precopy", True, "needs a warm start of a directly "
+                                    "placed object, without commit")
+        fields.mapping(body.get("state"), "MIGRATE.state", max_items=MAX_CHECKPOINT_MEMBERS)
     vm = body.get("vm")
     if vm:
         vm = fields.mapping(vm, "MIGRATE.vm", max_items=32)
@@ -117,6 +122,4 @@ def check_state_transfer(body: Any) -> dict[str, Any]:
     fields.token(body.get("epoch"), "STATE_TRANSFER.epoch")
     if "state" not in body:
         raise fields.FieldError("STATE_TRANSFER.state", None, "is missing")
-    if fields.flag(body.get("precopy", False), "STATE_TRANSFER.precopy"):
-        fields.mapping(body["state"], "STATE_TRANSFER.state", max_items=MAX_CHECKPOINT_MEMBERS)
     return body

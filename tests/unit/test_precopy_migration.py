@@ -1,6 +1,6 @@
-"""Pre-copy moves (issue 14, item 2): the target gets a checkpoint while the source serves,
-and at the switch one commit carries only what changed (a merge patch) with the final
-checkpoint's digest. Wired through the ``Net`` harness of test_migration_handover: a crash
+"""Pre-copy moves (issue 14, item 2): the target gets a checkpoint taken while the source
+serves (with the MIGRATE start), and at the switch one commit carries only what changed (a
+merge patch) with the final checkpoint's digest. Wired through the ``Net`` harness of test_migration_handover: a crash
 of either end at each step, a lost or refused pre-copy, a lost commit answer, a refused
 commit; each ends with exactly one instance serving, with the latest state."""
 
@@ -16,13 +16,13 @@ from agent.core.fields import FieldError
 from agent.hosting import merge_patch
 from agent.hosting import migration as migration_mod
 from agent.hosting.handover import HandoverError, Phase
-from agent.hosting.migration_fields import check_migrate, check_state_transfer
+from agent.hosting.migration_fields import check_migrate
 from test_migration_handover import TARGET, HeldProcess, Net, TargetHosting, run
 from test_migration_role import FakeClient, FakeHosting
 from test_migration_role import run_dir  # noqa: F401 - autouse: each router its run directory
 
-#: What the source's object answers get_state with, in turn: before the move (the check), at
-#: the pre-copy, and held at the switch (the final one: two more served, one queued).
+#: What the source's object answers get_state with, in turn: before the move (the check, the
+#: pre-copy's base) and held at the switch (the final one: two more served, one queued).
 #: Clients served before the move, unchanged by it (what a patch need not carry again).
 OTHERS = {f"client-{i}": {"last": i, "reply": {"ok": True, "result": i}} for i in range(40)}
 CHECK = {"object": {"count": 40}, "seen": dict(OTHERS, co14={"last": 40}), "served": 40, "pending": []}
@@ -107,7 +107,7 @@ class PrecopyNet(Net):
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__(monkeypatch)
         config = self.source_hosting.objects["counter"].client.config.to_json()  # type: ignore[union-attr]
-        self.source_hosting = SourceHosting([CHECK, PRECOPY, FINAL])
+        self.source_hosting = SourceHosting([PRECOPY, FINAL])
         self.source_hosting.objects["counter"].client.config.to_json = lambda: dict(config)  # type: ignore[union-attr]
         self.target_hosting = RestoringTarget()
         self.source = self.role(self.source_hosting, "r22c")
@@ -179,10 +179,12 @@ def test_a_commit_with_a_good_final_state_and_a_precopy_flag_pass() -> None:
     ok = {"action": "commit", "name": "counter", "epoch": "e1", "delta": True,
           "state": {"patch": {"served": 2}, "digest": "a" * 64}}
     assert check_migrate(ok) == ok
-    with pytest.raises(FieldError):
-        check_state_transfer({"name": "counter", "epoch": "e1", "state": {}, "precopy": 1})
-    with pytest.raises(FieldError):
-        check_state_transfer({"name": "counter", "epoch": "e1", "state": [1], "precopy": True})
+    from test_migration_role import ARRIVAL
+    assert check_migrate(dict(ARRIVAL, precopy=True, state=PRECOPY))["precopy"] is True
+    for bad in (dict(ARRIVAL, precopy=1, state=PRECOPY), dict(ARRIVAL, precopy=True, state=[1]),
+                dict(ARRIVAL, precopy=True), dict(ARRIVAL, precopy=True, state=PRECOPY, warm=False)):
+        with pytest.raises(FieldError):
+            check_migrate(bad)
 
 
 # --- moves --------------------------------------------------------------------------------------
@@ -192,7 +194,9 @@ def test_a_precopy_move_sends_the_state_early_and_only_the_patch_with_the_commit
     async def go() -> None:
         report = await net.migrate()
         assert report is not None and report["ok"] and report["transfer"] == "precopy", report
-        assert net.sent == ["MIGRATE_start", "STATE_TRANSFER", "MIGRATE_commit"]
+        assert net.sent == ["MIGRATE_start", "MIGRATE_commit"]
+        [start] = [e for e in net.target_hosting.log if e[0] == "start"]
+        assert start[3] is None and start[5] is True  # started held, the pre-copy kept aside
         assert net.restored() == [FINAL]  # exactly the final checkpoint, restored once
         assert net.serving() == ["target"]
         assert net.target.arrivals.get("counter", report["epoch"]).phase is Phase.COMMITTED
@@ -210,7 +214,7 @@ def test_the_source_serves_until_the_switch(net: PrecopyNet) -> None:
         net.target.cmd_inject_fault("migrate_commit", migration_mod.COMMIT_TRIES)  # undecided
         report = await net.migrate()
         assert report is not None and report["pending"], report
-        assert process.calls == ["get_state", "get_state", "hold", "get_state"]  # type: ignore[union-attr]
+        assert process.calls == ["get_state", "hold", "get_state"]  # type: ignore[union-attr]
         entry = net.source_hosting.registry.entries["counter"]
         assert entry["register"] is False and entry["checkpoint"] == FINAL
         [record] = net.records()
@@ -226,9 +230,8 @@ def test_a_refused_precopy_leaves_the_source_serving_untouched(net: PrecopyNet) 
         net.target.cmd_inject_fault("state_transfer")
         report = await net.migrate()
         assert report is not None and not report["ok"], report
-        assert net.sent == ["MIGRATE_start", "STATE_TRANSFER", "MIGRATE_cancel"]
+        assert net.sent == ["MIGRATE_start", "MIGRATE_cancel"]
         assert net.serving() == ["source"] and net.source_started_from() is None  # never stopped
-        assert ("stop", "counter", True) in net.target_hosting.log
         assert net.records() == []
         # registered again without S: the HOA drops a binding the target may have kept
         assert net.source_hosting.objects["counter"].client.history == ["register"]  # type: ignore[union-attr]
@@ -477,8 +480,7 @@ def test_a_final_checkpoint_too_large_serves_here_again_from_it(net: PrecopyNet,
     """It grew past what a move carries while held: the target is cancelled (if it heard of
     the move) and the object starts here again from that final state, not killed."""
     big = dict(FINAL, object={"blob": "x" * migration_mod.MAX_CHECKPOINT_BYTES})
-    net.source_hosting.objects["counter"].process.states = (  # type: ignore[union-attr]
-        [CHECK, PRECOPY, big] if mode == "make-before-break" else [CHECK, big])
+    net.source_hosting.objects["counter"].process.states = [CHECK, big]  # type: ignore[union-attr]
 
     async def go() -> None:
         report = await net.migrate(mode)
