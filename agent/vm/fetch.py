@@ -240,8 +240,10 @@ def _get(sftp: SFTPLike, remote: str, local: Path, limit: int, result: FetchResu
     with sftp.open(remote, "rb") as src, open(local, "xb") as dst:
         if size and size > PREFETCH_ABOVE and hasattr(src, "prefetch"):
             src.prefetch(size)  # pipelined reads: one round trip per window, not per chunk
+        # A small file in one read (and the one that finds its end); a large one in chunks.
+        want = size + 1 if size is not None and size <= PREFETCH_ABOVE else 1 << 16
         while True:
-            chunk = src.read(max(1 << 16, (size or 0) + 1))
+            chunk = src.read(want)
             if not chunk:
                 break
             n += len(chunk)
