@@ -745,9 +745,18 @@ class MigrationRole(Role):
         if record.phase == "starting":
             await self._abort(record)
             self._done(record)
-            if record.name not in self.hosting.objects:
+            hosted = self.hosting.objects.get(record.name)
+            if hosted is None:
                 log.error("move %s of %s never stopped it here, yet it does not run here",
                           record.epoch, record.name)
+            elif hosted.process is not None:
+                # A pre-copy source that died between its hold and its record left the
+                # object held: it serves again (a no-op for one that never was held).
+                try:
+                    await hosted.process.call("serve")
+                except ObjectProcessError as exc:
+                    log.warning("move %s of %s: the object here did not take serve: %s",
+                                record.epoch, record.name, exc)
             return "kept"
         if record.phase == "stopped":
             await self._give_back(record)

@@ -58,6 +58,9 @@ class LiveProcess:
         if cmd == "hold":
             self.held = True
             return {"queued": 1}
+        if cmd == "serve":
+            self.held = False
+            return {"replayed": 1}
         assert cmd == "get_state", cmd
         state = self.states[0] if len(self.states) == 1 else self.states.pop(0)
         return copy.deepcopy(state)
@@ -488,4 +491,24 @@ def test_a_final_checkpoint_too_large_serves_here_again_from_it(net: PrecopyNet,
         assert not report["killed"] and net.records() == []
         assert net.source_started_from() == big and net.serving() == ["source"]
         assert "counter" not in net.target_hosting.objects
+    run(go)
+
+
+def test_the_source_dying_between_its_hold_and_its_record_serves_again(
+        net: PrecopyNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the ``starting`` record is on disk, the object (taken over) is held: the restarted
+    source cancels the target and makes the object serve again, from its own state."""
+    async def go() -> None:
+        def crash_before_the_record(*_: Any, **__: Any) -> None:
+            raise migration_mod._Crashed("r22c killed between hold and record")
+
+        monkeypatch.setattr(net.source, "_keep", crash_before_the_record)
+        assert await net.migrate() is None
+        process = net.source_hosting.objects["counter"].process
+        assert process.held  # type: ignore[union-attr]
+        [record] = net.records()
+        assert record.phase == "starting"
+        await net.restart_source(keep_objects=True)
+        assert not process.held and net.serving() == ["source"]  # type: ignore[union-attr]
+        assert net.sent[-1] == "MIGRATE_cancel" and net.records() == []
     run(go)
