@@ -1,13 +1,17 @@
 """The handoff experiment — ``sudo moat run handoff`` (and what ``sudo make demo`` runs).
 
-In the patent's topology a corresponding object on foreign network 14 (host co14) sends
+In the patent's topology three corresponding objects, one on each network (co12 on foreign
+network 12, co14 on foreign network 14, dns23 on the home network 16), each send their own
 numbered requests at a fixed rate to the object ``counter`` at its home address 10.16.0.100,
 while the object moves, running and with its state, home (r22c) → net 12 (r18b) → net 14
 (r20a) → home, in make-before-break and break-before-make mode, for several rounds. Requests
 reach it wherever it is through the home agent's GRE tunnel (proxy ARP on the home LAN, GRE
 with the binding id as key on the backbone, decapsulation at the foreign agent).
 
-Per handoff it measures, from the corresponding object's own log:
+Per handoff it measures, from the corresponding objects' logs (the table gives the lost
+requests and the median reply latency of each CO beside the totals, and the timeline one
+panel per CO: a foreign agent that kept a moved object as its visitor would show as the
+requests of its own network's CO lost, issue 18):
 
 * disruption: ms from the last reply served at the old place to the first reply served at
   the new place (0 when both overlap, as in make-before-break's bicast);
@@ -49,11 +53,14 @@ log = logging.getLogger(__name__)
 
 OBJECT = "counter"
 CO_HOST = "co14"
+#: The corresponding objects of the handoff experiment: one on each network, by host.
+CO_HOSTS = {"co12": "net 12", "co14": "net 14", "dns23": "home"}
 ITINERARY = [("net 12", "r18b"), ("net 14", "r20a"), ("home", "r22c")]
 HOME_ROUTER = "r22c"
 MODES = {"mbb": "make-before-break", "bbm": "break-before-make"}
 HANDOFF_COLUMNS = ["n", "round", "mode", "transfer", "from", "to", "ok", "disruption_ms", "lost",
-                   "sent", "registration_ms", "migration_ms"]
+                   "sent", *(f"lost_{co}" for co in CO_HOSTS),
+                   *(f"latency_ms_{co}" for co in CO_HOSTS), "registration_ms", "migration_ms"]
 TRANSFERS = {"precopy": ["precopy"], "stop-copy": ["stop-copy"], "both": ["precopy", "stop-copy"]}
 #: The baseline every figure is compared with (the old path).
 BASELINE = "stop-copy"
@@ -64,57 +71,105 @@ COMPARED = ("disruption_ms_median", "disruption_ms_worst", "migration_ms_median"
 @contextlib.contextmanager
 def load_generator(moat: MoatNetwork, rate: float, duration: float, out: Path):
     """co14 sends requests for ``duration`` s (bounded) while the block runs."""
-    ready = moat.run.dir / "co.ready"
-    proc = moat.net[CO_HOST].popen(
-        [sys.executable, "-m", "nodetools.co_load", "--dst", moat.objects[OBJECT].home_address,
-         "--rate", str(rate), "--duration", str(duration), "--client", CO_HOST, "--out", str(out),
-         "--ready", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with load_generators(moat, rate, duration, {CO_HOST: out}) as procs:
+        yield procs[0]
+
+
+@contextlib.contextmanager
+def load_generators(moat: MoatNetwork, rate: float, duration: float, outs: dict[str, Path]):
+    """Each host of ``outs`` sends its own requests (``rate`` per second each, its log to
+    its path) for ``duration`` s (bounded) while the block runs."""
+    procs = []
     try:
-        moat.wait_for(lambda: ready.exists() or proc.poll() is not None, timeout=10, interval=0.01)
-        yield proc
+        for host, out in outs.items():
+            ready = moat.run.dir / f"co-{host}.ready"
+            proc = moat.net[host].popen(
+                [sys.executable, "-m", "nodetools.co_load", "--dst",
+                 moat.objects[OBJECT].home_address, "--rate", str(rate), "--duration",
+                 str(duration), "--client", host, "--out", str(out), "--ready", str(ready)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            procs.append(proc)
+            moat.wait_for(lambda: ready.exists() or proc.poll() is not None, timeout=10,
+                          interval=0.01)
+        yield procs
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # the generator writes its log on SIGTERM too
-        proc.communicate(timeout=30)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()  # the generator writes its log on SIGTERM too
+        for proc in procs:
+            proc.communicate(timeout=30)
 
 
-def read_requests(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def analyse(requests: list[dict[str, Any]], moves: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Disruption and loss per move, from the corresponding object's log (wall clock)."""
-    rows = []
-    replies = sorted((r["at"], r["served_by"]) for q in requests for r in q["replies"])
-    for i, move in enumerate(moves):
-        start, end = move["started"], (moves[i + 1]["started"] if i + 1 < len(moves) else float("inf"))
-        window = [q for q in requests if start <= q["sent"] < end]
-        lost = sum(1 for q in window if not q["replies"])
-        old_replies = [t for t, by in replies if by == move["from"] and start - 1 <= t < end]
-        new_replies = [t for t, by in replies if by == move["to"] and start <= t < end]
-        last_old = max(old_replies, default=None)
-        first_new = min(new_replies, default=None)
-        disruption = None
-        if last_old is not None and first_new is not None:
-            disruption = max(0.0, first_new - last_old) * 1000
-        rows.append(dict(move, lost=lost, sent=len(window),
-                         disruption_ms=None if disruption is None else round(disruption, 2)))
+def read_requests(path: Path, co: str = "") -> list[dict[str, Any]]:
+    """One CO's log; each request marked with ``co`` when given (several COs' logs merge)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if co:
+        for q in rows:
+            q["co"] = co
     return rows
 
 
+def analyse(requests: list[dict[str, Any]], moves: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Disruption and loss per move, from the corresponding objects' logs (wall clock).
+
+    ``lost`` and ``sent`` are totals over every CO, ``disruption_ms`` the worst CO's (None
+    if some CO never heard the new place); ``lost_<co>``, ``sent_<co>``, ``disruption_ms_<co>``
+    and ``latency_ms_<co>`` (median reply latency in the move's window) are each CO's."""
+    cos = sorted({q.get("co", "") for q in requests})
+    rows = []
+    for i, move in enumerate(moves):
+        start, end = move["started"], (moves[i + 1]["started"] if i + 1 < len(moves) else float("inf"))
+        row = dict(move, lost=0, sent=0, disruption_ms=0.0)
+        for co in cos:
+            mine = [q for q in requests if q.get("co", "") == co]
+            one = _one_co(mine, move, start, end)
+            row["lost"] += one["lost"]
+            row["sent"] += one["sent"]
+            if one["disruption_ms"] is None or row["disruption_ms"] is None:
+                row["disruption_ms"] = None
+            else:
+                row["disruption_ms"] = max(row["disruption_ms"], one["disruption_ms"])
+            if co:
+                row.update({f"{k}_{co}": v for k, v in one.items()})
+        rows.append(row)
+    return rows
+
+
+def _one_co(requests: list[dict[str, Any]], move: dict[str, Any], start: float, end: float
+            ) -> dict[str, Any]:
+    replies = sorted((r["at"], r["served_by"]) for q in requests for r in q["replies"])
+    window = [q for q in requests if start <= q["sent"] < end]
+    old_replies = [t for t, by in replies if by == move["from"] and start - 1 <= t < end]
+    new_replies = [t for t, by in replies if by == move["to"] and start <= t < end]
+    last_old = max(old_replies, default=None)
+    first_new = min(new_replies, default=None)
+    disruption = None
+    if last_old is not None and first_new is not None:
+        disruption = round(max(0.0, first_new - last_old) * 1000, 2)
+    latencies = [(min(r["at"] for r in q["replies"]) - q["sent"]) * 1000
+                 for q in window if q["replies"]]
+    return {"lost": sum(1 for q in window if not q["replies"]), "sent": len(window),
+            "disruption_ms": disruption,
+            "latency_ms": round(statistics.median(latencies), 2) if latencies else None}
+
+
 def state_survived(requests: list[dict[str, Any]]) -> dict[str, Any]:
-    """The counter counted every served request exactly once, across every move."""
-    counts = {}
+    """The counter counted every served request exactly once, across every move (and
+    across COs: each CO's requests in its own order, every count given once)."""
+    counts: dict[tuple[str, int], set] = {}
     for q in requests:
         for r in q["replies"]:
             if r.get("ok"):
-                counts.setdefault(q["seq"], set()).add(r["result"]["count"])
+                counts.setdefault((q.get("co", ""), q["seq"]), set()).add(r["result"]["count"])
     consistent = all(len(c) == 1 for c in counts.values())  # bicast copies agree
-    ordered = [next(iter(c)) for _, c in sorted(counts.items())]
-    monotonic = all(b > a for a, b in zip(ordered, ordered[1:]))
-    return {"answered": len(counts), "final_count": ordered[-1] if ordered else 0,
+    ordered = [(co, next(iter(c))) for (co, _), c in sorted(counts.items())]
+    monotonic = all(b > a for (x, a), (y, b) in zip(ordered, ordered[1:]) if x == y)
+    values = sorted(v for _, v in ordered)
+    final = values[-1] if values else 0
+    once = values == list(range(1, len(values) + 1))
+    return {"answered": len(counts), "final_count": final,
             "consistent": consistent, "monotonic": monotonic,
-            "exact": bool(ordered) and ordered[-1] == len(counts) and monotonic and consistent}
+            "exact": bool(values) and once and monotonic and consistent}
 
 
 def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list[dict[str, Any]],
@@ -124,36 +179,48 @@ def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t0 = requests[0]["sent"] if requests else 0.0
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    colours = {}
-    for q in requests:
-        if q["replies"]:
-            first = min(q["replies"], key=lambda r: r["at"])
-            by = first["served_by"]
-            colours.setdefault(by, f"C{len(colours)}")
-            ax.plot(q["sent"] - t0, (first["at"] - q["sent"]) * 1000, ".", ms=2, color=colours[by])
-    lost = [q["sent"] - t0 for q in requests if not q["replies"]]
-    top = max([1.0] + [(min(r["at"] for r in q["replies"]) - q["sent"]) * 1000 for q in requests if q["replies"]])
-    if lost:
-        ax.plot(lost, [top * 1.1] * len(lost), "x", color="red", ms=4, label="lost")
-    for m in moves:
-        ax.axvline(m["started"] - t0, color="grey", lw=0.8, ls="--")
-        short = ("MBB" if m["mode"] == "make-before-break" else "BBM") + \
-            ("/pre" if m.get("transfer") == "precopy" else "")
-        ax.text(m["started"] - t0, top * 1.2, f"{short}→{m['to']}", rotation=90, fontsize=7, va="bottom")
+    t0 = min((q["sent"] for q in requests), default=0.0)
+    cos = sorted({q.get("co", "") for q in requests}) or [""]
+    fig, axs = plt.subplots(len(cos), 1, figsize=(12, 1.2 + 3.3 * len(cos)), sharex=True,
+                            squeeze=False)
+    colours: dict[str, str] = {}
+    for n, (ax, co) in enumerate(zip(axs[:, 0], cos)):  # one panel per CO: its own requests
+        mine = [q for q in requests if q.get("co", "") == co]
+        for q in mine:
+            if q["replies"]:
+                first = min(q["replies"], key=lambda r: r["at"])
+                by = first["served_by"]
+                colours.setdefault(by, f"C{len(colours)}")
+                ax.plot(q["sent"] - t0, (first["at"] - q["sent"]) * 1000, ".", ms=2,
+                        color=colours[by])
+        lost = [q["sent"] - t0 for q in mine if not q["replies"]]
+        top = max([1.0] + [(min(r["at"] for r in q["replies"]) - q["sent"]) * 1000
+                           for q in mine if q["replies"]])
+        if lost:
+            ax.plot(lost, [top * 1.1] * len(lost), "x", color="red", ms=4, label="lost")
+        for m in moves:
+            ax.axvline(m["started"] - t0, color="grey", lw=0.8, ls="--")
+            if n == 0:
+                short = ("MBB" if m["mode"] == "make-before-break" else "BBM") + \
+                    ("/pre" if m.get("transfer") == "precopy" else "")
+                ax.text(m["started"] - t0, top * 1.2, f"{short}→{m['to']}", rotation=90,
+                        fontsize=7, va="bottom")
+        where = CO_HOSTS.get(co, "")
+        ax.set_ylabel(f"{co} ({where})\nreply latency (ms)" if co else "reply latency (ms)",
+                      fontsize=8)
+        if lost and n:
+            ax.legend(loc="upper right", fontsize=7)
     for by, c in colours.items():
-        ax.plot([], [], ".", color=c, label=f"served by {by}")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("reply latency (ms)")
-    ax.set_title("Handoff timeline: reply latency seen by the corresponding object on net 14", pad=48)
-    ax.legend(loc="upper right", fontsize=8)
+        axs[0, 0].plot([], [], ".", color=c, label=f"served by {by}")
+    axs[0, 0].legend(loc="upper right", fontsize=7)
+    axs[-1, 0].set_xlabel("time (s)")
+    axs[0, 0].set_title("Handoff timeline: reply latency seen by each corresponding object", pad=48)
     fig.tight_layout()
     timeline = dest / "timeline.png"
     fig.savefig(timeline, dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     groups = sorted({(r["mode"], r.get("asked", "")) for r in rows})
     names = [f"{m}\n{t}" if t else m for m, t in groups]
     for ax, metric, label in ((axes[0], "disruption_ms", "disruption (ms)"), (axes[1], "lost", "requests lost")):
@@ -166,6 +233,15 @@ def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list
         ax.set_xticks(list(x), names, fontsize=7)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
+    width = 0.8 / max(1, len(CO_HOSTS))  # each CO's own losses, summed over the group's moves
+    for k, co in enumerate(CO_HOSTS):
+        total = [sum(r.get(f"lost_{co}") or 0 for r in rows
+                     if (r["mode"], r.get("asked", "")) == g) for g in groups]
+        axes[2].bar([i - 0.4 + width * (k + 0.5) for i in range(len(groups))], total, width,
+                    label=f"{co} ({CO_HOSTS[co]})")
+    axes[2].set_xticks(list(range(len(groups))), names, fontsize=7)
+    axes[2].set_ylabel("requests lost, per CO (total)")
+    axes[2].legend(fontsize=8)
     fig.suptitle("make-before-break vs break-before-make")
     fig.tight_layout()
     compare = dest / "modes.png"
@@ -186,7 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     moves: list[dict[str, Any]] = []
     with moat, contextlib.ExitStack() as stack:
         print(f"run {moat.run.run_id}: {n_moves} handoffs ({', '.join(modes)}; "
-              f"{' and '.join(transfers)}; {args.rounds} rounds), {args.rate:g} requests/s from {CO_HOST}")
+              f"{' and '.join(transfers)}; {args.rounds} rounds), {args.rate:g} requests/s from each of "
+              f"{', '.join(CO_HOSTS)}")
         for name, intf, node in (("home_lan", "s16", None), ("foreign_lan_12", "s12", None),
                                  ("backbone_r22a_r18a", "r22a-eth1", "r22a")):
             stack.enter_context(moat.capture(intf, name, node=node))
@@ -204,8 +281,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             moat.place_object(OBJECT, HOME_ROUTER)
         moat.wait_for(lambda: moat.agent(HOME_ROUTER).call("objects")[0]["at_home"], timeout=15, interval=0.01)
-        log_path = moat.run.dir / "co.jsonl"
-        with load_generator(moat, args.rate, duration, log_path):
+        logs = {co: moat.run.dir / f"co-{co}.jsonl" for co in CO_HOSTS}
+        with load_generators(moat, args.rate, duration, logs):
             time.sleep(args.dwell)  # steady state before the first move
             bar = tqdm(total=n_moves, desc="handoffs", unit="move", file=sys.stderr)
             here = HOME_ROUTER
@@ -234,7 +311,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.close()
         dest = results_dir("handoff", moat.run.run_id, args.results)
         copy_captures(moat.run.dir / "captures", dest)
-        requests = read_requests(log_path)
+        requests = sorted((q for co, path in logs.items() for q in read_requests(path, co)),
+                          key=lambda q: q["sent"])
     rows = analyse(requests, moves)
     survived = state_survived(requests)
     survived["object_count"] = final["state"]["count"]
@@ -243,10 +321,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows:
         window = [q for q in requests if row["started"] - 0.5 <= q["sent"] < row["started"] + args.dwell]
         write_csv(dest / f"handoff_{row['n']:02d}.csv",
-                  [{"seq": q["seq"], "sent": q["sent"], "replies": len(q["replies"]),
+                  [{"co": q["co"], "seq": q["seq"], "sent": q["sent"],
+                    "replies": len(q["replies"]),
                     "first_reply": min((r["at"] for r in q["replies"]), default=None),
                     "served_by": ",".join(sorted({r["served_by"] for r in q["replies"]}))} for q in window],
-                  ["seq", "sent", "replies", "first_reply", "served_by"])
+                  ["co", "seq", "sent", "replies", "first_reply", "served_by"])
     # "modes": the moves made with the first transfer asked (pre-copy by default);
     # "baseline": those made with stop-copy in the same run; "ratio": the first over the second.
     per_mode = {mode: figures([r for r in rows if r["mode"] == mode and r["asked"] == transfers[0]])
@@ -279,7 +358,21 @@ def figures(mine: list[dict[str, Any]]) -> dict[str, Any]:
         "lost_worst": max([r["lost"] for r in mine]) if mine else None,
         "lost_total": sum(r["lost"] for r in mine),
         "migration_ms_median": statistics.median(m) if m else None,
+        # Each corresponding object's own figures (its network's view of the moves).
+        "by_co": {co: {
+            "lost_total": sum(r.get(f"lost_{co}") or 0 for r in mine),
+            "sent": sum(r.get(f"sent_{co}") or 0 for r in mine),
+            "latency_ms_median": _median([r.get(f"latency_ms_{co}") for r in mine]),
+            "disruption_ms_worst": max((r[f"disruption_ms_{co}"] for r in mine
+                                        if r.get(f"disruption_ms_{co}") is not None),
+                                       default=None),
+        } for co in CO_HOSTS},
     }
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None
 
 
 def _ratio(new: float | None, old: float | None) -> float | None:
@@ -324,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     groups += [{"mode": m, "transfer": "ratio", **v} for m, v in summary["ratio"].items()]
     print(format_table(groups, ["mode", "transfer", "handoffs", "failed", *COMPARED,
                                 "lost_median", "lost_worst", "lost_total"]))
+    per_co = [{"mode": m, "co": f"{co} ({CO_HOSTS.get(co, '')})", **f}
+              for m, v in summary["modes"].items() for co, f in v["by_co"].items()]
+    print()
+    print(format_table(per_co, ["mode", "co", "sent", "lost_total", "latency_ms_median",
+                                "disruption_ms_worst"]))
     st = summary["state"]
     print(f"\ncounter state: {st['answered']} requests answered, final count {st['final_count']} "
           f"(object says {st['object_count']}); every request counted exactly once: {st['exact']}")
