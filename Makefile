@@ -44,7 +44,7 @@ demo: setup
 
 test: setup
 	$(require_root)
-	$(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=25 tests
 
 clean:
 	rm -rf .pytest_cache
