@@ -17,7 +17,10 @@ runs limited, accounted and unprivileged: there is no window to close, unlike
 ``prlimit()``/``cgroup.procs`` written by the parent after the fork. The launcher reports
 failures on a close-on-exec pipe; EOF on it means the object's program is running. The cost
 is one short-lived interpreter start per object start (tens of milliseconds) and the relay,
-a waiting interpreter (about 4 MiB, in the object's cgroup, so counted in its memory).
+a waiting interpreter (about 4 MiB, in the object's cgroup, so counted in its memory). The
+fork path (:data:`START_MODES`, :mod:`agent.hosting.forkserver`, the default) saves the
+interpreter starts: the agent's fork server forks a launcher that takes the same steps (the
+same functions) and runs the runtime in-process.
 
 Isolation between objects (each holds on its own, the next one does not rely on it):
 
