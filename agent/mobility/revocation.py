@@ -51,6 +51,9 @@ MAX_TRIES = 4
 FIRST_RETRY = 0.2
 #: Revocations awaiting an acknowledgement at most (the oldest is given up beyond).
 MAX_PENDING = 1024
+#: A revocation not acknowledged this many seconds after the binding went is given up even
+#: if nobody called :meth:`Revoker.due` (a nested home agent, which sends none yet).
+GIVE_UP_AFTER = 10.0
 #: HOAs an FOA remembers the last revocation id of (the least recently heard is forgotten).
 MAX_HOAS = 256
 
@@ -135,6 +138,9 @@ class Revoker:
                                          self._next_id(), b.identification, RevocationFlags.A)
             data = append_auth(rev.encode(), ExtType.FOREIGN_HOME_AUTH, cred.spi, cred.key)
             now = self.clock()
+            for rid in [r for r, n in self.pending.items() if n.created < now - GIVE_UP_AFTER]:
+                del self.pending[rid]
+                self.stats["given_up"] += 1
             notice = Notice(rev, data, cred, b.care_of_address, 0, now, now)
             self.pending[rev.revocation_id] = notice
             while len(self.pending) > MAX_PENDING:

@@ -13,7 +13,7 @@ from agent.mobility.bindings import Visitor
 from agent.mobility.foreign import ForeignAgent
 from agent.mobility.home import HomeAgent
 from agent.mobility.journal import binding_fields, visitor_fields
-from agent.mobility.revocation import FIRST_RETRY, MAX_TRIES, RevocationRefused
+from agent.mobility.revocation import FIRST_RETRY, GIVE_UP_AFTER, MAX_TRIES, RevocationRefused
 from packets import (
     ExtType,
     MalformedMessage,
@@ -266,6 +266,17 @@ def test_retries_back_off_and_stop_after_max_tries(world: World) -> None:
     assert gaps == [FIRST_RETRY * 2 ** i for i in range(MAX_TRIES - 1)]
     assert revoker.pending == {} and revoker.stats["given_up"] == 1
     assert revoker.stats["sent"] == 1 and revoker.stats["retried"] == MAX_TRIES - 1
+
+
+def test_notices_nobody_sends_are_given_up_all_the_same(world: World) -> None:
+    """A nested home agent computes revocations but sends none: they must not pile up."""
+    world.register(COA1)
+    world.register(COA2)
+    assert len(world.hoa.revoker.pending) == 1
+    world.clock.advance(GIVE_UP_AFTER + 1)
+    world.register(COA1)
+    assert [n.to for n in world.hoa.revoker.pending.values()] == [COA2]
+    assert world.hoa.revoker.stats["given_up"] == 1
 
 
 @pytest.mark.parametrize("case", ["wrong source", "forged", "unknown id", "other object"])
