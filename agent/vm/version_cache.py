@@ -16,7 +16,8 @@ version again). Whatever the cache gives, the provisioning still verifies the co
 installs (signature and hashes, :func:`agent.vm.repository.install_service`): a cached
 version is verified before each start, never trusted because it is cached.
 
-``<root>/<service>/latest.json`` says which key the site served last and when: with the
+``<root>/<service>/latest.json`` says which key the site served last (and when it first
+did): with the
 site unreachable, the VM manager may start that version (the choice is the manager's; an
 upgrade never does). Each service keeps at most ``max_versions`` entries; the least recently
 used go first.
@@ -193,8 +194,12 @@ class VersionCache:
         return path
 
     def seen(self, service: str, version: str, digest: str) -> None:
-        """Record that the site serves (service, version, digest) now."""
+        """Record that the site serves (service, version, digest) now (written only when it
+        changed: a warm provisioning pays no fsync for it)."""
         self.path_for(service, version, digest)  # checks the names
+        last = self.latest(service)
+        if last is not None and last[:2] == (version, digest):
+            return
         _atomic_write(self.root / service / LATEST_FILE, json.dumps(
             {"version": version, "digest": digest, "at": self._clock()}).encode())
 

@@ -269,3 +269,21 @@ def test_a_wrong_host_key_is_never_taken_for_offline(site: FakeSite, repo: Repo,
     site.restart(new_host_key=True)
     with pytest.raises(HostKeyMismatch):
         fetch(site, tmp_path / "b", versions=versions, allow_offline=True)
+
+
+def test_offline_gives_the_version_the_site_served_last(site: FakeSite, repo: Repo,
+                                                        tmp_path: Path) -> None:
+    """1.0, then 2.0, then 1.0 again at the site: offline, the cache gives 1.0 (the last one
+    served), not the newest it holds."""
+    versions = VersionCache(tmp_path / "vc")
+    fetch(site, tmp_path / "a", versions=versions)
+    repo.publish("2.0")
+    fetch(site, tmp_path / "b", versions=versions)
+    site.stop()
+    assert fetch(site, tmp_path / "c", versions=versions, allow_offline=True).version == "2.0"
+    site.start()
+    shutil.rmtree(repo.root / SERVICE)
+    shutil.copytree(repo.tmp / "out-1.0", repo.root / SERVICE)
+    assert fetch(site, tmp_path / "d", versions=versions).version_cached
+    site.stop()
+    assert fetch(site, tmp_path / "e", versions=versions, allow_offline=True).version == "1.0"
