@@ -11,7 +11,8 @@ fetch at a time.
   one and refuses (:class:`~agent.vm.errors.HostKeyMismatch`) before authenticating; a
   re-open is never more trusting than the first open.
 * **Re-opened on failure.** A kept session found dead before use (the site restarted, the
-  TCP connection reset) is replaced; one that fails *during* a use (its transport dropped,
+  TCP connection reset, or no answer to one small request within ``check_timeout``: a
+  firewall dropping the site's packets) is replaced; one that fails *during* a use (its transport dropped,
   a request timed out) is closed and the use is tried once more on a fresh session. A fresh
   session that fails is the caller's :class:`~agent.vm.errors.SiteUnreachable`. An SFTP
   error on a live session (no such file) is the use's own and is not retried.
@@ -52,6 +53,10 @@ DEFAULT_MAX_SESSIONS = 4
 #: A session unused this long is re-opened before use rather than trusted: a NAT or a
 #: firewall between router and site may have forgotten it without either end noticing.
 DEFAULT_MAX_IDLE_S = 300.0
+#: A kept session answers one small request within this before it is lent (else it is
+#: dropped and re-opened): a site that went silent (a firewall dropping its packets, a
+#: crash without a reset) costs this, not a whole ``io_timeout``, before the re-open.
+DEFAULT_CHECK_TIMEOUT = 2.0
 #: Errors of the session itself (not of one SFTP request): the session is dropped.
 SESSION_ERRORS = (socket.timeout, EOFError, paramiko.SSHException, ConnectionError)
 
@@ -106,6 +111,7 @@ class SessionPool:
 
     def __init__(self, opener: Opener, *, max_sessions: int = DEFAULT_MAX_SESSIONS,
                  max_idle_s: float = DEFAULT_MAX_IDLE_S,
+                 check_timeout: float = DEFAULT_CHECK_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``opener``: how a session is opened, pinned (:func:`agent.vm.fetch.open_session`;
         a test may give another)."""
@@ -113,6 +119,7 @@ class SessionPool:
             raise ValueError("a session pool keeps at least one session")
         self.max_sessions = max_sessions
         self.max_idle_s = max_idle_s
+        self.check_timeout = check_timeout
         self._opener = opener
         self._clock = clock
         self._sessions: OrderedDict[SiteKey, KeptSession] = OrderedDict()
@@ -169,17 +176,33 @@ class SessionPool:
             session = self._sessions.get(site)
         if session is not None:
             idle = self._clock() - session.last_used
-            if session.alive() and idle <= self.max_idle_s:
+            why = (f"idle {idle:.0f} s" if idle > self.max_idle_s
+                   else "dead before use" if not session.alive()
+                   else self._check(session, io_timeout))
+            if why is None:
                 with self._guard:
                     self._sessions.move_to_end(site)
                 self.reused += 1
                 return session, "kept"
-            self._drop(site, session, "dead before use" if idle <= self.max_idle_s
-                       else f"idle {idle:.0f} s")
+            self._drop(site, session, why)
             fresh = self._open(site, timeout, io_timeout)
             self.reopened += 1
             return fresh, "reopened"
         return self._open(site, timeout, io_timeout), "new"
+
+    def _check(self, session: KeptSession, io_timeout: float) -> str | None:
+        """One small request with a short timeout (one round trip on a live session); why
+        the session is not fit to lend, or None."""
+        try:
+            channel = session.sftp.get_channel()
+            channel.settimeout(min(self.check_timeout, io_timeout))
+            try:
+                session.sftp.normalize(".")
+            finally:
+                channel.settimeout(io_timeout)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the session is not lent
+            return f"no answer to a check within {self.check_timeout:g} s: {exc!r}"
+        return None
 
     @staticmethod
     def _session_failed(session: KeptSession, exc: BaseException) -> bool:

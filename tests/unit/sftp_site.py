@@ -43,6 +43,9 @@ class _Sftp(paramiko.SFTPServerInterface):
         return real
 
     def canonicalize(self, path: str) -> str:
+        if self.site.stall.is_set():
+            self.site.stall.clear()
+            self.site.stalled.wait(10)  # this one request goes unanswered for a while
         rel = os.path.relpath(self._real(path), os.path.realpath(self.site.root))
         return "/" if rel == "." else "/" + rel
 
@@ -101,6 +104,10 @@ class FakeSite:
         self.logins = 0
         self.opened: list[str] = []
         self.transports: list[paramiko.Transport] = []
+        #: Set: the next path request is not answered until ``stalled`` is set (a site gone
+        #: silent without closing anything).
+        self.stall = threading.Event()
+        self.stalled = threading.Event()
         self.port = 0
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
@@ -145,6 +152,7 @@ class FakeSite:
 
     def stop(self) -> None:
         """Stop listening and drop every session."""
+        self.stalled.set()
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread

@@ -287,3 +287,23 @@ def test_offline_gives_the_version_the_site_served_last(site: FakeSite, repo: Re
     assert fetch(site, tmp_path / "d", versions=versions).version_cached
     site.stop()
     assert fetch(site, tmp_path / "e", versions=versions, allow_offline=True).version == "1.0"
+
+
+def test_a_silent_kept_session_is_replaced_after_the_short_check(site: FakeSite,
+                                                                 tmp_path: Path) -> None:
+    """The site stops answering on the kept session without closing it (a firewall dropping
+    its packets): the pool's check gives up after check_timeout, not the fetch's io_timeout,
+    and the fetch goes on a new session."""
+    import time
+
+    pool = SessionPool(open_session, check_timeout=0.3)
+    try:
+        fetch(site, tmp_path / "a", pool=pool)
+        site.stall.set()
+        started = time.monotonic()
+        result = fetch(site, tmp_path / "b", pool=pool)  # io_timeout is 5 s
+        assert time.monotonic() - started < 3
+        assert result.session == "reopened" and site.logins == 2 and pool.dropped == 1
+    finally:
+        site.stalled.set()
+        pool.close()
