@@ -151,3 +151,23 @@ def test_the_bench_summary_gives_medians_p90_and_the_ratio() -> None:
 def test_the_default_server_belongs_to_this_process() -> None:
     one = forkserver.default_server(launcher_env())
     assert forkserver.default_server(launcher_env()) is one and one.pid is None  # not started
+
+
+def test_joining_cgroups_writes_0_to_a_v1_tasks_file_and_the_pid_to_v2_procs(tmp_path) -> None:
+    """A single-threaded launcher joins a v1 hierarchy through ``tasks`` ("0": itself, with
+    no wait for the global threadgroup lock's grace period); a v2 group (no ``tasks``) and
+    any group named by a file other than cgroup.procs get the pid."""
+    import os as _os
+
+    from agent.hosting.sandbox_exec import join_cgroups
+
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir(), v2.mkdir()
+    for path in (v1 / "tasks", v1 / "cgroup.procs", v2 / "cgroup.procs"):
+        path.write_text("")
+    join_cgroups([str(v1 / "cgroup.procs"), str(v2 / "cgroup.procs")], threads=1)
+    assert (v1 / "tasks").read_text() == "0" and (v1 / "cgroup.procs").read_text() == ""
+    assert (v2 / "cgroup.procs").read_text() == str(_os.getpid())
+    (v1 / "tasks").write_text("")
+    join_cgroups([str(v1 / "cgroup.procs")], threads=2)  # "0" in tasks would move one thread
+    assert (v1 / "tasks").read_text() == "" and (v1 / "cgroup.procs").read_text() == str(_os.getpid())
