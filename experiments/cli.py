@@ -506,6 +506,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_broker import main as bench_main
 
         return bench_main(args.rest) or 0
+    if args.which == "objstart":
+        from .bench_objstart import main as bench_main
+
+        return bench_main(args.rest) or 0
     from .bench_registration import main as bench_main
 
     return bench_main(args.rest) or 0
@@ -628,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")
     p = sub.add_parser("bench", help="run a benchmark")
-    p.add_argument("which", choices=["packets", "registration", "tunnel", "provision", "broker"])
+    p.add_argument("which", choices=["packets", "registration", "tunnel", "provision", "broker", "objstart"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
