@@ -1,24 +1,23 @@
 """Malformed packets at every agent (issue 3, line 13): never a dead agent, never a changed
-binding. Mutations come from a real host on the network, as real packets. Both ways an
-object can start (issue 14): forked by its agent's fork server and exec'd."""
+binding. Mutations come from a real host on the network, as real packets. Objects start the
+default way (forked by the agent's fork server); the malformed packets never reach an object's
+start path, so the exec'd way is not run again here (test_sandbox.py and
+test_object_survives_agent.py run both)."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.hosting.sandbox import ENV_SANDBOX_START, START_MODES
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 
 MUTATIONS = 1000
 
 
-@pytest.fixture(scope="module", params=START_MODES)
-def net(request):
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ENV_SANDBOX_START, request.param)  # the agents inherit it
-        with MoatNetwork(PatentTopo(), advertise_interval=0.5) as m:
-            yield m
+@pytest.fixture(scope="module")
+def net():
+    with MoatNetwork(PatentTopo(), advertise_interval=0.5) as m:
+        yield m
 
 
 def stable(rows: list[dict]) -> list[tuple]:
