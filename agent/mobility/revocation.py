@@ -44,16 +44,17 @@ from agent.mobility.bindings import Binding
 
 log = logging.getLogger(__name__)
 
-#: Sends of one revocation at most (the first and its retries); then the visitor is left to
-#: expire at the FOA as before.
-MAX_TRIES = 4
+#: Sends of one revocation at most (the first and its retries, the last 6.2 s after the
+#: first: an FOA whose agent restarts meanwhile still gets it, its visitor restored from its
+#: journal); then the visitor is left to expire at the FOA as before.
+MAX_TRIES = 6
 #: Seconds before the first retry; doubled after each.
 FIRST_RETRY = 0.2
 #: Revocations awaiting an acknowledgement at most (the oldest is given up beyond).
 MAX_PENDING = 1024
 #: A revocation not acknowledged this many seconds after the binding went is given up even
 #: if nobody called :meth:`Revoker.due` (a nested home agent, which sends none yet).
-GIVE_UP_AFTER = 10.0
+GIVE_UP_AFTER = 30.0
 #: HOAs an FOA remembers the last revocation id of (the least recently heard is forgotten).
 MAX_HOAS = 256
 
