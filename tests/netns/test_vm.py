@@ -13,6 +13,7 @@ from agent.vm.repository import package_service, publish_service
 from agent.vm.signing import generate_keypair
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
+from site_control import kill_sshd
 from vm_services import counter_source, publish
 
 
@@ -237,9 +238,20 @@ def test_only_a_signed_provision_from_an_authorized_provider_configures_a_vm(net
     assert net.agent("r20a").call("objects") == []
 
 
-def test_zz_unreachable_site_is_refused(net: MoatNetwork) -> None:
-    """Last in the module: it stops the remote site's sshd."""
-    net.net[net.site].stop_daemon()
-    answer = net.provision("r22a", vm="u", kind="service", service="counter-svc", port=5009)
+def test_zz_unreachable_site_is_refused(net: MoatNetwork, tmp_path: Path) -> None:
+    """Last in the module: it stops the remote site's sshd. A service the router never fetched
+    is refused at step fetch; one it holds in its version cache starts from there, verified,
+    and its steps say so (issue 14: warm provisioning)."""
+    publish(net, tmp_path / "a", "counter-svc", net.provider_key)
+    publish(net, tmp_path / "b", "fresh-svc", net.provider_key)
+    held = net.provision("r22a", vm="held", kind="service", service="counter-svc", port=5009)
+    assert held["ok"], held
+    net.agent("r22a").call("vm_remove", name="held")
+    kill_sshd(net.net[net.site])  # its sessions too: r22a keeps one
+    answer = net.provision("r22a", vm="u", kind="service", service="fresh-svc", port=5009)
     assert not answer["ok"] and "SiteUnreachable" in answer["error"], answer
     assert net.agent("r22a").call("errors")[-1]["step"] == "fetch"
+    answer = net.provision("r22a", vm="u", kind="service", service="counter-svc", port=5009)
+    assert answer["ok"], answer
+    assert any("site unreachable" in step for step, _ in answer["vm"]["steps"]), answer
+    net.agent("r22a").call("vm_remove", name="u")

@@ -7,12 +7,11 @@ sshd down, a new VM starts the cached version the site served last."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 from pathlib import Path
 
 from agent.core.wait import wait_until
+from site_control import kill_sshd, start_sshd
 from topologies.moatnet import MoatNetwork
 from topologies.patent import PatentTopo
 from vm_services import publish
@@ -21,48 +20,6 @@ ROUTER = "r22a"
 ADDRESS = "10.16.0.201"
 BODY = dict(vm="warm", kind="interface", interface=f"{ROUTER}-eth0", address=ADDRESS,
             service="counter-svc", resources={"cpu": 0.5, "memory_mb": 256, "pids": 64})
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (read from /proc before anything is killed)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def kill_sshd(site) -> None:
-    """SIGKILL the run's own sshd (the node's daemon) and every session it forked: the site
-    goes away as in a crash, the routers' kept sessions with it."""
-    pid = site.sshd_pid
-    assert pid is not None
-    for p in descendants(pid):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    site.stop_daemon()  # reaps it
-    assert site.sshd_pid is None
-
-
-def start_sshd(site) -> None:
-    log = Path(site.daemon_log_path)
-    before = log.read_text().count("Server listening on")
-    site.start_daemon(site.daemon_command(), log)
-    wait_until(lambda: log.read_text().count("Server listening on") > before, 10,
-               what="site24's sshd listening again")
 
 
 def read_bytes(fetched: str) -> int:
