@@ -37,6 +37,11 @@ class PeerError(AgentError):
     answer, or refused with ``ok: false``)."""
 
 
+class PeerNotSent(PeerError):
+    """Nothing reached the peer: a secret could not be sealed, or no connection was made.
+    Unlike a lost answer, this says for certain that the peer did not act on the message."""
+
+
 class PeerRefused(PeerError):
     """The peer answered ``ok: false``; :attr:`reason` is its error text."""
 
@@ -71,16 +76,16 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
             body = seal_body(body, (seal_keys or {}).get(address), ctype=ctype, txid=txid,
                              to=address)
         except SealError as exc:
-            raise PeerError(f"{ctype.name} to {address} not sent: {exc}") from None
+            raise PeerNotSent(f"{ctype.name} to {address} not sent: {exc}") from None
         body = sign_hmac(ctype, txid, body, key, to=address)
     elif secret_fields(ctype, body):
-        raise PeerError(f"{ctype.name} to {address} not sent: its "
+        raise PeerNotSent(f"{ctype.name} to {address} not sent: its "
                         f"{', '.join(secret_fields(ctype, body))} would cross the wire in clear "
                         "(no router key to seal and sign it with)")
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
-        raise PeerError(f"target {address} unreachable: {exc!r}") from None
+        raise PeerNotSent(f"target {address} unreachable: {exc!r}") from None
     try:
         writer.write(ControlMessage(ctype, txid, body).encode())
         await writer.drain()

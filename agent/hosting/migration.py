@@ -58,7 +58,7 @@ from packets.control import MAX_BODY
 
 from agent.core import rpc
 from agent.core.errors import AgentError, ControlError
-from agent.core.peer import PeerError, RouterKeyAuth, peer_call
+from agent.core.peer import PeerError, PeerNotSent, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
 from agent.core.wait import WaitTimeout, async_wait_until
 from agent.hosting.handover import (DEFAULT_DEADLINE, MAX_DEADLINE, MIN_DEADLINE, Arrivals,
@@ -115,6 +115,11 @@ class CheckpointTooLarge(MigrationFailed):
 class ObjectKilled(MigrationFailed):
     """The object could not be left serving at the source (it no longer answered, or could
     not start again): it was stopped, killed and deregistered there."""
+
+
+class MoveNotSent(MigrationFailed):
+    """A message of the move provably never reached the target (not sealed, not encoded, no
+    connection): the target cannot have acted on it."""
 
 
 class HandoverPending(MigrationFailed):
@@ -266,10 +271,12 @@ class MigrationRole(Role):
         try:
             return await peer_call(target, ctype, body, key=self.router_key,
                                    seal_keys=self.seal_keys)
+        except PeerNotSent as exc:
+            raise MoveNotSent(str(exc)) from None
         except PeerError as exc:
             raise MigrationFailed(str(exc)) from None
         except (AgentError, TypeError, ValueError) as exc:  # encoding or sealing the body
-            raise MigrationFailed(f"cannot send {ctype.name} to {target}: {exc}") from None
+            raise MoveNotSent(f"cannot send {ctype.name} to {target}: {exc}") from None
 
     # --- failure injection ---------------------------------------------------------------
 
@@ -1092,7 +1099,15 @@ class MigrationRole(Role):
     async def _decide_held(self, record: SourceRecord, report: MigrationReport, exc: Exception) -> None:
         """The message that could commit got no answer: a cancel decides. Committed (only
         its answer was lost): the move is done. Aborted: the object serves here again and
-        the move failed. No answer: undecided, left to :meth:`_resolve_held`."""
+        the move failed. No answer: undecided, left to :meth:`_resolve_held`. A message that
+        never left (:class:`MoveNotSent`, or a body that could not even be built) cannot have
+        committed anything: the object serves here again at once, whatever the target says."""
+        if isinstance(exc, MoveNotSent) or not isinstance(exc, MigrationFailed):
+            report.step("the move's message never left: the object serves here again")
+            await self._restart_held(record)
+            if isinstance(exc, MigrationFailed):
+                raise exc
+            raise MigrationFailed(f"cannot send MIGRATE start: {exc}") from None
         try:
             phase = await self._send_cancel(record)
         except MigrationFailed as again:

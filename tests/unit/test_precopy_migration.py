@@ -512,3 +512,28 @@ def test_the_source_dying_between_its_hold_and_its_record_serves_again(
         assert not process.held and net.serving() == ["source"]  # type: ignore[union-attr]
         assert net.sent[-1] == "MIGRATE_cancel" and net.records() == []
     run(go)
+
+
+def test_break_before_make_whose_start_never_left_serves_here_again_at_once(
+        bbm: PrecopyNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that could not be sealed or connected (the target is no router of the run,
+    or refuses connections) never reached it: the held object serves here again at once,
+    with no cancel to wait for and nothing left undecided."""
+    from agent.core.peer import PeerNotSent
+
+    net = bbm
+
+    async def not_sent(address: str, ctype: Any, body: dict, **kw: Any) -> dict:
+        net.sent.append(f"{ctype.name} not sent")
+        raise PeerNotSent(f"MIGRATE to {address} not sent: no public key for receiver {address}")
+
+    monkeypatch.setattr(migration_mod, "peer_call", not_sent)
+
+    async def go() -> None:
+        report = await net.migrate("break-before-make")
+        assert report is not None and not report["ok"] and not report["pending"], report
+        assert "not sent" in report["error"]
+        assert net.sent == ["MIGRATE not sent"]  # no cancel: nothing reached the target
+        assert net.serving() == ["source"] and net.source_started_from() == FINAL
+        assert net.records() == [] and net.source.departures == {}
+    run(go)
