@@ -51,7 +51,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from packets import ControlMessage, ControlType
 from packets.control import MAX_BODY
@@ -768,10 +768,23 @@ class MigrationRole(Role):
         if record.phase == "stopped":
             await self._give_back(record)
             return "restarted"
+        if await self._until_decided(record, self._ask_commit, forever) is Phase.COMMITTED:
+            self._done(record)
+            if record.vm is not None and self.vm is not None and record.vm[0] in self.vm.vms:
+                await self.vm.detach(*record.vm)
+            return "committed"
+        await self._restart(record)
+        return "restarted"
+
+    async def _until_decided(self, record: SourceRecord,
+                             ask: Callable[[SourceRecord], Awaitable[Phase]], forever: bool) -> Phase:
+        """The target's decision on ``record``'s move, asked with ``ask`` (a commit or a
+        cancel: either gets the decision); no answer: :class:`HandoverPending`, or with
+        ``forever`` asked again with back-off until the target answers."""
         delay = RESOLVE_BACKOFF[0]
         while True:
             try:
-                phase = await self._ask_commit(record)
+                phase = await ask(record)
             except MigrationFailed as exc:
                 if not forever:
                     raise HandoverPending(str(exc)) from None
@@ -782,14 +795,10 @@ class MigrationRole(Role):
                 continue
             if phase is Phase.COMMITTED:
                 log.info("move %s of %s committed at %s", record.epoch, record.name, record.target)
-                self._done(record)
-                if record.vm is not None and self.vm is not None and record.vm[0] in self.vm.vms:
-                    await self.vm.detach(*record.vm)
-                return "committed"
-            log.warning("move %s of %s aborted at %s: the object serves here again",
-                        record.epoch, record.name, record.target)
-            await self._restart(record)
-            return "restarted"
+            else:
+                log.warning("move %s of %s aborted at %s: the object serves here again",
+                            record.epoch, record.name, record.target)
+            return phase
 
     async def _migrate_mbb(self, move: _Move, report: MigrationReport) -> None:
         """Make the new place reachable first, then hand the state over at one instant.
@@ -1042,27 +1051,12 @@ class MigrationRole(Role):
         """A pre-copy move whose commit may have gone: a cancel decides (``aborted`` if the
         target never took the commit, else ``committed``); asked again with back-off until
         the target answers. Nothing serves here meanwhile (the instance is held)."""
-        delay = RESOLVE_BACKOFF[0]
-        while True:
-            try:
-                phase = await self._send_cancel(record)
-            except MigrationFailed as exc:
-                if not forever:
-                    raise HandoverPending(str(exc)) from None
-                log.warning("move %s of %s undecided: %s; asking again in %.1fs",
-                            record.epoch, record.name, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RESOLVE_BACKOFF[1])
-                continue
-            if phase is Phase.COMMITTED:
-                log.info("move %s of %s committed at %s", record.epoch, record.name, record.target)
-                await self._stop_held(record)
-                self._done(record)
-                return "committed"
-            log.warning("move %s of %s aborted at %s: the object serves here again",
-                        record.epoch, record.name, record.target)
-            await self._restart_held(record)
-            return "restarted"
+        if await self._until_decided(record, self._send_cancel, forever) is Phase.COMMITTED:
+            await self._stop_held(record)
+            self._done(record)
+            return "committed"
+        await self._restart_held(record)
+        return "restarted"
 
     async def _migrate_bbm_held(self, move: _Move, report: MigrationReport) -> None:
         """Break-before-make in one round trip: hold here (record ``committing``, ``held``,
