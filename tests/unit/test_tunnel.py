@@ -464,6 +464,35 @@ def test_packets_with_no_peer_are_dropped_and_counted(tun) -> None:
     assert t.stats["dropped_no_peer"] == 1 and t.stats["dropped_malformed"] == 2
 
 
+def test_packets_caught_while_the_last_peers_route_goes_are_sent_again_after_it(
+        tun, rec: Rec, loop: asyncio.AbstractEventLoop) -> None:
+    """An object came home: its last binding went, and until the kernel has deleted the
+    host route into the TUN, its clients' packets still arrive there. They are kept and
+    sent again (raw IP, the header as read) once the route is gone, for the kernel to route
+    to where the object is now; none is dropped, and only up to REROUTE_MAX are kept."""
+    from agent.mobility.tunnel.userspace import REROUTE_MAX
+
+    t, fake_tun, sock = tun
+    t.reroute_sock = FakeRawSocket()
+    t.set_peers(OBJ, [(FOA, 42)])
+    rec.settle()
+    t.set_peers(OBJ, [])                          # the deletion is queued, not done
+    caught = [inner_packet(payload=bytes([i])) for i in range(REROUTE_MAX + 2)]
+    for packet in caught:
+        fake_tun.from_kernel(packet)
+    t._from_tun()                                 # read before the loop hears it is done
+    assert sock.sent == [] and t.reroute_sock.sent == []
+    rec.settle()
+    loop.run_until_complete(asyncio.sleep(0))     # the deletion's callback, on the loop
+    assert rec.ipr.calls[-1] == f"route del {OBJ}/32 dev moat0"
+    assert [(data, dst) for data, dst, _ in t.reroute_sock.sent] == \
+        [(packet, OBJ) for packet in caught[:REROUTE_MAX]]
+    assert t.stats["rerouted"] == REROUTE_MAX and t.stats["dropped_no_peer"] == 2
+    fake_tun.from_kernel(inner_packet())          # after the route went: dropped as before
+    t._from_tun()
+    assert t.stats["dropped_no_peer"] == 3 and len(t.reroute_sock.sent) == REROUTE_MAX
+
+
 def test_own_gre_routed_back_into_the_tunnel_is_a_loop(tun) -> None:
     t, _, sock = tun
     t.set_peers(FOA, [(FOA, 42)])  # the remote itself is routed into the tunnel

@@ -46,6 +46,7 @@ STAT_KEYS = (
     "dropped_send_error",    # sendto/write failed (buffer full, no route to the remote...)
     "dropped_loop",          # our own GRE routed back into the tunnel
     "dropped_not_visitor",   # decapsulated for an address the (remote, key) does not serve
+    "rerouted",              # read while its route into the tunnel was being deleted, sent again
 )
 
 

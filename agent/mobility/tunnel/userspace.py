@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from packets.errors import MalformedMessage
 from packets.gre import ETH_P_IP, GreHeader, decode_gre
@@ -37,6 +37,9 @@ TUN_QUEUE = 4096
 SOCKET_BUFFER = 4 << 20
 READ_BURST = 256       # packets per readiness callback: never starve the loop
 MAX_PACKET = 65535
+#: Packets kept per inner destination whose last peer just went, until the kernel has deleted
+#: its route into the TUN; then sent again for the kernel to route afresh (see set_peers).
+REROUTE_MAX = 64
 
 
 class UserspaceTunnel(Tunnel):
@@ -72,6 +75,10 @@ class UserspaceTunnel(Tunnel):
         self.deliveries: dict[tuple[str, int], tuple[str, str]] = {}
         self._frames: socket.socket | None = None
         self._peer: tuple[str, int] | None = None  # of the last packet decapsulated
+        #: Inner destination -> packets read while its route into the TUN is being deleted.
+        self._leaving: dict[str, list[bytes]] = {}
+        #: Raw IP socket (IPPROTO_RAW: the header as read) for those packets; made on first use.
+        self.reroute_sock: Any = None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -181,6 +188,10 @@ class UserspaceTunnel(Tunnel):
         if self._frames is not None:
             self._frames.close()
             self._frames = None
+        if self.reroute_sock is not None:
+            self.reroute_sock.close()
+            self.reroute_sock = None
+        self._leaving.clear()
 
     # --- tables ------------------------------------------------------------------------------
 
@@ -192,8 +203,43 @@ class UserspaceTunnel(Tunnel):
             self._apply(nl.op_route("replace", f"{inner_dst}/32", ifname=self.name),
                         f"route {inner_dst}/32 dev {self.name}")
         elif self.peers.pop(inner_dst, None) is not None:
-            self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name),
-                        f"remove route {inner_dst}/32")
+            # Until the kernel has deleted the route, packets for inner_dst still come into
+            # the TUN (a moving object's clients, through the HOA, when it went home): keep
+            # them and send them again once the route is gone, to wherever the kernel routes
+            # them now, instead of dropping them.
+            self._leaving[inner_dst] = []
+            future = self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name),
+                                 f"remove route {inner_dst}/32",
+                                 on_error=lambda: self._leaving.pop(inner_dst, None))
+            if future is None:
+                self._leaving.pop(inner_dst, None)
+            else:
+                future.add_done_callback(lambda _f: self._soon(self._reroute, inner_dst))
+
+    def _soon(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` on the loop (from the netlink worker); nothing once it closed."""
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass
+
+    def _reroute(self, inner_dst: str) -> None:
+        """The route into the TUN is gone: what came for ``inner_dst`` meanwhile goes out
+        again through a raw IP socket, routed by the kernel as it is now (to the home LAN
+        when the object came home, or into the TUN again to new peers)."""
+        packets = self._leaving.pop(inner_dst, [])
+        if not packets or self._closed:
+            return
+        try:
+            if self.reroute_sock is None:
+                self.reroute_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                self.reroute_sock.setblocking(False)
+            for packet in packets:
+                self.reroute_sock.sendto(packet, (inner_dst, 0))
+                self._counters["rerouted"] += 1
+        except OSError as exc:
+            self._counters["dropped_no_peer"] += len(packets)
+            self._limit("reroute", logging.WARNING, "packets for %s not sent again: %s", inner_dst, exc)
 
     def set_delivery(self, remote: str, key: int, via: tuple[str, str] | None) -> None:
         peer = check_peer((remote, key))
@@ -299,6 +345,10 @@ class UserspaceTunnel(Tunnel):
             self._limit("tun-bad", logging.DEBUG, "not IPv4 from %s: %s", self.name, exc)
             return 0
         if not peers:
+            waiting = self._leaving.get(header.dst)
+            if waiting is not None and len(waiting) < REROUTE_MAX:
+                waiting.append(packet)  # its route is being deleted: sent again after (_reroute)
+                return 0
             self._counters["dropped_no_peer"] += 1
             self._limit("no-peer", logging.DEBUG, "no peer for %s -> %s", header.src, header.dst)
             return 0
