@@ -410,8 +410,10 @@ class MoatNetwork:
         self.run.save()
 
     def wait_agents(self, timeout: float) -> None:
-        """Block until every router's agent answers ``ping``, or raise TopologyError (at
-        once when an agent exits: waiting longer would not bring it back)."""
+        """Block until every router's agent answers ``ping`` and its supervisor has seen it
+        answer too (its status file says ``running``: until then a crash would count as a
+        start that never worked and not be restarted), or raise TopologyError (at once when
+        an agent exits: waiting longer would not bring it back)."""
         pending = set(self.run.state.agents)
 
         def all_up() -> bool:
@@ -422,9 +424,11 @@ class MoatNetwork:
                                         f"see {self.run.dir / (router + '.out')}")
                 try:
                     self.client.call(router, "ping", timeout=1)
-                    pending.discard(router)
                 except ControlError:
-                    pass
+                    continue
+                supervisor = self.client.supervision(router)  # None: not supervised
+                if supervisor is None or supervisor.get("state") == "running":
+                    pending.discard(router)
             return not pending
 
         try:
