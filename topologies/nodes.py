@@ -37,7 +37,8 @@ from mininet.node import Host, Node
 
 from topologies.errors import DaemonError, RouteInstallError
 
-__all__ = ["ManagedDaemonMixin", "MoatRouter", "MoatHost", "install_routes", "supervised_argv"]
+__all__ = ["ManagedDaemonMixin", "MoatRouter", "MoatHost", "install_routes", "processes_in_netns_of",
+           "supervised_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,27 @@ def _stop_leftover_daemons() -> None:
             node.stop_daemon()
         except Exception:  # noqa: BLE001 - best effort at exit, never mask the real error
             log.exception("could not stop the daemon of %s at exit", node)
+
+
+def processes_in_netns_of(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """Every process (but ``pid``) in the network namespace ``pid`` is in: what a node
+    leaves behind that its daemon's process-group kill does not reach (a daemon's children
+    in sessions of their own, such as sshd's per-connection processes). Scoped by the
+    namespace's identity, never by a name."""
+    try:
+        mine = os.readlink(proc / str(pid) / "ns" / "net")
+    except OSError:
+        return []
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        try:
+            if os.readlink(entry / "ns" / "net") == mine:
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return sorted(found)
 
 
 def install_routes(node: Node, routes: Iterable[Sequence[str]]) -> None:

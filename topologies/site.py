@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import pwd
 import re
 import shutil
@@ -58,7 +59,7 @@ import topologies._mininet  # noqa: F401  - first: repairs logging (see module)
 
 from agent.vm.machine import SITE_USER
 from topologies.errors import DaemonError
-from topologies.nodes import ServerHost
+from topologies.nodes import ServerHost, processes_in_netns_of
 from topologies.run import write_private_file
 
 __all__ = ["RemoteSite", "SSHD", "PRIVSEP_DIR", "SFTP_ROOT", "SITE_USER", "sshd_config_text",
@@ -191,6 +192,10 @@ def sshd_config_text(
         "PermitUserEnvironment no",
         "PrintMotd no",
         "LogLevel VERBOSE",
+        # A router's kept SFTP session (agent/vm/session_pool.py) whose router vanished
+        # (its namespace gone, no FIN ever sent) ends after 30 s instead of never.
+        "ClientAliveInterval 10",
+        "ClientAliveCountMax 3",
         f"ChrootDirectory {repo_dir}",
         f"Subsystem sftp {sftp}",
         f"ForceCommand {sftp}",
@@ -203,6 +208,21 @@ def sshd_config_text(
 
 class RemoteSite(ServerHost):
     """A Mininet host that runs ``sshd`` and serves the logic repository over SFTP."""
+
+    def terminate(self) -> None:
+        """Stop sshd, then what it leaves: each connection's processes run in a session of
+        their own, so the daemon's group kill misses them, and a router's kept session
+        would hold them (and this namespace) long after the run. Only processes in this
+        node's network namespace are killed (its shell goes with Mininet's terminate)."""
+        try:
+            self.stop_daemon()
+            for pid in processes_in_netns_of(self.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        finally:
+            super().terminate()
 
     def config(  # type: ignore[override]
         self,

@@ -668,3 +668,18 @@ def test_make_topo_refuses_what_it_cannot_build(spec: str) -> None:
 
     with pytest.raises(TopologyParamError):
         make_topo(spec)
+
+
+def test_processes_in_a_netns_are_found_by_the_namespace_not_by_name(tmp_path) -> None:
+    """A fake /proc: two processes share pid 10's network namespace, one is elsewhere, one
+    cannot be read; only the two are found (pid 10 itself is not)."""
+    from topologies.nodes import processes_in_netns_of
+
+    for pid, ns in ((10, "net:[4026531999]"), (11, "net:[4026531999]"), (12, "net:[4026531840]"),
+                    (13, "net:[4026531999]")):
+        (tmp_path / str(pid) / "ns").mkdir(parents=True)
+        (tmp_path / str(pid) / "ns" / "net").symlink_to(ns)
+    (tmp_path / "14").mkdir()  # no ns directory (exited meanwhile)
+    (tmp_path / "self").mkdir()
+    assert processes_in_netns_of(10, proc=tmp_path) == [11, 13]
+    assert processes_in_netns_of(99, proc=tmp_path) == []
