@@ -239,3 +239,16 @@ def test_the_floor_never_passes_a_seq_that_was_not_served() -> None:
     # (here exactly SERVED_MEMORY) were served.
     assert memory.check("co", 4)[0] is Verdict.NEW
     assert at_most_once.SERVED_MEMORY == len(memory.get("co").served)
+
+
+def test_a_request_read_after_the_stop_is_not_answered_beyond_the_final_state() -> None:
+    """The stop's checkpoint is final: a request the object's loop still reads before the
+    process ends is queued (and carried as pending), never answered with a count that the
+    instance starting from that checkpoint would give again."""
+    s, t = server()
+    s.datagram_received(request(1), ADDR)
+    final = control_commands(s, asyncio.Event())["stop"]({})
+    s.datagram_received(request(2), ADDR)  # still read by the loop before it ends
+    assert [b["seq"] for b in replies_to(t, ADDR)] == [1]
+    assert s.obj.count == 1 and final["pending"] == []
+    assert [m.body["seq"] for m, _ in s.queue] == [2]  # queued: never answered here
