@@ -53,7 +53,7 @@ FIRST_RETRY = 0.2
 #: Revocations awaiting an acknowledgement at most (the oldest is given up beyond).
 MAX_PENDING = 1024
 #: A revocation not acknowledged this many seconds after the binding went is given up even
-#: if nobody called :meth:`Revoker.due` (a nested home agent, which sends none yet).
+#: if nobody called :meth:`Revoker.due` (an agent whose socket closed meanwhile).
 GIVE_UP_AFTER = 30.0
 #: HOAs an FOA remembers the last revocation id of (the least recently heard is forgotten).
 MAX_HOAS = 256
@@ -178,7 +178,8 @@ class Revoker:
 
     def on_ack(self, ack: RevocationAck, source: str) -> Notice:
         """The FOA's acknowledgement: it must answer a pending revocation, come from the
-        address that revocation went to and carry Foreign-Home under the same credential.
+        address that revocation went to, carry no flag (MOAT never sets I) and Foreign-Home
+        under the same credential.
         Raises :class:`RevocationRefused` otherwise (nothing changes)."""
         notice = self.pending.get(ack.revocation_id)
         if notice is None or notice.revocation.home_address != ack.home_address:
@@ -188,6 +189,10 @@ class Revoker:
         if source != notice.to:
             self.stats["bad_acks"] += 1
             raise RevocationRefused("wrong-source", f"from {source}, sent to {notice.to}")
+        if int(ack.flags) != 0:  # no I (the object is never told) nor reserved bits
+            self.stats["bad_acks"] += 1
+            raise RevocationRefused("fields", f"flags {int(ack.flags):#06x} in an "
+                                              "acknowledgement of a revocation without I")
         if not verify_auth(ack, ExtType.FOREIGN_HOME_AUTH,
                            {notice.credential.spi: notice.credential.key}):
             self.stats["bad_acks"] += 1
