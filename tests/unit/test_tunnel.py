@@ -493,6 +493,24 @@ def test_packets_caught_while_the_last_peers_route_goes_are_sent_again_after_it(
     assert t.stats["dropped_no_peer"] == 3 and len(t.reroute_sock.sent) == REROUTE_MAX
 
 
+def test_a_packet_still_queued_in_the_tun_when_the_route_goes_is_sent_again(
+        tun, rec: Rec, loop: asyncio.AbstractEventLoop) -> None:
+    """The kernel routed a packet into the TUN just before the route went, and the loop
+    ran the deletion's callback before reading it (the race that lost one of dns23's
+    requests when the object came home): it is read then and sent again, not dropped."""
+    t, fake_tun, _ = tun
+    t.reroute_sock = FakeRawSocket()
+    t.set_peers(OBJ, [(FOA, 42)])
+    rec.settle()
+    t.set_peers(OBJ, [])
+    late = inner_packet(payload=b"late")
+    fake_tun.from_kernel(late)                    # queued in the TUN, not read yet
+    rec.settle()
+    loop.run_until_complete(asyncio.sleep(0))     # the deletion's callback runs first
+    assert [(data, dst) for data, dst, _ in t.reroute_sock.sent] == [(late, OBJ)]
+    assert t.stats["rerouted"] == 1 and t.stats["dropped_no_peer"] == 0
+
+
 def test_own_gre_routed_back_into_the_tunnel_is_a_loop(tun) -> None:
     t, _, sock = tun
     t.set_peers(FOA, [(FOA, 42)])  # the remote itself is routed into the tunnel

@@ -226,7 +226,14 @@ class UserspaceTunnel(Tunnel):
     def _reroute(self, inner_dst: str) -> None:
         """The route into the TUN is gone: what came for ``inner_dst`` meanwhile goes out
         again through a raw IP socket, routed by the kernel as it is now (to the home LAN
-        when the object came home, or into the TUN again to new peers)."""
+        when the object came home, or into the TUN again to new peers).
+
+        The TUN's queue is read first: a packet the kernel routed into it before the route
+        went may still be waiting there (the loop ran this callback before the read), and
+        once this entry is gone it would be dropped for want of a peer. After the route is
+        gone nothing new for ``inner_dst`` enters the TUN, so this read catches the last."""
+        if inner_dst in self._leaving and not self._closed:
+            self._from_tun()
         packets = self._leaving.pop(inner_dst, [])
         if not packets or self._closed:
             return
