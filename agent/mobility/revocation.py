@@ -178,8 +178,8 @@ class Revoker:
 
     def on_ack(self, ack: RevocationAck, source: str) -> Notice:
         """The FOA's acknowledgement: it must answer a pending revocation, come from the
-        address that revocation went to, carry no flag (MOAT never sets I) and Foreign-Home
-        under the same credential.
+        address that revocation went to, carry no flag (MOAT never sets I) and one extension,
+        Foreign-Home under the same credential.
         Raises :class:`RevocationRefused` otherwise (nothing changes)."""
         notice = self.pending.get(ack.revocation_id)
         if notice is None or notice.revocation.home_address != ack.home_address:
@@ -193,6 +193,10 @@ class Revoker:
             self.stats["bad_acks"] += 1
             raise RevocationRefused("fields", f"flags {int(ack.flags):#06x} in an "
                                               "acknowledgement of a revocation without I")
+        if len(ack.extensions) != 1:  # its authenticator, and nothing unprotected after it
+            self.stats["bad_acks"] += 1
+            raise RevocationRefused("fields", f"{len(ack.extensions)} extensions, not the "
+                                              "Foreign-Home authenticator alone")
         if not verify_auth(ack, ExtType.FOREIGN_HOME_AUTH,
                            {notice.credential.spi: notice.credential.key}):
             self.stats["bad_acks"] += 1
