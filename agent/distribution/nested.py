@@ -38,8 +38,9 @@ import socket
 import time
 from typing import Any, Callable
 
-from packets import MalformedMessage, RegistrationRequest, decode_registration
+from packets import MalformedMessage, RegistrationRequest
 from packets.codes import MIP_PORT
+from packets.mobileip import RevocationAck, decode_mobileip
 
 from agent.core.config import HomeConfig, ObjectConfig
 from agent.distribution.nested_store import NestedSpec
@@ -47,6 +48,7 @@ from agent.mobility.dataplane import DataPlane
 from agent.mobility.foreign import nested_home_credential
 from agent.mobility.home import HomeAgent
 from agent.mobility.journal import Journal, Restored
+from agent.mobility.revocation import RevocationRefused
 from agent.vm.parts import MAX_PARTS, PART_SPI_BASE, part_configs, part_credential
 
 __all__ = ["MAX_PARTS", "PART_SPI_BASE", "NestedHomeAgent", "part_configs", "part_credential"]
@@ -104,6 +106,11 @@ class NestedHomeAgent:
         self.journal = journal
         #: What :meth:`restore` brought back (None until it ran).
         self.restored: Restored | None = None
+        #: The loop the revocations' retry timer runs on (set by :meth:`start`).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The retry timer: armed for the revoker's next due time while any revocation is
+        #: unacknowledged, never a task that sleeps (nothing here blocks the loop).
+        self._revocation_timer: asyncio.TimerHandle | None = None
 
     def restore(self) -> Restored:
         """Load the bindings the journal kept (only the parts this object has; each with
@@ -137,6 +144,7 @@ class NestedHomeAgent:
 
         if self.journal is not None and self.restored is None:
             self.restore()
+        self._loop = asyncio.get_running_loop()
         tunnel = await open_tunnel("userspace", local=self.address, name=self.tunnel_name)
         self.dataplane = DataPlane(tunnel, set())
         try:
@@ -168,10 +176,13 @@ class NestedHomeAgent:
 
     def on_datagram(self, data: bytes, addr: tuple) -> None:
         try:
-            msg = decode_registration(data)
+            msg = decode_mobileip(data)
         except MalformedMessage as exc:
             self.malformed += 1  # counted, logged at debug: a flood writes no log
             log.debug("nested home agent: malformed message from %s: %s", addr[0], exc)
+            return
+        if isinstance(msg, RevocationAck):
+            self.on_revocation_ack(msg, addr)
             return
         if not isinstance(msg, RegistrationRequest) or msg.home_agent != self.address:
             self.malformed += 1
@@ -186,6 +197,63 @@ class NestedHomeAgent:
                 decision.code.name, msg.home_address, addr[0], msg.care_of_address)
         if decision.update is not None:
             self.sync()
+        if decision.notices:  # the FOAs of the bindings it removed forget them now
+            self.send_revocations()
+
+    # --- revocation (issue 18; agent.mobility.revocation) ---------------------------------
+
+    def send_revocations(self) -> int:
+        """Send the revocations due now (first sends and retries, each counted as a try by
+        the revoker), then arm the timer for the next; how many left. Nothing is sent
+        without a socket (not started, or closed): the revoker gives those up in time."""
+        sent = 0
+        if self._transport is not None:
+            for notice in self.home.revoker.due():
+                log.info("nested home agent of %s: revoking %s at FOA %s (registration %#x, "
+                         "try %d)", self.name, notice.revocation.home_address, notice.to,
+                         notice.revocation.registration_id, notice.tries)
+                # From the object's home address (the socket is bound there): the address
+                # the revocation names as its home agent, which the FOA checks.
+                self._transport.sendto(notice.data, (notice.to, MIP_PORT))
+                sent += 1
+        self._arm_revocation_timer()
+        return sent
+
+    def _arm_revocation_timer(self) -> None:
+        """One timer, at the revoker's next due time, while anything is pending."""
+        if self._revocation_timer is not None:
+            self._revocation_timer.cancel()
+            self._revocation_timer = None
+        at = self.home.revoker.next_due()
+        if at is None or self._transport is None or self._loop is None:
+            return
+        delay = max(0.0, at - self.home.revoker.clock())
+        self._revocation_timer = self._loop.call_later(delay, self._on_revocation_timer)
+
+    def _on_revocation_timer(self) -> None:
+        self._revocation_timer = None
+        try:
+            self.send_revocations()
+        except Exception:  # noqa: BLE001 - a failed send must not stop the retries
+            log.exception("nested home agent of %s: sending revocations failed", self.name)
+            self._arm_revocation_timer()
+
+    def on_revocation_ack(self, ack: RevocationAck, addr: tuple) -> None:
+        """An FOA's acknowledgement: the revoker checks every field against the pending
+        revocation it answers (its id and home address, the source it went to, the
+        Foreign-Home authenticator under the same credential) before anything changes;
+        a refused one changes nothing and the retries go on."""
+        try:
+            notice = self.home.revoker.on_ack(ack, addr[0])
+        except RevocationRefused as exc:
+            # Anyone can send one: the revoker counts it (bad_acks), logged at debug only.
+            log.debug("nested home agent of %s: revocation acknowledgement from %s "
+                      "refused: %s", self.name, addr[0], exc)
+            return
+        log.info("nested home agent of %s: FOA %s acknowledged the revocation of %s "
+                 "(%.1f ms)", self.name, notice.to, notice.revocation.home_address,
+                 (self.home.revoker.clock() - notice.created) * 1000)
+        self._arm_revocation_timer()
 
     def sync(self) -> None:
         """The tunnel follows the bindings (a host route per away part into ``mnh<k>``)."""
@@ -198,6 +266,8 @@ class NestedHomeAgent:
         self.sync()
         if self.journal is not None:
             self.journal.retry()
+        if self.home.revoker.pending and self._revocation_timer is None:
+            self.send_revocations()  # a timer lost to a failure: the retries go on
 
     def bindings(self) -> list[dict[str, Any]]:
         return self.home.bindings.snapshot()
@@ -206,9 +276,17 @@ class NestedHomeAgent:
         """The journal's status (None: not journalled)."""
         return self.journal.status() if self.journal is not None else None
 
+    def revocations(self) -> dict[str, Any]:
+        """The revoker's counters (sent, retried, acknowledged, given up, bad acks, pending,
+        the last acknowledgement delays), as the HOA's ``status`` gives its own."""
+        return self.home.revoker.status()
+
     async def close(self) -> None:
         """Stop serving; the journal is kept (the next start of this router's agent
         restores from it unless the object's files are discarded)."""
+        if self._revocation_timer is not None:
+            self._revocation_timer.cancel()  # unacknowledged ones: their visitors expire
+            self._revocation_timer = None
         if self.journal is not None:
             self.journal.close()
         if self._transport is not None:

@@ -401,6 +401,12 @@ class DistributionRole(PrimarySide, Role):
             watch.rule = rule
         return dict(rule.__dict__)
 
+    def status(self) -> dict[str, Any]:
+        """Per primary VM here, its nested home agent's revocations (issue 18): sent,
+        retried, acknowledged, given up, refused acknowledgements, pending."""
+        return {"nested_revocations": {vm: agent.revocations()
+                                       for vm, agent in self.parts.nested.items()}}
+
     def cmd_nested(self) -> dict[str, Any]:
         """The nested home agents here: per primary VM, its secondaries' bindings."""
         return self.parts.bindings()
