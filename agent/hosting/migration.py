@@ -882,24 +882,24 @@ class MigrationRole(Role):
             self._done(starting)
             await self._register_again(move)
             raise
-        # The deregistration's round trip overlaps the hold: what reaches this router after
-        # the hold queues in the object (and travels as pending); after its home address
-        # went, it is routed on to the home agent, which tunnels it to the target.
-        letting_go = asyncio.ensure_future(self._let_go_of_binding(move, answer, report))
+        # Deregistered first, held after: the old foreign agent drops its route to this
+        # router before relaying the reply, so once the reply is here nothing more comes
+        # that way, and what it had already sent arrived before the reply (one link, in
+        # order) and is served or queued. Overlapped, the home address went while the old
+        # foreign agent still routed it here: a request then looped between the two routers
+        # until its TTL ran out (one of co12's, make-before-break from net 12). After the
+        # hold, what reaches this router is routed on to the home agent and the target.
         try:
-            state = await self._hold_here(move, starting, report)
-        except BaseException:
-            await asyncio.gather(letting_go, return_exceptions=True)
-            raise
-        try:
-            await letting_go
+            await self._let_go_of_binding(move, answer, report)
         except _Crashed:
             raise
-        except Exception as exc:  # the binding here could not be dropped: serve here again
+        except Exception as exc:  # the binding here could not be dropped: serve on here
             await self._abort(starting)
-            report.step("source binding not deregistered: the object starts here again")
-            await self._restart_held(self._keep(move, state, held=True))
+            self._done(starting)
+            await self._register_again(move)
+            report.step("source binding not deregistered: the object serves here on")
             raise MigrationFailed(f"could not deregister {move.hosted.name} here: {exc}") from None
+        state = await self._hold_here(move, starting, report)
         assert move.base is not None
         base = move.base
         record = self._keep(move, state, phase="committing", held=True)

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 MAX_QUEUE = 10_000
+#: Largest UDP datagram read from the service socket.
+MAX_DATAGRAM = 65_535
 #: Largest encoded reply sent as one UDP datagram (IPv4 carries at most 65,507 bytes); a
 #: bigger one is replaced by a short "too_large" reply telling the client to use TCP.
 UDP_REPLY_LIMIT = 65_000
@@ -170,6 +172,8 @@ class ObjectServer(asyncio.DatagramProtocol):
                       "refused": 0, "left_to_sibling": 0, "seq_refused": 0,
                       "started": time.time()}
         self.transport: asyncio.DatagramTransport | None = None
+        #: The UDP service socket itself (start_service), read directly by :meth:`drain`.
+        self.udp_socket: socket.socket | None = None
         #: Open TCP connections; bounds (attributes so that tests can shrink them).
         self.streams: set[StreamPeer] = set()
         self.max_streams = MAX_STREAMS
@@ -421,6 +425,29 @@ class ObjectServer(asyncio.DatagramProtocol):
         self.warming = True
         return len(self.queue)
 
+    def drain(self) -> int:
+        """Held or warm: read what the kernel still keeps for the UDP socket, so that it
+        queues (and goes into the checkpoint) now. The loop reads one datagram per turn, and
+        the router asks for the final checkpoint right after taking the home address away:
+        a request delivered before that but not read yet was lost with the process. After
+        the address went nothing new arrives, so this read catches the last one. Returns
+        how many were read (at most :data:`MAX_QUEUE`)."""
+        sock = self.udp_socket
+        if sock is None or not self.warming:
+            return 0
+        read = 0
+        while read < MAX_QUEUE:
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("object %s: reading its socket at a hold failed: %s", self.name, exc)
+                break
+            read += 1
+            self.datagram_received(data, addr)
+        return read
+
     def serve(self) -> int:
         """Leave warm-up: replay the queue through the filter, then serve live."""
         queued, self.queue = self.queue, []
@@ -475,10 +502,11 @@ def control_commands(server: ObjectServer, stop: asyncio.Event
         # answered after the final state was taken (whoever starts from that state would
         # give its count again: an upgrade's duplicate, found by moat run faults).
         server.hold()
+        server.drain()
         return server.checkpoint()  # the final state, answered before the process ends
 
     return {
-        "get_state": lambda _args: server.checkpoint(),
+        "get_state": lambda _args: (server.drain(), server.checkpoint())[1],
         "set_state": set_state,
         "hold": lambda _args: {"queued": server.hold()},
         "serve": lambda _args: {"replayed": server.serve()},
@@ -542,6 +570,7 @@ async def start_service(server: ObjectServer, address: str, port: int
                         "fetched", server.name, address, port, exc, UDP_REPLY_LIMIT)
             tcp_sock = None
     transport, _ = await loop.create_datagram_endpoint(lambda: server, sock=udp)
+    server.udp_socket = udp
     tcp_server = None
     if tcp_sock is not None:
         tcp_server = await asyncio.start_server(server.serve_stream, sock=tcp_sock)

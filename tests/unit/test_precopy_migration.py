@@ -537,3 +537,50 @@ def test_break_before_make_whose_start_never_left_serves_here_again_at_once(
         assert net.serving() == ["source"] and net.source_started_from() == FINAL
         assert net.records() == [] and net.source.departures == {}
     run(go)
+
+
+def test_the_source_deregisters_through_its_foreign_agent_before_the_hold(net: PrecopyNet) -> None:
+    """The old foreign agent drops its route only when it relays the deregistration's reply:
+    the home address may go only after that, or a request it still routes here loops back to
+    it (its own default route) until the TTL runs out (issue 18, one of co12's requests).
+    The reply is slowed here, so an overlapped hold would come first."""
+    order: list[str] = []
+
+    async def go() -> None:
+        hosted = net.source_hosting.objects["counter"]
+        client, process = hosted.client, hosted.process
+
+        async def slow_deregister() -> None:
+            await asyncio.sleep(0.01)
+            order.append("deregistered")
+
+        real_call = process.call  # type: ignore[union-attr]
+
+        async def call(cmd: str, **kw: Any) -> Any:
+            if cmd == "hold":
+                order.append("hold")
+            return await real_call(cmd, **kw)
+
+        client.deregister = slow_deregister  # type: ignore[union-attr,method-assign]
+        process.call = call  # type: ignore[union-attr,method-assign]
+        report = await net.migrate()
+        assert report is not None and report["ok"], report
+        assert order == ["deregistered", "hold"], order
+    run(go)
+
+
+def test_a_deregistration_that_fails_leaves_the_source_serving_and_not_held(net: PrecopyNet) -> None:
+    async def go() -> None:
+        hosted = net.source_hosting.objects["counter"]
+
+        async def refused() -> None:
+            raise OSError("no reply from the foreign agent")
+
+        hosted.client.deregister = refused  # type: ignore[union-attr,method-assign]
+        report = await net.migrate()
+        assert report is not None and not report["ok"], report
+        assert net.serving() == ["source"]
+        assert "hold" not in hosted.process.calls  # type: ignore[union-attr]
+        assert net.source_hosting.addresses == []  # its home address stayed
+        assert net.records() == [] and net.source.departures == {}
+    run(go)
