@@ -3,10 +3,13 @@
 Every topology in this package takes its addresses from here, so that an address seen in
 a capture tells where it lives without looking anything up:
 
-* **LANs.** Network number ``N`` of the patent (12, 14, 16) is the LAN ``10.N.0.0/24``;
+* **LANs.** Network number ``N`` of the patent (12, 14) is the LAN ``10.N.0.0/24``;
   the scale topology's foreign network ``i`` (1-based) is network number ``100 + i``, i.e.
   ``10.(100+i).0.0/24``. Second octets 0 and 255 are never LANs (255 is the backbone).
-* **Host part of a LAN address** (the same blocks on every LAN):
+  The **home network 16 is the larger** ``10.16.0.0/21`` (:data:`HOME_PREFIX_LEN`), so that
+  it has room for :data:`MAX_OBJECTS` (1,878) mobile objects' home addresses; its nodes keep
+  their ``10.16.0.x`` addresses, only their prefix is ``/21`` (issue 15).
+* **Host part of a LAN address** (the same blocks on every LAN, in its first ``/24``):
 
   ======== ======================================================================
   ``.1``   the network's *border router* (the one with backbone links); it is the
@@ -22,14 +25,27 @@ a capture tells where it lives without looking anything up:
            the addresses of its secondary objects (NEMO, RFC 5177)
   ======== ======================================================================
 
+* **More home addresses.** After ``10.16.0.100``–``.199`` come ``10.16.k.1``–``10.16.k.254``
+  for ``k`` = 1..7 (the rest of the home ``/21``; ``.0`` and ``.255`` of each ``/24`` are left
+  out, as some tools take them for network and broadcast addresses): 100 + 7 × 254 = 1,878
+  home addresses in all, in the order :func:`mo_home_addresses` gives them. No node is ever
+  configured in ``10.16.1.0``–``10.16.7.255``. They are on the home link like the first
+  hundred, so everything that serves a home address works unchanged: the HOA's proxy ARP
+  answers for them on the home LAN (every home-LAN node has the ``/21`` on-link), the
+  routes every other router has to the home network are to the ``/21`` (computed from the
+  LAN's subnet), and the agents' home prefix checks (``agent.core.fields.HOME_PREFIX_LEN``,
+  ``agent.hosting.objects.check_home_address``: a home address is in the ``/21`` around its
+  home agent) take them; ``tests/unit/test_address_plan.py`` holds all of these to the plan.
 * **Backbone.** Border routers are joined by point-to-point links, each a ``/30`` taken
   in order from ``10.255.0.0/16``: link ``k`` is ``10.255.0.0 + 4k``; its first usable
   address (``.4k+1``) goes to the link's first router, the second (``.4k+2``) to the other.
 
 Why these choices: ``/24`` LANs with the patent's reference numerals in the second octet
 read well in Wireshark; fixed per-role blocks keep the home-address range free of node
-addresses, so proxy ARP for a home address never collides with a real interface; ``/30``
-backbones are the textbook point-to-point size and leave 16384 of them.
+addresses, so proxy ARP for a home address never collides with a real interface; a wider
+home LAN rather than home subnets routed to the HOA keeps RFC 5944's model (a home address
+is on the home link, the HOA proxies for it) for every object, the first hundred as the
+thousandth; ``/30`` backbones are the textbook point-to-point size and leave 16384 of them.
 """
 
 from __future__ import annotations
@@ -41,12 +57,16 @@ from topologies.errors import AddressPlanError
 
 __all__ = [
     "HOME_NETWORK",
+    "HOME_PREFIX_LEN",
+    "LAN_PREFIX_LEN",
+    "MAX_OBJECTS",
     "PATENT_FOREIGN_NETWORKS",
     "SCALE_NETWORK_BASE",
     "MAX_SCALE_FOREIGN",
     "ROUTER_OCTETS",
     "HOST_OCTETS",
     "MO_HOME_OCTETS",
+    "EXTRA_HOME_BLOCKS",
     "AGENT_OCTETS",
     "BORDER_OCTET",
     "DNS_OCTET",
@@ -59,12 +79,19 @@ __all__ = [
     "backbone_subnet",
     "backbone_pair",
     "mo_home_addresses",
+    "home_address",
     "mobile_network_prefixes",
     "check_ifname",
 ]
 
 #: The home network of every mobile object (patent network 16).
 HOME_NETWORK: int = 16
+#: Prefix length of every LAN but the home network.
+LAN_PREFIX_LEN: int = 24
+#: Prefix length of the home network: ``10.16.0.0/21``, room for :data:`MAX_OBJECTS` home
+#: addresses. The agents' home prefix checks use the same length
+#: (``agent.core.fields.HOME_PREFIX_LEN``; a unit test holds the two equal).
+HOME_PREFIX_LEN: int = 21
 #: The patent's foreign networks (Fig. 1: networks 12 and 14).
 PATENT_FOREIGN_NETWORKS: tuple[int, ...] = (12, 14)
 #: Scale topology: foreign network ``i`` (1-based) has network number ``SCALE_NETWORK_BASE + i``.
@@ -78,6 +105,13 @@ ROUTER_OCTETS: range = range(1, 20)
 HOST_OCTETS: range = range(20, 100)
 #: Host octets of mobile-object home addresses (home network only).
 MO_HOME_OCTETS: range = range(100, 200)
+#: The further ``/24`` blocks of the home network holding home addresses (third octet
+#: 1..7 of ``10.16.0.0/21``), each ``.1``–``.254``; no node is configured in them.
+EXTRA_HOME_BLOCKS: range = range(1, 8)
+#: Host octets of home addresses in an extra block.
+EXTRA_HOME_OCTETS: range = range(1, 255)
+#: How many mobile objects the plan has home addresses for (1,878).
+MAX_OBJECTS: int = len(MO_HOME_OCTETS) + len(EXTRA_HOME_BLOCKS) * len(EXTRA_HOME_OCTETS)
 #: Host octets the agents may claim at run time (virtual interfaces, care-of addresses).
 AGENT_OCTETS: range = range(200, 255)
 #: Mobile network prefixes (NEMO, RFC 5177): ``/30`` blocks ``.224``–``.251`` of the home LAN,
@@ -99,14 +133,16 @@ MAX_IFNAME: int = 15
 
 
 def lan_subnet(network: int) -> IPv4Network:
-    """The ``/24`` of LAN number ``network`` (``10.<network>.0.0/24``)."""
+    """The subnet of LAN number ``network``: ``10.<network>.0.0/24``, and the home
+    network's ``10.16.0.0/21``."""
     if isinstance(network, bool) or not isinstance(network, int) or not 1 <= network <= 254:
         raise AddressPlanError(f"network number must be an int in 1..254, got {network!r}")
-    return IPv4Network(f"10.{network}.0.0/24")
+    length = HOME_PREFIX_LEN if network == HOME_NETWORK else LAN_PREFIX_LEN
+    return IPv4Network(f"10.{network}.0.0/{length}")
 
 
 def lan_address(network: int, octet: int) -> IPv4Interface:
-    """Address ``10.<network>.0.<octet>/24`` as an interface (address plus prefix)."""
+    """Address ``10.<network>.0.<octet>`` with its LAN's prefix, as an interface."""
     if isinstance(octet, bool) or not isinstance(octet, int) or not 1 <= octet <= 254:
         raise AddressPlanError(f"host octet must be an int in 1..254, got {octet!r}")
     subnet = lan_subnet(network)
@@ -130,9 +166,34 @@ def backbone_pair(index: int) -> tuple[IPv4Interface, IPv4Interface]:
 
 
 def mo_home_addresses(network: int = HOME_NETWORK) -> list[IPv4Address]:
-    """All reserved mobile-object home addresses on ``network`` (``.100``–``.199``)."""
-    base = lan_subnet(network).network_address
-    return [ipaddress.IPv4Address(int(base) + o) for o in MO_HOME_OCTETS]
+    """All reserved mobile-object home addresses on ``network``, in the order objects get
+    them: ``10.16.0.100``–``.199``, then ``10.16.k.1``–``.254`` for ``k`` = 1..7
+    (:data:`MAX_OBJECTS` in all); a network with a ``/24`` has only the first hundred."""
+    subnet = lan_subnet(network)
+    base = int(subnet.network_address)
+    out = [ipaddress.IPv4Address(base + o) for o in MO_HOME_OCTETS]
+    for block in EXTRA_HOME_BLOCKS:
+        if base + 256 * block > int(subnet.broadcast_address):
+            break
+        out += [ipaddress.IPv4Address(base + 256 * block + o) for o in EXTRA_HOME_OCTETS]
+    return out
+
+
+def home_address(index: int, network: int = HOME_NETWORK) -> IPv4Address:
+    """The ``index``-th (0-based) home address of :func:`mo_home_addresses`, without
+    building the list; :class:`AddressPlanError` beyond the plan."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise AddressPlanError(f"home address index must be an int >= 0, got {index!r}")
+    subnet = lan_subnet(network)
+    base = int(subnet.network_address)
+    if index < len(MO_HOME_OCTETS):
+        return ipaddress.IPv4Address(base + MO_HOME_OCTETS[index])
+    block, octet = divmod(index - len(MO_HOME_OCTETS), len(EXTRA_HOME_OCTETS))
+    if block >= len(EXTRA_HOME_BLOCKS) or \
+            base + 256 * EXTRA_HOME_BLOCKS[block] > int(subnet.broadcast_address):
+        raise AddressPlanError(f"home address index {index} is beyond the plan's "
+                               f"{len(mo_home_addresses(network))} home addresses on {subnet}")
+    return ipaddress.IPv4Address(base + 256 * EXTRA_HOME_BLOCKS[block] + EXTRA_HOME_OCTETS[octet])
 
 
 def mobile_network_prefixes(network: int = HOME_NETWORK) -> list[IPv4Network]:

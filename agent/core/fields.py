@@ -43,8 +43,9 @@ SPEC_RE = re.compile(r"[A-Za-z_]\w{0,63}(\.[A-Za-z_]\w{0,63}){0,7}:[A-Za-z_]\w{0
 #: multicast, reserved and the limited broadcast.
 _NOT_UNICAST = [ipaddress.IPv4Network(n) for n in
                 ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")]
-#: MOAT's home LAN around a home agent: the home addresses it serves are on its /24.
-HOME_PREFIX_LEN = 24
+#: MOAT's home LAN around a home agent: the home addresses it serves are on its /21
+#: (topologies.addressing.HOME_PREFIX_LEN: room for 1,878 objects, issue 15).
+HOME_PREFIX_LEN = 21
 #: A mobile network prefix holds at most this many addresses (agent.vm.parts.MAX_PARTS).
 MIN_MOBILE_PREFIX_LEN = 28
 
@@ -172,12 +173,12 @@ def address(value: Any, field: str, *, within: Iterable[Any] | None = None,
 
 
 def home_network(home_agent: str) -> ipaddress.IPv4Network:
-    """The home LAN of the home agent at ``home_agent`` (MOAT's home networks are /24s)."""
+    """The home LAN of the home agent at ``home_agent`` (MOAT's home network is a /21)."""
     return ipaddress.IPv4Network(f"{home_agent}/{HOME_PREFIX_LEN}", strict=False)
 
 
 def home_address(value: Any, home_agent: Any, field: str, *, own: Iterable[str] = ()) -> str:
-    """An object's home address: a host address of its home agent's network (the /24 of
+    """An object's home address: a host address of its home agent's network (the /21 of
     ``home_agent``, itself checked), not the home agent's own, not one of ``own`` (the
     router's addresses): the rule :func:`agent.hosting.objects.check_home_address` applies
     before the address goes on a loopback, here applied when the message arrives."""

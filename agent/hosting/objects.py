@@ -30,7 +30,7 @@ from typing import Any
 from packets import AgentAdvertisement
 from packets.codes import SERVICE_PORT
 
-from agent.core import netlink
+from agent.core import fields, netlink
 from agent.core.config import ObjectConfig
 from agent.core.errors import AgentError, ControlError
 from agent.core.role import Role
@@ -53,11 +53,11 @@ CHECKPOINT_PERIOD = 5.0
 
 def check_home_address(home_address: str, home_agent: str, own: set[str]) -> None:
     """A home address a router may put on its loopback: a unicast IPv4 address on its home
-    agent's network (/24, MOAT's home LAN), not the home agent's own nor one of the router's
+    agent's network (/21, MOAT's home LAN), not the home agent's own nor one of the router's
     ``own`` addresses; ValueError otherwise (issue 12: it arrives in PROVISION, MIGRATE and
     VM_NEGOTIATE messages)."""
     home, agent = ipaddress.IPv4Address(home_address), ipaddress.IPv4Address(home_agent)
-    network = ipaddress.IPv4Network(f"{agent}/24", strict=False)
+    network = fields.home_network(str(agent))
     if home not in network or home in (network.network_address, network.broadcast_address) \
             or home == agent or str(home) in own:
         raise ValueError(f"home address {home} is not an address of its home agent's network "

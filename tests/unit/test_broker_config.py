@@ -65,10 +65,10 @@ def test_co_keys_are_fresh_per_host_and_only_on_the_broker_router(tmp_path) -> N
 def test_network_hops_follow_the_routes(tmp_path) -> None:
     _, configs = written(tmp_path)
     hops = configs["r22b"].broker.network_hops
-    assert set(hops) == {"10.12.0.0/24", "10.14.0.0/24", "10.16.0.0/24"}
+    assert set(hops) == {"10.12.0.0/24", "10.14.0.0/24", "10.16.0.0/21"}
     assert hops["10.14.0.0/24"] == {"r20a": 0, "r22a": 1, "r22b": 2, "r22c": 2, "r18a": 2,
                                     "r18b": 3}
-    assert hops["10.16.0.0/24"]["r22b"] == 0 and hops["10.16.0.0/24"]["r18b"] == 2
+    assert hops["10.16.0.0/21"]["r22b"] == 0 and hops["10.16.0.0/21"]["r18b"] == 2
     assert hops["10.12.0.0/24"]["r18b"] == 0 and hops["10.12.0.0/24"]["r20a"] == 2
 
 

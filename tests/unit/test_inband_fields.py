@@ -83,7 +83,8 @@ def test_an_address_within_networks_excludes_their_network_and_broadcast_and_own
 
 def test_a_home_address_must_be_on_its_home_agents_network_and_not_the_agent() -> None:
     assert fields.home_address("10.16.0.100", "10.16.0.2", "h") == "10.16.0.100"
-    for bad in ("10.12.0.100", "10.16.0.2", "10.16.0.255", "10.16.0.0"):
+    assert fields.home_address("10.16.3.7", "10.16.0.2", "h") == "10.16.3.7"  # the /21
+    for bad in ("10.12.0.100", "10.16.0.2", "10.16.7.255", "10.16.0.0", "10.16.8.1"):
         with pytest.raises(FieldError):
             fields.home_address(bad, "10.16.0.2", "h")
     with pytest.raises(FieldError, match="may not take"):  # the router's own address

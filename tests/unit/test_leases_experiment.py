@@ -90,7 +90,7 @@ def test_the_third_instance_is_nearer_the_home_network_than_the_primary() -> Non
     routing hops from the CO's network, and r18a is the primary's gateway."""
     from topologies.patent import PatentTopo
 
-    hops = PatentTopo().network_hops()["10.16.0.0/24"]
+    hops = PatentTopo().network_hops()["10.16.0.0/21"]
     assert hops[lx.GATEWAY] < hops[lx.PRIMARY]
 
 

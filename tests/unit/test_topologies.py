@@ -119,7 +119,8 @@ def test_patent_nodes_and_networks() -> None:
     assert (nets[16].border, nets[12].border, nets[14].border) == ("r22a", "r18a", "r20a")
     assert topo.foas == {12: "r18a", 14: "r20a"}
     for number, spec in nets.items():
-        assert spec.subnet == IPv4Network(f"10.{number}.0.0/24")
+        length = 21 if number == 16 else 24  # the home network is wider (issue 15)
+        assert spec.subnet == IPv4Network(f"10.{number}.0.0/{length}")
         assert spec.switch == f"s{number}"
         for node in spec.routers + spec.hosts:
             # every node's first interface is on its own network's bridge
@@ -150,11 +151,11 @@ def test_patent_node_classes_and_roles() -> None:
 def test_patent_named_addresses() -> None:
     topo = PatentTopo()
     lan = {n: topo.addresses(n)[0] for n in PATENT_ROUTERS | PATENT_HOSTS}
-    assert lan["r22a"] == IPv4Interface("10.16.0.1/24")
-    assert lan["r22b"] == IPv4Interface("10.16.0.2/24")
-    assert lan["r22c"] == IPv4Interface("10.16.0.3/24")
-    assert lan["dns23"] == IPv4Interface("10.16.0.23/24")
-    assert lan["site24"] == IPv4Interface("10.16.0.24/24")
+    assert lan["r22a"] == IPv4Interface("10.16.0.1/21")
+    assert lan["r22b"] == IPv4Interface("10.16.0.2/21")
+    assert lan["r22c"] == IPv4Interface("10.16.0.3/21")
+    assert lan["dns23"] == IPv4Interface("10.16.0.23/21")
+    assert lan["site24"] == IPv4Interface("10.16.0.24/21")
     assert lan["r18a"] == IPv4Interface("10.12.0.1/24")
     assert lan["r18b"] == IPv4Interface("10.12.0.2/24")
     assert lan["r20a"] == IPv4Interface("10.14.0.1/24")
@@ -171,7 +172,7 @@ def test_hoa_router_is_not_a_border_router() -> None:
     assert topo.networks[16].border == "r22a" != topo.hoa
     assert topo.nodeInfo("r22b")["border"] is False
     assert lan_neighbours(topo, "r22b") == {"s16"}
-    assert [i.address.network for i in topo.interfaces("r22b")] == [IPv4Network("10.16.0.0/24")]
+    assert [i.address.network for i in topo.interfaces("r22b")] == [IPv4Network("10.16.0.0/21")]
     for link in topo.backbone:
         assert "r22b" not in {end.node for end in link.ends}
 
@@ -213,7 +214,8 @@ def test_every_address_unique_and_in_plan() -> None:
                 seen[addr.ip] = node
                 assert addr.ip not in (addr.network.network_address, addr.network.broadcast_address)
                 octet = int(addr.ip) & 0xFF
-                if addr.network.prefixlen == 24:
+                if addr.network.prefixlen in (21, 24):
+                    assert int(addr.ip) >> 8 & 0xFF == 0  # nodes only in a LAN's first /24
                     assert octet not in MO_HOME_OCTETS and octet not in AGENT_OCTETS
                     if node in topo.router_names():
                         assert octet in ROUTER_OCTETS
@@ -276,8 +278,8 @@ def test_patent_paths_cross_the_home_border() -> None:
 def test_mobile_object_home_range_is_free() -> None:
     topo = PatentTopo()
     homes = set(mo_home_addresses())
-    assert len(homes) == 100
-    assert min(homes) == IPv4Address("10.16.0.100") and max(homes) == IPv4Address("10.16.0.199")
+    assert len(homes) == 1878 >= 1000  # issue 15: room for 1,000 objects
+    assert min(homes) == IPv4Address("10.16.0.100") and max(homes) == IPv4Address("10.16.7.254")
     used = {a.ip for addrs in topo.all_addresses().values() for a in addrs}
     assert not homes & used
 
@@ -376,7 +378,8 @@ def test_delay_forms() -> None:
 
 
 def test_address_helpers() -> None:
-    assert lan_address(16, 2) == IPv4Interface("10.16.0.2/24")
+    assert lan_address(16, 2) == IPv4Interface("10.16.0.2/21")
+    assert lan_address(12, 2) == IPv4Interface("10.12.0.2/24")
     assert backbone_pair(0) == (IPv4Interface("10.255.0.1/30"), IPv4Interface("10.255.0.2/30"))
     assert backbone_pair(3) == (IPv4Interface("10.255.0.13/30"), IPv4Interface("10.255.0.14/30"))
     assert backbone_pair(16383)[1] == IPv4Interface("10.255.255.254/30")
