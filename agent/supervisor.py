@@ -32,6 +32,13 @@ whenever it exits with anything but 0 — killed (``kill -9``), crashed, or refu
 
 It imports nothing but the standard library: the supervisor must never fail where the
 agent might (a bad import, a broken dependency, a full event loop).
+
+**Forked agents** (issue 15): how a child starts is injected (``spawn``, default
+:func:`popen_child`: ``ARGV`` exec'd). A supervisor forked from the agent zygote
+(:mod:`agent.zygote`) is given one that forks the agent from its own pre-imported memory
+(:class:`ForkedChild`), so every start, and every restart after a kill, is a fork: the
+supervisor never runs agent code itself, so what it forks is the zygote's memory as
+imported, shared copy-on-write with every other router's agent.
 """
 
 from __future__ import annotations
@@ -67,6 +74,36 @@ READY_POLL = 0.05
 STATUS_SUFFIX = ".supervisor.json"
 #: Seconds between two reports of one failing status-file write.
 WRITE_ERROR_EVERY = 60.0
+
+
+class ForkedChild:
+    """A child made by ``os.fork()`` without exec: what the supervisor asks of a ``Popen``
+    (``pid``, ``poll()``, ``returncode``, negative for a signal as ``Popen`` gives it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost
+                self.returncode = 255
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+#: How the supervisor starts its child: ``spawn(argv)`` returns something with ``pid`` and
+#: ``poll()`` (a ``Popen``, a :class:`ForkedChild`), or raises OSError.
+Spawn = Callable[[list[str]], Any]
+
+
+def popen_child(argv: list[str]) -> subprocess.Popen[bytes]:
+    """The default start: ``argv`` exec'd, stdio inherited (the node's daemon log)."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
 
 def status_path(run_dir: str | os.PathLike[str], router: str) -> Path:
@@ -227,13 +264,15 @@ class Supervisor:
     """Runs and restarts one agent; see the module docstring."""
 
     def __init__(self, argv: Sequence[str], status: Path, socket_path: str | None = None,
-                 policy: RestartPolicy | None = None, stop_timeout: float = STOP_TIMEOUT) -> None:
+                 policy: RestartPolicy | None = None, stop_timeout: float = STOP_TIMEOUT,
+                 spawn: Spawn | None = None) -> None:
         self.argv = list(argv)
+        self.spawn: Spawn = spawn or popen_child
         self.status_file = status
         self.socket_path = socket_path
         self.backoff = Backoff(policy or RestartPolicy())
         self.stop_timeout = stop_timeout
-        self.child: subprocess.Popen[bytes] | None = None
+        self.child: Any = None  # a Popen or a ForkedChild
         self.state = "starting"
         self.ready = socket_path is None
         self.ever_ready = False
@@ -292,7 +331,7 @@ class Supervisor:
                 return
         try:
             # stdin/stdout/stderr are inherited: the agent writes into the node's daemon log.
-            self.child = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+            self.child = self.spawn(self.argv)
         except OSError as exc:
             self.say(f"cannot start {self.argv}: {exc}")
             self.child = None
@@ -422,7 +461,9 @@ class Supervisor:
         return 5.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, spawn: Spawn | None = None) -> int:
+    """The command line; ``spawn`` (a caller in-process, the zygote) says how the agent
+    starts (default: exec'd)."""
     parser = argparse.ArgumentParser(prog="python -m agent.supervisor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--status", required=True, type=Path, help="status file (JSON, 0600)")
     parser.add_argument("--socket", help="the agent's control socket (ready when it answers ping)")
@@ -441,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = RestartPolicy(args.initial, args.max, args.stable_after, args.loop_window, args.loop_exits)
     except ValueError as exc:
         parser.error(str(exc))
-    return Supervisor(command, args.status, args.socket, policy).run()
+    return Supervisor(command, args.status, args.socket, policy, spawn=spawn).run()
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ from .tables import format_table
 
 log = logging.getLogger(__name__)
 
-UP_TIMEOUT = 60.0
 DOWN_TIMEOUT = 30.0
 
 COLUMNS = {
@@ -117,9 +116,21 @@ def broker_router(topo: str, broker: str | None) -> str | None:
     return broker
 
 
+def up_timeout_for(topo: str) -> float:
+    """How long ``moat up`` waits for ``topo``: grows with its size
+    (:func:`topologies.start_budget.up_timeout`), no fixed minute."""
+    from topologies.catalog import make_topo
+    from topologies.start_budget import up_timeout
+
+    spec = make_topo(topo)
+    routers = len(spec.router_names())
+    return up_timeout(routers, len(spec.hosts()) + len(spec.switches()) - routers)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     _require_root()
     broker = broker_router(args.topo, args.broker)
+    up_timeout = up_timeout_for(args.topo)
     run = Run()
     env = dict(os.environ, **{ENV_RUN_ID: run.run_id})
     out = open(f"/tmp/moat-up-{run.run_id}.log", "wb")  # noqa: SIM115 - handed to the child
@@ -140,10 +151,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             return False  # run.json not written yet, or being replaced
 
     try:
-        wait_until(is_up, UP_TIMEOUT, interval=0.1, what="the network up")
+        wait_until(is_up, up_timeout, interval=0.1, what="the network up")
     except WaitTimeout:
         holder.terminate()
-        raise CliError(f"the network did not come up within {UP_TIMEOUT:.0f}s") from None
+        raise CliError(f"the network did not come up within {up_timeout:.0f}s") from None
     os.replace(f"/tmp/moat-up-{run.run_id}.log", run.dir / "holder.log")
     print(run.run_id)
     print(f"run directory {run.dir}; stop it with: sudo moat down", file=sys.stderr)

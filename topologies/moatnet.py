@@ -3,8 +3,10 @@
 :class:`MoatNetwork` turns a pure-data :class:`topologies.base.MoatTopo` into a running
 testbed: it creates the run (id, directory, ``run.json``), generates the run's credentials
 (:class:`Keyring`), writes each router's agent configuration, asks every
-:class:`topologies.nodes.MoatRouter` to run ``python -m agent`` inside its namespace, and
-waits until every agent answers on its control socket. Everything the run starts inherits
+:class:`topologies.nodes.MoatRouter` to run ``python -m agent`` inside its namespace (forked
+from the run's agent zygote, :mod:`agent.zygote`, unless ``MOAT_AGENT_START=exec``), and
+waits until every agent answers on its control socket, for a time that grows with the
+network (:mod:`topologies.start_budget`). Everything the run starts inherits
 ``MOAT_RUN_ID`` so :func:`topologies.run.clean_run` can find it after a crash.
 
 Acting on the running network (agent calls, objects, migration, provisioning, tools inside
@@ -47,6 +49,7 @@ from agent.core.config import (
 from agent.core.control import ControlClient
 from agent.core.errors import ControlError
 from agent.core.wait import WaitTimeout, wait_until
+from agent.zygote import Zygote, start_mode
 from topologies.addressing import mo_home_addresses, mobile_network_prefixes
 from topologies.base import MoatTopo
 from topologies.client import RunClient, write_co_keys, write_objects
@@ -54,12 +57,12 @@ from topologies.errors import TopologyError
 from topologies.net import build_net, root_namespace_names
 from topologies.netfilter import open_bridges
 from topologies.run import ENV_RUN_ID, Run, clean_run, private_umask, stop_child
+from topologies.start_budget import agents_timeout
 
 log = logging.getLogger(__name__)
 
 HOME_DOMAIN = "home.moat"
 COUNTER_SPEC = "agent.objects.counter:Counter"
-AGENT_START_TIMEOUT = 30.0
 #: ``MoatNetwork(broker=AT_HOA)`` (the default): the broker runs on the topology's HOA router.
 AT_HOA = "@hoa"
 
@@ -185,6 +188,9 @@ class MoatNetwork:
                 if topo.nodeInfo(host).get("role") != "attacker":  # an attacker holds no key
                     self.keyring.add_co(host)
         self.net: Any = None
+        #: The run's agent zygote (agent.zygote), while the network runs; None with
+        #: MOAT_AGENT_START=exec.
+        self.zygote: Zygote | None = None
         self.site: str | None = None
         #: The DNS server's address (dnsmasq on dns23), once prepared.
         self.dns: str | None = None
@@ -359,8 +365,11 @@ class MoatNetwork:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def start(self, timeout: float = AGENT_START_TIMEOUT) -> "MoatNetwork":
-        """Build and start the network and wait until every agent answers."""
+    def start(self, timeout: float | None = None) -> "MoatNetwork":
+        """Build and start the network and wait until every agent answers (``timeout``:
+        by default :func:`topologies.start_budget.agents_timeout` of its size)."""
+        if timeout is None:
+            timeout = agents_timeout(len(self.topo.router_names()))
         self.run.create()
         self.run.state.topo = type(self.topo).__name__
         self.run.state.params = {"advertise_interval": self.advertise_interval,
@@ -384,8 +393,14 @@ class MoatNetwork:
         previous = os.environ.get(ENV_RUN_ID)
         os.environ[ENV_RUN_ID] = self.run.run_id  # inherited by node shells and daemons
         try:
+            if start_mode() == "fork":
+                # Imports while Mininet builds; each router's agent is forked from it.
+                self.zygote = Zygote(dict(os.environ), log_path=self.run.dir / "zygote.out")
+                self.zygote.start()
             # Before any bridge exists: bridged traffic must not meet a DROP policy.
             open_bridges(self.run.state.bridges, self.run.run_id, self._record_forward_rules)
+            for router in self.topo.router_names():
+                self.topo.nodeInfo(router)["daemon_zygote"] = self.zygote
             self.net = build_net(self.topo)
             self.net.start()
             self.run.state.node_pids = {n.name: n.pid for n in self.net.hosts}
@@ -444,6 +459,9 @@ class MoatNetwork:
             except Exception:  # noqa: BLE001 - still clean up below
                 log.exception("net.stop() failed; cleaning the run by id")
             self.net = None
+        if self.zygote is not None:
+            self.zygote.stop()  # after the routers: it reports how their supervisors ended
+            self.zygote = None
         self.run.state.status = "down"
         if self.run.dir.exists():
             self.run.save()

@@ -77,22 +77,65 @@ def processes_in_netns_of(pid: int, proc: Path = Path("/proc")) -> list[int]:
     return sorted(found)
 
 
+#: Longest command line sent to a node's shell at once: Mininet talks to it over a pty, whose
+#: line discipline cuts a line at 4095 characters.
+MAX_SHELL_LINE = 3000
+
+
+def route_batch_commands(routes: Iterable[Sequence[str]], limit: int = MAX_SHELL_LINE) -> list[str]:
+    """Shell commands installing every ``(prefix, via)`` route with ``ip -batch``, each at
+    most ``limit`` characters. Pure, for unit tests. A few round trips to the node's shell
+    instead of one per route: a scale router has a route per network, and Mininet's ``cmd``
+    costs a few milliseconds each, ten times that while a hundred agents start (issue 15)."""
+    tail = " | ip -batch - 2>&1"
+    head = "printf '%s\\n'"
+    commands: list[str] = []
+    current = head
+    for prefix, via in routes:
+        for part in (str(prefix), str(via)):
+            if not part or any(c not in "0123456789abcdefABCDEF.:/" for c in part):
+                raise RouteInstallError(f"not an address or prefix: {part!r}")
+        item = f" 'route replace {prefix} via {via}'"
+        if current != head and len(current) + len(item) + len(tail) > limit:
+            commands.append(current + tail)
+            current = head
+        current += item
+    if current != head:
+        commands.append(current + tail)
+    return commands
+
+
 def install_routes(node: Node, routes: Iterable[Sequence[str]]) -> None:
     """Install ``(prefix, via)`` routes in ``node``'s namespace, raising on any refusal.
 
-    ``ip route replace`` rather than ``add`` keeps a second configuration idempotent.
+    ``ip route replace`` rather than ``add`` keeps a second configuration idempotent; many
+    at a time with ``ip -batch`` (:func:`route_batch_commands`), which stops at the first
+    refusal and says which line.
     """
-    for prefix, via in routes:
-        out = node.cmd(f"ip route replace {prefix} via {via}").strip()
+    for command in route_batch_commands(routes):
+        out = node.cmd(command).strip()
         if out:
-            raise RouteInstallError(f"{node.name}: ip route replace {prefix} via {via}: {out}")
+            raise RouteInstallError(f"{node.name}: ip route replace: {out}")
 
 
 def _sysctl(node: Node, key: str, value: object) -> None:
     """Set one sysctl inside ``node``'s network namespace, raising on failure."""
-    out = node.cmd(f"sysctl -q -w {key}={value}").strip()
-    if out:
-        raise RouteInstallError(f"{node.name}: sysctl {key}={value}: {out}")
+    _sysctls(node, [(key, value)])
+
+
+def _sysctls(node: Node, settings: Iterable[tuple[str, object]]) -> None:
+    """Set sysctls inside ``node``'s network namespace in one ``sysctl`` call (one round
+    trip to its shell), in order, raising on any failure."""
+    pairs = [f"{key}={value}" for key, value in settings]
+    while pairs:
+        batch: list[str] = []
+        while pairs and len(" ".join(batch + pairs[:1])) < MAX_SHELL_LINE - 40:
+            batch.append(pairs.pop(0))
+        if not batch:
+            raise RouteInstallError(f"{node.name}: sysctl {pairs[0][:80]}...: too long")
+        out = node.cmd("sysctl -q -w " + " ".join(batch) + " 2>&1").strip()
+        if out:
+            raise RouteInstallError(f"{node.name}: sysctl {' '.join(batch)}: {out}")
 
 
 def open_private_log(path: Path) -> IO[bytes]:
@@ -176,15 +219,7 @@ class ManagedDaemonMixin:
         if self.daemon_umask is not None:
             extra["umask"] = self.daemon_umask
         try:
-            proc = self.popen(
-                [str(a) for a in argv],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=full_env,
-                cwd=None if cwd is None else str(cwd),
-                **extra,
-            )
+            proc = self._launch([str(a) for a in argv], logf, full_env, cwd, extra)
         except OSError as exc:
             logf.close()
             raise DaemonError(f"{self.name}: cannot start {list(argv)}: {exc}") from exc
@@ -194,6 +229,12 @@ class ManagedDaemonMixin:
         _live.add(self)
         log.info("%s: started daemon pid %d: %s (log %s)", self.name, proc.pid, list(argv), path)
         return proc
+
+    def _launch(self, argv: list[str], logf: IO[bytes], env: dict[str, str],
+                cwd: str | os.PathLike[str] | None, extra: dict[str, Any]) -> Any:
+        """Run ``argv`` in the node (``mnexec -d -a``); a ``Popen``-like handle."""
+        return self.popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                          env=env, cwd=None if cwd is None else str(cwd), **extra)
 
     def stop_daemon(self, timeout: float | None = None) -> int | None:
         """Stop and reap the daemon and anything left in its process group.
@@ -291,6 +332,20 @@ class MoatRouter(ManagedDaemonMixin, Node):
 
     #: Run the daemon under :mod:`agent.supervisor` (restarts it with backoff).
     daemon_supervised: ClassVar[bool] = True
+    #: The run's agent zygote (``daemon_zygote`` node param, :class:`agent.zygote.Zygote`):
+    #: when set, the supervised agent is forked from it into this node instead of exec'd.
+    zygote: Any = None
+
+    def _launch(self, argv: list[str], logf: IO[bytes], env: dict[str, str],
+                cwd: str | os.PathLike[str] | None, extra: dict[str, Any]) -> Any:
+        """Fork the supervised agent from the run's zygote (issue 15), else exec it."""
+        if self.zygote is None or "agent.supervisor" not in argv[1:3]:
+            return super()._launch(argv, logf, env, cwd, extra)
+        from agent.zygote import current_umask
+
+        return self.zygote.spawn(self.name, self.pid, argv, logf.fileno(), env,
+                                 None if cwd is None else str(cwd),
+                                 extra.get("umask", current_umask()))
 
     def start_daemon(
         self,
@@ -313,6 +368,7 @@ class MoatRouter(ManagedDaemonMixin, Node):
         daemon_env: Mapping[str, str] | None = None,
         daemon_cwd: str | os.PathLike[str] | None = None,
         send_redirects: bool = False,
+        daemon_zygote: Any = None,
         **params: Any,
     ) -> dict[str, Any]:
         """Configure addresses (Mininet), then forwarding, filtering, routes and daemon.
@@ -334,18 +390,19 @@ class MoatRouter(ManagedDaemonMixin, Node):
         kernel drops that reply as a martian (a source address it owns).
         """
         result = super().config(**params)
-        _sysctl(self, "net.ipv4.ip_forward", 1)
+        settings: list[tuple[str, object]] = [("net.ipv4.ip_forward", 1)]
         names = ["all", "default"] + [i.name for i in self.intfList() if i.name != "lo"]
         for name in names:
-            _sysctl(self, f"net.ipv4.conf.{name}.rp_filter", RP_FILTER_INTERFACE)
-            _sysctl(self, f"net.ipv4.conf.{name}.accept_local", 1)
-        _sysctl(self, "net.ipv4.conf.all.rp_filter", RP_FILTER_ALL)
-        _sysctl(self, "net.ipv4.conf.lo.rp_filter", RP_FILTER_LO)
+            settings.append((f"net.ipv4.conf.{name}.rp_filter", RP_FILTER_INTERFACE))
+            settings.append((f"net.ipv4.conf.{name}.accept_local", 1))
+        settings.append(("net.ipv4.conf.all.rp_filter", RP_FILTER_ALL))
+        settings.append(("net.ipv4.conf.lo.rp_filter", RP_FILTER_LO))
         if not send_redirects:
-            for name in names:
-                _sysctl(self, f"net.ipv4.conf.{name}.send_redirects", 0)
+            settings += [(f"net.ipv4.conf.{name}.send_redirects", 0) for name in names]
+        _sysctls(self, settings)  # in this order, in one call
         install_routes(self, routes or ())
         restore_cgroup_mounts(self)
+        self.zygote = daemon_zygote
         self._maybe_start_daemon(daemon_log, daemon_env, daemon_cwd)
         return result
 
@@ -391,11 +448,14 @@ def restore_cgroup_mounts(node: Node) -> None:
         mounts = Path("/proc/self/mounts").read_text()
     except OSError:
         return
-    for cmd in cgroup_mount_commands(mounts):
-        out = node.cmd(cmd + " 2>&1").strip()
-        if out:
-            log.warning("%s: %s: %s (objects on this router run without cgroup limits)", node.name, cmd, out)
-            return
+    cmds = cgroup_mount_commands(mounts)
+    if not cmds:
+        return
+    # One round trip: each mount in turn, stopping at the first that fails (as one by one).
+    out = node.cmd(" && ".join(f"{{ {cmd} ; }} 2>&1" for cmd in cmds)).strip()
+    if out:
+        log.warning("%s: mounting the host's cgroups: %s (objects on this router run without "
+                    "cgroup limits)", node.name, out)
 
 
 class MoatHost(ManagedDaemonMixin, Host):

@@ -1,0 +1,133 @@
+"""The agent zygote (issue 15, item 1): requests are validated, memory is read from
+smaps_rollup, and a supervisor forked from the zygote forks its agent and reports how it
+ended, through the same chain a router uses (in this process's own namespaces)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from agent import supervisor
+from agent.zygote import (ForkedDaemon, Zygote, ZygoteError, check_request, current_umask,
+                          is_agent_argv, memory_kib, parse_smaps_rollup, start_mode)
+
+
+def _request(**over):
+    req = {"argv": [sys.executable, "-m", "agent.supervisor", "--status", "/x", "--", "true"],
+           "netns_pid": 1, "env": {"PATH": "/bin"}, "cwd": "/", "umask": 0o022, "node": "r1a"}
+    req.update(over)
+    return req
+
+
+def test_a_valid_request_passes() -> None:
+    assert check_request(_request())["node"] == "r1a"
+
+
+@pytest.mark.parametrize("bad", [
+    {"argv": ["/bin/sh", "-c", "id", "x"]},
+    {"argv": [sys.executable, "-m", "agent", "--config", "x"]},
+    {"netns_pid": 0}, {"netns_pid": True}, {"netns_pid": "1"},
+    {"env": {"A=B": "x"}}, {"env": {"A": 1}}, {"env": []},
+    {"cwd": "relative"}, {"umask": 0o1000}, {"umask": None},
+    {"node": ""}, {"node": "x" * 40}, {"node": "a\nb"},
+])
+def test_bad_requests_are_refused_with_a_reason(bad) -> None:
+    with pytest.raises(ValueError):
+        check_request(_request(**bad))
+    with pytest.raises(ValueError):
+        check_request(["not", "a", "dict"])
+
+
+def test_start_mode_reads_the_environment() -> None:
+    assert start_mode({}) == "fork"
+    assert start_mode({"MOAT_AGENT_START": "exec"}) == "exec"
+    with pytest.raises(ZygoteError, match="fork, exec"):
+        start_mode({"MOAT_AGENT_START": "spawn"})
+
+
+def test_only_this_pythons_agent_runs_in_process() -> None:
+    assert is_agent_argv([sys.executable, "-m", "agent", "--config", "c.json"])
+    assert not is_agent_argv(["/usr/bin/python3.9", "-m", "agent", "--config", "c.json"])
+    assert not is_agent_argv([sys.executable, "-m", "agent.supervisor"])
+
+
+def test_smaps_rollup_parsing_and_reading() -> None:
+    text = "00400000-7ffd ---p 00000000 00:00 0  [rollup]\nRss:  82372 kB\nPss:  15884 kB\n"
+    assert parse_smaps_rollup(text) == {"rss": 82372, "pss": 15884}
+    with pytest.raises(ValueError):
+        parse_smaps_rollup("Rss: 1 kB\n")
+    mine = memory_kib(os.getpid())
+    assert mine is not None and 0 < mine["pss"] <= mine["rss"]
+    assert memory_kib(2 ** 22 + 12345) is None
+
+
+def test_current_umask_is_read_without_changing_it() -> None:
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        assert current_umask() == 0o027
+    finally:
+        os.umask(old)
+
+
+def test_a_forked_child_reports_its_status() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    child = supervisor.ForkedChild(pid)
+    import time
+    deadline = time.monotonic() + 5
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert child.returncode == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setns needs root")
+def test_a_supervisor_forked_from_the_zygote_forks_its_agent_and_reports(tmp_path) -> None:
+    """The whole chain, in this process's namespaces: the zygote forks a supervisor, which
+    forks the agent; the agent refuses a configuration that is not there (exit 2) before it
+    ever answered, so the supervisor ends with 2, and the zygote says so."""
+    zygote = Zygote(dict(os.environ, MOAT_RUN_ID="unit-zygote"), log_path=tmp_path / "zygote.out")
+    zygote.start()
+    log_path = tmp_path / "r1a.out"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        argv = supervisor_argv(tmp_path)
+        daemon = zygote.spawn("r1a", os.getpid(), argv, fd, dict(os.environ), str(tmp_path), 0o077)
+    finally:
+        os.close(fd)
+    try:
+        assert isinstance(daemon, ForkedDaemon) and daemon.pid != zygote.pid
+        assert daemon.wait(timeout=30) == 2
+    finally:
+        zygote.stop()
+    text = log_path.read_text()
+    assert "agent: " in text and "before it ever answered" in text, text
+    status = supervisor.read_status(tmp_path / "r1a.supervisor.json")
+    assert status is not None and status["state"] == "failed"
+    assert status["last_exit"]["returncode"] == 2
+    assert zygote.import_s is not None and zygote.import_s > 0
+
+
+def supervisor_argv(run: "os.PathLike[str]") -> list[str]:
+    return [sys.executable, "-m", "agent.supervisor", "--status", f"{run}/r1a.supervisor.json",
+            "--socket", f"{run}/r1a.sock", "--", sys.executable, "-m", "agent", "--config",
+            f"{run}/missing.json"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setns needs root")
+def test_the_zygote_refuses_a_bad_request_and_serves_the_next(tmp_path) -> None:
+    zygote = Zygote(dict(os.environ), log_path=tmp_path / "zygote.out")
+    zygote.start()
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with pytest.raises(ZygoteError, match="argv must be"):
+            zygote.spawn("r1a", os.getpid(), ["/bin/sh", "-c", "true", "x"], fd, {}, None, 0o022)
+        daemon = zygote.spawn("r1a", os.getpid(), supervisor_argv(tmp_path), fd, dict(os.environ),
+                              None, 0o022)
+        assert daemon.wait(timeout=30) == 2
+    finally:
+        os.close(fd)
+        zygote.stop()
