@@ -56,6 +56,12 @@ __all__ = ["MAX_PARTS", "PART_SPI_BASE", "NestedHomeAgent", "part_configs", "par
 log = logging.getLogger(__name__)
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+#: Bindings of one part at once: a make-before-break move of a secondary registers the
+#: target with ``S`` beside the source's binding (one was refused 135, so a part could only
+#: move break-before-make); a third is refused.
+MAX_PART_BINDINGS = 2
+
+
 class _Protocol(asyncio.DatagramProtocol):
     def __init__(self, owner: "NestedHomeAgent") -> None:
         self.owner = owner
@@ -94,7 +100,9 @@ class NestedHomeAgent:
         #: The object's name and home address (its parts' home agent address).
         self.name = spec.object
         self.address = spec.home_address
-        config = HomeConfig(objects=list(spec.parts.values()), max_bindings=1)
+        # Two bindings per part at most: its own, and during a make-before-break move the
+        # target's registered with S beside it (bicast) until the source deregisters.
+        config = HomeConfig(objects=list(spec.parts.values()), max_bindings=MAX_PART_BINDINGS)
         self.home = HomeAgent(config, spec.home_address, clock, wall_clock)
         self.home.require_foreign_auth = False
         self.home.reply_credential = nested_home_credential(router_key)

@@ -46,11 +46,13 @@ from test_nested_parts import FakeTransport, FakeTunnel, MF, ROUTER_KEY, primary
 HOME = "10.16.0.100"  # the object's home address: its parts' home agent
 TALLY = "10.16.0.224"  # the part's address
 R20A, R18A = "10.14.0.1", "10.12.0.1"  # the FOAs' care-of addresses
+RX = "10.13.0.1"  # a third FOA (only for the cap on simultaneous bindings)
 #: Where each FOA relays from (its backbone address) and where the part runs behind it.
-UPLINK = {R20A: "10.255.0.6", R18A: "10.255.0.2"}
-PART_AT = {R20A: "10.14.0.1", R18A: "10.12.0.2"}
+UPLINK = {R20A: "10.255.0.6", R18A: "10.255.0.2", RX: "10.255.0.10"}
+PART_AT = {R20A: "10.14.0.1", R18A: "10.12.0.2", RX: "10.13.0.1"}
 FH = {R20A: Credential(0x3003, b"foreign-home key of r20a"),
-      R18A: Credential(0x3004, b"foreign-home key of r18a")}
+      R18A: Credential(0x3004, b"foreign-home key of r18a"),
+      RX: Credential(0x3005, b"foreign-home key of rx")}
 
 
 @dataclass
@@ -107,18 +109,20 @@ class World:
         nested = nested_home_credential(ROUTER_KEY)
         self.foas = {coa: ForeignAgent(ForeignConfig(trusted_objects=[MF], foreign_home=FH[coa]),
                                        name, {coa}, clock=self.clock, nested_home=nested)
-                     for coa, name in ((R20A, "r20a"), (R18A, "r18a"))}
+                     for coa, name in ((R20A, "r20a"), (R18A, "r18a"), (RX, "rx"))}
         self._ident: int | None = None
         self.identifications: list[int] = []
 
-    def register(self, coa: str, lifetime: int = 60, part: str = "tally") -> RegistrationReply:
+    def register(self, coa: str, lifetime: int = 60, part: str = "tally",
+                 flags: RequestFlags = RequestFlags.G,
+                 code: ReplyCode = ReplyCode.ACCEPTED) -> RegistrationReply:
         """The part registers through the FOA at ``coa``; the FOA relays, the nested home
         agent decides, the FOA takes the reply."""
         cfg = self.parts[part]
         self._ident = new_identification(last=self._ident)
         self.identifications.append(self._ident)
         rrq = RegistrationRequest(cfg.home_address, HOME, coa, self._ident, lifetime,
-                                  RequestFlags.G, [NaiExtension(cfg.nai),
+                                  flags, [NaiExtension(cfg.nai),
                                                    ObjectPart(PartRole.SECONDARY, cfg.part_id, "")])
         data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, cfg.mobile_home.spi,
                            cfg.mobile_home.key)
@@ -131,8 +135,8 @@ class World:
         reply, to = self.transport.sent[before]
         assert to == (UPLINK[coa], MIP_PORT)
         rrp = RegistrationReply.decode(reply)
-        assert rrp.code == ReplyCode.ACCEPTED, rrp
-        if lifetime:
+        assert rrp.code == code, rrp
+        if lifetime and code == ReplyCode.ACCEPTED:
             assert foa.handle_reply(rrp, HOME) is not None, foa.stats
         else:
             foa.handle_reply(rrp, HOME)
@@ -334,6 +338,24 @@ def test_a_renewal_through_the_same_foa_revokes_nothing(world: World) -> None:
     world.register(R20A)
     world.register(R20A)
     assert world.revocations() == [] and world.visitors(R20A) == [TALLY]
+
+
+def test_make_before_break_binds_the_target_beside_and_the_source_deregisters_through_its_foa(
+        world: World) -> None:
+    """A part's make-before-break move: the target registers with S beside the source's
+    binding (bicast; a third is refused 135), then the source deregisters through the FOA it
+    leaves, which drops its visitor itself: no revocation is needed or sent."""
+    world.register(R20A)
+    world.register(R18A, flags=RequestFlags.G | RequestFlags.S)
+    assert sorted(b["care_of_address"] for b in world.agent.bindings()) == [R18A, R20A]
+    peers = world.agent.dataplane.tunnel.peers[TALLY]  # type: ignore[union-attr]
+    assert sorted(coa for coa, _key in peers) == [R18A, R20A]
+    world.register(RX, flags=RequestFlags.G | RequestFlags.S,
+                   code=ReplyCode.HA_TOO_MANY_SIMULTANEOUS_BINDINGS)
+    world.register(R20A, lifetime=0)
+    assert [b["care_of_address"] for b in world.agent.bindings()] == [R18A]
+    assert world.visitors(R20A) == [] and world.visitors(R18A) == [TALLY]
+    assert world.revocations() == [] and world.loop.armed() == []
 
 
 def test_moving_twice_revokes_each_previous_foa_once(world: World) -> None:
