@@ -392,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transfer", choices=sorted(TRANSFERS), default="both",
                         help="how the state goes over: precopy, stop-copy (the old path), or both "
                              "(default: each move made both ways, the figures with their ratio)")
-    parser.add_argument("--backend", choices=["auto", "userspace", "kernel"], default="auto",
-                        help="GRE backend (auto: kernel where the kernel has GRE)")
+    parser.add_argument("--backend", choices=["auto", "userspace", "kernel", "ebpf"],
+                        default="auto", help="GRE backend (auto: see agent.mobility.tunnel.AUTO_ORDER)")
     parser.add_argument("--topo", default="patent", help="patent[,backbone_bw=...,...]")
     parser.add_argument("--dwell", type=float, default=1.5, help="seconds between moves")
     parser.add_argument("--results", type=Path, default=None, help="results root (default ./results)")

@@ -323,8 +323,9 @@ class AgentConfig:
                 ok = False
             if not ok:
                 raise ConfigError("seal_key must be a 32-byte X25519 private key in hex")
-        if self.tunnel_backend not in ("auto", "kernel", "userspace"):
-            raise ConfigError(f"tunnel_backend must be auto, kernel or userspace, not {self.tunnel_backend!r}")
+        if self.tunnel_backend not in ("auto", "kernel", "ebpf", "userspace"):
+            raise ConfigError(f"tunnel_backend must be auto, kernel, ebpf or userspace, not "
+                              f"{self.tunnel_backend!r}")
         self.static_routes = [r.check() for r in self.static_routes]
         prefixes = [r.prefix for r in self.static_routes]
         twice = sorted({p for p in prefixes if prefixes.count(p) > 1})

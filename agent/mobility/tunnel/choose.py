@@ -1,4 +1,5 @@
-"""Choosing a backend: probe whether the kernel can make a GRE netdev in this namespace."""
+"""Choosing a backend: probe whether the kernel can make a GRE netdev in this namespace, and
+whether the eBPF programs load here (``ebpf_probe.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import os
 from typing import Any
 
 from agent.core import netlink as nl
-from agent.mobility.tunnel.base import TunnelUnavailable
+from agent.mobility.tunnel.base import Tunnel, TunnelUnavailable
+from agent.mobility.tunnel.ebpf import EbpfTunnel
+from agent.mobility.tunnel.ebpf_probe import probe_ebpf
 from agent.mobility.tunnel.kernel import KernelTunnel
 from agent.mobility.tunnel.userspace import UserspaceTunnel
 
@@ -17,6 +20,9 @@ log = logging.getLogger(__name__)
 
 #: Longest the probe may take (a kernel may try to load ip_gre first).
 PROBE_TIMEOUT = nl.NETLINK_TIMEOUT
+BACKENDS = ("auto", "kernel", "ebpf", "userspace")
+#: What ``auto`` tries, in order; userspace needs nothing and ends the list.
+AUTO_ORDER = ("kernel", "userspace")
 
 
 def _probe_op(probe: str) -> nl.Op[str | None]:
@@ -66,57 +72,90 @@ async def probe_kernel_gre(netlink: nl.Netlink | None = None) -> str | None:
         return f"netlink unavailable: {exc}"
 
 
+def _check(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown tunnel backend {backend!r}: {', '.join(BACKENDS)}")
+
+
 def detect_backend() -> str:
-    """``"kernel"`` if a GRE netdev can be made in this network namespace, else ``"userspace"``."""
-    reason = _probe_kernel_gre()
-    if reason is not None:
-        log.debug("kernel GRE unavailable: %s", reason)
-        return "userspace"
-    return "kernel"
+    """The first backend of :data:`AUTO_ORDER` that can run in this network namespace."""
+    for backend in AUTO_ORDER:
+        reason = _probe(backend)
+        if reason is None:
+            return backend
+        log.debug("%s tunnel backend unavailable: %s", backend, reason)
+    return "userspace"
 
 
-def _resolve(backend: str, reason: str | None) -> str:
-    """The backend to build, given the probe's answer (None: kernel GRE works)."""
-    if backend == "auto":
-        chosen = "userspace" if reason is not None else "kernel"
-        log.info("tunnel backend auto-detected: %s", chosen)
-        return chosen
-    if backend == "kernel" and reason is not None:
-        raise TunnelUnavailable(f"kernel GRE backend requested but unavailable: {reason}; "
-                                "use the userspace backend (tunnel_backend: userspace or auto)")
-    if backend not in ("kernel", "userspace"):
-        raise ValueError(f"unknown tunnel backend {backend!r}: auto, kernel or userspace")
-    return backend
+def _probe(backend: str) -> str | None:
+    if backend == "kernel":
+        return _probe_kernel_gre()
+    if backend == "ebpf":
+        return probe_ebpf()
+    return None
+
+
+async def _aprobe(backend: str, netlink: nl.Netlink | None) -> str | None:
+    if backend == "kernel":
+        return await probe_kernel_gre(netlink)
+    if backend == "ebpf":
+        return await asyncio.get_running_loop().run_in_executor(None, probe_ebpf)
+    return None
+
+
+def _unavailable(backend: str, reason: str) -> TunnelUnavailable:
+    return TunnelUnavailable(f"{backend} GRE backend requested but unavailable: {reason}; "
+                             "use the userspace backend (tunnel_backend: userspace or auto)")
 
 
 def _build(backend: str, loop: asyncio.AbstractEventLoop, local: str, name: str,
-           kwargs: dict[str, Any]) -> UserspaceTunnel | KernelTunnel:
+           kwargs: dict[str, Any]) -> Tunnel:
     if backend == "kernel":
         return KernelTunnel(loop, local, name, **kwargs)
+    if backend == "ebpf":
+        return EbpfTunnel(loop, local, name, **kwargs)
     return UserspaceTunnel(loop, local, name, **kwargs)
 
 
 def make_tunnel(backend: str = "auto", *, loop: asyncio.AbstractEventLoop, local: str,
-                name: str = "moat0", **kwargs: Any) -> UserspaceTunnel | KernelTunnel:
-    """A tunnel of ``backend`` ("auto", "kernel" or "userspace"), not started yet.
+                name: str = "moat0", **kwargs: Any) -> Tunnel:
+    """A tunnel of ``backend`` ("auto", "kernel", "ebpf" or "userspace"), not started yet.
 
-    "auto" takes the kernel backend where the kernel can make GRE devices, else userspace;
-    "kernel" where it cannot raises :class:`TunnelUnavailable` with the reason. The probe
-    waits for the kernel once: from a coroutine prefer :func:`open_tunnel`.
+    "auto" takes the first of :data:`AUTO_ORDER` that can run here; "kernel" or "ebpf"
+    where it cannot raises :class:`TunnelUnavailable` with the reason. The probes wait for
+    the kernel once: from a coroutine prefer :func:`open_tunnel`.
     """
-    if backend not in ("auto", "kernel", "userspace"):
-        raise ValueError(f"unknown tunnel backend {backend!r}: auto, kernel or userspace")
-    reason = _probe_kernel_gre() if backend != "userspace" else None
-    return _build(_resolve(backend, reason), loop, local, name, kwargs)
+    _check(backend)
+    if backend == "auto":
+        chosen = detect_backend()
+        log.info("tunnel backend auto-detected: %s", chosen)
+        return _build(chosen, loop, local, name, kwargs)
+    reason = _probe(backend)
+    if reason is not None:
+        raise _unavailable(backend, reason)
+    return _build(backend, loop, local, name, kwargs)
 
 
 async def open_tunnel(backend: str = "auto", *, local: str, name: str = "moat0",
-                      **kwargs: Any) -> UserspaceTunnel | KernelTunnel:
+                      **kwargs: Any) -> Tunnel:
     """:func:`make_tunnel` and :meth:`~.base.Tunnel.astart` for the running loop, never
     blocking it; raises :class:`TunnelUnavailable` / :class:`~.base.TunnelError`."""
-    if backend not in ("auto", "kernel", "userspace"):
-        raise ValueError(f"unknown tunnel backend {backend!r}: auto, kernel or userspace")
-    reason = await probe_kernel_gre(kwargs.get("netlink")) if backend != "userspace" else None
-    tunnel = _build(_resolve(backend, reason), asyncio.get_running_loop(), local, name, kwargs)
+    _check(backend)
+    netlink = kwargs.get("netlink")
+    if backend == "auto":
+        chosen = "userspace"
+        for candidate in AUTO_ORDER:
+            reason = await _aprobe(candidate, netlink)
+            if reason is None:
+                chosen = candidate
+                break
+            log.debug("%s tunnel backend unavailable: %s", candidate, reason)
+        log.info("tunnel backend auto-detected: %s", chosen)
+    else:
+        reason = await _aprobe(backend, netlink)
+        if reason is not None:
+            raise _unavailable(backend, reason)
+        chosen = backend
+    tunnel = _build(chosen, asyncio.get_running_loop(), local, name, kwargs)
     await tunnel.astart()
     return tunnel
