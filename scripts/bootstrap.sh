@@ -15,7 +15,7 @@ apt_packages=(
   # A bare debian:12 container lacks these: .ci/run runs make, pip needs the CA
   # certificates, the unit tests parse the CI workflow with yaml.
   make ca-certificates python3-yaml
-  # The eBPF GRE backend (issue 16): clang compiles bpf/moat_gre.c, libbpf-dev has its
+  # The eBPF GRE backend, issue 16: clang compiles bpf/moat_gre.c, libbpf-dev has its
   # headers, bpftool loads and pins it; Ubuntu ships bpftool in linux-tools, added below.
   clang llvm libbpf-dev
 )
