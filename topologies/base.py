@@ -10,7 +10,9 @@ without — running it, and ``mn --custom`` gets exactly the same network as
 
 Conventions every topology built with these helpers follows:
 
-* one Linux bridge per network, named ``s<network>`` (``s16``);
+* one Linux bridge per network, the switch ``s<network>`` (``s16``); in the kernel its
+  name is scoped to the run, ``<tag>-s16`` (:mod:`topologies.naming`), set by
+  :func:`topologies.net.scope_topology` when the network is built;
 * a node's LAN link is its first link, so its LAN interface is ``<node>-eth0`` and
   Mininet's ``node.IP()`` is its LAN address;
 * backbone links join border routers only, numbered in creation order (``/30`` #k);
@@ -27,7 +29,6 @@ from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
 import topologies._mininet  # noqa: F401  - first: repairs logging (see module)
-from mininet.nodelib import LinuxBridge
 from mininet.topo import Topo
 
 from topologies.addressing import (
@@ -44,6 +45,7 @@ from topologies.addressing import (
     lan_subnet,
 )
 from topologies.errors import AddressPlanError, TopologyParamError
+from topologies.bridge import MoatBridge
 from topologies.links import MoatLink
 from topologies.nodes import MoatHost, MoatRouter
 from topologies.dns import DnsServer
@@ -201,7 +203,7 @@ class MoatTopo(Topo):
         self._lan_opts = {} if bw is None else {"bw": bw}
 
     def add_lan(self, number: int, kind: str) -> NetworkSpec:
-        """Add network ``number`` as one Linux bridge ``s<number>`` (STP off)."""
+        """Add network ``number`` as one Linux bridge, the switch ``s<number>`` (STP off)."""
         if number in self.networks:
             raise AddressPlanError(f"network {number} added twice")
         if kind not in ("home", "foreign"):
@@ -209,7 +211,9 @@ class MoatTopo(Topo):
         switch = check_ifname(f"s{number}")
         # STP off: each LAN is a single bridge, so there is no loop to break, and STP
         # would hold ports in "listening" for ~30 s after start.
-        self.addSwitch(switch, cls=LinuxBridge, stp=False)
+        # The kernel name is the run's (``<tag>-s16``, topologies.naming), set when a run
+        # scopes the topology (topologies.net.scope_topology); the node stays ``s16``.
+        self.addSwitch(switch, cls=MoatBridge, stp=False)
         spec = NetworkSpec(number, lan_subnet(number), switch, kind)
         self.networks[number] = spec
         return spec

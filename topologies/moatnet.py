@@ -54,7 +54,7 @@ from topologies.addressing import mo_home_addresses, mobile_network_prefixes
 from topologies.base import MoatTopo
 from topologies.client import RunClient, write_co_keys, write_objects
 from topologies.errors import TopologyError
-from topologies.net import build_net, root_namespace_names
+from topologies.net import build_net, scope_for_run
 from topologies.netfilter import open_bridges
 from topologies.run import ENV_RUN_ID, Run, clean_run, private_umask, stop_child
 from topologies.start_budget import agents_timeout
@@ -374,11 +374,14 @@ class MoatNetwork:
         self.run.state.topo = type(self.topo).__name__
         self.run.state.params = {"advertise_interval": self.advertise_interval,
                                  "objects": {n: o.home_address for n, o in self.objects.items()}}
-        # Record root-namespace names before creating them: a SIGKILL mid-build still
-        # leaves clean_run a complete list.
-        self.run.state.bridges = list(self.topo.switches())
-        self.run.state.root_links = [n for n in root_namespace_names(self.topo)
-                                     if n not in self.run.state.bridges]
+        # Root-namespace names carry the run's tag (topologies.naming), are refused if one
+        # exists (another run's is never taken over, nor removed), and are recorded before
+        # they are created: a SIGKILL mid-build still leaves clean_run a complete list.
+        try:
+            self.run.state.bridges, self.run.state.root_links = scope_for_run(self.topo, self.run)
+        except BaseException:
+            self.stop()
+            raise
         with private_umask():  # keys, public ones too, and configurations: root's alone
             self._prepare_site()
             self._prepare_dns()
@@ -401,7 +404,7 @@ class MoatNetwork:
             open_bridges(self.run.state.bridges, self.run.run_id, self._record_forward_rules)
             for router in self.topo.router_names():
                 self.topo.nodeInfo(router)["daemon_zygote"] = self.zygote
-            self.net = build_net(self.topo)
+            self.net = build_net(self.topo, tag=self.run.state.tag)
             self.net.start()
             self.run.state.node_pids = {n.name: n.pid for n in self.net.hosts}
             self.run.save()
@@ -529,11 +532,19 @@ class MoatNetwork:
         the last value otherwise."""
         return wait_until(predicate, timeout, interval=interval, what="condition")
 
+    def bridge(self, switch: str) -> str:
+        """The kernel name of the topology's switch ``switch`` in this run (``s16`` ->
+        ``m3f9c-s16``, :mod:`topologies.naming`)."""
+        return self.topo.nodeInfo(switch).get("bridge", switch)
+
     @contextlib.contextmanager
     def capture(self, interface: str, name: str, node: str | None = None,
                 bpf: str = "") -> Iterator[Path]:
-        """Capture on ``interface`` (of ``node``, or a bridge in the root namespace) into
+        """Capture on ``interface`` (of ``node``, or a bridge in the root namespace: the
+        topology's switch name, ``s16``, means this run's bridge) into
         ``captures/<name>.pcap`` while the block runs."""
+        if node is None and interface in self.topo.switches():
+            interface = self.bridge(interface)
         path = self.run.dir / "captures" / f"{name}.pcap"
         # Root-only from creation: Debian's tcpdump would switch to its own user before it
         # creates the file (owned by tcpdump, 0644); ``-Z root`` keeps root, umask 077 makes

@@ -2,7 +2,9 @@
 
 Every process a run starts (Mininet's node shells, agent daemons, object processes)
 carries ``MOAT_RUN_ID=<id>`` in its environment, every root-namespace interface the run
-creates (bridges, switch-side veth ends) is recorded in ``run.json`` before it is built, as
+creates (bridges, switch-side veth ends) carries the run's tag (``m3f9c-s16``, reserved in
+``<run root>/tags/``, :mod:`topologies.naming`) and is recorded in ``run.json`` before it is
+built, as
 is every FORWARD rule it adds for its bridges (each also commented ``moat-run:<run-id>``), and
 every cgroup it makes is named ``moat-<run-id>-...``. ``moat clean`` therefore finds a run's leftovers by its id even after the process
 that made them was killed with SIGKILL, and never touches anything by a broad name.
@@ -10,6 +12,8 @@ that made them was killed with SIGKILL, and never touches anything by a broad na
 Layout::
 
     $MOAT_RUN_ROOT (default /tmp/moat, root's, 0755)/
+        tags/<tag> -> <run-id>  the run's tag for its root-namespace names (a symlink: made
+                              atomically, so two runs never get the same tag)
         <run-id>/             0700 root: everything the run writes, secrets included
             run.json          what was created (pids, interfaces, sockets)
             <node>.json       an agent's configuration
@@ -48,6 +52,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from agent.core.wait import WaitTimeout, wait_until
+from topologies.naming import choose_tag, is_tag
 from topologies.netfilter import remove_run_rules
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,11 @@ DEFAULT_RUN_ROOT = "/tmp/moat"
 STATE_FILE = "run.json"
 #: ``<run root>/sandbox/<run-id>``: what the run's sandboxed objects may reach (no secret).
 SANDBOX_DIR = "sandbox"
+#: ``<run root>/tags/<tag>``: a symlink to the run id that holds the tag (see reserve_tag).
+TAGS_DIR = "tags"
+#: Names under the run root that are not runs.
+NOT_RUNS = (SANDBOX_DIR, TAGS_DIR)
+SYS_CLASS_NET = Path("/sys/class/net")
 #: Links in the run directory to the run's sandbox directory (see the module docstring).
 SANDBOX_LINKS = ("objects", "vm")
 #: A private file or directory of a run: read and written by its owner (root) only.
@@ -166,6 +176,8 @@ class RunState:
     #: FORWARD rules letting the bridges' traffic through (topologies.netfilter), recorded
     #: before they are added: ``{"tool": "iptables", "rule": [...]}``.
     forward_rules: list[dict] = field(default_factory=list)
+    #: The run's tag (``m3f9c``): every root-namespace name it creates starts ``<tag>-``.
+    tag: str = ""
 
 
 class Run:
@@ -174,7 +186,7 @@ class Run:
     def __init__(self, run_id: str | None = None, root: Path | None = None) -> None:
         self.run_id = run_id or new_run_id()
         if not self.run_id or "/" in self.run_id or self.run_id.startswith(".") \
-                or self.run_id == SANDBOX_DIR:
+                or self.run_id in NOT_RUNS:
             raise ValueError(f"bad run id {self.run_id!r}")
         self.root = root or run_root()
         self.dir = self.root / self.run_id
@@ -204,6 +216,27 @@ class Run:
         self.save()
         return self
 
+    def reserve_tag(self, interfaces: Iterable[str] | None = None) -> str:
+        """Choose and hold the run's tag for its root-namespace names (once; saved in
+        ``run.json``). Held by ``os.symlink(<run-id>, <run root>/tags/<tag>)``, which fails
+        if another run holds that tag, so two runs starting at once never share one; a tag
+        an existing interface carries (``<tag>-...``) is never chosen. Released by
+        :func:`clean_run`."""
+        if self.state.tag:
+            return self.state.tag
+        tags = ensure_run_root(self.root / TAGS_DIR)
+
+        def taken(tag: str) -> bool:
+            try:
+                os.symlink(self.run_id, tags / tag)
+            except FileExistsError:
+                return True
+            return False
+
+        self.state.tag = choose_tag(_interfaces() if interfaces is None else interfaces, taken)
+        self.save()
+        return self.state.tag
+
     def save(self) -> None:
         write_private_file(self.dir / STATE_FILE, json.dumps(asdict(self.state), indent=2))
 
@@ -229,7 +262,7 @@ def list_runs(root: Path | None = None) -> list[Run]:
     runs = []
     if base.is_dir():
         for d in base.iterdir():
-            if d.name == SANDBOX_DIR:
+            if d.name in NOT_RUNS:
                 continue
             try:
                 runs.append(Run.load(d.name, base))
@@ -343,7 +376,61 @@ def _kill_all(pids: Iterable[int], timeout: float = 3.0) -> None:
 
 
 def _link_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
+    return (SYS_CLASS_NET / name).exists()
+
+
+def _interfaces() -> list[str]:
+    try:
+        return os.listdir(SYS_CLASS_NET)
+    except OSError:
+        return []
+
+
+def _tags_of(run_id: str, base: Path) -> list[str]:
+    """The tags ``<run root>/tags/`` holds for ``run_id`` (its run.json may be gone)."""
+    tags = base / TAGS_DIR
+    found = []
+    try:
+        entries = list(tags.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            if is_tag(entry.name) and os.readlink(entry) == run_id:
+                found.append(entry.name)
+        except OSError:
+            continue
+    return found
+
+
+def _names_of_other_runs(run_id: str, base: Path) -> set[str]:
+    """Root-namespace names recorded by every other run under ``base``."""
+    names: set[str] = set()
+    for run in list_runs(base):
+        if run.run_id != run_id:
+            names.update(run.state.root_links, run.state.bridges)
+    return names
+
+
+def run_links(run_id: str, state: "RunState | None", tags: Iterable[str],
+              existing: Iterable[str], others: set[str]) -> tuple[list[str], list[str]]:
+    """Which root-namespace interfaces are run ``run_id``'s to remove (pure): those it
+    recorded and those that exist carrying one of its ``tags``; never one another run
+    recorded, and, for a run with a tag, never a recorded name without it. Returns
+    (to remove, refused)."""
+    existing = set(existing)
+    prefixes = tuple(f"{t}-" for t in tags)
+    recorded = [] if state is None else [*state.root_links, *state.bridges]
+    tagged = sorted(n for n in existing if prefixes and n.startswith(prefixes))
+    remove: list[str] = []
+    refused: list[str] = []
+    for name in dict.fromkeys([*recorded, *tagged]):
+        if name in others or (state is not None and state.tag
+                              and not name.startswith(f"{state.tag}-")):
+            refused.append(name)
+        elif name in existing:
+            remove.append(name)
+    return remove, refused
 
 
 def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> list[str]:
@@ -371,11 +458,16 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
             log.warning("clean %s: kept cgroup %s (it holds processes that are not MOAT's)", run_id, d)
     except (CgroupError, OSError) as exc:
         log.warning("clean %s: cgroups not cleaned: %s", run_id, exc)
-    if state is not None:
-        for name in state.root_links + state.bridges:
-            if _link_exists(name):
-                subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
-                removed.append(f"link {name}")
+    tags = sorted({*_tags_of(run_id, base), *([state.tag] if state and state.tag else [])})
+    links, refused = run_links(run_id, state, tags, _interfaces(),
+                               _names_of_other_runs(run_id, base))
+    for name in refused:
+        log.warning("clean %s: left interface %s alone (another run's, or not of this run's "
+                    "tag)", run_id, name)
+    for name in links:
+        if _link_exists(name):  # a port goes with its bridge's peer; check again
+            subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
+            removed.append(f"link {name}")
     # The recorded rules, and any other rule tagged with this run id (run.json gone).
     removed += remove_run_rules(run_id, state.forward_rules if state is not None else [])
     run_dir = base / run_id
@@ -383,9 +475,15 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(f"dir {run_dir}")
     sandbox = base / SANDBOX_DIR / run_id
-    if run_id != SANDBOX_DIR and "/" not in run_id and sandbox.exists() and not keep_dir:
+    if run_id not in NOT_RUNS and "/" not in run_id and sandbox.exists() and not keep_dir:
         shutil.rmtree(sandbox, ignore_errors=True)
         removed.append(f"dir {sandbox}")
+    if not keep_dir:  # the tag stays held while the run's directory (and run.json) stays
+        for tag in tags:
+            with contextlib.suppress(OSError):
+                if os.readlink(base / TAGS_DIR / tag) == run_id:
+                    (base / TAGS_DIR / tag).unlink()
+                    removed.append(f"tag {tag}")
     for line in removed:
         log.info("clean %s: removed %s", run_id, line)
     return removed
@@ -397,8 +495,13 @@ def clean_all(root: Path | None = None) -> dict[str, list[str]]:
     base = root or run_root()
     ids = set(_run_ids_by_pid().values()) | set(_run_ids_by_cmdline().values())
     if base.is_dir():
-        ids |= {d.name for d in base.iterdir() if d.is_dir() and d.name != SANDBOX_DIR}
+        ids |= {d.name for d in base.iterdir() if d.is_dir() and d.name not in NOT_RUNS}
     if (base / SANDBOX_DIR).is_dir():
         ids |= {d.name for d in (base / SANDBOX_DIR).iterdir() if d.is_dir()}
-    ids.discard(SANDBOX_DIR)
+    if (base / TAGS_DIR).is_dir():
+        for entry in (base / TAGS_DIR).iterdir():
+            with contextlib.suppress(OSError):
+                ids.add(os.readlink(entry))
+    ids -= set(NOT_RUNS)
+    ids = {i for i in ids if i and "/" not in i and not i.startswith(".")}
     return {rid: clean_run(rid, base) for rid in sorted(ids)}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.core.wait import wait_until
+from topologies.naming import is_tag
 from topologies.run import Run, pid_alive, processes_of_run
 
 MOAT = [sys.executable, "-m", "experiments.cli"]
@@ -22,8 +23,20 @@ def moat(*args: str, timeout: float = 120, stdin: str | None = None) -> subproce
     return subprocess.run([*MOAT, *args], capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
-def bridges_exist() -> list[str]:
-    return [n for n in ("s12", "s14", "s16") if Path(f"/sys/class/net/{n}").exists()]
+def bridges_exist(run_id: str) -> list[str]:
+    """The run's bridges (named for the run: topologies.naming) that exist."""
+    names = BRIDGES.get(run_id) or Run.load(run_id).state.bridges
+    BRIDGES[run_id] = names  # kept: the run directory goes with `moat clean`
+    assert len(names) == 3
+    return [n for n in names if Path(f"/sys/class/net/{n}").exists()]
+
+
+BRIDGES: dict[str, list[str]] = {}
+
+
+def run_scoped_interfaces() -> set[str]:
+    """Every interface named for a run (``<tag>-s16``, ``<tag>-s16-1``) on the machine."""
+    return {n for n in os.listdir("/sys/class/net") if n.split("-")[0] and is_tag(n.split("-")[0])}
 
 
 @pytest.fixture
@@ -31,6 +44,7 @@ def up():
     proc = moat("up")
     assert proc.returncode == 0, proc.stderr
     run_id = proc.stdout.strip().splitlines()[-1]
+    bridges_exist(run_id)  # learn its bridges' names
     yield run_id
     moat("down", "--run", run_id)
     moat("clean", "--run", run_id)
@@ -60,7 +74,7 @@ def test_up_show_object_down(up: str) -> None:
     down = moat("down", "--run", up)
     assert down.returncode == 0, down.stderr
     assert not pid_alive(owner)
-    assert bridges_exist() == []
+    assert bridges_exist(up) == []
     assert processes_of_run(up) == []
 
 
@@ -99,7 +113,7 @@ def test_clean_after_kill_9_removes_everything_and_is_idempotent(up: str) -> Non
     assert obj_pid and Path(f"/proc/{obj_pid}").exists()
     os.kill(run.state.owner_pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(run.state.owner_pid), 5, what="the holder killed")
-    assert bridges_exist(), "SIGKILL leaves the run's bridges behind"
+    assert bridges_exist(up), "SIGKILL leaves the run's bridges behind"
     assert processes_of_run(up), "... and its node shells and agents"
 
     first = moat("clean")
@@ -107,13 +121,14 @@ def test_clean_after_kill_9_removes_everything_and_is_idempotent(up: str) -> Non
     assert up in first.stdout
     assert processes_of_run(up) == []
     assert not Path(f"/proc/{obj_pid}").exists(), "the object outlived its run"
-    assert bridges_exist() == []
+    assert bridges_exist(up) == []
     assert not run.dir.exists()
     second = moat("clean")
     assert second.returncode == 0 and up not in second.stdout
 
 
 def test_mininet_cli_with_moat_commands() -> None:
+    before = run_scoped_interfaces()  # this module runs alone (tests/conftest.py)
     script = ("move counter r18b\nsh sleep 2\nbindings\nvisitors r18a\nr18b ping -c1 -W2 10.16.0.2\n"
               "resolve co14 counter.home.moat\nmigrate counter r20a\nvm\nmigrate counter\nexit\n")
     proc = moat("cli", stdin=script, timeout=120)
@@ -126,7 +141,7 @@ def test_mininet_cli_with_moat_commands() -> None:
     assert "counter.r18a" in proc.stdout  # bindings and visitors tables
     assert "1 received" in proc.stdout + proc.stderr  # a Mininet command still works (its
     # output goes through Mininet's own logger)
-    assert bridges_exist() == []
+    assert run_scoped_interfaces() <= before
 
 
 def test_repo_provision_show_vm_and_errors(up: str, tmp_path: Path) -> None:

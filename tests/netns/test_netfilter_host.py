@@ -10,12 +10,12 @@ exactly as it was. The machine's settings are restored at the end whatever happe
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -87,9 +87,9 @@ def _ping(m: MoatNetwork, host: str, address: str) -> bool:
 
 def test_bridged_traffic_passes_a_drop_policy_with_run_scoped_rules(
         forward_drop: Saved, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture) -> None:
-    bridges = ["s12", "s14", "s16"]
     caplog.set_level(logging.INFO, logger="topologies.netfilter")
     with MoatNetwork(PatentTopo()) as m:
+        bridges = sorted(m.bridge(s) for s in ("s12", "s14", "s16"))  # named for the run
         run_id = m.run.run_id
         tag = run_tag(run_id)
         # Recorded in run.json, one per bridge, each carrying the run id.
@@ -102,7 +102,7 @@ def test_bridged_traffic_passes_a_drop_policy_with_run_scoped_rules(
         assert _ping(m, "co14", "10.12.0.30")
         assert _ping(m, "co12", "10.16.0.23")  # dns23 on the home network, through s16
         # The DROP policy does bite: without s12's rule, co12 is cut off from its router.
-        s12 = next(r["rule"] for r in recorded if r["rule"][1] == "s12")
+        s12 = next(r["rule"] for r in recorded if r["rule"][1] == m.bridge("s12"))
         assert _sh("iptables", "-w", "5", "-D", "FORWARD", *s12).returncode == 0
         try:
             assert not _ping(m, "co12", "10.12.0.1")
@@ -138,6 +138,7 @@ def test_moat_clean_removes_a_killed_runs_rules(forward_drop: Saved) -> None:
 
 def test_cli_help_prints_its_text_once() -> None:
     """`help` in `moat cli`: Mininet's help once, no `Level 25` copy; no bridge warnings."""
+    before = set(os.listdir("/sys/class/net"))  # this module runs alone (tests/conftest.py)
     proc = subprocess.run([*MOAT, "cli"], input="help\nexit\n", capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -151,4 +152,4 @@ def test_cli_help_prints_its_text_once() -> None:
              and set(line.strip()) - set("=-")]
     repeated = {line for line in lines if lines.count(line) > 1}
     assert not repeated, repeated
-    assert not any(Path(f"/sys/class/net/{b}").exists() for b in ("s12", "s14", "s16"))
+    assert set(os.listdir("/sys/class/net")) <= before  # the network's bridges went with it

@@ -203,17 +203,25 @@ def test_stubborn_daemon_is_killed_with_its_children(tmp_path: Path) -> None:
         net.stop()
 
 
-def test_build_refuses_leftover_interfaces() -> None:
-    """A bridge name already in the root namespace is reported before anything is built."""
+def test_build_refuses_names_that_exist_and_two_builds_run_side_by_side() -> None:
+    """Each build's root-namespace names carry a tag of its own, so a second build runs
+    beside the first; a build whose names exist (here: handed the first one's tag) is
+    refused, naming them, before anything is built, and removes nothing of the first."""
     from topologies.errors import TopologyError
-    from topologies.net import root_namespace_conflicts
+    from topologies.net import root_namespace_conflicts, root_namespace_names
 
     topo = PatentTopo()
     with running_net(topo) as net:
-        assert "s16" in root_namespace_conflicts(topo)
-        with pytest.raises(TopologyError, match="s16"):
-            build_net(PatentTopo())
+        bridge = topo.nodeInfo("s16")["bridge"]
+        tag = bridge.split("-")[0]
+        assert bridge in root_namespace_conflicts(topo)
+        with running_net(PatentTopo()) as beside:
+            assert beside.pingAll(timeout=2) == 0
+            assert net.pingAll(timeout=2) == 0
+        with pytest.raises(TopologyError, match=bridge):
+            build_net(PatentTopo(), tag=tag)
         assert net.pingAll(timeout=2) == 0  # the running net was not disturbed
+        assert all(Path(f"/sys/class/net/{n}").exists() for n in root_namespace_names(topo))
     assert root_namespace_conflicts(topo) == []
 
 
