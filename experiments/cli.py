@@ -17,7 +17,7 @@
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
     sudo moat run handoff|tour|service-path|leases|attacks|faults
-    sudo moat bench packets|registration|tunnel|provision|broker
+    sudo moat bench packets|registration|tunnel|provision|broker|objstart|scale
     moat repo keygen|package|publish|verify|show ...
 
 ``--run ID`` picks a network when several are up; by default the newest live one. Every
@@ -521,6 +521,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_objstart import main as bench_main
 
         return bench_main(args.rest) or 0
+    if args.which == "scale":
+        from .bench_scale import main as bench_main
+
+        return bench_main(args.rest) or 0
     from .bench_registration import main as bench_main
 
     return bench_main(args.rest) or 0
@@ -643,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")
     p = sub.add_parser("bench", help="run a benchmark")
-    p.add_argument("which", choices=["packets", "registration", "tunnel", "provision", "broker", "objstart"])
+    p.add_argument("which", choices=["packets", "registration", "tunnel", "provision", "broker", "objstart",
+                                     "scale"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
