@@ -25,6 +25,10 @@ mode, once with the pre-copy transfer and once with the stop-copy baseline
 (agent.hosting.migration), so the summary gives each figure beside the baseline measured in
 the same run, and their ratio (this machine's speed varies about threefold between days).
 
+``--topo scale,n_foreign=N,routers_per_net=M`` (N >= 2) runs the same on the scale topology
+(:func:`plan_for`): the object moves home -> the first foreign network -> the last -> home,
+watched by those two networks' COs and dns23.
+
 Writes ``results/handoff/<run-id>/``: summary.json, handoffs.csv, one CSV of requests per
 handoff, timeline.png, modes.png and pcaps of the home LAN, foreign LAN 12 and the backbone
 link r22a-r18a.
@@ -40,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +63,66 @@ CO_HOSTS = {"co12": "net 12", "co14": "net 14", "dns23": "home"}
 ITINERARY = [("net 12", "r18b"), ("net 14", "r20a"), ("home", "r22c")]
 HOME_ROUTER = "r22c"
 MODES = {"mbb": "make-before-break", "bbm": "break-before-make"}
-HANDOFF_COLUMNS = ["n", "round", "mode", "transfer", "from", "to", "ok", "disruption_ms", "lost",
-                   "sent", *(f"lost_{co}" for co in CO_HOSTS),
-                   *(f"latency_ms_{co}" for co in CO_HOSTS), "registration_ms", "migration_ms"]
+
+
+def handoff_columns(co_hosts: dict[str, str]) -> list[str]:
+    """The handoff table's columns for these corresponding objects."""
+    return ["n", "round", "mode", "transfer", "from", "to", "ok", "disruption_ms", "lost",
+            "sent", *(f"lost_{co}" for co in co_hosts),
+            *(f"latency_ms_{co}" for co in co_hosts), "registration_ms", "migration_ms"]
+
+
+HANDOFF_COLUMNS = handoff_columns(CO_HOSTS)
+
+
+@dataclass(frozen=True)
+class HandoffPlan:
+    """Where the object moves and who watches it, on one topology."""
+
+    #: Corresponding objects' hosts -> where they are ("net 12", "home").
+    co_hosts: dict[str, str]
+    #: (network, router) in order; the last is home.
+    itinerary: list[tuple[str, str]]
+    home_router: str
+    #: (capture name, interface, node or None for the root namespace's bridges).
+    captures: list[tuple[str, str, str | None]]
+
+
+class HandoffPlanError(ValueError):
+    """The topology cannot host this experiment (with the reason)."""
+
+
+def plan_for(topo: Any) -> HandoffPlan:
+    """The patent's plan (module constants) on its topology; on another, such as the scale
+    topology (issue 15, item 5), the object goes home (r22c) -> the first foreign network's
+    last router -> the last foreign network's last router -> home: two distant foreign
+    networks (two backbone hops apart through the home border, as far as the star allows),
+    watched by each one's CO and the home network's dns23."""
+    foreign = sorted(n for n, spec in topo.networks.items() if spec.kind == "foreign")
+    homes = [n for n, spec in topo.networks.items() if spec.kind == "home"]
+    nodes = set(topo.router_names()) | set(topo.hosts())
+    if {r for _, r in ITINERARY} | set(CO_HOSTS) <= nodes:  # the patent's networks
+        return HandoffPlan(dict(CO_HOSTS), list(ITINERARY), HOME_ROUTER,
+                           [("home_lan", "s16", None), ("foreign_lan_12", "s12", None),
+                            ("backbone_r22a_r18a", "r22a-eth1", "r22a")])
+    if len(foreign) < 2 or not homes:
+        raise HandoffPlanError(f"the handoff needs two foreign networks and a home one; "
+                               f"{type(topo).__name__} has foreign networks {foreign}")
+    first, last = topo.networks[foreign[0]], topo.networks[foreign[-1]]
+    home = topo.networks[homes[0]]
+    co_first, co_last = (f"co{spec.number}" for spec in (first, last))
+    for node in (co_first, co_last, "dns23", HOME_ROUTER):
+        if node not in nodes:
+            raise HandoffPlanError(f"no node {node} in {type(topo).__name__}")
+    border = home.border or HOME_ROUTER
+    link = next((i.name for i in topo.interfaces(border) if i.peer == first.routers[0]), None)
+    captures = [("home_lan", home.switch, None), (f"foreign_lan_{first.number}", first.switch, None)]
+    if link is not None:
+        captures.append((f"backbone_{border}_{first.routers[0]}", link, border))
+    return HandoffPlan({co_first: f"net {first.number}", co_last: f"net {last.number}", "dns23": "home"},
+                       [(f"net {first.number}", first.routers[-1]), (f"net {last.number}", last.routers[-1]),
+                        ("home", HOME_ROUTER)],
+                       HOME_ROUTER, captures)
 TRANSFERS = {"precopy": ["precopy"], "stop-copy": ["stop-copy"], "both": ["precopy", "stop-copy"]}
 #: The baseline every figure is compared with (the old path).
 BASELINE = "stop-copy"
@@ -173,7 +235,8 @@ def state_survived(requests: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list[dict[str, Any]],
-         dest: Path) -> list[Path]:
+         dest: Path, co_hosts: dict[str, str] | None = None) -> list[Path]:
+    co_hosts = CO_HOSTS if co_hosts is None else co_hosts
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,7 +268,7 @@ def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list
                     ("/pre" if m.get("transfer") == "precopy" else "")
                 ax.text(m["started"] - t0, top * 1.2, f"{short}→{m['to']}", rotation=90,
                         fontsize=7, va="bottom")
-        where = CO_HOSTS.get(co, "")
+        where = co_hosts.get(co, "")
         ax.set_ylabel(f"{co} ({where})\nreply latency (ms)" if co else "reply latency (ms)",
                       fontsize=8)
         if lost and n:
@@ -233,12 +296,12 @@ def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list
         ax.set_xticks(list(x), names, fontsize=7)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    width = 0.8 / max(1, len(CO_HOSTS))  # each CO's own losses, summed over the group's moves
-    for k, co in enumerate(CO_HOSTS):
+    width = 0.8 / max(1, len(co_hosts))  # each CO's own losses, summed over the group's moves
+    for k, co in enumerate(co_hosts):
         total = [sum(r.get(f"lost_{co}") or 0 for r in rows
                      if (r["mode"], r.get("asked", "")) == g) for g in groups]
         axes[2].bar([i - 0.4 + width * (k + 0.5) for i in range(len(groups))], total, width,
-                    label=f"{co} ({CO_HOSTS[co]})")
+                    label=f"{co} ({co_hosts[co]})")
     axes[2].set_xticks(list(range(len(groups))), names, fontsize=7)
     axes[2].set_ylabel("requests lost, per CO (total)")
     axes[2].legend(fontsize=8)
@@ -255,17 +318,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     modes = list(MODES.values()) if args.mode == "both" else [MODES[args.mode]]
     transfers = TRANSFERS[args.transfer]
-    n_moves = args.rounds * len(modes) * len(transfers) * len(ITINERARY)
+    topo = make_topo(args.topo)
+    plan = plan_for(topo)
+    n_moves = args.rounds * len(modes) * len(transfers) * len(plan.itinerary)
     duration = 3 + n_moves * (args.dwell + 1.5)
-    moat = MoatNetwork(make_topo(args.topo), objects=[OBJECT], advertise_interval=args.adv_interval,
+    moat = MoatNetwork(topo, objects=[OBJECT], advertise_interval=args.adv_interval,
                        tunnel_backend=args.backend)
     moves: list[dict[str, Any]] = []
     with moat, contextlib.ExitStack() as stack:
         print(f"run {moat.run.run_id}: {n_moves} handoffs ({', '.join(modes)}; "
               f"{' and '.join(transfers)}; {args.rounds} rounds), {args.rate:g} requests/s from each of "
-              f"{', '.join(CO_HOSTS)}")
-        for name, intf, node in (("home_lan", "s16", None), ("foreign_lan_12", "s12", None),
-                                 ("backbone_r22a_r18a", "r22a-eth1", "r22a")):
+              f"{', '.join(plan.co_hosts)}; itinerary {' -> '.join(r for _, r in plan.itinerary)}")
+        for name, intf, node in plan.captures:
             stack.enter_context(moat.capture(intf, name, node=node))
         if args.from_site:
             # The patent's way: the remote site provisions a VM on the home router whose
@@ -274,21 +338,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from .counter_service import publish_counter
 
             publish_counter(moat, "counter-svc")
-            answer = moat.provision(HOME_ROUTER, vm="counter", kind="service", service="counter-svc",
+            answer = moat.provision(plan.home_router, vm="counter", kind="service", service="counter-svc",
                                     mobile={"counter": OBJECT})
             if not answer.get("ok"):
                 raise RuntimeError(f"provisioning the counter failed: {answer.get('error')}")
         else:
-            moat.place_object(OBJECT, HOME_ROUTER)
-        moat.wait_for(lambda: moat.agent(HOME_ROUTER).call("objects")[0]["at_home"], timeout=15, interval=0.01)
-        logs = {co: moat.run.dir / f"co-{co}.jsonl" for co in CO_HOSTS}
+            moat.place_object(OBJECT, plan.home_router)
+        moat.wait_for(lambda: moat.agent(plan.home_router).call("objects")[0]["at_home"], timeout=15,
+                      interval=0.01)
+        logs = {co: moat.run.dir / f"co-{co}.jsonl" for co in plan.co_hosts}
         with load_generators(moat, args.rate, duration, logs):
             time.sleep(args.dwell)  # steady state before the first move
             bar = tqdm(total=n_moves, desc="handoffs", unit="move", file=sys.stderr)
-            here = HOME_ROUTER
+            here = plan.home_router
             for rnd in range(1, args.rounds + 1):
                 for mode, transfer in ((m, t) for m in modes for t in transfers):
-                    for _network, router in ITINERARY:
+                    for _network, router in plan.itinerary:
                         started = time.time()
                         report = moat.client.migrate(OBJECT, router, mode, transfer=transfer)
                         finished = time.time()
@@ -316,8 +381,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = analyse(requests, moves)
     survived = state_survived(requests)
     survived["object_count"] = final["state"]["count"]
-    pngs = plot(requests, moves, rows, dest)
-    write_csv(dest / "handoffs.csv", rows, HANDOFF_COLUMNS)
+    pngs = plot(requests, moves, rows, dest, plan.co_hosts)
+    write_csv(dest / "handoffs.csv", rows, handoff_columns(plan.co_hosts))
     for row in rows:
         window = [q for q in requests if row["started"] - 0.5 <= q["sent"] < row["started"] + args.dwell]
         write_csv(dest / f"handoff_{row['n']:02d}.csv",
@@ -328,16 +393,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   ["co", "seq", "sent", "replies", "first_reply", "served_by"])
     # "modes": the moves made with the first transfer asked (pre-copy by default);
     # "baseline": those made with stop-copy in the same run; "ratio": the first over the second.
-    per_mode = {mode: figures([r for r in rows if r["mode"] == mode and r["asked"] == transfers[0]])
+    per_mode = {mode: figures([r for r in rows if r["mode"] == mode and r["asked"] == transfers[0]],
+                              plan.co_hosts)
                 for mode in modes}
-    baseline = {mode: figures([r for r in rows if r["mode"] == mode and r["asked"] == BASELINE])
+    baseline = {mode: figures([r for r in rows if r["mode"] == mode and r["asked"] == BASELINE],
+                              plan.co_hosts)
                 for mode in modes} if transfers[0] != BASELINE and BASELINE in transfers else {}
     ratio = {mode: {k: _ratio(per_mode[mode][k], baseline[mode][k]) for k in COMPARED}
              for mode in baseline}
     summary = {"experiment": "handoff", "run_id": moat.run.run_id, "rate": args.rate,
                "rounds": args.rounds, "adv_interval": args.adv_interval, "backend": args.backend,
                "from_site": args.from_site,
-               "topology": args.topo, "requests": len(requests), "transfers": transfers,
+               "topology": args.topo, "co_hosts": plan.co_hosts,
+               "itinerary": [r for _, r in plan.itinerary],
+               "requests": len(requests), "transfers": transfers,
                "modes": per_mode, "baseline": baseline, "ratio": ratio,
                "state": survived, "handoffs": rows,
                "capture_events": {p.stem: count_events(p) for p in sorted((dest / "captures").glob("*.pcap"))},
@@ -346,8 +415,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"summary": summary, "dest": dest}
 
 
-def figures(mine: list[dict[str, Any]]) -> dict[str, Any]:
+def figures(mine: list[dict[str, Any]], co_hosts: dict[str, str] | None = None) -> dict[str, Any]:
     """One group of moves' figures: disruption, loss, the migrate call's time."""
+    co_hosts = CO_HOSTS if co_hosts is None else co_hosts
     d = [r["disruption_ms"] for r in mine if r["disruption_ms"] is not None]
     m = [r["migration_ms"] for r in mine if r["ok"]]
     return {
@@ -366,7 +436,7 @@ def figures(mine: list[dict[str, Any]]) -> dict[str, Any]:
             "disruption_ms_worst": max((r[f"disruption_ms_{co}"] for r in mine
                                         if r.get(f"disruption_ms_{co}") is not None),
                                        default=None),
-        } for co in CO_HOSTS},
+        } for co in co_hosts},
     }
 
 
@@ -394,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: each move made both ways, the figures with their ratio)")
     parser.add_argument("--backend", choices=["auto", "userspace", "kernel", "ebpf"],
                         default="auto", help="GRE backend (auto: see agent.mobility.tunnel.AUTO_ORDER)")
-    parser.add_argument("--topo", default="patent", help="patent[,backbone_bw=...,...]")
+    parser.add_argument("--topo", default="patent",
+                        help="patent[,backbone_bw=...,...] or scale,n_foreign=N,routers_per_net=M "
+                             "(N >= 2: the object moves between the first and the last foreign network)")
     parser.add_argument("--dwell", type=float, default=1.5, help="seconds between moves")
     parser.add_argument("--results", type=Path, default=None, help="results root (default ./results)")
     parser.add_argument("--from-site", action="store_true",
@@ -410,14 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     out = run(args)
     summary = out["summary"]
     print()
-    print(format_table(summary["handoffs"], HANDOFF_COLUMNS))
+    co_hosts = summary.get("co_hosts", CO_HOSTS)
+    print(format_table(summary["handoffs"], handoff_columns(co_hosts)))
     print()
     groups = [{"mode": m, "transfer": summary["transfers"][0], **v} for m, v in summary["modes"].items()]
     groups += [{"mode": m, "transfer": BASELINE, **v} for m, v in summary["baseline"].items()]
     groups += [{"mode": m, "transfer": "ratio", **v} for m, v in summary["ratio"].items()]
     print(format_table(groups, ["mode", "transfer", "handoffs", "failed", *COMPARED,
                                 "lost_median", "lost_worst", "lost_total"]))
-    per_co = [{"mode": m, "co": f"{co} ({CO_HOSTS.get(co, '')})", **f}
+    per_co = [{"mode": m, "co": f"{co} ({co_hosts.get(co, '')})", **f}
               for m, v in summary["modes"].items() for co, f in v["by_co"].items()]
     print()
     print(format_table(per_co, ["mode", "co", "sent", "lost_total", "latency_ms_median",
