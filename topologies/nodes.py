@@ -341,11 +341,15 @@ class MoatRouter(ManagedDaemonMixin, Node):
         """Fork the supervised agent from the run's zygote (issue 15), else exec it."""
         if self.zygote is None or "agent.supervisor" not in argv[1:3]:
             return super()._launch(argv, logf, env, cwd, extra)
-        from agent.zygote import current_umask
+        from agent.zygote import ZygoteError, current_umask
 
-        return self.zygote.spawn(self.name, self.pid, argv, logf.fileno(), env,
-                                 None if cwd is None else str(cwd),
-                                 extra.get("umask", current_umask()))
+        try:
+            return self.zygote.spawn(self.name, self.pid, argv, logf.fileno(), env,
+                                     None if cwd is None else str(cwd),
+                                     extra.get("umask", current_umask()))
+        except ZygoteError as exc:  # gone or refusing: this router's agent is exec'd instead
+            log.warning("%s: %s; starting its agent by exec", self.name, exc)
+            return super()._launch(argv, logf, env, cwd, extra)
 
     def start_daemon(
         self,

@@ -131,3 +131,28 @@ def test_the_zygote_refuses_a_bad_request_and_serves_the_next(tmp_path) -> None:
     finally:
         os.close(fd)
         zygote.stop()
+
+
+def test_a_router_whose_zygote_is_gone_execs_its_agent(monkeypatch) -> None:
+    """MoatRouter forks its supervised agent from the zygote; when the zygote cannot (gone,
+    refusing), the agent is exec'd as before, not lost."""
+    from topologies.nodes import ManagedDaemonMixin, MoatRouter
+
+    calls = []
+
+    class _Gone:
+        def spawn(self, *args, **kw):
+            calls.append("spawn")
+            raise ZygoteError("the agent zygote did not answer")
+
+    monkeypatch.setattr(ManagedDaemonMixin, "_launch",
+                        lambda self, argv, logf, env, cwd, extra: calls.append("exec") or "popen")
+    router = object.__new__(MoatRouter)
+    router.name, router.pid, router.zygote = "r1a", 1, _Gone()
+    argv = [sys.executable, "-m", "agent.supervisor", "--status", "s", "--", "x"]
+    with open(os.devnull, "wb") as logf:
+        assert router._launch(argv, logf, {}, None, {}) == "popen"
+        assert calls == ["spawn", "exec"]
+        calls.clear()
+        assert router._launch(["sleep", "1"], logf, {}, None, {}) == "popen"  # not an agent
+        assert calls == ["exec"]
