@@ -3,7 +3,10 @@
 Pure data structures with an injectable clock, so expiry and the simultaneous-binding rules are
 unit-tested without a network. The daemon calls :meth:`BindingTable.expire` on a timer and
 reacts to the bindings it returns (stop proxy ARP, remove tunnels). Both tables keep a heap
-of expiry times, so a timer tick costs O(expired + log n) rather than a scan of every entry.
+of expiry times, so a timer tick costs O(expired + log n) rather than a scan of every entry;
+the binding table also keeps its count, its GRE keys and the addresses it serves up to date
+with each change, and says which served addresses changed (:meth:`BindingTable.take_changed`),
+so a registration's bookkeeping does not grow with the number of bindings (issue 15).
 
 Every change is also told to the table's :class:`TableObserver` (the role's journal,
 :mod:`agent.mobility.journal`), so that both tables survive a restart of the agent; what
@@ -17,8 +20,10 @@ import ipaddress
 import itertools
 import secrets
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Protocol
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping, Protocol
 
 Clock = Callable[[], float]
 
@@ -95,6 +100,14 @@ class BindingTable:
         self.max_bindings = max_bindings
         self._clock = clock
         self._by_home: dict[str, list[Binding]] = {}
+        #: Kept with every change (:meth:`_store`), so that a registration's bookkeeping
+        #: costs O(1) however many bindings there are (issue 15): their number, the GRE
+        #: keys in use, and what :meth:`served` answers.
+        self._count = 0
+        self._keys: Counter[int] = Counter()
+        self._served: dict[str, tuple[Binding, ...]] = {}
+        #: Served addresses changed since :meth:`take_changed` last looked.
+        self._changed: set[str] = set()
         #: Last Identification accepted per home address, for the replay check.
         self.last_identification: dict[str, int] = {}
         self._expiry = ExpiryHeap()
@@ -106,7 +119,7 @@ class BindingTable:
             yield from bindings
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self._by_home.values())
+        return self._count
 
     def for_home(self, home_address: str) -> list[Binding]:
         """Live bindings of one object (a copy)."""
@@ -192,10 +205,9 @@ class BindingTable:
     def _new_key(self) -> int:
         """A GRE key no live binding has, drawn at random (1 to 2**32-1): a key an attacker
         cannot guess cannot be forged into the FOA's tunnel (issue 12)."""
-        taken = {b.gre_key for b in self}
         while True:
             key = secrets.randbelow(0xFFFFFFFF) + 1
-            if key not in taken:
+            if key not in self._keys:
                 return key
 
     def expire(self) -> list[Binding]:
@@ -218,28 +230,67 @@ class BindingTable:
         """Home addresses that have at least one binding."""
         return set(self._by_home)
 
-    def served(self) -> dict[str, list[Binding]]:
+    def served(self) -> Mapping[str, tuple[Binding, ...]]:
         """Every address the HOA answers for on the home link and tunnels, with the bindings
         it goes to: each away object's home address, and the addresses of the mobile network
-        prefixes registered with its bindings (NEMO: its secondaries')."""
-        out: dict[str, list[Binding]] = {}
-        for home, bindings in self._by_home.items():
-            out[home] = list(bindings)
-            for b in bindings:
-                if b.network_prefix:
-                    for address in ipaddress.IPv4Network(b.network_prefix):
-                        out.setdefault(str(address), []).append(b)
-        return out
+        prefixes registered with its bindings (NEMO: its secondaries'). A read-only view,
+        kept up to date with every change (O(1) to ask, not a walk over every binding)."""
+        return MappingProxyType(self._served)
+
+    def take_changed(self) -> set[str]:
+        """The served addresses (:meth:`served`) whose bindings changed since the last call,
+        added, renewed elsewhere or gone: what a data plane that follows the table has to
+        look at again, rather than every address (issue 15)."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def note_changed(self, addresses: Iterator[str] | list[str]) -> None:
+        """Have :meth:`take_changed` give ``addresses`` again (a data plane that could not
+        finish with them)."""
+        self._changed.update(addresses)
+
+    @staticmethod
+    def _addresses(binding: Binding) -> list[str]:
+        """The served addresses a binding contributes beyond its home address."""
+        if not binding.network_prefix:
+            return []
+        return [str(a) for a in ipaddress.IPv4Network(binding.network_prefix)]
+
+    def _unserve(self, address: str, binding: Binding) -> None:
+        rest = tuple(b for b in self._served.get(address, ()) if b is not binding)
+        if rest:
+            self._served[address] = rest
+        else:
+            self._served.pop(address, None)
+        self._changed.add(address)
 
     def snapshot(self) -> list[dict]:
         now = self._clock()
         return [b.as_dict(now) for b in self]
 
     def _store(self, home_address: str, bindings: list[Binding]) -> None:
+        """The one place ``_by_home`` changes: the count, the keys in use and the served
+        view follow, in time proportional to this object's bindings only."""
+        old = self._by_home.get(home_address, [])
+        for b in old:
+            self._keys[b.gre_key] -= 1
+            if not self._keys[b.gre_key]:
+                del self._keys[b.gre_key]
+            for address in self._addresses(b):
+                self._unserve(address, b)
+        for b in bindings:
+            self._keys[b.gre_key] += 1
+            for address in self._addresses(b):
+                self._served[address] = self._served.get(address, ()) + (b,)
+                self._changed.add(address)
+        self._count += len(bindings) - len(old)
         if bindings:
             self._by_home[home_address] = bindings
+            self._served[home_address] = tuple(bindings)
         else:
             self._by_home.pop(home_address, None)
+            self._served.pop(home_address, None)
+        self._changed.add(home_address)
 
 
 @dataclass

@@ -40,6 +40,8 @@ class DataPlane:
         self.tunnel = tunnel
         self.addresses = addresses
         self._home_peers: dict[str, list[tuple[str, int]]] = {}
+        #: The binding table the HOA's peers were last synced from (None: none yet).
+        self._home_table: object | None = None
         self._foreign_paths: dict[VisitorKey, ForeignPath] = {}
         #: Home addresses routed to the LAN router that runs them.
         self._routes: dict[str, str] = {}
@@ -51,22 +53,37 @@ class DataPlane:
         self._lock = asyncio.Lock()
 
     def sync_home(self, home: HomeAgent) -> None:
-        """HOA: tunnel each away object's home address to every live binding (bicast)."""
-        wanted = {address: [(b.care_of_address, b.gre_key) for b in bindings]
-                  for address, bindings in home.bindings.served().items()}
-        for address in set(self._home_peers) | set(wanted):
-            peers = sorted(wanted.get(address, []))
-            if self._home_peers.get(address) == peers:
-                continue
-            self.tunnel.set_peers(address, peers)
-            for b in home.bindings.for_home(address):
-                if b.reverse_tunnel:  # T: the FOA tunnels the object's replies back to us
-                    self.tunnel.accept(b.care_of_address, b.gre_key)
-            log.info("HOA data plane: %s -> %s", address, peers or "home (no tunnel)")
-            if peers:
-                self._home_peers[address] = peers
-            else:
-                self._home_peers.pop(address, None)
+        """HOA: tunnel each away object's home address to every live binding (bicast).
+
+        The first call for a table walks every address; later ones only those whose
+        bindings changed since (:meth:`BindingTable.take_changed`), so a registration costs
+        the same beside ten bindings or ten thousand (issue 15). Addresses left undone by a
+        failure are looked at again on the next call."""
+        table = home.bindings
+        served = table.served()
+        changed = table.take_changed()
+        if self._home_table is not table:
+            self._home_table = table
+            changed |= set(served) | set(self._home_peers)
+        todo = sorted(changed)
+        done = 0
+        try:
+            for address in todo:
+                peers = sorted((b.care_of_address, b.gre_key) for b in served.get(address, ()))
+                if self._home_peers.get(address) != peers:
+                    self.tunnel.set_peers(address, peers)
+                    for b in table.for_home(address):
+                        if b.reverse_tunnel:  # T: the FOA tunnels the object's replies to us
+                            self.tunnel.accept(b.care_of_address, b.gre_key)
+                    log.info("HOA data plane: %s -> %s", address, peers or "home (no tunnel)")
+                    if peers:
+                        self._home_peers[address] = peers
+                    else:
+                        self._home_peers.pop(address, None)
+                done += 1
+        finally:
+            if done < len(todo):
+                table.note_changed(todo[done:])
 
     async def sync_foreign(self, foreign: ForeignAgent) -> bool:
         """FOA: accept each visitor's tunnel and deliver its home address to its router;
