@@ -1,12 +1,13 @@
 """GRE tunnel benchmark: throughput, added latency and CPU of the HOA → FOA tunnel, as root.
 
-    sudo python -m experiments.bench_tunnel [--seconds 5] [--pings 100] [--udp-rate 200M]
-                                            [--backends userspace,kernel] [--backbone-bw MBIT]
+    sudo python -m experiments.bench_tunnel [--seconds 5] [--pings 100] [--udp-rate 1G]
+                                            [--backends userspace,kernel,ebpf] [--backbone-bw MBIT]
                                             [--json]
     sudo moat bench tunnel [same options]
 
 For each tunnel backend it can run (userspace always; kernel only where
-``agent.mobility.tunnel.detect_backend()`` says "kernel" in a fresh network namespace), it starts the
+``agent.mobility.tunnel.detect_backend()`` says "kernel" in a fresh network namespace; ebpf where
+``probe_ebpf()`` loads its programs in a throwaway one), it starts the
 patent's topology with that backend, places the object ``counter`` on ``r18b`` (its home
 address 10.16.0.100 then lives on r18b's loopback) registered through the FOA ``r18a``, waits
 until the HOA ``r22b`` has the binding, and measures, in that same network, two paths from the
@@ -58,7 +59,7 @@ FOA = "r18a"
 DIRECT_DST = "10.12.0.2"  # r18b's LAN address
 DEFAULT_SECONDS = 5.0
 DEFAULT_PINGS = 100
-DEFAULT_UDP_RATE = "200M"
+DEFAULT_UDP_RATE = "1G"
 UDP_LEN = 1400
 PING_INTERVAL = 0.01
 IPERF_PORT = 5201
@@ -66,6 +67,8 @@ TUN_MTU_EXPECTED = 1500 - 20 - 8
 GRE_PROTO = 47
 TUN_DEVICE = "moat0"  # the userspace backend's TUN device (agent.mobility.tunnel)
 NOT_AVAILABLE = "kernel: not available here (no GRE in this kernel)"
+EBPF_NOT_AVAILABLE = "ebpf: not available here"
+BACKENDS = ("userspace", "kernel", "ebpf")
 
 RESULT_COLUMNS = ["backend", "path", "test", "dst", "mbps_sent", "mbps_received", "retransmits",
                   "lost_percent", "jitter_ms", "pmtu", "rtt_min_ms", "rtt_avg_ms", "rtt_max_ms",
@@ -74,8 +77,9 @@ COST_COLUMNS = ["backend", "path", "test", "wall_s", "hoa_cpu_s", "hoa_cpu_pct",
                 "foa_cpu_pct", "tun_packets", "tun_tx_dropped", "foa_gre_socket_drops", "error"]
 TEST_COLUMNS = RESULT_COLUMNS + COST_COLUMNS[3:]
 COMPARE_COLUMNS = ["backend", "tcp_tunnel_mbps", "tcp_direct_mbps", "tcp_ratio", "udp_tunnel_mbps",
-                   "udp_direct_mbps", "udp_tunnel_lost_pct", "added_latency_ms",
-                   "tcp_hoa_cpu_pct", "tcp_foa_cpu_pct", "tunnel_mtu_ok"]
+                   "udp_direct_mbps", "udp_ratio", "udp_tunnel_lost_pct", "udp_direct_lost_pct",
+                   "added_latency_ms", "tcp_hoa_cpu_pct", "tcp_foa_cpu_pct", "udp_hoa_cpu_pct",
+                   "udp_foa_cpu_pct", "tunnel_mtu_ok"]
 
 
 class BenchError(Exception):
@@ -258,14 +262,20 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
     added = None
     if ping_t.get("rtt_avg_ms") is not None and ping_d.get("rtt_avg_ms") is not None:
         added = round(ping_t["rtt_avg_ms"] - ping_d["rtt_avg_ms"], 3)
-    ratio = None
-    if tcp_t.get("mbps_received") and tcp_d.get("mbps_received"):
-        ratio = round(tcp_t["mbps_received"] / tcp_d["mbps_received"], 3)
+    def ratio_of(tunnel: dict[str, Any], direct: dict[str, Any]) -> float | None:
+        if tunnel.get("mbps_received") and direct.get("mbps_received"):
+            return round(tunnel["mbps_received"] / direct["mbps_received"], 3)
+        return None
+
+    ratio = ratio_of(tcp_t, tcp_d)
     return {
         "tcp_tunnel_mbps": tcp_t.get("mbps_received"), "tcp_direct_mbps": tcp_d.get("mbps_received"),
         "tcp_ratio": ratio,
         "udp_tunnel_mbps": udp_t.get("mbps_received"), "udp_direct_mbps": udp_d.get("mbps_received"),
+        "udp_ratio": ratio_of(udp_t, udp_d),
         "udp_tunnel_lost_pct": udp_t.get("lost_percent"),
+        "udp_direct_lost_pct": udp_d.get("lost_percent"),
+        "udp_hoa_cpu_pct": udp_t.get("hoa_cpu_pct"), "udp_foa_cpu_pct": udp_t.get("foa_cpu_pct"),
         "added_latency_ms": added,
         "tcp_hoa_cpu_pct": tcp_t.get("hoa_cpu_pct"), "tcp_foa_cpu_pct": tcp_t.get("foa_cpu_pct"),
     }
@@ -319,6 +329,15 @@ def kernel_backend() -> tuple[bool, str | None]:
     except (ValueError, IndexError):
         return False, f"probe printed {proc.stdout.strip()[-200:]!r}"
     return answer["backend"] == "kernel", answer.get("reason")
+
+
+def ebpf_backend() -> tuple[bool, str | None]:
+    """Whether the eBPF backend's programs compile, load and attach here (in a throwaway
+    network namespace); the reason if not."""
+    from agent.mobility.tunnel import probe_ebpf
+
+    reason = probe_ebpf()
+    return reason is None, reason
 
 
 # --- measuring inside a running network ----------------------------------------------------
@@ -567,7 +586,7 @@ def print_report(summary: dict[str, Any], out: TextIO) -> None:
     w(f"  {'machine':<12} {m['cpu']} x{m['cpus']}; kernel {m['kernel']}\n")
     for backend, info in summary["backends"].items():
         if not info.get("available", True):
-            w(f"  {NOT_AVAILABLE if backend == 'kernel' else backend + ': not available'}"
+            w(f"  {NOT_AVAILABLE if backend == 'kernel' else backend + ': not available here'}"
               f"{' — ' + info['reason'] if info.get('reason') else ''}\n")
     rows = [r for info in summary["backends"].values() for r in info.get("tests", [])]
     if rows:
@@ -600,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--udp-rate", default=DEFAULT_UDP_RATE,
                         help=f"iperf3 UDP target rate (default {DEFAULT_UDP_RATE})")
     parser.add_argument("--backends", default=None,
-                        help="comma list of userspace,kernel (default: userspace, plus kernel if available)")
+                        help="comma list of userspace,kernel,ebpf (default: every one available)")
     parser.add_argument("--backbone-bw", type=float, default=None,
                         help="htb rate of the backbone links in Mbit/s (default: unshaped)")
     parser.add_argument("--quiet-agents", action="store_true", help="agents log at WARNING")
@@ -623,13 +642,14 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    kernel_ok, reason = kernel_backend()
-    wanted = (["userspace", "kernel"] if args.backends is None
+    wanted = (list(BACKENDS) if args.backends is None
               else [b.strip() for b in args.backends.split(",") if b.strip()])
-    unknown = [b for b in wanted if b not in ("userspace", "kernel")]
+    unknown = [b for b in wanted if b not in BACKENDS]
     if unknown:
-        print(f"unknown backends {unknown}: userspace, kernel", file=sys.stderr)
+        print(f"unknown backends {unknown}: {', '.join(BACKENDS)}", file=sys.stderr)
         return 2
+    kernel_ok, reason = kernel_backend() if "kernel" in wanted else (False, None)
+    ebpf_ok, ebpf_reason = ebpf_backend() if "ebpf" in wanted else (False, None)
     env = environment()
     summary: dict[str, Any] = {"experiment": "bench_tunnel", "method": method(args, env), "backends": {}}
     failed = False
@@ -637,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "kernel" and not kernel_ok:
             say(f"{NOT_AVAILABLE}: {reason}")
             summary["backends"]["kernel"] = {"available": False, "reason": reason}
+            continue
+        if backend == "ebpf" and not ebpf_ok:
+            say(f"{EBPF_NOT_AVAILABLE}: {ebpf_reason}")
+            summary["backends"]["ebpf"] = {"available": False, "reason": ebpf_reason}
             continue
         try:
             summary["backends"][backend] = dict(run_backend(backend, args, say), available=True)

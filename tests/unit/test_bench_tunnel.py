@@ -260,6 +260,6 @@ def test_compare_tunnel_versus_direct() -> None:
 def test_parser_defaults() -> None:
     args = bt.build_parser().parse_args([])
     assert args.seconds == 5 and args.pings == 100 and args.backbone_bw is None
-    assert args.backends is None and args.udp_rate == "200M" and not args.json
+    assert args.backends is None and args.udp_rate == "1G" and not args.json
     assert bt.shaping(None).startswith("backbone links unshaped")
     assert "htb 100 Mbit/s" in bt.shaping(100.0)

@@ -383,3 +383,16 @@ def test_no_clang_is_a_clear_reason(monkeypatch, tmp_path) -> None:
 def test_pin_dir_is_run_scoped_and_dotless() -> None:
     path = loader_mod.pin_dir_for("10.99.0.1", run_id="r.1", pid=77)
     assert path == "/sys/fs/bpf/moat/r_1/10_99_0_1-77"
+
+
+def test_auto_order_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("MOAT_TUNNEL_AUTO", "ebpf, userspace")
+    monkeypatch.setattr(choose_mod, "probe_ebpf", lambda: None)
+    monkeypatch.setattr(choose_mod, "_probe_kernel_gre", lambda: None)  # not asked: not listed
+    assert choose_mod.auto_order() == ("ebpf", "userspace")
+    assert choose_mod.detect_backend() == "ebpf"
+    monkeypatch.setenv("MOAT_TUNNEL_AUTO", "ebpf,gre")
+    with pytest.raises(ValueError, match="MOAT_TUNNEL_AUTO"):
+        choose_mod.auto_order()
+    monkeypatch.delenv("MOAT_TUNNEL_AUTO")
+    assert choose_mod.auto_order() == choose_mod.AUTO_ORDER

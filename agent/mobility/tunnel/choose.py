@@ -23,6 +23,21 @@ PROBE_TIMEOUT = nl.NETLINK_TIMEOUT
 BACKENDS = ("auto", "kernel", "ebpf", "userspace")
 #: What ``auto`` tries, in order; userspace needs nothing and ends the list.
 AUTO_ORDER = ("kernel", "userspace")
+#: Environment variable that replaces AUTO_ORDER (comma list), e.g. to run a test suite with
+#: ``auto`` meaning eBPF: MOAT_TUNNEL_AUTO=ebpf,userspace.
+AUTO_ENV = "MOAT_TUNNEL_AUTO"
+
+
+def auto_order() -> tuple[str, ...]:
+    """AUTO_ORDER, or the order MOAT_TUNNEL_AUTO gives (ValueError naming a bad entry)."""
+    text = os.environ.get(AUTO_ENV, "").strip()
+    if not text:
+        return AUTO_ORDER
+    order = tuple(b.strip() for b in text.split(",") if b.strip())
+    bad = [b for b in order if b not in BACKENDS or b == "auto"]
+    if bad or not order:
+        raise ValueError(f"{AUTO_ENV}={text!r}: each entry must be kernel, ebpf or userspace")
+    return order
 
 
 def _probe_op(probe: str) -> nl.Op[str | None]:
@@ -78,8 +93,8 @@ def _check(backend: str) -> None:
 
 
 def detect_backend() -> str:
-    """The first backend of :data:`AUTO_ORDER` that can run in this network namespace."""
-    for backend in AUTO_ORDER:
+    """The first backend of :func:`auto_order` that can run in this network namespace."""
+    for backend in auto_order():
         reason = _probe(backend)
         if reason is None:
             return backend
@@ -144,7 +159,7 @@ async def open_tunnel(backend: str = "auto", *, local: str, name: str = "moat0",
     netlink = kwargs.get("netlink")
     if backend == "auto":
         chosen = "userspace"
-        for candidate in AUTO_ORDER:
+        for candidate in auto_order():
             reason = await _aprobe(candidate, netlink)
             if reason is None:
                 chosen = candidate
