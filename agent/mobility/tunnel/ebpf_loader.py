@@ -246,7 +246,9 @@ def wire_interfaces(ipr: Any, skip: set[str]) -> dict[str, int]:
 
 
 def attach(ipr: Any, index: int, fd: int, name: str, ingress: bool) -> None:
-    """Program ``fd`` as a direct-action filter on the clsact hook of ``index``."""
+    """Program ``fd`` as a direct-action filter on the clsact hook of ``index``, replacing
+    the one a killed agent left there."""
+    detach(ipr, index, ingress)
     try:
         ipr.tc("add", "clsact", index)
     except Exception as exc:  # noqa: BLE001 - pyroute2's NetlinkError
