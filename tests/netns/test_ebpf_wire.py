@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import test_tunnel_netns as base
-from test_ebpf_tunnel import EbpfHarness
+from test_ebpf_netns import EbpfHarness
 from test_tunnel_netns import F_LOCAL, H_LOCAL, OBJ, capture, nsx
 
 FIELDS = ["ip.src", "ip.dst", "ip.proto", "ip.ttl", "ip.flags.df", "gre.flags_and_version", "gre.key", "gre.proto",
