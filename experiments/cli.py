@@ -549,8 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="stop a network started with up")
     p.add_argument("--run")
     p.set_defaults(func=cmd_down)
-    p = sub.add_parser("clean", help="remove everything MOAT runs made")
-    p.add_argument("--run")
+    p = sub.add_parser("clean", help="remove everything MOAT runs made (every run, running "
+                                     "ones too), or one run's with --run")
+    p.add_argument("--run", help="remove only this run's processes, cgroups, interfaces "
+                                 "(those named with its tag), firewall rules and directories; "
+                                 "other runs are left as they are")
     p.set_defaults(func=cmd_clean)
     p = sub.add_parser("show", help="tables from the agents of a running network")
     p.add_argument("what", choices=["bindings", "visitors", "agents", "objects", "status", "log", "vm", "errors",
