@@ -12,7 +12,10 @@ count (``--objects``: 100 and 1,000), one network is started and stopped, and a 
   what the agents take together);
 * ``hoa_cpu_s``: the HOA agent's CPU seconds (user + system) from its start to the end of
   the registrations;
-* ``down_s``: ``MoatNetwork.stop()`` (the nodes, the zygote, then the run's cleaning).
+* ``down_s``: ``MoatNetwork.stop()`` (the nodes, the zygote, then the run's cleaning);
+* ``note``: why a figure is missing (more objects than the size's FOAs take: each FOA takes
+  64 visitors, so 1,000 objects need 16 FOAs, i.e. ``n_foreign >= 6`` with 3 routers a
+  network).
 
 ``--baseline-max`` (default 50 routers): sizes up to it run a second time with
 ``MOAT_AGENT_START=exec`` (an interpreter per agent, the start before issue 15) in the same
@@ -39,7 +42,7 @@ from topologies.run import new_run_id
 log = logging.getLogger(__name__)
 
 COLUMNS = ["mode", "routers", "objects", "up_s", "register_s", "registered", "rss_mib",
-           "pss_mib", "hoa_cpu_s", "down_s"]
+           "pss_mib", "hoa_cpu_s", "down_s", "note"]
 FIGURES = {"up_s": "time to up (s)", "register_s": "time until every object is registered (s)",
            "pss_mib": "agents' PSS (MiB)", "rss_mib": "agents' RSS (MiB)",
            "hoa_cpu_s": "HOA CPU (s)", "down_s": "time to down and clean (s)"}
@@ -92,9 +95,11 @@ def one(routers: int, objects: int, mode: str) -> dict[str, Any]:
     from topologies.scale import ScaleTopo
 
     try:
-        from experiments.scale_registration import register_many, swarm_object_names
+        from experiments.scale_registration import (ScaleRegistrationError, register_many,
+                                                    swarm_object_names)
     except ImportError:
         register_many = swarm_object_names = None  # type: ignore[assignment]
+        ScaleRegistrationError = RuntimeError  # type: ignore[assignment,misc]
     topo = ScaleTopo(n_foreign=n_foreign_for(routers), routers_per_net=ROUTERS_PER_NET)
     names = swarm_object_names(objects) if swarm_object_names else ["counter"]
     previous = os.environ.get(ENV_START)
@@ -108,9 +113,13 @@ def one(routers: int, objects: int, mode: str) -> dict[str, Any]:
         row["rss_mib"], row["pss_mib"] = agents_memory(net)
         hoa_pid = int(net.client.call(net.hoa, "status", timeout=5)["pid"])
         if register_many is not None:
-            result = register_many(net, objects)
-            row["register_s"] = None if result.seconds is None else round(result.seconds, 2)
-            row["registered"] = result.registered
+            try:
+                result = register_many(net, objects)
+            except ScaleRegistrationError as exc:  # e.g. more objects than the FOAs take
+                row["note"] = str(exc)
+            else:
+                row["register_s"] = None if result.seconds is None else round(result.seconds, 2)
+                row["registered"] = result.registered
         row["hoa_cpu_s"] = cpu_seconds(hoa_pid)
     finally:
         stopping = time.monotonic()
@@ -139,7 +148,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         drawn = False
         for mode, objects in series:
             points = sorted((r["routers"], r[key]) for r in rows
-                            if (r["mode"], r["objects"]) == (mode, objects) and r.get(key) is not None)
+                            if (r["mode"], r["objects"]) == (mode, objects) and r.get(key) is not None
+                            and r.get("up_s") is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=f"{mode}, {objects} objects")
                 drawn = True
@@ -179,13 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, help="results root (default ./results)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    out = results_dir("bench_scale", new_run_id(), args.results)
     for routers in args.sizes:
         for objects in args.objects:
-            rows.append(one(routers, objects, "fork"))
-            if routers <= args.baseline_max:
-                rows.append(one(routers, objects, "exec"))
-    out = results_dir("bench_scale", new_run_id(), args.results)
+            modes = ["fork", "exec"] if routers <= args.baseline_max else ["fork"]
+            for mode in modes:
+                try:
+                    rows.append(one(routers, objects, mode))
+                except Exception as exc:  # noqa: BLE001 - one size that cannot start: said, the rest goes on
+                    log.error("%s routers, %s objects, %s: %s", routers, objects, mode, exc)
+                    rows.append({"mode": mode, "routers": routers, "objects": objects,
+                                 "note": f"{type(exc).__name__}: {exc}"})
+                write_csv(out / "scale.csv", rows, COLUMNS)  # what is measured so far
     write_csv(out / "scale.csv", rows, COLUMNS)
     write_json(out / "summary.json", {"rows": rows, "cores": os.cpu_count(), "python": sys.version})
     plot(rows, out)
