@@ -433,6 +433,28 @@ def run_links(run_id: str, state: "RunState | None", tags: Iterable[str],
     return remove, refused
 
 
+#: Where a run's eBPF tunnels pin their programs and maps (agent.mobility.tunnel.ebpf_loader):
+#: ``<BPF_PIN_ROOT>/<run-id>/...``.
+BPF_PIN_ROOT = Path("/sys/fs/bpf/moat")
+
+
+def remove_bpf_pins(run_id: str, pin_root: Path = BPF_PIN_ROOT) -> list[str]:
+    """Unpin what run ``run_id``'s eBPF tunnels left under ``<pin_root>/<run-id>`` (an agent
+    killed with SIGKILL does not unpin); nothing of another run. Returns what went."""
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        return []
+    top = pin_root / run_id
+    if not top.is_dir() or top.is_symlink():
+        return []
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(dirpath, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+    return [] if top.exists() else [f"bpf pins {top}"]
+
+
 def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> list[str]:
     """Remove everything run ``run_id`` made; return what was removed. Safe to repeat.
 
@@ -468,6 +490,7 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
         if _link_exists(name):  # a port goes with its bridge's peer; check again
             subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
             removed.append(f"link {name}")
+    removed += remove_bpf_pins(run_id)
     # The recorded rules, and any other rule tagged with this run id (run.json gone).
     removed += remove_run_rules(run_id, state.forward_rules if state is not None else [])
     run_dir = base / run_id

@@ -172,3 +172,16 @@ def test_the_run_roots_own_directories_are_no_run_id(tmp_path: Path, bad: str) -
 def test_tags_are_spread_over_the_space() -> None:
     tags = {choose_tag([]) for _ in itertools.repeat(None, 200)}
     assert len(tags) > 190 and all(is_tag(t) for t in tags)
+
+
+def test_a_runs_bpf_pins_go_and_no_other_runs(tmp_path: Path) -> None:
+    from topologies.run import remove_bpf_pins
+
+    for run in ("r1", "r2"):
+        pins = tmp_path / run / "10_12_0_1-42" / "maps"
+        pins.mkdir(parents=True)
+        (pins / "bindings").write_text("")
+    assert remove_bpf_pins("r1", tmp_path) == [f"bpf pins {tmp_path / 'r1'}"]
+    assert not (tmp_path / "r1").exists()
+    assert (tmp_path / "r2" / "10_12_0_1-42" / "maps" / "bindings").exists()
+    assert remove_bpf_pins("r1", tmp_path) == [] and remove_bpf_pins("..", tmp_path) == []
