@@ -42,6 +42,8 @@ class DataPlane:
         self._home_peers: dict[str, list[tuple[str, int]]] = {}
         #: The binding table the HOA's peers were last synced from (None: none yet).
         self._home_table: object | None = None
+        #: Addresses :meth:`sync_home` has looked at, for tests and benchmarks (its cost).
+        self.home_looked_at = 0
         self._foreign_paths: dict[VisitorKey, ForeignPath] = {}
         #: Home addresses routed to the LAN router that runs them.
         self._routes: dict[str, str] = {}
@@ -66,6 +68,7 @@ class DataPlane:
             self._home_table = table
             changed |= set(served) | set(self._home_peers)
         todo = sorted(changed)
+        self.home_looked_at += len(todo)
         done = 0
         try:
             for address in todo:
