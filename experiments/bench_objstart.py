@@ -67,10 +67,14 @@ def summarise(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 
 
 async def one_start(mode: str, objects_dir: Path, cgroups: Any, limits: Any) -> dict[str, float]:
+    from agent.hosting import sandbox_pool
     from agent.hosting.runtime import ObjectProcess
     from agent.hosting.sandbox import ENV_SANDBOX_START, ObjectSandbox
 
     os.environ[ENV_SANDBOX_START] = mode
+    pool = sandbox_pool.pool_for(objects_dir, cgroups)
+    if pool is not None:  # a router at rest: its slots are ready (refilled after each start)
+        await asyncio.to_thread(pool.wait_full, 10.0)
     process = ObjectProcess("counter", SPEC, "127.0.0.1", 0, "bench", objects_dir=objects_dir,
                             cgroups=cgroups, limits=limits)
     marks: dict[str, float] = {}
@@ -96,6 +100,7 @@ async def one_start(mode: str, objects_dir: Path, cgroups: Any, limits: Any) -> 
 
 async def run(rounds: int) -> dict[str, Any]:
     from agent.hosting.cgroups import CgroupManager, CgroupVersion, Limits, clean_run, detect
+    from agent.hosting import sandbox_pool
     from agent.hosting.forkserver import default_server
     from agent.hosting.sandbox import launcher_env
 
@@ -118,6 +123,7 @@ async def run(rounds: int) -> dict[str, Any]:
                 samples[mode].append(await one_start(mode, tmp / "objects", cgroups, limits))
         server.stop()
     finally:
+        sandbox_pool.close_all()
         if cgroups is not None:
             cgroups.remove_objects()
             clean_run(run_id)
@@ -127,6 +133,7 @@ async def run(rounds: int) -> dict[str, Any]:
     return {"rounds": rounds, "machine": f"{platform.node()} {os.cpu_count()} cpu, "
                                          f"load {' '.join(load)}",
             "fork_server_start_ms": round(server_ms, 1), "cgroups": cgroups is not None,
+            "sandbox_pool": sandbox_pool.pool_size(),
             "summary": summarise(samples), "samples": samples}
 
 

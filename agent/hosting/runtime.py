@@ -147,14 +147,15 @@ class ObjectProcess:
     async def start(self, warm: bool = False, state: Any = None) -> None:
         """Start the object; with ``state`` it continues from that checkpoint (and serves
         at once unless ``warm``: then it queues requests until :meth:`call` ``serve``)."""
-        from agent.hosting.object_uids import default_pool
-        from agent.hosting.sandbox import ObjectSandbox, SandboxSpec, make_workdir, minimal_env, open_log
+        from agent.hosting import sandbox_pool
+        from agent.hosting.sandbox import ObjectSandbox, SandboxSpec, minimal_env, open_log
 
         if self.sandbox is not None:
             raise ObjectProcessError(f"object {self.name} was already started")
         try:
-            self.identity = ident = default_pool().claim()
-            self.workdir = workdir = make_workdir(self.objects_dir, ident.name, ident.uid, ident.gid)
+            # A prepared slot's uid and directory when one is ready (issue 14), else made now.
+            ident, workdir = sandbox_pool.claim(self.objects_dir, self.cgroups)
+            self.identity, self.workdir = ident, workdir
         except AgentError as exc:
             self._release()
             raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None

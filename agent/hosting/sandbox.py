@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from agent.hosting.cgroups import Cgroup, CgroupError, CgroupManager, CgroupVersion, Limits
+from agent.hosting.sandbox_exec import exit_status
 from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -477,13 +478,7 @@ class RelayLink:
                 line = await self._reader.readline()
                 if not line:
                     break
-                try:
-                    info = json.loads(line)
-                except ValueError:
-                    continue
-                code = info.get("exit") if isinstance(info, dict) else None
-                if isinstance(code, int) and not isinstance(code, bool):
-                    self.returncode = code
+                self.returncode = exit_status(line)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -682,6 +677,7 @@ class ObjectSandbox:
         if self.proc is not None:
             raise SandboxError(f"object {self.name} already started")
         if self.manager is not None and self.manager.version is not CgroupVersion.NONE:
+            # (a prepared slot's, made empty ahead under this name: sandbox_pool, issue 14)
             self.cgroup = self.manager.create(self.name, self.spec.limits)
         elif not self.spec.limits.is_empty():
             raise SandboxError(f"object {self.name} has limits but there are no usable cgroups")

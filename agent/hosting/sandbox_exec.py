@@ -367,6 +367,19 @@ def relay(child: int, listen: int | None = None, keep: int | None = None,
     os._exit(code if os.WIFEXITED(status) else 127)
 
 
+def exit_status(line: bytes) -> int | None:
+    """The object's status from one line a relay or the fork server wrote (``{"exit":
+    code}``, :func:`relay`); None for any other line (a partial one, another message)."""
+    try:
+        info = json.loads(line)
+    except ValueError:
+        return None
+    value = info.get("exit") if isinstance(info, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
 def _watch_agent(child: int, watch: int) -> None:
     """Until the object (``child``) exits; if the agent (pidfd ``watch``) goes first, the
     relay kills itself (the object dies with it: PR_SET_PDEATHSIG)."""

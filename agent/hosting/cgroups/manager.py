@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from pathlib import Path
 
 from agent.hosting.cgroups.base import (
@@ -79,6 +80,9 @@ class CgroupManager:
         self.enable_ancestors = enable_ancestors
         self._objects: Cgroup | None = None
         self._warned: set[str] = set()
+        #: name -> a leaf made ahead (:meth:`prepare`), until its object's :meth:`create`
+        self._prepared: dict[str, Cgroup] = {}
+        self._lock = threading.Lock()  # prepare runs in a sandbox pool's thread
 
     # the agent's own cgroup
 
@@ -180,13 +184,44 @@ class CgroupManager:
     # objects
 
     def create(self, name: str, limits: Limits | None = None) -> Cgroup:
-        """The leaf cgroup ``moat-<run>-<name>`` of one object, limits written."""
-        limits = limits or Limits()
+        """The leaf cgroup ``moat-<run>-<name>`` of one object, limits written: the one
+        :meth:`prepare` made ahead under that name (handed out once), else a new one."""
+        with self._lock:
+            prepared = self._prepared.pop(name, None)
+        return self.configure(prepared if prepared is not None else self._make(name), limits)
+
+    def prepare(self, name: str) -> Cgroup:
+        """The leaf cgroup ``moat-<run>-<name>``, new, in every hierarchy, no limits and no
+        process yet, kept for the object of that name: its :meth:`create` takes it and
+        writes its limits (:mod:`agent.hosting.sandbox_pool`'s slots). An existing one is
+        refused."""
+        cg = self._make(name)
+        with self._lock:
+            self._prepared[name] = cg
+        return cg
+
+    def unprepare(self, name: str) -> Cgroup | None:
+        """The cgroup :meth:`prepare` made for ``name`` if no :meth:`create` took it yet,
+        no longer kept (the caller removes it); None once taken."""
+        with self._lock:
+            return self._prepared.pop(name, None)
+
+    def prepared(self) -> set[str]:
+        """The names whose :meth:`prepare`'d cgroup no :meth:`create` has taken yet."""
+        with self._lock:
+            return set(self._prepared)
+
+    def _make(self, name: str) -> Cgroup:
         leaf_name = self.prefix + check_name(name)
         if is_agent_leaf(leaf_name):
             raise CgroupError(f"object name {name!r} is reserved (agent leaves are named so)")
         parent = self.objects_cgroup()
-        cg = type(parent).create(parent, leaf_name)
+        return type(parent).create(parent, leaf_name)
+
+    def configure(self, cg: Cgroup, limits: Limits | None = None) -> Cgroup:
+        """Check the controllers ``limits`` need and write them into ``cg`` (made by
+        :meth:`prepare`, no process in it yet); on any failure ``cg`` is removed."""
+        limits = limits or Limits()
         try:
             self._check_controllers(cg, limits)
             cg.set_limits(limits)
@@ -219,6 +254,8 @@ class CgroupManager:
 
     def remove_objects(self) -> list[Path]:
         """Remove this agent's objects node and every leaf under it; returns what remains."""
+        with self._lock:
+            self._prepared.clear()
         if self._objects is None:
             return []
         kept: list[Path] = []

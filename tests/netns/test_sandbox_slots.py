@@ -1,0 +1,167 @@
+"""Prepared sandbox slots (agent.hosting.sandbox_pool, issue 14) on this machine's real
+cgroups, uids and namespaces (root): an object started from a slot is confined exactly as one
+started without (its credentials, capabilities, cgroups and their limits, rlimits, fds,
+namespaces, mounts, directory), both ways an object starts; a start that fails after taking a
+slot gives back its uid, directory and cgroup; closing the pool leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.hosting import sandbox_pool
+from agent.hosting.cgroups import CgroupManager, CgroupVersion, Limits, clean_run, detect
+from agent.hosting.cgroups import find_run_cgroups, is_agent_leaf
+from agent.hosting.object_uids import default_pool
+from agent.hosting.sandbox import ENV_SANDBOX_START, START_MODES, SandboxError
+
+MiB = 1 << 20
+LIMITS = Limits(cpu_quota=0.5, memory_bytes=96 * MiB, pids_max=24)
+
+
+@pytest.fixture(params=START_MODES)
+def start(request, monkeypatch) -> str:
+    monkeypatch.setenv(ENV_SANDBOX_START, request.param)
+    return request.param
+
+
+@pytest.fixture
+def manager():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if detect() is not CgroupVersion.V1:
+        pytest.skip("the facts below read cgroup v1 files")
+    run_id = f"tp{os.getpid()}{secrets.token_hex(2)}"
+    m = CgroupManager(run_id)
+    try:
+        yield m
+    finally:
+        sandbox_pool.close_all()
+        m.remove_objects()
+        clean_run(run_id)
+
+
+@pytest.fixture
+def objects_dir():
+    d = Path(tempfile.mkdtemp(prefix="moat-pool-run-"))
+    os.chmod(d, 0o755)
+    (d / "objects").mkdir(mode=0o755)
+    try:
+        yield d / "objects"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def facts(pid: int, ident: Any, workdir: Path, cgroup_dirs: list[Path]) -> dict[str, Any]:
+    """What confines process ``pid``, with its own uid and name written as U and N so that
+    two objects' facts compare equal when they are confined alike."""
+    def norm(text: str) -> str:
+        return text.replace(ident.name, "N").replace(str(ident.uid), "U")
+
+    proc = Path(f"/proc/{pid}")
+    status = dict(line.split(":\t", 1) for line in (proc / "status").read_text().splitlines()
+                  if ":\t" in line)
+    mounts = [norm(" ".join(line.split()[4:6])) for line in (proc / "mountinfo").read_text().splitlines()]
+    st = workdir.stat()
+    limits = {}
+    for d in cgroup_dirs:
+        for name in ("memory.limit_in_bytes", "pids.max", "cpu.cfs_quota_us", "cpu.cfs_period_us"):
+            if (d / name).exists():
+                limits[name] = (d / name).read_text().strip()
+    return {
+        "ids": [norm(status[k]) for k in ("Uid", "Gid", "Groups")],
+        "caps": [status[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")],
+        "no_new_privs": status["NoNewPrivs"],
+        "cgroups": sorted(norm(line.split(":", 2)[2]).rsplit("/", 1)[-1]
+                          for line in (proc / "cgroup").read_text().splitlines()
+                          if re.match(r"\d+:(cpu|cpuacct|memory|pids)[,:]", line)),
+        "in_cgroups": all(str(pid) in (d / "cgroup.procs").read_text().split() for d in cgroup_dirs),
+        "limits": limits,
+        "rlimits": [line for line in (proc / "limits").read_text().splitlines()
+                    if line.startswith(("Max open files", "Max file size", "Max core file size"))],
+        # What each fd is (its number: the control socket's is the agent's socketpair's).
+        "fds": sorted(norm(re.sub(r"\[\d+\]$", "", os.readlink(proc / "fd" / fd)))
+                      for fd in os.listdir(proc / "fd")),
+        "ns": {n: os.readlink(proc / "ns" / n) != os.readlink(f"/proc/self/ns/{n}")
+               for n in ("pid", "mnt", "net", "user")},
+        "mounts": sorted(mounts),
+        "workdir": (norm(str(st.st_uid)), oct(st.st_mode & 0o7777), workdir.parent.name),
+    }
+
+
+async def started(objects_dir: Path, manager: CgroupManager, name: str) -> tuple[Any, dict]:
+    from agent.hosting.runtime import ObjectProcess
+
+    p = ObjectProcess(name, "agent.objects.counter:Counter", "127.0.0.1", 0, "r1",
+                      objects_dir=objects_dir, cgroups=manager, limits=LIMITS)
+    await p.start()
+    assert p.pid is not None and p.sandbox.cgroup is not None
+    return p, facts(p.pid, p.identity, p.workdir, p.sandbox.cgroup.dirs)
+
+
+def test_an_object_from_a_slot_is_confined_as_one_started_without(start, manager, objects_dir,
+                                                                   monkeypatch) -> None:
+    async def main() -> tuple[dict, dict, set[str], str]:
+        monkeypatch.setenv(sandbox_pool.ENV_POOL, "0")
+        plain, plain_facts = await started(objects_dir, manager, "plain")
+        monkeypatch.setenv(sandbox_pool.ENV_POOL, "2")
+        pool = sandbox_pool.pool_for(objects_dir, manager)
+        assert pool is not None and await asyncio.to_thread(pool.wait_full, 30)
+        ready = {s.identity.name for s in pool._idle}
+        pooled, pooled_facts = await started(objects_dir, manager, "pooled")
+        name = pooled.identity.name
+        await plain.stop()
+        await pooled.stop()
+        return plain_facts, pooled_facts, ready, name
+
+    plain, pooled, ready, name = asyncio.run(main())
+    assert name in ready  # it did start from a prepared slot
+    assert pooled == plain
+    assert plain["in_cgroups"] and plain["ids"][0].split() == ["U"] * 4
+    assert plain["caps"][2] == "0000000000000000" and plain["no_new_privs"] == "1"
+    assert plain["limits"]["pids.max"] == "24"
+    assert plain["limits"]["memory.limit_in_bytes"] == str(96 * MiB)
+    assert set(plain["cgroups"]) == {manager.prefix + "N"} and plain["workdir"][:2] == ("U", "0o700")
+
+
+def test_a_failed_start_gives_the_slot_back_and_close_leaves_nothing(manager, objects_dir,
+                                                                     monkeypatch) -> None:
+    from agent.hosting import sandbox
+    from agent.hosting.runtime import ObjectProcess, ObjectProcessError
+
+    monkeypatch.setenv(sandbox_pool.ENV_POOL, "2")
+
+    async def refused(*_a: Any, **_kw: Any) -> Any:
+        raise SandboxError("refused by the test")
+
+    async def main() -> tuple[Any, list]:
+        pool = sandbox_pool.pool_for(objects_dir, manager)
+        assert await asyncio.to_thread(pool.wait_full, 30)
+        slot = pool._idle[0]
+        monkeypatch.setattr(sandbox, "spawn", refused)
+        p = ObjectProcess("doomed", "agent.objects.counter:Counter", "127.0.0.1", 0, "r1",
+                          objects_dir=objects_dir, cgroups=manager, limits=LIMITS)
+        with pytest.raises(ObjectProcessError, match="refused by the test"):
+            await p.start()
+        return slot, [s.identity for s in pool._idle]
+
+    slot, idle = asyncio.run(main())
+    assert slot.taken and not slot.workdir.exists()
+    assert not any(d.exists() for d in slot.cgroup.dirs)
+    assert slot.identity.uid not in default_pool().claims()
+    sandbox_pool.close_all()
+    held = default_pool().claims()
+    assert not any(ident.uid in held for ident in idle)
+    assert [p for p in objects_dir.iterdir() if p.is_dir()] == []
+    left = [p for p in find_run_cgroups(manager.run_id)
+            if not is_agent_leaf(p.name) and not p.name.endswith("objects")]
+    assert left == []
