@@ -438,6 +438,11 @@ def run_links(run_id: str, state: "RunState | None", tags: Iterable[str],
 BPF_PIN_ROOT = Path("/sys/fs/bpf/moat")
 
 
+#: ``moat up`` writes its holder's output to ``<UP_LOG_DIR>/moat-up-<run-id>.log`` until the
+#: run's directory exists (experiments/cli.py); a start that failed leaves it for the user.
+UP_LOG_DIR = Path("/tmp")
+
+
 def remove_bpf_pins(run_id: str, pin_root: Path = BPF_PIN_ROOT) -> list[str]:
     """Unpin what run ``run_id``'s eBPF tunnels left under ``<pin_root>/<run-id>`` (an agent
     killed with SIGKILL does not unpin); nothing of another run. Returns what went."""
@@ -501,6 +506,10 @@ def clean_run(run_id: str, root: Path | None = None, keep_dir: bool = False) -> 
     if run_id not in NOT_RUNS and "/" not in run_id and sandbox.exists() and not keep_dir:
         shutil.rmtree(sandbox, ignore_errors=True)
         removed.append(f"dir {sandbox}")
+    up_log = UP_LOG_DIR / f"moat-up-{run_id}.log"
+    if run_id not in NOT_RUNS and "/" not in run_id and up_log.is_file() and not keep_dir:
+        up_log.unlink(missing_ok=True)
+        removed.append(f"file {up_log}")
     if not keep_dir:  # the tag stays held while the run's directory (and run.json) stays
         for tag in tags:
             with contextlib.suppress(OSError):

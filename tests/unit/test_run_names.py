@@ -147,11 +147,16 @@ def test_clean_of_one_run_releases_its_tag_and_keeps_the_others(tmp_path: Path,
     monkeypatch.setattr(cg, "clean_run", lambda run_id, *a, **k: ([], []))
     monkeypatch.setattr(runmod, "_interfaces", lambda: [])
     monkeypatch.setattr(runmod, "remove_run_rules", lambda *a, **k: [])
+    monkeypatch.setattr(runmod, "UP_LOG_DIR", tmp_path)
+    (tmp_path / "moat-up-0101000000-000b.log").write_text("the holder's output")
+    (tmp_path / "moat-up-0101000000-000a.log").write_text("the holder's output")
     a = Run("0101000000-000a", root=tmp_path).create()
     b = Run("0101000000-000b", root=tmp_path).create()
     tag_a, tag_b = a.reserve_tag(interfaces=[]), b.reserve_tag(interfaces=[])
     removed = runmod.clean_run(b.run_id, tmp_path)
     assert f"tag {tag_b}" in removed
+    assert not (tmp_path / "moat-up-0101000000-000b.log").exists()
+    assert (tmp_path / "moat-up-0101000000-000a.log").exists()
     assert not (tmp_path / TAGS_DIR / tag_b).is_symlink() and not b.dir.exists()
     assert os.readlink(tmp_path / TAGS_DIR / tag_a) == a.run_id and a.dir.exists()
     # A stopped run keeps its directory, and so its tag (its names stay its own).
