@@ -375,7 +375,7 @@ def test_open_tunnel_refuses_unavailable_ebpf(monkeypatch) -> None:
 
 
 def test_no_clang_is_a_clear_reason(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(loader_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(loader_mod.shutil, "which", lambda name, path=None: None)
     with pytest.raises(TunnelUnavailable, match="needs clang"):
         loader_mod.compile_object(cache=tmp_path)
 

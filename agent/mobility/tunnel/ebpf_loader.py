@@ -35,6 +35,11 @@ PROGRAMS = ("moat_encap", "moat_decap")
 TOOL_TIMEOUT = 60.0
 
 
+def find_tool(name: str) -> str | None:
+    """``name`` on PATH, or in the sbin directories a daemon's PATH may lack (bpftool)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
 def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -54,7 +59,7 @@ def compiler_version(clang: str) -> str:
 def compile_object(source: Path = SOURCE, cache: Path = CACHE) -> Path:
     """The compiled object of ``source``, built now if the cache has none for this source
     and compiler (atomically: agents starting together may build it at the same time)."""
-    clang = shutil.which("clang")
+    clang = find_tool("clang")
     if clang is None:
         raise TunnelUnavailable("the eBPF backend needs clang (scripts/bootstrap.sh installs it)")
     try:
@@ -91,7 +96,7 @@ def ensure_bpffs(root: str = BPFFS) -> None:
                 return
     except OSError as exc:
         raise TunnelUnavailable(f"cannot read /proc/mounts: {exc}") from exc
-    _run(["mount", "-t", "bpf", "bpf", root], f"mounting bpffs on {root}")
+    _run([find_tool("mount") or "mount", "-t", "bpf", "bpf", root], f"mounting bpffs on {root}")
 
 
 def pin_dir_for(local: str, run_id: str | None = None, pid: int | None = None) -> str:
@@ -150,7 +155,8 @@ class Loader:
         self.source, self.cache = source, cache
 
     def load(self, pin_dir: str) -> None:
-        if shutil.which("bpftool") is None:
+        bpftool = find_tool("bpftool")
+        if bpftool is None:
             raise TunnelUnavailable("the eBPF backend needs bpftool (scripts/bootstrap.sh "
                                     "installs it)")
         obj = compile_object(self.source, self.cache)
@@ -162,7 +168,7 @@ class Loader:
         except OSError as exc:
             raise TunnelUnavailable(f"cannot make {pin_dir}: {exc}") from exc
         try:
-            _run(["bpftool", "prog", "loadall", str(obj), f"{pin_dir}/progs", "type", "classifier",
+            _run([bpftool, "prog", "loadall", str(obj), f"{pin_dir}/progs", "type", "classifier",
                   "pinmaps", f"{pin_dir}/maps"], "loading the eBPF GRE programs (bpftool)")
         except TunnelUnavailable:
             remove_pins(pin_dir)

@@ -68,6 +68,10 @@ def probe_ebpf(timeout: float = PROBE_TIMEOUT) -> str | None:
         obj = compile_object()
     except TunnelUnavailable as exc:
         return exc.reason
+    from agent.mobility.tunnel.ebpf_loader import find_tool
+
+    if find_tool("bpftool") is None:
+        return "the eBPF backend needs bpftool (scripts/bootstrap.sh installs it)"
     if _marker(obj).exists():
         return None
     try:
