@@ -212,7 +212,7 @@ class NestedHomeAgent:
 
     def send_revocations(self) -> int:
         """Send the revocations due now (first sends and retries, each counted as a try by
-        the revoker), then arm the timer for the next; how many left. Nothing is sent
+        the revoker), then arm the timer for the next; how many went. Nothing is sent
         without a socket (not started, or closed): the revoker gives those up in time."""
         sent = 0
         if self._transport is not None:
@@ -248,9 +248,9 @@ class NestedHomeAgent:
 
     def on_revocation_ack(self, ack: RevocationAck, addr: tuple) -> None:
         """An FOA's acknowledgement: the revoker checks every field against the pending
-        revocation it answers (its id and home address, the source it went to, the
-        Foreign-Home authenticator under the same credential) before anything changes;
-        a refused one changes nothing and the retries go on."""
+        revocation it answers (its id and home address, the source it went to, no flag, one
+        extension: the Foreign-Home authenticator under the same credential) before
+        anything changes; a refused one changes nothing and the retries go on."""
         try:
             notice = self.home.revoker.on_ack(ack, addr[0])
         except RevocationRefused as exc:
