@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,28 @@ def compile_object(source: Path = SOURCE, cache: Path = CACHE) -> Path:
     return target
 
 
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def is_bpffs(path: str) -> bool:
+    """Whether bpffs is what ``path`` shows now (statfs): /proc/mounts also lists mounts a
+    later one hides, such as the host's bpffs under a Mininet node's fresh sysfs."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    if libc.statfs(path.encode(), buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) == BPF_FS_MAGIC
+
+
 def ensure_bpffs(root: str = BPFFS) -> None:
     """Mount bpffs at ``root`` unless one is there (pins need it)."""
-    try:
-        with open("/proc/mounts") as f:
-            if any(line.split()[1:3] == [root, "bpf"] for line in f if len(line.split()) > 2):
-                return
-    except OSError as exc:
-        raise TunnelUnavailable(f"cannot read /proc/mounts: {exc}") from exc
+    if is_bpffs(root):
+        return
     _run([find_tool("mount") or "mount", "-t", "bpf", "bpf", root], f"mounting bpffs on {root}")
+    if not is_bpffs(root):
+        raise TunnelUnavailable(f"{root} is not bpffs after mounting it")
 
 
 def pin_dir_for(local: str, run_id: str | None = None, pid: int | None = None) -> str:
