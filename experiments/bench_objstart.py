@@ -13,7 +13,9 @@ Per way it prints the median and 90th percentile of the whole start and of its t
 *answer* (the runtime's first answer: its imports, for exec), and the ratio exec / fork.
 This machine's speed varies threefold between days, so figures are only ever shown beside
 the baseline measured in the same run. The fork server's own start (once per agent) is
-reported apart and is not in the fork figures.
+reported apart and is not in the fork figures. Each start, either way, begins once the
+agent's prepared sandbox slots are ready (:mod:`agent.hosting.sandbox_pool`, refilled in the
+background after each start: a router at rest); ``MOAT_SANDBOX_POOL=0`` measures without.
 """
 
 from __future__ import annotations
