@@ -125,6 +125,11 @@ class HostingRole(Role):
                 await self.cmd_object_stop(name, deregister=False)
             except Exception:  # noqa: BLE001 - stop the others all the same
                 log.exception("stopping object %s failed", name)
+        # The idle prepared sandbox slots (issue 14) go too (a few directories and claims,
+        # at the agent's stop): a forked agent ends with os._exit, which runs no atexit.
+        from agent.hosting import sandbox_pool
+
+        sandbox_pool.close_all()
 
     def on_advertisement(self, adv: AgentAdvertisement, source: str, ifindex: int) -> None:
         for hosted in list(self.objects.values()):

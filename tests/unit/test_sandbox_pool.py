@@ -286,3 +286,24 @@ def test_the_cgroup_manager_hands_a_prepared_leaf_to_its_object_once(v1, tmp_pat
         m.create("o620000-ab", Limits(pids_max=7))
     other = m.prepare("o620001-cd")
     assert m.unprepare("o620001-cd") is other and m.unprepare("o620001-cd") is None
+
+
+def test_the_hosting_roles_stop_closes_the_pools(tmp_path: Path, monkeypatch) -> None:
+    """An agent forked by the zygote ends with os._exit (no atexit): its hosting role's stop
+    removes the idle slots."""
+    import asyncio
+
+    from agent.core.config import AgentConfig, Interface
+    from agent.hosting.objects import HostingRole
+
+    class Agent:
+        config = AgentConfig(name="r18b", run_dir=str(tmp_path), roles=[],
+                             interfaces=[Interface("eth0", "10.18.0.2")], router_key="ab" * 32)
+
+        def role(self, cls: type) -> None:
+            return None
+
+    closed = []
+    monkeypatch.setattr(sandbox_pool, "close_all", lambda: closed.append(True))
+    asyncio.run(HostingRole(Agent()).stop())
+    assert closed == [True]
