@@ -40,9 +40,20 @@ from agent.core.errors import AgentError
 
 WINDOW_S = 300.0  # accepted clock difference, seconds
 MAX_REMEMBERED = 4096
-#: When this process started (this module is imported as the agent starts): the first floor
-#: of every replay cache, so a message issued before a restart is refused after it.
+#: When this process started: the first floor of every replay cache, so a message issued
+#: before a restart is refused after it. Set at import and again in every forked child: an
+#: agent forked from the run's pre-imported zygote (or forked again by its supervisor after a
+#: crash) imported this module long before it started, and the import's time would let a
+#: message accepted by the agent it replaces be accepted again.
 STARTED_AT = time.time()
+
+
+def _restarted_at_fork() -> None:
+    global STARTED_AT
+    STARTED_AT = time.time()
+
+
+os.register_at_fork(after_in_child=_restarted_at_fork)
 
 
 class MessageAuthError(AgentError):
