@@ -84,6 +84,14 @@ PR_SET_NAME = 15
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def _private_log(path: str | os.PathLike[str]) -> Any:
+    """``path`` for appending, 0600 from its creation and never through a symbolic link: the
+    zygote's output lands in the run directory, which only root may read (a traceback may
+    carry what a configuration holds)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 class ZygoteError(AgentError):
     """The zygote could not be started, refused a request or did not answer."""
 
@@ -425,7 +433,7 @@ class Zygote:
 
     def start(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        out = _private_log(self.log_path) if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.zygote", "--control-fd", str(theirs.fileno())],

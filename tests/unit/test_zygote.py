@@ -156,3 +156,21 @@ def test_a_router_whose_zygote_is_gone_execs_its_agent(monkeypatch) -> None:
         calls.clear()
         assert router._launch(["sleep", "1"], logf, {}, None, {}) == "popen"  # not an agent
         assert calls == ["exec"]
+
+
+def test_the_zygote_log_is_private_from_its_creation_and_not_followed(tmp_path) -> None:
+    """Its output lands in the run directory, which objects' users must not read (a
+    traceback may carry configuration); a planted link is not followed."""
+    from agent.zygote import _private_log
+
+    old = os.umask(0)
+    try:
+        with _private_log(tmp_path / "zygote.out") as out:
+            out.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "zygote.out").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "elsewhere").write_bytes(b"")
+    (tmp_path / "link.out").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        _private_log(tmp_path / "link.out")
