@@ -78,7 +78,7 @@ def run(adv_interval: float, out_root: Path | None) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     with moat, contextlib.ExitStack() as captures:
         print(f"run {moat.run.run_id}: PatentTopo up, agents on {', '.join(moat.topo.router_names())}")
-        print(f"  HOA {HOA} (home LAN 10.16.0.0/24), FOAs {', '.join(moat.foreign_agents)}; "
+        print(f"  HOA {HOA} (home LAN 10.16.0.0/21), FOAs {', '.join(moat.foreign_agents)}; "
               f"object {OBJECT} home address {moat.objects[OBJECT].home_address}")
         pcaps = {
             "home_lan": captures.enter_context(moat.capture("s16", "home_lan")),

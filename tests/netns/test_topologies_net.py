@@ -163,9 +163,9 @@ def test_router_daemon_started_in_namespace_and_reaped(tmp_path: Path) -> None:
         assert ns != os.readlink("/proc/self/ns/net")
         # ... in a session of its own (so it survives the shell's SIGHUP until we stop it)
         assert os.getsid(pid) == pid
-        wait_until(lambda: "10.16.0.2/24" in log_path.read_text(), 10, what="the daemon's log naming its address")
+        wait_until(lambda: "10.16.0.2/21" in log_path.read_text(), 10, what="the daemon's log naming its address")
         text = log_path.read_text()
-        assert "daemon-up" in text and "10.16.0.2/24" in text
+        assert "daemon-up" in text and "10.16.0.2/21" in text
         # other routers got no daemon
         assert net["r22a"].daemon is None
     finally:
