@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s = result["summary"]
     print(f"object start, {args.rounds} rounds each way, alternating, one run "
-          f"({result['machine']}); start = ObjectProcess.start: cgroup, sandbox, first answer")
+          f"({result['machine']}); start = ObjectProcess.start: cgroup, sandbox, first answer; "
+          f"prepared sandbox slots: {result['sandbox_pool']} (MOAT_SANDBOX_POOL)")
     rows = []
     for part in ("start_ms", "spawn_ms", "answer_ms"):
         rows.append({"part": part[:-3], "fork median": s["fork"][part]["median"],
