@@ -121,13 +121,14 @@ def test_bicast_sends_one_copy_per_binding(net: Net, tmp_path: Path) -> None:
 def test_map_follows_the_peers(net: Net, tmp_path: Path) -> None:
     """A binding moving from F to F2 moves the copies; no peers: no route, nothing sent."""
     net.H.set_peers(OBJ, [(F_LOCAL, 42)])
+    assert OBJ in nsx(net.h, "ip", "route", "show", "table", "4348").stdout
     assert net.ping(count=1).returncode == 0
     net.H.set_peers(OBJ, [(F2_LOCAL, 43)])
     with capture(net.f, "fh", tmp_path) as to_f, capture(net.f2, "f2h", tmp_path) as to_f2:
         assert net.ping(count=2).returncode == 0
     assert gre_packets(to_f) == [] and {p[GRE].key for p in gre_packets(to_f2)} == {43}
     net.H.set_peers(OBJ, [])
-    assert OBJ not in nsx(net.h, "ip", "route", "show").stdout
+    assert OBJ not in nsx(net.h, "ip", "route", "show", "table", "all").stdout
     h0 = net.H.stats()
     with capture(net.f2, "f2h", tmp_path) as none:
         assert net.ping(count=1, wait=1).returncode != 0

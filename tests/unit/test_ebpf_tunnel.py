@@ -21,7 +21,8 @@ import agent.mobility.tunnel.ebpf_loader as loader_mod
 from agent.core.netlink import Netlink
 from agent.mobility.tunnel import EbpfTunnel, TunnelError, TunnelUnavailable, make_tunnel
 from agent.mobility.tunnel.ebpf_maps import (ACCEPT_DELIVER, ACCEPT_RESTRICTED, MAX_PEERS,
-                                             encode_accept_value, encode_config, encode_peers,
+                                             encode_accept_value, encode_config, encode_leaving,
+                                             encode_peers,
                                              possible_cpus, sum_stats)
 from agent.mobility.tunnel.base import STAT_KEYS
 from test_tunnel import FakeIPRoute
@@ -206,8 +207,9 @@ def since(calls: list[str], mark: int) -> list[str]:
 
 def test_start_loads_makes_the_device_and_hooks_every_wire_interface(tunnel, fake_loader, ipr) -> None:
     assert fake_loader.loaded == ["/pins/x"]
-    assert ipr.calls[:4] == ["device moat0 peer moat0p mtu 1472",
+    assert ipr.calls[:5] == ["device moat0 peer moat0p mtu 1472",
                              f"map update moat_config {'00000000'}",
+                             "rule add from 0.0.0.0/0 lookup 4348 priority 4346",
                              "attach moat_encap egress moat0",
                              "attach moat_decap ingress eth0"]
     assert "attach moat_decap ingress eth1" in ipr.calls
@@ -222,16 +224,23 @@ def test_peers_written_before_the_route_and_deleted_after_it(tunnel, loop, ipr, 
     tunnel.set_peers(OBJ, [(FOA, 42), (FOA2, 43), (FOA, 42)])
     settled(loop, tunnel)
     key = ip(OBJ).hex()
-    assert since(ipr.calls, mark) == [f"map update moat_peers {key}", f"route replace {OBJ}/32 dev moat0"]
+    assert since(ipr.calls, mark) == [f"map update moat_peers {key}",
+                                      f"route replace {OBJ}/32 dev moat0 table 4348"]
     assert fake_loader.maps_obj.data["moat_peers"][ip(OBJ)] == encode_peers([(FOA, 42), (FOA2, 43)])
     mark = len(ipr.calls)
     tunnel.set_peers(OBJ, [(FOA2, 43)])  # a binding went: the copies follow
     settled(loop, tunnel)
     assert fake_loader.maps_obj.data["moat_peers"][ip(OBJ)] == encode_peers([(FOA2, 43)])
+    seen: list[bytes] = []
+    original = fake_loader.maps_obj.update
+    fake_loader.maps_obj.update = lambda n, k, v: (seen.append(v), original(n, k, v))  # type: ignore[method-assign]
     tunnel.set_peers(OBJ, [])
     settled(loop, tunnel)
     tail = since(ipr.calls, mark)
-    assert tail[-2:] == [f"route del {OBJ}/32 dev moat0", f"map delete moat_peers {key}"]
+    # leaving (no peer: the program routes by the main table) before the route goes
+    assert tail[-3:] == [f"map update moat_peers {key}", f"route del {OBJ}/32 dev moat0 table 4348",
+                         f"map delete moat_peers {key}"]
+    assert seen[-1] == encode_leaving()
     assert ip(OBJ) not in fake_loader.maps_obj.data["moat_peers"] and OBJ not in tunnel.peers
 
 
@@ -307,8 +316,9 @@ def test_close_unhooks_deletes_device_and_unpins(loop, netlink, fake_loader, ipr
     t.set_peers(OBJ, [(FOA, 42)])
     t.close()
     settled(loop, t)
-    assert ipr.calls[-4:] == [f"route del {OBJ}/32 dev moat0", "detach ingress eth0", "detach ingress eth1",
-                              "delete device moat0"]
+    assert ipr.calls[-5:] == [f"route del {OBJ}/32 dev moat0 table 4348",
+                              "rule del from 0.0.0.0/0 lookup 4348 priority 4346",
+                              "detach ingress eth0", "detach ingress eth1", "delete device moat0"]
     assert fake_loader.unloaded == ["/pins/y"] and fake_loader.maps_obj.closed
     t.close()  # twice is fine
     settled(loop, t)

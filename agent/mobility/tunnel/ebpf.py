@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import socket
@@ -38,14 +39,19 @@ from agent.mobility.tunnel.base import (REVERSE_PRIORITY, REVERSE_TABLE, RpFilte
 from agent.mobility.tunnel.ebpf_loader import Loader, pin_dir_for
 from agent.mobility.tunnel.ebpf_maps import (MAX_PEERS, BpfError, BpfMaps, MapOp,
                                              encode_accept_key, encode_accept_value,
-                                             encode_allowed_key, encode_config, encode_peer,
-                                             encode_peers, encode_u32)
+                                             encode_allowed_key, encode_config, encode_leaving,
+                                             encode_peer, encode_peers, encode_u32)
 
 log = logging.getLogger(__name__)
 
 #: Like the userspace TUN and a kernel GRE device on a 1500-byte link: 1500 - 20 - 8.
 TUN_MTU = 1500 - 20 - 8
 ALLOWED = b"\x01"
+#: The home addresses' routes into the tunnel live in a table of their own, looked up before
+#: main: the program then asks the main table (BPF_FIB_LOOKUP_DIRECT) where a leaving
+#: address goes without its route into the tunnel.
+PEERS_TABLE = 4348
+PEERS_PRIORITY = 4346
 
 
 def peer_device_name(name: str) -> str:
@@ -100,6 +106,7 @@ class EbpfTunnel(Tunnel):
             write_sysctl(f"/proc/sys/net/ipv4/conf/{self.name}/forwarding", "1")
             self._rp.relax_all()
             maps.update("moat_config", encode_u32(0), encode_config(self.local, index, mac))
+            self._peers_rule(ipr, "add")
             encap = self.loader.program(self.pin_dir, "moat_encap")
             decap = self.loader.program(self.pin_dir, "moat_decap")
             try:
@@ -118,9 +125,21 @@ class EbpfTunnel(Tunnel):
         log.info("eBPF GRE tunnel %s up (local %s; decapsulating on %s; pins %s)", self.name,
                  self.local, ", ".join(sorted(self.wire)) or "no interface", self.pin_dir)
 
+    def _peers_rule(self, ipr: Any, command: str) -> None:
+        """``from all lookup PEERS_TABLE``: the tunnel's home address routes, before main."""
+        try:
+            ipr.rule(command, table=PEERS_TABLE, priority=PEERS_PRIORITY, src="0.0.0.0", src_len=0)
+        except Exception as exc:  # noqa: BLE001 - pyroute2's NetlinkError
+            if nl.error_code(exc) not in (errno.EEXIST, errno.ENOENT):
+                raise
+
     def _teardown(self, ipr: Any) -> None:
         """Runs on the netlink worker: hooks off, device and pins gone."""
         errors = []
+        try:
+            self._peers_rule(ipr, "del")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"rule: {exc}")
         for ifname, ifindex in sorted(self.wire.items()):
             try:
                 self.loader.detach(ipr, ifindex, ingress=True)
@@ -150,7 +169,8 @@ class EbpfTunnel(Tunnel):
                         f"remove default route of table {self.table}")
             self._reverse_route = False
         for dst in list(self.peers):
-            self._apply(nl.op_route("del", f"{dst}/32", ifname=self.name), f"remove route {dst}/32")
+            self._apply(nl.op_route("del", f"{dst}/32", ifname=self.name, table=PEERS_TABLE),
+                        f"remove route {dst}/32")
         self.peers.clear()
         self.reverse.clear()
         self.accepted.clear()
@@ -197,11 +217,16 @@ class EbpfTunnel(Tunnel):
         if wanted:
             self.peers[inner_dst] = wanted
             self._write([MapOp("moat_peers", key, encode_peers(wanted))], f"peers of {inner_dst}")
-            self._apply(nl.op_route("replace", f"{inner_dst}/32", ifname=self.name),
-                        f"route {inner_dst}/32 dev {self.name}")
+            self._apply(nl.op_route("replace", f"{inner_dst}/32", ifname=self.name,
+                                    table=PEERS_TABLE),
+                        f"route {inner_dst}/32 dev {self.name} table {PEERS_TABLE}")
         elif self.peers.pop(inner_dst, None) is not None:
-            # the route goes first: until it is gone, packets still find their peers
-            self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name),
+            # The last binding went (the object came home): from now on, what still reaches
+            # the device goes where the main table routes it (not to the old care-of, which
+            # may have dropped the visitor already), as everything will once the route into
+            # the device is gone; then the entry goes.
+            self._write([MapOp("moat_peers", key, encode_leaving())], f"{inner_dst} leaving")
+            self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name, table=PEERS_TABLE),
                         f"remove route {inner_dst}/32")
             self._write([MapOp("moat_peers", key, None)], f"forget peers of {inner_dst}")
 
