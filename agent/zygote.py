@@ -13,7 +13,9 @@ child that
 
 1. leads a session of its own (the node's daemon group, which the node stops as a whole),
 2. enters the router node's network and mount namespaces (``setns`` on
-   ``/proc/<node shell>/ns/{net,mnt}``, what ``mnexec -a`` does), then its cwd, umask,
+   ``/proc/<node shell>/ns/{net,mnt}``, what ``mnexec -a`` does), mounts the host's cgroup
+   hierarchies there if the node has none yet (:func:`mount_cgroups`: ``mount(2)`` in-process,
+   where the node's shell forked ``mkdir`` and ``mount`` 26 times), then its cwd, umask,
    environment and stdio (stdout and stderr onto the node's daemon log, passed as an fd),
 3. runs :func:`agent.supervisor.main` in-process with a ``spawn`` that forks the agent from
    this same memory (:func:`fork_agent`) and calls :func:`agent.__main__.main` there.
@@ -78,6 +80,9 @@ START_TIMEOUT = 60.0  # the zygote's own start: one interpreter and the agent's 
 REQUEST_TIMEOUT = 10.0
 MAX_MESSAGE = 256 * 1024
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
+#: Where a node's cgroup hierarchies are mounted, and the filesystems a request may mount there.
+CGROUP_ROOT = "/sys/fs/cgroup"
+MOUNT_TYPES = ("tmpfs", "cgroup", "cgroup2")
 PR_SET_NAME = 15
 #: Signals the supervisor handles: blocked across a fork so its handler never runs in a
 #: child that is about to become an agent.
@@ -225,7 +230,38 @@ def check_request(req: Any) -> dict[str, Any]:
     node = req.get("node")
     if not isinstance(node, str) or not 0 < len(node) <= 32 or not node.isprintable():
         raise ValueError(f"node must be a short name, got {node!r}")
-    return {"argv": argv, "netns_pid": pid, "env": env, "cwd": cwd, "umask": umask, "node": node}
+    mounts = req.get("mounts") or []
+    if not isinstance(mounts, list):
+        raise ValueError("mounts must be a list")
+    for m in mounts:
+        if not isinstance(m, list) or len(m) != 4 or not all(isinstance(x, str) and "\0" not in x for x in m) \
+                or m[0] not in MOUNT_TYPES or not (m[2] == CGROUP_ROOT or m[2].startswith(CGROUP_ROOT + "/")) \
+                or ".." in m[2].split("/"):
+            raise ValueError(f"mounts: each is [tmpfs|cgroup|cgroup2, source, target under "
+                             f"{CGROUP_ROOT}, data], got {m!r}")
+    return {"argv": argv, "netns_pid": pid, "env": env, "cwd": cwd, "umask": umask, "node": node,
+            "mounts": mounts}
+
+
+def mount_cgroups(mounts: list[list[str]]) -> str | None:
+    """In a node's mount namespace: make the host's cgroup hierarchies visible there (what
+    :func:`topologies.nodes.restore_cgroup_mounts` does through the node's shell), unless they
+    are already. In-process ``mount(2)`` calls, no fork. Stops at the first failure and says
+    it (objects on this router then run without cgroup limits), None when all went."""
+    try:
+        if os.listdir(CGROUP_ROOT):
+            return None
+    except OSError:
+        pass
+    from agent.hosting.sandbox_exec import mount
+
+    for fstype, source, target, data in mounts:
+        try:
+            os.makedirs(target, exist_ok=True)
+            mount(source, target, 0, fstype, data or None)
+        except OSError as exc:
+            return f"mount -t {fstype} {source} {target}: {exc.strerror or exc}"
+    return None
 
 
 class Server:
@@ -323,6 +359,7 @@ class Server:
             os.close(pidfd)
             os.close(report)
         enter_node(req["netns_pid"])
+        mounted = mount_cgroups(req["mounts"])
         os.chdir(req["cwd"] or "/")
         os.umask(req["umask"])
         null = os.open(os.devnull, os.O_RDONLY)
@@ -336,6 +373,9 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         set_name(f"sup-{req['node']}")
+        if mounted is not None:
+            print(f"zygote: {req['node']}: mounting the host's cgroups: {mounted} (objects on "
+                  "this router run without cgroup limits)", file=sys.stderr, flush=True)
         from agent import supervisor
 
         return supervisor.main(req["argv"][3:], spawn=fork_agent)
@@ -465,11 +505,14 @@ class Zygote:
         return self._sock
 
     def spawn(self, node: str, netns_pid: int, argv: list[str], log_fd: int,
-              env: dict[str, str], cwd: str | None, umask: int) -> ForkedDaemon:
+              env: dict[str, str], cwd: str | None, umask: int,
+              mounts: list[tuple[str, str, str, str]] | None = None) -> ForkedDaemon:
         """Fork ``argv`` (``python -m agent.supervisor ... -- python -m agent ...``) into the
-        namespaces of ``netns_pid`` with stdout and stderr on ``log_fd``."""
+        namespaces of ``netns_pid`` with stdout and stderr on ``log_fd``, after ``mounts``
+        there ((fstype, source, target, data) under /sys/fs/cgroup) unless it has them."""
         payload = json.dumps({"argv": argv, "netns_pid": netns_pid, "env": env, "cwd": cwd,
-                              "umask": umask, "node": node}).encode()
+                              "umask": umask, "node": node,
+                              "mounts": [list(m) for m in mounts or []]}).encode()
         if len(payload) > MAX_MESSAGE:
             raise ZygoteError(f"{node}: spawn request too large ({len(payload)} bytes)")
         report_r, report_w = os.pipe()

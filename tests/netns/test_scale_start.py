@@ -21,6 +21,17 @@ def _parent(pid: int) -> int:
     return int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1])
 
 
+def _cgroup_mounts(pid: int) -> set[tuple[str, str]]:
+    """(mount point, fs type) of the cgroup filesystems ``pid`` sees."""
+    found = set()
+    for line in open(f"/proc/{pid}/mountinfo"):
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        if fstype in ("cgroup", "cgroup2") and fields[4].startswith("/sys/fs/cgroup"):
+            found.add((fields[4], fstype))
+    return found
+
+
 def _comm(pid: int) -> str:
     return open(f"/proc/{pid}/comm").read().strip()
 
@@ -45,6 +56,8 @@ def test_eighteen_routers_forked_from_the_zygote() -> None:
             for ns in ("net", "mnt"):
                 assert os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/{shell}/ns/{ns}")
                 assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/{zygote}/ns/{ns}")
+            # The host's cgroup hierarchies mounted in its node (by the zygote's child).
+            assert _cgroup_mounts(pid) == _cgroup_mounts(os.getpid()), router
             for p in (pid, supervisor):
                 mem = memory_kib(p)
                 pss, rss = pss + mem["pss"], rss + mem["rss"]

@@ -23,9 +23,28 @@ def _request(**over):
 
 def test_a_valid_request_passes() -> None:
     assert check_request(_request())["node"] == "r1a"
+    mounts = [["tmpfs", "tmpfs", "/sys/fs/cgroup", "mode=755"],
+              ["cgroup", "cgroup", "/sys/fs/cgroup/cpu,cpuacct", "cpu,cpuacct"]]
+    assert check_request(_request(mounts=mounts))["mounts"] == mounts
+
+
+def test_the_hosts_cgroup_mounts_as_data_and_as_commands() -> None:
+    from topologies.nodes import cgroup_mount_commands, cgroup_mounts
+
+    text = ("cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,nosuid,nodev,noexec,relatime,cpu,cpuacct 0 0\n"
+            "tmpfs /sys/fs/cgroup tmpfs ro,nosuid,nodev,noexec,mode=755 0 0\n"
+            "proc /proc proc rw 0 0\n")
+    assert cgroup_mounts(text) == [("tmpfs", "tmpfs", "/sys/fs/cgroup", "mode=755"),
+                                   ("cgroup", "cgroup", "/sys/fs/cgroup/cpu,cpuacct", "cpu,cpuacct")]
+    assert cgroup_mount_commands(text)[1] == \
+        "mkdir -p /sys/fs/cgroup/cpu,cpuacct && mount -t cgroup -o cpu,cpuacct cgroup /sys/fs/cgroup/cpu,cpuacct"
 
 
 @pytest.mark.parametrize("bad", [
+    {"mounts": [["ext4", "/dev/sda1", "/sys/fs/cgroup/x", ""]]},
+    {"mounts": [["cgroup", "cgroup", "/etc", "cpu"]]},
+    {"mounts": [["cgroup", "cgroup", "/sys/fs/cgroup/../../etc", "cpu"]]},
+    {"mounts": [["cgroup", "cgroup", "/sys/fs/cgroup/cpu"]]}, {"mounts": "cgroup"},
     {"argv": ["/bin/sh", "-c", "id", "x"]},
     {"argv": [sys.executable, "-m", "agent", "--config", "x"]},
     {"netns_pid": 0}, {"netns_pid": True}, {"netns_pid": "1"},
@@ -147,12 +166,14 @@ def test_a_router_whose_zygote_is_gone_execs_its_agent(monkeypatch) -> None:
 
     monkeypatch.setattr(ManagedDaemonMixin, "_launch",
                         lambda self, argv, logf, env, cwd, extra: calls.append("exec") or "popen")
+    # The zygote's child would have mounted the node's cgroups: the shell does it instead.
+    monkeypatch.setattr("topologies.nodes.restore_cgroup_mounts", lambda node: calls.append("mounts"))
     router = object.__new__(MoatRouter)
     router.name, router.pid, router.zygote = "r1a", 1, _Gone()
     argv = [sys.executable, "-m", "agent.supervisor", "--status", "s", "--", "x"]
     with open(os.devnull, "wb") as logf:
         assert router._launch(argv, logf, {}, None, {}) == "popen"
-        assert calls == ["spawn", "exec"]
+        assert calls == ["spawn", "mounts", "exec"]
         calls.clear()
         assert router._launch(["sleep", "1"], logf, {}, None, {}) == "popen"  # not an agent
         assert calls == ["exec"]
