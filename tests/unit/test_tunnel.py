@@ -862,6 +862,7 @@ def test_kernel_stats_from_device_counters(ktun, tmp_path) -> None:
 def test_make_tunnel_forced_kernel_unavailable(monkeypatch, loop) -> None:
     monkeypatch.setattr(choose_mod, "_probe_kernel_gre", lambda: "the kernel cannot create a GRE device here: "
                         "(95, 'Operation not supported') (no ip_gre module)")
+    monkeypatch.setattr(choose_mod, "probe_ebpf", lambda: "no clang")  # auto's next choice
     with pytest.raises(TunnelUnavailable, match="kernel GRE backend requested but unavailable.*no ip_gre") as exc:
         make_tunnel("kernel", loop=loop, local=HOA)
     assert "userspace" in str(exc.value) and "ip_gre" in exc.value.reason
