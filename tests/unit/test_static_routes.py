@@ -11,6 +11,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import threading
@@ -110,6 +111,59 @@ def test_snapshot_reads_the_main_table_and_links_with_carrier() -> None:
     assert snap.links[2].networks == ()
 
 
+class FibIpr:
+    """An IPRoute that answers fibmatch lookups from ``table`` (prefix -> route message, or
+    an errno) and refuses to dump the routing table."""
+
+    def __init__(self, table: dict[str, Any]) -> None:
+        self.table = table
+        self.asked: list[tuple[str, int]] = []
+
+    def route(self, command: str, dst: str, flags: int) -> list[Msg]:
+        assert command == "get"
+        self.asked.append((dst, flags))
+        answer = self.table[dst]
+        if isinstance(answer, int):
+            raise OSError(answer, os.strerror(answer))
+        return [answer]
+
+    def get_routes(self, **_: Any) -> list[Msg]:
+        raise AssertionError("a look must not dump the routing table")
+
+    def get_links(self) -> list[Msg]:
+        return [link_msg(2, "eth0", UP)]
+
+    def get_addr(self, **_: Any) -> list[Msg]:
+        return [addr_msg(2, "10.255.0.1", 30)]
+
+
+def test_a_look_asks_each_configured_prefix_with_fibmatch_and_never_dumps_the_table() -> None:
+    """Its cost is one lookup per configured route, whatever the data plane's host routes
+    (1,000 of them on an HOA with 1,000 bindings: issue 15)."""
+    from agent.routing.static_routes import RTM_F_FIB_MATCH, op_snapshot_for
+
+    ipr = FibIpr({
+        "10.16.0.0": route_msg("10.16.0.0", 21),                  # its own route: present
+        "10.12.0.0": route_msg(None, 0),                          # only the default: missing
+        "10.14.0.0": errno.ENETUNREACH,                           # nothing at all: missing
+        "10.20.0.0": route_msg("10.20.0.0", 24, table=4347),      # another table's: missing
+        "0.0.0.0": route_msg(None, 0),                            # the default itself
+    })
+    snap = op_snapshot_for(["10.16.0.0/21", "10.12.0.0/24", "10.14.0.0/24", "10.20.0.0/24",
+                            "0.0.0.0/0"])(ipr)
+    assert snap.destinations == {"10.16.0.0/21", "0.0.0.0/0"}
+    assert ipr.asked == [(a, RTM_F_FIB_MATCH) for a in
+                         ("10.16.0.0", "10.12.0.0", "10.14.0.0", "10.20.0.0", "0.0.0.0")]
+    assert [link.name for link in snap.links] == ["eth0"]
+
+
+def test_a_lookup_refused_for_another_reason_is_an_error_not_a_missing_route() -> None:
+    from agent.routing.static_routes import op_snapshot_for
+
+    with pytest.raises(OSError):
+        op_snapshot_for(["10.16.0.0/21"])(FibIpr({"10.16.0.0": errno.EPERM}))
+
+
 # --- link announcements -------------------------------------------------------------------------------
 
 
@@ -200,18 +254,30 @@ class FakeKernel:
                     del self.table[prefix]
 
     def get_routes(self, family: int, table: int) -> list[Msg]:
-        self.dumps += 1
-        self.released.wait(5)
-        return [route_msg(p.split("/")[0], int(p.split("/")[1]), gateway=via)
-                for p, via in self.table.items()]
+        raise AssertionError("a look asks for its prefixes, it does not dump the table")
+
+    def lookup(self, dst: str) -> list[Msg]:
+        """A fibmatch lookup: the longest prefix of the table holding ``dst``."""
+        address = ipaddress.IPv4Address(dst)
+        matches = [ipaddress.IPv4Network(p) for p in self.table
+                   if address in ipaddress.IPv4Network(p)]
+        if not matches:
+            raise FakeError(errno.ENETUNREACH)
+        best = max(matches, key=lambda net: net.prefixlen)
+        return [route_msg(str(best.network_address), best.prefixlen, gateway=self.table[str(best)])]
 
     def get_links(self) -> list[Msg]:
+        self.dumps += 1  # once per look (a slow kernel holds it here)
+        self.released.wait(5)
         return [link_msg(i, n, flags) for n, (i, flags) in self.links.items()]
 
     def get_addr(self, family: int) -> list[Msg]:
         return [addr_msg(self.links[n][0], a, plen) for n, (a, plen) in self.addresses.items()]
 
-    def route(self, command: str, **kw: Any) -> None:
+    def route(self, command: str, **kw: Any) -> Any:
+        if command == "get":
+            assert kw.get("flags") == 0x2000, kw  # fibmatch
+            return self.lookup(kw["dst"])
         self.calls.append((command, kw))
         if command != "add":
             raise AssertionError(f"the role must only add routes, not {command} {kw}")
