@@ -23,9 +23,10 @@ Address plan (details and reasons in :mod:`topologies.addressing`):
 ======================  ===================  ===============================================
 what                    addresses            nodes
 ======================  ===================  ===============================================
-home network 16         10.16.0.0/24  s16    r22a .1 (border), r22b .2 (HOA), r22c .3,
+home network 16         10.16.0.0/21  s16    r22a .1 (border), r22b .2 (HOA), r22c .3,
                                              dns23 .23, site24 .24
-mobile-object homes     10.16.0.100-.199     reserved; never configured on a node
+mobile-object homes     10.16.0.100-.199,    reserved; never configured on a node
+                        then 10.16.1-7.1-254 (1,878 in all)
 foreign network 12      10.12.0.0/24  s12    r18a .1 (border, FOA), r18b .2, co12 .30
 foreign network 14      10.14.0.0/24  s14    r20a .1 (border, FOA), co14 .30
 scale foreign net i     10.(100+i).0.0/24    r<100+i>a .1 (border, FOA), r<100+i>b .2, ...,

@@ -9,9 +9,9 @@
               r18a .2  |               r20a .6  |
                        +------ r22a ------------+        (triangle=True adds
                           .1 (border)  .5                r18a .9 - r20a .10,
-        net 16 (10.16.0.0/24, s16, home)                 10.255.0.8/30)
+        net 16 (10.16.0.0/21, s16, home)                 10.255.0.8/30)
         r22a .1 (border)  r22b .2 (HOA)  r22c .3  dns23 .23  site24 .24
-        mobile-object home addresses 10.16.0.100-199 (reserved, unassigned)
+        mobile-object home addresses 10.16.0.100-199, 10.16.1-7.1-254 (reserved, unassigned)
 
 The backbone is a star around the home border router ``r22a`` by default: a tree gives
 every pair of networks exactly one path, so captures are unambiguous and the HOA-to-FOA
