@@ -157,6 +157,14 @@ def test_a_look_asks_each_configured_prefix_with_fibmatch_and_never_dumps_the_ta
     assert [link.name for link in snap.links] == ["eth0"]
 
 
+def test_a_router_with_a_route_to_every_network_dumps_the_table_once_instead() -> None:
+    from agent.routing.static_routes import LOOKUP_MAX, op_snapshot, snapshot_op
+
+    many = [f"10.{100 + i}.0.0/24" for i in range(LOOKUP_MAX + 1)]
+    assert snapshot_op(many) is op_snapshot
+    assert snapshot_op(many[:LOOKUP_MAX]) is not op_snapshot
+
+
 def test_a_lookup_refused_for_another_reason_is_an_error_not_a_missing_route() -> None:
     from agent.routing.static_routes import op_snapshot_for
 
