@@ -8,6 +8,7 @@ Started as ``ip netns exec NS python ebpf_harness.py --local A --backend B``; pr
     {"op": "accept" | "forget", "remote": R, "key": K}
     {"op": "restrict", "remote": R, "key": K, "destinations": [D, ...] | null}
     {"op": "set_reverse", "src": S, "peer": [R, K] | null}
+    {"op": "set_delivery", "remote": R, "key": K, "via": [IFNAME, MAC] | null}
     {"op": "send_gre", "remote": R, "hex": "..."}   GRE bytes on a raw socket of its own
     {"op": "stats"} | {"op": "quit"}
 
@@ -55,6 +56,9 @@ async def serve(args: argparse.Namespace) -> int:
         elif op == "restrict":
             dests = cmd.get("destinations")
             tunnel.restrict(cmd["remote"], cmd["key"], frozenset(dests) if dests is not None else None)
+        elif op == "set_delivery":
+            via = cmd.get("via")
+            tunnel.set_delivery(cmd["remote"], cmd["key"], tuple(via) if via else None)
         elif op == "set_reverse":
             tunnel.set_reverse(cmd["src"], tuple(cmd["peer"]) if cmd.get("peer") else None)
         elif op == "send_gre":

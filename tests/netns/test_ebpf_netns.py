@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from agent.core.wait import wait_until
 from scapy.layers.inet import GRE, ICMP, IP
 
 import test_tunnel_netns as base
@@ -206,3 +208,33 @@ def test_close_removes_device_and_hooks(net: Net) -> None:
     assert nsx(net.c, "ip", "link", "show", "moatx1p", check=False).returncode != 0
     assert "moat_decap" not in nsx(net.c, "tc", "filter", "show", "dev", "ch", "ingress").stdout
     assert nsx(net.c, "ping", "-c", "1", "-W", "2", "10.98.0.1", check=False).returncode == 0
+
+
+def test_delivery_as_frames_goes_to_the_neighbour_not_the_table(net: Net, tmp_path: Path) -> None:
+    """set_delivery: what (H, 42) carries leaves F as a frame to the given neighbour's MAC
+    (here H's own end of the link, which F would never route OBJ to) instead of F's table."""
+    mac = nsx(net.h, "cat", "/sys/class/net/hf/address").stdout.strip()
+    if not mac:  # ip netns exec shows the namespace's own sysfs; fall back to ip link
+        mac = nsx(net.h, "ip", "-br", "link", "show", "hf").stdout.split()[2]
+    net.F.call("set_delivery", remote=H_LOCAL, key=42, via=["fh", mac])
+    pcap = tmp_path / "frames.pcap"
+    dump = subprocess.Popen(["ip", "netns", "exec", net.h, "tcpdump", "-i", "hf", "-n", "-U", "-c", "1",
+                             "-w", str(pcap), "icmp and dst host " + OBJ + " and ether dst " + mac],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert dump.stderr is not None
+        wait_until(lambda: "listening on" in dump.stderr.readline(), 10, interval=0.0,
+                   what="tcpdump listening")
+        f0 = net.F.stats()
+        net.H.call("send_gre", remote=F_LOCAL, hex=gre_bytes(42))
+        dump.wait(timeout=10)
+    finally:
+        if dump.poll() is None:
+            dump.kill()
+            dump.wait()
+        net.F.call("set_delivery", remote=H_LOCAL, key=42, via=None)
+    from scapy.all import rdpcap
+
+    (frame,) = rdpcap(str(pcap))
+    assert frame[IP].dst == OBJ and ICMP in frame and GRE not in frame
+    assert delta(net.F.stats(), f0)["decapsulated"] == 1
