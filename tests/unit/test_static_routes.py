@@ -165,6 +165,13 @@ def test_a_router_with_a_route_to_every_network_dumps_the_table_once_instead() -
     assert snapshot_op(many[:LOOKUP_MAX]) is not op_snapshot
 
 
+def test_a_router_whose_look_is_a_dump_looks_less_often_without_an_event() -> None:
+    from agent.routing.static_routes import (CHECK_PERIOD, LARGE_CHECK_PERIOD, LOOKUP_MAX,
+                                             check_period)
+
+    assert check_period(LOOKUP_MAX) == CHECK_PERIOD < LARGE_CHECK_PERIOD == check_period(LOOKUP_MAX + 1)
+
+
 def test_a_lookup_refused_for_another_reason_is_an_error_not_a_missing_route() -> None:
     from agent.routing.static_routes import op_snapshot_for
 
