@@ -385,6 +385,41 @@ class Tunnel:
     def set_reverse(self, inner_src: str, peer: tuple[str, int] | None) -> None:
         raise NotImplementedError
 
+    # --- the reverse tunnel's policy routing (userspace and ebpf backends) --------------------
+    # Both send a reverse-tunnelled source into their device by one policy table (``table``)
+    # whose default route is the device, and a rule per source; they keep ``_rules`` (the
+    # sources with a rule) and ``_reverse_route`` (the table's route is there).
+
+    def _route_reverse(self, inner_src: str) -> None:
+        """What ``inner_src`` sends goes into this device: the table's default route (once)
+        and a rule for the source (once)."""
+        if not self._reverse_route:
+            self._reverse_route = True
+            self._apply(nl.op_route("replace", "0.0.0.0/0", ifname=self.name, table=self.table),
+                        f"default route dev {self.name} table {self.table}",
+                        on_error=lambda: setattr(self, "_reverse_route", False))
+        if inner_src not in self._rules:
+            self._rules.add(inner_src)
+            self._apply(nl.op_rule("add", inner_src, self.table, self.priority),
+                        f"rule from {inner_src} lookup {self.table}",
+                        on_error=lambda: self._rules.discard(inner_src))
+
+    def _unroute_reverse(self, inner_src: str | None = None) -> None:
+        """The rule for ``inner_src`` goes (every rule when None: closing), and the table's
+        default route with the last reverse-tunnelled source."""
+        for src in list(self._rules) if inner_src is None else [inner_src]:
+            self._del_rule(src)
+        if (inner_src is None or not self.reverse) and self._reverse_route:
+            self._apply(nl.op_route("del", "0.0.0.0/0", ifname=self.name, table=self.table),
+                        f"remove default route of table {self.table}")
+            self._reverse_route = False
+
+    def _del_rule(self, inner_src: str) -> None:
+        if inner_src in self._rules:
+            self._apply(nl.op_rule("del", inner_src, self.table, self.priority),
+                        f"remove rule from {inner_src} lookup {self.table}")
+            self._rules.discard(inner_src)
+
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name} local={self.local} peers={self.peers} "
                 f"accepted={sorted(self.accepted)} reverse={self.reverse}>")

@@ -162,12 +162,7 @@ class EbpfTunnel(Tunnel):
         if self._closed or not self._started:
             return
         self._closed = True
-        for src in list(self._rules):
-            self._del_rule(src)
-        if self._reverse_route:
-            self._apply(nl.op_route("del", "0.0.0.0/0", ifname=self.name, table=self.table),
-                        f"remove default route of table {self.table}")
-            self._reverse_route = False
+        self._unroute_reverse()
         for dst in list(self.peers):
             self._apply(nl.op_route("del", f"{dst}/32", ifname=self.name, table=PEERS_TABLE),
                         f"remove route {dst}/32")
@@ -301,29 +296,11 @@ class EbpfTunnel(Tunnel):
         if peer is None:
             if self.reverse.pop(inner_src, None) is None:
                 return
-            self._del_rule(inner_src)
+            self._del_rule(inner_src)  # first: nothing more of it enters the table
             self._write([MapOp("moat_reverse", key, None)], f"forget reverse of {inner_src}")
-            if not self.reverse and self._reverse_route:
-                self._apply(nl.op_route("del", "0.0.0.0/0", ifname=self.name, table=self.table),
-                            f"remove default route of table {self.table}")
-                self._reverse_route = False
+            self._unroute_reverse(inner_src)
             return
         new = check_peer(peer)
         self.reverse[inner_src] = new
         self._write([MapOp("moat_reverse", key, encode_peer(*new))], f"reverse of {inner_src}")
-        if not self._reverse_route:
-            self._reverse_route = True
-            self._apply(nl.op_route("replace", "0.0.0.0/0", ifname=self.name, table=self.table),
-                        f"default route dev {self.name} table {self.table}",
-                        on_error=lambda: setattr(self, "_reverse_route", False))
-        if inner_src not in self._rules:
-            self._rules.add(inner_src)
-            self._apply(nl.op_rule("add", inner_src, self.table, self.priority),
-                        f"rule from {inner_src} lookup {self.table}",
-                        on_error=lambda: self._rules.discard(inner_src))
-
-    def _del_rule(self, inner_src: str) -> None:
-        if inner_src in self._rules:
-            self._apply(nl.op_rule("del", inner_src, self.table, self.priority),
-                        f"remove rule from {inner_src} lookup {self.table}")
-            self._rules.discard(inner_src)
+        self._route_reverse(inner_src)

@@ -151,12 +151,7 @@ class UserspaceTunnel(Tunnel):
         if self._closed:
             return
         self._closed = True
-        for src in list(self._rules):
-            self._del_rule(src)
-        if self._reverse_route:
-            self._apply(nl.op_route("del", "0.0.0.0/0", ifname=self.name, table=self.table),
-                        f"remove default route of table {self.table}")
-            self._reverse_route = False
+        self._unroute_reverse()
         for dst in list(self.peers):
             self._apply(nl.op_route("del", f"{dst}/32", ifname=self.name), f"remove route {dst}/32")
         self.peers.clear()
@@ -288,29 +283,10 @@ class UserspaceTunnel(Tunnel):
         inner_src = check_address(inner_src, "inner source")
         if peer is None:
             self.reverse.pop(inner_src, None)
-            self._del_rule(inner_src)
-            if not self.reverse and self._reverse_route:
-                self._apply(nl.op_route("del", "0.0.0.0/0", ifname=self.name, table=self.table),
-                            f"remove default route of table {self.table}")
-                self._reverse_route = False
+            self._unroute_reverse(inner_src)
             return
         self.reverse[inner_src] = check_peer(peer)
-        if not self._reverse_route:
-            self._reverse_route = True
-            self._apply(nl.op_route("replace", "0.0.0.0/0", ifname=self.name, table=self.table),
-                        f"default route dev {self.name} table {self.table}",
-                        on_error=lambda: setattr(self, "_reverse_route", False))
-        if inner_src not in self._rules:
-            self._rules.add(inner_src)
-            self._apply(nl.op_rule("add", inner_src, self.table, self.priority),
-                        f"rule from {inner_src} lookup {self.table}",
-                        on_error=lambda: self._rules.discard(inner_src))
-
-    def _del_rule(self, inner_src: str) -> None:
-        if inner_src in self._rules:
-            self._apply(nl.op_rule("del", inner_src, self.table, self.priority),
-                        f"remove rule from {inner_src} lookup {self.table}")
-            self._rules.discard(inner_src)
+        self._route_reverse(inner_src)
 
     # --- packets -----------------------------------------------------------------------------
 
