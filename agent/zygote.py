@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.core.as_main import run_and_exit
 from agent.core.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,7 @@ def fork_agent(argv: list[str]) -> Any:
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
+        def agent_main() -> int | None:
             signal.set_wakeup_fd(-1)
             for sig in (*_STOP_SIGNALS, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
@@ -180,23 +180,9 @@ def fork_agent(argv: list[str]) -> Any:
             node = os.environ.get("MOAT_NODE", "")
             set_name(f"agent-{node}" if node else "agent")
             sys.argv = ["python -m agent", *argv[3:]]
-            code = sys.modules["agent.__main__"].main(argv[3:])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if not isinstance(exc.code, int) and exc.code is not None:
-                print(exc.code, file=sys.stderr)
-        except BaseException:  # noqa: BLE001 - as an interpreter would: traceback, status 1
-            import traceback
+            return sys.modules["agent.__main__"].main(argv[3:])
 
-            traceback.print_exc()
-        finally:
-            logging.shutdown()
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os._exit(code & 0xFF)
+        run_and_exit(agent_main)
     signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return supervisor.ForkedChild(pid)
 

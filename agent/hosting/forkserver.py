@@ -58,6 +58,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from agent.core.as_main import run_and_exit
 from agent.core.errors import AgentError
 from agent.hosting import sandbox_exec
 
@@ -297,24 +298,7 @@ class Server:
         sandbox_exec._check(sandbox_exec.libc().prctl(sandbox_exec.PR_SET_DUMPABLE, 1, 0, 0, 0),
                             "PR_SET_DUMPABLE")
         os.close(status)  # end of file: the object runs (what close-on-exec says on exec)
-        code = 1
-        try:
-            code = runner.main(argv[3:])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if not isinstance(exc.code, int) and exc.code is not None:
-                print(exc.code, file=sys.stderr)
-        except BaseException:  # noqa: BLE001 - as an interpreter would: traceback, status 1
-            import traceback
-            traceback.print_exc()
-        finally:
-            logging.shutdown()
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os._exit(code & 0xFF)
+        run_and_exit(lambda: runner.main(argv[3:]))
 
 
 def in_process(argv: list[str], env: dict[str, str], own_path: set[str]) -> bool:
