@@ -22,6 +22,7 @@ from packets.codes import SERVICE_PORT
 
 MAX_DURATION = 600.0
 MAX_RATE = 5000.0
+MAX_COUNT = 1_000_000
 
 
 class Load(asyncio.DatagramProtocol):
@@ -51,7 +52,10 @@ class Load(asyncio.DatagramProtocol):
 
 
 async def run(dst: str, port: int, rate: float, duration: float, client: str, op: str,
-              credential: str | None = None) -> Load:
+              credential: str | None = None, count: int | None = None) -> Load:
+    """Send requests at ``rate`` for ``duration`` seconds, or exactly ``count`` of them
+    (paced at ``rate``) when it is given: a loaded machine oversleeps a pause, and a loop
+    that stops on the clock then sends fewer than the caller counted on."""
     loop = asyncio.get_running_loop()
     transport, load = await loop.create_datagram_endpoint(lambda: Load(client), remote_addr=(dst, port))
     stop = asyncio.Event()
@@ -60,7 +64,8 @@ async def run(dst: str, port: int, rate: float, duration: float, client: str, op
     period = 1.0 / rate
     start = time.monotonic()
     seq = 0
-    while not stop.is_set() and time.monotonic() - start < duration:
+    while not stop.is_set() and (seq < count if count is not None
+                                 else time.monotonic() - start < duration):
         seq += 1
         load.sent[seq] = time.time()
         body = {"client": client, "seq": seq, "op": op}
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                              "carry its first hop's credential and go to its address")
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
+    parser.add_argument("--count", type=int,
+                        help=f"send exactly this many requests (1 to {MAX_COUNT}), paced at "
+                             "--rate, instead of sending for --duration")
     parser.add_argument("--client", default="co")
     parser.add_argument("--op", default="incr")
     parser.add_argument("--out", type=Path, required=True)
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.rate <= MAX_RATE or not 0 < args.duration <= MAX_DURATION:
         parser.error(f"rate must be in (0, {MAX_RATE}] and duration in (0, {MAX_DURATION}]")
+    if args.count is not None and not 0 < args.count <= MAX_COUNT:
+        parser.error(f"count must be in [1, {MAX_COUNT}]")
     credential = None
     dst, port = args.dst, args.port
     if args.grant is not None:
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready:
         args.ready.touch()
     load = asyncio.run(run(dst, port or SERVICE_PORT, args.rate, args.duration, args.client,
-                           args.op, credential))
+                           args.op, credential, args.count))
     with args.out.open("w") as f:
         for seq, sent in sorted(load.sent.items()):
             f.write(json.dumps({"seq": seq, "sent": sent, "replies": load.replies.get(seq, [])}) + "\n")

@@ -370,7 +370,7 @@ class RunClient:
         self._clients += 1
         out = self.run.dir / f"requests-{self._clients}.jsonl"
         args = ["--dst", home, "--rate", str(rate), "--duration", str(count / rate),
-                "--out", str(out), "--client", client or f"{host}-{self._clients}"]
+                "--count", str(count), "--out", str(out), "--client", client or f"{host}-{self._clients}"]
         if port is not None:
             args += ["--port", str(port)]
         return self.tool(host, CO_LOAD, *args, timeout=60 + count / rate)
@@ -386,7 +386,8 @@ class RunClient:
         self._clients += 1
         out = self.run.dir / f"requests-{self._clients}.jsonl"
         summary = self.tool(host, CO_LOAD, "--grant", str(self._grant_path(record["grant"]["group"])),
-                            "--rate", str(rate), "--duration", str(count / rate), "--op", op,
+                            "--rate", str(rate), "--duration", str(count / rate),
+                            "--count", str(count), "--op", op,
                             "--out", str(out), "--client", f"{host}-{self._clients}",
                             timeout=60 + count / rate)
         rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
