@@ -56,7 +56,11 @@ def no_objects(net: MoatNetwork):
 
 def test_registration_from_net12_creates_binding_and_visitor(net: MoatNetwork) -> None:
     net.start_object("counter", "r18b")
-    rows = net.wait_for(lambda: bindings(net), timeout=15)
+    # The object's client hears the reply last (HOA binding, then the FOA's visitor, then
+    # the relay to the object): once it is registered, the others are there too.
+    status = net.wait_for(lambda: next((o for o in net.agent("r18b").call("objects")
+                                        if o["registration"]), None), timeout=15)
+    rows = bindings(net)
     assert len(rows) == 1
     b = rows[0]
     assert b["home_address"] == "10.16.0.100"
@@ -67,7 +71,6 @@ def test_registration_from_net12_creates_binding_and_visitor(net: MoatNetwork) -
     visitors = net.agent(foa).call("visitors")
     assert [v["home_address"] for v in visitors] == ["10.16.0.100"]
     assert visitors[0]["local_address"] == "10.12.0.2"  # the router that runs the object
-    status = net.agent("r18b").call("objects")[0]
     assert status["registration"]["care_of_name"] == b["care_of_name"]
     # The home address and the object's mobile network prefix (NEMO), 10.16.0.224/30.
     assert net.agent(HOA).call("status")["proxy_arp"] == [
