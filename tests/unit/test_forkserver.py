@@ -148,7 +148,10 @@ def test_the_bench_summary_gives_medians_p90_and_the_ratio() -> None:
     assert s["ratio_exec_over_fork"]["answer_ms"]["median"] == 15.0
 
 
-def test_the_default_server_belongs_to_this_process() -> None:
+def test_the_default_server_belongs_to_this_process(monkeypatch) -> None:
+    # A fresh process's view: a namespace test on the same pytest worker may have started
+    # the process-wide server already (the netns tests share workers with these).
+    monkeypatch.setattr(forkserver, "_server", None)
     one = forkserver.default_server(launcher_env())
     assert forkserver.default_server(launcher_env()) is one and one.pid is None  # not started
 
