@@ -166,14 +166,14 @@ class DistributionRole(PrimarySide, Role):
 
     def _foreign_agent(self) -> tuple[Any, bool]:
         """This router's FOA logic (None if it is none) and whether its tunnel can deliver
-        by GRE key to a router behind it (the userspace one can)."""
+        by GRE key to a router behind it (the userspace and eBPF ones can: set_delivery)."""
         from agent.mobility.agent_role import ObjectAgentRole
 
         role = self.agent.role(ObjectAgentRole)
         foreign = getattr(role, "foreign", None)
         dataplane = getattr(role, "dataplane", None)
         backend = getattr(getattr(dataplane, "tunnel", None), "backend", "")
-        return foreign, backend == "userspace"
+        return foreign, backend in ("userspace", "ebpf")
 
     def second_care_of(self, home_address: str) -> str:
         """An address of this router that no visitor of ``home_address`` uses as its care-of

@@ -21,11 +21,9 @@ log = logging.getLogger(__name__)
 #: Longest the probe may take (a kernel may try to load ip_gre first).
 PROBE_TIMEOUT = nl.NETLINK_TIMEOUT
 BACKENDS = ("auto", "kernel", "ebpf", "userspace")
-#: What ``auto`` tries, in order; userspace needs nothing and ends the list. (eBPF is not in
-#: it yet: agent/distribution/role.py offers a duplicate behind an FOA only where the tunnel
-#: is "userspace", though the eBPF one delivers by GRE key too; MOAT_TUNNEL_AUTO=kernel,ebpf,
-#: userspace runs with it.)
-AUTO_ORDER = ("kernel", "userspace")
+#: What ``auto`` tries, in order: kernel GRE, then the eBPF programs (issue 16), then
+#: userspace, which needs nothing and ends the list.
+AUTO_ORDER = ("kernel", "ebpf", "userspace")
 #: Environment variable that replaces AUTO_ORDER (comma list), e.g. to run a test suite with
 #: ``auto`` meaning eBPF: MOAT_TUNNEL_AUTO=ebpf,userspace.
 AUTO_ENV = "MOAT_TUNNEL_AUTO"
