@@ -13,20 +13,32 @@ of the body stays readable in captures (Wireshark's JSON tree shows ``action``, 
 The box is an ECIES-style sealed box: every router has a static X25519 key pair (the run's
 Keyring makes it; the private key is in the router's root-only agent configuration, every
 router's public key in every configuration and in the provider's directory). The sender
-makes an ephemeral X25519 key, derives a one-time key with HKDF-SHA256 from the shared secret
+makes an ephemeral X25519 key, derives a box key with HKDF-SHA256 from the shared secret
 (salt: both public keys; info: the message type and the receiver), and encrypts the secret
-fields' canonical JSON with ChaCha20-Poly1305, whose associated data binds the message type,
-transaction id and receiver. So only that receiver can open it, and a box moved to another
-message, type or receiver fails to open. A sealed body is also signed (the authenticator
-covers the box), so a box cannot be swapped without the router key either.
+fields' canonical JSON with ChaCha20-Poly1305 under a random 96-bit nonce, whose associated
+data binds the message type, transaction id and receiver. So only that receiver can open it,
+and a box moved to another message, type or receiver fails to open. A sealed body is also
+signed (the authenticator covers the box), so a box cannot be swapped without the router key
+either.
+
+The key agreement is the expensive part (about 0.3 ms to make an ephemeral key and agree, and
+0.7 ms to parse a raw private key, on the test machine, per message: the largest fixed cost of
+a MIGRATE commit, issue 14). So a sender reuses one ephemeral key and its box key per
+(receiver, message type) for :data:`EPHEMERAL_REUSE_S` (random nonces keep every box distinct;
+a box still opens only for its message), and a receiver keeps its parsed private key and the
+box keys of the ephemeral keys it saw last (bounded): the wire format is unchanged.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
-from typing import Any, Mapping
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,6 +53,11 @@ ALG = "x25519-hkdf-sha256-chacha20poly1305"
 SEALED = "sealed"
 KEY_BYTES = 32
 NONCE_BYTES = 12
+#: Seconds a sender seals with one ephemeral key per (receiver, message type): 96-bit random
+#: nonces under one key stay far from a collision at any rate a router sends.
+EPHEMERAL_REUSE_S = 60.0
+#: Box keys a sender (per receiver and type) and a receiver (per ephemeral key) keep.
+MAX_BOX_KEYS = 64
 #: The fields of each message type that are secret (always sealed) ...
 _ALWAYS: dict[int, tuple[str, ...]] = {
     ControlType.MIGRATE: ("config", "state", "vm"),
@@ -93,13 +110,76 @@ def _raw_public(key: X25519PublicKey) -> bytes:
 def _private(raw: bytes) -> X25519PrivateKey:
     if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:
         raise SealError("an X25519 private key is 32 bytes")
-    return X25519PrivateKey.from_private_bytes(raw)
+    return _parsed_private(raw)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_private(raw: bytes) -> tuple[X25519PrivateKey, bytes]:
+    """A router's private key parsed once, with its raw public key (parsing costs ~0.7 ms)."""
+    key = X25519PrivateKey.from_private_bytes(raw)
+    return key, _raw_public(key.public_key())
 
 
 def _public(raw: bytes) -> X25519PublicKey:
     if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:
         raise SealError("an X25519 public key is 32 bytes")
     return X25519PublicKey.from_public_bytes(raw)
+
+
+class _BoxKeys:
+    """A bounded, thread-safe map to box keys; entries older than ``max_age`` are made
+    again (``None``: they never age)."""
+
+    def __init__(self, size: int = MAX_BOX_KEYS, max_age: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.size, self.max_age, self.clock = size, max_age, clock
+        self._keys: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        now = self.clock()
+        with self._lock:
+            hit = self._keys.get(key)
+            if hit is not None and (self.max_age is None or now - hit[0] < self.max_age):
+                self._keys.move_to_end(key)
+                return hit[1]
+        value = make()  # outside the lock: a key agreement, may raise
+        with self._lock:
+            self._keys[key] = (now, value)
+            self._keys.move_to_end(key)
+            while len(self._keys) > self.size:
+                self._keys.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+
+#: Sender: (receiver's public key, type, receiver) -> (ephemeral public key, box key).
+_SENDING = _BoxKeys(max_age=EPHEMERAL_REUSE_S)
+#: Receiver: (own public key, ephemeral public key, type, receiver) -> box key.
+_OPENING = _BoxKeys()
+
+
+def _forget_keys_at_fork() -> None:
+    """A forked child (agents fork from a zygote) makes its own ephemeral keys."""
+    _SENDING._keys.clear()
+    _SENDING._lock = threading.Lock()
+    _OPENING._keys.clear()
+    _OPENING._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_keys_at_fork)
+
+
+def _sending_key(rpk: bytes, ctype: int, to: str) -> tuple[bytes, bytes]:
+    def make() -> tuple[bytes, bytes]:
+        ephemeral = X25519PrivateKey.generate()
+        epk = _raw_public(ephemeral.public_key())
+        return epk, _box_key(ephemeral.exchange(_public(rpk)), epk, rpk, ctype, to)
+
+    return _SENDING.get((rpk, int(ctype), to), make)
 
 
 def _canonical(doc: Any) -> bytes:
@@ -118,10 +198,8 @@ def _aad(ctype: int, txid: int, to: str) -> bytes:
 def seal(doc: Any, public: bytes, *, ctype: int, txid: int, to: str) -> dict[str, str]:
     """``doc`` (JSON) sealed for the holder of X25519 ``public``, receiver ``to`` of a
     message of type ``ctype`` with transaction id ``txid``."""
-    rpk = _public(public)
-    ephemeral = X25519PrivateKey.generate()
-    epk = _raw_public(ephemeral.public_key())
-    key = _box_key(ephemeral.exchange(rpk), epk, _raw_public(rpk), ctype, to)
+    rpk = _raw_public(_public(public))
+    epk, key = _sending_key(rpk, ctype, to)
     nonce = os.urandom(NONCE_BYTES)
     try:
         plain = _canonical(doc)
@@ -143,11 +221,16 @@ def open_sealed(box: Any, private: bytes, *, ctype: int, txid: int, to: str) -> 
     if len(nonce) != NONCE_BYTES:
         raise SealError("malformed sealed part: the nonce is 12 bytes")
     own = _private(private)
-    try:
-        shared = own.exchange(_public(epk))
-    except ValueError:  # a low-order point: no shared secret to derive from
-        raise SealError("malformed sealed part: its ephemeral key is not usable") from None
-    key = _box_key(shared, epk, _raw_public(own.public_key()), ctype, to)
+    own_public = _parsed_private(private)[1]
+
+    def make() -> bytes:
+        try:
+            shared = own.exchange(_public(epk))
+        except ValueError:  # a low-order point: no shared secret to derive from
+            raise SealError("malformed sealed part: its ephemeral key is not usable") from None
+        return _box_key(shared, epk, own_public, ctype, to)
+
+    key = _OPENING.get((own_public, epk, int(ctype), to), make)
     try:
         plain = ChaCha20Poly1305(key).decrypt(nonce, ct, _aad(ctype, txid, to))
     except InvalidTag:
