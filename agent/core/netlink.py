@@ -315,6 +315,34 @@ def op_rule(command: str, src: str, table: int, priority: int) -> Op[None]:
                     errno.EEXIST if command == "add" else errno.ENOENT)
 
 
+def op_dst_rule(command: str, dst: str, table: int, priority: int,
+                iif: str | None = None) -> Op[None]:
+    """``add`` or ``del`` the policy rule ``[iif IIF] to dst/32 lookup table priority P``."""
+    spec: dict[str, Any] = {"dst": _address(dst, "destination"), "dst_len": 32,
+                            "table": _u32(table, "table"), "priority": _u32(priority, "priority")}
+    if iif is not None:
+        spec["iifname"] = _ifname(iif)
+    if command not in ("add", "del"):
+        raise NetlinkArgumentError(f"rule command {command!r} is not add or del")
+
+    return tolerate(lambda ipr: ipr.rule(command, **spec),
+                    errno.EEXIST if command == "add" else errno.ENOENT)
+
+
+def op_local_route(command: str, address: str, table: int) -> Op[None]:
+    """``replace`` or ``del`` ``local address/32 dev lo table T``: delivered here, for the
+    packets a rule sends to that table only (the address is not one of the router's)."""
+    spec: dict[str, Any] = {"dst": f"{_address(address)}/32", "table": _u32(table, "table"),
+                            "type": "local", "scope": "host"}
+    if command not in ("replace", "del"):
+        raise NetlinkArgumentError(f"route command {command!r} is not replace or del")
+
+    def run(ipr: Any) -> None:
+        ipr.route(command, oif=index_of(ipr, "lo"), **spec)
+
+    return run if command == "replace" else tolerate(run, errno.ESRCH, errno.ENOENT, errno.ENODEV)
+
+
 def op_neighbour(command: str, address: str, ifname: str, lladdr: str | None = None) -> Op[None]:
     """``replace`` (permanent, with ``lladdr``) or ``del`` a neighbour entry."""
     spec: dict[str, Any] = {"dst": _address(address)}

@@ -68,6 +68,7 @@ from agent.hosting.hosted_registry import RegistryError
 from agent.hosting.migration_fields import check_migrate, check_state_transfer
 from agent.hosting.objects import HostedObject, HostingRole
 from agent.hosting.runtime import ObjectProcessError
+from agent.mobility.client import ACCEPTED_CODES
 from agent.vm.role import VmRole
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,7 @@ class MigrationRole(Role):
             else:
                 final = state
             try:
+                await self.hosting.go_live(name)
                 answer = await self.hosting.cmd_object_restore(name, final, serve=True)
                 replayed = int((answer or {}).get("replayed", 0))
             except (AgentError, ObjectProcessError, TypeError, ValueError) as exc:
@@ -441,6 +443,7 @@ class MigrationRole(Role):
             if arrival.phase is not Phase.RESTORED:
                 raise HandoverError(f"move {epoch} of {name} has no state yet: it cannot commit")
             try:
+                await self.hosting.go_live(name)
                 answer = await self.hosting.process(name).call("serve")
                 replayed = int((answer or {}).get("replayed", 0))
             except (AgentError, ObjectProcessError, TypeError, ValueError) as exc:
@@ -917,6 +920,9 @@ class MigrationRole(Role):
         if client is None or move.hosted.name not in self.hosting.objects:
             return
         try:
+            if client.at_home or client.dark:  # the home link back, every binding gone
+                await client.claim_home()
+                return
             await client.register()
         except Exception as exc:  # noqa: BLE001 - the move's own error is what is reported
             log.warning("move %s of %s: registering here again failed: %s", move.epoch,
@@ -931,7 +937,15 @@ class MigrationRole(Role):
         assert client is not None
         mine = client.current
         theirs = (answer.get("registration") or {}).get("care_of_address")
-        if mine is not None and mine.care_of_address != theirs:
+        if client.at_home:
+            # The HOA kept the target's binding on standby: the home link is this
+            # instance's until it says it leaves (agent.mobility.bindings).
+            attempt = await client.leave_home()
+            if attempt.code not in ACCEPTED_CODES:
+                raise MigrationFailed(f"the home agent did not take {move.hosted.name}'s "
+                                      f"leave-home: {attempt.error or attempt.code}")
+            report.step("source left home (the home agent serves the target's binding)")
+        elif mine is not None and mine.care_of_address != theirs:
             await client.deregister()  # lifetime 0 for this care-of address only
             report.step("source binding deregistered")
         await client.stop(deregister=False)

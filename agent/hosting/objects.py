@@ -64,6 +64,13 @@ def check_home_address(home_address: str, home_agent: str, own: set[str]) -> Non
                          f"{network} this router may take")
 
 
+#: Policy routing of a warm instance's address on a foreign agent's router (:meth:`HostingRole._lan_dark`).
+DARK_TABLE = 4346
+DARK_LAN_PRIORITY = 4344
+DARK_PRIORITY = 4345
+MAIN_TABLE = 254
+
+
 @dataclass
 class HostedObject:
     """An object this router hosts: its registration client and/or its running process."""
@@ -77,6 +84,13 @@ class HostedObject:
     vm: tuple[str, str] | None = None
     #: The sandbox resources of a directly placed object (they travel when it migrates).
     resources: dict[str, Any] | None = None
+    #: A warm instance on the object's home link: its home address is not configured here
+    #: (the serving instance elsewhere keeps the home link) until :meth:`HostingRole.go_live`.
+    dark: bool = False
+    #: A warm instance on a router that is a foreign agent on its LANs: its home address is
+    #: delivered here only to what does not come from those LANs (the home agent's tunnel),
+    #: so that a client on such a LAN reaches the serving instance until the switch.
+    lan_dark: bool = False
 
     def status(self) -> dict:
         status = self.client.status() if self.client else {
@@ -348,7 +362,10 @@ class HostingRole(Role):
             check_home_address(obj.home_address, obj.home_agent, self.config.addresses)
         except ValueError as exc:
             raise ControlError(f"object {obj.name}: {exc}") from None
-        hosted = HostedObject(obj.name, obj.home_address, vm=vm)
+        # A warm instance at home must not take the home link from the instance that
+        # serves elsewhere (or at home, on another router) before its move's switch.
+        hosted = HostedObject(obj.name, obj.home_address, vm=vm,
+                              dark=warm and self.on_home_link(obj.home_agent))
         self.objects[obj.name] = hosted
         try:
             if process is not None:
@@ -358,17 +375,44 @@ class HostingRole(Role):
                 await process.start(warm=True, state=state)
                 # Only now: an address without a bound socket answers port-unreachable, and
                 # this router may be on the path of the object's clients (net 14's border).
-                await self._home_address(obj.home_address, add=True)
+                if warm and not hosted.dark and self._access_links():
+                    hosted.lan_dark = True
+                    await self._lan_dark(obj.home_address, on=True)
+                elif not hosted.dark:
+                    await self._home_address(obj.home_address, add=True)
                 if not warm:
                     await process.call("serve")
             if register:
                 hosted.client = self._make_client(obj)
+                hosted.client.dark = hosted.dark
                 await hosted.client.start()
         except Exception:
             await self.cmd_object_stop(obj.name, deregister=False)
             raise
         self._remember(hosted, obj, state)
         return hosted.status()
+
+    def on_home_link(self, home_agent: str) -> bool:
+        """Whether this router is on the home link of an object with this home agent."""
+        try:
+            agent = ipaddress.ip_address(home_agent)
+        except ValueError:
+            return False
+        return any(agent in ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
+                   for i in self.config.interfaces)
+
+    async def go_live(self, name: str) -> None:
+        """A warm instance's switch (before it serves): a dark one gets its home address
+        here and claims the home link (agent.mobility.client.RegistrationClient.go_live)."""
+        hosted = self.hosted(name)
+        if hosted.dark or hosted.lan_dark:
+            await self._home_address(hosted.home_address, add=True)
+            hosted.dark = False
+        if hosted.lan_dark:  # the address is the router's now: its policy routes go
+            hosted.lan_dark = False
+            await self._lan_dark(hosted.home_address, on=False)
+        if hosted.client is not None:
+            hosted.client.go_live()
 
     def _make_client(self, obj: ObjectConfig) -> RegistrationClient:
         discovery = self.discovery
@@ -406,7 +450,10 @@ class HostingRole(Role):
                     except ObjectProcessError as exc:
                         errors.append(str(exc))
                 try:
-                    await self._home_address(hosted.home_address, add=False)
+                    if hosted.lan_dark:
+                        await self._lan_dark(hosted.home_address, on=False)
+                    elif not hosted.dark:  # a dark instance never had it
+                        await self._home_address(hosted.home_address, add=False)
                 except ControlError as exc:
                     errors.append(str(exc))
             finally:  # never left running, whatever the steps before did
@@ -436,6 +483,34 @@ class HostingRole(Role):
                 await netlink.address_del(address, 32, "lo")
         except AgentError as exc:
             raise ControlError(f"home address {address} on lo: {exc}") from None
+
+    def _access_links(self) -> list[str]:
+        """The LANs this router is a foreign agent on (their clients' gateway)."""
+        if "foreign" not in self.config.roles:
+            return []
+        return [i.name for i in self.config.interfaces if i.advertise]
+
+    async def _lan_dark(self, address: str, on: bool) -> None:
+        """A warm instance's address on a foreign agent's router, delivered here only to
+        packets that do not come from its access links: ``local address`` in a table of its
+        own, looked up for every packet to it, after a rule that sends those from an access
+        link to the main table (on towards the home agent, which bicasts to the instance
+        that serves and, through the tunnel, to this one)."""
+        ops = [(netlink.op_local_route("replace" if on else "del", address, DARK_TABLE),
+                f"local {address} table {DARK_TABLE}")]
+        rules = [(netlink.op_dst_rule("add" if on else "del", address, MAIN_TABLE,
+                                      DARK_LAN_PRIORITY, iif=lan),
+                  f"rule iif {lan} to {address} lookup main") for lan in self._access_links()]
+        rules.append((netlink.op_dst_rule("add" if on else "del", address, DARK_TABLE,
+                                          DARK_PRIORITY), f"rule to {address} lookup {DARK_TABLE}"))
+        # On: the rules come last (the table holds the route when they send packets to it);
+        # off: first (the address is on lo by then, which the local table finds before).
+        steps = ops + rules if on else rules + ops
+        try:
+            for op, what in steps:
+                await netlink.default().run(op, what)
+        except AgentError as exc:
+            raise ControlError(f"home address {address} for a warm instance: {exc}") from None
 
     # --- control commands ----------------------------------------------------------------
 

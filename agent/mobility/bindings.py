@@ -61,6 +61,11 @@ class Binding:
     #: The SPI of the Foreign-Home authenticator the FOA relayed it under (0: none known):
     #: what the HOA signs its revocation for that FOA with when the binding goes (§4.1).
     foa_spi: int = 0
+    #: A warm instance's binding made while the object still serves at home (a
+    #: make-before-break move from home): kept, but not served (no proxy ARP, no tunnel)
+    #: until the instance at home says it leaves (:meth:`BindingTable.register`'s
+    #: leave-home), so the home link reaches the object at home until the switch.
+    standby: bool = False
 
     @property
     def expires_at(self) -> float:
@@ -89,6 +94,8 @@ class UpdateResult:
     removed: list[Binding] = field(default_factory=list)
     first_away: bool = False  # the object had no binding before: start proxy ARP
     now_home: bool = False  # the object has no binding left: stop proxy ARP
+    #: Standby bindings a leave-home made served (the home link is the HOA's from now).
+    activated: list[Binding] = field(default_factory=list)
 
 
 class BindingTable:
@@ -110,6 +117,11 @@ class BindingTable:
         self._changed: set[str] = set()
         #: Last Identification accepted per home address, for the replay check.
         self.last_identification: dict[str, int] = {}
+        #: Home addresses whose object said it is at home (a direct deregistration) and has
+        #: not registered away since: a warm primary's ``S`` binding made now is a standby
+        #: one. Not journalled: after a restart such a binding is served at once (the
+        #: behaviour before standby bindings), which costs a move's disruption, not its state.
+        self.at_home: set[str] = set()
         self._expiry = ExpiryHeap()
         #: Told of every change (None: nobody).
         self.observer: TableObserver | None = None
@@ -142,21 +154,29 @@ class BindingTable:
         """Apply an accepted registration (RFC 5944 §3.6.1.2 semantics).
 
         Lifetime 0 removes the binding for this care-of address (or all bindings if the
-        care-of address is the home address). Without ``S`` a new binding replaces all
-        others; with ``S`` it is added beside them, up to ``max_bindings``.
+        care-of address is the home address: the object is at home). Without ``S`` a new
+        binding replaces all others; with ``S`` it is added beside them, up to
+        ``max_bindings``. With ``S``, lifetime 0 and the home address as care-of address the
+        instance at home leaves (:meth:`_leave_home`), and a primary's ``S`` binding made
+        while the object is at home waits for that as a *standby* binding (not served): a
+        make-before-break move from home keeps the home link on the serving instance until
+        its switch.
         """
         now = self._clock()
         current = self._by_home.get(home_address, [])
-        was_away = bool(current)
+        was_away = bool(self._served.get(home_address))
         if lifetime == 0:
+            if care_of_address == home_address and simultaneous:
+                return self._leave_home(home_address, current)
             if care_of_address == home_address:
                 removed, kept = current, []
+                self.at_home.add(home_address)
             else:
                 removed = [b for b in current if b.care_of_address == care_of_address]
                 kept = [b for b in current if b.care_of_address != care_of_address]
             self._store(home_address, kept)
             self._removed(removed)
-            return UpdateResult(None, removed, False, was_away and not kept)
+            return UpdateResult(None, removed, False, was_away and not self._served.get(home_address))
         same = [b for b in current if b.care_of_address == care_of_address]
         others = [b for b in current if b.care_of_address != care_of_address]
         if simultaneous:
@@ -165,17 +185,36 @@ class BindingTable:
             removed, kept = [], others
         else:
             removed, kept = others, []
+            self.at_home.discard(home_address)  # registered away: it serves there alone
+        # A warm primary while the object serves at home waits for its leave-home; a
+        # renewal keeps what its binding was.
+        standby = simultaneous and part == "primary" and (
+            same[0].standby if same else home_address in self.at_home)
         key = same[0].gre_key if same else self._new_key()
         binding = Binding(
             home_address, care_of_address, care_of_name, key, lifetime, now, nai,
-            identification, reverse_tunnel, part, network_prefix, foa_spi,
+            identification, reverse_tunnel, part, network_prefix, foa_spi, standby,
         )
         self._store(home_address, kept + [binding])
         self._push(binding)
         self._removed(removed)
         if self.observer is not None:
             self.observer.binding_set(binding)
-        return UpdateResult(binding, removed, not was_away, False)
+        return UpdateResult(binding, removed, not was_away and not standby, False)
+
+    def _leave_home(self, home_address: str, current: list[Binding]) -> UpdateResult:
+        """The instance at home leaves (lifetime 0, ``S``, care-of address the home
+        address: it deregisters its home "location" only): every standby binding of the
+        object is served from now on, and the others stay as they are."""
+        self.at_home.discard(home_address)
+        activated = [b for b in current if b.standby]
+        for b in activated:
+            b.standby = False
+        self._store(home_address, current)
+        if self.observer is not None:
+            for b in activated:
+                self.observer.binding_set(b)
+        return UpdateResult(None, [], bool(activated), False, activated)
 
     def restore(self, binding: Binding) -> None:
         """Put back a binding the journal kept over a restart (its GRE key unchanged, so the
@@ -280,15 +319,20 @@ class BindingTable:
                 self._unserve(address, b)
         for b in bindings:
             self._keys[b.gre_key] += 1
+            if b.standby:  # not served: no proxy ARP, no tunnel (yet)
+                continue
             for address in self._addresses(b):
                 self._served[address] = self._served.get(address, ()) + (b,)
                 self._changed.add(address)
         self._count += len(bindings) - len(old)
+        serving = tuple(b for b in bindings if not b.standby)
         if bindings:
             self._by_home[home_address] = bindings
-            self._served[home_address] = tuple(bindings)
         else:
             self._by_home.pop(home_address, None)
+        if serving:
+            self._served[home_address] = serving
+        else:
             self._served.pop(home_address, None)
         self._changed.add(home_address)
 

@@ -43,7 +43,9 @@ from agent.mobility.heard import HeardTable
 
 log = logging.getLogger(__name__)
 
-_ACCEPTED = (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS)
+#: The reply codes that accept a registration.
+ACCEPTED_CODES = (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS)
+_ACCEPTED = ACCEPTED_CODES
 RETRANSMIT_TIMEOUT = 1.0
 #: How long to keep listening for more agents before the first registration.
 COLLECT_WINDOW = 0.05
@@ -140,6 +142,10 @@ class RegistrationClient:
         self.agents: HeardTable[AgentSeen] = HeardTable(MAX_AGENTS, clock, keep=self._keep)
         self.current: Registration | None = None
         self.at_home = False
+        #: A warm instance (make-before-break) on the home link: it neither deregisters
+        #: the object's bindings nor claims the home address until :meth:`go_live`, so the
+        #: instance that serves elsewhere keeps its traffic until the switch.
+        self.dark = False
         self.history: list[Attempt] = []
         self.bad_replies = 0
         self._last_ident: int | None = None
@@ -249,16 +255,15 @@ class RegistrationClient:
         now = self.clock()
         self._next_wait = self.interval / 2
         if self._home_agent_heard():
-            if not self.at_home:
+            if not self.at_home and self.dark:
+                log.info("%s: at home, warm (the serving instance keeps the home link until "
+                         "the switch)", self.config.name)
+                self.at_home = True
+            elif not self.at_home:
                 # Back home, or started at home: drop every binding the HOA may still hold
                 # (a new instance cannot know), then claim the home address on the link.
                 log.info("%s: at home", self.config.name)
-                attempt = await self.deregister(direct=True)
-                if attempt.code in _ACCEPTED:
-                    self.at_home = True
-                    seen = self.agents.get(self.config.home_agent)
-                    if seen is not None:  # not forgotten while we deregistered
-                        self._announce(seen.ifindex, self.config.home_address)
+                await self.claim_home()
             return
         self.at_home = False
         cur = self.current
@@ -333,6 +338,47 @@ class RegistrationClient:
             last = Attempt("", "", None, None, self.clock(), 0, error="no foreign agent heard")
             self.history.append(last)
         return last
+
+    async def claim_home(self) -> Attempt:
+        """Deregister every binding directly, then announce the home address on the link."""
+        attempt = await self.deregister(direct=True)
+        if attempt.code in _ACCEPTED:
+            self.at_home = True
+            seen = self.agents.get(self.config.home_agent)
+            if seen is not None:  # not forgotten while we deregistered
+                self._announce(seen.ifindex, self.config.home_address)
+        return attempt
+
+    def go_live(self) -> None:
+        """A warm instance takes over (its move's switch): at home it claims the home link
+        now, by announcing it (the source deregistered its own binding before it held),
+        and its loop deregisters every binding directly next (the home agent's bookkeeping,
+        off the switch's path); away, its binding is served already."""
+        if not self.dark:
+            return
+        self.dark = False
+        if self.at_home:
+            seen = self.agents.get(self.config.home_agent)
+            if seen is not None:
+                self._announce(seen.ifindex, self.config.home_address)
+            self.at_home = False  # so that its loop claims the home link properly
+            self._wake.set()
+
+    async def leave_home(self) -> Attempt:
+        """The instance at home leaves (a make-before-break move from home): lifetime 0
+        with ``S`` and the home address as care-of address, directly to the HOA, which
+        serves the object's standby bindings from now on (and keeps every binding)."""
+        cfg = self.config
+        self.dark = True  # its own loop must not claim the home link back meanwhile
+        self._last_ident = new_identification(last=self._last_ident)
+        rrq = RegistrationRequest(cfg.home_address, cfg.home_agent, cfg.home_address,
+                                  self._last_ident, 0, RequestFlags.S, [NaiExtension(cfg.nai)])
+        data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, cfg.mobile_home.spi,
+                           cfg.mobile_home.key)
+        attempt = await self._exchange(None, data, cfg.home_agent)
+        if attempt.code not in _ACCEPTED:
+            self.dark = False  # it stays: claim_home (the move's undo) takes the link back
+        return attempt
 
     async def deregister(self, direct: bool = False) -> Attempt:
         """Lifetime 0: through the current FOA, or ``direct``ly to the HOA (from home, or

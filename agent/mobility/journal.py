@@ -158,6 +158,8 @@ def binding_fields(doc: dict[str, Any]) -> dict[str, Any]:
         "network_prefix": _optional_prefix(doc.get("network_prefix"), "network_prefix"),
         # Absent from journals written before revocations (issue 18): none known.
         "foa_spi": fields.integer(doc.get("foa_spi", 0), "foa_spi", 0, 0xFFFFFFFF),
+        # Absent from journals written before standby bindings (issue 14): served.
+        "standby": fields.flag(doc.get("standby", False), "standby"),
     }
 
 
@@ -427,7 +429,8 @@ class Journal:
     def _binding_record(self, b: Binding) -> dict[str, Any]:
         doc = {k: getattr(b, k) for k in ("home_address", "care_of_address", "care_of_name",
                                           "gre_key", "lifetime", "nai", "identification",
-                                          "reverse_tunnel", "part", "network_prefix")}
+                                          "reverse_tunnel", "part", "network_prefix",
+                                          "standby")}
         return {"t": "b", **doc, **self._expiries(b.expires_at)}
 
     def _visitor_record(self, v: Visitor) -> dict[str, Any]:

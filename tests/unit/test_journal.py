@@ -132,7 +132,7 @@ def test_no_record_holds_a_key(path: Path, clocks: Clocks) -> None:
         "t", "version", "boot", "written", "home_address", "care_of_address", "care_of_name",
         "gre_key", "lifetime", "nai", "identification", "reverse_tunnel", "part",
         "network_prefix", "exp_mono", "exp_wall", "home_agent", "local_address", "local_port",
-        "local_name", "local_interface"} for l in lines(path))
+        "local_name", "local_interface", "standby"} for l in lines(path))
 
 
 # --- restore -----------------------------------------------------------------------------

@@ -31,6 +31,8 @@ class FakeClient:
         self.deregistered = 0
         self.registered = False
         self.history: list[Any] = []
+        self.at_home = False
+        self.dark = False
 
     async def deregister(self) -> None:
         self.deregistered += 1
@@ -110,6 +112,10 @@ class FakeHosting:
         self.log.append(("restore", name, state))
         self.restored_serving = serve
         return {"replayed": 2}
+
+    async def go_live(self, name: str) -> None:
+        self.hosted(name)
+        self.log.append(("go_live", name))
 
 
 #: Each test's run directory, shared by its routers (hand-over records: handover/<router>/).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -583,4 +584,63 @@ def test_a_deregistration_that_fails_leaves_the_source_serving_and_not_held(net:
         assert "hold" not in hosted.process.calls  # type: ignore[union-attr]
         assert net.source_hosting.addresses == []  # its home address stayed
         assert net.records() == [] and net.source.departures == {}
+    run(go)
+
+
+def _at_home(hosted: Any, answer: int, order: list[str]) -> None:
+    """The source's client at home, whose leave-home the home agent answers ``answer``."""
+    client = hosted.client
+    client.at_home, client.current = True, None
+
+    async def leave_home() -> Any:
+        order.append("left home")
+        return SimpleNamespace(code=answer, error="" if answer == 0 else "denied")
+
+    async def claim_home() -> None:
+        order.append("claimed home")
+
+    client.leave_home, client.claim_home = leave_home, claim_home
+
+
+def test_from_home_the_source_leaves_home_before_the_hold_and_the_target_goes_live_before_it_serves(
+        net: PrecopyNet) -> None:
+    """The home agent keeps the target's binding on standby while the object is at home:
+    the source says it leaves (then the home agent serves that binding) before it holds; the
+    target takes its home address (go_live) before it restores and serves."""
+    order: list[str] = []
+
+    async def go() -> None:
+        hosted = net.source_hosting.objects["counter"]
+        client = hosted.client
+        _at_home(hosted, 0, order)
+        real_call = hosted.process.call
+
+        async def call(cmd: str, **kw: Any) -> Any:
+            if cmd == "hold":
+                order.append("hold")
+            return await real_call(cmd, **kw)
+
+        hosted.process.call = call
+        report = await net.migrate()
+        assert report is not None and report["ok"], report
+        assert order == ["left home", "hold"], order
+        assert client.deregistered == 0  # no deregistration through an FOA
+        log = [e[0] for e in net.target_hosting.log]
+        assert log.index("go_live") < log.index("restore"), log
+    run(go)
+
+
+def test_a_refused_leave_home_leaves_the_source_serving_at_home(net: PrecopyNet) -> None:
+    order: list[str] = []
+
+    async def go() -> None:
+        hosted = net.source_hosting.objects["counter"]
+        _at_home(hosted, 133, order)
+        report = await net.migrate()
+        assert report is not None and not report["ok"], report
+        assert "leave-home" in report["error"]
+        assert net.serving() == ["source"]
+        assert "hold" not in hosted.process.calls
+        assert net.source_hosting.addresses == []
+        assert order == ["left home", "claimed home"]  # the home link taken back
     run(go)
