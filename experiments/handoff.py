@@ -14,7 +14,10 @@ panel per CO: a foreign agent that kept a moved object as its visitor would show
 requests of its own network's CO lost, issue 18):
 
 * disruption: ms from the last reply served at the old place to the first reply served at
-  the new place (0 when both overlap, as in make-before-break's bicast);
+  the new place (0 when both overlap, as in make-before-break's bicast); at R requests/s a
+  CO's gap between two replies is at least 1/R even when nothing waits (5 ms at 200/s);
+* wait: ms the longest-waiting request of the move (sent from its start to the next move's)
+  waited for its reply, the move's delay as a client sees it, without that floor;
 * lost: requests sent between this move's start and the next move that never got a reply;
 * registration: the new place's registration round trip (request sent to reply received,
   through the FOA and the HOA, as the object's client measured it);
@@ -67,8 +70,8 @@ MODES = {"mbb": "make-before-break", "bbm": "break-before-make"}
 
 def handoff_columns(co_hosts: dict[str, str]) -> list[str]:
     """The handoff table's columns for these corresponding objects."""
-    return ["n", "round", "mode", "transfer", "from", "to", "ok", "disruption_ms", "lost",
-            "sent", *(f"lost_{co}" for co in co_hosts),
+    return ["n", "round", "mode", "transfer", "from", "to", "ok", "disruption_ms", "wait_ms",
+            "lost", "sent", *(f"lost_{co}" for co in co_hosts),
             *(f"latency_ms_{co}" for co in co_hosts), "registration_ms", "migration_ms"]
 
 
@@ -127,7 +130,8 @@ TRANSFERS = {"precopy": ["precopy"], "stop-copy": ["stop-copy"], "both": ["preco
 #: The baseline every figure is compared with (the old path).
 BASELINE = "stop-copy"
 #: The figures compared with the baseline (as new / baseline).
-COMPARED = ("disruption_ms_median", "disruption_ms_worst", "migration_ms_median")
+COMPARED = ("disruption_ms_median", "disruption_ms_worst", "wait_ms_median", "wait_ms_worst",
+            "migration_ms_median")
 
 
 @contextlib.contextmanager
@@ -181,12 +185,14 @@ def analyse(requests: list[dict[str, Any]], moves: list[dict[str, Any]]) -> list
     rows = []
     for i, move in enumerate(moves):
         start, end = move["started"], (moves[i + 1]["started"] if i + 1 < len(moves) else float("inf"))
-        row = dict(move, lost=0, sent=0, disruption_ms=0.0)
+        row = dict(move, lost=0, sent=0, disruption_ms=0.0, wait_ms=None)
         for co in cos:
             mine = [q for q in requests if q.get("co", "") == co]
             one = _one_co(mine, move, start, end)
             row["lost"] += one["lost"]
             row["sent"] += one["sent"]
+            if one["wait_ms"] is not None:
+                row["wait_ms"] = max(row["wait_ms"] or 0.0, one["wait_ms"])
             if one["disruption_ms"] is None or row["disruption_ms"] is None:
                 row["disruption_ms"] = None
             else:
@@ -212,6 +218,7 @@ def _one_co(requests: list[dict[str, Any]], move: dict[str, Any], start: float, 
                  for q in window if q["replies"]]
     return {"lost": sum(1 for q in window if not q["replies"]), "sent": len(window),
             "disruption_ms": disruption,
+            "wait_ms": round(max(latencies), 2) if latencies else None,
             "latency_ms": round(statistics.median(latencies), 2) if latencies else None}
 
 
@@ -419,11 +426,14 @@ def figures(mine: list[dict[str, Any]], co_hosts: dict[str, str] | None = None) 
     """One group of moves' figures: disruption, loss, the migrate call's time."""
     co_hosts = CO_HOSTS if co_hosts is None else co_hosts
     d = [r["disruption_ms"] for r in mine if r["disruption_ms"] is not None]
+    w = [r["wait_ms"] for r in mine if r.get("wait_ms") is not None]
     m = [r["migration_ms"] for r in mine if r["ok"]]
     return {
         "handoffs": len(mine), "failed": sum(1 for r in mine if not r["ok"]),
         "disruption_ms_median": statistics.median(d) if d else None,
         "disruption_ms_worst": max(d) if d else None,
+        "wait_ms_median": statistics.median(w) if w else None,
+        "wait_ms_worst": max(w) if w else None,
         "lost_median": statistics.median([r["lost"] for r in mine]) if mine else None,
         "lost_worst": max([r["lost"] for r in mine]) if mine else None,
         "lost_total": sum(r["lost"] for r in mine),
@@ -436,6 +446,9 @@ def figures(mine: list[dict[str, Any]], co_hosts: dict[str, str] | None = None) 
             "disruption_ms_worst": max((r[f"disruption_ms_{co}"] for r in mine
                                         if r.get(f"disruption_ms_{co}") is not None),
                                        default=None),
+            "wait_ms_median": _median([r.get(f"wait_ms_{co}") for r in mine]),
+            "wait_ms_worst": max((r[f"wait_ms_{co}"] for r in mine
+                                  if r.get(f"wait_ms_{co}") is not None), default=None),
         } for co in co_hosts},
     }
 
@@ -494,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
               for m, v in summary["modes"].items() for co, f in v["by_co"].items()]
     print()
     print(format_table(per_co, ["mode", "co", "sent", "lost_total", "latency_ms_median",
-                                "disruption_ms_worst"]))
+                                "disruption_ms_worst", "wait_ms_median", "wait_ms_worst"]))
     st = summary["state"]
     print(f"\ncounter state: {st['answered']} requests answered, final count {st['final_count']} "
           f"(object says {st['object_count']}); every request counted exactly once: {st['exact']}")
