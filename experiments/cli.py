@@ -17,7 +17,7 @@
     sudo moat cli [--topo patent]          (a network in the foreground with Mininet's CLI)
     sudo moat clean [--run ID]
     sudo moat run handoff|tour|service-path|leases|attacks|faults
-    sudo moat bench packets|registration|tunnel|provision|broker|objstart|scale
+    sudo moat bench packets|registration|tunnel|provision|broker|objstart|scale|peer
     moat repo keygen|package|publish|verify|show ...
 
 ``--run ID`` picks a network when several are up; by default the newest live one. Every
@@ -504,6 +504,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_packets import main as bench_main
 
         return bench_main(args.rest) or 0
+    if args.which == "peer":  # loopback, no root
+        from .bench_peer import main as bench_main
+
+        return bench_main(args.rest) or 0
     _require_root()
     if args.which == "provision":
         from .bench_provision import main as bench_main
@@ -651,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("repo", help="service provider tools: keygen, package, publish, verify, show")
     p = sub.add_parser("bench", help="run a benchmark")
     p.add_argument("which", choices=["packets", "registration", "tunnel", "provision", "broker", "objstart",
-                                     "scale"])
+                                     "scale", "peer"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

@@ -242,6 +242,10 @@ def test_tcp_4340_serves_a_bounded_number_of_connections(monkeypatch) -> None:
             assert answer == {"ok": True}
             from agent.core.wait import async_wait_until
 
+            # the client keeps its connection for the next message (issue 14) until its
+            # pool closes it; then the server's side goes too
+            assert server.connections == 1
+            peer_mod.loop_pool().close()
             await async_wait_until(lambda: server.connections == 0, 2, interval=0.01,
                                    what="the served connection closed")
         finally:
