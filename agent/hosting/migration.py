@@ -44,6 +44,7 @@ half-stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -355,6 +356,14 @@ class MigrationRole(Role):
                 if name in self.hosting.objects:
                     await self._drop(name)
             raise
+        if body.get("warm") and not body.get("commit"):
+            coa = (status.get("registration") or {}).get("care_of_address", "")
+            try:
+                if await self.hosting.darken_lan(name, coa):
+                    log.info("move %s of %s: its LANs' clients reach the serving instance until "
+                             "the switch", epoch, name)
+            except ControlError as exc:  # it still works, only with a longer wait for them
+                log.warning("move %s of %s: %s", epoch, name, exc)
         self.arrivals.touch(name, epoch)
         self._rearm()
         self._crash_point("target_after_start")
@@ -494,13 +503,25 @@ class MigrationRole(Role):
             status = client.status()
             return status if status["registration"] is not None or status["at_home"] else None
 
-        try:
-            return await async_wait_until(registered, timeout, interval=0.01,
-                                          what=f"{name} registered")
-        except WaitTimeout:
-            last = client.history[-1].as_dict() if client.history else {}
-            raise MigrationFailed(f"{name} did not register from {self.config.name} within "
-                                  f"{timeout:.0f}s (last attempt: {last})") from None
+        settled = getattr(client, "settled", None)
+        if settled is None:  # a client without the event: look every 10 ms
+            try:
+                return await async_wait_until(registered, timeout, interval=0.01,
+                                              what=f"{name} registered")
+            except WaitTimeout:
+                pass
+        else:  # woken by the client as its registration is accepted (or it is home)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (status := registered()) is None and loop.time() < deadline:
+                settled.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(settled.wait(), min(0.1, deadline - loop.time()))
+            if status is not None:
+                return status
+        last = client.history[-1].as_dict() if client.history else {}
+        raise MigrationFailed(f"{name} did not register from {self.config.name} within "
+                              f"{timeout:.0f}s (last attempt: {last})") from None
 
     async def _start_arriving(self, body: dict[str, Any]) -> None:
         """Start a migrating object here, held: in a VM of its service when it came from one
@@ -827,11 +848,7 @@ class MigrationRole(Role):
             report.registration_rtt_ms = _ms(answer.get("registration_rtt"))
             report.step("target registered (its instance queues requests)")
             self._crash_point("source_after_start")
-            mine = hosted.client.current
-            theirs = (answer.get("registration") or {}).get("care_of_address")
-            if mine is not None and mine.care_of_address != theirs:
-                await hosted.client.deregister()  # lifetime 0 for this care-of address only
-                report.step("source binding deregistered")
+            await self._release_binding(move, answer, report)
             stopped = await self.hosting.cmd_object_stop(hosted.name, deregister=False)
             state = await self._final_state(move, stopped)
         except _Crashed:
@@ -841,6 +858,7 @@ class MigrationRole(Role):
             # gave no state): the target may hold a WARM instance, which cannot commit.
             await self._abort(starting)
             self._done(starting)
+            await self._register_again(move)
             raise
         record = self._keep(move, state)
         report.step("source stopped with its final checkpoint (kept on disk)")
@@ -933,6 +951,17 @@ class MigrationRole(Role):
         """Deregister this care-of address (the target's binding stays) and stop the
         object's registration client, which would otherwise register here again while the
         object is held."""
+        await self._release_binding(move, answer, report)
+        client = move.hosted.client
+        assert client is not None
+        await client.stop(deregister=False)
+        move.hosted.client = None
+
+    async def _release_binding(self, move: _Move, answer: dict[str, Any],
+                               report: MigrationReport) -> None:
+        """The source's own binding goes, the target's stays: away, this care-of address
+        is deregistered; at home, the instance says it leaves (the home agent kept the
+        target's binding on standby until then and serves it from now on)."""
         client = move.hosted.client
         assert client is not None
         mine = client.current
@@ -948,8 +977,6 @@ class MigrationRole(Role):
         elif mine is not None and mine.care_of_address != theirs:
             await client.deregister()  # lifetime 0 for this care-of address only
             report.step("source binding deregistered")
-        await client.stop(deregister=False)
-        move.hosted.client = None
 
     async def _hold_here(self, move: _Move, starting: SourceRecord | None, report: MigrationReport) -> Any:
         """Hold the object (it runs on, queueing what it gets, answering nothing), take its

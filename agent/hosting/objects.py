@@ -375,10 +375,7 @@ class HostingRole(Role):
                 await process.start(warm=True, state=state)
                 # Only now: an address without a bound socket answers port-unreachable, and
                 # this router may be on the path of the object's clients (net 14's border).
-                if warm and not hosted.dark and self._access_links():
-                    hosted.lan_dark = True
-                    await self._lan_dark(obj.home_address, on=True)
-                elif not hosted.dark:
+                if not hosted.dark:
                     await self._home_address(obj.home_address, add=True)
                 if not warm:
                     await process.call("serve")
@@ -401,6 +398,20 @@ class HostingRole(Role):
         return any(agent in ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
                    for i in self.config.interfaces)
 
+    async def darken_lan(self, name: str, care_of_address: str) -> bool:
+        """A warm instance registered through this router's own foreign agent: its LANs'
+        clients reach the serving instance until the switch (:meth:`_lan_dark`); True if
+        so. Through another router's FOA (whose route brings that LAN's packets here), or
+        on a router that is no FOA, it keeps its address as it is."""
+        hosted = self.hosted(name)
+        if hosted.dark or hosted.lan_dark or care_of_address not in self.config.addresses \
+                or not self._access_links():
+            return False
+        await self._lan_dark(hosted.home_address, on=True)  # its rules first, then lo's
+        hosted.lan_dark = True
+        await self._home_address(hosted.home_address, add=False)
+        return True
+
     async def go_live(self, name: str) -> None:
         """A warm instance's switch (before it serves): a dark one gets its home address
         here and claims the home link (agent.mobility.client.RegistrationClient.go_live)."""
@@ -418,8 +429,11 @@ class HostingRole(Role):
         discovery = self.discovery
         if discovery is None:
             raise ControlError("objects cannot register on a router without discovery")
-        return RegistrationClient(obj, discovery.solicit, self.config.advertise_interval,
-                                  announce=discovery.announce_home)
+        client = RegistrationClient(obj, discovery.solicit, self.config.advertise_interval,
+                                    announce=discovery.announce_home)
+        for source, adv, ifindex, heard_at in discovery.known():
+            client.seed(source, adv, ifindex, heard_at)
+        return client
 
     async def cmd_object_stop(self, name: str, deregister: bool = True, kill: bool = False) -> dict:
         """Stop hosting an object; returns its status, its final state (if it ran here and

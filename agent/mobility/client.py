@@ -146,6 +146,9 @@ class RegistrationClient:
         #: the object's bindings nor claims the home address until :meth:`go_live`, so the
         #: instance that serves elsewhere keeps its traffic until the switch.
         self.dark = False
+        #: Set whenever a registration is accepted or the object is found at home: what a
+        #: move's target waits on (cleared by whoever waits).
+        self.settled = asyncio.Event()
         self.history: list[Attempt] = []
         self.bad_replies = 0
         self._last_ident: int | None = None
@@ -196,6 +199,11 @@ class RegistrationClient:
         return self.config is not None and source == self.config.home_agent
 
     # --- input from the daemon -----------------------------------------------------------
+
+    def seed(self, source: str, adv: AgentAdvertisement, ifindex: int, heard_at: float) -> None:
+        """An agent its router heard before this client started (heard at ``heard_at`` on
+        this client's clock): known as if heard then; a newer one it hears replaces it."""
+        self.agents.put(source, AgentSeen(source, adv, ifindex, heard_at), adv.lifetime)
 
     def on_advertisement(self, adv: AgentAdvertisement, source: str, ifindex: int) -> None:
         self.agents.put(source, AgentSeen(source, adv, ifindex, self.clock()), adv.lifetime)
@@ -259,6 +267,7 @@ class RegistrationClient:
                 log.info("%s: at home, warm (the serving instance keeps the home link until "
                          "the switch)", self.config.name)
                 self.at_home = True
+                self.settled.set()
             elif not self.at_home:
                 # Back home, or started at home: drop every binding the HOA may still hold
                 # (a new instance cannot know), then claim the home address on the link.
@@ -331,6 +340,7 @@ class RegistrationClient:
                     self.current = Registration(agent.address, last.care_of_address, last.care_of_name,
                                                 last.lifetime, last.at,
                                                 seen.advertisement.sequence)
+                    self.settled.set()
                 return last
             log.info("%s: registration via %s failed (%s); trying another FOA",
                      self.config.name, agent.address, last.error or last.code)
@@ -344,6 +354,7 @@ class RegistrationClient:
         attempt = await self.deregister(direct=True)
         if attempt.code in _ACCEPTED:
             self.at_home = True
+            self.settled.set()
             seen = self.agents.get(self.config.home_agent)
             if seen is not None:  # not forgotten while we deregistered
                 self._announce(seen.ifindex, self.config.home_address)

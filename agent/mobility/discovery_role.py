@@ -84,6 +84,9 @@ class DiscoveryRole(Role):
         #: Advertisements dropped, by reason ("ttl", "off-link").
         self.refused: dict[str, int] = {"ttl": 0, "off-link": 0}
         self._refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL)
+        #: The same agents' newest advertisements as heard (advertisement, ifindex,
+        #: monotonic time), to hand a new object's registration client (:meth:`known`).
+        self.recent: HeardTable[tuple[AgentAdvertisement, int, float]] = HeardTable(MAX_HEARD)
         #: Who wants each advertisement heard (the hosted objects' registration clients).
         self.listeners: list[AdvertisementListener] = []
         #: What this router advertises as, per interface (set by the object agent role):
@@ -155,8 +158,17 @@ class DiscoveryRole(Role):
             "care_of_addresses": adv.care_of_addresses, "ttl": heard.ttl,
             "heard_at": time.time(),
         }, adv.lifetime)
+        self.recent.put(heard.source, (adv, heard.ifindex, time.monotonic()), adv.lifetime)
         for listener in list(self.listeners):
             listener(adv, heard.source, heard.ifindex)
+
+    def known(self) -> list[tuple[str, AgentAdvertisement, int, float]]:
+        """Every agent heard on this router's links whose advertisement has not run out:
+        (source, advertisement, ifindex, monotonic time heard). A new object's client starts
+        with them, as if it had listened as long as its router (a move's target registers
+        at once instead of soliciting and collecting answers first)."""
+        self.recent.prune()
+        return [(source, adv, ifindex, at) for source, (adv, ifindex, at) in self.recent.items()]
 
     def solicit(self) -> None:
         """Ask every link for its agents (an object that wants to register now)."""
