@@ -286,6 +286,8 @@ class PeerPool:
         except asyncio.CancelledError:
             self.close()
             raise
+        finally:
+            self._reaper = None  # no reference left to a loop that ended
 
     def close(self) -> None:
         """Close every idle connection (those lent out close when given back, if closed
@@ -294,6 +296,7 @@ class PeerPool:
             for conn in conns:
                 conn.close()
         self._idle.clear()
+        self._slots = {peer: slots for peer, slots in self._slots.items() if peer in self._lent}
 
 
 _POOLS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PeerPool]" = weakref.WeakKeyDictionary()
