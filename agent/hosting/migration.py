@@ -356,14 +356,10 @@ class MigrationRole(Role):
                 if name in self.hosting.objects:
                     await self._drop(name)
             raise
-        if body.get("warm") and not body.get("commit"):
-            coa = (status.get("registration") or {}).get("care_of_address", "")
-            try:
-                if await self.hosting.darken_lan(name, coa):
-                    log.info("move %s of %s: its LANs' clients reach the serving instance until "
-                             "the switch", epoch, name)
-            except ControlError as exc:  # it still works, only with a longer wait for them
-                log.warning("move %s of %s: %s", epoch, name, exc)
+        coa = (status.get("registration") or {}).get("care_of_address", "")
+        if coa and await self.hosting.registered_at(name, coa):
+            log.info("move %s of %s: registered through another router's FOA: its address is "
+                     "this router's as usual", epoch, name)
         self.arrivals.touch(name, epoch)
         self._rearm()
         self._crash_point("target_after_start")

@@ -368,6 +368,10 @@ class HostingRole(Role):
                               dark=warm and self.on_home_link(obj.home_agent))
         self.objects[obj.name] = hosted
         try:
+            if register:  # made (not started) first: its first agent decides lan_dark
+                hosted.client = self._make_client(obj)
+                hosted.client.dark = hosted.dark
+                hosted.lan_dark = warm and not hosted.dark and self._registers_here(hosted.client)
             if process is not None:
                 hosted.process = process
                 # Warm until the address is there: a reply (to a request handed over in a
@@ -375,13 +379,13 @@ class HostingRole(Role):
                 await process.start(warm=True, state=state)
                 # Only now: an address without a bound socket answers port-unreachable, and
                 # this router may be on the path of the object's clients (net 14's border).
-                if not hosted.dark:
+                if hosted.lan_dark:
+                    await self._lan_dark(obj.home_address, on=True)
+                elif not hosted.dark:
                     await self._home_address(obj.home_address, add=True)
                 if not warm:
                     await process.call("serve")
-            if register:
-                hosted.client = self._make_client(obj)
-                hosted.client.dark = hosted.dark
+            if hosted.client is not None:
                 await hosted.client.start()
         except Exception:
             await self.cmd_object_stop(obj.name, deregister=False)
@@ -398,18 +402,27 @@ class HostingRole(Role):
         return any(agent in ipaddress.ip_interface(f"{i.address}/{i.prefix}").network
                    for i in self.config.interfaces)
 
-    async def darken_lan(self, name: str, care_of_address: str) -> bool:
-        """A warm instance registered through this router's own foreign agent: its LANs'
-        clients reach the serving instance until the switch (:meth:`_lan_dark`); True if
-        so. Through another router's FOA (whose route brings that LAN's packets here), or
-        on a router that is no FOA, it keeps its address as it is."""
-        hosted = self.hosted(name)
-        if hosted.dark or hosted.lan_dark or care_of_address not in self.config.addresses \
-                or not self._access_links():
+    def _registers_here(self, client: RegistrationClient) -> bool:
+        """Whether a new client will register through this router's own foreign agent (its
+        first candidate among the agents its router heard): then its warm instance's
+        address is darkened to this router's LANs (:meth:`_lan_dark`). Not through another
+        router's FOA, whose route brings that LAN's packets here: sent back, they would
+        loop."""
+        if not self._access_links():
             return False
-        await self._lan_dark(hosted.home_address, on=True)  # its rules first, then lo's
-        hosted.lan_dark = True
-        await self._home_address(hosted.home_address, add=False)
+        first = client.candidates()
+        return bool(first) and first[0].address in self.config.addresses
+
+    async def registered_at(self, name: str, care_of_address: str) -> bool:
+        """A warm instance darkened to this router's LANs that registered through another
+        FOA after all (its first choice refused): its address is this router's again, as
+        for any instance (True if it changed)."""
+        hosted = self.hosted(name)
+        if not hosted.lan_dark or care_of_address in self.config.addresses:
+            return False
+        await self._home_address(hosted.home_address, add=True)
+        hosted.lan_dark = False
+        await self._lan_dark(hosted.home_address, on=False)
         return True
 
     async def go_live(self, name: str) -> None:

@@ -113,9 +113,8 @@ class FakeHosting:
         self.restored_serving = serve
         return {"replayed": 2}
 
-    async def darken_lan(self, name: str, care_of_address: str) -> bool:
+    async def registered_at(self, name: str, care_of_address: str) -> bool:
         self.hosted(name)
-        self.log.append(("darken_lan", name, care_of_address))
         return False
 
     async def go_live(self, name: str) -> None:
