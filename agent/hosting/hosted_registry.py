@@ -111,17 +111,19 @@ class HostedRegistry:
         self.entries[name] = entry
         self.save()
 
-    def update(self, name: str, **fields: Any) -> None:
-        """Change fields of an entry there is (none: nothing happens)."""
+    def update(self, name: str, durable: bool = True, **fields: Any) -> None:
+        """Change fields of an entry there is (none: nothing happens). ``durable=False``
+        writes it atomically without the fsync, for a caller on a move's switch: what it
+        guards against then is an agent's crash, which keeps the page cache."""
         if name in self.entries:
             self.entries[name] = dict(self.entries[name], **fields)
-            self.save()
+            self.save(sync=durable)
 
     def remove(self, name: str) -> None:
         if self.entries.pop(name, None) is not None:
             self.save()
 
-    def save(self) -> None:
+    def save(self, sync: bool = True) -> None:
         """Write every entry; RegistryError (logged by the caller) when the disk refuses:
         the objects keep running, only a restarted agent would not find them."""
         try:
@@ -131,6 +133,6 @@ class HostedRegistry:
             raise RegistryError(f"{self.what}: an entry is not JSON: {exc}") from None
         try:
             private_dir(self.directory)
-            write_private(self.path, data, sync=True)
+            write_private(self.path, data, sync=sync)
         except (OSError, RegistryError, RunDirError) as exc:
             raise RegistryError(f"{self.what} {self.path} not written: {exc}") from None

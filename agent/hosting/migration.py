@@ -1017,8 +1017,10 @@ class MigrationRole(Role):
         if registry is None or record.name not in registry.entries:
             return
         try:
-            registry.update(record.name, register=False, checkpoint=record.state,
-                            checkpoint_at=time.time())
+            # Not fsynced: it is on the switch's path, and only an agent's crash (which
+            # keeps the page cache) must find it; a machine's ends the move's both ends.
+            registry.update(record.name, durable=False, register=False,
+                            checkpoint=record.state, checkpoint_at=time.time())
         except RegistryError as exc:
             log.error("move %s of %s: the hosted registry was not updated (%s): an agent "
                       "restarted now would register the held object", record.epoch, record.name, exc)

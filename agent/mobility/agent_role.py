@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from packets import (
@@ -48,6 +49,26 @@ PENDING_TIMEOUT = 5.0
 #: Refused, malformed and unexpected messages on UDP 434: one log line per kind per this many
 #: seconds at most (they arrive before any authentication).
 REFUSAL_LOG_INTERVAL = 10.0
+
+
+#: What the HOA's home link may hold for one address while it resolves it (bytes of socket
+#: buffers: a small datagram received on a veth takes 2-5 KiB): the kernel's 208 KiB
+#: default dropped the oldest of 80 requests queued for an object coming home, between its
+#: old place's deregistration and its new instance's announcement (a move's switch).
+UNRESOLVED_QUEUE_BYTES = 4 * 1024 * 1024
+
+
+def hold_while_resolving(ifname: str, size: int = UNRESOLVED_QUEUE_BYTES,
+                         root: str = "/proc/sys/net/ipv4/neigh") -> None:
+    """Let ``ifname`` queue ``size`` bytes per address being resolved (never less than the
+    kernel's own setting); a failure is logged (the default then applies)."""
+    path = Path(root) / ifname / "unres_qlen_bytes"
+    try:
+        if int(path.read_text()) < size:
+            path.write_text(str(size))
+    except (OSError, ValueError) as exc:
+        log.warning("home link %s: its queue for addresses being resolved stays as it is: %s",
+                    ifname, exc)
 
 
 class ObjectAgentRole(Role):
@@ -96,6 +117,7 @@ class ObjectAgentRole(Role):
         loop = self.agent.loop
         if self.home is not None:
             self.proxy_arp = ProxyArp(loop, self.home_interface)
+            hold_while_resolving(self.home_interface)
         from agent.mobility.tunnel import make_tunnel
 
         local = self.home.address if self.home is not None else self.config.interfaces[0].address

@@ -20,7 +20,7 @@ from packets import AdvFlags, AgentAdvertisement, AgentSolicitation
 
 from agent.core.config import Interface
 from agent.core.role import Periodic, Role
-from agent.mobility.arp import announce
+from agent.mobility.arp import Announcer
 from agent.mobility.discovery import ALL_ROUTERS, ALL_SYSTEMS, DiscoverySocket, Heard
 from agent.mobility.heard import HeardTable
 from agent.mobility.ratelog import RateLimitedLog
@@ -93,6 +93,8 @@ class DiscoveryRole(Role):
         #: returns (flags, lifetimes, care-of addresses) or None for "nothing on this link".
         self.offer: Callable[[str], tuple[AdvFlags, list[int], list[str]] | None] = lambda _: None
         self.socket: DiscoverySocket | None = None
+        #: Gratuitous ARPs for objects at home, on kept sockets.
+        self.announcer = Announcer()
 
     async def start(self) -> None:
         self.socket = DiscoverySocket(self.agent.loop, self.on_discovery)
@@ -102,6 +104,7 @@ class DiscoveryRole(Role):
     async def stop(self) -> None:
         if self.socket is not None:
             self.socket.close()
+        self.announcer.close()
 
     def periodic(self) -> list[Periodic]:
         return [Periodic("advertise", lambda: self.config.advertise_interval, self.advertise_all)]
@@ -183,7 +186,7 @@ class DiscoveryRole(Role):
         ifname = self.agent.iface_by_index.get(ifindex)
         if ifname is not None:
             try:
-                announce(ifname, address)
+                self.announcer.announce(ifname, address)
             except OSError as exc:
                 log.warning("gratuitous ARP for %s on %s failed: %s", address, ifname, exc)
 
@@ -203,5 +206,5 @@ class DiscoveryRole(Role):
         return enabled
 
     def cmd_announce(self, address: str, interface: str) -> str:
-        announce(interface, address)
+        self.announcer.announce(interface, address)
         return "ok"
