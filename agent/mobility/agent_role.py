@@ -273,7 +273,13 @@ class ObjectAgentRole(Role):
             decision = self.home.handle(rrq)
             # From the address the request was sent to (RFC 5944 §3.8.3.1): the FOA relayed
             # to that address and accepts a reply from it only.
-            self._send(decision.reply, addr, dest if dest in self.config.addresses else None)
+            source = dest if dest in self.config.addresses else None
+            if decision.update is not None and decision.update.activated:
+                # A leave-home: the instance at home holds as soon as it hears the reply,
+                # and what reaches it then is routed here: the tunnel must be in place.
+                self._spawn(self._left_home(decision.reply, addr, source))
+                return
+            self._send(decision.reply, addr, source)
             if decision.update is None:
                 self.refusals("hoa-denied", logging.INFO, "HOA: %s for %s via %s (coa %s)",
                               decision.code.name, rrq.home_address, addr[0],
@@ -369,6 +375,16 @@ class ObjectAgentRole(Role):
             return
         log.info("HOA: FOA %s acknowledged the revocation of %s (%.1f ms)", notice.to,
                  notice.revocation.home_address, (self.home.revoker.clock() - notice.created) * 1000)
+
+    async def _left_home(self, reply: bytes, to: tuple[str, int], source: str | None) -> None:
+        """The standby bindings a leave-home made served: tunnel, settled in the kernel, then
+        the home link claimed, then the reply."""
+        log.info("HOA: %s left home; its standby bindings are served", to[0])
+        self.sync_home()
+        if self.dataplane is not None:
+            await self.dataplane.settle()
+        self._sync_proxy_arp()
+        self._send(reply, to, source)
 
     async def _relay_reply(self, data: bytes, to: tuple[str, int], source: str | None = None) -> None:
         """The object's reply, from the address it sent its request to (the object takes a

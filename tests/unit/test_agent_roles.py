@@ -186,7 +186,7 @@ def test_a_request_for_someone_elses_care_of_address_is_not_relayed() -> None:
 def test_a_relayed_request_for_our_home_agent_address_goes_to_the_hoa() -> None:
     role, rec = object_agent(["home"])
     decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED,
-                               update=SimpleNamespace(first_away=True, now_home=False),
+                               update=SimpleNamespace(first_away=True, now_home=False, activated=[]),
                                notices=[])
     served = {"10.16.0.100": ["binding"], "10.16.0.224": ["binding"]}  # with its prefix
     role.home = SimpleNamespace(handle=lambda rrq: decision,
@@ -198,6 +198,40 @@ def test_a_relayed_request_for_our_home_agent_address_goes_to_the_hoa() -> None:
     # the reply, then the tunnel, then the claim on the home LAN (traffic finds the tunnel)
     assert rec.log == [("send", ("10.12.0.1", 434)), ("tunnel",)]
     assert started == ["10.16.0.100", "10.16.0.224"]
+
+
+def test_a_leave_home_is_answered_only_once_the_tunnel_is_in_the_kernel() -> None:
+    """The instance at home holds as soon as it hears the reply, and what reaches it then is
+    routed to the HOA: tunnel, settled, the home link claimed, then the reply."""
+    role, rec = object_agent(["home"])
+    decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED,
+                               update=SimpleNamespace(first_away=True, now_home=False,
+                                                      activated=["standby binding"]),
+                               notices=[])
+    role.home = SimpleNamespace(handle=lambda rrq: decision,
+                                bindings=SimpleNamespace(served=lambda: {"10.16.0.100": ["b"]}))
+    role.proxy_arp = SimpleNamespace(start=lambda a: rec.log.append(("claim", a)),
+                                     stop=lambda a: None, addresses=set())
+
+    class SlowPlane:
+        def sync_home(self, home: Any) -> None:
+            rec.log.append(("tunnel",))
+
+        async def settle(self) -> None:
+            await asyncio.sleep(0.01)  # the kernel takes a while
+            rec.log.append(("settled",))
+
+    role.dataplane = SlowPlane()  # type: ignore[assignment]
+
+    async def main() -> None:
+        role.agent.loop = asyncio.get_running_loop()
+        role.on_registration(request("10.16.0.100", mobile_foreign=False), ("10.16.0.3", 434))
+        assert not [e for e in rec.log if e[0] == "send"]  # nothing answered yet
+        await asyncio.gather(*role._tasks)
+
+    asyncio.run(main())
+    assert rec.log == [("tunnel",), ("settled",), ("claim", "10.16.0.100"),
+                       ("send", ("10.16.0.3", 434))]
 
 
 def test_malformed_registration_messages_are_counted() -> None:
