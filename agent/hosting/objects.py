@@ -64,7 +64,7 @@ def check_home_address(home_address: str, home_agent: str, own: set[str]) -> Non
                          f"{network} this router may take")
 
 
-#: Policy routing of a warm instance's address on a foreign agent's router (:meth:`HostingRole._lan_dark`).
+#: Policy routing of a warm instance's address (:meth:`HostingRole._dark_route`).
 DARK_TABLE = 4346
 DARK_LAN_PRIORITY = 4344
 DARK_PRIORITY = 4345
@@ -84,8 +84,9 @@ class HostedObject:
     vm: tuple[str, str] | None = None
     #: The sandbox resources of a directly placed object (they travel when it migrates).
     resources: dict[str, Any] | None = None
-    #: A warm instance on the object's home link: its home address is not configured here
-    #: (the serving instance elsewhere keeps the home link) until :meth:`HostingRole.go_live`.
+    #: A warm instance on the object's home link: its home address is not the router's (the
+    #: serving instance elsewhere keeps the home link) until :meth:`HostingRole.go_live`;
+    #: what reaches it meanwhile is queued (:meth:`HostingRole._dark_route`).
     dark: bool = False
     #: A warm instance on a router that is a foreign agent on its LANs: its home address is
     #: delivered here only to what does not come from those LANs (the home agent's tunnel),
@@ -125,6 +126,10 @@ class HostingRole(Role):
         self.recovered: dict[str, list[str]] = {"adopted": [], "restarted": [], "lost": []}
 
     async def start(self) -> None:
+        from agent.hosting import prestart
+
+        # The fork server and prepared sandbox slots, made in the background (issue 14).
+        self.prestart = prestart.begin(self.config, self.cgroups)
         self.discovery = self.agent.role(DiscoveryRole)
         if self.discovery is not None:
             self.discovery.listeners.append(self.on_advertisement)
@@ -141,8 +146,9 @@ class HostingRole(Role):
                 log.exception("stopping object %s failed", name)
         # The idle prepared sandbox slots (issue 14) go too (a few directories and claims,
         # at the agent's stop): a forked agent ends with os._exit, which runs no atexit.
-        from agent.hosting import sandbox_pool
+        from agent.hosting import prestart, sandbox_pool
 
+        await prestart.end(getattr(self, "prestart", None))  # no pool made after close_all
         sandbox_pool.close_all()
 
     def on_advertisement(self, adv: AgentAdvertisement, source: str, ifindex: int) -> None:
@@ -379,9 +385,9 @@ class HostingRole(Role):
                 await process.start(warm=True, state=state)
                 # Only now: an address without a bound socket answers port-unreachable, and
                 # this router may be on the path of the object's clients (net 14's border).
-                if hosted.lan_dark:
-                    await self._lan_dark(obj.home_address, on=True)
-                elif not hosted.dark:
+                if hosted.lan_dark or hosted.dark:
+                    await self._dark_route(hosted, on=True)
+                else:
                     await self._home_address(obj.home_address, add=True)
                 if not warm:
                     await process.call("serve")
@@ -405,7 +411,7 @@ class HostingRole(Role):
     def _registers_here(self, client: RegistrationClient) -> bool:
         """Whether a new client will register through this router's own foreign agent (its
         first candidate among the agents its router heard): then its warm instance's
-        address is darkened to this router's LANs (:meth:`_lan_dark`). Not through another
+        address is darkened to this router's LANs (:meth:`_dark_route`). Not through another
         router's FOA, whose route brings that LAN's packets here: sent back, they would
         loop."""
         if not self._access_links():
@@ -421,8 +427,8 @@ class HostingRole(Role):
         if not hosted.lan_dark or care_of_address in self.config.addresses:
             return False
         await self._home_address(hosted.home_address, add=True)
+        await self._dark_route(hosted, on=False)
         hosted.lan_dark = False
-        await self._lan_dark(hosted.home_address, on=False)
         return True
 
     async def go_live(self, name: str) -> None:
@@ -431,10 +437,10 @@ class HostingRole(Role):
         hosted = self.hosted(name)
         if hosted.dark or hosted.lan_dark:
             await self._home_address(hosted.home_address, add=True)
-            hosted.dark = False
-        if hosted.lan_dark:  # the address is the router's now: its policy routes go
-            hosted.lan_dark = False
-            await self._lan_dark(hosted.home_address, on=False)
+            # The address is the router's now (the local table comes first): its policy
+            # routes go.
+            await self._dark_route(hosted, on=False)
+            hosted.dark = hosted.lan_dark = False
         if hosted.client is not None:
             hosted.client.go_live()
 
@@ -477,9 +483,9 @@ class HostingRole(Role):
                     except ObjectProcessError as exc:
                         errors.append(str(exc))
                 try:
-                    if hosted.lan_dark:
-                        await self._lan_dark(hosted.home_address, on=False)
-                    elif not hosted.dark:  # a dark instance never had it
+                    if hosted.lan_dark or hosted.dark:  # it never had the address
+                        await self._dark_route(hosted, on=False)
+                    else:
                         await self._home_address(hosted.home_address, add=False)
                 except ControlError as exc:
                     errors.append(str(exc))
@@ -517,17 +523,22 @@ class HostingRole(Role):
             return []
         return [i.name for i in self.config.interfaces if i.advertise]
 
-    async def _lan_dark(self, address: str, on: bool) -> None:
-        """A warm instance's address on a foreign agent's router, delivered here only to
-        packets that do not come from its access links: ``local address`` in a table of its
-        own, looked up for every packet to it, after a rule that sends those from an access
-        link to the main table (on towards the home agent, which bicasts to the instance
-        that serves and, through the tunnel, to this one)."""
+    async def _dark_route(self, hosted: HostedObject, on: bool) -> None:
+        """A warm instance's address, delivered here without being the router's: ``local
+        address`` in a table of its own, looked up for every packet to it, after (for an
+        instance darkened to its FOA's LANs) a rule that sends the packets from those LANs
+        to the main table, on towards the home agent (which bicasts to the instance that
+        serves and, through the tunnel, to this one). On the home link (``dark``) nothing
+        is exempt: the router answers no ARP for the address (it is not in the local
+        table), and what reaches it all the same (a neighbour's stale entry) is queued here
+        rather than sent back to the home agent, which would send it here again."""
+        address = hosted.home_address
+        lans = self._access_links() if hosted.lan_dark else []
         ops = [(netlink.op_local_route("replace" if on else "del", address, DARK_TABLE),
                 f"local {address} table {DARK_TABLE}")]
         rules = [(netlink.op_dst_rule("add" if on else "del", address, MAIN_TABLE,
                                       DARK_LAN_PRIORITY, iif=lan),
-                  f"rule iif {lan} to {address} lookup main") for lan in self._access_links()]
+                  f"rule iif {lan} to {address} lookup main") for lan in lans]
         rules.append((netlink.op_dst_rule("add" if on else "del", address, DARK_TABLE,
                                           DARK_PRIORITY), f"rule to {address} lookup {DARK_TABLE}"))
         # On: the rules come last (the table holds the route when they send packets to it);
