@@ -1,6 +1,8 @@
 """GRE tunnel benchmark: throughput, added latency and CPU of the HOA → FOA tunnel, as root.
 
     sudo python -m experiments.bench_tunnel [--seconds 5] [--pings 100] [--udp-rate 1G]
+                                            [--udp-length 1400] [--udp-window 4M]
+                                            [--affinity CLIENT,SERVER] [--repeats 3]
                                             [--backends userspace,kernel,ebpf] [--backbone-bw MBIT]
                                             [--json]
     sudo moat bench tunnel [same options]
@@ -17,8 +19,12 @@ corresponding host ``co14`` (net 14) to the same host ``r18b``:
   r22a → FOA r18a (decapsulation) → r18b. Replies go straight back (triangular routing).
 * direct: to 10.12.0.2 (r18b's LAN address), co14 → r20a → r22a → r18a → r18b.
 
-Per path: TCP and UDP throughput with iperf3 (a one-off server inside r18b bound to the
-destination, the client in co14, ``-J`` output parsed), round-trip time with
+Per path, ``--repeats`` times each, tunnel and direct back to back: TCP and UDP throughput
+with iperf3 (a one-off server inside r18b bound to the destination, the client in co14,
+``-J`` output parsed; UDP with 4 MiB socket buffers: with the default 208 KiB the
+receiver's socket overflowed at 1 Gbit/s on the direct path too (3-5 % of the datagrams),
+which the run shows per test as ``rcvbuf_errors``; ``--affinity`` pins the two ends),
+round-trip time with
 ``ping -c N -i 0.01 -q``, and the CPU time (utime + stime from /proc/<pid>/stat) the HOA and FOA
 agent daemons used during each test, as seconds and as % of one core over the test's wall
 time. The direct path's CPU figures are the baseline (the daemons idle). The userspace TUN's
@@ -39,6 +45,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +68,19 @@ DEFAULT_SECONDS = 5.0
 DEFAULT_PINGS = 100
 DEFAULT_UDP_RATE = "1G"
 UDP_LEN = 1400
+#: Each test runs this many times on each path, tunnel and direct alternately (the order
+#: swaps every repetition), and the figures are medians: one run on a shared 2-core VM
+#: swings by tens of percent.
+DEFAULT_REPEATS = 3
+#: iperf3 -w: both ends' socket buffers for UDP. With the default (212,992 bytes of
+#: rmem_default) the receiving server's socket overflows at 1 Gbit/s whenever its core is
+#: taken for a few hundred microseconds (RcvbufErrors in r18b, the direct path too).
+DEFAULT_UDP_WINDOW = "4M"
+#: CLIENT,SERVER cores for iperf3 (taskset -c; an empty part: not pinned). Not pinned by
+#: default: with 4 MiB UDP buffers neither path lost a datagram pinned or not (3 runs each,
+#: 2026-12-02), and pinned TCP measured both paths lower (the routers' forwarding then runs
+#: in the sender's softirq on its one core: 12 Gbit/s direct against 19-26 unpinned).
+DEFAULT_AFFINITY = ""
 PING_INTERVAL = 0.01
 IPERF_PORT = 5201
 TUN_MTU_EXPECTED = 1500 - 20 - 8
@@ -75,11 +95,18 @@ RESULT_COLUMNS = ["backend", "path", "test", "dst", "mbps_sent", "mbps_received"
                   "rtt_mdev_ms", "ping_loss_percent"]
 COST_COLUMNS = ["backend", "path", "test", "wall_s", "hoa_cpu_s", "hoa_cpu_pct", "foa_cpu_s",
                 "foa_cpu_pct", "tun_packets", "tun_tx_dropped", "foa_gre_socket_drops", "error"]
-TEST_COLUMNS = RESULT_COLUMNS + COST_COLUMNS[3:]
-COMPARE_COLUMNS = ["backend", "tcp_tunnel_mbps", "tcp_direct_mbps", "tcp_ratio", "udp_tunnel_mbps",
-                   "udp_direct_mbps", "udp_ratio", "udp_tunnel_lost_pct", "udp_direct_lost_pct",
-                   "added_latency_ms", "tcp_hoa_cpu_pct", "tcp_foa_cpu_pct", "udp_hoa_cpu_pct",
-                   "udp_foa_cpu_pct", "tunnel_mtu_ok"]
+RESULT_COLUMNS.insert(3, "rep")
+COST_COLUMNS.insert(3, "rep")
+#: Where a UDP datagram was dropped, per test: the receiver's (r18b's) socket buffer, and
+#: the kernel's per-CPU input backlog (netdev_max_backlog, machine-wide).
+DROP_COLUMNS = ["backend", "path", "test", "rep", "mbps_sent", "lost_packets", "rcvbuf_errors",
+                "backlog_drops", "cores_busy_pct"]
+TEST_COLUMNS = RESULT_COLUMNS + COST_COLUMNS[4:] + DROP_COLUMNS[6:]
+COMPARE_COLUMNS = ["backend", "repeats", "tcp_tunnel_mbps", "tcp_direct_mbps", "tcp_ratio",
+                   "udp_tunnel_mbps", "udp_direct_mbps", "udp_ratio", "udp_tunnel_lost_pct",
+                   "udp_direct_lost_pct", "added_latency_ms", "tcp_hoa_cpu_pct",
+                   "tcp_foa_cpu_pct", "udp_hoa_cpu_pct", "udp_foa_cpu_pct", "idle_hoa_cpu_pct",
+                   "idle_foa_cpu_pct", "tunnel_mtu_ok"]
 
 
 class BenchError(Exception):
@@ -251,34 +278,134 @@ def parse_route_mtu(text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def parse_snmp_udp(text: str) -> dict[str, int]:
+    """The ``Udp:`` counters of ``/proc/net/snmp`` (per network namespace) by name."""
+    lines = [line.split() for line in text.splitlines() if line.startswith("Udp:")]
+    if len(lines) < 2 or len(lines[0]) != len(lines[1]):
+        raise BenchError(f"no Udp counters in /proc/net/snmp: {text[:80]!r}")
+    try:
+        return {name: int(value) for name, value in zip(lines[0][1:], lines[1][1:])}
+    except ValueError:
+        raise BenchError(f"Udp counters are not numbers: {lines[1]!r}") from None
+
+
+def parse_softnet_drops(text: str) -> int:
+    """Packets dropped because a CPU's input backlog was full (``/proc/net/softnet_stat``'s
+    second column, hexadecimal, summed over the CPUs)."""
+    total = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        try:
+            total += int(fields[1], 16)
+        except ValueError:
+            raise BenchError(f"not a softnet_stat line: {line[:80]!r}") from None
+    return total
+
+
+def parse_cpu_times(text: str) -> dict[str, tuple[int, int]]:
+    """Per core, from ``/proc/stat``: (busy, total) clock ticks, busy being everything but
+    idle and iowait (user, system, irq, softirq, steal...)."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or not re.fullmatch(r"cpu\d+", fields[0]):
+            continue
+        try:
+            ticks = [int(f) for f in fields[1:9]]
+        except ValueError:
+            raise BenchError(f"not a /proc/stat cpu line: {line[:80]!r}") from None
+        if len(ticks) < 5:
+            raise BenchError(f"not a /proc/stat cpu line: {line[:80]!r}")
+        total = sum(ticks)
+        out[fields[0]] = (total - ticks[3] - ticks[4], total)
+    return out
+
+
+def core_busy(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    """Each core's busy share between two snapshots, "cpu0 97/cpu1 45" (percent)."""
+    shares = []
+    for cpu in sorted(after, key=lambda c: int(c[3:])):
+        if cpu not in before:
+            continue
+        busy = after[cpu][0] - before[cpu][0]
+        total = after[cpu][1] - before[cpu][1]
+        shares.append(f"{cpu} {round(100 * busy / total) if total > 0 else 0}")
+    return "/".join(shares)
+
+
+def median(values: list[Any]) -> float | None:
+    """The median of the values that are numbers (None when there are none)."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return round(statistics.median(numbers), 3) if numbers else None
+
+
 def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tunnel versus direct for one backend, from its test rows."""
-    def pick(path: str, test: str) -> dict[str, Any]:
-        return next((r for r in rows if r["path"] == path and r["test"] == test), {})
+    """Tunnel versus direct for one backend, from its test rows: the median of each path's
+    figures over the repetitions (``rep``), and ratios and differences as the median of
+    each repetition's pair (tunnel and direct measured back to back), so a slow moment of
+    the machine weighs on both sides of the pair it falls into."""
+    def pick(path: str, test: str) -> dict[int, dict[str, Any]]:
+        return {int(r.get("rep") or 0): r for r in rows
+                if r["path"] == path and r["test"] == test and not r.get("error")}
 
-    tcp_t, tcp_d = pick("tunnel", "tcp"), pick("direct", "tcp")
-    udp_t, udp_d = pick("tunnel", "udp"), pick("direct", "udp")
-    ping_t, ping_d = pick("tunnel", "ping"), pick("direct", "ping")
-    added = None
-    if ping_t.get("rtt_avg_ms") is not None and ping_d.get("rtt_avg_ms") is not None:
-        added = round(ping_t["rtt_avg_ms"] - ping_d["rtt_avg_ms"], 3)
-    def ratio_of(tunnel: dict[str, Any], direct: dict[str, Any]) -> float | None:
-        if tunnel.get("mbps_received") and direct.get("mbps_received"):
-            return round(tunnel["mbps_received"] / direct["mbps_received"], 3)
-        return None
+    def med(path: str, test: str, key: str) -> float | None:
+        return median([r.get(key) for r in pick(path, test).values()])
 
-    ratio = ratio_of(tcp_t, tcp_d)
+    def paired(test: str, key: str, how: Callable[[float, float], float]) -> float | None:
+        tunnel, direct = pick("tunnel", test), pick("direct", test)
+        values = [how(tunnel[n][key], direct[n][key]) for n in sorted(set(tunnel) & set(direct))
+                  if tunnel[n].get(key) is not None and direct[n].get(key)]
+        return median(values)
+
+    def ratio(test: str) -> float | None:
+        return paired(test, "mbps_received", lambda t, d: t / d)
+
+    idle = {role: median([r.get(f"{role}_cpu_pct") for test in ("tcp", "udp")
+                          for r in pick("direct", test).values()]) for role in ("hoa", "foa")}
     return {
-        "tcp_tunnel_mbps": tcp_t.get("mbps_received"), "tcp_direct_mbps": tcp_d.get("mbps_received"),
-        "tcp_ratio": ratio,
-        "udp_tunnel_mbps": udp_t.get("mbps_received"), "udp_direct_mbps": udp_d.get("mbps_received"),
-        "udp_ratio": ratio_of(udp_t, udp_d),
-        "udp_tunnel_lost_pct": udp_t.get("lost_percent"),
-        "udp_direct_lost_pct": udp_d.get("lost_percent"),
-        "udp_hoa_cpu_pct": udp_t.get("hoa_cpu_pct"), "udp_foa_cpu_pct": udp_t.get("foa_cpu_pct"),
-        "added_latency_ms": added,
-        "tcp_hoa_cpu_pct": tcp_t.get("hoa_cpu_pct"), "tcp_foa_cpu_pct": tcp_t.get("foa_cpu_pct"),
+        "repeats": len(set(pick("tunnel", "tcp")) & set(pick("direct", "tcp"))),
+        "tcp_tunnel_mbps": med("tunnel", "tcp", "mbps_received"),
+        "tcp_direct_mbps": med("direct", "tcp", "mbps_received"),
+        "tcp_ratio": ratio("tcp"),
+        "udp_tunnel_mbps": med("tunnel", "udp", "mbps_received"),
+        "udp_direct_mbps": med("direct", "udp", "mbps_received"),
+        "udp_ratio": ratio("udp"),
+        "udp_tunnel_lost_pct": med("tunnel", "udp", "lost_percent"),
+        "udp_direct_lost_pct": med("direct", "udp", "lost_percent"),
+        "udp_hoa_cpu_pct": med("tunnel", "udp", "hoa_cpu_pct"),
+        "udp_foa_cpu_pct": med("tunnel", "udp", "foa_cpu_pct"),
+        "added_latency_ms": paired("ping", "rtt_avg_ms", lambda t, d: t - d),
+        "tcp_hoa_cpu_pct": med("tunnel", "tcp", "hoa_cpu_pct"),
+        "tcp_foa_cpu_pct": med("tunnel", "tcp", "foa_cpu_pct"),
+        "idle_hoa_cpu_pct": idle["hoa"], "idle_foa_cpu_pct": idle["foa"],
     }
+
+
+def parse_affinity(text: str) -> tuple[str | None, str | None]:
+    """``CLIENT,SERVER`` core numbers (either may be empty) -> the two, None where unpinned."""
+    parts = (text or "").split(",")
+    if len(parts) > 2 or not all(re.fullmatch(r"\d*", p.strip()) for p in parts):
+        raise BenchError(f"affinity {text!r} is not CLIENT,SERVER core numbers (e.g. 0,1 or ,1)")
+    client, server = (parts + [""])[:2]
+    return client.strip() or None, server.strip() or None
+
+
+def pinned(argv: list[str], cpu: str | None) -> list[str]:
+    """``argv`` run on core ``cpu`` (taskset -c), or as it is when None."""
+    return ["taskset", "-c", cpu, *argv] if cpu is not None else argv
+
+
+def iperf_client_argv(dst: str, port: int, args: argparse.Namespace, udp: bool) -> list[str]:
+    """The iperf3 client's command line for one test (the server takes -w from it)."""
+    argv = ["iperf3", "-c", dst, "-p", str(port), "-t", f"{args.seconds:g}", "-J",
+            "--connect-timeout", "5000"]
+    if udp:
+        argv += ["-u", "-b", args.udp_rate, "-l", str(args.udp_length)]
+        if args.udp_window:
+            argv += ["-w", args.udp_window]
+    return argv
 
 
 # --- the machine and its tools -------------------------------------------------------------
@@ -293,6 +420,14 @@ def _first_line(argv: list[str]) -> str | None:
         return None
     text = (proc.stdout or proc.stderr).strip()
     return text.splitlines()[0] if text else None
+
+
+def _loadavg() -> str | None:
+    """The 1, 5 and 15 minute load averages as ``uptime`` prints them (None if unreadable)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
 
 
 def environment() -> dict[str, Any]:
@@ -386,10 +521,19 @@ class TunnelBench:
                          "raw": parse_proc_net_raw(raw.stdout) if raw.returncode == 0 else None}
         return out
 
+    def drops(self) -> dict[str, int]:
+        """The receiver's UDP socket-buffer overflows (r18b's namespace) and the machine's
+        input-backlog drops, now."""
+        snmp = self.run_in(OBJECT_ROUTER, ["cat", "/proc/net/snmp"], timeout=10)
+        return {"rcvbuf_errors": parse_snmp_udp(snmp.stdout).get("RcvbufErrors", 0),
+                "backlog_drops": parse_softnet_drops(Path("/proc/net/softnet_stat").read_text())}
+
     def measured(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run one test and add the daemons' CPU use over its wall time and the tunnel's
-        drop counters."""
+        """Run one test and add the daemons' CPU use over its wall time, the tunnel's drop
+        counters and where UDP datagrams were dropped."""
         counters_before = self.counters()
+        drops_before = self.drops()
+        cores_before = parse_cpu_times(Path("/proc/stat").read_text())
         before, t0 = self.cpu_seconds(), time.monotonic()
         error = None
         try:
@@ -398,10 +542,13 @@ class TunnelBench:
             row, error = {}, str(exc)
         wall = time.monotonic() - t0
         after = self.cpu_seconds()
+        row["cores_busy_pct"] = core_busy(cores_before, parse_cpu_times(Path("/proc/stat").read_text()))
         row["wall_s"] = round(wall, 3)
         for role in self.pids:
             use = cpu_use(before[role], after[role], wall)
             row[f"{role}_cpu_s"], row[f"{role}_cpu_pct"] = use["cpu_s"], use["cpu_pct"]
+        drops_after = self.drops()
+        row.update({k: drops_after[k] - drops_before[k] for k in drops_after})
         row.update(counter_deltas(counters_before, self.counters()))
         row["error"] = error
         return row
@@ -421,18 +568,16 @@ class TunnelBench:
 
         self.port += 1
         port = str(self.port)
+        client_cpu, server_cpu = parse_affinity(self.args.affinity)
         server = self.moat.net[OBJECT_ROUTER].popen(
-            ["iperf3", "-s", "-1", "-B", dst, "-p", port, "--forceflush"],
+            pinned(["iperf3", "-s", "-1", "-B", dst, "-p", port, "--forceflush"], server_cpu),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             try:
                 wait_for_marker(server, server.stdout, b"Server listening", timeout=10)
             except TopologyError as exc:
                 raise BenchError(f"server did not start: {exc}") from None
-            argv = ["iperf3", "-c", dst, "-p", port, "-t", f"{self.args.seconds:g}", "-J",
-                    "--connect-timeout", "5000"]
-            if udp:
-                argv += ["-u", "-b", self.args.udp_rate, "-l", str(UDP_LEN)]
+            argv = pinned(iperf_client_argv(dst, self.port, self.args, udp), client_cpu)
             proc = self.run_in(CO_HOST, argv, timeout=self.args.seconds + 60)
             result = parse_iperf3(proc.stdout)
         finally:
@@ -481,21 +626,26 @@ class TunnelBench:
             ("tcp", lambda dst: self.iperf(dst, udp=False)),
             ("udp", lambda dst: self.iperf(dst, udp=True)),
         ]
+        tests = [(name, fn) for name, fn in tests if name in self.args.tests]
         say(f"  {self.backend}: MTU check (DF pings through the tunnel)")
         mtu = self.mtu_check()
         rows = []
         for test, fn in tests:
-            for path, dst in paths:
-                say(f"  {self.backend}: {test} {path} -> {dst}")
-                row = {"backend": self.backend, "path": path, "test": test, "dst": dst}
-                row.update(self.measured(lambda fn=fn, dst=dst: fn(dst)))
-                if row["error"]:
-                    say(f"    FAILED: {row['error']}")
-                rows.append(row)
+            for rep in range(self.args.repeats):
+                # tunnel then direct, then direct then tunnel: neither path always goes first
+                for path, dst in (paths if rep % 2 == 0 else paths[::-1]):
+                    say(f"  {self.backend}: {test} {path} -> {dst} ({rep + 1}/{self.args.repeats})")
+                    row = {"backend": self.backend, "path": path, "test": test, "dst": dst,
+                           "rep": rep + 1}
+                    row.update(self.measured(lambda fn=fn, dst=dst: fn(dst)))
+                    if row["error"]:
+                        say(f"    FAILED: {row['error']}")
+                    rows.append(row)
         mtu["co14_route_mtu_after_tcp"] = self.route_mtu(self.tunnel_dst)
-        tcp_tunnel = next(r for r in rows if r["path"] == "tunnel" and r["test"] == "tcp")
-        mtu["tcp_over_tunnel_ok"] = not tcp_tunnel["error"] and (tcp_tunnel.get("mbps_received") or 0) > 0
-        mtu["tcp_pmtu"] = tcp_tunnel.get("pmtu")
+        tcp_tunnel = [r for r in rows if r["path"] == "tunnel" and r["test"] == "tcp"]
+        mtu["tcp_over_tunnel_ok"] = bool(tcp_tunnel) and all(
+            not r["error"] and (r.get("mbps_received") or 0) > 0 for r in tcp_tunnel)
+        mtu["tcp_pmtu"] = tcp_tunnel[-1].get("pmtu") if tcp_tunnel else None
         return {"tests": rows, "mtu": mtu, "comparison": dict(compare(rows), tunnel_mtu_ok=mtu["ok"])}
 
 
@@ -558,8 +708,14 @@ def method(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
                        "home LAN, HOA r22b (proxy ARP), GRE via r22a, FOA r18a, r18b; replies direct",
         "direct_path": f"co14 -> {DIRECT_DST} (r18b's LAN address): r20a, r22a, r18a, r18b",
         "link_shaping": shaping(args.backbone_bw),
-        "tcp": f"iperf3 -c DST -t {args.seconds:g} -J (one stream; server iperf3 -s -1 -B DST in r18b)",
-        "udp": f"iperf3 -c DST -u -b {args.udp_rate} -l {UDP_LEN} -t {args.seconds:g} -J",
+        "tcp": " ".join(iperf_client_argv("DST", IPERF_PORT, args, udp=False))
+               + " (one stream; server iperf3 -s -1 -B DST in r18b)",
+        "udp": " ".join(iperf_client_argv("DST", IPERF_PORT, args, udp=True)),
+        "pinning": "client (co14) on core {}, server (r18b) on core {} (taskset -c)".format(
+            *(c if c is not None else "any" for c in parse_affinity(args.affinity))),
+        "repeats": f"{args.repeats} of each test on each path, tunnel and direct back to back "
+                   "(order swapped every repetition); figures are medians, ratios the median "
+                   "of each repetition's tunnel/direct",
         "latency": f"ping -c {args.pings} -i {PING_INTERVAL} -q from co14; added latency = "
                    "tunnel avg - direct avg",
         "cpu_use": "utime+stime of the HOA and FOA agent daemons from /proc/<pid>/stat before and after "
@@ -570,8 +726,14 @@ def method(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
                  "GRE socket (/proc/net/raw)",
         "mtu": f"DF pings of {TUN_MTU_EXPECTED} and {TUN_MTU_EXPECTED + 1} bytes to the home address; "
                "TCP's last path MTU from iperf3's per-interval pmtu",
+        "udp_drops": "per test: rcvbuf_errors = Udp RcvbufErrors in r18b (the receiver's "
+                     "socket full), backlog_drops = /proc/net/softnet_stat drops (a CPU's "
+                     "input backlog full, machine-wide), cores_busy_pct = each core's "
+                     "non-idle share (/proc/stat, the whole machine: other jobs included)",
         "seconds": args.seconds, "pings": args.pings, "udp_rate": args.udp_rate,
-        "udp_length": UDP_LEN, **env,
+        "udp_length": args.udp_length, "udp_window": args.udp_window,
+        "affinity": args.affinity, "repeats_n": args.repeats,
+        "load_before": _loadavg(), **env,
     }
 
 
@@ -579,9 +741,11 @@ def print_report(summary: dict[str, Any], out: TextIO) -> None:
     m = summary["method"]
     w = out.write
     w("MOAT GRE tunnel benchmark\n")
-    for key in ("topology", "tunnel_path", "direct_path", "link_shaping", "tcp", "udp", "latency",
-                "cpu_use", "drops", "mtu"):
-        w(f"  {key:<12} {m[key]}\n")
+    for key in ("topology", "tunnel_path", "direct_path", "link_shaping", "tcp", "udp", "pinning",
+                "repeats",
+                "latency", "cpu_use", "drops", "udp_drops", "mtu", "load_before"):
+        if key in m:
+            w(f"  {key:<12} {m[key]}\n")
     w(f"  {'tools':<12} {m['iperf3']}; {m['ping']}; mininet {m['mininet']}; {m['python']}\n")
     w(f"  {'machine':<12} {m['cpu']} x{m['cpus']}; kernel {m['kernel']}\n")
     for backend, info in summary["backends"].items():
@@ -590,12 +754,18 @@ def print_report(summary: dict[str, Any], out: TextIO) -> None:
               f"{' — ' + info['reason'] if info.get('reason') else ''}\n")
     rows = [r for info in summary["backends"].values() for r in info.get("tests", [])]
     if rows:
-        for columns in (RESULT_COLUMNS, COST_COLUMNS):
+        for columns in (RESULT_COLUMNS, COST_COLUMNS, DROP_COLUMNS):
             shown = [c for c in columns if c in ("backend", "path", "test") or any(r.get(c) is not None for r in rows)]
+            if columns is DROP_COLUMNS:
+                shown_rows = [r for r in rows if r["test"] == "udp"]
+                w("\n" + format_table(shown_rows, shown) + "\n")
+                continue
             w("\n" + format_table(rows, shown) + "\n")
         comps = [dict(info["comparison"], backend=b) for b, info in summary["backends"].items()
                  if info.get("comparison")]
-        w("\n" + format_table(comps, COMPARE_COLUMNS) + "\n")
+        w("\nmedians (ratios: median of each repetition's tunnel/direct; idle_*: the agents "
+          "during the direct path's tests)\n")
+        w(format_table(comps, COMPARE_COLUMNS) + "\n")
     for backend, info in summary["backends"].items():
         mtu = info.get("mtu")
         if not mtu:
@@ -606,7 +776,8 @@ def print_report(summary: dict[str, Any], out: TextIO) -> None:
           f"{' (mtu=' + str(mtu['df_too_big']['reported_mtu']) + ')' if mtu['df_too_big']['reported_mtu'] else ''}; "
           f"co14 route mtu {mtu['co14_route_mtu_after_tcp']}; TCP over the tunnel "
           f"{'works' if mtu['tcp_over_tunnel_ok'] else 'DOES NOT WORK'} (sender pmtu {mtu['tcp_pmtu']})\n")
-    w(f"\nresults in {summary['dest']}\n")
+    w(f"\nload average before {m.get('load_before')}, after {summary.get('load_after')}; "
+      f"results in {summary['dest']}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -618,6 +789,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"pings per path (default {DEFAULT_PINGS})")
     parser.add_argument("--udp-rate", default=DEFAULT_UDP_RATE,
                         help=f"iperf3 UDP target rate (default {DEFAULT_UDP_RATE})")
+    parser.add_argument("--udp-length", type=int, default=UDP_LEN,
+                        help=f"iperf3 UDP datagram payload (-l, default {UDP_LEN})")
+    parser.add_argument("--udp-window", default=DEFAULT_UDP_WINDOW,
+                        help=f"iperf3 -w for UDP, both ends' socket buffers (default "
+                             f"{DEFAULT_UDP_WINDOW}; '' for the system default)")
+    parser.add_argument("--affinity", default=DEFAULT_AFFINITY,
+                        help=f"CLIENT,SERVER cores for iperf3 (taskset -c; default "
+                             f"{DEFAULT_AFFINITY}; an empty part leaves that end unpinned)")
+    parser.add_argument("--tests", default="ping,tcp,udp",
+                        help="comma list of ping,tcp,udp (default all)")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                        help=f"runs of each test on each path; medians (default {DEFAULT_REPEATS})")
     parser.add_argument("--backends", default=None,
                         help="comma list of userspace,kernel,ebpf (default: every one available)")
     parser.add_argument("--backbone-bw", type=float, default=None,
@@ -630,8 +813,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seconds <= 0 or args.pings < 1:
-        print("--seconds must be > 0 and --pings >= 1", file=sys.stderr)
+    if args.seconds <= 0 or args.pings < 1 or args.repeats < 1 or not 0 < args.udp_length <= 65507:
+        print("--seconds must be > 0, --pings and --repeats >= 1, --udp-length 1..65507",
+              file=sys.stderr)
+        return 2
+    try:
+        parse_affinity(args.affinity)
+    except BenchError as exc:
+        print(f"--affinity: {exc}", file=sys.stderr)
+        return 2
+    args.tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    if not args.tests or set(args.tests) - {"ping", "tcp", "udp"}:
+        print("--tests must list some of ping, tcp, udp", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("bench tunnel needs root (network namespaces): run it with sudo", file=sys.stderr)
@@ -674,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["run_id"] = runs[0] if runs else new_run_id()
     dest = results_dir("bench_tunnel", summary["run_id"], args.results)
     summary["dest"] = str(dest)
+    summary["load_after"] = _loadavg()
     write_json(dest / "summary.json", summary)
     if args.json:
         json.dump(summary, out, indent=2, default=str)

@@ -263,3 +263,95 @@ def test_parser_defaults() -> None:
     assert args.backends is None and args.udp_rate == "1G" and not args.json
     assert bt.shaping(None).startswith("backbone links unshaped")
     assert "htb 100 Mbit/s" in bt.shaping(100.0)
+
+
+def test_compare_takes_medians_and_pairs_each_repetition() -> None:
+    """Three repetitions: the ratio is the median of each pair's tunnel/direct (0.5, 0.8,
+    0.9 -> 0.8), not the ratio of the medians (80/100); an errored row counts for nothing."""
+    rows = []
+    for rep, (tunnel, direct, lost_t, lost_d, hoa_t, hoa_d) in enumerate(
+            [(50.0, 100.0, 0.0, 0.0, 1.0, 0.5), (80.0, 100.0, 0.2, 0.1, 2.0, 0.7),
+             (90.0, 100.0, 0.1, 0.0, 9.0, 0.6)], start=1):
+        rows += [{"path": "tunnel", "test": "tcp", "rep": rep, "mbps_received": tunnel, "hoa_cpu_pct": hoa_t},
+                 {"path": "direct", "test": "tcp", "rep": rep, "mbps_received": direct, "hoa_cpu_pct": hoa_d},
+                 {"path": "tunnel", "test": "udp", "rep": rep, "mbps_received": 900.0, "lost_percent": lost_t},
+                 {"path": "direct", "test": "udp", "rep": rep, "mbps_received": 1000.0, "lost_percent": lost_d}]
+    rows.append({"path": "tunnel", "test": "tcp", "rep": 4, "mbps_received": 1.0, "error": "iperf3: boom"})
+    rows.append({"path": "direct", "test": "tcp", "rep": 4, "mbps_received": 100.0})
+    c = bt.compare(rows)
+    assert c["tcp_ratio"] == 0.8 and c["tcp_tunnel_mbps"] == 80.0 and c["tcp_direct_mbps"] == 100.0
+    assert c["repeats"] == 3 and c["udp_ratio"] == 0.9
+    assert c["udp_tunnel_lost_pct"] == 0.1 and c["udp_direct_lost_pct"] == 0.0
+    assert c["tcp_hoa_cpu_pct"] == 2.0 and c["idle_hoa_cpu_pct"] == 0.6
+
+
+def test_median_ignores_what_is_no_number() -> None:
+    assert bt.median([3, None, 1, 2.0, True]) == 2.0
+    assert bt.median([None]) is None and bt.median([]) is None
+
+
+def test_snmp_udp_counters() -> None:
+    text = ("Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+            "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+            "Udp: 5198 4 17 5332 15 0\n"
+            "UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+            "UdpLite: 0 0 0 0 0 0\n")
+    udp = bt.parse_snmp_udp(text)
+    assert udp["RcvbufErrors"] == 15 and udp["InErrors"] == 17 and udp["InDatagrams"] == 5198
+    with pytest.raises(bt.BenchError, match="no Udp counters"):
+        bt.parse_snmp_udp("Ip: Forwarding\nIp: 1\n")
+
+
+def test_softnet_drops_sum_the_second_column_in_hex() -> None:
+    text = ("023095e6 00000000 0000001c 00000000\n"
+            "02471dc7 0000001a 0000001d 00000000\n")
+    assert bt.parse_softnet_drops(text) == 0x1a
+    with pytest.raises(bt.BenchError):
+        bt.parse_softnet_drops("0001 zz 0002\n")
+
+
+def test_iperf_argv_sizes_udp_buffers_and_pinning_wraps_it() -> None:
+    args = bt.build_parser().parse_args([])
+    assert args.repeats == 3 and args.udp_window == "4M" and args.affinity == ""
+    tcp = bt.iperf_client_argv("10.12.0.2", 5202, args, udp=False)
+    assert tcp[:5] == ["iperf3", "-c", "10.12.0.2", "-p", "5202"]
+    assert "-u" not in tcp and "-w" not in tcp  # TCP keeps its autotuned window
+    udp = bt.iperf_client_argv("10.12.0.2", 5202, args, udp=True)
+    assert udp[udp.index("-w") + 1] == "4M" and udp[udp.index("-l") + 1] == "1400"
+    assert udp[udp.index("-b") + 1] == "1G"
+    bare = bt.build_parser().parse_args(["--udp-window", ""])
+    assert "-w" not in bt.iperf_client_argv("10.12.0.2", 5202, bare, udp=True)
+    assert bt.pinned(["iperf3", "-s"], "1") == ["taskset", "-c", "1", "iperf3", "-s"]
+    assert bt.pinned(["iperf3", "-s"], None) == ["iperf3", "-s"]
+
+
+@pytest.mark.parametrize("text, expect", [("0,1", ("0", "1")), (",1", (None, "1")),
+                                          ("0", ("0", None)), ("", (None, None)),
+                                          (" 1 , 0 ", ("1", "0"))])
+def test_affinity(text: str, expect: tuple) -> None:
+    assert bt.parse_affinity(text) == expect
+
+
+@pytest.mark.parametrize("text", ["0,1,2", "a,1", "-1"])
+def test_affinity_refused(text: str) -> None:
+    with pytest.raises(bt.BenchError, match="not CLIENT,SERVER"):
+        bt.parse_affinity(text)
+
+
+def test_bad_options_are_refused_before_anything_runs(capsys) -> None:
+    assert bt.main(["--repeats", "0"]) == 2
+    assert bt.main(["--affinity", "x"]) == 2
+    assert bt.main(["--tests", "ping,bogus"]) == 2
+    assert "--tests" in capsys.readouterr().err
+
+
+def test_core_busy_from_proc_stat() -> None:
+    before = bt.parse_cpu_times("cpu  30 0 30 900 0 0 0 0 0 0\n"
+                                "cpu0 10 0 10 400 0 0 0 0 0 0\ncpu1 20 0 20 500 0 0 0 0 0 0\n"
+                                "intr 5\n")
+    assert before == {"cpu0": (20, 420), "cpu1": (40, 540)}
+    # cpu0: 90 of 100 ticks busy (softirq counts); cpu1: 10 of 100 (iowait is idle)
+    after = bt.parse_cpu_times("cpu0 50 0 30 410 0 0 30 0 0 0\ncpu1 25 0 25 580 10 0 0 0 0 0\n")
+    assert bt.core_busy(before, after) == "cpu0 90/cpu1 10"
+    with pytest.raises(bt.BenchError):
+        bt.parse_cpu_times("cpu0 1 2 x 4 5\n")
