@@ -222,23 +222,50 @@ def _one_co(requests: list[dict[str, Any]], move: dict[str, Any], start: float, 
             "latency_ms": round(statistics.median(latencies), 2) if latencies else None}
 
 
-def state_survived(requests: list[dict[str, Any]]) -> dict[str, Any]:
+def state_survived(requests: list[dict[str, Any]],
+                   moves: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The counter counted every served request exactly once, across every move (and
-    across COs: each CO's requests in its own order, every count given once)."""
+    across COs: each CO's requests in its own order, every count given once).
+
+    With ``moves``, a request answered after a later one of its CO is attributed to the
+    move in whose window (its start to the next move's) it was sent: in break-before-make
+    a request in flight during the break (queued while its address resolved, or sent to
+    the held source and back) can arrive after a newer one took the new path; the count
+    is still exact. ``exact`` then asks the order only outside break-before-make windows
+    (``out_of_order`` gives how many per mode)."""
     counts: dict[tuple[str, int], set] = {}
+    sent: dict[tuple[str, int], float] = {}
     for q in requests:
         for r in q["replies"]:
             if r.get("ok"):
                 counts.setdefault((q.get("co", ""), q["seq"]), set()).add(r["result"]["count"])
+                sent[(q.get("co", ""), q["seq"])] = q["sent"]
     consistent = all(len(c) == 1 for c in counts.values())  # bicast copies agree
-    ordered = [(co, next(iter(c))) for (co, _), c in sorted(counts.items())]
-    monotonic = all(b > a for (x, a), (y, b) in zip(ordered, ordered[1:]) if x == y)
+    ordered = [(key, next(iter(c))) for key, c in sorted(counts.items())]
+    late = [a for (a, ca), (b, cb) in zip(ordered, ordered[1:]) if a[0] == b[0] and cb <= ca]
+    monotonic = not late
+    out_of_order: dict[str, int] = {}
+    for key in late:
+        mode = _mode_at(sent[key], moves or [])
+        out_of_order[mode] = out_of_order.get(mode, 0) + 1
+    in_order = not late if moves is None else \
+        all(mode == MODES["bbm"] for mode in out_of_order)
     values = sorted(v for _, v in ordered)
     final = values[-1] if values else 0
     once = values == list(range(1, len(values) + 1))
     return {"answered": len(counts), "final_count": final,
-            "consistent": consistent, "monotonic": monotonic,
-            "exact": bool(values) and once and monotonic and consistent}
+            "consistent": consistent, "monotonic": monotonic, "out_of_order": out_of_order,
+            "exact": bool(values) and once and in_order and consistent}
+
+
+def _mode_at(at: float, moves: list[dict[str, Any]]) -> str:
+    """The mode of the move whose window holds ``at`` ("none" before the first)."""
+    mode = "none"
+    for move in sorted(moves, key=lambda m: m["started"]):
+        if move["started"] > at:
+            break
+        mode = move["mode"]
+    return mode
 
 
 def plot(requests: list[dict[str, Any]], moves: list[dict[str, Any]], rows: list[dict[str, Any]],
@@ -386,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         requests = sorted((q for co, path in logs.items() for q in read_requests(path, co)),
                           key=lambda q: q["sent"])
     rows = analyse(requests, moves)
-    survived = state_survived(requests)
+    survived = state_survived(requests, moves)
     survived["object_count"] = final["state"]["count"]
     pngs = plot(requests, moves, rows, dest, plan.co_hosts)
     write_csv(dest / "handoffs.csv", rows, handoff_columns(plan.co_hosts))
@@ -510,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "disruption_ms_worst", "wait_ms_median", "wait_ms_worst"]))
     st = summary["state"]
     print(f"\ncounter state: {st['answered']} requests answered, final count {st['final_count']} "
-          f"(object says {st['object_count']}); every request counted exactly once: {st['exact']}")
+          f"(object says {st['object_count']}); every request counted exactly once: {st['exact']}"
+          + (f"; answered after a newer one of its CO, by mode: {st['out_of_order']}"
+             if st.get("out_of_order") else ""))
     print(f"results in {out['dest']} ({', '.join(summary['plots'])}, summary.json, handoffs.csv, captures/)")
     print(f"done in {time.monotonic() - t0:.1f} s")
     return 0

@@ -442,7 +442,7 @@ class HostingRole(Role):
             await self._dark_route(hosted, on=False)
             hosted.dark = hosted.lan_dark = False
         if hosted.client is not None:
-            hosted.client.go_live()
+            await hosted.client.go_live()
 
     def _make_client(self, obj: ObjectConfig) -> RegistrationClient:
         discovery = self.discovery

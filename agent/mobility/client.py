@@ -360,20 +360,16 @@ class RegistrationClient:
                 self._announce(seen.ifindex, self.config.home_address)
         return attempt
 
-    def go_live(self) -> None:
+    async def go_live(self) -> None:
         """A warm instance takes over (its move's switch): at home it claims the home link
-        now, by announcing it (the source deregistered its own binding before it held),
-        and its loop deregisters every binding directly next (the home agent's bookkeeping,
-        off the switch's path); away, its binding is served already."""
+        now (every binding deregistered directly, then the address announced: in
+        break-before-make the held source's binding is still there, and what the HOA
+        tunnelled to it would come back late); away, its binding is served already."""
         if not self.dark:
             return
         self.dark = False
         if self.at_home:
-            seen = self.agents.get(self.config.home_agent)
-            if seen is not None:
-                self._announce(seen.ifindex, self.config.home_address)
-            self.at_home = False  # so that its loop claims the home link properly
-            self._wake.set()
+            await self.claim_home()
 
     async def leave_home(self) -> Attempt:
         """The instance at home leaves (a make-before-break move from home): lifetime 0

@@ -39,7 +39,10 @@ def test_short_handoff_run(tmp_path) -> None:
     for row in summary["handoffs"]:
         assert row["disruption_ms"] is not None, f"no reply from {row['to']} after move {row['n']}"
     state = summary["state"]
-    assert state["consistent"] and state["monotonic"] and state["exact"], state
+    # Each CO's order holds but where a break-before-make's break lets a request in flight
+    # arrive after a newer one (experiments.handoff.state_survived); the count is exact.
+    assert state["consistent"] and state["exact"], state
+    assert set(state["out_of_order"]) <= {"break-before-make"}, state
     assert state["object_count"] == state["final_count"]
     # Each move made with pre-copy (the default) and with the stop-copy baseline, same run.
     assert [r["transfer"] for r in summary["handoffs"] if r["mode"] == "make-before-break"] == \

@@ -48,3 +48,27 @@ def test_the_summary_gives_the_wait_per_co_and_overall() -> None:
     f = figures(rows, {"co12": "net 12", "co14": "net 14"})
     assert 39.0 <= f["wait_ms_worst"] <= 41.0 and f["wait_ms_median"] == f["wait_ms_worst"]
     assert 9.0 <= f["by_co"]["co12"]["wait_ms_worst"] <= 11.0
+
+
+def served(co: str, order: list[tuple[int, float]]) -> list[dict]:
+    """Requests (seq, sent) answered in the order given: the counter's count is its rank."""
+    return [{"co": co, "seq": seq, "sent": at, "replies": [
+        {"at": at + 0.001, "served_by": "r20a", "ok": True, "result": {"count": n + 1}}]}
+        for n, (seq, at) in enumerate(order)]
+
+
+MOVES = [{"mode": "make-before-break", "started": 100.0}, {"mode": "break-before-make", "started": 200.0}]
+
+
+def test_a_request_answered_after_a_newer_one_in_a_break_is_counted_exactly_once() -> None:
+    from experiments.handoff import state_survived
+    state = state_survived(served("co12", [(1, 150.0), (3, 201.0), (2, 200.5), (4, 202.0)]), MOVES)
+    assert state["out_of_order"] == {"break-before-make": 1} and not state["monotonic"]
+    assert state["exact"] and state["consistent"]
+
+
+def test_out_of_order_in_make_before_break_is_not_exact() -> None:
+    from experiments.handoff import state_survived
+    state = state_survived(served("co12", [(1, 150.0), (3, 151.0), (2, 150.5)]), MOVES)
+    assert state["out_of_order"] == {"make-before-break": 1} and not state["exact"]
+    assert not state_survived(served("co12", [(2, 150.0), (1, 149.0)]))["exact"]  # no moves

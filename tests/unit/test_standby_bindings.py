@@ -126,15 +126,16 @@ def test_a_dark_instance_at_home_neither_deregisters_nor_announces_until_it_goes
         w.advertise(HA, T0, T0 + 10, flags=HOME_AGENT, ifindex=1)
         await until(w.clock, T0 + 3)
         assert c.at_home and w.net.to(HA) == [] and w.announced == []
-        c.go_live()
-        assert w.announced == [(1, HOME)]  # at once, before anything is sent
+        await c.go_live()
+        [dereg] = w.net.to(HA)  # every binding deregistered directly, then announced
+        assert w.announced == [(1, HOME)]
         await until(w.clock, T0 + 5)
         await c.stop(deregister=False)
+        assert w.net.to(HA) == [dereg]  # nothing more: its loop finds it home
+        rrq = dereg.request
+        assert (rrq.lifetime, rrq.care_of_address, rrq.flags & RequestFlags.S) == (0, HOME, 0)
 
     run_virtual(w.clock, main)
-    [dereg] = w.net.to(HA)  # then its loop deregisters every binding directly
-    rrq = dereg.request
-    assert (rrq.lifetime, rrq.care_of_address, rrq.flags & RequestFlags.S) == (0, HOME, 0)
     assert HOME in w.hoa.bindings.at_home
     assert not w.c.dark and w.c.at_home
 
