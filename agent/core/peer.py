@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import select
 import time
 import weakref
@@ -66,6 +67,9 @@ POOL_TOTAL = 32
 POOL_IDLE = 10.0
 #: Connections a client has open to one peer at once (exchanges beyond wait for one).
 POOL_MAX_OPEN = 8
+#: ``MOAT_PEER_REUSE=0`` in an agent's environment selects the old path for every call that
+#: does not choose: a new connection per message (a baseline for the experiments).
+REUSE_ENV = "MOAT_PEER_REUSE"
 
 
 class PeerError(AgentError):
@@ -332,7 +336,7 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
                     timeout: float = PEER_TIMEOUT, txid: int = 0,
                     key: bytes | None = None, port: int = CONTROL_PORT,
                     seal_keys: Mapping[str, bytes] | None = None, *,
-                    idempotent: bool = False, reuse: bool = True,
+                    idempotent: bool = False, reuse: bool | None = None,
                     pool: PeerPool | None = None) -> dict[str, Any]:
     """One request/answer with the agent at ``address``; with ``key`` (the run's router key)
     the body's secret fields are sealed for that router (its public key in ``seal_keys``, by
@@ -344,11 +348,14 @@ async def peer_call(address: str, ctype: ControlType, body: dict[str, Any],
     crosses the wire in clear, issue 12), or when no connection took it.
 
     The exchange goes on a kept connection of ``pool`` (default: the running loop's), or on
-    a new one closed after it when ``reuse`` is false (the old path, for benchmarks).
+    a new one closed after it when ``reuse`` is false (the old path, for benchmarks; by
+    default as :data:`REUSE_ENV` says, else kept).
     ``idempotent``: the peer answers a repeat of this message as it answered the first (a
     MIGRATE commit or cancel of one epoch), so it is sent once more, re-signed, when a kept
     connection broke after it went."""
     frame = _prepare(address, ctype, body, txid, key, seal_keys)
+    if reuse is None:
+        reuse = os.environ.get(REUSE_ENV, "1").strip() != "0"
     the_pool = (pool if pool is not None else loop_pool()) if reuse else None
     fresh = the_pool is None
 

@@ -348,3 +348,21 @@ def test_pool_bounds_are_checked() -> None:
         PeerPool(max_open=0)
     with pytest.raises(ControlError):  # an unauthenticated message is refused by the check
         RouterKeyAuth(KEY, [HERE])(ControlMessage(MIGRATE, 1, {}))
+
+
+def test_the_environment_can_select_the_old_path(monkeypatch) -> None:
+    async def main() -> tuple[int, int]:
+        target, pool = Target(), PeerPool()
+        await target.server.start()
+        try:
+            for _ in range(2):
+                await target.call({"action": "cancel", "name": "c"}, pool)
+            return pool.opened, pool.idle_count()
+        finally:
+            pool.close()
+            await target.server.stop()
+
+    monkeypatch.setenv(peer_mod.REUSE_ENV, "0")
+    assert run(main()) == (0, 0)  # two connections of their own, none kept
+    monkeypatch.setenv(peer_mod.REUSE_ENV, "1")
+    assert run(main()) == (1, 1)
