@@ -60,6 +60,10 @@ def summarise(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         out[mode] = {part: {"median": round(statistics.median(r[part] for r in rows), 2),
                             "p90": round(percentile([r[part] for r in rows], 0.9), 2)}
                      for part in ("start_ms", "spawn_ms", "answer_ms")}
+    for mode, rows in samples.items():
+        steps = list(dict.fromkeys(k for r in rows for k in r if k.startswith("step:")))
+        out.setdefault(mode, {})["steps"] = {
+            k[5:]: round(statistics.median(r.get(k, 0.0) for r in rows), 2) for k in steps}
     if all(m in out for m in MODES):
         out["ratio_exec_over_fork"] = {
             part: {stat: round(out["exec"][part][stat] / out["fork"][part][stat], 1)
@@ -71,9 +75,10 @@ def summarise(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 async def one_start(mode: str, objects_dir: Path, cgroups: Any, limits: Any) -> dict[str, float]:
     from agent.hosting import sandbox_pool
     from agent.hosting.runtime import ObjectProcess
-    from agent.hosting.sandbox import ENV_SANDBOX_START, ObjectSandbox
+    from agent.hosting.sandbox import ENV_SANDBOX_START, ENV_START_TRACE, ObjectSandbox
 
     os.environ[ENV_SANDBOX_START] = mode
+    os.environ[ENV_START_TRACE] = "1"
     pool = sandbox_pool.pool_for(objects_dir, cgroups)
     if pool is not None:  # a router at rest: its slots are ready (refilled after each start)
         await asyncio.to_thread(pool.wait_full, 10.0)
@@ -93,11 +98,23 @@ async def one_start(mode: str, objects_dir: Path, cgroups: Any, limits: Any) -> 
         t0 = time.perf_counter()
         await process.start()
         t1 = time.perf_counter()
+        trace = list(process.sandbox.trace or [])
     finally:
         ObjectSandbox.start = original  # type: ignore[method-assign]
         await process.stop()
     return {"start_ms": (t1 - t0) * 1000, "spawn_ms": (marks["spawned"] - t0) * 1000,
-            "answer_ms": (t1 - marks["spawned"]) * 1000}
+            "answer_ms": (t1 - marks["spawned"]) * 1000, **step_times(trace)}
+
+
+def step_times(trace: list[tuple[str, float]]) -> dict[str, float]:
+    """``step:<stage>`` (ms): from the stamp before (in time) to that stage's own, for each
+    stage of one start's trace (:attr:`agent.hosting.sandbox.ObjectSandbox.trace`: the
+    agent's, the fork server's and the launcher's stamps on one monotonic clock)."""
+    out: dict[str, float] = {}
+    trace = sorted(trace, key=lambda stamp: stamp[1])  # processes interleave
+    for (_, before), (stage, at) in zip(trace, trace[1:]):
+        out[f"step:{stage}"] = out.get(f"step:{stage}", 0.0) + (at - before) * 1000
+    return out
 
 
 async def run(rounds: int) -> dict[str, Any]:
@@ -118,11 +135,12 @@ async def run(rounds: int) -> dict[str, Any]:
         await asyncio.to_thread(server.ensure_started)
         server_ms = (time.perf_counter() - t0) * 1000
         for mode in MODES:  # one unmeasured start each: page cache, first imports
-            await one_start(mode, tmp / "objects", cgroups, limits)
+            await one_start(mode, tmp / f"objects-{mode}", cgroups, limits)
         for i in range(rounds):
             order = MODES if i % 2 == 0 else MODES[::-1]
             for mode in order:
-                samples[mode].append(await one_start(mode, tmp / "objects", cgroups, limits))
+                samples[mode].append(await one_start(mode, tmp / f"objects-{mode}", cgroups,
+                                                     limits))
         server.stop()
     finally:
         sandbox_pool.close_all()
@@ -171,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                      "exec/fork (median)": f"{s['ratio_exec_over_fork'][part]['median']}x",
                      "exec/fork (p90)": f"{s['ratio_exec_over_fork'][part]['p90']}x"})
     print(format_table(rows))
+    print("\nwhere a start's time goes (median ms of each step, from the stamp before; "
+          "MOAT_START_TRACE)")
+    steps = list(dict.fromkeys([*s["fork"]["steps"], *s["exec"]["steps"]]))
+    print(format_table([{"step": k, "fork": s["fork"]["steps"].get(k, "-"),
+                         "exec": s["exec"]["steps"].get(k, "-")} for k in steps]))
     print(f"\nthe fork server's own start (once per agent, not above): "
           f"{result['fork_server_start_ms']} ms")
     return 0

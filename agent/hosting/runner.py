@@ -594,7 +594,20 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+_parser: argparse.ArgumentParser | None = None
+LOG_FORMAT = "%(asctime)s object %(name)s %(levelname)s %(message)s"
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    """The runner's argument parser, built once per process: the object fork server builds
+    it before it forks (half a millisecond of every forked object's start, issue 14)."""
+    global _parser
+    if _parser is None:
+        _parser = _build_parser()
+    return _parser
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m agent.hosting.runner")
     parser.add_argument("--spec", required=True, help="module:Class of the object")
     parser.add_argument("--name", required=True)
@@ -609,8 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leased", action="store_true",
                         help="serve only requests with a valid service credential (the key "
                              "arrives over the control socket: until then, refuse all)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s object %(name)s %(levelname)s %(message)s")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     return asyncio.run(run(args))
 
 

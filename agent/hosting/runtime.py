@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,7 @@ class ObjectProcess:
 
         if self.sandbox is not None:
             raise ObjectProcessError(f"object {self.name} was already started")
+        begun = time.monotonic()
         try:
             # A prepared slot's uid and directory when one is ready (issue 14), else made now.
             ident, workdir = sandbox_pool.claim(self.objects_dir, self.cgroups)
@@ -164,7 +166,8 @@ class ObjectProcess:
         pythonpath = f"{Path(self.code_dir).resolve()}:{REPO}" if self.code_dir else str(REPO)
         parent, child = socket.socketpair()
         spec = SandboxSpec(workdir, ident.uid, ident.gid, self._effective_limits(),
-                           env=minimal_env(workdir, PYTHONPATH=pythonpath), pass_fds=(child.fileno(),))
+                           env=minimal_env(workdir, PYTHONPATH=pythonpath), pass_fds=(child.fileno(),),
+                           prepared=sandbox_pool.take_launcher(workdir))
         if self.relay_dir is not None:
             from agent.hosting.hosted_registry import private_dir
 
@@ -173,11 +176,15 @@ class ObjectProcess:
             except (AgentError, OSError) as exc:
                 parent.close()
                 child.close()
+                if spec.prepared is not None:
+                    spec.prepared.close()
                 self._release()
                 raise ObjectProcessError(f"cannot start object {self.name}: {exc}") from None
             spec.relay_socket = self.relay_dir / f"{ident.name}.sock"
             spec.keep_fd = parent.fileno()
         self.sandbox = ObjectSandbox(ident.name, spec, self.cgroups)
+        if self.sandbox.trace is not None:
+            self.sandbox.trace.append(("begin", begun))
         argv = [sys.executable, "-m", "agent.hosting.runner", "--spec", self.spec, "--name", self.name,
                 "--address", self.address, "--port", str(self.port), "--router", self.router,
                 "--control-fd", str(child.fileno())]
@@ -200,6 +207,8 @@ class ObjectProcess:
         await self._open_channel(parent)
         try:
             await self.call("stats")  # answers once it serves (or queues): the start is complete
+            if self.sandbox.trace is not None:
+                self.sandbox.trace.append(("answered", time.monotonic()))
             if self.credentials is not None:
                 await self.call("credentials", service=self.credentials.service,
                                 instance=self.credentials.instance, key=self.credentials.key.hex(),

@@ -70,6 +70,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,6 +100,9 @@ ENV_RUN_ID = "MOAT_RUN_ID"  # fits in a pipe buffer: written before the launcher
 #: (the agents of a run inherit it); :attr:`SandboxSpec.start` sets it for one object.
 ENV_SANDBOX_START = "MOAT_SANDBOX_START"
 START_MODES = ("fork", "exec")
+#: "1": every start records the time of each of its steps (:attr:`ObjectSandbox.trace`,
+#: the agent's and the launcher's, one monotonic clock); ``moat bench objstart`` sets it.
+ENV_START_TRACE = "MOAT_START_TRACE"
 DEFAULT_START = "fork"  # every sandbox test passes both ways (tests/netns)
 DEVNULL = subprocess.DEVNULL
 
@@ -243,6 +247,10 @@ class SandboxSpec:
     keep_fd: int | None = None
     #: "fork" or "exec" (:data:`START_MODES`); None: :func:`start_mode`'s default.
     start: str | None = None
+    #: The prepared launcher of the sandbox slot this start took
+    #: (:func:`agent.hosting.sandbox_pool.take_launcher`): the fork path hands the object to
+    #: it when it fits the spec; :func:`spawn` closes it otherwise. Used once.
+    prepared: Any = None
 
     def launch_spec(self, argv: Sequence[str], cgroup: Cgroup | None) -> dict[str, Any]:
         for name in self.rlimits:
@@ -270,6 +278,11 @@ class SandboxSpec:
         }
 
 
+def tracing() -> bool:
+    """Whether starts record their steps' times (:data:`ENV_START_TRACE`)."""
+    return os.environ.get(ENV_START_TRACE) == "1"
+
+
 def start_mode(spec: SandboxSpec | None = None) -> str:
     """How ``spec``'s object starts: its own ``start``, else ``$MOAT_SANDBOX_START``, else
     :data:`DEFAULT_START`. SandboxError for anything but :data:`START_MODES`."""
@@ -281,20 +294,32 @@ def start_mode(spec: SandboxSpec | None = None) -> str:
 
 
 async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = None, *,
-                stdin: Any = DEVNULL, stdout: Any = DEVNULL,
-                stderr: Any = DEVNULL) -> tuple[asyncio.subprocess.Process, int]:
+                stdin: Any = DEVNULL, stdout: Any = DEVNULL, stderr: Any = DEVNULL,
+                trace: list[tuple[str, float]] | None = None
+                ) -> tuple[asyncio.subprocess.Process, int]:
     """Start ``argv`` under ``spec`` in ``cgroup``; returns once the object's program runs:
     the launcher's process (the relay, whose exit status is the object's) and the object's
     pid as the agent sees it (the relay's own with ``isolate_pids`` off).
 
     stdin/stdout/stderr take what :func:`asyncio.create_subprocess_exec` takes (DEVNULL by
-    default; an fd from :func:`open_log` for a log file; PIPE)."""
+    default; an fd from :func:`open_log` for a log file; PIPE). ``trace``: a list that gets
+    ``(stage, monotonic seconds)`` of each step, the agent's and the launcher's (the
+    benchmark's breakdown, :data:`ENV_START_TRACE`)."""
     if not argv:
         raise SandboxError("empty argv")
     if os.geteuid() != 0:
         raise SandboxError("controlled exec needs root (to join cgroups and change user)")
     mode = start_mode(spec)
     launch = spec.launch_spec(argv, cgroup)
+    # The start's slot's prepared launcher (issue 14), if it has one: the fork path uses it
+    # when it fits, anything else closes it.
+    prepared, spec.prepared = spec.prepared, None
+    if prepared is not None and mode != "fork":
+        prepared.close()
+        prepared = None
+    if trace is not None:
+        launch["trace"] = []
+        trace.append(("spawn", time.monotonic()))
     relay_fds: tuple[int, ...] = ()
     listener = None
     if spec.relay_socket is not None:
@@ -312,14 +337,20 @@ async def spawn(argv: Sequence[str], spec: SandboxSpec, cgroup: Cgroup | None = 
 
             try:
                 proc, status_r = await start_forked(launch, spec.pass_fds, launch.get("relay"),
-                                                    stdin, stdout, stderr, env=launcher_env())
+                                                    stdin, stdout, stderr, env=launcher_env(),
+                                                    launcher=prepared)
+                prepared = None
             except ForkServerError as exc:
                 raise SandboxError(f"cannot fork {argv[0]} in its sandbox: {exc}") from exc
         else:
             proc, status_r = await _exec_launcher(payload, spec, relay_fds, stdin=stdin,
                                                   stdout=stdout, stderr=stderr)
-        return await _started(argv, spec, proc, status_r)
+        if trace is not None:
+            trace.append(("launched", time.monotonic()))
+        return await _started(argv, spec, proc, status_r, trace)
     finally:
+        if prepared is not None:  # (a failure before it was handed on)
+            prepared.close()
         if listener is not None:
             listener.close()  # the relay holds it now
 
@@ -375,8 +406,8 @@ async def _exec_launcher(payload: bytes, spec: SandboxSpec, relay_fds: tuple[int
     return proc, status_r
 
 
-async def _started(argv: Sequence[str], spec: SandboxSpec, proc: Any,
-                   status_r: int) -> tuple[Any, int]:
+async def _started(argv: Sequence[str], spec: SandboxSpec, proc: Any, status_r: int,
+                   trace: list[tuple[str, float]] | None = None) -> tuple[Any, int]:
     """Either path: read the launcher's status pipe to its end (the object's program runs)
     or to its first failure."""
     loop = asyncio.get_running_loop()
@@ -391,6 +422,9 @@ async def _started(argv: Sequence[str], spec: SandboxSpec, proc: Any,
         raise SandboxError(f"sandbox launcher for {argv[0]} hung for {SPAWN_TIMEOUT}s") from None
     finally:
         transport.close()
+    if trace is not None:
+        trace.extend(read_trace(report))
+        trace.append(("started", time.monotonic()))
     object_pid, error = _read_report(report)
     if error is not None or (spec.isolate_pids and object_pid is None):
         await proc.wait()
@@ -431,9 +465,30 @@ def _read_report(report: bytes) -> tuple[int | None, dict[str, Any] | None]:
             error = error or {"stage": "?", "error": line.decode(errors="replace")}
         elif set(info) == {"pid"} and isinstance(info["pid"], int) and info["pid"] > 0:
             pid = info["pid"]
+        elif set(info) == {"trace"}:
+            continue  # read_trace's
         else:
             error = error or info
     return pid, error
+
+
+def read_trace(report: bytes) -> list[tuple[str, float]]:
+    """The launcher's stamps (its ``{"trace": [[stage, seconds], ...]}`` line), in order;
+    anything malformed is left out (they only ever explain a figure)."""
+    out: list[tuple[str, float]] = []
+    for line in report.splitlines():
+        try:
+            info = json.loads(line)
+        except ValueError:
+            continue
+        stamps = info.get("trace") if isinstance(info, dict) else None
+        if not isinstance(stamps, list):
+            continue
+        for item in stamps:
+            if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) \
+                    and isinstance(item[1], (int, float)) and not isinstance(item[1], bool):
+                out.append((item[0][:40], float(item[1])))
+    return out
 
 
 # --- a relay that outlives its agent -------------------------------------------------------
@@ -598,6 +653,9 @@ class ObjectSandbox:
         self._base: dict[str, int] = {}
         self._final: dict[str, Any] | None = None
         self._closed = False
+        #: ``(stage, monotonic seconds)`` of this start's steps when asked for (a list, set
+        #: by the caller or by :data:`ENV_START_TRACE`); None: not recorded.
+        self.trace: list[tuple[str, float]] | None = [] if tracing() else None
 
     async def __aenter__(self) -> ObjectSandbox:
         return self
@@ -676,17 +734,26 @@ class ObjectSandbox:
     async def start(self, argv: Sequence[str], **stdio: Any) -> asyncio.subprocess.Process:
         if self.proc is not None:
             raise SandboxError(f"object {self.name} already started")
-        if self.manager is not None and self.manager.version is not CgroupVersion.NONE:
-            # (a prepared slot's, made empty ahead under this name: sandbox_pool, issue 14)
-            self.cgroup = self.manager.create(self.name, self.spec.limits)
-        elif not self.spec.limits.is_empty():
-            raise SandboxError(f"object {self.name} has limits but there are no usable cgroups")
-        else:
-            log.warning("object %s runs without a cgroup (no limits, no measurements)", self.name)
-        self._base = {k: v or 0 for k, v in self._counters().items()}
+        if self.trace is not None:
+            self.trace.append(("sandbox", time.monotonic()))
         try:
-            self.proc, self._object_pid = await spawn(argv, self.spec, self.cgroup, **stdio)
+            if self.manager is not None and self.manager.version is not CgroupVersion.NONE:
+                # (a prepared slot's, made empty ahead under this name: sandbox_pool, issue 14;
+                # its prepared launcher may wait in it already: it runs nothing of the
+                # object's before these limits are written)
+                self.cgroup = self.manager.create(self.name, self.spec.limits)
+            elif not self.spec.limits.is_empty():
+                raise SandboxError(f"object {self.name} has limits but there are no usable cgroups")
+            else:
+                log.warning("object %s runs without a cgroup (no limits, no measurements)",
+                            self.name)
+            self._base = {k: v or 0 for k, v in self._counters().items()}
+            self.proc, self._object_pid = await spawn(argv, self.spec, self.cgroup,
+                                                      trace=self.trace, **stdio)
         except BaseException:
+            prepared, self.spec.prepared = self.spec.prepared, None
+            if prepared is not None:  # (spawn was not reached)
+                prepared.close()
             await self.close()
             raise
         return self.proc

@@ -64,6 +64,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not imported at run time: the launcher starts lean
     from typing import Any, Callable
@@ -456,11 +457,14 @@ def serve_agents(child: int, listen: int, keep: int | None) -> socket.socket | N
 
 
 def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None,
-                            watch: int | None = None, report: int | None = None) -> int:
+                            watch: int | None = None, report: int | None = None,
+                            start: int | None = None) -> int:
     """unshare(CLONE_NEWPID) and fork: returns (in the child, PID 1 of the new namespace) the
     read end of a pipe whose end of file means the relay has gone. The parent never returns;
     with ``relay_fds`` ({"listen", "keep"}) it serves agents (:func:`serve_agents`);
-    ``watch`` and ``report``: see :func:`relay`."""
+    ``watch`` and ``report``: see :func:`relay`. ``start`` (a prepared launcher's, fork
+    path): a socket on which the relay first waits for its object's start
+    (:func:`await_start`), which brings ``relay_fds`` and says whether it outlives the agent."""
     relay_fds = relay_fds or {}
     listen, keep = relay_fds.get("listen"), relay_fds.get("keep")
     _check(libc().unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
@@ -468,6 +472,8 @@ def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None,
     pid = os.fork()
     if pid == 0:
         os.close(alive_w)
+        if start is not None:
+            os.close(start)  # the relay's alone
         return alive_r
     try:
         os.close(alive_r)
@@ -478,9 +484,54 @@ def fork_into_pid_namespace(status_fd: int, relay_fds: dict | None = None,
         # The object's socket and log, STATUS_FD too; an agent's listening socket and its
         # end of the channel stay when the relay outlives the agent.
         close_other_fds({0, 1, 2, alive_w,
-                         *(fd for fd in (listen, keep, watch, report) if fd is not None)})
+                         *(fd for fd in (listen, keep, watch, report, start) if fd is not None)})
+        if start is not None:
+            listen, keep, watch = await_start(pid, start, watch)
     finally:
         relay(pid, listen, keep, watch, report)
+    raise AssertionError("unreachable")
+
+
+def await_start(child: int, start: int, watch: int | None
+                ) -> tuple[int | None, int | None, int | None]:
+    """A prepared launcher's relay (fork path) until its object starts: one message on
+    ``start`` (``{"outlive": bool}`` with the relay socket's listening fd and the agent's
+    end of the channel, when the object has them) gives :func:`relay` its ``listen``,
+    ``keep`` and ``watch`` (None once the object outlives the agent). The object's process
+    ending first goes straight to :func:`relay` (which reports it); the agent gone (``watch``
+    readable), the socket closed (the slot let go) or anything but that message: the relay
+    kills itself, and the waiting child dies with it."""
+    sock = socket.socket(fileno=start)
+    pidfd = os.pidfd_open(child)
+    try:
+        while True:
+            try:
+                ready = select.select([sock, pidfd, *([watch] if watch is not None else [])],
+                                      [], [])[0]
+            except InterruptedError:
+                continue
+            if pidfd in ready:
+                return None, None, watch
+            if watch is not None and watch in ready:
+                break
+            if sock in ready:
+                data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 2)
+                msg = json.loads(data) if data else None
+                if not isinstance(msg, dict) or not isinstance(msg.get("outlive"), bool) \
+                        or len(fds) != int(msg.get("fds", -1)) or len(fds) > 2 \
+                        or (msg["outlive"] and not fds):
+                    break
+                listen, keep = (fds + [None, None])[:2]
+                if msg["outlive"] and watch is not None:
+                    os.close(watch)
+                    watch = None
+                return listen, keep, watch
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(pidfd)
+        sock.close()
+    os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("unreachable")
 
 
@@ -508,33 +559,69 @@ def exec_program(spec: dict) -> None:
     os.execve(which(argv[0], env.get("PATH", os.defpath)), argv, env)
 
 
-def launch(spec: dict, status_fd: int, *, run: Callable[[dict], None] = exec_program,
-           tie: ParentTie | PidfdTie | None = None, report: int | None = None) -> None:
-    """Confine this process as ``spec`` says (steps 1 to 7 of the module's docstring), then
-    ``run(spec)``: :func:`exec_program` here, the fork server's own step on the fork path.
-    ``tie``: how it dies with the agent (:class:`ParentTie` of ``spec["parent_pid"]`` by
-    default); ``report``: where the relay writes how the object ended."""
-    tie = tie if tie is not None else ParentTie(int(spec.get("parent_pid") or 0))
+def start_trace(spec: dict) -> list | None:
+    """The stamps of this start when the agent asked for them (``spec["trace"]``: a list,
+    maybe holding the fork server's first ones; :envvar:`MOAT_START_TRACE`), else None.
+    Each is ``[stage, CLOCK_MONOTONIC seconds]`` (one clock for every process here), sent
+    on the status pipe as ``{"trace": [...]}`` just before the object's program runs."""
+    trace = spec.get("trace")
+    if not trace and not isinstance(trace, list):
+        return None
+    return trace if isinstance(trace, list) else []
+
+
+def mark(trace: list | None, stage: str) -> None:
+    if trace is not None:
+        trace.append([stage, time.monotonic()])
+
+
+def enter(spec: dict, status_fd: int, *, tie: ParentTie | PidfdTie,
+          report: int | None = None, trace: list | None = None,
+          start: int | None = None) -> int | None:
+    """Steps 1 to 3 of the module's docstring, all that does not depend on the object but its
+    cgroup: tied to the agent, in the cgroup, the PID namespace (the relay stays outside:
+    this returns in the namespace's PID 1 only, the read end of the relay's alive pipe, or
+    None without ``isolate_pids``), the mount namespace and, with ``isolate_fs``, every
+    filesystem read-only. ``start``: see :func:`fork_into_pid_namespace`. LaunchError."""
     stage = "prctl"
     try:
         tie.arm()
         stage = "cgroup"
         join_cgroups(spec.get("cgroup_procs", []))
+        mark(trace, "cgroup")
         alive = None
         if spec.get("isolate_pids"):
             stage = "pid namespace"
-            alive = fork_into_pid_namespace(status_fd, spec.get("relay"), tie.watch, report)
+            alive = fork_into_pid_namespace(status_fd, spec.get("relay"), tie.watch, report,
+                                            start)
+            mark(trace, "pid namespace")
         if spec.get("isolate_fs") or spec.get("isolate_pids"):
             stage = "mount namespace"
             private_mounts(new_proc=bool(spec.get("isolate_pids")))
+            mark(trace, "mount namespace")
         if spec.get("isolate_fs"):
             stage = "isolate_fs"
             read_only_all()
-            stage = "private space"
+            mark(trace, "read-only")
+        return alive
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the agent
+        raise LaunchError(stage, exc) from exc
+
+
+def confine(spec: dict, status_fd: int, *, alive: int | None,
+            tie: ParentTie | PidfdTie | None = None, trace: list | None = None) -> None:
+    """Steps 3 (the object's private space) to 7 but the exec, after :func:`enter` (now, or
+    ahead in a prepared launcher): its tmpfs, rlimits, no fd but the spec's, its uid and
+    gid for good, no new privileges, dying with the relay (``alive``) or with the agent
+    (``tie``, no relay), its working directory. LaunchError."""
+    stage = "private space"
+    try:
+        if spec.get("isolate_fs"):
             os.umask(0o022)
             private_space(os.path.realpath(spec["cwd"]), int(spec["disk_bytes"]),
                           int(spec["disk_inodes"]), spec["uid"], spec["gid"],
                           [os.path.abspath(p) for p in spec.get("expose", [])])
+            mark(trace, "private space")
         stage = "rlimits"
         for name, (soft, hard) in spec.get("rlimits", {}).items():
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))
@@ -556,14 +643,46 @@ def launch(spec: dict, status_fd: int, *, run: Callable[[dict], None] = exec_pro
             if select.select([alive], [], [], 0)[0]:
                 raise OSError(3, "the relay exited during the launch")
             os.close(alive)
-        else:
+        elif tie is not None:
             tie.rearm_object()
         stage = "chdir"
         os.chdir(spec["cwd"])
-        stage = "exec"
-        run(spec)
+        mark(trace, "user")
+        if trace is not None:
+            os.write(status_fd, json.dumps({"trace": trace}).encode() + b"\n")
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the agent
         raise LaunchError(stage, exc) from exc
+
+
+def launch(spec: dict, status_fd: int, *, run: Callable[[dict], None] = exec_program,
+           tie: ParentTie | PidfdTie | None = None, report: int | None = None) -> None:
+    """Confine this process as ``spec`` says (steps 1 to 7 of the module's docstring:
+    :func:`enter`, then :func:`confine`), then ``run(spec)``: :func:`exec_program` here, the
+    fork server's own step on the fork path. ``tie``: how it dies with the agent
+    (:class:`ParentTie` of ``spec["parent_pid"]`` by default); ``report``: where the relay
+    writes how the object ended."""
+    tie = tie if tie is not None else ParentTie(int(spec.get("parent_pid") or 0))
+    trace = start_trace(spec)
+    alive = enter(spec, status_fd, tie=tie, report=report, trace=trace)
+    confine(spec, status_fd, alive=alive, tie=tie, trace=trace)
+    try:
+        run(spec)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the agent
+        raise LaunchError("exec", exc) from exc
+
+
+def report_failure(status_fd: int, exc: BaseException) -> int:
+    """Write why the launch failed to ``status_fd`` (``{"stage", "error", "errno"}``: the
+    agent's :func:`agent.hosting.sandbox._read_report`); 127, the launcher's exit code."""
+    if isinstance(exc, LaunchError):
+        report = {"stage": exc.stage, "error": str(exc), "errno": exc.errno}
+    else:
+        report = {"stage": "spec", "error": repr(exc), "errno": getattr(exc, "errno", None)}
+    try:
+        os.write(status_fd, json.dumps(report).encode() + b"\n")
+    except OSError:
+        pass
+    return 127
 
 
 def launch_and_report(spec: dict, status_fd: int, **how: Any) -> int:
@@ -571,14 +690,8 @@ def launch_and_report(spec: dict, status_fd: int, **how: Any) -> int:
     "errno"}`` and 127 returned (the object never ran)."""
     try:
         launch(spec, status_fd, **how)
-    except LaunchError as exc:
-        report = {"stage": exc.stage, "error": str(exc), "errno": exc.errno}
     except Exception as exc:  # noqa: BLE001
-        report = {"stage": "spec", "error": repr(exc), "errno": getattr(exc, "errno", None)}
-    try:
-        os.write(status_fd, json.dumps(report).encode() + b"\n")
-    except OSError:
-        pass
+        return report_failure(status_fd, exc)
     return 127
 
 

@@ -57,6 +57,8 @@ from agent.hosting.cgroups import Cgroup, CgroupError, CgroupManager, CgroupVers
 log = logging.getLogger(__name__)
 
 ENV_POOL = "MOAT_SANDBOX_POOL"
+#: "0": slots hold no prepared launcher (each start forks its own from the fork server).
+ENV_PREFORK = "MOAT_SANDBOX_PREFORK"
 DEFAULT_SIZE = 2
 MAX_SIZE = 16
 #: Seconds after the last take before the pool is refilled: a move starts its object and
@@ -79,6 +81,9 @@ class Slot:
     workdir: Path
     cgroup: Cgroup | None
     taken: bool = False
+    #: Its prepared launcher (:class:`~agent.hosting.forkserver.PreparedLauncher`: forked
+    #: ahead into its cgroup and namespaces), or None.
+    launcher: Any = None
 
 
 def pool_size(text: str | None = None) -> int:
@@ -107,7 +112,8 @@ class SlotPool:
 
     def __init__(self, objects_dir: Path, manager: CgroupManager | None, size: int, *,
                  uids: Any, make_dir: Callable[..., Path], remove_dir: Callable[[Path], None],
-                 refill_delay: float = REFILL_DELAY) -> None:
+                 refill_delay: float = REFILL_DELAY,
+                 make_launcher: Callable[[Slot], Any] | None = None) -> None:
         if not 0 <= size <= MAX_SIZE:
             raise SandboxPoolError(f"pool size {size} is not 0 to {MAX_SIZE}")
         self.objects_dir = Path(objects_dir)
@@ -117,10 +123,15 @@ class SlotPool:
         self.make_dir = make_dir
         self.remove_dir = remove_dir
         self.refill_delay = refill_delay
+        #: Makes a slot's prepared launcher (None: the slot has none), or raises.
+        self.make_launcher = make_launcher
         self.owner = os.getpid()
         self._idle: deque[Slot] = deque()
         #: name -> identity of a slot taken whose cgroup may not be taken yet
         self._handed: dict[str, Any] = {}
+        #: working directory -> (name, launcher) of a slot taken whose start has not taken
+        #: its launcher yet (:meth:`take_launcher`)
+        self._launchers: dict[str, tuple[str, Any]] = {}
         self._lock = threading.Lock()
         self._fill_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -147,6 +158,8 @@ class SlotPool:
                 if self._intact(slot):
                     if slot.cgroup is not None:
                         self._handed[slot.identity.name] = slot.identity
+                    if slot.launcher is not None:
+                        self._launchers[str(slot.workdir)] = (slot.identity.name, slot.launcher)
                     break
                 stale.append(slot)  # removed under it (a VM's storage, its cgroups): not used
             self._schedule()
@@ -157,13 +170,23 @@ class SlotPool:
 
     @staticmethod
     def _intact(slot: Slot) -> bool:
-        """The slot's directory and cgroup are still there (a few stats)."""
+        """The slot's directory and cgroup are still there (a few stats), and its prepared
+        launcher, if it has one, still waits (a slot whose launcher died is not used)."""
         try:
             if not slot.workdir.is_dir() or slot.workdir.is_symlink():
                 return False
         except OSError:
             return False
+        if slot.launcher is not None and not slot.launcher.alive():
+            return False
         return slot.cgroup is None or all(d.is_dir() for d in slot.cgroup.dirs)
+
+    def take_launcher(self, workdir: Path) -> Any:
+        """The prepared launcher of the slot taken with ``workdir``, now the caller's (the
+        start's: it uses or closes it); None when it had none or it was taken already."""
+        with self._lock:
+            entry = self._launchers.pop(str(workdir), None)
+        return entry[1] if entry is not None else None
 
     # --- preparing ----------------------------------------------------------------------
 
@@ -175,13 +198,23 @@ class SlotPool:
             raise SandboxPoolError(f"{self.objects_dir} is not there (yet)")
         ident = self.uids.claim()
         workdir: Path | None = None
+        cgroup = None
         try:
             workdir = self.make_dir(self.objects_dir, ident.name, ident.uid, ident.gid)
             cgroup = self.manager.prepare(ident.name) if _uses_cgroups(self.manager) else None
         except BaseException:
-            self._undo(ident, workdir, None)
+            self._undo(ident, workdir, cgroup)
             raise
-        return Slot(ident, workdir, cgroup)
+        slot = Slot(ident, workdir, cgroup)
+        if self.make_launcher is not None:
+            try:
+                slot.launcher = self.make_launcher(slot)
+            except (AgentError, OSError) as exc:  # the slot serves without one
+                log.warning("sandbox pool %s: no prepared launcher: %s", self.objects_dir, exc)
+            except BaseException:
+                self._discard(slot)
+                raise
+        return slot
 
     def fill(self) -> int:
         """Prepare slots until ``size`` are idle; how many were made. A failure is logged
@@ -221,11 +254,18 @@ class SlotPool:
             for name in set(self._handed) - untaken:  # its sandbox took it: nothing to do
                 del self._handed[name]
             handed = dict(self._handed)
-        if not handed:
+            launchers = dict(self._launchers)
+        if not handed and not launchers:
             return []
         held = claims()
         gone = [name for name, ident in handed.items()
                 if held.get(ident.uid, {}).get("name") != name]
+        held_names = {claim.get("name") for claim in held.values()}
+        for workdir, (name, launcher) in launchers.items():
+            if name not in held_names:  # its start failed before its sandbox started
+                with self._lock:
+                    self._launchers.pop(workdir, None)
+                launcher.close()
         for name in gone:
             with self._lock:
                 self._handed.pop(name, None)
@@ -277,6 +317,9 @@ class SlotPool:
             self._wake.notify_all()
             idle, self._idle = list(self._idle), deque()
             handed, self._handed = dict(self._handed), {}
+            launchers, self._launchers = dict(self._launchers), {}
+        for _name, launcher in launchers.values():
+            launcher.close()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(10)
@@ -291,6 +334,8 @@ class SlotPool:
         self._full.set()
 
     def _discard(self, slot: Slot) -> None:
+        if slot.launcher is not None:
+            slot.launcher.close()  # (the cgroup's removal below waits until it has gone)
         self._undo(slot.identity, slot.workdir, slot.cgroup)
 
     def _undo(self, ident: Any, workdir: Path | None, cgroup: Cgroup | None) -> None:
@@ -355,8 +400,14 @@ def pool_for(objects_dir: Path, manager: CgroupManager | None) -> SlotPool | Non
             from agent.hosting.object_uids import default_pool
             from agent.hosting.sandbox import make_workdir, remove_workdir
 
+            from agent.hosting.sandbox import start_mode
+
+            # Prepared launchers for the fork path only (as the process starts objects when
+            # its pool is made: an agent's way is fixed by its environment).
+            forking = prefork() and start_mode() == "fork"
             pool = SlotPool(objects_dir, manager, size, uids=default_pool(),
-                            make_dir=make_workdir, remove_dir=remove_workdir)
+                            make_dir=make_workdir, remove_dir=remove_workdir,
+                            make_launcher=_prepared_launcher if forking else None)
             while len(_pools) >= MAX_POOLS:
                 evicted.append(_pools.pop(next(iter(_pools))))
             if not _atexit:
@@ -386,6 +437,39 @@ def claim(objects_dir: Path, manager: CgroupManager | None) -> tuple[Any, Path]:
     except BaseException:
         default_pool().release(ident)
         raise
+
+
+def prefork(text: str | None = None) -> bool:
+    """Whether slots get a prepared launcher (``MOAT_SANDBOX_PREFORK``, ``text`` overrides
+    it): "1" (the default) or "0". SandboxPoolError otherwise."""
+    text = os.environ.get(ENV_PREFORK) if text is None else text
+    if text is None or text == "":
+        return True
+    if text.strip() not in ("0", "1"):
+        raise SandboxPoolError(f"{ENV_PREFORK} must be 0 or 1, not {text!r}")
+    return text.strip() == "1"
+
+
+def _prepared_launcher(slot: Slot) -> Any:
+    """A slot's launcher, forked ahead by this agent's fork server (started here if it has
+    not been)."""
+    from agent.hosting.forkserver import default_server, prepare_launcher
+    from agent.hosting.sandbox import launcher_env
+
+    procs = [str(p) for p in slot.cgroup.procs_files()] if slot.cgroup is not None else []
+    return prepare_launcher(default_server(launcher_env()), procs)
+
+
+def take_launcher(workdir: Path) -> Any:
+    """The prepared launcher of the slot that was taken with ``workdir`` (None when it had
+    none): the start's now, which uses it or closes it."""
+    with _pools_lock:
+        pools = list(_pools.values())
+    for pool in pools:
+        launcher = pool.take_launcher(workdir)
+        if launcher is not None:
+            return launcher
+    return None
 
 
 def close_all() -> None:

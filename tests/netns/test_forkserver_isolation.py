@@ -143,12 +143,20 @@ def run_dir():
 async def start_probe(server: forkserver.ForkServer, manager, run_dir: Path, mode: str,
                       isolated: bool = True, relay: bool = False, code: str = "code"
                       ) -> tuple[ObjectSandbox, socket.socket, object]:
-    """The runtime with the probe object, started ``mode`` (with ``server`` for fork)."""
+    """The runtime with the probe object, started ``mode`` (with ``server`` for fork;
+    "prepared": forked, from a launcher ``server`` prepared ahead in its cgroup, as a sandbox
+    slot holds one)."""
     server_pid = await asyncio.to_thread(server.ensure_started)  # (again, if it died)
     ident = default_pool().claim()
     workdir = make_workdir(run_dir / "objects", ident.name, ident.uid, ident.gid)
+    prepared = None
+    if mode == "prepared":
+        cgroup = manager.prepare(ident.name)
+        prepared = await asyncio.to_thread(forkserver.prepare_launcher, server,
+                                           [str(p) for p in cgroup.procs_files()])
     parent, child = socket.socketpair()
-    spec = SandboxSpec(workdir, ident.uid, ident.gid, pass_fds=(child.fileno(),), start=mode,
+    spec = SandboxSpec(workdir, ident.uid, ident.gid, pass_fds=(child.fileno(),),
+                       start="fork" if prepared is not None else mode, prepared=prepared,
                        env=minimal_env(workdir, isolated, PYTHONPATH=f"{run_dir / code}:{REPO}",
                                        PROBE_SERVER=str(server_pid)),
                        isolate_fs=isolated, isolate_pids=isolated)
@@ -167,6 +175,8 @@ async def start_probe(server: forkserver.ForkServer, manager, run_dir: Path, mod
     finally:
         forkserver._server = saved
         child.close()
+    if prepared is not None and isolated:  # it did start from the prepared launcher
+        assert sb.proc.pid == prepared.pid and sb.pid == prepared.object_pid
     return sb, parent, ident
 
 
@@ -225,10 +235,13 @@ def test_a_forked_object_cannot_reach_the_fork_servers_memory_or_fds(
     (its socket to the agent, its pidfds); neither has a capability left."""
     forked = probe(server, manager, run_dir, "fork", isolated)
     execd = probe(server, manager, run_dir, "exec", isolated)
+    # From a prepared launcher (a sandbox slot's): with uids only it does not fit (it was
+    # prepared with both isolations), so it is ended and the server forks one as above.
+    prepared = probe(server, manager, run_dir, "prepared", isolated)
     theirs = server_inodes(server.pid)
-    print(json.dumps({"fork": forked, "exec": execd}))
-    assert forked["forked"] is True and execd["forked"] is False
-    for res in (forked, execd):
+    print(json.dumps({"fork": forked, "exec": execd, "prepared": prepared}))
+    assert forked["forked"] is True and execd["forked"] is False and prepared["forked"] is True
+    for res in (forked, execd, prepared):
         if isolated:  # its own PID namespace and /proc: the server has no pid there
             assert (res["mem"], res["ptrace"], res["signal"], res["server fds"]) == \
                 (errno.ENOENT, errno.ESRCH, errno.ESRCH, errno.ENOENT), res
@@ -239,15 +252,15 @@ def test_a_forked_object_cannot_reach_the_fork_servers_memory_or_fds(
         assert res["dumpable"] == 1  # its /proc files are its own uid's, as after an exec
         assert not set(res["inodes"]) & theirs, "an fd shared with the fork server"
         assert not any("pidfd" in target for _, target in res["fds"])
-    assert forked["fds"] == execd["fds"]
+    assert forked["fds"] == execd["fds"] == prepared["fds"]
 
 
 def test_an_object_outlives_the_fork_server_which_comes_back(server, manager, run_dir) -> None:
     """SIGKILL to the fork server: objects it forked (one with a relay that outlives the
     agent, one tied to the agent) serve on; the next start forks from a new server."""
     async def main() -> tuple[list[dict], int, int]:
-        started = [await start_probe(server, manager, run_dir, "fork", relay=relay)
-                   for relay in (True, False)]
+        started = [await start_probe(server, manager, run_dir, mode, relay=relay)
+                   for mode in ("fork", "prepared") for relay in (True, False)]
         try:
             for _, sock, _ in started:
                 sock.setblocking(False)
@@ -257,7 +270,7 @@ def test_an_object_outlives_the_fork_server_which_comes_back(server, manager, ru
                                    what="the fork server gone")
             answers = [await call(sock, "stats") for _, sock, _ in started]
             alive = [sb.proc.returncode for sb, _, _ in started]
-            assert alive == [None, None]
+            assert alive == [None] * 4
             again = await start_probe(server, manager, run_dir, "fork")
             again[1].setblocking(False)
             answers.append(await call(again[1], "stats"))

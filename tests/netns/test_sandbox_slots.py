@@ -12,17 +12,19 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.core.wait import async_wait_until
 from agent.hosting import sandbox_pool
 from agent.hosting.cgroups import CgroupManager, CgroupVersion, Limits, clean_run, detect
 from agent.hosting.cgroups import find_run_cgroups, is_agent_leaf
 from agent.hosting.object_uids import default_pool
-from agent.hosting.sandbox import ENV_SANDBOX_START, START_MODES, SandboxError
+from agent.hosting.sandbox import ENV_SANDBOX_START, START_MODES, SandboxError, proc_start_time
 
 MiB = 1 << 20
 LIMITS = Limits(cpu_quota=0.5, memory_bytes=96 * MiB, pids_max=24)
@@ -95,7 +97,14 @@ def facts(pid: int, ident: Any, workdir: Path, cgroup_dirs: list[Path]) -> dict[
                for n in ("pid", "mnt", "net", "user")},
         "mounts": sorted(mounts),
         "workdir": (norm(str(st.st_uid)), oct(st.st_mode & 0o7777), workdir.parent.name),
+        "disk": disk(pid, workdir),
     }
+
+
+def disk(pid: int, workdir: Path) -> tuple[int, int]:
+    """The size and inodes of the object's tmpfs (its working directory, as it sees it)."""
+    st = os.statvfs(f"/proc/{pid}/root{workdir}")
+    return st.f_blocks * st.f_frsize, st.f_files
 
 
 async def started(objects_dir: Path, manager: CgroupManager, name: str) -> tuple[Any, dict]:
@@ -110,21 +119,27 @@ async def started(objects_dir: Path, manager: CgroupManager, name: str) -> tuple
 
 def test_an_object_from_a_slot_is_confined_as_one_started_without(start, manager, objects_dir,
                                                                    monkeypatch) -> None:
-    async def main() -> tuple[dict, dict, set[str], str]:
+    """Forked, the slot also holds a prepared launcher (forked ahead into the slot's cgroup
+    and namespaces): the object it starts is confined as one started without a slot."""
+    async def main() -> tuple[dict, dict, dict[str, Any], str, int]:
         monkeypatch.setenv(sandbox_pool.ENV_POOL, "0")
         plain, plain_facts = await started(objects_dir, manager, "plain")
         monkeypatch.setenv(sandbox_pool.ENV_POOL, "2")
         pool = sandbox_pool.pool_for(objects_dir, manager)
         assert pool is not None and await asyncio.to_thread(pool.wait_full, 30)
-        ready = {s.identity.name for s in pool._idle}
+        ready = {s.identity.name: s.launcher for s in pool._idle}
         pooled, pooled_facts = await started(objects_dir, manager, "pooled")
-        name = pooled.identity.name
+        name, relay = pooled.identity.name, pooled.sandbox.proc.pid
         await plain.stop()
         await pooled.stop()
-        return plain_facts, pooled_facts, ready, name
+        return plain_facts, pooled_facts, ready, name, relay
 
-    plain, pooled, ready, name = asyncio.run(main())
+    plain, pooled, ready, name, relay = asyncio.run(main())
     assert name in ready  # it did start from a prepared slot
+    if start == "fork":  # ... and from its prepared launcher: the relay is that process
+        assert ready[name] is not None and relay == ready[name].pid
+    else:
+        assert ready[name] is None  # (the exec path prepares none)
     assert pooled == plain
     assert plain["in_cgroups"] and plain["ids"][0].split() == ["U"] * 4
     assert plain["caps"][2] == "0000000000000000" and plain["no_new_privs"] == "1"
@@ -139,6 +154,7 @@ def test_a_failed_start_gives_the_slot_back_and_close_leaves_nothing(manager, ob
     from agent.hosting.runtime import ObjectProcess, ObjectProcessError
 
     monkeypatch.setenv(sandbox_pool.ENV_POOL, "2")
+    monkeypatch.setenv(ENV_SANDBOX_START, "fork")  # (its slots hold prepared launchers)
 
     async def refused(*_a: Any, **_kw: Any) -> Any:
         raise SandboxError("refused by the test")
@@ -158,10 +174,44 @@ def test_a_failed_start_gives_the_slot_back_and_close_leaves_nothing(manager, ob
     assert slot.taken and not slot.workdir.exists()
     assert not any(d.exists() for d in slot.cgroup.dirs)
     assert slot.identity.uid not in default_pool().claims()
+    assert slot.launcher is not None and slot.launcher.pidfd is None  # ended with its start
+    assert proc_start_time(slot.launcher.pid) is None
+    launchers = [(s.launcher.pid, s.launcher.object_pid) for s in sandbox_pool.pool_for(
+        objects_dir, manager)._idle]
+    assert launchers and all(pid is not None for pair in launchers for pid in pair)
     sandbox_pool.close_all()
     held = default_pool().claims()
     assert not any(ident.uid in held for ident in idle)
+    gone = {pid: proc_start_time(pid) is None for pair in launchers for pid in pair}
+    assert all(gone.values()), gone  # every idle slot's launcher (relay and PID 1) ended
     assert [p for p in objects_dir.iterdir() if p.is_dir()] == []
     left = [p for p in find_run_cgroups(manager.run_id)
             if not is_agent_leaf(p.name) and not p.name.endswith("objects")]
     assert left == []
+
+
+def test_a_slot_whose_launcher_died_is_replaced_not_used(manager, objects_dir,
+                                                          monkeypatch) -> None:
+    """SIGKILL to an idle slot's prepared launcher: the next start does not take that slot
+    (whose uid, directory and cgroup are given back) and starts from another one."""
+    monkeypatch.setenv(sandbox_pool.ENV_POOL, "2")
+    monkeypatch.setenv(ENV_SANDBOX_START, "fork")
+
+    async def main() -> tuple[Any, str, int, dict]:
+        pool = sandbox_pool.pool_for(objects_dir, manager)
+        assert await asyncio.to_thread(pool.wait_full, 30)
+        dead = pool._idle[0]
+        os.kill(dead.launcher.pid, signal.SIGKILL)
+        await async_wait_until(lambda: not dead.launcher.alive(), 10,
+                               what="the launcher seen dead")
+        p, p_facts = await started(objects_dir, manager, "after")
+        name, relay = p.identity.name, p.sandbox.proc.pid
+        answer = await p.call("stats")
+        await p.stop()
+        return dead, name, relay, answer
+
+    dead, name, relay, answer = asyncio.run(main())
+    assert name != dead.identity.name and relay != dead.launcher.pid
+    assert answer["served"] == 0  # it runs and answers
+    assert dead.identity.uid not in default_pool().claims()
+    assert not dead.workdir.exists() and not any(d.exists() for d in dead.cgroup.dirs)

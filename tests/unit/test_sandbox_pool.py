@@ -244,6 +244,7 @@ def test_the_number_of_pools_is_bounded(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sandbox, "remove_workdir", remove_dir)
     monkeypatch.setattr(sandbox_pool, "_pools", {})
     monkeypatch.setenv(sandbox_pool.ENV_POOL, "1")
+    monkeypatch.setenv(sandbox_pool.ENV_PREFORK, "0")  # fake cgroups: no launcher to fork
     managers = [FakeManager(tmp_path / f"cg{i}") for i in range(sandbox_pool.MAX_POOLS + 1)]
     for i in range(len(managers)):
         (tmp_path / f"objects{i}").mkdir()
