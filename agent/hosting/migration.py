@@ -431,6 +431,7 @@ class MigrationRole(Role):
                     await self._drop(name)
                 return {"ok": True, "phase": Phase.ABORTED.value, "replayed": 0}
             phase, _new = self.arrivals.commit(name, epoch, final=True)
+        await self.hosting.forget_dark(name)
         if self._fires("commit_cut"):
             raise ControlError("injected fault: commit_cut (the target committed, its answer is lost)")
         return {"ok": True, "phase": phase.value, "replayed": replayed}
@@ -458,6 +459,7 @@ class MigrationRole(Role):
                     await self._drop(name)
                 return {"ok": True, "phase": Phase.ABORTED.value, "replayed": 0}
             phase, _new = self.arrivals.commit(name, epoch)
+        await self.hosting.forget_dark(name)
         if self._fires("commit_cut"):
             raise ControlError("injected fault: commit_cut (the target committed, its answer is lost)")
         return {"ok": True, "phase": phase.value, "replayed": replayed}

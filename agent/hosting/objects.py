@@ -19,6 +19,7 @@ same code (:mod:`agent.hosting.takeover`, :mod:`agent.vm.recovery`, :meth:`Hosti
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -92,6 +93,8 @@ class HostedObject:
     #: delivered here only to what does not come from those LANs (the home agent's tunnel),
     #: so that a client on such a LAN reaches the serving instance until the switch.
     lan_dark: bool = False
+    #: The access links exempt from its dark route while that is installed (None: none is).
+    dark_route: list[str] | None = None
 
     def status(self) -> dict:
         status = self.client.status() if self.client else {
@@ -427,8 +430,8 @@ class HostingRole(Role):
         if not hosted.lan_dark or care_of_address in self.config.addresses:
             return False
         await self._home_address(hosted.home_address, add=True)
-        await self._dark_route(hosted, on=False)
         hosted.lan_dark = False
+        await self._dark_route(hosted, on=False)
         return True
 
     async def go_live(self, name: str) -> None:
@@ -436,13 +439,22 @@ class HostingRole(Role):
         here and claims the home link (agent.mobility.client.RegistrationClient.go_live)."""
         hosted = self.hosted(name)
         if hosted.dark or hosted.lan_dark:
+            # The address is the router's now: the local table comes first, its dark route
+            # no longer matters (:meth:`forget_dark` removes it, after the switch).
             await self._home_address(hosted.home_address, add=True)
-            # The address is the router's now (the local table comes first): its policy
-            # routes go.
-            await self._dark_route(hosted, on=False)
             hosted.dark = hosted.lan_dark = False
         if hosted.client is not None:
             await hosted.client.go_live()
+
+    async def forget_dark(self, name: str) -> None:
+        """After a warm instance's switch: its dark route goes (failures logged)."""
+        hosted = self.objects.get(name)
+        if hosted is None or hosted.dark or hosted.lan_dark or hosted.dark_route is None:
+            return
+        try:
+            await self._dark_route(hosted, on=False)
+        except ControlError as exc:
+            log.warning("object %s: %s", name, exc)
 
     def _make_client(self, obj: ObjectConfig) -> RegistrationClient:
         discovery = self.discovery
@@ -483,9 +495,9 @@ class HostingRole(Role):
                     except ObjectProcessError as exc:
                         errors.append(str(exc))
                 try:
-                    if hosted.lan_dark or hosted.dark:  # it never had the address
+                    if hosted.dark_route is not None:
                         await self._dark_route(hosted, on=False)
-                    else:
+                    if not (hosted.lan_dark or hosted.dark):  # else it never had it
                         await self._home_address(hosted.home_address, add=False)
                 except ControlError as exc:
                     errors.append(str(exc))
@@ -533,7 +545,9 @@ class HostingRole(Role):
         table), and what reaches it all the same (a neighbour's stale entry) is queued here
         rather than sent back to the home agent, which would send it here again."""
         address = hosted.home_address
-        lans = self._access_links() if hosted.lan_dark else []
+        if on:
+            hosted.dark_route = self._access_links() if hosted.lan_dark else []
+        lans = hosted.dark_route or []
         ops = [(netlink.op_local_route("replace" if on else "del", address, DARK_TABLE),
                 f"local {address} table {DARK_TABLE}")]
         rules = [(netlink.op_dst_rule("add" if on else "del", address, MAIN_TABLE,
@@ -542,13 +556,21 @@ class HostingRole(Role):
         rules.append((netlink.op_dst_rule("add" if on else "del", address, DARK_TABLE,
                                           DARK_PRIORITY), f"rule to {address} lookup {DARK_TABLE}"))
         # On: the rules come last (the table holds the route when they send packets to it);
-        # off: first (the address is on lo by then, which the local table finds before).
+        # off: first. One worker runs them in order: submitted at once, awaited together.
         steps = ops + rules if on else rules + ops
+        worker = netlink.default()
         try:
-            for op, what in steps:
-                await netlink.default().run(op, what)
-        except AgentError as exc:
-            raise ControlError(f"home address {address} for a warm instance: {exc}") from None
+            futures = [asyncio.wrap_future(worker.submit(op, what)) for op, what in steps]
+            results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
+                                             worker.timeout)
+        except (AgentError, asyncio.TimeoutError) as exc:
+            results = [exc]
+        if not on:
+            hosted.dark_route = None
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise ControlError(f"home address {address} for a warm instance: "
+                               f"{failed[0] or type(failed[0]).__name__}")
 
     # --- control commands ----------------------------------------------------------------
 

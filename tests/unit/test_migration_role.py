@@ -117,6 +117,9 @@ class FakeHosting:
         self.hosted(name)
         return False
 
+    async def forget_dark(self, name: str) -> None:
+        self.log.append(("forget_dark", name))
+
     async def go_live(self, name: str) -> None:
         self.hosted(name)
         self.log.append(("go_live", name))
