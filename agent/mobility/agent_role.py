@@ -274,10 +274,12 @@ class ObjectAgentRole(Role):
             # From the address the request was sent to (RFC 5944 §3.8.3.1): the FOA relayed
             # to that address and accepts a reply from it only.
             source = dest if dest in self.config.addresses else None
-            if decision.update is not None and decision.update.activated:
-                # A leave-home: the instance at home holds as soon as it hears the reply,
-                # and what reaches it then is routed here: the tunnel must be in place.
-                self._spawn(self._left_home(decision.reply, addr, source))
+            if decision.update is not None and (decision.update.activated or decision.update.removed):
+                # A path starts or ends: the reply (and a revocation) only once the tunnel
+                # is so in the kernel (:meth:`_answer_settled`).
+                log.info("HOA: %s for %s via %s (coa %s, lifetime %d)", decision.code.name,
+                         rrq.home_address, addr[0], rrq.care_of_address, rrq.lifetime)
+                self._spawn(self._answer_settled(decision, addr, source))
                 return
             self._send(decision.reply, addr, source)
             if decision.update is None:
@@ -376,15 +378,20 @@ class ObjectAgentRole(Role):
         log.info("HOA: FOA %s acknowledged the revocation of %s (%.1f ms)", notice.to,
                  notice.revocation.home_address, (self.home.revoker.clock() - notice.created) * 1000)
 
-    async def _left_home(self, reply: bytes, to: tuple[str, int], source: str | None) -> None:
-        """The standby bindings a leave-home made served: tunnel, settled in the kernel, then
-        the home link claimed, then the reply."""
-        log.info("HOA: %s left home; its standby bindings are served", to[0])
+    async def _answer_settled(self, decision: Any, to: tuple[str, int], source: str | None) -> None:
+        """A registration that starts serving standby bindings (a leave-home) or removes
+        bindings (a deregistration, a replacement): tunnel, settled in the kernel, the home
+        link claimed, then the reply and the revocations. The instance at home holds as soon
+        as it hears its leave-home accepted, and what reaches it then is routed here; the
+        old FOA drops its visitor as it relays a deregistration's reply, and what the
+        tunnel (an eBPF map entry still queued) sent it after that would be dropped."""
         self.sync_home()
         if self.dataplane is not None:
             await self.dataplane.settle()
         self._sync_proxy_arp()
-        self._send(reply, to, source)
+        self._send(decision.reply, to, source)
+        if decision.notices:  # the FOAs of the bindings it removed forget them now
+            self._send_revocations()
 
     async def _relay_reply(self, data: bytes, to: tuple[str, int], source: str | None = None) -> None:
         """The object's reply, from the address it sent its request to (the object takes a

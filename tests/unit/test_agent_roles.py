@@ -186,7 +186,8 @@ def test_a_request_for_someone_elses_care_of_address_is_not_relayed() -> None:
 def test_a_relayed_request_for_our_home_agent_address_goes_to_the_hoa() -> None:
     role, rec = object_agent(["home"])
     decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED,
-                               update=SimpleNamespace(first_away=True, now_home=False, activated=[]),
+                               update=SimpleNamespace(first_away=True, now_home=False, activated=[],
+                                                      removed=[]),
                                notices=[])
     served = {"10.16.0.100": ["binding"], "10.16.0.224": ["binding"]}  # with its prefix
     role.home = SimpleNamespace(handle=lambda rrq: decision,
@@ -200,13 +201,17 @@ def test_a_relayed_request_for_our_home_agent_address_goes_to_the_hoa() -> None:
     assert started == ["10.16.0.100", "10.16.0.224"]
 
 
-def test_a_leave_home_is_answered_only_once_the_tunnel_is_in_the_kernel() -> None:
-    """The instance at home holds as soon as it hears the reply, and what reaches it then is
-    routed to the HOA: tunnel, settled, the home link claimed, then the reply."""
+@pytest.mark.parametrize("update", [
+    SimpleNamespace(first_away=True, now_home=False, activated=["standby"], removed=[]),
+    SimpleNamespace(first_away=False, now_home=False, activated=[], removed=["binding"])],
+    ids=["leave-home", "deregistration"])
+def test_a_path_that_starts_or_ends_is_answered_only_once_the_tunnel_is_in_the_kernel(
+        update: Any) -> None:
+    """The instance at home holds as soon as it hears its leave-home accepted, and what
+    reaches it then is routed to the HOA; the old FOA drops its visitor as it relays a
+    deregistration's reply: tunnel, settled, the home link claimed, then the reply."""
     role, rec = object_agent(["home"])
-    decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED,
-                               update=SimpleNamespace(first_away=True, now_home=False,
-                                                      activated=["standby binding"]),
+    decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED, update=update,
                                notices=[])
     role.home = SimpleNamespace(handle=lambda rrq: decision,
                                 bindings=SimpleNamespace(served=lambda: {"10.16.0.100": ["b"]}))
