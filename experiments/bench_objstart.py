@@ -15,7 +15,11 @@ This machine's speed varies threefold between days, so figures are only ever sho
 the baseline measured in the same run. The fork server's own start (once per agent) is
 reported apart and is not in the fork figures. Each start, either way, begins once the
 agent's prepared sandbox slots are ready (:mod:`agent.hosting.sandbox_pool`, refilled in the
-background after each start: a router at rest); ``MOAT_SANDBOX_POOL=0`` measures without.
+background after each start: a router at rest); ``MOAT_SANDBOX_POOL=0`` measures without,
+``MOAT_SANDBOX_PREFORK=0`` with slots but without their prepared launchers (each forked start
+then forks its launcher from the server). Each way has its own objects directory and pool,
+as an agent's way is fixed by its environment. Every start records when each of its steps
+ended (``MOAT_START_TRACE``), and the median time of each step is printed below the table.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ async def run(rounds: int) -> dict[str, Any]:
                                          f"load {' '.join(load)}",
             "fork_server_start_ms": round(server_ms, 1), "cgroups": cgroups is not None,
             "sandbox_pool": sandbox_pool.pool_size(),
+            "prepared_launchers": sandbox_pool.prefork(),
             "summary": summarise(samples), "samples": samples}
 
 
@@ -180,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     s = result["summary"]
     print(f"object start, {args.rounds} rounds each way, alternating, one run "
           f"({result['machine']}); start = ObjectProcess.start: cgroup, sandbox, first answer; "
-          f"prepared sandbox slots: {result['sandbox_pool']} (MOAT_SANDBOX_POOL)")
+          f"prepared sandbox slots: {result['sandbox_pool']} (MOAT_SANDBOX_POOL), with a "
+          f"prepared launcher each on the fork path: "
+          f"{'yes' if result['prepared_launchers'] else 'no'} (MOAT_SANDBOX_PREFORK)")
     rows = []
     for part in ("start_ms", "spawn_ms", "answer_ms"):
         rows.append({"part": part[:-3], "fork median": s["fork"][part]["median"],

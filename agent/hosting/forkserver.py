@@ -29,6 +29,14 @@ Why the confinement stays equal:
   namespace (not in the object's), non-dumpable, and its socket is a socketpair only the
   agent holds.
 
+Prepared launchers (:class:`PreparedLauncher`, a sandbox slot's: :mod:`agent.hosting.
+sandbox_pool`): the server can also fork a launcher ahead, for a slot's cgroup, which takes
+the steps that depend on nothing else (:func:`~agent.hosting.sandbox_exec.enter`), warms up
+what the runner touches first, and waits for its object on a socket; the start then costs two
+messages and the remaining steps (:func:`~agent.hosting.sandbox_exec.confine`), the same as
+an unprepared start's. ``MOAT_START_TRACE=1`` has each start record when each step ended (the
+agent's, the server's and the launcher's, one monotonic clock): ``moat bench objstart``.
+
 Lifetime: the server watches its socket and exits when the agent closes it or dies. The
 forked launcher is the server's child, not the agent's, so it watches the agent through a
 pidfd (:class:`~agent.hosting.sandbox_exec.PidfdTie`) and the relay writes how the object

@@ -50,7 +50,10 @@ The same steps serve the fork path (:mod:`agent.hosting.forkserver`): a forked c
 router's fork server calls :func:`launch` with a :class:`PidfdTie` (it is the fork server's
 child, not the agent's, so it watches the agent through a pidfd instead of
 ``PR_SET_PDEATHSIG``), a ``report`` fd on which the relay writes how the object ended (the
-agent is not its parent) and its own last step instead of ``execve``.
+agent is not its parent) and its own last step instead of ``execve``. A *prepared* launcher
+(a sandbox slot's, forked ahead) takes steps 1 to 3 up to the read-only view
+(:func:`enter`) before its object is known and the rest (:func:`confine`) once the agent sends
+the object's spec: :func:`launch` is those two, back to back.
 """
 
 from __future__ import annotations

@@ -10,20 +10,30 @@ run's objects node in every hierarchy, named by the identity, no limits and no p
 
 Starting from a slot changes nothing of the confinement: the object still gets its own uid
 (claimed for this agent as any other), its own new directory and cgroup (named as on the
-path: ``moat-<run>-o<uid>-<random>``), its limits written into the cgroup before any process
-joins it (:meth:`agent.hosting.cgroups.CgroupManager.configure`), and every namespace, rlimit
-and fd step at its start exactly as before (they are per start, in the launcher). What
-:func:`claim` returns is what ``default_pool().claim()`` and ``make_workdir`` would have made;
-the slot's cgroup is kept by the cgroup manager under the identity's name
+path: ``moat-<run>-o<uid>-<random>``), its limits written into the cgroup before any code of
+the object runs (:meth:`agent.hosting.cgroups.CgroupManager.configure`), and every namespace,
+rlimit and fd step exactly as before. What :func:`claim` returns is what
+``default_pool().claim()`` and ``make_workdir`` would have made; the slot's cgroup is kept by
+the cgroup manager under the identity's name
 (:meth:`~agent.hosting.cgroups.CgroupManager.prepare`) and taken by the object's sandbox,
 whose ``create`` of that name writes its limits into it.
+
+On the fork path (issue 14) a slot also holds a *prepared launcher*
+(:class:`agent.hosting.forkserver.PreparedLauncher`, ``MOAT_SANDBOX_PREFORK``, default on):
+forked ahead by the agent's fork server, it has taken the launcher's steps that depend on
+nothing but the slot's cgroup (joined it, forked into a new PID namespace with its relay
+outside, made its mount namespace and every filesystem read-only) and waits; the start that
+takes the slot hands it the object's spec and fds (:func:`take_launcher`, the start's
+``SandboxSpec.prepared``) for the rest of the same steps. It is in the cgroup before the
+object's limits are written, and runs none of the object's code before they are.
 
 The rules that keep slots apart:
 
 * a slot is handed out once: :meth:`SlotPool.take` removes it from the pool, and its cgroup
   can be taken once (a second ``create`` of that name finds none kept and is refused by
-  ``mkdir``); nothing is ever put back: an object's stop removes its
-  directory, cgroup and uid claim as it always did, and the pool makes new ones;
+  ``mkdir``), its launcher too (:meth:`SlotPool.take_launcher`); nothing is ever put back: an
+  object's stop removes its directory, cgroup and uid claim as it always did, and the pool
+  makes new ones; a slot whose launcher died meanwhile is discarded at the take, not used;
 * a failed start releases what it took: the runtime removes the directory and gives the uid
   back as for an unpooled start, the sandbox removes the cgroup it took; a cgroup taken with
   its slot but never by a sandbox (the start failed in between) is removed at the next refill
@@ -35,7 +45,10 @@ The rules that keep slots apart:
   work is blocking file-system calls), so the preparation does not compete with the start
   that just took a slot; an empty pool is no error: the start prepares its own on the path;
 * cleaned up: :meth:`SlotPool.close` (the agent's exit, ``atexit``; :func:`close_all`)
-  removes every idle slot's cgroup and directory and gives its uid back; after a crash the
+  ends every idle slot's launcher (and each one handed out that no start took), removes its
+  cgroup (which waits until the launcher has gone) and directory and gives its uid back; a
+  launcher whose start failed before its sandbox took it is ended at the next refill
+  (:meth:`SlotPool.sweep`) once the runtime gave its uid back; after a crash the
   uid claims are stale with their agent, and ``moat clean`` removes the run's cgroups (by
   the run's own prefix only) and its directory.
 """

@@ -164,3 +164,21 @@ def test_a_launcher_whose_process_exited_is_not_alive() -> None:
     finally:
         launcher.close()
         os.close(report_w)
+
+
+def test_a_starts_trace_is_read_from_the_status_pipe_and_split_into_steps() -> None:
+    """The launcher's stamps come as one status line among the others (``_read_report``
+    ignores it); the benchmark orders every stamp in time and charges each step the time
+    since the stamp before."""
+    from agent.hosting.sandbox import _read_report, read_trace
+    from experiments.bench_objstart import step_times
+
+    report = (b'{"pid": 77}\n{"trace": [["received", 10.001], ["user", 10.004], "bad", '
+              b'["x"], [1, 2]]}\nnot json\n{"trace": [["in process", 10.005]]}\n')
+    assert _read_report(report)[0] == 77
+    stamps = read_trace(report)
+    assert stamps == [("received", 10.001), ("user", 10.004), ("in process", 10.005)]
+    trace = [("begin", 10.0), ("started", 10.006), *stamps]  # the agent's, out of order
+    steps = step_times(trace)
+    assert steps == pytest.approx({"step:received": 1.0, "step:user": 3.0,
+                                   "step:in process": 1.0, "step:started": 1.0})
