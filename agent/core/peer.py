@@ -634,11 +634,15 @@ class PeerServer:
                     return
                 if msg is None:
                     return
+                started = time.perf_counter()
                 try:
                     body = await self.handler(msg)
                 except Exception as exc:  # noqa: BLE001 - answer with the reason
                     log.info("in-band %s refused: %s", msg.type.name, exc)
                     body = refusal(exc)
+                if log.isEnabledFor(logging.DEBUG):  # where a commit's time goes (issue 14)
+                    log.debug("in-band %s txid %d from %s handled in %.2f ms", msg.type.name,
+                              msg.txid, conn.peer, (time.perf_counter() - started) * 1e3)
                 writer.write(ControlMessage(self.answer_type(msg.type), msg.txid, body).encode())
                 await writer.drain()
                 conn.served += 1
