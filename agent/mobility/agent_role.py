@@ -274,7 +274,8 @@ class ObjectAgentRole(Role):
             # From the address the request was sent to (RFC 5944 §3.8.3.1): the FOA relayed
             # to that address and accepts a reply from it only.
             source = dest if dest in self.config.addresses else None
-            if decision.update is not None and (decision.update.activated or decision.update.removed):
+            if decision.update is not None and (decision.update.activated or (
+                    decision.update.removed and self._peers_in_kernel())):
                 # A path starts or ends: the reply (and a revocation) only once the tunnel
                 # is so in the kernel (:meth:`_answer_settled`).
                 log.info("HOA: %s for %s via %s (coa %s, lifetime %d)", decision.code.name,
@@ -378,10 +379,15 @@ class ObjectAgentRole(Role):
         log.info("HOA: FOA %s acknowledged the revocation of %s (%.1f ms)", notice.to,
                  notice.revocation.home_address, (self.home.revoker.clock() - notice.created) * 1000)
 
+    def _peers_in_kernel(self) -> bool:
+        tunnel = getattr(self.dataplane, "tunnel", None)
+        return bool(getattr(tunnel, "peers_in_kernel", True))
+
     async def _answer_settled(self, decision: Any, to: tuple[str, int], source: str | None) -> None:
-        """A registration that starts serving standby bindings (a leave-home) or removes
-        bindings (a deregistration, a replacement): tunnel, settled in the kernel, the home
-        link claimed, then the reply and the revocations. The instance at home holds as soon
+        """A registration that starts serving standby bindings (a leave-home) or, with a
+        tunnel whose peers are kernel state, removes bindings (a deregistration, a
+        replacement): tunnel, settled in the kernel, the home link claimed, then the reply
+        and the revocations (the userspace tunnel's own table has changed at once). The instance at home holds as soon
         as it hears its leave-home accepted, and what reaches it then is routed here; the
         old FOA drops its visitor as it relays a deregistration's reply, and what the
         tunnel (an eBPF map entry still queued) sent it after that would be dropped."""

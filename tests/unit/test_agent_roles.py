@@ -449,3 +449,18 @@ def test_a_reconciliation_left_undone_is_retried_on_the_next_tick() -> None:
 
     asyncio.run(main())
     assert len(calls) == 2  # one retry, then nothing more to do
+
+
+def test_with_a_userspace_tunnel_a_deregistration_is_answered_at_once() -> None:
+    """Its own table changed with set_peers: nothing in the kernel to wait for."""
+    role, rec = object_agent(["home"])
+    decision = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED, notices=[],
+                               update=SimpleNamespace(first_away=False, now_home=False,
+                                                      activated=[], removed=["binding"]))
+    role.home = SimpleNamespace(handle=lambda rrq: decision,
+                                bindings=SimpleNamespace(served=lambda: {}))
+    role.proxy_arp = SimpleNamespace(start=lambda a: None, stop=lambda a: None, addresses=set())
+    role.dataplane = SimpleNamespace(sync_home=lambda home: rec.log.append(("tunnel",)),
+                                     tunnel=SimpleNamespace(peers_in_kernel=False))
+    role.on_registration(request("10.12.0.1", mobile_foreign=False), ("10.12.0.1", 434))
+    assert rec.log == [("send", ("10.12.0.1", 434)), ("tunnel",)]

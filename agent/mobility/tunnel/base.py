@@ -240,6 +240,10 @@ class Tunnel:
     """What both backends keep and offer; see the package docstring."""
 
     backend = "none"
+    #: Whether :meth:`set_peers` takes effect only once queued kernel work is done (eBPF
+    #: maps, kernel GRE devices), rather than at once in this process (userspace): a home
+    #: agent then answers a deregistration only after :meth:`settle`.
+    peers_in_kernel = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop, local: str, name: str = "moat0", *,
                  netlink: nl.Netlink | None = None) -> None:

@@ -56,6 +56,7 @@ class UserspaceTunnel(Tunnel):
     """
 
     backend = "userspace"
+    peers_in_kernel = False  # its own table, read on the next packet
 
     def __init__(self, loop: asyncio.AbstractEventLoop, local: str, name: str = "moat0", *,
                  netlink: nl.Netlink | None = None, table: int = REVERSE_TABLE,
