@@ -673,6 +673,12 @@ def run_backend(backend: str, args: argparse.Namespace, say: Callable[[str], Non
         say(f"{backend}: run {moat.run.run_id} up; placing {OBJECT} on {OBJECT_ROUTER}")
         foa_address = next(str(a.ip) for a in moat.topo.addresses(FOA)
                            if any(a.network == b.network for b in moat.topo.addresses(OBJECT_ROUTER)))
+        # A new object's client registers with the agents its router has heard (no
+        # solicitation first): placed before r18b heard r18a's advertisement, it registers
+        # through r18b's own FOA and no packet of the test would cross the tunnel to r18a.
+        moat.wait_for(lambda: any(h.get("address") == foa_address
+                                  for h in moat.agent(OBJECT_ROUTER).call("agents")),
+                      timeout=30, interval=0.1)
         moat.place_object(OBJECT, OBJECT_ROUTER, preferred_agent=foa_address)
         binding = moat.wait_for(lambda: _binding_via_foa(moat), timeout=30, interval=0.1)[0]
         home = moat.objects[OBJECT].home_address
