@@ -270,9 +270,12 @@ class MigrationRole(Role):
             log.error("hand-over task failed: %s", task.exception())
 
     async def _call(self, target: str, ctype: ControlType, body: dict[str, Any]) -> dict[str, Any]:
+        # A commit and a cancel are idempotent per epoch (the target answers a repeat with
+        # its decision): a kept connection that broke after one went may send it again.
+        idempotent = ctype is ControlType.MIGRATE and body.get("action") in ("commit", "cancel")
         try:
             return await peer_call(target, ctype, body, key=self.router_key,
-                                   seal_keys=self.seal_keys)
+                                   seal_keys=self.seal_keys, idempotent=idempotent)
         except PeerNotSent as exc:
             raise MoveNotSent(str(exc)) from None
         except PeerError as exc:
@@ -533,7 +536,8 @@ class MigrationRole(Role):
             await self.vm.provision(vm_body, warm=True, states={obj: state})
         else:
             await self.hosting.cmd_object_start(body["config"], spec=body["spec"], warm=True,
-                                                state=state, resources=body.get("resources"))
+                                                state=state, resources=body.get("resources"),
+                                                arriving=True)
 
     async def _drop(self, name: str) -> None:
         """Undo an arrival: stop the object, deregister, and remove the VM made for it."""
@@ -964,9 +968,10 @@ class MigrationRole(Role):
         assert client is not None
         mine = client.current
         theirs = (answer.get("registration") or {}).get("care_of_address")
-        if client.at_home:
+        if client.at_home and move.config.get("part", "primary") == "primary":
             # The HOA kept the target's binding on standby: the home link is this
-            # instance's until it says it leaves (agent.mobility.bindings).
+            # instance's until it says it leaves (agent.mobility.bindings). (A part's
+            # binding with its nested home agent is never a standby one.)
             attempt = await client.leave_home()
             if attempt.code not in ACCEPTED_CODES:
                 raise MigrationFailed(f"the home agent did not take {move.hosted.name}'s "

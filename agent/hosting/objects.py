@@ -336,11 +336,14 @@ class HostingRole(Role):
 
     async def cmd_object_start(self, config: dict, spec: str | None = None, warm: bool = False,
                                state: Any = None, register: bool = True,
-                               resources: dict[str, Any] | None = None) -> dict:
+                               resources: dict[str, Any] | None = None,
+                               arriving: bool = False) -> dict:
         """Host an object: run its code (``spec``, module:Class) on its home address under
         controlled exec (``resources``: cpu, memory_mb, pids; the agent's defaults when
         absent) and/or its registration client. ``warm``: queue requests until
-        ``object_restore``; ``state``: continue from that checkpoint."""
+        ``object_restore``; ``state``: continue from that checkpoint; ``arriving``: a
+        move's warm instance, which takes no traffic from the serving one until it goes
+        live (:meth:`go_live`)."""
         obj = ObjectConfig.from_json(config)
         process = None
         res: dict[str, Any] = {}
@@ -354,7 +357,8 @@ class HostingRole(Role):
             process = ObjectProcess(obj.name, spec, obj.home_address, SERVICE_PORT, self.config.name,
                                     limits=limits, label=f"{self.config.name}-{obj.name}",
                                     **self._process_args())
-        status = await self.host_object(obj, process, warm=warm, state=state, register=register)
+        status = await self.host_object(obj, process, warm=warm, state=state, register=register,
+                                        arriving=arriving and warm)
         if spec is not None:
             self.objects[obj.name].resources = res
             self._remember(self.objects[obj.name], obj, state)
@@ -362,7 +366,7 @@ class HostingRole(Role):
 
     async def host_object(self, obj: ObjectConfig, process: ObjectProcess | None, *, warm: bool = False,
                           state: Any = None, register: bool = True,
-                          vm: tuple[str, str] | None = None) -> dict:
+                          vm: tuple[str, str] | None = None, arriving: bool = False) -> dict:
         """Start ``process`` (if any) and then serve its home address here and run its
         registration client. Used for placed objects and by the VM for its mobile objects."""
         if obj.name in self.objects:
@@ -374,13 +378,14 @@ class HostingRole(Role):
         # A warm instance at home must not take the home link from the instance that
         # serves elsewhere (or at home, on another router) before its move's switch.
         hosted = HostedObject(obj.name, obj.home_address, vm=vm,
-                              dark=warm and self.on_home_link(obj.home_agent))
+                              dark=arriving and self.on_home_link(obj.home_agent))
         self.objects[obj.name] = hosted
         try:
             if register:  # made (not started) first: its first agent decides lan_dark
                 hosted.client = self._make_client(obj)
                 hosted.client.dark = hosted.dark
-                hosted.lan_dark = warm and not hosted.dark and self._registers_here(hosted.client)
+                hosted.lan_dark = arriving and not hosted.dark \
+                    and self._registers_here(hosted.client)
             if process is not None:
                 hosted.process = process
                 # Warm until the address is there: a reply (to a request handed over in a

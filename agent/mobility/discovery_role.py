@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import math
 import socket
 import time
 from typing import Any, Callable
@@ -66,6 +67,10 @@ def flag_letters(flags: AdvFlags) -> str:
     return "".join(f.name or "" for f in AdvFlags if f in flags)
 
 
+#: Advertisement intervals a router listens before it hands what it heard to a new client.
+LISTEN_INTERVALS = 2.5
+
+
 class DiscoveryRole(Role):
     """ICMP router discovery with the Mobility Agent Advertisement Extension."""
 
@@ -93,10 +98,14 @@ class DiscoveryRole(Role):
         #: returns (flags, lifetimes, care-of addresses) or None for "nothing on this link".
         self.offer: Callable[[str], tuple[AdvFlags, list[int], list[str]] | None] = lambda _: None
         self.socket: DiscoverySocket | None = None
+        #: When it began to listen (monotonic; :meth:`known` answers nothing before it has
+        #: heard every agent's periodic advertisement).
+        self.listening_since = math.inf
         #: Gratuitous ARPs for objects at home, on kept sockets.
         self.announcer = Announcer()
 
     async def start(self) -> None:
+        self.listening_since = time.monotonic()
         self.socket = DiscoverySocket(self.agent.loop, self.on_discovery)
         for idx in self.agent.ifindex.values():
             self.socket.join(ALL_ROUTERS, idx)
@@ -169,7 +178,13 @@ class DiscoveryRole(Role):
         """Every agent heard on this router's links whose advertisement has not run out:
         (source, advertisement, ifindex, monotonic time heard). A new object's client starts
         with them, as if it had listened as long as its router (a move's target registers
-        at once instead of soliciting and collecting answers first)."""
+        at once instead of soliciting and collecting answers first). None before this router
+        has listened for :data:`LISTEN_INTERVALS` advertisement intervals: it may not have
+        heard every agent yet, and a client that knew only some would choose among those
+        (a new client then solicits and collects answers as before)."""
+        listened = time.monotonic() - self.listening_since
+        if listened < LISTEN_INTERVALS * self.config.advertise_interval:
+            return []
         self.recent.prune()
         return [(source, adv, ifindex, at) for source, (adv, ifindex, at) in self.recent.items()]
 

@@ -120,8 +120,9 @@ def config() -> ObjectConfig:
                         Credential(0x2002, b"f"))
 
 
-async def host(hosting: HostingRole, warm: bool = True) -> None:
-    await hosting.host_object(config(), FakeProcess(), warm=warm)  # type: ignore[arg-type]
+async def host(hosting: HostingRole, warm: bool = True, arriving: bool = True) -> None:
+    await hosting.host_object(config(), FakeProcess(), warm=warm,  # type: ignore[arg-type]
+                              arriving=arriving and warm)
     hosting.objects["counter"].client._task.cancel()  # type: ignore[union-attr]
 
 
@@ -189,13 +190,20 @@ def test_behind_another_routers_foa_the_address_is_on_lo(tmp_path, kernel) -> No
     asyncio.run(main())
 
 
-def test_a_router_that_is_no_foa_and_a_serving_start_keep_the_address_on_lo(tmp_path, kernel) -> None:
+def test_a_router_that_is_no_foa_a_serving_start_and_a_warm_start_that_is_no_move_keep_the_address_on_lo(
+        tmp_path, kernel) -> None:
+    """A warm start that is no move's (a distribution's duplicate or secondary, which serves
+    without going live) has its address at once, as before."""
     async def main() -> None:
         await host(role(tmp_path, [], FOREIGN_LINKS, {OWN: FOA}))
         await host(role(tmp_path / "b", ["foreign"], FOREIGN_LINKS, {OWN: FOA}), warm=False)
-        assert kinds(kernel) == [("addr", "add"), ("addr", "add")]
+        await host(role(tmp_path / "c", ["foreign"], FOREIGN_LINKS, {OWN: FOA}), arriving=False)
+        await host(role(tmp_path / "d", [], [Interface("eth0", "10.16.0.4", 21)],
+                        {"10.16.0.2": HA}), arriving=False)
+        assert kinds(kernel) == [("addr", "add")] * 4
 
-    (tmp_path / "b").mkdir()
+    for sub in "bcd":
+        (tmp_path / sub).mkdir()
     asyncio.run(main())
 
 
