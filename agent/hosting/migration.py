@@ -434,7 +434,7 @@ class MigrationRole(Role):
                     await self._drop(name)
                 return {"ok": True, "phase": Phase.ABORTED.value, "replayed": 0}
             phase, _new = self.arrivals.commit(name, epoch, final=True)
-        await self.hosting.forget_dark(name)
+        self._spawn(self.hosting.forget_dark(name))  # off the answer's path
         if self._fires("commit_cut"):
             raise ControlError("injected fault: commit_cut (the target committed, its answer is lost)")
         return {"ok": True, "phase": phase.value, "replayed": replayed}
@@ -462,7 +462,7 @@ class MigrationRole(Role):
                     await self._drop(name)
                 return {"ok": True, "phase": Phase.ABORTED.value, "replayed": 0}
             phase, _new = self.arrivals.commit(name, epoch)
-        await self.hosting.forget_dark(name)
+        self._spawn(self.hosting.forget_dark(name))  # off the answer's path
         if self._fires("commit_cut"):
             raise ControlError("injected fault: commit_cut (the target committed, its answer is lost)")
         return {"ok": True, "phase": phase.value, "replayed": replayed}
