@@ -37,6 +37,9 @@ IFF_LOWER_UP = 0x10000
 NLMSGHDR = struct.Struct("=IHHII")
 #: struct ifinfomsg: family, pad, type, index, flags, change.
 IFINFOMSG = struct.Struct("=BBHiII")
+#: ifaddrmsg: family, prefix length, flags, scope, interface index.
+IFADDRMSG = struct.Struct("=BBBBI")
+HOST_PREFIX = 32
 #: Bytes read at most per datagram (one batch of announcements).
 RECV_SIZE = 65536
 
@@ -61,7 +64,11 @@ def up_events(data: bytes) -> list[str]:
             if flags & IFF_UP and flags & IFF_LOWER_UP:
                 found.append(f"link {index}")
         elif kind == RTM_NEWADDR:
-            found.append("address")
+            # A host address (/32: an object's home address on lo at every move) puts no
+            # next hop on-link; the routes' look it caused took the switch's netlink worker.
+            if length < NLMSGHDR.size + IFADDRMSG.size or \
+                    IFADDRMSG.unpack_from(data, body)[1] < HOST_PREFIX:
+                found.append("address")
         offset += (length + 3) & ~3  # NLMSG_ALIGN
     return found
 

@@ -197,6 +197,15 @@ def test_up_events_name_links_up_with_carrier_and_added_addresses() -> None:
     assert up_events(data) == ["link 4", "address"]
 
 
+def test_up_events_skip_a_host_address() -> None:
+    """An object's home address added on lo at every move (/32) puts no next hop on-link:
+    no look of the routes on a move's switch."""
+    host = struct.pack("=BBBBI", 2, 32, 0, 0, 1)
+    subnet = struct.pack("=BBBBI", 2, 24, 0, 0, 3)
+    assert up_events(nlmsg(RTM_NEWADDR, host)) == []
+    assert up_events(nlmsg(RTM_NEWADDR, host) + nlmsg(RTM_NEWADDR, subnet)) == ["address"]
+
+
 def test_up_events_stop_at_a_truncated_message() -> None:
     whole = newlink(4, UP)
     assert up_events(whole + newlink(6, UP)[:20]) == ["link 4"]
