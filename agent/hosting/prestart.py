@@ -5,7 +5,7 @@ Without it the first object a router starts (the first move to it, usually) pays
 server's own start (one interpreter and the runtime's imports: 110-190 ms here) and finds no
 prepared slot. With it that happens on a thread while the agent starts and serves; nothing
 waits for it, and a start that comes first simply does what it did before (starts the server
-itself, prepares its own slot).
+itself, prepares its own slot). It begins :data:`DELAY` after the role's start.
 
 Each fork server costs memory (about 24 MiB resident, most of it shared with nothing: see the
 README's figure of its PSS), and a run's routers start theirs at once, so it is on by default
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 ENV_PRESTART = "MOAT_FORKSERVER_PRESTART"
 #: Up to this many routers in the run, every hosting router prestarts (when not told).
 MAX_ROUTERS = 20
+#: Seconds after the role's start before it begins: the agent's own start (its roles, its
+#: first advertisements) does not share the two cores with a run's worth of fork servers.
+DELAY = 1.0
 
 
 class PrestartError(AgentError):
@@ -67,9 +70,11 @@ class Prestart:
 
     def __init__(self, objects_dir: Path, manager: Any, *, forking: bool | None = None,
                  start_server: Callable[[], None] = _start_server,
-                 pool_for: Callable[[Path, Any], Any] = _pool) -> None:
+                 pool_for: Callable[[Path, Any], Any] = _pool, delay: float = DELAY) -> None:
         self.objects_dir = Path(objects_dir)
         self.manager = manager
+        self.delay = delay
+        self._stop = threading.Event()
         if forking is None:
             from agent.hosting.sandbox import start_mode
 
@@ -89,6 +94,8 @@ class Prestart:
 
     def _run(self) -> None:
         try:
+            if self._stop.wait(self.delay):
+                return
             if self.forking and not self._cancelled:
                 self._start_server()
             with self._lock:
@@ -108,13 +115,14 @@ class Prestart:
 
     def cancel(self, timeout: float = 10.0) -> None:
         """No pool is made from now on; waits (up to ``timeout``) for a start under way."""
+        self._stop.set()
         with self._lock:
             self._cancelled = True
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout)
 
 
-def begin(config: Any, manager: Any) -> Prestart | None:
+def begin(config: Any, manager: Any, delay: float = DELAY) -> Prestart | None:
     """The hosting role's start: a :class:`Prestart` under way, or None when not
     :func:`wanted` for this run (``config.peers``: every router of the run), or when
     ``config`` is not an agent's configuration (a test's stand-in describes no run)."""
@@ -129,7 +137,7 @@ def begin(config: Any, manager: Any) -> Prestart | None:
     except PrestartError as exc:
         log.warning("%s: not prestarting", exc)
         return None
-    prestart = Prestart(Path(config.run_dir) / "objects", manager)
+    prestart = Prestart(Path(config.run_dir) / "objects", manager, delay=delay)
     prestart.start()
     return prestart
 

@@ -57,7 +57,7 @@ def test_prestart_brings_up_the_fork_server_and_slots_and_the_stop_leaves_nothin
     monkeypatch.delenv(prestart.ENV_PRESTART, raising=False)
 
     async def main() -> tuple[int, list[tuple[int, int]], list[int]]:
-        p = prestart.begin(config, manager)  # returns at once: the work is on its thread
+        p = prestart.begin(config, manager, delay=0.2)  # returns at once: a thread's work
         assert p is not None and not p.done.is_set()
         assert await asyncio.to_thread(p.done.wait, 60) and p.error is None
         server = forkserver._server

@@ -39,7 +39,7 @@ class FakePool:
 
 
 def run(tmp_path: Path, forking: bool, *, gate: threading.Event | None = None,
-        server_fails: bool = False) -> tuple[Prestart, list]:
+        server_fails: bool = False, delay: float = 0.0) -> tuple[Prestart, list]:
     log: list[Any] = []
 
     def start_server() -> None:
@@ -54,7 +54,7 @@ def run(tmp_path: Path, forking: bool, *, gate: threading.Event | None = None,
         return FakePool(log)
 
     p = Prestart(tmp_path / "objects", "manager", forking=forking, start_server=start_server,
-                 pool_for=pool_for)
+                 pool_for=pool_for, delay=delay)
     p.start()
     return p, log
 
@@ -85,6 +85,12 @@ def test_cancelled_it_makes_no_pool(tmp_path: Path) -> None:
     threading.Timer(0.2, gate.set).start()
     p.cancel()
     assert p.done.is_set() and log == ["server"]
+
+
+def test_cancelled_during_its_delay_it_does_nothing(tmp_path: Path) -> None:
+    p, log = run(tmp_path, forking=True, delay=30.0)
+    p.cancel()
+    assert p.done.is_set() and log == [] and not (tmp_path / "objects").exists()
 
 
 def config(peers: int) -> AgentConfig:
