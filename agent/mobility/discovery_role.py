@@ -186,7 +186,11 @@ class DiscoveryRole(Role):
         if listened < LISTEN_INTERVALS * self.config.advertise_interval:
             return []
         self.recent.prune()
-        return [(source, adv, ifindex, at) for source, (adv, ifindex, at) in self.recent.items()]
+        # Silenced (it left its links, ``advertising``), this router's own foreign agent is
+        # not one to register with, however recently it was heard.
+        own = set(self.config.addresses) if self.paused else set()
+        return [(source, adv, ifindex, at) for source, (adv, ifindex, at) in self.recent.items()
+                if source not in own]
 
     def solicit(self) -> None:
         """Ask every link for its agents (an object that wants to register now)."""

@@ -45,3 +45,26 @@ def test_a_stale_seed_is_not_used() -> None:
         await c.stop(deregister=False)
 
     run_virtual(w.clock, main)
+
+
+def test_a_router_hands_what_it_heard_only_after_listening_and_not_itself_when_silenced() -> None:
+    """agent.mobility.discovery_role.DiscoveryRole.known: nothing before the router has heard
+    every agent's periodic advertisement; silenced (it left its links), not its own FOA."""
+    import time
+    from types import SimpleNamespace
+
+    from agent.mobility import discovery_role as dr
+
+    role = dr.DiscoveryRole.__new__(dr.DiscoveryRole)
+    role.config = SimpleNamespace(advertise_interval=1.0, addresses={"10.14.0.1"})
+    role.recent = dr.HeardTable(8)
+    role.paused = False
+    now = time.monotonic()
+    for source in ("10.14.0.1", "10.14.0.9"):
+        role.recent.put(source, (adv(source), 2, now), 300)
+    role.listening_since = now
+    assert role.known() == []  # not listened long enough yet
+    role.listening_since = now - dr.LISTEN_INTERVALS * 1.0 - 0.1
+    assert [k[0] for k in role.known()] == ["10.14.0.1", "10.14.0.9"]
+    role.paused = True
+    assert [k[0] for k in role.known()] == ["10.14.0.9"]
