@@ -656,11 +656,13 @@ def _binding_via_foa(moat: Any) -> list[dict[str, Any]]:
 
 
 def _tunnel_backend_logged(moat: Any, router: str) -> str | None:
+    """The backend the agent logged at start ("not logged" when its log level hides INFO,
+    --quiet-agents: the agent's status does not say)."""
     for line in reversed(moat.agent(router).call("log", lines=500)):
         match = re.search(r"GRE tunnel backend: (\w+)", line)
         if match:
             return match.group(1)
-    return None
+    return "not logged" if moat.log_level != "INFO" else None
 
 
 def run_backend(backend: str, args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
