@@ -220,8 +220,9 @@ class ObjectProcess:
         except ObjectProcessError:
             await self.stop()
             raise
-        log.info("object %s started (pid %s, warm=%s, cgroup=%s)", self.name, self.pid, warm,
-                 self.sandbox.cgroup.name if self.sandbox.cgroup else None)
+        log.info("object %s started (pid %s, warm=%s, cgroup=%s, %s)", self.name, self.pid, warm,
+                 self.sandbox.cgroup.name if self.sandbox.cgroup else None,
+                 getattr(self.sandbox, "started_by", None))
 
     # --- outliving the agent ------------------------------------------------------------
 

@@ -656,6 +656,9 @@ class ObjectSandbox:
         #: ``(stage, monotonic seconds)`` of this start's steps when asked for (a list, set
         #: by the caller or by :data:`ENV_START_TRACE`); None: not recorded.
         self.trace: list[tuple[str, float]] | None = [] if tracing() else None
+        #: How it started: "exec", "fork" (a launcher the fork server forked for it) or
+        #: "prepared" (its sandbox slot's prepared launcher); None until it has.
+        self.started_by: str | None = None
 
     async def __aenter__(self) -> ObjectSandbox:
         return self
@@ -748,8 +751,11 @@ class ObjectSandbox:
                 log.warning("object %s runs without a cgroup (no limits, no measurements)",
                             self.name)
             self._base = {k: v or 0 for k, v in self._counters().items()}
+            prepared = self.spec.prepared
             self.proc, self._object_pid = await spawn(argv, self.spec, self.cgroup,
                                                       trace=self.trace, **stdio)
+            self.started_by = ("prepared" if prepared is not None
+                               and self.proc.pid == prepared.pid else start_mode(self.spec))
         except BaseException:
             prepared, self.spec.prepared = self.spec.prepared, None
             if prepared is not None:  # (spawn was not reached)

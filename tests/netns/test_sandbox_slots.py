@@ -121,7 +121,7 @@ def test_an_object_from_a_slot_is_confined_as_one_started_without(start, manager
                                                                    monkeypatch) -> None:
     """Forked, the slot also holds a prepared launcher (forked ahead into the slot's cgroup
     and namespaces): the object it starts is confined as one started without a slot."""
-    async def main() -> tuple[dict, dict, dict[str, Any], str, int]:
+    async def main() -> tuple[dict, dict, dict[str, Any], str, int, tuple]:
         monkeypatch.setenv(sandbox_pool.ENV_POOL, "0")
         plain, plain_facts = await started(objects_dir, manager, "plain")
         monkeypatch.setenv(sandbox_pool.ENV_POOL, "2")
@@ -130,16 +130,19 @@ def test_an_object_from_a_slot_is_confined_as_one_started_without(start, manager
         ready = {s.identity.name: s.launcher for s in pool._idle}
         pooled, pooled_facts = await started(objects_dir, manager, "pooled")
         name, relay = pooled.identity.name, pooled.sandbox.proc.pid
+        by = (plain.sandbox.started_by, pooled.sandbox.started_by)
         await plain.stop()
         await pooled.stop()
-        return plain_facts, pooled_facts, ready, name, relay
+        return plain_facts, pooled_facts, ready, name, relay, by
 
-    plain, pooled, ready, name, relay = asyncio.run(main())
+    plain, pooled, ready, name, relay, by = asyncio.run(main())
     assert name in ready  # it did start from a prepared slot
     if start == "fork":  # ... and from its prepared launcher: the relay is that process
         assert ready[name] is not None and relay == ready[name].pid
+        assert by == ("fork", "prepared")
     else:
         assert ready[name] is None  # (the exec path prepares none)
+        assert by == ("exec", "exec")
     assert pooled == plain
     assert plain["in_cgroups"] and plain["ids"][0].split() == ["U"] * 4
     assert plain["caps"][2] == "0000000000000000" and plain["no_new_privs"] == "1"
