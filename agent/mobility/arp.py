@@ -16,7 +16,7 @@ from pathlib import Path
 
 from scapy.layers.l2 import ARP, Ether
 
-from agent.mobility.arpframe import gratuitous_arp_frame
+from agent.mobility.arpframe import ARP_REPLY, ARP_REQUEST, gratuitous_arp_frame
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,10 @@ def interface_mac(ifname: str) -> str:
     return Path(f"/sys/class/net/{ifname}/address").read_text().strip()
 
 
-def gratuitous_arp(ifname: str, address: str, mac: str | None = None) -> bytes:
-    """A gratuitous ARP request announcing ``address`` at ``mac`` (RFC 5944 §4.6)."""
-    return gratuitous_arp_frame(mac or interface_mac(ifname), address)  # packed: fast
+def gratuitous_arp(ifname: str, address: str, mac: str | None = None,
+                   op: int = ARP_REQUEST) -> bytes:
+    """A gratuitous ARP announcing ``address`` at ``mac`` (RFC 5944 §4.6)."""
+    return gratuitous_arp_frame(mac or interface_mac(ifname), address, op)  # packed: fast
 
 
 class Announcer:
@@ -55,9 +56,11 @@ class Announcer:
                 raise
             self._socks[ifname] = kept
         sock, mac = kept
-        frame = gratuitous_arp(ifname, address, mac)
-        for _ in range(count):
-            sock.send(frame)
+        # Requests and replies alike: a router resolving the address learns only from a
+        # reply (arpframe.gratuitous_arp_frame), hosts from either.
+        frames = [gratuitous_arp(ifname, address, mac, op) for op in (ARP_REPLY, ARP_REQUEST)]
+        for n in range(count):
+            sock.send(frames[n % 2])
         log.info("gratuitous ARP for %s on %s", address, ifname)
 
     def close(self) -> None:
@@ -91,9 +94,10 @@ class ProxyArp:
         when a thousand objects register at once (issue 15)."""
         if address not in self.addresses:
             self.addresses.add(address)
-            frame = gratuitous_arp(self.ifname, address, self.mac)
+            frames = [gratuitous_arp(self.ifname, address, self.mac, op)
+                      for op in (ARP_REPLY, ARP_REQUEST)]
             try:
-                for _ in range(2):
+                for frame in frames:
                     self.sock.send(frame)
                 log.info("gratuitous ARP for %s on %s", address, self.ifname)
             except OSError as exc:

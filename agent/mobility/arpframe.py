@@ -45,9 +45,20 @@ def _ipv4(address: str) -> bytes:
         raise ArpFrameError(f"not an IPv4 address: {address!r}") from None
 
 
-def gratuitous_arp_frame(mac: str, address: str) -> bytes:
-    """A gratuitous ARP request announcing ``address`` at ``mac`` (RFC 5944 §4.6): broadcast,
-    sender and target protocol address both ``address``, target hardware address zero."""
+ARP_REQUEST = 1
+ARP_REPLY = 2
+
+
+def gratuitous_arp_frame(mac: str, address: str, op: int = ARP_REQUEST) -> bytes:
+    """A gratuitous ARP announcing ``address`` at ``mac`` (RFC 5944 §4.6): broadcast, sender
+    and target protocol address both ``address``; a request (target hardware address zero)
+    or a reply (target hardware address ``mac``). A forwarding router learns nothing from a
+    gratuitous *request* for an address it routes (Linux answers or forwards and stops
+    there), so an entry it is still resolving waits for its next ARP probe, a second later;
+    a gratuitous *reply* updates it at once."""
+    if op not in (ARP_REQUEST, ARP_REPLY):
+        raise ArpFrameError(f"ARP operation must be 1 (request) or 2 (reply), not {op!r}")
     hw, ip = mac_bytes(mac), _ipv4(address)
+    target = ZERO_MAC if op == ARP_REQUEST else hw
     return _HEADER.pack(BROADCAST_MAC, hw, ETH_P_ARP) + \
-        _ARP.pack(1, ETH_P_IP, 6, 4, 1, hw, ip, ZERO_MAC, ip)
+        _ARP.pack(1, ETH_P_IP, 6, 4, op, hw, ip, target, ip)

@@ -40,3 +40,18 @@ def test_a_thousand_frames_take_well_under_a_second() -> None:
     for i in range(1000):
         gratuitous_arp_frame("02:00:00:00:00:01", f"10.16.{i // 250}.{i % 250 + 1}")
     assert time.process_time() - start < 0.3  # Scapy: about 0.6 s for as many
+
+
+def test_a_gratuitous_reply_names_the_announcer_as_target_too() -> None:
+    """A forwarding router updates an entry it is resolving from a gratuitous reply only."""
+    from scapy.layers.l2 import ARP, Ether
+
+    from agent.mobility.arpframe import ARP_REPLY, ArpFrameError, gratuitous_arp_frame
+
+    pkt = Ether(gratuitous_arp_frame("02:00:00:00:00:0c", "10.16.0.100", ARP_REPLY))
+    assert pkt.dst == "ff:ff:ff:ff:ff:ff" and pkt[ARP].op == 2
+    assert pkt[ARP].psrc == pkt[ARP].pdst == "10.16.0.100"
+    assert pkt[ARP].hwsrc == pkt[ARP].hwdst == "02:00:00:00:00:0c"
+    import pytest
+    with pytest.raises(ArpFrameError):
+        gratuitous_arp_frame("02:00:00:00:00:0c", "10.16.0.100", 3)

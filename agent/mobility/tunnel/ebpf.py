@@ -162,6 +162,10 @@ class EbpfTunnel(Tunnel):
         if self._closed or not self._started:
             return
         self._closed = True
+        try:  # what it did, as the userspace tunnel logs it (the maps go with the teardown)
+            counts = self.stats
+        except Exception as exc:  # noqa: BLE001 - closing goes on
+            counts = {"unreadable": str(exc)}  # type: ignore[dict-item]
         self._unroute_reverse()
         for dst in list(self.peers):
             self._apply(nl.op_route("del", f"{dst}/32", ifname=self.name, table=PEERS_TABLE),
@@ -173,7 +177,7 @@ class EbpfTunnel(Tunnel):
         self.deliveries.clear()
         self._apply(self._teardown, f"remove the eBPF GRE tunnel {self.name}")
         self._rp.restore()
-        log.info("eBPF GRE tunnel %s closed", self.name)
+        log.info("eBPF GRE tunnel %s closed: %s", self.name, counts)
 
     @property
     def stats(self) -> dict[str, int]:
