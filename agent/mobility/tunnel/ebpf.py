@@ -39,7 +39,7 @@ from agent.mobility.tunnel.base import (REVERSE_PRIORITY, REVERSE_TABLE, RpFilte
 from agent.mobility.tunnel.ebpf_loader import Loader, pin_dir_for
 from agent.mobility.tunnel.ebpf_maps import (MAX_PEERS, BpfError, BpfMaps, MapOp,
                                              encode_accept_key, encode_accept_value,
-                                             encode_allowed_key, encode_config, encode_leaving,
+                                             encode_allowed_key, encode_config,
                                              encode_peer, encode_peers, encode_u32)
 
 log = logging.getLogger(__name__)
@@ -220,11 +220,14 @@ class EbpfTunnel(Tunnel):
                                     table=PEERS_TABLE),
                         f"route {inner_dst}/32 dev {self.name} table {PEERS_TABLE}")
         elif self.peers.pop(inner_dst, None) is not None:
-            # The last binding went (the object came home): from now on, what still reaches
-            # the device goes where the main table routes it (not to the old care-of, which
-            # may have dropped the visitor already), as everything will once the route into
-            # the device is gone; then the entry goes.
-            self._write([MapOp("moat_peers", key, encode_leaving())], f"{inner_dst} leaving")
+            # The last binding went (the object came home): the route into the device goes
+            # first, so that what comes next takes the main table in the kernel (its
+            # neighbour resolution queues it while the object's new router announces
+            # itself); what reached the device before still goes to the old care-of address,
+            # whose FOA keeps the visitor until the HOA's answer, sent once this is settled.
+            # (Rerouted from the device's egress by the program's ``leaving`` state, such a
+            # packet left unresolved kept the device's own MACs and was lost.) Then the
+            # entry goes.
             self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name, table=PEERS_TABLE),
                         f"remove route {inner_dst}/32")
             self._write([MapOp("moat_peers", key, None)], f"forget peers of {inner_dst}")
