@@ -51,11 +51,13 @@ PENDING_TIMEOUT = 5.0
 REFUSAL_LOG_INTERVAL = 10.0
 
 
-#: What the HOA's home link may hold for one address while it resolves it (bytes of socket
-#: buffers: a small datagram received on a veth takes 2-5 KiB): the kernel's 208 KiB
-#: default dropped the oldest of 80 requests queued for an object coming home, between its
-#: old place's deregistration and its new instance's announcement (a move's switch).
-UNRESOLVED_QUEUE_BYTES = 4 * 1024 * 1024
+#: What the HOA's home link may hold for one address while it resolves it (bytes of the
+#: packets' buffers, each several times its length): an object coming home is resolved
+#: only when its new instance announces itself, after its old place's deregistration and
+#: the switch (at 3,000 requests/s some 100-300 requests), and the kernel drops the oldest
+#: beyond its 208 KiB default. 1 MiB, not more: the kernel keeps up to gc_thresh3 (1,024)
+#: such queues, and what fills them comes from anyone before any authentication.
+UNRESOLVED_QUEUE_BYTES = 1024 * 1024
 
 
 def hold_while_resolving(ifname: str, size: int = UNRESOLVED_QUEUE_BYTES,
