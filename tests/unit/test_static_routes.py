@@ -20,13 +20,12 @@ from typing import Any
 
 import pytest
 
-from agent.core import netlink
 from agent.core.config import AgentConfig, Interface, StaticRoute
-from agent.core.netlink import Netlink
 from agent.core.wait import async_wait_until
 from agent.routing import link_events
 from agent.routing.link_events import IFF_LOWER_UP, IFF_UP, RTM_NEWADDR, RTM_NEWLINK, up_events
 from agent.routing.static_routes import Link, Snapshot, StaticRoutesRole, plan, snapshot_of
+from fakenetlink import default_worker_over
 
 #: r22a's view: two backbone links (eth1 to r18a, eth2 to r20a) and its LAN (eth0).
 BEHIND_R18A = StaticRoute("10.18.0.0/24", "10.255.0.2")
@@ -317,12 +316,8 @@ class FakeKernel:
 
 @pytest.fixture
 def kernel() -> Iterator[FakeKernel]:
-    fake = FakeKernel()
-    worker = Netlink(lambda: fake, timeout=5)
-    old = netlink.use(worker)
-    yield fake
-    netlink.use(old)
-    worker.close()
+    with default_worker_over(FakeKernel()) as fake:
+        yield fake
 
 
 class FakeEvents:

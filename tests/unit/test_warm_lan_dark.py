@@ -13,12 +13,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from agent.core import netlink
 from agent.core.config import Credential, Interface, ObjectConfig
-from agent.core.netlink import Netlink
 from agent.hosting import objects as objects_mod
 from agent.hosting.objects import DARK_LAN_PRIORITY, DARK_PRIORITY, DARK_TABLE, MAIN_TABLE, HostingRole
 from packets import AdvFlags, AgentAdvertisement
+from fakenetlink import default_worker_over
 
 HOME = "10.16.0.100"
 OWN = "10.14.0.1"
@@ -48,12 +47,8 @@ class FakeKernel:
 
 @pytest.fixture
 def kernel() -> Iterator[FakeKernel]:
-    fake = FakeKernel()
-    worker = Netlink(lambda: fake, timeout=5)
-    old = netlink.use(worker)
-    yield fake
-    netlink.use(old)
-    worker.close()
+    with default_worker_over(FakeKernel()) as fake:
+        yield fake
 
 
 class FakeProcess:
