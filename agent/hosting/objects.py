@@ -546,9 +546,11 @@ class HostingRole(Role):
         instance darkened to its FOA's LANs) a rule that sends the packets from those LANs
         to the main table, on towards the home agent (which bicasts to the instance that
         serves and, through the tunnel, to this one). On the home link (``dark``) nothing
-        is exempt: the router answers no ARP for the address (it is not in the local
-        table), and what reaches it all the same (a neighbour's stale entry) is queued here
-        rather than sent back to the home agent, which would send it here again."""
+        is exempt: what reaches the router (the HOA's stale neighbour entry once the old
+        place deregistered) is queued here rather than sent back to the home agent, which
+        would send it here again. (The kernel answers ARP by the policy route too: a
+        neighbour that asks for the address while the HOA proxies it may be told this
+        router, and its requests then wait here for the switch; none is lost.)"""
         address = hosted.home_address
         if on:
             hosted.dark_route = self._access_links() if hosted.lan_dark else []
