@@ -242,37 +242,8 @@ int moat_encap(struct __sk_buff *skb)
 		peers = &one;
 	}
 	__u32 n = peers->count;
-	if (n == 0 && peers == &one)
+	if (n == 0)  /* no peer: the agent removes the route into the device first */
 		goto no_peer;
-	if (n == 0) {
-		/* Leaving: the home address's last binding went and its route into the tunnel
-		 * is being deleted. Send the packet where the main table (without the tunnel's
-		 * own table) routes it now, as the kernel will once the route is gone. */
-		struct bpf_fib_lookup fib = {};
-
-		fib.family = 2; /* AF_INET */
-		fib.l4_protocol = proto;
-		fib.ipv4_src = src;
-		fib.ipv4_dst = dst;
-		fib.ifindex = skb->ifindex;
-		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_DIRECT);
-		if (fib.ifindex != skb->ifindex && rc == BPF_FIB_LKUP_RET_SUCCESS) {
-			if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) < 0 ||
-			    bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0) < 0)
-				goto no_peer;
-			count(S_REROUTED, 1);
-			return bpf_redirect(fib.ifindex, 0);
-		}
-		if (fib.ifindex != skb->ifindex && rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-			struct bpf_redir_neigh nh = {};
-
-			nh.nh_family = 2;
-			nh.ipv4_nh = fib.ipv4_dst;
-			count(S_REROUTED, 1);
-			return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
-		}
-		goto no_peer;
-	}
 	if (n > MAX_PEERS) {
 no_peer:
 		count(S_DROPPED_NO_PEER, 1);

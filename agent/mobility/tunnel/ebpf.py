@@ -48,8 +48,7 @@ log = logging.getLogger(__name__)
 TUN_MTU = 1500 - 20 - 8
 ALLOWED = b"\x01"
 #: The home addresses' routes into the tunnel live in a table of their own, looked up before
-#: main: the program then asks the main table (BPF_FIB_LOOKUP_DIRECT) where a leaving
-#: address goes without its route into the tunnel.
+#: main (an address whose last binding went loses its route there first, then its peers).
 PEERS_TABLE = 4348
 PEERS_PRIORITY = 4346
 
@@ -225,9 +224,9 @@ class EbpfTunnel(Tunnel):
             # neighbour resolution queues it while the object's new router announces
             # itself); what reached the device before still goes to the old care-of address,
             # whose FOA keeps the visitor until the HOA's answer, sent once this is settled.
-            # (Rerouted from the device's egress by the program's ``leaving`` state, such a
-            # packet left unresolved kept the device's own MACs and was lost.) Then the
-            # entry goes.
+            # (Rerouted from the device's egress to a neighbour being resolved, as the
+            # program once did, such a packet kept the device's own MACs and was lost.) Then
+            # the entry goes.
             self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name, table=PEERS_TABLE),
                         f"remove route {inner_dst}/32")
             self._write([MapOp("moat_peers", key, None)], f"forget peers of {inner_dst}")

@@ -66,12 +66,6 @@ def encode_peers(peers: list[tuple[str, int]]) -> bytes:
     return struct.pack("=I", len(peers)) + slots + b"\0" * (8 * (MAX_PEERS - len(peers)))
 
 
-def encode_leaving() -> bytes:
-    """``struct peers`` with no peer: the address is leaving the tunnel (its route is being
-    deleted); the program sends its packets where the main table routes them."""
-    return b"\0" * (4 + 8 * MAX_PEERS)
-
-
 def encode_accept_key(remote: str, key: int) -> bytes:
     return encode_peer(remote, key)
 
