@@ -61,7 +61,6 @@ from agent.core import rpc
 from agent.core.errors import AgentError, ControlError
 from agent.core.peer import PeerError, PeerNotSent, RouterKeyAuth, peer_call
 from agent.core.role import InBand, Role
-from agent.core.wait import WaitTimeout, async_wait_until
 from agent.hosting.handover import (DEFAULT_DEADLINE, MAX_DEADLINE, MIN_DEADLINE, Arrivals,
                                     HandoverError, HandoverStore, Phase, SourceRecord, new_epoch)
 from agent.hosting import merge_patch
@@ -504,22 +503,16 @@ class MigrationRole(Role):
             status = client.status()
             return status if status["registration"] is not None or status["at_home"] else None
 
-        settled = getattr(client, "settled", None)
-        if settled is None:  # a client without the event: look every 10 ms
-            try:
-                return await async_wait_until(registered, timeout, interval=0.01,
-                                              what=f"{name} registered")
-            except WaitTimeout:
-                pass
-        else:  # woken by the client as its registration is accepted (or it is home)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while (status := registered()) is None and loop.time() < deadline:
-                settled.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(settled.wait(), min(0.1, deadline - loop.time()))
-            if status is not None:
-                return status
+        # Woken by the client as its registration is accepted (or it is home); looked at
+        # again every 0.1 s all the same.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (status := registered()) is None and loop.time() < deadline:
+            client.settled.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(client.settled.wait(), min(0.1, deadline - loop.time()))
+        if status is not None:
+            return status
         last = client.history[-1].as_dict() if client.history else {}
         raise MigrationFailed(f"{name} did not register from {self.config.name} within "
                               f"{timeout:.0f}s (last attempt: {last})") from None

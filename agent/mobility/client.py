@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 #: The reply codes that accept a registration.
 ACCEPTED_CODES = (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS)
-_ACCEPTED = ACCEPTED_CODES
 RETRANSMIT_TIMEOUT = 1.0
 #: How long to keep listening for more agents before the first registration.
 COLLECT_WINDOW = 0.05
@@ -334,7 +333,7 @@ class RegistrationClient:
             agent = options[0]
             tried.add(agent.address)
             last = await self._exchange(agent, self.build_request(agent, lifetime), agent.address)
-            if last.code in _ACCEPTED:
+            if last.code in ACCEPTED_CODES:
                 if last.lifetime > 0:
                     seen = self.agents.get(agent.address) or agent  # its newest advertisement
                     self.current = Registration(agent.address, last.care_of_address, last.care_of_name,
@@ -352,7 +351,7 @@ class RegistrationClient:
     async def claim_home(self) -> Attempt:
         """Deregister every binding directly, then announce the home address on the link."""
         attempt = await self.deregister(direct=True)
-        if attempt.code in _ACCEPTED:
+        if attempt.code in ACCEPTED_CODES:
             self.at_home = True
             self.settled.set()
             seen = self.agents.get(self.config.home_agent)
@@ -383,7 +382,7 @@ class RegistrationClient:
         data = append_auth(rrq.encode(), ExtType.MOBILE_HOME_AUTH, cfg.mobile_home.spi,
                            cfg.mobile_home.key)
         attempt = await self._exchange(None, data, cfg.home_agent)
-        if attempt.code not in _ACCEPTED:
+        if attempt.code not in ACCEPTED_CODES:
             self.dark = False  # it stays: claim_home (the move's undo) takes the link back
         return attempt
 
@@ -400,7 +399,7 @@ class RegistrationClient:
         else:
             agent = self.agents[self.current.agent]
             attempt = await self._exchange(agent, self.build_request(agent, 0), agent.address)
-        if attempt.code in _ACCEPTED:
+        if attempt.code in ACCEPTED_CODES:
             self.current = None
         return attempt
 
@@ -458,7 +457,7 @@ class RegistrationClient:
         # its sender may have no key to sign it with (an FOA; an HOA that does not know this
         # home address, 136), so denials are taken as they come and marked unauthenticated.
         authenticated = verify_auth(rrp, ExtType.MOBILE_HOME_AUTH, {cred.spi: cred.key})
-        if rrp.code in _ACCEPTED and not authenticated:
+        if rrp.code in ACCEPTED_CODES and not authenticated:
             self.bad_replies += 1
             log.warning("%s: acceptance from %s fails Mobile-Home auth; ignored", self.config.name, addr[0])
             return

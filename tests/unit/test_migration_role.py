@@ -33,6 +33,7 @@ class FakeClient:
         self.history: list[Any] = []
         self.at_home = False
         self.dark = False
+        self.settled = asyncio.Event()
 
     async def deregister(self) -> None:
         self.deregistered += 1
