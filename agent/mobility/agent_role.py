@@ -394,6 +394,10 @@ class ObjectAgentRole(Role):
         old FOA drops its visitor as it relays a deregistration's reply, and what the
         tunnel (an eBPF map entry still queued) sent it after that would be dropped."""
         self.sync_home()
+        # Let go at once of what is no longer served: a registration that arrives while
+        # this waits (the object away again at once) must find the address unclaimed and
+        # announce it, not find it still claimed by a removal about to be undone.
+        self._sync_proxy_arp(claim=False)
         if self.dataplane is not None:
             await self.dataplane.settle()
         self._sync_proxy_arp()
@@ -423,14 +427,16 @@ class ObjectAgentRole(Role):
         if self.home is not None and self.dataplane is not None:
             self.dataplane.sync_home(self.home)
 
-    def _sync_proxy_arp(self) -> None:
+    def _sync_proxy_arp(self, claim: bool = True) -> None:
         """Answer ARP on the home link for every address the bindings serve (home addresses
-        and registered mobile network prefixes), and for no other."""
+        and registered mobile network prefixes), and for no other; with ``claim`` false,
+        only stop answering for what is no longer served."""
         if self.home is None or self.proxy_arp is None:
             return
         served = set(self.home.bindings.served())
-        for address in sorted(served - self.proxy_arp.addresses):
-            self.proxy_arp.start(address)
+        if claim:
+            for address in sorted(served - self.proxy_arp.addresses):
+                self.proxy_arp.start(address)
         for address in sorted(self.proxy_arp.addresses - served):
             self.proxy_arp.stop(address)
 

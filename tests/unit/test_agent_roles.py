@@ -239,6 +239,66 @@ def test_a_path_that_starts_or_ends_is_answered_only_once_the_tunnel_is_in_the_k
                        ("send", ("10.16.0.3", 434))]
 
 
+def test_a_registration_during_a_deregistrations_settle_announces_the_address_again() -> None:
+    """The object deregisters from home, and at once registers away again while the HOA
+    waits for the kernel before answering the deregistration: the new binding's claim must
+    go out on the home link (the removal let the address go at once), not be lost between
+    a proxy that still held the address and a removal that found it served again."""
+    role, rec = object_agent(["home"])
+    served: dict[str, list] = {"10.16.0.100": ["b"]}
+    announced: list[str] = []
+
+    class Proxy:  # the real ProxyArp's bookkeeping: announce only an address it lacks
+        addresses = {"10.16.0.100"}
+
+        def start(self, address: str) -> None:
+            if address not in self.addresses:
+                self.addresses.add(address)
+                announced.append(address)
+
+        def stop(self, address: str) -> None:
+            self.addresses.discard(address)
+
+    role.proxy_arp = Proxy()  # type: ignore[assignment]
+    dereg = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED, notices=[],
+                            update=SimpleNamespace(first_away=False, now_home=True, activated=[],
+                                                   removed=["b"]))
+    away = SimpleNamespace(reply=b"reply", code=ReplyCode.ACCEPTED, notices=[],
+                           update=SimpleNamespace(first_away=True, now_home=False, activated=[],
+                                                  removed=[]))
+
+    def handle(rrq: Any) -> Any:
+        if rrq.care_of_address == "10.16.0.100":
+            served.clear()
+            return dereg
+        served["10.16.0.100"] = ["b2"]
+        return away
+
+    role.home = SimpleNamespace(handle=handle, bindings=SimpleNamespace(served=lambda: served))
+    released = asyncio.Event()
+
+    class SlowPlane:
+        def sync_home(self, home: Any) -> None:
+            pass
+
+        async def settle(self) -> None:
+            await released.wait()
+
+    role.dataplane = SlowPlane()  # type: ignore[assignment]
+
+    async def main() -> None:
+        role.agent.loop = asyncio.get_running_loop()
+        role.on_registration(request("10.16.0.100", mobile_foreign=False), ("10.16.0.3", 434))
+        await asyncio.sleep(0)  # the deregistration now waits on the kernel
+        role.on_registration(request("10.12.0.1", mobile_foreign=False), ("10.12.0.1", 434))
+        released.set()
+        await asyncio.gather(*role._tasks)
+
+    asyncio.run(main())
+    assert announced == ["10.16.0.100"]
+    assert role.proxy_arp.addresses == {"10.16.0.100"}
+
+
 def test_malformed_registration_messages_are_counted() -> None:
     role, rec = object_agent(["home", "foreign"])
     role.on_registration(b"\x01\x00", ("10.12.0.50", 1))
