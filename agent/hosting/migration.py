@@ -1058,9 +1058,9 @@ class MigrationRole(Role):
             self._crash_point("source_after_commit")
             if phase is Phase.COMMITTED:
                 report.step("target committed: it serves")
-                await self._stop_held(record)
+                await self._stop_held(record, linger=True)
                 self._done(record)
-                report.step("source stopped its held instance")
+                report.step("source let go of its held instance (its process ends after)")
                 return
             report.step("target aborted the move: the object starts here again")
             await self._restart_held(record)
@@ -1069,12 +1069,13 @@ class MigrationRole(Role):
         raise HandoverPending(f"{record.target} did not answer the commit of move {record.epoch} "
                               f"({last})")
 
-    async def _stop_held(self, record: SourceRecord) -> Any:
+    async def _stop_held(self, record: SourceRecord, linger: bool = False) -> Any:
         """Stop the held instance here, if it is (still, or taken over again) hosted: its
-        state (None: it gave none)."""
+        state (None: it gave none). ``linger``: the target serves, its state is not wanted:
+        the process ends after the move's report (HostingRole.cmd_object_stop)."""
         if record.name not in self.hosting.objects:
             return None
-        stopped = await self.hosting.cmd_object_stop(record.name, deregister=False)
+        stopped = await self.hosting.cmd_object_stop(record.name, deregister=False, linger=linger)
         return stopped.get("state")
 
     async def _restart_held(self, record: SourceRecord) -> None:
@@ -1125,9 +1126,9 @@ class MigrationRole(Role):
             report.step("target aborted the move: the object starts here again")
             await self._restart_held(record)
             raise MigrationFailed(f"{record.target} aborted move {record.epoch} of {record.name}")
-        await self._stop_held(record)
+        await self._stop_held(record, linger=True)
         self._done(record)
-        report.step("source stopped its held instance")
+        report.step("source let go of its held instance (its process ends after)")
 
     async def _decide_held(self, record: SourceRecord, report: MigrationReport, exc: Exception) -> None:
         """The message that could commit got no answer: a cancel decides. Committed (only

@@ -127,6 +127,9 @@ class HostingRole(Role):
         #: What the start found in the registry: objects taken over (running all along),
         #: restarted from their last checkpoint, and let go (gone, nothing to restart from).
         self.recovered: dict[str, list[str]] = {"adopted": [], "restarted": [], "lost": []}
+        #: Processes of instances no longer hosted here, still being stopped (a move's held
+        #: instance once the target serves: :meth:`cmd_object_stop` with ``linger``).
+        self._teardowns: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
         from agent.hosting import prestart
@@ -147,6 +150,8 @@ class HostingRole(Role):
                 await self.cmd_object_stop(name, deregister=False)
             except Exception:  # noqa: BLE001 - stop the others all the same
                 log.exception("stopping object %s failed", name)
+        for name in list(self._teardowns):
+            await self.torn_down(name)
         # The idle prepared sandbox slots (issue 14) go too (a few directories and claims,
         # at the agent's stop): a forked agent ends with os._exit, which runs no atexit.
         from agent.hosting import prestart, sandbox_pool
@@ -284,6 +289,7 @@ class HostingRole(Role):
         agents take as a renewal). The VM role uses this for its VMs' mobile objects."""
         if obj.name in self.objects:
             raise ControlError(f"object {obj.name} already runs here")
+        await self.torn_down(obj.name)  # an instance of it that left is gone first
         hosted = HostedObject(obj.name, obj.home_address, process=process, vm=vm,
                               resources=resources)
         self.objects[obj.name] = hosted
@@ -371,6 +377,7 @@ class HostingRole(Role):
         registration client. Used for placed objects and by the VM for its mobile objects."""
         if obj.name in self.objects:
             raise ControlError(f"object {obj.name} already runs here")
+        await self.torn_down(obj.name)  # an instance of it that left is gone first
         try:
             check_home_address(obj.home_address, obj.home_agent, self.config.addresses)
         except ValueError as exc:
@@ -471,11 +478,15 @@ class HostingRole(Role):
             client.seed(source, adv, ifindex, heard_at)
         return client
 
-    async def cmd_object_stop(self, name: str, deregister: bool = True, kill: bool = False) -> dict:
+    async def cmd_object_stop(self, name: str, deregister: bool = True, kill: bool = False,
+                              linger: bool = False) -> dict:
         """Stop hosting an object; returns its status, its final state (if it ran here and
         could give one) and ``errors``: what failed on the way. Whatever fails, the process
         is stopped (killed if it must be) and the object is no longer hosted here.
-        ``kill``: it misbehaves; it is killed without being asked anything."""
+        ``kill``: it misbehaves; it is killed without being asked anything. ``linger``: a
+        held instance whose state is no longer wanted (its move committed): it is no longer
+        hosted (nor addressed) here when this returns, its process is stopped after, off
+        the caller's path (:meth:`torn_down`), and no state is returned."""
         hosted = self.objects.pop(name, None)
         if hosted is None:
             raise ControlError(f"no object {name!r} here")
@@ -507,10 +518,33 @@ class HostingRole(Role):
                 except ControlError as exc:
                     errors.append(str(exc))
             finally:  # never left running, whatever the steps before did
-                state = await hosted.process.stop(kill=kill)
+                if linger:
+                    self._linger(name, hosted.process)
+                else:
+                    state = await hosted.process.stop(kill=kill)
         for error in errors:
             log.warning("stopping object %s: %s", name, error)
         return dict(hosted.status(), state=state, errors=errors)
+
+    def _linger(self, name: str, process: ObjectProcess) -> None:
+        async def teardown() -> None:
+            try:
+                await process.stop()
+            except Exception:  # noqa: BLE001 - logged; the next instance starts anyway
+                log.exception("stopping the left instance of %s failed", name)
+            finally:
+                if self._teardowns.get(name) is task:
+                    del self._teardowns[name]
+
+        task = asyncio.get_running_loop().create_task(teardown())
+        self._teardowns[name] = task
+
+    async def torn_down(self, name: str) -> None:
+        """Wait until a lingering instance of ``name`` (:meth:`cmd_object_stop`) is gone: a
+        new one must not meet its cgroup, uid or relay."""
+        task = self._teardowns.get(name)
+        if task is not None:
+            await asyncio.shield(task)
 
     async def kill(self, name: str, reason: str) -> dict:
         """Stop and kill an object that misbehaves (its process no longer answers, or answers

@@ -71,6 +71,7 @@ class FakeHosting:
         self.checkpoint = checkpoint
         self.objects: dict[str, HostedObject] = {}
         self.log: list[tuple] = []
+        self.lingered: list[bool] = []
         self.killed: dict[str, str] = {}
         self.restart_fails = restart_fails
         self.put("counter", process)
@@ -96,9 +97,10 @@ class FakeHosting:
     def client(self, name: str) -> Any:
         return self.hosted(name).client
 
-    async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
+    async def cmd_object_stop(self, name: str, deregister: bool = True, linger: bool = False) -> dict:
         self.objects.pop(name)
         self.log.append(("stop", name, deregister))
+        self.lingered.append(linger)
         return {"state": self.checkpoint}
 
     async def cmd_object_start(self, config: dict, spec: str | None = None, warm: bool = False,

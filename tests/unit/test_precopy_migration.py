@@ -91,9 +91,9 @@ class SourceHosting(FakeHosting):
     async def _home_address(self, address: str, add: bool) -> None:
         self.addresses.append((address, add))
 
-    async def cmd_object_stop(self, name: str, deregister: bool = True) -> dict:
+    async def cmd_object_stop(self, name: str, deregister: bool = True, linger: bool = False) -> dict:
         hosted = self.objects[name]
-        await super().cmd_object_stop(name, deregister)
+        await super().cmd_object_stop(name, deregister, linger)
         return {"state": copy.deepcopy(hosted.process.state)}  # type: ignore[union-attr]
 
 
@@ -206,6 +206,7 @@ def test_a_precopy_move_sends_the_state_early_and_only_the_patch_with_the_commit
         assert net.target.arrivals.get("counter", report["epoch"]).phase is Phase.COMMITTED
         assert report["final_bytes"] < len(merge_patch.canonical(FINAL)) / 3
         assert ("stop", "counter", False) in net.source_hosting.log  # the held one, after
+        assert net.source_hosting.lingered == [True]  # its process ends after the report
         assert net.source_hosting.addresses == [("10.16.0.100", False)]
         assert net.records() == [] and net.source.departures == {}
     run(go)
@@ -413,6 +414,7 @@ def test_break_before_make_holds_and_commits_with_the_start(bbm: PrecopyNet) -> 
         assert net.serving() == ["target"]
         assert net.target.arrivals.get("counter", report["epoch"]).phase is Phase.COMMITTED
         assert ("stop", "counter", False) in net.source_hosting.log and net.records() == []
+        assert net.source_hosting.lingered == [True]
     run(go)
 
 

@@ -149,3 +149,26 @@ def test_the_real_runner_refuses_a_nan_checkpoint_keeps_serving_and_stops(tmp_pa
     assert stats["served"] == 0
     assert final is None  # no checkpoint to give, but the stop stopped it by itself
     assert sandbox.proc.returncode == 0 and not sandbox.killed
+
+
+def test_a_lingering_stop_lets_go_at_once_and_the_process_ends_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move's held instance once its target serves (``linger``): no longer hosted nor
+    addressed here when the stop returns, its process (here one that must be killed)
+    ended after, off the move's path; a new instance of it waits for that end."""
+    monkeypatch.setattr(runtime, "STOP_TIMEOUT", 0.5)
+    monkeypatch.setattr(runtime, "CALL_TIMEOUT", 0.5)
+
+    async def main() -> None:
+        obj = await object_on(tmp_path, SILENT_CHILD)
+        role, removed = hosting_with(tmp_path, obj, monkeypatch)
+        sandbox = obj.sandbox
+        stopped = await role.cmd_object_stop("counter", deregister=False, linger=True)
+        assert stopped["state"] is None and "counter" not in role.objects
+        assert removed == [("10.16.0.100", False)]
+        assert sandbox.proc.returncode is None  # still being stopped
+        await role.torn_down("counter")
+        assert sandbox.killed and sandbox.proc.returncode == -9
+        assert role._teardowns == {}
+
+    run(main)
