@@ -231,6 +231,8 @@ def test_peers_written_before_the_route_and_deleted_after_it(tunnel, loop, ipr, 
     tunnel.set_peers(OBJ, [(FOA2, 43)])  # a binding went: the copies follow
     settled(loop, tunnel)
     assert fake_loader.maps_obj.data["moat_peers"][ip(OBJ)] == encode_peers([(FOA2, 43)])
+    # the map entry alone (a make-before-break switch): the route into the device is there
+    assert since(ipr.calls, mark) == [f"map update moat_peers {key}"]
     mark = len(ipr.calls)
     tunnel.set_peers(OBJ, [])
     settled(loop, tunnel)
@@ -239,6 +241,20 @@ def test_peers_written_before_the_route_and_deleted_after_it(tunnel, loop, ipr, 
     assert since(ipr.calls, mark) == [f"route del {OBJ}/32 dev moat0 table 4348",
                                       f"map delete moat_peers {key}"]
     assert ip(OBJ) not in fake_loader.maps_obj.data["moat_peers"] and OBJ not in tunnel.peers
+
+
+def test_a_refused_route_into_the_device_is_asked_again_with_the_next_change(
+        tunnel, loop, ipr) -> None:
+    ipr.fail.add("route replace")
+    tunnel.set_peers(OBJ, [(FOA, 42)])
+    with pytest.raises(TunnelError):
+        settled(loop, tunnel)
+    ipr.fail.clear()
+    mark = len(ipr.calls)
+    tunnel.set_peers(OBJ, [(FOA2, 43)])
+    settled(loop, tunnel)
+    assert since(ipr.calls, mark) == [f"map update moat_peers {ip(OBJ).hex()}",
+                                      f"route replace {OBJ}/32 dev moat0 table 4348"]
 
 
 def test_more_bindings_than_slots_bicast_to_the_first(tunnel, loop, fake_loader) -> None:

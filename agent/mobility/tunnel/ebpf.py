@@ -81,6 +81,8 @@ class EbpfTunnel(Tunnel):
         #: Interfaces (name -> index) whose ingress runs the decapsulation program.
         self.wire: dict[str, int] = {}
         self._rules: set[str] = set()
+        #: Inner destinations whose route into the device was asked for (and not refused).
+        self._routed: set[str] = set()
         self._reverse_route = False
         self._started = False
         self._closed = False
@@ -170,6 +172,7 @@ class EbpfTunnel(Tunnel):
             self._apply(nl.op_route("del", f"{dst}/32", ifname=self.name, table=PEERS_TABLE),
                         f"remove route {dst}/32")
         self.peers.clear()
+        self._routed.clear()
         self.reverse.clear()
         self.accepted.clear()
         self.destinations.clear()
@@ -215,10 +218,17 @@ class EbpfTunnel(Tunnel):
         if wanted:
             self.peers[inner_dst] = wanted
             self._write([MapOp("moat_peers", key, encode_peers(wanted))], f"peers of {inner_dst}")
-            self._apply(nl.op_route("replace", f"{inner_dst}/32", ifname=self.name,
-                                    table=PEERS_TABLE),
-                        f"route {inner_dst}/32 dev {self.name} table {PEERS_TABLE}")
+            if inner_dst not in self._routed:
+                # Only when it is not there yet: a change of peers (a bicast's second
+                # binding, or its end) is the map entry alone, the switch of a
+                # make-before-break move; each route costs the worker about a millisecond.
+                self._routed.add(inner_dst)
+                self._apply(nl.op_route("replace", f"{inner_dst}/32", ifname=self.name,
+                                        table=PEERS_TABLE),
+                            f"route {inner_dst}/32 dev {self.name} table {PEERS_TABLE}",
+                            on_error=lambda: self._routed.discard(inner_dst))
         elif self.peers.pop(inner_dst, None) is not None:
+            self._routed.discard(inner_dst)
             # The last binding went (the object came home): the route into the device goes
             # first, so that what comes next takes the main table in the kernel (its
             # neighbour resolution queues it while the object's new router announces
