@@ -116,6 +116,21 @@ def test_route_replace_and_del(ipr: FakeIPRoute) -> None:
                          ("route", ("del",), {"dst": "10.97.0.100/32"})]
 
 
+def test_lo_and_a_known_index_need_no_lookup(ipr: FakeIPRoute, monkeypatch) -> None:
+    """A home address goes on or off lo at every move's switch, an eBPF HOA's peer
+    route names the device it made: neither costs a lookup round trip."""
+    looked: list[str] = []
+    monkeypatch.setattr(ipr, "link_lookup", lambda ifname: looked.append(ifname) or [])
+    run(netlink.address_add("10.16.0.100", 32, "lo"))
+    run(netlink.default().run(netlink.op_route("replace", "10.16.0.100/32", ifindex=7, table=4348), "route"))
+    assert looked == []
+    assert ipr.calls == [("addr", ("add",), {"index": netlink.LOOPBACK_IFINDEX,
+                                             "address": "10.16.0.100", "prefixlen": 32}),
+                         ("route", ("replace",), {"dst": "10.16.0.100/32", "table": 4348, "oif": 7})]
+    with pytest.raises(netlink.NetlinkArgumentError):
+        netlink.op_route("replace", "10.16.0.100/32", ifindex=7, ifname="eth0")
+
+
 @pytest.mark.parametrize("call, method, code", [
     (lambda: netlink.address_add("10.0.0.5", 32, "eth0"), "addr", errno.EPERM),
     (lambda: netlink.address_del("10.0.0.5", 32, "eth0"), "addr", errno.EPERM),

@@ -78,6 +78,8 @@ class EbpfTunnel(Tunnel):
         self.deliveries: dict[tuple[str, int], tuple[str, str]] = {}
         #: The pinned maps, once the netlink worker has loaded the programs.
         self.maps: BpfMaps | None = None
+        #: The device's ifindex once made: its routes name it without a lookup.
+        self.index: int | None = None
         #: Interfaces (name -> index) whose ingress runs the decapsulation program.
         self.wire: dict[str, int] = {}
         self._rules: set[str] = set()
@@ -100,6 +102,7 @@ class EbpfTunnel(Tunnel):
         maps = self.loader.maps(self.pin_dir)
         try:
             index, mac = self.loader.make_device(ipr, self.name, self.peer_name, TUN_MTU)
+            self.index = index
             self._rp.relax_device(self.name)
             RpFilter.device(self.peer_name)  # no IPv6 chatter on the unused end either
             # The program's FIB lookups are made as if forwarding from the device, which the
@@ -169,7 +172,7 @@ class EbpfTunnel(Tunnel):
             counts = {"unreadable": str(exc)}  # type: ignore[dict-item]
         self._unroute_reverse()
         for dst in list(self.peers):
-            self._apply(nl.op_route("del", f"{dst}/32", ifname=self.name, table=PEERS_TABLE),
+            self._apply(self._peer_route("del", dst),
                         f"remove route {dst}/32")
         self.peers.clear()
         self._routed.clear()
@@ -223,8 +226,7 @@ class EbpfTunnel(Tunnel):
                 # binding, or its end) is the map entry alone, the switch of a
                 # make-before-break move; each route costs the worker about a millisecond.
                 self._routed.add(inner_dst)
-                self._apply(nl.op_route("replace", f"{inner_dst}/32", ifname=self.name,
-                                        table=PEERS_TABLE),
+                self._apply(self._peer_route("replace", inner_dst),
                             f"route {inner_dst}/32 dev {self.name} table {PEERS_TABLE}",
                             on_error=lambda: self._routed.discard(inner_dst))
         elif self.peers.pop(inner_dst, None) is not None:
@@ -237,9 +239,16 @@ class EbpfTunnel(Tunnel):
             # (Rerouted from the device's egress to a neighbour being resolved, as the
             # program once did, such a packet kept the device's own MACs and was lost.) Then
             # the entry goes.
-            self._apply(nl.op_route("del", f"{inner_dst}/32", ifname=self.name, table=PEERS_TABLE),
+            self._apply(self._peer_route("del", inner_dst),
                         f"remove route {inner_dst}/32")
             self._write([MapOp("moat_peers", key, None)], f"forget peers of {inner_dst}")
+
+    def _peer_route(self, command: str, inner_dst: str) -> nl.Op[None]:
+        """``inner_dst/32 dev <device> table PEERS_TABLE``, by the device's index once known
+        (a name costs the worker a lookup, as long as the change itself)."""
+        if self.index is None:
+            return nl.op_route(command, f"{inner_dst}/32", ifname=self.name, table=PEERS_TABLE)
+        return nl.op_route(command, f"{inner_dst}/32", ifindex=self.index, table=PEERS_TABLE)
 
     # --- FOA: accept, restrict, deliver ------------------------------------------------------
 
