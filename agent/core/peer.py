@@ -38,7 +38,7 @@ from packets.control import HEADER, frame_length
 
 from agent.core.errors import AgentError, ControlError
 from agent.core.msgauth import MessageAuthError, ReplayCache, sign_hmac, strip, verify_hmac
-from agent.core.sealing import SealError, open_body, seal_body, secret_fields
+from agent.core.sealing import SealError, open_body, seal_body, secret_fields, warm
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +428,13 @@ class RouterKeyAuth:
     def of(cls, config: Any) -> "RouterKeyAuth":
         """The check of the router configured by ``config`` (an AgentConfig)."""
         key = bytes.fromhex(config.router_key) if config.router_key else None
-        return cls(key, config.addresses, config.seal_private())
+        seal_key = config.seal_private()
+        if seal_key is not None:
+            try:
+                warm(seal_key)
+            except SealError as exc:  # the first sealed message will say it again
+                log.warning("this router's sealing key is not usable: %s", exc)
+        return cls(key, config.addresses, seal_key)
 
     def __call__(self, msg: ControlMessage) -> dict[str, Any]:
         if not self.key:

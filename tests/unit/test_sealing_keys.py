@@ -80,3 +80,20 @@ def test_a_low_order_ephemeral_key_is_refused_every_time(clock) -> None:
     for _ in range(2):
         with pytest.raises(SealError, match="malformed|does not open"):
             open_sealed(box, private, ctype=MIGRATE, txid=1, to="10.0.0.1")
+
+
+def test_warming_runs_the_whole_box_once_per_key_and_refuses_a_bad_key(clock, monkeypatch) -> None:
+    """At the agent's start, not at the first sealed message it receives: the key parsed
+    and one box sealed and opened; a second call does nothing; a key that is not one is a
+    SealError (the caller logs it)."""
+    monkeypatch.setattr(sealing, "_WARMED", set())
+    opened: list[str] = []
+    real_open = sealing.open_sealed
+    monkeypatch.setattr(sealing, "open_sealed",
+                        lambda box, private, **kw: opened.append(kw["to"]) or real_open(box, private, **kw))
+    private, _public = generate_keypair()
+    sealing.warm(private)
+    sealing.warm(private)
+    assert opened == ["warm-up"] and private in sealing._WARMED
+    with pytest.raises(SealError):
+        sealing.warm(b"short")
