@@ -422,8 +422,8 @@ class MigrationRole(Role):
             else:
                 final = state
             try:
-                await self.hosting.go_live(name)
-                answer = await self.hosting.cmd_object_restore(name, final, serve=True)
+                answer = await self.hosting.go_live(
+                    name, lambda: self.hosting.cmd_object_restore(name, final, serve=True))
                 replayed = int((answer or {}).get("replayed", 0))
             except (AgentError, ObjectProcessError, TypeError, ValueError) as exc:
                 log.warning("move %s of %s: the instance cannot take its state and serve (%s): "
@@ -451,8 +451,7 @@ class MigrationRole(Role):
             if arrival.phase is not Phase.RESTORED:
                 raise HandoverError(f"move {epoch} of {name} has no state yet: it cannot commit")
             try:
-                await self.hosting.go_live(name)
-                answer = await self.hosting.process(name).call("serve")
+                answer = await self.hosting.go_live(name, lambda: self.hosting.process(name).call("serve"))
                 replayed = int((answer or {}).get("replayed", 0))
             except (AgentError, ObjectProcessError, TypeError, ValueError) as exc:
                 log.warning("move %s of %s: the instance cannot serve (%s): aborted", epoch, name, exc)
@@ -983,8 +982,10 @@ class MigrationRole(Role):
         assert hosted.process is not None
         try:
             await hosted.process.call("hold")
+            hosted.held = True
             try:
                 await self.hosting._home_address(hosted.home_address, add=False)
+                hosted.address_gone = True
             except ControlError as exc:
                 log.warning("move %s of %s: %s", move.epoch, hosted.name, exc)
             state = await hosted.process.call("get_state")

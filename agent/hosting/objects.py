@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from packets import AgentAdvertisement
 from packets.codes import SERVICE_PORT
@@ -44,6 +44,7 @@ from agent.mobility.client import RegistrationClient
 from agent.mobility.discovery_role import DiscoveryRole
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Killed objects remembered for ``status`` (the oldest are forgotten).
 MAX_KILLED = 64
@@ -95,6 +96,10 @@ class HostedObject:
     lan_dark: bool = False
     #: The access links exempt from its dark route while that is installed (None: none is).
     dark_route: list[str] | None = None
+    #: Held by a move (it answers nothing) and its home address taken away already: its
+    #: stop asks neither again (agent.hosting.migration).
+    held: bool = False
+    address_gone: bool = False
 
     def status(self) -> dict:
         status = self.client.status() if self.client else {
@@ -446,17 +451,24 @@ class HostingRole(Role):
         await self._dark_route(hosted, on=False)
         return True
 
-    async def go_live(self, name: str) -> None:
-        """A warm instance's switch (before it serves): a dark one gets its home address
-        here and claims the home link (agent.mobility.client.RegistrationClient.go_live)."""
+    async def go_live(self, name: str, serve: Callable[[], Awaitable[T]]) -> T:
+        """A warm instance's switch: a dark one gets its home address here (a reply leaves
+        from it), then ``serve`` (its restore) runs while its client claims the home link
+        (agent.mobility.client.RegistrationClient.go_live: a direct deregistration, a round
+        trip to the HOA no client need wait for, then an announcement). What ``serve``
+        gave, once both are done; its error, if it failed (the claim's are the client's)."""
         hosted = self.hosted(name)
         if hosted.dark or hosted.lan_dark:
             # The address is the router's now: the local table comes first, its dark route
             # no longer matters (:meth:`forget_dark` removes it, after the switch).
             await self._home_address(hosted.home_address, add=True)
             hosted.dark = hosted.lan_dark = False
-        if hosted.client is not None:
-            await hosted.client.go_live()
+        claim = asyncio.ensure_future(hosted.client.go_live()) if hosted.client is not None else None
+        try:
+            return await serve()
+        finally:
+            if claim is not None:
+                await claim
 
     async def forget_dark(self, name: str) -> None:
         """After a warm instance's switch: its dark route goes (failures logged)."""
@@ -505,7 +517,7 @@ class HostingRole(Role):
             # packets still arriving are routed on to the object's new place instead of
             # hitting a closing socket (port unreachable).
             try:
-                if hosted.process.running and not kill:
+                if hosted.process.running and not kill and not hosted.held:
                     try:
                         await hosted.process.call("hold")
                     except ObjectProcessError as exc:
@@ -513,7 +525,7 @@ class HostingRole(Role):
                 try:
                     if hosted.dark_route is not None:
                         await self._dark_route(hosted, on=False)
-                    if not (hosted.lan_dark or hosted.dark):  # else it never had it
+                    if not (hosted.lan_dark or hosted.dark or hosted.address_gone):  # else it never had it
                         await self._home_address(hosted.home_address, add=False)
                 except ControlError as exc:
                     errors.append(str(exc))

@@ -123,9 +123,10 @@ class FakeHosting:
     async def forget_dark(self, name: str) -> None:
         self.log.append(("forget_dark", name))
 
-    async def go_live(self, name: str) -> None:
+    async def go_live(self, name: str, serve: Any) -> Any:
         self.hosted(name)
         self.log.append(("go_live", name))
+        return await serve()
 
 
 #: Each test's run directory, shared by its routers (hand-over records: handover/<router>/).

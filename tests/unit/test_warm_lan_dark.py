@@ -147,8 +147,15 @@ def test_registering_through_its_own_foa_the_lan_is_dark_until_it_goes_live(tmp_
         assert (rest["dst"], rest["table"], rest["priority"]) == (HOME, DARK_TABLE, DARK_PRIORITY)
         assert "iifname" not in rest
         kernel.calls.clear()
-        await hosting.go_live("counter")
-        assert kinds(kernel) == [("addr", "add")]  # the address first: it serves at once
+        at_serve: list = []
+
+        async def serve() -> str:
+            at_serve.append(kinds(kernel))
+            return "served"
+
+        assert await hosting.go_live("counter", serve) == "served"
+        assert at_serve == [[("addr", "add")]]  # the address first: it serves at once
+        assert kinds(kernel) == [("addr", "add")]
         assert not hosted.lan_dark
         await hosting.forget_dark("counter")  # after the switch
         assert kinds(kernel)[1:] == [("rule", "del"), ("rule", "del"), ("route", "del")]
@@ -214,10 +221,48 @@ def test_on_the_home_link_a_warm_instance_has_no_address_until_it_goes_live(tmp_
         assert kinds(kernel) == [("route", "replace"), ("rule", "add")]
         assert kernel.calls[1][2]["table"] == DARK_TABLE and "iifname" not in kernel.calls[1][2]
         kernel.calls.clear()
-        await hosting.go_live("counter")
+        at_serve: list = []
+
+        async def serve() -> None:
+            at_serve.append(kinds(kernel))
+
+        await hosting.go_live("counter", serve)
+        assert at_serve == [[("addr", "add")]]  # the address before it serves
         assert kinds(kernel) == [("addr", "add")] and not hosted.dark
         kernel.calls.clear()
         await hosting.cmd_object_stop("counter", deregister=False)  # before forget_dark
         assert kinds(kernel) == [("rule", "del"), ("route", "del"), ("addr", "del")]
+
+    asyncio.run(main())
+
+
+def test_a_dark_instance_serves_while_its_client_claims_the_home_link(tmp_path, kernel) -> None:
+    """The claim (a direct deregistration, a round trip to the HOA, then an announcement)
+    runs beside the restore: the clients' requests wait for the restore alone; the switch
+    is answered once both are done."""
+    hosting = role(tmp_path, [], [Interface("eth0", "10.16.0.4", 21)], {"10.16.0.2": HA})
+
+    async def main() -> None:
+        await host(hosting)
+        hosted = hosting.objects["counter"]
+        answered = asyncio.Event()
+        order: list[str] = []
+
+        async def claim() -> None:
+            order.append("claim sent")
+            await answered.wait()  # the HOA's answer, not yet here
+            order.append("claimed")
+
+        async def serve() -> str:
+            order.append("serving")
+            asyncio.get_running_loop().call_soon(answered.set)
+            return "served"
+
+        hosted.client.go_live = claim  # type: ignore[method-assign]
+        # (Claimed before it serves, as it once was, this would wait for ever: the answer
+        # comes only once it serves.)
+        assert await asyncio.wait_for(hosting.go_live("counter", serve), 5) == "served"
+        assert sorted(order) == ["claim sent", "claimed", "serving"]
+        assert order.index("serving") < order.index("claimed") and order[-1] == "claimed"
 
     asyncio.run(main())
