@@ -71,7 +71,8 @@ def test_placed_object_runs_and_migrates_under_controlled_exec(net: MoatNetwork)
     assert net.requests("co14", "counter", 10)["answered"] == 10
     report = net.migrate("counter", "r20a", "break-before-make")
     assert report["ok"], report
-    assert not Path(f"/proc/{old}").exists(), "the source's object is gone"
+    # The source let go of it at once; its process ends after the report (off the move's path).
+    net.wait_for(lambda: not Path(f"/proc/{old}").exists(), timeout=10)
     assert_sandboxed(net, "r20a", "counter", 128)  # its resources travelled with it
     assert count(net, "counter") == 10
     net.agent("r20a").call("object_stop", name="counter")
