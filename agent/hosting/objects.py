@@ -456,7 +456,8 @@ class HostingRole(Role):
         from it), then ``serve`` (its restore) runs while its client claims the home link
         (agent.mobility.client.RegistrationClient.go_live: a direct deregistration, a round
         trip to the HOA no client need wait for, then an announcement). What ``serve``
-        gave, once both are done; its error, if it failed (the claim's are the client's)."""
+        gave, once both are done; its error, if it failed. A claim that fails is logged, not
+        raised: the instance may serve already, and a switch is not undone for it."""
         hosted = self.hosted(name)
         if hosted.dark or hosted.lan_dark:
             # The address is the router's now: the local table comes first, its dark route
@@ -468,7 +469,11 @@ class HostingRole(Role):
             return await serve()
         finally:
             if claim is not None:
-                await claim
+                try:
+                    await claim
+                except Exception as exc:  # noqa: BLE001 - it may serve already: never undone for this
+                    log.warning("object %s: claiming the home link at its switch failed: %s",
+                                name, exc)
 
     async def forget_dark(self, name: str) -> None:
         """After a warm instance's switch: its dark route goes (failures logged)."""

@@ -7,6 +7,7 @@ answers) but delivered by the same table until it goes live; elsewhere on lo as 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -264,5 +265,35 @@ def test_a_dark_instance_serves_while_its_client_claims_the_home_link(tmp_path, 
         assert await asyncio.wait_for(hosting.go_live("counter", serve), 5) == "served"
         assert sorted(order) == ["claim sent", "claimed", "serving"]
         assert order.index("serving") < order.index("claimed") and order[-1] == "claimed"
+
+    asyncio.run(main())
+
+
+def test_a_claim_that_fails_after_the_instance_served_is_logged_not_raised(tmp_path, kernel,
+                                                                          caplog) -> None:
+    """The instance serves already: a switch is not undone (the move aborted, the state it
+    served since lost) because its claim of the home link failed; a failed restore is still
+    the caller's error."""
+    hosting = role(tmp_path, [], [Interface("eth0", "10.16.0.4", 21)], {"10.16.0.2": HA})
+
+    async def main() -> None:
+        await host(hosting)
+        hosted = hosting.objects["counter"]
+
+        async def claim() -> None:
+            raise OSError("network unreachable")
+
+        async def serve() -> str:
+            return "served"
+
+        async def refused() -> None:
+            raise ValueError("bad checkpoint")
+
+        hosted.client.go_live = claim  # type: ignore[method-assign]
+        with caplog.at_level(logging.WARNING):
+            assert await hosting.go_live("counter", serve) == "served"
+        assert "claiming the home link at its switch failed" in caplog.text
+        with pytest.raises(ValueError, match="bad checkpoint"):
+            await hosting.go_live("counter", refused)
 
     asyncio.run(main())
