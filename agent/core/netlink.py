@@ -156,8 +156,9 @@ class Netlink:
                 future.set_exception(_describe(exc, what))
         if ipr is not None:
             try:
-                if _rtnl(ipr) is not None:
-                    _rtnl(ipr).close()
+                fast = _rtnl(ipr)
+                if fast is not None:
+                    fast.close()
                 ipr.close()
             except Exception as exc:  # noqa: BLE001 - closing must not fail
                 log.debug("netlink close: %s", exc)

@@ -130,13 +130,19 @@ def test_the_relay_ends_itself_on_anything_but_its_start_message(tmp_path, messa
         sock.close()
 
 
-def test_closing_a_prepared_launcher_ends_its_process() -> None:
-    proc = subprocess.Popen(["sleep", "30"])
+def launcher_of(proc: subprocess.Popen) -> tuple[PreparedLauncher, int, socket.socket]:
+    """A prepared launcher for ``proc``, with the ends it does not keep: the report pipe's
+    write end and PID 1's end of the object socket."""
     pidfd = os.pidfd_open(proc.pid)
     report_r, report_w = os.pipe()
     relay, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     obj, obj_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    launcher = PreparedLauncher(proc.pid, pidfd, report_r, relay, obj, SLOT)
+    return PreparedLauncher(proc.pid, pidfd, report_r, relay, obj, SLOT), report_w, obj_theirs
+
+
+def test_closing_a_prepared_launcher_ends_its_process() -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    launcher, report_w, obj_theirs = launcher_of(proc)
     try:
         assert launcher.alive()
         obj_theirs.close()  # PID 1 gone: its socket reads end of stream
@@ -153,11 +159,7 @@ def test_closing_a_prepared_launcher_ends_its_process() -> None:
 
 def test_a_launcher_whose_process_exited_is_not_alive() -> None:
     proc = subprocess.Popen(["true"])
-    pidfd = os.pidfd_open(proc.pid)
-    report_r, report_w = os.pipe()
-    relay, _r = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    obj, _o = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    launcher = PreparedLauncher(proc.pid, pidfd, report_r, relay, obj, SLOT)
+    launcher, report_w, _obj_theirs = launcher_of(proc)
     try:
         proc.wait(10)
         wait_until(lambda: not launcher.alive(), 5, what="the launcher seen gone")
